@@ -1,0 +1,96 @@
+# vnet: everything a fresh Debian/Ubuntu machine (root) needs is installed here.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+VNET        := $(VENV)/bin/vnet
+PYTHON      ?= python3
+BPF_SRC     := $(wildcard bpf/src/*.bpf.c)
+BPF_OBJ     := $(patsubst bpf/src/%.bpf.c,bpf/build/%.bpf.o,$(BPF_SRC))
+BPF_HDR     := $(wildcard bpf/src/*.h)
+CLANG       ?= clang
+LLVM_STRIP  ?= llvm-strip
+ARCH        := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
+# Relative paths and no DWARF: the objects are byte-identical wherever they are built.
+BPF_CFLAGS  := -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
+               -fdebug-prefix-map=$(CURDIR)=. -Ibpf/src
+
+# Debian package names: run time / build of the objects and tests.
+RUN_PKGS    := libbpf1 iproute2 python3-venv
+BUILD_PKGS  := clang llvm libbpf-dev gcc tcpdump ethtool
+
+.PHONY: help deps sysdeps venv bpf check-bpf vmlinux wheel demo test test-unit test-kernel clean
+
+help:
+	@echo "make demo      install what is missing, trace a throwaway two-VM topology"
+	@echo "make test      install what is missing, run every test (check-bpf included)"
+	@echo "make bpf       compile bpf/src/*.bpf.c into bpf/build/ (committed)"
+	@echo "make check-bpf fail when bpf/build/ differs from a rebuild of bpf/src/"
+	@echo "make wheel     build dist/vnet-*.whl (objects inside, no compiler needed to install)"
+
+# apt-get only what is missing; `apt-get update` once, only if something is.
+sysdeps:
+	@missing=""; for p in $(RUN_PKGS) $(BUILD_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+deps: sysdeps venv
+
+bpf/build/%.bpf.o: bpf/src/%.bpf.c $(BPF_HDR)
+	@mkdir -p $(@D)
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+	$(LLVM_STRIP) -g $@
+
+bpf: $(BPF_OBJ)
+
+# Rebuild into a scratch folder and compare byte for byte.
+check-bpf:
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; rc=0; \
+	for src in $(BPF_SRC); do \
+	  obj=$$(basename $$src .bpf.c).bpf.o; \
+	  $(CLANG) $(BPF_CFLAGS) -c $$src -o $$tmp/$$obj && $(LLVM_STRIP) -g $$tmp/$$obj || exit 1; \
+	  if ! cmp -s $$tmp/$$obj bpf/build/$$obj; then \
+	    echo "check-bpf: bpf/build/$$obj differs from a rebuild of $$src (run 'make bpf' and commit)"; rc=1; \
+	  fi; \
+	done; \
+	for obj in bpf/build/*.bpf.o; do \
+	  [ -f bpf/src/$$(basename $$obj .bpf.o).bpf.c ] || { echo "check-bpf: $$obj has no source"; rc=1; }; \
+	done; \
+	[ $$rc = 0 ] && echo "check-bpf: $(words $(BPF_SRC)) objects match their sources"; exit $$rc
+
+# vmlinux.h is generated once and committed; the build never reads this host's BTF.
+vmlinux:
+	bpftool btf dump file /sys/kernel/btf/vmlinux format c > bpf/src/vmlinux.h
+
+wheel: venv
+	rm -rf dist
+	$(PY) -m build --wheel --outdir dist .
+
+demo: deps
+	$(VNET) demo
+
+test: deps check-bpf
+	$(PY) -m pytest -ra tests
+
+test-unit: venv
+	$(PY) -m pytest -ra tests/unit
+
+test-kernel: deps
+	$(PY) -m pytest -ra tests/kernel
+
+clean:
+	rm -rf dist build $(VENV) .pytest_cache

@@ -1,0 +1,51 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/* Device probe: one event per packet at a netdev's TC ingress or egress hook.
+ * Attached as a tcx link where the kernel has tcx (>= 6.6), else as a clsact
+ * direct-action filter; the program is the same for both. */
+#include "vnet_packet.bpf.h"
+
+#define VNET_TC_NEXT -1 /* TC_ACT_UNSPEC == TCX_NEXT: never alter the packet's fate */
+
+struct vnet_tc_config {
+	__u32 wakeup_every;  /* wake the reader every N events per CPU; 0 or 1: each event */
+	__u8 netns_cookie;   /* bpf_get_netns_cookie() is allowed in tc here (probed) */
+};
+
+const volatile struct vnet_tc_config tc_cfg = {};
+
+static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
+{
+	struct vnet_stats *st = vnet_stats_this_cpu();
+	struct vnet_event ev = {};
+
+	if (!st)
+		return VNET_TC_NEXT;
+	st->v[VNET_STAT_SEEN]++;
+
+	ev.ts_ns = bpf_ktime_get_ns();
+	ev.skb_addr = 0;
+	ev.ifindex = skb->ifindex;
+	ev.len = skb->len;
+	ev.mark = skb->mark;
+	ev.cpu = bpf_get_smp_processor_id();
+	ev.hook = hook;
+	if (tc_cfg.netns_cookie)
+		ev.netns_cookie = bpf_get_netns_cookie(skb);
+	vnet_parse_skb(skb, &ev);
+	vnet_emit(st, &ev, tc_cfg.wakeup_every);
+	return VNET_TC_NEXT;
+}
+
+SEC("tc")
+int vnet_tc_ingress(struct __sk_buff *skb)
+{
+	return vnet_tc(skb, VNET_HOOK_TC_INGRESS);
+}
+
+SEC("tc")
+int vnet_tc_egress(struct __sk_buff *skb)
+{
+	return vnet_tc(skb, VNET_HOOK_TC_EGRESS);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,61 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* The event ABI shared by every vnet program and by user space.
+ *
+ * Python never copies these offsets: it reads `struct vnet_event`, the enums and
+ * the config structs from each object's BTF (vnet/binding/btf.py). Keep every
+ * type here referenced by a program so that clang emits it into BTF.
+ */
+#ifndef VNET_EVENT_H
+#define VNET_EVENT_H
+
+/* Where the event was taken. */
+enum vnet_hook {
+	VNET_HOOK_TC_INGRESS = 1,
+	VNET_HOOK_TC_EGRESS = 2,
+};
+
+/* vnet_event.flags */
+enum vnet_event_flag {
+	VNET_F_IPV4 = 1 << 0,
+	VNET_F_IPV6 = 1 << 1,
+	VNET_F_PORTS = 1 << 2,     /* sport/dport are valid */
+	VNET_F_FRAGMENT = 1 << 3,  /* non-first IP fragment: no L4 header */
+	VNET_F_VLAN = 1 << 4,      /* vlan_tci is valid */
+	VNET_F_TRUNCATED = 1 << 5, /* headers ran past the packet end */
+};
+
+/* Indexes of the per-CPU `vnet_stats` array: every loss is counted. */
+enum vnet_stat {
+	VNET_STAT_SEEN = 0,     /* packets the program ran on */
+	VNET_STAT_EMITTED = 1,  /* events committed to the ring */
+	VNET_STAT_LOST = 2,     /* ring full: event dropped, counted here */
+	VNET_STAT_MAX = 3,
+};
+
+struct vnet_event {
+	__u64 ts_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 pkt_id;       /* fingerprint of fields invariant along the path */
+	__u64 skb_addr;     /* tells clones and retransmissions apart on one host */
+	__u64 netns_cookie; /* 0 where the kernel lacks the helper for this hook */
+	__u32 ifindex;
+	__u32 len;          /* skb->len at the hook */
+	__u32 mark;         /* skb->mark */
+	__u32 tcp_seq;      /* host order; valid for TCP */
+	__u32 tcp_ack;
+	__u16 cpu;
+	__u16 hook;         /* enum vnet_hook */
+	__u16 eth_proto;    /* host order, e.g. 0x0800 */
+	__u16 flags;        /* enum vnet_event_flag */
+	__u16 sport;        /* host order; ICMP: id */
+	__u16 dport;        /* host order; ICMP: type << 8 | code */
+	__u16 ip_id;        /* IPv4 identification, host order */
+	__u16 vlan_tci;
+	__u8 l4_proto;      /* IPPROTO_*; for IPv6 the last next-header seen */
+	__u8 tcp_flags;
+	__u8 ttl;           /* IPv4 ttl / IPv6 hop limit */
+	__u8 pad;
+	__u8 saddr[16];     /* IPv4 in the first 4 bytes */
+	__u8 daddr[16];
+};
+
+#endif /* VNET_EVENT_H */

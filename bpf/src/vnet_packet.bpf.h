@@ -1,0 +1,210 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* Header parsing and the packet fingerprint (pkt_id) for programs that see a
+ * `struct __sk_buff` (TC). Offsets are relative to the network header, so L2
+ * devices (veth, bridge ports) and L3 devices (tun) parse the same way. */
+#ifndef VNET_PACKET_BPF_H
+#define VNET_PACKET_BPF_H
+
+#include "vnet_common.bpf.h"
+
+#define VNET_ETH_P_IP 0x0800
+#define VNET_ETH_P_IPV6 0x86DD
+#define VNET_ETH_P_8021Q 0x8100
+#define VNET_ETH_P_8021AD 0x88A8
+#define VNET_IPPROTO_ICMP 1
+#define VNET_IPPROTO_TCP 6
+#define VNET_IPPROTO_UDP 17
+#define VNET_IPPROTO_ICMPV6 58
+#define VNET_PAYLOAD_HASH_BYTES 32
+
+/* Murmur3-style 64-bit mixing: cheap, no tables, good avalanche. */
+static __always_inline __u64 vnet_mix(__u64 h, __u64 k)
+{
+	k *= 0x87c37b91114253d5ULL;
+	k = (k << 31) | (k >> 33);
+	k *= 0x4cf5ad432745937fULL;
+	h ^= k;
+	h = (h << 27) | (h >> 37);
+	return h * 5 + 0x52dce729;
+}
+
+static __always_inline __u64 vnet_fmix(__u64 h)
+{
+	h ^= h >> 33;
+	h *= 0xff51afd7ed558ccdULL;
+	h ^= h >> 33;
+	h *= 0xc4ceb9fe1a85ec53ULL;
+	h ^= h >> 33;
+	return h;
+}
+
+struct vnet_cursor {
+	struct __sk_buff *skb;
+	__u32 base; /* BPF_HDR_START_NET, or _MAC when a VLAN tag is in-band */
+	__u32 off;  /* of the L3 header from base */
+};
+
+static __always_inline int vnet_load(struct vnet_cursor *c, __u32 off, void *to, __u32 len)
+{
+	return bpf_skb_load_bytes_relative(c->skb, off, to, len, c->base);
+}
+
+/* Hash up to 32 bytes of payload starting at `off`: two packets with equal
+ * headers (unconnected UDP with DF sends IP ID 0) still get distinct ids. */
+static __always_inline __u64 vnet_hash_payload(struct vnet_cursor *c, __u64 h, __u32 off, __u32 avail)
+{
+	__u64 buf[VNET_PAYLOAD_HASH_BYTES / 8] = {};
+	__u32 n = avail;
+
+	if (n > VNET_PAYLOAD_HASH_BYTES)
+		n = VNET_PAYLOAD_HASH_BYTES;
+	if (n == 0)
+		return h;
+	n &= (2 * VNET_PAYLOAD_HASH_BYTES - 1); /* bound for the verifier */
+	if (n == 0 || n > VNET_PAYLOAD_HASH_BYTES)
+		return h;
+	if (vnet_load(c, off, buf, n) < 0)
+		return h;
+	h = vnet_mix(h, buf[0]);
+	h = vnet_mix(h, buf[1]);
+	h = vnet_mix(h, buf[2]);
+	h = vnet_mix(h, buf[3]);
+	return vnet_mix(h, n);
+}
+
+/* L4 fields into the event and the hash. `l4_len` is the L4 header plus
+ * payload length taken from the IP header (invariant), not from skb->len. */
+static __always_inline __u64 vnet_parse_l4(struct vnet_cursor *c, struct vnet_event *ev, __u64 h,
+					   __u32 off, __u32 l4_len)
+{
+	__u32 hdr_len = 0;
+
+	if (ev->l4_proto == VNET_IPPROTO_TCP) {
+		struct tcphdr th;
+
+		if (vnet_load(c, off, &th, sizeof(th)) < 0)
+			goto truncated;
+		ev->sport = bpf_ntohs(th.source);
+		ev->dport = bpf_ntohs(th.dest);
+		ev->tcp_seq = bpf_ntohl(th.seq);
+		ev->tcp_ack = bpf_ntohl(th.ack_seq);
+		ev->tcp_flags = ((__u8 *)&th)[13];
+		ev->flags |= VNET_F_PORTS;
+		hdr_len = th.doff * 4;
+		h = vnet_mix(h, ((__u64)th.source << 16) | th.dest);
+		h = vnet_mix(h, ((__u64)th.seq << 32) | th.ack_seq);
+		h = vnet_mix(h, ev->tcp_flags);
+	} else if (ev->l4_proto == VNET_IPPROTO_UDP) {
+		struct udphdr uh;
+
+		if (vnet_load(c, off, &uh, sizeof(uh)) < 0)
+			goto truncated;
+		ev->sport = bpf_ntohs(uh.source);
+		ev->dport = bpf_ntohs(uh.dest);
+		ev->flags |= VNET_F_PORTS;
+		hdr_len = sizeof(uh);
+		/* The UDP checksum is left out: offloads fill it in after the sender's hooks. */
+		h = vnet_mix(h, ((__u64)uh.source << 32) | ((__u64)uh.dest << 16) | uh.len);
+	} else if (ev->l4_proto == VNET_IPPROTO_ICMP || ev->l4_proto == VNET_IPPROTO_ICMPV6) {
+		__u8 ih[8];
+
+		if (vnet_load(c, off, ih, sizeof(ih)) < 0)
+			goto truncated;
+		ev->sport = ((__u16)ih[4] << 8) | ih[5]; /* echo id */
+		ev->dport = ((__u16)ih[0] << 8) | ih[1]; /* type, code */
+		hdr_len = sizeof(ih);
+		h = vnet_mix(h, *(__u64 *)ih & ~0xffff0000ULL); /* all but the checksum */
+	} else {
+		return vnet_hash_payload(c, h, off, l4_len);
+	}
+	if (hdr_len > l4_len)
+		return h;
+	return vnet_hash_payload(c, h, off + hdr_len, l4_len - hdr_len);
+truncated:
+	ev->flags |= VNET_F_TRUNCATED;
+	return h;
+}
+
+/* Fill the addressing fields and pkt_id of `ev` from the packet. Only fields
+ * that stay the same along the path enter the hash: no TTL, no TOS, no checksums. */
+static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_event *ev)
+{
+	struct vnet_cursor c = { .skb = skb, .base = BPF_HDR_START_NET, .off = 0 };
+	__u16 proto = bpf_ntohs(skb->protocol);
+	__u64 h = 0x9e3779b97f4a7c15ULL;
+
+	if (skb->vlan_present) {
+		ev->vlan_tci = skb->vlan_tci;
+		ev->flags |= VNET_F_VLAN;
+	}
+	if (proto == VNET_ETH_P_8021Q || proto == VNET_ETH_P_8021AD) {
+		/* In-band tag (no offload): the network header may not be past it. */
+		__u16 tag[2];
+
+		c.base = BPF_HDR_START_MAC;
+		if (vnet_load(&c, 14, tag, sizeof(tag)) < 0)
+			goto out;
+		ev->vlan_tci = bpf_ntohs(tag[0]);
+		ev->flags |= VNET_F_VLAN;
+		proto = bpf_ntohs(tag[1]);
+		c.off = 18;
+	}
+	ev->eth_proto = proto;
+	h = vnet_mix(h, proto);
+
+	if (proto == VNET_ETH_P_IP) {
+		struct iphdr ip;
+		__u32 ihl, tot;
+
+		if (vnet_load(&c, c.off, &ip, sizeof(ip)) < 0)
+			goto truncated;
+		ev->flags |= VNET_F_IPV4;
+		ev->l4_proto = ip.protocol;
+		ev->ttl = ip.ttl;
+		ev->ip_id = bpf_ntohs(ip.id);
+		__builtin_memcpy(ev->saddr, &ip.saddr, 4);
+		__builtin_memcpy(ev->daddr, &ip.daddr, 4);
+		h = vnet_mix(h, ((__u64)ip.saddr << 32) | ip.daddr);
+		h = vnet_mix(h, ((__u64)ip.protocol << 48) | ((__u64)ip.id << 32) |
+				    ((__u64)ip.frag_off << 16) | ip.tot_len);
+		ihl = ip.ihl * 4;
+		tot = bpf_ntohs(ip.tot_len);
+		if (ihl < sizeof(ip) || tot < ihl)
+			goto out;
+		if (bpf_ntohs(ip.frag_off) & 0x1fff) {
+			/* A later fragment carries no L4 header: hash its data instead. */
+			ev->flags |= VNET_F_FRAGMENT;
+			h = vnet_hash_payload(&c, h, c.off + ihl, tot - ihl);
+			goto out;
+		}
+		h = vnet_parse_l4(&c, ev, h, c.off + ihl, tot - ihl);
+	} else if (proto == VNET_ETH_P_IPV6) {
+		struct ipv6hdr ip6;
+		__u32 flow;
+
+		if (vnet_load(&c, c.off, &ip6, sizeof(ip6)) < 0)
+			goto truncated;
+		ev->flags |= VNET_F_IPV6;
+		ev->l4_proto = ip6.nexthdr;
+		ev->ttl = ip6.hop_limit;
+		__builtin_memcpy(ev->saddr, &ip6.saddr, 16);
+		__builtin_memcpy(ev->daddr, &ip6.daddr, 16);
+		flow = bpf_ntohl(*(__u32 *)&ip6) & 0xfffff;
+		h = vnet_mix(h, *(__u64 *)&ev->saddr[0]);
+		h = vnet_mix(h, *(__u64 *)&ev->saddr[8]);
+		h = vnet_mix(h, *(__u64 *)&ev->daddr[0]);
+		h = vnet_mix(h, *(__u64 *)&ev->daddr[8]);
+		h = vnet_mix(h, ((__u64)flow << 32) | ((__u64)ip6.nexthdr << 16) | ip6.payload_len);
+		h = vnet_parse_l4(&c, ev, h, c.off + sizeof(ip6), bpf_ntohs(ip6.payload_len));
+	} else {
+		/* ARP and friends: the first bytes of the L3 header identify them. */
+		h = vnet_hash_payload(&c, h, c.off, skb->len > 28 ? 28 : skb->len);
+	}
+	goto out;
+truncated:
+	ev->flags |= VNET_F_TRUNCATED;
+out:
+	ev->pkt_id = vnet_fmix(h);
+}
+
+#endif /* VNET_PACKET_BPF_H */
