@@ -1,0 +1,12 @@
+"""cffi (ABI mode) binding to the system's libbpf.so.1: open, configure, load,
+attach, read maps and ring buffers, test-run. No compiler needed at run time."""
+
+from .btf import Btf, Field, StructLayout
+from .libbpf import has, lib, version
+from .object import BpfObject, FdLink, Link, LibbpfLink, Map, Program, TcFilterLink, TestRunResult
+from .ringbuf import RingBuffer
+
+__all__ = [
+    "Btf", "Field", "StructLayout", "has", "lib", "version", "BpfObject", "FdLink", "Link", "LibbpfLink",
+    "Map", "Program", "TcFilterLink", "TestRunResult", "RingBuffer",
+]

@@ -1,0 +1,150 @@
+"""The subset of libbpf's C API (libbpf >= 1.0, headers bpf/libbpf.h, bpf/bpf.h,
+bpf/btf.h) that vnet calls, in cffi ABI-mode syntax.
+
+Struct layouts here must match the real headers: tests/unit/test_cdef_layout.py
+compiles them with the C compiler and compares every size and offset.
+Functions newer than libbpf 1.0 go in OPTIONAL_SYMBOLS and are probed, not assumed.
+"""
+
+CDEF = r"""
+typedef int (*libbpf_print_fn_t)(int level, const char *fmt, void *ap);
+libbpf_print_fn_t libbpf_set_print(libbpf_print_fn_t fn);
+uint32_t libbpf_major_version(void);
+uint32_t libbpf_minor_version(void);
+const char *libbpf_version_string(void);
+int libbpf_strerror(int err, char *buf, size_t size);
+int libbpf_num_possible_cpus(void);
+int libbpf_probe_bpf_prog_type(int prog_type, const void *opts);
+int libbpf_probe_bpf_helper(int prog_type, int helper_id, const void *opts);
+
+struct bpf_object;
+struct bpf_program;
+struct bpf_map;
+struct bpf_link;
+struct btf;
+struct btf_ext;
+struct ring_buffer;
+
+struct bpf_object *bpf_object__open_file(const char *path, const void *opts);
+struct bpf_object *bpf_object__open_mem(const void *obj_buf, size_t obj_buf_sz, const void *opts);
+int bpf_object__load(struct bpf_object *obj);
+void bpf_object__close(struct bpf_object *obj);
+const char *bpf_object__name(const struct bpf_object *obj);
+struct btf *bpf_object__btf(const struct bpf_object *obj);
+struct bpf_program *bpf_object__next_program(const struct bpf_object *obj, struct bpf_program *prog);
+struct bpf_map *bpf_object__next_map(const struct bpf_object *obj, const struct bpf_map *map);
+struct bpf_program *bpf_object__find_program_by_name(const struct bpf_object *obj, const char *name);
+struct bpf_map *bpf_object__find_map_by_name(const struct bpf_object *obj, const char *name);
+
+const char *bpf_program__name(const struct bpf_program *prog);
+const char *bpf_program__section_name(const struct bpf_program *prog);
+_Bool bpf_program__autoload(const struct bpf_program *prog);
+int bpf_program__set_autoload(struct bpf_program *prog, _Bool autoload);
+int bpf_program__fd(const struct bpf_program *prog);
+int bpf_program__type(const struct bpf_program *prog);
+struct bpf_link *bpf_program__attach(const struct bpf_program *prog);
+struct bpf_link *bpf_program__attach_tracepoint(const struct bpf_program *prog, const char *tp_category, const char *tp_name);
+struct bpf_link *bpf_program__attach_raw_tracepoint(const struct bpf_program *prog, const char *tp_name);
+struct bpf_link *bpf_program__attach_kprobe(const struct bpf_program *prog, _Bool retprobe, const char *func_name);
+struct bpf_link *bpf_program__attach_trace(const struct bpf_program *prog);
+
+int bpf_link__fd(const struct bpf_link *link);
+int bpf_link__destroy(struct bpf_link *link);
+
+int bpf_map__fd(const struct bpf_map *map);
+const char *bpf_map__name(const struct bpf_map *map);
+int bpf_map__type(const struct bpf_map *map);
+uint32_t bpf_map__max_entries(const struct bpf_map *map);
+int bpf_map__set_max_entries(struct bpf_map *map, uint32_t max_entries);
+uint32_t bpf_map__key_size(const struct bpf_map *map);
+uint32_t bpf_map__value_size(const struct bpf_map *map);
+const void *bpf_map__initial_value(struct bpf_map *map, size_t *psize);
+
+int bpf_map_lookup_elem(int fd, const void *key, void *value);
+int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags);
+int bpf_map_delete_elem(int fd, const void *key);
+int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
+
+struct bpf_tc_hook {
+    size_t sz;
+    int ifindex;
+    int attach_point;
+    uint32_t parent;
+};
+struct bpf_tc_opts {
+    size_t sz;
+    int prog_fd;
+    uint32_t flags;
+    uint32_t prog_id;
+    uint32_t handle;
+    uint32_t priority;
+};
+int bpf_tc_hook_create(struct bpf_tc_hook *hook);
+int bpf_tc_hook_destroy(struct bpf_tc_hook *hook);
+int bpf_tc_attach(const struct bpf_tc_hook *hook, struct bpf_tc_opts *opts);
+int bpf_tc_detach(const struct bpf_tc_hook *hook, const struct bpf_tc_opts *opts);
+int bpf_tc_query(const struct bpf_tc_hook *hook, struct bpf_tc_opts *opts);
+
+struct bpf_test_run_opts {
+    size_t sz;
+    const void *data_in;
+    void *data_out;
+    uint32_t data_size_in;
+    uint32_t data_size_out;
+    const void *ctx_in;
+    void *ctx_out;
+    uint32_t ctx_size_in;
+    uint32_t ctx_size_out;
+    uint32_t retval;
+    int repeat;
+    uint32_t duration;
+    uint32_t flags;
+    uint32_t cpu;
+    uint32_t batch_size;
+};
+int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
+
+typedef int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size);
+struct ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb, void *ctx, const void *opts);
+void ring_buffer__free(struct ring_buffer *rb);
+int ring_buffer__poll(struct ring_buffer *rb, int timeout_ms);
+int ring_buffer__consume(struct ring_buffer *rb);
+int ring_buffer__epoll_fd(const struct ring_buffer *rb);
+
+/* BTF: the kernel UAPI records (linux/btf.h) and libbpf's accessors. */
+struct btf_type {
+    uint32_t name_off;
+    uint32_t info;
+    uint32_t size_or_type;
+};
+struct btf_member { uint32_t name_off; uint32_t type; uint32_t offset; };
+struct btf_enum { uint32_t name_off; int32_t val; };
+struct btf_enum64 { uint32_t name_off; uint32_t val_lo32; uint32_t val_hi32; };
+struct btf_array { uint32_t type; uint32_t index_type; uint32_t nelems; };
+struct btf_var_secinfo { uint32_t type; uint32_t offset; uint32_t size; };
+struct btf *btf__parse(const char *path, struct btf_ext **btf_ext);
+struct btf *btf__load_vmlinux_btf(void);
+struct btf *btf__load_module_btf(const char *module_name, struct btf *vmlinux_btf);
+void btf__free(struct btf *btf);
+uint32_t btf__type_cnt(const struct btf *btf);
+int32_t btf__find_by_name_kind(const struct btf *btf, const char *type_name, uint32_t kind);
+const struct btf_type *btf__type_by_id(const struct btf *btf, uint32_t id);
+const char *btf__name_by_offset(const struct btf *btf, uint32_t offset);
+int64_t btf__resolve_size(const struct btf *btf, uint32_t type_id);
+int btf__resolve_type(const struct btf *btf, uint32_t type_id);
+
+/* Newer than libbpf 1.1: declared so they can be called where present. */
+struct bpf_link *bpf_program__attach_tcx(const struct bpf_program *prog, int ifindex, const void *opts);
+int ring_buffer__consume_n(struct ring_buffer *rb, size_t n);
+"""
+
+# Present only in newer libbpf releases: looked up, never assumed.
+OPTIONAL_SYMBOLS = (
+    "bpf_program__attach_tcx",   # libbpf 1.3
+    "ring_buffer__consume_n",    # libbpf 1.5
+)
+
+LIBC_CDEF = r"""
+int vsnprintf(char *str, size_t size, const char *format, void *ap);
+"""

@@ -1,0 +1,109 @@
+"""Load the system's libbpf.so.1 through cffi in ABI mode (no compiler needed).
+
+libbpf's own messages go to the `vnet.libbpf` logger; the most recent ones are
+kept so a failed load can carry the verifier log in its exception.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+
+import cffi
+
+from vnet.errors import LibbpfMissingError, UnsupportedError
+
+from ._cdef import CDEF, LIBC_CDEF, OPTIONAL_SYMBOLS
+
+log = logging.getLogger("vnet.libbpf")
+
+ffi = cffi.FFI()
+ffi.cdef(CDEF)
+ffi.cdef(LIBC_CDEF)
+
+LIBRARY_NAMES = ("libbpf.so.1", "libbpf.so")
+MIN_VERSION = (1, 0)
+_PRINT_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+
+_lib = None
+_libc = None
+_lock = threading.Lock()
+_recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=4000)
+_seq = 0
+
+
+def _open_library():
+    errors = []
+    for name in LIBRARY_NAMES:
+        try:
+            return ffi.dlopen(name)
+        except OSError as e:
+            errors.append(f"{name}: {e}")
+    raise LibbpfMissingError(
+        "libbpf not found (" + "; ".join(errors) + ")",
+        hint="install the libbpf runtime: apt-get install libbpf1 (Debian/Ubuntu), dnf install libbpf (Fedora)",
+    )
+
+
+@ffi.callback("int(int, const char *, void *)", error=0)
+def _print(level, fmt, ap):
+    buf = ffi.new("char[]", 4096)
+    _libc.vsnprintf(buf, 4096, fmt, ap)
+    global _seq
+    text = ffi.string(buf).decode(errors="replace").rstrip("\n")
+    for line in text.splitlines():
+        _seq += 1
+        _recent.append((_seq, line))
+        log.log(_PRINT_LEVELS.get(level, logging.DEBUG), "%s", line)
+    return 0
+
+
+def lib():
+    """The loaded libbpf, checked to be >= 1.0; loaded once per process."""
+    global _lib, _libc
+    if _lib is not None:
+        return _lib
+    with _lock:
+        if _lib is None:
+            handle = _open_library()
+            version = (handle.libbpf_major_version(), handle.libbpf_minor_version())
+            if version < MIN_VERSION:
+                raise UnsupportedError(
+                    f"libbpf {version[0]}.{version[1]} not supported (requires libbpf >= 1.0)",
+                    hint="install libbpf1 (Debian 12+, Ubuntu 23.04+)",
+                )
+            _libc = ffi.dlopen(None)
+            handle.libbpf_set_print(_print)
+            _lib = handle
+    return _lib
+
+
+def version() -> str:
+    return ffi.string(lib().libbpf_version_string()).decode()
+
+
+def has(symbol: str) -> bool:
+    """Whether the loaded libbpf exports `symbol` (for functions newer than 1.0)."""
+    if symbol not in OPTIONAL_SYMBOLS:
+        raise KeyError(f"{symbol} is not declared as optional")
+    try:
+        getattr(lib(), symbol)
+    except AttributeError:
+        return False
+    return True
+
+
+def mark_log() -> int:
+    """A position in libbpf's recent messages, to collect what an operation printed."""
+    return _seq
+
+
+def messages_since(marker: int) -> list[str]:
+    return [line for seq, line in list(_recent) if seq > marker]
+
+
+def strerror(err: int) -> str:
+    buf = ffi.new("char[]", 256)
+    lib().libbpf_strerror(err, buf, 256)
+    return ffi.string(buf).decode(errors="replace")

@@ -1,0 +1,414 @@
+"""Owned handles over libbpf objects: BpfObject -> Program, Map, Link.
+
+Lifetimes: a BpfObject owns the links made from its programs and the ring
+buffers made from its maps; close() releases them (links first) and then the
+object, so closing detaches everything. Use it as a context manager.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+from vnet.errors import AttachError, BpfError, VerifierError, bpf_error
+
+from . import libbpf
+from .btf import Btf, StructLayout
+from .libbpf import ffi, lib
+
+BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
+BPF_TC_INGRESS = 1
+BPF_TC_EGRESS = 2
+BPF_TC_F_REPLACE = 1
+BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+_PERCPU_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
+# Fixed handle so a restarted vnet replaces its own stale clsact filter instead of stacking one more.
+VNET_TC_HANDLE = 0x766E  # "vn"
+VNET_TC_PRIORITY = 0x766E
+
+
+class Link:
+    """Something attached; detach() is idempotent."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.attached = True
+
+    def detach(self) -> None:
+        if self.attached:
+            self.attached = False
+            self._release()
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.description}{'' if self.attached else ' (detached)'}>"
+
+
+class LibbpfLink(Link):
+    def __init__(self, ptr, description: str):
+        super().__init__(description)
+        self._ptr = ptr
+
+    @property
+    def fd(self) -> int:
+        return lib().bpf_link__fd(self._ptr)
+
+    def _release(self) -> None:
+        lib().bpf_link__destroy(self._ptr)
+        self._ptr = None
+
+
+class FdLink(Link):
+    """A kernel bpf_link held only by its fd (e.g. tcx): it vanishes with the process."""
+
+    def __init__(self, fd: int, description: str):
+        super().__init__(description)
+        self.fd = fd
+
+    def _release(self) -> None:
+        os.close(self.fd)
+
+
+class _Clsact:
+    """Reference counts of clsact qdiscs vnet created, so the last user removes it."""
+
+    lock = threading.Lock()
+    owned: dict[int, int] = {}
+
+    @classmethod
+    def acquire(cls, ifindex: int) -> None:
+        hook = ffi.new("struct bpf_tc_hook *", {"sz": ffi.sizeof("struct bpf_tc_hook"), "ifindex": ifindex,
+                                                 "attach_point": BPF_TC_INGRESS})
+        with cls.lock:
+            err = lib().bpf_tc_hook_create(hook)
+            if err == 0:
+                cls.owned[ifindex] = 0
+            elif err != -errno.EEXIST:
+                raise bpf_error("create clsact qdisc on", err, f"ifindex {ifindex}", cls=AttachError)
+            if ifindex in cls.owned:
+                cls.owned[ifindex] += 1
+
+    @classmethod
+    def release(cls, ifindex: int) -> None:
+        with cls.lock:
+            if ifindex not in cls.owned:
+                return  # someone else's qdisc: never remove it
+            cls.owned[ifindex] -= 1
+            if cls.owned[ifindex] == 0:
+                del cls.owned[ifindex]
+                hook = ffi.new("struct bpf_tc_hook *", {"sz": ffi.sizeof("struct bpf_tc_hook"), "ifindex": ifindex,
+                                                         "attach_point": BPF_TC_INGRESS | BPF_TC_EGRESS})
+                lib().bpf_tc_hook_destroy(hook)
+
+
+class TcFilterLink(Link):
+    """A direct-action BPF filter on a clsact qdisc (kernels without tcx). It
+    survives the process, hence the fixed handle that a restart replaces."""
+
+    def __init__(self, ifindex: int, point: int, description: str):
+        super().__init__(description)
+        self.ifindex = ifindex
+        self.point = point
+
+    def _release(self) -> None:
+        hook = ffi.new("struct bpf_tc_hook *", {"sz": ffi.sizeof("struct bpf_tc_hook"), "ifindex": self.ifindex,
+                                                 "attach_point": self.point})
+        opts = ffi.new("struct bpf_tc_opts *", {"sz": ffi.sizeof("struct bpf_tc_opts"), "handle": VNET_TC_HANDLE,
+                                                 "priority": VNET_TC_PRIORITY})
+        lib().bpf_tc_detach(hook, opts)
+        _Clsact.release(self.ifindex)
+
+
+@dataclass
+class TestRunResult:
+    retval: int
+    duration_ns: int
+    data_out: bytes
+
+
+class Program:
+    def __init__(self, obj: "BpfObject", ptr):
+        self._obj = obj
+        self._ptr = ptr
+        self.name = ffi.string(lib().bpf_program__name(ptr)).decode()
+        self.section = ffi.string(lib().bpf_program__section_name(ptr)).decode()
+
+    def __repr__(self) -> str:
+        return f"<Program {self.name} SEC({self.section})>"
+
+    @property
+    def fd(self) -> int:
+        fd = lib().bpf_program__fd(self._ptr)
+        if fd < 0:
+            raise BpfError("get fd of", fd, f"program {self.name} (not loaded?)")
+        return fd
+
+    @property
+    def autoload(self) -> bool:
+        return bool(lib().bpf_program__autoload(self._ptr))
+
+    @autoload.setter
+    def autoload(self, value: bool) -> None:
+        err = lib().bpf_program__set_autoload(self._ptr, bool(value))
+        if err:
+            raise bpf_error("set autoload of", err, f"program {self.name}")
+
+    # -- attach ---------------------------------------------------------------
+    def _libbpf_link(self, ptr, op: str, what: str) -> LibbpfLink:
+        if ptr == ffi.NULL:
+            raise bpf_error(op, ffi.errno, f"{self.name} to {what}", cls=AttachError)
+        return self._obj._own(LibbpfLink(ptr, f"{self.name} -> {what}"))
+
+    def attach(self) -> LibbpfLink:
+        """Attach by section name (tp_btf/, fentry/, raw_tp/, ...)."""
+        return self._libbpf_link(lib().bpf_program__attach(self._ptr), "attach", self.section)
+
+    def attach_tracepoint(self, category: str, name: str) -> LibbpfLink:
+        ptr = lib().bpf_program__attach_tracepoint(self._ptr, category.encode(), name.encode())
+        return self._libbpf_link(ptr, "attach tracepoint", f"{category}:{name}")
+
+    def attach_raw_tracepoint(self, name: str) -> LibbpfLink:
+        return self._libbpf_link(lib().bpf_program__attach_raw_tracepoint(self._ptr, name.encode()),
+                                 "attach raw tracepoint", name)
+
+    def attach_kprobe(self, func: str, retprobe: bool = False) -> LibbpfLink:
+        ptr = lib().bpf_program__attach_kprobe(self._ptr, retprobe, func.encode())
+        return self._libbpf_link(ptr, "attach kretprobe" if retprobe else "attach kprobe", func)
+
+    def attach_trace(self) -> LibbpfLink:
+        """fentry/fexit/fmod_ret/tp_btf to the target named in the section."""
+        return self._libbpf_link(lib().bpf_program__attach_trace(self._ptr), "attach trace", self.section)
+
+    def attach_tcx(self, ifindex: int, ingress: bool) -> FdLink:
+        """A tcx link (kernel >= 6.6) made with the low-level bpf_link_create, which
+        libbpf 1.1 already has; the link dies with the process."""
+        where = f"ifindex {ifindex} tcx/{'ingress' if ingress else 'egress'}"
+        fd = lib().bpf_link_create(self.fd, ifindex, BPF_TCX_INGRESS if ingress else BPF_TCX_EGRESS, ffi.NULL)
+        if fd < 0:
+            raise bpf_error("attach tcx link", fd, f"{self.name} to {where}", cls=AttachError)
+        return self._obj._own(FdLink(fd, f"{self.name} -> {where}"))
+
+    def attach_tc_filter(self, ifindex: int, ingress: bool) -> TcFilterLink:
+        """A clsact direct-action filter with vnet's fixed handle (replaces a stale one)."""
+        point = BPF_TC_INGRESS if ingress else BPF_TC_EGRESS
+        where = f"ifindex {ifindex} clsact/{'ingress' if ingress else 'egress'}"
+        _Clsact.acquire(ifindex)
+        hook = ffi.new("struct bpf_tc_hook *", {"sz": ffi.sizeof("struct bpf_tc_hook"), "ifindex": ifindex,
+                                                 "attach_point": point})
+        opts = ffi.new("struct bpf_tc_opts *", {"sz": ffi.sizeof("struct bpf_tc_opts"), "prog_fd": self.fd,
+                                                 "flags": BPF_TC_F_REPLACE, "handle": VNET_TC_HANDLE,
+                                                 "priority": VNET_TC_PRIORITY})
+        err = lib().bpf_tc_attach(hook, opts)
+        if err:
+            _Clsact.release(ifindex)
+            raise bpf_error("attach tc filter", err, f"{self.name} to {where}", cls=AttachError)
+        return self._obj._own(TcFilterLink(ifindex, point, f"{self.name} -> {where}"))
+
+    # -- run ------------------------------------------------------------------
+    def test_run(self, data: bytes, repeat: int = 1, ctx: bytes | None = None,
+                 data_out_size: int | None = None) -> TestRunResult:
+        """BPF_PROG_TEST_RUN: run the loaded program on `data` in the kernel."""
+        out_size = data_out_size if data_out_size is not None else len(data) + 256
+        data_in = ffi.from_buffer(data)
+        out = ffi.new("char[]", max(out_size, 1))
+        opts = ffi.new("struct bpf_test_run_opts *")
+        opts.sz = ffi.sizeof("struct bpf_test_run_opts")
+        opts.data_in = data_in
+        opts.data_size_in = len(data)
+        opts.data_out = out
+        opts.data_size_out = out_size
+        opts.repeat = repeat
+        if ctx is not None:
+            ctx_in = ffi.from_buffer(ctx)
+            opts.ctx_in = ctx_in
+            opts.ctx_size_in = len(ctx)
+        err = lib().bpf_prog_test_run_opts(self.fd, opts)
+        if err:
+            raise bpf_error("test-run", err, f"program {self.name}")
+        return TestRunResult(opts.retval, opts.duration, ffi.buffer(out, opts.data_size_out)[:])
+
+
+class Map:
+    def __init__(self, obj: "BpfObject", ptr):
+        self._obj = obj
+        self._ptr = ptr
+        self.name = ffi.string(lib().bpf_map__name(ptr)).decode()
+
+    def __repr__(self) -> str:
+        return f"<Map {self.name}>"
+
+    @property
+    def fd(self) -> int:
+        fd = lib().bpf_map__fd(self._ptr)
+        if fd < 0:
+            raise BpfError("get fd of", fd, f"map {self.name} (not loaded?)")
+        return fd
+
+    @property
+    def type(self) -> int:
+        return lib().bpf_map__type(self._ptr)
+
+    @property
+    def max_entries(self) -> int:
+        return lib().bpf_map__max_entries(self._ptr)
+
+    @max_entries.setter
+    def max_entries(self, n: int) -> None:
+        err = lib().bpf_map__set_max_entries(self._ptr, n)
+        if err:
+            raise bpf_error("resize", err, f"map {self.name}")
+
+    @property
+    def key_size(self) -> int:
+        return lib().bpf_map__key_size(self._ptr)
+
+    @property
+    def value_size(self) -> int:
+        return lib().bpf_map__value_size(self._ptr)
+
+    @property
+    def per_cpu(self) -> bool:
+        return self.type in _PERCPU_TYPES
+
+    def lookup(self, key: bytes) -> bytes | list[bytes] | None:
+        """The value for key; for per-CPU maps, one value per possible CPU."""
+        vsize = self.value_size
+        ncpu = 1
+        if self.per_cpu:
+            vsize = (vsize + 7) & ~7
+            ncpu = lib().libbpf_num_possible_cpus()
+        buf = ffi.new("char[]", vsize * ncpu)
+        err = lib().bpf_map_lookup_elem(self.fd, ffi.from_buffer(key), buf)
+        if err == -errno.ENOENT:
+            return None
+        if err:
+            raise bpf_error("look up in", err, f"map {self.name}")
+        raw = ffi.buffer(buf)[:]
+        if not self.per_cpu:
+            return raw
+        return [raw[i * vsize:i * vsize + self.value_size] for i in range(ncpu)]
+
+    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        err = lib().bpf_map_update_elem(self.fd, ffi.from_buffer(key), ffi.from_buffer(value), flags)
+        if err:
+            raise bpf_error("update", err, f"map {self.name}")
+
+    def initial_value(self):
+        """The writable pre-load image of a global data map (.rodata/.data/.bss)."""
+        size = ffi.new("size_t *")
+        ptr = lib().bpf_map__initial_value(self._ptr, size)
+        if ptr == ffi.NULL:
+            raise BpfError("get initial value of", errno.EINVAL, f"map {self.name}")
+        return ffi.buffer(ffi.cast("char *", ptr), size[0])
+
+
+class BpfObject:
+    """An opened (then loaded) .bpf.o. Configure between open and load:
+    set_config(), keep_programs(), map resizes; then load()."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        ptr = lib().bpf_object__open_file(str(self.path).encode(), ffi.NULL)
+        if ptr == ffi.NULL:
+            raise bpf_error("open BPF object", ffi.errno, str(self.path))
+        self._ptr = ptr
+        self.loaded = False
+        self._owned: list = []
+        self.name = ffi.string(lib().bpf_object__name(ptr)).decode()
+        self.programs: dict[str, Program] = {}
+        p = lib().bpf_object__next_program(ptr, ffi.NULL)
+        while p != ffi.NULL:
+            prog = Program(self, p)
+            self.programs[prog.name] = prog
+            p = lib().bpf_object__next_program(ptr, p)
+        self.maps: dict[str, Map] = {}
+        m = lib().bpf_object__next_map(ptr, ffi.NULL)
+        while m != ffi.NULL:
+            mp = Map(self, m)
+            self.maps[mp.name] = mp
+            m = lib().bpf_object__next_map(ptr, m)
+        self.btf = Btf(lib().bpf_object__btf(ptr), owned=False, label=self.path.name)
+        self._finalizer = weakref.finalize(self, BpfObject._release, ptr, self._owned)
+
+    def __repr__(self) -> str:
+        return f"<BpfObject {self.name} {'loaded' if self.loaded else 'opened'}>"
+
+    def __enter__(self) -> "BpfObject":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _own(self, thing):
+        self._owned.append(thing)
+        return thing
+
+    def _data_map(self, section: str) -> Map:
+        for name, m in self.maps.items():
+            if name.endswith(section):
+                return m
+        raise KeyError(f"{self.path.name} has no {section} section")
+
+    def config_layout(self, var: str, section: str = ".rodata") -> StructLayout:
+        return self.btf.variable(section, var)[1]
+
+    def set_config(self, var: str, values: dict, section: str = ".rodata") -> None:
+        """Write a `const volatile` config struct before load (offsets from BTF)."""
+        if self.loaded:
+            raise BpfError("set config", errno.EBUSY, f"{var} of {self.name} (already loaded)")
+        offset, layout = self.btf.variable(section, var)
+        image = self._data_map(section).initial_value()
+        data = layout.encode(values)
+        image[offset:offset + len(data)] = data
+
+    def config(self, var: str, section: str = ".rodata") -> dict:
+        offset, layout = self.btf.variable(section, var)
+        return layout.decode(self._data_map(section).initial_value(), offset)
+
+    def keep_programs(self, names) -> None:
+        """Load only these programs (fallback twins: the loader keeps one)."""
+        names = set(names)
+        unknown = names - set(self.programs)
+        if unknown:
+            raise KeyError(f"{self.path.name} has no program(s) {sorted(unknown)}")
+        for name, prog in self.programs.items():
+            prog.autoload = name in names
+
+    def load(self) -> None:
+        marker = libbpf.mark_log()
+        err = lib().bpf_object__load(self._ptr)
+        if err:
+            lines = libbpf.messages_since(marker)
+            failing = [p.name for p in self.programs.values() if any(f"prog '{p.name}'" in ln for ln in lines)]
+            target = f"{self.path.name}" + (f" program {failing[0]}" if failing else "")
+            if any("BEGIN PROG LOAD LOG" in ln for ln in lines):
+                start = max(i for i, ln in enumerate(lines) if "BEGIN PROG LOAD LOG" in ln)
+                log = "\n".join(ln for ln in lines[start + 1:] if "END PROG LOAD LOG" not in ln)
+                raise VerifierError("load", err, target, log)
+            detail = lines[-1] if lines else ""
+            raise bpf_error("load", err, target, detail=detail)
+        self.loaded = True
+
+    @staticmethod
+    def _release(ptr, owned: list) -> None:
+        for thing in reversed(owned):
+            if isinstance(thing, Link):
+                thing.detach()
+            else:
+                thing.close()
+        owned.clear()
+        lib().bpf_object__close(ptr)
+
+    def close(self) -> None:
+        """Detach every link, free ring buffers, close the object. Idempotent."""
+        self._finalizer()
+        self.loaded = False

@@ -1,0 +1,66 @@
+"""Consume a BPF ring buffer map through libbpf's ring_buffer API."""
+
+from __future__ import annotations
+
+import errno
+
+from vnet.errors import bpf_error
+
+from .libbpf import ffi, lib
+from .object import Map
+
+
+class RingBuffer:
+    """Records from one ring-buffer map, returned in batches as bytes.
+
+    Programs may skip waking the reader (BPF_RB_NO_WAKEUP), so poll() always
+    drains after its wait: no record waits longer than one timeout.
+    """
+
+    def __init__(self, ring_map: Map):
+        self.map = ring_map
+        self._batch: list[bytes] = []
+        self._error: BaseException | None = None
+        self._cb = ffi.callback("int(void *, void *, size_t)", self._on_record, error=-1)
+        ptr = lib().ring_buffer__new(ring_map.fd, self._cb, ffi.NULL, ffi.NULL)
+        if ptr == ffi.NULL:
+            raise bpf_error("create ring buffer reader for", ffi.errno, f"map {ring_map.name}")
+        self._ptr = ptr
+        ring_map._obj._own(self)
+
+    def _on_record(self, _ctx, data, size):
+        try:
+            self._batch.append(ffi.buffer(data, size)[:])
+            return 0
+        except BaseException as e:  # surfaced by poll(); libbpf stops on non-zero
+            self._error = e
+            return -1
+
+    def _take(self) -> list[bytes]:
+        batch, self._batch = self._batch, []
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return batch
+
+    def poll(self, timeout_ms: int = 100) -> list[bytes]:
+        """Wait up to timeout_ms for a wakeup, then drain what is there."""
+        n = lib().ring_buffer__poll(self._ptr, timeout_ms)
+        if n < 0 and n != -errno.EINTR and self._error is None:
+            raise bpf_error("poll ring buffer", n, f"map {self.map.name}")
+        return self.drain()
+
+    def drain(self) -> list[bytes]:
+        n = lib().ring_buffer__consume(self._ptr)
+        if n < 0 and n != -errno.EINTR and self._error is None:
+            raise bpf_error("consume ring buffer", n, f"map {self.map.name}")
+        return self._take()
+
+    @property
+    def epoll_fd(self) -> int:
+        return lib().ring_buffer__epoll_fd(self._ptr)
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            lib().ring_buffer__free(self._ptr)
+            self._ptr = None
