@@ -1,14 +1,18 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /* Device probe: one event per packet at a netdev's TC ingress or egress hook.
  * Attached as a tcx link where the kernel has tcx (>= 6.6), else as a clsact
- * direct-action filter; the program is the same for both. */
+ * direct-action filter; the program is the same for both.
+ *
+ * One object instance is loaded per traced device, all sharing one ring and
+ * one set of counters: its probe_id names the device even where ifindexes
+ * repeat across network namespaces (tc has no portable netns helper). */
 #include "vnet_packet.bpf.h"
 
 #define VNET_TC_NEXT -1 /* TC_ACT_UNSPEC == TCX_NEXT: never alter the packet's fate */
 
 struct vnet_tc_config {
+	__u32 probe_id;      /* copied into every event: the device this instance watches */
 	__u32 wakeup_every;  /* wake the reader every N events per CPU; 0 or 1: each event */
-	__u8 netns_cookie;   /* bpf_get_netns_cookie() is allowed in tc here (probed) */
 };
 
 const volatile struct vnet_tc_config tc_cfg = {};
@@ -23,14 +27,12 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 	st->v[VNET_STAT_SEEN]++;
 
 	ev.ts_ns = bpf_ktime_get_ns();
-	ev.skb_addr = 0;
+	ev.probe_id = tc_cfg.probe_id;
 	ev.ifindex = skb->ifindex;
 	ev.len = skb->len;
 	ev.mark = skb->mark;
 	ev.cpu = bpf_get_smp_processor_id();
 	ev.hook = hook;
-	if (tc_cfg.netns_cookie)
-		ev.netns_cookie = bpf_get_netns_cookie(skb);
 	vnet_parse_skb(skb, &ev);
 	vnet_emit(st, &ev, tc_cfg.wakeup_every);
 	return VNET_TC_NEXT;

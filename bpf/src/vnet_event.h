@@ -36,7 +36,8 @@ struct vnet_event {
 	__u64 ts_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
 	__u64 pkt_id;       /* fingerprint of fields invariant along the path */
 	__u64 skb_addr;     /* tells clones and retransmissions apart on one host */
-	__u64 netns_cookie; /* 0 where the kernel lacks the helper for this hook */
+	__u64 netns_cookie; /* 0 where the hook cannot tell (tc: user space knows it) */
+	__u32 probe_id;     /* which attachment: set per program instance by user space */
 	__u32 ifindex;
 	__u32 len;          /* skb->len at the hook */
 	__u32 mark;         /* skb->mark */

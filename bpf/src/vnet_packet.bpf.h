@@ -16,6 +16,7 @@
 #define VNET_IPPROTO_UDP 17
 #define VNET_IPPROTO_ICMPV6 58
 #define VNET_PAYLOAD_HASH_BYTES 32
+#define VNET_IPV6_MAX_EXT 4 /* extension headers walked before giving up on L4 */
 
 /* Murmur3-style 64-bit mixing: cheap, no tables, good avalanche. */
 static __always_inline __u64 vnet_mix(__u64 h, __u64 k)
@@ -125,6 +126,49 @@ truncated:
 	return h;
 }
 
+/* Walk IPv6 extension headers (hop-by-hop, routing, fragment, destination
+ * options, AH) to the transport header; they are invariant, so they stay out of
+ * the hash except through payload_len. */
+static __always_inline __u64 vnet_parse_ipv6_ext(struct vnet_cursor *c, struct vnet_event *ev, __u64 h,
+						 __u32 off, __u32 len)
+{
+	__u8 nh = ev->l4_proto;
+
+#pragma unroll
+	for (int i = 0; i < VNET_IPV6_MAX_EXT; i++) {
+		__u8 ext[8];
+		__u32 ext_len;
+
+		if (nh != 0 && nh != 43 && nh != 44 && nh != 60 && nh != 51)
+			break;
+		if (vnet_load(c, off, ext, sizeof(ext)) < 0) {
+			ev->flags |= VNET_F_TRUNCATED;
+			return h;
+		}
+		if (nh == 44) {
+			ext_len = 8;
+			if ((((__u16)ext[2] << 8 | ext[3]) & 0xfff8) != 0) {
+				/* A later fragment carries no L4 header. */
+				ev->l4_proto = ext[0];
+				ev->flags |= VNET_F_FRAGMENT;
+				return vnet_hash_payload(c, vnet_mix(h, *(__u64 *)ext), off + ext_len,
+							 len > ext_len ? len - ext_len : 0);
+			}
+		} else if (nh == 51) {
+			ext_len = ((__u32)ext[1] + 2) * 4;
+		} else {
+			ext_len = ((__u32)ext[1] + 1) * 8;
+		}
+		if (ext_len > len)
+			return h;
+		nh = ext[0];
+		off += ext_len;
+		len -= ext_len;
+	}
+	ev->l4_proto = nh;
+	return vnet_parse_l4(c, ev, h, off, len);
+}
+
 /* Fill the addressing fields and pkt_id of `ev` from the packet. Only fields
  * that stay the same along the path enter the hash: no TTL, no TOS, no checksums. */
 static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_event *ev)
@@ -195,7 +239,7 @@ static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_ev
 		h = vnet_mix(h, *(__u64 *)&ev->daddr[0]);
 		h = vnet_mix(h, *(__u64 *)&ev->daddr[8]);
 		h = vnet_mix(h, ((__u64)flow << 32) | ((__u64)ip6.nexthdr << 16) | ip6.payload_len);
-		h = vnet_parse_l4(&c, ev, h, c.off + sizeof(ip6), bpf_ntohs(ip6.payload_len));
+		h = vnet_parse_ipv6_ext(&c, ev, h, c.off + sizeof(ip6), bpf_ntohs(ip6.payload_len));
 	} else {
 		/* ARP and friends: the first bytes of the L3 header identify them. */
 		h = vnet_hash_payload(&c, h, c.off, skb->len > 28 ? 28 : skb->len);

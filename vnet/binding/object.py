@@ -14,6 +14,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+from vnet import netns as _netns
 from vnet.errors import AttachError, BpfError, VerifierError, bpf_error
 
 from . import libbpf
@@ -82,29 +83,31 @@ class _Clsact:
     """Reference counts of clsact qdiscs vnet created, so the last user removes it."""
 
     lock = threading.Lock()
-    owned: dict[int, int] = {}
+    owned: dict[tuple[int, int], int] = {}  # (netns inode, ifindex) -> users
 
     @classmethod
     def acquire(cls, ifindex: int) -> None:
         hook = ffi.new("struct bpf_tc_hook *", {"sz": ffi.sizeof("struct bpf_tc_hook"), "ifindex": ifindex,
                                                  "attach_point": BPF_TC_INGRESS})
+        key = (_netns.current_inode(), ifindex)
         with cls.lock:
             err = lib().bpf_tc_hook_create(hook)
             if err == 0:
-                cls.owned[ifindex] = 0
+                cls.owned[key] = 0
             elif err != -errno.EEXIST:
                 raise bpf_error("create clsact qdisc on", err, f"ifindex {ifindex}", cls=AttachError)
-            if ifindex in cls.owned:
-                cls.owned[ifindex] += 1
+            if key in cls.owned:
+                cls.owned[key] += 1
 
     @classmethod
     def release(cls, ifindex: int) -> None:
+        key = (_netns.current_inode(), ifindex)
         with cls.lock:
-            if ifindex not in cls.owned:
+            if key not in cls.owned:
                 return  # someone else's qdisc: never remove it
-            cls.owned[ifindex] -= 1
-            if cls.owned[ifindex] == 0:
-                del cls.owned[ifindex]
+            cls.owned[key] -= 1
+            if cls.owned[key] == 0:
+                del cls.owned[key]
                 hook = ffi.new("struct bpf_tc_hook *", {"sz": ffi.sizeof("struct bpf_tc_hook"), "ifindex": ifindex,
                                                          "attach_point": BPF_TC_INGRESS | BPF_TC_EGRESS})
                 lib().bpf_tc_hook_destroy(hook)
@@ -114,12 +117,17 @@ class TcFilterLink(Link):
     """A direct-action BPF filter on a clsact qdisc (kernels without tcx). It
     survives the process, hence the fixed handle that a restart replaces."""
 
-    def __init__(self, ifindex: int, point: int, description: str):
+    def __init__(self, ifindex: int, point: int, description: str, netns: str | None):
         super().__init__(description)
         self.ifindex = ifindex
         self.point = point
+        self.netns = netns
 
     def _release(self) -> None:
+        with _netns.enter(self.netns):
+            self._detach_here()
+
+    def _detach_here(self) -> None:
         hook = ffi.new("struct bpf_tc_hook *", {"sz": ffi.sizeof("struct bpf_tc_hook"), "ifindex": self.ifindex,
                                                  "attach_point": self.point})
         opts = ffi.new("struct bpf_tc_opts *", {"sz": ffi.sizeof("struct bpf_tc_opts"), "handle": VNET_TC_HANDLE,
@@ -197,8 +205,9 @@ class Program:
             raise bpf_error("attach tcx link", fd, f"{self.name} to {where}", cls=AttachError)
         return self._obj._own(FdLink(fd, f"{self.name} -> {where}"))
 
-    def attach_tc_filter(self, ifindex: int, ingress: bool) -> TcFilterLink:
-        """A clsact direct-action filter with vnet's fixed handle (replaces a stale one)."""
+    def attach_tc_filter(self, ifindex: int, ingress: bool, netns: str | None = None) -> TcFilterLink:
+        """A clsact direct-action filter with vnet's fixed handle (replaces a stale one).
+        Call it inside `netns`; detaching enters that namespace again."""
         point = BPF_TC_INGRESS if ingress else BPF_TC_EGRESS
         where = f"ifindex {ifindex} clsact/{'ingress' if ingress else 'egress'}"
         _Clsact.acquire(ifindex)
@@ -211,7 +220,7 @@ class Program:
         if err:
             _Clsact.release(ifindex)
             raise bpf_error("attach tc filter", err, f"{self.name} to {where}", cls=AttachError)
-        return self._obj._own(TcFilterLink(ifindex, point, f"{self.name} -> {where}"))
+        return self._obj._own(TcFilterLink(ifindex, point, f"{self.name} -> {where}", netns))
 
     # -- run ------------------------------------------------------------------
     def test_run(self, data: bytes, repeat: int = 1, ctx: bytes | None = None,
@@ -301,6 +310,13 @@ class Map:
         err = lib().bpf_map_update_elem(self.fd, ffi.from_buffer(key), ffi.from_buffer(value), flags)
         if err:
             raise bpf_error("update", err, f"map {self.name}")
+
+    def share(self, other: "Map") -> None:
+        """Before load: use `other`'s kernel map instead of creating one (one ring
+        and one set of counters for many object instances)."""
+        err = lib().bpf_map__reuse_fd(self._ptr, other.fd)
+        if err:
+            raise bpf_error("share", err, f"map {self.name} with {other.name}")
 
     def initial_value(self):
         """The writable pre-load image of a global data map (.rodata/.data/.bss)."""

@@ -1,0 +1,1 @@
+"""The `vnet` command line (typer): one module per command group."""

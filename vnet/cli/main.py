@@ -1,0 +1,47 @@
+"""Entry point: `vnet` (console script) and `python -m vnet`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+import vnet
+
+from . import trace as trace_cmd
+from .common import setup_logging
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="vnet: programmable packet tracer for virtualized networks.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from vnet.binding import libbpf
+
+        try:
+            lib = f"libbpf {libbpf.version()}"
+        except Exception as e:  # --version must work even where libbpf is missing
+            lib = f"libbpf unavailable: {e}"
+        typer.echo(f"vnet {vnet.__version__} ({lib})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                           help="Print the version and exit."),
+    verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="More detail on stderr."),
+):
+    setup_logging(verbose)
+
+
+app.command("trace")(trace_cmd.trace)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""`vnet trace`: one-shot tracing of devices, printed as text or JSON Lines."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from vnet.errors import UsageError
+from vnet.probes import device as devprobe
+from vnet.trace import DeviceTrace
+from vnet.trace.records import format_json, format_text
+from vnet.trace.session import DEFAULT_RING_BYTES, DEFAULT_WAKEUP_EVERY
+
+from .common import cli_errors, setup_logging
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM; the loop notices within one poll interval."""
+
+    def __init__(self):
+        self.reason: str | None = None
+
+    def __call__(self, signum, _frame):
+        self.reason = signal.Signals(signum).name
+
+
+@cli_errors
+def trace(
+    interface: List[str] = typer.Option(..., "-i", "--interface", metavar="IFACE",
+                                        help="Interface to trace; NETNS/IFACE for one in a named netns. Repeatable."),
+    count: Optional[int] = typer.Option(None, "-c", "--count", min=1, help="Stop after this many events."),
+    duration: Optional[float] = typer.Option(None, "--duration", min=0.0, help="Stop after this many seconds."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON Lines instead of text."),
+    write: Optional[Path] = typer.Option(None, "-w", "--write", metavar="FILE",
+                                         help="Write events as JSON Lines to FILE ('-' = stdout) instead of printing."),
+    direction: str = typer.Option("both", "--direction", "-d", help="ingress, egress or both."),
+    netns: Optional[str] = typer.Option(None, "--netns", help="Default network namespace for -i names."),
+    ring_size: int = typer.Option(DEFAULT_RING_BYTES, "--ring-size", help="Ring buffer bytes (power of two)."),
+    verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="-v: attach details; -vv: libbpf log."),
+):
+    """Trace packets at TC ingress/egress of each interface, one line per packet per hook."""
+    setup_logging(verbose)
+    directions = devprobe.DIRECTIONS if direction == "both" else (direction,)
+    devices = [devprobe.resolve(spec, netns) for spec in interface]
+    out = _open_output(write)
+    emit = format_json if (json_out or write is not None) else format_text
+
+    stop = _Stop()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    printed = 0
+    try:
+        with DeviceTrace(devices, directions, ring_bytes=ring_size, wakeup_every=DEFAULT_WAKEUP_EVERY) as t:
+            hooks = ", ".join(f"{h.probe.removeprefix('dev:')}" for h in t.hooks)
+            print(f"vnet: tracing {hooks} ({'/'.join(sorted(t.hook_kinds))}); Ctrl-C to stop", file=sys.stderr)
+            deadline = time.monotonic() + duration if duration is not None else None
+            while stop.reason is None:
+                timeout = 100 if deadline is None else max(0, min(100, int((deadline - time.monotonic()) * 1000)))
+                events = t.poll(timeout)
+                if deadline is not None and time.monotonic() >= deadline:
+                    events += t.drain()  # what arrived before the deadline still counts
+                    stop.reason = stop.reason or "duration"
+                if count is not None and printed + len(events) >= count:
+                    events = events[: count - printed]
+                    stop.reason = "count"
+                if events:
+                    try:
+                        out.write("".join(emit(e) + "\n" for e in events))
+                        out.flush()
+                    except BrokenPipeError:
+                        stop.reason = "closed output"
+                        printed += len(events)
+                        break
+                    printed += len(events)
+            stats = t.stats()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _close_output(out)
+    print(f"vnet: {printed} events printed, {stats.received} received, {stats.lost} lost (ring buffer full), "
+          f"{stats.seen} packets seen at {len(devices) * len(directions)} hooks", file=sys.stderr)
+
+
+def _open_output(write: Path | None):
+    if write is None or str(write) == "-":
+        return sys.stdout
+    try:
+        return open(write, "w", buffering=1 << 16)
+    except OSError as e:
+        raise UsageError(f"cannot write {write}: {e.strerror}") from None
+
+
+def _close_output(out) -> None:
+    if out is sys.stdout:
+        try:
+            out.flush()
+        except BrokenPipeError:
+            pass
+    else:
+        out.close()

@@ -1,0 +1,1 @@
+"""Where vnet can look: named probe points and the hooks that implement them."""

@@ -1,0 +1,69 @@
+"""Device probe: a netdev's TC ingress/egress hook (veth, tap, bridge port,
+vxlan, physical NIC). Preferred hook: a tcx link (Linux >= 6.6, vanishes with
+the process); fallback: a clsact direct-action filter."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from dataclasses import dataclass
+
+from vnet import netns
+from vnet.binding import BpfObject, Link
+from vnet.errors import AttachError, NoSuchInterfaceError, UsageError
+
+log = logging.getLogger("vnet.probes.device")
+DIRECTIONS = ("ingress", "egress")
+PROGRAMS = {"ingress": "vnet_tc_ingress", "egress": "vnet_tc_egress"}
+# tcx attach says this when the kernel predates tcx: fall back to clsact.
+_NO_TCX = {errno.EINVAL, errno.EOPNOTSUPP, 524}  # 524: the kernel's ENOTSUPP
+
+
+@dataclass(frozen=True)
+class Device:
+    """An interface, in the network namespace that owns it."""
+
+    ifname: str
+    ifindex: int
+    netns: str | None      # `ip netns` name; None: vnet's own namespace
+    netns_cookie: int      # as bpf_get_netns_cookie() reports it
+
+    @property
+    def label(self) -> str:
+        return f"{self.netns}/{self.ifname}" if self.netns else self.ifname
+
+    def probe_name(self, direction: str) -> str:
+        return f"dev:{self.label}:{direction}"
+
+
+def resolve(spec: str, default_netns: str | None = None) -> Device:
+    """'IFACE' or 'NETNS/IFACE' ('/' cannot occur in an interface name)."""
+    ns, _, name = spec.rpartition("/")
+    ns = ns or default_netns
+    if not name or len(name) > 15:
+        raise UsageError(f"invalid interface name: {spec!r}")
+    with netns.enter(ns):
+        try:
+            ifindex = socket.if_nametoindex(name)
+        except OSError:
+            where = f" in network namespace {ns}" if ns else ""
+            raise NoSuchInterfaceError(f"no such interface: {name}{where}",
+                                       hint="list interfaces with 'ip link'" +
+                                       (f" (ip -n {ns} link)" if ns else "")) from None
+        cookie = netns.current_cookie()
+    return Device(name, ifindex, ns, cookie)
+
+
+def attach(obj: BpfObject, dev: Device, direction: str) -> tuple[Link, str]:
+    """Attach the loaded tc program for `direction`; returns the link and the hook kind used."""
+    prog = obj.programs[PROGRAMS[direction]]
+    ingress = direction == "ingress"
+    with netns.enter(dev.netns):
+        try:
+            return prog.attach_tcx(dev.ifindex, ingress), "tcx"
+        except AttachError as e:
+            if e.errno not in _NO_TCX:
+                raise
+            log.info("tcx not available on %s (%s); using a clsact filter", dev.label, e)
+        return prog.attach_tc_filter(dev.ifindex, ingress, dev.netns), "clsact"

@@ -1,0 +1,115 @@
+"""From raw ring-buffer records to events a person or a program reads.
+
+The binary layout comes from the object's BTF (StructLayout); this module only
+names things: protocols, addresses, hooks, probes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from vnet.binding import StructLayout
+
+L4_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp", 47: "gre", 50: "esp"}
+ETH_NAMES = {0x0800: "ipv4", 0x86DD: "ipv6", 0x0806: "arp", 0x8100: "vlan", 0x88CC: "lldp"}
+ICMP_NAMES = {(1, 0): "echo reply", (1, 3): "unreachable", (1, 8): "echo request", (1, 11): "time exceeded",
+              (58, 1): "unreachable", (58, 2): "packet too big", (58, 3): "time exceeded", (58, 128): "echo request",
+              (58, 129): "echo reply", (58, 133): "router solicit", (58, 134): "router advert",
+              (58, 135): "neighbor solicit", (58, 136): "neighbor advert", (58, 143): "mldv2 report"}
+TCP_FLAG_LETTERS = ((0x01, "F"), (0x02, "S"), (0x04, "R"), (0x08, "P"), (0x10, "."), (0x20, "U"), (0x40, "E"),
+                    (0x80, "W"))
+
+
+class EventDecoder:
+    """Turns one raw `struct vnet_event` into a JSON-ready dict."""
+
+    def __init__(self, layout: StructLayout, enums: dict[str, dict[str, int]],
+                 probes: dict[tuple[int, int], dict], wall_offset_ns: int):
+        self.layout = layout
+        self.codec = layout.codec()
+        self.names = layout.names
+        self.hooks = {v: k.removeprefix("VNET_HOOK_").lower() for k, v in enums["vnet_hook"].items()}
+        self.flag = {k.removeprefix("VNET_F_").lower(): v for k, v in enums["vnet_event_flag"].items()}
+        self.probes = probes  # (probe_id, hook) -> {"probe", "ifname", "netns"}
+        self.wall_offset_ns = wall_offset_ns
+
+    def decode(self, raw: bytes) -> dict:
+        e = dict(zip(self.names, self.codec.unpack_from(raw)))
+        flags = e["flags"]
+        hook = self.hooks.get(e["hook"], str(e["hook"]))
+        direction = hook.rpartition("_")[2]
+        where = self.probes.get((e["probe_id"], e["hook"])) or {
+            "probe": f"dev:if{e['ifindex']}:{direction}", "ifname": f"if{e['ifindex']}", "netns": None}
+        out = {
+            "ts_ns": e["ts_ns"],
+            "wall_ns": e["ts_ns"] + self.wall_offset_ns,
+            "probe": where["probe"],
+            "ifname": where["ifname"],
+            "ifindex": e["ifindex"],
+            "netns": where["netns"],
+            "dir": direction,
+            "len": e["len"],
+            "pkt_id": f"{e['pkt_id']:016x}",
+            "cpu": e["cpu"],
+            "ethertype": e["eth_proto"],
+            "proto": ETH_NAMES.get(e["eth_proto"], f"0x{e['eth_proto']:04x}"),
+            "src": None, "dst": None, "sport": None, "dport": None,
+        }
+        if flags & (self.flag["ipv4"] | self.flag["ipv6"]):
+            v4 = bool(flags & self.flag["ipv4"])
+            out["proto"] = L4_NAMES.get(e["l4_proto"], str(e["l4_proto"]))
+            out["src"] = str(ipaddress.IPv4Address(e["saddr"][:4]) if v4 else ipaddress.IPv6Address(e["saddr"]))
+            out["dst"] = str(ipaddress.IPv4Address(e["daddr"][:4]) if v4 else ipaddress.IPv6Address(e["daddr"]))
+            out["ip_version"] = 4 if v4 else 6
+            out["ttl"] = e["ttl"]
+            if v4:
+                out["ip_id"] = e["ip_id"]
+            if flags & self.flag["ports"]:
+                out["sport"], out["dport"] = e["sport"], e["dport"]
+            if e["l4_proto"] in (1, 58):
+                out["icmp_type"], out["icmp_code"] = e["dport"] >> 8, e["dport"] & 0xFF
+                out["sport"] = out["dport"] = None
+                out["icmp_id"] = e["sport"]
+            if e["l4_proto"] == 6:
+                out["tcp_seq"], out["tcp_ack"] = e["tcp_seq"], e["tcp_ack"]
+                out["tcp_flags"] = "".join(ch for bit, ch in TCP_FLAG_LETTERS if e["tcp_flags"] & bit)
+            if flags & self.flag["fragment"]:
+                out["fragment"] = True
+        if flags & self.flag["vlan"]:
+            out["vlan"] = e["vlan_tci"] & 0xFFF
+        if flags & self.flag["truncated"]:
+            out["truncated"] = True
+        if e["mark"]:
+            out["mark"] = e["mark"]
+        if e["skb_addr"]:
+            out["skb"] = f"{e['skb_addr']:x}"
+        return out
+
+
+def format_json(ev: dict) -> str:
+    return json.dumps(ev, separators=(",", ":"))
+
+
+def _endpoint(addr: str | None, port: int | None) -> str:
+    if addr is None:
+        return "?"
+    host = f"[{addr}]" if ":" in addr and port is not None else addr
+    return f"{host}:{port}" if port is not None else host
+
+
+def format_text(ev: dict) -> str:
+    """One line per packet per hook, tcpdump-like: time, hook, length, tuple, id."""
+    secs, ns = divmod(ev["wall_ns"], 1_000_000_000)
+    hook = f"{ev['probe'].removeprefix('dev:')}"
+    line = f"{secs}.{ns:09d} {hook:<24} len {ev['len']:<5} {ev['proto'].upper():<5}"
+    if ev["src"] is not None:
+        line += f" {_endpoint(ev['src'], ev['sport'])} > {_endpoint(ev['dst'], ev['dport'])}"
+        if "tcp_flags" in ev:
+            line += f" [{ev['tcp_flags'] or 'none'}] seq {ev['tcp_seq']}"
+        elif "icmp_type" in ev:
+            kind = (1 if ev["proto"] == "icmp" else 58, ev["icmp_type"])
+            line += f" {ICMP_NAMES.get(kind, 'type %d' % ev['icmp_type'])}"
+            if ev["icmp_type"] in (0, 8, 128, 129):
+                line += f" id {ev['icmp_id']}"
+    line += f" pkt_id {ev['pkt_id']}"
+    return line
