@@ -1,62 +1,80 @@
-"""Enter a named network namespace (ip netns) for the calling thread, and back.
+"""Enter a network namespace for the calling thread, and back.
 
 vnet attaches in the namespace that owns an interface: ifindexes and netlink
-sockets are per namespace. Python 3.11 has no os.setns, hence ctypes.
+sockets are per namespace. Only the calling thread moves; sockets and netlink
+handles created inside keep that namespace for life.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
-from contextlib import contextmanager
+import struct
+from collections.abc import Iterator
 
 from vnet.errors import NoSuchInterfaceError
 
 CLONE_NEWNET = 0x40000000
-SO_NETNS_COOKIE = 71  # Linux >= 5.14
+SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)  # Linux >= 5.14; Python < 3.13 lacks the name
 NETNS_RUN_DIR = "/run/netns"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def path(name: str) -> str:
-    return os.path.join(NETNS_RUN_DIR, name)
+def path(ns: str) -> str:
+    """A name under /run/netns (`ip netns`), or a path such as /proc/PID/ns/net."""
+    return ns if "/" in ns else os.path.join(NETNS_RUN_DIR, ns)
 
 
-def _setns(fd: int, what: str) -> None:
+def _setns(fd: int) -> None:
+    # Python 3.11 has no os.setns; never use a helper that creates namespaces on a typo.
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"setns({what}): {os.strerror(err)}")
+        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
-@contextmanager
-def enter(name: str | None):
-    """Run the body inside netns `name` (None: stay where we are)."""
-    if name is None:
-        yield
-        return
+@contextlib.contextmanager
+def open_fd(ns: str) -> Iterator[int]:
     try:
-        target = os.open(path(name), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path(ns), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise NoSuchInterfaceError(f"no such network namespace: {name}",
-                                   hint="list them with 'ip netns list'") from None
+        raise NoSuchInterfaceError(f"no such network namespace: {ns}", hint="list them with 'ip netns list'") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def enter_fd(fd: int) -> Iterator[None]:
+    # thread-self, not self: /proc/self/ns/net is the *main* thread's namespace.
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _setns(target, name)
+        _setns(fd)
         try:
             yield
         finally:
-            _setns(home, "original namespace")
+            _setns(home)
     finally:
-        os.close(target)
         os.close(home)
 
 
-def current_cookie() -> int:
-    """The kernel's netns cookie of the calling thread's namespace (0 if unknown)."""
+@contextlib.contextmanager
+def enter(ns: str | None) -> Iterator[None]:
+    """Run the body in netns `ns` (None: stay where the thread is)."""
+    if ns is None:
+        yield
+        return
+    with open_fd(ns) as fd, enter_fd(fd):
+        yield
+
+
+def cookie(ns: str | None = None) -> int:
+    """The netns cookie, as bpf_get_netns_cookie() reports it (0 if the kernel can't say)."""
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+        with enter(ns), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
     except OSError:
         return 0
 

@@ -40,6 +40,8 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from vnet import netns
+
 __all__ = [
     "Topology",
     "TopologyError",
@@ -55,9 +57,8 @@ __all__ = [
 ]
 
 IFNAMSIZ = 15  # usable characters; the kernel's IFNAMSIZ (16) counts the NUL
-NETNS_RUN_DIR = "/run/netns"  # where `ip netns` and pyroute2 bind-mount named namespaces
+NETNS_RUN_DIR = netns.NETNS_RUN_DIR
 IFA_F_NODAD = 0x02
-SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)  # Python < 3.13 lacks the name
 PREFIX_STEM = "vn"
 # Defaults for devices in our namespaces: without them every new device sends
 # router solicitations for minutes and DAD probes, noise in exact packet counts.
@@ -72,67 +73,15 @@ class TopologyError(RuntimeError):
 # --- namespaces --------------------------------------------------------------
 
 
-def _netns_path(ns: str) -> str:
-    return ns if "/" in ns else os.path.join(NETNS_RUN_DIR, ns)
-
-
-def _setns(fd: int) -> None:
-    if hasattr(os, "setns"):  # Python >= 3.12
-        os.setns(fd, os.CLONE_NEWNET)
-    else:
-        pr_netns.setns(fd, flags=0)  # flags=0: never create a namespace by accident
-
-
-@contextlib.contextmanager
-def _ns_fd(ns: str) -> Iterator[int]:
-    try:
-        fd = os.open(_netns_path(ns), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise TopologyError(f"no network namespace {ns!r}") from None
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _in_netns_fd(fd: int) -> Iterator[None]:
-    # thread-self, not self: /proc/self/ns/net is the *main* thread's namespace.
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(fd)
-        try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(home)
-
-
-@contextlib.contextmanager
-def in_netns(ns: str | None) -> Iterator[None]:
-    """Move the calling thread (only it) into netns `ns` for the body, then back.
-
-    `ns` is a name under /run/netns or a path such as /proc/PID/ns/net; None
-    stays where the thread is. Sockets and netlink handles created inside keep
-    that namespace for their whole life; processes forked inside start there.
-    """
-    if ns is None:
-        yield
-        return
-    with _ns_fd(ns) as fd, _in_netns_fd(fd):
-        yield
+in_netns = netns.enter          # the calling thread only; a name or /proc/PID/ns/net
+netns_cookie = netns.cookie    # the value bpf_get_netns_cookie() reports
+_ns_fd = netns.open_fd
+_in_netns_fd = netns.enter_fd
 
 
 def _socket_in(ns: str | None, family: int, type_: int, proto: int = 0) -> socket.socket:
     with in_netns(ns):
         return socket.socket(family, type_, proto)
-
-
-def netns_cookie(ns: str | None) -> int:
-    """The 64-bit cookie of netns `ns`, the value bpf_get_netns_cookie() reports."""
-    with _socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM) as s:
-        return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
 
 
 # --- topology ----------------------------------------------------------------
@@ -199,7 +148,7 @@ class Topology:
         """Create netns ``<prefix><name>`` with loopback up; return its real name."""
         self._check_open()
         real = self.prefix + name
-        if "/" in name or os.path.exists(_netns_path(real)):
+        if "/" in name or os.path.exists(netns.path(real)):
             raise TopologyError(f"netns {real!r} exists or is not a valid name")
         # Recorded first: a half-done create (mount point without mount) is ours to remove.
         self._namespaces.append(real)

@@ -147,5 +147,8 @@ OPTIONAL_SYMBOLS = (
 )
 
 LIBC_CDEF = r"""
-int vsnprintf(char *str, size_t size, const char *format, void *ap);
+/* vasprintf, not vsnprintf into a fixed buffer: libbpf prints a whole verifier
+   log (up to megabytes) as one message, and its tail is what matters. */
+int vasprintf(char **strp, const char *format, void *ap);
+void free(void *ptr);
 """

@@ -29,6 +29,7 @@ _PRINT_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
 _lib = None
 _libc = None
 _lock = threading.Lock()
+# One entry per libbpf message (a verifier log is one message of many lines).
 _recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=4000)
 _seq = 0
 
@@ -48,13 +49,18 @@ def _open_library():
 
 @ffi.callback("int(int, const char *, void *)", error=0)
 def _print(level, fmt, ap):
-    buf = ffi.new("char[]", 4096)
-    _libc.vsnprintf(buf, 4096, fmt, ap)
+    strp = ffi.new("char **")
+    n = _libc.vasprintf(strp, fmt, ap)
+    if n < 0:
+        return 0
+    try:
+        text = ffi.string(strp[0], n).decode(errors="replace").rstrip("\n")
+    finally:
+        _libc.free(strp[0])
     global _seq
-    text = ffi.string(buf).decode(errors="replace").rstrip("\n")
+    _seq += 1
+    _recent.append((_seq, text))
     for line in text.splitlines():
-        _seq += 1
-        _recent.append((_seq, line))
         log.log(_PRINT_LEVELS.get(level, logging.DEBUG), "%s", line)
     return 0
 
@@ -100,7 +106,7 @@ def mark_log() -> int:
 
 
 def messages_since(marker: int) -> list[str]:
-    return [line for seq, line in list(_recent) if seq > marker]
+    return [line for seq, text in list(_recent) if seq > marker for line in text.splitlines()]
 
 
 def strerror(err: int) -> str:

@@ -404,12 +404,21 @@ class BpfObject:
         err = lib().bpf_object__load(self._ptr)
         if err:
             lines = libbpf.messages_since(marker)
-            failing = [p.name for p in self.programs.values() if any(f"prog '{p.name}'" in ln for ln in lines)]
+            # Debug lines name every program (CO-RE relos): only a failure line names the culprit.
+            failing = [p.name for p in self.programs.values()
+                       if any(f"prog '{p.name}': " in ln and "fail" in ln for ln in lines)]
             target = f"{self.path.name}" + (f" program {failing[0]}" if failing else "")
             if any("BEGIN PROG LOAD LOG" in ln for ln in lines):
                 start = max(i for i, ln in enumerate(lines) if "BEGIN PROG LOAD LOG" in ln)
-                log = "\n".join(ln for ln in lines[start + 1:] if "END PROG LOAD LOG" not in ln)
-                raise VerifierError("load", err, target, log)
+                name = lines[start].split("prog '", 1)[-1].split("'", 1)[0]
+                if name in self.programs:
+                    target = f"{self.path.name} program {name}"
+                # The verifier's output only: libbpf's own lines follow END.
+                end = next((i for i in range(start + 1, len(lines)) if "END PROG LOAD LOG" in lines[i]), len(lines))
+                body = lines[start + 1:end]
+                if end < len(lines) and not lines[end].startswith("-- END PROG LOAD LOG"):
+                    body.append(lines[end].split("-- END PROG LOAD LOG", 1)[0])  # log without final newline
+                raise VerifierError("load", err, target, "\n".join(body))
             detail = lines[-1] if lines else ""
             raise bpf_error("load", err, target, detail=detail)
         self.loaded = True

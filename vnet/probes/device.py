@@ -13,6 +13,8 @@ from vnet import netns
 from vnet.binding import BpfObject, Link
 from vnet.errors import AttachError, NoSuchInterfaceError, UsageError
 
+from . import features
+
 log = logging.getLogger("vnet.probes.device")
 DIRECTIONS = ("ingress", "egress")
 PROGRAMS = {"ingress": "vnet_tc_ingress", "egress": "vnet_tc_egress"}
@@ -51,7 +53,7 @@ def resolve(spec: str, default_netns: str | None = None) -> Device:
             raise NoSuchInterfaceError(f"no such interface: {name}{where}",
                                        hint="list interfaces with 'ip link'" +
                                        (f" (ip -n {ns} link)" if ns else "")) from None
-        cookie = netns.current_cookie()
+        cookie = netns.cookie()
     return Device(name, ifindex, ns, cookie)
 
 
@@ -60,10 +62,11 @@ def attach(obj: BpfObject, dev: Device, direction: str) -> tuple[Link, str]:
     prog = obj.programs[PROGRAMS[direction]]
     ingress = direction == "ingress"
     with netns.enter(dev.netns):
-        try:
-            return prog.attach_tcx(dev.ifindex, ingress), "tcx"
-        except AttachError as e:
-            if e.errno not in _NO_TCX:
-                raise
-            log.info("tcx not available on %s (%s); using a clsact filter", dev.label, e)
+        if features.tcx_expected():
+            try:
+                return prog.attach_tcx(dev.ifindex, ingress), "tcx"
+            except AttachError as e:
+                if e.errno not in _NO_TCX:
+                    raise
+                log.info("tcx refused on %s (%s); using a clsact filter", dev.label, e)
         return prog.attach_tc_filter(dev.ifindex, ingress, dev.netns), "clsact"

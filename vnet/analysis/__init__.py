@@ -1,0 +1,1 @@
+"""Offline analysis of traced events: paths, per-hop latency, losses."""
