@@ -8,6 +8,7 @@ import typer
 
 import vnet
 
+from . import demo as demo_cmd
 from . import trace as trace_cmd
 from .common import setup_logging
 
@@ -37,6 +38,7 @@ def _root(
 
 
 app.command("trace")(trace_cmd.trace)
+app.command("demo")(demo_cmd.demo)
 
 
 def main() -> None:

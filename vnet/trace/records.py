@@ -10,7 +10,7 @@ import ipaddress
 import json
 from vnet.binding import StructLayout
 
-L4_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp", 47: "gre", 50: "esp"}
+L4_NAMES = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp", 47: "gre", 50: "esp"}
 ETH_NAMES = {0x0800: "ipv4", 0x86DD: "ipv6", 0x0806: "arp", 0x8100: "vlan", 0x88CC: "lldp"}
 ICMP_NAMES = {(1, 0): "echo reply", (1, 3): "unreachable", (1, 8): "echo request", (1, 11): "time exceeded",
               (58, 1): "unreachable", (58, 2): "packet too big", (58, 3): "time exceeded", (58, 128): "echo request",
