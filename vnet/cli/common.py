@@ -12,15 +12,20 @@ from vnet.errors import VnetError
 
 
 def setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    """Quiet by default (errors reach the user as one line from the exception);
+    -v: vnet's steps and libbpf's messages; -vv: debug, including libbpf's."""
     root = logging.getLogger("vnet")
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("vnet: %(name)s: %(message)s"))
         root.addHandler(handler)
-    root.setLevel(min(root.level or logging.WARNING, level) if verbose else level)
-    # libbpf chatters at INFO; show it only from -vv.
-    logging.getLogger("vnet.libbpf").setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
+        root.propagate = False
+    if verbose <= 0 and getattr(root, "_vnet_verbose", 0) > 0:
+        return  # `vnet -v trace` then the command's own default: keep the louder one
+    root._vnet_verbose = verbose
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING)
+    logging.getLogger("vnet.libbpf").setLevel(logging.DEBUG if verbose >= 2 else
+                                              logging.INFO if verbose == 1 else logging.CRITICAL)
 
 
 def fail(err: VnetError) -> typer.Exit:
