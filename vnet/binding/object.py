@@ -419,7 +419,9 @@ class BpfObject:
                 if end < len(lines) and not lines[end].startswith("-- END PROG LOAD LOG"):
                     body.append(lines[end].split("-- END PROG LOAD LOG", 1)[0])  # log without final newline
                 raise VerifierError("load", err, target, "\n".join(body))
-            detail = lines[-1] if lines else ""
+            # The cause, not libbpf's closing "failed to load object" line that always follows it.
+            causes = [ln for ln in lines if "failed to load object" not in ln] or lines
+            detail = causes[-1].removeprefix("libbpf: ") if causes else ""
             raise bpf_error("load", err, target, detail=detail)
         self.loaded = True
 

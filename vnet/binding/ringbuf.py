@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import errno
+import weakref
 
 from vnet.errors import bpf_error
 
 from .libbpf import ffi, lib
 from .object import Map
+
+
+class _Reader:
+    """The libbpf ring_buffer the owning BpfObject frees. Only the pointer: were
+    the RingBuffer itself owned, the object's finalizer would keep the object
+    alive (RingBuffer -> Map -> BpfObject) and an unclosed object never be freed."""
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+    def close(self) -> None:
+        if self.ptr is not None:
+            lib().ring_buffer__free(self.ptr)
+            self.ptr = None
 
 
 class RingBuffer:
@@ -25,8 +40,13 @@ class RingBuffer:
         ptr = lib().ring_buffer__new(ring_map.fd, self._cb, ffi.NULL, ffi.NULL)
         if ptr == ffi.NULL:
             raise bpf_error("create ring buffer reader for", ffi.errno, f"map {ring_map.name}")
-        self._ptr = ptr
-        ring_map._obj._own(self)
+        self._reader = ring_map._obj._own(_Reader(ptr))
+        # Dropped before its object is closed: free it then, with the callback it calls.
+        weakref.finalize(self, self._reader.close)
+
+    @property
+    def _ptr(self):
+        return self._reader.ptr
 
     def _on_record(self, _ctx, data, size):
         try:
@@ -61,6 +81,4 @@ class RingBuffer:
         return lib().ring_buffer__epoll_fd(self._ptr)
 
     def close(self) -> None:
-        if self._ptr is not None:
-            lib().ring_buffer__free(self._ptr)
-            self._ptr = None
+        self._reader.close()

@@ -1,0 +1,160 @@
+"""The event ABI is written once, in bpf/src/vnet_event.h; Python reads it from
+the compiled object's BTF. Check that the two agree: the header parsed as text
+against the BTF of bpf/build/tc_trace.bpf.o read through libbpf (no root needed,
+nothing faked).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from vnet.binding import BpfObject, Btf
+
+ROOT = Path(__file__).resolve().parents[2]
+HEADER = ROOT / "bpf" / "src" / "vnet_event.h"
+OBJECT = ROOT / "bpf" / "build" / "tc_trace.bpf.o"
+C_SIZES = {"__u64": 8, "__u32": 4, "__u16": 2, "__u8": 1, "__s64": 8, "__s32": 4, "__s16": 2, "__s8": 1}
+ENUMS = ("vnet_hook", "vnet_event_flag", "vnet_stat")
+
+
+def _header_text() -> str:
+    text = HEADER.read_text()
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    return re.sub(r"//[^\n]*", " ", text)
+
+
+def _body(kind: str, name: str) -> str:
+    m = re.search(rf"\b{kind}\s+{name}\s*\{{(.*?)\}}\s*;", _header_text(), re.S)
+    assert m, f"{kind} {name} not found in {HEADER}"
+    return m.group(1)
+
+
+def header_struct(name: str) -> list[tuple[str, str, int]]:
+    """(field, C type, array length or 1) of `struct name`, in order."""
+    fields = []
+    for decl in (d.strip() for d in _body("struct", name).split(";")):
+        if not decl:
+            continue
+        m = re.fullmatch(r"(\w+)\s+(\w+)\s*(?:\[\s*(\d+)\s*\])?", decl)
+        assert m, f"cannot parse declaration {decl!r} of struct {name} (extend this test's parser)"
+        fields.append((m.group(2), m.group(1), int(m.group(3) or 1)))
+    return fields
+
+
+def header_enum(name: str) -> dict[str, int]:
+    """Enumerators of `enum name`, with C's implicit +1 for those without a value."""
+    values: dict[str, int] = {}
+    nxt = 0
+    for item in (i.strip() for i in _body("enum", name).split(",")):
+        if not item:
+            continue
+        m = re.fullmatch(r"(\w+)(?:\s*=\s*(.+))?", item, re.S)
+        assert m, f"cannot parse enumerator {item!r} of enum {name}"
+        expr = m.group(2)
+        if expr is None:
+            value = nxt
+        else:
+            for known, v in values.items():  # C allows earlier enumerators in the value
+                expr = re.sub(rf"\b{known}\b", str(v), expr)
+            assert re.fullmatch(r"[0-9a-fA-FxXuUlL\s()<>|+\-*~&]+", expr), f"unsupported enum value {expr!r}"
+            value = eval(re.sub(r"(?<=[0-9a-fA-F])[uUlL]+", "", expr), {"__builtins__": {}})  # arithmetic only
+        values[m.group(1)] = value
+        nxt = value + 1
+    return values
+
+
+@pytest.fixture(scope="module")
+def btf():
+    with Btf.from_file(str(OBJECT)) as b:
+        yield b
+
+
+def test_header_parser_sees_the_whole_struct():
+    # Guards the regex itself: comments are gone and arrays are understood.
+    fields = header_struct("vnet_event")
+    names = [f[0] for f in fields]
+    assert names[:2] == ["ts_ns", "pkt_id"] and ("saddr", "__u8", 16) in fields and ("daddr", "__u8", 16) in fields
+    assert len(names) == len(set(names)) == _body("struct", "vnet_event").count(";")
+
+
+def test_event_fields_in_btf_equal_the_header_in_order(btf):
+    layout = btf.struct("vnet_event")
+    assert layout.names == [name for name, _, _ in header_struct("vnet_event")]
+
+
+def test_event_field_sizes_and_offsets_match_the_c_types(btf):
+    layout = btf.struct("vnet_event")
+    offset = 0
+    for name, ctype, count in header_struct("vnet_event"):
+        elem = C_SIZES[ctype]
+        field = layout.field(name)
+        assert field.size == elem * count, f"{name}: BTF size {field.size}, header {ctype}[{count}]"
+        offset = (offset + elem - 1) // elem * elem  # natural alignment, as the C compiler lays it out
+        assert field.offset == offset, f"{name}: BTF offset {field.offset}, expected {offset}"
+        offset += elem * count
+    align = max(C_SIZES[t] for _, t, _ in header_struct("vnet_event"))
+    assert layout.size == (offset + align - 1) // align * align
+
+
+def test_event_decoder_size_equals_btf_size(btf):
+    layout = btf.struct("vnet_event")
+    assert layout.codec().size == layout.size
+    # A record of distinct bytes decodes field by field at the BTF offsets.
+    raw = bytes(range(layout.size))
+    decoded = layout.decode(raw)
+    for f in layout.fields:
+        chunk = raw[f.offset:f.offset + f.size]
+        assert decoded[f.name] == (chunk if f.is_bytes else int.from_bytes(chunk, "little")), f.name
+    # Encoding gives the bytes back, padding (holes and the tail) as zeros.
+    covered = set().union(*(range(f.offset, f.offset + f.size) for f in layout.fields))
+    assert layout.encode(decoded) == bytes(b if i in covered else 0 for i, b in enumerate(raw))
+
+
+@pytest.mark.parametrize("name", ENUMS)
+def test_enum_values_in_btf_equal_the_header(btf, name):
+    expected = header_enum(name)
+    assert expected, f"enum {name} is empty in the header"
+    assert btf.enum(name) == expected
+
+
+def test_flag_enum_is_single_bits(btf):
+    flags = btf.enum("vnet_event_flag")
+    assert all(v and v & (v - 1) == 0 for v in flags.values())
+    assert len(set(flags.values())) == len(flags)
+
+
+def test_stats_value_has_one_counter_per_stat(btf):
+    stats = btf.struct("vnet_stats")
+    (field,) = stats.fields
+    assert field.count == btf.enum("vnet_stat")["VNET_STAT_MAX"] and field.size == 8 * field.count
+
+
+def test_tc_cfg_round_trips_through_encode_decode(btf):
+    offset, layout = btf.variable(".rodata", "tc_cfg")
+    assert layout.name == "vnet_tc_config" and offset >= 0
+    values = {f.name: (0x01020304 + i) & ((1 << (8 * f.size)) - 1) for i, f in enumerate(layout.fields)}
+    data = layout.encode(values)
+    assert len(data) == layout.size
+    assert layout.decode(data) == values
+    # Fields left out encode as zero; unknown names are refused, never dropped.
+    first = layout.fields[0].name
+    assert layout.decode(layout.encode({first: 5})) == {f.name: 5 if f.name == first else 0 for f in layout.fields}
+    with pytest.raises(KeyError):
+        layout.encode({"no_such_field": 1})
+
+
+def test_tc_cfg_round_trips_through_an_opened_object():
+    # Opening and configuring an object is ELF work in libbpf: no kernel, no root.
+    with BpfObject(OBJECT) as obj:
+        layout = obj.config_layout("tc_cfg")
+        values = {f.name: 1000 + i for i, f in enumerate(layout.fields)}
+        assert obj.config("tc_cfg") == {f.name: 0 for f in layout.fields}
+        obj.set_config("tc_cfg", values)
+        assert obj.config("tc_cfg") == values
+        # The image libbpf will load holds the encoded bytes at the variable's BTF offset.
+        offset, _ = obj.btf.variable(".rodata", "tc_cfg")
+        image = bytes(obj.maps[next(n for n in obj.maps if n.endswith(".rodata"))].initial_value())
+        assert image[offset:offset + layout.size] == layout.encode(values)

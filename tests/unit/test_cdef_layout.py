@@ -1,0 +1,144 @@
+"""The cffi cdef (vnet/binding/_cdef.py) against the real libbpf and kernel headers.
+
+ABI mode means cffi never sees the headers: a wrong size or offset in the cdef
+would silently corrupt memory. So compile a C program that prints what the
+compiler thinks (sizeof/offsetof of every field the cdef declares) and compare.
+Nothing is faked: the real headers, the real compiler, the loaded libbpf.so.1.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+
+import cffi
+import pytest
+
+from vnet.binding import libbpf
+from vnet.binding._cdef import CDEF, OPTIONAL_SYMBOLS
+
+HEADERS = ("stddef.h", "stdio.h", "bpf/libbpf.h", "bpf/bpf.h", "linux/btf.h")
+# Where the cdef names a field differently from the header (C name -> header name).
+RENAMED = {("btf_type", "size_or_type"): "size"}  # the header's `union { __u32 size; __u32 type; }`
+
+
+def _cdef_ffi() -> cffi.FFI:
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
+    return ffi
+
+
+def _cdef_structs() -> list[str]:
+    """Every struct the cdef defines (with a body), in order."""
+    return re.findall(r"^\s*struct\s+(\w+)\s*\{", CDEF, re.M)
+
+
+def _unavailable(why: str) -> None:
+    """Missing tools: a skip on a developer box, a failure in CI (where they must be installed)."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{why}; CI must install them (apt-get install gcc libbpf-dev linux-libc-dev)")
+    pytest.skip(why)
+
+
+def _c_program(ffi: cffi.FFI) -> tuple[str, list[tuple[str, str | None]]]:
+    """C source printing `key size offset` lines, and the keys in order."""
+    lines = [f"#include <{h}>" for h in HEADERS] + ["int main(void) {"]
+    keys: list[tuple[str, str | None]] = []
+    for name in _cdef_structs():
+        lines.append(f'  printf("{name} %zu 0\\n", sizeof(struct {name}));')
+        keys.append((name, None))
+        for fname, _ in ffi.typeof(f"struct {name}").fields:
+            cname = RENAMED.get((name, fname), fname)
+            lines.append(f'  printf("{name}.{fname} %zu %zu\\n", sizeof(((struct {name} *)0)->{cname}), '
+                         f"offsetof(struct {name}, {cname}));")
+            keys.append((name, fname))
+    lines += ["  return 0;", "}"]
+    return "\n".join(lines) + "\n", keys
+
+
+@pytest.fixture(scope="module")
+def compiled_layout(tmp_path_factory) -> dict[str, tuple[int, int]]:
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        _unavailable("no C compiler (cc) to check the cdef layouts against the headers")
+    ffi = _cdef_ffi()
+    source, _ = _c_program(ffi)
+    tmp = tmp_path_factory.mktemp("cdef_layout")
+    (tmp / "layout.c").write_text(source)
+    build = subprocess.run([cc, "-Wall", "-o", str(tmp / "layout"), str(tmp / "layout.c")],
+                           capture_output=True, text=True)
+    if build.returncode != 0:
+        missing = re.search(r"fatal error: (\S+): No such file", build.stderr)
+        if missing:
+            _unavailable(f"header {missing.group(1)} not installed (libbpf-dev / linux-libc-dev)")
+        pytest.fail(f"the cdef does not compile against the real headers (a field the cdef declares "
+                    f"is missing or renamed there):\n{build.stderr}")
+    run = subprocess.run([str(tmp / "layout")], capture_output=True, text=True, check=True)
+    out = {}
+    for line in run.stdout.splitlines():
+        key, size, offset = line.split()
+        out[key] = (int(size), int(offset))
+    return out
+
+
+def test_cdef_declares_the_expected_structs():
+    assert set(_cdef_structs()) >= {"bpf_tc_hook", "bpf_tc_opts", "bpf_test_run_opts", "btf_type", "btf_member",
+                                    "btf_enum", "btf_enum64", "btf_array", "btf_var_secinfo"}
+
+
+@pytest.mark.parametrize("struct", _cdef_structs())
+def test_struct_layout_matches_headers(compiled_layout, struct):
+    ffi = _cdef_ffi()
+    ctype = ffi.typeof(f"struct {struct}")
+    assert ffi.sizeof(ctype) == compiled_layout[struct][0], f"sizeof(struct {struct})"
+    assert ctype.fields, f"struct {struct} has no fields in the cdef"
+    for fname, field in ctype.fields:
+        want_size, want_offset = compiled_layout[f"{struct}.{fname}"]
+        assert (ffi.sizeof(field.type), ffi.offsetof(ctype, fname)) == (want_size, want_offset), \
+            f"struct {struct}.{fname}: cdef (size, offset) differs from the header"
+
+
+def test_every_cdef_struct_field_was_compared(compiled_layout):
+    _, keys = _c_program(_cdef_ffi())
+    expected = {name if field is None else f"{name}.{field}" for name, field in keys}
+    assert set(compiled_layout) == expected
+
+
+def _loaded_libbpf_path() -> str:
+    libbpf.lib()  # make sure the binding has dlopen()ed it
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "/libbpf.so" in line}
+    assert len(paths) == 1, f"expected exactly one libbpf mapped, found {paths}"
+    return paths.pop()
+
+
+def _cdef_functions() -> set[str]:
+    # A fresh FFI over the cdef alone (no libc declarations): dir() lists what it declares.
+    names = set(dir(_cdef_ffi().dlopen(_loaded_libbpf_path())))
+    assert {"bpf_object__open_file", "bpf_prog_test_run_opts", "btf__parse", "ring_buffer__new"} <= names
+    return names
+
+
+def test_every_declared_function_is_exported_by_the_loaded_libbpf():
+    so = ctypes.CDLL(_loaded_libbpf_path())
+    required = _cdef_functions() - set(OPTIONAL_SYMBOLS)
+    missing = sorted(name for name in required if not hasattr(so, name))
+    assert not missing, (f"{_loaded_libbpf_path()} (libbpf {libbpf.version()}) does not export {missing}: "
+                         "move them to OPTIONAL_SYMBOLS and probe with has(), or drop them")
+
+
+def test_optional_symbols_are_declared_and_probed_truthfully():
+    so = ctypes.CDLL(_loaded_libbpf_path())
+    assert set(OPTIONAL_SYMBOLS) <= _cdef_functions()
+    for name in OPTIONAL_SYMBOLS:
+        assert libbpf.has(name) == hasattr(so, name), name
+    with pytest.raises(KeyError):
+        libbpf.has("bpf_object__open_file")  # not optional: never probed
+
+
+def test_libbpf_is_at_least_the_minimum_version():
+    major, minor = (int(x) for x in libbpf.version().lstrip("v").split(".")[:2])
+    assert (major, minor) >= libbpf.MIN_VERSION
