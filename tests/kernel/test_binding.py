@@ -628,7 +628,9 @@ def test_tc_filter_fallback_keeps_one_filter_and_cleans_up(scratch_dev):
         new_ids = {filter_prog_id(vnet_filters(dev, d)[0]) for d in ("ingress", "egress")}
         assert not new_ids & old_ids  # the filters now run the second object's programs
 
+        # Closing the older vnet must not take the newer one's filters with it.
         first.close()
+        assert {filter_prog_id(vnet_filters(dev, d)[0]) for d in ("ingress", "egress")} == new_ids
         second.close()
         assert vnet_filters(dev, "ingress") == [] and vnet_filters(dev, "egress") == []
         assert not has_clsact(dev)  # the qdisc vnet created went with its last user

@@ -117,11 +117,12 @@ class TcFilterLink(Link):
     """A direct-action BPF filter on a clsact qdisc (kernels without tcx). It
     survives the process, hence the fixed handle that a restart replaces."""
 
-    def __init__(self, ifindex: int, point: int, description: str, netns: str | None):
+    def __init__(self, ifindex: int, point: int, description: str, netns: str | None, prog_id: int):
         super().__init__(description)
         self.ifindex = ifindex
         self.point = point
         self.netns = netns
+        self.prog_id = prog_id
 
     def _release(self) -> None:
         with _netns.enter(self.netns):
@@ -132,7 +133,12 @@ class TcFilterLink(Link):
                                                  "attach_point": self.point})
         opts = ffi.new("struct bpf_tc_opts *", {"sz": ffi.sizeof("struct bpf_tc_opts"), "handle": VNET_TC_HANDLE,
                                                  "priority": VNET_TC_PRIORITY})
-        lib().bpf_tc_detach(hook, opts)
+        # The handle is shared by every vnet: remove the filter only while it still runs our program.
+        if lib().bpf_tc_query(hook, opts) == 0 and opts.prog_id == self.prog_id:
+            opts.prog_id = 0
+            opts.flags = 0
+            opts.prog_fd = 0
+            lib().bpf_tc_detach(hook, opts)
         _Clsact.release(self.ifindex)
 
 
@@ -220,7 +226,7 @@ class Program:
         if err:
             _Clsact.release(ifindex)
             raise bpf_error("attach tc filter", err, f"{self.name} to {where}", cls=AttachError)
-        return self._obj._own(TcFilterLink(ifindex, point, f"{self.name} -> {where}", netns))
+        return self._obj._own(TcFilterLink(ifindex, point, f"{self.name} -> {where}", netns, opts.prog_id))
 
     # -- run ------------------------------------------------------------------
     def test_run(self, data: bytes, repeat: int = 1, ctx: bytes | None = None,
