@@ -6,7 +6,9 @@ import os
 import platform
 from functools import lru_cache
 
-from vnet.errors import NotPermittedError
+from vnet.errors import NotPermittedError, UnsupportedError
+
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
@@ -48,3 +50,11 @@ def tcx_expected() -> bool:
     """tcx links exist from Linux 6.6 (older kernels: clsact filters). Attach still
     falls back to clsact if a kernel that should have tcx refuses it."""
     return kernel_version() >= (6, 6)
+
+
+def require_btf() -> None:
+    """The CO-RE objects are relocated against the running kernel's BTF."""
+    if not os.path.exists(VMLINUX_BTF):
+        raise UnsupportedError(
+            f"kernel BTF not supported (requires CONFIG_DEBUG_INFO_BTF=y: {VMLINUX_BTF} is missing)",
+            hint="use a distribution kernel from 2020 on (Debian 11+, Ubuntu 20.10+, RHEL 8.2+)")

@@ -76,6 +76,7 @@ class DeviceTrace:
 
     def start(self) -> None:
         features.require_privileges(net_admin=True)
+        features.require_btf()
         path = object_path(OBJECT)
         keep = [devprobe.PROGRAMS[d] for d in self.directions]
         try:
