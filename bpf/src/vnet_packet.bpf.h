@@ -1,11 +1,14 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
-/* Header parsing and the packet fingerprint (pkt_id) for programs that see a
- * `struct __sk_buff` (TC). Offsets are relative to the network header, so L2
- * devices (veth, bridge ports) and L3 devices (tun) parse the same way. */
+/* Header parsing and the packet fingerprint (pkt_id), for programs that see a
+ * `struct __sk_buff` (TC) and for those that see a kernel `struct sk_buff *`
+ * (tracepoints, fentry, kprobe). Offsets are relative to the network header, so
+ * L2 devices (veth, bridge ports) and L3 devices (tun) parse the same way, and
+ * both kinds of hook compute the same pkt_id for the same packet. */
 #ifndef VNET_PACKET_BPF_H
 #define VNET_PACKET_BPF_H
 
 #include "vnet_common.bpf.h"
+#include <bpf/bpf_core_read.h>
 
 #define VNET_ETH_P_IP 0x0800
 #define VNET_ETH_P_IPV6 0x86DD
@@ -17,6 +20,18 @@
 #define VNET_IPPROTO_ICMPV6 58
 #define VNET_PAYLOAD_HASH_BYTES 32
 #define VNET_IPV6_MAX_EXT 4 /* extension headers walked before giving up on L4 */
+
+/* `net_cookie` became a plain u64 of struct net in 5.14 ("net: retire netns
+ * cookie generator"); before it was a lazily set atomic64_t, which CO-RE does not
+ * match to u64 here: those kernels report 0 and user space keys on ifindex. */
+static __always_inline __u64 vnet_dev_netns_cookie(struct net_device *dev)
+{
+	struct net *net = BPF_CORE_READ(dev, nd_net.net);
+
+	if (!net || !bpf_core_field_exists(net->net_cookie))
+		return 0;
+	return BPF_CORE_READ(net, net_cookie);
+}
 
 /* Murmur3-style 64-bit mixing: cheap, no tables, good avalanche. */
 static __always_inline __u64 vnet_mix(__u64 h, __u64 k)
@@ -40,13 +55,17 @@ static __always_inline __u64 vnet_fmix(__u64 h)
 }
 
 struct vnet_cursor {
-	struct __sk_buff *skb;
-	__u32 base; /* BPF_HDR_START_NET, or _MAC when a VLAN tag is in-band */
-	__u32 off;  /* of the L3 header from base */
+	struct __sk_buff *skb; /* TC: read through the skb helpers */
+	const __u8 *l3;        /* kernel sk_buff: the network header's address */
+	__u32 base;            /* TC: BPF_HDR_START_NET, or _MAC when a VLAN tag is in-band */
+	__u32 off;             /* of the L3 header from base (TC) or from l3 (kernel) */
+	__u8 kernel;           /* a literal at every call site: the compiler keeps one reader */
 };
 
 static __always_inline int vnet_load(struct vnet_cursor *c, __u32 off, void *to, __u32 len)
 {
+	if (c->kernel)
+		return bpf_probe_read_kernel(to, len, c->l3 + off);
 	return bpf_skb_load_bytes_relative(c->skb, off, to, len, c->base);
 }
 
@@ -55,13 +74,11 @@ static __always_inline int vnet_load(struct vnet_cursor *c, __u32 off, void *to,
 static __always_inline __u64 vnet_hash_payload(struct vnet_cursor *c, __u64 h, __u32 off, __u32 avail)
 {
 	__u64 buf[VNET_PAYLOAD_HASH_BYTES / 8] = {};
-	__u32 n = avail;
+	/* 64-bit, behind a barrier: clang then tests the very register it passes
+	 * as the length, instead of a zero-extended copy the verifier can't link. */
+	__u64 n = avail > VNET_PAYLOAD_HASH_BYTES ? VNET_PAYLOAD_HASH_BYTES : avail;
 
-	if (n > VNET_PAYLOAD_HASH_BYTES)
-		n = VNET_PAYLOAD_HASH_BYTES;
-	if (n == 0)
-		return h;
-	n &= (2 * VNET_PAYLOAD_HASH_BYTES - 1); /* bound for the verifier */
+	barrier_var(n);
 	if (n == 0 || n > VNET_PAYLOAD_HASH_BYTES)
 		return h;
 	if (vnet_load(c, off, buf, n) < 0)
@@ -169,30 +186,13 @@ static __always_inline __u64 vnet_parse_ipv6_ext(struct vnet_cursor *c, struct v
 	return vnet_parse_l4(c, ev, h, off, len);
 }
 
-/* Fill the addressing fields and pkt_id of `ev` from the packet. Only fields
- * that stay the same along the path enter the hash: no TTL, no TOS, no checksums. */
-static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_event *ev)
+/* Addresses, ports and pkt_id from the L3 header on; `proto` is the ethertype
+ * (host order). Only fields that stay the same along the path enter the hash:
+ * no TTL, no TOS, no checksums. */
+static __always_inline void vnet_parse_l3(struct vnet_cursor *c, struct vnet_event *ev, __u16 proto, __u32 len)
 {
-	struct vnet_cursor c = { .skb = skb, .base = BPF_HDR_START_NET, .off = 0 };
-	__u16 proto = bpf_ntohs(skb->protocol);
 	__u64 h = 0x9e3779b97f4a7c15ULL;
 
-	if (skb->vlan_present) {
-		ev->vlan_tci = skb->vlan_tci;
-		ev->flags |= VNET_F_VLAN;
-	}
-	if (proto == VNET_ETH_P_8021Q || proto == VNET_ETH_P_8021AD) {
-		/* In-band tag (no offload): the network header may not be past it. */
-		__u16 tag[2];
-
-		c.base = BPF_HDR_START_MAC;
-		if (vnet_load(&c, 14, tag, sizeof(tag)) < 0)
-			goto out;
-		ev->vlan_tci = bpf_ntohs(tag[0]);
-		ev->flags |= VNET_F_VLAN;
-		proto = bpf_ntohs(tag[1]);
-		c.off = 18;
-	}
 	ev->eth_proto = proto;
 	h = vnet_mix(h, proto);
 
@@ -200,7 +200,7 @@ static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_ev
 		struct iphdr ip;
 		__u32 ihl, tot;
 
-		if (vnet_load(&c, c.off, &ip, sizeof(ip)) < 0)
+		if (vnet_load(c, c->off, &ip, sizeof(ip)) < 0)
 			goto truncated;
 		ev->flags |= VNET_F_IPV4;
 		ev->l4_proto = ip.protocol;
@@ -218,15 +218,15 @@ static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_ev
 		if (bpf_ntohs(ip.frag_off) & 0x1fff) {
 			/* A later fragment carries no L4 header: hash its data instead. */
 			ev->flags |= VNET_F_FRAGMENT;
-			h = vnet_hash_payload(&c, h, c.off + ihl, tot - ihl);
+			h = vnet_hash_payload(c, h, c->off + ihl, tot - ihl);
 			goto out;
 		}
-		h = vnet_parse_l4(&c, ev, h, c.off + ihl, tot - ihl);
+		h = vnet_parse_l4(c, ev, h, c->off + ihl, tot - ihl);
 	} else if (proto == VNET_ETH_P_IPV6) {
 		struct ipv6hdr ip6;
 		__u32 flow;
 
-		if (vnet_load(&c, c.off, &ip6, sizeof(ip6)) < 0)
+		if (vnet_load(c, c->off, &ip6, sizeof(ip6)) < 0)
 			goto truncated;
 		ev->flags |= VNET_F_IPV6;
 		ev->l4_proto = ip6.nexthdr;
@@ -239,16 +239,86 @@ static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_ev
 		h = vnet_mix(h, *(__u64 *)&ev->daddr[0]);
 		h = vnet_mix(h, *(__u64 *)&ev->daddr[8]);
 		h = vnet_mix(h, ((__u64)flow << 32) | ((__u64)ip6.nexthdr << 16) | ip6.payload_len);
-		h = vnet_parse_ipv6_ext(&c, ev, h, c.off + sizeof(ip6), bpf_ntohs(ip6.payload_len));
+		h = vnet_parse_ipv6_ext(c, ev, h, c->off + sizeof(ip6), bpf_ntohs(ip6.payload_len));
 	} else {
 		/* ARP and friends: the first bytes of the L3 header identify them. */
-		h = vnet_hash_payload(&c, h, c.off, skb->len > 28 ? 28 : skb->len);
+		h = vnet_hash_payload(c, h, c->off, len > 28 ? 28 : len);
 	}
 	goto out;
 truncated:
 	ev->flags |= VNET_F_TRUNCATED;
 out:
 	ev->pkt_id = vnet_fmix(h);
+}
+
+/* TC: fill the addressing fields and pkt_id of `ev` from the packet. */
+static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_event *ev)
+{
+	struct vnet_cursor c = { .skb = skb, .base = BPF_HDR_START_NET, .kernel = 0 };
+	__u16 proto = bpf_ntohs(skb->protocol);
+
+	if (skb->vlan_present) {
+		ev->vlan_tci = skb->vlan_tci;
+		ev->flags |= VNET_F_VLAN;
+	}
+	if (proto == VNET_ETH_P_8021Q || proto == VNET_ETH_P_8021AD) {
+		/* In-band tag (no offload): the network header may not be past it. */
+		__u16 tag[2];
+
+		c.base = BPF_HDR_START_MAC;
+		if (vnet_load(&c, 14, tag, sizeof(tag)) < 0) {
+			ev->flags |= VNET_F_TRUNCATED;
+			return;
+		}
+		ev->vlan_tci = bpf_ntohs(tag[0]);
+		ev->flags |= VNET_F_VLAN;
+		proto = bpf_ntohs(tag[1]);
+		c.off = 18;
+	}
+	vnet_parse_l3(&c, ev, proto, skb->len);
+}
+
+/* Kernel sk_buff (tracepoints, fentry, kprobe): the same fields and pkt_id.
+ * The network header offset is unset (0 or ~0) on fresh receive skbs before
+ * the stack resets it: then the L3 header follows the Ethernet header. */
+static __always_inline void vnet_parse_kernel_skb(struct sk_buff *skb, struct vnet_event *ev)
+{
+	struct vnet_cursor c = { .kernel = 1 };
+	const __u8 *head = BPF_CORE_READ(skb, head);
+	__u16 nh = BPF_CORE_READ(skb, network_header);
+	__u16 mh = BPF_CORE_READ(skb, mac_header);
+	__u16 proto = bpf_ntohs(BPF_CORE_READ(skb, protocol));
+	struct net_device *dev = BPF_CORE_READ(skb, dev);
+
+	ev->skb_addr = (__u64)skb;
+	ev->len = BPF_CORE_READ(skb, len);
+	ev->mark = BPF_CORE_READ(skb, mark);
+	if (dev) {
+		ev->ifindex = BPF_CORE_READ(dev, ifindex);
+		ev->netns_cookie = vnet_dev_netns_cookie(dev);
+	}
+	ev->vlan_tci = BPF_CORE_READ(skb, vlan_tci);
+	if (ev->vlan_tci)
+		ev->flags |= VNET_F_VLAN;
+	if (nh != 0 && nh != (__u16)~0U)
+		c.l3 = head + nh;
+	else if (mh != (__u16)~0U)
+		c.l3 = head + mh + 14;
+	else
+		c.l3 = BPF_CORE_READ(skb, data);
+	if ((proto == VNET_ETH_P_8021Q || proto == VNET_ETH_P_8021AD) && mh != (__u16)~0U) {
+		__u16 tag[2];
+
+		if (bpf_probe_read_kernel(tag, sizeof(tag), head + mh + 14) < 0) {
+			ev->flags |= VNET_F_TRUNCATED;
+			return;
+		}
+		ev->vlan_tci = bpf_ntohs(tag[0]);
+		ev->flags |= VNET_F_VLAN;
+		proto = bpf_ntohs(tag[1]);
+		c.l3 = head + mh + 18;
+	}
+	vnet_parse_l3(&c, ev, proto, ev->len);
 }
 
 #endif /* VNET_PACKET_BPF_H */
