@@ -26,12 +26,10 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 		return VNET_TC_NEXT;
 	st->v[VNET_STAT_SEEN]++;
 
-	ev.ts_ns = bpf_ktime_get_ns();
-	ev.probe_id = tc_cfg.probe_id;
+	vnet_hdr_init(&ev.hdr, tc_cfg.probe_id, VNET_KIND_PACKET);
 	ev.ifindex = skb->ifindex;
 	ev.len = skb->len;
 	ev.mark = skb->mark;
-	ev.cpu = bpf_get_smp_processor_id();
 	ev.hook = hook;
 	vnet_parse_skb(skb, &ev);
 	vnet_emit(st, &ev, tc_cfg.wakeup_every);

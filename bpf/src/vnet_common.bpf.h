@@ -33,6 +33,7 @@ struct {
  * puts them into BTF, which is where Python reads the layout from. */
 struct vnet_abi {
 	struct vnet_event event;
+	enum vnet_event_kind kind;
 	enum vnet_hook hook;
 	enum vnet_event_flag flag;
 	enum vnet_stat stat;
@@ -48,6 +49,14 @@ static __always_inline struct vnet_stats *vnet_stats_this_cpu(void)
 /* Copy one event into the ring; a full ring is counted, never silent.
  * Waking the reader per record caps throughput near 1 M/s, so wake only every
  * `wakeup_every` events per CPU; the reader also drains on a 100 ms timer. */
+static __always_inline void vnet_hdr_init(struct vnet_event_hdr *hdr, __u32 probe_id, __u16 kind)
+{
+	hdr->ts_ns = bpf_ktime_get_ns();
+	hdr->probe_id = probe_id;
+	hdr->kind = kind;
+	hdr->cpu = bpf_get_smp_processor_id();
+}
+
 static __always_inline void vnet_emit(struct vnet_stats *st, struct vnet_event *ev, __u32 wakeup_every)
 {
 	__u64 flags = 0;

@@ -8,10 +8,20 @@
 #ifndef VNET_EVENT_H
 #define VNET_EVENT_H
 
-/* Where the event was taken. */
+/* Which kind of hook took the event (the probe itself is named by probe_id). */
 enum vnet_hook {
 	VNET_HOOK_TC_INGRESS = 1,
 	VNET_HOOK_TC_EGRESS = 2,
+	VNET_HOOK_TP_BTF = 3,
+	VNET_HOOK_RAW_TP = 4,
+	VNET_HOOK_TRACEPOINT = 5,
+	VNET_HOOK_FENTRY = 6,
+	VNET_HOOK_KPROBE = 7,
+};
+
+/* What a record in the ring is; every record starts with struct vnet_event_hdr. */
+enum vnet_event_kind {
+	VNET_KIND_PACKET = 1, /* struct vnet_event */
 };
 
 /* vnet_event.flags */
@@ -22,6 +32,7 @@ enum vnet_event_flag {
 	VNET_F_FRAGMENT = 1 << 3,  /* non-first IP fragment: no L4 header */
 	VNET_F_VLAN = 1 << 4,      /* vlan_tci is valid */
 	VNET_F_TRUNCATED = 1 << 5, /* headers ran past the packet end */
+	VNET_F_NO_SKB = 1 << 6,    /* a function probe without a packet argument */
 };
 
 /* Indexes of the per-CPU `vnet_stats` array: every loss is counted. */
@@ -32,18 +43,26 @@ enum vnet_stat {
 	VNET_STAT_MAX = 3,
 };
 
-struct vnet_event {
+/* The common head of every ring record. */
+struct vnet_event_hdr {
 	__u64 ts_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
-	__u64 pkt_id;       /* fingerprint of fields invariant along the path */
-	__u64 skb_addr;     /* tells clones and retransmissions apart on one host */
-	__u64 netns_cookie; /* 0 where the hook cannot tell (tc: user space knows it) */
 	__u32 probe_id;     /* which attachment: set per program instance by user space */
-	__u32 ifindex;
+	__u16 kind;         /* enum vnet_event_kind */
+	__u16 cpu;
+};
+
+struct vnet_event {
+	struct vnet_event_hdr hdr;
+	__u64 pkt_id;       /* fingerprint of fields invariant along the path */
+	__u64 skb_addr;     /* tells clones and retransmissions apart on one host; 0 at tc */
+	__u64 netns_cookie; /* 0 where the hook cannot tell (tc: user space knows it) */
+	__u32 ifindex;      /* skb->dev; 0 when the skb has no device yet */
 	__u32 len;          /* skb->len at the hook */
 	__u32 mark;         /* skb->mark */
 	__u32 tcp_seq;      /* host order; valid for TCP */
 	__u32 tcp_ack;
-	__u16 cpu;
+	__u32 pid;          /* current tgid where the probe records it (socket probes), else 0 */
+	__u32 reason;       /* drop reason (enum skb_drop_reason of the running kernel) */
 	__u16 hook;         /* enum vnet_hook */
 	__u16 eth_proto;    /* host order, e.g. 0x0800 */
 	__u16 flags;        /* enum vnet_event_flag */
@@ -54,9 +73,10 @@ struct vnet_event {
 	__u8 l4_proto;      /* IPPROTO_*; for IPv6 the last next-header seen */
 	__u8 tcp_flags;
 	__u8 ttl;           /* IPv4 ttl / IPv6 hop limit */
-	__u8 pad;
+	__u8 pad[3];
 	__u8 saddr[16];     /* IPv4 in the first 4 bytes */
 	__u8 daddr[16];
+	char comm[16];      /* current task where pid is set */
 };
 
 #endif /* VNET_EVENT_H */

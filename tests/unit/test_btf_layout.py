@@ -16,8 +16,8 @@ from vnet.binding import BpfObject, Btf
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = ROOT / "bpf" / "src" / "vnet_event.h"
 OBJECT = ROOT / "bpf" / "build" / "tc_trace.bpf.o"
-C_SIZES = {"__u64": 8, "__u32": 4, "__u16": 2, "__u8": 1, "__s64": 8, "__s32": 4, "__s16": 2, "__s8": 1}
-ENUMS = ("vnet_hook", "vnet_event_flag", "vnet_stat")
+C_SIZES = {"char": 1, "__u64": 8, "__u32": 4, "__u16": 2, "__u8": 1, "__s64": 8, "__s32": 4, "__s16": 2, "__s8": 1}
+ENUMS = ("vnet_hook", "vnet_event_kind", "vnet_event_flag", "vnet_stat")
 
 
 def _header_text() -> str:
@@ -33,10 +33,15 @@ def _body(kind: str, name: str) -> str:
 
 
 def header_struct(name: str) -> list[tuple[str, str, int]]:
-    """(field, C type, array length or 1) of `struct name`, in order."""
+    """(field, C type, array length or 1) of `struct name`, in order; a nested
+    struct member is flattened into its fields, as vnet's BTF reader does."""
     fields = []
     for decl in (d.strip() for d in _body("struct", name).split(";")):
         if not decl:
+            continue
+        nested = re.fullmatch(r"struct\s+(\w+)\s+\w+", decl)
+        if nested:
+            fields.extend(header_struct(nested.group(1)))
             continue
         m = re.fullmatch(r"(\w+)\s+(\w+)\s*(?:\[\s*(\d+)\s*\])?", decl)
         assert m, f"cannot parse declaration {decl!r} of struct {name} (extend this test's parser)"
@@ -76,8 +81,10 @@ def test_header_parser_sees_the_whole_struct():
     # Guards the regex itself: comments are gone and arrays are understood.
     fields = header_struct("vnet_event")
     names = [f[0] for f in fields]
-    assert names[:2] == ["ts_ns", "pkt_id"] and ("saddr", "__u8", 16) in fields and ("daddr", "__u8", 16) in fields
-    assert len(names) == len(set(names)) == _body("struct", "vnet_event").count(";")
+    assert names[:5] == ["ts_ns", "probe_id", "kind", "cpu", "pkt_id"]
+    assert ("saddr", "__u8", 16) in fields and ("daddr", "__u8", 16) in fields and ("comm", "char", 16) in fields
+    declared = _body("struct", "vnet_event").count(";") - 1 + _body("struct", "vnet_event_hdr").count(";")
+    assert len(names) == len(set(names)) == declared
 
 
 def test_event_fields_in_btf_equal_the_header_in_order(btf):

@@ -171,7 +171,17 @@ class Btf:
             bit_off = m.offset & 0xFFFFFF if kflag else m.offset
             if kflag and (m.offset >> 24):
                 raise UnsupportedError(f"bitfield {self._name(m.name_off)} in {self._name(t.name_off)}")
-            fields.append(self._field(self._name(m.name_off), bit_off // 8, m.type))
+            name, offset = self._name(m.name_off), bit_off // 8
+            member = self._strip(m.type)
+            if self._kind(self._type(member)) == STRUCT:
+                # A nested header struct: its members become fields of this one.
+                fields.extend(Field(f.name, offset + f.offset, f.size, f.fmt, f.count, f.is_bytes)
+                              for f in self.layout(member).fields)
+            else:
+                fields.append(self._field(name, offset, m.type))
+        names = [f.name for f in fields]
+        if len(set(names)) != len(names):
+            raise UnsupportedError(f"struct {self._name(t.name_off)} repeats a field name once flattened")
         return StructLayout(self._name(t.name_off), t.size_or_type, fields)
 
     def _field(self, name: str, offset: int, type_id: int) -> Field:
