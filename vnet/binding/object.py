@@ -176,6 +176,13 @@ class Program:
         if err:
             raise bpf_error("set autoload of", err, f"program {self.name}")
 
+    def set_attach_target(self, name: str) -> None:
+        """Before load: the kernel function (fentry) or tracepoint (tp_btf) to
+        verify against; libbpf also searches loaded modules' BTF."""
+        err = lib().bpf_program__set_attach_target(self._ptr, 0, name.encode())
+        if err:
+            raise bpf_error("set attach target of", err, f"program {self.name} to {name}")
+
     # -- attach ---------------------------------------------------------------
     def _libbpf_link(self, ptr, op: str, what: str) -> LibbpfLink:
         if ptr == ffi.NULL:

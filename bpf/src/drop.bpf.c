@@ -1,0 +1,50 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/* Drops: the kfree_skb tracepoint with its drop reason. The reason's numeric
+ * value is per kernel; user space names it from the running kernel's BTF
+ * (enum skb_drop_reason), never from a table copied here. Twins: tp_btf
+ * (typed arguments) and raw_tp. */
+#include "vnet_packet.bpf.h"
+#include <bpf/bpf_tracing.h>
+
+struct vnet_drop_config {
+	__u32 probe_id;
+	__u32 wakeup_every;
+};
+
+const volatile struct vnet_drop_config drop_cfg = {};
+
+static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u16 hook)
+{
+	struct vnet_stats *st = vnet_stats_this_cpu();
+	struct vnet_event ev = {};
+
+	if (!st)
+		return 0;
+	st->v[VNET_STAT_SEEN]++;
+	vnet_hdr_init(&ev.hdr, drop_cfg.probe_id, VNET_KIND_PACKET);
+	ev.hook = hook;
+	/* The reason argument came with Linux 5.17 ("net: skb: introduce
+	 * kfree_skb_reason()"); CO-RE drops this read on older kernels. */
+	if (bpf_core_enum_value_exists(enum skb_drop_reason, SKB_DROP_REASON_NOT_SPECIFIED))
+		ev.reason = (__u32)args[2];
+	ev.pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(ev.comm, sizeof(ev.comm));
+	if (skb)
+		vnet_parse_kernel_skb(skb, &ev);
+	vnet_emit(st, &ev, drop_cfg.wakeup_every);
+	return 0;
+}
+
+SEC("tp_btf/kfree_skb")
+int vnet_tp_btf_drop(__u64 *ctx)
+{
+	return vnet_drop_event((struct sk_buff *)ctx[0], ctx, VNET_HOOK_TP_BTF);
+}
+
+SEC("raw_tp/kfree_skb")
+int vnet_raw_tp_drop(struct bpf_raw_tracepoint_args *ctx)
+{
+	return vnet_drop_event((struct sk_buff *)ctx->args[0], ctx->args, VNET_HOOK_RAW_TP);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,108 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/* Function and tracepoint probes on the packet path: one generic program per
+ * hook kind, fallback twins in one file (tp_btf -> raw_tp -> tracepoint,
+ * fentry -> kprobe). User space keeps the one it chose, sets its target
+ * (tracepoint or kernel function, also in modules such as openvswitch) and
+ * loads one instance per probe; all instances share one ring and one set of
+ * counters. Which argument holds the sk_buff is a load-time constant. */
+#include "vnet_packet.bpf.h"
+#include <bpf/bpf_tracing.h>
+
+struct vnet_skb_config {
+	__u32 probe_id;     /* copied into every event: the probe this instance is */
+	__u32 wakeup_every; /* wake the reader every N events per CPU; 0 or 1: each event */
+	__u16 tp_skb_off;   /* classic tracepoint: offset of `skbaddr` in the record (tracefs format) */
+	__u8 skb_arg;       /* 1-based position of the sk_buff argument; 0: the function has none */
+	__u8 skb_deref;     /* that argument is a struct sk_buff ** (e.g. br_handle_frame) */
+	__u8 task;          /* record pid and comm of the current task (socket probes) */
+};
+
+const volatile struct vnet_skb_config skb_cfg = {};
+
+static __always_inline int vnet_skb_event(void *skb, __u16 hook)
+{
+	struct vnet_stats *st = vnet_stats_this_cpu();
+	struct vnet_event ev = {};
+
+	if (!st)
+		return 0;
+	st->v[VNET_STAT_SEEN]++;
+	vnet_hdr_init(&ev.hdr, skb_cfg.probe_id, VNET_KIND_PACKET);
+	ev.hook = hook;
+	if (skb && skb_cfg.skb_deref && bpf_probe_read_kernel(&skb, sizeof(skb), skb) < 0)
+		skb = NULL;
+	if (skb)
+		vnet_parse_kernel_skb(skb, &ev);
+	else
+		ev.flags |= VNET_F_NO_SKB;
+	if (skb_cfg.task) {
+		ev.pid = bpf_get_current_pid_tgid() >> 32;
+		bpf_get_current_comm(ev.comm, sizeof(ev.comm));
+	}
+	vnet_emit(st, &ev, skb_cfg.wakeup_every);
+	return 0;
+}
+
+/* fentry, tp_btf and raw_tp see the arguments as an array of u64. The switch
+ * folds at verification: skb_cfg is read-only, so only one case is explored
+ * and no argument past the function's own is ever touched. */
+static __always_inline void *vnet_skb_arg(__u64 *args)
+{
+	switch (skb_cfg.skb_arg) {
+	case 1: return (void *)args[0];
+	case 2: return (void *)args[1];
+	case 3: return (void *)args[2];
+	case 4: return (void *)args[3];
+	case 5: return (void *)args[4];
+	default: return NULL;
+	}
+}
+
+SEC("tp_btf")
+int vnet_tp_btf_skb(__u64 *ctx)
+{
+	return vnet_skb_event(vnet_skb_arg(ctx), VNET_HOOK_TP_BTF);
+}
+
+SEC("raw_tp")
+int vnet_raw_tp_skb(struct bpf_raw_tracepoint_args *ctx)
+{
+	return vnet_skb_event(vnet_skb_arg(ctx->args), VNET_HOOK_RAW_TP);
+}
+
+SEC("tracepoint")
+int vnet_tp_skb(void *ctx)
+{
+	void *skb = NULL;
+
+	if (skb_cfg.skb_arg)
+		bpf_probe_read_kernel(&skb, sizeof(skb), ctx + skb_cfg.tp_skb_off);
+	return vnet_skb_event(skb, VNET_HOOK_TRACEPOINT);
+}
+
+SEC("fentry")
+int vnet_fentry_skb(__u64 *ctx)
+{
+	return vnet_skb_event(vnet_skb_arg(ctx), VNET_HOOK_FENTRY);
+}
+
+SEC("kprobe")
+int vnet_kprobe_skb(struct pt_regs *ctx)
+{
+	void *skb;
+
+	/* Read through bpf_probe_read_kernel (the _CORE accessors): clang merges
+	 * the cases into one load at a computed ctx offset, which the verifier
+	 * refuses as a direct access but accepts as a helper argument. */
+	switch (skb_cfg.skb_arg) {
+	case 1: skb = (void *)PT_REGS_PARM1_CORE(ctx); break;
+	case 2: skb = (void *)PT_REGS_PARM2_CORE(ctx); break;
+	case 3: skb = (void *)PT_REGS_PARM3_CORE(ctx); break;
+	case 4: skb = (void *)PT_REGS_PARM4_CORE(ctx); break;
+	case 5: skb = (void *)PT_REGS_PARM5_CORE(ctx); break;
+	default: skb = NULL;
+	}
+	return vnet_skb_event(skb, VNET_HOOK_KPROBE);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
