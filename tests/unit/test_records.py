@@ -57,8 +57,30 @@ def test_tcp_ipv6_event_shows_flags_and_brackets(btf, decoder):
 
 def test_non_ip_and_unknown_probe(btf, decoder):
     ev = decoder.decode(record(btf, eth_proto=0x0806, probe_id=9))
-    assert ev["proto"] == "arp" and ev["src"] is None and ev["probe"] == "dev:if7:egress"
+    assert ev["proto"] == "arp" and ev["src"] is None and ev["probe"] == "probe9" and ev["dir"] == "egress"
     assert "ARP" in format_text(ev)
+
+
+def test_function_probe_event_names_interface_drop_reason_and_task(btf):
+    """A catalog probe (no fixed interface): the interface comes from the
+    (netns cookie, ifindex) table, the reason from the kernel's enum, and a
+    packet-less call prints as such. The interface table here is a stand-in."""
+    class Names:
+        def lookup(self, cookie, ifindex):
+            return ("eth0", "vm2") if (cookie, ifindex) == (77, 7) else (None, None)
+
+    enums = {n: btf.enum(n) for n in ("vnet_hook", "vnet_event_flag")}
+    dec = EventDecoder(btf.struct("vnet_event"), enums, {(3, None): {"probe": "drop:kfree_skb"}}, 0,
+                       ifnames=Names(), drop_reasons={5: "NO_SOCKET"})
+    hook = btf.enum("vnet_hook")["VNET_HOOK_TP_BTF"]
+    ev = dec.decode(record(btf, probe_id=3, hook=hook, netns_cookie=77, reason=5, pid=42, comm=b"nc\0",
+                           l4_proto=17, sport=1, dport=2, flag_names=["ipv4", "ports"]))
+    assert (ev["probe"], ev["hook"], ev["dir"], ev["ifname"], ev["netns"]) == ("drop:kfree_skb", "tp_btf", None,
+                                                                               "eth0", "vm2")
+    assert (ev["reason"], ev["pid"], ev["comm"]) == ("NO_SOCKET", 42, "nc")
+    assert format_text(ev).split()[1:3] == ["drop:kfree_skb", "vm2/eth0"] and "drop NO_SOCKET" in format_text(ev)
+    call = dec.decode(record(btf, probe_id=3, hook=hook, pid=9, comm=b"vhost-1", flag_names=["no_skb"]))
+    assert call["proto"] is None and call["pkt_id"] is None and "call pid 9 vhost-1" in format_text(call)
 
 
 def test_icmp_echo_is_named(btf, decoder):

@@ -8,16 +8,26 @@ import errno
 import logging
 import socket
 from dataclasses import dataclass
+from functools import lru_cache
 
 from vnet import netns
-from vnet.binding import BpfObject, Link
+from vnet.binding import BpfObject, Btf, Link
 from vnet.errors import AttachError, NoSuchInterfaceError, UsageError
+from vnet.objects import object_path
 
 from . import features
 
 log = logging.getLogger("vnet.probes.device")
 DIRECTIONS = ("ingress", "egress")
 PROGRAMS = {"ingress": "vnet_tc_ingress", "egress": "vnet_tc_egress"}
+
+
+@lru_cache(maxsize=1)
+def hook_values() -> dict[str, int]:
+    """enum vnet_hook values of the two directions, from the object's BTF."""
+    with Btf.from_file(str(object_path("tc_trace"))) as btf:
+        hooks = btf.enum("vnet_hook")
+    return {"ingress": hooks["VNET_HOOK_TC_INGRESS"], "egress": hooks["VNET_HOOK_TC_EGRESS"]}
 # tcx attach says this when the kernel predates tcx: fall back to clsact.
 _NO_TCX = {errno.EINVAL, errno.EOPNOTSUPP, 524}  # 524: the kernel's ENOTSUPP
 

@@ -23,31 +23,49 @@ TCP_FLAG_LETTERS = ((0x01, "F"), (0x02, "S"), (0x04, "R"), (0x08, "P"), (0x10, "
 class EventDecoder:
     """Turns one raw `struct vnet_event` into a JSON-ready dict."""
 
-    def __init__(self, layout: StructLayout, enums: dict[str, dict[str, int]],
-                 probes: dict[tuple[int, int], dict], wall_offset_ns: int):
+    def __init__(self, layout: StructLayout, enums: dict[str, dict[str, int]], labels: dict,
+                 wall_offset_ns: int, *, ifnames=None, drop_reasons: dict[int, str] | None = None):
         self.layout = layout
         self.codec = layout.codec()
         self.names = layout.names
         self.hooks = {v: k.removeprefix("VNET_HOOK_").lower() for k, v in enums["vnet_hook"].items()}
         self.flag = {k.removeprefix("VNET_F_").lower(): v for k, v in enums["vnet_event_flag"].items()}
-        self.probes = probes  # (probe_id, hook) -> {"probe", "ifname", "netns"}
+        # (probe_id, hook value) for device probes, (probe_id, None) for the others -> label fields
+        self.labels = labels
         self.wall_offset_ns = wall_offset_ns
+        self.ifnames = ifnames            # InterfaceNames: (netns cookie, ifindex) -> (name, netns)
+        self._drop_reasons = drop_reasons  # reason value -> name; read from kernel BTF on first use
+
+    def drop_reason(self, value: int) -> str:
+        if self._drop_reasons is None:
+            from vnet.binding import Btf  # only traces with drops need the kernel's enum
+
+            with Btf.vmlinux() as btf:
+                try:
+                    names = btf.enum("skb_drop_reason")
+                except KeyError:
+                    names = {}
+            self._drop_reasons = {v: k.removeprefix("SKB_DROP_REASON_") for k, v in names.items()}
+        return self._drop_reasons.get(value, str(value))
 
     def decode(self, raw: bytes) -> dict:
         e = dict(zip(self.names, self.codec.unpack_from(raw)))
         flags = e["flags"]
         hook = self.hooks.get(e["hook"], str(e["hook"]))
-        direction = hook.rpartition("_")[2]
-        where = self.probes.get((e["probe_id"], e["hook"])) or {
-            "probe": f"dev:if{e['ifindex']}:{direction}", "ifname": f"if{e['ifindex']}", "netns": None}
+        where = self.labels.get((e["probe_id"], e["hook"])) or self.labels.get((e["probe_id"], None)) or {
+            "probe": f"probe{e['probe_id']}"}
+        ifname, ns = where.get("ifname"), where.get("netns")
+        if ifname is None and e["ifindex"] and self.ifnames is not None:
+            ifname, ns = self.ifnames.lookup(e["netns_cookie"], e["ifindex"])
         out = {
             "ts_ns": e["ts_ns"],
             "wall_ns": e["ts_ns"] + self.wall_offset_ns,
             "probe": where["probe"],
-            "ifname": where["ifname"],
+            "hook": hook,
+            "ifname": ifname,
             "ifindex": e["ifindex"],
-            "netns": where["netns"],
-            "dir": direction,
+            "netns": ns,
+            "dir": hook.rpartition("_")[2] if hook.startswith("tc_") else None,
             "len": e["len"],
             "pkt_id": f"{e['pkt_id']:016x}",
             "cpu": e["cpu"],
@@ -55,6 +73,12 @@ class EventDecoder:
             "proto": ETH_NAMES.get(e["eth_proto"], f"0x{e['eth_proto']:04x}"),
             "src": None, "dst": None, "sport": None, "dport": None,
         }
+        if flags & self.flag["no_skb"]:
+            out["proto"] = out["pkt_id"] = out["ethertype"] = None
+        if e["reason"]:
+            out["reason"] = self.drop_reason(e["reason"])
+        if e["pid"]:
+            out["pid"], out["comm"] = e["pid"], e["comm"].split(b"\0", 1)[0].decode(errors="replace")
         if flags & (self.flag["ipv4"] | self.flag["ipv6"]):
             v4 = bool(flags & self.flag["ipv4"])
             out["proto"] = L4_NAMES.get(e["l4_proto"], str(e["l4_proto"]))
@@ -97,11 +121,22 @@ def _endpoint(addr: str | None, port: int | None) -> str:
     return f"{host}:{port}" if port is not None else host
 
 
+def where(ev: dict) -> str:
+    """`ns/ifname:dir` for device probes, `probe ns/ifname` for the others."""
+    if ev["probe"].startswith("dev:"):
+        return ev["probe"].removeprefix("dev:")
+    iface = f"{ev['netns']}/{ev['ifname']}" if ev.get("netns") and ev.get("ifname") else ev.get("ifname")
+    return f"{ev['probe']} {iface}" if iface else ev["probe"]
+
+
 def format_text(ev: dict) -> str:
     """One line per packet per hook, tcpdump-like: time, hook, length, tuple, id."""
     secs, ns = divmod(ev["wall_ns"], 1_000_000_000)
-    hook = f"{ev['probe'].removeprefix('dev:')}"
-    line = f"{secs}.{ns:09d} {hook:<24} len {ev['len']:<5} {ev['proto'].upper():<5}"
+    line = f"{secs}.{ns:09d} {where(ev):<24}"
+    if ev["proto"] is None:  # a function probe without a packet
+        line += f" call pid {ev.get('pid', 0)} {ev.get('comm', '')}".rstrip()
+        return line
+    line += f" len {ev['len']:<5} {ev['proto'].upper():<5}"
     if ev["src"] is not None:
         line += f" {_endpoint(ev['src'], ev['sport'])} > {_endpoint(ev['dst'], ev['dport'])}"
         if "tcp_flags" in ev:
@@ -111,5 +146,7 @@ def format_text(ev: dict) -> str:
             line += f" {ICMP_NAMES.get(kind, 'type %d' % ev['icmp_type'])}"
             if ev["icmp_type"] in (0, 8, 128, 129):
                 line += f" id {ev['icmp_id']}"
+    if "reason" in ev:
+        line += f" drop {ev['reason']}"
     line += f" pkt_id {ev['pkt_id']}"
     return line

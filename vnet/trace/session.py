@@ -1,42 +1,63 @@
-"""A device trace: load the tc object, attach it to every (device, direction),
-stream decoded events from the ring buffer, and account for every loss."""
+"""A trace: load one object instance per probe, attach it, stream decoded
+events from one shared ring buffer, and account for every loss.
+
+Every instance shares the first one's ring and counters (bpf_map__reuse_fd);
+its read-only config carries the probe_id that names it in each event, so
+events say where they were taken even where ifindexes repeat across netns.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from vnet.binding import BpfObject, Link, RingBuffer
-from vnet.errors import UsageError
+from vnet.errors import UsageError, VnetError
 from vnet.objects import object_path
 from vnet.probes import device as devprobe
 from vnet.probes import features
 from vnet.probes.device import DIRECTIONS, Device
 
+from .ifnames import InterfaceNames
 from .records import EventDecoder
 
 log = logging.getLogger("vnet.trace")
-OBJECT = "tc_trace"
 DEFAULT_RING_BYTES = 8 << 20
 DEFAULT_WAKEUP_EVERY = 64
+SHARED_MAPS = ("vnet_events", "vnet_stats")
 
 
 @dataclass
 class Hook:
-    device: Device
-    direction: str
-    kind: str      # "tcx" or "clsact"
-    link: Link
+    """One attachment that is live."""
 
-    @property
-    def probe(self) -> str:
-        return self.device.probe_name(self.direction)
+    probe: str
+    kind: str                  # tcx, clsact, tp_btf, raw_tp, tracepoint, fentry, kprobe
+    link: Link
+    device: Device | None = None
+    direction: str | None = None
+
+
+@dataclass
+class Plan:
+    """One object instance: what to load, how to configure and attach it, and
+    how to label its events ((hook enum value or None) -> label fields)."""
+
+    obj: str
+    config_var: str
+    config: dict
+    programs: tuple[str, ...]
+    attach: Callable[[BpfObject], list[Hook]]
+    labels: dict
+    prepare: Callable[[BpfObject], None] | None = None
+    name: str = ""
 
 
 @dataclass
 class TraceStats:
-    seen: int = 0      # packets the programs ran on
+    seen: int = 0      # packets (or calls) the programs ran on
     emitted: int = 0   # events that reached the ring
     lost: int = 0      # events dropped because the ring was full
     received: int = 0  # events user space read
@@ -48,26 +69,43 @@ def check_ring_size(n: int) -> int:
     return n
 
 
-class DeviceTrace:
-    """Use as a context manager; nothing stays attached after it exits."""
+def device_plan(dev: Device, directions=DIRECTIONS) -> Plan:
+    """TC ingress/egress of one interface (tcx link, else clsact filter)."""
 
-    def __init__(self, devices: list[Device], directions=DIRECTIONS, *, ring_bytes: int = DEFAULT_RING_BYTES,
-                 wakeup_every: int = DEFAULT_WAKEUP_EVERY):
-        if not devices:
-            raise UsageError("no interface to trace (give -i IFACE)")
-        bad = [d for d in directions if d not in DIRECTIONS]
-        if bad:
-            raise UsageError(f"unknown direction {bad[0]!r} (use ingress, egress or both)")
-        self.devices = list(dict.fromkeys(devices))
-        self.directions = tuple(dict.fromkeys(directions))
+    def attach(obj: BpfObject) -> list[Hook]:
+        hooks = []
+        for d in directions:
+            link, kind = devprobe.attach(obj, dev, d)
+            hooks.append(Hook(dev.probe_name(d), kind, link, dev, d))
+        return hooks
+
+    labels = {devprobe.hook_values()[d]: {"probe": dev.probe_name(d), "ifname": dev.ifname, "netns": dev.netns,
+                                       "layer": "device"} for d in directions}
+    return Plan("tc_trace", "tc_cfg", {}, tuple(devprobe.PROGRAMS[d] for d in directions), attach, labels,
+                name=f"dev:{dev.label}")
+
+
+class Trace:
+    """Use as a context manager; nothing stays attached after it exits.
+
+    With strict=False a plan whose load or attach fails is skipped and listed
+    in `skipped` (probe, reason); the rest run. strict=True raises instead."""
+
+    def __init__(self, plans: list[Plan], *, ring_bytes: int = DEFAULT_RING_BYTES,
+                 wakeup_every: int = DEFAULT_WAKEUP_EVERY, strict: bool = True):
+        if not plans:
+            raise UsageError("nothing to trace (give -i IFACE or -p PROBE)")
+        self.plans = plans
         self.ring_bytes = check_ring_size(ring_bytes)
         self.wakeup_every = wakeup_every
+        self.strict = strict
         self.hooks: list[Hook] = []
-        self.objects: list[BpfObject] = []  # one instance per device, sharing ring and counters
+        self.skipped: list[tuple[str, str]] = []
+        self.objects: list[BpfObject] = []
         self.ring: RingBuffer | None = None
         self.received = 0
 
-    def __enter__(self) -> "DeviceTrace":
+    def __enter__(self) -> "Trace":
         self.start()
         return self
 
@@ -77,43 +115,59 @@ class DeviceTrace:
     def start(self) -> None:
         features.require_privileges(net_admin=True)
         features.require_btf()
-        path = object_path(OBJECT)
-        keep = [devprobe.PROGRAMS[d] for d in self.directions]
+        labels: dict = {}
         try:
-            for probe_id, dev in enumerate(self.devices):
-                obj = BpfObject(path)
-                self.objects.append(obj)
-                obj.set_config("tc_cfg", {"probe_id": probe_id, "wakeup_every": self.wakeup_every})
-                if probe_id == 0:
-                    obj.maps["vnet_events"].max_entries = self.ring_bytes
-                else:
-                    for name in ("vnet_events", "vnet_stats"):
-                        obj.maps[name].share(self.objects[0].maps[name])
-                obj.keep_programs(keep)
-                obj.load()
-                for direction in self.directions:
-                    link, kind = devprobe.attach(obj, dev, direction)
-                    self.hooks.append(Hook(dev, direction, kind, link))
+            for plan in self.plans:
+                probe_id = len(self.objects)
+                try:
+                    obj, hooks = self._load(plan, probe_id)
+                except VnetError as e:
+                    if self.strict:
+                        raise
+                    self.skipped.append((plan.name, str(e)))
+                    log.info("skipping %s: %s", plan.name, e)
+                    continue
+                self.hooks += hooks
+                labels.update({(probe_id, hook): where for hook, where in plan.labels.items()})
+            if not self.objects:
+                raise UsageError("no probe could be attached: " +
+                                 "; ".join(f"{name}: {why}" for name, why in self.skipped))
             self.ring = RingBuffer(self.objects[0].maps["vnet_events"])
-            self.decoder = self._decoder()
+            self.decoder = self._decoder(labels)
             log.info("attached %d hooks: %s", len(self.hooks), ", ".join(f"{h.probe} ({h.kind})" for h in self.hooks))
         except BaseException:
             self.close()
             raise
 
+    def _load(self, plan: Plan, probe_id: int) -> tuple[BpfObject, list[Hook]]:
+        obj = BpfObject(object_path(plan.obj))
+        try:
+            obj.set_config(plan.config_var, {"probe_id": probe_id, "wakeup_every": self.wakeup_every, **plan.config})
+            if self.objects:
+                for name in SHARED_MAPS:
+                    obj.maps[name].share(self.objects[0].maps[name])
+            else:
+                obj.maps["vnet_events"].max_entries = self.ring_bytes
+            obj.keep_programs(plan.programs)
+            if plan.prepare:
+                plan.prepare(obj)
+            obj.load()
+            hooks = plan.attach(obj)
+        except BaseException:
+            obj.close()
+            raise
+        self.objects.append(obj)
+        return obj, hooks
+
     @property
     def btf(self):
         return self.objects[0].btf
 
-    def _decoder(self) -> EventDecoder:
+    def _decoder(self, labels: dict) -> EventDecoder:
         enums = {name: self.btf.enum(name) for name in ("vnet_hook", "vnet_event_flag")}
-        hook_value = {"ingress": enums["vnet_hook"]["VNET_HOOK_TC_INGRESS"],
-                      "egress": enums["vnet_hook"]["VNET_HOOK_TC_EGRESS"]}
-        probes = {(self.devices.index(h.device), hook_value[h.direction]):
-                  {"probe": h.probe, "ifname": h.device.ifname, "netns": h.device.netns} for h in self.hooks}
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC; wall time = monotonic + this offset.
         offset = time.time_ns() - time.monotonic_ns()
-        return EventDecoder(self.btf.struct("vnet_event"), enums, probes, offset)
+        return EventDecoder(self.btf.struct("vnet_event"), enums, labels, offset, ifnames=InterfaceNames())
 
     @property
     def hook_kinds(self) -> set[str]:
@@ -141,8 +195,22 @@ class DeviceTrace:
                           lost=total["VNET_STAT_LOST"], received=self.received)
 
     def close(self) -> None:
-        """Detach every hook and release the object (idempotent)."""
+        """Detach every hook and release every object (idempotent)."""
         for obj in reversed(self.objects):  # the first owns the ring reader: close it last
             obj.close()
         self.objects.clear()
         self.hooks.clear()
+
+
+class DeviceTrace(Trace):
+    """TC ingress/egress of the given interfaces."""
+
+    def __init__(self, devices: list[Device], directions=DIRECTIONS, **kw):
+        if not devices:
+            raise UsageError("no interface to trace (give -i IFACE)")
+        bad = [d for d in directions if d not in DIRECTIONS]
+        if bad:
+            raise UsageError(f"unknown direction {bad[0]!r} (use ingress, egress or both)")
+        self.devices = list(dict.fromkeys(devices))
+        self.directions = tuple(dict.fromkeys(directions))
+        super().__init__([device_plan(d, self.directions) for d in self.devices], **kw)
