@@ -210,9 +210,13 @@ class Topology:
 
         One skb is then one wire packet at every hook (exact counts), and no
         packet crosses a bridge with a checksum left for hardware to fill in.
+        TCP builds GSO skbs whatever the gso flag says (segmented after the TC
+        egress hook), so gso_max_segs is set to 1 as well.
         """
         self.run(ns, ["ethtool", "-K", ifname,
                       "tx", "off", "tso", "off", "gso", "off", "gro", "off"])
+        self._netlink(ns, f"set gso_max_segs 1 on {ifname}", "link", "set",
+                      index=self.ifindex(ifname, ns), gso_max_segs=1)
 
     # -- querying and running --
 

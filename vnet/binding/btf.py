@@ -105,6 +105,14 @@ class Btf:
         return cls(ptr, owned=True, label=str(path))
 
     @classmethod
+    def module(cls, name: str, base: "Btf") -> "Btf":
+        """A loaded kernel module's BTF (/sys/kernel/btf/NAME), split on vmlinux's."""
+        ptr = lib().btf__load_module_btf(name.encode(), base._ptr)
+        if ptr == ffi.NULL:
+            raise bpf_error("load BTF of module", ffi.errno, name)
+        return cls(ptr, owned=True, label=name)
+
+    @classmethod
     def vmlinux(cls) -> "Btf":
         ptr = lib().btf__load_vmlinux_btf()
         if ptr == ffi.NULL:

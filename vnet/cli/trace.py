@@ -12,7 +12,8 @@ import typer
 
 from vnet.errors import UsageError
 from vnet.probes import device as devprobe
-from vnet.trace import DeviceTrace
+from vnet.trace import Trace
+from vnet.trace.selection import select
 from vnet.trace.records import format_json, format_text
 from vnet.trace.session import DEFAULT_RING_BYTES, DEFAULT_WAKEUP_EVERY
 
@@ -31,8 +32,12 @@ class _Stop:
 
 @cli_errors
 def trace(
-    interface: List[str] = typer.Option(..., "-i", "--interface", metavar="IFACE",
+    interface: List[str] = typer.Option([], "-i", "--interface", metavar="IFACE",
                                         help="Interface to trace; NETNS/IFACE for one in a named netns. Repeatable."),
+    probe: List[str] = typer.Option([], "-p", "--probe", metavar="PROBE",
+                                    help="Catalog probe or glob (net:*, ovs:vport_receive, dev:tap*:ingress); "
+                                         "PROBE@HOOK forces one implementation. Repeatable. See 'vnet probes'."),
+    strict: bool = typer.Option(False, "--strict", help="Fail if any requested probe is unavailable."),
     count: Optional[int] = typer.Option(None, "-c", "--count", min=1, help="Stop after this many events."),
     duration: Optional[float] = typer.Option(None, "--duration", min=0.0, help="Stop after this many seconds."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON Lines instead of text."),
@@ -43,10 +48,14 @@ def trace(
     ring_size: int = typer.Option(DEFAULT_RING_BYTES, "--ring-size", help="Ring buffer bytes (power of two)."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="-v: attach details; -vv: libbpf log."),
 ):
-    """Trace packets at TC ingress/egress of each interface, one line per packet per hook."""
+    """Trace packets at TC ingress/egress of interfaces and at catalog probes, one line per packet per hook."""
     setup_logging(verbose)
+    if direction not in ("both",) + devprobe.DIRECTIONS:
+        raise UsageError(f"unknown direction {direction!r} (use ingress, egress or both)")
     directions = devprobe.DIRECTIONS if direction == "both" else (direction,)
-    devices = [devprobe.resolve(spec, netns) for spec in interface]
+    plans, unavailable = select(interface, probe, directions, netns, strict)
+    for name, why in unavailable:
+        print(f"vnet: skipping {name}: {why}", file=sys.stderr)
     out = _open_output(write)
     emit = format_json if (json_out or write is not None) else format_text
 
@@ -54,7 +63,9 @@ def trace(
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     printed = 0
     try:
-        with DeviceTrace(devices, directions, ring_bytes=ring_size, wakeup_every=DEFAULT_WAKEUP_EVERY) as t:
+        with Trace(plans, ring_bytes=ring_size, wakeup_every=DEFAULT_WAKEUP_EVERY, strict=strict) as t:
+            for name, why in t.skipped:
+                print(f"vnet: skipping {name}: {why}", file=sys.stderr)
             hooks = ", ".join(f"{h.probe.removeprefix('dev:')}" for h in t.hooks)
             print(f"vnet: tracing {hooks} ({'/'.join(sorted(t.hook_kinds))}); Ctrl-C to stop", file=sys.stderr)
             deadline = time.monotonic() + duration if duration is not None else None
@@ -76,13 +87,24 @@ def trace(
                         printed += len(events)
                         break
                     printed += len(events)
+            if stop.reason.startswith("SIG"):
+                # Stopped by a signal: what already reached the ring is still printed.
+                late = t.drain()
+                if count is not None:
+                    late = late[: count - printed]
+                try:
+                    out.write("".join(emit(e) + "\n" for e in late))
+                    printed += len(late)
+                except BrokenPipeError:
+                    pass
             stats = t.stats()
+            nhooks = len(t.hooks)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         _close_output(out)
     print(f"vnet: {printed} events printed, {stats.received} received, {stats.lost} lost (ring buffer full), "
-          f"{stats.seen} packets seen at {len(devices) * len(directions)} hooks", file=sys.stderr)
+          f"{stats.seen} packets seen at {nhooks} hooks", file=sys.stderr)
 
 
 def _open_output(write: Path | None):

@@ -5,6 +5,7 @@ the process); fallback: a clsact direct-action filter."""
 from __future__ import annotations
 
 import errno
+import fnmatch
 import logging
 import socket
 from dataclasses import dataclass
@@ -80,3 +81,22 @@ def attach(obj: BpfObject, dev: Device, direction: str) -> tuple[Link, str]:
                     raise
                 log.info("tcx refused on %s (%s); using a clsact filter", dev.label, e)
         return prog.attach_tc_filter(dev.ifindex, ingress, dev.netns), "clsact"
+
+
+def expand(pattern: str, default_netns: str | None = None) -> list[tuple[Device, str]]:
+    """`dev:IFACE:DIR` with globs (`dev:tap*:*`, `dev:ns1/eth0:ingress`) -> the
+    (device, direction) pairs that exist now; DIR may be omitted (both)."""
+    body = pattern.removeprefix("dev:")
+    iface, _, direction = body.partition(":")
+    ns, _, name_glob = iface.rpartition("/")
+    ns = ns or default_netns
+    dirs = [d for d in DIRECTIONS if fnmatch.fnmatchcase(d, direction or "*")]
+    if not dirs:
+        raise UsageError(f"bad direction in {pattern!r} (use ingress, egress or *)")
+    with netns.enter(ns):
+        names = [name for _, name in sorted(socket.if_nameindex())]
+    hits = [n for n in names if fnmatch.fnmatchcase(n, name_glob)]
+    if not hits:
+        where = f" in network namespace {ns}" if ns else ""
+        raise NoSuchInterfaceError(f"no interface matches {name_glob!r}{where}", hint="list them with 'ip link'")
+    return [(resolve(f"{ns}/{n}" if ns else n), d) for n in hits for d in dirs]
