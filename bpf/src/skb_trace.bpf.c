@@ -15,11 +15,14 @@ struct vnet_skb_config {
 	__u8 skb_arg;       /* 1-based position of the sk_buff argument; 0: the function has none */
 	__u8 skb_deref;     /* that argument is a struct sk_buff ** (e.g. br_handle_frame) */
 	__u8 task;          /* record pid and comm of the current task (socket probes) */
+	__u8 dev_arg;       /* 1-based position of a struct net_device * naming the device; 0: skb->dev */
 };
 
 const volatile struct vnet_skb_config skb_cfg = {};
 
-static __always_inline int vnet_skb_event(void *skb, __u16 hook)
+/* `dev`, where the hook names the device itself: at net_dev_xmit a veth skb
+ * already belongs to the peer, so skb->dev would name the wrong end. */
+static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u16 hook)
 {
 	struct vnet_stats *st = vnet_stats_this_cpu();
 	struct vnet_event ev = {};
@@ -35,6 +38,10 @@ static __always_inline int vnet_skb_event(void *skb, __u16 hook)
 		vnet_parse_kernel_skb(skb, &ev);
 	else
 		ev.flags |= VNET_F_NO_SKB;
+	if (dev) {
+		ev.ifindex = BPF_CORE_READ(dev, ifindex);
+		ev.netns_cookie = vnet_dev_netns_cookie(dev);
+	}
 	if (skb_cfg.task) {
 		ev.pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(ev.comm, sizeof(ev.comm));
@@ -43,17 +50,28 @@ static __always_inline int vnet_skb_event(void *skb, __u16 hook)
 	return 0;
 }
 
-/* fentry, tp_btf and raw_tp see the arguments as an array of u64. The switch
- * folds at verification: skb_cfg is read-only, so only one case is explored
- * and no argument past the function's own is ever touched. */
-static __always_inline void *vnet_skb_arg(__u64 *args)
+/* fentry, tp_btf and raw_tp see the arguments as an array of u64; `pos` is a
+ * read-only config value. Read through bpf_probe_read_kernel: clang merges
+ * the cases into one load at a computed ctx offset, which the verifier refuses
+ * as a direct ctx access but accepts as a helper argument. */
+static __always_inline void *vnet_arg(__u64 *args, __u8 pos)
 {
-	switch (skb_cfg.skb_arg) {
-	case 1: return (void *)args[0];
-	case 2: return (void *)args[1];
-	case 3: return (void *)args[2];
-	case 4: return (void *)args[3];
-	case 5: return (void *)args[4];
+	void *v = NULL;
+
+	if (pos >= 1 && pos <= 6)
+		bpf_probe_read_kernel(&v, sizeof(v), &args[pos - 1]);
+	return v;
+}
+
+/* kprobe: the same, through the _CORE register accessors. */
+static __always_inline void *vnet_kprobe_arg(struct pt_regs *ctx, __u8 pos)
+{
+	switch (pos) {
+	case 1: return (void *)PT_REGS_PARM1_CORE(ctx);
+	case 2: return (void *)PT_REGS_PARM2_CORE(ctx);
+	case 3: return (void *)PT_REGS_PARM3_CORE(ctx);
+	case 4: return (void *)PT_REGS_PARM4_CORE(ctx);
+	case 5: return (void *)PT_REGS_PARM5_CORE(ctx);
 	default: return NULL;
 	}
 }
@@ -61,15 +79,17 @@ static __always_inline void *vnet_skb_arg(__u64 *args)
 SEC("tp_btf")
 int vnet_tp_btf_skb(__u64 *ctx)
 {
-	return vnet_skb_event(vnet_skb_arg(ctx), VNET_HOOK_TP_BTF);
+	return vnet_skb_event(vnet_arg(ctx, skb_cfg.skb_arg), vnet_arg(ctx, skb_cfg.dev_arg), VNET_HOOK_TP_BTF);
 }
 
 SEC("raw_tp")
 int vnet_raw_tp_skb(struct bpf_raw_tracepoint_args *ctx)
 {
-	return vnet_skb_event(vnet_skb_arg(ctx->args), VNET_HOOK_RAW_TP);
+	return vnet_skb_event(vnet_arg(ctx->args, skb_cfg.skb_arg), vnet_arg(ctx->args, skb_cfg.dev_arg),
+			      VNET_HOOK_RAW_TP);
 }
 
+/* Classic tracepoints record no device pointer: skb->dev names the device. */
 SEC("tracepoint")
 int vnet_tp_skb(void *ctx)
 {
@@ -77,32 +97,20 @@ int vnet_tp_skb(void *ctx)
 
 	if (skb_cfg.skb_arg)
 		bpf_probe_read_kernel(&skb, sizeof(skb), ctx + skb_cfg.tp_skb_off);
-	return vnet_skb_event(skb, VNET_HOOK_TRACEPOINT);
+	return vnet_skb_event(skb, NULL, VNET_HOOK_TRACEPOINT);
 }
 
 SEC("fentry")
 int vnet_fentry_skb(__u64 *ctx)
 {
-	return vnet_skb_event(vnet_skb_arg(ctx), VNET_HOOK_FENTRY);
+	return vnet_skb_event(vnet_arg(ctx, skb_cfg.skb_arg), vnet_arg(ctx, skb_cfg.dev_arg), VNET_HOOK_FENTRY);
 }
 
 SEC("kprobe")
 int vnet_kprobe_skb(struct pt_regs *ctx)
 {
-	void *skb;
-
-	/* Read through bpf_probe_read_kernel (the _CORE accessors): clang merges
-	 * the cases into one load at a computed ctx offset, which the verifier
-	 * refuses as a direct access but accepts as a helper argument. */
-	switch (skb_cfg.skb_arg) {
-	case 1: skb = (void *)PT_REGS_PARM1_CORE(ctx); break;
-	case 2: skb = (void *)PT_REGS_PARM2_CORE(ctx); break;
-	case 3: skb = (void *)PT_REGS_PARM3_CORE(ctx); break;
-	case 4: skb = (void *)PT_REGS_PARM4_CORE(ctx); break;
-	case 5: skb = (void *)PT_REGS_PARM5_CORE(ctx); break;
-	default: skb = NULL;
-	}
-	return vnet_skb_event(skb, VNET_HOOK_KPROBE);
+	return vnet_skb_event(vnet_kprobe_arg(ctx, skb_cfg.skb_arg), vnet_kprobe_arg(ctx, skb_cfg.dev_arg),
+			      VNET_HOOK_KPROBE);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -14,6 +14,7 @@ uint32_t libbpf_minor_version(void);
 const char *libbpf_version_string(void);
 int libbpf_strerror(int err, char *buf, size_t size);
 int libbpf_num_possible_cpus(void);
+int libbpf_probe_bpf_map_type(int map_type, const void *opts);
 int libbpf_probe_bpf_prog_type(int prog_type, const void *opts);
 int libbpf_probe_bpf_helper(int prog_type, int helper_id, const void *opts);
 

@@ -9,6 +9,8 @@ import typer
 import vnet
 
 from . import demo as demo_cmd
+from . import doctor as doctor_cmd
+from . import probes as probes_cmd
 from . import trace as trace_cmd
 from .common import setup_logging
 
@@ -39,6 +41,8 @@ def _root(
 
 app.command("trace")(trace_cmd.trace)
 app.command("demo")(demo_cmd.demo)
+app.command("doctor")(doctor_cmd.doctor)
+app.command("probes")(probes_cmd.probes)
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ class Hook:
     target: str            # tracepoint "category:name" or kernel function name
     skb_arg: int = 0       # 1-based position of the sk_buff argument; 0: none
     skb_deref: bool = False  # the argument is a struct sk_buff **
+    dev_arg: int = 0       # 1-based position of a struct net_device * naming the device; 0: skb->dev
 
     @property
     def tracepoint(self) -> tuple[str, str]:
@@ -52,10 +53,11 @@ class ProbeSpec:
         return self.name.partition(":")[0]
 
 
-def _tracepoint(tp: str, skb_arg: int = 1) -> tuple[Hook, ...]:
+def _tracepoint(tp: str, skb_arg: int = 1, dev_arg: int = 0) -> tuple[Hook, ...]:
     """tp_btf -> raw_tp -> classic tracepoint for the tracepoint `category:name`."""
     name = tp.partition(":")[2]
-    return (Hook("tp_btf", name, skb_arg), Hook("raw_tp", name, skb_arg), Hook("tracepoint", tp, skb_arg))
+    return (Hook("tp_btf", name, skb_arg, dev_arg=dev_arg), Hook("raw_tp", name, skb_arg, dev_arg=dev_arg),
+            Hook("tracepoint", tp, skb_arg))
 
 
 def _function(fn: str, skb_arg: int = 0, skb_deref: bool = False) -> tuple[Hook, ...]:
@@ -74,14 +76,17 @@ CATALOG: tuple[ProbeSpec, ...] = (
     ProbeSpec("net:net_dev_queue", HOST_STACK, "packet", "packet queued for transmit on a device (qdisc entry)",
               _tracepoint("net:net_dev_queue")),
     ProbeSpec("net:net_dev_start_xmit", HOST_STACK, "packet", "driver starts transmitting the packet (qdisc exit)",
-              _tracepoint("net:net_dev_start_xmit")),
+              _tracepoint("net:net_dev_start_xmit", dev_arg=2)),
+    # The skb may be gone when net_dev_xmit fires (as the kernel's own tracepoint
+    # assumes): the device comes from the tracepoint's argument, not the skb.
     ProbeSpec("net:net_dev_xmit", HOST_STACK, "packet", "driver returned from transmitting the packet",
-              _tracepoint("net:net_dev_xmit")),
+              _tracepoint("net:net_dev_xmit", dev_arg=3)),
     # Drops, with the running kernel's reason names.
     ProbeSpec("drop:kfree_skb", HOST_STACK, "drop", "packet dropped, with the kernel's drop reason",
               (Hook("tp_btf", "kfree_skb", 1), Hook("raw_tp", "kfree_skb", 1)), obj="drop"),
     # Sockets: delivery to the application and send entry.
-    ProbeSpec("sock:datagram_copy", SOCKET, "packet", "payload copied to the application (recvmsg of UDP/raw/TCP)",
+    ProbeSpec("sock:datagram_copy", SOCKET, "packet",
+              "payload copied to the application (TCP; UDP only for non-linear skbs)",
               _tracepoint("skb:skb_copy_datagram_iovec"), task=True),
     ProbeSpec("sock:udp_recvmsg", SOCKET, "call", "application reads a UDP socket", _function("udp_recvmsg"),
               task=True),

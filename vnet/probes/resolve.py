@@ -1,0 +1,187 @@
+"""Choose, for each catalog probe, the hook this kernel can run — and say why
+the preferred ones were passed over. Tracepoints and functions are looked up in
+the running kernel's BTF (vmlinux and loaded modules), tracefs and kallsyms."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from vnet.binding import Btf, BpfObject
+from vnet.binding.btf import FUNC, TYPEDEF
+from vnet.errors import UsageError, VnetError
+
+from . import features
+from .catalog import BY_NAME, Hook, ProbeSpec
+
+PROGRAMS = {
+    "skb_trace": {"tp_btf": "vnet_tp_btf_skb", "raw_tp": "vnet_raw_tp_skb", "tracepoint": "vnet_tp_skb",
+                  "fentry": "vnet_fentry_skb", "kprobe": "vnet_kprobe_skb"},
+    "drop": {"tp_btf": "vnet_tp_btf_drop", "raw_tp": "vnet_raw_tp_drop"},
+}
+CONFIG_VAR = {"skb_trace": "skb_cfg", "drop": "drop_cfg"}
+TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+@dataclass
+class Resolution:
+    spec: ProbeSpec
+    hook: Hook | None = None
+    why_not: list[str] = field(default_factory=list)  # one line per hook passed over, in preference order
+    tp_skb_off: int = 0
+
+    @property
+    def available(self) -> bool:
+        return self.hook is not None
+
+    @property
+    def reason(self) -> str:
+        """Why the probe cannot run here (empty when it can)."""
+        if self.available:
+            return ""
+        missing = [w for w in self.why_not if "not in this kernel" in w]
+        if missing:
+            return missing[0]
+        kinds = [h.kind for h in self.spec.hooks]
+        return f"needs {' or '.join(kinds)}: none works on this kernel (see 'vnet doctor')"
+
+
+# -- what the running kernel has ------------------------------------------------
+@lru_cache(maxsize=1)
+def _vmlinux() -> Btf:
+    return Btf.vmlinux()
+
+
+@lru_cache(maxsize=None)
+def _module_btf(module: str) -> Btf | None:
+    if not os.path.exists(f"/sys/kernel/btf/{module}"):
+        return None
+    try:
+        return Btf.module(module, _vmlinux())
+    except VnetError:
+        return None
+
+
+@lru_cache(maxsize=1)
+def _kallsyms() -> frozenset[str]:
+    names = set()
+    try:
+        with open("/proc/kallsyms") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[1] in "tTwW":
+                    names.add(parts[2])
+    except OSError:
+        pass
+    return frozenset(names)
+
+
+def _has_tracepoint(name: str) -> bool:
+    return _vmlinux().has(f"btf_trace_{name}", TYPEDEF)
+
+
+def _has_function_btf(fn: str, module: str | None) -> bool:
+    if _vmlinux().has(fn, FUNC):
+        return True
+    mod = _module_btf(module) if module else None
+    return bool(mod and mod.has(fn, FUNC))
+
+
+def _tracefs_format(category: str, name: str) -> str | None:
+    for root in TRACEFS:
+        path = f"{root}/events/{category}/{name}/format"
+        if os.path.exists(path):
+            with open(path) as f:
+                return f.read()
+    return None
+
+
+def _missing(fn: str, module: str | None) -> str:
+    if module and not os.path.isdir(f"/sys/module/{module}"):
+        return f"{fn}: not in this kernel — is the {module} module loaded? (modprobe {module})"
+    return f"{fn}: not in this kernel"
+
+
+# -- choosing ---------------------------------------------------------------------
+def _check(spec: ProbeSpec, hook: Hook) -> tuple[str, int]:
+    """'' when `hook` can run here (with the classic tracepoint's skb offset), else why not."""
+    feature = features.check(hook.kind)
+    if hook.kind in ("tp_btf", "raw_tp", "tracepoint"):
+        category, name = hook.tracepoint if ":" in hook.target else ("", hook.target)
+        if not _has_tracepoint(name) and not (category and _tracefs_format(category, name)):
+            return f"tracepoint {name}: not in this kernel", 0
+        if not feature.ok:
+            return f"{hook.kind}: {feature.error().message}", 0
+        if hook.kind != "tracepoint":
+            return "", 0
+        fmt = _tracefs_format(category, name)
+        if fmt is None:
+            return f"tracepoint: no {category}/{name} in tracefs", 0
+        m = re.search(r"void \* skbaddr;\s*offset:(\d+);", fmt)
+        if hook.skb_arg and not m:
+            return f"tracepoint: {category}/{name} has no skbaddr field", 0
+        return "", int(m.group(1)) if m else 0
+    present = (_has_function_btf(hook.target, spec.module) if hook.kind == "fentry"
+               else hook.target in _kallsyms())
+    if not present:
+        return _missing(hook.target, spec.module), 0
+    if not feature.ok:
+        return f"{hook.kind}: {feature.error().message}", 0
+    return "", 0
+
+
+def resolve(spec: ProbeSpec, force: str | None = None) -> Resolution:
+    """Walk the hooks in preference order (or only `force`, e.g. "kprobe")."""
+    hooks = [h for h in spec.hooks if force is None or h.kind == force]
+    if force and not hooks:
+        kinds = ", ".join(h.kind for h in spec.hooks)
+        raise UsageError(f"probe {spec.name} has no {force} hook (it has: {kinds})")
+    res = Resolution(spec)
+    for hook in hooks:
+        why, off = _check(spec, hook)
+        if not why:
+            res.hook, res.tp_skb_off = hook, off
+            return res
+        res.why_not.append(why)
+    return res
+
+
+def parse(name: str) -> tuple[ProbeSpec, str | None]:
+    """'group:point' or 'group:point@hook' (force one implementation)."""
+    base, _, force = name.partition("@")
+    spec = BY_NAME.get(base)
+    if spec is None:
+        raise UsageError(f"unknown probe {base!r} (list them with 'vnet probes')")
+    return spec, force or None
+
+
+# -- plans ------------------------------------------------------------------------
+def plan(res: Resolution):
+    """The trace plan (object, config, program, attach) for an available probe."""
+    from vnet.trace.session import Hook as LiveHook, Plan
+
+    spec, hook = res.spec, res.hook
+    program = PROGRAMS[spec.obj][hook.kind]
+    config = ({"skb_arg": hook.skb_arg, "skb_deref": int(hook.skb_deref), "task": int(spec.task),
+               "tp_skb_off": res.tp_skb_off, "dev_arg": hook.dev_arg} if spec.obj == "skb_trace" else {})
+
+    def prepare(obj: BpfObject) -> None:
+        if hook.kind in ("tp_btf", "fentry") and spec.obj == "skb_trace":
+            obj.programs[program].set_attach_target(hook.function)
+
+    def attach(obj: BpfObject):
+        prog = obj.programs[program]
+        if hook.kind == "raw_tp":
+            link = prog.attach_raw_tracepoint(hook.function)
+        elif hook.kind == "tracepoint":
+            link = prog.attach_tracepoint(*hook.tracepoint)
+        elif hook.kind == "kprobe":
+            link = prog.attach_kprobe(hook.target)
+        else:
+            link = prog.attach()
+        return [LiveHook(spec.name, hook.kind, link)]
+
+    return Plan(spec.obj, CONFIG_VAR[spec.obj], config, (program,), attach,
+                {None: {"probe": spec.name, "layer": spec.layer}}, prepare=prepare, name=spec.name)
