@@ -33,6 +33,7 @@ struct {
  * puts them into BTF, which is where Python reads the layout from. */
 struct vnet_abi {
 	struct vnet_event event;
+	struct vnet_sched_event sched;
 	enum vnet_event_kind kind;
 	enum vnet_hook hook;
 	enum vnet_event_flag flag;

@@ -22,6 +22,7 @@ enum vnet_hook {
 /* What a record in the ring is; every record starts with struct vnet_event_hdr. */
 enum vnet_event_kind {
 	VNET_KIND_PACKET = 1, /* struct vnet_event */
+	VNET_KIND_SCHED = 2,  /* struct vnet_sched_event */
 };
 
 /* vnet_event.flags */
@@ -77,6 +78,19 @@ struct vnet_event {
 	__u8 saddr[16];     /* IPv4 in the first 4 bytes */
 	__u8 daddr[16];
 	char comm[16];      /* current task where pid is set */
+};
+
+/* A watched thread got a CPU: how long it waited runnable in the run queue,
+ * and who ran on that CPU just before it. */
+struct vnet_sched_event {
+	struct vnet_event_hdr hdr;
+	__u64 runq_ns;      /* wakeup (or preemption) -> on CPU */
+	__u32 pid;          /* the thread (kernel pid = tid) */
+	__u32 tgid;         /* its process */
+	__u32 prev_pid;     /* the thread it replaced on this CPU */
+	__u32 pad;
+	char comm[16];
+	char prev_comm[16];
 };
 
 #endif /* VNET_EVENT_H */

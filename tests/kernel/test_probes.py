@@ -150,3 +150,39 @@ def test_forcing_an_implementation():
             events = collect(t, lambda ev: len(ours(ev, "net:netif_receive_skb")) >= 4)
     assert len(ours(events, "net:netif_receive_skb")) == 4
     assert {e["hook"] for e in ours(events, "net:netif_receive_skb")} == {"raw_tp"}
+
+
+def test_sched_runq_measures_the_wait_of_watched_threads_only():
+    """A sleeper and a CPU hog pinned to one CPU: the sleeper's wakeups wait
+    behind the hog, and only the watched process shows up."""
+    hog = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c",
+                            "import time\nt=time.time()+8\nwhile time.time()<t: pass"])
+    sleeper = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c",
+                                "import time\nfor _ in range(3000): time.sleep(0.001)"])
+    try:
+        res = resolver.resolve(catalog.BY_NAME["sched:runq"])
+        assert res.available and res.hook.kind == "tp_btf"
+        with Trace([resolver.plan(res, pids=(sleeper.pid,))]) as t:
+            events = collect(t, lambda ev: len(ev) >= 50, timeout=6)
+    finally:
+        for p in (hog, sleeper):
+            p.kill()
+            p.wait()
+    assert len(events) >= 50
+    assert {e["tgid"] for e in events} == {sleeper.pid}
+    assert all(e["kind"] == "sched" and e["probe"] == "sched:runq" and e["comm"] for e in events)
+    assert any(e["prev_pid"] == hog.pid for e in events)  # it waited behind the hog
+    assert max(e["runq_ns"] for e in events) > 0
+
+
+def test_napi_gro_receive_entry_on_a_veth_with_gro():
+    """veth receives through NAPI once GRO is on: the NIC-layer probe sees it."""
+    with veth_pair(86) as net:
+        net.topo.run(net.ns2, ["ethtool", "-K", net.if2, "gro", "on"], check=True)
+        with Trace(plans_for("net:napi_gro_receive_entry")) as t, udp_sink(net.ns2, PORT) as sink:
+            send_udp(net.ns1, net.ip2, PORT, count=10)
+            assert sink.received(expect=10) == 10
+            events = collect(t, lambda ev: len(ours(ev, "net:napi_gro_receive_entry")) >= 10)
+    got = ours(events, "net:napi_gro_receive_entry")
+    assert len(got) == 10 and len({e["pkt_id"] for e in got}) == 10
+    assert {(e["ifname"], e["netns"]) for e in got} == {(net.if2, net.ns2)}

@@ -38,6 +38,9 @@ def trace(
                                     help="Catalog probe or glob (net:*, ovs:vport_receive, dev:tap*:ingress); "
                                          "PROBE@HOOK forces one implementation. Repeatable. See 'vnet probes'."),
     strict: bool = typer.Option(False, "--strict", help="Fail if any requested probe is unavailable."),
+    pid: List[int] = typer.Option([], "--pid", help="sched:* probes watch this process's threads. Repeatable."),
+    min_runq_us: float = typer.Option(0.0, "--min-runq-us", min=0.0,
+                                      help="sched:runq reports only waits at least this long."),
     count: Optional[int] = typer.Option(None, "-c", "--count", min=1, help="Stop after this many events."),
     duration: Optional[float] = typer.Option(None, "--duration", min=0.0, help="Stop after this many seconds."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON Lines instead of text."),
@@ -53,7 +56,8 @@ def trace(
     if direction not in ("both",) + devprobe.DIRECTIONS:
         raise UsageError(f"unknown direction {direction!r} (use ingress, egress or both)")
     directions = devprobe.DIRECTIONS if direction == "both" else (direction,)
-    plans, unavailable = select(interface, probe, directions, netns, strict)
+    plans, unavailable = select(interface, probe, directions, netns, strict, pids=tuple(pid),
+                                min_runq_ns=int(min_runq_us * 1000))
     for name, why in unavailable:
         print(f"vnet: skipping {name}: {why}", file=sys.stderr)
     out = _open_output(write)
@@ -66,7 +70,7 @@ def trace(
         with Trace(plans, ring_bytes=ring_size, wakeup_every=DEFAULT_WAKEUP_EVERY, strict=strict) as t:
             for name, why in t.skipped:
                 print(f"vnet: skipping {name}: {why}", file=sys.stderr)
-            hooks = ", ".join(f"{h.probe.removeprefix('dev:')}" for h in t.hooks)
+            hooks = ", ".join(dict.fromkeys(h.probe.removeprefix("dev:") for h in t.hooks))
             print(f"vnet: tracing {hooks} ({'/'.join(sorted(t.hook_kinds))}); Ctrl-C to stop", file=sys.stderr)
             deadline = time.monotonic() + duration if duration is not None else None
             while stop.reason is None:

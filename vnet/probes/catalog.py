@@ -41,7 +41,7 @@ class Hook:
 class ProbeSpec:
     name: str
     layer: str
-    yields: str            # "packet", "drop" (packet + reason), "call" (a function ran; no packet)
+    yields: str            # "packet", "drop" (packet + reason), "call" (a function ran; no packet), "sched"
     about: str
     hooks: tuple[Hook, ...]
     module: str | None = None  # kernel module that provides the functions
@@ -132,6 +132,9 @@ CATALOG: tuple[ProbeSpec, ...] = (
               _function("xenvif_tx_action"), module="xen_netback", task=True),
     ProbeSpec("xen:rx_action", BACKEND, "call", "netback fills a Xen guest's RX ring",
               _function("xenvif_rx_action"), module="xen_netback", task=True),
+    # Scheduler: how long chosen threads (vCPU, vhost, netback, application) wait for a CPU.
+    ProbeSpec("sched:runq", SCHED, "sched", "run-queue wait of watched threads (--pid), wakeup to on-CPU",
+              (Hook("tp_btf", "sched_switch"), Hook("raw_tp", "sched_switch")), obj="sched"),
 )
 
 BY_NAME = {p.name: p for p in CATALOG}

@@ -72,8 +72,9 @@ def attach(obj: BpfObject, dev: Device, direction: str) -> tuple[Link, str]:
     """Attach the loaded tc program for `direction`; returns the link and the hook kind used."""
     prog = obj.programs[PROGRAMS[direction]]
     ingress = direction == "ingress"
+    try_tcx = features.check("tcx").support is not features.Support.UNSUPPORTED
     with netns.enter(dev.netns):
-        if features.tcx_expected():
+        if try_tcx:
             try:
                 return prog.attach_tcx(dev.ifindex, ingress), "tcx"
             except AttachError as e:

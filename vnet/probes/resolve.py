@@ -21,7 +21,8 @@ PROGRAMS = {
                   "fentry": "vnet_fentry_skb", "kprobe": "vnet_kprobe_skb"},
     "drop": {"tp_btf": "vnet_tp_btf_drop", "raw_tp": "vnet_raw_tp_drop"},
 }
-CONFIG_VAR = {"skb_trace": "skb_cfg", "drop": "drop_cfg"}
+SCHED_PROGRAMS = ("sched_wakeup", "sched_wakeup_new", "sched_switch")
+CONFIG_VAR = {"skb_trace": "skb_cfg", "drop": "drop_cfg", "sched": "sched_cfg"}
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
 
@@ -158,30 +159,44 @@ def parse(name: str) -> tuple[ProbeSpec, str | None]:
 
 
 # -- plans ------------------------------------------------------------------------
-def plan(res: Resolution):
-    """The trace plan (object, config, program, attach) for an available probe."""
+def plan(res: Resolution, *, pids: tuple[int, ...] = (), min_runq_ns: int = 0):
+    """The trace plan (object, config, programs, attach) for an available probe.
+    `pids`/`min_runq_ns` apply to scheduler probes: watch these processes'
+    threads (none: every thread) and report waits at least this long."""
     from vnet.trace.session import Hook as LiveHook, Plan
 
     spec, hook = res.spec, res.hook
-    program = PROGRAMS[spec.obj][hook.kind]
-    config = ({"skb_arg": hook.skb_arg, "skb_deref": int(hook.skb_deref), "task": int(spec.task),
-               "tp_skb_off": res.tp_skb_off, "dev_arg": hook.dev_arg} if spec.obj == "skb_trace" else {})
+    if spec.obj == "sched":
+        programs = tuple(f"vnet_{hook.kind}_{tp}" for tp in SCHED_PROGRAMS)
+        config = {"watch_all": int(not pids), "min_runq_ns": min_runq_ns}
+    else:
+        programs = (PROGRAMS[spec.obj][hook.kind],)
+        config = ({"skb_arg": hook.skb_arg, "skb_deref": int(hook.skb_deref), "task": int(spec.task),
+                   "tp_skb_off": res.tp_skb_off, "dev_arg": hook.dev_arg} if spec.obj == "skb_trace" else {})
 
     def prepare(obj: BpfObject) -> None:
         if hook.kind in ("tp_btf", "fentry") and spec.obj == "skb_trace":
-            obj.programs[program].set_attach_target(hook.function)
+            obj.programs[programs[0]].set_attach_target(hook.function)
 
     def attach(obj: BpfObject):
-        prog = obj.programs[program]
-        if hook.kind == "raw_tp":
-            link = prog.attach_raw_tracepoint(hook.function)
-        elif hook.kind == "tracepoint":
-            link = prog.attach_tracepoint(*hook.tracepoint)
-        elif hook.kind == "kprobe":
-            link = prog.attach_kprobe(hook.target)
-        else:
-            link = prog.attach()
-        return [LiveHook(spec.name, hook.kind, link)]
+        if spec.obj == "sched":
+            for pid in pids:  # before the first event can fire
+                obj.maps["vnet_sched_watch"].update(pid.to_bytes(4, "little"), b"\x01")
+        links = []
+        for name in programs:
+            prog = obj.programs[name]
+            if spec.obj != "skb_trace":
+                link = prog.attach()  # the section names the tracepoint
+            elif hook.kind == "raw_tp":
+                link = prog.attach_raw_tracepoint(hook.function)
+            elif hook.kind == "tracepoint":
+                link = prog.attach_tracepoint(*hook.tracepoint)
+            elif hook.kind == "kprobe":
+                link = prog.attach_kprobe(hook.target)
+            else:
+                link = prog.attach()
+            links.append(LiveHook(spec.name, hook.kind, link))
+        return links
 
-    return Plan(spec.obj, CONFIG_VAR[spec.obj], config, (program,), attach,
+    return Plan(spec.obj, CONFIG_VAR[spec.obj], config, programs, attach,
                 {None: {"probe": spec.name, "layer": spec.layer}}, prepare=prepare, name=spec.name)

@@ -24,8 +24,14 @@ class EventDecoder:
     """Turns one raw `struct vnet_event` into a JSON-ready dict."""
 
     def __init__(self, layout: StructLayout, enums: dict[str, dict[str, int]], labels: dict,
-                 wall_offset_ns: int, *, ifnames=None, drop_reasons: dict[int, str] | None = None):
+                 wall_offset_ns: int, *, ifnames=None, drop_reasons: dict[int, str] | None = None,
+                 sched_layout: StructLayout | None = None):
         self.layout = layout
+        kind = layout.field("kind")  # every record starts with the common header
+        self._kind_at = slice(kind.offset, kind.offset + kind.size)
+        kinds = enums.get("vnet_event_kind", {})
+        self._sched_kind = kinds.get("VNET_KIND_SCHED")
+        self.sched_layout = sched_layout
         self.codec = layout.codec()
         self.names = layout.names
         self.hooks = {v: k.removeprefix("VNET_HOOK_").lower() for k, v in enums["vnet_hook"].items()}
@@ -35,6 +41,14 @@ class EventDecoder:
         self.wall_offset_ns = wall_offset_ns
         self.ifnames = ifnames            # InterfaceNames: (netns cookie, ifindex) -> (name, netns)
         self._drop_reasons = drop_reasons  # reason value -> name; read from kernel BTF on first use
+
+    def decode_sched(self, raw: bytes) -> dict:
+        e = self.sched_layout.decode(raw)
+        where = self.labels.get((e["probe_id"], None)) or {"probe": f"probe{e['probe_id']}"}
+        name = lambda b: b.split(b"\0", 1)[0].decode(errors="replace")  # noqa: E731
+        return {"ts_ns": e["ts_ns"], "wall_ns": e["ts_ns"] + self.wall_offset_ns, "probe": where["probe"],
+                "kind": "sched", "cpu": e["cpu"], "pid": e["pid"], "tgid": e["tgid"], "comm": name(e["comm"]),
+                "runq_ns": e["runq_ns"], "prev_pid": e["prev_pid"], "prev_comm": name(e["prev_comm"])}
 
     def drop_reason(self, value: int) -> str:
         if self._drop_reasons is None:
@@ -49,6 +63,8 @@ class EventDecoder:
         return self._drop_reasons.get(value, str(value))
 
     def decode(self, raw: bytes) -> dict:
+        if self._sched_kind is not None and int.from_bytes(raw[self._kind_at], "little") == self._sched_kind:
+            return self.decode_sched(raw)
         e = dict(zip(self.names, self.codec.unpack_from(raw)))
         flags = e["flags"]
         hook = self.hooks.get(e["hook"], str(e["hook"]))
@@ -132,6 +148,9 @@ def where(ev: dict) -> str:
 def format_text(ev: dict) -> str:
     """One line per packet per hook, tcpdump-like: time, hook, length, tuple, id."""
     secs, ns = divmod(ev["wall_ns"], 1_000_000_000)
+    if ev.get("kind") == "sched":
+        return (f"{secs}.{ns:09d} {ev['probe']:<24} pid {ev['pid']} ({ev['comm']}) waited "
+                f"{ev['runq_ns'] / 1000:.1f} us for cpu {ev['cpu']}, after {ev['prev_pid']} ({ev['prev_comm']})")
     line = f"{secs}.{ns:09d} {where(ev):<24}"
     if ev["proto"] is None:  # a function probe without a packet
         line += f" call pid {ev.get('pid', 0)} {ev.get('comm', '')}".rstrip()

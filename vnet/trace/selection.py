@@ -12,9 +12,11 @@ from .session import Plan, device_plan
 
 
 def select(interfaces: list[str], probes: list[str], directions=devprobe.DIRECTIONS,
-           default_netns: str | None = None, strict: bool = False) -> tuple[list[Plan], list[tuple[str, str]]]:
+           default_netns: str | None = None, strict: bool = False, *, pids: tuple[int, ...] = (),
+           min_runq_ns: int = 0) -> tuple[list[Plan], list[tuple[str, str]]]:
     """Plans in the order asked, and (probe, reason) for each unavailable one.
-    strict: an unavailable probe is an error instead of a skip."""
+    strict: an unavailable probe is an error instead of a skip. pids and
+    min_runq_ns go to scheduler probes."""
     wanted: dict[devprobe.Device, list[str]] = {}
     for spec in interfaces:
         dev = devprobe.resolve(spec, default_netns)
@@ -40,7 +42,7 @@ def select(interfaces: list[str], probes: list[str], directions=devprobe.DIRECTI
         for spec in specs:
             res = resolver.resolve(spec, force or None)
             if res.available:
-                plans.append(resolver.plan(res))
+                plans.append(resolver.plan(res, pids=pids, min_runq_ns=min_runq_ns))
             elif strict:
                 raise UnsupportedError(f"probe {spec.name} unavailable: {res.reason}",
                                        hint="run 'vnet probes' to see what this kernel can trace")

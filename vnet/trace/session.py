@@ -164,10 +164,11 @@ class Trace:
         return self.objects[0].btf
 
     def _decoder(self, labels: dict) -> EventDecoder:
-        enums = {name: self.btf.enum(name) for name in ("vnet_hook", "vnet_event_flag")}
+        enums = {name: self.btf.enum(name) for name in ("vnet_hook", "vnet_event_flag", "vnet_event_kind")}
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC; wall time = monotonic + this offset.
         offset = time.time_ns() - time.monotonic_ns()
-        return EventDecoder(self.btf.struct("vnet_event"), enums, labels, offset, ifnames=InterfaceNames())
+        return EventDecoder(self.btf.struct("vnet_event"), enums, labels, offset, ifnames=InterfaceNames(),
+                            sched_layout=self.btf.struct("vnet_sched_event"))
 
     @property
     def hook_kinds(self) -> set[str]:
