@@ -186,3 +186,37 @@ def test_napi_gro_receive_entry_on_a_veth_with_gro():
     got = ours(events, "net:napi_gro_receive_entry")
     assert len(got) == 10 and len({e["pkt_id"] for e in got}) == 10
     assert {(e["ifname"], e["netns"]) for e in got} == {(net.if2, net.ns2)}
+
+
+@pytest.fixture
+def tracefs():
+    """tracefs mounted for the test (and unmounted after, if this test mounted it)."""
+    from vnet.probes import features
+
+    mounted_here = not os.path.isdir("/sys/kernel/tracing/events")
+    if mounted_here:
+        subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"], check=True)
+    features.clear_cache()
+    try:
+        yield
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", "/sys/kernel/tracing"], check=False)
+        features.clear_cache()
+
+
+def test_classic_tracepoint_fallback_sees_the_same_packets(tracefs):
+    """The last fallback (perf tracepoint, skb pointer at the offset tracefs
+    gives) yields the same pkt_ids as the tc hook for the same datagrams."""
+    spec = catalog.BY_NAME["net:netif_receive_skb"]
+    res = resolver.resolve(spec, "tracepoint")
+    assert res.available and res.tp_skb_off > 0
+    with veth_pair(87) as net:
+        plans = [resolver.plan(res), device_plan(resolve_device(net.spec2), ("ingress",))]
+        with Trace(plans) as t:
+            assert {h.kind for h in t.hooks} >= {"tracepoint"}
+            send_udp(net.ns1, net.ip2, PORT, count=10)
+            events = collect(t, lambda ev: len(ours(ev, "net:netif_receive_skb")) >= 10)
+    tp = ours(events, "net:netif_receive_skb")
+    assert len(tp) == 10 and {e["hook"] for e in tp} == {"tracepoint"}
+    assert {e["pkt_id"] for e in tp} == {e["pkt_id"] for e in ours(events, f"dev:{net.spec2}:ingress")}
