@@ -220,3 +220,19 @@ def test_classic_tracepoint_fallback_sees_the_same_packets(tracefs):
     tp = ours(events, "net:netif_receive_skb")
     assert len(tp) == 10 and {e["hook"] for e in tp} == {"tracepoint"}
     assert {e["pkt_id"] for e in tp} == {e["pkt_id"] for e in ours(events, f"dev:{net.spec2}:ingress")}
+
+
+def test_trace_cli_dev_globs_in_a_namespace():
+    with veth_pair(88) as net:
+        cmd = [sys.executable, "-m", "vnet", "trace", "--netns", net.ns1, "-p", "dev:if*:egress", "-c", "4",
+               "--json", "--duration", "10"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.5)
+            send_udp(net.ns1, net.ip2, PORT, count=6)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err
+    events = [json.loads(ln) for ln in out.splitlines()]
+    assert len(events) == 4 and {e["probe"] for e in events} == {f"dev:{net.spec1}:egress"}

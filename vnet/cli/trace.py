@@ -103,12 +103,15 @@ def trace(
                     pass
             stats = t.stats()
             nhooks = len(t.hooks)
+            skipped = [name for name, _ in unavailable + t.skipped]
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         _close_output(out)
     print(f"vnet: {printed} events printed, {stats.received} received, {stats.lost} lost (ring buffer full), "
           f"{stats.seen} packets seen at {nhooks} hooks", file=sys.stderr)
+    if skipped:
+        print(f"vnet: {len(skipped)} requested probes skipped (unavailable): {', '.join(skipped)}", file=sys.stderr)
 
 
 def _open_output(write: Path | None):
