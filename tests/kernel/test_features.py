@@ -192,7 +192,7 @@ def test_kprobe_multi_and_tracepoint_unsupported_here(probed):
     km = probed["features"]["kprobe_multi"]
     assert km.support is Support.UNSUPPORTED and "BPF_TRACE_KPROBE_MULTI" in km.detail
     tp = probed["features"]["tracepoint"]
-    if features._tracefs_events() is None:
+    if features.tracefs_events() is None:
         assert tp.support is Support.UNSUPPORTED
         assert tp.detail == "tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)"
     else:  # someone mounted tracefs: then the real attach decides

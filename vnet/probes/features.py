@@ -339,21 +339,28 @@ def _open(obj: str, program: str, config: dict | None = None, target: str | None
 
 
 @lru_cache(maxsize=1)
-def _probe_function() -> str:
-    """A kernel function present here (kallsyms), to attach kprobes to."""
+def kernel_functions() -> frozenset[str]:
+    """Function symbols of the running kernel and its loaded modules (kallsyms)."""
     names = set()
     try:
         with open("/proc/kallsyms") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) >= 3 and parts[1] in "tT":
+                if len(parts) >= 3 and parts[1] in "tTwW":
                     names.add(parts[2])
     except OSError:
         pass
+    return frozenset(names)
+
+
+def _probe_function() -> str:
+    """A kernel function present here, to attach kprobes to."""
+    names = kernel_functions()
     return next((fn for fn in PROBE_FUNCTIONS if fn in names), PROBE_FUNCTIONS[0])
 
 
-def _tracefs_events() -> str | None:
+def tracefs_events() -> str | None:
+    """The tracefs events directory, if tracefs is mounted."""
     for root in TRACEFS:
         if os.path.isdir(os.path.join(root, "events")):
             return os.path.join(root, "events")
@@ -606,7 +613,7 @@ def _raw_tp() -> Feature:
 
 
 def _tracepoint() -> Feature:
-    events = _tracefs_events()
+    events = tracefs_events()
     if events is None:
         return _feature("tracepoint", Support.UNSUPPORTED,
                         "tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)")
@@ -629,7 +636,7 @@ def _kprobe() -> Feature:
             return ""
         if os.path.exists("/sys/bus/event_source/devices/kprobe"):
             return ""  # the kprobe PMU is there: the errno speaks for itself
-        events = _tracefs_events()
+        events = tracefs_events()
         legacy = ("tracefs not mounted" if events is None else "tracefs kprobe_events refused"
                   if os.path.exists(os.path.join(os.path.dirname(events), "kprobe_events")) else "no kprobe_events")
         return f"kprobes not available (no kprobe PMU, {legacy}): "

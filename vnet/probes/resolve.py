@@ -23,7 +23,6 @@ PROGRAMS = {
 }
 SCHED_PROGRAMS = ("sched_wakeup", "sched_wakeup_new", "sched_switch")
 CONFIG_VAR = {"skb_trace": "skb_cfg", "drop": "drop_cfg", "sched": "sched_cfg"}
-TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
 
 @dataclass
@@ -65,20 +64,6 @@ def _module_btf(module: str) -> Btf | None:
         return None
 
 
-@lru_cache(maxsize=1)
-def _kallsyms() -> frozenset[str]:
-    names = set()
-    try:
-        with open("/proc/kallsyms") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[1] in "tTwW":
-                    names.add(parts[2])
-    except OSError:
-        pass
-    return frozenset(names)
-
-
 def _has_tracepoint(name: str) -> bool:
     return _vmlinux().has(f"btf_trace_{name}", TYPEDEF)
 
@@ -91,12 +76,12 @@ def _has_function_btf(fn: str, module: str | None) -> bool:
 
 
 def _tracefs_format(category: str, name: str) -> str | None:
-    for root in TRACEFS:
-        path = f"{root}/events/{category}/{name}/format"
-        if os.path.exists(path):
-            with open(path) as f:
-                return f.read()
-    return None
+    events = features.tracefs_events()
+    path = f"{events}/{category}/{name}/format"
+    if events is None or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read()
 
 
 def _missing(fn: str, module: str | None) -> str:
@@ -125,7 +110,7 @@ def _check(spec: ProbeSpec, hook: Hook) -> tuple[str, int]:
             return f"tracepoint: {category}/{name} has no skbaddr field", 0
         return "", int(m.group(1)) if m else 0
     present = (_has_function_btf(hook.target, spec.module) if hook.kind == "fentry"
-               else hook.target in _kallsyms())
+               else hook.target in features.kernel_functions())
     if not present:
         return _missing(hook.target, spec.module), 0
     if not feature.ok:
