@@ -3,12 +3,13 @@
  * value is per kernel; user space names it from the running kernel's BTF
  * (enum skb_drop_reason), never from a table copied here. Twins: tp_btf
  * (typed arguments) and raw_tp. */
-#include "vnet_packet.bpf.h"
+#include "vnet_filter.bpf.h"
 #include <bpf/bpf_tracing.h>
 
 struct vnet_drop_config {
 	__u32 probe_id;
 	__u32 wakeup_every;
+	struct vnet_filter filter;
 };
 
 const volatile struct vnet_drop_config drop_cfg = {};
@@ -31,6 +32,10 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 	bpf_get_current_comm(ev.comm, sizeof(ev.comm));
 	if (skb)
 		vnet_parse_kernel_skb(skb, &ev);
+	if (!vnet_filter_match(&drop_cfg.filter, &ev)) {
+		st->v[VNET_STAT_FILTERED]++;
+		return 0;
+	}
 	vnet_emit(st, &ev, drop_cfg.wakeup_every);
 	return 0;
 }

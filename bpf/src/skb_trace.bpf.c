@@ -5,7 +5,7 @@
  * (tracepoint or kernel function, also in modules such as openvswitch) and
  * loads one instance per probe; all instances share one ring and one set of
  * counters. Which argument holds the sk_buff is a load-time constant. */
-#include "vnet_packet.bpf.h"
+#include "vnet_filter.bpf.h"
 #include <bpf/bpf_tracing.h>
 
 struct vnet_skb_config {
@@ -16,6 +16,7 @@ struct vnet_skb_config {
 	__u8 skb_deref;     /* that argument is a struct sk_buff ** (e.g. br_handle_frame) */
 	__u8 task;          /* record pid and comm of the current task (socket probes) */
 	__u8 dev_arg;       /* 1-based position of a struct net_device * naming the device; 0: skb->dev */
+	struct vnet_filter filter;
 };
 
 const volatile struct vnet_skb_config skb_cfg = {};
@@ -45,6 +46,10 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 	if (skb_cfg.task) {
 		ev.pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(ev.comm, sizeof(ev.comm));
+	}
+	if (!vnet_filter_match(&skb_cfg.filter, &ev)) {
+		st->v[VNET_STAT_FILTERED]++;
+		return 0;
 	}
 	vnet_emit(st, &ev, skb_cfg.wakeup_every);
 	return 0;

@@ -6,13 +6,14 @@
  * One object instance is loaded per traced device, all sharing one ring and
  * one set of counters: its probe_id names the device even where ifindexes
  * repeat across network namespaces (tc has no portable netns helper). */
-#include "vnet_packet.bpf.h"
+#include "vnet_filter.bpf.h"
 
 #define VNET_TC_NEXT -1 /* TC_ACT_UNSPEC == TCX_NEXT: never alter the packet's fate */
 
 struct vnet_tc_config {
 	__u32 probe_id;      /* copied into every event: the device this instance watches */
 	__u32 wakeup_every;  /* wake the reader every N events per CPU; 0 or 1: each event */
+	struct vnet_filter filter;
 };
 
 const volatile struct vnet_tc_config tc_cfg = {};
@@ -32,6 +33,10 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 	ev.mark = skb->mark;
 	ev.hook = hook;
 	vnet_parse_skb(skb, &ev);
+	if (!vnet_filter_match(&tc_cfg.filter, &ev)) {
+		st->v[VNET_STAT_FILTERED]++;
+		return VNET_TC_NEXT;
+	}
 	vnet_emit(st, &ev, tc_cfg.wakeup_every);
 	return VNET_TC_NEXT;
 }

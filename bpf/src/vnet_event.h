@@ -41,7 +41,8 @@ enum vnet_stat {
 	VNET_STAT_SEEN = 0,     /* packets the program ran on */
 	VNET_STAT_EMITTED = 1,  /* events committed to the ring */
 	VNET_STAT_LOST = 2,     /* ring full: event dropped, counted here */
-	VNET_STAT_MAX = 3,
+	VNET_STAT_FILTERED = 3, /* packets the in-kernel filter left out (on purpose) */
+	VNET_STAT_MAX = 4,
 };
 
 /* The common head of every ring record. */

@@ -139,16 +139,27 @@ def test_stats_value_has_one_counter_per_stat(btf):
     assert field.count == btf.enum("vnet_stat")["VNET_STAT_MAX"] and field.size == 8 * field.count
 
 
+def sample_value(f, n: int):
+    """A distinct value that fits field f: bytes for byte arrays, else an int."""
+    if f.is_bytes:
+        return bytes((n + j) & 0xFF for j in range(f.size))
+    return n & ((1 << (8 * f.size)) - 1)
+
+
+def zero(f):
+    return bytes(f.size) if f.is_bytes else 0
+
+
 def test_tc_cfg_round_trips_through_encode_decode(btf):
     offset, layout = btf.variable(".rodata", "tc_cfg")
     assert layout.name == "vnet_tc_config" and offset >= 0
-    values = {f.name: (0x01020304 + i) & ((1 << (8 * f.size)) - 1) for i, f in enumerate(layout.fields)}
+    values = {f.name: sample_value(f, 0x01020304 + i) for i, f in enumerate(layout.fields)}
     data = layout.encode(values)
     assert len(data) == layout.size
     assert layout.decode(data) == values
     # Fields left out encode as zero; unknown names are refused, never dropped.
     first = layout.fields[0].name
-    assert layout.decode(layout.encode({first: 5})) == {f.name: 5 if f.name == first else 0 for f in layout.fields}
+    assert layout.decode(layout.encode({first: 5})) == {f.name: 5 if f.name == first else zero(f) for f in layout.fields}
     with pytest.raises(KeyError):
         layout.encode({"no_such_field": 1})
 
@@ -157,8 +168,8 @@ def test_tc_cfg_round_trips_through_an_opened_object():
     # Opening and configuring an object is ELF work in libbpf: no kernel, no root.
     with BpfObject(OBJECT) as obj:
         layout = obj.config_layout("tc_cfg")
-        values = {f.name: 1000 + i for i, f in enumerate(layout.fields)}
-        assert obj.config("tc_cfg") == {f.name: 0 for f in layout.fields}
+        values = {f.name: sample_value(f, 1000 + i) for i, f in enumerate(layout.fields)}
+        assert obj.config("tc_cfg") == {f.name: zero(f) for f in layout.fields}
         obj.set_config("tc_cfg", values)
         assert obj.config("tc_cfg") == values
         # The image libbpf will load holds the encoded bytes at the variable's BTF offset.

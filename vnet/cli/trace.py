@@ -13,6 +13,7 @@ import typer
 from vnet.errors import UsageError
 from vnet.probes import device as devprobe
 from vnet.trace import Trace
+from vnet.trace.filters import PacketFilter
 from vnet.trace.selection import select
 from vnet.trace.records import format_json, format_text
 from vnet.trace.session import DEFAULT_RING_BYTES, DEFAULT_WAKEUP_EVERY
@@ -49,6 +50,17 @@ def trace(
     direction: str = typer.Option("both", "--direction", "-d", help="ingress, egress or both."),
     netns: Optional[str] = typer.Option(None, "--netns", help="Default network namespace for -i names."),
     ring_size: int = typer.Option(DEFAULT_RING_BYTES, "--ring-size", help="Ring buffer bytes (power of two)."),
+    proto: Optional[str] = typer.Option(None, "--proto", help="Filter: udp, tcp, icmp, icmp6, ip, ip6 or a number."),
+    src: Optional[str] = typer.Option(None, "--src", metavar="ADDR[/LEN]", help="Filter: source address or prefix."),
+    dst: Optional[str] = typer.Option(None, "--dst", metavar="ADDR[/LEN]", help="Filter: destination."),
+    host: Optional[str] = typer.Option(None, "--host", metavar="ADDR[/LEN]", help="Filter: source or destination."),
+    sport: Optional[int] = typer.Option(None, "--sport", help="Filter: source port."),
+    dport: Optional[int] = typer.Option(None, "--dport", help="Filter: destination port."),
+    port: Optional[int] = typer.Option(None, "--port", help="Filter: source or destination port."),
+    min_len: Optional[int] = typer.Option(None, "--min-len", min=0, help="Filter: packets at least this long."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", min=1, help="Filter: packets at most this long."),
+    sample: Optional[str] = typer.Option(None, "--sample", metavar="1/N",
+                                         help="Keep 1 packet in N, the same packets at every hook and host."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="-v: attach details; -vv: libbpf log."),
 ):
     """Trace packets at TC ingress/egress of interfaces and at catalog probes, one line per packet per hook."""
@@ -56,6 +68,8 @@ def trace(
     if direction not in ("both",) + devprobe.DIRECTIONS:
         raise UsageError(f"unknown direction {direction!r} (use ingress, egress or both)")
     directions = devprobe.DIRECTIONS if direction == "both" else (direction,)
+    packet_filter = PacketFilter(proto, src, dst, host, sport, dport, port, min_len, max_len, sample)
+    packet_filter.config()  # bad filter input fails here, before anything is resolved or loaded
     plans, unavailable = select(interface, probe, directions, netns, strict, pids=tuple(pid),
                                 min_runq_ns=int(min_runq_us * 1000))
     for name, why in unavailable:
@@ -67,7 +81,8 @@ def trace(
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     printed = 0
     try:
-        with Trace(plans, ring_bytes=ring_size, wakeup_every=DEFAULT_WAKEUP_EVERY, strict=strict) as t:
+        with Trace(plans, ring_bytes=ring_size, wakeup_every=DEFAULT_WAKEUP_EVERY, strict=strict,
+                   packet_filter=packet_filter) as t:
             for name, why in t.skipped:
                 print(f"vnet: skipping {name}: {why}", file=sys.stderr)
             hooks = ", ".join(dict.fromkeys(h.probe.removeprefix("dev:") for h in t.hooks))
@@ -110,6 +125,8 @@ def trace(
         _close_output(out)
     print(f"vnet: {printed} events printed, {stats.received} received, {stats.lost} lost (ring buffer full), "
           f"{stats.seen} packets seen at {nhooks} hooks", file=sys.stderr)
+    if packet_filter.active:
+        print(f"vnet: {stats.filtered} packets left out by the filter", file=sys.stderr)
     if skipped:
         print(f"vnet: {len(skipped)} requested probes skipped (unavailable): {', '.join(skipped)}", file=sys.stderr)
 

@@ -184,4 +184,5 @@ def plan(res: Resolution, *, pids: tuple[int, ...] = (), min_runq_ns: int = 0):
         return links
 
     return Plan(spec.obj, CONFIG_VAR[spec.obj], config, programs, attach,
-                {None: {"probe": spec.name, "layer": spec.layer}}, prepare=prepare, name=spec.name)
+                {None: {"probe": spec.name, "layer": spec.layer}}, prepare=prepare, name=spec.name,
+                filterable=spec.obj in ("skb_trace", "drop"))

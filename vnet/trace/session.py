@@ -20,6 +20,7 @@ from vnet.probes import device as devprobe
 from vnet.probes import features
 from vnet.probes.device import DIRECTIONS, Device
 
+from .filters import PacketFilter
 from .ifnames import InterfaceNames
 from .records import EventDecoder
 
@@ -53,6 +54,7 @@ class Plan:
     labels: dict
     prepare: Callable[[BpfObject], None] | None = None
     name: str = ""
+    filterable: bool = False  # its config has the packet filter (struct vnet_filter)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class TraceStats:
     emitted: int = 0   # events that reached the ring
     lost: int = 0      # events dropped because the ring was full
     received: int = 0  # events user space read
+    filtered: int = 0  # packets the in-kernel filter left out, on purpose
 
 
 def check_ring_size(n: int) -> int:
@@ -82,7 +85,7 @@ def device_plan(dev: Device, directions=DIRECTIONS) -> Plan:
     labels = {devprobe.hook_values()[d]: {"probe": dev.probe_name(d), "ifname": dev.ifname, "netns": dev.netns,
                                        "layer": "device"} for d in directions}
     return Plan("tc_trace", "tc_cfg", {}, tuple(devprobe.PROGRAMS[d] for d in directions), attach, labels,
-                name=f"dev:{dev.label}")
+                name=f"dev:{dev.label}", filterable=True)
 
 
 class Trace:
@@ -92,13 +95,15 @@ class Trace:
     in `skipped` (probe, reason); the rest run. strict=True raises instead."""
 
     def __init__(self, plans: list[Plan], *, ring_bytes: int = DEFAULT_RING_BYTES,
-                 wakeup_every: int = DEFAULT_WAKEUP_EVERY, strict: bool = True):
+                 wakeup_every: int = DEFAULT_WAKEUP_EVERY, strict: bool = True,
+                 packet_filter: PacketFilter | None = None):
         if not plans:
             raise UsageError("nothing to trace (give -i IFACE or -p PROBE)")
         self.plans = plans
         self.ring_bytes = check_ring_size(ring_bytes)
         self.wakeup_every = wakeup_every
         self.strict = strict
+        self.filter_config = (packet_filter or PacketFilter()).config()  # validated before anything loads
         self.hooks: list[Hook] = []
         self.skipped: list[tuple[str, str]] = []
         self.objects: list[BpfObject] = []
@@ -142,7 +147,10 @@ class Trace:
     def _load(self, plan: Plan, probe_id: int) -> tuple[BpfObject, list[Hook]]:
         obj = BpfObject(object_path(plan.obj))
         try:
-            obj.set_config(plan.config_var, {"probe_id": probe_id, "wakeup_every": self.wakeup_every, **plan.config})
+            config = {"probe_id": probe_id, "wakeup_every": self.wakeup_every, **plan.config}
+            if plan.filterable:
+                config.update(self.filter_config)
+            obj.set_config(plan.config_var, config)
             if self.objects:
                 for name in SHARED_MAPS:
                     obj.maps[name].share(self.objects[0].maps[name])
@@ -193,7 +201,8 @@ class Trace:
         rows = [layout.decode(raw)["v"] for raw in self.objects[0].maps["vnet_stats"].lookup(b"\0\0\0\0")]
         total = {name: sum(r[i] for r in rows) for name, i in index.items() if name != "VNET_STAT_MAX"}
         return TraceStats(seen=total["VNET_STAT_SEEN"], emitted=total["VNET_STAT_EMITTED"],
-                          lost=total["VNET_STAT_LOST"], received=self.received)
+                          lost=total["VNET_STAT_LOST"], received=self.received,
+                          filtered=total.get("VNET_STAT_FILTERED", 0))
 
     def close(self) -> None:
         """Detach every hook and release every object (idempotent)."""

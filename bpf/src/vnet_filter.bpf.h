@@ -1,0 +1,77 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* Which packets make events. The same struct sits in every packet program's
+ * read-only config, so the verifier sees constants and prunes unused tests;
+ * a packet that does not match costs the parse and these compares, no event. */
+#ifndef VNET_FILTER_BPF_H
+#define VNET_FILTER_BPF_H
+
+#include "vnet_packet.bpf.h"
+
+struct vnet_filter {
+	__u8 f_on;         /* any criterion below is set */
+	__u8 f_l4_proto;   /* IPPROTO_*; 0: any */
+	__u8 f_family;     /* 4 or 6; 0: any */
+	__u8 f_src_bits;   /* prefix lengths; 0: any address */
+	__u8 f_dst_bits;
+	__u8 f_host_bits;  /* source or destination */
+	__u16 f_sport;     /* 0: any */
+	__u16 f_dport;
+	__u16 f_port;      /* source or destination */
+	__u32 f_len_min;   /* skb->len bounds; f_len_max 0: no upper bound */
+	__u32 f_len_max;
+	__u32 f_sample;    /* keep packets whose pkt_id % f_sample == 0 (the same at every hook and host); 0/1: all */
+	__u8 f_src[16];    /* IPv4 in the first 4 bytes */
+	__u8 f_dst[16];
+	__u8 f_host[16];
+};
+
+static __always_inline bool vnet_prefix_match(const __u8 *addr, const volatile __u8 *prefix, __u32 bits)
+{
+#pragma unroll
+	for (int i = 0; i < 16; i++) {
+		__u32 take = bits > 8 ? 8 : bits;
+		__u8 mask = (__u8)(0xff00 >> take);
+
+		if (take == 0)
+			return true;
+		if ((addr[i] ^ prefix[i]) & mask)
+			return false;
+		bits -= take;
+	}
+	return true;
+}
+
+/* Events without a packet (function-call probes) always pass. */
+static __always_inline bool vnet_filter_match(const volatile struct vnet_filter *f, const struct vnet_event *ev)
+{
+	bool ports = ev->flags & VNET_F_PORTS;
+
+	if (!f->f_on || (ev->flags & VNET_F_NO_SKB))
+		return true;
+	if (f->f_sample > 1 && ev->pkt_id % f->f_sample != 0)
+		return false;
+	if (f->f_family == 4 && !(ev->flags & VNET_F_IPV4))
+		return false;
+	if (f->f_family == 6 && !(ev->flags & VNET_F_IPV6))
+		return false;
+	if (f->f_l4_proto && ev->l4_proto != f->f_l4_proto)
+		return false;
+	if (f->f_sport && (!ports || ev->sport != f->f_sport))
+		return false;
+	if (f->f_dport && (!ports || ev->dport != f->f_dport))
+		return false;
+	if (f->f_port && (!ports || (ev->sport != f->f_port && ev->dport != f->f_port)))
+		return false;
+	if (f->f_src_bits && !vnet_prefix_match(ev->saddr, f->f_src, f->f_src_bits))
+		return false;
+	if (f->f_dst_bits && !vnet_prefix_match(ev->daddr, f->f_dst, f->f_dst_bits))
+		return false;
+	if (f->f_host_bits && !vnet_prefix_match(ev->saddr, f->f_host, f->f_host_bits) &&
+	    !vnet_prefix_match(ev->daddr, f->f_host, f->f_host_bits))
+		return false;
+	if (ev->len < f->f_len_min || (f->f_len_max && ev->len > f->f_len_max))
+		return false;
+	return true;
+}
+
+#endif /* VNET_FILTER_BPF_H */

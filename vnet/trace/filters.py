@@ -1,0 +1,96 @@
+"""The in-kernel packet filter: what the user asked for, checked here, written
+into every packet program's `filter` config (struct vnet_filter) before load."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from vnet.errors import UsageError
+
+PROTOCOLS = {"icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "icmp6": 58, "sctp": 132}
+FAMILIES = {"ip": 4, "ip4": 4, "ipv4": 4, "ip6": 6, "ipv6": 6}
+
+
+@dataclass(frozen=True)
+class PacketFilter:
+    proto: str | None = None    # udp, tcp, icmp, icmp6, a number, or ip/ip6 for the family only
+    src: str | None = None      # address or CIDR prefix
+    dst: str | None = None
+    host: str | None = None     # source or destination
+    sport: int | None = None
+    dport: int | None = None
+    port: int | None = None     # source or destination
+    len_min: int | None = None
+    len_max: int | None = None
+    sample: str | None = None   # "1/N"
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in vars(self).values())
+
+    def config(self) -> dict:
+        """The f_* fields of struct vnet_filter (names from the objects' BTF)."""
+        if not self.active:
+            return {"f_on": 0}
+        cfg: dict = {"f_on": 1}
+        families = set()
+        if self.proto is not None:
+            p = self.proto.lower()
+            if p in FAMILIES:
+                families.add(FAMILIES[p])
+            elif p in PROTOCOLS:
+                cfg["f_l4_proto"] = PROTOCOLS[p]
+            elif p.isdigit() and 0 < int(p) < 256:
+                cfg["f_l4_proto"] = int(p)
+            else:
+                raise UsageError(f"unknown protocol {self.proto!r} (use {', '.join(PROTOCOLS)}, ip, ip6 or a number)")
+            if cfg.get("f_l4_proto") == 1:
+                families.add(4)
+            if cfg.get("f_l4_proto") == 58:
+                families.add(6)
+        for name in ("src", "dst", "host"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                net = ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise UsageError(f"--{name} {value!r} is not an address or prefix") from None
+            families.add(net.version)
+            cfg[f"f_{name}"] = net.network_address.packed.ljust(16, b"\0")
+            cfg[f"f_{name}_bits"] = net.prefixlen
+            if net.prefixlen == 0:  # /0 matches everything of that family
+                cfg.pop(f"f_{name}"), cfg.pop(f"f_{name}_bits")
+        if len(families) > 1:
+            raise UsageError("the filter mixes IPv4 and IPv6 (addresses and protocol must agree)")
+        if families:
+            cfg["f_family"] = families.pop()
+        for name in ("sport", "dport", "port"):
+            value = getattr(self, name)
+            if value is not None:
+                if not 0 < value < 65536:
+                    raise UsageError(f"--{name} {value} is not a port (1-65535)")
+                cfg[f"f_{name}"] = value
+        if self.len_min is not None:
+            cfg["f_len_min"] = self.len_min
+        if self.len_max is not None:
+            if self.len_max < (self.len_min or 0) or self.len_max <= 0:
+                raise UsageError(f"--max-len {self.len_max} is below --min-len or not positive")
+            cfg["f_len_max"] = self.len_max
+        if self.sample is not None:
+            cfg["f_sample"] = parse_sample(self.sample)
+        return cfg
+
+
+def parse_sample(text: str) -> int:
+    """'1/N' (or 'N') -> N: keep the packets whose pkt_id is 0 mod N, at every hook and host."""
+    head, _, tail = text.partition("/")
+    try:
+        n = int(tail if tail else head)
+        ok = (head.strip() == "1" if tail else True) and n >= 1
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UsageError(f"--sample {text!r}: use 1/N with N >= 1")
+    return n
