@@ -34,6 +34,7 @@ enum vnet_event_flag {
 	VNET_F_VLAN = 1 << 4,      /* vlan_tci is valid */
 	VNET_F_TRUNCATED = 1 << 5, /* headers ran past the packet end */
 	VNET_F_NO_SKB = 1 << 6,    /* a function probe without a packet argument */
+	VNET_F_ENCAP = 1 << 7,     /* VXLAN: the fields and pkt_id are the inner packet's; vni is set */
 };
 
 /* Indexes of the per-CPU `vnet_stats` array: every loss is counted. */
@@ -65,6 +66,7 @@ struct vnet_event {
 	__u32 tcp_ack;
 	__u32 pid;          /* current tgid where the probe records it (socket probes), else 0 */
 	__u32 reason;       /* drop reason (enum skb_drop_reason of the running kernel) */
+	__u32 vni;          /* VXLAN network identifier, with VNET_F_ENCAP */
 	__u16 hook;         /* enum vnet_hook */
 	__u16 eth_proto;    /* host order, e.g. 0x0800 */
 	__u16 flags;        /* enum vnet_event_flag */

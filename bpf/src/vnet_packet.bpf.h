@@ -20,6 +20,8 @@
 #define VNET_IPPROTO_ICMPV6 58
 #define VNET_PAYLOAD_HASH_BYTES 32
 #define VNET_IPV6_MAX_EXT 4 /* extension headers walked before giving up on L4 */
+#define VNET_VXLAN_PORT 4789        /* IANA */
+#define VNET_VXLAN_LINUX_PORT 8472  /* Linux's default when `ip link add ... type vxlan` names none */
 
 /* `net_cookie` became a plain u64 of struct net in 5.14 ("net: retire netns
  * cookie generator"); before it was a lazily set atomic64_t, which CO-RE does not
@@ -59,6 +61,7 @@ struct vnet_cursor {
 	const __u8 *l3;        /* kernel sk_buff: the network header's address */
 	__u32 base;            /* TC: BPF_HDR_START_NET, or _MAC when a VLAN tag is in-band */
 	__u32 off;             /* of the L3 header from base (TC) or from l3 (kernel) */
+	__u32 l4off;           /* of the L4 header, same origin as off */
 	__u8 kernel;           /* a literal at every call site: the compiler keeps one reader */
 };
 
@@ -97,6 +100,7 @@ static __always_inline __u64 vnet_parse_l4(struct vnet_cursor *c, struct vnet_ev
 {
 	__u32 hdr_len = 0;
 
+	c->l4off = off;
 	if (ev->l4_proto == VNET_IPPROTO_TCP) {
 		struct tcphdr th;
 
@@ -251,6 +255,32 @@ out:
 	ev->pkt_id = vnet_fmix(h);
 }
 
+/* VXLAN: identify the inner packet, so that it keeps its pkt_id (and its
+ * tuple, for filters and output) across encapsulation and decapsulation. */
+static __always_inline void vnet_decap(struct vnet_cursor *c, struct vnet_event *ev, __u32 len)
+{
+	__u8 vx[8];
+	__u16 inner;
+	__u32 off = c->l4off + 8;
+
+	if (!(ev->flags & VNET_F_PORTS) || ev->l4_proto != VNET_IPPROTO_UDP ||
+	    (ev->dport != VNET_VXLAN_PORT && ev->dport != VNET_VXLAN_LINUX_PORT))
+		return;
+	if (vnet_load(c, off, vx, sizeof(vx)) < 0 || !(vx[0] & 0x08)) /* the I flag: a valid VNI */
+		return;
+	if (vnet_load(c, off + 8 + 12, &inner, sizeof(inner)) < 0)
+		return;
+	ev->flags = (ev->flags & VNET_F_VLAN) | VNET_F_ENCAP;
+	ev->vni = (__u32)vx[4] << 16 | (__u32)vx[5] << 8 | vx[6];
+	ev->l4_proto = ev->tcp_flags = ev->ttl = 0;
+	ev->sport = ev->dport = ev->ip_id = 0;
+	ev->tcp_seq = ev->tcp_ack = 0;
+	__builtin_memset(ev->saddr, 0, sizeof(ev->saddr));
+	__builtin_memset(ev->daddr, 0, sizeof(ev->daddr));
+	c->off = off + 8 + 14; /* VXLAN header, inner Ethernet header */
+	vnet_parse_l3(c, ev, bpf_ntohs(inner), len);
+}
+
 /* TC: fill the addressing fields and pkt_id of `ev` from the packet. */
 static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_event *ev)
 {
@@ -276,6 +306,7 @@ static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_ev
 		c.off = 18;
 	}
 	vnet_parse_l3(&c, ev, proto, skb->len);
+	vnet_decap(&c, ev, skb->len);
 }
 
 /* Kernel sk_buff (tracepoints, fentry, kprobe): the same fields and pkt_id.
@@ -319,6 +350,7 @@ static __always_inline void vnet_parse_kernel_skb(struct sk_buff *skb, struct vn
 		c.l3 = head + mh + 18;
 	}
 	vnet_parse_l3(&c, ev, proto, ev->len);
+	vnet_decap(&c, ev, ev->len);
 }
 
 #endif /* VNET_PACKET_BPF_H */

@@ -115,6 +115,8 @@ class EventDecoder:
                 out["tcp_flags"] = "".join(ch for bit, ch in TCP_FLAG_LETTERS if e["tcp_flags"] & bit)
             if flags & self.flag["fragment"]:
                 out["fragment"] = True
+        if flags & self.flag["encap"]:
+            out["vni"] = e["vni"]  # the tuple and pkt_id above are the inner packet's
         if flags & self.flag["vlan"]:
             out["vlan"] = e["vlan_tci"] & 0xFFF
         if flags & self.flag["truncated"]:
