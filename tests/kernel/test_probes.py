@@ -236,3 +236,26 @@ def test_trace_cli_dev_globs_in_a_namespace():
     assert proc.returncode == 0, err
     events = [json.loads(ln) for ln in out.splitlines()]
     assert len(events) == 4 and {e["probe"] for e in events} == {f"dev:{net.spec1}:egress"}
+
+
+def test_follow_prints_one_path_per_packet():
+    with veth_pair(89) as net:
+        cmd = [sys.executable, "-m", "vnet", "trace", "-p", f"dev:{net.spec1}:egress", "-p",
+               f"dev:{net.spec2}:ingress", "-p", "net:netif_receive_skb", "--dport", str(PORT), "--follow",
+               "--json", "-c", "5", "--duration", "10"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.5)
+            send_udp(net.ns1, net.ip2, PORT, count=8)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err
+    paths = [json.loads(ln) for ln in out.splitlines()]
+    assert len(paths) == 5
+    for p in paths:
+        # Causal order: the receive tracepoint fires in __netif_receive_skb_core before tc ingress runs.
+        assert [h["probe"] for h in p["hops"]] == [f"dev:{net.spec1}:egress", "net:netif_receive_skb",
+                                                   f"dev:{net.spec2}:ingress"]
+        assert p["hops"][0]["delta_ns"] == 0 and all(h["delta_ns"] >= 0 for h in p["hops"])
+        assert p["total_ns"] == sum(h["delta_ns"] for h in p["hops"]) and p["dport"] == PORT

@@ -41,3 +41,67 @@ def hop_latency(paths_: list[PacketPath]) -> list[tuple[str, str, int, float, in
         for a, b, ns in p.deltas():
             samples.setdefault((a, b), []).append(ns)
     return [(a, b, len(v), statistics.median(v), max(v)) for (a, b), v in samples.items()]
+
+
+class PathFollower:
+    """Live path assembly for `vnet trace --follow`: a packet's path is complete
+    when it has been seen at every attached hook, or when `idle_ns` pass with no
+    new sighting (its other hooks are not on its way)."""
+
+    def __init__(self, hooks: int, idle_ns: int = 200_000_000):
+        self.hooks = hooks
+        self.idle_ns = idle_ns
+        self._open: dict[str, PacketPath] = {}
+        self._last: dict[str, int] = {}
+
+    def add(self, events: list[dict], now_ns: int) -> list[PacketPath]:
+        """Take new events (packet events only; others are ignored) and return
+        the paths completed by them or by the passing time, oldest first."""
+        done = []
+        for e in events:
+            pid = e.get("pkt_id")
+            if pid is None:
+                continue
+            path = self._open.setdefault(pid, PacketPath(pid))
+            path.events.append(e)
+            self._last[pid] = now_ns
+            if len({x["probe"] for x in path.events}) >= self.hooks:
+                done.append(self._close(pid))
+        expired = [pid for pid, t in self._last.items() if now_ns - t >= self.idle_ns]
+        done += [self._close(pid) for pid in expired]
+        return sorted(done, key=lambda p: p.events[0]["ts_ns"])
+
+    def flush(self) -> list[PacketPath]:
+        """Every path still open (at the end of a trace)."""
+        return sorted((self._close(pid) for pid in list(self._open)), key=lambda p: p.events[0]["ts_ns"])
+
+    def _close(self, pid: str) -> PacketPath:
+        path = self._open.pop(pid)
+        self._last.pop(pid, None)
+        path.events.sort(key=lambda e: e["ts_ns"])
+        return path
+
+
+def path_record(path: PacketPath) -> dict:
+    """A packet's path as one JSON-ready object."""
+    first = path.events[0]
+    hops, prev = [], first["ts_ns"]
+    for e in path.events:
+        hops.append({"probe": e["probe"], "ts_ns": e["ts_ns"], "delta_ns": e["ts_ns"] - prev,
+                     **({"ifname": e["ifname"], "netns": e["netns"]} if e.get("ifname") else {})})
+        prev = e["ts_ns"]
+    return {"pkt_id": path.pkt_id, "proto": first["proto"], "src": first["src"], "dst": first["dst"],
+            "sport": first["sport"], "dport": first["dport"], "len": first["len"], "wall_ns": first["wall_ns"],
+            "hops": hops, "total_ns": path.total_ns}
+
+
+def format_path(path: PacketPath) -> str:
+    """One line: time, tuple, then each hop with the time since the previous one."""
+    r = path_record(path)
+    secs, ns = divmod(r["wall_ns"], 1_000_000_000)
+    ends = (f"{r['src']}:{r['sport']} > {r['dst']}:{r['dport']}" if r["sport"] is not None
+            else f"{r['src']} > {r['dst']}" if r["src"] else "")
+    hops = " -> ".join(f"{h['probe'].removeprefix('dev:')}" + (f" +{h['delta_ns'] / 1000:.1f}us" if i else "")
+                       for i, h in enumerate(r["hops"]))
+    return (f"{secs}.{ns:09d} {(r['proto'] or '?').upper()} {ends} pkt_id {r['pkt_id']}: {hops}"
+            f"  total {r['total_ns'] / 1000:.1f}us")

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 
+from vnet.analysis.paths import PathFollower, format_path, path_record
 from vnet.errors import UsageError
 from vnet.probes import device as devprobe
 from vnet.trace import Trace
@@ -61,6 +62,10 @@ def trace(
     max_len: Optional[int] = typer.Option(None, "--max-len", min=1, help="Filter: packets at most this long."),
     sample: Optional[str] = typer.Option(None, "--sample", metavar="1/N",
                                          help="Keep 1 packet in N, the same packets at every hook and host."),
+    follow: bool = typer.Option(False, "--follow", help="One line (or JSON object) per packet: its path, "
+                                                        "hop by hop with the time between hops."),
+    follow_idle_ms: float = typer.Option(200.0, "--follow-idle-ms", min=1.0,
+                                         help="--follow: a path is complete after this long without a new hop."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="-v: attach details; -vv: libbpf log."),
 ):
     """Trace packets at TC ingress/egress of interfaces and at catalog probes, one line per packet per hook."""
@@ -85,37 +90,40 @@ def trace(
                    packet_filter=packet_filter) as t:
             for name, why in t.skipped:
                 print(f"vnet: skipping {name}: {why}", file=sys.stderr)
-            hooks = ", ".join(dict.fromkeys(h.probe.removeprefix("dev:") for h in t.hooks))
+            probes = list(dict.fromkeys(h.probe for h in t.hooks))
+            hooks = ", ".join(p.removeprefix("dev:") for p in probes)
             print(f"vnet: tracing {hooks} ({'/'.join(sorted(t.hook_kinds))}); Ctrl-C to stop", file=sys.stderr)
+            # What is printed: one line per event, or with --follow one per packet path.
+            if follow:
+                follower = PathFollower(len(probes), int(follow_idle_ms * 1_000_000))
+                render = (lambda p: format_json(path_record(p))) if (json_out or write) else format_path
+                lines = lambda evs: [render(p) for p in follower.add(evs, time.monotonic_ns())]  # noqa: E731
+                final = lambda: [render(p) for p in follower.flush()]  # noqa: E731
+            else:
+                lines = lambda evs: [emit(e) for e in evs]  # noqa: E731
+                final = list
             deadline = time.monotonic() + duration if duration is not None else None
-            while stop.reason is None:
+            while True:
                 timeout = 100 if deadline is None else max(0, min(100, int((deadline - time.monotonic()) * 1000)))
                 events = t.poll(timeout)
                 if deadline is not None and time.monotonic() >= deadline:
-                    events += t.drain()  # what arrived before the deadline still counts
                     stop.reason = stop.reason or "duration"
-                if count is not None and printed + len(events) >= count:
-                    events = events[: count - printed]
-                    stop.reason = "count"
-                if events:
+                ending = stop.reason is not None  # a signal landing later is seen on the next turn
+                if ending:
+                    events += t.drain()  # what already reached the ring is still shown
+                batch = lines(events) + (final() if ending else [])
+                if count is not None and printed + len(batch) >= count:
+                    batch = batch[: count - printed]
+                    stop.reason = ending = "count"
+                if batch:
                     try:
-                        out.write("".join(emit(e) + "\n" for e in events))
+                        out.write("".join(line + "\n" for line in batch))
                         out.flush()
                     except BrokenPipeError:
-                        stop.reason = "closed output"
-                        printed += len(events)
-                        break
-                    printed += len(events)
-            if stop.reason.startswith("SIG"):
-                # Stopped by a signal: what already reached the ring is still printed.
-                late = t.drain()
-                if count is not None:
-                    late = late[: count - printed]
-                try:
-                    out.write("".join(emit(e) + "\n" for e in late))
-                    printed += len(late)
-                except BrokenPipeError:
-                    pass
+                        stop.reason = ending = "closed output"
+                    printed += len(batch)
+                if ending:
+                    break
             stats = t.stats()
             nhooks = len(t.hooks)
             skipped = [name for name, _ in unavailable + t.skipped]
