@@ -9,6 +9,7 @@
 struct vnet_drop_config {
 	__u32 probe_id;
 	__u32 wakeup_every;
+	__u8 aggregate;     /* enum vnet_agg bits: numbers in maps instead of (or besides) events */
 	struct vnet_filter filter;
 };
 
@@ -36,7 +37,10 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 		st->v[VNET_STAT_FILTERED]++;
 		return 0;
 	}
-	vnet_emit(st, &ev, drop_cfg.wakeup_every);
+	if (drop_cfg.aggregate & VNET_AGG_ON)
+		vnet_aggregate(st, &ev);
+	if (!(drop_cfg.aggregate & VNET_AGG_ON) || (drop_cfg.aggregate & VNET_AGG_AND_EVENTS))
+		vnet_emit(st, &ev, drop_cfg.wakeup_every);
 	return 0;
 }
 

@@ -16,6 +16,7 @@ struct vnet_skb_config {
 	__u8 skb_deref;     /* that argument is a struct sk_buff ** (e.g. br_handle_frame) */
 	__u8 task;          /* record pid and comm of the current task (socket probes) */
 	__u8 dev_arg;       /* 1-based position of a struct net_device * naming the device; 0: skb->dev */
+	__u8 aggregate;     /* enum vnet_agg bits: numbers in maps instead of (or besides) events */
 	struct vnet_filter filter;
 };
 
@@ -51,7 +52,10 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 		st->v[VNET_STAT_FILTERED]++;
 		return 0;
 	}
-	vnet_emit(st, &ev, skb_cfg.wakeup_every);
+	if (skb_cfg.aggregate & VNET_AGG_ON)
+		vnet_aggregate(st, &ev);
+	if (!(skb_cfg.aggregate & VNET_AGG_ON) || (skb_cfg.aggregate & VNET_AGG_AND_EVENTS))
+		vnet_emit(st, &ev, skb_cfg.wakeup_every);
 	return 0;
 }
 

@@ -13,6 +13,7 @@
 struct vnet_tc_config {
 	__u32 probe_id;      /* copied into every event: the device this instance watches */
 	__u32 wakeup_every;  /* wake the reader every N events per CPU; 0 or 1: each event */
+	__u8 aggregate;     /* enum vnet_agg bits: numbers in maps instead of (or besides) events */
 	struct vnet_filter filter;
 };
 
@@ -37,7 +38,10 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 		st->v[VNET_STAT_FILTERED]++;
 		return VNET_TC_NEXT;
 	}
-	vnet_emit(st, &ev, tc_cfg.wakeup_every);
+	if (tc_cfg.aggregate & VNET_AGG_ON)
+		vnet_aggregate(st, &ev);
+	if (!(tc_cfg.aggregate & VNET_AGG_ON) || (tc_cfg.aggregate & VNET_AGG_AND_EVENTS))
+		vnet_emit(st, &ev, tc_cfg.wakeup_every);
 	return VNET_TC_NEXT;
 }
 

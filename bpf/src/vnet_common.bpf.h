@@ -29,10 +29,62 @@ struct {
 	__type(value, struct vnet_stats);
 } vnet_stats SEC(".maps");
 
+/* Aggregation mode: numbers kept in the kernel instead of per-packet events.
+ * A "point" is probe_id * VNET_AGG_HOOKS + hook, so a device probe's ingress
+ * and egress count apart. */
+enum vnet_agg {
+	VNET_AGG_ON = 1,        /* config `aggregate`: keep numbers in maps */
+	VNET_AGG_AND_EVENTS = 2, /* ... and still emit events (to check the numbers against them) */
+	VNET_AGG_HOOKS = 8,     /* points per probe: room for every enum vnet_hook value */
+	VNET_AGG_POINTS = 1024, /* probes * hooks */
+};
+
+struct vnet_agg_point {
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct vnet_agg_last {
+	__u64 ts_ns;  /* when the packet was last seen */
+	__u32 point;  /* and where */
+	__u32 pad;
+};
+
+/* A latency histogram cell: packets that went from one point to the next
+ * in [2^bucket, 2^(bucket+1)) ns. */
+struct vnet_agg_key {
+	__u16 from;
+	__u16 to;
+	__u32 bucket;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, VNET_AGG_POINTS);
+	__type(key, __u32);
+	__type(value, struct vnet_agg_point);
+} vnet_agg_points SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); /* packets in flight between hooks; user space may resize */
+	__type(key, __u64);
+	__type(value, struct vnet_agg_last);
+} vnet_agg_last SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct vnet_agg_key);
+	__type(value, __u64);
+} vnet_agg_hist SEC(".maps");
+
 /* Types user space decodes but no program names in a signature: this anchor
  * puts them into BTF, which is where Python reads the layout from. */
 struct vnet_abi {
 	struct vnet_event event;
+	struct vnet_agg_key agg_key;
+	enum vnet_agg agg;
 	struct vnet_sched_event sched;
 	enum vnet_event_kind kind;
 	enum vnet_hook hook;
@@ -50,6 +102,53 @@ static __always_inline struct vnet_stats *vnet_stats_this_cpu(void)
 /* Copy one event into the ring; a full ring is counted, never silent.
  * Waking the reader per record caps throughput near 1 M/s, so wake only every
  * `wakeup_every` events per CPU; the reader also drains on a 100 ms timer. */
+static __always_inline __u32 vnet_log2(__u64 v)
+{
+	__u32 r = 0;
+
+	if (v >> 32) { v >>= 32; r += 32; }
+	if (v >> 16) { v >>= 16; r += 16; }
+	if (v >> 8) { v >>= 8; r += 8; }
+	if (v >> 4) { v >>= 4; r += 4; }
+	if (v >> 2) { v >>= 2; r += 2; }
+	if (v >> 1) r += 1;
+	return r;
+}
+
+/* Count the packet at its point, and the time since its previous point into
+ * that segment's log2 histogram; no event is emitted. */
+static __always_inline void vnet_aggregate(struct vnet_stats *st, struct vnet_event *ev)
+{
+	__u32 point = ev->hdr.probe_id * VNET_AGG_HOOKS + (ev->hook & (VNET_AGG_HOOKS - 1));
+	struct vnet_agg_point *pt = bpf_map_lookup_elem(&vnet_agg_points, &point);
+	struct vnet_agg_last *last = bpf_map_lookup_elem(&vnet_agg_last, &ev->pkt_id);
+	__u64 now = ev->hdr.ts_ns;
+
+	if (pt) {
+		pt->packets++;
+		pt->bytes += ev->len;
+	}
+	if (last) {
+		if (last->point != point && now >= last->ts_ns) {
+			struct vnet_agg_key key = { .from = last->point, .to = point,
+						    .bucket = vnet_log2(now - last->ts_ns) };
+			__u64 one = 1, *count = bpf_map_lookup_elem(&vnet_agg_hist, &key);
+
+			if (count)
+				__sync_fetch_and_add(count, 1);
+			else if (bpf_map_update_elem(&vnet_agg_hist, &key, &one, BPF_NOEXIST) != 0 &&
+				 (count = bpf_map_lookup_elem(&vnet_agg_hist, &key)))
+				__sync_fetch_and_add(count, 1); /* another CPU made the cell first */
+		}
+		last->ts_ns = now;
+		last->point = point;
+	} else {
+		struct vnet_agg_last first = { .ts_ns = now, .point = point };
+
+		bpf_map_update_elem(&vnet_agg_last, &ev->pkt_id, &first, BPF_ANY);
+	}
+}
+
 static __always_inline void vnet_hdr_init(struct vnet_event_hdr *hdr, __u32 probe_id, __u16 kind)
 {
 	hdr->ts_ns = bpf_ktime_get_ns();

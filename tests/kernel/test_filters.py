@@ -125,3 +125,45 @@ def test_bad_filters_are_usage_errors():
                 PacketFilter(len_min=100, len_max=50)):
         with pytest.raises(UsageError):
             bad.config()
+
+
+def test_aggregation_agrees_with_per_packet_events(net):
+    """The kernel's numbers against the per-packet events of the same packets:
+    in check mode the programs keep the numbers and still emit the events they
+    come from, so the two must agree exactly (counts, bytes, percentile buckets)."""
+    from vnet.analysis.histogram import Log2Histogram, bucket_of
+
+    plans = [device_plan(resolve_device(net.spec1), ("egress",)), device_plan(resolve_device(net.spec2), ("ingress",))]
+    sent = 600
+    with Trace(plans, packet_filter=PacketFilter(dport=6300), aggregate_and_events=True) as t:
+        with udp_sink(net.ns2, 6300) as sink:
+            send_udp(net.ns1, net.ip2, 6300, count=sent)
+            sink.received(timeout=5, expect=sent)
+        events, deadline = [], time.monotonic() + 3
+        while time.monotonic() < deadline and len(events) < 2 * sent:
+            events += t.poll(100)
+        points, hists = t.aggregates()
+    egress, ingress = f"dev:{net.spec1}:egress", f"dev:{net.spec2}:ingress"
+    assert points[egress][0] == points[ingress][0] == sent
+    assert points[egress][1] == sum(e["len"] for e in events if e["probe"] == egress)
+    hist = hists[(egress, ingress)]
+    sent_at = {e["pkt_id"]: e["ts_ns"] for e in events if e["probe"] == egress}
+    exact = Log2Histogram()
+    for e in events:
+        if e["probe"] == ingress:
+            b = bucket_of(e["ts_ns"] - sent_at[e["pkt_id"]])
+            exact.counts[b] = exact.counts.get(b, 0) + 1
+    assert hist.counts == exact.counts and hist.total == sent
+    for q in (0.5, 0.9, 0.99):
+        assert hist.percentile_bucket(q) == exact.percentile_bucket(q)
+
+
+def test_aggregation_mode_emits_no_events(net):
+    plans = [device_plan(resolve_device(net.spec1), ("egress",)), device_plan(resolve_device(net.spec2), ("ingress",))]
+    with Trace(plans, packet_filter=PacketFilter(dport=6301), aggregate=True) as t:
+        udp(net, 6301, 50)()
+        time.sleep(0.3)
+        assert t.poll(50) == []
+        points, hists = t.aggregates()
+    assert [n for n, _ in points.values()] == [50, 50]
+    assert sum(h.total for h in hists.values()) == 50

@@ -36,3 +36,14 @@ def test_follower_closes_a_path_at_the_last_hook_or_after_idle_time():
     assert f.add([part], now_ns=20) == []
     assert [p.pkt_id for p in f.add([], now_ns=200)] == ["b"]  # idle: only one of its hooks was on its way
     assert f.flush() == []
+
+
+def test_log2_histogram_percentiles_and_rendering():
+    from vnet.analysis.histogram import Log2Histogram, bucket_of
+
+    assert [bucket_of(v) for v in (0, 1, 2, 3, 4, 1023, 1024)] == [0, 0, 1, 1, 2, 9, 10]
+    h = Log2Histogram({10: 90, 12: 9, 20: 1})  # 100 packets
+    assert (h.percentile_bucket(0.5), h.percentile_bucket(0.9), h.percentile_bucket(0.99)) == (10, 10, 12)
+    assert h.percentile_bucket(1.0) == 20 and Log2Histogram.bounds(10) == (1024, 2048)
+    lines = h.render()
+    assert len(lines) == 1 + (20 - 10 + 1) and "90" in lines[1] and lines[1].count("*") == 40

@@ -319,6 +319,17 @@ class Map:
             return raw
         return [raw[i * vsize:i * vsize + self.value_size] for i in range(ncpu)]
 
+    def keys(self) -> list[bytes]:
+        """Every key, by bpf_map_get_next_key (a snapshot: entries may come and go meanwhile)."""
+        out, cur = [], ffi.NULL
+        nxt = ffi.new("char[]", self.key_size)
+        for _ in range(self.max_entries + 1):  # bounded even if the map churns
+            if lib().bpf_map_get_next_key(self.fd, cur, nxt) != 0:
+                break
+            out.append(ffi.buffer(nxt)[:])
+            cur = ffi.new("char[]", out[-1])
+        return out
+
     def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
         err = lib().bpf_map_update_elem(self.fd, ffi.from_buffer(key), ffi.from_buffer(value), flags)
         if err:

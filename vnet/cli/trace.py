@@ -66,6 +66,10 @@ def trace(
                                                         "hop by hop with the time between hops."),
     follow_idle_ms: float = typer.Option(200.0, "--follow-idle-ms", min=1.0,
                                          help="--follow: a path is complete after this long without a new hop."),
+    aggregate: bool = typer.Option(False, "--aggregate", help="No per-packet events: count packets per hook and "
+                                                              "histogram the time between hooks, in the kernel."),
+    interval: Optional[float] = typer.Option(None, "--interval", min=0.1,
+                                             help="--aggregate: also print the numbers every this many seconds."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="-v: attach details; -vv: libbpf log."),
 ):
     """Trace packets at TC ingress/egress of interfaces and at catalog probes, one line per packet per hook."""
@@ -79,6 +83,8 @@ def trace(
                                 min_runq_ns=int(min_runq_us * 1000))
     for name, why in unavailable:
         print(f"vnet: skipping {name}: {why}", file=sys.stderr)
+    if aggregate and (follow or count is not None):
+        raise UsageError("--aggregate prints numbers, not events: it takes --duration/--interval, not -c or --follow")
     out = _open_output(write)
     emit = format_json if (json_out or write is not None) else format_text
 
@@ -87,14 +93,25 @@ def trace(
     printed = 0
     try:
         with Trace(plans, ring_bytes=ring_size, wakeup_every=DEFAULT_WAKEUP_EVERY, strict=strict,
-                   packet_filter=packet_filter) as t:
+                   packet_filter=packet_filter, aggregate=aggregate) as t:
             for name, why in t.skipped:
                 print(f"vnet: skipping {name}: {why}", file=sys.stderr)
             probes = list(dict.fromkeys(h.probe for h in t.hooks))
             hooks = ", ".join(p.removeprefix("dev:") for p in probes)
             print(f"vnet: tracing {hooks} ({'/'.join(sorted(t.hook_kinds))}); Ctrl-C to stop", file=sys.stderr)
             # What is printed: one line per event, or with --follow one per packet path.
-            if follow:
+            if aggregate:
+                report = lambda: _aggregate_report(t, json_out or write is not None)  # noqa: E731
+                next_report = [time.monotonic() + interval] if interval else [None]
+
+                def lines(evs):  # sched events still arrive as events; the numbers come per interval
+                    out_lines = [emit(e) for e in evs]
+                    if next_report[0] is not None and time.monotonic() >= next_report[0]:
+                        next_report[0] += interval
+                        out_lines += report()
+                    return out_lines
+                final = report
+            elif follow:
                 follower = PathFollower(len(probes), int(follow_idle_ms * 1_000_000))
                 render = (lambda p: format_json(path_record(p))) if (json_out or write) else format_path
                 lines = lambda evs: [render(p) for p in follower.add(evs, time.monotonic_ns())]  # noqa: E731
@@ -131,12 +148,38 @@ def trace(
         for s, h in previous.items():
             signal.signal(s, h)
         _close_output(out)
-    print(f"vnet: {printed} events printed, {stats.received} received, {stats.lost} lost (ring buffer full), "
-          f"{stats.seen} packets seen at {nhooks} hooks", file=sys.stderr)
+    if aggregate:
+        print(f"vnet: {stats.seen - stats.filtered} packets counted in the kernel at {nhooks} hooks "
+              f"(aggregation: no per-packet events)", file=sys.stderr)
+    else:
+        print(f"vnet: {printed} events printed, {stats.received} received, {stats.lost} lost (ring buffer full), "
+              f"{stats.seen} packets seen at {nhooks} hooks", file=sys.stderr)
     if packet_filter.active:
         print(f"vnet: {stats.filtered} packets left out by the filter", file=sys.stderr)
     if skipped:
         print(f"vnet: {len(skipped)} requested probes skipped (unavailable): {', '.join(skipped)}", file=sys.stderr)
+
+
+def _aggregate_report(t, as_json: bool) -> list[str]:
+    points, hists = t.aggregates()
+    quantiles = (0.5, 0.9, 0.99)
+    if as_json:
+        import json
+
+        segments = [{"from": a, "to": b, "packets": h.total,
+                     **{f"p{round(q * 100)}_ns": list(h.bounds(h.percentile_bucket(q))) for q in quantiles},
+                     "log2_buckets": {str(k): v for k, v in sorted(h.counts.items())}}
+                    for (a, b), h in hists.items() if h.total]
+        return [json.dumps({"points": {p: {"packets": n, "bytes": b} for p, (n, b) in points.items()},
+                            "segments": segments}, separators=(",", ":"))]
+    lines = [f"{p:<40} {n:>10} packets {b:>12} bytes" for p, (n, b) in points.items()]
+    for (a, b), h in hists.items():
+        if not h.total:
+            continue
+        pct = ", ".join(f"p{round(q * 100)} {h.bounds(h.percentile_bucket(q))[0] / 1000:g}-"
+                        f"{h.bounds(h.percentile_bucket(q))[1] / 1000:g} us" for q in quantiles)
+        lines += ["", f"{a} -> {b}: {h.total} packets, {pct}", *h.render()]
+    return lines
 
 
 def _open_output(write: Path | None):

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from vnet.analysis.histogram import Log2Histogram
 from vnet.binding import BpfObject, Link, RingBuffer
 from vnet.errors import UsageError, VnetError
 from vnet.objects import object_path
@@ -27,7 +28,8 @@ from .records import EventDecoder
 log = logging.getLogger("vnet.trace")
 DEFAULT_RING_BYTES = 8 << 20
 DEFAULT_WAKEUP_EVERY = 64
-SHARED_MAPS = ("vnet_events", "vnet_stats")
+SHARED_MAPS = ("vnet_events", "vnet_stats", "vnet_agg_points", "vnet_agg_last", "vnet_agg_hist")
+AGG_MAPS_WHEN_OFF = {"vnet_agg_last": 64, "vnet_agg_hist": 1}  # unused then: keep them small
 
 
 @dataclass
@@ -96,7 +98,8 @@ class Trace:
 
     def __init__(self, plans: list[Plan], *, ring_bytes: int = DEFAULT_RING_BYTES,
                  wakeup_every: int = DEFAULT_WAKEUP_EVERY, strict: bool = True,
-                 packet_filter: PacketFilter | None = None):
+                 packet_filter: PacketFilter | None = None, aggregate: bool = False,
+                 aggregate_and_events: bool = False):
         if not plans:
             raise UsageError("nothing to trace (give -i IFACE or -p PROBE)")
         self.plans = plans
@@ -104,6 +107,10 @@ class Trace:
         self.wakeup_every = wakeup_every
         self.strict = strict
         self.filter_config = (packet_filter or PacketFilter()).config()  # validated before anything loads
+        self.aggregate = aggregate or aggregate_and_events
+        self.aggregate_and_events = aggregate_and_events  # to check the kernel's numbers against events
+        self.labels: dict = {}
+        self._btf_file = None
         self.hooks: list[Hook] = []
         self.skipped: list[tuple[str, str]] = []
         self.objects: list[BpfObject] = []
@@ -138,24 +145,43 @@ class Trace:
                 raise UsageError("no probe could be attached: " +
                                  "; ".join(f"{name}: {why}" for name, why in self.skipped))
             self.ring = RingBuffer(self.objects[0].maps["vnet_events"])
+            self.labels = labels
             self.decoder = self._decoder(labels)
             log.info("attached %d hooks: %s", len(self.hooks), ", ".join(f"{h.probe} ({h.kind})" for h in self.hooks))
         except BaseException:
             self.close()
             raise
 
+    def _aggregate_bits(self) -> int:
+        if not self.aggregate:
+            return 0
+        bits = self.btf_file.enum("vnet_agg")
+        return bits["VNET_AGG_ON"] | (bits["VNET_AGG_AND_EVENTS"] if self.aggregate_and_events else 0)
+
+    @property
+    def btf_file(self):
+        """BTF of an object file, for enum values needed before any object is open."""
+        if self._btf_file is None:
+            from vnet.binding import Btf
+
+            self._btf_file = Btf.from_file(str(object_path("tc_trace")))
+        return self._btf_file
+
     def _load(self, plan: Plan, probe_id: int) -> tuple[BpfObject, list[Hook]]:
         obj = BpfObject(object_path(plan.obj))
         try:
             config = {"probe_id": probe_id, "wakeup_every": self.wakeup_every, **plan.config}
-            if plan.filterable:
-                config.update(self.filter_config)
+            if plan.filterable:  # the packet programs: filter, and numbers instead of events on request
+                config.update(self.filter_config, aggregate=self._aggregate_bits())
             obj.set_config(plan.config_var, config)
             if self.objects:
                 for name in SHARED_MAPS:
                     obj.maps[name].share(self.objects[0].maps[name])
             else:
                 obj.maps["vnet_events"].max_entries = self.ring_bytes
+                if not self.aggregate:
+                    for name, n in AGG_MAPS_WHEN_OFF.items():
+                        obj.maps[name].max_entries = n
             obj.keep_programs(plan.programs)
             if plan.prepare:
                 plan.prepare(obj)
@@ -204,10 +230,47 @@ class Trace:
                           lost=total["VNET_STAT_LOST"], received=self.received,
                           filtered=total.get("VNET_STAT_FILTERED", 0))
 
+    def aggregates(self) -> tuple[dict[str, tuple[int, int]], dict[tuple[str, str], Log2Histogram]]:
+        """Aggregation mode: (packets, bytes) per point, and a latency histogram per
+        consecutive pair of points, as the kernel has counted so far."""
+        btf = self.btf
+        hooks_per_probe = btf.enum("vnet_agg")["VNET_AGG_HOOKS"]
+        hook_names = {v: k.removeprefix("VNET_HOOK_").lower() for k, v in btf.enum("vnet_hook").items()}
+
+        def name(point: int) -> str:
+            probe_id, hook = divmod(point, hooks_per_probe)
+            where = self.labels.get((probe_id, hook)) or self.labels.get((probe_id, None))
+            return where["probe"] if where else f"probe{probe_id}:{hook_names.get(hook, hook)}"
+
+        points_map = self.objects[0].maps["vnet_agg_points"]
+        point_layout = btf.struct("vnet_agg_point")
+        points = {}
+        for probe_id in range(len(self.objects)):
+            for hook in range(hooks_per_probe):
+                point = probe_id * hooks_per_probe + hook
+                rows = [point_layout.decode(v) for v in points_map.lookup(point.to_bytes(4, "little"))]
+                packets, nbytes = sum(r["packets"] for r in rows), sum(r["bytes"] for r in rows)
+                if packets:
+                    points[name(point)] = (packets, nbytes)
+        hist_map = self.objects[0].maps["vnet_agg_hist"]
+        key_layout = btf.struct("vnet_agg_key")
+        hists: dict[tuple[str, str], Log2Histogram] = {}
+        for raw in hist_map.keys():
+            value = hist_map.lookup(raw)
+            if value is None:
+                continue
+            k = key_layout.decode(raw)
+            h = hists.setdefault((name(k["from"]), name(k["to"])), Log2Histogram())
+            h.counts[k["bucket"]] = h.counts.get(k["bucket"], 0) + int.from_bytes(value, "little")
+        return points, hists
+
     def close(self) -> None:
         """Detach every hook and release every object (idempotent)."""
         for obj in reversed(self.objects):  # the first owns the ring reader: close it last
             obj.close()
+        if self._btf_file is not None:
+            self._btf_file.close()
+            self._btf_file = None
         self.objects.clear()
         self.hooks.clear()
 
