@@ -105,3 +105,22 @@ def format_path(path: PacketPath) -> str:
                        for i, h in enumerate(r["hops"]))
     return (f"{secs}.{ns:09d} {(r['proto'] or '?').upper()} {ends} pkt_id {r['pkt_id']}: {hops}"
             f"  total {r['total_ns'] / 1000:.1f}us")
+
+
+def retransmissions(events: list[dict]) -> list[tuple[dict, dict]]:
+    """TCP segments sent again: the same (5-tuple, seq, length) under a new
+    pkt_id (a retransmission carries a new IP ID). Pairs of (first, again) as
+    seen at the first hook each was seen at."""
+    first_seen: dict[tuple, dict] = {}
+    pairs = []
+    for e in sorted(events, key=lambda e: e["ts_ns"]):
+        if e.get("proto") != "tcp" or "tcp_seq" not in e:
+            continue
+        key = (e["src"], e["sport"], e["dst"], e["dport"], e["tcp_seq"], e["len"], e["tcp_flags"])
+        seen = first_seen.get(key)
+        if seen is None:
+            first_seen[key] = e
+        elif seen["pkt_id"] != e["pkt_id"] and e["probe"] == seen["probe"]:
+            pairs.append((seen, e))
+            first_seen[key] = e
+    return pairs
