@@ -20,6 +20,8 @@ struct vnet_filter {
 	__u32 f_len_min;   /* skb->len bounds; f_len_max 0: no upper bound */
 	__u32 f_len_max;
 	__u32 f_sample;    /* keep packets whose pkt_id % f_sample == 0 (the same at every hook and host); 0/1: all */
+	__u32 f_ifindex[4]; /* the packet's device is one of these (0: unused slot); all 0: any */
+	__u64 f_netns;     /* netns cookie of the packet's device; 0: any (tc hooks, which report 0, pass) */
 	__u8 f_src[16];    /* IPv4 in the first 4 bytes */
 	__u8 f_dst[16];
 	__u8 f_host[16];
@@ -70,6 +72,11 @@ static __always_inline bool vnet_filter_match(const volatile struct vnet_filter 
 	    !vnet_prefix_match(ev->daddr, f->f_host, f->f_host_bits))
 		return false;
 	if (ev->len < f->f_len_min || (f->f_len_max && ev->len > f->f_len_max))
+		return false;
+	if (f->f_netns && ev->netns_cookie && ev->netns_cookie != f->f_netns)
+		return false;
+	if (f->f_ifindex[0] && ev->ifindex != f->f_ifindex[0] && ev->ifindex != f->f_ifindex[1] &&
+	    ev->ifindex != f->f_ifindex[2] && ev->ifindex != f->f_ifindex[3])
 		return false;
 	return true;
 }

@@ -77,13 +77,15 @@ static __always_inline int vnet_load(struct vnet_cursor *c, __u32 off, void *to,
 static __always_inline __u64 vnet_hash_payload(struct vnet_cursor *c, __u64 h, __u32 off, __u32 avail)
 {
 	__u64 buf[VNET_PAYLOAD_HASH_BYTES / 8] = {};
-	/* 64-bit, behind a barrier: clang then tests the very register it passes
-	 * as the length, instead of a zero-extended copy the verifier can't link. */
 	__u64 n = avail > VNET_PAYLOAD_HASH_BYTES ? VNET_PAYLOAD_HASH_BYTES : avail;
 
-	barrier_var(n);
-	if (n == 0 || n > VNET_PAYLOAD_HASH_BYTES)
+	if (n == 0)
 		return h;
+	/* Restate 1..32 as ((n - 1) & 31) + 1 behind a barrier, so that clang cannot
+	 * fold it away: Linux 6.1's verifier does not raise the lower bound to 1
+	 * after `n == 0` (6.18's does) and would refuse a possibly zero-sized read. */
+	barrier_var(n);
+	n = ((n - 1) & (VNET_PAYLOAD_HASH_BYTES - 1)) + 1;
 	if (vnet_load(c, off, buf, n) < 0)
 		return h;
 	h = vnet_mix(h, buf[0]);

@@ -143,7 +143,7 @@ def test_open_configure_load_and_read_config_back():
         # Read back after load: libbpf maps the frozen kernel .rodata map in place of the image.
         config = obj.config("tc_cfg")
         assert (config["probe_id"], config["wakeup_every"]) == (PROBE_ID, 3)
-        assert not any(any(v) if isinstance(v, bytes) else v for k, v in config.items() if k.startswith("f_"))
+        assert not any(any(v) if isinstance(v, (bytes, tuple)) else v for k, v in config.items() if k.startswith("f_"))
         assert obj.programs[PROG].fd >= 0
         assert fdinfo(obj.programs[PROG].fd)["prog_type"] == "3"  # BPF_PROG_TYPE_SCHED_CLS
         with pytest.raises(BpfError, match=f"program {OTHER}"):

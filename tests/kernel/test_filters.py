@@ -167,3 +167,28 @@ def test_aggregation_mode_emits_no_events(net):
         points, hists = t.aggregates()
     assert [n for n, _ in points.values()] == [50, 50]
     assert sum(h.total for h in hists.values()) == 50
+
+
+def test_netns_and_interface_filters_on_a_tracepoint(net):
+    """netif_receive_skb fires in both namespaces of a veth pair whose ends
+    have the same ifindex: the netns and interface filters keep exactly the
+    side asked for."""
+    plan = lambda: resolver.plan(resolver.resolve(catalog.BY_NAME["net:netif_receive_skb"]))  # noqa: E731
+    for flt in (PacketFilter(netns=net.ns2), PacketFilter(netns=net.ns2, ifaces=(net.if2,)),
+                PacketFilter(ifaces=(f"{net.ns2}/{net.if2}",))):
+        with Trace([plan()], packet_filter=flt) as t:
+            send_udp(net.ns1, net.ip2, 6400, count=6)
+            send_udp(net.ns2, net.ip1, 6401, count=3)  # the other way: must be left out
+            events, deadline = [], time.monotonic() + 2
+            while time.monotonic() < deadline and len(events) < 6:
+                events += t.poll(100)
+            events += t.poll(300)
+        assert len([e for e in events if e["proto"] == "udp"]) == 6, flt  # (plus any ARP/ND refresh)
+        assert {(e["ifname"], e["netns"]) for e in events} == {(net.if2, net.ns2)}
+    with Trace([plan()], packet_filter=PacketFilter(netns=net.ns1, proto="udp")) as t:
+        send_udp(net.ns1, net.ip2, 6400, count=5)
+        send_udp(net.ns2, net.ip1, 6401, count=4)
+        events, deadline = [], time.monotonic() + 2
+        while time.monotonic() < deadline and len(events) < 4:
+            events += t.poll(100)
+    assert len(events) == 4 and {(e["ifname"], e["netns"]) for e in events} == {(net.if1, net.ns1)}

@@ -140,14 +140,18 @@ def test_stats_value_has_one_counter_per_stat(btf):
 
 
 def sample_value(f, n: int):
-    """A distinct value that fits field f: bytes for byte arrays, else an int."""
+    """A distinct value that fits field f: bytes for byte arrays, a tuple for
+    other arrays, else an int."""
     if f.is_bytes:
         return bytes((n + j) & 0xFF for j in range(f.size))
+    if f.count > 1:
+        elem = f.size // f.count
+        return tuple((n + j) & ((1 << (8 * elem)) - 1) for j in range(f.count))
     return n & ((1 << (8 * f.size)) - 1)
 
 
 def zero(f):
-    return bytes(f.size) if f.is_bytes else 0
+    return bytes(f.size) if f.is_bytes else (0,) * f.count if f.count > 1 else 0
 
 
 def test_tc_cfg_round_trips_through_encode_decode(btf):

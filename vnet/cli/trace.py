@@ -60,6 +60,10 @@ def trace(
     port: Optional[int] = typer.Option(None, "--port", help="Filter: source or destination port."),
     min_len: Optional[int] = typer.Option(None, "--min-len", min=0, help="Filter: packets at least this long."),
     max_len: Optional[int] = typer.Option(None, "--max-len", min=1, help="Filter: packets at most this long."),
+    filter_netns: Optional[str] = typer.Option(None, "--filter-netns", metavar="NETNS",
+                                               help="Filter: packets on devices of this network namespace."),
+    filter_iface: List[str] = typer.Option([], "--filter-iface", metavar="IFACE",
+                                           help="Filter: packets on this device (of --filter-netns). Up to 4."),
     sample: Optional[str] = typer.Option(None, "--sample", metavar="1/N",
                                          help="Keep 1 packet in N, the same packets at every hook and host."),
     follow: bool = typer.Option(False, "--follow", help="One line (or JSON object) per packet: its path, "
@@ -77,7 +81,8 @@ def trace(
     if direction not in ("both",) + devprobe.DIRECTIONS:
         raise UsageError(f"unknown direction {direction!r} (use ingress, egress or both)")
     directions = devprobe.DIRECTIONS if direction == "both" else (direction,)
-    packet_filter = PacketFilter(proto, src, dst, host, sport, dport, port, min_len, max_len, sample)
+    packet_filter = PacketFilter(proto, src, dst, host, sport, dport, port, min_len, max_len, sample,
+                                 filter_netns, tuple(filter_iface) or None)
     packet_filter.config()  # bad filter input fails here, before anything is resolved or loaded
     plans, unavailable = select(interface, probe, directions, netns, strict, pids=tuple(pid),
                                 min_runq_ns=int(min_runq_us * 1000))

@@ -24,6 +24,8 @@ class PacketFilter:
     len_min: int | None = None
     len_max: int | None = None
     sample: str | None = None   # "1/N"
+    netns: str | None = None    # packets on devices of this network namespace (`ip netns` name)
+    ifaces: tuple[str, ...] | None = None  # packets on these devices (of `netns`, or vnet's own), at most 4
 
     @property
     def active(self) -> bool:
@@ -80,7 +82,30 @@ class PacketFilter:
             cfg["f_len_max"] = self.len_max
         if self.sample is not None:
             cfg["f_sample"] = parse_sample(self.sample)
+        if self.netns is not None:
+            cfg["f_netns"] = _netns_cookie(self.netns)
+        if self.ifaces:
+            if len(self.ifaces) > 4:
+                raise UsageError(f"at most 4 --filter-iface, got {len(self.ifaces)}")
+            from vnet.probes.device import resolve
+
+            devices = [resolve(name, self.netns) for name in self.ifaces]
+            if len({d.netns for d in devices}) > 1:
+                raise UsageError("--filter-iface devices must be in one network namespace")
+            indexes = [d.ifindex for d in devices]
+            cfg["f_ifindex"] = tuple(indexes + [0] * (4 - len(indexes)))
+            # An ifindex only means something within its namespace.
+            cfg["f_netns"] = devices[0].netns_cookie or _netns_cookie(devices[0].netns)
         return cfg
+
+
+def _netns_cookie(name: str | None) -> int:
+    from vnet import netns
+
+    cookie = netns.cookie(name)
+    if not cookie:
+        raise UsageError("filtering by network namespace needs Linux >= 5.14 (netns cookies)")
+    return cookie
 
 
 def parse_sample(text: str) -> int:
