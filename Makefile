@@ -20,11 +20,12 @@ BPF_CFLAGS  := -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
 RUN_PKGS    := libbpf1 iproute2 python3-venv
 BUILD_PKGS  := clang llvm libbpf-dev gcc tcpdump ethtool
 
-.PHONY: help deps sysdeps venv bpf check-bpf vmlinux wheel demo test test-unit test-kernel clean
+.PHONY: help deps sysdeps vm-deps venv bpf check-bpf vmlinux wheel demo test test-unit test-kernel test-vm clean
 
 help:
 	@echo "make demo      install what is missing, trace a throwaway two-VM topology"
-	@echo "make test      install what is missing, run every test (check-bpf included)"
+	@echo "make test      install what is missing, run every test (check-bpf and the 6.1 VM suite included)"
+	@echo "make test-vm   only the VM suite: kprobe/fentry/OVS datapath on Debian's 6.1 kernel under qemu"
 	@echo "make bpf       compile bpf/src/*.bpf.c into bpf/build/ (committed)"
 	@echo "make check-bpf fail when bpf/build/ differs from a rebuild of bpf/src/"
 	@echo "make wheel     build dist/vnet-*.whl (objects inside, no compiler needed to install)"
@@ -49,6 +50,10 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 deps: sysdeps venv
+
+# qemu, Debian's 6.1 kernel, busybox, Open vSwitch, virtme-ng (its own venv): only what is missing.
+vm-deps:
+	bash tools/vm/setup.sh
 
 bpf/build/%.bpf.o: bpf/src/%.bpf.c $(BPF_HDR)
 	@mkdir -p $(@D)
@@ -83,8 +88,12 @@ wheel: venv
 demo: deps
 	$(VNET) demo
 
-test: deps check-bpf
+# tests/vm run in a 6.1 guest booted once; each reports its guest result here.
+test: deps vm-deps check-bpf
 	$(PY) -m pytest -ra tests
+
+test-vm: deps vm-deps
+	$(PY) -m pytest -ra tests/vm
 
 test-unit: venv
 	$(PY) -m pytest -ra tests/unit

@@ -47,15 +47,13 @@ def test_every_committed_object_is_covered_by_a_load_test():
     assert committed == {c[0] for c in LOAD_CASES} | {"tc_trace"}
 
 
-def test_objects_are_the_committed_bytes():
+def test_objects_are_the_checkout_bytes():
+    """The guest loads bpf/build of the shared checkout itself (whether it matches
+    bpf/src is `make check-bpf`'s job, on the host)."""
     from vnet.objects import object_path
 
     for p in BUILD.glob("*.bpf.o"):
         assert object_path(p.name.removesuffix(".bpf.o")) == p  # no packaged or rebuilt copy in between
-    tracked = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "bpf/build"],
-                             capture_output=True, text=True, timeout=60)
-    if tracked.returncode == 0:  # git may refuse the read-only shared checkout: then skip this half
-        assert tracked.stdout == "", "bpf/build differs from what is committed"
 
 
 @pytest.mark.parametrize("obj,kind,probe,force", LOAD_CASES, ids=[f"{c[0]}-{c[1]}" for c in LOAD_CASES])
