@@ -47,6 +47,8 @@ __all__ = [
     "TopologyError",
     "TwoVms",
     "UdpSink",
+    "VethPair",
+    "veth_pair",
     "in_netns",
     "netns_cookie",
     "ping",
@@ -368,6 +370,54 @@ class Topology:
             vm1_ip="10.199.0.1", vm2_ip="10.199.0.2",
             vm1_ip6="fd00:199::1", vm2_ip6="fd00:199::2",
         )
+
+
+@dataclass(frozen=True)
+class VethPair:
+    """Names in `veth_pair()`: ns1/if1 <-veth-> ns2/if2; a context manager closing it."""
+
+    topo: Topology
+    ns1: str
+    ns2: str
+    if1: str
+    if2: str
+    ip1: str
+    ip2: str
+
+    @property
+    def spec1(self) -> str:
+        """`NETNS/IFACE`, as vnet's -i takes it."""
+        return f"{self.ns1}/{self.if1}"
+
+    @property
+    def spec2(self) -> str:
+        return f"{self.ns2}/{self.if2}"
+
+    def __enter__(self) -> VethPair:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.topo.__exit__(exc_type, exc, tb)
+
+
+def veth_pair(subnet: int, net: str = "10.199", warm_timeout: float = 3.0) -> VethPair:
+    """Two namespaces joined by one veth pair (ifA, ifB), offloads off,
+    NET.SUBNET.1 and .2, with ARP done both ways before anyone traces."""
+    topo = Topology()
+    try:
+        ns1, ns2 = topo.add_netns("a"), topo.add_netns("b")
+        if1, if2 = topo.add_veth_pair("ifA", ns1, "ifB", ns2)
+        for ifname, ns in ((if1, ns1), (if2, ns2)):
+            topo.disable_offloads(ifname, ns)
+        ip1, ip2 = f"{net}.{subnet}.1", f"{net}.{subnet}.2"
+        topo.add_address(if1, ns1, f"{ip1}/24")
+        topo.add_address(if2, ns2, f"{ip2}/24")
+        warm_up(ns1, ip2, timeout=warm_timeout)
+        warm_up(ns2, ip1, timeout=warm_timeout)
+    except BaseException:
+        topo.close()
+        raise
+    return VethPair(topo, ns1, ns2, if1, if2, ip1, ip2)
 
 
 @dataclass(frozen=True)

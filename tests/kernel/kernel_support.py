@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vnet.topology import Topology, send_udp, warm_up
+from vnet.topology import send_udp
+from vnet.topology import veth_pair as _veth_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 SUMMARY = re.compile(r"^vnet: (\d+) events printed, (\d+) received, (\d+) lost \(ring buffer full\), "
@@ -31,40 +32,9 @@ VNET_PROG_PREFIX = "vnet_tc_"  # bpftool shows the kernel's 15-character program
 
 # -- topology -------------------------------------------------------------------------------------------
 
-@dataclass
-class VethPair:
-    """ns1/ifA <-veth-> ns2/ifB, offloads off, 10.199.<n>.1 and .2, ARP done."""
-
-    topo: Topology
-    ns1: str
-    ns2: str
-    if1: str
-    if2: str
-    ip1: str
-    ip2: str
-
-    @property
-    def spec1(self) -> str:
-        return f"{self.ns1}/{self.if1}"
-
-    @property
-    def spec2(self) -> str:
-        return f"{self.ns2}/{self.if2}"
-
-
-@contextlib.contextmanager
 def veth_pair(subnet: int = 77):
-    with Topology() as topo:
-        ns1, ns2 = topo.add_netns("a"), topo.add_netns("b")
-        if1, if2 = topo.add_veth_pair("ifA", ns1, "ifB", ns2)
-        for ifname, ns in ((if1, ns1), (if2, ns2)):
-            topo.disable_offloads(ifname, ns)
-        ip1, ip2 = f"10.199.{subnet}.1", f"10.199.{subnet}.2"
-        topo.add_address(if1, ns1, f"{ip1}/24")
-        topo.add_address(if2, ns2, f"{ip2}/24")
-        warm_up(ns1, ip2)  # ARP in both directions is done before any trace starts
-        warm_up(ns2, ip1)
-        yield VethPair(topo, ns1, ns2, if1, if2, ip1, ip2)
+    """ns1/ifA <-veth-> ns2/ifB, offloads off, 10.199.<subnet>.1 and .2, ARP done."""
+    return _veth_pair(subnet)
 
 
 @contextlib.contextmanager
