@@ -46,11 +46,18 @@ def ovs(guest_modules):
             subprocess.run(["ovs-appctl", "-t", daemon, "exit"], capture_output=True, timeout=30)
 
 
-def test_ovs_path_is_complete_and_the_first_packet_of_a_flow_is_upcalled(ovs):
+@pytest.mark.parametrize("force", ["fentry", "kprobe"])
+def test_ovs_path_is_complete_and_the_first_packet_of_a_flow_is_upcalled(ovs, force):
+    """With each backend: every datagram's path, device hook of the ingress port
+    -> vport_receive -> dp_process_packet -> execute_actions -> vport_send ->
+    device hook of the egress port, one pkt_id, in order; only the flow's first
+    packet is upcalled."""
     from vnet.probes import catalog
     from vnet.probes import resolve as resolver
+    from vnet.probes.device import resolve as resolve_device
     from vnet.topology import Topology, send_udp, udp_sink, warm_up
     from vnet.trace import Trace
+    from vnet.trace.session import device_plan
 
     count = 10
     with Topology() as topo:
@@ -70,9 +77,10 @@ def test_ovs_path_is_complete_and_the_first_packet_of_a_flow_is_upcalled(ovs):
             warm_up(ns2, "10.197.0.1", timeout=20)
             sh("ovs-dpctl", "del-flows")  # the UDP flow below starts with a miss
             names = OVS_PATH + ("ovs:dp_upcall",)
-            plans = [resolver.plan(resolver.resolve(catalog.BY_NAME[n])) for n in names]
+            plans = [resolver.plan(resolver.resolve(catalog.BY_NAME[n], force)) for n in names]
+            plans += [device_plan(resolve_device(host1), ("ingress",)), device_plan(resolve_device(host2), ("egress",))]
             with Trace(plans) as t, udp_sink(ns2, PORT) as sink:
-                assert {h.kind for h in t.hooks} == {"fentry"}
+                assert {h.kind for h in t.hooks if h.probe.startswith("ovs:")} == {force}
                 send_udp(ns1, "10.197.0.2", PORT, count=1)
                 assert sink.received(expect=1, timeout=10) == 1
                 time.sleep(1.0)  # the datapath flow is installed
@@ -82,13 +90,15 @@ def test_ovs_path_is_complete_and_the_first_packet_of_a_flow_is_upcalled(ovs):
                 events = collect(t, lambda ev: len(ours(ev, "ovs:vport_send", PORT)) >= count, timeout=30)
         finally:
             subprocess.run(["ovs-vsctl", "--timeout=60", "del-br", br], capture_output=True, timeout=60)
+    port_in, port_out = f"dev:{host1}:ingress", f"dev:{host2}:egress"
+    names = names + (port_in, port_out)
     by_probe = {n: ours(events, n, PORT) for n in names}
     ids = {n: {e["pkt_id"] for e in evs} for n, evs in by_probe.items()}
     assert len(ids["ovs:vport_receive"]) == count, {n: len(v) for n, v in by_probe.items()}
-    for n in OVS_PATH:
+    for n in OVS_PATH + (port_in, port_out):
         assert ids[n] == ids["ovs:vport_receive"], n
     first = min(by_probe["ovs:vport_receive"], key=lambda e: e["ts_ns"])["pkt_id"]
     assert ids["ovs:dp_upcall"] == {first}
     for pid in ids["ovs:vport_receive"]:  # in order per packet
-        ts = [min(e["ts_ns"] for e in by_probe[n] if e["pkt_id"] == pid) for n in OVS_PATH]
+        ts = [min(e["ts_ns"] for e in by_probe[n] if e["pkt_id"] == pid) for n in (port_in, *OVS_PATH, port_out)]
         assert ts == sorted(ts), (pid, ts)
