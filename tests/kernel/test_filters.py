@@ -192,3 +192,25 @@ def test_netns_and_interface_filters_on_a_tracepoint(net):
         while time.monotonic() < deadline and len(events) < 4:
             events += t.poll(100)
     assert len(events) == 4 and {(e["ifname"], e["netns"]) for e in events} == {(net.if1, net.ns1)}
+
+
+def test_ipv6_prefix_filters(net):
+    net.topo.add_address(net.if1, net.ns1, "fd00:90::1/64")
+    net.topo.add_address(net.if2, net.ns2, "fd00:90::2/64")
+    from vnet.topology import warm_up
+
+    warm_up(net.ns1, "fd00:90::2")
+
+    def traffic():
+        with udp_sink(net.ns2, 6500) as sink:
+            send_udp(net.ns1, "fd00:90::2", 6500, count=6)
+            send_udp(net.ns1, net.ip2, 6500, count=4)
+            sink.received(expect=10)
+
+    for flt, expected in ((PacketFilter(dst="fd00:90::/64", dport=6500), 6),
+                          (PacketFilter(src="fd00:90::1", dport=6500), 6),
+                          (PacketFilter(host="fd00:91::/64"), 0),
+                          (PacketFilter(proto="ip6", dport=6500), 6),
+                          (PacketFilter(proto="ip", dport=6500), 4)):
+        events, _ = run(net, flt, traffic, expected)
+        assert len([e for e in events if e["dport"] == 6500]) == expected, flt
