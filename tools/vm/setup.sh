@@ -4,13 +4,14 @@
 #   - linux-image-amd64    Debian 12's 6.1 kernel + /lib/modules (KPROBES, fentry, openvswitch.ko with BTF)
 #   - busybox-static       virtme-ng builds an initramfs with it (the Debian kernel's 9p/virtio are modules)
 #   - openvswitch-switch   ovsdb-server / ovs-vswitchd / ovs-vsctl, run inside the guest
+#   - debootstrap          the minimal Debian image vnet is installed into (tests/vmimage)
 #   - virtme-ng (PyPI)     `vng`, in its own venv: tools/vm/.venv (not the project's .venv)
 # Needs root. `apt-get update` runs once, and only if a package is missing.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${VNET_VM_VENV:-$HERE/.venv}"
 VIRTME_NG="${VNET_VIRTME_NG:-virtme-ng==1.42}"
-PKGS=(qemu-system-x86 linux-image-amd64 busybox-static openvswitch-switch)
+PKGS=(qemu-system-x86 linux-image-amd64 busybox-static openvswitch-switch debootstrap)
 
 missing=()
 for p in "${PKGS[@]}"; do
