@@ -122,7 +122,7 @@ def guest_modules():
     """The modules the catalog's function probes live in (6.1 has them as .ko)."""
     from vm_support import modprobe
 
-    modprobe("veth", "tun", "bridge", "openvswitch")
+    modprobe("veth", "tun", "bridge", "openvswitch", "vhost_net")
     _forget_kernel_caches()
 
 

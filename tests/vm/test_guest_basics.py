@@ -170,7 +170,7 @@ def _group(prefix: str):
 
 
 @pytest.mark.parametrize("force", ["fentry", "kprobe", None], ids=["fentry", "kprobe", "auto"])
-@pytest.mark.parametrize("group", ["ovs:", "bridge:", "tun:"])
+@pytest.mark.parametrize("group", ["ovs:", "bridge:", "tun:", "vhost:"])
 def test_module_function_probes_resolve(group, force, guest_modules):
     from vnet.probes import resolve as resolver
 
