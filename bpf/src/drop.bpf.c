@@ -32,7 +32,7 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 	ev.pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(ev.comm, sizeof(ev.comm));
 	if (skb)
-		vnet_parse_kernel_skb(skb, &ev);
+		vnet_parse_kernel_skb(skb, &ev, !drop_cfg.filter.f_outer);
 	if (!vnet_filter_match(&drop_cfg.filter, &ev)) {
 		st->v[VNET_STAT_FILTERED]++;
 		return 0;

@@ -37,7 +37,7 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 	if (skb && skb_cfg.skb_deref && bpf_probe_read_kernel(&skb, sizeof(skb), skb) < 0)
 		skb = NULL;
 	if (skb)
-		vnet_parse_kernel_skb(skb, &ev);
+		vnet_parse_kernel_skb(skb, &ev, !skb_cfg.filter.f_outer);
 	else
 		ev.flags |= VNET_F_NO_SKB;
 	if (dev) {

@@ -33,7 +33,7 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 	ev.len = skb->len;
 	ev.mark = skb->mark;
 	ev.hook = hook;
-	vnet_parse_skb(skb, &ev);
+	vnet_parse_skb(skb, &ev, !tc_cfg.filter.f_outer);
 	if (!vnet_filter_match(&tc_cfg.filter, &ev)) {
 		st->v[VNET_STAT_FILTERED]++;
 		return VNET_TC_NEXT;

@@ -284,7 +284,8 @@ static __always_inline void vnet_decap(struct vnet_cursor *c, struct vnet_event 
 }
 
 /* TC: fill the addressing fields and pkt_id of `ev` from the packet. */
-static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_event *ev)
+/* decap: report VXLAN traffic as its inner packet (a load-time constant). */
+static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_event *ev, bool decap)
 {
 	struct vnet_cursor c = { .skb = skb, .base = BPF_HDR_START_NET, .kernel = 0 };
 	__u16 proto = bpf_ntohs(skb->protocol);
@@ -308,13 +309,14 @@ static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_ev
 		c.off = 18;
 	}
 	vnet_parse_l3(&c, ev, proto, skb->len);
-	vnet_decap(&c, ev, skb->len);
+	if (decap)
+		vnet_decap(&c, ev, skb->len);
 }
 
 /* Kernel sk_buff (tracepoints, fentry, kprobe): the same fields and pkt_id.
  * The network header offset is unset (0 or ~0) on fresh receive skbs before
  * the stack resets it: then the L3 header follows the Ethernet header. */
-static __always_inline void vnet_parse_kernel_skb(struct sk_buff *skb, struct vnet_event *ev)
+static __always_inline void vnet_parse_kernel_skb(struct sk_buff *skb, struct vnet_event *ev, bool decap)
 {
 	struct vnet_cursor c = { .kernel = 1 };
 	const __u8 *head = BPF_CORE_READ(skb, head);
@@ -352,7 +354,8 @@ static __always_inline void vnet_parse_kernel_skb(struct sk_buff *skb, struct vn
 		c.l3 = head + mh + 18;
 	}
 	vnet_parse_l3(&c, ev, proto, ev->len);
-	vnet_decap(&c, ev, ev->len);
+	if (decap)
+		vnet_decap(&c, ev, ev->len);
 }
 
 #endif /* VNET_PACKET_BPF_H */

@@ -155,3 +155,22 @@ def test_tcp_retransmission_is_recognisable():
     for first, second in again:
         assert first["pkt_id"] != second["pkt_id"] and first["tcp_seq"] == second["tcp_seq"]
         assert first["ip_id"] != second["ip_id"]
+
+
+def test_outer_view_of_vxlan_traffic_when_asked(tunnel):
+    """--outer: the underlay packet as it is on the wire (VTEP addresses, port
+    4789, its own pkt_id), and filters match the outer tuple."""
+    topo, h1, h2, u1, u2 = tunnel
+    plans = lambda: [device_plan(resolve_device(f"{h1}/{u1}"), ("egress",))]  # noqa: E731
+    with Trace(plans(), packet_filter=PacketFilter(outer=True, dport=4789)) as t, udp_sink(h2, PORT) as sink:
+        send_udp(h1, "10.199.96.2", PORT, count=10)
+        assert sink.received(expect=10) == 10
+        outer = collect(t, 10)
+    with Trace(plans(), packet_filter=PacketFilter(dport=PORT)) as t, udp_sink(h2, PORT) as sink:
+        send_udp(h1, "10.199.96.2", PORT, count=10)
+        assert sink.received(expect=10) == 10
+        inner = collect(t, 10)
+    assert len(outer) == 10 and {(e["src"], e["dst"], e["dport"]) for e in outer} == {("10.199.95.1", "10.199.95.2",
+                                                                                       4789)}
+    assert all("vni" not in e for e in outer)
+    assert len(inner) == 10 and {e["dst"] for e in inner} == {"10.199.96.2"} and {e["vni"] for e in inner} == {VNI}

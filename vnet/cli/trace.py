@@ -64,6 +64,8 @@ def trace(
                                                help="Filter: packets on devices of this network namespace."),
     filter_iface: List[str] = typer.Option([], "--filter-iface", metavar="IFACE",
                                            help="Filter: packets on this device (of --filter-netns). Up to 4."),
+    outer: bool = typer.Option(False, "--outer", help="VXLAN: report, identify and filter the outer (underlay) "
+                                                      "packet instead of the inner one."),
     sample: Optional[str] = typer.Option(None, "--sample", metavar="1/N",
                                          help="Keep 1 packet in N, the same packets at every hook and host."),
     follow: bool = typer.Option(False, "--follow", help="One line (or JSON object) per packet: its path, "
@@ -82,7 +84,7 @@ def trace(
         raise UsageError(f"unknown direction {direction!r} (use ingress, egress or both)")
     directions = devprobe.DIRECTIONS if direction == "both" else (direction,)
     packet_filter = PacketFilter(proto, src, dst, host, sport, dport, port, min_len, max_len, sample,
-                                 filter_netns, tuple(filter_iface) or None)
+                                 filter_netns, tuple(filter_iface) or None, outer or None)
     packet_filter.config()  # bad filter input fails here, before anything is resolved or loaded
     plans, unavailable = select(interface, probe, directions, netns, strict, pids=tuple(pid),
                                 min_runq_ns=int(min_runq_us * 1000))

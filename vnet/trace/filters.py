@@ -26,6 +26,7 @@ class PacketFilter:
     sample: str | None = None   # "1/N"
     netns: str | None = None    # packets on devices of this network namespace (`ip netns` name)
     ifaces: tuple[str, ...] | None = None  # packets on these devices (of `netns`, or vnet's own), at most 4
+    outer: bool | None = None   # VXLAN: see (identify, filter) the outer packet instead of the inner one
 
     @property
     def active(self) -> bool:
@@ -36,6 +37,10 @@ class PacketFilter:
         if not self.active:
             return {"f_on": 0}
         cfg: dict = {"f_on": 1}
+        if self.outer:
+            cfg["f_outer"] = 1
+            if not any(v is not None for k, v in vars(self).items() if k != "outer"):
+                cfg["f_on"] = 0  # only the view changes: nothing to match
         families = set()
         if self.proto is not None:
             p = self.proto.lower()
