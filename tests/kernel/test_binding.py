@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import gc
 import ipaddress
-import json
 import os
 import shutil
 import socket
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from kernel_support import bpftool_json
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
@@ -102,11 +103,6 @@ def fdinfo(fd: int) -> dict[str, str]:
 
 def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
-
-
-def bpftool_json(*args: str):
-    out = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True).stdout
-    return json.loads(out or "[]")
 
 
 def vnet_links() -> dict[int, int]:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from kernel_support import bpftool_json
+
 from vnet.binding import BpfObject
 from vnet.errors import BpfError, NotPermittedError, UnsupportedError
 from vnet.objects import object_path
@@ -41,17 +43,12 @@ NO_CAPS_ROOT = ["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all"]
 
 
 # -- what the kernel holds -------------------------------------------------------------------------------
-def _bpftool(*args: str) -> list[dict]:
-    out = subprocess.run(["bpftool", *args, "-j"], capture_output=True, text=True, timeout=30, check=True).stdout
-    return json.loads(out or "[]")
-
-
 def _vnet_progs() -> dict[int, str]:
-    return {p["id"]: p.get("name", "") for p in _bpftool("prog", "show") if p.get("name", "").startswith("vnet_")}
+    return {p["id"]: p.get("name", "") for p in bpftool_json("prog", "show") if p.get("name", "").startswith("vnet_")}
 
 
 def _links() -> dict[int, int]:
-    return {link["id"]: link.get("prog_id", 0) for link in _bpftool("link", "show")}
+    return {link["id"]: link.get("prog_id", 0) for link in bpftool_json("link", "show")}
 
 
 def _held_ids() -> tuple[set[int], set[int]]:
