@@ -79,6 +79,51 @@ def guest_script(args, results: Path) -> str:
             f"export {exports} && {{ {cmd} ; }}; echo $? > {ec}")
 
 
+def boot(cmd: list[str], vng: str, log_path: Path, timeout: float, tag: str) -> tuple[int | None, bool, float]:
+    """Run a vng command line: stream its output (and save it to log_path), kill
+    the whole group (vng, virtme-run, qemu) after `timeout` s. Returns (vng's
+    exit code, timed out?, seconds)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(vng).parent}:{env.get('PATH', '/usr/bin:/bin')}"  # vng runs virtme-run from PATH
+    start = time.monotonic()
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+
+    def pump() -> None:
+        for line in iter(proc.stdout.readline, b""):
+            sys.stdout.buffer.write(line)
+            sys.stdout.buffer.flush()
+            log.write(line)
+            log.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        print(f"\n{tag}: timed out after {timeout:.0f} s: killing qemu", flush=True)
+    except KeyboardInterrupt:
+        timed_out = True
+    finally:
+        if proc.poll() is None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=5)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        reader.join(timeout=5)
+        log.close()
+    return proc.returncode, timed_out, time.monotonic() - start
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,47 +154,8 @@ def main() -> int:
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(vng).parent}:{env.get('PATH', '/usr/bin:/bin')}"  # vng runs virtme-run from PATH
     print(f"vnet-vm: booting {kernel} (no KVM, {args.memory}, {args.cpus} CPUs), results in {results}", flush=True)
-    start = time.monotonic()
-    log = open(results / "guest.log", "wb")
-    # Own session: on timeout the whole group (vng, virtme-run, qemu) is killed.
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
-
-    def pump() -> None:
-        for line in iter(proc.stdout.readline, b""):
-            sys.stdout.buffer.write(line)
-            sys.stdout.buffer.flush()
-            log.write(line)
-            log.flush()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    timed_out = False
-    try:
-        proc.wait(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        print(f"\nvnet-vm: timed out after {args.timeout:.0f} s: killing qemu", flush=True)
-    except KeyboardInterrupt:
-        timed_out = True
-    finally:
-        if proc.poll() is None:
-            for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=grace)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        reader.join(timeout=5)
-        log.close()
-    elapsed = time.monotonic() - start
+    returncode, timed_out, elapsed = boot(cmd, vng, results / "guest.log", args.timeout, "vnet-vm")
     ec_file = results / "exitcode"
     if timed_out:
         code = TIMED_OUT
@@ -157,7 +163,7 @@ def main() -> int:
         code = int(ec_file.read_text().strip())
     else:
         code = NO_RESULT
-        print(f"vnet-vm: the guest did not report an exit code (vng exit {proc.returncode})", flush=True)
+        print(f"vnet-vm: the guest did not report an exit code (vng exit {returncode})", flush=True)
     print(f"vnet-vm: guest finished in {elapsed:.0f} s, exit code {code}", flush=True)
     return code
 

@@ -38,16 +38,12 @@ import json
 import os
 import re
 import shlex
-import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run_in_guest import find_kernel, find_vng  # noqa: E402  (same kernel and vng as the VM suite)
+from run_in_guest import boot, find_kernel, find_vng  # noqa: E402  (same kernel, vng and runner as the VM suite)
 
 DEFAULT_IMAGE = HERE / "cache" / "minimal-image"
 DEFAULT_RESULTS = HERE / "results" / "minimal-image"
@@ -220,54 +216,16 @@ def main() -> int:
         print(shlex.join(cmd))
         return 0
 
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(vng).parent}:{env.get('PATH', '/usr/bin:/bin')}"  # vng runs virtme-run from PATH
     print(f"vnet-image: booting {kernel} (no KVM, {args.memory}, {args.cpus} CPUs) on {disk} (read-only)",
           flush=True)
-    start = time.monotonic()
-    log = open(results / "guest.log", "wb")
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
-
-    def pump() -> None:
-        for line in iter(proc.stdout.readline, b""):
-            sys.stdout.buffer.write(line)
-            sys.stdout.buffer.flush()
-            log.write(line)
-            log.flush()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    timed_out = False
-    try:
-        proc.wait(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        print(f"\nvnet-image: timed out after {args.timeout:.0f} s: killing qemu", flush=True)
-    except KeyboardInterrupt:
-        timed_out = True
-    finally:
-        if proc.poll() is None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=5)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        reader.join(timeout=5)
-        log.close()
-    elapsed = time.monotonic() - start
+    returncode, timed_out, elapsed = boot(cmd, vng, results / "guest.log", args.timeout, "vnet-image")
 
     steps = timings(results)
     ec_file = results / "exitcode"
     if timed_out:
         code, problems = TIMED_OUT, [f"timed out after {args.timeout:.0f} s"]
     elif not ec_file.is_file():
-        code, problems = NO_RESULT, [f"the guest did not report (vng exit {proc.returncode}): read guest.log"]
+        code, problems = NO_RESULT, [f"the guest did not report (vng exit {returncode}): read guest.log"]
     else:
         problems = check(results, TRACED)
         code = FAILED if problems or ec_file.read_text().strip() != "0" else 0
@@ -283,8 +241,8 @@ def main() -> int:
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     for p in problems:
         print(f"vnet-image: FAIL: {p}", flush=True)
-    boot = f"{summary['boot_s']:.0f} s" if summary["boot_s"] is not None else "?"
-    print(f"vnet-image: {'passed' if code == 0 else 'FAILED'} in {elapsed:.0f} s (boot {boot}), "
+    boot_text = f"{summary['boot_s']:.0f} s" if summary["boot_s"] is not None else "?"
+    print(f"vnet-image: {'passed' if code == 0 else 'FAILED'} in {elapsed:.0f} s (boot {boot_text}), "
           f"exit code {code}, results in {results}", flush=True)
     return code
 
