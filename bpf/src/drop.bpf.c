@@ -33,14 +33,7 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 	bpf_get_current_comm(ev.comm, sizeof(ev.comm));
 	if (skb)
 		vnet_parse_kernel_skb(skb, &ev, !drop_cfg.filter.f_outer);
-	if (!vnet_filter_match(&drop_cfg.filter, &ev)) {
-		st->v[VNET_STAT_FILTERED]++;
-		return 0;
-	}
-	if (drop_cfg.aggregate & VNET_AGG_ON)
-		vnet_aggregate(st, &ev);
-	if (!(drop_cfg.aggregate & VNET_AGG_ON) || (drop_cfg.aggregate & VNET_AGG_AND_EVENTS))
-		vnet_emit(st, &ev, drop_cfg.wakeup_every);
+	vnet_deliver(st, &ev, &drop_cfg.filter, drop_cfg.aggregate, drop_cfg.wakeup_every);
 	return 0;
 }
 

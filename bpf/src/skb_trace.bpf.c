@@ -48,14 +48,7 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 		ev.pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(ev.comm, sizeof(ev.comm));
 	}
-	if (!vnet_filter_match(&skb_cfg.filter, &ev)) {
-		st->v[VNET_STAT_FILTERED]++;
-		return 0;
-	}
-	if (skb_cfg.aggregate & VNET_AGG_ON)
-		vnet_aggregate(st, &ev);
-	if (!(skb_cfg.aggregate & VNET_AGG_ON) || (skb_cfg.aggregate & VNET_AGG_AND_EVENTS))
-		vnet_emit(st, &ev, skb_cfg.wakeup_every);
+	vnet_deliver(st, &ev, &skb_cfg.filter, skb_cfg.aggregate, skb_cfg.wakeup_every);
 	return 0;
 }
 

@@ -34,14 +34,7 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 	ev.mark = skb->mark;
 	ev.hook = hook;
 	vnet_parse_skb(skb, &ev, !tc_cfg.filter.f_outer);
-	if (!vnet_filter_match(&tc_cfg.filter, &ev)) {
-		st->v[VNET_STAT_FILTERED]++;
-		return VNET_TC_NEXT;
-	}
-	if (tc_cfg.aggregate & VNET_AGG_ON)
-		vnet_aggregate(st, &ev);
-	if (!(tc_cfg.aggregate & VNET_AGG_ON) || (tc_cfg.aggregate & VNET_AGG_AND_EVENTS))
-		vnet_emit(st, &ev, tc_cfg.wakeup_every);
+	vnet_deliver(st, &ev, &tc_cfg.filter, tc_cfg.aggregate, tc_cfg.wakeup_every);
 	return VNET_TC_NEXT;
 }
 

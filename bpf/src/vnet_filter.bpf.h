@@ -83,4 +83,19 @@ static __always_inline bool vnet_filter_match(const volatile struct vnet_filter 
 	return true;
 }
 
+/* The common end of every packet program: a packet the filter leaves out is
+ * counted as such; the rest become numbers (aggregation), events, or both. */
+static __always_inline void vnet_deliver(struct vnet_stats *st, struct vnet_event *ev,
+					 const volatile struct vnet_filter *f, __u8 aggregate, __u32 wakeup_every)
+{
+	if (!vnet_filter_match(f, ev)) {
+		st->v[VNET_STAT_FILTERED]++;
+		return;
+	}
+	if (aggregate & VNET_AGG_ON)
+		vnet_aggregate(st, ev);
+	if (!(aggregate & VNET_AGG_ON) || (aggregate & VNET_AGG_AND_EVENTS))
+		vnet_emit(st, ev, wakeup_every);
+}
+
 #endif /* VNET_FILTER_BPF_H */
