@@ -4,7 +4,6 @@ underlay (encapsulated) and after decapsulation. Real kernel vxlan devices."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -40,10 +39,7 @@ def tunnel():
 
 
 def collect(t, want, timeout=5.0):
-    events, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline and len(events) < want:
-        events += t.poll(100)
-    return events + t.drain()
+    return t.poll_until(lambda events: len(events) >= want, timeout)
 
 
 def test_inner_packet_keeps_its_pkt_id_through_vxlan(tunnel):

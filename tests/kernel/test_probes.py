@@ -34,12 +34,27 @@ def plans_for(*names):
 
 
 def collect(t: Trace, until, timeout: float = 10.0) -> list[dict]:
-    events, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events += t.poll(100)
-        if until(events):
-            break
-    return events + t.drain()
+    return t.poll_until(until, timeout)
+
+
+def trace_cli(args: list[str], traffic) -> tuple[int, str, str]:
+    """Run `vnet trace ARGS`, send `traffic()` once it says it is tracing, and
+    return (exit code, stdout, stderr). Bounded: the trace must stop by itself."""
+    proc = subprocess.Popen([sys.executable, "-m", "vnet", "trace", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        head = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            head.append(line)
+            if not line or line.startswith("vnet: tracing"):
+                break
+        traffic()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    return proc.returncode, out, "".join(head) + err
 
 
 def ours(events, probe, dport=PORT):
@@ -123,20 +138,13 @@ def test_vnet_probes_lists_the_catalog_with_reasons():
 
 def test_trace_cli_with_probe_globs_skips_the_unavailable_and_strict_refuses():
     with veth_pair(84) as net:
-        cmd = [sys.executable, "-m", "vnet", "trace", "-p", "net:netif_receive_skb", "-p", "ovs:*",
-               "-c", "3", "--json", "--duration", "10"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            time.sleep(1.5)
-            send_udp(net.ns1, net.ip2, PORT, count=5)
-            out, err = proc.communicate(timeout=30)
-        finally:
-            proc.kill()
-        assert proc.returncode == 0, err
+        args = ["-p", "net:netif_receive_skb", "-p", "ovs:*", "-c", "3", "--json", "--duration", "10"]
+        code, out, err = trace_cli(args, lambda: send_udp(net.ns1, net.ip2, PORT, count=5))
+        assert code == 0, err
         assert len(out.splitlines()) == 3 and all(json.loads(ln)["probe"] == "net:netif_receive_skb"
                                                    for ln in out.splitlines())
         assert "skipping ovs:vport_receive" in err
-        strict = subprocess.run(cmd + ["--strict"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        strict = subprocess.run([sys.executable, "-m", "vnet", "trace", *args, "--strict"], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert strict.returncode == 5 and strict.stderr.count("\n") == 1 and "ovs:" in strict.stderr
 
 
@@ -224,33 +232,19 @@ def test_classic_tracepoint_fallback_sees_the_same_packets(tracefs):
 
 def test_trace_cli_dev_globs_in_a_namespace():
     with veth_pair(88) as net:
-        cmd = [sys.executable, "-m", "vnet", "trace", "--netns", net.ns1, "-p", "dev:if*:egress", "-c", "4",
-               "--json", "--duration", "10"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            time.sleep(1.5)
-            send_udp(net.ns1, net.ip2, PORT, count=6)
-            out, err = proc.communicate(timeout=30)
-        finally:
-            proc.kill()
-    assert proc.returncode == 0, err
+        code, out, err = trace_cli(["--netns", net.ns1, "-p", "dev:if*:egress", "-c", "4", "--json", "--duration",
+                                    "10"], lambda: send_udp(net.ns1, net.ip2, PORT, count=6))
+    assert code == 0, err
     events = [json.loads(ln) for ln in out.splitlines()]
     assert len(events) == 4 and {e["probe"] for e in events} == {f"dev:{net.spec1}:egress"}
 
 
 def test_follow_prints_one_path_per_packet():
     with veth_pair(89) as net:
-        cmd = [sys.executable, "-m", "vnet", "trace", "-p", f"dev:{net.spec1}:egress", "-p",
-               f"dev:{net.spec2}:ingress", "-p", "net:netif_receive_skb", "--dport", str(PORT), "--follow",
-               "--json", "-c", "5", "--duration", "10"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            time.sleep(1.5)
-            send_udp(net.ns1, net.ip2, PORT, count=8)
-            out, err = proc.communicate(timeout=30)
-        finally:
-            proc.kill()
-    assert proc.returncode == 0, err
+        args = ["-p", f"dev:{net.spec1}:egress", "-p", f"dev:{net.spec2}:ingress", "-p", "net:netif_receive_skb",
+                "--dport", str(PORT), "--follow", "--json", "-c", "5", "--duration", "10"]
+        code, out, err = trace_cli(args, lambda: send_udp(net.ns1, net.ip2, PORT, count=8))
+    assert code == 0, err
     paths = [json.loads(ln) for ln in out.splitlines()]
     assert len(paths) == 5
     for p in paths:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,12 +27,7 @@ def veth_pair(subnet: int):
 
 def collect(t, until, timeout: float = 20.0) -> list[dict]:
     """Poll the trace until `until(events)` or the deadline (software emulation is slow)."""
-    events, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events += t.poll(100)
-        if until(events):
-            break
-    return events + t.drain()
+    return t.poll_until(until, timeout)
 
 
 def ours(events, probe: str, dport: int) -> list[dict]:

@@ -8,7 +8,6 @@ traffic, prints what it saw and each packet's per-hop latency, then removes it a
 from __future__ import annotations
 
 import sys
-import time
 
 import typer
 
@@ -51,11 +50,7 @@ def demo(
             replies = ping(net.vm1_ns, net.vm2_ip, count=2)
             # Each datagram crosses 4 hooks; each echo request and reply does too.
             expected = 4 * (packets + 2 * replies)
-            events: list[dict] = []
-            deadline = time.monotonic() + 3.0
-            while time.monotonic() < deadline and len(events) < expected:
-                events += t.poll(100)
-            events += t.drain()
+            events = t.poll_until(lambda evs: len(evs) >= expected, timeout=3.0)
             stats = t.stats()
 
     for e in events:

@@ -7,6 +7,7 @@ from typing import List
 
 import typer
 
+from vnet.errors import UsageError
 from vnet.probes import catalog, features
 from vnet.probes import resolve as resolver
 
@@ -23,8 +24,6 @@ def probes(
     setup_logging(verbose)
     specs, unmatched = catalog.match(patterns or ["*"])
     if unmatched:
-        from vnet.errors import UsageError
-
         raise UsageError(f"no probe matches {unmatched[0]!r}")
     tc = "tcx" if features.check("tcx").ok else "clsact"
     rows = [{"probe": "dev:IFACE:ingress|egress", "layer": "device", "available": True, "hook": tc,

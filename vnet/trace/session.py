@@ -215,6 +215,16 @@ class Trace:
         decode = self.decoder.decode
         return [decode(r) for r in raw]
 
+    def poll_until(self, until: Callable[[list[dict]], bool], timeout: float) -> list[dict]:
+        """Poll until `until(events so far)` holds or `timeout` s pass; then drain."""
+        events: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            events += self.poll(100)
+            if until(events):
+                break
+        return events + self.drain()
+
     def drain(self) -> list[dict]:
         raw = self.ring.drain()
         self.received += len(raw)
