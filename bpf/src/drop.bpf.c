@@ -23,6 +23,10 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 	if (!st)
 		return 0;
 	st->v[VNET_STAT_SEEN]++;
+	if (skb && drop_cfg.filter.f_pcap && !vnet_pcap_kernel(skb)) {
+		st->v[VNET_STAT_FILTERED]++;
+		return 0;
+	}
 	vnet_hdr_init(&ev.hdr, drop_cfg.probe_id, VNET_KIND_PACKET);
 	ev.hook = hook;
 	/* The reason argument came with Linux 5.17 ("net: skb: introduce

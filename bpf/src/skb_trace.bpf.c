@@ -36,6 +36,10 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 	ev.hook = hook;
 	if (skb && skb_cfg.skb_deref && bpf_probe_read_kernel(&skb, sizeof(skb), skb) < 0)
 		skb = NULL;
+	if (skb && skb_cfg.filter.f_pcap && !vnet_pcap_kernel(skb)) {
+		st->v[VNET_STAT_FILTERED]++;
+		return 0;
+	}
 	if (skb)
 		vnet_parse_kernel_skb(skb, &ev, !skb_cfg.filter.f_outer);
 	else

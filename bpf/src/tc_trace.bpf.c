@@ -27,6 +27,10 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 	if (!st)
 		return VNET_TC_NEXT;
 	st->v[VNET_STAT_SEEN]++;
+	if (tc_cfg.filter.f_pcap && !vnet_pcap_tc(skb)) {
+		st->v[VNET_STAT_FILTERED]++;
+		return VNET_TC_NEXT;
+	}
 
 	vnet_hdr_init(&ev.hdr, tc_cfg.probe_id, VNET_KIND_PACKET);
 	ev.ifindex = skb->ifindex;

@@ -6,6 +6,7 @@
 #define VNET_FILTER_BPF_H
 
 #include "vnet_packet.bpf.h"
+#include "vnet_pcap.bpf.h"
 
 struct vnet_filter {
 	__u8 f_on;         /* any criterion below is set */
@@ -18,7 +19,7 @@ struct vnet_filter {
 	__u16 f_dport;
 	__u16 f_port;      /* source or destination */
 	__u8 f_outer;      /* VXLAN: report, identify and filter the outer packet, not the inner one */
-	__u8 f_pad;
+	__u8 f_pcap;       /* run the tcpdump expression spliced into the vnet_pcap_* stubs, before any parsing */
 	__u32 f_len_min;   /* skb->len bounds; f_len_max 0: no upper bound */
 	__u32 f_len_max;
 	__u32 f_sample;    /* keep packets whose pkt_id % f_sample == 0 (the same at every hook and host); 0/1: all */

@@ -137,6 +137,45 @@ const char *btf__name_by_offset(const struct btf *btf, uint32_t offset);
 int64_t btf__resolve_size(const struct btf *btf, uint32_t type_id);
 int btf__resolve_type(const struct btf *btf, uint32_t type_id);
 
+/* Program handlers: vnet's prepare-load callback splices code into relocated
+   programs (vnet/binding/splice.py). Instructions travel as opaque bytes. */
+struct bpf_prog_load_opts {
+    size_t sz;
+    int attempts;
+    int expected_attach_type;
+    uint32_t prog_btf_fd;
+    uint32_t prog_flags;
+    uint32_t prog_ifindex;
+    uint32_t kern_version;
+    uint32_t attach_btf_id;
+    uint32_t attach_prog_fd;
+    uint32_t attach_btf_obj_fd;
+    const int *fd_array;
+    const void *func_info;
+    uint32_t func_info_cnt;
+    uint32_t func_info_rec_size;
+    const void *line_info;
+    uint32_t line_info_cnt;
+    uint32_t line_info_rec_size;
+    uint32_t log_level;
+    uint32_t log_size;
+    char *log_buf;  /* newer libbpf appends fields: vnet only reads through libbpf's pointer */
+};
+typedef int (*libbpf_prog_prepare_load_fn_t)(struct bpf_program *prog, struct bpf_prog_load_opts *opts, long cookie);
+struct libbpf_prog_handler_opts {
+    size_t sz;
+    long cookie;
+    void *prog_setup_fn;
+    libbpf_prog_prepare_load_fn_t prog_prepare_load_fn;
+    void *prog_attach_fn;
+};
+int libbpf_register_prog_handler(const char *sec, int prog_type, int exp_attach_type,
+                                 const struct libbpf_prog_handler_opts *opts);
+int libbpf_prog_type_by_name(const char *name, int *prog_type, int *expected_attach_type);
+const void *bpf_program__insns(const struct bpf_program *prog);
+size_t bpf_program__insn_cnt(const struct bpf_program *prog);
+int bpf_program__set_insns(struct bpf_program *prog, void *new_insns, size_t new_insn_cnt);
+
 /* Newer than libbpf 1.1: declared so they can be called where present. */
 struct bpf_link *bpf_program__attach_tcx(const struct bpf_program *prog, int ifindex, const void *opts);
 int ring_buffer__consume_n(struct ring_buffer *rb, size_t n);

@@ -148,6 +148,10 @@ class Btf:
     def _vlen(t) -> int:
         return t.info & 0xFFFF
 
+    def name_of(self, type_id: int) -> str:
+        """The name of a type (e.g. the function a func_info record names)."""
+        return self._name(self._type(type_id).name_off)
+
     def find(self, name: str, kind: int) -> int:
         tid = lib().btf__find_by_name_kind(self._ptr, name.encode(), kind)
         if tid < 0:

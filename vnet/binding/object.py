@@ -17,7 +17,7 @@ from pathlib import Path
 from vnet import netns as _netns
 from vnet.errors import AttachError, BpfError, VerifierError, bpf_error
 
-from . import libbpf
+from . import libbpf, splice
 from .btf import Btf, StructLayout
 from .libbpf import ffi, lib
 
@@ -29,6 +29,7 @@ BPF_TC_F_REPLACE = 1
 BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+BTF_TARGET_SECTIONS = ("tp_btf", "fentry", "fexit", "fmod_ret")
 _PERCPU_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
 # Fixed handle so a restarted vnet replaces its own stale clsact filter instead of stacking one more.
 VNET_TC_HANDLE = 0x766E  # "vn"
@@ -155,6 +156,7 @@ class Program:
         self._ptr = ptr
         self.name = ffi.string(lib().bpf_program__name(ptr)).decode()
         self.section = ffi.string(lib().bpf_program__section_name(ptr)).decode()
+        self.target: str | None = None  # set_attach_target's, if called
 
     def __repr__(self) -> str:
         return f"<Program {self.name} SEC({self.section})>"
@@ -182,6 +184,7 @@ class Program:
         err = lib().bpf_program__set_attach_target(self._ptr, 0, name.encode())
         if err:
             raise bpf_error("set attach target of", err, f"program {self.name} to {name}")
+        self.target = name
 
     # -- attach ---------------------------------------------------------------
     def _libbpf_link(self, ptr, op: str, what: str) -> LibbpfLink:
@@ -190,7 +193,17 @@ class Program:
         return self._obj._own(LibbpfLink(ptr, f"{self.name} -> {what}"))
 
     def attach(self) -> LibbpfLink:
-        """Attach by section name (tp_btf/, fentry/, raw_tp/, ...)."""
+        """Attach where the section names (tp_btf/, fentry/, raw_tp/, tracepoint/, kprobe/).
+        Done here, not by libbpf: vnet's section handlers (splice.py) replace libbpf's."""
+        kind, _, where = self.section.partition("/")
+        if kind in BTF_TARGET_SECTIONS:
+            return self.attach_trace()
+        if kind == "raw_tp" and where:
+            return self.attach_raw_tracepoint(where)
+        if kind == "tracepoint" and "/" in where:
+            return self.attach_tracepoint(*where.split("/", 1))
+        if kind == "kprobe" and where:
+            return self.attach_kprobe(where)
         return self._libbpf_link(lib().bpf_program__attach(self._ptr), "attach", self.section)
 
     def attach_tracepoint(self, category: str, name: str) -> LibbpfLink:
@@ -357,12 +370,14 @@ class BpfObject:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        splice.ensure_registered()  # libbpf binds each program to a section handler at open
         ptr = lib().bpf_object__open_file(str(self.path).encode(), ffi.NULL)
         if ptr == ffi.NULL:
             raise bpf_error("open BPF object", ffi.errno, str(self.path))
         self._ptr = ptr
         self.loaded = False
         self._owned: list = []
+        self._bodies: dict[str, bytes] = {}
         self.name = ffi.string(lib().bpf_object__name(ptr)).decode()
         self.programs: dict[str, Program] = {}
         p = lib().bpf_object__next_program(ptr, ffi.NULL)
@@ -423,9 +438,24 @@ class BpfObject:
         for name, prog in self.programs.items():
             prog.autoload = name in names
 
+    def replace_functions(self, bodies: dict[str, bytes]) -> None:
+        """Before load: in every program that calls them, give these no-inline
+        functions new bodies (encoded eBPF instructions; see splice.py)."""
+        self._bodies.update(bodies)
+
     def load(self) -> None:
         marker = libbpf.mark_log()
+        progs = [p for p in self.programs.values() if p.autoload]
+        for prog in progs:
+            kind, _, target = prog.section.partition("/")
+            if kind in BTF_TARGET_SECTIONS and target and prog.target is None:
+                prog.set_attach_target(target)  # what libbpf's own handler would resolve at load
+            if self._bodies:
+                splice.request(prog._ptr, self.btf, self._bodies)
         err = lib().bpf_object__load(self._ptr)
+        failures = [e for e in (splice.forget(p._ptr) for p in progs) if e is not None]
+        if failures:
+            raise failures[0]
         if err:
             lines = libbpf.messages_since(marker)
             # Debug lines name every program (CO-RE relos): only a failure line names the culprit.

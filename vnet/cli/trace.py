@@ -34,6 +34,13 @@ class _Stop:
 
 @cli_errors
 def trace(
+    expression: Optional[List[str]] = typer.Argument(
+        None, metavar="[EXPRESSION]...", show_default=False,
+        help="tcpdump filter expression (pcap-filter(7)), e.g. 'udp and dst port 53'; quoted or as separate words. "
+             "Runs in the kernel at every packet hook, on the packet as a capture there would see it."),
+    dump_filter: bool = typer.Option(False, "--dump-filter",
+                                     help="Print the expression as classic BPF (like tcpdump -d) and as the eBPF "
+                                          "vnet runs, then exit without tracing."),
     interface: List[str] = typer.Option([], "-i", "--interface", metavar="IFACE",
                                         help="Interface to trace; NETNS/IFACE for one in a named netns. Repeatable."),
     probe: List[str] = typer.Option([], "-p", "--probe", metavar="PROBE",
@@ -83,8 +90,14 @@ def trace(
     if direction not in ("both",) + devprobe.DIRECTIONS:
         raise UsageError(f"unknown direction {direction!r} (use ingress, egress or both)")
     directions = devprobe.DIRECTIONS if direction == "both" else (direction,)
+    text = " ".join(expression or []).strip() or None
+    if dump_filter:
+        if text is None:
+            raise UsageError("--dump-filter needs a filter expression")
+        print("\n".join(dump_expression(text)))
+        return
     packet_filter = PacketFilter(proto, src, dst, host, sport, dport, port, min_len, max_len, sample,
-                                 filter_netns, tuple(filter_iface) or None, outer or None)
+                                 filter_netns, tuple(filter_iface) or None, outer or None, text)
     packet_filter.config()  # bad filter input fails here, before anything is resolved or loaded
     plans, unavailable = select(interface, probe, directions, netns, strict, pids=tuple(pid),
                                 min_runq_ns=int(min_runq_us * 1000))
@@ -165,6 +178,26 @@ def trace(
         print(f"vnet: {stats.filtered} packets left out by the filter", file=sys.stderr)
     if skipped:
         print(f"vnet: {len(skipped)} requested probes skipped (unavailable): {', '.join(skipped)}", file=sys.stderr)
+
+
+def dump_expression(text: str) -> list[str]:
+    """What `--dump-filter` prints: libpcap's classic programs (tcpdump -d) and vnet's eBPF stub bodies."""
+    from vnet.tcpdump import ETHERNET, RAW, compile, ebpf, translate
+
+    expr = compile(text)
+    out = [f"; expression: {expr.text}", "; classic BPF for Ethernet (tcpdump -d):", *expr.dump(ETHERNET),
+           "; classic BPF for raw IP (hooks that see L3 only):"]
+    out += expr.dump(RAW) if expr.raw is not None else [f";   none: {expr.raw_error} -- nothing matches there"]
+    for link in (ETHERNET, RAW):
+        if expr.classic(link) is None:
+            continue
+        body = translate.translate(translate.DIRECT, expr.classic(link))
+        out += [f"; eBPF {translate.STUBS[translate.DIRECT]} (TC hooks, {link} devices; direct packet access):",
+                *ebpf.listing(body)]
+    body = translate.translate(translate.PROBE, expr.ethernet, expr.raw)
+    out += [f"; eBPF {translate.STUBS[translate.PROBE]} (tracepoints, fentry, kprobes, VLAN-tagged TC packets; "
+            "bpf_probe_read_kernel):", *ebpf.listing(body)]
+    return out
 
 
 def _aggregate_report(t, as_json: bool) -> list[str]:

@@ -41,6 +41,7 @@ class Device:
     ifindex: int
     netns: str | None      # `ip netns` name; None: vnet's own namespace
     netns_cookie: int      # as bpf_get_netns_cookie() reports it
+    link: str = "ethernet"  # what TC hooks see first: "ethernet" header, or "raw" IP (tun, ipip, wireguard)
 
     @property
     def label(self) -> str:
@@ -65,7 +66,26 @@ def resolve(spec: str, default_netns: str | None = None) -> Device:
                                        hint="list interfaces with 'ip link'" +
                                        (f" (ip -n {ns} link)" if ns else "")) from None
         cookie = netns.cookie()
-    return Device(name, ifindex, ns, cookie)
+        link = _link_type(name)
+    return Device(name, ifindex, ns, cookie, link)
+
+
+SIOCGIFHWADDR = 0x8927
+ARPHRD_ETHERNET_LIKE = {1, 772}  # ARPHRD_ETHER; ARPHRD_LOOPBACK has a zeroed Ethernet header
+
+
+def _link_type(name: str) -> str:
+    """"ethernet" or "raw", from the device's ARPHRD type (in the current netns)."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            ifr = fcntl.ioctl(sock, SIOCGIFHWADDR, struct.pack("16s16x", name.encode()))
+        except OSError:
+            return "ethernet"
+    arphrd = struct.unpack_from("H", ifr, 16)[0]
+    return "ethernet" if arphrd in ARPHRD_ETHERNET_LIKE else "raw"
 
 
 def attach(obj: BpfObject, dev: Device, direction: str) -> tuple[Link, str]:

@@ -6,6 +6,17 @@ with the safety rules of the kernel's own converter; the loader splices that
 code into each packet program in place of a no-inline stub (vnet_pcap_*).
 """
 
-from .expression import Expression, compile
+from . import ebpf, translate
+from .expression import ETHERNET, RAW, Expression, compile
 
-__all__ = ["Expression", "compile"]
+
+def stub_bodies(expr: Expression, direct_link: str = ETHERNET) -> dict[str, bytes]:
+    """Encoded eBPF for each stub: vnet_pcap_direct runs the program for
+    `direct_link` (a TC device's link type); vnet_pcap_probe carries both."""
+    return {translate.STUBS[translate.DIRECT]: ebpf.encode(translate.translate(translate.DIRECT,
+                                                                               expr.classic(direct_link))),
+            translate.STUBS[translate.PROBE]: ebpf.encode(translate.translate(translate.PROBE, expr.ethernet,
+                                                                              expr.raw))}
+
+
+__all__ = ["ETHERNET", "RAW", "Expression", "compile", "stub_bodies"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import cached_property
 
 from vnet.errors import UsageError
 
@@ -27,20 +28,36 @@ class PacketFilter:
     netns: str | None = None    # packets on devices of this network namespace (`ip netns` name)
     ifaces: tuple[str, ...] | None = None  # packets on these devices (of `netns`, or vnet's own), at most 4
     outer: bool | None = None   # VXLAN: see (identify, filter) the outer packet instead of the inner one
+    expression: str | None = None  # tcpdump syntax, run on the packet's bytes before anything else
+
+    @cached_property
+    def compiled(self):
+        """The tcpdump expression compiled by libpcap (None without one); a bad one is a UsageError."""
+        if self.expression is None:
+            return None
+        from vnet.tcpdump import compile
+
+        return compile(self.expression)
+
+    def _criteria(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     @property
     def active(self) -> bool:
-        return any(v is not None for v in vars(self).values())
+        return any(v is not None for v in self._criteria().values())
 
     def config(self) -> dict:
         """The f_* fields of struct vnet_filter (names from the objects' BTF)."""
         if not self.active:
             return {"f_on": 0}
         cfg: dict = {"f_on": 1}
+        if self.expression is not None:
+            self.compiled  # noqa: B018 -- a bad expression fails here, before anything loads
+            cfg["f_pcap"] = 1
         if self.outer:
             cfg["f_outer"] = 1
-            if not any(v is not None for k, v in vars(self).items() if k != "outer"):
-                cfg["f_on"] = 0  # only the view changes: nothing to match
+        if not any(v is not None for k, v in self._criteria().items() if k not in ("outer", "expression")):
+            cfg["f_on"] = 0  # only the view changes, or the expression decides: no field to match
         families = set()
         if self.proto is not None:
             p = self.proto.lower()

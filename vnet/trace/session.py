@@ -57,6 +57,7 @@ class Plan:
     prepare: Callable[[BpfObject], None] | None = None
     name: str = ""
     filterable: bool = False  # its config has the packet filter (struct vnet_filter)
+    link: str = "ethernet"    # TC plans: the device's link type, for the tcpdump expression
 
 
 @dataclass
@@ -87,7 +88,7 @@ def device_plan(dev: Device, directions=DIRECTIONS) -> Plan:
     labels = {devprobe.hook_values()[d]: {"probe": dev.probe_name(d), "ifname": dev.ifname, "netns": dev.netns,
                                        "layer": "device"} for d in directions}
     return Plan("tc_trace", "tc_cfg", {}, tuple(devprobe.PROGRAMS[d] for d in directions), attach, labels,
-                name=f"dev:{dev.label}", filterable=True)
+                name=f"dev:{dev.label}", filterable=True, link=dev.link)
 
 
 class Trace:
@@ -106,7 +107,9 @@ class Trace:
         self.ring_bytes = check_ring_size(ring_bytes)
         self.wakeup_every = wakeup_every
         self.strict = strict
-        self.filter_config = (packet_filter or PacketFilter()).config()  # validated before anything loads
+        self.packet_filter = packet_filter or PacketFilter()
+        self.filter_config = self.packet_filter.config()  # validated before anything loads
+        self._stub_bodies: dict[str, dict[str, bytes]] = {}
         self.aggregate = aggregate or aggregate_and_events
         self.aggregate_and_events = aggregate_and_events  # to check the kernel's numbers against events
         self.labels: dict = {}
@@ -173,6 +176,8 @@ class Trace:
             config = {"probe_id": probe_id, "wakeup_every": self.wakeup_every, **plan.config}
             if plan.filterable:  # the packet programs: filter, and numbers instead of events on request
                 config.update(self.filter_config, aggregate=self._aggregate_bits())
+                if self.packet_filter.compiled is not None:
+                    obj.replace_functions(self._expression_code(plan))
             obj.set_config(plan.config_var, config)
             if self.objects:
                 for name in SHARED_MAPS:
@@ -192,6 +197,19 @@ class Trace:
             raise
         self.objects.append(obj)
         return obj, hooks
+
+    def _expression_code(self, plan: Plan) -> dict[str, bytes]:
+        """The tcpdump expression as the bodies of the vnet_pcap_* stubs: at TC
+        hooks the program for the device's link type, elsewhere both."""
+        from vnet.tcpdump import stub_bodies
+
+        expr = self.packet_filter.compiled
+        if plan.link not in self._stub_bodies:
+            self._stub_bodies[plan.link] = stub_bodies(expr, plan.link)
+        if plan.obj == "tc_trace" and expr.classic(plan.link) is None:
+            log.warning("%s sees IP packets without a link-layer header: the expression %r matches nothing "
+                        "there (%s)", plan.name, expr.text, expr.raw_error)
+        return self._stub_bodies[plan.link]
 
     @property
     def btf(self):

@@ -1,0 +1,143 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* tcpdump expressions. User space compiles the expression with libpcap,
+ * translates the classic BPF into eBPF (vnet/tcpdump/translate.py) and, when
+ * libbpf prepares each program for load, replaces the bodies of the two stubs
+ * below with it (vnet/binding/splice.py). The expression sees
+ * the packet as a capture on that device would: from the Ethernet header on,
+ * with a VLAN tag the kernel moved into the skb put back; or from the IP header
+ * where the hook sees L3 only. A packet it rejects costs no parse, no event. */
+#ifndef VNET_PCAP_BPF_H
+#define VNET_PCAP_BPF_H
+
+#include "vnet_common.bpf.h"
+#include <bpf/bpf_core_read.h>
+
+#define VNET_ARPHRD_ETHER 1
+#define VNET_ARPHRD_LOOPBACK 772 /* a zeroed Ethernet header, as tcpdump -i lo sees it */
+#define VNET_PCAP_TAG_COPY 256   /* bytes after the MAC addresses copied with a VLAN tag put back */
+
+struct vnet_pcap_copy {
+	__u8 b[16 + VNET_PCAP_TAG_COPY];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct vnet_pcap_copy);
+} vnet_pcap_scratch SEC(".maps");
+
+/* The stubs. Their bodies never reach the kernel: they keep every argument
+ * alive and the result opaque, so that the compiler passes each argument in
+ * its register (r1..r4) and cannot assume what the spliced code returns. */
+static __noinline int vnet_pcap_direct(struct __sk_buff *skb, void *data, void *data_end, __u32 wirelen)
+{
+	int verdict = 1;
+
+	asm volatile("" : "+r"(verdict) : "r"(skb), "r"(data), "r"(data_end), "r"(wirelen));
+	return verdict;
+}
+
+static __noinline int vnet_pcap_probe(const void *data, __u32 caplen, __u32 wirelen, __u32 l2)
+{
+	int verdict = 2;
+
+	asm volatile("" : "+r"(verdict) : "r"(data), "r"(caplen), "r"(wirelen), "r"(l2));
+	return verdict;
+}
+
+/* A VLAN tag the kernel keeps in the skb goes back between the MAC addresses
+ * and the rest, in a per-CPU copy of the packet's first bytes. */
+static __always_inline struct vnet_pcap_copy *vnet_pcap_scratch_buf(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&vnet_pcap_scratch, &zero);
+}
+
+/* 1..VNET_PCAP_TAG_COPY, restated behind a barrier: Linux 6.1's verifier wants
+ * a lower bound it can see on a helper's length (see vnet_hash_payload). */
+static __always_inline __u32 vnet_pcap_copy_len(__u32 n)
+{
+	if (n > VNET_PCAP_TAG_COPY)
+		n = VNET_PCAP_TAG_COPY;
+	barrier_var(n);
+	return ((n - 1) & (VNET_PCAP_TAG_COPY - 1)) + 1;
+}
+
+/* TC: user space spliced the program for the device's link type into the
+ * direct stub; a packet with its VLAN tag in the skb goes through a copy. */
+static __always_inline bool vnet_pcap_tc(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct vnet_pcap_copy *c;
+	__u32 rest, n;
+
+	if (!skb->vlan_present)
+		return vnet_pcap_direct(skb, data, data_end, skb->len);
+	c = vnet_pcap_scratch_buf();
+	if (!c || skb->len < 12 || bpf_skb_load_bytes(skb, 0, c->b, 12) < 0)
+		return false;
+	*(__u16 *)&c->b[12] = skb->vlan_proto; /* network order already */
+	*(__u16 *)&c->b[14] = bpf_htons(skb->vlan_tci);
+	rest = skb->len - 12;
+	n = 0;
+	if (rest) {
+		n = vnet_pcap_copy_len(rest);
+		if (bpf_skb_load_bytes(skb, 12, &c->b[16], n) < 0)
+			return false;
+	}
+	return vnet_pcap_probe(c->b, 16 + n, skb->len + 4, 1);
+}
+
+/* Kernel sk_buff (tracepoints, fentry, kprobe). The Ethernet view when the
+ * device has Ethernet headers and the skb's MAC header is set and sits right
+ * before its network header (receive and transmit paths alike); else the
+ * network header on. Only the linear part is readable here. */
+static __always_inline bool vnet_pcap_kernel(struct sk_buff *skb)
+{
+	const __u8 *head = BPF_CORE_READ(skb, head);
+	__u32 data_off = (__u32)((const __u8 *)BPF_CORE_READ(skb, data) - head);
+	__u32 len = BPF_CORE_READ(skb, len);
+	__u32 tail = BPF_CORE_READ(skb, tail);
+	__u16 mh = BPF_CORE_READ(skb, mac_header);
+	__u16 nh = BPF_CORE_READ(skb, network_header);
+	struct net_device *dev = BPF_CORE_READ(skb, dev);
+	bool nh_set = nh != 0 && nh != (__u16)~0U;
+	__u32 start, caplen, wirelen, rest, n;
+	struct vnet_pcap_copy *c;
+	bool l2 = false;
+
+	if (mh != (__u16)~0U && mh <= data_off && (!nh_set || nh >= mh + 14)) {
+		__u16 type = dev ? BPF_CORE_READ(dev, type) : VNET_ARPHRD_ETHER;
+
+		l2 = type == VNET_ARPHRD_ETHER || type == VNET_ARPHRD_LOOPBACK;
+	}
+	start = l2 ? mh : (nh_set ? nh : data_off);
+	if (start > data_off + len || tail < start)
+		return false;
+	wirelen = data_off + len - start;
+	caplen = tail - start;
+	if (caplen > wirelen)
+		caplen = wirelen;
+	if (!l2 || !BPF_CORE_READ(skb, vlan_proto))
+		return vnet_pcap_probe(head + start, caplen, wirelen, l2);
+
+	/* The tag is in the skb, not in the bytes: put it back. */
+	c = vnet_pcap_scratch_buf();
+	if (!c || caplen < 12 || bpf_probe_read_kernel(c->b, 12, head + start) < 0)
+		return false;
+	*(__u16 *)&c->b[12] = BPF_CORE_READ(skb, vlan_proto);
+	*(__u16 *)&c->b[14] = bpf_htons(BPF_CORE_READ(skb, vlan_tci));
+	rest = caplen - 12;
+	n = 0;
+	if (rest) {
+		n = vnet_pcap_copy_len(rest);
+		if (bpf_probe_read_kernel(&c->b[16], n, head + start + 12) < 0)
+			return false;
+	}
+	return vnet_pcap_probe(c->b, 16 + n, wirelen + 4, 1);
+}
+
+#endif /* VNET_PCAP_BPF_H */
