@@ -54,11 +54,26 @@ class TranslateError(ValueError):
     """A classic program vnet cannot run (libpcap never emits these)."""
 
 
+# Every opcode classic BPF has (the kernel's bpf_check_classic list, less its
+# SKF_AD extensions and RET X, which libpcap's own interpreter lacks too).
+VALID_CODES = frozenset(
+    [0x00, 0x08, 0x10, 0x20, 0x28, 0x30, 0x40, 0x48, 0x50, 0x60, 0x80,  # ld
+     0x01, 0x61, 0x81, 0xB1,                                              # ldx imm/mem/len/msh
+     0x02, 0x03,                                                          # st, stx
+     *[0x04 | op | src for op in (0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x90, 0xA0)
+       for src in (0x00, 0x08)], 0x84,                                    # alu, neg
+     0x05, *[0x05 | op | src for op in (0x10, 0x20, 0x30, 0x40) for src in (0x00, 0x08)],  # jumps
+     0x06, 0x16,                                                          # ret k, ret a
+     0x07, 0x87])                                                         # tax, txa
+
+
 def _check(insns: Sequence[ClassicInsn]) -> None:
     if not insns:
         raise TranslateError("empty classic BPF program")
     n = len(insns)
     for pc, i in enumerate(insns):
+        if i.code not in VALID_CODES:
+            raise TranslateError(f"classic insn {pc}: unknown opcode {i.code:#04x}")
         cls = i.code & 0x07
         if cls == C_JMP:
             targets = [pc + 1 + i.k] if (i.code & 0xF0) == e.JA else [pc + 1 + i.jt, pc + 1 + i.jf]
