@@ -1,0 +1,135 @@
+"""Pure logic of the tcpdump-expression path, no kernel: instruction encoding,
+the translator's output shape (no dead code, every jump inside the body, the
+register and stack discipline), and the splice's offset fixing on a synthetic
+relocated program (a fake program, not a kernel one: the real splice is
+exercised by tests/kernel/test_tcpdump_*.py)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from vnet.binding.pcap import ClassicInsn
+from vnet.binding.splice import replace_function
+from vnet.tcpdump import compile, ebpf, translate
+from vnet.tcpdump.ebpf import Insn
+from vnet.tcpdump.translate import TranslateError
+
+
+def test_insn_roundtrip_and_listing():
+    i = Insn(ebpf.JMP32 | ebpf.JGT | ebpf.K, 6, 0, -3, -1)
+    assert Insn.decode(i.encode()) == i
+    assert ebpf.format_insn(i) == "if w6 > -1 goto pc-3"
+    assert ebpf.format_insn(Insn(ebpf.JMP | ebpf.CALL, imm=113)) == "call bpf_probe_read_kernel#113"
+    assert ebpf.s32(0xFFFFFFFF) == -1 and ebpf.s32(5) == 5
+
+
+def _reachable(insns: list[Insn]) -> set[int]:
+    seen, todo = set(), [0]
+    while todo:
+        pc = todo.pop()
+        if pc in seen:
+            continue
+        assert 0 <= pc < len(insns), f"control reaches {pc}, outside the body"
+        seen.add(pc)
+        i = insns[pc]
+        if i.cls in (ebpf.JMP, ebpf.JMP32):
+            op = i.code & 0xF0
+            if op == ebpf.EXIT:
+                continue
+            if op == ebpf.JA:
+                todo.append(pc + 1 + i.off)
+                continue
+            if op != ebpf.CALL:
+                todo.append(pc + 1 + i.off)
+        todo.append(pc + 1)
+    return seen
+
+
+@pytest.mark.parametrize("text", ["udp and dst port 53", "vlan 10 and tcp[tcpflags] & tcp-syn != 0",
+                                  "ip[2:2] > 500 or ip6", "ether host 02:00:00:00:00:01", "len > 100"])
+@pytest.mark.parametrize("mode", [translate.DIRECT, translate.PROBE])
+def test_translation_has_no_dead_code_and_stays_in_bounds(text, mode):
+    """The verifier refuses unreachable instructions and jumps out of a function."""
+    expr = compile(text)
+    body = translate.translate(mode, expr.ethernet, expr.raw)
+    assert _reachable(body) == set(range(len(body)))
+    assert body[-1].code == ebpf.JMP | ebpf.EXIT
+    for i in body:
+        # only r0-r9 and reads of the frame pointer; stack use within the stub's own slots
+        assert i.dst <= 10 and i.src <= 10
+        if i.cls in (ebpf.ST, ebpf.STX):
+            assert i.dst == ebpf.FP and translate.SLOT_MEM <= i.off < 0
+        if i.cls in (ebpf.JMP, ebpf.JMP32) and (i.code & 0xF0) == ebpf.CALL:
+            assert i.imm in (ebpf.HELPER_SKB_LOAD_BYTES, ebpf.HELPER_PROBE_READ_KERNEL)
+            assert i.imm == (ebpf.HELPER_SKB_LOAD_BYTES if mode == translate.DIRECT
+                             else ebpf.HELPER_PROBE_READ_KERNEL)
+
+
+def test_an_expression_that_cannot_apply_rejects_everything():
+    body = translate.translate(translate.DIRECT, None)
+    assert [ebpf.format_insn(i) for i in body[-2:]] == ["w0 = 0", "exit"]
+    assert compile("vlan 10").raw is None and "VLAN" in compile("vlan 10").raw_error
+
+
+@pytest.mark.parametrize("prog, why", [
+    ([], "empty"),
+    ([ClassicInsn(0x15, 5, 0, 1), ClassicInsn(0x06, 0, 0, 0)], "jumps out"),
+    ([ClassicInsn(0x60, 0, 0, 16), ClassicInsn(0x06, 0, 0, 0)], r"M\[16\]"),
+    ([ClassicInsn(0x0E, 0, 0, 0)], "unknown opcode"),  # ret x: not in libpcap's interpreter either
+    ([ClassicInsn(0x00, 0, 0, 0)], "does not end"),
+])
+def test_bad_classic_programs_are_refused(prog, why):
+    with pytest.raises(TranslateError, match=why):
+        translate.translate(translate.DIRECT, prog)
+
+
+# -- splice offsets on a synthetic program -------------------------------------------------------------
+
+def _call(rel: int) -> bytes:
+    return Insn(ebpf.JMP | ebpf.CALL, src=ebpf.PSEUDO_CALL, imm=rel).encode()
+
+
+def _nop(n: int = 1) -> bytes:
+    return Insn(ebpf.ALU64 | ebpf.MOV | ebpf.K, 0, imm=0).encode() * n
+
+
+def _ldfunc(rel: int) -> bytes:  # ld_imm64 r2 = <function>: two slots
+    return Insn(ebpf.LD | ebpf.IMM | ebpf.DW, 2, ebpf.PSEUDO_FUNC, imm=rel).encode() + bytes(8)
+
+
+def test_replace_function_fixes_calls_and_function_addresses():
+    # main: 0 call stub(@10), 1 call after(@14), 2-3 ld func after, 4-9 nops
+    # stub @10 (4 insns) -> replaced by 7; after @14: call stub, 2 nops
+    main = _call(10 - 1) + _call(14 - 2) + _ldfunc(14 - 3) + _nop(6)
+    stub = _nop(4)
+    after = _call(10 - 15) + _nop(2)
+    code = main + stub + after
+    new_stub = _nop(7)
+    new, remap, done = replace_function(code, [(0, "main"), (10, "stub"), (14, "after")], {"stub": new_stub})
+    assert done == {"stub"} and len(new) == len(code) + 3 * 8
+    insns = ebpf.decode(new)
+    assert 1 + insns[0].imm == 10                   # still the stub's start
+    assert 2 + insns[1].imm == 17                   # `after` moved by 3
+    assert 3 + insns[2].imm == 17                   # the function address too
+    assert 18 + insns[17].imm == 10                 # the call back from `after`
+    assert remap(14) == 17 and remap(10) == 10 and remap(12, inside=None) is None
+    with pytest.raises(ValueError):
+        remap(11)
+
+
+def test_replace_function_without_the_function_changes_nothing():
+    code = _call(0) + _nop(2)
+    new, remap, done = replace_function(code, [(0, "main"), (1, "x")], {"stub": _nop(1)})
+    assert new == code and not done and remap(2) == 2
+
+
+def test_replace_function_refuses_partial_instructions():
+    with pytest.raises(ValueError):
+        replace_function(_nop(2), [(0, "main"), (1, "stub")], {"stub": b"\0" * 5})
+
+
+def test_func_info_records_are_what_the_splice_reads():
+    """struct bpf_func_info is {insn_off, type_id}: both u32 (linux/bpf.h)."""
+    assert struct.calcsize("<II") == 8
