@@ -43,11 +43,12 @@ def _unavailable(why: str) -> None:
     pytest.skip(why)
 
 
-def _c_program(ffi: cffi.FFI) -> tuple[str, list[tuple[str, str | None]]]:
+def _c_program(ffi: cffi.FFI, structs: list[str] | None = None,
+               headers: tuple[str, ...] = HEADERS) -> tuple[str, list[tuple[str, str | None]]]:
     """C source printing `key size offset` lines, and the keys in order."""
-    lines = [f"#include <{h}>" for h in HEADERS] + ["int main(void) {"]
+    lines = [f"#include <{h}>" for h in headers] + ["int main(void) {"]
     keys: list[tuple[str, str | None]] = []
-    for name in _cdef_structs():
+    for name in _cdef_structs() if structs is None else structs:
         lines.append(f'  printf("{name} %zu 0\\n", sizeof(struct {name}));')
         keys.append((name, None))
         for fname, _ in ffi.typeof(f"struct {name}").fields:
@@ -61,11 +62,15 @@ def _c_program(ffi: cffi.FFI) -> tuple[str, list[tuple[str, str | None]]]:
 
 @pytest.fixture(scope="module")
 def compiled_layout(tmp_path_factory) -> dict[str, tuple[int, int]]:
+    return _compile_layout(tmp_path_factory, _cdef_ffi())
+
+
+def _compile_layout(tmp_path_factory, ffi: cffi.FFI, structs: list[str] | None = None,
+                    headers: tuple[str, ...] = HEADERS) -> dict[str, tuple[int, int]]:
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         _unavailable("no C compiler (cc) to check the cdef layouts against the headers")
-    ffi = _cdef_ffi()
-    source, _ = _c_program(ffi)
+    source, _ = _c_program(ffi, structs, headers)
     tmp = tmp_path_factory.mktemp("cdef_layout")
     (tmp / "layout.c").write_text(source)
     build = subprocess.run([cc, "-Wall", "-o", str(tmp / "layout"), str(tmp / "layout.c")],
@@ -73,7 +78,7 @@ def compiled_layout(tmp_path_factory) -> dict[str, tuple[int, int]]:
     if build.returncode != 0:
         missing = re.search(r"fatal error: (\S+): No such file", build.stderr)
         if missing:
-            _unavailable(f"header {missing.group(1)} not installed (libbpf-dev / linux-libc-dev)")
+            _unavailable(f"header {missing.group(1)} not installed (libbpf-dev / linux-libc-dev / libpcap0.8-dev)")
         pytest.fail(f"the cdef does not compile against the real headers (a field the cdef declares "
                     f"is missing or renamed there):\n{build.stderr}")
     run = subprocess.run([str(tmp / "layout")], capture_output=True, text=True, check=True)
@@ -142,3 +147,18 @@ def test_optional_symbols_are_declared_and_probed_truthfully():
 def test_libbpf_is_at_least_the_minimum_version():
     major, minor = (int(x) for x in libbpf.version().lstrip("v").split(".")[:2])
     assert (major, minor) >= libbpf.MIN_VERSION
+
+
+def test_libpcap_cdef_matches_pcap_h(tmp_path_factory):
+    """The libpcap binding (vnet/binding/pcap.py) against <pcap/pcap.h>, the same way."""
+    from vnet.binding import pcap
+
+    structs = re.findall(r"^\s*struct\s+(\w+)\s*\{", pcap.CDEF, re.M)
+    assert set(structs) == {"bpf_insn", "bpf_program", "timeval", "pcap_pkthdr"}
+    layout = _compile_layout(tmp_path_factory, pcap.ffi, structs, ("stddef.h", "stdio.h", "pcap/pcap.h"))
+    for name in structs:
+        ctype = pcap.ffi.typeof(f"struct {name}")
+        assert pcap.ffi.sizeof(ctype) == layout[name][0], f"sizeof(struct {name})"
+        for fname, field in ctype.fields:
+            assert (pcap.ffi.sizeof(field.type), pcap.ffi.offsetof(ctype, fname)) == layout[f"{name}.{fname}"], \
+                f"struct {name}.{fname}"
