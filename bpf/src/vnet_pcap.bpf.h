@@ -72,7 +72,7 @@ static __always_inline bool vnet_pcap_tc(struct __sk_buff *skb)
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct vnet_pcap_copy *c;
-	__u32 rest, n;
+	__u32 rest, n, l2;
 
 	if (!skb->vlan_present)
 		return vnet_pcap_direct(skb, data, data_end, skb->len);
@@ -88,7 +88,9 @@ static __always_inline bool vnet_pcap_tc(struct __sk_buff *skb)
 		if (bpf_skb_load_bytes(skb, 12, &c->b[16], n) < 0)
 			return false;
 	}
-	return vnet_pcap_probe(c->b, 16 + n, skb->len + 4, 1);
+	l2 = 1;
+	barrier_var(l2); /* a literal would be folded into the stub, whose body is replaced */
+	return vnet_pcap_probe(c->b, 16 + n, skb->len + 4, l2);
 }
 
 /* Kernel sk_buff (tracepoints, fentry, kprobe). The Ethernet view when the
@@ -137,7 +139,9 @@ static __always_inline bool vnet_pcap_kernel(struct sk_buff *skb)
 		if (bpf_probe_read_kernel(&c->b[16], n, head + start + 12) < 0)
 			return false;
 	}
-	return vnet_pcap_probe(c->b, 16 + n, wirelen + 4, 1);
+	l2 = true;
+	barrier_var(l2);
+	return vnet_pcap_probe(c->b, 16 + n, wirelen + 4, l2);
 }
 
 #endif /* VNET_PCAP_BPF_H */

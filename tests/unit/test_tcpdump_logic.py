@@ -95,6 +95,10 @@ def _nop(n: int = 1) -> bytes:
     return Insn(ebpf.ALU64 | ebpf.MOV | ebpf.K, 0, imm=0).encode() * n
 
 
+def _placeholder(n: int) -> bytes:  # what clang makes of a stub: r0 = K ...; exit
+    return _nop(n - 1) + Insn(ebpf.JMP | ebpf.EXIT).encode()
+
+
 def _ldfunc(rel: int) -> bytes:  # ld_imm64 r2 = <function>: two slots
     return Insn(ebpf.LD | ebpf.IMM | ebpf.DW, 2, ebpf.PSEUDO_FUNC, imm=rel).encode() + bytes(8)
 
@@ -103,7 +107,7 @@ def test_replace_function_fixes_calls_and_function_addresses():
     # main: 0 call stub(@10), 1 call after(@14), 2-3 ld func after, 4-9 nops
     # stub @10 (4 insns) -> replaced by 7; after @14: call stub, 2 nops
     main = _call(10 - 1) + _call(14 - 2) + _ldfunc(14 - 3) + _nop(6)
-    stub = _nop(4)
+    stub = _placeholder(4)
     after = _call(10 - 15) + _nop(2)
     code = main + stub + after
     new_stub = _nop(7)
@@ -119,6 +123,13 @@ def test_replace_function_fixes_calls_and_function_addresses():
         remap(11)
 
 
+def test_a_stub_the_compiler_put_work_into_is_refused():
+    """clang once folded a constant argument into a stub (r4 = 1): replacing that body loses it."""
+    code = _call(0) + Insn(ebpf.ALU64 | ebpf.MOV | ebpf.K, 4, imm=1).encode() + _placeholder(2)
+    with pytest.raises(ValueError, match="not a placeholder"):
+        replace_function(code, [(0, "main"), (1, "stub")], {"stub": _placeholder(1)})
+
+
 def test_replace_function_without_the_function_changes_nothing():
     code = _call(0) + _nop(2)
     new, remap, done = replace_function(code, [(0, "main"), (1, "x")], {"stub": _nop(1)})
@@ -127,7 +138,7 @@ def test_replace_function_without_the_function_changes_nothing():
 
 def test_replace_function_refuses_partial_instructions():
     with pytest.raises(ValueError):
-        replace_function(_nop(2), [(0, "main"), (1, "stub")], {"stub": b"\0" * 5})
+        replace_function(_nop(1) + _placeholder(1), [(0, "main"), (1, "stub")], {"stub": b"\0" * 5})
 
 
 def test_func_info_records_are_what_the_splice_reads():

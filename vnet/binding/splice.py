@@ -151,6 +151,7 @@ def replace_function(code: bytes, functions: list[tuple[int, str]], bodies: dict
     for idx, (start, fname) in enumerate(bounds):
         if fname in bodies:
             end = bounds[idx + 1][0] if idx + 1 < len(bounds) else n
+            _check_placeholder(fname, code[start * INSN_SIZE:end * INSN_SIZE])
             body = bodies[fname]
             if len(body) % INSN_SIZE or not body:
                 raise ValueError(f"body for {fname} is not whole instructions")
@@ -178,6 +179,21 @@ def replace_function(code: bytes, functions: list[tuple[int, str]], bodies: dict
         pos = end
     out += _fix_calls(code, pos, n, remap)
     return bytes(out), remap, {fname for start, fname in bounds if fname in bodies}
+
+
+MOV_K = (0xB7, 0xB4)  # r0 = K, w0 = K
+EXIT = 0x95
+
+
+def _check_placeholder(name: str, old: bytes) -> None:
+    """A replaced function must have done nothing but return a value: had the
+    compiler moved work into it (a constant argument folded in, say), replacing
+    the body would lose that work without a word."""
+    insns = [old[i:i + INSN_SIZE] for i in range(0, len(old), INSN_SIZE)]
+    ok = bool(insns) and insns[-1][0] == EXIT and all(i[0] in MOV_K and i[1] == 0 for i in insns[:-1])
+    if not ok:
+        raise ValueError(f"function {name} is not a placeholder (only 'r0 = K; exit'): the compiler moved code "
+                         f"into it ({len(insns)} instructions); keep its arguments opaque at the call site")
 
 
 def _fix_calls(code: bytes, first: int, last: int, remap) -> bytes:
