@@ -115,6 +115,11 @@ def test_image_reports_what_vnet_adds(image):
     assert not list(site.glob("pip-*.dist-info")), "pip was left in the image"
 
 
+def guest_packages(results: Path) -> str:
+    status = IMAGE / "var/lib/dpkg/status"
+    return status.read_text() if status.is_file() else ""
+
+
 def test_vnet_traces_inside_the_minimal_image(guest):
     proc, results = guest
     summary = json.loads((results / "summary.json").read_text()) if (results / "summary.json").is_file() else {}
@@ -125,6 +130,13 @@ def test_vnet_traces_inside_the_minimal_image(guest):
     assert (results / "doctor.rc").read_text().strip() == "0", (results / "doctor.txt").read_text()
     assert "device probes (clsact)" in (results / "doctor.txt").read_text()  # 6.1: no tcx
     assert (results / "compilers.txt").read_text().strip() == ""
+    # tcpdump expressions: libpcap is not in the image; without it, one line and exit code 5
+    pcap = (results / "pcap.txt").read_text()
+    if re.search(r"^Package: libpcap0\.8$", guest_packages(results), re.M):
+        assert (results / "pcap.rc").read_text().strip() == "0" and "(000) ldh      [12]" in pcap, pcap
+    else:
+        assert (results / "pcap.rc").read_text().strip() == "5", pcap
+        assert pcap.count("\n") == 1 and "requires libpcap" in pcap, pcap
     assert (results / "trace.rc").read_text().strip() == "0", (results / "trace.err").read_text()
     events = [json.loads(line) for line in (results / "events.jsonl").read_text().splitlines()]
     assert len(events) == 4

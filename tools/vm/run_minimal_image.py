@@ -70,6 +70,8 @@ echo "vnet-image: vnet doctor"
 vnet doctor > $R/doctor.txt 2>&1; echo $? > $R/doctor.rc
 t doctor_done
 cat $R/doctor.txt
+# tcpdump expressions need libpcap, which a minimal image may lack: one clear line then.
+vnet trace --dump-filter 'udp and port 53' > $R/pcap.txt 2>&1; echo $? > $R/pcap.rc
 
 # Two "VMs": network namespaces joined by a veth pair. No IPv6 and static ARP, so the
 # only packets on the wire are the datagrams sent below (and the ICMP errors they cause).

@@ -6,6 +6,7 @@ tested against). No capture handle is ever opened: pcap_open_dead only.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -54,8 +55,10 @@ def lib():
                 except OSError as e:
                     errors.append(f"{name}: {e}")
             else:
+                logging.getLogger("vnet.pcap").debug("libpcap: %s", "; ".join(errors))
                 raise UnsupportedError(
-                    "tcpdump filter expressions not supported (requires libpcap: " + "; ".join(errors) + ")",
+                    f"tcpdump filter expressions not supported (requires libpcap: none of "
+                    f"{', '.join(LIBRARY_NAMES)} loads)",
                     hint="apt-get install libpcap0.8 (Debian/Ubuntu), dnf install libpcap (Fedora)")
     return _lib
 

@@ -167,6 +167,7 @@ REQUIRES = {
     "fentry": ">= 5.5 with BPF trampolines (CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS)",
     "kprobe": "CONFIG_KPROBES=y",
     "kprobe_multi": ">= 5.18 with CONFIG_FPROBE",
+    "libpcap": "libpcap (libpcap0.8) for tcpdump filter expressions",
 }
 MIN_KERNEL = {"btf": (5, 2), "ringbuf": (5, 8), "prog_test_run": (4, 12), "tcx": (6, 6), "tc_link": (6, 6),
               "clsact": (4, 5), "tp_btf": (5, 5), "raw_tp": (4, 17), "tracepoint": (4, 7), "fentry": (5, 5),
@@ -188,9 +189,10 @@ HINTS = {
     "fentry": f"{_FUNCTIONS_HINT}; fentry needs BPF trampolines and function tracing that is not locked down",
     "kprobe": f"{_FUNCTIONS_HINT}; kprobes need a kernel built with CONFIG_KPROBES=y",
     "kprobe_multi": "not used by vnet's probes yet; needs Linux >= 5.18 with CONFIG_FPROBE",
+    "libpcap": "tcpdump expressions need it: apt-get install libpcap0.8 (the field filters --proto/--port... do not)",
 }
 NAMES = ("capabilities", "lockdown", "libbpf", "btf", "ringbuf", "prog_test_run", "tcx", "tc_link", "clsact",
-         "tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe", "kprobe_multi")
+         "tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe", "kprobe_multi", "libpcap")
 
 _cache: dict[str, Feature] = {}
 _lock = threading.RLock()
@@ -433,6 +435,17 @@ def _libbpf() -> Feature:
     optional = ", ".join(f"{s} {'yes' if libbpf.has(s) else 'no'}" for s in OPTIONAL_SYMBOLS)
     return _feature("libbpf", Support.SUPPORTED, f"{version}" + (f" ({path})" if path else "")
                     + (f"; optional: {optional}" if optional else ""))
+
+
+def _libpcap() -> Feature:
+    """Loads and compiles an expression: what `vnet trace EXPRESSION` does first."""
+    from vnet.binding import pcap
+
+    try:
+        pcap.compile_classic("udp", pcap.DLT_EN10MB)
+        return _feature("libpcap", Support.SUPPORTED, f"{pcap.version()}: tcpdump expressions compile")
+    except UnsupportedError as e:
+        return _feature("libpcap", Support.UNSUPPORTED, e.message)
 
 
 def _btf() -> Feature:
@@ -682,5 +695,5 @@ _PROBES: dict[str, Callable[[], Feature]] = {
     "capabilities": _capabilities, "lockdown": _lockdown, "libbpf": _libbpf, "btf": _btf, "ringbuf": _ringbuf,
     "prog_test_run": _prog_test_run, "tcx": _tcx, "tc_link": _tc_link, "clsact": _clsact, "tp_btf": _tp_btf,
     "raw_tp": _raw_tp, "tracepoint": _tracepoint, "fentry": _fentry, "kprobe": _kprobe,
-    "kprobe_multi": _kprobe_multi,
+    "kprobe_multi": _kprobe_multi, "libpcap": _libpcap,
 }
