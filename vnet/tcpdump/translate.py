@@ -182,13 +182,10 @@ class _Body:
         a.add64_imm(3, nbytes)
         a.ldx(e.W, 4, e.FP, SLOT_WIRELEN)
         a.jmp_reg(e.JGT, 3, 4, self.reject, wide=True)
-        a.ldx(e.DW, 1, e.FP, SLOT_CTX)
-        a.mov64_reg(3, e.FP)
-        a.add64_imm(3, SLOT_LOAD)
+        a.ldx(e.DW, 1, e.FP, SLOT_CTX)  # bpf_skb_load_bytes(skb, off, to, len)
+        self._slot_into(3)
         a.mov64_imm(4, nbytes)
-        a.call(e.HELPER_SKB_LOAD_BYTES)
-        a.jmp_imm(e.JNE, 0, 0, self.reject, wide=True)
-        self._finish_load(dst, size, e.FP, SLOT_LOAD)
+        self._fetch(e.HELPER_SKB_LOAD_BYTES, dst, size)
         a.label(done)
 
     def _load_probe(self, dst: int, size: int, nbytes: int, k: int, indexed: bool) -> None:
@@ -205,11 +202,19 @@ class _Body:
             a.jmp_reg(e.JGT, 3, REND, self.reject, wide=True)
             a.mov64_reg(3, RDATA)
             a.add64_imm(3, k)
-        a.mov64_reg(1, e.FP)
-        a.add64_imm(1, SLOT_LOAD)
+        self._slot_into(1)  # bpf_probe_read_kernel(dst, size, src)
         a.mov64_imm(2, nbytes)
-        a.call(e.HELPER_PROBE_READ_KERNEL)
-        a.jmp_imm(e.JNE, 0, 0, self.reject, wide=True)
+        self._fetch(e.HELPER_PROBE_READ_KERNEL, dst, size)
+
+    def _slot_into(self, reg: int) -> None:
+        """reg = the stack slot helpers copy packet bytes into."""
+        self.a.mov64_reg(reg, e.FP)
+        self.a.add64_imm(reg, SLOT_LOAD)
+
+    def _fetch(self, helper: int, dst: int, size: int) -> None:
+        """Call the copying helper (arguments set); a failure rejects; else load the slot."""
+        self.a.call(helper)
+        self.a.jmp_imm(e.JNE, 0, 0, self.reject, wide=True)
         self._finish_load(dst, size, e.FP, SLOT_LOAD)
 
     # -- the program -------------------------------------------------------------------------------
