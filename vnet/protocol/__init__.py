@@ -1,0 +1,9 @@
+"""The wire protocol between dispatcher, agents and collector: length-framed
+msgpack messages with explicit size limits, a mutual pre-shared-key handshake,
+and an HMAC on every message after it (no injection, replay or reordering)."""
+
+from .channel import (MAX_CONTROL_BYTES, MAX_DATA_BYTES, PROTOCOL_VERSION, AuthError, Channel,
+                      PeerUnreachableError, ProtocolError, accept, connect, load_key, new_key, parse_address)
+
+__all__ = ["MAX_CONTROL_BYTES", "MAX_DATA_BYTES", "PROTOCOL_VERSION", "AuthError", "Channel", "PeerUnreachableError", "ProtocolError",
+           "accept", "connect", "load_key", "new_key", "parse_address"]
