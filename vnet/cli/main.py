@@ -11,6 +11,7 @@ import vnet
 from . import demo as demo_cmd
 from . import doctor as doctor_cmd
 from . import probes as probes_cmd
+from . import spec as spec_cmd
 from . import trace as trace_cmd
 from .common import setup_logging
 
@@ -43,6 +44,7 @@ app.command("trace")(trace_cmd.trace)
 app.command("demo")(demo_cmd.demo)
 app.command("doctor")(doctor_cmd.doctor)
 app.command("probes")(probes_cmd.probes)
+app.add_typer(spec_cmd.app, name="spec")
 
 
 def main() -> None:
