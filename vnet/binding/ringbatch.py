@@ -1,0 +1,277 @@
+"""Read a BPF ring buffer map in batches: one bytes copy per batch, no Python call per record.
+
+libbpf's ring_buffer__poll calls back into Python once per record (RingBuffer),
+most of a microsecond each (tools/bench/ring_drain.py). This reader maps the ring itself, as the kernel lays
+it out (kernel/bpf/ringbuf.c), and copies every committed record in one go:
+
+    offset 0          consumer position page, read-write: we store how far we read
+    offset page       producer position page, read-only
+    offset 2 * page   the data area (max_entries bytes, a power of two), mapped
+                      twice in a row, so a record that wraps reads contiguously
+
+Positions are free-running u64 byte counters; a record starts at pos & (size - 1)
+with an 8-byte header: u32 length with BUSY (not committed yet) and DISCARD
+bits, u32 the kernel's page offset; the whole record is padded to 8 bytes.
+
+Batch.data is the ring's bytes as they are, from our position to the first
+record still being written (a copy of the ring, so no repacking per record):
+
+    repeated:  u32 len_flags   bits 0-29 length; bit 30 set: discarded, skip it
+               u32 reserved    (the kernel's page offset; meaningless here)
+               length bytes    the record, then padding to a multiple of 8
+
+records(data) splits it back into the records. Host byte order, as the ring.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import select
+import struct
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from vnet.errors import BpfError, UsageError
+
+from .object import Map
+
+BPF_MAP_TYPE_RINGBUF = 27
+BUSY_BIT = 1 << 31
+DISCARD_BIT = 1 << 30
+LEN_MASK = DISCARD_BIT - 1
+HDR_SIZE = 8
+_U32 = struct.Struct("=I")
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    data: bytes      # the framing above
+    count: int       # records to decode (not discarded)
+    discarded: int   # records the programs discarded: in data, skipped by records()
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+def _run(words, first: int, stride: int, n: int) -> int:
+    """How many of the n u32 at first, first + stride, ... equal the first one.
+    Compared as bytes in blocks that double: a stream of same-size records costs
+    a few C-level copies instead of a Python step per record."""
+    value = words[first:first + 1].tobytes()
+    done = 1
+    while done < n:
+        step = min(done, n - done)
+        block = words[first + done * stride:first + (done + step) * stride:stride].tobytes()
+        if block == value * step:
+            done += step
+            continue
+        lo, hi = 0, step  # block[:lo] matches, block[:hi] does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if block[:mid * 4] == value * mid:
+                lo = mid
+            else:
+                hi = mid
+        return done + lo
+    return done
+
+
+def walk(words, start: int, limit: int, max_records: int | None = None) -> tuple[int, int, int]:
+    """Walk record headers in `words` (a u32 view of a ring) from byte offset
+    `start` (8-aligned) over at most `limit` bytes: (bytes of committed records,
+    records, discarded records). Stops at the first record still being written,
+    and after max_records records (discarded ones included); at least one record
+    goes if there is one.
+
+    A run of records with the same header word is taken at once: each header of
+    the run was checked, and a record of another size, a discarded or a busy one
+    ends the run at its own header (all before it had the run's size)."""
+    pos = count = discarded = 0
+    left = max_records if max_records is not None else limit
+    while pos < limit and left > 0:
+        idx = (start + pos) >> 2
+        len_flags = words[idx]
+        if len_flags & BUSY_BIT:
+            break
+        size = ((len_flags & LEN_MASK) + HDR_SIZE + 7) & ~7
+        if pos + size > limit:
+            if pos:
+                break  # max_bytes reached
+            n = 1  # a lone oversized record still goes
+        else:
+            n = _run(words, idx, size >> 2, min((limit - pos) // size, left))
+        pos += n * size
+        left -= n
+        if len_flags & DISCARD_BIT:
+            discarded += n
+        else:
+            count += n
+    return pos, count, discarded
+
+
+def records(data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
+    """The records of a Batch.data blob (discarded ones skipped), as views into it.
+    The blob may come from a file or the network: a bad frame raises ValueError."""
+    view = memoryview(data).cast("B")
+    end = len(view)
+    words = view[:end - end % 8].cast("I")
+    pos = 0
+    while pos < end:
+        if end - pos < HDR_SIZE:
+            raise ValueError(f"ring batch: {end - pos} stray bytes at offset {pos}")
+        len_flags = words[pos >> 2]
+        size = ((len_flags & LEN_MASK) + HDR_SIZE + 7) & ~7
+        if len_flags & BUSY_BIT or pos + size > end:
+            raise ValueError(f"ring batch: bad record header {len_flags:#x} at offset {pos}")
+        n = _run(words, pos >> 2, size >> 2, (end - pos) // size)  # same-size records: no header parse each
+        if not len_flags & DISCARD_BIT:
+            length = len_flags & LEN_MASK
+            for p in range(pos + HDR_SIZE, pos + HDR_SIZE + n * size, size):
+                yield view[p:p + length]
+        pos += n * size
+
+
+def pack_records(items: Iterable[bytes], discarded: Iterable[int] = ()) -> bytes:
+    """Records in the Batch.data framing (the ring's), e.g. for tests and tools;
+    the records at the indexes in `discarded` are marked as such."""
+    skip = set(discarded)
+    out = bytearray()
+    for i, rec in enumerate(items):
+        if len(rec) > LEN_MASK:
+            raise ValueError(f"record of {len(rec)} bytes is too long for the ring framing")
+        out += _U32.pack(len(rec) | (DISCARD_BIT if i in skip else 0)) + bytes(4) + rec
+        out += bytes(-len(out) % 8)
+    return bytes(out)
+
+
+class _Mapping:
+    """The two mappings and the epoll instance; owned by the map's BpfObject so
+    closing the object unmaps them (only this, not the reader: see ringbuf._Reader)."""
+
+    def __init__(self, fd: int, size: int):
+        page = mmap.PAGESIZE
+        self.page = page
+        self.consumer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        try:
+            self.ring = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        except BaseException:
+            self.consumer.close()
+            raise
+        self.cons_pos = memoryview(self.consumer).cast("Q")
+        self.bytes = memoryview(self.ring)
+        self.words = self.bytes.cast("I")   # record headers, indexed by byte offset // 4
+        self.prod_pos = self.bytes.cast("Q")  # [0]: the producer position
+        self.epoll = select.epoll()
+        self.epoll.register(fd, select.EPOLLIN)
+        self.closed = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for view in (self.cons_pos, self.prod_pos, self.words, self.bytes):
+            view.release()
+        self.epoll.close()
+        for m in (self.consumer, self.ring):
+            try:
+                m.close()
+            except BufferError:  # a view is still out (another thread mid-read): unmapped when it goes
+                pass
+
+
+class RingBatchReader:
+    """Batches from one ring-buffer map. Not for use by two threads at once,
+    nor together with a RingBuffer on the same map (both move the consumer position).
+
+    Programs may skip waking the reader (BPF_RB_NO_WAKEUP): call read() after
+    every wait(), whatever it returned.
+    """
+
+    def __init__(self, ring_map: Map):
+        if ring_map.type != BPF_MAP_TYPE_RINGBUF:
+            raise UsageError(f"map {ring_map.name} is not a ring buffer (type {ring_map.type})")
+        size = ring_map.max_entries
+        if size < mmap.PAGESIZE or size & (size - 1):
+            raise UsageError(f"ring buffer {ring_map.name} has size {size}: not a power-of-two number of pages")
+        self.map = ring_map
+        self.size = size
+        self._mask = size - 1
+        try:
+            mapping = _Mapping(ring_map.fd, size)
+        except OSError as e:
+            raise BpfError("mmap ring buffer", e.errno or errno.EINVAL, f"map {ring_map.name}") from None
+        self._m = ring_map._obj._own(mapping)
+        weakref.finalize(self, mapping.close)
+        # Releasing and re-taking a held lock orders the memory accesses before it
+        # against those after it (release, then acquire): what the ring protocol
+        # needs on weakly ordered CPUs (arm64); on x86 they are in order anyway.
+        self._fence_lock = threading.Lock()
+        self._fence_lock.acquire()
+
+    def _fence(self) -> None:
+        self._fence_lock.release()
+        self._fence_lock.acquire()
+
+    def _live(self) -> _Mapping:
+        m = self._m
+        if m.closed:
+            raise BpfError("read", errno.EBADF, f"ring buffer {self.map.name} (closed with its object)")
+        return m
+
+    @property
+    def closed(self) -> bool:
+        return self._m.closed
+
+    @property
+    def position(self) -> int:
+        """The consumer position: bytes ever consumed from this ring (by any reader)."""
+        return self._live().cons_pos[0]
+
+    def pending(self) -> int:
+        """Bytes between our position and the producer's (committed or not)."""
+        m = self._live()
+        return m.prod_pos[0] - m.cons_pos[0]
+
+    def read(self, max_bytes: int | None = None, max_records: int | None = None) -> Batch:
+        """Every record committed since the last read, up to the first one still
+        being written; at most max_bytes of ring (headers included) or max_records
+        records, though always at least one record if there is one."""
+        m = self._live()
+        cons = m.cons_pos[0]
+        prod = m.prod_pos[0]  # once per batch: what arrives meanwhile waits for the next read
+        self._fence()  # headers below prod were written before prod moved
+        start = m.page + (cons & self._mask)  # in the double mapping: never wraps
+        limit = min(prod - cons, self.size)  # never past the second copy of the data
+        if max_bytes is not None:
+            limit = min(limit, max_bytes)
+        pos, count, discarded = walk(m.words, start, limit, max_records)
+        if not pos:
+            return Batch(b"", 0, 0)
+        self._fence()  # the records' bytes are read after their committed headers
+        data = m.ring[start:start + pos]
+        self._fence()  # ... and before the producer may reuse their space
+        m.cons_pos[0] = cons + pos
+        return Batch(data, count, discarded)
+
+    def wait(self, timeout_ms: int) -> bool:
+        """Block until the kernel signals data or timeout_ms pass (-1: forever);
+        returns at once if data is already there. True if data is pending."""
+        m = self._live()
+        if m.prod_pos[0] != m.cons_pos[0]:
+            return True
+        m.epoll.poll(timeout_ms / 1000 if timeout_ms >= 0 else -1)
+        return not m.closed and m.prod_pos[0] != m.cons_pos[0]
+
+    @property
+    def epoll_fd(self) -> int:
+        """To wait for several readers (and other fds) in one epoll."""
+        return self._live().epoll.fileno()
+
+    records = staticmethod(records)
+
+    def close(self) -> None:
+        self._m.close()
