@@ -1,7 +1,7 @@
 """RingBatchReader on the real ring: the committed tc_trace object is loaded,
 its program run with BPF_PROG_TEST_RUN (repeat counts up to 100k), and what
 the reader copies out is checked record by record against the object's BTF
-and the kernel's own counters.
+and the kernel's own counters; then a batch goes through a trace file.
 
 Needs root (tests/kernel/conftest.py skips otherwise).
 """
@@ -14,13 +14,19 @@ import threading
 import time
 
 import pytest
+from kernel_support import veth_pair
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from vnet.binding import BpfObject, RingBuffer
+from vnet.binding import BpfObject, RingBuffer, lib
 from vnet.binding.ringbatch import HDR_SIZE, Batch, RingBatchReader, records
+from vnet.collector.tracefile import (TraceFileReader, TraceFileWriter, decode_events, header_for_trace,
+                                      stats_fields)
 from vnet.errors import BpfError, UsageError
 from vnet.objects import object_path
+from vnet.probes.device import resolve
+from vnet.trace import DeviceTrace
+from vnet.trace.filters import PacketFilter
 from vnet.trace.records import EventDecoder
 
 pytestmark = pytest.mark.kernel
@@ -230,3 +236,42 @@ def test_an_unclosed_object_with_a_reader_is_freed_by_gc():
 def test_only_a_ring_buffer_map_is_read(small):
     with pytest.raises(UsageError, match="not a ring buffer"):
         RingBatchReader(small.maps["vnet_stats"])
+
+
+# -- into a trace file ---------------------------------------------------------------------------------------
+
+def test_a_real_batch_written_to_a_trace_file_decodes_from_the_file_alone(tmp_path):
+    """A DeviceTrace on a veth: its program test-run, the batch written with the
+    header made from the trace, read back and decoded without the object."""
+    only_ours = PacketFilter(proto="udp", dport=5000)  # the veth's own IPv6 chatter stays out
+    with veth_pair(93) as net, DeviceTrace([resolve(net.spec1)], directions=("ingress",),
+                                           packet_filter=only_ours) as trace:
+        reader = RingBatchReader(trace.objects[0].maps["vnet_events"])
+        obj = trace.objects[0]
+        for i in range(30):
+            obj.programs[PROG].test_run(udp(ip_id=i))
+        batch = reader.read()
+        assert batch.count == 30
+        header = header_for_trace(trace, host="hv-test", trace_name="t93")
+        path = tmp_path / "hv-test.vnt"
+        with TraceFileWriter(path, header) as w:
+            w.write("events", seq=0, records=batch.data, count=batch.count)
+            w.write("stats", seq=1, **stats_fields(trace))
+            st = trace.stats()
+            w.write("end", seq=2, kernel={"emitted": st.emitted, "lost": st.lost})
+        want = [trace.decoder.decode(r) for r in records(batch.data)]
+        kind = trace.hooks[0].kind
+    r = TraceFileReader(path)
+    assert r.header["host"] == "hv-test" and r.header["kernel"] == os.uname().release
+    assert r.header["probes"] == [{"probe": f"dev:{net.spec1}:ingress", "hook": kind}]
+    (chunk,) = r.chunks(["events"])
+    got = decode_events(r.header, chunk["records"])
+    assert got == want == list(r.events())
+    assert [e["ip_id"] for e in got] == list(range(30))
+    assert {e["probe"] for e in got} == {f"dev:{net.spec1}:ingress"} and got[0]["netns"] == net.ns1
+    assert next(iter(r.chunks(["end"])))["kernel"] == {"emitted": 30, "lost": 0}
+    per_cpu = next(iter(r.chunks(["stats"])))["per_cpu"]
+    assert set(per_cpu) == {"seen", "emitted", "lost", "filtered"}
+    assert len(per_cpu["seen"]) == lib().libbpf_num_possible_cpus()
+    assert sum(per_cpu["emitted"]) == 30 and sum(per_cpu["lost"]) == 0
+    assert r.header["filter"] == {"proto": "udp", "dport": 5000}

@@ -38,6 +38,10 @@ class InterfaceNames:
         self._table = table
         self._refreshed = time.monotonic()
 
+    def snapshot(self) -> dict[tuple[int, int], tuple[str, str | None]]:
+        """The table as of the last refresh (e.g. for a trace file's header)."""
+        return dict(self._table)
+
     def lookup(self, cookie: int, ifindex: int) -> tuple[str | None, str | None]:
         """(name, netns) or (None, None); refreshes at most once a second on a miss."""
         key = (cookie, ifindex)

@@ -1,0 +1,1 @@
+"""The collector: receives what agents ship and writes it to trace files."""

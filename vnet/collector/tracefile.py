@@ -1,0 +1,422 @@
+"""The trace file: what one host's agent shipped, as the collector wrote it.
+
+    file   = magic b"VNETTRC\\0" (8 bytes), format version (u16 LE), chunk*
+    chunk  = payload length (u32 LE), crc32 of the payload (u32 LE), payload
+    payload = one msgpack map {"kind": str, "seq": int, ...}
+
+Chunks are appended with one write each and never rewritten: after a crash
+every complete chunk reads back, and a torn last one is reported and ignored.
+
+Kinds (readers skip kinds they do not know; new fields may appear in any):
+    header  first chunk of every file (again after each rotation): "format",
+            "part" (0, 1, ... across rotations), "abi" (the record layouts and
+            enums from the objects' BTF, so a file decodes without them), host,
+            kernel, trace, probes and the hook each used, labels (probe_id,
+            hook -> probe names), filter, clock ("wall_offset_ns": add it to an
+            event's ts_ns for UTC ns), ifnames, drop_reasons
+    events  "records": a ring batch (vnet.binding.ringbatch framing), "count"
+    stats   kernel counters: "per_cpu" {"seen": [per CPU], "emitted", "lost",
+            "filtered"}, "mono_ns" when read (stats_fields())
+    clock   a later estimate of the agent's clock against the collector's
+    gap     "first".."last": sequence numbers that never arrived
+    end     final summary, losses per stage
+
+seq is the number the agent gave the chunk; chunks the writer is given none
+for (the header, the collector's gap and clock) carry the last one written:
+they come after that chunk (-1: before any).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import msgpack
+
+from vnet.binding import Field, StructLayout
+from vnet.binding.btf import STRUCT
+from vnet.binding.ringbatch import records
+from vnet.errors import UnsupportedError, UsageError
+
+MAGIC = b"VNETTRC\x00"
+FORMAT_VERSION = 1
+PREAMBLE = struct.Struct("<8sH")
+FRAME = struct.Struct("<II")  # payload length, crc32
+MAX_CHUNK_BYTES = 64 << 20    # a corrupt length must not make a reader allocate more
+MAX_STR_BYTES = 1 << 20
+MAX_ITEMS = 1 << 20
+ABI_STRUCTS = ("vnet_event", "vnet_sched_event")
+ABI_ENUMS = ("vnet_hook", "vnet_event_flag", "vnet_event_kind", "vnet_stat")
+
+
+def _pack(payload: dict) -> bytes:
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+def _unpack(payload: bytes) -> Any:
+    return msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=MAX_CHUNK_BYTES,
+                           max_str_len=MAX_STR_BYTES, max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS,
+                           max_ext_len=MAX_STR_BYTES)
+
+
+def rotated_paths(path: str | os.PathLike) -> list[Path]:
+    """path, path.1, path.2, ... as far as they exist: one rotated series, in order."""
+    base = Path(path)
+    out = []
+    while (p := base if not out else base.with_name(f"{base.name}.{len(out)}")).exists():
+        out.append(p)
+    return out
+
+
+# -- writing --------------------------------------------------------------------------------------------
+
+
+class TraceFileWriter:
+    """Appends chunks to `path`; with rotate_bytes, a file that would grow past it
+    is closed and the next one (path.1, path.2, ...) begins with the header again.
+    Refuses to overwrite an existing trace."""
+
+    def __init__(self, path: str | os.PathLike, header: dict, rotate_bytes: int | None = None):
+        if rotate_bytes is not None and rotate_bytes <= 0:
+            raise UsageError(f"rotate size must be positive, got {rotate_bytes}")
+        self.path = Path(path)
+        for p in (self.path, self.path.with_name(f"{self.path.name}.1")):
+            if p.exists():
+                raise UsageError(f"trace file {p} already exists")
+        self.header = {k: v for k, v in header.items() if k not in ("kind", "seq", "format", "part")}
+        _pack(self.header)  # fails now, not at the first rotation, if it cannot be stored
+        self.rotate_bytes = rotate_bytes
+        self.last_seq = -1
+        self.part = -1
+        self.paths: list[Path] = []
+        self._fd: int | None = None
+        self._size = 0
+        self._header_size = 0
+        self._open_next()
+
+    def __enter__(self) -> "TraceFileWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def _open_next(self) -> None:
+        self.part += 1
+        path = self.path if self.part == 0 else self.path.with_name(f"{self.path.name}.{self.part}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if self.part == 0 else os.O_TRUNC)
+        self._fd = os.open(path, flags, 0o644)
+        self.paths.append(path)
+        self._size = 0
+        _fsync_dir(path.parent)  # the new name survives a power loss, not only its data
+        self._write_all(PREAMBLE.pack(MAGIC, FORMAT_VERSION))
+        self._write_all(self._frame({"kind": "header", "seq": self.last_seq, "format": FORMAT_VERSION,
+                                     "part": self.part, **self.header}))
+        self._header_size = self._size
+
+    @staticmethod
+    def _frame(payload: dict) -> bytes:
+        data = _pack(payload)
+        if len(data) > MAX_CHUNK_BYTES:
+            raise UsageError(f"trace chunk of {len(data)} bytes is over the {MAX_CHUNK_BYTES}-byte limit")
+        return FRAME.pack(len(data), zlib.crc32(data)) + data
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError:
+            # Disk full or the like: cut the torn chunk off, so that later ones stay reachable.
+            os.ftruncate(self._fd, self._size)
+            os.lseek(self._fd, self._size, os.SEEK_SET)
+            raise
+        self._size += len(data)
+
+    def write(self, kind: str, **fields) -> None:
+        """One chunk; `seq` among the fields numbers it, else it gets the last number written."""
+        if self._fd is None:
+            raise ValueError("write to a closed trace file")
+        seq = fields.pop("seq", None)
+        if seq is None:
+            seq = self.last_seq
+        frame = self._frame({"kind": kind, "seq": seq, **fields})
+        if (self.rotate_bytes is not None and self._size + len(frame) > self.rotate_bytes
+                and self._size > self._header_size):
+            self._finish_file()
+            self._open_next()
+        self._write_all(frame)  # one write: a crash leaves this chunk whole or torn, never the earlier ones
+        self.last_seq = seq
+
+    def fsync(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def _finish_file(self) -> None:
+        fd, self._fd = self._fd, None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self._finish_file()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- reading --------------------------------------------------------------------------------------------
+
+
+class TraceFileReader:
+    """One trace file: .header, then its chunks. A torn or corrupt tail stops
+    reading cleanly: after iterating, .truncated is set, .ignored_bytes says how
+    much was left unread and .problem why. A newer format is a UsageError."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.truncated = False
+        self.ignored_bytes = 0
+        self.problem: str | None = None
+        self.skipped = 0  # whole chunks (good crc) that were not a readable map
+        self.header: dict | None = None
+        with open(self.path, "rb") as f:
+            pre = f.read(PREAMBLE.size)
+            if not MAGIC.startswith(pre[:len(MAGIC)]):
+                raise UsageError(f"{self.path} is not a vnet trace file")
+            self.version = PREAMBLE.unpack(pre)[1] if len(pre) == PREAMBLE.size else 0
+            if len(pre) < PREAMBLE.size:  # created, then the writer died: nothing to read
+                self._stop(0, len(pre), "the file ends inside its preamble")
+                return
+            if self.version > FORMAT_VERSION:
+                raise UsageError(f"trace file {self.path} is format v{self.version}, this vnet reads up to "
+                                 f"v{FORMAT_VERSION}: upgrade vnet")
+            if self.version < 1:
+                raise UsageError(f"{self.path} is not a vnet trace file (format v{self.version})")
+            first = next(self._chunks(f), None)
+        if first is not None and first.get("kind") != "header":
+            raise UsageError(f"trace file {self.path} does not start with a header chunk")
+        if first is None and not self.truncated:
+            self._stop(PREAMBLE.size, 0, "the file ends before its header")
+        self.header = first  # None: the header itself is torn (.truncated says so)
+
+    def _stop(self, offset: int, ignored: int, why: str) -> None:
+        self.truncated = True
+        self.ignored_bytes = ignored
+        self.problem = f"{self.path}: {why} at byte {offset}; {ignored} bytes ignored"
+
+    def _chunks(self, f) -> Iterator[dict]:
+        size = os.fstat(f.fileno()).st_size
+        offset = f.tell()
+        self.skipped = 0
+        while True:
+            frame = f.read(FRAME.size)
+            if not frame:
+                return
+            if len(frame) < FRAME.size:
+                return self._stop(offset, size - offset, "a chunk header is cut short")
+            length, crc = FRAME.unpack(frame)
+            if length > MAX_CHUNK_BYTES:
+                return self._stop(offset, size - offset, f"a chunk claims {length} bytes (limit {MAX_CHUNK_BYTES})")
+            if length > size - offset - FRAME.size:
+                return self._stop(offset, size - offset, "the last chunk is cut short")
+            payload = f.read(length)
+            if len(payload) < length:  # the file shrank while we read
+                return self._stop(offset, size - offset, "the last chunk is cut short")
+            if zlib.crc32(payload) != crc:
+                return self._stop(offset, size - offset, "a chunk's checksum does not match")
+            offset += FRAME.size + length
+            try:
+                chunk = _unpack(payload)
+            except Exception:  # noqa: BLE001 - the frame is whole: step over it
+                chunk = None
+            if not isinstance(chunk, dict) or not isinstance(chunk.get("kind"), str) \
+                    or not isinstance(chunk.get("seq"), int):
+                self.skipped += 1
+                continue
+            yield chunk
+
+    def chunks(self, kinds: Iterable[str] | None = None) -> Iterator[dict]:
+        """Every chunk (the header too), or those of `kinds`; kinds a reader does
+        not know must be skipped by it, not treated as errors."""
+        wanted = set(kinds) if kinds is not None else None
+        if self.header is None:
+            return
+        self.truncated, self.ignored_bytes, self.problem = False, 0, None
+        with open(self.path, "rb") as f:
+            f.seek(PREAMBLE.size)
+            for chunk in self._chunks(f):
+                if wanted is None or chunk["kind"] in wanted:
+                    yield chunk
+
+    __iter__ = chunks
+
+    def events(self) -> Iterator[dict]:
+        """Every event of the file, decoded with its header (wall_ns from its clock)."""
+        if self.header is None:
+            return
+        decoder = event_decoder(self.header)
+        for chunk in self.chunks(("events",)):
+            blob = chunk.get("records")
+            if isinstance(blob, bytes):
+                for raw in records(blob):
+                    yield decoder.decode(raw)
+
+
+# -- the header: layouts and names that decode the records ----------------------------------------------
+
+
+def layout_to_dict(layout: StructLayout) -> dict:
+    return {"name": layout.name, "size": layout.size,
+            "fields": [{"name": f.name, "offset": f.offset, "size": f.size, "fmt": f.fmt, "count": f.count,
+                        "is_bytes": f.is_bytes} for f in layout.fields]}
+
+
+def layout_from_dict(d: dict) -> StructLayout:
+    """The inverse of layout_to_dict, checked: it comes from a file."""
+    try:
+        fields = [Field(str(f["name"]), int(f["offset"]), int(f["size"]), str(f["fmt"]), int(f.get("count", 1)),
+                      bool(f.get("is_bytes", False))) for f in d["fields"]]
+        layout = StructLayout(str(d["name"]), int(d["size"]), fields)
+        pos = 0
+        for f in fields:  # in order, apart, each as big as its type says, all inside the struct
+            if f.offset < pos or f.size != struct.calcsize(f"={f.size}s" if f.is_bytes else f"={f.count}{f.fmt}"):
+                raise ValueError(f"field {f.name} at {f.offset}, {f.size} bytes does not fit")
+            pos = f.offset + f.size
+        if pos > layout.size or layout.codec().size != layout.size:
+            raise ValueError(f"fields end at {pos}, past the size {layout.size}")
+    except (KeyError, TypeError, ValueError, struct.error, AttributeError, UnsupportedError) as e:
+        raise UsageError(f"trace header: bad record layout ({e})") from None
+    return layout
+
+
+def abi_from_btf(btf) -> dict:
+    """The record layouts and enums of an object's BTF, as the header stores them."""
+    structs = {name: layout_to_dict(btf.struct(name)) for name in ABI_STRUCTS if btf.has(name, STRUCT)}
+    enums = {}
+    for name in ABI_ENUMS:
+        try:
+            enums[name] = btf.enum(name)
+        except KeyError:
+            pass
+    return {"byteorder": sys.byteorder, "structs": structs, "enums": enums}
+
+
+def labels_to_list(labels: dict) -> list[dict]:
+    """Trace.labels ((probe_id, hook or None) -> fields) as msgpack can store it."""
+    return [{"probe_id": probe_id, "hook": hook, **where} for (probe_id, hook), where in labels.items()]
+
+
+def labels_from_list(items: list[dict]) -> dict:
+    out = {}
+    for item in items or ():
+        where = dict(item)
+        out[(where.pop("probe_id", None), where.pop("hook", None))] = where
+    return out
+
+
+class _StaticNames:
+    """(netns cookie, ifindex) -> (name, netns) as the agent saw them when it started."""
+
+    def __init__(self, rows):
+        self._table = {(int(r[0]), int(r[1])): (r[2], r[3]) for r in rows or ()}
+
+    def lookup(self, cookie: int, ifindex: int) -> tuple[str | None, str | None]:
+        return self._table.get((cookie, ifindex), (None, None))
+
+
+def event_decoder(header: dict, wall_offset_ns: int | None = None):
+    """An EventDecoder from a header alone (no object file, no kernel of the traced host)."""
+    from vnet.trace.records import EventDecoder
+
+    abi = header.get("abi")
+    if not isinstance(abi, dict) or "vnet_event" not in abi.get("structs", {}):
+        raise UsageError("trace header has no record layout (abi)")
+    if abi.get("byteorder", sys.byteorder) != sys.byteorder:
+        raise UsageError(f"trace was written on a {abi['byteorder']}-endian host: decoding it here is not supported")
+    structs = abi["structs"]
+    sched = layout_from_dict(structs["vnet_sched_event"]) if "vnet_sched_event" in structs else None
+    if wall_offset_ns is None:
+        wall_offset_ns = int((header.get("clock") or {}).get("wall_offset_ns", 0))
+    reasons = {int(v): str(n) for v, n in header.get("drop_reasons") or ()}  # never this host's kernel's
+    try:
+        return EventDecoder(layout_from_dict(structs["vnet_event"]), abi.get("enums", {}),
+                            labels_from_list(header.get("labels")), wall_offset_ns,
+                            ifnames=_StaticNames(header.get("ifnames")), drop_reasons=reasons, sched_layout=sched)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"trace header: cannot decode events with it ({e})") from None
+
+
+def decode_events(header: dict, records_blob: bytes, wall_offset_ns: int | None = None) -> list[dict]:
+    """The events of one "events" chunk's records, decoded with the file's header."""
+    decoder = event_decoder(header, wall_offset_ns)
+    return [decoder.decode(raw) for raw in records(records_blob)]
+
+
+def header_for_trace(trace, *, host: str | None = None, trace_name: str | None = None,
+                     package: dict | None = None) -> dict:
+    """Everything a started Trace knows that its events need to be read elsewhere."""
+    from dataclasses import fields as dc_fields
+
+    from vnet import __version__
+    from vnet.trace.ifnames import InterfaceNames
+
+    flt = trace.packet_filter
+    criteria = {f.name: getattr(flt, f.name) for f in dc_fields(flt) if getattr(flt, f.name) is not None}
+    names = InterfaceNames()
+    names.refresh()
+    header = {
+        "trace": trace_name, "host": host or socket.gethostname(), "kernel": os.uname().release,
+        "machine": os.uname().machine, "vnet": __version__,
+        "abi": abi_from_btf(trace.btf),
+        "probes": [{"probe": h.probe, "hook": h.kind} for h in trace.hooks],
+        "skipped": [{"probe": p, "reason": r} for p, r in trace.skipped],
+        "labels": labels_to_list(trace.labels),
+        "filter": {k: list(v) if isinstance(v, tuple) else v for k, v in criteria.items()},
+        "ring_bytes": trace.ring_bytes, "wakeup_every": trace.wakeup_every, "aggregate": trace.aggregate,
+        "clock": {"wall_offset_ns": trace.decoder.wall_offset_ns, "mono_ns": time.monotonic_ns(),
+                  "real_ns": time.time_ns()},
+        "ifnames": [[cookie, ifindex, name, ns] for (cookie, ifindex), (name, ns) in names.snapshot().items()],
+        "drop_reasons": _kernel_drop_reasons(),
+    }
+    if package is not None:
+        header["request"] = package
+    return header
+
+
+def stats_fields(trace) -> dict:
+    """A "stats" chunk's fields: the kernel's counters per CPU, by counter name
+    (seen, emitted, lost, filtered: enum vnet_stat), when they were read."""
+    btf = trace.btf
+    layout = btf.struct("vnet_stats")
+    rows = [layout.decode(raw)["v"] for raw in trace.objects[0].maps["vnet_stats"].lookup(b"\0\0\0\0")]
+    per_cpu = {name.removeprefix("VNET_STAT_").lower(): [row[i] for row in rows]
+               for name, i in btf.enum("vnet_stat").items() if name != "VNET_STAT_MAX"}
+    return {"mono_ns": time.monotonic_ns(), "per_cpu": per_cpu}
+
+
+def _kernel_drop_reasons() -> list[list]:
+    from vnet.binding import Btf
+
+    try:
+        with Btf.vmlinux() as btf:
+            names = btf.enum("skb_drop_reason")
+    except Exception:  # noqa: BLE001 - no kernel BTF or no such enum: reasons stay numbers
+        return []
+    return [[v, k.removeprefix("SKB_DROP_REASON_")] for k, v in names.items()]
