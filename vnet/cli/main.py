@@ -11,6 +11,7 @@ import vnet
 from . import demo as demo_cmd
 from . import doctor as doctor_cmd
 from . import probes as probes_cmd
+from . import serve as serve_cmd
 from . import spec as spec_cmd
 from . import trace as trace_cmd
 from .common import setup_logging
@@ -45,6 +46,9 @@ app.command("demo")(demo_cmd.demo)
 app.command("doctor")(doctor_cmd.doctor)
 app.command("probes")(probes_cmd.probes)
 app.add_typer(spec_cmd.app, name="spec")
+app.add_typer(serve_cmd.agent_app, name="agent")
+app.command("collect")(serve_cmd.collect)
+app.command("dispatch")(serve_cmd.dispatch)
 
 
 def main() -> None:

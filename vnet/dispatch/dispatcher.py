@@ -1,0 +1,171 @@
+"""`vnet dispatch SPEC`: one trace across many hosts.
+
+Contact every agent (hello: version, kernel, what it can trace), check each
+host can run what the spec asks (per host: which probes are unavailable and
+why), start them all, show live progress, stop them together at the end or on
+Ctrl-C, and print what each stage lost (normally nothing) and where the data is.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from vnet.errors import UsageError, VnetError
+from vnet.protocol import Channel, connect
+
+STATUS_EVERY_S = 1.0
+
+
+class DispatchError(VnetError):
+    exit_code = 13
+
+
+@dataclass
+class HostRun:
+    name: str
+    agent: str
+    package: dict
+    channel: Channel | None = None
+    hello: dict = field(default_factory=dict)
+    started: dict = field(default_factory=dict)
+    status: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    last_read: int = 0
+    rate: float = 0.0
+    failed: str = ""   # the agent went away or broke the protocol mid-trace
+
+
+class Dispatcher:
+    def __init__(self, hosts: list[HostRun], key: bytes, *, out=sys.stderr, strict: bool = False):
+        if not hosts:
+            raise UsageError("the spec names no host")
+        self.hosts = hosts
+        self.key = key
+        self.out = out
+        self.strict = strict
+        self._stop = threading.Event()
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def connect_all(self) -> None:
+        for h in self.hosts:
+            h.channel = connect(h.agent, self.key, "agent")
+            h.hello = h.channel.request({"type": "hello"}, ("hello",))
+            if h.hello.get("busy"):
+                raise DispatchError(f"{h.name} ({h.agent}) is already running a trace")
+            self.say(f"vnet: {h.name}: agent {h.agent}, vnet {h.hello.get('version')}, "
+                     f"kernel {h.hello.get('kernel')}")
+
+    def check_all(self) -> None:
+        problems = []
+        for h in self.hosts:
+            missing = h.channel.request({"type": "check", "package": h.package}, ("checked",))["unavailable"]
+            for probe, why in missing:
+                self.say(f"vnet: {h.name}: {probe} unavailable: {why}")
+                problems.append(f"{h.name}: {probe}")
+        if problems and self.strict:
+            raise DispatchError(f"unavailable probes: {', '.join(problems)}")
+
+    def start_all(self) -> None:
+        for h in self.hosts:
+            try:
+                h.started = h.channel.request({"type": "start", "package": h.package}, ("started",))
+            except VnetError as e:
+                self.stop_all()  # the hosts already started: never leave them tracing
+                raise DispatchError(f"{h.name}: start failed: {e}") from None
+            hooks = ", ".join(f"{x['probe']} ({x['kind']})" for x in h.started.get("hooks", []))
+            self.say(f"vnet: {h.name}: tracing {hooks or 'nothing'}")
+
+    def _lost(self, h: HostRun, e: BaseException) -> None:
+        h.failed = str(e) or type(e).__name__
+        self.say(f"\nvnet: {h.name}: agent lost ({h.failed}); its trace stops with its connection")
+        if h.channel is not None:
+            h.channel.close()
+
+    def poll(self) -> None:
+        for h in self.hosts:
+            if h.failed:
+                continue
+            try:
+                st = h.channel.request({"type": "status"}, ("status",))
+            except (VnetError, OSError, ConnectionError) as e:
+                self._lost(h, e)
+                continue
+            read = int(st.get("read", 0))
+            h.rate = (read - h.last_read) / STATUS_EVERY_S
+            h.last_read, h.status = read, st
+
+    def progress_line(self) -> str:
+        parts = []
+        for h in self.hosts:
+            k = h.status.get("kernel", {})
+            sh = h.status.get("shipper", {})
+            parts.append(f"{h.name} {h.rate:,.0f} ev/s {h.last_read} read {k.get('lost', 0)} lost "
+                         f"{sh.get('queued', 0)} queued{'' if sh.get('connected', True) else ' (collector down)'}")
+        return " | ".join(parts)
+
+    def stop_all(self) -> None:
+        for h in self.hosts:
+            if h.channel is None or h.summary or not h.started or h.failed:
+                continue
+            try:
+                h.summary = h.channel.request({"type": "stop"}, ("stopped",))
+            except (VnetError, OSError, ConnectionError) as e:
+                self._lost(h, e)
+
+    def close(self) -> None:
+        for h in self.hosts:
+            if h.channel is not None:
+                h.channel.close()
+
+    def run(self, duration: float | None, count: int | None, live: bool = True) -> dict:
+        """Connect, check, start, wait for the end (duration, count or Ctrl-C), stop. The summary."""
+        previous = {s: signal.signal(s, lambda *_: self._stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.connect_all()
+            self.check_all()
+            self.start_all()
+            deadline = time.monotonic() + duration if duration else None
+            reason = "Ctrl-C"
+            while not self._stop.wait(STATUS_EVERY_S):
+                self.poll()
+                if live:
+                    print("\r\033[K" + self.progress_line(), end="", file=self.out, flush=True)
+                if deadline and time.monotonic() >= deadline:
+                    reason = "duration"
+                    break
+                if count and sum(h.last_read for h in self.hosts) >= count:
+                    reason = "count"
+                    break
+            if live:
+                print(file=self.out)
+            self.stop_all()
+            return self.report(reason)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            self.close()
+
+    def report(self, reason: str) -> dict:
+        total = {"kernel_ring_full": 0, "agent_unread": 0, "agent_spool_full": 0, "undelivered_chunks": 0}
+        for h in self.hosts:
+            if h.failed:
+                self.say(f"vnet: {h.name}: FAILED mid-trace: {h.failed}; what it shipped before is at the collector")
+                continue
+            s = h.summary
+            losses = dict(s.get("losses", {}))
+            losses["undelivered_chunks"] = s.get("undelivered_chunks", 0)
+            for k in total:
+                total[k] += int(losses.get(k, 0))
+            self.say(f"vnet: {h.name}: {s.get('read', 0)} events in {s.get('chunks', 0)} chunks; lost: "
+                     + ", ".join(f"{k} {v}" for k, v in losses.items())
+                     + ("" if s.get("delivered") else " -- NOT all chunks acknowledged by the collector"))
+        self.say(f"vnet: stopped ({reason}); events lost at each stage: "
+                 + ", ".join(f"{k} {v}" for k, v in total.items()))
+        return {"reason": reason, "hosts": {h.name: h.summary for h in self.hosts}, "losses": total,
+                "failed": {h.name: h.failed for h in self.hosts if h.failed}}
