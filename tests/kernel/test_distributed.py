@@ -26,9 +26,9 @@ from vnet.topology import send_udp
 PORT = 5099
 
 
-def _agent(ns: str, sock: Path, key: Path, spool: Path, host: str) -> VnetProcess:
+def _agent(ns: str, sock: Path, key: Path, spool: Path, host: str, *extra: str) -> VnetProcess:
     argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "vnet", "agent", "--listen", f"unix:{sock}",
-            "--key", str(key), "--spool", str(spool), "--host", host]
+            "--key", str(key), "--spool", str(spool), "--host", host, *extra]
     p = VnetProcess(argv=argv)
     p.wait_stderr("agent listening on", timeout=20)
     return p
@@ -82,12 +82,13 @@ def _ours(events: list[dict]) -> list[dict]:
 
 
 @pytest.fixture
-def rig(tmp_path):
+def rig(tmp_path, request):
+    extra = getattr(request, "param", ())  # agent options
     key = new_key(tmp_path / "key")
     with veth_pair(91) as net:
         socks = {"h1": tmp_path / "h1.sock", "h2": tmp_path / "h2.sock"}
-        agents = {"h1": _agent(net.ns1, socks["h1"], key, tmp_path / "spool1", "h1"),
-                  "h2": _agent(net.ns2, socks["h2"], key, tmp_path / "spool2", "h2")}
+        agents = {"h1": _agent(net.ns1, socks["h1"], key, tmp_path / "spool1", "h1", *extra),
+                  "h2": _agent(net.ns2, socks["h2"], key, tmp_path / "spool2", "h2", *extra)}
         try:
             yield net, key, socks, agents, tmp_path
         finally:
@@ -130,6 +131,7 @@ def test_a_spec_traces_a_path_across_two_hosts(rig):
     assert clocks and clocks[-1]["error_ns"] >= 0
 
 
+@pytest.mark.parametrize("rig", [(), ("--queue-mb", "0")], ids=["memory-queue", "disk-spool"], indirect=True)
 def test_collector_killed_and_restarted_loses_nothing(rig):
     net, key, socks, agents, tmp = rig
     col = _collector(tmp / "col.sock", key, tmp / "out")
@@ -151,6 +153,14 @@ def test_collector_killed_and_restarted_loses_nothing(rig):
     assert len(h1) == 90, len(h1)
     assert len([e for e in h2 if e["probe"].endswith(":ingress")]) == 90
     assert len({e["pkt_id"] for e in h1}) == 90  # nothing written twice
+    import json
+
+    summary = json.loads(d.stdout[-1])
+    disk = "--queue-mb" in agents["h1"].argv
+    assert (summary["hosts"]["h1"]["shipper"]["spooled"] > 0) == disk, summary["hosts"]["h1"]["shipper"]
+    assert summary["losses"]["agent_spool_full"] == 0 and summary["losses"]["undelivered_chunks"] == 0
+    spooled = list((tmp / "spool1").rglob("chunk-*"))
+    assert spooled == [], f"acknowledged chunks must leave the spool: {spooled}"
 
 
 def test_agent_killed_with_sigkill_leaves_nothing_attached(rig):

@@ -250,7 +250,8 @@ def test_cli_count_json_prints_exactly_count_events(net, before):
 
 
 def test_cli_duration_and_write_file(net, before, tmp_path):
-    out = tmp_path / "events.jsonl"
+    """-w records raw batches to a trace file (the collector's format); -r prints them back."""
+    out = tmp_path / "events.vnt"
     with VnetProcess("trace", "-i", net.spec2, "--duration", "1", "-w", str(out)) as p:
         p.wait_started()
         ids = p.bpf_ids()
@@ -258,13 +259,28 @@ def test_cli_duration_and_write_file(net, before, tmp_path):
         rc = p.wait(15)  # it stops by itself; the bound only keeps a hang from blocking the run
     assert rc == 0, p.stderr
     assert p.stdout == []  # -w: no events on stdout
-    lines = out.read_text().splitlines()
-    events = [parse_event_line(ln) for ln in lines]
+    with VnetProcess("trace", "-r", str(out), "--json") as r:
+        assert r.wait(15) == 0, r.stderr
+    events = [parse_event_line(ln) for ln in r.stdout]
     ours = [e for e in events if e["proto"] == "udp" and e["dport"] == 5304]
     assert len(ours) == 20 and {e["probe"] for e in ours} == {f"dev:{net.ns2}/{net.if2}:ingress"}
-    assert p.summary()["printed"] == len(lines)
+    assert p.summary()["printed"] == len(events)
+    assert any(f"{len(events)} events read from 1 file" in ln for ln in r.stderr)
     assert_released(ids)
     assert_no_orphans(before)
+
+
+def test_cli_write_count_is_exact(net, before, tmp_path):
+    out = tmp_path / "five.vnt"
+    with VnetProcess("trace", "-i", net.spec2, "-c", "5", "-w", str(out)) as p:
+        p.wait_started()
+        send_udp(net.ns1, net.ip2, 5306, count=30)
+        assert p.wait(15) == 0, p.stderr
+    with VnetProcess("trace", "-r", str(out), "--json") as r:
+        assert r.wait(15) == 0, r.stderr
+    assert len(r.stdout) == 5
+    with VnetProcess("trace", "-i", net.spec2, "-w", str(out)) as again:
+        assert again.wait(15) == 2 and "exists" in again.stderr[-1]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

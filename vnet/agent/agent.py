@@ -46,7 +46,8 @@ def host_name() -> str:
 class AgentTrace:
     """One trace on this host: the Trace, its drain thread and its shipper."""
 
-    def __init__(self, package: dict, key: bytes, spool_dir: Path, host: str):
+    def __init__(self, package: dict, key: bytes, spool_dir: Path, host: str, queue_bytes: int = 64 << 20,
+                 spool_bytes: int = 1 << 30):
         from vnet.trace import Trace
         from vnet.trace.selection import select
 
@@ -79,13 +80,16 @@ class AgentTrace:
         collector = package.get("collector") or {}
         address = _field(collector, "address", str)
         self.shipper = Shipper(address, key, {"trace": self.name, "host": host, "header": self._header()},
-                               spool_dir=spool_dir / self.name / host)
+                               spool_dir=spool_dir / self.name / host, memory_bytes=queue_bytes,
+                               spool_bytes=spool_bytes)
         self.events = 0
         self.chunks = 0
         self.started = time.monotonic()
         self.cpu0 = _cpu_s()
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        self._stop_lock = threading.Lock()
+        self._summary: dict | None = None
         self._thread = threading.Thread(target=self._drain, name=f"drain {self.name}", daemon=True)
         self._thread.start()
 
@@ -121,21 +125,32 @@ class AgentTrace:
                 "cpu_s": _cpu_s() - self.cpu0, "hooks": len(self.trace.hooks),
                 "kernel": {"seen": s.seen, "emitted": s.emitted, "lost": s.lost, "filtered": s.filtered},
                 "read": self.events, "chunks": self.chunks,
+                "ring_fill": self.reader.pending() / max(1, self.trace.ring_bytes),
                 "shipper": {"connected": sh.connected, "queued": sh.queued, "acked": sh.acked, "spooled": sh.spooled,
                             "dropped_events": sh.dropped_events, "reconnects": sh.reconnects,
                             "last_error": sh.last_error},
                 "error": str(self._error) if self._error else None}
 
     def stop(self) -> dict:
-        """Detach, drain what is left, send the final counters, wait for the acks."""
+        """Detach, drain what is left, send the final counters, wait for the acks.
+        Idempotent: the dispatcher's stop and the agent's exit may race."""
+        with self._stop_lock:
+            if self._summary is None:
+                self._summary = self._stop_once()
+            return self._summary
+
+    def _stop_once(self) -> dict:
         self._stop.set()
         self._thread.join(timeout=10)
         final = self.status()
-        self.trace.close()  # detached: nothing of ours stays in the kernel
         k = final["kernel"]
         losses = {"kernel_ring_full": k["lost"], "agent_unread": max(0, k["emitted"] - self.events),
                   "agent_spool_full": self.shipper.stats.dropped_events}
+        from vnet.collector.tracefile import stats_fields
+
+        self.shipper.put("stats", **stats_fields(self.trace))
         self.shipper.put("end", kernel=k, events=self.events, chunks=self.chunks, losses=losses)
+        self.trace.close()  # detached: nothing of ours stays in the kernel
         delivered = self.shipper.flush(FLUSH_TIMEOUT_S)
         self.shipper.close()
         final.update(running=False, delivered=delivered, losses=losses,
@@ -156,8 +171,11 @@ def _field(d: dict, name: str, typ):
 class Agent:
     """The request handler of `vnet agent` (see the module docstring)."""
 
-    def __init__(self, key: bytes, spool_dir: str | os.PathLike, host: str | None = None):
+    def __init__(self, key: bytes, spool_dir: str | os.PathLike, host: str | None = None, *,
+                 queue_bytes: int = 64 << 20, spool_bytes: int = 1 << 30):
         self.key = key
+        self.queue_bytes = queue_bytes
+        self.spool_bytes = spool_bytes
         self.spool_dir = Path(spool_dir)
         self.host = host or host_name()
         self.current: AgentTrace | None = None
@@ -234,8 +252,16 @@ class Agent:
         with self._lock:
             if self.current is not None:
                 raise UsageError(f"this agent is already running trace {self.current.name}")
-            self.current = AgentTrace(package, self.key, self.spool_dir, self.host)
+            self.current = AgentTrace(package, self.key, self.spool_dir, self.host, self.queue_bytes,
+                                      self.spool_bytes)
             return self.current
+
+    def shutdown(self) -> None:
+        """The agent is exiting: stop (detach, flush) the trace that still runs."""
+        t = self.current
+        if t is not None:
+            log.warning("agent exiting during trace %s: stopping it", t.name)
+            self._stop(t)
 
     def _stop(self, t: AgentTrace) -> dict:
         try:

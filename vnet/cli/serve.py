@@ -48,6 +48,10 @@ def agent(
     spool: Path = typer.Option(Path("/var/lib/vnet/spool"), "--spool", help="Where chunks wait while the "
                                "collector is unreachable."),
     host: Optional[str] = typer.Option(None, "--host", help="This host's name in traces (default: hostname)."),
+    queue_mb: int = typer.Option(64, "--queue-mb", min=0, help="Unacknowledged chunks kept in memory; "
+                                 "beyond this they go to the spool."),
+    spool_mb: int = typer.Option(1024, "--spool-mb", min=0, help="Disk spool bound; beyond it chunks are "
+                                 "dropped and their events reported lost."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True),
 ):
     """Serve dispatchers: run the traces they start, ship raw events to the collector."""
@@ -60,8 +64,11 @@ def agent(
     from vnet.protocol.server import Server
 
     features.require_privileges(net_admin=True)
-    agent_obj = Agent(load_key(key), spool, host)
-    _serve(Server(listen, agent_obj.key, "agent", agent_obj.handle, allow_remote=allow_remote), "agent")
+    agent_obj = Agent(load_key(key), spool, host, queue_bytes=queue_mb << 20, spool_bytes=spool_mb << 20)
+    try:
+        _serve(Server(listen, agent_obj.key, "agent", agent_obj.handle, allow_remote=allow_remote), "agent")
+    finally:
+        agent_obj.shutdown()  # a trace still running is stopped and detached before we exit
 
 
 @agent_app.command("init")

@@ -54,7 +54,10 @@ def trace(
     duration: Optional[float] = typer.Option(None, "--duration", min=0.0, help="Stop after this many seconds."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON Lines instead of text."),
     write: Optional[Path] = typer.Option(None, "-w", "--write", metavar="FILE",
-                                         help="Write events as JSON Lines to FILE ('-' = stdout) instead of printing."),
+                                         help="Record raw events to a vnet trace file (the collector's format) "
+                                              "instead of printing; read it with -r."),
+    read: Optional[Path] = typer.Option(None, "-r", "--read", metavar="FILE",
+                                        help="Print the events of a trace file (from -w or the collector)."),
     direction: str = typer.Option("both", "--direction", "-d", help="ingress, egress or both."),
     netns: Optional[str] = typer.Option(None, "--netns", help="Default network namespace for -i names."),
     ring_size: int = typer.Option(DEFAULT_RING_BYTES, "--ring-size", help="Ring buffer bytes (power of two)."),
@@ -91,6 +94,8 @@ def trace(
         raise UsageError(f"unknown direction {direction!r} (use ingress, egress or both)")
     directions = devprobe.DIRECTIONS if direction == "both" else (direction,)
     text = " ".join(expression or []).strip() or None
+    if read is not None:
+        return _read_file(read, json_out, count)
     if dump_filter:
         if text is None:
             raise UsageError("--dump-filter needs a filter expression")
@@ -105,8 +110,13 @@ def trace(
         print(f"vnet: skipping {name}: {why}", file=sys.stderr)
     if aggregate and (follow or count is not None):
         raise UsageError("--aggregate prints numbers, not events: it takes --duration/--interval, not -c or --follow")
-    out = _open_output(write)
-    emit = format_json if (json_out or write is not None) else format_text
+    if write is not None and (follow or aggregate or str(write) == "-"):
+        raise UsageError("-w records raw events to a file: not with --follow, --aggregate or '-' "
+                         "(--json prints JSON Lines on stdout)")
+    if write is not None and write.exists():
+        raise UsageError(f"{write} exists: not overwriting a trace file")
+    out = sys.stdout
+    emit = format_json if json_out else format_text
 
     stop = _Stop()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -140,27 +150,39 @@ def trace(
                 lines = lambda evs: [emit(e) for e in evs]  # noqa: E731
                 final = list
             deadline = time.monotonic() + duration if duration is not None else None
-            while True:
-                timeout = 100 if deadline is None else max(0, min(100, int((deadline - time.monotonic()) * 1000)))
-                events = t.poll(timeout)
+
+            def recording_done() -> bool:
                 if deadline is not None and time.monotonic() >= deadline:
                     stop.reason = stop.reason or "duration"
-                ending = stop.reason is not None  # a signal landing later is seen on the next turn
-                if ending:
-                    events += t.drain()  # what already reached the ring is still shown
-                batch = lines(events) + (final() if ending else [])
-                if count is not None and printed + len(batch) >= count:
-                    batch = batch[: count - printed]
-                    stop.reason = ending = "count"
-                if batch:
-                    try:
-                        out.write("".join(line + "\n" for line in batch))
-                        out.flush()
-                    except BrokenPipeError:
-                        stop.reason = ending = "closed output"
-                    printed += len(batch)
-                if ending:
-                    break
+                return stop.reason is not None
+
+            if write is not None:  # recording: the ring's batches go to the file as they are
+                from vnet.trace.recorder import record
+
+                printed = record(t, write, ending=recording_done, count=count).events
+                print(f"vnet: {printed} events written to {write}", file=sys.stderr)
+            else:
+                while True:
+                    timeout = 100 if deadline is None else max(0, min(100, int((deadline - time.monotonic()) * 1000)))
+                    events = t.poll(timeout)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        stop.reason = stop.reason or "duration"
+                    ending = stop.reason is not None  # a signal landing later is seen on the next turn
+                    if ending:
+                        events += t.drain()  # what already reached the ring is still shown
+                    batch = lines(events) + (final() if ending else [])
+                    if count is not None and printed + len(batch) >= count:
+                        batch = batch[: count - printed]
+                        stop.reason = ending = "count"
+                    if batch:
+                        try:
+                            out.write("".join(line + "\n" for line in batch))
+                            out.flush()
+                        except BrokenPipeError:
+                            stop.reason = ending = "closed output"
+                        printed += len(batch)
+                    if ending:
+                        break
             stats = t.stats()
             nhooks = len(t.hooks)
             skipped = [name for name, _ in unavailable + t.skipped]
@@ -222,13 +244,31 @@ def _aggregate_report(t, as_json: bool) -> list[str]:
     return lines
 
 
-def _open_output(write: Path | None):
-    if write is None or str(write) == "-":
-        return sys.stdout
+def _read_file(path: Path, json_out: bool, count: int | None) -> None:
+    """-r: the events of a trace file and its rotated parts, as they would have been printed."""
+    from vnet.collector.tracefile import TraceFileReader, rotated_paths
+
+    emit = format_json if json_out else format_text
+    paths = rotated_paths(path) if path.exists() else []
+    if not paths:
+        raise UsageError(f"no trace file {path}")
+    printed, problems = 0, []
     try:
-        return open(write, "w", buffering=1 << 16)
-    except OSError as e:
-        raise UsageError(f"cannot write {write}: {e.strerror}") from None
+        for p in paths:
+            reader = TraceFileReader(p)
+            for ev in reader.events():
+                if count is not None and printed >= count:
+                    break
+                sys.stdout.write(emit(ev) + "\n")
+                printed += 1
+            if reader.truncated:
+                problems.append(f"{p}: {reader.problem} ({reader.ignored_bytes} bytes after the last complete chunk)")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    for line in problems:
+        print(f"vnet: {line}", file=sys.stderr)
+    print(f"vnet: {printed} events read from {len(paths)} file(s)", file=sys.stderr)
 
 
 def _close_output(out) -> None:

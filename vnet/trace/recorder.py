@@ -1,0 +1,74 @@
+"""`vnet trace -w FILE`: a started Trace recorded to a trace file, the format the
+collector writes (vnet/collector/tracefile.py), straight from the ring in
+batches: bytes in, bytes out, no event decoded on the way."""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from vnet.binding.ringbatch import DISCARD_BIT, HDR_SIZE, LEN_MASK, RingBatchReader
+
+from .session import Trace
+
+BATCH_RECORDS = 65536
+
+
+@dataclass
+class Recorded:
+    events: int = 0
+    chunks: int = 0
+    path: str = ""
+
+
+def cut(blob: bytes, n: int) -> bytes:
+    """The first n records of a batch blob (for -c: exactly that many in the file)."""
+    pos, seen = 0, 0
+    while seen < n and pos < len(blob):
+        (len_flags,) = struct.unpack_from("=I", blob, pos)
+        pos += ((len_flags & LEN_MASK) + HDR_SIZE + 7) & ~7
+        seen += not len_flags & DISCARD_BIT
+    return blob[:pos]
+
+
+def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int | None,
+           trace_name: str | None = None) -> Recorded:
+    """Until ending() or `count` events: batches from the ring into `path`, then
+    the kernel's counters and the losses in a final chunk."""
+    from vnet.collector.tracefile import TraceFileWriter, header_for_trace, stats_fields
+
+    reader = RingBatchReader(trace.objects[0].maps["vnet_events"])
+    out = Recorded(path=str(path))
+    with TraceFileWriter(path, header_for_trace(trace, trace_name=trace_name or path.stem)) as writer:
+        def take() -> bool:
+            while True:
+                batch = reader.read(max_records=BATCH_RECORDS)
+                if not batch.count:
+                    return False
+                data, n = batch.data, batch.count
+                if count is not None and out.events + n >= count:
+                    n = count - out.events
+                    data = cut(data, n)
+                writer.write("events", seq=out.chunks, count=n, records=data)
+                out.events += n
+                out.chunks += 1
+                if count is not None and out.events >= count:
+                    return True
+
+        while not ending():
+            reader.wait(100)
+            if take():
+                break
+        else:
+            take()
+        stats = trace.stats()
+        writer.write("stats", seq=out.chunks, **stats_fields(trace))
+        writer.write("end", seq=out.chunks + 1, events=out.events, chunks=out.chunks,
+                     losses={"kernel_ring_full": stats.lost},
+                     kernel={"seen": stats.seen, "emitted": stats.emitted, "lost": stats.lost,
+                             "filtered": stats.filtered}, mono_ns=time.monotonic_ns())
+    trace.received += out.events
+    return out
