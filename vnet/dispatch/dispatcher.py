@@ -72,12 +72,23 @@ class Dispatcher:
             raise DispatchError(f"unavailable probes: {', '.join(problems)}")
 
     def start_all(self) -> None:
-        for h in self.hosts:
+        """All hosts at once (loading and attaching takes a while on each): their
+        traces begin within one start's time of each other."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def start(h: HostRun):
             try:
                 h.started = h.channel.request({"type": "start", "package": h.package}, ("started",))
-            except VnetError as e:
-                self.stop_all()  # the hosts already started: never leave them tracing
-                raise DispatchError(f"{h.name}: start failed: {e}") from None
+                return None
+            except (VnetError, OSError, ConnectionError) as e:
+                return f"{h.name}: start failed: {e}"
+
+        with ThreadPoolExecutor(max_workers=min(32, len(self.hosts))) as pool:
+            errors = [e for e in pool.map(start, self.hosts) if e]
+        if errors:
+            self.stop_all()  # the hosts that did start: never leave them tracing
+            raise DispatchError("; ".join(errors))
+        for h in self.hosts:
             hooks = ", ".join(f"{x['probe']} ({x['kind']})" for x in h.started.get("hooks", []))
             self.say(f"vnet: {h.name}: tracing {hooks or 'nothing'}")
 
@@ -100,14 +111,19 @@ class Dispatcher:
             h.rate = (read - h.last_read) / STATUS_EVERY_S
             h.last_read, h.status = read, st
 
-    def progress_line(self) -> str:
-        parts = []
+    def progress_table(self):
+        """The live view: one row per host (rich)."""
+        from rich.table import Table
+
+        table = Table(title="vnet dispatch", expand=False)
+        for col in ("host", "events/s", "events", "kernel lost", "chunks queued", "collector"):
+            table.add_column(col, justify="left" if col in ("host", "collector") else "right")
         for h in self.hosts:
-            k = h.status.get("kernel", {})
-            sh = h.status.get("shipper", {})
-            parts.append(f"{h.name} {h.rate:,.0f} ev/s {h.last_read} read {k.get('lost', 0)} lost "
-                         f"{sh.get('queued', 0)} queued{'' if sh.get('connected', True) else ' (collector down)'}")
-        return " | ".join(parts)
+            k, sh = h.status.get("kernel", {}), h.status.get("shipper", {})
+            state = "FAILED" if h.failed else ("connected" if sh.get("connected") else "unreachable (spooling)")
+            table.add_row(h.name, f"{h.rate:,.0f}", f"{h.last_read:,}", str(k.get("lost", 0)),
+                          str(sh.get("queued", 0)), state)
+        return table
 
     def stop_all(self) -> None:
         for h in self.hosts:
@@ -132,18 +148,30 @@ class Dispatcher:
             self.start_all()
             deadline = time.monotonic() + duration if duration else None
             reason = "Ctrl-C"
-            while not self._stop.wait(STATUS_EVERY_S):
-                self.poll()
-                if live:
-                    print("\r\033[K" + self.progress_line(), end="", file=self.out, flush=True)
-                if deadline and time.monotonic() >= deadline:
-                    reason = "duration"
-                    break
-                if count and sum(h.last_read for h in self.hosts) >= count:
-                    reason = "count"
-                    break
+            view = None
             if live:
-                print(file=self.out)
+                from rich.console import Console
+                from rich.live import Live
+
+                view = Live(self.progress_table(), console=Console(file=self.out), refresh_per_second=2)
+                view.start()
+            try:
+                while not self._stop.wait(STATUS_EVERY_S):
+                    self.poll()
+                    if view is not None:
+                        view.update(self.progress_table())
+                    if deadline and time.monotonic() >= deadline:
+                        reason = "duration"
+                        break
+                    if count and sum(h.last_read for h in self.hosts) >= count:
+                        reason = "count"
+                        break
+                    if all(h.failed for h in self.hosts):
+                        reason = "every agent lost"
+                        break
+            finally:
+                if view is not None:
+                    view.stop()
             self.stop_all()
             return self.report(reason)
         finally:
