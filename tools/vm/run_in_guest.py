@@ -135,6 +135,9 @@ def main() -> int:
     ap.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"), help="python inside the guest")
     ap.add_argument("--vng", default=None, help="virtme-ng's vng (default: tools/vm/.venv/bin/vng)")
     ap.add_argument("--shell-cmd", default=None, help="run this shell command instead of pytest")
+    ap.add_argument("--net-tap", default=None, metavar="TAP",
+                    help="give the guest a virtio NIC on this (existing) host tap device; run this script "
+                         "inside the tap's network namespace")
     ap.add_argument("--dry-run", action="store_true", help="print the vng command and exit")
     ap.add_argument("pytest_args", nargs="*", help="after --: arguments for pytest (default: tests/vm)")
     args = ap.parse_args()
@@ -151,6 +154,9 @@ def main() -> int:
     cmd = [vng, "--disable-kvm", "--disable-microvm", "--memory", args.memory, "--cpus", args.cpus,
            "--run", kernel, "--rwdir", str(results), "--cwd", str(ROOT),
            "--exec", guest_script(args, results)]
+    if args.net_tap:
+        cmd[1:1] = [f"--qemu-opts=-netdev tap,id=n1,ifname={args.net_tap},script=no,downscript=no "
+                    f"-device virtio-net-pci,netdev=n1"]
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
