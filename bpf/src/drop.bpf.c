@@ -17,7 +17,7 @@ const volatile struct vnet_drop_config drop_cfg = {};
 
 static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u16 hook)
 {
-	struct vnet_stats *st = vnet_stats_this_cpu();
+	struct vnet_stats *st = vnet_stats_this_cpu(drop_cfg.probe_id);
 	struct vnet_event ev = {};
 
 	if (!st)

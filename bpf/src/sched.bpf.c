@@ -84,7 +84,7 @@ static __always_inline void vnet_switch(struct task_struct *prev, struct task_st
 	since = bpf_map_lookup_elem(&vnet_sched_ready, &tid);
 	if (!since)
 		return;
-	st = vnet_stats_this_cpu();
+	st = vnet_stats_this_cpu(sched_cfg.probe_id);
 	if (!st)
 		return;
 	vnet_hdr_init(&ev.hdr, sched_cfg.probe_id, VNET_KIND_SCHED);

@@ -26,7 +26,7 @@ const volatile struct vnet_skb_config skb_cfg = {};
  * already belongs to the peer, so skb->dev would name the wrong end. */
 static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u16 hook)
 {
-	struct vnet_stats *st = vnet_stats_this_cpu();
+	struct vnet_stats *st = vnet_stats_this_cpu(skb_cfg.probe_id);
 	struct vnet_event ev = {};
 
 	if (!st)

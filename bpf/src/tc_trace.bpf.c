@@ -21,7 +21,7 @@ const volatile struct vnet_tc_config tc_cfg = {};
 
 static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 {
-	struct vnet_stats *st = vnet_stats_this_cpu();
+	struct vnet_stats *st = vnet_stats_this_cpu(tc_cfg.probe_id);
 	struct vnet_event ev = {};
 
 	if (!st)

@@ -22,9 +22,15 @@ struct {
 	__uint(max_entries, VNET_RINGBUF_BYTES); /* user space may resize before load */
 } vnet_events SEC(".maps");
 
+enum vnet_limit {
+	VNET_MAX_PROBES = 128, /* object instances (probe_ids) in one trace */
+};
+
+/* Per CPU and per probe: each instance counts at its probe_id, so a trace can
+ * say which probe saw, emitted, lost or filtered how much. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, VNET_MAX_PROBES);
 	__type(key, __u32);
 	__type(value, struct vnet_stats);
 } vnet_stats SEC(".maps");
@@ -90,13 +96,17 @@ struct vnet_abi {
 	enum vnet_hook hook;
 	enum vnet_event_flag flag;
 	enum vnet_stat stat;
+	enum vnet_limit limit;
 };
 struct vnet_abi *vnet_abi_anchor __attribute__((unused));
 
-static __always_inline struct vnet_stats *vnet_stats_this_cpu(void)
+/* A probe_id past the table (user space keeps within it) counts at 0: never nowhere. */
+static __always_inline struct vnet_stats *vnet_stats_this_cpu(__u32 probe_id)
 {
+	struct vnet_stats *st = bpf_map_lookup_elem(&vnet_stats, &probe_id);
 	__u32 zero = 0;
-	return bpf_map_lookup_elem(&vnet_stats, &zero);
+
+	return st ? st : bpf_map_lookup_elem(&vnet_stats, &zero);
 }
 
 /* Copy one event into the ring; a full ring is counted, never silent.

@@ -63,7 +63,7 @@ def small():
 
 def stats(obj: BpfObject) -> dict[str, int]:
     layout = obj.btf.struct("vnet_stats")
-    rows = [layout.decode(v)["v"] for v in obj.maps["vnet_stats"].lookup(b"\0\0\0\0")]
+    rows = [layout.decode(v)["v"] for v in obj.maps["vnet_stats"].lookup(PROBE_ID.to_bytes(4, "little"))]
     return {name: sum(r[i] for r in rows) for name, i in obj.btf.enum("vnet_stat").items() if name != "VNET_STAT_MAX"}
 
 

@@ -139,6 +139,15 @@ def test_stats_value_has_one_counter_per_stat(btf):
     assert field.count == btf.enum("vnet_stat")["VNET_STAT_MAX"] and field.size == 8 * field.count
 
 
+def test_probe_limit_agrees_with_the_objects(btf):
+    """Trace refuses more plans than the per-probe counters have room for."""
+    from vnet.trace.session import MAX_PROBES
+
+    assert btf.enum("vnet_limit")["VNET_MAX_PROBES"] == MAX_PROBES
+    agg = btf.enum("vnet_agg")
+    assert MAX_PROBES * agg["VNET_AGG_HOOKS"] <= agg["VNET_AGG_POINTS"]  # every probe has its aggregation points
+
+
 def sample_value(f, n: int):
     """A distinct value that fits field f: bytes for byte arrays, a tuple for
     other arrays, else an int."""

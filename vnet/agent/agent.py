@@ -124,6 +124,7 @@ class AgentTrace:
         return {"trace": self.name, "running": not self._stop.is_set(), "seconds": time.monotonic() - self.started,
                 "cpu_s": _cpu_s() - self.cpu0, "hooks": len(self.trace.hooks),
                 "kernel": {"seen": s.seen, "emitted": s.emitted, "lost": s.lost, "filtered": s.filtered},
+                "probes": self.trace.probe_stats(),
                 "read": self.events, "chunks": self.chunks,
                 "ring_fill": self.reader.pending() / max(1, self.trace.ring_bytes),
                 "shipper": {"connected": sh.connected, "queued": sh.queued, "acked": sh.acked, "spooled": sh.spooled,

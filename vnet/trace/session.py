@@ -29,6 +29,7 @@ log = logging.getLogger("vnet.trace")
 DEFAULT_RING_BYTES = 8 << 20
 DEFAULT_WAKEUP_EVERY = 64
 SHARED_MAPS = ("vnet_events", "vnet_stats", "vnet_agg_points", "vnet_agg_last", "vnet_agg_hist")
+MAX_PROBES = 128  # enum vnet_limit's VNET_MAX_PROBES; tests/unit check they agree
 AGG_MAPS_WHEN_OFF = {"vnet_agg_last": 64, "vnet_agg_hist": 1}  # unused then: keep them small
 
 
@@ -103,6 +104,8 @@ class Trace:
                  aggregate_and_events: bool = False):
         if not plans:
             raise UsageError("nothing to trace (give -i IFACE or -p PROBE)")
+        if len(plans) > MAX_PROBES:
+            raise UsageError(f"{len(plans)} probes in one trace: at most {MAX_PROBES} (enum vnet_limit)")
         self.plans = plans
         self.ring_bytes = check_ring_size(ring_bytes)
         self.wakeup_every = wakeup_every
@@ -248,15 +251,31 @@ class Trace:
         self.received += len(raw)
         return [self.decoder.decode(r) for r in raw]
 
-    def stats(self) -> TraceStats:
-        """Kernel counters summed over CPUs; indexes come from enum vnet_stat."""
+    def _counters(self) -> dict[int, dict[str, int]]:
+        """Kernel counters per probe_id, summed over CPUs (indexes from enum vnet_stat)."""
         index = self.btf.enum("vnet_stat")
         layout = self.btf.struct("vnet_stats")
-        rows = [layout.decode(raw)["v"] for raw in self.objects[0].maps["vnet_stats"].lookup(b"\0\0\0\0")]
-        total = {name: sum(r[i] for r in rows) for name, i in index.items() if name != "VNET_STAT_MAX"}
-        return TraceStats(seen=total["VNET_STAT_SEEN"], emitted=total["VNET_STAT_EMITTED"],
-                          lost=total["VNET_STAT_LOST"], received=self.received,
-                          filtered=total.get("VNET_STAT_FILTERED", 0))
+        stats_map = self.objects[0].maps["vnet_stats"]
+        out = {}
+        for probe_id in range(len(self.objects)):
+            rows = [layout.decode(raw)["v"] for raw in stats_map.lookup(probe_id.to_bytes(4, "little"))]
+            out[probe_id] = {name.removeprefix("VNET_STAT_").lower(): sum(r[i] for r in rows)
+                             for name, i in index.items() if name != "VNET_STAT_MAX"}
+        return out
+
+    def stats(self) -> TraceStats:
+        """The kernel's counters, every probe and CPU summed."""
+        total = {"seen": 0, "emitted": 0, "lost": 0, "filtered": 0}
+        for counters in self._counters().values():
+            for k in total:
+                total[k] += counters.get(k, 0)
+        return TraceStats(received=self.received, **total)
+
+    def probe_stats(self) -> dict[str, dict[str, int]]:
+        """The kernel's counters per probe (a device probe's ingress and egress count together)."""
+        names = {probe_id: where["probe"].rsplit(":", 1)[0] if where["probe"].startswith("dev:") else where["probe"]
+                 for (probe_id, _hook), where in self.labels.items()}
+        return {names.get(pid, f"probe{pid}"): c for pid, c in self._counters().items()}
 
     def aggregates(self) -> tuple[dict[str, tuple[int, int]], dict[tuple[str, str], Log2Histogram]]:
         """Aggregation mode: (packets, bytes) per point, and a latency histogram per
