@@ -117,6 +117,7 @@ def test_a_spec_traces_a_path_across_two_hosts(rig):
     summary = json.loads(d.stdout[-1])
     assert summary["losses"] == {"kernel_ring_full": 0, "agent_unread": 0, "agent_spool_full": 0,
                                  "undelivered_chunks": 0}, summary
+    assert any(ln.endswith("out/path/h2.vnt") and "h2: data at the collector" in ln for ln in d.stderr), d.stderr
     probes = summary["hosts"]["h2"]["probes"]  # the kernel's counters per probe
     assert probes["net:netif_receive_skb"]["emitted"] >= 40 and probes["net:netif_receive_skb"]["filtered"] >= 20
     assert sum(c["emitted"] for c in probes.values()) == summary["hosts"]["h2"]["kernel"]["emitted"]

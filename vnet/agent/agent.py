@@ -129,7 +129,7 @@ class AgentTrace:
                 "ring_fill": self.reader.pending() / max(1, self.trace.ring_bytes),
                 "shipper": {"connected": sh.connected, "queued": sh.queued, "acked": sh.acked, "spooled": sh.spooled,
                             "dropped_events": sh.dropped_events, "reconnects": sh.reconnects,
-                            "last_error": sh.last_error},
+                            "last_error": sh.last_error, "collector": self.shipper.address, "path": sh.path},
                 "error": str(self._error) if self._error else None}
 
     def stop(self) -> dict:

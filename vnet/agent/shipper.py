@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -50,7 +50,7 @@ class ShipperStats:
     reconnects: int = 0
     connected: bool = False
     last_error: str = ""
-    clock: list = field(default_factory=list)
+    path: str = ""           # where the collector writes this stream
 
 
 class Shipper:
@@ -151,6 +151,7 @@ class Shipper:
         try:
             reply = ch.request({"type": "open", **self.opening}, ("opened",))
             have = int(reply.get("have", -1))  # the last sequence the collector wrote before
+            self.stats.path = str(reply.get("path", ""))
             self._ack(have)
             self.stats.connected = True
             self.stats.reconnects += 1

@@ -193,6 +193,10 @@ class Dispatcher:
             self.say(f"vnet: {h.name}: {s.get('read', 0)} events in {s.get('chunks', 0)} chunks; lost: "
                      + ", ".join(f"{k} {v}" for k, v in losses.items())
                      + ("" if s.get("delivered") else " -- NOT all chunks acknowledged by the collector"))
+        for h in self.hosts:
+            sh = h.summary.get("shipper") or {}
+            if sh.get("path"):
+                self.say(f"vnet: {h.name}: data at the collector {sh.get('collector')}: {sh['path']}")
         self.say(f"vnet: stopped ({reason}); events lost at each stage: "
                  + ", ".join(f"{k} {v}" for k, v in total.items()))
         return {"reason": reason, "hosts": {h.name: h.summary for h in self.hosts}, "losses": total,
