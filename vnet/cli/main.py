@@ -8,6 +8,7 @@ import typer
 
 import vnet
 
+from . import analyze as analyze_cmd
 from . import demo as demo_cmd
 from . import doctor as doctor_cmd
 from . import probes as probes_cmd
@@ -49,6 +50,7 @@ app.add_typer(spec_cmd.app, name="spec")
 app.add_typer(serve_cmd.agent_app, name="agent")
 app.command("collect")(serve_cmd.collect)
 app.command("dispatch")(serve_cmd.dispatch)
+app.command("analyze")(analyze_cmd.analyze)
 
 
 def main() -> None:

@@ -1,0 +1,210 @@
+"""Per-packet paths over many hosts, per-segment latency, the tail named, drops, scheduling.
+
+Everything runs on numpy columns (vnet.analysis.bulk): one sort by (pkt_id, time)
+groups each packet's events; the rest is reductions over those groups.
+
+A packet instance is a pkt_id's events in time order; when a hop repeats inside
+one pkt_id (identical packets sent again, see docs/identity.md), the k-th sighting
+at each hop belongs to the k-th instance. A path is an instance's sequence of
+hops; a segment a pair of consecutive hops on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .bulk import HostEvents
+
+QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999))
+TAIL_Q = 0.99
+_MULT = np.uint64(0x9E3779B97F4A7C15)
+
+
+def stats(values: np.ndarray) -> dict:
+    """count, min, nearest-rank percentiles and max of integer nanoseconds (O(n): partition)."""
+    n = int(values.size)
+    if not n:
+        return {"count": 0}
+    ranks = [max(0, int(np.ceil(q * n)) - 1) for _, q in QUANTILES]
+    part = np.partition(values, sorted({0, n - 1, *ranks}))
+    out = {"count": n, "min_ns": int(part[0])}
+    out.update({f"{name}_ns": int(part[k]) for (name, _), k in zip(QUANTILES, ranks)})
+    out["max_ns"] = int(part[n - 1])
+    return out
+
+
+@dataclass
+class Timeline:
+    """Every host's packet events on one clock (the collector's monotonic clock when
+    the files carry clock estimates; a lone file without them is its own timeline)."""
+
+    ts: np.ndarray
+    pkt_id: np.ndarray
+    hop: np.ndarray
+    hop_names: list[str]
+    hop_host: np.ndarray           # hop -> host index
+    hosts: list[HostEvents]
+    error_ns: list[int | None]     # per host: bound on its clock mapping (None: no estimate)
+    offset_ns: list[int]
+    drops: dict[str, np.ndarray] = field(default_factory=dict)
+    sched: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def t0(self) -> int:
+        return int(self.ts.min()) if self.ts.size else 0
+
+    def pair_error(self, a: int, b: int) -> int | None:
+        """Bound on the clock error of a time difference between hops a and b."""
+        ha, hb = int(self.hop_host[a]), int(self.hop_host[b])
+        if ha == hb:
+            return 0
+        ea, eb = self.error_ns[ha], self.error_ns[hb]
+        return None if ea is None or eb is None else ea + eb
+
+
+def merge(hosts: list[HostEvents]) -> Timeline:
+    """Map each host's CLOCK_MONOTONIC onto the collector's: ts - offset (offset =
+    agent - collector, from the host's best clock chunk)."""
+    multi = len(hosts) > 1
+    ts, pid, hop, names, hop_host, errors, offsets = [], [], [], [], [], [], []
+    drops: dict[str, list] = {"ts": [], "pkt_id": [], "reason": [], "host": []}
+    sched: dict[str, list] = {}
+    for i, h in enumerate(hosts):
+        off = h.clock["offset_ns"] if h.clock else 0
+        errors.append(h.clock["error_ns"] if h.clock else (None if multi else 0))
+        offsets.append(off)
+        ts.append(h.ts - off)
+        pid.append(h.pkt_id)
+        hop.append(h.hop.astype(np.uint32) + len(names))
+        names += [f"[{h.host}] {n}" if multi else n for n in h.hops]
+        hop_host += [i] * len(h.hops)
+        drops["ts"].append(h.drops["ts"] - off)
+        drops["pkt_id"].append(h.drops["pkt_id"])
+        drops["reason"].append(h.drops["reason"])
+        drops["host"].append(np.full(h.drops["ts"].size, i, np.int32))
+        for k, v in h.sched.items():
+            sched.setdefault(k, []).append(v - off if k == "ts" else v)
+        sched.setdefault("host", []).append(np.full(h.sched["ts"].size, i, np.int32))
+    cat = lambda parts, dt: np.concatenate(parts) if parts else np.empty(0, dt)  # noqa: E731
+    return Timeline(cat(ts, np.int64), cat(pid, np.uint64), cat(hop, np.uint32), names,
+                    np.array(hop_host, np.int32), hosts, errors, offsets,
+                    {k: cat(v, np.int64) for k, v in drops.items()}, {k: np.concatenate(v) for k, v in sched.items()})
+
+
+@dataclass
+class Instances:
+    """Events grouped per packet instance, each in time order."""
+
+    ts: np.ndarray
+    hop: np.ndarray
+    pkt_id: np.ndarray      # per event
+    start: np.ndarray       # first event of each instance; start[-1] == len(ts)
+
+    @property
+    def count(self) -> int:
+        return self.start.size - 1
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.start)
+
+    def first_ts(self) -> np.ndarray:
+        return self.ts[self.start[:-1]]
+
+    def e2e(self) -> np.ndarray:
+        return self.ts[self.start[1:] - 1] - self.ts[self.start[:-1]]
+
+    def select(self, keep: np.ndarray) -> "Instances":
+        ev = np.repeat(keep, self.sizes)
+        sizes = self.sizes[keep]
+        return Instances(self.ts[ev], self.hop[ev], self.pkt_id[ev], np.r_[0, np.cumsum(sizes)])
+
+
+def join(tl: Timeline) -> Instances:
+    order = np.lexsort((tl.ts, tl.pkt_id))
+    ts, pid, hop = tl.ts[order], tl.pkt_id[order], tl.hop[order]
+    n = ts.size
+    if not n:
+        return Instances(ts, hop, pid, np.zeros(1, np.int64))
+    new = np.empty(n, bool)
+    new[0] = True
+    np.not_equal(pid[1:], pid[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    # A hop seen twice under one pkt_id: a bit per hop (mod 64) per group finds those groups cheaply.
+    bits = np.left_shift(np.uint64(1), (hop % 64).astype(np.uint64))
+    seen = np.bitwise_or.reduceat(bits, starts)
+    sizes = np.diff(np.r_[starts, n])
+    rep = _popcount(seen) < sizes
+    if rep.any():
+        ts, pid, hop, new = _split_repeats(ts, pid, hop, new, starts, sizes, rep)
+    return Instances(ts, hop, pid, np.r_[np.flatnonzero(new), n])
+
+
+def _split_repeats(ts, pid, hop, new, starts, sizes, rep):
+    """In the groups with a repeated hop, the k-th sighting at each hop makes instance k."""
+    ev = np.flatnonzero(np.repeat(rep, sizes))
+    g = np.repeat(np.arange(starts.size), sizes)[ev]
+    o = np.lexsort((ts[ev], hop[ev], g))
+    key_g, key_h = g[o], hop[ev][o]
+    run = np.r_[True, (key_g[1:] != key_g[:-1]) | (key_h[1:] != key_h[:-1])]
+    idx = np.arange(o.size)
+    rank_sorted = idx - np.maximum.accumulate(np.where(run, idx, 0))
+    rank = np.empty_like(rank_sorted)
+    rank[o] = rank_sorted
+    o2 = np.lexsort((ts[ev], rank, g))
+    ts, pid, hop = ts.copy(), pid.copy(), hop.copy()
+    ts[ev], pid[ev], hop[ev] = ts[ev][o2], pid[ev][o2], hop[ev][o2]
+    r2, g2 = rank[o2], g[o2]
+    new = new.copy()
+    new[ev] = np.r_[True, (g2[1:] != g2[:-1]) | (r2[1:] != r2[:-1])]
+    return ts, pid, hop, new
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x).astype(np.int64)
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return ((x * np.uint64(0x0101010101010101)) >> np.uint64(56)).astype(np.int64)
+
+
+@dataclass
+class Segments:
+    """One row per consecutive pair of hops inside an instance."""
+
+    src: np.ndarray     # event index of the earlier hop
+    inst: np.ndarray    # instance index
+    pos: np.ndarray     # position on the path (0: first segment)
+    delta: np.ndarray
+
+
+def segments(inst: Instances) -> Segments:
+    n = inst.ts.size
+    same = np.ones(max(n - 1, 0), bool)
+    same[inst.start[1:-1] - 1] = False  # the last event of an instance pairs with nothing
+    src = np.flatnonzero(same)
+    ids = np.repeat(np.arange(inst.count), inst.sizes)
+    pos = src - inst.start[:-1][ids[src]]
+    return Segments(src, ids[src], pos, inst.ts[src + 1] - inst.ts[src])
+
+
+def path_ids(inst: Instances) -> tuple[np.ndarray, list[tuple[int, ...]], np.ndarray]:
+    """Each instance's distinct path: (path index per instance, hop tuples, counts),
+    paths by count, most common first. Paths are told apart by a 64-bit hash of the
+    hop sequence (position-weighted), checked on one member of each."""
+    if not inst.count:
+        return np.empty(0, np.int64), [], np.empty(0, np.int64)
+    ids = np.repeat(np.arange(inst.count), inst.sizes)
+    pos = np.arange(inst.ts.size) - inst.start[:-1][ids]
+    weight = _MULT ** (pos.astype(np.uint64) + np.uint64(1))  # wraps mod 2^64, as meant
+    h = np.add.reduceat((inst.hop.astype(np.uint64) + np.uint64(1)) * weight, inst.start[:-1])
+    h ^= inst.sizes.astype(np.uint64) << np.uint64(56)
+    uniq, first, inv, counts = np.unique(h, return_index=True, return_inverse=True, return_counts=True)
+    rank = np.argsort(-counts, kind="stable")
+    remap = np.empty_like(rank)
+    remap[rank] = np.arange(rank.size)
+    hops = [tuple(inst.hop[inst.start[i]:inst.start[i + 1]].tolist()) for i in first[rank]]
+    return remap[inv.reshape(-1)], hops, counts[rank]

@@ -1,0 +1,94 @@
+"""`vnet analyze FILES...`: per-segment latency, the tail named, drops and scheduling, offline."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from vnet.errors import UsageError
+
+from .common import cli_errors
+
+PROTOS = {"icmp": 1, "tcp": 6, "udp": 17, "icmp6": 58, "sctp": 132}
+_FLOW = re.compile(r"^\s*(?:(?P<proto>[a-z0-9]+)\s+)?(?P<src>\S+?)(?::(?P<sport>\d+))?\s*>\s*"
+                   r"(?P<dst>\S+?)(?::(?P<dport>\d+))?\s*$")
+
+
+def _net(text: str):
+    try:
+        return ipaddress.ip_network(text.strip("[]"), strict=False)
+    except ValueError:
+        raise UsageError(f"not an address or prefix: {text!r}") from None
+
+
+def _proto(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    if text.lower() not in PROTOS:
+        raise UsageError(f"unknown protocol {text!r} (one of {', '.join(PROTOS)} or a number)")
+    return PROTOS[text.lower()]
+
+
+def parse_flow(text: str | None, proto, src, dst, sport, dport):
+    from vnet.analysis.bulk import Flow
+
+    flow = Flow(proto=_proto(proto) if proto else None, src=_net(src) if src else None,
+                dst=_net(dst) if dst else None, sport=sport, dport=dport)
+    if text:
+        m = _FLOW.match(text)
+        if not m:  # IPv6 with a port: [addr]:port
+            raise UsageError(f"--flow {text!r}: expected e.g. 'udp 10.0.0.1:5000 > 10.0.0.2:6000'")
+        flow.proto = _proto(m["proto"]) if m["proto"] else flow.proto
+        flow.src = None if m["src"] in ("*", "any") else _net(m["src"])
+        flow.dst = None if m["dst"] in ("*", "any") else _net(m["dst"])
+        flow.sport = int(m["sport"]) if m["sport"] else flow.sport
+        flow.dport = int(m["dport"]) if m["dport"] else flow.dport
+    return flow
+
+
+@cli_errors
+def analyze(
+    files: List[Path] = typer.Argument(..., metavar="FILES...",
+                                       help="Trace files (collector's OUT/TRACE/HOST.vnt and rotations, or "
+                                            "`vnet trace -w` files) or directories of them."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object instead of the tables."),
+    hist: bool = typer.Option(False, "--hist", help="Add log2 histograms per segment and path."),
+    flow: Optional[str] = typer.Option(None, "--flow", help="e.g. 'udp 10.0.0.1:5000 > 10.0.0.2:6000'."),
+    proto: Optional[str] = typer.Option(None, "--proto", help="udp, tcp, icmp, icmp6 or a number."),
+    src: Optional[str] = typer.Option(None, "--src", metavar="ADDR[/LEN]"),
+    dst: Optional[str] = typer.Option(None, "--dst", metavar="ADDR[/LEN]"),
+    sport: Optional[int] = typer.Option(None, "--sport"),
+    dport: Optional[int] = typer.Option(None, "--dport"),
+    host: List[str] = typer.Option([], "--host", help="Only this host's files. Repeatable."),
+    since: Optional[float] = typer.Option(None, "--since", help="Packets first seen this many seconds after the "
+                                                                 "trace start, or later."),
+    until: Optional[float] = typer.Option(None, "--until", help="... and before this many seconds."),
+    slowest: int = typer.Option(0, "--slowest", min=0, help="Show the N slowest packets hop by hop."),
+):
+    """Per-hop latency of every packet path in trace files: per-segment percentiles, the segment
+    behind the end-to-end tail, where packets vanish, and run-queue waits behind slow packets."""
+    from vnet.analysis.bulk import read_hosts
+    from vnet.analysis.report import analyze as run, render_text
+
+    filt = parse_flow(flow, proto, src, dst, sport, dport)
+    hosts = read_hosts(files, flow=filt, hosts=host or None)
+    if not hosts:
+        raise UsageError("no readable trace in these files")
+    report = run(hosts, since=since, until=until, slowest=slowest, hist=hist)
+    if json_out:
+        sys.stdout.write(json.dumps(report, default=_plain) + "\n")
+    else:
+        sys.stdout.write("\n".join(render_text(report, hist)) + "\n")
+
+
+def _plain(o):
+    try:
+        return o.item()  # numpy scalars
+    except AttributeError:
+        raise TypeError(f"{type(o).__name__} is not JSON serializable") from None
