@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+TOOLS = Path(__file__).resolve().parents[1]
 
-from synth_trace import Spec, write  # noqa: E402
-
-from vnet.analysis.bulk import read_hosts  # noqa: E402
-from vnet.analysis.report import analyze  # noqa: E402
+from vnet.analysis.bulk import read_hosts
+from vnet.analysis.report import analyze
 
 
 def main() -> int:
@@ -34,12 +33,13 @@ def main() -> int:
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="vnet-bench-"))
     try:
-        spec = Spec(packets=a.events // a.hooks, hooks=a.hooks, hosts=2, delays_ns=[5_000, 20_000, 8_000, 3_000][
-            :a.hooks - 1] + [4_000] * max(0, a.hooks - 5), jitter_ns=2_000, inject_segment=1, extra_ns=200_000,
-            inject_fraction=0.01, chunk_records=8192, drop_after=2, drop_fraction=0.001)
         t = time.perf_counter()
-        paths, _ = write(spec, tmp)
-        size = sum(p.stat().st_size for p in paths)
+        # generated in a child process: the peak memory below is the analysis's own
+        subprocess.run([sys.executable, str(TOOLS / "synth_trace.py"), str(tmp), "--packets",
+                        str(a.events // a.hooks), "--hooks", str(a.hooks), "--hosts", "2", "--delays-us", "5,20,8,3",
+                        "--jitter-ns", "2000", "--fraction", "0.01", "--drop-after", "2", "--drop-fraction", "0.001"],
+                       check=True, stdout=subprocess.DEVNULL)
+        size = sum(p.stat().st_size for p in tmp.iterdir())
         print(f"wrote {a.events} events ({size / 2**20:.0f} MiB, 2 hosts) in {time.perf_counter() - t:.1f} s")
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()

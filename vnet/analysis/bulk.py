@@ -154,7 +154,7 @@ class HostReader:
         self.out = HostEvents(host, header=header)
         self._cols = _Columns()
         self._hop_ids: dict[int, int] = {}   # packed hop key -> index in out.hops
-        self._drop_keys: set[int] = set()    # packed hop keys of drop:kfree_skb
+        self._drop_hops: set[int] = set()    # hop indexes of drop:kfree_skb
         # device probes are named by (probe_id, hook) alone; the others also by the interface
         self._dev = {(pid, hook) for (pid, hook), w in self.decoder.labels.items() if hook is not None}
 
@@ -174,19 +174,24 @@ class HostReader:
             self.out.records += n
 
     def _packets(self, r: np.ndarray) -> None:
-        r = r[(r["flags"] & self.f_no_skb) == 0]  # a function probe without a packet: on no path
+        # Masks apply to the columns taken out, never to the records: indexing a
+        # structured view would copy whole records.
+        keep = (r["flags"] & self.f_no_skb) == 0  # a function probe without a packet: on no path
         if self.flow is not None:
-            r = r[self._flow_mask(r)]
-        if not r.size:
-            return
+            keep &= self._flow_mask(r)
+        if not keep.all():
+            if not keep.any():
+                return
+            r = r[keep]  # rare: a copy of the records that stay
         hop = self._hop_index(r)
-        drop = np.isin(hop, list(self._drop_keys)) if self._drop_keys else None
-        if drop is not None and drop.any():
-            d = r[drop]
-            self._cols.add(d_ts=d["ts_ns"].astype(np.int64), d_pkt=d["pkt_id"], d_reason=d["reason"])
-            keep = ~drop
-            r, hop = r[keep], hop[keep]
-        self._cols.add(ts=r["ts_ns"].astype(np.int64), pkt_id=r["pkt_id"], hop=hop)
+        ts, pkt = r["ts_ns"].astype(np.int64), r["pkt_id"].copy()
+        if self._drop_hops:
+            drop = np.isin(hop, list(self._drop_hops))
+            if drop.any():
+                self._cols.add(d_ts=ts[drop], d_pkt=pkt[drop], d_reason=r["reason"][drop].copy())
+                keep = ~drop
+                ts, pkt, hop = ts[keep], pkt[keep], hop[keep]
+        self._cols.add(ts=ts, pkt_id=pkt, hop=hop)
 
     def _hop_index(self, r: np.ndarray) -> np.ndarray:
         """Each event's hop: (probe_id, hook) for device probes, (probe_id, netns, ifindex)
@@ -215,7 +220,7 @@ class HostReader:
                 idx = self._hop_ids[k] = len(self.out.hops)
                 self.out.hops.append(name)
                 if name.split(" ", 1)[0] == DROP_PROBE:
-                    self._drop_keys.add(idx)
+                    self._drop_hops.add(idx)
             lut[i] = idx
         return lut[inv.reshape(-1)]
 

@@ -9,7 +9,6 @@ from .bulk import HostEvents
 from .histogram import Log2Histogram
 from .latency import TAIL_Q, Instances, Segments, Timeline, join, merge, path_ids, segments, stats
 
-SCHED_BLOCK = 1 << 22  # slow packets x run-queue waits compared per block: bounded memory
 
 
 def _hist(values: np.ndarray) -> dict[int, int]:
@@ -186,21 +185,26 @@ def _sched(tl, inst, segs, pidx, e2e, paths) -> dict | None:
     a = segs.src[worst]
     t_a, t_b = inst.ts[a], inst.ts[a + 1]
     h_a, h_b = tl.hop_host[inst.hop[a]], tl.hop_host[inst.hop[a + 1]]
-    w_end = s["ts"]
-    w_start = s["ts"] - s["runq_ns"]
-    explained = np.zeros(worst.size, np.int64)
+    # Candidate (packet, wait) pairs from sorted wait ends: a wait overlapping [t_a, t_b]
+    # ends after t_a and before t_b + the longest wait. No packets x waits matrix.
+    order = np.argsort(s["ts"], kind="stable")
+    w_end, runq, w_host = s["ts"][order], s["runq_ns"][order], s["host"][order]
+    lo = np.searchsorted(w_end, t_a, "right")
+    hi = np.searchsorted(w_end, t_b + int(runq.max()), "right")
+    n_pairs = hi - lo
+    pk = np.repeat(np.arange(worst.size), n_pairs)
+    wi = np.arange(int(n_pairs.sum())) - np.repeat(np.cumsum(n_pairs) - n_pairs, n_pairs) + lo[pk]
+    ov = np.minimum(t_b[pk], w_end[wi]) - np.maximum(t_a[pk], w_end[wi] - runq[wi])
+    ok = (ov > 0) & ((w_host[wi] == h_a[pk]) | (w_host[wi] == h_b[pk]))
+    pk, wi, ov = pk[ok], wi[ok], ov[ok]
+    explained = np.minimum(np.bincount(pk, weights=ov, minlength=worst.size).astype(np.int64), t_b - t_a)
+    per_wait = np.bincount(wi, weights=ov, minlength=w_end.size)
     holder_ns: dict[tuple[str, int, str, int], int] = {}
-    step = max(1, SCHED_BLOCK // max(w_end.size, 1))
-    for lo in range(0, worst.size, step):
-        hi = min(lo + step, worst.size)
-        ov = np.minimum(t_b[lo:hi, None], w_end[None, :]) - np.maximum(t_a[lo:hi, None], w_start[None, :])
-        same = (s["host"][None, :] == h_a[lo:hi, None]) | (s["host"][None, :] == h_b[lo:hi, None])
-        ov = np.where(same & (ov > 0), ov, 0)
-        explained[lo:hi] = np.minimum(ov.sum(axis=1), t_b[lo:hi] - t_a[lo:hi])
-        for j in np.flatnonzero(ov.sum(axis=0)):
-            key = (s["comm"][j].decode(errors="replace"), int(s["pid"][j]),
-                   s["prev_comm"][j].decode(errors="replace"), int(s["prev_pid"][j]))
-            holder_ns[key] = holder_ns.get(key, 0) + int(ov[:, j].sum())
+    for j in np.flatnonzero(per_wait).tolist():
+        k = order[j]
+        key = (s["comm"][k].decode(errors="replace"), int(s["pid"][k]),
+               s["prev_comm"][k].decode(errors="replace"), int(s["prev_pid"][k]))
+        holder_ns[key] = holder_ns.get(key, 0) + int(per_wait[j])
     tail_total = int(e2e[slow].sum())
     worst_total = int((t_b - t_a).sum())
     holders = sorted(holder_ns.items(), key=lambda x: -x[1])[:5]
