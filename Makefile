@@ -44,7 +44,7 @@ sysdeps:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,analysis]'
 	touch $@
 
 venv: $(VENV)/.installed
