@@ -11,6 +11,7 @@ import vnet
 from . import analyze as analyze_cmd
 from . import demo as demo_cmd
 from . import doctor as doctor_cmd
+from . import export as export_cmd
 from . import probes as probes_cmd
 from . import serve as serve_cmd
 from . import spec as spec_cmd
@@ -51,6 +52,7 @@ app.add_typer(serve_cmd.agent_app, name="agent")
 app.command("collect")(serve_cmd.collect)
 app.command("dispatch")(serve_cmd.dispatch)
 app.command("analyze")(analyze_cmd.analyze)
+app.command("export")(export_cmd.export)
 
 
 def main() -> None:

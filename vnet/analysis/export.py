@@ -1,0 +1,377 @@
+"""`vnet export`: trace files into formats other tools read.
+
+    jsonl     one JSON object per event, every host on one timeline, streamed
+    parquet   the same events as a table (needs pyarrow: the `analysis` extra)
+    perfetto  a Perfetto trace: a track per hook per host, an instant per packet
+              event, a flow arrow along the hops of each packet, run-queue waits
+              as slices on a track per watched thread, drops as instants
+
+The merged timeline is the collector's CLOCK_MONOTONIC: an event's `t_ns` is its
+host's `ts_ns` minus that host's clock offset (agent - collector) from the best
+"clock" chunk of its files, as `vnet analyze` maps them (vnet.analysis.latency.merge).
+A host whose files have no clock chunk keeps its own clock (offset 0).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator
+
+import numpy as np
+
+from vnet.collector.tracefile import TraceFileReader
+from vnet.errors import UnsupportedError, UsageError
+
+from .bulk import Flow, expand, read_hosts
+
+FORMATS = ("jsonl", "parquet", "perfetto", "pcapng")
+EXTRA = "pip install 'vnet[analysis]'"
+REORDER_EVENTS = 1 << 16  # events a host's stream may be out of time order by (ring batches of many CPUs)
+
+
+def require(module: str, what: str):
+    """Import an optional dependency of the `analysis` extra, or say how to get it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        top = module.split(".")[0]
+        raise UnsupportedError(f"{what} needs the Python package {top!r}, which is not installed: "
+                               f"{EXTRA}") from None
+
+
+# -- hosts, files and their clocks ----------------------------------------------------------------------
+
+
+@dataclass
+class HostFiles:
+    host: str
+    files: list[TraceFileReader] = field(default_factory=list)
+    offset_ns: int = 0            # agent - collector (0: no clock chunk)
+    error_ns: int | None = None
+
+
+def host_files(paths: list[str | os.PathLike], hosts: list[str] | None = None) -> list[HostFiles]:
+    """The files named (directories expanded), grouped by the host their header names,
+    each host's rotations in order, with the best clock estimate of each host (the
+    smallest error; the last of equals, as bulk.HostReader.add_clock)."""
+    out: dict[str, HostFiles] = {}
+    for path in expand(paths):
+        f = TraceFileReader(path)
+        if f.header is None:
+            continue
+        host = str(f.header.get("host") or path.stem)
+        if hosts and host not in hosts:
+            continue
+        out.setdefault(host, HostFiles(host)).files.append(f)
+    if hosts and set(hosts) - set(out):
+        raise UsageError(f"no trace of host {', '.join(sorted(set(hosts) - set(out)))} in these files "
+                         f"(hosts: {', '.join(sorted(out)) or 'none'})")
+    for hf in out.values():
+        hf.files.sort(key=lambda f: (int(f.header.get("part") or 0), str(f.path)))
+        for f in hf.files:
+            for chunk in f.chunks(("clock",)):
+                off, err = chunk.get("offset_ns"), chunk.get("error_ns")
+                if isinstance(off, int) and isinstance(err, int) and (hf.error_ns is None or err <= hf.error_ns):
+                    hf.offset_ns, hf.error_ns = off, err
+    return list(out.values())
+
+
+def _host_stream(hf: HostFiles, window: int) -> Iterator[tuple[int, int, dict]]:
+    """(t_ns, n, event) of one host in time order, as long as no event arrives more
+    than `window` events late (a bounded heap: memory stays O(window))."""
+    heap: list[tuple[int, int, dict]] = []
+    n = 0
+    for f in hf.files:
+        for ev in f.events():
+            t = int(ev["ts_ns"]) - hf.offset_ns
+            ev = {"t_ns": t, "host": hf.host, "kind": "packet", **ev}  # sched events say "sched"
+            heapq.heappush(heap, (t, n, ev))
+            n += 1
+            if len(heap) > window:
+                yield heapq.heappop(heap)
+    while heap:
+        yield heapq.heappop(heap)
+
+
+def merged_events(paths: list[str | os.PathLike], hosts: list[str] | None = None,
+                  window: int = REORDER_EVENTS) -> Iterator[dict]:
+    """Every event of every host, in order of t_ns on the merged timeline, streamed:
+    per event its decoded fields (vnet trace --json), "host", and "t_ns"."""
+    streams = [_host_stream(hf, window) for hf in host_files(paths, hosts)]
+    for _, _, ev in heapq.merge(*streams, key=lambda x: (x[0], x[1])):
+        yield ev
+
+
+# -- jsonl ------------------------------------------------------------------------------------------------
+
+
+def _open_out(out: str | os.PathLike, binary: bool) -> IO:
+    if str(out) == "-":
+        return sys.stdout.buffer if binary else sys.stdout
+    return open(out, "wb" if binary else "w")
+
+
+def write_jsonl(paths, out: str | os.PathLike, hosts: list[str] | None = None) -> int:
+    """One JSON object per line per event; returns the number written."""
+    n = 0
+    f = _open_out(out, binary=False)
+    try:
+        dumps = json.JSONEncoder(separators=(",", ":")).encode
+        for ev in merged_events(paths, hosts):
+            f.write(dumps(ev))
+            f.write("\n")
+            n += 1
+    finally:
+        if f is not sys.stdout:
+            f.close()
+        else:
+            f.flush()
+    return n
+
+
+# -- parquet ----------------------------------------------------------------------------------------------
+
+# Every field an event can carry (vnet.trace.records), typed; absent ones are null.
+PARQUET_FIELDS = (
+    ("t_ns", "int64"), ("host", "string"), ("ts_ns", "uint64"), ("wall_ns", "uint64"), ("kind", "string"),
+    ("probe", "string"), ("hook", "string"), ("ifname", "string"), ("ifindex", "uint32"), ("netns", "string"),
+    ("dir", "string"), ("len", "uint32"), ("pkt_id", "string"), ("cpu", "uint32"), ("ethertype", "uint16"),
+    ("proto", "string"), ("src", "string"), ("dst", "string"), ("sport", "uint16"), ("dport", "uint16"),
+    ("ip_version", "uint8"), ("ttl", "uint8"), ("ip_id", "uint16"), ("tcp_seq", "uint32"),
+    ("tcp_ack", "uint32"), ("tcp_flags", "string"), ("icmp_type", "uint8"), ("icmp_code", "uint8"),
+    ("icmp_id", "uint16"), ("fragment", "bool"), ("vni", "uint32"), ("vlan", "uint16"),
+    ("truncated", "bool"), ("mark", "uint32"), ("skb", "string"), ("reason", "string"), ("pid", "uint32"),
+    ("tgid", "uint32"), ("comm", "string"), ("runq_ns", "uint64"), ("prev_pid", "uint32"),
+    ("prev_comm", "string"),
+)
+
+
+def parquet_schema():
+    pa = require("pyarrow", "--to parquet")
+    return pa.schema([(name, getattr(pa, "bool_" if t == "bool" else t)()) for name, t in PARQUET_FIELDS])
+
+
+def write_parquet(paths, out: str | os.PathLike, hosts: list[str] | None = None, batch: int = 65536) -> int:
+    """The merged events as one table (PARQUET_FIELDS), one row group per `batch`
+    events: memory stays bounded. Returns the number of rows."""
+    schema = parquet_schema()
+    pa = require("pyarrow", "--to parquet")
+    pq = require("pyarrow.parquet", "--to parquet")
+    names = schema.names
+    n = 0
+    with pq.ParquetWriter(str(out), schema, compression="zstd") as w:
+        cols: dict[str, list] = {k: [] for k in names}
+        for ev in merged_events(paths, hosts):
+            for k in names:
+                cols[k].append(ev.get(k))
+            n += 1
+            if n % batch == 0:
+                w.write_table(pa.table(cols, schema=schema))
+                cols = {k: [] for k in names}
+        if cols["t_ns"] or n == 0:
+            w.write_table(pa.table(cols, schema=schema))
+    return n
+
+
+# -- perfetto ---------------------------------------------------------------------------------------------
+
+SEQ_ID = 0x766E6574  # "vnet": the one trusted packet sequence every packet is written on
+
+
+@dataclass
+class PerfettoSummary:
+    tracks: int = 0        # hop tracks + sched tracks + drop tracks (host tracks not counted)
+    host_tracks: int = 0
+    hop_events: int = 0
+    flows: int = 0         # flow arrows: consecutive hop pairs of one packet
+    sched_slices: int = 0
+    drops: int = 0
+
+
+def write_perfetto(paths, out: str | os.PathLike, hosts: list[str] | None = None, flow: Flow | None = None,
+                   sched: bool = True) -> PerfettoSummary:
+    """A Perfetto trace (open it at ui.perfetto.dev): per host a parent track, under it
+    one track per hook with an instant per packet event (named by pkt_id, the time since
+    the previous hop as an argument) and flow arrows hop to hop along each packet; drops
+    on a `drop:kfree_skb` track; with sched events, a track per watched thread whose
+    slices are its run-queue waits (overlapping waits of one thread go to extra lanes).
+    Times are on the merged timeline (collector's clock), packets written in time order."""
+    require("perfetto.trace_builder.proto_builder", "--to perfetto")
+    from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
+    from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import TrackEvent
+
+    from .latency import join, merge
+
+    data = read_hosts(paths, flow=flow, hosts=hosts)
+    if not data:
+        raise UsageError("no readable trace in these files")
+    tl = merge(data)
+    inst = join(tl)
+    summary = PerfettoSummary()
+    uuid = iter(range(1, 1 << 62))
+
+    # tracks: host -> hop / drops / threads
+    host_uuid = [next(uuid) for _ in tl.hosts]
+    multi = len(tl.hosts) > 1
+    descriptors = [(host_uuid[i], None, f"{h.host}" + (f" (clock ±{_us(tl.error_ns[i])})"
+                                                       if multi and tl.error_ns[i] is not None else ""))
+                   for i, h in enumerate(tl.hosts)]
+    hop_uuid: dict[int, int] = {}
+    for j in np.unique(inst.hop).tolist():  # hops with packet events (not drop:kfree_skb: its own track)
+        hi = int(tl.hop_host[j])
+        hop_uuid[j] = next(uuid)
+        descriptors.append((hop_uuid[j], host_uuid[hi], tl.hop_names[j].removeprefix(f"[{tl.hosts[hi].host}] ")))
+    drop_uuid: dict[int, int] = {}
+    for hi in sorted(set(tl.drops["host"].tolist())) if tl.drops["ts"].size else ():
+        drop_uuid[hi] = next(uuid)
+        descriptors.append((drop_uuid[hi], host_uuid[hi], "drop:kfree_skb"))
+    summary.host_tracks = len(host_uuid)
+
+    # packet events: instance (flow) ids, time since the previous hop
+    n = int(inst.ts.size)
+    iid = np.repeat(np.arange(inst.count, dtype=np.int64), inst.sizes)
+    first = np.zeros(n, bool)
+    last = np.zeros(n, bool)
+    if n:
+        first[inst.start[:-1]] = True
+        last[inst.start[1:] - 1] = True
+    since = np.zeros(n, np.int64)
+    since[~first] = np.diff(inst.ts)[~first[1:]] if n else since[~first]
+    single = first & last
+
+    # sched waits: [ts - runq, ts] per (host, pid), lanes for overlaps
+    s = tl.sched if sched else {}
+    s_lane_uuid = np.empty(0, np.int64)
+    if s and s["ts"].size:
+        order = np.lexsort((s["ts"] - s["runq_ns"], s["pid"], s["host"]))
+        lanes: dict[tuple[int, int], list[int]] = {}  # (host, pid) -> lane end times
+        lane_uuid: dict[tuple[int, int, int], int] = {}
+        s_lane_uuid = np.empty(s["ts"].size, np.int64)
+        for k in order.tolist():
+            hi, pid = int(s["host"][k]), int(s["pid"][k])
+            begin, end = int(s["ts"][k] - s["runq_ns"][k]), int(s["ts"][k])
+            ends = lanes.setdefault((hi, pid), [])
+            lane = next((i for i, e in enumerate(ends) if e <= begin), len(ends))
+            if lane == len(ends):
+                ends.append(end)
+                comm = bytes(s["comm"][k]).split(b"\0", 1)[0].decode(errors="replace")
+                u = lane_uuid[(hi, pid, lane)] = next(uuid)
+                descriptors.append((u, host_uuid[hi], f"runq {comm} [{pid}]" + (f" #{lane + 1}" if lane else "")))
+            ends[lane] = end
+            s_lane_uuid[k] = lane_uuid[(hi, pid, lane)]
+
+    # one time order over everything: (ts, kind, index); kinds: 0 slice end, 1 packet, 2 drop, 3 slice begin
+    parts_t, parts_k, parts_i = [inst.ts], [np.ones(n, np.int8)], [np.arange(n)]
+    if drop_uuid:
+        parts_t.append(tl.drops["ts"])
+        parts_k.append(np.full(tl.drops["ts"].size, 2, np.int8))
+        parts_i.append(np.arange(tl.drops["ts"].size))
+    if s_lane_uuid.size:
+        m = s["ts"].size
+        parts_t += [s["ts"] - s["runq_ns"], s["ts"]]
+        parts_k += [np.full(m, 3, np.int8), np.zeros(m, np.int8)]
+        parts_i += [np.arange(m), np.arange(m)]
+    all_t, all_k, all_i = (np.concatenate(p) for p in (parts_t, parts_k, parts_i))
+    order = np.lexsort((all_k, all_t))
+
+    with open(out, "wb") as f:
+        b = StreamingTraceProtoBuilder(f)
+        for u, parent, name in descriptors:
+            p = b.create_packet()
+            p.trusted_packet_sequence_id = SEQ_ID
+            p.track_descriptor.uuid = u
+            if parent is not None:
+                p.track_descriptor.parent_uuid = parent
+            p.track_descriptor.name = name
+            b.write_packet(p)
+        summary.tracks = len(descriptors) - len(host_uuid)
+        INSTANT, BEGIN, END = TrackEvent.TYPE_INSTANT, TrackEvent.TYPE_SLICE_BEGIN, TrackEvent.TYPE_SLICE_END
+        ts_l, kind_l, idx_l = all_t[order].tolist(), all_k[order].tolist(), all_i[order].tolist()
+        pkt_l, hop_l = inst.pkt_id.tolist(), inst.hop.tolist()
+        for t, kind, i in zip(ts_l, kind_l, idx_l):
+            p = b.create_packet()
+            p.trusted_packet_sequence_id = SEQ_ID
+            p.timestamp = t
+            te = p.track_event
+            if kind == 1:
+                te.type = INSTANT
+                te.track_uuid = hop_uuid[hop_l[i]]
+                te.name = f"pkt {pkt_l[i]:016x}"
+                a = te.debug_annotations.add()
+                a.name, a.string_value = "pkt_id", f"{pkt_l[i]:016x}"
+                if not first[i]:
+                    a = te.debug_annotations.add()
+                    a.name, a.int_value = "since_prev_hop_ns", int(since[i])
+                if not single[i]:
+                    fid = int(iid[i]) + 1
+                    if last[i]:
+                        te.terminating_flow_ids.append(fid)
+                    else:
+                        te.flow_ids.append(fid)
+                        summary.flows += 1
+                summary.hop_events += 1
+            elif kind == 2:
+                hi = int(tl.drops["host"][i])
+                te.type = INSTANT
+                te.track_uuid = drop_uuid[hi]
+                reason = _reason(tl.hosts[hi], int(tl.drops["reason"][i]))
+                te.name = f"drop {reason}"
+                a = te.debug_annotations.add()
+                a.name, a.string_value = "pkt_id", f"{int(tl.drops['pkt_id'][i]):016x}"
+                summary.drops += 1
+            elif kind == 3:
+                te.type = BEGIN
+                te.track_uuid = int(s_lane_uuid[i])
+                prev = bytes(s["prev_comm"][i]).split(b"\0", 1)[0].decode(errors="replace")
+                te.name = f"runq wait (CPU held by {prev} [{int(s['prev_pid'][i])}])"
+                for key, val in (("runq_ns", int(s["runq_ns"][i])), ("cpu", int(s["cpu"][i]))):
+                    a = te.debug_annotations.add()
+                    a.name, a.int_value = key, val
+                summary.sched_slices += 1
+            else:
+                te.type = END
+                te.track_uuid = int(s_lane_uuid[i])
+            b.write_packet(p)
+    return summary
+
+
+def _reason(host, value: int) -> str:
+    names = {int(v): str(n) for v, n in (host.header or {}).get("drop_reasons") or ()}
+    return names.get(value, str(value))
+
+
+def _us(ns: int) -> str:
+    return f"{ns / 1000:.1f}us"
+
+
+# -- the entry point --------------------------------------------------------------------------------------
+
+
+def export(paths, fmt: str, out: str | os.PathLike, *, hosts: list[str] | None = None,
+           flow: Flow | None = None, sched: bool = True) -> dict:
+    """Write `paths` as `fmt` to `out`; returns what was written (for the summary line)."""
+    if fmt == "pcapng":
+        raise UsageError("--to pcapng needs the packets' bytes, which the events do not carry yet: it needs "
+                         "snaplen capture, which is not yet available (use --to jsonl, perfetto or parquet)")
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format {fmt!r} (one of {', '.join(f for f in FORMATS if f != 'pcapng')})")
+    if flow is not None and not flow.empty and fmt != "perfetto":
+        raise UsageError(f"flow filters apply to --to perfetto and --plot only, not to --to {fmt}")
+    if str(out) != "-" and Path(out).is_dir():
+        raise UsageError(f"{out} is a directory: -o names the output file")
+    if fmt == "jsonl":
+        return {"events": write_jsonl(paths, out, hosts)}
+    if str(out) == "-":
+        raise UsageError(f"--to {fmt} writes a binary file: give -o FILE")
+    if fmt == "parquet":
+        return {"rows": write_parquet(paths, out, hosts)}
+    s = write_perfetto(paths, out, hosts, flow=flow, sched=sched)
+    return {"tracks": s.tracks, "hop_events": s.hop_events, "flows": s.flows, "sched_slices": s.sched_slices,
+            "drops": s.drops}

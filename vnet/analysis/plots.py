@@ -1,0 +1,169 @@
+"""`--plot DIR`: PNGs of the latencies in trace files (matplotlib, Agg: no display).
+
+    segment_cdf.png    per-segment latency CDF (log x), the end-to-end one dashed
+    latency_heatmap.png  end-to-end latency of the most common path over time
+                       (time x log latency bins, colour = packets per bin)
+    waterfall.png      the slowest packets of that path, hop by hop (one bar per
+                       segment, from the packet's first hop)
+
+Everything is on the merged timeline (vnet.analysis.latency), as `vnet analyze`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .bulk import HostEvents
+from .latency import Timeline, join, merge, path_ids, segments
+
+MAX_SEGMENTS = 10   # CDF lines: the most frequent segments
+US = 1e3
+
+
+def _mpl():
+    from .export import require
+
+    mpl = require("matplotlib", "--plot")
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _short(tl: Timeline, hop: int) -> str:
+    return tl.hop_names[hop]
+
+
+def plot_all(hosts: list[HostEvents], out_dir: str | os.PathLike, slowest: int = 20) -> list[Path]:
+    """Write the PNGs into out_dir (created); returns their paths. Plots with no data
+    (no packet seen at two hops) are not written."""
+    plt = _mpl()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tl = merge(hosts)
+    inst = join(tl)
+    segs = segments(inst)
+    written: list[Path] = []
+    if not segs.delta.size:
+        return written
+    pidx, phops, pcounts = path_ids(inst)
+    main = next((p for p, h in enumerate(phops) if len(h) >= 2), None)
+    written.append(_cdf(plt, tl, inst, segs, pidx, phops, main, out / "segment_cdf.png"))
+    if main is not None:
+        written.append(_heatmap(plt, tl, inst, pidx, phops, pcounts, main, out / "latency_heatmap.png"))
+        written.append(_waterfall(plt, tl, inst, pidx, phops, main, slowest, out / "waterfall.png"))
+    return written
+
+
+def _plain_log(axis) -> None:
+    """Log-scale ticks as plain numbers (5, 10, 20, 50, ...), not 10^x."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(fmt)
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+
+
+def _path_label(tl: Timeline, hops) -> str:
+    names = [_short(tl, h) for h in hops]
+    return " → ".join(names) if len(names) <= 3 else f"{names[0]} → … → {names[-1]} ({len(names)} hops)"
+
+
+def _cdf(plt, tl, inst, segs, pidx, phops, main, path: Path) -> Path:
+    a = inst.hop[segs.src].astype(np.int64)
+    b = inst.hop[segs.src + 1].astype(np.int64)
+    key = a * len(tl.hop_names) + b
+    uniq, counts = np.unique(key, return_counts=True)
+    top = uniq[np.argsort(-counts, kind="stable")][:MAX_SEGMENTS]
+    fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
+    for k in top.tolist():
+        d = np.sort(segs.delta[key == k]) / US
+        fa, fb = divmod(k, len(tl.hop_names))
+        y = np.arange(1, d.size + 1) / d.size
+        ax.step(np.maximum(d, 1e-3), y, where="post",
+                label=f"{_short(tl, fa)} → {_short(tl, fb)}  (n={d.size:,}, p99 {_q(d, .99):.1f} µs)")
+    if main is not None:
+        e2e = np.sort(inst.e2e()[pidx == main]) / US
+        ax.step(np.maximum(e2e, 1e-3), np.arange(1, e2e.size + 1) / e2e.size, where="post", color="black",
+                linestyle="--", linewidth=2,
+                label=f"end to end: {_path_label(tl, phops[main])}  (n={e2e.size:,}, p99 {_q(e2e, .99):.1f} µs)")
+    ax.set_xscale("log")
+    _plain_log(ax.xaxis)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("latency (µs, log scale)")
+    ax.set_ylabel("fraction of packets with latency ≤ x")
+    ax.set_title("Per-segment latency CDF (time from one hop to the next)")
+    ax.axhline(0.99, color="grey", linewidth=0.8, linestyle=":")
+    ax.text(ax.get_xlim()[0], 0.99, " p99", va="bottom", ha="left", color="grey", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8, title="segment (from → to)", title_fontsize=8)
+    return _save(fig, plt, path)
+
+
+def _q(sorted_values: np.ndarray, q: float) -> float:
+    return float(sorted_values[max(0, int(np.ceil(q * sorted_values.size)) - 1)])
+
+
+def _heatmap(plt, tl, inst, pidx, phops, pcounts, main, path: Path) -> Path:
+    from matplotlib.colors import LogNorm
+
+    mine = pidx == main
+    t = (inst.first_ts()[mine] - tl.t0) / 1e9
+    lat = np.maximum(inst.e2e()[mine], 1) / US
+    tbins = max(10, min(200, int(np.sqrt(t.size))))
+    lo, hi = np.log10(lat.min()), np.log10(lat.max())
+    pad = max(0.1 * (hi - lo), 0.05)  # the extremes are not squeezed against the frame
+    lbins = np.logspace(lo - pad, hi + pad, 60)
+    tedges = np.linspace(t.min(), max(t.max(), t.min() + 1e-6), tbins + 1)
+    h, xe, ye = np.histogram2d(t, lat, bins=(tedges, lbins))
+    fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
+    mesh = ax.pcolormesh(xe, ye, h.T, norm=LogNorm(vmin=1, vmax=max(h.max(), 1)), cmap="viridis")
+    cb = fig.colorbar(mesh, ax=ax)
+    cb.set_label("packets per bin (log scale)")
+    ax.set_yscale("log")
+    _plain_log(ax.yaxis)
+    ax.set_xlabel("time since the first packet (s)")
+    ax.set_ylabel("end-to-end latency (µs, log scale)")
+    ax.set_title(f"End-to-end latency over time\n{_path_label(tl, phops[main])}, {int(pcounts[main]):,} packets",
+                 fontsize=11)
+    p50, p99 = np.percentile(lat, 50), np.percentile(lat, 99)
+    ax.axhline(p50, color="white", linestyle="--", linewidth=1, label=f"p50 {p50:.1f} µs")
+    ax.axhline(p99, color="red", linestyle="--", linewidth=1, label=f"p99 {p99:.1f} µs")
+    ax.legend(loc="center right", fontsize=8, facecolor="lightgrey", title="end-to-end", title_fontsize=8)
+    return _save(fig, plt, path)
+
+
+def _waterfall(plt, tl, inst, pidx, phops, main, slowest: int, path: Path) -> Path:
+    idx = np.flatnonzero(pidx == main)
+    e2e = inst.e2e()[idx]
+    pick = idx[np.argsort(-e2e, kind="stable")[:max(1, slowest)]]
+    hops = phops[main]
+    cmap = plt.get_cmap("tab10" if len(hops) <= 11 else "tab20")
+    fig, ax = plt.subplots(figsize=(11, 2.2 + 0.35 * pick.size), dpi=110, layout="constrained")
+    labels = []
+    for row, i in enumerate(pick.tolist()):
+        lo, hi = int(inst.start[i]), int(inst.start[i + 1])
+        ts = inst.ts[lo:hi]
+        rel = (ts - ts[0]) / US
+        for s in range(hi - lo - 1):
+            ax.barh(row, rel[s + 1] - rel[s], left=rel[s], color=cmap(s % cmap.N), edgecolor="white", height=0.7,
+                    label=f"{_short(tl, hops[s])} → {_short(tl, hops[s + 1])}" if row == 0 else None)
+        labels.append(f"{int(inst.pkt_id[lo]):016x}  {rel[-1]:.1f} µs")
+    ax.set_yticks(range(pick.size), labels, fontsize=8, family="monospace")
+    ax.invert_yaxis()
+    ax.set_xlabel("time since the packet's first hop (µs)")
+    ax.set_ylabel("packet (pkt_id, end-to-end latency)")
+    ax.set_title(f"The {pick.size} slowest packets, hop by hop\n{_path_label(tl, hops)}", fontsize=11)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.legend(loc="outside lower center", ncol=2, fontsize=8, title="segment (from → to)", title_fontsize=8)
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path: Path) -> Path:
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
