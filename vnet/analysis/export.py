@@ -28,22 +28,10 @@ from vnet.collector.tracefile import TraceFileReader
 from vnet.errors import UnsupportedError, UsageError
 
 from .bulk import Flow, expand, read_hosts
+from .extras import EXTRA, require  # noqa: F401 -- require is this module's API too
 
 FORMATS = ("jsonl", "parquet", "perfetto", "pcapng")
-EXTRA = "pip install 'vnet[analysis]'"
 REORDER_EVENTS = 1 << 16  # events a host's stream may be out of time order by (ring batches of many CPUs)
-
-
-def require(module: str, what: str):
-    """Import an optional dependency of the `analysis` extra, or say how to get it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        top = module.split(".")[0]
-        raise UnsupportedError(f"{what} needs the Python package {top!r}, which is not installed: "
-                               f"{EXTRA}") from None
 
 
 # -- hosts, files and their clocks ----------------------------------------------------------------------

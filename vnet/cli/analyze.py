@@ -73,6 +73,9 @@ def analyze(
 ):
     """Per-hop latency of every packet path in trace files: per-segment percentiles, the segment
     behind the end-to-end tail, where packets vanish, and run-queue waits behind slow packets."""
+    from vnet.analysis.extras import require
+
+    require("numpy", "vnet analyze")
     from vnet.analysis.bulk import read_hosts
     from vnet.analysis.report import analyze as run, render_text
 

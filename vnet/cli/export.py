@@ -41,6 +41,9 @@ def export(
     """Export trace files: every event as JSON Lines or a Parquet table, or a Perfetto trace with a
     track per hook and flow arrows along each packet's hops; --plot DIR draws PNGs of the latencies.
     Times are on one timeline: the collector's clock, with each host's measured offset applied."""
+    from vnet.analysis.extras import require
+
+    require("numpy", "vnet export")
     from vnet.analysis import export as ex
 
     if to is None and plot is None:
