@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -312,8 +313,10 @@ def expand(paths: list[str | os.PathLike]) -> list[Path]:
 def read_hosts(paths: list[str | os.PathLike], *, flow: Flow | None = None,
                hosts: list[str] | None = None) -> list[HostEvents]:
     """Every host's events, file by file and chunk by chunk; files are grouped by the
-    host their header names (rotations of one host become one HostEvents)."""
+    host their header names (rotations of one host become one HostEvents). Hosts are
+    decoded in parallel threads (file reads, crc32 and numpy release the GIL)."""
     readers: dict[str, HostReader] = {}
+    work: dict[str, list[TraceFileReader]] = {}
     for path in expand(paths):
         f = TraceFileReader(path)
         if f.header is None:
@@ -325,21 +328,35 @@ def read_hosts(paths: list[str | os.PathLike], *, flow: Flow | None = None,
         if hr is None:
             hr = readers[host] = HostReader(host, f.header, flow)
         hr.out.files.append(str(path))
-        for chunk in f.chunks(("events", "clock")):
-            if chunk["kind"] == "clock":
-                hr.add_clock(chunk)
-                continue
-            blob = chunk.get("records")
-            if isinstance(blob, bytes):
-                try:
-                    hr.add_blob(blob)
-                except ValueError as e:
-                    hr.out.problems.append(f"{path}: chunk {chunk['seq']}: {e}")
-        if f.truncated and f.problem:
-            hr.out.problems.append(f.problem)
+        work.setdefault(host, []).append(f)
     if hosts:
         missing = set(hosts) - set(readers)
         if missing:
             raise UsageError(f"no trace of host {', '.join(sorted(missing))} in these files "
                              f"(hosts: {', '.join(sorted(readers)) or 'none'})")
-    return [hr.finish() for hr in readers.values()]
+
+    def decode(host: str) -> HostEvents:
+        hr = readers[host]
+        for f in work[host]:
+            _read_file(hr, f)
+        return hr.finish()
+
+    if len(readers) < 2:
+        return [decode(h) for h in readers]
+    with ThreadPoolExecutor(max_workers=min(len(readers), os.cpu_count() or 1)) as pool:
+        return list(pool.map(decode, list(readers)))
+
+
+def _read_file(hr: HostReader, f: TraceFileReader) -> None:
+    for chunk in f.chunks(("events", "clock")):
+        if chunk["kind"] == "clock":
+            hr.add_clock(chunk)
+            continue
+        blob = chunk.get("records")
+        if isinstance(blob, bytes):
+            try:
+                hr.add_blob(blob)
+            except ValueError as e:
+                hr.out.problems.append(f"{f.path}: chunk {chunk['seq']}: {e}")
+    if f.truncated and f.problem:
+        hr.out.problems.append(f.problem)

@@ -122,9 +122,49 @@ class Instances:
         return Instances(self.ts[ev], self.hop[ev], self.pkt_id[ev], np.r_[0, np.cumsum(sizes)])
 
 
+def order_by_packet(pkt_id: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """np.lexsort((ts, pkt_id)), cheaper: one (SIMD) sort of u64 keys that pack the high
+    bits of pkt_id over the event index, which orders events by pkt_id prefix and then
+    by input order; only the runs of events where that is not (pkt_id, ts) order (two
+    ids sharing a prefix, or a packet's events out of time order across hosts) are
+    sorted again, stably, so the result is exactly the lexsort's.
+    Returns (order, pkt_id[order], ts[order])."""
+    n = pkt_id.size
+    if n < 2:
+        return np.arange(n), pkt_id.copy(), ts.copy()
+    b = np.uint64(max(int(n - 1).bit_length(), 1))
+    key = pkt_id >> b
+    key <<= b
+    key |= np.arange(n, dtype=np.uint64)
+    key.sort()
+    key &= np.uint64((1 << int(b)) - 1)
+    order = key.view(np.int64)
+    p, t = pkt_id[order], ts[order]
+    bad = p[1:] < p[:-1]
+    same = p[1:] == p[:-1]
+    bad |= same & (t[1:] < t[:-1])
+    nbad = int(np.count_nonzero(bad))
+    if nbad > n // 16:  # events largely out of time order: the plain sort is cheaper
+        order = np.lexsort((ts, pkt_id))
+        return order, pkt_id[order], ts[order]
+    if nbad:
+        # the prefix runs holding a misordered pair, re-sorted by (pkt_id, ts)
+        pre = p >> b
+        cut = np.r_[0, np.flatnonzero(pre[1:] != pre[:-1]) + 1, n]
+        run = np.searchsorted(cut, np.flatnonzero(bad), "right") - 1
+        run = np.unique(run)
+        ev = np.concatenate([np.arange(cut[r], cut[r + 1]) for r in run.tolist()]) \
+            if run.size < 1024 else np.flatnonzero(np.repeat(np.isin(np.arange(cut.size - 1), run), np.diff(cut)))
+        sub = np.lexsort((t[ev], p[ev], np.repeat(run, (cut[run + 1] - cut[run]))))
+        order[ev] = order[ev][sub]
+        p[ev], t[ev] = p[ev][sub], t[ev][sub]
+    return order, p, t
+
+
 def join(tl: Timeline) -> Instances:
-    order = np.lexsort((tl.ts, tl.pkt_id))
-    ts, pid, hop = tl.ts[order], tl.pkt_id[order], tl.hop[order]
+    order, pid, ts = order_by_packet(tl.pkt_id, tl.ts)
+    hop = tl.hop[order]
+    del order
     n = ts.size
     if not n:
         return Instances(ts, hop, pid, np.zeros(1, np.int64))
