@@ -51,9 +51,22 @@ class Timeline:
     drops: dict[str, np.ndarray] = field(default_factory=dict)
     sched: dict[str, np.ndarray] = field(default_factory=dict)
 
+    t_first: int = 0
+    t_last: int = 0
+    count: int = 0                 # packet events (also after release())
+
+    def __post_init__(self) -> None:
+        self.count = int(self.ts.size)
+        if self.count:
+            self.t_first, self.t_last = int(self.ts.min()), int(self.ts.max())
+
     @property
     def t0(self) -> int:
-        return int(self.ts.min()) if self.ts.size else 0
+        return self.t_first
+
+    def release(self) -> None:
+        """Drop the event columns (the join has its own sorted copies): memory back."""
+        self.ts = self.pkt_id = self.hop = None
 
     def pair_error(self, a: int, b: int) -> int | None:
         """Bound on the clock error of a time difference between hops a and b."""
@@ -77,7 +90,7 @@ def merge(hosts: list[HostEvents]) -> Timeline:
         offsets.append(off)
         ts.append(h.ts - off)
         pid.append(h.pkt_id)
-        hop.append(h.hop.astype(np.uint32) + len(names))
+        hop.append(h.hop.astype(np.uint32) + len(names) if len(names) else h.hop)
         names += [f"[{h.host}] {n}" if multi else n for n in h.hops]
         hop_host += [i] * len(h.hops)
         drops["ts"].append(h.drops["ts"] - off)
@@ -88,7 +101,8 @@ def merge(hosts: list[HostEvents]) -> Timeline:
             sched.setdefault(k, []).append(v - off if k == "ts" else v)
         sched.setdefault("host", []).append(np.full(h.sched["ts"].size, i, np.int32))
     cat = lambda parts, dt: np.concatenate(parts) if parts else np.empty(0, dt)  # noqa: E731
-    return Timeline(cat(ts, np.int64), cat(pid, np.uint64), cat(hop, np.uint32), names,
+    hop_t = np.uint16 if len(names) <= 1 << 16 else np.uint32
+    return Timeline(cat(ts, np.int64), cat(pid, np.uint64), cat(hop, np.uint32).astype(hop_t, copy=False), names,
                     np.array(hop_host, np.int32), hosts, errors, offsets,
                     {k: cat(v, np.int64) for k, v in drops.items()}, {k: np.concatenate(v) for k, v in sched.items()})
 
@@ -173,9 +187,13 @@ def join(tl: Timeline) -> Instances:
     np.not_equal(pid[1:], pid[:-1], out=new[1:])
     starts = np.flatnonzero(new)
     # A hop seen twice under one pkt_id: a bit per hop (mod 64) per group finds those groups cheaply.
-    bits = np.left_shift(np.uint64(1), (hop % 64).astype(np.uint64))
-    seen = np.bitwise_or.reduceat(bits, starts)
     sizes = np.diff(np.r_[starts, n])
+    seen = np.empty(starts.size, np.uint64)
+    step = 1 << 18
+    for g in range(0, starts.size, step):
+        lo, hi = int(starts[g]), int(starts[g + step]) if g + step < starts.size else n
+        bits = np.left_shift(np.uint64(1), (hop[lo:hi] & 63).astype(np.uint64))
+        seen[g:g + step] = np.bitwise_or.reduceat(bits, starts[g:g + step] - lo)
     rep = _popcount(seen) < sizes
     if rep.any():
         ts, pid, hop, new = _split_repeats(ts, pid, hop, new, starts, sizes, rep)
@@ -226,9 +244,13 @@ def segments(inst: Instances) -> Segments:
     same = np.ones(max(n - 1, 0), bool)
     same[inst.start[1:-1] - 1] = False  # the last event of an instance pairs with nothing
     src = np.flatnonzero(same)
-    ids = np.repeat(np.arange(inst.count), inst.sizes)
-    pos = src - inst.start[:-1][ids[src]]
-    return Segments(src, ids[src], pos, inst.ts[src + 1] - inst.ts[src])
+    del same
+    it = np.int32 if n < 1 << 31 else np.int64
+    ids = np.repeat(np.arange(inst.count, dtype=it), inst.sizes)
+    seg_inst = ids[src]
+    del ids
+    pos = (src - inst.start[:-1][seg_inst]).astype(it)
+    return Segments(src, seg_inst, pos, inst.ts[src + 1] - inst.ts[src])
 
 
 def path_ids(inst: Instances) -> tuple[np.ndarray, list[tuple[int, ...]], np.ndarray]:

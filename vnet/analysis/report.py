@@ -21,6 +21,7 @@ def analyze(hosts: list[HostEvents], *, since: float | None = None, until: float
             slowest: int = 0, hist: bool = False) -> dict:
     tl = merge(hosts)
     inst = join(tl)
+    tl.release()  # the sorted copies in inst are all that is used from here
     t0 = tl.t0
     if inst.count and (since is not None or until is not None):
         first = inst.first_ts() - t0
@@ -39,7 +40,7 @@ def analyze(hosts: list[HostEvents], *, since: float | None = None, until: float
                    "clock": ({**h.clock, "applied": True} if h.clock else None), "problems": h.problems}
                   for h in hosts],
         "events": int(inst.ts.size), "packets": inst.count,
-        "duration_s": (float(tl.ts.max() - t0) / 1e9) if tl.ts.size else 0.0,
+        "duration_s": (float(tl.t_last - t0) / 1e9) if tl.count else 0.0,
     }
     out["segments"] = _segment_table(tl, inst, segs, hist)
     out["paths"] = _paths(tl, inst, segs, pidx, phops, pcounts, e2e, hist)
@@ -52,18 +53,22 @@ def analyze(hosts: list[HostEvents], *, since: float | None = None, until: float
 
 
 def _segment_table(tl: Timeline, inst: Instances, segs: Segments, hist: bool) -> list[dict]:
-    a, b = inst.hop[segs.src].astype(np.int64), inst.hop[segs.src + 1].astype(np.int64)
-    key = a * len(tl.hop_names) + b
-    order = np.argsort(key, kind="stable")
-    k, d = key[order], segs.delta[order]
-    bounds = np.r_[0, np.flatnonzero(k[1:] != k[:-1]) + 1, k.size] if k.size else np.zeros(1, np.int64)
+    # Segments grouped by (from hop, to hop): a few distinct pairs, so one mask per pair
+    # (no sort of all segments); percentiles do not depend on the order inside a group.
+    h = len(tl.hop_names)
+    kt = np.int32 if h * h < 1 << 31 else np.int64
+    key = inst.hop[segs.src].astype(kt)
+    key *= h
+    key += inst.hop[segs.src + 1]
+    uniq = np.flatnonzero(np.bincount(key)) if h * h <= 1 << 24 and key.size else np.unique(key)
     rows = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        fa, fb = divmod(int(k[lo]), len(tl.hop_names))
-        row = {"from": tl.hop_names[fa], "to": tl.hop_names[fb], **stats(d[lo:hi]),
+    for kk in uniq.tolist():
+        d = segs.delta[key == kk] if uniq.size > 1 else segs.delta
+        fa, fb = divmod(kk, h)
+        row = {"from": tl.hop_names[fa], "to": tl.hop_names[fb], **stats(d),
                "clock_error_ns": tl.pair_error(fa, fb)}
         if hist:
-            row["hist"] = _hist(d[lo:hi])
+            row["hist"] = _hist(d)
         rows.append(row)
     rows.sort(key=lambda r: -r["count"])
     return rows
@@ -107,7 +112,7 @@ def _paths(tl, inst, segs, pidx, phops, pcounts, e2e, hist) -> list[dict]:
 def _drops(tl, inst, pidx, phops, pcounts, e2e) -> dict:
     """A path that is a proper prefix of a longer observed path ended early: the packet
     vanished after its last hop (or was still in flight when the trace stopped)."""
-    t_end = int(tl.ts.max()) if tl.ts.size else 0
+    t_end = tl.t_last if tl.count else 0
     first = inst.first_ts()
     ended: dict[str, dict] = {}
     in_flight = 0
