@@ -310,30 +310,34 @@ def expand(paths: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def read_hosts(paths: list[str | os.PathLike], *, flow: Flow | None = None,
-               hosts: list[str] | None = None) -> list[HostEvents]:
-    """Every host's events, file by file and chunk by chunk; files are grouped by the
-    host their header names (rotations of one host become one HostEvents). Hosts are
-    decoded in parallel threads (file reads, crc32 and numpy release the GIL)."""
-    readers: dict[str, HostReader] = {}
-    work: dict[str, list[TraceFileReader]] = {}
+def files_by_host(paths: list[str | os.PathLike], hosts: list[str] | None = None
+                  ) -> dict[str, list[TraceFileReader]]:
+    """The readable trace files named (directories expanded), grouped by the host
+    their header names, in the order named; `hosts`: only these, all of them present."""
+    out: dict[str, list[TraceFileReader]] = {}
     for path in expand(paths):
         f = TraceFileReader(path)
         if f.header is None:
             continue
         host = str(f.header.get("host") or path.stem)
-        if hosts and host not in hosts:
-            continue
-        hr = readers.get(host)
-        if hr is None:
-            hr = readers[host] = HostReader(host, f.header, flow)
-        hr.out.files.append(str(path))
-        work.setdefault(host, []).append(f)
-    if hosts:
-        missing = set(hosts) - set(readers)
-        if missing:
-            raise UsageError(f"no trace of host {', '.join(sorted(missing))} in these files "
-                             f"(hosts: {', '.join(sorted(readers)) or 'none'})")
+        if not hosts or host in hosts:
+            out.setdefault(host, []).append(f)
+    missing = set(hosts or ()) - set(out)
+    if missing:
+        raise UsageError(f"no trace of host {', '.join(sorted(missing))} in these files "
+                         f"(hosts: {', '.join(sorted(out)) or 'none'})")
+    return out
+
+
+def read_hosts(paths: list[str | os.PathLike], *, flow: Flow | None = None,
+               hosts: list[str] | None = None) -> list[HostEvents]:
+    """Every host's events, file by file and chunk by chunk (rotations of one host
+    become one HostEvents). Hosts are decoded in parallel threads (file reads,
+    crc32 and numpy release the GIL)."""
+    work = files_by_host(paths, hosts)
+    readers = {host: HostReader(host, files[0].header, flow) for host, files in work.items()}
+    for host, files in work.items():
+        readers[host].out.files += [str(f.path) for f in files]
 
     def decode(host: str) -> HostEvents:
         hr = readers[host]

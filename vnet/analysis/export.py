@@ -27,7 +27,7 @@ import numpy as np
 from vnet.collector.tracefile import TraceFileReader
 from vnet.errors import UnsupportedError, UsageError
 
-from .bulk import Flow, expand, read_hosts
+from .bulk import Flow, expand, files_by_host, read_hosts
 from .extras import EXTRA, require  # noqa: F401 -- require is this module's API too
 
 FORMATS = ("jsonl", "parquet", "perfetto", "pcapng")
@@ -49,18 +49,7 @@ def host_files(paths: list[str | os.PathLike], hosts: list[str] | None = None) -
     """The files named (directories expanded), grouped by the host their header names,
     each host's rotations in order, with the best clock estimate of each host (the
     smallest error; the last of equals, as bulk.HostReader.add_clock)."""
-    out: dict[str, HostFiles] = {}
-    for path in expand(paths):
-        f = TraceFileReader(path)
-        if f.header is None:
-            continue
-        host = str(f.header.get("host") or path.stem)
-        if hosts and host not in hosts:
-            continue
-        out.setdefault(host, HostFiles(host)).files.append(f)
-    if hosts and set(hosts) - set(out):
-        raise UsageError(f"no trace of host {', '.join(sorted(set(hosts) - set(out)))} in these files "
-                         f"(hosts: {', '.join(sorted(out)) or 'none'})")
+    out = {host: HostFiles(host, files=files) for host, files in files_by_host(paths, hosts).items()}
     for hf in out.values():
         hf.files.sort(key=lambda f: (int(f.header.get("part") or 0), str(f.path)))
         for f in hf.files:
