@@ -156,6 +156,10 @@ class HostReader:
         self._cols = _Columns()
         self._hop_ids: dict[int, int] = {}   # packed hop key -> index in out.hops
         self._drop_hops: set[int] = set()    # hop indexes of drop:kfree_skb
+        self._known_keys = np.empty(0, np.uint64)  # self._hop_ids as sorted keys -> hop indexes
+        self._known_lut = np.empty(0, np.uint16)
+        self._n = 0
+        self.reserve(0)
         # device probes are named by (probe_id, hook) alone; the others also by the interface
         self._dev = {(pid, hook) for (pid, hook), w in self.decoder.labels.items() if hook is not None}
 
@@ -185,14 +189,35 @@ class HostReader:
                 return
             r = r[keep]  # rare: a copy of the records that stay
         hop = self._hop_index(r)
-        ts, pkt = r["ts_ns"].astype(np.int64), r["pkt_id"].copy()
+        ts, pkt = r["ts_ns"], r["pkt_id"]
         if self._drop_hops:
             drop = np.isin(hop, list(self._drop_hops))
             if drop.any():
-                self._cols.add(d_ts=ts[drop], d_pkt=pkt[drop], d_reason=r["reason"][drop].copy())
+                self._cols.add(d_ts=ts[drop].astype(np.int64), d_pkt=pkt[drop], d_reason=r["reason"][drop].copy())
                 keep = ~drop
                 ts, pkt, hop = ts[keep], pkt[keep], hop[keep]
-        self._cols.add(ts=ts, pkt_id=pkt, hop=hop)
+        self._append(ts, pkt, hop)
+
+    def reserve(self, events: int) -> None:
+        """Room for this many packet events, allocated once (pages are touched only as
+        they fill): the columns are written in place, not gathered and concatenated."""
+        self._ts = np.empty(events, np.int64)
+        self._pkt = np.empty(events, np.uint64)
+        self._hop = np.empty(events, np.uint16)
+
+    def _append(self, ts: np.ndarray, pkt: np.ndarray, hop: np.ndarray) -> None:
+        n, m = self._n, ts.size
+        if n + m > self._ts.size:  # more than reserved: grow
+            grow = max(2 * self._ts.size, n + m)
+            for name in ("_ts", "_pkt", "_hop"):
+                old = getattr(self, name)
+                new = np.empty(grow, old.dtype)
+                new[:n] = old[:n]
+                setattr(self, name, new)
+        self._ts[n:n + m] = ts
+        self._pkt[n:n + m] = pkt
+        self._hop[n:n + m] = hop
+        self._n = n + m
 
     def _hop_index(self, r: np.ndarray) -> np.ndarray:
         """Each event's hop: (probe_id, hook) for device probes, (probe_id, netns, ifindex)
@@ -211,19 +236,26 @@ class HostReader:
         cookie = np.where(cookie < (1 << 20), cookie, (cookie * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(44))
         key = (pid << np.uint64(48)) | (hook << np.uint64(44)) | (cookie << np.uint64(24)) \
             | (ifindex & np.uint64(0xFFFFFF))
-        uniq, inv = np.unique(key, return_inverse=True)
-        lut = np.empty(uniq.size, np.uint16)
-        for i, k in enumerate(uniq.tolist()):
-            idx = self._hop_ids.get(k)
-            if idx is None:
-                first = r[int(np.argmax(key == k))]
-                name = self._hop_name(first)
-                idx = self._hop_ids[k] = len(self.out.hops)
-                self.out.hops.append(name)
-                if name.split(" ", 1)[0] == DROP_PROBE:
-                    self._drop_hops.add(idx)
-            lut[i] = idx
-        return lut[inv.reshape(-1)]
+        known = self._known_keys
+        if known.size:
+            at = np.searchsorted(known, key)
+            np.minimum(at, known.size - 1, out=at)
+            if (known[at] == key).all():  # the usual case: every hop seen before
+                return self._known_lut[at]
+        uniq = np.unique(key)
+        for k in uniq.tolist():
+            if k in self._hop_ids:
+                continue
+            first = r[int(np.argmax(key == k))]
+            name = self._hop_name(first)
+            idx = self._hop_ids[k] = len(self.out.hops)
+            self.out.hops.append(name)
+            if name.split(" ", 1)[0] == DROP_PROBE:
+                self._drop_hops.add(idx)
+        items = sorted(self._hop_ids.items())
+        self._known_keys = np.array([k for k, _ in items], np.uint64)
+        self._known_lut = np.array([v for _, v in items], np.uint16)
+        return self._known_lut[np.searchsorted(self._known_keys, key)]
 
     def _hop_name(self, e: np.void) -> str:
         d = self.decoder
@@ -266,7 +298,9 @@ class HostReader:
 
     def finish(self) -> HostEvents:
         c, o = self._cols, self.out
-        o.ts, o.pkt_id, o.hop = c.get("ts", np.int64), c.get("pkt_id", np.uint64), c.get("hop", np.uint16)
+        o.ts, o.pkt_id, o.hop = self._ts[:self._n], self._pkt[:self._n], self._hop[:self._n]
+        self._n = 0
+        self.reserve(0)
         o.drops = {"ts": c.get("d_ts", np.int64), "pkt_id": c.get("d_pkt", np.uint64),
                    "reason": c.get("d_reason", np.uint32)}
         o.sched = {"ts": c.get("s_ts", np.int64), "runq_ns": c.get("s_runq", np.int64),
@@ -338,6 +372,9 @@ def read_hosts(paths: list[str | os.PathLike], *, flow: Flow | None = None,
     readers = {host: HostReader(host, files[0].header, flow) for host, files in work.items()}
     for host, files in work.items():
         readers[host].out.files += [str(f.path) for f in files]
+        # an upper bound of its packet events: each takes at least a record's size in the files
+        size = sum(os.path.getsize(f.path) for f in files)
+        readers[host].reserve(size // (readers[host].packet.itemsize + HDR_SIZE) + 1)
 
     def decode(host: str) -> HostEvents:
         hr = readers[host]

@@ -78,11 +78,10 @@ def _paths(tl, inst, segs, pidx, phops, pcounts, e2e, hist) -> list[dict]:
     """Per distinct path (with at least two hops): the end-to-end distribution and
     where the time of its tail packets (end-to-end >= p99) goes, segment by segment."""
     out = []
-    seg_path = pidx[segs.inst]
     for p, (hops, count) in enumerate(zip(phops, pcounts)):
         if len(hops) < 2:
             continue
-        mine = pidx == p
+        mine = np.flatnonzero(pidx == p)
         lat = e2e[mine]
         st = stats(lat)
         row = {"hops": [tl.hop_names[h] for h in hops], "count": int(count), "e2e": st,
@@ -90,20 +89,24 @@ def _paths(tl, inst, segs, pidx, phops, pcounts, e2e, hist) -> list[dict]:
         if hist:
             row["hist"] = _hist(lat)
         thr = st["p99_ns"]
-        tail = np.zeros(inst.count, bool)
-        tail[np.flatnonzero(mine)[lat >= thr]] = True
-        sel = (seg_path == p) & tail[segs.inst]
-        per_pos = np.bincount(segs.pos[sel], weights=segs.delta[sel], minlength=len(hops) - 1)
-        total = float(e2e[tail].sum())
-        all_pos = np.bincount(segs.pos[seg_path == p], weights=segs.delta[seg_path == p],
-                              minlength=len(hops) - 1)
+        tail = lat >= thr
+        # every instance on the path has its hops: segment i of all of them by one gather
+        # per position (no per-segment temporaries); integer sums, exact
+        first = inst.start[mine]
+        per_pos, all_pos = [], []
+        for i in range(len(hops) - 1):
+            d = inst.ts[first + (i + 1)] - inst.ts[first + i]
+            all_pos.append(float(int(d.sum())))
+            per_pos.append(float(int(d[tail].sum())))
+        total = float(lat[tail].sum())
         all_total = float(lat.sum())
+        n_tail = int(np.count_nonzero(tail))
         shares = [{"from": tl.hop_names[hops[i]], "to": tl.hop_names[hops[i + 1]],
                    "tail_share": (per_pos[i] / total) if total else 0.0,
-                   "tail_mean_ns": per_pos[i] / max(int(tail.sum()), 1),
+                   "tail_mean_ns": per_pos[i] / max(n_tail, 1),
                    "mean_share": (all_pos[i] / all_total) if all_total else 0.0,
                    "clock_error_ns": tl.pair_error(hops[i], hops[i + 1])} for i in range(len(hops) - 1)]
-        row["tail"] = {"quantile": TAIL_Q, "threshold_ns": thr, "packets": int(tail.sum()), "segments": shares,
+        row["tail"] = {"quantile": TAIL_Q, "threshold_ns": thr, "packets": n_tail, "segments": shares,
                        "largest": max(range(len(shares)), key=lambda i: shares[i]["tail_share"])}
         out.append(row)
     return out
