@@ -88,9 +88,9 @@ def merge(hosts: list[HostEvents]) -> Timeline:
         off = h.clock["offset_ns"] if h.clock else 0
         errors.append(h.clock["error_ns"] if h.clock else (None if multi else 0))
         offsets.append(off)
-        ts.append(h.ts - off)
+        ts.append((h.ts, off))
         pid.append(h.pkt_id)
-        hop.append(h.hop.astype(np.uint32) + len(names) if len(names) else h.hop)
+        hop.append((h.hop, len(names)))
         names += [f"[{h.host}] {n}" if multi else n for n in h.hops]
         hop_host += [i] * len(h.hops)
         drops["ts"].append(h.drops["ts"] - off)
@@ -102,7 +102,15 @@ def merge(hosts: list[HostEvents]) -> Timeline:
         sched.setdefault("host", []).append(np.full(h.sched["ts"].size, i, np.int32))
     cat = lambda parts, dt: np.concatenate(parts) if parts else np.empty(0, dt)  # noqa: E731
     hop_t = np.uint16 if len(names) <= 1 << 16 else np.uint32
-    return Timeline(cat(ts, np.int64), cat(pid, np.uint64), cat(hop, np.uint32).astype(hop_t, copy=False), names,
+    # written part by part into the merged columns: no per-host temporaries
+    n = sum(t.size for t, _ in ts)
+    ts_all, hop_all = np.empty(n, np.int64), np.empty(n, hop_t)
+    at = 0
+    for (t, off), (hp, base) in zip(ts, hop):
+        np.subtract(t, off, out=ts_all[at:at + t.size], casting="unsafe")
+        np.add(hp, base, out=hop_all[at:at + t.size], dtype=hop_t, casting="unsafe")
+        at += t.size
+    return Timeline(ts_all, cat(pid, np.uint64), hop_all, names,
                     np.array(hop_host, np.int32), hosts, errors, offsets,
                     {k: cat(v, np.int64) for k, v in drops.items()}, {k: np.concatenate(v) for k, v in sched.items()})
 
