@@ -18,7 +18,7 @@ BPF_CFLAGS  := -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
 
 # Debian package names: run time / build of the objects and tests.
 RUN_PKGS    := libbpf1 libpcap0.8 iproute2 python3-venv
-BUILD_PKGS  := clang llvm libbpf-dev libpcap0.8-dev gcc tcpdump ethtool
+BUILD_PKGS  := clang llvm libbpf-dev libpcap0.8-dev gcc tcpdump ethtool tshark
 
 .PHONY: help deps sysdeps vm-deps venv bpf check-bpf vmlinux wheel demo test test-unit test-kernel test-vm clean
 

@@ -10,6 +10,7 @@ struct vnet_drop_config {
 	__u32 probe_id;
 	__u32 wakeup_every;
 	__u8 aggregate;     /* enum vnet_agg bits: numbers in maps instead of (or besides) events */
+	__u16 snaplen;      /* packet bytes copied after each event (vnet_snap.bpf.h); 0: none */
 	struct vnet_filter filter;
 };
 
@@ -37,7 +38,8 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 	bpf_get_current_comm(ev.comm, sizeof(ev.comm));
 	if (skb)
 		vnet_parse_kernel_skb(skb, &ev, !drop_cfg.filter.f_outer);
-	vnet_deliver(st, &ev, &drop_cfg.filter, drop_cfg.aggregate, drop_cfg.wakeup_every);
+	vnet_deliver(st, &ev, &drop_cfg.filter, drop_cfg.aggregate, drop_cfg.wakeup_every, skb, false, false,
+		     drop_cfg.snaplen);
 	return 0;
 }
 

@@ -17,6 +17,7 @@ struct vnet_skb_config {
 	__u8 task;          /* record pid and comm of the current task (socket probes) */
 	__u8 dev_arg;       /* 1-based position of a struct net_device * naming the device; 0: skb->dev */
 	__u8 aggregate;     /* enum vnet_agg bits: numbers in maps instead of (or besides) events */
+	__u16 snaplen;      /* packet bytes copied after each event (vnet_snap.bpf.h); 0: none */
 	struct vnet_filter filter;
 };
 
@@ -52,7 +53,8 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 		ev.pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(ev.comm, sizeof(ev.comm));
 	}
-	vnet_deliver(st, &ev, &skb_cfg.filter, skb_cfg.aggregate, skb_cfg.wakeup_every);
+	vnet_deliver(st, &ev, &skb_cfg.filter, skb_cfg.aggregate, skb_cfg.wakeup_every, skb, false, false,
+		     skb_cfg.snaplen);
 	return 0;
 }
 

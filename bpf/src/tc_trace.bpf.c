@@ -14,6 +14,8 @@ struct vnet_tc_config {
 	__u32 probe_id;      /* copied into every event: the device this instance watches */
 	__u32 wakeup_every;  /* wake the reader every N events per CPU; 0 or 1: each event */
 	__u8 aggregate;     /* enum vnet_agg bits: numbers in maps instead of (or besides) events */
+	__u8 l3;            /* the device has no link header: skb->data is the IP header (tun, ipip, wireguard) */
+	__u16 snaplen;      /* packet bytes copied after each event (vnet_snap.bpf.h); 0: none */
 	struct vnet_filter filter;
 };
 
@@ -38,7 +40,8 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 	ev.mark = skb->mark;
 	ev.hook = hook;
 	vnet_parse_skb(skb, &ev, !tc_cfg.filter.f_outer);
-	vnet_deliver(st, &ev, &tc_cfg.filter, tc_cfg.aggregate, tc_cfg.wakeup_every);
+	vnet_deliver(st, &ev, &tc_cfg.filter, tc_cfg.aggregate, tc_cfg.wakeup_every, skb, true, tc_cfg.l3,
+		     tc_cfg.snaplen);
 	return VNET_TC_NEXT;
 }
 

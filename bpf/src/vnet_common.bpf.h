@@ -97,6 +97,7 @@ struct vnet_abi {
 	enum vnet_event_flag flag;
 	enum vnet_stat stat;
 	enum vnet_limit limit;
+	enum vnet_snap snap;
 };
 struct vnet_abi *vnet_abi_anchor __attribute__((unused));
 

@@ -35,6 +35,14 @@ enum vnet_event_flag {
 	VNET_F_TRUNCATED = 1 << 5, /* headers ran past the packet end */
 	VNET_F_NO_SKB = 1 << 6,    /* a function probe without a packet argument */
 	VNET_F_ENCAP = 1 << 7,     /* VXLAN: the fields and pkt_id are the inner packet's; vni is set */
+	VNET_F_SNAP_L3 = 1 << 8,   /* the captured bytes start at the IP header (no link header at this hook) */
+};
+
+/* Snap-length capture (config `snaplen` > 0): every packet record is then
+ * struct vnet_event followed by VNET_SNAP_MAX bytes, of which the first
+ * snap_len are the packet as tcpdump would capture it at that hook. */
+enum vnet_snap {
+	VNET_SNAP_MAX = 256,
 };
 
 /* Indexes of the per-CPU `vnet_stats` array: every loss is counted. */
@@ -77,10 +85,12 @@ struct vnet_event {
 	__u8 l4_proto;      /* IPPROTO_*; for IPv6 the last next-header seen */
 	__u8 tcp_flags;
 	__u8 ttl;           /* IPv4 ttl / IPv6 hop limit */
-	__u8 pad[3];
+	__u8 pad;
+	__u16 snap_len;     /* packet bytes captured after this struct (0..VNET_SNAP_MAX) */
 	__u8 saddr[16];     /* IPv4 in the first 4 bytes */
 	__u8 daddr[16];
 	char comm[16];      /* current task where pid is set */
+	__u32 snap_wire;    /* with snap_len: the packet's length from where those bytes start (pcap's wire length) */
 };
 
 /* A watched thread got a CPU: how long it waited runnable in the run queue,

@@ -6,7 +6,7 @@
 #define VNET_FILTER_BPF_H
 
 #include "vnet_packet.bpf.h"
-#include "vnet_pcap.bpf.h"
+#include "vnet_snap.bpf.h"
 
 struct vnet_filter {
 	__u8 f_on;         /* any criterion below is set */
@@ -85,17 +85,31 @@ static __always_inline bool vnet_filter_match(const volatile struct vnet_filter 
 }
 
 /* The common end of every packet program: a packet the filter leaves out is
- * counted as such; the rest become numbers (aggregation), events, or both. */
-static __always_inline void vnet_deliver(struct vnet_stats *st, struct vnet_event *ev,
-					 const volatile struct vnet_filter *f, __u8 aggregate, __u32 wakeup_every)
+ * counted as such; the rest become numbers (aggregation), events, or both.
+ * True: emit the event (vnet_emit, or vnet_emit_snap with packet bytes). */
+static __always_inline bool vnet_admit(struct vnet_stats *st, struct vnet_event *ev,
+				       const volatile struct vnet_filter *f, __u8 aggregate)
 {
 	if (!vnet_filter_match(f, ev)) {
 		st->v[VNET_STAT_FILTERED]++;
-		return;
+		return false;
 	}
 	if (aggregate & VNET_AGG_ON)
 		vnet_aggregate(st, ev);
-	if (!(aggregate & VNET_AGG_ON) || (aggregate & VNET_AGG_AND_EVENTS))
+	return !(aggregate & VNET_AGG_ON) || (aggregate & VNET_AGG_AND_EVENTS);
+}
+
+/* vnet_admit, then the event alone or, with `snaplen` (a load-time constant),
+ * with the packet's first bytes. */
+static __always_inline void vnet_deliver(struct vnet_stats *st, struct vnet_event *ev,
+					 const volatile struct vnet_filter *f, __u8 aggregate, __u32 wakeup_every,
+					 void *skb, bool tc, bool l3, __u32 snaplen)
+{
+	if (!vnet_admit(st, ev, f, aggregate))
+		return;
+	if (snaplen)
+		vnet_emit_snap(st, ev, skb, tc, l3, snaplen, wakeup_every);
+	else
 		vnet_emit(st, ev, wakeup_every);
 }
 

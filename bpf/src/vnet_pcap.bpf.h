@@ -93,11 +93,19 @@ static __always_inline bool vnet_pcap_tc(struct __sk_buff *skb)
 	return vnet_pcap_probe(c->b, 16 + n, skb->len + 4, l2);
 }
 
-/* Kernel sk_buff (tracepoints, fentry, kprobe). The Ethernet view when the
- * device has Ethernet headers and the skb's MAC header is set and sits right
- * before its network header (receive and transmit paths alike); else the
- * network header on. Only the linear part is readable here. */
-static __always_inline bool vnet_pcap_kernel(struct sk_buff *skb)
+/* Kernel sk_buff (tracepoints, fentry, kprobe): where a capture at this hook
+ * starts. The Ethernet view when the device has Ethernet headers and the skb's
+ * MAC header is set and sits right before its network header (receive and
+ * transmit paths alike); else the network header on. Only the linear part is
+ * readable here: `caplen` of the `wirelen` bytes from `start`. */
+struct vnet_skb_view {
+	const __u8 *start;
+	__u32 caplen;
+	__u32 wirelen;
+	bool l2;
+};
+
+static __always_inline bool vnet_kernel_view(struct sk_buff *skb, struct vnet_skb_view *v)
 {
 	const __u8 *head = BPF_CORE_READ(skb, head);
 	__u32 data_off = (__u32)((const __u8 *)BPF_CORE_READ(skb, data) - head);
@@ -107,9 +115,8 @@ static __always_inline bool vnet_pcap_kernel(struct sk_buff *skb)
 	__u16 nh = BPF_CORE_READ(skb, network_header);
 	struct net_device *dev = BPF_CORE_READ(skb, dev);
 	bool nh_set = nh != 0 && nh != (__u16)~0U;
-	__u32 start, caplen, wirelen, rest, n;
-	struct vnet_pcap_copy *c;
 	bool l2 = false;
+	__u32 start;
 
 	if (mh != (__u16)~0U && mh <= data_off && (!nh_set || nh >= mh + 14)) {
 		__u16 type = dev ? BPF_CORE_READ(dev, type) : VNET_ARPHRD_ETHER;
@@ -119,29 +126,45 @@ static __always_inline bool vnet_pcap_kernel(struct sk_buff *skb)
 	start = l2 ? mh : (nh_set ? nh : data_off);
 	if (start > data_off + len || tail < start)
 		return false;
-	wirelen = data_off + len - start;
-	caplen = tail - start;
-	if (caplen > wirelen)
-		caplen = wirelen;
+	v->start = head + start;
+	v->wirelen = data_off + len - start;
+	v->caplen = tail - start;
+	if (v->caplen > v->wirelen)
+		v->caplen = v->wirelen;
+	v->l2 = l2;
+	return true;
+}
+
+/* The expression on that view. */
+static __always_inline bool vnet_pcap_kernel(struct sk_buff *skb)
+{
+	struct vnet_skb_view v;
+	struct vnet_pcap_copy *c;
+	__u32 rest, n;
+	bool l2;
+
+	if (!vnet_kernel_view(skb, &v))
+		return false;
+	l2 = v.l2;
 	if (!l2 || !BPF_CORE_READ(skb, vlan_proto))
-		return vnet_pcap_probe(head + start, caplen, wirelen, l2);
+		return vnet_pcap_probe(v.start, v.caplen, v.wirelen, l2);
 
 	/* The tag is in the skb, not in the bytes: put it back. */
 	c = vnet_pcap_scratch_buf();
-	if (!c || caplen < 12 || bpf_probe_read_kernel(c->b, 12, head + start) < 0)
+	if (!c || v.caplen < 12 || bpf_probe_read_kernel(c->b, 12, v.start) < 0)
 		return false;
 	*(__u16 *)&c->b[12] = BPF_CORE_READ(skb, vlan_proto);
 	*(__u16 *)&c->b[14] = bpf_htons(BPF_CORE_READ(skb, vlan_tci));
-	rest = caplen - 12;
+	rest = v.caplen - 12;
 	n = 0;
 	if (rest) {
 		n = vnet_pcap_copy_len(rest);
-		if (bpf_probe_read_kernel(&c->b[16], n, head + start + 12) < 0)
+		if (bpf_probe_read_kernel(&c->b[16], n, v.start + 12) < 0)
 			return false;
 	}
 	l2 = true;
 	barrier_var(l2);
-	return vnet_pcap_probe(c->b, 16 + n, wirelen + 4, l2);
+	return vnet_pcap_probe(c->b, 16 + n, v.wirelen + 4, l2);
 }
 
 #endif /* VNET_PCAP_BPF_H */

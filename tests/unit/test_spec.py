@@ -160,7 +160,7 @@ count = 10  # <-
     ("snaplen", """
 [trace]
 snaplen = 20  # <-
-""", "trace.snaplen", "use 0 (no packet bytes) or 64 to 65535"),
+""", "trace.snaplen", "use 0 (no packet bytes) or 64 to 256"),
     ("ring size not a power of two", """
 [trace]
 ring_size = "3MiB"  # <-

@@ -68,7 +68,8 @@ class AgentTrace:
                                          pids=tuple(package.get("pids") or ()),
                                          min_runq_ns=int(package.get("min_runq_ns") or 0))
         self.trace = Trace(plans, ring_bytes=int(package.get("ring_bytes") or 8 << 20), strict=strict,
-                           packet_filter=flt, aggregate=record != "events", aggregate_and_events=record == "both")
+                           packet_filter=flt, aggregate=record != "events", aggregate_and_events=record == "both",
+                           snaplen=int(package.get("snaplen") or 0))
         self.trace.start()
         try:
             from vnet.binding.ringbatch import RingBatchReader

@@ -5,6 +5,9 @@
     perfetto  a Perfetto trace: a track per hook per host, an instant per packet
               event, a flow arrow along the hops of each packet, run-queue waits
               as slices on a track per watched thread, drops as instants
+    pcapng    the packets' bytes (recorded with `vnet trace --snaplen N` or the
+              spec's snaplen): an interface per hook per host, a packet block per
+              event with epb_packetid = pkt_id; opens in Wireshark and tshark
 
 The merged timeline is the collector's CLOCK_MONOTONIC: an event's `t_ns` is its
 host's `ts_ns` minus that host's clock offset (agent - collector) from the best
@@ -17,6 +20,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +30,7 @@ import numpy as np
 
 from vnet.collector.tracefile import TraceFileReader
 from vnet.errors import UnsupportedError, UsageError
+from vnet.trace.records import where
 
 from .bulk import Flow, expand, files_by_host, read_hosts
 from .extras import EXTRA, require  # noqa: F401 -- require is this module's API too
@@ -126,7 +131,8 @@ PARQUET_FIELDS = (
     ("icmp_id", "uint16"), ("fragment", "bool"), ("vni", "uint32"), ("vlan", "uint16"),
     ("truncated", "bool"), ("mark", "uint32"), ("skb", "string"), ("reason", "string"), ("pid", "uint32"),
     ("tgid", "uint32"), ("comm", "string"), ("runq_ns", "uint64"), ("prev_pid", "uint32"),
-    ("prev_comm", "string"),
+    ("prev_comm", "string"), ("packet", "string"), ("packet_link", "string"),
+    ("packet_len", "uint32"),
 )
 
 
@@ -155,6 +161,128 @@ def write_parquet(paths, out: str | os.PathLike, hosts: list[str] | None = None,
         if cols["t_ns"] or n == 0:
             w.write_table(pa.table(cols, schema=schema))
     return n
+
+
+# -- pcapng -----------------------------------------------------------------------------------------------
+
+LINKTYPE = {"ethernet": 1, "raw": 101}  # LINKTYPE_ETHERNET, LINKTYPE_RAW (the bytes start at the IP header)
+PREV_HOPS = 1 << 20                    # packets whose last hop is remembered for the delta (oldest forgotten)
+# pcapng option codes (the pcapng specification, draft-ietf-opsawg-pcapng)
+OPT_END, OPT_COMMENT = 0, 1
+IF_NAME, IF_DESCRIPTION, IF_TSRESOL = 2, 3, 9
+EPB_FLAGS, EPB_PACKETID = 2, 5
+EPB_INBOUND, EPB_OUTBOUND = 1, 2
+
+
+@dataclass
+class PcapngSummary:
+    interfaces: int = 0
+    packets: int = 0
+    without_bytes: int = 0  # events that carry no packet bytes (snaplen 0, calls, sched): not written
+
+
+class _PcapngBlocks:
+    """The blocks vnet needs, through scapy's pcapng writer (RawPcapNgWriter: its
+    section header and its block framing, build_block). Its own interface and packet
+    blocks cannot carry what vnet writes (if_tsresol, if_description, epb_packetid,
+    nanosecond timestamps), so the bodies and options of those two are built here and
+    framed by the writer."""
+
+    def __init__(self, out: str | os.PathLike):
+        from scapy.utils import RawPcapNgWriter
+
+        self.w = RawPcapNgWriter(str(out))
+        self.e = self.w.endian
+        self.w._write_block_shb()
+        self.w.header_present = True
+
+    def _opts(self, *opts: tuple[int, bytes]) -> bytes:
+        out = b"".join(struct.pack(self.e + "HH", code, len(v)) + self.w._add_padding(v) for code, v in opts)
+        return out + struct.pack(self.e + "HH", OPT_END, 0) if out else b""
+
+    def interface(self, linktype: int, name: str, description: str) -> None:
+        body = struct.pack(self.e + "HHI", linktype, 0, 0)  # snaplen 0: no limit
+        opts = self._opts((IF_NAME, name.encode()), (IF_DESCRIPTION, description.encode()),
+                          (IF_TSRESOL, bytes([9])))  # 10^-9: nanoseconds
+        self.w.f.write(self.w.build_block(struct.pack(self.e + "I", 1), body, options=opts))
+
+    def packet(self, ifid: int, ts_ns: int, data: bytes, orig_len: int, packet_id: int | None, comment: str,
+               direction: int | None) -> None:
+        body = struct.pack(self.e + "IIIII", ifid, (ts_ns >> 32) & 0xFFFFFFFF, ts_ns & 0xFFFFFFFF, len(data),
+                           orig_len) + data
+        opts = [(OPT_COMMENT, comment.encode())]
+        if direction is not None:
+            opts.append((EPB_FLAGS, struct.pack(self.e + "I", direction)))
+        if packet_id is not None:
+            opts.append((EPB_PACKETID, struct.pack(self.e + "Q", packet_id)))
+        self.w.f.write(self.w.build_block(struct.pack(self.e + "I", 6), body, options=self._opts(*opts)))
+
+    def close(self) -> None:
+        self.w.close()
+
+
+def _hook_name(ev: dict) -> str:
+    """The hook as `vnet trace` names it: the probe, with the device for the others."""
+    return where(ev) if not ev["probe"].startswith("dev:") else ev["probe"]
+
+
+def write_pcapng(paths, out: str | os.PathLike, hosts: list[str] | None = None) -> PcapngSummary:
+    """Every packet event that carries bytes, in time order on the merged timeline: one
+    interface per (host, probe, link type) named "[HOST] PROBE" with the probe in
+    if_description and nanosecond if_tsresol; an enhanced packet block per event with
+    the captured bytes, their view's length as the original length (packet_len: the
+    event's len, plus the link header at kernel hooks where skb->len has none),
+    epb_packetid = pkt_id, the direction at device hooks, and a comment with
+    the hook and the time since the packet's previous hop. Timestamps: the merged
+    timeline shifted by one constant to UTC (the first event's host wall clock), so
+    every delta between hosts is the analysis' one."""
+    from collections import OrderedDict
+
+    summary = PcapngSummary()
+    ifaces: dict[tuple[str, str, str], int] = {}
+    prev: OrderedDict[str, tuple[int, str]] = OrderedDict()  # pkt_id -> (t_ns, where) of its last hop
+    shift = None
+    blocks = _PcapngBlocks(out)
+    try:
+        for ev in merged_events(paths, hosts):
+            data = ev.get("packet")
+            if not data:
+                summary.without_bytes += 1
+                continue
+            data = bytes.fromhex(data)
+            if shift is None:
+                shift = int(ev["wall_ns"]) - int(ev["t_ns"])
+            link = ev.get("packet_link") or "ethernet"
+            key = (ev["host"], ev["probe"], link)
+            ifid = ifaces.get(key)
+            if ifid is None:
+                ifid = ifaces[key] = len(ifaces)
+                blocks.interface(LINKTYPE[link], f"[{ev['host']}] {ev['probe']}", ev["probe"])
+            t = int(ev["t_ns"])
+            here = f"[{ev['host']}] {_hook_name(ev)}"
+            pkt_id = ev.get("pkt_id")
+            comment = here
+            if pkt_id:
+                last = prev.pop(pkt_id, None)
+                if last is not None:
+                    comment += f"; +{(t - last[0]) / 1000:.3f} us since {last[1]}"
+                prev[pkt_id] = (t, here)
+                if len(prev) > PREV_HOPS:
+                    prev.popitem(last=False)
+            if ev.get("reason"):
+                comment += f"; dropped: {ev['reason']}"
+            direction = {"ingress": EPB_INBOUND, "egress": EPB_OUTBOUND}.get(ev.get("dir"))
+            blocks.packet(ifid, t + shift, data, int(ev.get("packet_len") or max(int(ev["len"]), len(data))),
+                          int(pkt_id, 16) if pkt_id else None, comment, direction)
+            summary.packets += 1
+    finally:
+        blocks.close()
+    summary.interfaces = len(ifaces)
+    if not summary.packets:
+        Path(out).unlink(missing_ok=True)
+        raise UsageError("no event in these files carries packet bytes: record them with `vnet trace --snaplen N` "
+                         "(or `snaplen` in the trace spec)")
+    return summary
 
 
 # -- perfetto ---------------------------------------------------------------------------------------------
@@ -334,11 +462,8 @@ def _us(ns: int) -> str:
 def export(paths, fmt: str, out: str | os.PathLike, *, hosts: list[str] | None = None,
            flow: Flow | None = None, sched: bool = True) -> dict:
     """Write `paths` as `fmt` to `out`; returns what was written (for the summary line)."""
-    if fmt == "pcapng":
-        raise UsageError("--to pcapng needs the packets' bytes, which the events do not carry yet: it needs "
-                         "snaplen capture, which is not yet available (use --to jsonl, perfetto or parquet)")
     if fmt not in FORMATS:
-        raise UsageError(f"unknown export format {fmt!r} (one of {', '.join(f for f in FORMATS if f != 'pcapng')})")
+        raise UsageError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
     if flow is not None and not flow.empty and fmt != "perfetto":
         raise UsageError(f"flow filters apply to --to perfetto and --plot only, not to --to {fmt}")
     if str(out) != "-" and Path(out).is_dir():
@@ -349,6 +474,9 @@ def export(paths, fmt: str, out: str | os.PathLike, *, hosts: list[str] | None =
         raise UsageError(f"--to {fmt} writes a binary file: give -o FILE")
     if fmt == "parquet":
         return {"rows": write_parquet(paths, out, hosts)}
+    if fmt == "pcapng":
+        p = write_pcapng(paths, out, hosts)
+        return {"packets": p.packets, "interfaces": p.interfaces, "events_without_bytes": p.without_bytes}
     s = write_perfetto(paths, out, hosts, flow=flow, sched=sched)
     return {"tracks": s.tracks, "hop_events": s.hop_events, "flows": s.flows, "sched_slices": s.sched_slices,
             "drops": s.drops}

@@ -21,8 +21,8 @@ def export(
                                             "`vnet trace -w` files) or directories of them."),
     to: Optional[str] = typer.Option(None, "--to", metavar="FORMAT",
                                      help="jsonl (one JSON object per event, merged timeline), perfetto "
-                                          "(ui.perfetto.dev) or parquet. pcapng needs snaplen capture "
-                                          "(not yet available)."),
+                                          "(ui.perfetto.dev), parquet, or pcapng (Wireshark; needs packet "
+                                          "bytes: vnet trace --snaplen N)."),
     out: Optional[str] = typer.Option(None, "-o", "--out", metavar="OUT", help="Output file ('-': stdout, jsonl)."),
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="DIR",
                                         help="Also (or only) write PNGs into DIR: per-segment latency CDF, "
@@ -50,7 +50,7 @@ def export(
         raise UsageError("nothing to do: give --to FORMAT -o OUT, --plot DIR, or both")
     if to is not None:
         to = to.lower()
-        if to == "pcapng" or to not in ex.FORMATS:
+        if to not in ex.FORMATS:
             ex.export([], to, out or "-")  # raises the format's error before reading anything
         if out is None:
             raise UsageError(f"--to {to} needs -o OUT")

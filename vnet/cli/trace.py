@@ -17,7 +17,7 @@ from vnet.trace import Trace
 from vnet.trace.filters import PacketFilter
 from vnet.trace.selection import select
 from vnet.trace.records import format_json, format_text
-from vnet.trace.session import DEFAULT_RING_BYTES, DEFAULT_WAKEUP_EVERY
+from vnet.trace.session import DEFAULT_RING_BYTES, DEFAULT_WAKEUP_EVERY, SNAP_MAX, check_snaplen
 
 from .common import cli_errors, setup_logging
 
@@ -61,6 +61,9 @@ def trace(
     direction: str = typer.Option("both", "--direction", "-d", help="ingress, egress or both."),
     netns: Optional[str] = typer.Option(None, "--netns", help="Default network namespace for -i names."),
     ring_size: int = typer.Option(DEFAULT_RING_BYTES, "--ring-size", help="Ring buffer bytes (power of two)."),
+    snaplen: int = typer.Option(0, "--snaplen", "-s", metavar="N",
+                                help=f"Copy the first N packet bytes (up to {SNAP_MAX}) into each event, as tcpdump "
+                                     "would capture them at that hook (for vnet export --to pcapng); 0: none."),
     proto: Optional[str] = typer.Option(None, "--proto", help="Filter: udp, tcp, icmp, icmp6, ip, ip6 or a number."),
     src: Optional[str] = typer.Option(None, "--src", metavar="ADDR[/LEN]", help="Filter: source address or prefix."),
     dst: Optional[str] = typer.Option(None, "--dst", metavar="ADDR[/LEN]", help="Filter: destination."),
@@ -103,6 +106,9 @@ def trace(
         return
     packet_filter = PacketFilter(proto, src, dst, host, sport, dport, port, min_len, max_len, sample,
                                  filter_netns, tuple(filter_iface) or None, outer or None, text)
+    check_snaplen(snaplen)
+    if snaplen and aggregate:
+        raise UsageError("--snaplen copies packet bytes into events: not with --aggregate")
     packet_filter.config()  # bad filter input fails here, before anything is resolved or loaded
     plans, unavailable = select(interface, probe, directions, netns, strict, pids=tuple(pid),
                                 min_runq_ns=int(min_runq_us * 1000))
@@ -123,7 +129,7 @@ def trace(
     printed = 0
     try:
         with Trace(plans, ring_bytes=ring_size, wakeup_every=DEFAULT_WAKEUP_EVERY, strict=strict,
-                   packet_filter=packet_filter, aggregate=aggregate) as t:
+                   packet_filter=packet_filter, aggregate=aggregate, snaplen=snaplen) as t:
             for name, why in t.skipped:
                 print(f"vnet: skipping {name}: {why}", file=sys.stderr)
             probes = list(dict.fromkeys(h.probe for h in t.hooks))

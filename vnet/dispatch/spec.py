@@ -37,7 +37,7 @@ from vnet.probes import catalog
 from vnet.probes.device import DIRECTIONS
 from vnet.protocol import MAX_CONTROL_BYTES, parse_address
 from vnet.trace.filters import PacketFilter, parse_sample
-from vnet.trace.session import DEFAULT_RING_BYTES, check_ring_size
+from vnet.trace.session import DEFAULT_RING_BYTES, SNAP_MAX, check_ring_size
 
 from .tomlpos import KeyPath, Locator
 
@@ -359,8 +359,9 @@ class _Checker:
             self.fail(at + ("interval",), "the interval is for aggregate numbers: record 'aggregate' or 'both'")
         interval_s = None if interval is None else self.duration(interval, at + ("interval",))
         snaplen = self.get(trace, at, "snaplen", int, default=0)
-        if snaplen != 0 and not 64 <= snaplen <= 65535:
-            self.fail(at + ("snaplen",), f"{snaplen}: use 0 (no packet bytes) or 64 to 65535")
+        if snaplen != 0 and not 64 <= snaplen <= SNAP_MAX:
+            self.fail(at + ("snaplen",), f"{snaplen}: use 0 (no packet bytes) or 64 to {SNAP_MAX} (packet bytes an "
+                                         "event can carry)")
         ring_bytes = DEFAULT_RING_BYTES
         if "ring_size" in trace:
             self.want(trace["ring_size"], at + ("ring_size",), str, int)

@@ -41,6 +41,9 @@ class EventDecoder:
         self.wall_offset_ns = wall_offset_ns
         self.ifnames = ifnames            # InterfaceNames: (netns cookie, ifindex) -> (name, netns)
         self._drop_reasons = drop_reasons  # reason value -> name; read from kernel BTF on first use
+        # Snap-length capture: the packet's bytes follow the struct (files from before it have no snap_len).
+        self._snap = "snap_len" in self.names
+        self._snap_l3 = self.flag.get("snap_l3", 0)
 
     def decode_sched(self, raw: bytes) -> dict:
         e = self.sched_layout.decode(raw)
@@ -125,6 +128,13 @@ class EventDecoder:
             out["mark"] = e["mark"]
         if e["skb_addr"]:
             out["skb"] = f"{e['skb_addr']:x}"
+        if self._snap and e["snap_len"]:
+            start = self.layout.size
+            data = bytes(raw[start:start + e["snap_len"]])
+            if data:
+                out["packet"] = data.hex()  # as tcpdump would capture it at this hook, up to the snap length
+                out["packet_link"] = "raw" if flags & self._snap_l3 else "ethernet"  # where the bytes start
+                out["packet_len"] = max(e.get("snap_wire", 0), len(data))  # the length they were cut from
         return out
 
 

@@ -30,6 +30,7 @@ DEFAULT_RING_BYTES = 8 << 20
 DEFAULT_WAKEUP_EVERY = 64
 SHARED_MAPS = ("vnet_events", "vnet_stats", "vnet_agg_points", "vnet_agg_last", "vnet_agg_hist")
 MAX_PROBES = 128  # enum vnet_limit's VNET_MAX_PROBES; tests/unit check they agree
+SNAP_MAX = 256    # enum vnet_snap's VNET_SNAP_MAX: packet bytes an event can carry; tests/unit check they agree
 AGG_MAPS_WHEN_OFF = {"vnet_agg_last": 64, "vnet_agg_hist": 1}  # unused then: keep them small
 
 
@@ -70,6 +71,12 @@ class TraceStats:
     filtered: int = 0  # packets the in-kernel filter left out, on purpose
 
 
+def check_snaplen(n: int) -> int:
+    if not 0 <= n <= SNAP_MAX:
+        raise UsageError(f"snaplen must be 0 (no packet bytes) to {SNAP_MAX} (VNET_SNAP_MAX), got {n}")
+    return n
+
+
 def check_ring_size(n: int) -> int:
     if n < 4096 or n & (n - 1):
         raise UsageError(f"ring buffer size must be a power of two >= 4096 bytes, got {n}")
@@ -88,7 +95,7 @@ def device_plan(dev: Device, directions=DIRECTIONS) -> Plan:
 
     labels = {devprobe.hook_values()[d]: {"probe": dev.probe_name(d), "ifname": dev.ifname, "netns": dev.netns,
                                        "layer": "device"} for d in directions}
-    return Plan("tc_trace", "tc_cfg", {}, tuple(devprobe.PROGRAMS[d] for d in directions), attach, labels,
+    return Plan("tc_trace", "tc_cfg", {"l3": int(dev.link != "ethernet")}, tuple(devprobe.PROGRAMS[d] for d in directions), attach, labels,
                 name=f"dev:{dev.label}", filterable=True, link=dev.link)
 
 
@@ -101,7 +108,7 @@ class Trace:
     def __init__(self, plans: list[Plan], *, ring_bytes: int = DEFAULT_RING_BYTES,
                  wakeup_every: int = DEFAULT_WAKEUP_EVERY, strict: bool = True,
                  packet_filter: PacketFilter | None = None, aggregate: bool = False,
-                 aggregate_and_events: bool = False):
+                 aggregate_and_events: bool = False, snaplen: int = 0):
         if not plans:
             raise UsageError("nothing to trace (give -i IFACE or -p PROBE)")
         if len(plans) > MAX_PROBES:
@@ -109,6 +116,7 @@ class Trace:
         self.plans = plans
         self.ring_bytes = check_ring_size(ring_bytes)
         self.wakeup_every = wakeup_every
+        self.snaplen = check_snaplen(snaplen)  # packet bytes after each packet event (0: the event alone)
         self.strict = strict
         self.packet_filter = packet_filter or PacketFilter()
         self.filter_config = self.packet_filter.config()  # validated before anything loads
@@ -178,7 +186,7 @@ class Trace:
         try:
             config = {"probe_id": probe_id, "wakeup_every": self.wakeup_every, **plan.config}
             if plan.filterable:  # the packet programs: filter, and numbers instead of events on request
-                config.update(self.filter_config, aggregate=self._aggregate_bits())
+                config.update(self.filter_config, aggregate=self._aggregate_bits(), snaplen=self.snaplen)
                 if self.packet_filter.compiled is not None:
                     obj.replace_functions(self._expression_code(plan))
             obj.set_config(plan.config_var, config)
