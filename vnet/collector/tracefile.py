@@ -402,20 +402,15 @@ def header_for_trace(trace, *, host: str | None = None, trace_name: str | None =
 
 def stats_fields(trace) -> dict:
     """A "stats" chunk's fields: the kernel's counters (seen, emitted, lost,
-    filtered: enum vnet_stat) per CPU over all probes, and per probe, when read."""
-    btf = trace.btf
-    layout = btf.struct("vnet_stats")
-    stats_map = trace.objects[0].maps["vnet_stats"]
-    names = {name: i for name, i in btf.enum("vnet_stat").items() if name != "VNET_STAT_MAX"}
+    filtered: enum vnet_stat) per CPU over all probes, and per probe, from one reading."""
+    reading = trace.per_cpu_counters()
     per_cpu: dict[str, list[int]] = {}
-    for probe_id in range(len(trace.objects)):
-        rows = [layout.decode(raw)["v"] for raw in stats_map.lookup(probe_id.to_bytes(4, "little"))]
-        for name, i in names.items():
-            key = name.removeprefix("VNET_STAT_").lower()
-            column = per_cpu.setdefault(key, [0] * len(rows))
-            for cpu, row in enumerate(rows):
-                column[cpu] += row[i]
-    return {"mono_ns": time.monotonic_ns(), "per_cpu": per_cpu, "per_probe": trace.probe_stats()}
+    for counters in reading.values():
+        for name, cpus in counters.items():
+            column = per_cpu.setdefault(name, [0] * len(cpus))
+            for cpu, n in enumerate(cpus):
+                column[cpu] += n
+    return {"mono_ns": time.monotonic_ns(), "per_cpu": per_cpu, "per_probe": trace.probe_stats(reading)}
 
 
 def _kernel_drop_reasons() -> list[list]:

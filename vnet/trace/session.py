@@ -259,17 +259,22 @@ class Trace:
         self.received += len(raw)
         return [self.decoder.decode(r) for r in raw]
 
-    def _counters(self) -> dict[int, dict[str, int]]:
-        """Kernel counters per probe_id, summed over CPUs (indexes from enum vnet_stat)."""
+    def per_cpu_counters(self) -> dict[int, dict[str, list[int]]]:
+        """Kernel counters per probe_id, per CPU (names from enum vnet_stat: seen, emitted, lost, filtered)."""
         index = self.btf.enum("vnet_stat")
         layout = self.btf.struct("vnet_stats")
         stats_map = self.objects[0].maps["vnet_stats"]
         out = {}
         for probe_id in range(len(self.objects)):
             rows = [layout.decode(raw)["v"] for raw in stats_map.lookup(probe_id.to_bytes(4, "little"))]
-            out[probe_id] = {name.removeprefix("VNET_STAT_").lower(): sum(r[i] for r in rows)
+            out[probe_id] = {name.removeprefix("VNET_STAT_").lower(): [r[i] for r in rows]
                              for name, i in index.items() if name != "VNET_STAT_MAX"}
         return out
+
+    def _counters(self, per_cpu: dict[int, dict[str, list[int]]] | None = None) -> dict[int, dict[str, int]]:
+        """Kernel counters per probe_id, summed over CPUs."""
+        per_cpu = self.per_cpu_counters() if per_cpu is None else per_cpu
+        return {pid: {name: sum(cpus) for name, cpus in c.items()} for pid, c in per_cpu.items()}
 
     def stats(self) -> TraceStats:
         """The kernel's counters, every probe and CPU summed."""
@@ -279,11 +284,12 @@ class Trace:
                 total[k] += counters.get(k, 0)
         return TraceStats(received=self.received, **total)
 
-    def probe_stats(self) -> dict[str, dict[str, int]]:
-        """The kernel's counters per probe (a device probe's ingress and egress count together)."""
+    def probe_stats(self, per_cpu: dict[int, dict[str, list[int]]] | None = None) -> dict[str, dict[str, int]]:
+        """The kernel's counters per probe (a device probe's ingress and egress count together);
+        `per_cpu`: a per_cpu_counters() reading to use instead of reading the map again."""
         names = {probe_id: where["probe"].rsplit(":", 1)[0] if where["probe"].startswith("dev:") else where["probe"]
                  for (probe_id, _hook), where in self.labels.items()}
-        return {names.get(pid, f"probe{pid}"): c for pid, c in self._counters().items()}
+        return {names.get(pid, f"probe{pid}"): c for pid, c in self._counters(per_cpu).items()}
 
     def aggregates(self) -> tuple[dict[str, tuple[int, int]], dict[tuple[str, str], Log2Histogram]]:
         """Aggregation mode: (packets, bytes) per point, and a latency histogram per
