@@ -27,18 +27,43 @@ ROOT = Path(__file__).resolve().parents[2]
 HOST_IP, GUEST_IP = "10.211.0.1", "10.211.0.2"
 PORT = 6123
 SENT = 30
-GUEST_TIMEOUT = 420
+GUEST_TIMEOUT = 480
 
 
 def _guest_script(results: Path, key: Path) -> str:
-    """Runs in the guest: bring up the NIC, serve as an agent until the host says stop."""
+    """Runs in the guest: bring up the virtio NIC, serve as an agent until the host says stop.
+
+    udev loads virtio_net and renames eth0 asynchronously while this already runs, so
+    wait for udev to settle and pick the NIC by its driver (bounded), logging each step
+    with its time to RESULTS/steps.log for the failure message."""
     py = shlex.quote(str(ROOT / ".venv" / "bin" / "python"))
     r = shlex.quote(str(results))
-    return (f"IF=$(ip -o link | awk -F': ' '$2!=\"lo\"{{print $2; exit}}'); echo $IF > {r}/guest-if; "
-            f"ip link set $IF up && ip addr add {GUEST_IP}/24 dev $IF && "
-            f"{{ {py} -m vnet agent --listen {GUEST_IP}:7878 --allow-remote --key {shlex.quote(str(key))} "
-            f"--host guest --spool /tmp/vnet-spool > {r}/agent.log 2>&1 & AGENT=$! ; }} ; "
-            f"{py} -c {shlex.quote(STOP_WAITER)}; kill -TERM $AGENT; wait $AGENT")
+    script = f"""
+step() {{ echo "$(cut -d' ' -f1 /proc/uptime) $*" >> {r}/steps.log; }}
+step booted
+udevadm settle --timeout=60 2>/dev/null; step udev settled
+IF=
+for i in $(seq 1 60); do
+  for d in /sys/class/net/*; do
+    [ "$(basename "$(readlink $d/device/driver 2>/dev/null)")" = virtio_net ] && IF=$(basename $d)
+  done
+  [ -n "$IF" ] && break
+  sleep 1
+done
+step "nic: '$IF'"
+echo $IF > {r}/guest-if
+ip link set $IF up && ip addr add {GUEST_IP}/24 dev $IF || step "ip failed: $?"
+ip -o addr >> {r}/steps.log
+{py} -m vnet agent --listen {GUEST_IP}:7878 --allow-remote --key {shlex.quote(str(key))} \
+    --host guest --spool /tmp/vnet-spool > {r}/agent.log 2>&1 &
+AGENT=$!
+step "agent started"
+{py} -c {shlex.quote(STOP_WAITER)} || step "stop waiter failed"
+step "stopping"
+kill -TERM $AGENT; wait $AGENT
+"""
+    (results / "guest.sh").write_text(script)
+    return f"sh {r}/guest.sh"
 
 
 # The guest waits for the host to connect here, then stops its agent (a file on the
@@ -57,10 +82,23 @@ def _stop_guest(ns: str) -> None:
         pass
 
 
-def _wait_for_agent(ns: str, key: bytes, timeout: float) -> dict:
+def _guest_story(tmp_path: Path) -> str:
+    """What the guest and qemu said, for a failure message."""
+    parts = []
+    for name in ("guest/steps.log", "guest/agent.log", "qemu.log"):
+        f = tmp_path / name
+        text = f.read_text(errors="replace")[-3000:] if f.exists() else "(none)"
+        parts.append(f"--- {name}:\n{text}")
+    return "\n".join(parts)
+
+
+def _wait_for_agent(ns: str, key: bytes, timeout: float, guest: subprocess.Popen, tmp_path: Path) -> dict:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
+        if guest.poll() is not None:
+            raise AssertionError(f"the guest ended (exit {guest.returncode}) before its agent answered\n"
+                                 + _guest_story(tmp_path))
         try:
             with netns.enter(ns):
                 ch = connect(f"{GUEST_IP}:7878", key, "agent", timeout=5)
@@ -71,7 +109,7 @@ def _wait_for_agent(ns: str, key: bytes, timeout: float) -> dict:
         except Exception as e:  # noqa: BLE001 - not up yet
             last = e
             time.sleep(2)
-    raise AssertionError(f"the guest's agent never answered: {last}")
+    raise AssertionError(f"the guest's agent never answered in {timeout} s: {last}\n" + _guest_story(tmp_path))
 
 
 def test_one_spec_traces_the_host_tap_and_the_guest_nic(tmp_path):
@@ -93,7 +131,7 @@ def test_one_spec_traces_the_host_tap_and_the_guest_nic(tmp_path):
         t0 = time.monotonic()
         marks = {}
         try:
-            hello = _wait_for_agent(hv, key, timeout=240)
+            hello = _wait_for_agent(hv, key, timeout=300, guest=guest, tmp_path=tmp_path)
             marks["guest agent up"] = time.monotonic() - t0
             assert hello["host"] == "guest" and hello["kernel"].startswith("6.1."), hello
             assert hello["kernel"] != os.uname().release  # a real second kernel
