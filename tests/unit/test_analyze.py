@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 from synth_trace import Spec, write  # noqa: E402
 
-from vnet.analysis.bulk import Flow, read_hosts, runs  # noqa: E402
+from vnet.analysis.bulk import Flow, runs  # noqa: E402
+from vnet.analysis.stream import read_table  # noqa: E402
 from vnet.analysis.report import analyze, render_text  # noqa: E402
 from vnet.binding.ringbatch import pack_records, records  # noqa: E402
 
@@ -23,7 +24,7 @@ US = 1000
 def run(tmp_path, **kw):
     spec = Spec(**kw)
     paths, truth = write(spec, tmp_path)
-    return spec, truth, analyze(read_hosts([tmp_path]), slowest=3, hist=True)
+    return spec, truth, analyze(read_table([tmp_path]), slowest=3, hist=True)
 
 
 def seg(report, a, b):
@@ -89,10 +90,10 @@ def test_filters_and_slowest(tmp_path):
     slow = r["slowest"]
     assert len(slow) == 3 and slow[0]["total_ns"] >= slow[1]["total_ns"]
     assert slow[0]["hops"][2]["delta_ns"] >= 100 * US and slow[0]["hops"][0]["delta_ns"] == 0
-    hosts = read_hosts([tmp_path], flow=Flow(proto=17, dport=6000))
+    hosts = read_table([tmp_path], flow=Flow(proto=17, dport=6000))
     assert analyze(hosts)["packets"] == 3000
-    assert analyze(read_hosts([tmp_path], flow=Flow(dport=1)))["packets"] == 0
-    half = analyze(read_hosts([tmp_path]), since=0.0, until=spec.gap_ns * 1500 / 1e9)
+    assert analyze(read_table([tmp_path], flow=Flow(dport=1)))["packets"] == 0
+    half = analyze(read_table([tmp_path]), since=0.0, until=spec.gap_ns * 1500 / 1e9)
     assert half["packets"] == 1500
     text = "\n".join(render_text(r, hist=True))
     assert "p99.9" in text and "usecs" in text and r["verdict"] in text
@@ -104,7 +105,7 @@ def test_repeated_identical_packets_become_separate_instances(tmp_path):
     _, truth = write(spec, tmp_path / "a")
     truth.pkt_ids[100:] = truth.pkt_ids[:100]  # the same datagram sent twice, 1 ms apart
     write(spec, tmp_path / "b", truth)
-    r = analyze(read_hosts([tmp_path / "b"]))
+    r = analyze(read_table([tmp_path / "b"]))
     assert r["packets"] == 200 and r["paths"][0]["count"] == 200
     assert seg(r, 1, 2)["max_ns"] == spec.delays_ns[1]
 

@@ -115,6 +115,16 @@ class HostEvents:
     problems: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Batch:
+    """Consecutive packet events of one host (its own clock), and the drops read with them."""
+
+    ts: np.ndarray
+    pkt_id: np.ndarray
+    hop: np.ndarray
+    drops: dict[str, np.ndarray] | None
+
+
 class _Columns:
     """Appends per-chunk arrays and concatenates once at the end."""
 
@@ -159,14 +169,15 @@ class HostReader:
         self._known_keys = np.empty(0, np.uint64)  # self._hop_ids as sorted keys -> hop indexes
         self._known_lut = np.empty(0, np.uint16)
         self._n = 0
+        self.packet_events = 0  # packet events handed out by batches()
         self.reserve(0)
         # device probes are named by (probe_id, hook) alone; the others also by the interface
         self._dev = {(pid, hook) for (pid, hook), w in self.decoder.labels.items() if hook is not None}
 
     # -- per chunk ------------------------------------------------------------------------------------
 
-    def add_blob(self, blob: bytes) -> None:
-        for start, size, n, length in runs(blob):
+    def add_blob(self, blob: bytes | memoryview) -> None:
+        for start, size, n, length in list(runs(blob)):  # a bad frame raises before anything is added
             kinds = np.ndarray((n,), np.uint16, blob, start + self.kind_off, (size,))
             k0 = int(kinds[0])
             uniform = bool((kinds == k0).all())
@@ -309,6 +320,53 @@ class HostReader:
                    "cpu": c.get("s_cpu", np.uint16)}
         self._cols = _Columns()
         return o
+
+    def batches(self, files: list[TraceFileReader], batch_bytes: int = 4 << 20) -> Iterator["Batch"]:
+        """This host's packet events piece by piece in file order, each piece a few MiB of
+        records decoded at once (ring batches of consecutive chunks are framed alike, so
+        their bytes are joined and split into runs together). Drop events come with the
+        piece they were read in; clock chunks and sched events are kept as finish() does."""
+        pending: list[tuple[TraceFileReader, int, bytes]] = []
+        size = 0
+        self.reserve(2 * batch_bytes // (self.packet.itemsize + HDR_SIZE) + 1024)
+        for f in files:
+            for chunk in f.chunks(("events", "clock")):
+                if chunk["kind"] == "clock":
+                    self.add_clock(chunk)
+                    continue
+                blob = chunk.get("records")
+                if isinstance(blob, bytes):
+                    pending.append((f, chunk["seq"], blob))
+                    size += len(blob)
+                    if size >= batch_bytes:
+                        yield self._decode(pending)
+                        pending, size = [], 0
+            if f.truncated and f.problem:
+                self.out.problems.append(f.problem)
+        if pending:
+            yield self._decode(pending)
+
+    def _decode(self, pending: list[tuple[TraceFileReader, int, bytes]]) -> "Batch":
+        try:
+            self.add_blob(b"".join(b for _, _, b in pending) if len(pending) > 1 else pending[0][2])
+        except ValueError:  # a bad frame in one of them: chunk by chunk, to name it
+            for f, seq, blob in pending:
+                try:
+                    self.add_blob(blob)
+                except ValueError as e:
+                    self.out.problems.append(f"{f.path}: chunk {seq}: {e}")
+        n = self._n
+        batch = Batch(self._ts[:n], self._pkt[:n], self._hop[:n], None)
+        if "d_ts" in self._cols.parts:
+            c = self._cols
+            batch.drops = {"ts": c.get("d_ts", np.int64), "pkt_id": c.get("d_pkt", np.uint64),
+                           "reason": c.get("d_reason", np.uint32)}
+            for k in ("d_ts", "d_pkt", "d_reason"):
+                c.parts.pop(k, None)
+        self.packet_events += n
+        self._n = 0
+        self.reserve(max(self._ts.size, n))  # fresh buffers: the batch keeps its own
+        return batch
 
     def drop_reason(self, value: int) -> str:
         names = self.decoder._drop_reasons or {}

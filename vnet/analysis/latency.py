@@ -162,24 +162,45 @@ def order_by_packet(pkt_id: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.
     key &= np.uint64((1 << int(b)) - 1)
     order = key.view(np.int64)
     p, t = pkt_id[order], ts[order]
-    bad = p[1:] < p[:-1]
-    same = p[1:] == p[:-1]
-    bad |= same & (t[1:] < t[:-1])
-    nbad = int(np.count_nonzero(bad))
-    if nbad > n // 16:  # events largely out of time order: the plain sort is cheaper
-        order = np.lexsort((ts, pkt_id))
-        return order, pkt_id[order], ts[order]
-    if nbad:
+    down = p[1:] < p[:-1]                          # two ids under one prefix, out of order
+    late = p[1:] == p[:-1]
+    late &= t[1:] < t[:-1]                         # one packet's events out of time order
+    if down.any():
+        bad = down | late
+        if int(np.count_nonzero(bad)) > n // 4:  # largely out of order: the plain sort is cheaper
+            order = np.lexsort((ts, pkt_id))
+            return order, pkt_id[order], ts[order]
         # the prefix runs holding a misordered pair, re-sorted by (pkt_id, ts)
         pre = p >> b
         cut = np.r_[0, np.flatnonzero(pre[1:] != pre[:-1]) + 1, n]
-        run = np.searchsorted(cut, np.flatnonzero(bad), "right") - 1
-        run = np.unique(run)
-        ev = np.concatenate([np.arange(cut[r], cut[r + 1]) for r in run.tolist()]) \
-            if run.size < 1024 else np.flatnonzero(np.repeat(np.isin(np.arange(cut.size - 1), run), np.diff(cut)))
+        run = np.unique(np.searchsorted(cut, np.flatnonzero(bad), "right") - 1)
+        ev = np.flatnonzero(np.repeat(np.isin(np.arange(cut.size - 1), run), np.diff(cut)))
         sub = np.lexsort((t[ev], p[ev], np.repeat(run, (cut[run + 1] - cut[run]))))
-        order[ev] = order[ev][sub]
-        p[ev], t[ev] = p[ev][sub], t[ev][sub]
+    elif late.any():
+        # Each id's events are contiguous: only the ids with a misordered pair are sorted
+        # again, by (id, time), stably; the data is nearly sorted, which timsort likes.
+        new = np.empty(n, bool)
+        new[0] = True
+        np.not_equal(p[1:], p[:-1], out=new[1:])
+        starts = np.flatnonzero(new)
+        g = np.searchsorted(starts, np.flatnonzero(late), "right") - 1  # groups to sort (ascending)
+        g = g[np.r_[True, g[1:] != g[:-1]]]
+        lo_, hi_ = starts[g], np.r_[starts, n][g + 1]
+        size = hi_ - lo_
+        ev = np.repeat(lo_ - np.cumsum(size) + size, size) + np.arange(int(size.sum()))
+        gid = np.repeat(np.arange(g.size, dtype=np.uint64), size)
+        te = t[ev]
+        lo, span = int(te.min()), int(te.max()) - int(te.min())
+        if span < 1 << 40 and g.size < 1 << 23:
+            key = gid << np.uint64(40)
+            key |= (te - lo).astype(np.uint64)
+            sub = np.argsort(key, kind="stable")
+        else:
+            sub = np.lexsort((te, gid))
+    else:
+        return order, p, t
+    order[ev] = order[ev][sub]
+    p[ev], t[ev] = p[ev][sub], t[ev][sub]
     return order, p, t
 
 
@@ -187,6 +208,11 @@ def join(tl: Timeline) -> Instances:
     order, pid, ts = order_by_packet(tl.pkt_id, tl.ts)
     hop = tl.hop[order]
     del order
+    return group_sorted(pid, ts, hop)
+
+
+def group_sorted(pid: np.ndarray, ts: np.ndarray, hop: np.ndarray) -> Instances:
+    """Events in (pkt_id, time) order, cut into packet instances."""
     n = ts.size
     if not n:
         return Instances(ts, hop, pid, np.zeros(1, np.int64))

@@ -7,7 +7,8 @@ import numpy as np
 
 from .bulk import HostEvents
 from .histogram import Log2Histogram
-from .latency import TAIL_Q, Instances, Segments, Timeline, join, merge, path_ids, segments, stats
+from .latency import TAIL_Q, stats
+from .stream import PacketTable, PathRows, path_hash
 
 
 
@@ -17,150 +18,157 @@ def _hist(values: np.ndarray) -> dict[int, int]:
     return {int(i): int(c) for i, c in enumerate(counts) if c}
 
 
-def analyze(hosts: list[HostEvents], *, since: float | None = None, until: float | None = None,
+def analyze(table: PacketTable, *, since: float | None = None, until: float | None = None,
             slowest: int = 0, hist: bool = False) -> dict:
-    tl = merge(hosts)
-    inst = join(tl)
-    tl.release()  # the sorted copies in inst are all that is used from here
-    t0 = tl.t0
-    if inst.count and (since is not None or until is not None):
-        first = inst.first_ts() - t0
-        keep = np.ones(inst.count, bool)
-        if since is not None:
-            keep &= first >= int(since * 1e9)
-        if until is not None:
-            keep &= first < int(until * 1e9)
-        inst = inst.select(keep)
-    segs = segments(inst)
-    pidx, phops, pcounts = path_ids(inst)
-    e2e = inst.e2e()
+    """The report of a joined trace (stream.read_table): a JSON-ready dict with a verdict."""
+    t0 = table.t0
+    rows = _window(table, since, until)
     out: dict = {
-        "hosts": [{"host": h.host, "files": h.files, "records": h.records, "packet_events": int(h.ts.size),
-                   "sched_events": int(h.sched["ts"].size), "drop_events": int(h.drops["ts"].size),
-                   "clock": ({**h.clock, "applied": True} if h.clock else None), "problems": h.problems}
-                  for h in hosts],
-        "events": int(inst.ts.size), "packets": inst.count,
-        "duration_s": (float(tl.t_last - t0) / 1e9) if tl.count else 0.0,
+        "hosts": [{"host": h.host, "files": h.files, "records": h.records, "packet_events": n,
+                   "sched_events": int(h.sched["ts"].size), "drop_events": _host_drops(table, i),
+                   "clock": ({**h.clock, "applied": True} if h.clock else None),
+                   "problems": h.problems + ([f"{table.late} events arrived after their packet was closed "
+                                              f"(more than the join window late): counted as new packets"]
+                                             if table.late and i == 0 else [])}
+                  for i, (h, n) in enumerate(zip(table.hosts, table.packet_events))],
+        "events": sum(p.count * len(p.hops) for p in rows), "packets": sum(p.count for p in rows),
+        "duration_s": (float(table.t_last - t0) / 1e9) if table.count else 0.0,
     }
-    out["segments"] = _segment_table(tl, inst, segs, hist)
-    out["paths"] = _paths(tl, inst, segs, pidx, phops, pcounts, e2e, hist)
-    out["drops"] = _drops(tl, inst, pidx, phops, pcounts, e2e)
-    out["sched"] = _sched(tl, inst, segs, pidx, e2e, out["paths"])
+    e2e = [p.e2e() for p in rows]
+    out["segments"] = _segment_table(table, rows, hist)
+    out["paths"] = _paths(table, rows, e2e, hist)
+    out["drops"] = _drops(table, rows, e2e, since, until)
+    out["sched"] = _sched(table, rows, e2e)
     if slowest:
-        out["slowest"] = _slowest(tl, inst, e2e, slowest, t0)
+        out["slowest"] = _slowest(table, rows, e2e, slowest, t0)
     out["verdict"] = verdict(out)
     return out
 
 
-def _segment_table(tl: Timeline, inst: Instances, segs: Segments, hist: bool) -> list[dict]:
-    # Segments grouped by (from hop, to hop): a few distinct pairs, so one mask per pair
-    # (no sort of all segments); percentiles do not depend on the order inside a group.
-    h = len(tl.hop_names)
-    kt = np.int32 if h * h < 1 << 31 else np.int64
-    key = inst.hop[segs.src].astype(kt)
-    key *= h
-    key += inst.hop[segs.src + 1]
-    uniq = np.flatnonzero(np.bincount(key)) if h * h <= 1 << 24 and key.size else np.unique(key)
-    rows = []
-    for kk in uniq.tolist():
-        d = segs.delta[key == kk] if uniq.size > 1 else segs.delta
+def _host_drops(table: PacketTable, i: int) -> int:
+    return int(np.count_nonzero(table.drops["host"] == i)) if table.drops else 0
+
+
+def _in_window(first_ts: np.ndarray, t0: int, since: float | None, until: float | None) -> np.ndarray | None:
+    if since is None and until is None:
+        return None
+    keep = np.ones(first_ts.size, bool)
+    if since is not None:
+        keep &= first_ts - t0 >= int(since * 1e9)
+    if until is not None:
+        keep &= first_ts - t0 < int(until * 1e9)
+    return keep
+
+
+def _window(table: PacketTable, since, until) -> list[PathRows]:
+    """The paths of the packets that started inside [since, until), most common first
+    (ties: by path hash, as np.unique orders them)."""
+    out = []
+    for p in table.paths:
+        keep = _in_window(p.first_ts, table.t0, since, until)
+        if keep is not None and not keep.all():
+            p = PathRows(p.hops, p.first_ts[keep], p.pkt_id[keep], p.deltas[keep])
+        if p.count:
+            out.append(p)
+    out.sort(key=lambda p: (-p.count, path_hash(p.hops)))
+    return out
+
+
+def _segment_table(table: PacketTable, rows: list[PathRows], hist: bool) -> list[dict]:
+    # every (from hop, to hop) pair: its column of deltas on each path that has it
+    h = len(table.hop_names)
+    cols: dict[int, list[np.ndarray]] = {}
+    for p in rows:
+        for i in range(len(p.hops) - 1):
+            cols.setdefault(p.hops[i] * h + p.hops[i + 1], []).append(p.deltas[:, i])
+    out = []
+    for kk in sorted(cols):
+        parts = cols[kk]
+        d = parts[0] if len(parts) == 1 else np.concatenate(parts)
         fa, fb = divmod(kk, h)
-        row = {"from": tl.hop_names[fa], "to": tl.hop_names[fb], **stats(d),
-               "clock_error_ns": tl.pair_error(fa, fb)}
+        row = {"from": table.hop_names[fa], "to": table.hop_names[fb], **stats(np.ascontiguousarray(d)),
+               "clock_error_ns": table.pair_error(fa, fb)}
         if hist:
             row["hist"] = _hist(d)
-        rows.append(row)
-    rows.sort(key=lambda r: -r["count"])
-    return rows
+        out.append(row)
+    out.sort(key=lambda r: -r["count"])
+    return out
 
 
-def _paths(tl, inst, segs, pidx, phops, pcounts, e2e, hist) -> list[dict]:
+def _paths(table: PacketTable, rows: list[PathRows], e2e: list[np.ndarray], hist: bool) -> list[dict]:
     """Per distinct path (with at least two hops): the end-to-end distribution and
     where the time of its tail packets (end-to-end >= p99) goes, segment by segment."""
     out = []
-    for p, (hops, count) in enumerate(zip(phops, pcounts)):
+    for p, lat in zip(rows, e2e):
+        hops = p.hops
         if len(hops) < 2:
             continue
-        mine = np.flatnonzero(pidx == p)
-        lat = e2e[mine]
         st = stats(lat)
-        row = {"hops": [tl.hop_names[h] for h in hops], "count": int(count), "e2e": st,
-               "clock_error_ns": tl.pair_error(hops[0], hops[-1])}
+        row = {"hops": [table.hop_names[x] for x in hops], "count": p.count, "e2e": st,
+               "clock_error_ns": table.pair_error(hops[0], hops[-1])}
         if hist:
             row["hist"] = _hist(lat)
         thr = st["p99_ns"]
         tail = lat >= thr
-        # every instance on the path has its hops: segment i of all of them by one gather
-        # per position (no per-segment temporaries); integer sums, exact
-        first = inst.start[mine]
-        per_pos, all_pos = [], []
-        for i in range(len(hops) - 1):
-            d = inst.ts[first + (i + 1)] - inst.ts[first + i]
-            all_pos.append(float(int(d.sum())))
-            per_pos.append(float(int(d[tail].sum())))
+        all_pos = [float(int(x)) for x in p.deltas.sum(axis=0)]
+        per_pos = [float(int(x)) for x in p.deltas[tail].sum(axis=0)]
         total = float(lat[tail].sum())
         all_total = float(lat.sum())
         n_tail = int(np.count_nonzero(tail))
-        shares = [{"from": tl.hop_names[hops[i]], "to": tl.hop_names[hops[i + 1]],
+        shares = [{"from": table.hop_names[hops[i]], "to": table.hop_names[hops[i + 1]],
                    "tail_share": (per_pos[i] / total) if total else 0.0,
                    "tail_mean_ns": per_pos[i] / max(n_tail, 1),
                    "mean_share": (all_pos[i] / all_total) if all_total else 0.0,
-                   "clock_error_ns": tl.pair_error(hops[i], hops[i + 1])} for i in range(len(hops) - 1)]
+                   "clock_error_ns": table.pair_error(hops[i], hops[i + 1])} for i in range(len(hops) - 1)]
         row["tail"] = {"quantile": TAIL_Q, "threshold_ns": thr, "packets": n_tail, "segments": shares,
                        "largest": max(range(len(shares)), key=lambda i: shares[i]["tail_share"])}
         out.append(row)
     return out
 
 
-def _drops(tl, inst, pidx, phops, pcounts, e2e) -> dict:
+def _drops(table: PacketTable, rows: list[PathRows], e2e: list[np.ndarray], since, until) -> dict:
     """A path that is a proper prefix of a longer observed path ended early: the packet
     vanished after its last hop (or was still in flight when the trace stopped)."""
-    t_end = tl.t_last if tl.count else 0
-    first = inst.first_ts()
+    t_end = table.t_last if table.count else 0
     ended: dict[str, dict] = {}
     in_flight = 0
-    for p, hops in enumerate(phops):
-        longer = [(int(c), q) for q, (h, c) in enumerate(zip(phops, pcounts)) if len(h) > len(hops)
-                  and h[:len(hops)] == hops]
+    for p in rows:
+        hops = p.hops
+        longer = [(q.count, j) for j, q in enumerate(rows) if len(q.hops) > len(hops)
+                  and q.hops[:len(hops)] == hops]
         if not longer:
             continue
-        _, q = max(longer)
-        span = int(np.percentile(e2e[pidx == q], 99.9)) if pcounts[q] else 0
-        mine = np.flatnonzero(pidx == p)
-        late = int((first[mine] > t_end - span).sum())
+        _, j = max(longer)
+        q = rows[j]
+        span = int(np.percentile(e2e[j], 99.9)) if q.count else 0
+        late = int((p.first_ts > t_end - span).sum())
         in_flight += late
-        n = mine.size - late
+        n = p.count - late
         if n <= 0:
             continue
-        last = tl.hop_names[hops[-1]]
-        row = ended.setdefault(last, {"last_hop": last, "next_hop": tl.hop_names[phops[q][len(hops)]],
+        last = table.hop_names[hops[-1]]
+        row = ended.setdefault(last, {"last_hop": last, "next_hop": table.hop_names[q.hops[len(hops)]],
                                       "packets": 0})
         row["packets"] += n
-    reasons = _drop_reasons(tl, inst)
     return {"ended_early": sorted(ended.values(), key=lambda r: -r["packets"]), "in_flight_at_end": in_flight,
-            "kfree_skb": reasons}
+            "kfree_skb": _drop_reasons(table, since, until)}
 
 
-def _drop_reasons(tl: Timeline, inst: Instances) -> list[dict]:
-    d = tl.drops
-    if not d["ts"].size:
+def _drop_reasons(table: PacketTable, since, until) -> list[dict]:
+    d = table.drops
+    if not d or not d["ts"].size:
         return []
-    # each drop's packet: the last hop it was seen at before it was freed
-    firsts = inst.pkt_id[inst.start[:-1]]
-    k = np.searchsorted(firsts, d["pkt_id"]) if firsts.size else np.zeros(d["ts"].size, np.int64)
-    rows: dict[tuple[str, str], int] = {}
+    last = d["last_hop"]
+    keep = _in_window(d["first_ts"], table.t0, since, until)
+    if keep is not None:  # its packet started outside the window: as if not seen
+        last = np.where(keep, last, -1)
+    counts: dict[tuple[str, str], int] = {}
     for j in range(d["ts"].size):
-        i = int(k[j])
-        last = "(not seen at a traced hop)"
-        if i < firsts.size and firsts[i] == d["pkt_id"][j]:
-            seg = slice(int(inst.start[i]), int(inst.start[i + 1]))
-            before = np.flatnonzero(inst.ts[seg] <= d["ts"][j])
-            if before.size:
-                last = tl.hop_names[int(inst.hop[seg][before[-1]])]
-        host = tl.hosts[int(d["host"][j])]
-        reason = _reason_name(host, int(d["reason"][j]))
-        rows[(reason, last)] = rows.get((reason, last), 0) + 1
-    return [{"reason": r, "last_hop": h, "packets": n} for (r, h), n in sorted(rows.items(), key=lambda x: -x[1])]
+        hop = int(last[j])
+        where = table.hop_names[hop] if hop >= 0 else "(not seen at a traced hop)"
+        reason = _reason_name(table.hosts[int(d["host"][j])], int(d["reason"][j]))
+        counts[(reason, where)] = counts.get((reason, where), 0) + 1
+    return [{"reason": r, "last_hop": h, "packets": n} for (r, h), n in sorted(counts.items(), key=lambda x: -x[1])]
 
 
 def _reason_name(host: HostEvents, value: int) -> str:
@@ -168,31 +176,33 @@ def _reason_name(host: HostEvents, value: int) -> str:
     return names.get(value, str(value))
 
 
-def _sched(tl, inst, segs, pidx, e2e, paths) -> dict | None:
+def _sched(table: PacketTable, rows: list[PathRows], e2e: list[np.ndarray]) -> dict | None:
     """Join each tail packet's slowest segment with the run-queue waits ([ts - runq_ns, ts])
     of watched threads on the hosts of that segment that overlap it in time."""
-    s = tl.sched
+    s = table.sched
     if not s or not s["ts"].size:
         return None
-    # tail packets: end-to-end >= p99 of their path
-    thr = np.full(len(set(pidx.tolist())) + 1 if pidx.size else 1, np.iinfo(np.int64).max, np.int64)
-    for p in np.unique(pidx):
-        thr[p] = stats(e2e[pidx == p])["p99_ns"] if (pidx == p).sum() else thr[p]
-    slow = np.flatnonzero(e2e >= thr[pidx]) if pidx.size else np.empty(0, np.int64)
-    slow = slow[inst.sizes[slow] >= 2]
-    if not slow.size:
+    # tail packets (end-to-end >= p99 of their path) and the slowest segment of each
+    t_a, t_b, h_a, h_b, tail_e2e = [], [], [], [], []
+    for p, lat in zip(rows, e2e):
+        if len(p.hops) < 2:
+            continue
+        slow = np.flatnonzero(lat >= stats(lat)["p99_ns"])
+        d = p.deltas[slow]
+        worst = np.argmax(d, axis=1)
+        rows_ = np.arange(slow.size)
+        before = np.cumsum(d, axis=1)[rows_, np.maximum(worst - 1, 0)]
+        at = p.first_ts[slow] + np.where(worst > 0, before, 0)
+        t_a.append(at)
+        t_b.append(at + d[rows_, worst])
+        hh = np.array(p.hops)
+        h_a.append(table.hop_host[hh[worst]])
+        h_b.append(table.hop_host[hh[worst + 1]])
+        tail_e2e.append(lat[slow])
+    if not t_a or not sum(x.size for x in t_a):
         return {"waits": int(s["ts"].size), "slow_packets": 0}
-    # each slow packet's slowest segment
-    mask = np.zeros(inst.count, bool)
-    mask[slow] = True
-    sel = np.flatnonzero(mask[segs.inst])
-    o = np.lexsort((-segs.delta[sel], segs.inst[sel]))
-    sel = sel[o]
-    firsts = np.r_[True, segs.inst[sel][1:] != segs.inst[sel][:-1]]
-    worst = sel[firsts]
-    a = segs.src[worst]
-    t_a, t_b = inst.ts[a], inst.ts[a + 1]
-    h_a, h_b = tl.hop_host[inst.hop[a]], tl.hop_host[inst.hop[a + 1]]
+    t_a, t_b, h_a, h_b = (np.concatenate(x) for x in (t_a, t_b, h_a, h_b))
+    tail_total = int(np.concatenate(tail_e2e).sum())
     # Candidate (packet, wait) pairs from sorted wait ends: a wait overlapping [t_a, t_b]
     # ends after t_a and before t_b + the longest wait. No packets x waits matrix.
     order = np.argsort(s["ts"], kind="stable")
@@ -200,12 +210,12 @@ def _sched(tl, inst, segs, pidx, e2e, paths) -> dict | None:
     lo = np.searchsorted(w_end, t_a, "right")
     hi = np.searchsorted(w_end, t_b + int(runq.max()), "right")
     n_pairs = hi - lo
-    pk = np.repeat(np.arange(worst.size), n_pairs)
+    pk = np.repeat(np.arange(t_a.size), n_pairs)
     wi = np.arange(int(n_pairs.sum())) - np.repeat(np.cumsum(n_pairs) - n_pairs, n_pairs) + lo[pk]
     ov = np.minimum(t_b[pk], w_end[wi]) - np.maximum(t_a[pk], w_end[wi] - runq[wi])
     ok = (ov > 0) & ((w_host[wi] == h_a[pk]) | (w_host[wi] == h_b[pk]))
     pk, wi, ov = pk[ok], wi[ok], ov[ok]
-    explained = np.minimum(np.bincount(pk, weights=ov, minlength=worst.size).astype(np.int64), t_b - t_a)
+    explained = np.minimum(np.bincount(pk, weights=ov, minlength=t_a.size).astype(np.int64), t_b - t_a)
     per_wait = np.bincount(wi, weights=ov, minlength=w_end.size)
     holder_ns: dict[tuple[str, int, str, int], int] = {}
     for j in np.flatnonzero(per_wait).tolist():
@@ -213,11 +223,10 @@ def _sched(tl, inst, segs, pidx, e2e, paths) -> dict | None:
         key = (s["comm"][k].decode(errors="replace"), int(s["pid"][k]),
                s["prev_comm"][k].decode(errors="replace"), int(s["prev_pid"][k]))
         holder_ns[key] = holder_ns.get(key, 0) + int(per_wait[j])
-    tail_total = int(e2e[slow].sum())
     worst_total = int((t_b - t_a).sum())
     holders = sorted(holder_ns.items(), key=lambda x: -x[1])[:5]
     return {
-        "waits": int(s["ts"].size), "slow_packets": int(slow.size),
+        "waits": int(s["ts"].size), "slow_packets": int(t_a.size),
         "explained_ns": int(explained.sum()), "tail_ns": tail_total,
         "share_of_tail": explained.sum() / tail_total if tail_total else 0.0,
         "share_of_slowest_segments": explained.sum() / worst_total if worst_total else 0.0,
@@ -227,16 +236,21 @@ def _sched(tl, inst, segs, pidx, e2e, paths) -> dict | None:
     }
 
 
-def _slowest(tl: Timeline, inst: Instances, e2e: np.ndarray, n: int, t0: int) -> list[dict]:
-    top = np.argsort(-e2e, kind="stable")[:n]
+def _slowest(table: PacketTable, rows: list[PathRows], e2e: list[np.ndarray], n: int, t0: int) -> list[dict]:
+    """The n packets with the longest end-to-end time (ties: by pkt_id, then time)."""
+    lat = np.concatenate(e2e) if e2e else np.empty(0, np.int64)
+    pkt = np.concatenate([p.pkt_id for p in rows]) if rows else np.empty(0, np.uint64)
+    first = np.concatenate([p.first_ts for p in rows]) if rows else np.empty(0, np.int64)
+    which = np.repeat(np.arange(len(rows)), [p.count for p in rows])
+    row_of = np.arange(lat.size) - np.repeat(np.cumsum([p.count for p in rows]) - [p.count for p in rows],
+                                             [p.count for p in rows]) if rows else np.empty(0, np.int64)
+    top = np.lexsort((first, pkt, -lat))[:n]
     out = []
     for i in top.tolist():
-        lo, hi = int(inst.start[i]), int(inst.start[i + 1])
-        ts, hops = inst.ts[lo:hi], inst.hop[lo:hi]
-        out.append({"pkt_id": f"{int(inst.pkt_id[lo]):016x}", "t_s": (int(ts[0]) - t0) / 1e9,
-                    "total_ns": int(e2e[i]),
-                    "hops": [{"hop": tl.hop_names[int(h)], "delta_ns": int(t - ts[max(k - 1, 0)])}
-                             for k, (h, t) in enumerate(zip(hops.tolist(), ts.tolist()))]})
+        p, r = rows[int(which[i])], int(row_of[i])
+        deltas = [0] + p.deltas[r].tolist()
+        out.append({"pkt_id": f"{int(pkt[i]):016x}", "t_s": (int(first[i]) - t0) / 1e9, "total_ns": int(lat[i]),
+                    "hops": [{"hop": table.hop_names[h], "delta_ns": int(d)} for h, d in zip(p.hops, deltas)]})
     return out
 
 

@@ -70,20 +70,24 @@ def analyze(
                                                                  "trace start, or later."),
     until: Optional[float] = typer.Option(None, "--until", help="... and before this many seconds."),
     slowest: int = typer.Option(0, "--slowest", min=0, help="Show the N slowest packets hop by hop."),
+    max_gap: float = typer.Option(1.0, "--max-gap", min=0.000001, metavar="SECONDS",
+                                  help="A packet not seen for this long has left the traced path: later "
+                                       "sightings of its pkt_id are a new packet (also bounds how far the "
+                                       "hosts' files may run apart in time)."),
 ):
     """Per-hop latency of every packet path in trace files: per-segment percentiles, the segment
     behind the end-to-end tail, where packets vanish, and run-queue waits behind slow packets."""
     from vnet.analysis.extras import require
 
     require("numpy", "vnet analyze")
-    from vnet.analysis.bulk import read_hosts
     from vnet.analysis.report import analyze as run, render_text
+    from vnet.analysis.stream import read_table
 
     filt = parse_flow(flow, proto, src, dst, sport, dport)
-    hosts = read_hosts(files, flow=filt, hosts=host or None)
-    if not hosts:
+    table = read_table(files, flow=filt, hosts=host or None, gap_ns=int(max_gap * 1e9))
+    if not table.hosts:
         raise UsageError("no readable trace in these files")
-    report = run(hosts, since=since, until=until, slowest=slowest, hist=hist)
+    report = run(table, since=since, until=until, slowest=slowest, hist=hist)
     if json_out:
         sys.stdout.write(json.dumps(report, default=_plain) + "\n")
     else:

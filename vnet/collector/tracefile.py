@@ -65,6 +65,20 @@ def _unpack(payload: bytes) -> Any:
                            max_ext_len=MAX_STR_BYTES)
 
 
+def _peek_kind(head: bytes) -> str | None:
+    """The "kind" of a chunk from its first bytes when it is the map's first key, else None."""
+    u = msgpack.Unpacker(max_buffer_size=64, max_str_len=32, max_bin_len=0, max_array_len=0, max_map_len=0)
+    u.feed(head)
+    try:
+        u.read_map_header()
+        if u.unpack() == "kind":
+            kind = u.unpack()
+            return kind if isinstance(kind, str) else None
+    except Exception:  # noqa: BLE001 - not a map, cut short, or another first key
+        return None
+    return None
+
+
 def rotated_paths(path: str | os.PathLike) -> list[Path]:
     """path, path.1, path.2, ... as far as they exist: one rotated series, in order."""
     base = Path(path)
@@ -266,6 +280,37 @@ class TraceFileReader:
                     yield chunk
 
     __iter__ = chunks
+
+    def scan(self, kinds: Iterable[str]) -> Iterator[dict]:
+        """Only the chunks of `kinds`, found without reading the others: the writer puts
+        "kind" first in every chunk, so a few bytes of each tell (a chunk that does not
+        say so early is read whole). For small side chunks (clock estimates) before the
+        events are read; a torn tail simply ends the scan (chunks() reports it)."""
+        wanted = set(kinds)
+        if self.header is None:
+            return
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            offset = f.seek(PREAMBLE.size)
+            while offset + FRAME.size <= size:
+                length, crc = FRAME.unpack(f.read(FRAME.size))
+                if length > MAX_CHUNK_BYTES or offset + FRAME.size + length > size:
+                    return
+                kind = _peek_kind(f.read(min(length, 32)))
+                if kind is not None and kind not in wanted:
+                    offset = f.seek(offset + FRAME.size + length)
+                    continue
+                f.seek(offset + FRAME.size)
+                payload = f.read(length)
+                offset += FRAME.size + length
+                if zlib.crc32(payload) != crc:
+                    return
+                try:
+                    chunk = _unpack(payload)
+                except Exception:  # noqa: BLE001 - the frame is whole: step over it
+                    continue
+                if isinstance(chunk, dict) and chunk.get("kind") in wanted:
+                    yield chunk
 
     def events(self) -> Iterator[dict]:
         """Every event of the file, decoded with its header (wall_ns from its clock)."""

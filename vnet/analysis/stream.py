@@ -1,0 +1,470 @@
+"""The path join as a stream: bounded windows of events in, compact per-packet rows out.
+
+Each host's files are decoded piece by piece (a background thread per host), its
+times moved onto the collector's clock, and the pieces fed, host with the oldest
+front first, into one window. When the window is full it is sorted by (pkt_id,
+time); every packet whose last sighting is older than the slowest host's front
+minus `gap_ns` is complete (no later event can still belong to it), is cut into
+instances (latency.group_sorted) and leaves as one row of its path: the first
+time, the pkt_id and the time of each segment. Open packets stay for the next
+window. So memory holds the window (a few MiB of columns, reused) plus ~8 bytes
+per segment of each packet, not the events; and nothing is sorted globally.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .bulk import Batch, Flow, HostEvents, HostReader, files_by_host
+from .latency import _MULT, group_sorted, order_by_packet
+
+GAP_NS = 1_000_000_000   # longest quiet time inside one packet's path (and host disorder)
+WINDOW = 1 << 20         # events sorted together (grows while open packets fill half of it)
+
+
+@dataclass
+class PathRows:
+    """The packets of one path (hop sequence): one row each."""
+
+    hops: tuple[int, ...]
+    first_ts: np.ndarray          # int64: time at the first hop, collector clock
+    pkt_id: np.ndarray            # uint64
+    deltas: np.ndarray            # int64 [rows, len(hops) - 1]: time of each segment
+
+    @property
+    def count(self) -> int:
+        return int(self.first_ts.size)
+
+    def e2e(self) -> np.ndarray:
+        return self.deltas.sum(axis=1) if self.deltas.shape[1] else np.zeros(self.count, np.int64)
+
+    def hop_times(self) -> np.ndarray:
+        """[rows, hops]: the time at each hop."""
+        out = np.empty((self.count, len(self.hops)), np.int64)
+        out[:, 0] = self.first_ts
+        np.cumsum(self.deltas, axis=1, out=out[:, 1:])
+        out[:, 1:] += self.first_ts[:, None]
+        return out
+
+
+@dataclass
+class PacketTable:
+    """Every packet instance of a trace as rows of its path (most common path first),
+    with what the report needs besides: hop names, clocks, drops, sched waits."""
+
+    paths: list[PathRows]
+    hop_names: list[str]
+    hop_host: np.ndarray          # hop -> host index
+    hosts: list[HostEvents]       # headers, files, clocks, problems; no event columns
+    error_ns: list[int | None]
+    offset_ns: list[int]
+    drops: dict[str, np.ndarray] = field(default_factory=dict)   # + "last_hop" (-1: not seen), "first_ts"
+    sched: dict[str, np.ndarray] = field(default_factory=dict)
+    t_first: int = 0
+    t_last: int = 0
+    count: int = 0                # packet events read (before --since/--until)
+    packet_events: list[int] = field(default_factory=list)      # per host
+    late: int = 0                 # events that came after their packet was closed
+
+    @property
+    def t0(self) -> int:
+        return self.t_first
+
+    @property
+    def packets(self) -> int:
+        return sum(p.count for p in self.paths)
+
+    @property
+    def events(self) -> int:
+        return sum(p.count * len(p.hops) for p in self.paths)
+
+    def pair_error(self, a: int, b: int) -> int | None:
+        """Bound on the clock error of a time difference between hops a and b."""
+        ha, hb = int(self.hop_host[a]), int(self.hop_host[b])
+        if ha == hb:
+            return 0
+        ea, eb = self.error_ns[ha], self.error_ns[hb]
+        return None if ea is None or eb is None else ea + eb
+
+
+class _Feed:
+    """One host's pieces on the collector's clock: decoded here (inline), or ahead in a
+    child process (reads, crc32, msgpack and the numpy decode run beside the join;
+    threads would share one interpreter lock) that sends each piece's columns over a pipe."""
+
+    def __init__(self, index: int, reader: HostReader, files, offset: int, process: bool, batch_bytes: int):
+        self.index, self.reader, self.offset = index, reader, offset
+        self.front = np.iinfo(np.int64).min   # newest time seen: later events are not much older
+        self.done = False
+        self.lut = np.empty(0, np.uint32)      # the host's hop index -> window hop index
+        self.hops: list[str] = reader.out.hops  # the host's hop names so far
+        self.result: HostEvents | None = None
+        self.packet_events = 0
+        self._proc = None
+        if process:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("fork")
+            self._conn, child = ctx.Pipe(duplex=False)
+            self._proc = ctx.Process(target=_decode_in_child, args=(child, reader, files, batch_bytes), daemon=True,
+                                     name=f"vnet decode {reader.out.host}")
+            self._proc.start()
+            child.close()
+            self.hops = []
+        else:
+            self._it = reader.batches(files, batch_bytes)
+
+    def next(self) -> Batch | None:
+        if self._proc is None:
+            b = next(self._it, None)
+            if b is None:
+                self.result, self.packet_events = self.reader.finish(), self.reader.packet_events
+            return b
+        try:
+            msg = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the decoder of host {self.reader.out.host} died "
+                               f"(exit code {self._proc.exitcode})") from None
+        if msg[0] == "error":
+            raise msg[1]
+        if msg[0] == "end":
+            self.result, self.packet_events = msg[1], msg[2]
+            return None
+        _, n, hop_dtype, new_hops, drops = msg
+        self.hops += new_hops
+        cols = [np.frombuffer(self._conn.recv_bytes(), dt) for dt in (np.int64, np.uint64, hop_dtype)]
+        return Batch(*cols, drops)
+
+    def close(self) -> None:
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.terminate()
+            self._proc.join(timeout=10)
+            self._conn.close()
+
+
+def _decode_in_child(conn, reader: HostReader, files, batch_bytes: int) -> None:
+    """A decoder process: each piece as (meta, then the raw columns), then the host's
+    other results; an error is sent as itself (or its words, if it does not pickle)."""
+    try:
+        sent = 0
+        for b in reader.batches(files, batch_bytes):
+            hops = reader.out.hops
+            conn.send(("batch", b.ts.size, b.hop.dtype, hops[sent:], b.drops))
+            sent = len(hops)
+            for col in (b.ts, b.pkt_id, b.hop):
+                conn.send_bytes(np.ascontiguousarray(col))
+        conn.send(("end", reader.finish(), reader.packet_events))
+    except BrokenPipeError:
+        pass
+    except BaseException as e:  # noqa: BLE001 - the parent raises it
+        try:
+            conn.send(("error", e))
+        except Exception:  # noqa: BLE001 - it does not pickle
+            conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}")))
+    finally:
+        conn.close()
+
+
+class StreamJoin:
+    """Feeds → windows → PacketTable (see the module's docstring)."""
+
+    def __init__(self, work: dict, flow: Flow | None = None, gap_ns: int = GAP_NS, window: int = WINDOW,
+                 parallel: bool = True, batch_bytes: int = 4 << 20):
+        self.gap_ns, self.window, self.batch_bytes = gap_ns, window, batch_bytes
+        self.readers = [HostReader(host, files[0].header, flow) for host, files in work.items()]
+        self.feeds: list[_Feed] = []
+        multi = len(self.readers) > 1
+        clocks = []
+        for r, files in zip(self.readers, work.values()):
+            r.out.files += [str(f.path) for f in files]
+            for f in files:  # the best clock estimate is needed before the first event: found by a scan
+                for c in f.scan(("clock",)):
+                    r.add_clock(c)
+            clocks.append(r.out.clock)
+        self.offset_ns = [c["offset_ns"] if c else 0 for c in clocks]
+        self.error_ns = [c["error_ns"] if c else (None if multi else 0) for c in clocks]
+        self.parallel = parallel and (os.cpu_count() or 1) > 1
+        self._work = work
+        # the window: events not yet closed come first
+        self._ts = np.empty(window, np.int64)
+        self._pkt = np.empty(window, np.uint64)
+        self._hop = np.empty(window, np.uint32)
+        self._n = 0
+        self.cutoff = np.iinfo(np.int64).min   # every packet seen only before this is closed
+        self.late = 0
+        self.t_first, self.t_last, self.count = np.iinfo(np.int64).max, np.iinfo(np.int64).min, 0
+        self.hop_owner: list[tuple[int, int]] = []          # window hop index -> (host, host's hop index)
+        self._paths: dict[int, int] = {}                     # path hash -> path index
+        self._path_hops: list[tuple[int, ...]] = []
+        self._rows: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
+        self._drops: list[dict[str, np.ndarray]] = []        # pending: not matched to a packet yet
+        self._matched: list[dict[str, np.ndarray]] = []
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def run(self) -> PacketTable:
+        self.feeds = [_Feed(i, r, self._work[r.out.host], off, self.parallel, self.batch_bytes)
+                      for i, (r, off) in enumerate(zip(self.readers, self.offset_ns))]
+        try:
+            while True:
+                live = [f for f in self.feeds if not f.done]
+                if not live:
+                    break
+                feed = min(live, key=lambda f: f.front)
+                batch = feed.next()
+                if batch is None:
+                    feed.done = True
+                    continue
+                self._add(feed, batch)
+                if self._n >= self.window:
+                    self._process(final=False)
+            self._process(final=True)
+        finally:
+            for f in self.feeds:
+                f.close()
+        return self._table()
+
+    def _add(self, feed: _Feed, b: Batch) -> None:
+        if b.drops is not None and b.drops["ts"].size:
+            d = dict(b.drops)
+            d["ts"] = d["ts"] - feed.offset
+            d["host"] = np.full(d["ts"].size, feed.index, np.int32)
+            self._drops.append(d)
+        m = b.ts.size
+        if not m:
+            return
+        hops = feed.hops
+        if len(hops) > feed.lut.size:  # hops first seen in this piece get window indexes
+            new = range(feed.lut.size, len(hops))
+            feed.lut = np.r_[feed.lut, np.arange(len(self.hop_owner), len(self.hop_owner) + len(new))].astype(
+                np.uint32)
+            self.hop_owner += [(feed.index, k) for k in new]
+        n = self._n
+        if n + m > self._ts.size:
+            self._grow(n + m)
+        ts = self._ts[n:n + m]
+        np.subtract(b.ts, feed.offset, out=ts, casting="unsafe")
+        self._pkt[n:n + m] = b.pkt_id
+        self._hop[n:n + m] = feed.lut[b.hop]
+        self._n = n + m
+        lo, hi = int(ts.min()), int(ts.max())
+        self.t_first, self.t_last = min(self.t_first, lo), max(self.t_last, hi)
+        self.count += m
+        feed.front = max(feed.front, hi)
+        if lo < self.cutoff:
+            self.late += int(np.count_nonzero(ts < self.cutoff))
+
+    def _grow(self, need: int) -> None:
+        size = max(need, 2 * self._ts.size)
+        for name in ("_ts", "_pkt", "_hop"):
+            old = getattr(self, name)
+            new = np.empty(size, old.dtype)
+            new[:self._n] = old[:self._n]
+            setattr(self, name, new)
+
+    def _process(self, final: bool) -> None:
+        n = self._n
+        if not n:
+            return
+        fronts = [f.front for f in self.feeds if not f.done]
+        cutoff = None if final or not fronts else min(fronts) - self.gap_ns
+        order, pid, ts = order_by_packet(self._pkt[:n], self._ts[:n])
+        hop = self._hop[:n][order]
+        del order
+        inst = group_sorted(pid, ts, hop)
+        self._n = 0
+        keep = None
+        if cutoff is not None:
+            self.cutoff = max(self.cutoff, cutoff)
+            # a pkt_id seen since the cutoff may see more: its events stay in the window
+            new = np.empty(n, bool)
+            new[0] = True
+            np.not_equal(pid[1:], pid[:-1], out=new[1:])
+            first = np.flatnonzero(new)
+            open_id = np.maximum.reduceat(ts, first) >= cutoff
+            if open_id.any():
+                lo = first[open_id]
+                size = np.r_[first, n][1:][open_id] - lo
+                ev = np.repeat(lo - np.cumsum(size) + size, size) + np.arange(int(size.sum()))
+                k = ev.size
+                self._ts[:k], self._pkt[:k], self._hop[:k] = inst.ts[ev], inst.pkt_id[ev], inst.hop[ev]
+                self._n = k
+                keep = ~open_id[np.searchsorted(first, inst.start[:-1], "right") - 1]
+                if 2 * k > self._ts.size:  # open packets fill half the window: a bigger one
+                    self._grow(2 * self._ts.size)
+        self._close(inst, keep)
+
+    # -- closed packets ---------------------------------------------------------------------------------
+
+    def _close(self, inst, keep: np.ndarray | None) -> None:
+        """The window's instances (those in `keep`: the others' packets are still open)
+        become rows of their paths."""
+        starts, sizes = inst.start[:-1], inst.sizes
+        if self._drops:
+            self._match_drops(inst, keep)
+        h = self._path_hash(inst.hop, starts, sizes)
+        if keep is not None:
+            h, starts, sizes = h[keep], starts[keep], sizes[keep]
+        for key, rows in _groups(h):
+            st = starts[rows]
+            k = int(sizes[rows[0]])
+            p = self._paths.get(key)
+            if p is None:
+                p = self._paths[key] = len(self._path_hops)
+                self._path_hops.append(tuple(inst.hop[st[0]:st[0] + k].tolist()))
+                self._rows.append([])
+            if k > 1:
+                t = inst.ts[st[:, None] + np.arange(k)]
+                d = np.diff(t, axis=1)
+                first = t[:, 0].copy()
+            else:
+                d = np.empty((st.size, 0), np.int64)
+                first = inst.ts[st]
+            self._rows[p].append((first, inst.pkt_id[st], d))
+
+    def _path_hash(self, hop: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """sum over an instance's events k of (hop + 1) * MULT^(k + 1) (mod 2^64), xor
+        its size << 56; hop in window numbering (the table renames at the end)."""
+        h = np.zeros(starts.size, np.uint64)
+        live = None  # None: every instance (all have a first event)
+        mult, weight, k = int(_MULT), 1, 0
+        while True:
+            weight = weight * mult & 0xFFFFFFFFFFFFFFFF  # MULT^(k + 1), wrapping
+            at = starts + k if live is None else starts[live] + k
+            term = hop[at].astype(np.uint64)
+            term += np.uint64(1)
+            term *= np.uint64(weight)
+            if live is None:
+                h += term
+            else:
+                h[live] += term
+            k += 1
+            more = sizes > k if live is None else sizes[live] > k
+            if live is None:
+                if more.all():
+                    continue
+                live = np.flatnonzero(more)
+            else:
+                live = live[more]
+            if not live.size:
+                break
+        h ^= sizes.astype(np.uint64) << np.uint64(56)
+        return h
+
+    def _match_drops(self, inst, keep: np.ndarray | None) -> None:
+        """Each pending drop whose packet closed here: the last hop it was seen at before
+        it was freed (in the first instance of its pkt_id)."""
+        d = {k: np.concatenate([x[k] for x in self._drops]) for k in self._drops[0]}
+        firsts = inst.pkt_id[inst.start[:-1]]
+        i = np.searchsorted(firsts, d["pkt_id"])
+        np.minimum(i, max(firsts.size - 1, 0), out=i)
+        hit = firsts[i] == d["pkt_id"] if firsts.size else np.zeros(i.size, bool)
+        if keep is not None and firsts.size:
+            hit &= keep[i]
+        last = np.full(hit.size, -1, np.int64)
+        first_ts = np.zeros(hit.size, np.int64)
+        for j in np.flatnonzero(hit).tolist():
+            lo, hi = int(inst.start[i[j]]), int(inst.start[i[j] + 1])
+            before = np.flatnonzero(inst.ts[lo:hi] <= d["ts"][j])
+            first_ts[j] = inst.ts[lo]
+            if before.size:
+                last[j] = int(inst.hop[lo + before[-1]])
+            else:
+                last[j] = -2  # its packet, but freed before the first hop: not seen either
+        if hit.any():
+            self._matched.append({**{k: v[hit] for k, v in d.items()}, "last_hop": last[hit],
+                                  "first_ts": first_ts[hit]})
+        self._drops = [{k: v[~hit] for k, v in d.items()}] if not hit.all() else []
+
+    # -- the end ------------------------------------------------------------------------------------------
+
+    def _table(self) -> PacketTable:
+        hosts = [f.result for f in self.feeds]
+        multi = len(hosts) > 1
+        names, hop_host, canon_of = [], [], {}
+        for i, h in enumerate(hosts):
+            for k, name in enumerate(h.hops):
+                canon_of[(i, k)] = len(names)
+                names.append(f"[{h.host}] {name}" if multi else name)
+                hop_host.append(i)
+        canon = np.array([canon_of[o] for o in self.hop_owner], np.int64)
+        paths = []
+        for hops, parts in zip(self._path_hops, self._rows):
+            if not parts:
+                continue
+            first = np.concatenate([p[0] for p in parts])
+            pkt = np.concatenate([p[1] for p in parts])
+            d = np.concatenate([p[2] for p in parts])
+            parts.clear()
+            paths.append(PathRows(tuple(int(canon[h]) for h in hops), first, pkt, d))
+        drops = self._matched + [{**d, "last_hop": np.full(d["ts"].size, -1, np.int64),
+                                  "first_ts": np.zeros(d["ts"].size, np.int64)} for d in self._drops]
+        keys = ("ts", "pkt_id", "reason", "host", "last_hop", "first_ts")
+        dtypes = (np.int64, np.uint64, np.uint32, np.int32, np.int64, np.int64)
+        drop_cols = {k: (np.concatenate([d[k] for d in drops]) if drops else np.empty(0, t))
+                     for k, t in zip(keys, dtypes)}
+        lh = drop_cols["last_hop"]
+        drop_cols["last_hop"] = np.where(lh >= 0, canon[np.maximum(lh, 0)] if canon.size else -1, lh)
+        sched: dict[str, list] = {}
+        for i, (h, off) in enumerate(zip(hosts, self.offset_ns)):
+            for k, v in h.sched.items():
+                sched.setdefault(k, []).append(v - off if k == "ts" else v)
+            sched.setdefault("host", []).append(np.full(h.sched["ts"].size, i, np.int32))
+        counts = [f.packet_events for f in self.feeds]
+        return PacketTable(paths, names, np.array(hop_host, np.int32), hosts, self.error_ns, self.offset_ns,
+                           drop_cols, {k: np.concatenate(v) for k, v in sched.items()},
+                           int(self.t_first) if self.count else 0, int(self.t_last) if self.count else 0,
+                           self.count, counts, self.late)
+
+
+def _groups(h: np.ndarray):
+    """(value, indexes) for each distinct value of h: a pass per value while there are
+    few (a window holds a handful of paths), np.unique for the rest."""
+    idx = None  # None: all of h
+    for _ in range(8):
+        vals = h if idx is None else h[idx]
+        if not vals.size:
+            return
+        same = vals == vals[0]
+        yield int(vals[0]), (np.flatnonzero(same) if idx is None else idx[same])
+        idx = np.flatnonzero(~same) if idx is None else idx[~same]
+    if idx.size:
+        uniq, inv = np.unique(h[idx], return_inverse=True)
+        order = np.argsort(inv, kind="stable")
+        cuts = np.r_[0, np.cumsum(np.bincount(inv, minlength=uniq.size))]
+        for j, key in enumerate(uniq.tolist()):
+            yield int(key), idx[order[cuts[j]:cuts[j + 1]]]
+
+
+def path_hash(hops: tuple[int, ...]) -> int:
+    """The path hash of a hop sequence (the formula of latency._path_hash), in Python."""
+    h, w = 0, 1
+    for hop in hops:
+        w = w * int(_MULT) & 0xFFFFFFFFFFFFFFFF
+        h = (h + (hop + 1) * w) & 0xFFFFFFFFFFFFFFFF
+    return h ^ ((len(hops) & 0xFF) << 56)
+
+
+def _reuse_freed_memory() -> None:
+    """Ask glibc to keep freed blocks of up to 32 MiB for reuse instead of unmapping them:
+    the window's temporaries are a few MiB each, allocated again every window, and a page
+    the process touches for the first time costs ~2.7 s/GB on these VMs (page faults)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD: larger blocks only are mmapped
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep this much free heap
+    except (OSError, AttributeError):
+        pass  # not glibc: only slower
+
+
+def read_table(paths, *, flow: Flow | None = None, hosts: list[str] | None = None, gap_ns: int = GAP_NS,
+               window: int = WINDOW, parallel: bool = True, batch_bytes: int = 4 << 20) -> PacketTable:
+    """The packets of the trace files named (directories expanded), joined as a stream."""
+    _reuse_freed_memory()
+    return StreamJoin(files_by_host(paths, hosts), flow, gap_ns, window, parallel, batch_bytes).run()
