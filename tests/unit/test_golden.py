@@ -26,7 +26,7 @@ import pytest
 
 pytest.importorskip("numpy")
 
-from vnet.analysis.bulk import read_hosts  # noqa: E402
+from vnet.analysis.stream import read_table  # noqa: E402
 from vnet.analysis.export import write_jsonl  # noqa: E402
 from vnet.analysis.report import analyze, render_text  # noqa: E402
 from vnet.collector.tracefile import TraceFileReader  # noqa: E402
@@ -68,7 +68,7 @@ _reports: dict[tuple[str, int], dict] = {}
 def report(name: str, slowest: int = 0) -> dict:
     key = (name, slowest)
     if key not in _reports:
-        _reports[key] = _plain(analyze(read_hosts(_files(name)), slowest=slowest))
+        _reports[key] = _plain(analyze(read_table(_files(name)), slowest=slowest))
     return _reports[key]
 
 
@@ -138,7 +138,7 @@ def test_analysis_matches_golden_json(name, suffix, slowest):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("suffix,slowest", [("analyze.txt", 0), ("analyze-slowest3.txt", 3)])
 def test_text_report_matches_golden(name, suffix, slowest):
-    text = "\n".join(render_text(analyze(read_hosts(_files(name)), slowest=slowest))) + "\n"
+    text = "\n".join(render_text(analyze(read_table(_files(name)), slowest=slowest))) + "\n"
     assert text == golden(name, suffix), f"{name}: text report differs from {suffix}; {REGEN}"
 
 
