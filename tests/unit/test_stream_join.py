@@ -22,7 +22,7 @@ BIG = 1 << 30
 
 
 def report(path, **kw):
-    opts = {k: kw.pop(k) for k in ("window", "gap_ns", "parallel", "batch_bytes") if k in kw}
+    opts = {k: kw.pop(k) for k in ("window", "gap_ns", "parallel", "batch_bytes", "slack_ns") if k in kw}
     return analyze(read_table([path], **opts), **kw)
 
 
@@ -35,10 +35,18 @@ def test_small_windows_give_the_one_window_report(tmp_path, seed):
     write(spec, tmp_path / "b", truth)
     kw = {"slowest": 5, "hist": True}
     whole = report(tmp_path / "b", window=BIG, parallel=False, **kw)
-    for window in (64, 1000, 7919):
-        for parallel in (False, True):
-            got = report(tmp_path / "b", window=window, parallel=parallel, batch_bytes=3000, **kw)
-            assert got == whole, (window, parallel)
+    for window, parallel in ((64, False), (1000, True), (7919, False)):
+        got = report(tmp_path / "b", window=window, parallel=parallel, batch_bytes=3000, **kw)
+        assert got == whole, (window, parallel)
+    # Gap 2 ms (the repeated ids, 15 ms later, are new packets), slack 300 us: packets on a
+    # complete path close 300 us behind the hosts' front, the others (dropped ones: the start
+    # of a longer path) wait out the gap. Closing early changes nothing.
+    gap = report(tmp_path / "b", window=64, parallel=False, batch_bytes=3000, gap_ns=2_000_000,
+                 slack_ns=2_000_000, **kw)
+    for window, parallel in ((64, True), (500, False)):
+        got = report(tmp_path / "b", window=window, parallel=parallel, batch_bytes=3000, gap_ns=2_000_000,
+                     slack_ns=300_000, **kw)
+        assert got == gap, (window, parallel)
     assert whole["packets"] == 3000 and whole["drops"]["kfree_skb"]
 
 

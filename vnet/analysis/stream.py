@@ -1,14 +1,16 @@
 """The path join as a stream: bounded windows of events in, compact per-packet rows out.
 
-Each host's files are decoded piece by piece (a background thread per host), its
+Each host's files are decoded piece by piece (in a child process per host), its
 times moved onto the collector's clock, and the pieces fed, host with the oldest
 front first, into one window. When the window is full it is sorted by (pkt_id,
-time); every packet whose last sighting is older than the slowest host's front
-minus `gap_ns` is complete (no later event can still belong to it), is cut into
-instances (latency.group_sorted) and leaves as one row of its path: the first
-time, the pkt_id and the time of each segment. Open packets stay for the next
-window. So memory holds the window (a few MiB of columns, reused) plus ~8 bytes
-per segment of each packet, not the events; and nothing is sorted globally.
+time) and cut into instances (latency.group_sorted). A packet is complete when
+it has not been seen for `gap_ns` behind the slowest host's front (no later event
+can still belong to it) or, sooner, when its path is a complete one (not the
+start of a longer path seen so far) and every host is `slack_ns` past it. A
+complete packet leaves as one row of its path: the first time, the pkt_id and
+the time of each segment; open packets stay for the next window. So memory
+holds the window (a few MiB of columns) plus ~24 bytes and 8 per segment of each
+packet, not the events; and nothing is sorted globally.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from .bulk import Batch, Flow, HostEvents, HostReader, files_by_host
 from .latency import _MULT, group_sorted, order_by_packet
 
 GAP_NS = 1_000_000_000   # longest quiet time inside one packet's path (and host disorder)
-WINDOW = 1 << 20         # events sorted together (grows while open packets fill half of it)
+SLACK_NS = 50_000_000    # how far a host's events may run out of time order (and clocks drift)
+WINDOW = 1 << 18         # events sorted together (more while many packets are still open)
 
 
 @dataclass
@@ -173,8 +176,9 @@ class StreamJoin:
     """Feeds → windows → PacketTable (see the module's docstring)."""
 
     def __init__(self, work: dict, flow: Flow | None = None, gap_ns: int = GAP_NS, window: int = WINDOW,
-                 parallel: bool = True, batch_bytes: int = 4 << 20):
+                 parallel: bool = True, batch_bytes: int = 4 << 20, slack_ns: int = SLACK_NS):
         self.gap_ns, self.window, self.batch_bytes = gap_ns, window, batch_bytes
+        self.slack_ns = min(slack_ns, gap_ns)
         self.readers = [HostReader(host, files[0].header, flow) for host, files in work.items()]
         self.feeds: list[_Feed] = []
         multi = len(self.readers) > 1
@@ -195,6 +199,8 @@ class StreamJoin:
         self._hop = np.empty(window, np.uint32)
         self._n = 0
         self.cutoff = np.iinfo(np.int64).min   # every packet seen only before this is closed
+        self._next_at = window
+        self._complete: list[int] = []         # hashes of paths that are not the start of a longer one
         self.late = 0
         self.t_first, self.t_last, self.count = np.iinfo(np.int64).max, np.iinfo(np.int64).min, 0
         self.hop_owner: list[tuple[int, int]] = []          # window hop index -> (host, host's hop index)
@@ -220,7 +226,7 @@ class StreamJoin:
                     feed.done = True
                     continue
                 self._add(feed, batch)
-                if self._n >= self.window:
+                if self._n >= self._next_at:
                     self._process(final=False)
             self._process(final=True)
         finally:
@@ -271,21 +277,35 @@ class StreamJoin:
         if not n:
             return
         fronts = [f.front for f in self.feeds if not f.done]
-        cutoff = None if final or not fronts else min(fronts) - self.gap_ns
+        front = None if final or not fronts else min(fronts)
         order, pid, ts = order_by_packet(self._pkt[:n], self._ts[:n])
         hop = self._hop[:n][order]
         del order
         inst = group_sorted(pid, ts, hop)
+        h = self._path_hash(inst.hop, inst.start[:-1], inst.sizes)
         self._n = 0
         keep = None
-        if cutoff is not None:
-            self.cutoff = max(self.cutoff, cutoff)
-            # a pkt_id seen since the cutoff may see more: its events stay in the window
+        if front is not None:
+            # A pkt_id seen within the gap behind the slowest host may see more: its events
+            # stay in the window. Unless its instances are all on a complete path (not the
+            # start of a longer one) and every host is past it by the slack.
+            cutoff, early = front - self.gap_ns, front - self.slack_ns
             new = np.empty(n, bool)
             new[0] = True
             np.not_equal(pid[1:], pid[:-1], out=new[1:])
             first = np.flatnonzero(new)
-            open_id = np.maximum.reduceat(ts, first) >= cutoff
+            last = np.maximum.reduceat(ts, first)
+            open_id = last >= cutoff
+            self.cutoff = max(self.cutoff, cutoff)
+            if self._complete and open_id.any():
+                on_complete = np.zeros(h.size, bool)
+                for key in self._complete:
+                    on_complete |= h == np.uint64(key)
+                gid = np.searchsorted(first, inst.start[:-1], "right") - 1
+                waits = np.zeros(first.size, bool)
+                waits[gid[~on_complete]] = True
+                open_id &= waits | (last >= early)
+                self.cutoff = max(self.cutoff, early)
             if open_id.any():
                 lo = first[open_id]
                 size = np.r_[first, n][1:][open_id] - lo
@@ -294,19 +314,18 @@ class StreamJoin:
                 self._ts[:k], self._pkt[:k], self._hop[:k] = inst.ts[ev], inst.pkt_id[ev], inst.hop[ev]
                 self._n = k
                 keep = ~open_id[np.searchsorted(first, inst.start[:-1], "right") - 1]
-                if 2 * k > self._ts.size:  # open packets fill half the window: a bigger one
-                    self._grow(2 * self._ts.size)
-        self._close(inst, keep)
+        # next time when the window has twice what stays open (else a long gap re-sorts it often)
+        self._next_at = max(self.window, 2 * self._n)
+        self._close(inst, h, keep)
 
     # -- closed packets ---------------------------------------------------------------------------------
 
-    def _close(self, inst, keep: np.ndarray | None) -> None:
+    def _close(self, inst, h: np.ndarray, keep: np.ndarray | None) -> None:
         """The window's instances (those in `keep`: the others' packets are still open)
-        become rows of their paths."""
+        become rows of their paths; h: their path hashes."""
         starts, sizes = inst.start[:-1], inst.sizes
         if self._drops:
             self._match_drops(inst, keep)
-        h = self._path_hash(inst.hop, starts, sizes)
         if keep is not None:
             h, starts, sizes = h[keep], starts[keep], sizes[keep]
         for key, rows in _groups(h):
@@ -317,6 +336,7 @@ class StreamJoin:
                 p = self._paths[key] = len(self._path_hops)
                 self._path_hops.append(tuple(inst.hop[st[0]:st[0] + k].tolist()))
                 self._rows.append([])
+                self._complete = _complete_paths(self._paths, self._path_hops)
             if k > 1:
                 t = inst.ts[st[:, None] + np.arange(k)]
                 d = np.diff(t, axis=1)
@@ -421,6 +441,12 @@ class StreamJoin:
                            self.count, counts, self.late)
 
 
+def _complete_paths(paths: dict[int, int], hops: list[tuple[int, ...]]) -> list[int]:
+    """The hashes of the known paths that no longer known path starts with."""
+    return [key for key, i in paths.items()
+            if not any(len(o) > len(hops[i]) and o[:len(hops[i])] == hops[i] for o in hops)]
+
+
 def _groups(h: np.ndarray):
     """(value, indexes) for each distinct value of h: a pass per value while there are
     few (a window holds a handful of paths), np.unique for the rest."""
@@ -464,7 +490,8 @@ def _reuse_freed_memory() -> None:
 
 
 def read_table(paths, *, flow: Flow | None = None, hosts: list[str] | None = None, gap_ns: int = GAP_NS,
-               window: int = WINDOW, parallel: bool = True, batch_bytes: int = 4 << 20) -> PacketTable:
+               window: int = WINDOW, parallel: bool = True, batch_bytes: int = 4 << 20,
+               slack_ns: int = SLACK_NS) -> PacketTable:
     """The packets of the trace files named (directories expanded), joined as a stream."""
     _reuse_freed_memory()
-    return StreamJoin(files_by_host(paths, hosts), flow, gap_ns, window, parallel, batch_bytes).run()
+    return StreamJoin(files_by_host(paths, hosts), flow, gap_ns, window, parallel, batch_bytes, slack_ns).run()
