@@ -22,13 +22,19 @@ TAIL_Q = 0.99
 _MULT = np.uint64(0x9E3779B97F4A7C15)
 
 
-def stats(values: np.ndarray) -> dict:
-    """count, min, nearest-rank percentiles and max of integer nanoseconds (O(n): partition)."""
+def stats(values: np.ndarray, scratch: bool = False) -> dict:
+    """count, min, nearest-rank percentiles and max of integer nanoseconds (O(n): partition;
+    in place when the caller says `values` is a scratch copy)."""
     n = int(values.size)
     if not n:
         return {"count": 0}
     ranks = [max(0, int(np.ceil(q * n)) - 1) for _, q in QUANTILES]
-    part = np.partition(values, sorted({0, n - 1, *ranks}))
+    kth = sorted({0, n - 1, *ranks})
+    if scratch:
+        values.partition(kth)
+        part = values
+    else:
+        part = np.partition(values, kth)
     out = {"count": n, "min_ns": int(part[0])}
     out.update({f"{name}_ns": int(part[k]) for (name, _), k in zip(QUANTILES, ranks)})
     out["max_ns"] = int(part[n - 1])

@@ -84,12 +84,14 @@ def _segment_table(table: PacketTable, rows: list[PathRows], hist: bool) -> list
     out = []
     for kk in sorted(cols):
         parts = cols[kk]
-        d = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        d = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()  # a contiguous copy of our own
         fa, fb = divmod(kk, h)
-        row = {"from": table.hop_names[fa], "to": table.hop_names[fb], **stats(np.ascontiguousarray(d)),
+        if hist:
+            hist_row = _hist(d)
+        row = {"from": table.hop_names[fa], "to": table.hop_names[fb], **stats(d, scratch=True),
                "clock_error_ns": table.pair_error(fa, fb)}
         if hist:
-            row["hist"] = _hist(d)
+            row["hist"] = hist_row
         out.append(row)
     out.sort(key=lambda r: -r["count"])
     return out

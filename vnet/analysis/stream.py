@@ -16,6 +16,8 @@ packet, not the events; and nothing is sorted globally.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,14 +37,14 @@ class PathRows:
     hops: tuple[int, ...]
     first_ts: np.ndarray          # int64: time at the first hop, collector clock
     pkt_id: np.ndarray            # uint64
-    deltas: np.ndarray            # int64 [rows, len(hops) - 1]: time of each segment
+    deltas: np.ndarray            # int32 or int64 [rows, len(hops) - 1]: time of each segment
 
     @property
     def count(self) -> int:
         return int(self.first_ts.size)
 
     def e2e(self) -> np.ndarray:
-        return self.deltas.sum(axis=1) if self.deltas.shape[1] else np.zeros(self.count, np.int64)
+        return self.deltas.sum(axis=1, dtype=np.int64) if self.deltas.shape[1] else np.zeros(self.count, np.int64)
 
     def hop_times(self) -> np.ndarray:
         """[rows, hops]: the time at each hop."""
@@ -106,6 +108,8 @@ class _Feed:
         self.hops: list[str] = reader.out.hops  # the host's hop names so far
         self.result: HostEvents | None = None
         self.packet_events = 0
+        self.staged: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # ts, pkt_id, hop; at: next
+        self.at = 0
         self._proc = None
         if process:
             import multiprocessing
@@ -117,8 +121,16 @@ class _Feed:
             self._proc.start()
             child.close()
             self.hops = []
+            self._q: queue.Queue = queue.Queue(maxsize=4)  # bounded: at most a few pieces ahead
+            self._closing = False
+            self._thread = threading.Thread(target=self._receive, daemon=True,
+                                            name=f"vnet receive {reader.out.host}")
+            self._thread.start()
         else:
             self._it = reader.batches(files, batch_bytes)
+
+    def staged_left(self) -> int:
+        return 0 if self.staged is None else self.staged[0].size - self.at
 
     def next(self) -> Batch | None:
         if self._proc is None:
@@ -126,27 +138,48 @@ class _Feed:
             if b is None:
                 self.result, self.packet_events = self.reader.finish(), self.reader.packet_events
             return b
-        try:
-            msg = self._conn.recv()
-        except EOFError:
-            raise RuntimeError(f"the decoder of host {self.reader.out.host} died "
-                               f"(exit code {self._proc.exitcode})") from None
+        msg = self._q.get()
         if msg[0] == "error":
             raise msg[1]
         if msg[0] == "end":
             self.result, self.packet_events = msg[1], msg[2]
             return None
-        _, n, hop_dtype, new_hops, drops = msg
+        _, n, hop_dtype, new_hops, drops, raw = msg
         self.hops += new_hops
-        cols = [np.frombuffer(self._conn.recv_bytes(), dt) for dt in (np.int64, np.uint64, hop_dtype)]
+        cols = [np.frombuffer(r, dt) for r, dt in zip(raw, (np.int64, np.uint64, hop_dtype))]
         return Batch(*cols, drops)
+
+    def _receive(self) -> None:
+        """Drain the child's pipe into a short queue (a thread: it waits in read(), without
+        the GIL), so the child decodes the next pieces while the join works."""
+        try:
+            while True:
+                msg = self._conn.recv()
+                if msg[0] == "batch":
+                    msg = (*msg, [self._conn.recv_bytes() for _ in range(3)])
+                if not self._put(msg) or msg[0] != "batch":
+                    return
+        except (EOFError, OSError):
+            self._put(("error", RuntimeError(f"the decoder of host {self.reader.out.host} ended "
+                                             f"(exit code {self._proc.exitcode})")))
+
+    def _put(self, msg) -> bool:
+        while not self._closing:
+            try:
+                self._q.put(msg, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def close(self) -> None:
         if self._proc is not None:
+            self._closing = True
             if self._proc.is_alive():
                 self._proc.terminate()
             self._proc.join(timeout=10)
             self._conn.close()
+            self._thread.join(timeout=10)
 
 
 def _decode_in_child(conn, reader: HostReader, files, batch_bytes: int) -> None:
@@ -217,15 +250,10 @@ class StreamJoin:
                       for i, (r, off) in enumerate(zip(self.readers, self.offset_ns))]
         try:
             while True:
-                live = [f for f in self.feeds if not f.done]
+                live = [f for f in self.feeds if self._fill(f)]
                 if not live:
                     break
-                feed = min(live, key=lambda f: f.front)
-                batch = feed.next()
-                if batch is None:
-                    feed.done = True
-                    continue
-                self._add(feed, batch)
+                self._merge(live)
                 if self._n >= self._next_at:
                     self._process(final=False)
             self._process(final=True)
@@ -234,35 +262,73 @@ class StreamJoin:
                 f.close()
         return self._table()
 
-    def _add(self, feed: _Feed, b: Batch) -> None:
+    def _fill(self, feed: _Feed) -> bool:
+        """Give the feed staged events (on the collector's clock, window hop indexes);
+        False when it has no more."""
+        while not feed.done and feed.staged_left() == 0:
+            b = feed.next()
+            if b is None:
+                feed.done = True
+                break
+            self._stage(feed, b)
+        return not feed.done or feed.staged_left() > 0
+
+    def _stage(self, feed: _Feed, b: Batch) -> None:
         if b.drops is not None and b.drops["ts"].size:
             d = dict(b.drops)
             d["ts"] = d["ts"] - feed.offset
             d["host"] = np.full(d["ts"].size, feed.index, np.int32)
             self._drops.append(d)
-        m = b.ts.size
-        if not m:
-            return
         hops = feed.hops
         if len(hops) > feed.lut.size:  # hops first seen in this piece get window indexes
             new = range(feed.lut.size, len(hops))
             feed.lut = np.r_[feed.lut, np.arange(len(self.hop_owner), len(self.hop_owner) + len(new))].astype(
                 np.uint32)
             self.hop_owner += [(feed.index, k) for k in new]
+        ts = b.ts.astype(np.int64)
+        ts -= feed.offset
+        feed.staged = (ts, b.pkt_id, feed.lut[b.hop])
+        feed.at = 0
+
+    def _merge(self, live: list[_Feed]) -> None:
+        """Move the staged events up to the earliest last time among the feeds into the
+        window, merged by time: then a packet's events across hosts enter in time order
+        and the window's sort by (pkt_id, input order) rarely needs fixing."""
+        horizon = min(int(f.staged[0][-1]) for f in live)
+        parts = []
+        for f in live:
+            ts = f.staged[0]
+            end = int(np.searchsorted(ts[f.at:], horizon, "right")) + f.at
+            if f.staged[0][-1] == horizon and end < ts.size:  # the feed that set it: all of it
+                end = ts.size
+            if end > f.at:
+                parts.append((f, f.at, end))
+        m = sum(e - a for _, a, e in parts)
         n = self._n
         if n + m > self._ts.size:
             self._grow(n + m)
-        ts = self._ts[n:n + m]
-        np.subtract(b.ts, feed.offset, out=ts, casting="unsafe")
-        self._pkt[n:n + m] = b.pkt_id
-        self._hop[n:n + m] = feed.lut[b.hop]
+        out_ts, out_pkt, out_hop = self._ts[n:n + m], self._pkt[n:n + m], self._hop[n:n + m]
+        if len(parts) == 1:
+            f, a, e = parts[0]
+            out_ts[:] = f.staged[0][a:e]
+            out_pkt[:] = f.staged[1][a:e]
+            out_hop[:] = f.staged[2][a:e]
+        else:
+            cols = [np.concatenate([f.staged[c][a:e] for f, a, e in parts]) for c in range(3)]
+            order = np.argsort(cols[0], kind="stable")  # timsort: a merge of sorted runs
+            np.take(cols[0], order, out=out_ts)
+            np.take(cols[1], order, out=out_pkt)
+            np.take(cols[2], order, out=out_hop)
+        for f, a, e in parts:
+            f.at = e
+            f.front = max(f.front, int(f.staged[0][e - 1]))
         self._n = n + m
-        lo, hi = int(ts.min()), int(ts.max())
-        self.t_first, self.t_last = min(self.t_first, lo), max(self.t_last, hi)
-        self.count += m
-        feed.front = max(feed.front, hi)
-        if lo < self.cutoff:
-            self.late += int(np.count_nonzero(ts < self.cutoff))
+        if m:
+            lo, hi = int(out_ts.min()), int(out_ts.max())
+            self.t_first, self.t_last = min(self.t_first, lo), max(self.t_last, hi)
+            self.count += m
+            if lo < self.cutoff:
+                self.late += int(np.count_nonzero(out_ts < self.cutoff))
 
     def _grow(self, need: int) -> None:
         size = max(need, 2 * self._ts.size)
@@ -340,6 +406,8 @@ class StreamJoin:
             if k > 1:
                 t = inst.ts[st[:, None] + np.arange(k)]
                 d = np.diff(t, axis=1)
+                if d.size and -(1 << 31) <= int(d.min()) and int(d.max()) < 1 << 31:
+                    d = d.astype(np.int32)  # half the memory; sums still run in int64
                 first = t[:, 0].copy()
             else:
                 d = np.empty((st.size, 0), np.int64)
