@@ -326,16 +326,16 @@ class HostReader:
         records decoded at once (ring batches of consecutive chunks are framed alike, so
         their bytes are joined and split into runs together). Drop events come with the
         piece they were read in; clock chunks and sched events are kept as finish() does."""
-        pending: list[tuple[TraceFileReader, int, bytes]] = []
+        pending: list[tuple[TraceFileReader, int, bytes | memoryview]] = []
         size = 0
         self.reserve(2 * batch_bytes // (self.packet.itemsize + HDR_SIZE) + 1024)
         for f in files:
-            for chunk in f.chunks(("events", "clock")):
+            for chunk in f.chunks(("events", "clock"), views=True):
                 if chunk["kind"] == "clock":
                     self.add_clock(chunk)
                     continue
                 blob = chunk.get("records")
-                if isinstance(blob, bytes):
+                if isinstance(blob, (bytes, memoryview)):
                     pending.append((f, chunk["seq"], blob))
                     size += len(blob)
                     if size >= batch_bytes:
@@ -346,7 +346,7 @@ class HostReader:
         if pending:
             yield self._decode(pending)
 
-    def _decode(self, pending: list[tuple[TraceFileReader, int, bytes]]) -> "Batch":
+    def _decode(self, pending: list[tuple[TraceFileReader, int, bytes | memoryview]]) -> "Batch":
         try:
             self.add_blob(b"".join(b for _, _, b in pending) if len(pending) > 1 else pending[0][2])
         except ValueError:  # a bad frame in one of them: chunk by chunk, to name it

@@ -65,6 +65,82 @@ def _unpack(payload: bytes) -> Any:
                            max_ext_len=MAX_STR_BYTES)
 
 
+def _unpack_views(payload: bytes) -> Any:
+    """_unpack for a flat map (str keys; str, int, float, bool, nil or bin values, as
+    events chunks are): bin values come back as memoryviews of the payload instead
+    of copies. Anything else is left to msgpack."""
+    try:
+        return _flat_map(payload)
+    except _NotFlat:
+        return _unpack(payload)
+
+
+class _NotFlat(Exception):
+    pass
+
+
+_FIXED = {0xcc: ">B", 0xcd: ">H", 0xce: ">I", 0xcf: ">Q", 0xd0: ">b", 0xd1: ">h", 0xd2: ">i", 0xd3: ">q",
+          0xcb: ">d", 0xca: ">f"}
+
+
+def _flat_map(b: bytes) -> dict:
+    view = memoryview(b)
+    end = len(b)
+
+    def item(pos: int) -> tuple[Any, int]:
+        t = b[pos]
+        if t < 0x80:
+            return t, pos + 1
+        if t >= 0xe0:
+            return t - 0x100, pos + 1
+        if 0xa0 <= t <= 0xbf or t in (0xd9, 0xda):
+            if t <= 0xbf:
+                n, pos = t & 0x1f, pos + 1
+            else:
+                w = 1 if t == 0xd9 else 2
+                n, pos = int.from_bytes(b[pos + 1:pos + 1 + w], "big"), pos + 1 + w
+            if pos + n > end or n > MAX_STR_BYTES:
+                raise _NotFlat
+            return str(b[pos:pos + n], "utf-8"), pos + n
+        if t in (0xc4, 0xc5, 0xc6):
+            w = 1 << (t - 0xc4)
+            n, pos = int.from_bytes(b[pos + 1:pos + 1 + w], "big"), pos + 1 + w
+            if pos + n > end:
+                raise _NotFlat
+            return view[pos:pos + n], pos + n
+        if t in _FIXED:
+            fmt = _FIXED[t]
+            size = struct.calcsize(fmt)
+            if pos + 1 + size > end:
+                raise _NotFlat
+            return struct.unpack_from(fmt, b, pos + 1)[0], pos + 1 + size
+        if t in (0xc0, 0xc2, 0xc3):
+            return (None, False, True)[(0xc0, 0xc2, 0xc3).index(t)], pos + 1
+        raise _NotFlat
+
+    if not b:
+        raise _NotFlat
+    t = b[0]
+    if 0x80 <= t <= 0x8f:
+        n, pos = t & 0x0f, 1
+    elif t == 0xde and end >= 3:
+        n, pos = int.from_bytes(b[1:3], "big"), 3
+    else:
+        raise _NotFlat
+    out = {}
+    try:
+        for _ in range(n):
+            key, pos = item(pos)
+            if not isinstance(key, str):
+                raise _NotFlat
+            out[key], pos = item(pos)
+    except (IndexError, UnicodeDecodeError):
+        raise _NotFlat from None
+    if pos != end:
+        raise _NotFlat
+    return out
+
+
 def _peek_kind(head: bytes) -> str | None:
     """The "kind" of a chunk from its first bytes when it is the map's first key, else None."""
     u = msgpack.Unpacker(max_buffer_size=64, max_str_len=32, max_bin_len=0, max_array_len=0, max_map_len=0)
@@ -235,7 +311,7 @@ class TraceFileReader:
         self.ignored_bytes = ignored
         self.problem = f"{self.path}: {why} at byte {offset}; {ignored} bytes ignored"
 
-    def _chunks(self, f) -> Iterator[dict]:
+    def _chunks(self, f, views: bool = False) -> Iterator[dict]:
         size = os.fstat(f.fileno()).st_size
         offset = f.tell()
         self.skipped = 0
@@ -257,7 +333,7 @@ class TraceFileReader:
                 return self._stop(offset, size - offset, "a chunk's checksum does not match")
             offset += FRAME.size + length
             try:
-                chunk = _unpack(payload)
+                chunk = _unpack_views(payload) if views else _unpack(payload)
             except Exception:  # noqa: BLE001 - the frame is whole: step over it
                 chunk = None
             if not isinstance(chunk, dict) or not isinstance(chunk.get("kind"), str) \
@@ -266,16 +342,17 @@ class TraceFileReader:
                 continue
             yield chunk
 
-    def chunks(self, kinds: Iterable[str] | None = None) -> Iterator[dict]:
+    def chunks(self, kinds: Iterable[str] | None = None, views: bool = False) -> Iterator[dict]:
         """Every chunk (the header too), or those of `kinds`; kinds a reader does
-        not know must be skipped by it, not treated as errors."""
+        not know must be skipped by it, not treated as errors. With views, binary
+        fields of flat chunks are memoryviews of the chunk (no copy)."""
         wanted = set(kinds) if kinds is not None else None
         if self.header is None:
             return
         self.truncated, self.ignored_bytes, self.problem = False, 0, None
         with open(self.path, "rb") as f:
             f.seek(PREAMBLE.size)
-            for chunk in self._chunks(f):
+            for chunk in self._chunks(f, views):
                 if wanted is None or chunk["kind"] in wanted:
                     yield chunk
 
