@@ -117,7 +117,8 @@ class HostEvents:
 
 @dataclass
 class Batch:
-    """Consecutive packet events of one host (its own clock), and the drops read with them."""
+    """Consecutive packet events of one host, and the drops read with them (times less
+    HostReader.shift_ns, hops or-ed with HostReader.hop_base)."""
 
     ts: np.ndarray
     pkt_id: np.ndarray
@@ -170,6 +171,8 @@ class HostReader:
         self._known_lut = np.empty(0, np.uint16)
         self._n = 0
         self.packet_events = 0  # packet events handed out by batches()
+        self.shift_ns = 0       # batches(): subtracted from the times (the host's clock offset)
+        self.hop_base = 0       # batches(): or-ed into the hop indexes (the host's place)
         self.reserve(0)
         # device probes are named by (probe_id, hook) alone; the others also by the interface
         self._dev = {(pid, hook) for (pid, hook), w in self.decoder.labels.items() if hook is not None}
@@ -356,10 +359,14 @@ class HostReader:
                 except ValueError as e:
                     self.out.problems.append(f"{f.path}: chunk {seq}: {e}")
         n = self._n
-        batch = Batch(self._ts[:n], self._pkt[:n], self._hop[:n], None)
+        ts = self._ts[:n]
+        ts -= self.shift_ns
+        hop = self._hop[:n].astype(np.uint32)
+        hop |= np.uint32(self.hop_base)
+        batch = Batch(ts, self._pkt[:n], hop, None)
         if "d_ts" in self._cols.parts:
             c = self._cols
-            batch.drops = {"ts": c.get("d_ts", np.int64), "pkt_id": c.get("d_pkt", np.uint64),
+            batch.drops = {"ts": c.get("d_ts", np.int64) - self.shift_ns, "pkt_id": c.get("d_pkt", np.uint64),
                            "reason": c.get("d_reason", np.uint32)}
             for k in ("d_ts", "d_pkt", "d_reason"):
                 c.parts.pop(k, None)

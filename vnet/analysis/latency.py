@@ -232,7 +232,10 @@ def group_sorted(pid: np.ndarray, ts: np.ndarray, hop: np.ndarray) -> Instances:
     step = 1 << 18
     for g in range(0, starts.size, step):
         lo, hi = int(starts[g]), int(starts[g + step]) if g + step < starts.size else n
-        bits = np.left_shift(np.uint64(1), (hop[lo:hi] & 63).astype(np.uint64))
+        h = hop[lo:hi].astype(np.uint64)
+        h += (h >> np.uint64(16)) * np.uint64(37)  # hops numbered host << 16 | hop: spread the hosts
+        h &= np.uint64(63)
+        bits = np.left_shift(np.uint64(1), h)
         seen[g:g + step] = np.bitwise_or.reduceat(bits, starts[g:g + step] - lo)
     rep = _popcount(seen) < sizes
     if rep.any():

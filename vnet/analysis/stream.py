@@ -26,6 +26,7 @@ from .bulk import Batch, Flow, HostEvents, HostReader, files_by_host
 from .latency import _MULT, group_sorted, order_by_packet
 
 GAP_NS = 1_000_000_000   # longest quiet time inside one packet's path (and host disorder)
+HOP_BITS = 16            # a host's hop indexes are u16: window hop = host << 16 | hop
 SLACK_NS = 50_000_000    # how far a host's events may run out of time order (and clocks drift)
 WINDOW = 1 << 18         # events sorted together (more while many packets are still open)
 
@@ -104,7 +105,6 @@ class _Feed:
         self.index, self.reader, self.offset = index, reader, offset
         self.front = np.iinfo(np.int64).min   # newest time seen: later events are not much older
         self.done = False
-        self.lut = np.empty(0, np.uint32)      # the host's hop index -> window hop index
         self.hops: list[str] = reader.out.hops  # the host's hop names so far
         self.result: HostEvents | None = None
         self.packet_events = 0
@@ -236,7 +236,6 @@ class StreamJoin:
         self._complete: list[int] = []         # hashes of paths that are not the start of a longer one
         self.late = 0
         self.t_first, self.t_last, self.count = np.iinfo(np.int64).max, np.iinfo(np.int64).min, 0
-        self.hop_owner: list[tuple[int, int]] = []          # window hop index -> (host, host's hop index)
         self._paths: dict[int, int] = {}                     # path hash -> path index
         self._path_hops: list[tuple[int, ...]] = []
         self._rows: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
@@ -246,6 +245,8 @@ class StreamJoin:
     # -- the loop -------------------------------------------------------------------------------------
 
     def run(self) -> PacketTable:
+        for i, (r, off) in enumerate(zip(self.readers, self.offset_ns)):
+            r.shift_ns, r.hop_base = off, i << HOP_BITS  # window hop = host index, host's hop index
         self.feeds = [_Feed(i, r, self._work[r.out.host], off, self.parallel, self.batch_bytes)
                       for i, (r, off) in enumerate(zip(self.readers, self.offset_ns))]
         try:
@@ -276,18 +277,9 @@ class StreamJoin:
     def _stage(self, feed: _Feed, b: Batch) -> None:
         if b.drops is not None and b.drops["ts"].size:
             d = dict(b.drops)
-            d["ts"] = d["ts"] - feed.offset
             d["host"] = np.full(d["ts"].size, feed.index, np.int32)
             self._drops.append(d)
-        hops = feed.hops
-        if len(hops) > feed.lut.size:  # hops first seen in this piece get window indexes
-            new = range(feed.lut.size, len(hops))
-            feed.lut = np.r_[feed.lut, np.arange(len(self.hop_owner), len(self.hop_owner) + len(new))].astype(
-                np.uint32)
-            self.hop_owner += [(feed.index, k) for k in new]
-        ts = b.ts.astype(np.int64)
-        ts -= feed.offset
-        feed.staged = (ts, b.pkt_id, feed.lut[b.hop])
+        feed.staged = (b.ts, b.pkt_id, b.hop)  # the decoder moved the times and placed the hops
         feed.at = 0
 
     def _merge(self, live: list[_Feed]) -> None:
@@ -479,7 +471,7 @@ class StreamJoin:
                 canon_of[(i, k)] = len(names)
                 names.append(f"[{h.host}] {name}" if multi else name)
                 hop_host.append(i)
-        canon = np.array([canon_of[o] for o in self.hop_owner], np.int64)
+        canon = {(i << HOP_BITS) | k: c for (i, k), c in canon_of.items()}
         paths = []
         for hops, parts in zip(self._path_hops, self._rows):
             if not parts:
@@ -496,7 +488,7 @@ class StreamJoin:
         drop_cols = {k: (np.concatenate([d[k] for d in drops]) if drops else np.empty(0, t))
                      for k, t in zip(keys, dtypes)}
         lh = drop_cols["last_hop"]
-        drop_cols["last_hop"] = np.where(lh >= 0, canon[np.maximum(lh, 0)] if canon.size else -1, lh)
+        drop_cols["last_hop"] = np.array([canon[x] if x >= 0 else x for x in lh.tolist()], np.int64)
         sched: dict[str, list] = {}
         for i, (h, off) in enumerate(zip(hosts, self.offset_ns)):
             for k, v in h.sched.items():
