@@ -355,11 +355,12 @@ class StreamJoin:
             last = np.maximum.reduceat(ts, first)
             open_id = last >= cutoff
             self.cutoff = max(self.cutoff, cutoff)
+            gid = None
             if self._complete and open_id.any():
                 on_complete = np.zeros(h.size, bool)
                 for key in self._complete:
                     on_complete |= h == np.uint64(key)
-                gid = np.searchsorted(first, inst.start[:-1], "right") - 1
+                gid = _group_of_instance(inst)
                 waits = np.zeros(first.size, bool)
                 waits[gid[~on_complete]] = True
                 open_id &= waits | (last >= early)
@@ -371,7 +372,7 @@ class StreamJoin:
                 k = ev.size
                 self._ts[:k], self._pkt[:k], self._hop[:k] = inst.ts[ev], inst.pkt_id[ev], inst.hop[ev]
                 self._n = k
-                keep = ~open_id[np.searchsorted(first, inst.start[:-1], "right") - 1]
+                keep = ~open_id[gid if gid is not None else _group_of_instance(inst)]
         # next time when the window has twice what stays open (else a long gap re-sorts it often)
         self._next_at = max(self.window, 2 * self._n)
         self._close(inst, h, keep)
@@ -499,6 +500,17 @@ class StreamJoin:
                            drop_cols, {k: np.concatenate(v) for k, v in sched.items()},
                            int(self.t_first) if self.count else 0, int(self.t_last) if self.count else 0,
                            self.count, counts, self.late)
+
+
+def _group_of_instance(inst) -> np.ndarray:
+    """Each instance's pkt_id group (instances of one pkt_id are adjacent)."""
+    ipk = inst.pkt_id[inst.start[:-1]]
+    new = np.empty(ipk.size, bool)
+    new[:1] = True
+    np.not_equal(ipk[1:], ipk[:-1], out=new[1:])
+    gid = np.cumsum(new)
+    gid -= 1
+    return gid
 
 
 def _complete_paths(paths: dict[int, int], hops: list[tuple[int, ...]]) -> list[int]:
