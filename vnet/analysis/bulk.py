@@ -236,20 +236,27 @@ class HostReader:
     def _hop_index(self, r: np.ndarray) -> np.ndarray:
         """Each event's hop: (probe_id, hook) for device probes, (probe_id, netns, ifindex)
         for the others, packed in 64 bits; names are made once per distinct key."""
-        pid = r["probe_id"].astype(np.uint64)
-        hook = r["hook"].astype(np.uint64)
-        cookie = r["netns_cookie"].astype(np.uint64)
-        ifindex = r["ifindex"].astype(np.uint64)
+        key = r["probe_id"].astype(np.uint64)
+        key <<= np.uint64(4)
+        key |= r["hook"].astype(np.uint64)     # probe_id << 4 | hook: the device probes' whole key
+        dev = None
         if self._dev:
             dev = np.zeros(r.size, bool)
             for p, h in self._dev:
-                dev |= (pid == p) & (hook == h)
-            cookie = np.where(dev, 0, cookie)
-            ifindex = np.where(dev, 0, ifindex)
-        # exact while the values fit (they do in practice: small ids); else a hash of the netns cookie
-        cookie = np.where(cookie < (1 << 20), cookie, (cookie * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(44))
-        key = (pid << np.uint64(48)) | (hook << np.uint64(44)) | (cookie << np.uint64(24)) \
-            | (ifindex & np.uint64(0xFFFFFF))
+                dev |= key == np.uint64(p << 4 | h)
+            if dev.all():  # only device probes here (tc traces): nothing else to look at
+                dev = True
+        key <<= np.uint64(44)
+        if dev is not True:
+            # exact while the values fit (they do in practice: small ids); else a hash of the netns cookie
+            cookie = r["netns_cookie"].astype(np.uint64)
+            cookie = np.where(cookie < (1 << 20), cookie, (cookie * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(44))
+            low = r["ifindex"].astype(np.uint64)
+            low &= np.uint64(0xFFFFFF)
+            low |= cookie << np.uint64(24)
+            if dev is not None:
+                low[dev] = 0
+            key |= low
         known = self._known_keys
         if known.size:
             at = np.searchsorted(known, key)
