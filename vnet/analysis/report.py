@@ -35,10 +35,11 @@ def analyze(table: PacketTable, *, since: float | None = None, until: float | No
         "duration_s": (float(table.t_last - t0) / 1e9) if table.count else 0.0,
     }
     e2e = [p.e2e() for p in rows]
+    e2e_stats = [stats(lat) for lat in e2e]  # once: the paths, tail and sched joins all use them
     out["segments"] = _segment_table(table, rows, hist)
-    out["paths"] = _paths(table, rows, e2e, hist)
+    out["paths"] = _paths(table, rows, e2e, e2e_stats, hist)
     out["drops"] = _drops(table, rows, e2e, since, until)
-    out["sched"] = _sched(table, rows, e2e)
+    out["sched"] = _sched(table, rows, e2e, e2e_stats)
     if slowest:
         out["slowest"] = _slowest(table, rows, e2e, slowest, t0)
     out["verdict"] = verdict(out)
@@ -97,15 +98,15 @@ def _segment_table(table: PacketTable, rows: list[PathRows], hist: bool) -> list
     return out
 
 
-def _paths(table: PacketTable, rows: list[PathRows], e2e: list[np.ndarray], hist: bool) -> list[dict]:
+def _paths(table: PacketTable, rows: list[PathRows], e2e: list[np.ndarray], e2e_stats: list[dict],
+           hist: bool) -> list[dict]:
     """Per distinct path (with at least two hops): the end-to-end distribution and
     where the time of its tail packets (end-to-end >= p99) goes, segment by segment."""
     out = []
-    for p, lat in zip(rows, e2e):
+    for p, lat, st in zip(rows, e2e, e2e_stats):
         hops = p.hops
         if len(hops) < 2:
             continue
-        st = stats(lat)
         row = {"hops": [table.hop_names[x] for x in hops], "count": p.count, "e2e": st,
                "clock_error_ns": table.pair_error(hops[0], hops[-1])}
         if hist:
@@ -178,7 +179,7 @@ def _reason_name(host: HostEvents, value: int) -> str:
     return names.get(value, str(value))
 
 
-def _sched(table: PacketTable, rows: list[PathRows], e2e: list[np.ndarray]) -> dict | None:
+def _sched(table: PacketTable, rows: list[PathRows], e2e: list[np.ndarray], e2e_stats: list[dict]) -> dict | None:
     """Join each tail packet's slowest segment with the run-queue waits ([ts - runq_ns, ts])
     of watched threads on the hosts of that segment that overlap it in time."""
     s = table.sched
@@ -186,10 +187,10 @@ def _sched(table: PacketTable, rows: list[PathRows], e2e: list[np.ndarray]) -> d
         return None
     # tail packets (end-to-end >= p99 of their path) and the slowest segment of each
     t_a, t_b, h_a, h_b, tail_e2e = [], [], [], [], []
-    for p, lat in zip(rows, e2e):
+    for p, lat, st in zip(rows, e2e, e2e_stats):
         if len(p.hops) < 2:
             continue
-        slow = np.flatnonzero(lat >= stats(lat)["p99_ns"])
+        slow = np.flatnonzero(lat >= st["p99_ns"])
         d = p.deltas[slow]
         worst = np.argmax(d, axis=1)
         rows_ = np.arange(slow.size)
