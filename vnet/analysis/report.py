@@ -68,7 +68,7 @@ def _window(table: PacketTable, since, until) -> list[PathRows]:
     for p in table.paths:
         keep = _in_window(p.first_ts, table.t0, since, until)
         if keep is not None and not keep.all():
-            p = PathRows(p.hops, p.first_ts[keep], p.pkt_id[keep], p.deltas[keep])
+            p = p.select(keep)
         if p.count:
             out.append(p)
     out.sort(key=lambda p: (-p.count, path_hash(p.hops)))
@@ -78,14 +78,14 @@ def _window(table: PacketTable, since, until) -> list[PathRows]:
 def _segment_table(table: PacketTable, rows: list[PathRows], hist: bool) -> list[dict]:
     # every (from hop, to hop) pair: its column of deltas on each path that has it
     h = len(table.hop_names)
-    cols: dict[int, list[np.ndarray]] = {}
+    cols: dict[int, list[tuple[PathRows, int]]] = {}
     for p in rows:
         for i in range(len(p.hops) - 1):
-            cols.setdefault(p.hops[i] * h + p.hops[i + 1], []).append(p.deltas[:, i])
+            cols.setdefault(p.hops[i] * h + p.hops[i + 1], []).append((p, i))
     out = []
     for kk in sorted(cols):
-        parts = cols[kk]
-        d = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()  # a contiguous copy of our own
+        parts = [p.column(i) for p, i in cols[kk]]  # contiguous copies of our own
+        d = np.concatenate(parts) if len(parts) > 1 else parts[0]
         fa, fb = divmod(kk, h)
         if hist:
             hist_row = _hist(d)
@@ -113,8 +113,8 @@ def _paths(table: PacketTable, rows: list[PathRows], e2e: list[np.ndarray], e2e_
             row["hist"] = _hist(lat)
         thr = st["p99_ns"]
         tail = lat >= thr
-        all_pos = [float(int(x)) for x in p.deltas.sum(axis=0)]
-        per_pos = [float(int(x)) for x in p.deltas[tail].sum(axis=0)]
+        all_pos = [float(x) for x in p.column_sums()]
+        per_pos = [float(x) for x in p.column_sums(tail)]
         total = float(lat[tail].sum())
         all_total = float(lat.sum())
         n_tail = int(np.count_nonzero(tail))
@@ -191,7 +191,7 @@ def _sched(table: PacketTable, rows: list[PathRows], e2e: list[np.ndarray], e2e_
         if len(p.hops) < 2:
             continue
         slow = np.flatnonzero(lat >= st["p99_ns"])
-        d = p.deltas[slow]
+        d = p.rows(slow)
         worst = np.argmax(d, axis=1)
         rows_ = np.arange(slow.size)
         before = np.cumsum(d, axis=1)[rows_, np.maximum(worst - 1, 0)]
@@ -251,7 +251,7 @@ def _slowest(table: PacketTable, rows: list[PathRows], e2e: list[np.ndarray], n:
     out = []
     for i in top.tolist():
         p, r = rows[int(which[i])], int(row_of[i])
-        deltas = [0] + p.deltas[r].tolist()
+        deltas = [0] + p.rows(np.array([r]))[0].tolist()
         out.append({"pkt_id": f"{int(pkt[i]):016x}", "t_s": (int(first[i]) - t0) / 1e9, "total_ns": int(lat[i]),
                     "hops": [{"hop": table.hop_names[h], "delta_ns": int(d)} for h, d in zip(p.hops, deltas)]})
     return out

@@ -31,29 +31,83 @@ SLACK_NS = 50_000_000    # how far a host's events may run out of time order (an
 WINDOW = 1 << 18         # events sorted together (more while many packets are still open)
 
 
-@dataclass
 class PathRows:
-    """The packets of one path (hop sequence): one row each."""
+    """The packets of one path (hop sequence): one row each, kept as the parts the
+    windows produced (first time, pkt_id, segment times), so that nothing copies the
+    whole table: the report reads columns and sums part by part."""
 
-    hops: tuple[int, ...]
-    first_ts: np.ndarray          # int64: time at the first hop, collector clock
-    pkt_id: np.ndarray            # uint64
-    deltas: np.ndarray            # int32 or int64 [rows, len(hops) - 1]: time of each segment
+    def __init__(self, hops: tuple[int, ...], parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
+        self.hops = hops
+        self.parts = [p for p in parts if p[0].size]
+        self.sizes = [int(p[0].size) for p in self.parts]
+        self.count = sum(self.sizes)
+        self._first: np.ndarray | None = None
+        self._pkt: np.ndarray | None = None
+        self._e2e: np.ndarray | None = None
 
     @property
-    def count(self) -> int:
-        return int(self.first_ts.size)
+    def segments(self) -> int:
+        return len(self.hops) - 1
+
+    @property
+    def first_ts(self) -> np.ndarray:
+        """int64: the time at the first hop, collector clock."""
+        if self._first is None:
+            self._first = _cat([p[0] for p in self.parts], np.int64)
+        return self._first
+
+    @property
+    def pkt_id(self) -> np.ndarray:
+        if self._pkt is None:
+            self._pkt = _cat([p[1] for p in self.parts], np.uint64)
+        return self._pkt
 
     def e2e(self) -> np.ndarray:
-        return self.deltas.sum(axis=1, dtype=np.int64) if self.deltas.shape[1] else np.zeros(self.count, np.int64)
+        if self._e2e is None:
+            self._e2e = _cat([p[2].sum(axis=1, dtype=np.int64) if self.segments else np.zeros(p[0].size, np.int64)
+                              for p in self.parts], np.int64)
+        return self._e2e
 
-    def hop_times(self) -> np.ndarray:
-        """[rows, hops]: the time at each hop."""
-        out = np.empty((self.count, len(self.hops)), np.int64)
-        out[:, 0] = self.first_ts
-        np.cumsum(self.deltas, axis=1, out=out[:, 1:])
-        out[:, 1:] += self.first_ts[:, None]
+    def column(self, i: int) -> np.ndarray:
+        """Segment i of every row: a new contiguous array (the caller may reorder it)."""
+        return _cat([p[2][:, i] for p in self.parts], np.int64, copy=True)
+
+    def column_sums(self, rows: np.ndarray | None = None) -> list[int]:
+        """Per segment, the sum over all rows (or over the rows where the mask is set)."""
+        total = np.zeros(self.segments, np.int64)
+        at = 0
+        for (_, _, d), n in zip(self.parts, self.sizes):
+            total += (d if rows is None else d[rows[at:at + n]]).sum(axis=0, dtype=np.int64)
+            at += n
+        return [int(x) for x in total]
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """The segment times of the rows idx (ascending), as int64 [len(idx), segments]."""
+        out = np.empty((idx.size, self.segments), np.int64)
+        bounds = np.cumsum([0] + self.sizes)
+        part = np.searchsorted(bounds, idx, "right") - 1
+        for j in np.unique(part).tolist():
+            sel = part == j
+            out[sel] = self.parts[j][2][idx[sel] - bounds[j]]
         return out
+
+    def select(self, keep: np.ndarray) -> "PathRows":
+        """The rows where keep is set."""
+        parts, at = [], 0
+        for p, n in zip(self.parts, self.sizes):
+            k = keep[at:at + n]
+            parts.append((p[0][k], p[1][k], p[2][k]))
+            at += n
+        return PathRows(self.hops, parts)
+
+
+def _cat(arrays: list[np.ndarray], dtype, copy: bool = False) -> np.ndarray:
+    if not arrays:
+        return np.empty(0, dtype)
+    if len(arrays) == 1:
+        a = arrays[0]
+        return a.astype(dtype, copy=True) if copy or a.dtype != dtype or not a.flags.c_contiguous else a
+    return np.concatenate(arrays).astype(dtype, copy=False)
 
 
 @dataclass
@@ -473,15 +527,8 @@ class StreamJoin:
                 names.append(f"[{h.host}] {name}" if multi else name)
                 hop_host.append(i)
         canon = {(i << HOP_BITS) | k: c for (i, k), c in canon_of.items()}
-        paths = []
-        for hops, parts in zip(self._path_hops, self._rows):
-            if not parts:
-                continue
-            first = np.concatenate([p[0] for p in parts])
-            pkt = np.concatenate([p[1] for p in parts])
-            d = np.concatenate([p[2] for p in parts])
-            parts.clear()
-            paths.append(PathRows(tuple(int(canon[h]) for h in hops), first, pkt, d))
+        paths = [PathRows(tuple(int(canon[h]) for h in hops), parts)
+                 for hops, parts in zip(self._path_hops, self._rows) if parts]
         drops = self._matched + [{**d, "last_hop": np.full(d["ts"].size, -1, np.int64),
                                   "first_ts": np.zeros(d["ts"].size, np.int64)} for d in self._drops]
         keys = ("ts", "pkt_id", "reason", "host", "last_hop", "first_ts")
