@@ -1,75 +1,138 @@
-"""`vnet demo`: the main job on a built-in throwaway topology.
+"""`vnet demo`: the main jobs on built-in throwaway topologies.
 
-Two network-namespace "VMs" behind a Linux bridge in a "host" namespace; vnet
-traces every hop of the path (VM vNIC, bridge ports, other VM's vNIC), sends
-traffic, prints what it saw and each packet's per-hop latency, then removes it all.
+Each scenario (vnet/demo/) builds its topology, traces it, analyses the trace
+with `vnet analyze`'s code, prints the verdict and key numbers, leaves its trace
+files, analysis, plots and captures in a folder it names, and removes everything
+it created, also on Ctrl-C or failure.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import sys
+import time
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from vnet.analysis.paths import hop_latency, paths
-from vnet.probes import device as devprobe
+from vnet.errors import UsageError
 from vnet.probes import features
-from vnet.topology import Topology, ping, send_udp, udp_sink, warm_up
-from vnet.trace import DeviceTrace
-from vnet.trace.records import format_json, format_text
 
 from .common import cli_errors, setup_logging
 
-UDP_PORT = 5000
+SCENARIOS = {"ovs-congestion": "vnet.demo.ovs_congestion", "tail-latency": "vnet.demo.tail_latency",
+             "bridge": "vnet.demo.bridge"}
+ALL = ("ovs-congestion", "tail-latency")
 
 
 @cli_errors
 def demo(
-    packets: int = typer.Option(5, "--packets", "-n", min=1, max=10000, help="UDP datagrams to send vm1 -> vm2."),
-    json_out: bool = typer.Option(False, "--json", help="Print the events as JSON Lines."),
+    scenario: str = typer.Argument("all", metavar="[ovs-congestion|tail-latency|bridge|all]",
+                                   help="Which scenario; all: ovs-congestion and tail-latency."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for trace files, analysis, plots "
+                                                                 "(default: ./vnet-demo-TIME)."),
+    quick: bool = typer.Option(False, "--quick", help="Smaller runs (what the test suite does)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True),
 ):
-    """Build two namespace VMs behind a bridge, trace their traffic hop by hop, tear down."""
+    """Build a throwaway topology, reproduce a latency problem, find its cause with vnet, tear down."""
     setup_logging(verbose)
+    names = list(ALL) if scenario == "all" else [scenario]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise UsageError(f"unknown demo scenario {unknown[0]!r} (one of {', '.join(SCENARIOS)}, all)")
     features.require_privileges(net_admin=True)
-    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    with Topology.two_vms_behind_bridge() as net:
-        prefix = net.topology.prefix
-        short = lambda text: text.replace(prefix, "")  # noqa: E731
-        say(f"topology: vm1 {net.vm1_ip} --eth0==tap1-- [br0 in host] --tap2==eth0-- vm2 {net.vm2_ip} "
-            f"(namespaces {prefix}*)")
-        warm_up(net.vm1_ns, net.vm2_ip)  # ARP before tracing: the trace shows only the test traffic
-        hops = [f"{net.vm1_ns}/{net.vm_if}", f"{net.host_ns}/{net.host_ports[0]}",
-                f"{net.host_ns}/{net.host_ports[1]}", f"{net.vm2_ns}/{net.vm_if}"]
-        with DeviceTrace([devprobe.resolve(h) for h in hops]) as t:
-            say(f"tracing {len(t.hooks)} hooks ({'/'.join(sorted(t.hook_kinds))}): " +
-                ", ".join(short(h.probe) for h in t.hooks))
-            with udp_sink(net.vm2_ns, UDP_PORT) as sink:
-                send_udp(net.vm1_ns, net.vm2_ip, UDP_PORT, count=packets)
-                delivered = sink.received(timeout=3.0, expect=packets)
-            replies = ping(net.vm1_ns, net.vm2_ip, count=2)
-            # Each datagram crosses 4 hooks; each echo request and reply does too.
-            expected = 4 * (packets + 2 * replies)
-            events = t.poll_until(lambda evs: len(evs) >= expected, timeout=3.0)
-            stats = t.stats()
+    from vnet.demo import DemoContext
 
-    for e in events:
-        print(format_json(e) if json_out else short(format_text(e)))
-    wanted = [p for p in paths(events) if p.events[0]["proto"] in ("udp", "icmp")]
-    print(f"\n{len(wanted)} packets followed across the path (pkt_id: same packet at every hook):")
-    for p in wanted[:8]:
-        first = p.events[0]
-        print(f"  {p.pkt_id} {first['proto'].upper()} {first['src']} > {first['dst']}: " +
-              " -> ".join(short(e["probe"].removeprefix("dev:")) for e in p.events) +
-              f"  total {p.total_ns / 1000:.1f} us")
-    if len(wanted) > 8:
-        print(f"  ... and {len(wanted) - 8} more")
-    print("\nper-hop latency (median / max over packets):")
-    for a, b, n, med, mx in hop_latency(wanted):
-        print(f"  {short(a.removeprefix('dev:')):>20} -> {short(b.removeprefix('dev:')):<20} "
-              f"{n:4d} pkts  {med / 1000:8.1f} us  {mx / 1000:8.1f} us")
-    print(f"\nvnet: {packets} UDP datagrams sent, {delivered} delivered; {len(events)} events, "
-          f"{stats.lost} lost (ring buffer full), {stats.seen} packets seen at {len(hops) * 2} hooks; "
-          f"topology removed", file=sys.stderr)
-    if len(events) < expected:
+    folder = out or Path(f"vnet-demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"vnet demo: results in {folder}/", file=sys.stderr)
+    results = []
+    for i, name in enumerate(names):
+        module = importlib.import_module(SCENARIOS[name])
+        sub = folder / name
+        sub.mkdir(exist_ok=True)
+        with _progress(f"[{i + 1}/{len(names)}] {module.TITLE}", enabled=not json_out) as report:
+            try:
+                result = module.run(DemoContext(sub, report, quick, verbose))
+            except KeyboardInterrupt:
+                print(f"vnet demo: interrupted during {name}; what it built is removed", file=sys.stderr)
+                raise typer.Exit(130) from None
+        results.append(result)
+        if not json_out:
+            _show(result)
+    if json_out:
+        sys.stdout.write(json.dumps({"folder": str(folder), "results": [
+            {"name": r.name, "ok": r.ok, "why": r.why, "verdict": r.verdict, "numbers": r.numbers,
+             "files": [str(f) for f in r.files]} for r in results]}, default=str) + "\n")
+    failed = [r for r in results if not r.ok]
+    if failed:
+        for r in failed:
+            print(f"vnet demo: {r.name}: the answer is not the expected one: {r.why}", file=sys.stderr)
         raise typer.Exit(1)
+
+
+class _progress:
+    """A progress bar on stderr (rich) for one scenario; report(step, fraction)."""
+
+    def __init__(self, title: str, enabled: bool):
+        self.title, self.enabled = title, enabled and sys.stderr.isatty()
+        self._bar = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                 transient=True, console=None)
+            self._bar.start()
+            self._task = self._bar.add_task(self.title, total=1.0)
+        else:
+            print(f"vnet demo: {self.title}", file=sys.stderr)
+        return self.report
+
+    def report(self, step: str, fraction: float) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=max(0.0, min(fraction, 1.0)), description=f"{self.title}: {step}")
+        else:
+            print(f"vnet demo:   {step}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _show(r) -> None:
+    print(f"\n== {r.name} ==")
+    print(r.verdict)
+    lines = list(_numbers(r.numbers))
+    if lines:
+        print("\nkey numbers:")
+        print("\n".join(f"  {line}" for line in lines))
+    if r.files:
+        print(f"\nwrote {len(r.files)} files: " + ", ".join(str(f) for f in r.files))
+
+
+def _numbers(v, key: str = ""):
+    """Nested numbers as 'a.b: value' lines (a dict of plain values on one line);
+    *_ns values in microseconds."""
+    if isinstance(v, dict) and key and v and not any(isinstance(x, (dict, list)) for x in v.values()):
+        yield f"{key}: " + ", ".join(_value(k, x) for k, x in v.items())
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            yield from _numbers(x, f"{key}.{k}" if key else str(k))
+    elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+        for i, x in enumerate(v):
+            yield from _numbers(x, f"{key}[{i}]")
+    else:
+        yield _value(key, v, ": ")
+
+
+def _value(key: str, v, sep: str = " ") -> str:
+    if key.endswith("_ns") and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{key.removesuffix('_ns')}{sep}{v / 1000:.1f} us"
+    if isinstance(v, float):
+        return f"{key}{sep}{v:.3g}"
+    return f"{key}{sep}{v}"
