@@ -86,7 +86,7 @@ wheel: venv
 	$(PY) -m build --wheel --outdir dist .
 
 demo: deps
-	$(VNET) demo
+	$(VNET) demo bridge
 
 # tests/vm run in a 6.1 guest booted once; each reports its guest result here.
 test: deps vm-deps check-bpf
