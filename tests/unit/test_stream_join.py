@@ -86,13 +86,13 @@ def test_events_older_than_the_closed_packets_are_counted(tmp_path):
 
 
 def test_path_hash_matches_the_vectorised_one():
-    from vnet.analysis.latency import Instances, _path_hash
+    from vnet.analysis.stream import StreamJoin
 
-    hops = [(0, 1, 2), (3,), (2, 1, 0, 4, 5), tuple(range(70))]
+    hops = [(0, 1, 2), (3,), (2, 1, 0, 4, 5), tuple(range(70)), (65536, 65537, 1)]
     flat = np.concatenate([np.array(h, np.uint32) for h in hops])
-    start = np.r_[0, np.cumsum([len(h) for h in hops])]
-    inst = Instances(np.zeros(flat.size, np.int64), flat, np.zeros(flat.size, np.uint64), start)
-    assert _path_hash(inst).tolist() == [path_hash(h) for h in hops]
+    sizes = np.array([len(h) for h in hops])
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    assert StreamJoin._path_hash(None, flat, starts, sizes).tolist() == [path_hash(h) for h in hops]
 
 
 def test_order_by_packet_is_lexsort():

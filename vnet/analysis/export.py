@@ -11,7 +11,7 @@
 
 The merged timeline is the collector's CLOCK_MONOTONIC: an event's `t_ns` is its
 host's `ts_ns` minus that host's clock offset (agent - collector) from the best
-"clock" chunk of its files, as `vnet analyze` maps them (vnet.analysis.latency.merge).
+"clock" chunk of its files, as `vnet analyze` maps them (vnet.analysis.stream).
 A host whose files have no clock chunk keeps its own clock (offset 0).
 """
 
@@ -29,10 +29,10 @@ from typing import IO, Iterator
 import numpy as np
 
 from vnet.collector.tracefile import TraceFileReader
-from vnet.errors import UnsupportedError, UsageError
+from vnet.errors import UsageError
 from vnet.trace.records import where
 
-from .bulk import Flow, expand, files_by_host, read_hosts
+from .bulk import Flow, files_by_host
 from .extras import EXTRA, require  # noqa: F401 -- require is this module's API too
 
 FORMATS = ("jsonl", "parquet", "perfetto", "pcapng")
@@ -312,13 +312,12 @@ def write_perfetto(paths, out: str | os.PathLike, hosts: list[str] | None = None
     from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
     from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import TrackEvent
 
-    from .latency import join, merge
+    from .stream import read_table
 
-    data = read_hosts(paths, flow=flow, hosts=hosts)
-    if not data:
+    tl = read_table(paths, flow=flow, hosts=hosts)
+    if not tl.hosts:
         raise UsageError("no readable trace in these files")
-    tl = merge(data)
-    inst = join(tl)
+    inst = tl.instances()
     summary = PerfettoSummary()
     uuid = iter(range(1, 1 << 62))
 

@@ -1,7 +1,7 @@
-"""Per-packet paths over many hosts, per-segment latency, the tail named, drops, scheduling.
+"""The building blocks of the path join (vnet.analysis.stream) and its percentiles.
 
-Everything runs on numpy columns (vnet.analysis.bulk): one sort by (pkt_id, time)
-groups each packet's events; the rest is reductions over those groups.
+A window of events is sorted by (pkt_id, time) (order_by_packet) and cut into
+packet instances (group_sorted).
 
 A packet instance is a pkt_id's events in time order; when a hop repeats inside
 one pkt_id (identical packets sent again, see docs/identity.md), the k-th sighting
@@ -11,11 +11,9 @@ hops; a segment a pair of consecutive hops on it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-
-from .bulk import HostEvents
 
 QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999))
 TAIL_Q = 0.99
@@ -39,86 +37,6 @@ def stats(values: np.ndarray, scratch: bool = False) -> dict:
     out.update({f"{name}_ns": int(part[k]) for (name, _), k in zip(QUANTILES, ranks)})
     out["max_ns"] = int(part[n - 1])
     return out
-
-
-@dataclass
-class Timeline:
-    """Every host's packet events on one clock (the collector's monotonic clock when
-    the files carry clock estimates; a lone file without them is its own timeline)."""
-
-    ts: np.ndarray
-    pkt_id: np.ndarray
-    hop: np.ndarray
-    hop_names: list[str]
-    hop_host: np.ndarray           # hop -> host index
-    hosts: list[HostEvents]
-    error_ns: list[int | None]     # per host: bound on its clock mapping (None: no estimate)
-    offset_ns: list[int]
-    drops: dict[str, np.ndarray] = field(default_factory=dict)
-    sched: dict[str, np.ndarray] = field(default_factory=dict)
-
-    t_first: int = 0
-    t_last: int = 0
-    count: int = 0                 # packet events (also after release())
-
-    def __post_init__(self) -> None:
-        self.count = int(self.ts.size)
-        if self.count:
-            self.t_first, self.t_last = int(self.ts.min()), int(self.ts.max())
-
-    @property
-    def t0(self) -> int:
-        return self.t_first
-
-    def release(self) -> None:
-        """Drop the event columns (the join has its own sorted copies): memory back."""
-        self.ts = self.pkt_id = self.hop = None
-
-    def pair_error(self, a: int, b: int) -> int | None:
-        """Bound on the clock error of a time difference between hops a and b."""
-        ha, hb = int(self.hop_host[a]), int(self.hop_host[b])
-        if ha == hb:
-            return 0
-        ea, eb = self.error_ns[ha], self.error_ns[hb]
-        return None if ea is None or eb is None else ea + eb
-
-
-def merge(hosts: list[HostEvents]) -> Timeline:
-    """Map each host's CLOCK_MONOTONIC onto the collector's: ts - offset (offset =
-    agent - collector, from the host's best clock chunk)."""
-    multi = len(hosts) > 1
-    ts, pid, hop, names, hop_host, errors, offsets = [], [], [], [], [], [], []
-    drops: dict[str, list] = {"ts": [], "pkt_id": [], "reason": [], "host": []}
-    sched: dict[str, list] = {}
-    for i, h in enumerate(hosts):
-        off = h.clock["offset_ns"] if h.clock else 0
-        errors.append(h.clock["error_ns"] if h.clock else (None if multi else 0))
-        offsets.append(off)
-        ts.append((h.ts, off))
-        pid.append(h.pkt_id)
-        hop.append((h.hop, len(names)))
-        names += [f"[{h.host}] {n}" if multi else n for n in h.hops]
-        hop_host += [i] * len(h.hops)
-        drops["ts"].append(h.drops["ts"] - off)
-        drops["pkt_id"].append(h.drops["pkt_id"])
-        drops["reason"].append(h.drops["reason"])
-        drops["host"].append(np.full(h.drops["ts"].size, i, np.int32))
-        for k, v in h.sched.items():
-            sched.setdefault(k, []).append(v - off if k == "ts" else v)
-        sched.setdefault("host", []).append(np.full(h.sched["ts"].size, i, np.int32))
-    cat = lambda parts, dt: np.concatenate(parts) if parts else np.empty(0, dt)  # noqa: E731
-    hop_t = np.uint16 if len(names) <= 1 << 16 else np.uint32
-    # written part by part into the merged columns: no per-host temporaries
-    n = sum(t.size for t, _ in ts)
-    ts_all, hop_all = np.empty(n, np.int64), np.empty(n, hop_t)
-    at = 0
-    for (t, off), (hp, base) in zip(ts, hop):
-        np.subtract(t, off, out=ts_all[at:at + t.size], casting="unsafe")
-        np.add(hp, base, out=hop_all[at:at + t.size], dtype=hop_t, casting="unsafe")
-        at += t.size
-    return Timeline(ts_all, cat(pid, np.uint64), hop_all, names,
-                    np.array(hop_host, np.int32), hosts, errors, offsets,
-                    {k: cat(v, np.int64) for k, v in drops.items()}, {k: np.concatenate(v) for k, v in sched.items()})
 
 
 @dataclass
@@ -210,13 +128,6 @@ def order_by_packet(pkt_id: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.
     return order, p, t
 
 
-def join(tl: Timeline) -> Instances:
-    order, pid, ts = order_by_packet(tl.pkt_id, tl.ts)
-    hop = tl.hop[order]
-    del order
-    return group_sorted(pid, ts, hop)
-
-
 def group_sorted(pid: np.ndarray, ts: np.ndarray, hop: np.ndarray) -> Instances:
     """Events in (pkt_id, time) order, cut into packet instances."""
     n = ts.size
@@ -270,84 +181,3 @@ def _popcount(x: np.ndarray) -> np.ndarray:
     x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
     x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
     return ((x * np.uint64(0x0101010101010101)) >> np.uint64(56)).astype(np.int64)
-
-
-@dataclass
-class Segments:
-    """One row per consecutive pair of hops inside an instance."""
-
-    src: np.ndarray     # event index of the earlier hop
-    inst: np.ndarray    # instance index
-    pos: np.ndarray     # position on the path (0: first segment)
-    delta: np.ndarray
-
-
-def segments(inst: Instances) -> Segments:
-    n = inst.ts.size
-    same = np.ones(max(n - 1, 0), bool)
-    same[inst.start[1:-1] - 1] = False  # the last event of an instance pairs with nothing
-    src = np.flatnonzero(same)
-    del same
-    it = np.int32 if n < 1 << 31 else np.int64
-    ids = np.repeat(np.arange(inst.count, dtype=it), inst.sizes)
-    seg_inst = ids[src]
-    del ids
-    pos = (src - inst.start[:-1][seg_inst]).astype(it)
-    return Segments(src, seg_inst, pos, inst.ts[src + 1] - inst.ts[src])
-
-
-def path_ids(inst: Instances) -> tuple[np.ndarray, list[tuple[int, ...]], np.ndarray]:
-    """Each instance's distinct path: (path index per instance, hop tuples, counts),
-    paths by count, most common first. Paths are told apart by a 64-bit hash of the
-    hop sequence (position-weighted), checked on one member of each."""
-    if not inst.count:
-        return np.empty(0, np.int64), [], np.empty(0, np.int64)
-    h = _path_hash(inst)
-    uniq, first, inv, counts = np.unique(h, return_index=True, return_inverse=True, return_counts=True)
-    rank = np.argsort(-counts, kind="stable")
-    remap = np.empty_like(rank)
-    remap[rank] = np.arange(rank.size)
-    hops = [tuple(inst.hop[inst.start[i]:inst.start[i + 1]].tolist()) for i in first[rank]]
-    return remap[inv.reshape(-1)], hops, counts[rank]
-
-
-def _path_hash(inst: Instances) -> np.ndarray:
-    """sum over an instance's events k of (hop + 1) * MULT^(k + 1) (mod 2^64), xor its
-    size << 56: computed position by position over the instances that reach it (one
-    gather of at most the instance count each), not with per-event temporaries: the
-    same value as the per-event formula, in a fraction of the memory."""
-    sizes = inst.sizes
-    starts = inst.start[:-1]
-    h = np.zeros(inst.count, np.uint64)
-    live = np.arange(inst.count)
-    mult, weight = int(_MULT), 1
-    k = 0
-    while live.size:
-        weight = weight * mult & 0xFFFFFFFFFFFFFFFF  # MULT^(k + 1), wrapping
-        if k >= 64 and live.size * 16 < inst.count:
-            # few long instances left: their remaining events in one vectorised pass
-            n = sizes[live] - k
-            ev = np.repeat(starts[live] + k, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
-            pos = np.repeat(np.arange(live.size), n)
-            e = (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)).astype(np.uint64)
-            w = np.uint64(weight) * (_MULT ** e)
-            term = (inst.hop[ev].astype(np.uint64) + np.uint64(1)) * w
-            h[live] += _sum_u64(term, pos, live.size)
-            break
-        term = inst.hop[starts[live] + k].astype(np.uint64)
-        term += np.uint64(1)
-        term *= np.uint64(weight)
-        h[live] += term
-        k += 1
-        live = live[sizes[live] > k]
-    h ^= sizes.astype(np.uint64) << np.uint64(56)
-    return h
-
-
-def _sum_u64(values: np.ndarray, group: np.ndarray, n: int) -> np.ndarray:
-    """Per-group wrapping sums of u64 values, group sorted ascending."""
-    out = np.zeros(n, np.uint64)
-    if values.size:
-        cut = np.r_[0, np.flatnonzero(group[1:] != group[:-1]) + 1]
-        out[group[cut]] = np.add.reduceat(values, cut)
-    return out

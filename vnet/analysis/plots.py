@@ -6,7 +6,7 @@
     waterfall.png      the slowest packets of that path, hop by hop (one bar per
                        segment, from the packet's first hop)
 
-Everything is on the merged timeline (vnet.analysis.latency), as `vnet analyze`.
+Everything comes from the streaming join (vnet.analysis.stream), as `vnet analyze`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .bulk import HostEvents
-from .latency import Timeline, join, merge, path_ids, segments
+from .stream import PacketTable, PathRows, path_hash, read_table
 
 MAX_SEGMENTS = 10   # CDF lines: the most frequent segments
 US = 1e3
@@ -33,28 +33,26 @@ def _mpl():
     return plt
 
 
-def _short(tl: Timeline, hop: int) -> str:
+def _short(tl: PacketTable, hop: int) -> str:
     return tl.hop_names[hop]
 
 
-def plot_all(hosts: list[HostEvents], out_dir: str | os.PathLike, slowest: int = 20) -> list[Path]:
+def plot_all(data: PacketTable | list[HostEvents], out_dir: str | os.PathLike, slowest: int = 20) -> list[Path]:
     """Write the PNGs into out_dir (created); returns their paths. Plots with no data
-    (no packet seen at two hops) are not written."""
+    (no packet seen at two hops) are not written. data: a joined trace (read_table),
+    or hosts as read_hosts returns them (their files are joined again)."""
     plt = _mpl()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tl = merge(hosts)
-    inst = join(tl)
-    segs = segments(inst)
+    tl = data if isinstance(data, PacketTable) else read_table([f for h in data for f in h.files])
+    paths = sorted((p for p in tl.paths if p.count), key=lambda p: (-p.count, path_hash(p.hops)))
     written: list[Path] = []
-    if not segs.delta.size:
+    if not any(len(p.hops) >= 2 for p in paths):
         return written
-    pidx, phops, pcounts = path_ids(inst)
-    main = next((p for p, h in enumerate(phops) if len(h) >= 2), None)
-    written.append(_cdf(plt, tl, inst, segs, pidx, phops, main, out / "segment_cdf.png"))
-    if main is not None:
-        written.append(_heatmap(plt, tl, inst, pidx, phops, pcounts, main, out / "latency_heatmap.png"))
-        written.append(_waterfall(plt, tl, inst, pidx, phops, main, slowest, out / "waterfall.png"))
+    main = next(p for p in paths if len(p.hops) >= 2)
+    written.append(_cdf(plt, tl, paths, main, out / "segment_cdf.png"))
+    written.append(_heatmap(plt, tl, main, out / "latency_heatmap.png"))
+    written.append(_waterfall(plt, tl, main, slowest, out / "waterfall.png"))
     return written
 
 
@@ -68,29 +66,28 @@ def _plain_log(axis) -> None:
     axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
-def _path_label(tl: Timeline, hops) -> str:
+def _path_label(tl: PacketTable, hops) -> str:
     names = [_short(tl, h) for h in hops]
     return " → ".join(names) if len(names) <= 3 else f"{names[0]} → … → {names[-1]} ({len(names)} hops)"
 
 
-def _cdf(plt, tl, inst, segs, pidx, phops, main, path: Path) -> Path:
-    a = inst.hop[segs.src].astype(np.int64)
-    b = inst.hop[segs.src + 1].astype(np.int64)
-    key = a * len(tl.hop_names) + b
-    uniq, counts = np.unique(key, return_counts=True)
-    top = uniq[np.argsort(-counts, kind="stable")][:MAX_SEGMENTS]
+def _cdf(plt, tl: PacketTable, paths: list[PathRows], main: PathRows, path: Path) -> Path:
+    cols: dict[tuple[int, int], list[np.ndarray]] = {}
+    for p in paths:
+        for i in range(len(p.hops) - 1):
+            cols.setdefault((p.hops[i], p.hops[i + 1]), []).append(p.column(i))
+    n = {k: sum(c.size for c in v) for k, v in cols.items()}
+    top = sorted(cols, key=lambda k: (-n[k], k))[:MAX_SEGMENTS]
     fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
-    for k in top.tolist():
-        d = np.sort(segs.delta[key == k]) / US
-        fa, fb = divmod(k, len(tl.hop_names))
+    for fa, fb in top:
+        d = np.sort(np.concatenate(cols[(fa, fb)])) / US
         y = np.arange(1, d.size + 1) / d.size
         ax.step(np.maximum(d, 1e-3), y, where="post",
                 label=f"{_short(tl, fa)} → {_short(tl, fb)}  (n={d.size:,}, p99 {_q(d, .99):.1f} µs)")
-    if main is not None:
-        e2e = np.sort(inst.e2e()[pidx == main]) / US
-        ax.step(np.maximum(e2e, 1e-3), np.arange(1, e2e.size + 1) / e2e.size, where="post", color="black",
-                linestyle="--", linewidth=2,
-                label=f"end to end: {_path_label(tl, phops[main])}  (n={e2e.size:,}, p99 {_q(e2e, .99):.1f} µs)")
+    e2e = np.sort(main.e2e()) / US
+    ax.step(np.maximum(e2e, 1e-3), np.arange(1, e2e.size + 1) / e2e.size, where="post", color="black",
+            linestyle="--", linewidth=2,
+            label=f"end to end: {_path_label(tl, main.hops)}  (n={e2e.size:,}, p99 {_q(e2e, .99):.1f} µs)")
     ax.set_xscale("log")
     _plain_log(ax.xaxis)
     ax.set_ylim(0, 1.01)
@@ -108,12 +105,11 @@ def _q(sorted_values: np.ndarray, q: float) -> float:
     return float(sorted_values[max(0, int(np.ceil(q * sorted_values.size)) - 1)])
 
 
-def _heatmap(plt, tl, inst, pidx, phops, pcounts, main, path: Path) -> Path:
+def _heatmap(plt, tl: PacketTable, main: PathRows, path: Path) -> Path:
     from matplotlib.colors import LogNorm
 
-    mine = pidx == main
-    t = (inst.first_ts()[mine] - tl.t0) / 1e9
-    lat = np.maximum(inst.e2e()[mine], 1) / US
+    t = (main.first_ts - tl.t0) / 1e9
+    lat = np.maximum(main.e2e(), 1) / US
     tbins = max(10, min(200, int(np.sqrt(t.size))))
     lo, hi = np.log10(lat.min()), np.log10(lat.max())
     pad = max(0.1 * (hi - lo), 0.05)  # the extremes are not squeezed against the frame
@@ -128,7 +124,7 @@ def _heatmap(plt, tl, inst, pidx, phops, pcounts, main, path: Path) -> Path:
     _plain_log(ax.yaxis)
     ax.set_xlabel("time since the first packet (s)")
     ax.set_ylabel("end-to-end latency (µs, log scale)")
-    ax.set_title(f"End-to-end latency over time\n{_path_label(tl, phops[main])}, {int(pcounts[main]):,} packets",
+    ax.set_title(f"End-to-end latency over time\n{_path_label(tl, main.hops)}, {main.count:,} packets",
                  fontsize=11)
     p50, p99 = np.percentile(lat, 50), np.percentile(lat, 99)
     ax.axhline(p50, color="white", linestyle="--", linewidth=1, label=f"p50 {p50:.1f} µs")
@@ -137,22 +133,21 @@ def _heatmap(plt, tl, inst, pidx, phops, pcounts, main, path: Path) -> Path:
     return _save(fig, plt, path)
 
 
-def _waterfall(plt, tl, inst, pidx, phops, main, slowest: int, path: Path) -> Path:
-    idx = np.flatnonzero(pidx == main)
-    e2e = inst.e2e()[idx]
-    pick = idx[np.argsort(-e2e, kind="stable")[:max(1, slowest)]]
-    hops = phops[main]
+def _waterfall(plt, tl: PacketTable, main: PathRows, slowest: int, path: Path) -> Path:
+    pick = np.argsort(-main.e2e(), kind="stable")[:max(1, slowest)]  # slowest first
+    hops = main.hops
     cmap = plt.get_cmap("tab10" if len(hops) <= 11 else "tab20")
     fig, ax = plt.subplots(figsize=(11, 2.2 + 0.35 * pick.size), dpi=110, layout="constrained")
     labels = []
+    rows = main.rows(np.sort(pick))
+    by_row = {int(r): rows[k] for k, r in enumerate(np.sort(pick).tolist())}
+    pkt = main.pkt_id
     for row, i in enumerate(pick.tolist()):
-        lo, hi = int(inst.start[i]), int(inst.start[i + 1])
-        ts = inst.ts[lo:hi]
-        rel = (ts - ts[0]) / US
-        for s in range(hi - lo - 1):
+        rel = np.r_[0, np.cumsum(by_row[i])] / US
+        for s in range(len(hops) - 1):
             ax.barh(row, rel[s + 1] - rel[s], left=rel[s], color=cmap(s % cmap.N), edgecolor="white", height=0.7,
                     label=f"{_short(tl, hops[s])} → {_short(tl, hops[s + 1])}" if row == 0 else None)
-        labels.append(f"{int(inst.pkt_id[lo]):016x}  {rel[-1]:.1f} µs")
+        labels.append(f"{int(pkt[i]):016x}  {rel[-1]:.1f} µs")
     ax.set_yticks(range(pick.size), labels, fontsize=8, family="monospace")
     ax.invert_yaxis()
     ax.set_xlabel("time since the packet's first hop (µs)")

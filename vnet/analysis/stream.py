@@ -141,6 +141,32 @@ class PacketTable:
     def events(self) -> int:
         return sum(p.count * len(p.hops) for p in self.paths)
 
+    def instances(self):
+        """Every packet's events (latency.Instances), packets in (pkt_id, time) order:
+        for exports that write each event (O(events) memory)."""
+        from .latency import Instances
+
+        pkt = _cat([p.pkt_id for p in self.paths], np.uint64)
+        first = _cat([p.first_ts for p in self.paths], np.int64)
+        which = np.repeat(np.arange(len(self.paths)), [p.count for p in self.paths])
+        order = np.lexsort((first, pkt))
+        sizes = np.array([len(p.hops) for p in self.paths], np.int64)[which][order]
+        start = np.r_[0, np.cumsum(sizes)]
+        ts = np.empty(int(start[-1]), np.int64)
+        hop = np.empty(ts.size, np.uint32)
+        base = np.cumsum([0] + [p.count for p in self.paths])
+        for j, p in enumerate(self.paths):  # each path's rows, scattered to their places
+            mine = np.flatnonzero(which[order] == j)
+            rows = order[mine] - base[j]
+            times = np.empty((p.count, len(p.hops)), np.int64)
+            times[:, 0] = p.first_ts
+            if len(p.hops) > 1:
+                times[:, 1:] = p.first_ts[:, None] + np.cumsum(p.rows(np.arange(p.count)), axis=1)
+            at = start[mine][:, None] + np.arange(len(p.hops))
+            ts[at] = times[rows]
+            hop[at] = np.array(p.hops, np.uint32)
+        return Instances(ts, hop, np.repeat(pkt[order], sizes), start)
+
     def pair_error(self, a: int, b: int) -> int | None:
         """Bound on the clock error of a time difference between hops a and b."""
         ha, hb = int(self.hop_host[a]), int(self.hop_host[b])
@@ -586,7 +612,8 @@ def _groups(h: np.ndarray):
 
 
 def path_hash(hops: tuple[int, ...]) -> int:
-    """The path hash of a hop sequence (the formula of latency._path_hash), in Python."""
+    """The path hash of a hop sequence (StreamJoin._path_hash's formula), in Python: it orders
+    paths of equal count in the report."""
     h, w = 0, 1
     for hop in hops:
         w = w * int(_MULT) & 0xFFFFFFFFFFFFFFFF

@@ -60,14 +60,14 @@ def export(
         what = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in done.items())
         print(f"vnet: export: {to} -> {out}: {what}", file=sys.stderr)
     if plot is not None:
-        from vnet.analysis.bulk import read_hosts
         from vnet.analysis.plots import plot_all
+        from vnet.analysis.stream import read_table
 
         ex.require("matplotlib", "--plot")
-        hosts = read_hosts(files, flow=filt, hosts=host or None)
-        if not hosts:
+        table = read_table(files, flow=filt, hosts=host or None)
+        if not table.hosts:
             raise UsageError("no readable trace in these files")
-        written = plot_all(hosts, plot, slowest=slowest)
+        written = plot_all(table, plot, slowest=slowest)
         if not written:
             print("vnet: export: no packet was seen at two hops: nothing to plot", file=sys.stderr)
         for p in written:
