@@ -17,6 +17,7 @@ from synth_trace import Spec, write  # noqa: E402
 
 from vnet.analysis import export as ex  # noqa: E402
 from vnet.cli.main import app  # noqa: E402
+from vnet.errors import UnsupportedError  # noqa: E402
 
 US = 1000
 OFFSET = 7_000_000_000
@@ -169,7 +170,7 @@ def test_missing_extra_names_it(monkeypatch, two_hosts, tmp_path):
 
     monkeypatch.setattr(builtins, "__import__", no_pyarrow)
     monkeypatch.setattr("importlib.import_module", lambda name: no_pyarrow(name))
-    with pytest.raises(ex.UnsupportedError, match=r"pyarrow.*vnet\[analysis\]"):
+    with pytest.raises(UnsupportedError, match=r"pyarrow.*vnet\[analysis\]"):
         ex.export([two_hosts[0]], "parquet", tmp_path / "x.parquet")
 
 
