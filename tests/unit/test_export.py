@@ -228,3 +228,15 @@ def test_cli_perfetto_and_plot(two_hosts, tmp_path):
     assert (tmp_path / "t.pftrace").stat().st_size > 0
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["latency_heatmap.png", "segment_cdf.png",
                                                                       "waterfall.png"]
+
+
+def test_cli_analyze_plot_follows_the_time_window(two_hosts, tmp_path):
+    pytest.importorskip("matplotlib")
+    d = str(two_hosts[0])
+    r = runner.invoke(app, ["analyze", d, "--plot", str(tmp_path / "all")])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["latency_heatmap.png", "segment_cdf.png",
+                                                                    "waterfall.png"]
+    r = runner.invoke(app, ["analyze", d, "--plot", str(tmp_path / "none"), "--since", "1000"])
+    assert r.exit_code == 0, r.output  # no packet in the window: no plot, no failure
+    assert not list((tmp_path / "none").iterdir())

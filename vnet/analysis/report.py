@@ -22,7 +22,7 @@ def analyze(table: PacketTable, *, since: float | None = None, until: float | No
             slowest: int = 0, hist: bool = False) -> dict:
     """The report of a joined trace (stream.read_table): a JSON-ready dict with a verdict."""
     t0 = table.t0
-    rows = _window(table, since, until)
+    rows = packets_between(table, since, until)
     out: dict = {
         "hosts": [{"host": h.host, "files": h.files, "records": h.records, "packet_events": n,
                    "sched_events": int(h.sched["ts"].size), "drop_events": _host_drops(table, i),
@@ -61,7 +61,7 @@ def _in_window(first_ts: np.ndarray, t0: int, since: float | None, until: float 
     return keep
 
 
-def _window(table: PacketTable, since, until) -> list[PathRows]:
+def packets_between(table: PacketTable, since, until) -> list[PathRows]:
     """The paths of the packets that started inside [since, until), most common first
     (ties: by path hash, as np.unique orders them)."""
     out = []

@@ -70,6 +70,9 @@ def analyze(
                                                                  "trace start, or later."),
     until: Optional[float] = typer.Option(None, "--until", help="... and before this many seconds."),
     slowest: int = typer.Option(0, "--slowest", min=0, help="Show the N slowest packets hop by hop."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="DIR",
+                                        help="Also write PNGs there: per-segment CDF, latency over time, "
+                                             "the slowest packets hop by hop (as `vnet export --plot`)."),
     max_gap: float = typer.Option(1.0, "--max-gap", min=0.000001, metavar="SECONDS",
                                   help="A packet not seen for this long has left the traced path: later "
                                        "sightings of its pkt_id are a new packet (also bounds how far the "
@@ -88,6 +91,14 @@ def analyze(
     if not table.hosts:
         raise UsageError("no readable trace in these files")
     report = run(table, since=since, until=until, slowest=slowest, hist=hist)
+    if plot is not None:
+        from vnet.analysis.plots import plot_all
+
+        require("matplotlib", "--plot")
+        from vnet.analysis.report import packets_between
+
+        for p in plot_all(table, plot, slowest=max(slowest, 20), paths=packets_between(table, since, until)):
+            print(f"vnet: analyze: plot -> {p}", file=sys.stderr)
     if json_out:
         sys.stdout.write(json.dumps(report, default=_plain) + "\n")
     else:
