@@ -7,11 +7,31 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 #include "vnet_event.h"
 
 #ifndef VNET_RINGBUF_BYTES
 #define VNET_RINGBUF_BYTES (8 << 20)
 #endif
+
+/* Whether a kernel sk_buff holds a VLAN tag outside its bytes (hardware-
+ * accelerated VLAN: vlan_proto, vlan_tci), as the kernel's skb_vlan_tag_present.
+ * Linux 6.1 and earlier say so with the bit vlan_present, and clearing the tag
+ * (__vlan_hwaccel_clear_tag: the tag pushed into the packet when the device
+ * cannot insert it, or taken by the VLAN device on receive) clears only that bit,
+ * leaving vlan_proto and vlan_tci as they were. Later kernels have no bit and
+ * clear both fields ("net: remove skb->vlan_present"): a tag is there while
+ * vlan_proto is set. */
+struct sk_buff___vlan_present_bit {
+	__u8 vlan_present : 1;
+} __attribute__((preserve_access_index));
+
+static __always_inline bool vnet_skb_vlan_present(struct sk_buff *skb)
+{
+	if (bpf_core_field_exists(struct sk_buff___vlan_present_bit, vlan_present))
+		return BPF_CORE_READ_BITFIELD_PROBED((struct sk_buff___vlan_present_bit *)skb, vlan_present);
+	return BPF_CORE_READ(skb, vlan_proto) != 0;
+}
 
 struct vnet_stats {
 	__u64 v[VNET_STAT_MAX];

@@ -332,9 +332,10 @@ static __always_inline void vnet_parse_kernel_skb(struct sk_buff *skb, struct vn
 		ev->ifindex = BPF_CORE_READ(dev, ifindex);
 		ev->netns_cookie = vnet_dev_netns_cookie(dev);
 	}
-	ev->vlan_tci = BPF_CORE_READ(skb, vlan_tci);
-	if (ev->vlan_tci)
+	if (vnet_skb_vlan_present(skb)) {
+		ev->vlan_tci = BPF_CORE_READ(skb, vlan_tci);
 		ev->flags |= VNET_F_VLAN;
+	}
 	if (nh != 0 && nh != (__u16)~0U)
 		c.l3 = head + nh;
 	else if (mh != (__u16)~0U)

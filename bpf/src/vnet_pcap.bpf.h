@@ -146,7 +146,7 @@ static __always_inline bool vnet_pcap_kernel(struct sk_buff *skb)
 	if (!vnet_kernel_view(skb, &v))
 		return false;
 	l2 = v.l2;
-	if (!l2 || !BPF_CORE_READ(skb, vlan_proto))
+	if (!l2 || !vnet_skb_vlan_present(skb))
 		return vnet_pcap_probe(v.start, v.caplen, v.wirelen, l2);
 
 	/* The tag is in the skb, not in the bytes: put it back. */

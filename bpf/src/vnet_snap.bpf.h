@@ -83,7 +83,7 @@ static __always_inline void vnet_snap_kernel(struct sk_buff *skb, struct vnet_sn
 	if (v.caplen == 0 || max == 0)
 		return;
 	r->ev.snap_wire = v.wirelen;
-	if (!v.l2 || !BPF_CORE_READ(skb, vlan_proto) || max <= 16 || v.caplen <= 12) {
+	if (!v.l2 || !vnet_skb_vlan_present(skb) || max <= 16 || v.caplen <= 12) {
 		n = vnet_snap_clamp(v.caplen, max, VNET_SNAP_MAX);
 		if (bpf_probe_read_kernel(r->data, n, v.start) == 0)
 			r->ev.snap_len = n;
