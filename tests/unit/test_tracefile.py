@@ -314,3 +314,21 @@ def test_flat_chunks_unpack_to_views_of_the_same_values():
             except Exception:  # noqa: BLE001
                 got = "refused"
             assert got == want, bytes(bad)
+
+
+def test_mapped_reading_sees_what_plain_reading_sees(tmp_path, btf):
+    """chunks(views=True) (the file mapped, bin values as views) stops where chunks()
+    stops, says the same about the torn or damaged tail, and yields the same chunks."""
+    data, ends = small_file(tmp_path, btf)
+    path = tmp_path / "views.vnt"
+    damaged = bytearray(data)
+    damaged[ends[2] - 1] ^= 0x40
+    cases = [data[:n] for n in range(ends[0], len(data) + 1, 7)] + [bytes(damaged), data + FRAME.pack(2**32 - 1, 0)]
+    for content in cases:
+        path.write_bytes(content)
+        plain, mapped = TraceFileReader(path), TraceFileReader(path)
+        a = [(c["kind"], c["seq"], bytes(c["records"]) if "records" in c else None) for c in plain.chunks()]
+        b = [(c["kind"], c["seq"], bytes(c["records"]) if "records" in c else None) for c in mapped.chunks(views=True)]
+        assert a == b, len(content)
+        assert (plain.truncated, plain.ignored_bytes, plain.problem) == \
+            (mapped.truncated, mapped.ignored_bytes, mapped.problem), len(content)

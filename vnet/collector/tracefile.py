@@ -28,6 +28,7 @@ they come after that chunk (-1: before any).
 
 from __future__ import annotations
 
+import mmap
 import os
 import socket
 import struct
@@ -342,6 +343,42 @@ class TraceFileReader:
                 continue
             yield chunk
 
+    def _mapped_chunks(self) -> Iterator[dict]:
+        """_chunks(views=True) over the file mapped into memory: no copy from the page
+        cache; the chunks' memoryviews point into the mapping, which closes when the
+        last of them is gone (the file only grows: the mapping covers it as it was)."""
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= PREAMBLE.size:
+                return
+            mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ,
+                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        data = memoryview(mm)  # unmapped when the last view of it is gone
+        offset = PREAMBLE.size
+        self.skipped = 0
+        while offset < size:
+            if size - offset < FRAME.size:
+                return self._stop(offset, size - offset, "a chunk header is cut short")
+            length, crc = FRAME.unpack_from(data, offset)
+            if length > MAX_CHUNK_BYTES:
+                return self._stop(offset, size - offset,
+                                  f"a chunk claims {length} bytes (limit {MAX_CHUNK_BYTES})")
+            if length > size - offset - FRAME.size:
+                return self._stop(offset, size - offset, "the last chunk is cut short")
+            payload = data[offset + FRAME.size:offset + FRAME.size + length]
+            if zlib.crc32(payload) != crc:
+                return self._stop(offset, size - offset, "a chunk's checksum does not match")
+            offset += FRAME.size + length
+            try:
+                chunk = _unpack_views(payload)
+            except Exception:  # noqa: BLE001 - the frame is whole: step over it
+                chunk = None
+            if not isinstance(chunk, dict) or not isinstance(chunk.get("kind"), str) \
+                    or not isinstance(chunk.get("seq"), int):
+                self.skipped += 1
+                continue
+            yield chunk
+
     def chunks(self, kinds: Iterable[str] | None = None, views: bool = False) -> Iterator[dict]:
         """Every chunk (the header too), or those of `kinds`; kinds a reader does
         not know must be skipped by it, not treated as errors. With views, binary
@@ -350,6 +387,9 @@ class TraceFileReader:
         if self.header is None:
             return
         self.truncated, self.ignored_bytes, self.problem = False, 0, None
+        if views:
+            yield from (c for c in self._mapped_chunks() if wanted is None or c["kind"] in wanted)
+            return
         with open(self.path, "rb") as f:
             f.seek(PREAMBLE.size)
             for chunk in self._chunks(f, views):
