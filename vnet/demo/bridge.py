@@ -19,9 +19,9 @@ UDP_PORT = 5000
 
 def run(ctx: DemoContext) -> DemoResult:
     packets = 5 if ctx.quick else 50
-    ctx.progress("building two namespace VMs behind a bridge", 0.1)
     with Topology.two_vms_behind_bridge() as net:
         prefix = net.topology.prefix
+        ctx.progress(f"built two namespace VMs behind a bridge ({prefix}*)", 0.1)
         short = lambda text: text.replace(prefix, "").removeprefix("dev:")  # noqa: E731
         warm_up(net.vm1_ns, net.vm2_ip)  # ARP before tracing: the trace shows only the test traffic
         hops = [f"{net.vm1_ns}/{net.vm_if}", f"{net.host_ns}/{net.host_ports[0]}",
@@ -46,7 +46,7 @@ def run(ctx: DemoContext) -> DemoResult:
                + (f"the slowest hop is {slowest} (median {per_hop[slowest]['median_ns'] / 1000:.1f} us)."
                   if slowest else "no packet was seen at two hooks."))
     ok = len(events) >= expected and delivered == packets and stats.lost == 0
-    return DemoResult(NAME, verdict, {"sent": packets, "delivered": delivered, "events": len(events),
+    return DemoResult(NAME, verdict, {"netns": f"{prefix}*", "sent": packets, "delivered": delivered, "events": len(events),
                                       "lost": stats.lost, "per_hop": per_hop}, [out], ok,
                       "" if ok else f"expected {expected} events and {packets} deliveries, got {len(events)} "
                                     f"and {delivered} ({stats.lost} lost)")
