@@ -15,6 +15,7 @@ checks are tests/kernel/vlan_support.py, shared with test_vlan_snap.py (host).""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -40,6 +41,9 @@ def net(guest_modules):
 
 
 @pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed (make sysdeps)")
+@pytest.mark.skipif(not os.environ.get("VNET_VM_FULL"), reason="~2 min in the guest (Python and tshark start "
+                    "slowly there); the captures are checked by the calibration below, the CLI and tshark on "
+                    "the host (test_vlan_snap.py); VNET_VM_FULL=1 runs it")
 def test_snaplen_captures_the_tag_and_pcapng_shows_it(net, tmp_path):
     got = vs.cli_capture(net, tmp_path, PROBES, SNAP, EXTRA_TX, start_timeout=180, settle=3.0)
     assert got["tagged"] >= 16 * 6, got
@@ -54,7 +58,15 @@ def calibration(net):
     return dgrams, vs.calibrate(net, dgrams, events, FULL, EXTRA_TX)
 
 
-@pytest.mark.parametrize("text", vs.EXPRESSIONS, ids=vs.EXPRESSIONS)
+# Each expression is a trace of its own, seconds of load and attach under emulation: the
+# guest runs those that read the tag differently (present, absent, PCP and TCI bytes,
+# lengths); the host runs all of them (test_vlan_snap.py). VNET_VM_FULL=1: all here too.
+GUEST_EXPRESSIONS = vs.EXPRESSIONS if os.environ.get("VNET_VM_FULL") else [
+    e for e in vs.EXPRESSIONS if e.startswith((f"vlan {vs.VID} and udp", f"vlan {vs.OTHER_VID}", "udp and not vlan",
+                                               "ether[12:2]", "vlan and udp and greater"))]
+
+
+@pytest.mark.parametrize("text", GUEST_EXPRESSIONS, ids=GUEST_EXPRESSIONS)
 def test_vlan_expression_matches_libpcap(net, calibration, text):
     dgrams, calib = calibration
     want = vs.wanted(calib, text)
