@@ -88,6 +88,12 @@ CATALOG: tuple[ProbeSpec, ...] = (
     ProbeSpec("sock:datagram_copy", SOCKET, "packet",
               "payload copied to the application (TCP; UDP only for non-linear skbs)",
               _tracepoint("skb:skb_copy_datagram_iovec"), task=True),
+    # Freed after use, not dropped. A tap read (tun_do_read: the VM process takes the frame) and,
+    # before 6.18, a UDP read (skb_consume_udp) fire it in the reading task; since 6.18 UDP frees
+    # through skb_attempt_defer_free, so it fires later, on the CPU that allocated the packet.
+    ProbeSpec("sock:consume_skb", SOCKET, "packet",
+              "packet consumed after use: a VM process read it from its tap (in that task)",
+              _tracepoint("skb:consume_skb"), task=True),
     ProbeSpec("sock:udp_recvmsg", SOCKET, "call", "application reads a UDP socket", _function("udp_recvmsg"),
               task=True),
     ProbeSpec("sock:tcp_recvmsg", SOCKET, "call", "application reads a TCP socket", _function("tcp_recvmsg"),
