@@ -19,6 +19,8 @@ BPF_CFLAGS  := -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
 # Debian package names: run time / build of the objects and tests.
 RUN_PKGS    := libbpf1 libpcap0.8 iproute2 python3-venv
 BUILD_PKGS  := clang llvm libbpf-dev libpcap0.8-dev gcc tcpdump ethtool tshark
+# `vnet demo ovs-congestion` and its tests run a private Open vSwitch (vnet/ovs.py): the programs only.
+DEMO_PKGS   := openvswitch-switch
 
 .PHONY: help deps sysdeps vm-deps venv bpf check-bpf vmlinux wheel demo test test-unit test-kernel test-vm clean
 
@@ -31,14 +33,24 @@ help:
 	@echo "make wheel     build dist/vnet-*.whl (objects inside, no compiler needed to install)"
 
 # apt-get only what is missing; `apt-get update` once, only if something is.
+# Services the packages bring (openvswitch-switch's ovsdb-server/ovs-vswitchd) are not started:
+# a policy-rc.d that says "no" (exit 101) is in place during the install unless the machine has
+# one already; invoke-rc.d (sysvinit) and deb-systemd-invoke (systemd) both obey it.
 sysdeps:
-	@missing=""; for p in $(RUN_PKGS) $(BUILD_PKGS); do \
+	@missing=""; for p in $(RUN_PKGS) $(BUILD_PKGS) $(DEMO_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
+	  policy=""; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\n# vnet make sysdeps: no service starts while it installs packages\nexit 101\n' \
+	      > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && policy=1; \
+	  fi; \
 	  DEBIAN_FRONTEND=noninteractive apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; rc=$$?; \
+	  if [ -n "$$policy" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+	  exit $$rc; \
 	fi
 
 $(VENV)/.installed: pyproject.toml
