@@ -39,7 +39,7 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 	ev.len = skb->len;
 	ev.mark = skb->mark;
 	ev.hook = hook;
-	vnet_parse_skb(skb, &ev, !tc_cfg.filter.f_outer);
+	vnet_parse_skb(skb, &ev, !tc_cfg.filter.f_outer, tc_cfg.l3);
 	vnet_deliver(st, &ev, &tc_cfg.filter, tc_cfg.aggregate, tc_cfg.wakeup_every, skb, true, tc_cfg.l3,
 		     tc_cfg.snaplen);
 	return VNET_TC_NEXT;

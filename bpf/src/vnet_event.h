@@ -36,6 +36,8 @@ enum vnet_event_flag {
 	VNET_F_NO_SKB = 1 << 6,    /* a function probe without a packet argument */
 	VNET_F_ENCAP = 1 << 7,     /* VXLAN: the fields and pkt_id are the inner packet's; vni is set */
 	VNET_F_SNAP_L3 = 1 << 8,   /* the captured bytes start at the IP header (no link header at this hook) */
+	VNET_F_ID_PARTIAL = 1 << 9, /* kernel hook: bytes pkt_id hashes at tc (payload, or headers) are in page
+				     * fragments, past the skb's linear part: left out, so the id may differ */
 };
 
 /* Snap-length capture (config `snaplen` > 0): every packet record is then

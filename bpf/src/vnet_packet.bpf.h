@@ -59,21 +59,58 @@ static __always_inline __u64 vnet_fmix(__u64 h)
 struct vnet_cursor {
 	struct __sk_buff *skb; /* TC: read through the skb helpers */
 	const __u8 *l3;        /* kernel sk_buff: the network header's address */
+	const __u8 *lin_end;   /* kernel sk_buff: the end of its linear part (head + tail) */
+	const __u8 *pkt_end;   /* kernel sk_buff: the end of its bytes, page fragments included (data + len) */
 	__u32 base;            /* TC: BPF_HDR_START_NET, or _MAC when a VLAN tag is in-band */
+	__u32 data_off;        /* TC: where `base` starts from skb->data (0, or 14 past an Ethernet header) */
 	__u32 off;             /* of the L3 header from base (TC) or from l3 (kernel) */
 	__u32 l4off;           /* of the L4 header, same origin as off */
 	__u8 kernel;           /* a literal at every call site: the compiler keeps one reader */
+	__u8 paged;            /* kernel: a read wanted bytes that are in the skb, but not in its linear part */
 };
 
+/* Headers. Both readers see the skb's linear part only (bpf_skb_load_bytes_relative
+ * stops at the tail pointer too): a kernel hook that wants bytes past it that the
+ * packet has (in page fragments) says so in c->paged rather than read what lies
+ * after the linear part (tailroom, skb_shared_info). */
 static __always_inline int vnet_load(struct vnet_cursor *c, __u32 off, void *to, __u32 len)
 {
-	if (c->kernel)
-		return bpf_probe_read_kernel(to, len, c->l3 + off);
+	if (c->kernel) {
+		const __u8 *p = c->l3 + off;
+
+		if (p + len > c->lin_end) {
+			if (p + len <= c->pkt_end)
+				c->paged = 1;
+			return -1;
+		}
+		return bpf_probe_read_kernel(to, len, p);
+	}
 	return bpf_skb_load_bytes_relative(c->skb, off, to, len, c->base);
 }
 
+/* Payload to hash. TC reads it wherever it is: from the linear part, else with
+ * bpf_skb_load_bytes, which goes into page fragments and counts from skb->data,
+ * where `base` is c->data_off bytes on. That offset is checked on the packet
+ * itself: the L3 header's first bytes must read the same both ways. A kernel
+ * hook reads the linear part only (vnet_load), and flags the event when the
+ * bytes are past it: never a hash of what lies after the linear part. */
+static __always_inline int vnet_load_payload(struct vnet_cursor *c, __u32 off, void *to, __u32 len)
+{
+	__u32 a, b;
+
+	if (c->kernel)
+		return vnet_load(c, off, to, len);
+	if (vnet_load(c, off, to, len) == 0)
+		return 0;
+	if (bpf_skb_load_bytes_relative(c->skb, c->off, &a, sizeof(a), c->base) < 0 ||
+	    bpf_skb_load_bytes(c->skb, c->data_off + c->off, &b, sizeof(b)) < 0 || a != b)
+		return -1;
+	return bpf_skb_load_bytes(c->skb, c->data_off + off, to, len);
+}
+
 /* Hash up to 32 bytes of payload starting at `off`: two packets with equal
- * headers (unconnected UDP with DF sends IP ID 0) still get distinct ids. */
+ * headers (unconnected UDP with DF sends IP ID 0; IPv6 has no IP ID) still get
+ * distinct ids. Not for TCP (vnet_parse_l4). */
 static __always_inline __u64 vnet_hash_payload(struct vnet_cursor *c, __u64 h, __u32 off, __u32 avail)
 {
 	__u64 buf[VNET_PAYLOAD_HASH_BYTES / 8] = {};
@@ -86,7 +123,7 @@ static __always_inline __u64 vnet_hash_payload(struct vnet_cursor *c, __u64 h, _
 	 * after `n == 0` (6.18's does) and would refuse a possibly zero-sized read. */
 	barrier_var(n);
 	n = ((n - 1) & (VNET_PAYLOAD_HASH_BYTES - 1)) + 1;
-	if (vnet_load(c, off, buf, n) < 0)
+	if (vnet_load_payload(c, off, buf, n) < 0)
 		return h;
 	h = vnet_mix(h, buf[0]);
 	h = vnet_mix(h, buf[1]);
@@ -114,10 +151,12 @@ static __always_inline __u64 vnet_parse_l4(struct vnet_cursor *c, struct vnet_ev
 		ev->tcp_ack = bpf_ntohl(th.ack_seq);
 		ev->tcp_flags = ((__u8 *)&th)[13];
 		ev->flags |= VNET_F_PORTS;
-		hdr_len = th.doff * 4;
+		/* No payload: sequence and acknowledgement numbers, flags, ports and the IP ID
+		 * or length tell segments apart, and a kernel hook could not read it anyway:
+		 * TCP sends from page fragments, which stay that way to the receiving socket. */
 		h = vnet_mix(h, ((__u64)th.source << 16) | th.dest);
 		h = vnet_mix(h, ((__u64)th.seq << 32) | th.ack_seq);
-		h = vnet_mix(h, ev->tcp_flags);
+		return vnet_mix(h, ev->tcp_flags);
 	} else if (ev->l4_proto == VNET_IPPROTO_UDP) {
 		struct udphdr uh;
 
@@ -145,7 +184,8 @@ static __always_inline __u64 vnet_parse_l4(struct vnet_cursor *c, struct vnet_ev
 		return h;
 	return vnet_hash_payload(c, h, off + hdr_len, l4_len - hdr_len);
 truncated:
-	ev->flags |= VNET_F_TRUNCATED;
+	if (!c->paged)
+		ev->flags |= VNET_F_TRUNCATED;
 	return h;
 }
 
@@ -165,7 +205,8 @@ static __always_inline __u64 vnet_parse_ipv6_ext(struct vnet_cursor *c, struct v
 		if (nh != 0 && nh != 43 && nh != 44 && nh != 60 && nh != 51)
 			break;
 		if (vnet_load(c, off, ext, sizeof(ext)) < 0) {
-			ev->flags |= VNET_F_TRUNCATED;
+			if (!c->paged)
+				ev->flags |= VNET_F_TRUNCATED;
 			return h;
 		}
 		if (nh == 44) {
@@ -252,8 +293,11 @@ static __always_inline void vnet_parse_l3(struct vnet_cursor *c, struct vnet_eve
 	}
 	goto out;
 truncated:
-	ev->flags |= VNET_F_TRUNCATED;
+	if (!c->paged)
+		ev->flags |= VNET_F_TRUNCATED;
 out:
+	if (c->paged)
+		ev->flags |= VNET_F_ID_PARTIAL;
 	ev->pkt_id = vnet_fmix(h);
 }
 
@@ -268,10 +312,13 @@ static __always_inline void vnet_decap(struct vnet_cursor *c, struct vnet_event 
 	if (!(ev->flags & VNET_F_PORTS) || ev->l4_proto != VNET_IPPROTO_UDP ||
 	    (ev->dport != VNET_VXLAN_PORT && ev->dport != VNET_VXLAN_LINUX_PORT))
 		return;
-	if (vnet_load(c, off, vx, sizeof(vx)) < 0 || !(vx[0] & 0x08)) /* the I flag: a valid VNI */
+	if (vnet_load(c, off, vx, sizeof(vx)) < 0 || !(vx[0] & 0x08) || /* the I flag: a valid VNI */
+	    vnet_load(c, off + 8 + 12, &inner, sizeof(inner)) < 0) {
+		if (c->paged) /* tc would have seen the inner packet: its id may differ */
+			ev->flags |= VNET_F_ID_PARTIAL;
 		return;
-	if (vnet_load(c, off + 8 + 12, &inner, sizeof(inner)) < 0)
-		return;
+	}
+	c->paged = 0; /* the id is the inner packet's alone */
 	ev->flags = (ev->flags & VNET_F_VLAN) | VNET_F_ENCAP;
 	ev->vni = (__u32)vx[4] << 16 | (__u32)vx[5] << 8 | vx[6];
 	ev->l4_proto = ev->tcp_flags = ev->ttl = 0;
@@ -285,9 +332,10 @@ static __always_inline void vnet_decap(struct vnet_cursor *c, struct vnet_event 
 
 /* TC: fill the addressing fields and pkt_id of `ev` from the packet. */
 /* decap: report VXLAN traffic as its inner packet (a load-time constant). */
-static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_event *ev, bool decap)
+/* l3: the device has no link header, skb->data is the network header (a load-time constant). */
+static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_event *ev, bool decap, bool l3)
 {
-	struct vnet_cursor c = { .skb = skb, .base = BPF_HDR_START_NET, .kernel = 0 };
+	struct vnet_cursor c = { .skb = skb, .base = BPF_HDR_START_NET, .data_off = l3 ? 0 : 14, .kernel = 0 };
 	__u16 proto = bpf_ntohs(skb->protocol);
 
 	if (skb->vlan_present) {
@@ -299,6 +347,7 @@ static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_ev
 		__u16 tag[2];
 
 		c.base = BPF_HDR_START_MAC;
+		c.data_off = 0;
 		if (vnet_load(&c, 14, tag, sizeof(tag)) < 0) {
 			ev->flags |= VNET_F_TRUNCATED;
 			return;
@@ -342,6 +391,8 @@ static __always_inline void vnet_parse_kernel_skb(struct sk_buff *skb, struct vn
 		c.l3 = head + mh + 14;
 	else
 		c.l3 = BPF_CORE_READ(skb, data);
+	c.lin_end = head + BPF_CORE_READ(skb, tail);
+	c.pkt_end = (const __u8 *)BPF_CORE_READ(skb, data) + ev->len;
 	if ((proto == VNET_ETH_P_8021Q || proto == VNET_ETH_P_8021AD) && mh != (__u16)~0U) {
 		__u16 tag[2];
 

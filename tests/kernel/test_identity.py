@@ -170,3 +170,31 @@ def test_outer_view_of_vxlan_traffic_when_asked(tunnel):
                                                                                        4789)}
     assert all("vni" not in e for e in outer)
     assert len(inner) == 10 and {e["dst"] for e in inner} == {"10.199.96.2"} and {e["vni"] for e in inner} == {VNI}
+
+
+
+# -- packets whose payload is not in the skb's linear part (paged_support.py) ------------------------------
+
+import paged_support as paged  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def offloaded():
+    with paged.offloaded_pair() as pair:
+        yield pair
+
+
+def test_tcp_segments_keep_their_pkt_id_at_kernel_hooks_when_the_payload_is_paged(offloaded):
+    """1-4 KB TCP messages (one GSO skb each, payload in page fragments): the tc hooks, the
+    receive tracepoint and the copy to the application give every segment one pkt_id."""
+    probes = ["net:netif_receive_skb", "sock:datagram_copy"]
+    events = paged.tcp_messages(offloaded, paged.plans(offloaded, [(p, None) for p in probes]))
+    paged.check_tcp(offloaded, events, probes)
+
+
+def test_udp_pkt_id_at_kernel_hooks_matches_tc_or_says_it_cannot(offloaded):
+    """Linear datagrams: one pkt_id everywhere. Paged ones (GSO segments): tc hashes their payload
+    (bpf_skb_load_bytes), a kernel hook cannot and flags its event pkt_id_partial."""
+    probes = [("net:netif_receive_skb", None), ("sock:datagram_copy", None)]
+    events = paged.udp_datagrams(offloaded, paged.plans(offloaded, probes, egress=False))
+    paged.check_udp(offloaded, events)

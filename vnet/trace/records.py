@@ -44,6 +44,7 @@ class EventDecoder:
         # Snap-length capture: the packet's bytes follow the struct (files from before it have no snap_len).
         self._snap = "snap_len" in self.names
         self._snap_l3 = self.flag.get("snap_l3", 0)
+        self._id_partial = self.flag.get("id_partial", 0)  # objects and files from before it have none
 
     def decode_sched(self, raw: bytes) -> dict:
         e = self.sched_layout.decode(raw)
@@ -124,6 +125,8 @@ class EventDecoder:
             out["vlan"] = e["vlan_tci"] & 0xFFF
         if flags & self.flag["truncated"]:
             out["truncated"] = True
+        if flags & self._id_partial:
+            out["pkt_id_partial"] = True  # a kernel hook could not read all the bytes tc hooks hash: ids may differ
         if e["mark"]:
             out["mark"] = e["mark"]
         if e["skb_addr"]:
