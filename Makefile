@@ -25,7 +25,7 @@ DEMO_PKGS   := openvswitch-switch
 .PHONY: help deps sysdeps vm-deps venv bpf check-bpf vmlinux wheel demo test test-unit test-kernel test-vm clean
 
 help:
-	@echo "make demo      install what is missing, trace a throwaway two-VM topology"
+	@echo "make demo      install what is missing, reproduce and explain two latency problems (OVS congestion, CPU tail)"
 	@echo "make test      install what is missing, run every test (check-bpf and the 6.1 VM suite included)"
 	@echo "make test-vm   only the VM suite: kprobe/fentry/OVS datapath on Debian's 6.1 kernel under qemu"
 	@echo "make bpf       compile bpf/src/*.bpf.c into bpf/build/ (committed)"
@@ -98,7 +98,7 @@ wheel: venv
 	$(PY) -m build --wheel --outdir dist .
 
 demo: deps
-	$(VNET) demo bridge
+	$(VNET) demo
 
 # tests/vm run in a 6.1 guest booted once; each reports its guest result here.
 test: deps vm-deps check-bpf
