@@ -69,8 +69,10 @@ class PathRows:
         return self._e2e
 
     def column(self, i: int) -> np.ndarray:
-        """Segment i of every row: a new contiguous array (the caller may reorder it)."""
-        return _cat([p[2][:, i] for p in self.parts], np.int64, copy=True)
+        """Segment i of every row: a new contiguous array (the caller may reorder it), int32
+        when every part holds int32 (half the bytes for the percentiles to go through)."""
+        dtype = np.result_type(*[p[2].dtype for p in self.parts]) if self.parts else np.int64
+        return _cat([p[2][:, i] for p in self.parts], dtype, copy=True)
 
     def column_sums(self, rows: np.ndarray | None = None) -> list[int]:
         """Per segment, the sum over all rows (or over the rows where the mask is set)."""

@@ -142,6 +142,17 @@ def _flat_map(b: bytes) -> dict:
     return out
 
 
+MAP_STEP = 16 << 20  # mapped reading: how far ahead it asks for pages, how far behind it lets go
+
+
+def _madvise(mm: mmap.mmap, advice: int, start: int, length: int) -> None:
+    if length > 0:
+        try:
+            mm.madvise(advice, start, length)
+        except (OSError, ValueError):
+            pass  # advice only
+
+
 def _peek_kind(head: bytes) -> str | None:
     """The "kind" of a chunk from its first bytes when it is the map's first key, else None."""
     u = msgpack.Unpacker(max_buffer_size=64, max_str_len=32, max_bin_len=0, max_array_len=0, max_map_len=0)
@@ -351,12 +362,21 @@ class TraceFileReader:
             size = os.fstat(f.fileno()).st_size
             if size <= PREAMBLE.size:
                 return
-            mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ,
-                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
         data = memoryview(mm)  # unmapped when the last view of it is gone
         offset = PREAMBLE.size
         self.skipped = 0
+        ahead = behind = 0  # [behind, ahead): the part mapped in (read ahead, let go behind)
         while offset < size:
+            if offset >= ahead - MAP_STEP // 2:  # the next stretch: read ahead in the kernel
+                start = offset & ~(mmap.PAGESIZE - 1)
+                ahead = min(size, start + MAP_STEP)
+                _madvise(mm, mmap.MADV_WILLNEED, start, ahead - start)
+            if offset - behind > 2 * MAP_STEP:  # what lies well behind: out of this process's memory
+                # (the pages stay in the page cache; a view still reading them faults them back in)
+                end = (offset - MAP_STEP) & ~(mmap.PAGESIZE - 1)
+                _madvise(mm, mmap.MADV_DONTNEED, behind, end - behind)
+                behind = end
             if size - offset < FRAME.size:
                 return self._stop(offset, size - offset, "a chunk header is cut short")
             length, crc = FRAME.unpack_from(data, offset)
