@@ -176,6 +176,13 @@ class HostReader:
         self.reserve(0)
         # device probes are named by (probe_id, hook) alone; the others also by the interface
         self._dev = {(pid, hook) for (pid, hook), w in self.decoder.labels.items() if hook is not None}
+        # probe_id << 4 | hook -> -2: not a device probe, -1: a device probe's hop not seen yet,
+        # else its hop index; the last entry stands for every key beyond the table
+        size = max([p << 4 | h for p, h in self._dev if h < 16], default=0) + 2
+        self._dev_table = np.full(size, -2, np.int32)
+        for p, h in self._dev:
+            if h < 16:
+                self._dev_table[p << 4 | h] = -1
 
     # -- per chunk ------------------------------------------------------------------------------------
 
@@ -236,16 +243,20 @@ class HostReader:
     def _hop_index(self, r: np.ndarray) -> np.ndarray:
         """Each event's hop: (probe_id, hook) for device probes, (probe_id, netns, ifindex)
         for the others, packed in 64 bits; names are made once per distinct key."""
-        key = r["probe_id"].astype(np.uint64)
-        key <<= np.uint64(4)
-        key |= r["hook"].astype(np.uint64)     # probe_id << 4 | hook: the device probes' whole key
+        small = r["probe_id"].astype(np.uint32)
+        small <<= np.uint32(4)
+        small |= r["hook"]                     # probe_id << 4 | hook: the device probes' whole key
         dev = None
         if self._dev:
-            dev = np.zeros(r.size, bool)
-            for p, h in self._dev:
-                dev |= key == np.uint64(p << 4 | h)
-            if dev.all():  # only device probes here (tc traces): nothing else to look at
+            table = self._dev_table
+            dev = table[np.minimum(small, table.size - 1)] >= -1
+            dev &= small < table.size - 1
+            if dev.all():  # only device probes here (tc traces): their hops by one lookup
+                hop = table[small]
+                if (hop >= 0).all():
+                    return hop.astype(np.uint16)
                 dev = True
+        key = small.astype(np.uint64)
         key <<= np.uint64(44)
         if dev is not True:
             # exact while the values fit (they do in practice: small ids); else a hash of the netns cookie
@@ -276,6 +287,10 @@ class HostReader:
         items = sorted(self._hop_ids.items())
         self._known_keys = np.array([k for k, _ in items], np.uint64)
         self._known_lut = np.array([v for _, v in items], np.uint16)
+        for k, v in items:  # device hops into the direct table
+            small_key = k >> 44
+            if small_key < self._dev_table.size - 1 and self._dev_table[small_key] == -1:
+                self._dev_table[small_key] = v
         return self._known_lut[np.searchsorted(self._known_keys, key)]
 
     def _hop_name(self, e: np.void) -> str:
