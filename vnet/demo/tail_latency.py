@@ -475,7 +475,7 @@ def _judge(alone: _Run, hog: _Run) -> tuple[dict, str, bool, str]:
             "share_of_tail": sched.get("share_of_tail"),
             "share_of_slowest_segments": sched.get("share_of_slowest_segments"),
             "tail_packets": sched.get("slow_packets"), "packets_with_overlap": sched.get("packets_with_overlap"),
-            "waiting": top.get("waiting"), "cpu_taken_by": taken_by, "threads": threads,
+            "waiting": top.get("waiting"), "cpu_taken_by": taken_by,
             "runq_waits": sched.get("waits"),
             # per tail packet: the run-queue wait inside it, against what the hog added to the round trip
             "tail_mean_runq_wait_ns": (int(sched["explained_ns"] / sched["slow_packets"])
@@ -484,8 +484,6 @@ def _judge(alone: _Run, hog: _Run) -> tuple[dict, str, bool, str]:
         },
         "hog": {"comm": HOG_COMM, "pid": hog.hog_pid}, "vm": {"comm": VM_COMM, "pid": hog.vm_pid},
         "events_lost": {"alone": alone.lost_events, "with_hog": hog.lost_events},
-        "analysis_verdict": {"alone": (alone.report or {}).get("verdict"),
-                             "with_hog": (hog.report or {}).get("verdict")},
     }
     # Was the machine quiet? Without the hog, a round-trip tail already in the milliseconds, or
     # one that is run-queue wait behind a process of someone else, means the baseline already had
@@ -621,7 +619,9 @@ def run(ctx: DemoContext) -> DemoResult:
                          "nice": NICE, "topology_prefix": prefix}
     numbers["timings_s"] = timings
     summary = out / "summary.json"
-    summary.write_text(json.dumps({"verdict": verdict, "ok": ok, "why": why, "numbers": numbers},
+    details = {"vm_waits_by_holder": {r.label: ((r.report or {}).get("sched") or {}).get("threads") for r in runs},
+               "analysis_verdict": {r.label: (r.report or {}).get("verdict") for r in runs}}
+    summary.write_text(json.dumps({"verdict": verdict, "ok": ok, "why": why, "numbers": numbers, **details},
                                   default=_plain, indent=1) + "\n")
     files.append(summary)
     ctx.progress("done", 1.0)
