@@ -71,6 +71,20 @@ def ovs_available() -> str | None:
     return ", ".join(missing) or None
 
 
+def running_daemons() -> set[int]:
+    """The pids of live (not zombie) ovsdb-server / ovs-vswitchd processes, whoever started them."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                comm, rest = f.read().rsplit(")", 1)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if comm.split("(", 1)[1] in ("ovsdb-server", "ovs-vswitchd") and rest.split()[0] != "Z":
+            found.add(int(pid))
+    return found
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 

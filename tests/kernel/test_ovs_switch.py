@@ -13,7 +13,7 @@ import sys
 import time
 import pytest
 
-from vnet.ovs import UserspaceSwitch, ovs_available
+from vnet.ovs import UserspaceSwitch
 from vnet.topology import Topology, ping, tcp_exchange, warm_up
 
 pytestmark = pytest.mark.kernel
@@ -21,12 +21,8 @@ SYSTEM_PATHS = ("/var/run/openvswitch", "/run/openvswitch", "/etc/openvswitch/co
 
 
 @pytest.fixture(autouse=True)
-def _need_ovs():
-    missing = ovs_available()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"Open vSwitch not installed ({missing}); CI must have it (make deps)")
-        pytest.skip(f"Open vSwitch not installed ({missing}): make deps installs openvswitch-switch")
+def _ovs(need_ovs):
+    pass
 
 
 def _alive(pid: int) -> bool:

@@ -15,24 +15,11 @@ import time
 QUEUE = "host/p2:egress -> net:net_dev_start_xmit host/p2"
 
 
-def _ovs_processes() -> set[int]:
-    found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                comm, rest = f.read().rsplit(")", 1)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if comm.split("(", 1)[1] in ("ovsdb-server", "ovs-vswitchd") and rest.split()[0] != "Z":
-            found.add(int(pid))
-    return found
-
-
 def test_ovs_kernel_datapath_congestion_names_the_rate_limited_queue(guest_modules, tmp_path):
     from vnet.collector.tracefile import TraceFileReader
     from vnet.demo import DemoContext
     from vnet.demo import ovs_congestion as demo
-    from vnet.ovs import ovs_available
+    from vnet.ovs import ovs_available, running_daemons
 
     assert ovs_available() is None, f"Open vSwitch missing in the guest: {ovs_available()} (tools/vm/setup.sh)"
     # 2 Mbit/s (the emulated CPUs keep up with that bulk flow) and a 16 KiB queue (up to ~65 ms:
@@ -76,5 +63,5 @@ def test_ovs_kernel_datapath_congestion_names_the_rate_limited_queue(guest_modul
         assert events and odd == [], odd[:3]
     # nothing left behind
     assert not any(os.path.exists(f"/proc/{pid}") for pid in d["ovs"]["pids"].values())
-    assert _ovs_processes() == set()
+    assert running_daemons() == set()
     assert not any(ns.startswith(d["topology"]["prefix"]) for ns in os.listdir("/run/netns"))

@@ -344,15 +344,9 @@ class TraceFileReader:
             if zlib.crc32(payload) != crc:
                 return self._stop(offset, size - offset, "a chunk's checksum does not match")
             offset += FRAME.size + length
-            try:
-                chunk = _unpack_views(payload) if views else _unpack(payload)
-            except Exception:  # noqa: BLE001 - the frame is whole: step over it
-                chunk = None
-            if not isinstance(chunk, dict) or not isinstance(chunk.get("kind"), str) \
-                    or not isinstance(chunk.get("seq"), int):
-                self.skipped += 1
-                continue
-            yield chunk
+            chunk = self._whole_chunk(payload, views)
+            if chunk is not None:
+                yield chunk
 
     def _mapped_chunks(self) -> Iterator[dict]:
         """_chunks(views=True) over the file mapped into memory: no copy from the page
@@ -389,15 +383,22 @@ class TraceFileReader:
             if zlib.crc32(payload) != crc:
                 return self._stop(offset, size - offset, "a chunk's checksum does not match")
             offset += FRAME.size + length
-            try:
-                chunk = _unpack_views(payload)
-            except Exception:  # noqa: BLE001 - the frame is whole: step over it
-                chunk = None
-            if not isinstance(chunk, dict) or not isinstance(chunk.get("kind"), str) \
-                    or not isinstance(chunk.get("seq"), int):
-                self.skipped += 1
-                continue
-            yield chunk
+            chunk = self._whole_chunk(payload, True)
+            if chunk is not None:
+                yield chunk
+
+    def _whole_chunk(self, payload, views: bool) -> dict | None:
+        """A frame that arrived whole (crc checked): its chunk, or None (counted in
+        .skipped) when it is not a map with a kind and a seq: it is stepped over."""
+        try:
+            chunk = _unpack_views(payload) if views else _unpack(payload)
+        except Exception:  # noqa: BLE001 - the frame is whole: step over it
+            chunk = None
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("kind"), str) \
+                or not isinstance(chunk.get("seq"), int):
+            self.skipped += 1
+            return None
+        return chunk
 
     def chunks(self, kinds: Iterable[str] | None = None, views: bool = False) -> Iterator[dict]:
         """Every chunk (the header too), or those of `kinds`; kinds a reader does
