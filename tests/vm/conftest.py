@@ -94,8 +94,8 @@ def _guest_results(config) -> dict:
     results_dir = Path(tempfile.mkdtemp(prefix="vnet-vm-"))
     runner = ROOT / "tools" / "vm" / "run_in_guest.py"
     try:
-        proc = subprocess.run([sys.executable, str(runner), "--results", str(results_dir), "--timeout", "900"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=960)
+        proc = subprocess.run([sys.executable, str(runner), "--results", str(results_dir), "--timeout", "1800"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=1860)
         code, output = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
         code, output = 124, f"{e.stdout or ''}{e.stderr or ''}"
