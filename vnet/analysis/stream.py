@@ -183,11 +183,10 @@ class _Feed:
     child process (reads, crc32, msgpack and the numpy decode run beside the join;
     threads would share one interpreter lock) that sends each piece's columns over a pipe."""
 
-    def __init__(self, index: int, reader: HostReader, files, offset: int, process: bool, batch_bytes: int):
-        self.index, self.reader, self.offset = index, reader, offset
+    def __init__(self, index: int, reader: HostReader, files, process: bool, batch_bytes: int):
+        self.index, self.reader = index, reader
         self.front = np.iinfo(np.int64).min   # newest time seen: later events are not much older
         self.done = False
-        self.hops: list[str] = reader.out.hops  # the host's hop names so far
         self.result: HostEvents | None = None
         self.packet_events = 0
         self.staged: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # ts, pkt_id, hop; at: next
@@ -202,7 +201,6 @@ class _Feed:
                                      name=f"vnet decode {reader.out.host}")
             self._proc.start()
             child.close()
-            self.hops = []
             self._q: queue.Queue = queue.Queue(maxsize=4)  # bounded: at most a few pieces ahead
             self._closing = False
             self._thread = threading.Thread(target=self._receive, daemon=True,
@@ -226,8 +224,7 @@ class _Feed:
         if msg[0] == "end":
             self.result, self.packet_events = msg[1], msg[2]
             return None
-        _, n, hop_dtype, new_hops, drops, raw = msg
-        self.hops += new_hops
+        _, hop_dtype, drops, raw = msg
         cols = [np.frombuffer(r, dt) for r, dt in zip(raw, (np.int64, np.uint64, hop_dtype))]
         return Batch(*cols, drops)
 
@@ -268,11 +265,8 @@ def _decode_in_child(conn, reader: HostReader, files, batch_bytes: int) -> None:
     """A decoder process: each piece as (meta, then the raw columns), then the host's
     other results; an error is sent as itself (or its words, if it does not pickle)."""
     try:
-        sent = 0
         for b in reader.batches(files, batch_bytes):
-            hops = reader.out.hops
-            conn.send(("batch", b.ts.size, b.hop.dtype, hops[sent:], b.drops))
-            sent = len(hops)
+            conn.send(("batch", b.hop.dtype, b.drops))
             for col in (b.ts, b.pkt_id, b.hop):
                 conn.send_bytes(np.ascontiguousarray(col))
         conn.send(("end", reader.finish(), reader.packet_events))
@@ -329,8 +323,8 @@ class StreamJoin:
     def run(self) -> PacketTable:
         for i, (r, off) in enumerate(zip(self.readers, self.offset_ns)):
             r.shift_ns, r.hop_base = off, i << HOP_BITS  # window hop = host index, host's hop index
-        self.feeds = [_Feed(i, r, self._work[r.out.host], off, self.parallel, self.batch_bytes)
-                      for i, (r, off) in enumerate(zip(self.readers, self.offset_ns))]
+        self.feeds = [_Feed(i, r, self._work[r.out.host], self.parallel, self.batch_bytes)
+                      for i, r in enumerate(self.readers)]
         try:
             while True:
                 live = [f for f in self.feeds if self._fill(f)]
