@@ -388,22 +388,14 @@ def record_sched_runq(tmp: Path) -> tuple[list[str], dict]:
     receiver's run-queue waits (sched:runq --pid) and the copy of each message to it
     (sock:datagram_copy) are traced along with both NICs. Only data segments (PSH)
     are traced, so every traced packet should reach the socket."""
-    from vnet.topology import Topology, in_netns, warm_up
+    from vnet.topology import in_netns, veth_pair
 
     if len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0):
         raise RuntimeError("sched-runq needs CPUs 0 and 1")
     port, sport, messages, size, gap = 5330, 5331, 20, 100, 0.02
     out = tmp / "sched-runq.vnt"
-    with Topology() as topo:
-        ns1, ns2 = topo.add_netns("a"), topo.add_netns("b")
-        if1, if2 = topo.add_veth_pair("ifA", ns1, "ifB", ns2)
-        for ifname, ns in ((if1, ns1), (if2, ns2)):
-            topo.disable_offloads(ifname, ns)
-        ip1, ip2 = "10.199.30.1", "10.199.30.2"
-        topo.add_address(if1, ns1, f"{ip1}/24")
-        topo.add_address(if2, ns2, f"{ip2}/24")
-        warm_up(ns1, ip2)
-        warm_up(ns2, ip1)
+    with veth_pair(30) as pair:  # ns a ifA <-veth-> ifB ns b, offloads off, 10.199.30.1/.2, ARP done
+        ns1, ns2, if1, if2, ip1, ip2 = pair.ns1, pair.ns2, pair.if1, pair.if2, pair.ip1, pair.ip2
         recv = Proc(["ip", "netns", "exec", ns2, "taskset", "-c", "0", sys.executable, "-c", RECEIVER, ip2, str(port)])
         hog = Proc(["taskset", "-c", "0", sys.executable, "-c", HOG, "20"])
         rec = None
