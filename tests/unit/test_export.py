@@ -182,11 +182,11 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def test_plots(two_hosts, tmp_path):
     pytest.importorskip("matplotlib")
-    from vnet.analysis.bulk import read_hosts
     from vnet.analysis.plots import plot_all
+    from vnet.analysis.stream import read_table
 
     d, spec, truth = two_hosts
-    written = plot_all(read_hosts([d]), tmp_path / "plots", slowest=5)
+    written = plot_all(read_table([d]), tmp_path / "plots", slowest=5)
     assert [p.name for p in written] == ["segment_cdf.png", "latency_heatmap.png", "waterfall.png"]
     for p in written:
         w, h = _png_size(p)

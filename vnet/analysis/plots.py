@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bulk import HostEvents
-from .stream import PacketTable, PathRows, path_hash, read_table
+from .stream import PacketTable, PathRows, path_hash
 
 MAX_SEGMENTS = 10   # CDF lines: the most frequent segments
 US = 1e3
@@ -37,16 +36,14 @@ def _short(tl: PacketTable, hop: int) -> str:
     return tl.hop_names[hop]
 
 
-def plot_all(data: PacketTable | list[HostEvents], out_dir: str | os.PathLike, slowest: int = 20,
+def plot_all(tl: PacketTable, out_dir: str | os.PathLike, slowest: int = 20,
              paths: list[PathRows] | None = None) -> list[Path]:
-    """Write the PNGs into out_dir (created); returns their paths. Plots with no data
-    (no packet seen at two hops) are not written. data: a joined trace (read_table),
-    or hosts as read_hosts returns them (their files are joined again); paths: only
-    these rows of it (e.g. a time window)."""
+    """Write the PNGs of a joined trace (stream.read_table) into out_dir (created); returns
+    their paths. Plots with no data (no packet seen at two hops) are not written; paths:
+    only these rows of it (e.g. a time window)."""
     plt = _mpl()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tl = data if isinstance(data, PacketTable) else read_table([f for h in data for f in h.files])
     paths = sorted((p for p in (tl.paths if paths is None else paths) if p.count),
                    key=lambda p: (-p.count, path_hash(p.hops)))
     written: list[Path] = []
