@@ -424,19 +424,15 @@ class StreamJoin:
             # stay in the window. Unless its instances are all on a complete path (not the
             # start of a longer one) and every host is past it by the slack.
             cutoff, early = front - self.gap_ns, front - self.slack_ns
-            new = np.empty(n, bool)
-            new[0] = True
-            np.not_equal(pid[1:], pid[:-1], out=new[1:])
-            first = np.flatnonzero(new)
-            last = np.maximum.reduceat(ts, first)
+            gid, first_inst = _groups_of_instances(inst)
+            first = inst.start[first_inst]             # each pkt_id's first event
+            last = np.maximum.reduceat(inst.ts, first)  # ... and its latest time
             open_id = last >= cutoff
             self.cutoff = max(self.cutoff, cutoff)
-            gid = None
             if self._complete and open_id.any():
                 on_complete = np.zeros(h.size, bool)
                 for key in self._complete:
                     on_complete |= h == np.uint64(key)
-                gid = _group_of_instance(inst)
                 waits = np.zeros(first.size, bool)
                 waits[gid[~on_complete]] = True
                 open_id &= waits | (last >= early)
@@ -448,7 +444,7 @@ class StreamJoin:
                 k = ev.size
                 self._ts[:k], self._pkt[:k], self._hop[:k] = inst.ts[ev], inst.pkt_id[ev], inst.hop[ev]
                 self._n = k
-                keep = ~open_id[gid if gid is not None else _group_of_instance(inst)]
+                keep = ~open_id[gid]
         # next time when the window has twice what stays open (else a long gap re-sorts it often)
         self._next_at = max(self.window, 2 * self._n)
         self._close(inst, h, keep)
@@ -571,15 +567,16 @@ class StreamJoin:
                            self.count, counts, self.late)
 
 
-def _group_of_instance(inst) -> np.ndarray:
-    """Each instance's pkt_id group (instances of one pkt_id are adjacent)."""
+def _groups_of_instances(inst) -> tuple[np.ndarray, np.ndarray]:
+    """Each instance's pkt_id group (instances of one pkt_id are adjacent), and each
+    group's first instance."""
     ipk = inst.pkt_id[inst.start[:-1]]
     new = np.empty(ipk.size, bool)
     new[:1] = True
     np.not_equal(ipk[1:], ipk[:-1], out=new[1:])
     gid = np.cumsum(new)
     gid -= 1
-    return gid
+    return gid, np.flatnonzero(new)
 
 
 def _complete_paths(paths: dict[int, int], hops: list[tuple[int, ...]]) -> list[int]:
