@@ -634,3 +634,33 @@ def read_table(paths, *, flow: Flow | None = None, hosts: list[str] | None = Non
     """The packets of the trace files named (directories expanded), joined as a stream."""
     _reuse_freed_memory()
     return StreamJoin(files_by_host(paths, hosts), flow, gap_ns, window, parallel, batch_bytes, slack_ns).run()
+
+
+def without_hops(table: PacketTable, names) -> PacketTable:
+    """The table with the events at the named hops left out (exact hop names): a hop that
+    fires at a misleading time (a deferred free, a probe on a path's far side) would
+    otherwise end or split paths. Paths that become equal are merged; a packet seen at
+    dropped hops only is gone."""
+    drop = {i for i, n in enumerate(table.hop_names) if n in set(names)}
+    if not drop:
+        return table
+    merged: dict[tuple[int, ...], list] = {}
+    for p in table.paths:
+        keep = [i for i, h in enumerate(p.hops) if h not in drop]
+        if not keep:
+            continue
+        hops = tuple(p.hops[i] for i in keep)
+        if len(keep) == len(p.hops):
+            merged.setdefault(hops, []).extend(p.parts)
+            continue
+        for first, pkt, d in p.parts:
+            t = np.empty((first.size, len(p.hops)), np.int64)
+            t[:, 0] = first
+            np.cumsum(d, axis=1, dtype=np.int64, out=t[:, 1:]) if p.segments else None
+            t[:, 1:] += first[:, None]
+            t = t[:, keep]
+            merged.setdefault(hops, []).append((t[:, 0].copy(), pkt, np.diff(t, axis=1)))
+    paths = [PathRows(h, parts) for h, parts in merged.items()]
+    out = PacketTable(**{f: getattr(table, f) for f in PacketTable.__dataclass_fields__})
+    out.paths = paths
+    return out

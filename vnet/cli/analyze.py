@@ -77,6 +77,14 @@ def analyze(
                                   help="A packet not seen for this long has left the traced path: later "
                                        "sightings of its pkt_id are a new packet (also bounds how far the "
                                        "hosts' files may run apart in time)."),
+    ignore_hop: List[str] = typer.Option([], "--ignore-hop", metavar="HOP",
+                                         help="Leave this hop's events out (its exact name as the report "
+                                              "shows it, e.g. 'sock:consume_skb'). Repeatable."),
+    round_trip: bool = typer.Option(False, "--round-trip",
+                                    help="Pair each packet of the flow (the requests) with the next unpaired "
+                                         "packet of its reverse (the replies), in order, and analyse the round "
+                                         "trips: the far end's turnaround becomes a segment. Needs --proto and "
+                                         "a port, or --flow; one conversation (filter to one client)."),
 ):
     """Per-hop latency of every packet path in trace files: per-segment percentiles, the segment
     behind the end-to-end tail, where packets vanish, and run-queue waits behind slow packets."""
@@ -87,10 +95,32 @@ def analyze(
     from vnet.analysis.stream import read_table
 
     filt = parse_flow(flow, proto, src, dst, sport, dport)
+    if round_trip and (filt.proto is None or (filt.sport is None and filt.dport is None)):
+        raise UsageError("--round-trip needs the requests' flow: --proto and --sport or --dport (or --flow)")
     table = read_table(files, flow=filt, hosts=host or None, gap_ns=int(max_gap * 1e9))
     if not table.hosts:
         raise UsageError("no readable trace in these files")
+    pairing = None
+    if round_trip:
+        from vnet.analysis.roundtrip import describe, reverse, round_trips
+
+        replies = read_table(files, flow=reverse(filt), hosts=host or None, gap_ns=int(max_gap * 1e9))
+    if ignore_hop:
+        from vnet.analysis.stream import without_hops
+
+        known = set(table.hop_names) | (set(replies.hop_names) if round_trip else set())
+        unknown = [h for h in ignore_hop if h not in known]
+        if unknown:
+            raise UsageError(f"--ignore-hop {unknown[0]!r}: no such hop in these files (they have: "
+                             f"{', '.join(sorted(known))})")
+        table = without_hops(table, ignore_hop)
+        replies = without_hops(replies, ignore_hop) if round_trip else None
+    if round_trip:
+        table, pairing = round_trips(table, replies, int(max_gap * 1e9))
     report = run(table, since=since, until=until, slowest=slowest, hist=hist)
+    if pairing is not None:
+        report["round_trip"] = pairing
+        report["verdict"] = describe(pairing) + " " + report["verdict"]
     if plot is not None:
         from vnet.analysis.plots import plot_all
 

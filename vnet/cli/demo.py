@@ -23,14 +23,15 @@ from vnet.probes import features
 from .common import cli_errors, setup_logging
 
 SCENARIOS = {"ovs-congestion": "vnet.demo.ovs_congestion", "tail-latency": "vnet.demo.tail_latency",
-             "bridge": "vnet.demo.bridge"}
-ALL = ("ovs-congestion", "tail-latency")
+             "tail-latency-qemu": "vnet.demo.tail_latency_qemu", "bridge": "vnet.demo.bridge"}
+ALL = ("ovs-congestion", "tail-latency", "tail-latency-qemu")  # the last one where QEMU is installed
 
 
 @cli_errors
 def demo(
-    scenario: str = typer.Argument("all", metavar="[ovs-congestion|tail-latency|bridge|all]",
-                                   help="Which scenario; all: ovs-congestion and tail-latency."),
+    scenario: str = typer.Argument("all", metavar="[ovs-congestion|tail-latency|tail-latency-qemu|bridge|all]",
+                                   help="Which scenario; all: ovs-congestion, tail-latency and, where QEMU and "
+                                        "virtme-ng are installed, tail-latency-qemu."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for trace files, analysis, plots "
                                                                  "(default: ./vnet-demo-TIME)."),
     quick: bool = typer.Option(False, "--quick", help="Smaller runs (what the test suite does)."),
@@ -45,6 +46,14 @@ def demo(
         raise UsageError(f"unknown demo scenario {unknown[0]!r} (one of {', '.join(SCENARIOS)}, all)")
     features.require_privileges(net_admin=True)
     from vnet.demo import DemoContext
+
+    if scenario == "all":
+        from vnet.demo.tail_latency_qemu import available
+
+        why = available()
+        if why:
+            print(f"vnet demo: skipping tail-latency-qemu: {why}", file=sys.stderr)
+            names.remove("tail-latency-qemu")
 
     folder = out or Path(f"vnet-demo-{time.strftime('%Y%m%d-%H%M%S')}")
     folder.mkdir(parents=True, exist_ok=True)
