@@ -25,7 +25,7 @@ DEMO_PKGS   := openvswitch-switch
 .PHONY: help deps sysdeps vm-deps venv bpf check-bpf vmlinux wheel demo test test-unit test-kernel test-vm clean
 
 help:
-	@echo "make demo      install what is missing, reproduce and explain two latency problems (OVS congestion, CPU tail)"
+	@echo "make demo      install what is missing, reproduce and explain the seed's latency problems (OVS congestion, CPU tail, also in a QEMU guest)"
 	@echo "make test      install what is missing, run every test (check-bpf and the 6.1 VM suite included)"
 	@echo "make test-vm   only the VM suite: kprobe/fentry/OVS datapath on Debian's 6.1 kernel under qemu"
 	@echo "make bpf       compile bpf/src/*.bpf.c into bpf/build/ (committed)"
@@ -97,7 +97,7 @@ wheel: venv
 	rm -rf dist
 	$(PY) -m build --wheel --outdir dist .
 
-demo: deps
+demo: deps vm-deps
 	$(VNET) demo
 
 # tests/vm run in a 6.1 guest booted once; each reports its guest result here.
