@@ -102,10 +102,23 @@ def round_trips(requests: PacketTable, replies: PacketTable, max_wait_ns: int = 
         order = np.argsort(q_first[qi[sel]], kind="stable")
         paths.append(PathRows(tuple(qp.hops) + tuple(h + x for x in rp.hops),
                               [(q_first[qi[sel]][order], qp.pkt_id[qrows][order], deltas[order])]))
+    read = [t for t in (requests, replies) if t.count]  # both tables' events, drops and times
     table = PacketTable(paths, names, hop_host, requests.hosts, requests.error_ns, requests.offset_ns,
-                        requests.drops, requests.sched, requests.t_first, max(requests.t_last, replies.t_last),
-                        requests.count, requests.packet_events, requests.late + replies.late)
+                        _both_drops(requests.drops, replies.drops, h), requests.sched,
+                        min((t.t_first for t in read), default=0), max((t.t_last for t in read), default=0),
+                        requests.count + replies.count,
+                        [a + b for a, b in zip(requests.packet_events, replies.packet_events)],
+                        requests.late + replies.late)
     return table, counts
+
+
+def _both_drops(q: dict, r: dict, h: int) -> dict:
+    """The requests' and the replies' kfree_skb drops, a reply's last hop renumbered as in
+    the round trips' hop names."""
+    if not r or not r["ts"].size:
+        return q
+    r = {**r, "last_hop": np.where(r["last_hop"] >= 0, r["last_hop"] + h, r["last_hop"])}
+    return {k: np.concatenate([q[k], v]) for k, v in r.items()} if q else r
 
 
 def describe(counts: dict) -> str:
