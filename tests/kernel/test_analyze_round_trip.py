@@ -117,6 +117,9 @@ def test_ignore_hop_leaves_a_real_hop_out_of_the_round_trips(recording):
     assert r["round_trip"]["pairs"] == SENT and r["round_trip"]["unpaired_replies"] == 0
     assert [(p["hops"], p["count"]) for p in r["paths"]] == [([q_out, q_in, r_in], SENT)]
     assert r_out not in json.dumps(r["segments"]) and r["events"] == 3 * SENT
+    # "HOP (reply)", as the report would name a hop both directions cross: the replies' only
+    r = report(str(out), "--proto", "udp", "--dport", str(PORT), "--round-trip", "--ignore-hop", f"{r_in} (reply)")
+    assert [(p["hops"], p["count"]) for p in r["paths"]] == [([q_out, q_in, r_out], SENT)]
     # without --round-trip too: the requests alone, without their last hop
     r = report(str(out), "--proto", "udp", "--dport", str(PORT), "--ignore-hop", q_in)
     assert [(p["hops"], p["count"]) for p in r["paths"]] == []  # a one-hop path has nothing to measure

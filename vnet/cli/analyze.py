@@ -79,7 +79,8 @@ def analyze(
                                        "hosts' files may run apart in time)."),
     ignore_hop: List[str] = typer.Option([], "--ignore-hop", metavar="HOP",
                                          help="Leave this hop's events out (its exact name as the report "
-                                              "shows it, e.g. 'sock:consume_skb'). Repeatable."),
+                                              "shows it, e.g. 'sock:consume_skb'; with --round-trip, 'HOP (reply)' "
+                                              "for the replies only). Repeatable."),
     round_trip: bool = typer.Option(False, "--round-trip",
                                     help="Pair each packet of the flow (the requests) with the next unpaired "
                                          "packet of its reverse (the replies), in order, and analyse the round "
@@ -106,15 +107,19 @@ def analyze(
 
         replies = read_table(files, flow=reverse(filt), hosts=host or None, gap_ns=int(max_gap * 1e9))
     if ignore_hop:
+        from vnet.analysis.roundtrip import REPLY_SUFFIX
         from vnet.analysis.stream import without_hops
 
+        # with --round-trip, "HOP (reply)" (as the report names it) leaves it out of the replies only
+        reply_only = {h.removesuffix(REPLY_SUFFIX) for h in ignore_hop if round_trip and h.endswith(REPLY_SUFFIX)}
+        both = [h for h in ignore_hop if not (round_trip and h.endswith(REPLY_SUFFIX))]
         known = set(table.hop_names) | (set(replies.hop_names) if round_trip else set())
-        unknown = [h for h in ignore_hop if h not in known]
+        unknown = [h for h in both + sorted(reply_only) if h not in known]
         if unknown:
             raise UsageError(f"--ignore-hop {unknown[0]!r}: no such hop in these files (they have: "
                              f"{', '.join(sorted(known))})")
-        table = without_hops(table, ignore_hop)
-        replies = without_hops(replies, ignore_hop) if round_trip else None
+        table = without_hops(table, both)
+        replies = without_hops(replies, both + sorted(reply_only)) if round_trip else None
     if round_trip:
         table, pairing = round_trips(table, replies, int(max_gap * 1e9))
     report = run(table, since=since, until=until, slowest=slowest, hist=hist)
