@@ -20,6 +20,7 @@ import pytest
 from kernel_support import VnetProcess
 from vnet import netns
 from vnet.collector.tracefile import TraceFileReader
+from vnet.demo.tail_latency_qemu import FIND_VIRTIO_NIC
 from vnet.protocol import connect, load_key, new_key
 from vnet.topology import Topology, send_udp
 
@@ -41,16 +42,7 @@ def _guest_script(results: Path, key: Path) -> str:
     script = f"""
 step() {{ echo "$(cut -d' ' -f1 /proc/uptime) $*" >> {r}/steps.log; }}
 step booted
-udevadm settle --timeout=60 2>/dev/null; step udev settled
-IF=
-for i in $(seq 1 60); do
-  for d in /sys/class/net/*; do
-    [ "$(basename "$(readlink $d/device/driver 2>/dev/null)")" = virtio_net ] && IF=$(basename $d)
-  done
-  [ -n "$IF" ] && break
-  sleep 1
-done
-step "nic: '$IF'"
+{FIND_VIRTIO_NIC}step "nic: '$IF'"
 echo $IF > {r}/guest-if
 ip link set $IF up && ip addr add {GUEST_IP}/24 dev $IF || step "ip failed: $?"
 ip -o addr >> {r}/steps.log

@@ -410,6 +410,15 @@ def _analyse(run: _Run):
     return analyze(table, slowest=5), table
 
 
+def _write_run(run: _Run, out: Path, interval_s: float) -> list[Path]:
+    """A run's analysis and its client's round-trip times, as JSON files in out."""
+    path = out / f"{run.label}.analysis.json"
+    path.write_text(json.dumps(run.report, default=_plain, indent=1) + "\n")
+    rtt = out / f"{run.label}.rtt.json"
+    rtt.write_text(json.dumps({"interval_s": interval_s, **_rtt_stats(run), "rtt_ns": run.rtt_ns}) + "\n")
+    return [path, rtt]
+
+
 def _plain(o):
     try:
         return o.item()  # numpy scalars
@@ -585,11 +594,7 @@ def run(ctx: DemoContext) -> DemoResult:
     for i, r in enumerate(runs):
         ctx.progress(f"{r.label}: analysis", 0.86 + 0.04 * i)
         r.report, tables[r.label] = _analyse(r)
-        path = out / f"{r.label}.analysis.json"
-        path.write_text(json.dumps(r.report, default=_plain, indent=1) + "\n")
-        rtt = out / f"{r.label}.rtt.json"
-        rtt.write_text(json.dumps({"interval_s": INTERVAL_S, **_rtt_stats(r), "rtt_ns": r.rtt_ns}) + "\n")
-        files += [path, rtt]
+        files += _write_run(r, out, INTERVAL_S)
     timings["analysis"] = round(time.monotonic() - t, 2)
     t = time.monotonic()
     ctx.progress("plots", 0.94)

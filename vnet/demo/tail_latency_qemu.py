@@ -66,10 +66,9 @@ MIN_TAIL_RATIO = 2.0
 MIN_SHARE = 0.5
 BUSY_TAIL_NS = 3_000_000      # a baseline round-trip p99 this slow: something else holds the CPUs
 
-_GUEST = r'''
-log() {{ echo "$(cut -d' ' -f1 /proc/uptime) $*" >> {log}; }}
-log booted
-udevadm settle --timeout=60 2>/dev/null
+# Guest shell: set $IF to the virtio NIC. udev loads virtio_net and renames eth0 while the
+# guest's command already runs, so wait for udev and pick the NIC by its driver (bounded).
+FIND_VIRTIO_NIC = r'''udevadm settle --timeout=60 2>/dev/null
 IF=
 for i in $(seq 1 60); do
   for d in /sys/class/net/*; do
@@ -78,7 +77,12 @@ for i in $(seq 1 60); do
   [ -n "$IF" ] && break
   sleep 1
 done
-log "nic '$IF'"
+'''
+
+_GUEST = r'''
+log() {{ echo "$(cut -d' ' -f1 /proc/uptime) $*" >> {log}; }}
+log booted
+{find_nic}log "nic '$IF'"
 ip link set "$IF" up && ip addr add {ip}/24 dev "$IF" || log "ip failed"
 exec python3 -c '
 import socket, time
@@ -129,7 +133,7 @@ class _Guest:
         vng, kernel = _find_tools()
         self.log = folder / "guest.log"
         script = folder / "guest.sh"
-        script.write_text(_GUEST.format(log=shlex.quote(str(self.log)), ip=tl.VM_IP, port=tl.ECHO_PORT,
+        script.write_text(_GUEST.format(find_nic=FIND_VIRTIO_NIC, log=shlex.quote(str(self.log)), ip=tl.VM_IP, port=tl.ECHO_PORT,
                                         life=GUEST_LIFE, stop=STOP.decode()))
         qemu_opts = (f"-netdev tap,id=n1,ifname={tap},script=no,downscript=no "
                      f"-device virtio-net-pci,netdev=n1,mac={tl.VM_MAC} -name vnet-guest,debug-threads=on")
@@ -449,11 +453,7 @@ def run(ctx: DemoContext) -> DemoResult:
     for i, r in enumerate(runs):
         ctx.progress(f"{r.label}: analysis", 0.92 + 0.03 * i)
         r.report, tables[r.label] = _analyse(r)
-        path = out / f"{r.label}.analysis.json"
-        path.write_text(json.dumps(r.report, default=tl._plain, indent=1) + "\n")
-        rtt = out / f"{r.label}.rtt.json"
-        rtt.write_text(json.dumps({"interval_s": INTERVAL_S, **tl._rtt_stats(r), "rtt_ns": r.rtt_ns}) + "\n")
-        files += [path, rtt]
+        files += tl._write_run(r, out, INTERVAL_S)
     timings["analysis"] = round(time.monotonic() - t, 2)
     if not ctx.quick:
         from vnet.analysis.plots import plot_all
