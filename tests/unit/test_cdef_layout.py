@@ -43,18 +43,47 @@ def _unavailable(why: str) -> None:
     pytest.skip(why)
 
 
+_FIRST_BIT = r"""static void first_bit(const void *p, size_t size, const char *key)
+{
+    const unsigned char *b = p;
+    size_t first = 0, width = 0;
+
+    for (size_t i = 0; i < size * 8; i++)
+        if (b[i / 8] >> (i % 8) & 1) {
+            if (!width)
+                first = i;
+            width++;
+        }
+    printf("%s %zu %zu\n", key, width, first);
+}
+"""
+
+
+def _field_layout(ffi: cffi.FFI, ctype, fname: str, field) -> tuple[int, int]:
+    """(size, offset) in bytes; for a bit-field (width, first bit) in bits (little-endian hosts)."""
+    if field.bitsize >= 0:
+        return field.bitsize, field.offset * 8 + field.bitshift
+    return ffi.sizeof(field.type), ffi.offsetof(ctype, fname)
+
+
 def _c_program(ffi: cffi.FFI, structs: list[str] | None = None,
                headers: tuple[str, ...] = HEADERS) -> tuple[str, list[tuple[str, str | None]]]:
-    """C source printing `key size offset` lines, and the keys in order."""
-    lines = [f"#include <{h}>" for h in headers] + ["int main(void) {"]
+    """C source printing `key size offset` lines, and the keys in order. A
+    bit-field has no offsetof: its line gives its width and first bit instead,
+    found by setting every bit of it in a zeroed struct."""
+    lines = [f"#include <{h}>" for h in headers] + ["#include <string.h>", "", _FIRST_BIT, "int main(void) {"]
     keys: list[tuple[str, str | None]] = []
     for name in _cdef_structs() if structs is None else structs:
         lines.append(f'  printf("{name} %zu 0\\n", sizeof(struct {name}));')
         keys.append((name, None))
-        for fname, _ in ffi.typeof(f"struct {name}").fields:
+        for fname, field in ffi.typeof(f"struct {name}").fields:
             cname = RENAMED.get((name, fname), fname)
-            lines.append(f'  printf("{name}.{fname} %zu %zu\\n", sizeof(((struct {name} *)0)->{cname}), '
-                         f"offsetof(struct {name}, {cname}));")
+            if field.bitsize >= 0:
+                lines.append(f"  {{ struct {name} v; memset(&v, 0, sizeof(v)); v.{cname}--; "
+                             f'first_bit(&v, sizeof(v), "{name}.{fname}"); }}')
+            else:
+                lines.append(f'  printf("{name}.{fname} %zu %zu\\n", sizeof(((struct {name} *)0)->{cname}), '
+                             f"offsetof(struct {name}, {cname}));")
             keys.append((name, fname))
     lines += ["  return 0;", "}"]
     return "\n".join(lines) + "\n", keys
@@ -91,7 +120,7 @@ def _compile_layout(tmp_path_factory, ffi: cffi.FFI, structs: list[str] | None =
 
 def test_cdef_declares_the_expected_structs():
     assert set(_cdef_structs()) >= {"bpf_tc_hook", "bpf_tc_opts", "bpf_test_run_opts", "btf_type", "btf_member",
-                                    "btf_enum", "btf_enum64", "btf_array", "btf_var_secinfo"}
+                                    "btf_enum", "btf_enum64", "btf_array", "btf_var_secinfo", "bpf_prog_info"}
 
 
 @pytest.mark.parametrize("struct", _cdef_structs())
@@ -101,9 +130,8 @@ def test_struct_layout_matches_headers(compiled_layout, struct):
     assert ffi.sizeof(ctype) == compiled_layout[struct][0], f"sizeof(struct {struct})"
     assert ctype.fields, f"struct {struct} has no fields in the cdef"
     for fname, field in ctype.fields:
-        want_size, want_offset = compiled_layout[f"{struct}.{fname}"]
-        assert (ffi.sizeof(field.type), ffi.offsetof(ctype, fname)) == (want_size, want_offset), \
-            f"struct {struct}.{fname}: cdef (size, offset) differs from the header"
+        assert _field_layout(ffi, ctype, fname, field) == compiled_layout[f"{struct}.{fname}"], \
+            f"struct {struct}.{fname}: cdef (size, offset) differs from the header (bits for a bit-field)"
 
 
 def test_every_cdef_struct_field_was_compared(compiled_layout):
@@ -160,5 +188,32 @@ def test_libpcap_cdef_matches_pcap_h(tmp_path_factory):
         ctype = pcap.ffi.typeof(f"struct {name}")
         assert pcap.ffi.sizeof(ctype) == layout[name][0], f"sizeof(struct {name})"
         for fname, field in ctype.fields:
-            assert (pcap.ffi.sizeof(field.type), pcap.ffi.offsetof(ctype, fname)) == layout[f"{name}.{fname}"], \
-                f"struct {name}.{fname}"
+            assert _field_layout(pcap.ffi, ctype, fname, field) == layout[f"{name}.{fname}"], f"struct {name}.{fname}"
+
+
+# Structs the kernel fills in: checked against the running kernel's own BTF too
+# (its UAPI may be newer than the installed headers; a longer kernel struct is fine).
+KERNEL_STRUCTS = ("bpf_prog_info",)
+
+
+@pytest.mark.parametrize("struct", KERNEL_STRUCTS)
+def test_kernel_filled_struct_matches_the_running_kernels_btf(struct):
+    from vnet.binding import Btf
+
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        _unavailable("no kernel BTF (/sys/kernel/btf/vmlinux)")
+    ffi = _cdef_ffi()
+    ctype = ffi.typeof(f"struct {struct}")
+    with Btf.vmlinux() as btf:
+        size, members = btf.member_bits(struct)
+    assert ffi.sizeof(ctype) <= size, f"sizeof(struct {struct}): cdef {ffi.sizeof(ctype)} > kernel {size}"
+    for fname, field in ctype.fields:
+        width, first = _field_layout(ffi, ctype, fname, field)
+        if field.bitsize < 0:
+            width, first = width * 8, first * 8
+        assert fname in members, f"struct {struct}.{fname}: not in the kernel's BTF"
+        assert (first, width) == members[fname], \
+            f"struct {struct}.{fname}: cdef (first bit, bits) {(first, width)} != kernel BTF {members[fname]}"
+    # Every kernel member that fits in the cdef's size is declared (nothing skipped by mistake).
+    covered = {n for n, (first, width) in members.items() if first + width <= 8 * ffi.sizeof(ctype)}
+    assert covered == {n for n, _ in ctype.fields}

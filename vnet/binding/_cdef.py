@@ -176,6 +176,60 @@ const void *bpf_program__insns(const struct bpf_program *prog);
 size_t bpf_program__insn_cnt(const struct bpf_program *prog);
 int bpf_program__set_insns(struct bpf_program *prog, void *new_insns, size_t new_insn_cnt);
 
+/* A loaded program's facts (kernel UAPI, linux/bpf.h): what the verifier did
+   (verified_insns, Linux >= 5.16; older kernels leave it 0), its size, and the
+   run-time statistics kept while BPF_ENABLE_STATS is on. A kernel with a longer
+   struct copies only this much; the bit-field is checked like the rest. */
+struct bpf_prog_info {
+    uint32_t type;
+    uint32_t id;
+    uint8_t tag[8];
+    uint32_t jited_prog_len;
+    uint32_t xlated_prog_len;
+    uint64_t jited_prog_insns;
+    uint64_t xlated_prog_insns;
+    uint64_t load_time;
+    uint32_t created_by_uid;
+    uint32_t nr_map_ids;
+    uint64_t map_ids;
+    char name[16];
+    uint32_t ifindex;
+    uint32_t gpl_compatible:1;
+    uint32_t :31;
+    uint64_t netns_dev;
+    uint64_t netns_ino;
+    uint32_t nr_jited_ksyms;
+    uint32_t nr_jited_func_lens;
+    uint64_t jited_ksyms;
+    uint64_t jited_func_lens;
+    uint32_t btf_id;
+    uint32_t func_info_rec_size;
+    uint64_t func_info;
+    uint32_t nr_func_info;
+    uint32_t nr_line_info;
+    uint64_t line_info;
+    uint64_t jited_line_info;
+    uint32_t nr_jited_line_info;
+    uint32_t line_info_rec_size;
+    uint32_t jited_line_info_rec_size;
+    uint32_t nr_prog_tags;
+    uint64_t prog_tags;
+    uint64_t run_time_ns;
+    uint64_t run_cnt;
+    uint64_t recursion_misses;
+    uint32_t verified_insns;
+    uint32_t attach_btf_obj_id;
+    uint32_t attach_btf_id;
+    uint32_t :32;
+};
+/* bpf_prog_get_info_by_fd is libbpf 1.2: the generic call is in every 1.x. */
+int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len);
+/* BPF_STATS_RUN_TIME while the returned fd is open (the kernel counts users). */
+int bpf_enable_stats(int type);
+/* A program from raw instructions (benchmarks: an empty program as the floor). */
+int bpf_prog_load(int prog_type, const char *prog_name, const char *license, const void *insns, size_t insn_cnt,
+                  struct bpf_prog_load_opts *opts);
+
 /* Newer than libbpf 1.1: declared so they can be called where present. */
 struct bpf_link *bpf_program__attach_tcx(const struct bpf_program *prog, int ifindex, const void *opts);
 int ring_buffer__consume_n(struct ring_buffer *rb, size_t n);

@@ -196,6 +196,26 @@ class Btf:
             raise UnsupportedError(f"struct {self._name(t.name_off)} repeats a field name once flattened")
         return StructLayout(self._name(t.name_off), t.size_or_type, fields)
 
+    def member_bits(self, name: str) -> tuple[int, dict[str, tuple[int, int]]]:
+        """Size in bytes of `struct name` and, per named member, (first bit,
+        width in bits): bit-fields included, nothing flattened (for checking
+        declarations such as the cdef's against the kernel's own BTF)."""
+        t = self._type(self._strip(self.find(name, STRUCT)))
+        members = ffi.cast("struct btf_member *", t + 1)
+        kflag = t.info >> 31
+        out = {}
+        for i in range(self._vlen(t)):
+            m = members[i]
+            if not m.name_off:
+                continue  # anonymous padding
+            bit_off, width = (m.offset & 0xFFFFFF, m.offset >> 24) if kflag else (m.offset, 0)
+            member = self._type(self._strip(m.type))
+            if not kflag and self._kind(member) == INT:  # older encoding: the width is the int's
+                enc = ffi.cast("uint32_t *", member + 1)[0]
+                bit_off, width = bit_off + (enc >> 16 & 0xFF), enc & 0xFF
+            out[self._name(m.name_off)] = (bit_off, width or 8 * lib().btf__resolve_size(self._ptr, m.type))
+        return t.size_or_type, out
+
     def _field(self, name: str, offset: int, type_id: int) -> Field:
         type_id = self._strip(type_id)
         t = self._type(type_id)

@@ -150,6 +150,89 @@ class TestRunResult:
     data_out: bytes
 
 
+def prog_test_run(fd: int, data: bytes | None, repeat: int = 1, ctx: bytes | None = None,
+             data_out_size: int | None = None, what: str = "program") -> TestRunResult:
+    """BPF_PROG_TEST_RUN of the program `fd`. data=None: a context-only run, as
+    raw_tp programs take it (the kernel runs them once, reports no duration and
+    refuses a repeat count: give repeat=1)."""
+    opts = ffi.new("struct bpf_test_run_opts *")
+    opts.sz = ffi.sizeof("struct bpf_test_run_opts")
+    if data is not None:
+        out_size = data_out_size if data_out_size is not None else len(data) + 256
+        data_in = ffi.from_buffer(data)
+        out = ffi.new("char[]", max(out_size, 1))
+        opts.data_in = data_in
+        opts.data_size_in = len(data)
+        opts.data_out = out
+        opts.data_size_out = out_size
+        opts.repeat = repeat
+    elif repeat != 1:
+        raise BpfError("test-run", errno.EINVAL, f"{what}: a context-only run takes no repeat count")
+    if ctx is not None:
+        ctx_in = ffi.from_buffer(ctx)
+        opts.ctx_in = ctx_in
+        opts.ctx_size_in = len(ctx)
+    err = lib().bpf_prog_test_run_opts(fd, opts)
+    if err:
+        raise bpf_error("test-run", err, what)
+    data_out = ffi.buffer(out, opts.data_size_out)[:] if data is not None else b""
+    return TestRunResult(opts.retval, opts.duration, data_out)
+
+
+@dataclass(frozen=True)
+class ProgramInfo:
+    """What the kernel says about a loaded program (struct bpf_prog_info)."""
+
+    id: int
+    name: str              # the kernel's (at most 15 characters)
+    type: int              # enum bpf_prog_type
+    verified_insns: int    # instructions the verifier processed (Linux >= 5.16; 0 before)
+    xlated_insns: int      # the program after the verifier's rewrites, in instructions
+    jited_bytes: int       # native code size (0 without the JIT)
+    run_time_ns: int       # total run time while run-time statistics were on (run_time_stats())
+    run_cnt: int           # runs counted meanwhile
+    recursion_misses: int  # runs skipped because the program was already running on that CPU
+
+
+def program_info(fd: int) -> ProgramInfo:
+    """bpf_prog_info of the program `fd` (bpf_obj_get_info_by_fd)."""
+    info = ffi.new("struct bpf_prog_info *")
+    size = ffi.new("uint32_t *", ffi.sizeof("struct bpf_prog_info"))
+    err = lib().bpf_obj_get_info_by_fd(fd, info, size)
+    if err:
+        raise bpf_error("get info of", err, f"program fd {fd}")
+    return ProgramInfo(info.id, ffi.string(info.name).decode(errors="replace"), info.type, info.verified_insns,
+                       info.xlated_prog_len // 8, info.jited_prog_len, info.run_time_ns, info.run_cnt,
+                       info.recursion_misses)
+
+
+BPF_STATS_RUN_TIME = 0
+
+
+class run_time_stats:
+    """While open, the kernel counts every program's runs and run time
+    (BPF_ENABLE_STATS, as sysctl kernel.bpf_stats_enabled=1 does, but held by
+    an fd: closed with it, even when the process dies; other holders keep it on).
+    Costs the programs two clock reads per run."""
+
+    def __init__(self):
+        fd = lib().bpf_enable_stats(BPF_STATS_RUN_TIME)
+        if fd < 0:
+            raise bpf_error("enable", fd, "BPF run-time statistics")
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "run_time_stats":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class Program:
     def __init__(self, obj: "BpfObject", ptr):
         self._obj = obj
@@ -249,27 +332,15 @@ class Program:
         return self._obj._own(TcFilterLink(ifindex, point, f"{self.name} -> {where}", netns, opts.prog_id))
 
     # -- run ------------------------------------------------------------------
-    def test_run(self, data: bytes, repeat: int = 1, ctx: bytes | None = None,
+    def test_run(self, data: bytes | None, repeat: int = 1, ctx: bytes | None = None,
                  data_out_size: int | None = None) -> TestRunResult:
-        """BPF_PROG_TEST_RUN: run the loaded program on `data` in the kernel."""
-        out_size = data_out_size if data_out_size is not None else len(data) + 256
-        data_in = ffi.from_buffer(data)
-        out = ffi.new("char[]", max(out_size, 1))
-        opts = ffi.new("struct bpf_test_run_opts *")
-        opts.sz = ffi.sizeof("struct bpf_test_run_opts")
-        opts.data_in = data_in
-        opts.data_size_in = len(data)
-        opts.data_out = out
-        opts.data_size_out = out_size
-        opts.repeat = repeat
-        if ctx is not None:
-            ctx_in = ffi.from_buffer(ctx)
-            opts.ctx_in = ctx_in
-            opts.ctx_size_in = len(ctx)
-        err = lib().bpf_prog_test_run_opts(self.fd, opts)
-        if err:
-            raise bpf_error("test-run", err, f"program {self.name}")
-        return TestRunResult(opts.retval, opts.duration, ffi.buffer(out, opts.data_size_out)[:])
+        """BPF_PROG_TEST_RUN: run the loaded program on `data` in the kernel
+        (data=None: on `ctx` alone, see prog_test_run())."""
+        return prog_test_run(self.fd, data, repeat, ctx, data_out_size, what=f"program {self.name}")
+
+    def info(self) -> ProgramInfo:
+        """The kernel's facts about the loaded program: verifier work, size, run-time statistics."""
+        return program_info(self.fd)
 
 
 class Map:
