@@ -1,0 +1,470 @@
+#!/usr/bin/env python3
+"""Per-hook cost: nanoseconds per run of each vnet program (issue 10, benchmark 4).
+
+Three measurements, every program loaded by vnet's own trace loader (same
+config, filter encoding and tcpdump splice as `vnet trace`):
+
+ 1. BPF_PROG_TEST_RUN with a repeat count (tc programs): the kernel's `duration`,
+    the mean ns per run over the repeat count, for a packet that makes an event,
+    one the field filter rejects (after parsing), one a tcpdump expression
+    rejects (before parsing), and with --snaplen. Run-time statistics off.
+ 2. Context-only test runs (raw_tp programs: the kernel takes no repeat count
+    and reports no duration) timed by the kernel's run-time statistics
+    (bpf_prog_info run_time_ns / run_cnt). A test run cannot hand them a real
+    sk_buff, so these are the no-packet paths; the same statistics calibrate
+    themselves on the tc program (their two clock reads per run are included).
+    Programs the kernel cannot test-run are listed with its answer.
+ 3. Attached for real: tc on both ends of a veth pair in throwaway namespaces and
+    the packet tracepoints, drop and scheduler probes, with the run-time
+    statistics on while a UDP flood crosses the pair (no socket listens: every
+    datagram is a kfree_skb drop too); run_time_ns / run_cnt per program.
+
+Cases run in alternating rounds (A B C ... then B C ... A, ...) and each is
+reported as median and min-max over the rounds. Run-time statistics are turned
+on through BPF_ENABLE_STATS (an fd: off again when it closes, even if this is
+killed), never left on. Needs root.
+
+Usage: hook_cost.py [--rounds N] [--repeat N] [--live-rounds N] [--packets N] [--no-live]
+       hook_cost.py --update-budget      (rewrite tests/insn_budget.json: tools/bench/insn_budget.py --update)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from vnet.binding import lib, prog_test_run, program_info, run_time_stats  # noqa: E402
+from vnet.binding.libbpf import ffi  # noqa: E402
+from vnet.binding.ringbatch import RingBatchReader  # noqa: E402
+from vnet.errors import VnetError  # noqa: E402
+from vnet.probes import catalog  # noqa: E402
+from vnet.probes import resolve as resolver  # noqa: E402
+from vnet.tcpdump.ebpf import ALU64, EXIT, JMP, MOV, Insn, encode  # noqa: E402
+from vnet.trace.filters import PacketFilter  # noqa: E402
+from vnet.trace.session import Plan, Trace  # noqa: E402
+
+TARGET_EVENT_NS = 150   # issue 10: a hook that emits an event, p50
+TARGET_REJECT_NS = 30   # a packet the filter rejects
+BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+RING_BYTES = 32 << 20
+TC = "vnet_tc_ingress"
+
+# Ethernet, IPv4, UDP 10.0.0.1:4000 -> 10.0.0.2:5000, 26 bytes of payload (a 68-byte frame).
+FRAME = (b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00"
+         + struct.pack("!BBHHHBBH4s4s", 0x45, 0, 54, 1, 0x4000, 64, 17, 0, bytes([10, 0, 0, 1]),
+                       bytes([10, 0, 0, 2]))
+         + struct.pack("!HHHH", 4000, 5000, 34, 0) + b"vnet-hook-cost-benchmark!!")
+
+
+def _no_attach(_obj) -> list:
+    return []
+
+
+def stats_sysctl() -> str:
+    try:
+        return Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
+    except OSError:
+        return "?"
+
+
+class Summary:
+    """Samples per case in insertion order; median and min-max."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = {}
+
+    def add(self, case: str, value: float) -> None:
+        self.samples.setdefault(case, []).append(value)
+
+    def row(self, case: str) -> tuple[float, float, float]:
+        v = self.samples[case]
+        return statistics.median(v), min(v), max(v)
+
+
+def rotations(cases: list, rounds: int):
+    """Round r runs the cases starting at r mod len: A B C, B C A, C A B, ..."""
+    for r in range(rounds):
+        k = r % len(cases)
+        yield r, cases[k:] + cases[:k]
+
+
+def verdict(net: float, target: int | None) -> str:
+    if target is None:
+        return ""
+    if net <= target:
+        return f"<= {target}: met"
+    return f"<= {target}: missed by {net - target:.0f} ns ({net / target:.1f}x)"
+
+
+def table(title: str, summary: Summary, targets: dict[str, int | None], floors: dict[str, float] | None = None,
+          notes: dict[str, str] | None = None) -> str:
+    """Rows of median, min, max and net = median - the floor of that row's method
+    (the same measurement of an empty program); the target is judged on net."""
+    lines = [title, f"  {'case':<62} {'median':>7} {'min':>7} {'max':>7} {'net':>7}  target (on net)"]
+    group = None
+    for case in summary.samples:
+        med, lo, hi = summary.row(case)
+        name = case
+        if " | " in case:  # 'group | row': the group once, as a heading
+            heading, name = case.split(" | ", 1)
+            if heading != group:
+                group = heading
+                lines.append(f"  {heading}:")
+            name = "  " + name
+        floor = (floors or {}).get(case)
+        net = med - floor if floor is not None else None
+        note = (notes or {}).get(case, "")
+        lines.append(f"  {name:<62} {med:>7.1f} {lo:>7.1f} {hi:>7.1f} "
+                     + (f"{net:>7.1f}  {verdict(net, targets.get(case))}" if net is not None else f"{'':>7}")
+                     + (f"  {note}" if note else ""))
+    return "\n".join(lines)
+
+
+# -- programs ------------------------------------------------------------------------------------
+
+def load_empty(prog_type: int, retval: int) -> int:
+    """`r0 = retval; exit`: the floor any program pays, as a raw fd."""
+    insns = encode([Insn(ALU64 | MOV, dst=0, imm=retval), Insn(JMP | EXIT)])
+    fd = lib().bpf_prog_load(prog_type, b"vnet_bench_nop", b"Dual BSD/GPL", ffi.from_buffer(insns), 2, ffi.NULL)
+    if fd < 0:
+        raise VnetError(f"loading an empty program (type {prog_type}) failed: errno {-fd}")
+    return fd
+
+
+def tc_trace(**kw) -> Trace:
+    plan = Plan("tc_trace", "tc_cfg", {"l3": 0}, (TC,), _no_attach, {}, name="dev:bench", filterable=True)
+    trace = Trace([plan], ring_bytes=RING_BYTES, **kw)
+    trace.start()
+    return trace
+
+
+def probe_trace(name: str, kind: str, **kw) -> Trace:
+    res = resolver.resolve(catalog.BY_NAME[name], force=kind)
+    if not res.available:
+        raise VnetError(f"{name} has no {kind} hook here: {res.reason}")
+    plan = dataclasses.replace(resolver.plan(res), attach=_no_attach)
+    trace = Trace([plan], ring_bytes=RING_BYTES, **kw)
+    trace.start()
+    return trace
+
+
+@dataclasses.dataclass
+class TcCase:
+    name: str
+    expect: str          # "emitted" or "filtered": checked on the kernel's counters each run
+    target: int | None
+    kw: dict
+    trace: Trace | None = None
+    reader: RingBatchReader | None = None
+
+    def open(self) -> None:
+        self.trace = tc_trace(**self.kw)
+        self.reader = RingBatchReader(self.trace.objects[0].maps["vnet_events"])
+
+    def run(self, repeat: int) -> int:
+        before = self.trace.stats()
+        res = self.trace.objects[0].programs[TC].test_run(FRAME, repeat=repeat)
+        after = self.trace.stats()
+        got = getattr(after, self.expect) - getattr(before, self.expect)
+        if got != repeat or after.lost != before.lost:
+            raise SystemExit(f"{self.name}: {got} {self.expect} of {repeat}, {after.lost - before.lost} lost")
+        while self.reader.read().count:  # empty again, outside the timing
+            pass
+        return res.duration_ns
+
+
+TC_CASES = [
+    TcCase("tc: no filter, event", "emitted", TARGET_EVENT_NS, {}),
+    TcCase("tc: field filter --dport 5000 matches, event", "emitted", TARGET_EVENT_NS,
+           {"packet_filter": PacketFilter(dport=5000)}),
+    TcCase("tc: field filter --dport 53 rejects (after parsing)", "filtered", TARGET_REJECT_NS,
+           {"packet_filter": PacketFilter(dport=53)}),
+    TcCase("tc: tcpdump 'udp and dst port 53' rejects (before parsing)", "filtered", TARGET_REJECT_NS,
+           {"packet_filter": PacketFilter(expression="udp and dst port 53")}),
+    TcCase("tc: tcpdump 'udp and dst port 5000' matches, event", "emitted", TARGET_EVENT_NS,
+           {"packet_filter": PacketFilter(expression="udp and dst port 5000")}),
+    TcCase("tc: --snaplen 128, event + bytes", "emitted", TARGET_EVENT_NS, {"snaplen": 128}),
+    TcCase("tc: tcpdump match + --snaplen 256, event + bytes", "emitted", TARGET_EVENT_NS,
+           {"packet_filter": PacketFilter(expression="udp and dst port 5000"), "snaplen": 256}),
+]
+
+
+def bench_test_runs(rounds: int, repeat: int) -> str:
+    summary = Summary()
+    floor_fd = load_empty(BPF_PROG_TYPE_SCHED_CLS, -1)
+    floor = "empty SCHED_CLS program (r0 = -1; exit): the harness floor"
+    try:
+        for case in TC_CASES:
+            case.open()
+        cases = [floor] + TC_CASES
+        for case in TC_CASES:  # warm caches and the ring's pages once
+            case.run(repeat)
+        for _, order in rotations(cases, rounds):
+            for case in order:
+                if case is floor:
+                    summary.add(floor, prog_test_run(floor_fd, FRAME, repeat=repeat).duration_ns)
+                else:
+                    summary.add(case.name, case.run(repeat))
+    finally:
+        os.close(floor_fd)
+        for case in TC_CASES:
+            if case.trace is not None:
+                case.trace.close()
+    title = (f"[1] BPF_PROG_TEST_RUN, {len(FRAME)}-byte UDP frame, repeat {repeat}: the kernel's `duration`, ns "
+             f"per run ({rounds} alternating rounds; kernel.bpf_stats_enabled={stats_sysctl()}); net = median - the "
+             f"empty program's")
+    floor_ns = summary.row(floor)[0]
+    return table(title, summary, {c.name: c.target for c in TC_CASES}, {c.name: floor_ns for c in TC_CASES})
+
+
+# -- context-only runs, timed by run-time statistics ----------------------------------------------
+
+CTX = bytes(8 * 6)  # six zero u64 arguments: no sk_buff, no task, no device
+
+
+def _stats_ns(fd: int, run) -> tuple[float, int]:
+    before = program_info(fd)
+    run()
+    after = program_info(fd)
+    n = after.run_cnt - before.run_cnt
+    return (after.run_time_ns - before.run_time_ns) / max(n, 1), n
+
+
+def bench_stats_runs(rounds: int, calls: int, repeat: int) -> tuple[str, dict[str, float]]:
+    summary = Summary()
+    traces: list[Trace] = []
+    fds: list[int] = []
+    try:
+        raw_floor = load_empty(BPF_PROG_TYPE_RAW_TRACEPOINT, 0)
+        tc_floor = load_empty(BPF_PROG_TYPE_SCHED_CLS, -1)
+        fds += [raw_floor, tc_floor]
+        skb = probe_trace("net:netif_receive_skb", "raw_tp")
+        task = probe_trace("sock:consume_skb", "raw_tp")
+        drop = probe_trace("drop:kfree_skb", "raw_tp")
+        tc = tc_trace()
+        traces += [skb, task, drop, tc]
+
+        def ctx_runs(fd: int):
+            return lambda: [prog_test_run(fd, None, ctx=CTX) for _ in range(calls)]
+
+        def prog_fd(trace: Trace) -> int:
+            obj = trace.objects[0]
+            return next(p.fd for p in obj.programs.values() if p.autoload)
+
+        tc_fd = prog_fd(tc)
+        durations: list[float] = []
+
+        def tc_run():
+            durations.append(prog_test_run(tc_fd, FRAME, repeat=repeat).duration_ns)
+
+        floor_raw = "empty raw_tp program: the floor (two clock reads)"
+        floor_tc = "empty SCHED_CLS program, repeat: the floor"
+        cases = [
+            (floor_raw, raw_floor, ctx_runs(raw_floor)),
+            ("skb_trace raw_tp, no sk_buff (a call probe): event", prog_fd(skb), ctx_runs(prog_fd(skb))),
+            ("skb_trace raw_tp + task (pid, comm), no sk_buff: event", prog_fd(task), ctx_runs(prog_fd(task))),
+            ("drop raw_tp, no sk_buff: event with reason, pid, comm", prog_fd(drop), ctx_runs(prog_fd(drop))),
+            (floor_tc, tc_floor, lambda: prog_test_run(tc_floor, FRAME, repeat=repeat)),
+            ("tc: no filter, event, repeat", tc_fd, tc_run),
+        ]
+        readers = [RingBatchReader(t.objects[0].maps["vnet_events"]) for t in traces]
+        with run_time_stats():
+            for _, order in rotations(cases, rounds):
+                for name, fd, run in order:
+                    ns, n = _stats_ns(fd, run)
+                    if not n:
+                        raise SystemExit(f"{name}: no run counted (run-time statistics off?)")
+                    summary.add(name, ns)
+                    for r in readers:
+                        while r.read().count:
+                            pass
+        own = "tc: the same runs' own test-run `duration` (stats on)"
+        summary.samples[own] = durations
+        for r in readers:
+            r.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for t in traces:
+            t.close()
+    floors = {"raw_tp": summary.row(floor_raw)[0], "tc": summary.row(floor_tc)[0]}
+    by_case = {name: floors["tc" if "tc:" in name else "raw_tp"] for name, _, _ in cases if "floor" not in name}
+    title = (f"[2] run-time statistics on (bpf_prog_info run_time_ns / run_cnt), ns per run: raw_tp context-only "
+             f"test runs ({calls} per round), tc with repeat {repeat} ({rounds} alternating rounds); net = median - "
+             f"the empty program's of the same type")
+    return table(title, summary, {}, by_case) + "\n" + cannot_test_run(), floors
+
+
+def cannot_test_run() -> str:
+    """What this kernel answers to a test run of each other program (or to loading it)."""
+    lines = ["  not test-runnable here (the kernel's answer):"]
+    checks = [("skb_trace", "net:netif_receive_skb", "tp_btf"), ("skb_trace", "net:netif_receive_skb", "tracepoint"),
+              ("skb_trace", "veth:xmit", "fentry"), ("skb_trace", "veth:xmit", "kprobe"),
+              ("drop", "drop:kfree_skb", "tp_btf"), ("sched", "sched:runq", "tp_btf")]
+    for obj, probe, kind in checks:
+        spec = catalog.BY_NAME[probe]
+        res = resolver.resolve(spec, force=kind)
+        if not res.available:
+            res = resolver.Resolution(spec, next(h for h in spec.hooks if h.kind == kind))
+        plan = dataclasses.replace(resolver.plan(res), attach=_no_attach)
+        what = f"{obj} {', '.join(plan.programs)} ({kind})"
+        try:
+            trace = Trace([plan], ring_bytes=1 << 20)
+            trace.start()
+        except VnetError as e:
+            lines.append(f"    {what}: does not load: {str(e).splitlines()[0][:110]}")
+            continue
+        try:
+            prog = trace.objects[0].programs[plan.programs[-1]]
+            try:
+                prog.test_run(None, ctx=CTX)
+                lines.append(f"    {what}: a test run works: measure it like the raw_tp programs")
+            except VnetError as e:
+                lines.append(f"    {what}: test run refused: {str(e).split(': ', 1)[-1][:90]}")
+        finally:
+            trace.close()
+    lines.append("    (tp_btf and raw_tp twins share one body; tracepoint/kprobe/fentry run only attached: [3])")
+    return "\n".join(lines)
+
+
+# -- attached for real -----------------------------------------------------------------------------
+
+LIVE_PROBES = ["net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit", "net:netif_rx",
+               "net:netif_receive_skb", "drop:kfree_skb", "sock:consume_skb", "sched:runq"]
+MIN_LIVE_RUNS = 100
+LIVE_VARIANTS = [
+    ("no filter: events", {}),
+    ("field filter --dport 9 rejects (after parsing)", {"packet_filter": PacketFilter(dport=9)}),
+    ("tcpdump 'udp and dst port 9' rejects (before parsing)",
+     {"packet_filter": PacketFilter(expression="udp and dst port 9")}),
+    ("--snaplen 128: events + bytes", {"snaplen": 128}),
+]
+
+
+def bench_live(rounds: int, packets: int, floors: dict[str, float]) -> str:
+    from vnet.topology import send_udp, veth_pair
+    from vnet.trace.selection import select
+
+    summary = Summary()
+    counts: dict[str, list[int]] = {}
+    lost = 0
+    with veth_pair(211) as pair, run_time_stats():
+        names = {f"dev:{pair.ns1}/{pair.if1}": "veth A (sender)", f"dev:{pair.ns2}/{pair.if2}": "veth B (receiver)"}
+        for _, order in rotations(LIVE_VARIANTS, rounds):
+            for variant, kw in order:
+                # sched:runq watches pid 1 (idle): the path of the threads it does not watch, which
+                # is what nearly every context switch of a traced host takes.
+                plans, _ = select([f"{pair.ns1}/{pair.if1}", f"{pair.ns2}/{pair.if2}"], LIVE_PROBES, pids=(1,))
+                with Trace(plans, ring_bytes=RING_BYTES, strict=False, **kw) as trace:
+                    kinds = {h.probe: h.kind for h in trace.hooks}
+                    progs = {}
+                    loaded = iter(trace.objects)
+                    skipped = dict(trace.skipped)
+                    for plan in trace.plans:
+                        if plan.name in skipped:
+                            continue
+                        obj = next(loaded)
+                        for name in plan.programs:
+                            if plan.obj == "tc_trace":
+                                direction = name.removeprefix("vnet_tc_")
+                                label = f"{names.get(plan.name, plan.name)} tc {direction}"
+                            else:
+                                label = f"{plan.name} ({kinds.get(plan.name, '?')}" + (
+                                    f" {name.removeprefix('vnet_tp_btf_').removeprefix('vnet_raw_tp_')})"
+                                    if plan.obj == "sched" else ")")
+                            progs[label] = obj.programs[name].fd
+                    stop = threading.Event()
+                    reader = RingBatchReader(trace.objects[0].maps["vnet_events"])
+
+                    def drain():
+                        while not stop.is_set():
+                            reader.wait(20)
+                            while reader.read().count:
+                                pass
+
+                    thread = threading.Thread(target=drain, daemon=True)
+                    thread.start()
+                    before = {k: program_info(fd) for k, fd in progs.items()}
+                    send_udp(pair.ns1, pair.ip2, 5000, count=packets)
+                    time.sleep(0.05)  # the last datagrams cross the pair
+                    after = {k: program_info(fd) for k, fd in progs.items()}
+                    stop.set()
+                    thread.join()
+                    lost += trace.stats().lost
+                    reader.close()
+                for label in progs:
+                    n = after[label].run_cnt - before[label].run_cnt
+                    key = f"{variant} | {label}"
+                    counts.setdefault(key, []).append(n)
+                    if n:
+                        summary.add(key, (after[label].run_time_ns - before[label].run_time_ns) / n)
+    targets, notes, by_case = {}, {}, {}
+    busy = {key.split(" | ")[1] for key in counts if statistics.median(counts[key]) >= MIN_LIVE_RUNS}
+    few = sorted({key.split(" | ")[1] for key in counts} - busy)
+    for key in list(summary.samples):
+        variant, label = key.split(" | ")
+        runs = statistics.median(counts[key])
+        if runs < MIN_LIVE_RUNS:
+            del summary.samples[key]
+            continue
+        notes[key] = f"runs/round {runs:.0f}"
+        by_case[key] = floors["tc" if " tc " in label else "raw_tp"]
+        if runs >= packets / 2 and "sched" not in label:  # a hook on the flood's path
+            targets[key] = TARGET_REJECT_NS if "rejects" in variant else TARGET_EVENT_NS
+    ordered = Summary()
+    for variant, _ in LIVE_VARIANTS:
+        for key, v in summary.samples.items():
+            if key.startswith(variant + " | "):
+                ordered.samples[key] = v
+    title = (f"[3] attached, run-time statistics on, UDP flood of {packets} datagrams A -> B:5000 (no socket: each "
+             f"one is dropped too), ns per run, {rounds} alternating rounds; net = median - the empty program's under "
+             f"the statistics ([2]: tc {floors['tc']:.1f}, tracing {floors['raw_tp']:.1f}); events lost: {lost}")
+    return (table(title, ordered, targets, by_case, notes)
+            + f"\n  left out, under {MIN_LIVE_RUNS} runs per round in every variant (not on the flood's path): "
+            f"{', '.join(few)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=9, help="alternating rounds of [1] and [2] (default 9)")
+    ap.add_argument("--repeat", type=int, default=20000, help="test-run repeat count (default 20000)")
+    ap.add_argument("--calls", type=int, default=5000, help="context-only runs per case per round in [2]")
+    ap.add_argument("--live-rounds", type=int, default=5, help="alternating rounds of [3] (default 5)")
+    ap.add_argument("--packets", type=int, default=20000, help="datagrams per round in [3] (default 20000)")
+    ap.add_argument("--no-live", action="store_true", help="skip [3] (no namespaces, no traffic)")
+    ap.add_argument("--update-budget", action="store_true",
+                    help="only rewrite tests/insn_budget.json (tools/bench/insn_budget.py --update)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("needs root (loads eBPF, creates namespaces)")
+    if args.update_budget:
+        sys.argv = [sys.argv[0], "--update"]
+        sys.path.insert(0, str(Path(__file__).parent))
+        import insn_budget
+        insn_budget.main()
+        return
+    print(f"hook_cost.py {datetime.date.today()} kernel {platform.release()} {os.cpu_count()} CPUs "
+          f"(targets: event <= {TARGET_EVENT_NS} ns p50, rejected <= {TARGET_REJECT_NS} ns)")
+    print(bench_test_runs(args.rounds, args.repeat), flush=True)
+    text, floors = bench_stats_runs(args.rounds, args.calls, args.repeat)
+    print(text, flush=True)
+    if not args.no_live:
+        print(bench_live(args.live_rounds, args.packets, floors), flush=True)
+
+
+if __name__ == "__main__":
+    main()
