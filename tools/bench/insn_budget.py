@@ -38,7 +38,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from vnet.binding import BpfObject  # noqa: E402
-from vnet.objects import object_path  # noqa: E402
 from vnet.probes import catalog  # noqa: E402
 from vnet.probes import resolve as resolver  # noqa: E402
 from vnet.trace.filters import PacketFilter  # noqa: E402
