@@ -113,7 +113,7 @@ def verdict(net: float, target: int | None) -> str:
         return ""
     if net <= target:
         return f"<= {target}: met"
-    return f"<= {target}: missed by {net - target:.0f} ns ({net / target:.1f}x)"
+    return f"<= {target}: missed by {net - target:.1f} ns ({net / target:.1f}x)"
 
 
 def table(title: str, summary: Summary, targets: dict[str, int | None], floors: dict[str, float] | None = None,
