@@ -21,8 +21,10 @@ RUN_PKGS    := libbpf1 libpcap0.8 iproute2 python3-venv
 BUILD_PKGS  := clang llvm libbpf-dev libpcap0.8-dev gcc tcpdump ethtool tshark
 # `vnet demo ovs-congestion` and its tests run a private Open vSwitch (vnet/ovs.py): the programs only.
 DEMO_PKGS   := openvswitch-switch
+# tools/bench only: the C reference consumer of drain.py (gcc, libbpf-dev) and bpftrace for first_event.py.
+BENCH_PKGS  := gcc libbpf-dev bpftrace
 
-.PHONY: help deps sysdeps vm-deps venv bpf check-bpf vmlinux wheel demo test test-unit test-kernel test-vm clean
+.PHONY: help deps sysdeps vm-deps bench-deps venv bpf check-bpf vmlinux wheel demo test test-unit test-kernel test-vm clean
 
 help:
 	@echo "make demo      install what is missing, reproduce and explain the seed's latency problems (OVS congestion, CPU tail, also in a QEMU guest)"
@@ -30,6 +32,7 @@ help:
 	@echo "make test-vm   only the VM suite: kprobe/fentry/OVS datapath on Debian's 6.1 kernel under qemu"
 	@echo "make bpf       compile bpf/src/*.bpf.c into bpf/build/ (committed)"
 	@echo "make check-bpf fail when bpf/build/ differs from a rebuild of bpf/src/"
+	@echo "make bench-deps install what tools/bench/drain.py and first_event.py need (gcc, libbpf-dev, bpftrace)"
 	@echo "make wheel     build dist/vnet-*.whl (objects inside, no compiler needed to install)"
 
 # apt-get only what is missing; `apt-get update` once, only if something is.
@@ -62,6 +65,17 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 deps: sysdeps venv
+
+# The benchmarks' own tools (tools/bench/drain.py, first_event.py): not needed to run or test vnet.
+bench-deps: deps
+	@missing=""; for p in $(BENCH_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
 
 # qemu, Debian's 6.1 kernel, busybox, Open vSwitch, virtme-ng (its own venv): only what is missing.
 vm-deps:
