@@ -176,23 +176,46 @@ def test_a_failed_write_leaves_no_torn_chunk_behind(tmp_path, btf, header, monke
     path = tmp_path / "t.vnt"
     w = TraceFileWriter(path, header)
     w.write("events", seq=0, records=pack_records([event(btf, 0)]), count=1)
-    real_write = os.write
+    real_writev = os.writev
     calls = []
 
-    def write_half_then_fail(fd, data):
+    def write_half_then_fail(fd, buffers):
+        data = b"".join(bytes(b) for b in buffers)
         calls.append(len(data))
         if len(calls) == 1:
-            return real_write(fd, bytes(data)[:len(data) // 2])
+            return os.write(fd, data[:len(data) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(tracefile.os, "write", write_half_then_fail)
+    monkeypatch.setattr(tracefile.os, "writev", write_half_then_fail)
     with pytest.raises(OSError):
         w.write("events", seq=1, records=pack_records([event(btf, 1)]), count=1)
-    monkeypatch.setattr(tracefile.os, "write", real_write)
+    monkeypatch.setattr(tracefile.os, "writev", real_writev)
     w.write("events", seq=2, records=pack_records([event(btf, 2)]), count=1)
     w.close()
     r = TraceFileReader(path)
     assert [c["seq"] for c in r.chunks(["events"])] == [0, 2] and not r.truncated
+
+
+@pytest.mark.parametrize("nbytes", [0, 100, (1 << 16) - 1, 1 << 16, 10 << 20])
+def test_large_records_are_written_in_place_with_packbs_bytes(tmp_path, header, nbytes, monkeypatch):
+    """An events chunk's records go from where they are (writev, no copy into the
+    chunk), in pieces if the kernel takes them so: the file holds exactly the
+    bytes of msgpack.packb and one frame, as before."""
+    records = bytes(range(256)) * (nbytes // 256) + bytes(nbytes % 256)
+    real_writev = os.writev
+
+    def a_little_at_a_time(fd, buffers):  # regular files may take less than asked (a signal)
+        return real_writev(fd, [memoryview(b)[:4099] for b in buffers[:2]])
+
+    monkeypatch.setattr(tracefile.os, "writev", a_little_at_a_time)
+    path = tmp_path / "t.vnt"
+    with TraceFileWriter(path, header) as w:
+        before = w._size
+        w.write("events", seq=3, count=7, records=records)
+    payload = msgpack.packb({"kind": "events", "seq": 3, "count": 7, "records": records}, use_bin_type=True)
+    assert path.read_bytes()[before:] == FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+    (chunk,) = TraceFileReader(path).chunks(["events"])
+    assert chunk["records"] == records
 
 
 def test_writing_after_close_is_an_error(tmp_path, header):

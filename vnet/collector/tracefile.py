@@ -44,6 +44,7 @@ from vnet.binding import Field, StructLayout
 from vnet.binding.btf import STRUCT
 from vnet.binding.ringbatch import records
 from vnet.errors import UnsupportedError, UsageError
+from vnet.packing import pack_parts, parts_size
 
 MAGIC = b"VNETTRC\x00"
 FORMAT_VERSION = 1
@@ -226,23 +227,34 @@ class TraceFileWriter:
         self._header_size = self._size
 
     @staticmethod
-    def _frame(payload: dict) -> bytes:
-        data = _pack(payload)
-        if len(data) > MAX_CHUNK_BYTES:
-            raise UsageError(f"trace chunk of {len(data)} bytes is over the {MAX_CHUNK_BYTES}-byte limit")
-        return FRAME.pack(len(data), zlib.crc32(data)) + data
+    def _frame(payload: dict) -> list:
+        """The chunk as the pieces of one writev: frame and msgpack head, then a large
+        last value (an events chunk's records) where it is, not copied (vnet/packing.py)."""
+        head, blob = pack_parts(payload)
+        size = parts_size(head, blob)
+        if size > MAX_CHUNK_BYTES:
+            raise UsageError(f"trace chunk of {size} bytes is over the {MAX_CHUNK_BYTES}-byte limit")
+        crc = zlib.crc32(head)
+        if blob is None:
+            return [FRAME.pack(size, crc) + head]
+        return [FRAME.pack(size, zlib.crc32(blob, crc)) + head, blob]
 
-    def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
+    def _write_all(self, data: bytes | list) -> None:
+        views = [memoryview(p) for p in ([data] if isinstance(data, bytes) else data)]
+        total = sum(v.nbytes for v in views)
         try:
-            while view:
-                view = view[os.write(self._fd, view):]
+            while views:
+                n = os.writev(self._fd, views)
+                while views and n >= views[0].nbytes:
+                    n -= views.pop(0).nbytes
+                if n:
+                    views[0] = views[0][n:]
         except OSError:
             # Disk full or the like: cut the torn chunk off, so that later ones stay reachable.
             os.ftruncate(self._fd, self._size)
             os.lseek(self._fd, self._size, os.SEEK_SET)
             raise
-        self._size += len(data)
+        self._size += total
 
     def write(self, kind: str, **fields) -> None:
         """One chunk; `seq` among the fields numbers it, else it gets the last number written."""
@@ -252,11 +264,11 @@ class TraceFileWriter:
         if seq is None:
             seq = self.last_seq
         frame = self._frame({"kind": kind, "seq": seq, **fields})
-        if (self.rotate_bytes is not None and self._size + len(frame) > self.rotate_bytes
+        if (self.rotate_bytes is not None and self._size + sum(memoryview(p).nbytes for p in frame) > self.rotate_bytes
                 and self._size > self._header_size):
             self._finish_file()
             self._open_next()
-        self._write_all(frame)  # one write: a crash leaves this chunk whole or torn, never the earlier ones
+        self._write_all(frame)  # one writev: a crash leaves this chunk whole or torn, never the earlier ones
         self.last_seq = seq
 
     def fsync(self) -> None:
