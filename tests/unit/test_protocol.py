@@ -130,6 +130,42 @@ def test_replayed_and_tampered_frames_are_refused(server, how):
     assert server.seen == ["one"]
 
 
+def test_a_large_blob_goes_unchanged_and_unchopped():
+    """A message ending in a large blob (an events chunk) is sent from where it is,
+    in pieces if the socket takes less: the bytes on the wire are the usual frame
+    (length, packb's payload, tag over both), and the other end reads it back."""
+    from vnet.protocol.channel import Channel, _mac
+
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # sendmsg takes a little at a time
+    sender, receiver = Channel(a, "pair", limit=8 << 20), Channel(b, "pair", limit=8 << 20)
+    for ch, server in ((sender, False), (receiver, True)):
+        ch._start_session(KEY, b"n" * 32, b"c" * 32, server=server)
+    blob = bytes(range(256)) * 8192 + b"tail"
+    msg = {"type": "chunk", "seq": 5, "data": blob}
+    payload = msgpack.packb(msg, use_bin_type=True)
+    tag = _mac(sender._key, b"c2s", struct.pack(">Q", 0), payload)
+    got = bytearray()
+    reader = threading.Thread(target=lambda: got.extend(_read_exact(b, 4 + len(payload) + len(tag))))
+    reader.start()
+    sender.send(msg)
+    reader.join(timeout=10)
+    assert bytes(got) == struct.pack(">I", len(payload) + len(tag)) + payload + tag
+    receiver._recv_seq = 1  # the first frame was read raw above
+    writer = threading.Thread(target=sender.send, args=(msg,))  # the next one: its tag with the next number
+    writer.start()
+    assert receiver.recv(("chunk",))["data"] == blob
+    writer.join(timeout=10)
+    a.close(), b.close()
+
+
+def _read_exact(sock, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        buf += sock.recv(n - len(buf))
+    return bytes(buf)
+
+
 def test_oversized_message_is_refused_by_the_sender():
     from vnet.protocol.channel import Channel
 
