@@ -17,7 +17,8 @@ Tools, each attached before the load and stopped after it:
   vnet        `vnet trace -w FILE`: TC ingress+egress of the four devices and the
               host-stack tracepoints net:net_dev_queue and net:netif_receive_skb,
               one event per packet per hop, to a file
-  vnet-agg    the same hooks with `--aggregate`: per-hook counters and hop-to-hop
+  vnet-dev    `vnet trace -w FILE` at the devices only (TC), the hooks tcpdump has
+  vnet-agg    the hooks of `vnet` with `--aggregate`: per-hook counters and hop-to-hop
               histograms in the kernel, no per-packet events
   tcpdump     `tcpdump -w FILE` on each of the four devices (its default snaplen)
   bpftrace    one bpftrace on the same tracepoints, printing a line per packet per
@@ -29,7 +30,7 @@ ratio to the `none` run of the same round; medians and min-max over --rounds are
 printed, and the losses each tool reported. Needs root.
 
 Usage: datapath.py [--rounds 5] [--seconds 3] [--size 64] [--rr 5000]
-                   [--topologies bridge,ovs] [--tools none,vnet,vnet-agg,tcpdump,bpftrace]
+                   [--topologies bridge,ovs] [--tools none,vnet,vnet-dev,vnet-agg,tcpdump,bpftrace]
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from vnet.topology import Topology, warm_up  # noqa: E402
 
 PORT_FLOOD, PORT_RR = 9000, 9001
 SUBNET = "10.177.0"
-TOOLS = ("none", "vnet", "vnet-agg", "tcpdump", "bpftrace")
+TOOLS = ("none", "vnet", "vnet-dev", "vnet-agg", "tcpdump", "bpftrace")
 TRACEPOINTS = ("net:net_dev_queue", "net:netif_receive_skb")
 BPFTRACE = ('tracepoint:net:net_dev_queue, tracepoint:net:netif_receive_skb '
             '{ printf("%llu %llx %u %s\\n", nsecs, args->skbaddr, args->len, str(args->name)); }')
@@ -132,10 +133,11 @@ class Tool:
         py = str(ROOT / ".venv" / "bin" / "python")
         if not os.path.exists(py):
             py = sys.executable
-        if name in ("vnet", "vnet-agg"):
+        if name in ("vnet", "vnet-dev", "vnet-agg"):
             out = workdir / "vnet.vnt"
             argv = [py, "-m", "vnet", "trace", *[a for ns, dev in path.devices for a in ("-i", f"{ns}/{dev}")],
-                    *[a for tp in TRACEPOINTS for a in ("-p", tp)], "--duration", "600"]
+                    *[a for tp in (TRACEPOINTS if name != "vnet-dev" else ()) for a in ("-p", tp)],
+                    "--duration", "600"]
             argv += ["--aggregate"] if name == "vnet-agg" else ["-w", str(out)]
             self._start(argv, ready=b"vnet: tracing", stream="stderr")
             self.files.append(out)
