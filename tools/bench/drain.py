@@ -309,11 +309,11 @@ class Outcome:
 
 
 class CConsumer:
-    name = "c"
     code = None
 
-    def __init__(self, binary: Path, workdir: Path):
-        self.binary, self.workdir = binary, workdir
+    def __init__(self, binary: Path, workdir: Path, poll_ms: int = 100, obj_path: Path | None = None):
+        self.binary, self.workdir, self.poll_ms, self.obj_path = binary, workdir, poll_ms, obj_path
+        self.name = ("c" if poll_ms == 100 else f"c-{poll_ms}ms") + (f":{obj_path.stem}" if obj_path else "")
         self.proc = None
         self.obj = None
 
@@ -323,7 +323,7 @@ class CConsumer:
         from vnet.trace.session import DEFAULT_WAKEUP_EVERY
 
         # what Trace loads for one device with no filter: probe 0, wake the reader every 64 events
-        obj = BpfObject(object_path("tc_trace"))
+        obj = BpfObject(self.obj_path or object_path("tc_trace"))
         obj.set_config("tc_cfg", {"probe_id": 0, "wakeup_every": DEFAULT_WAKEUP_EVERY})  # the rest 0: no filter
         obj.keep_programs(["vnet_tc_ingress"])
         obj.maps["vnet_events"].max_entries = ring_bytes
@@ -331,7 +331,8 @@ class CConsumer:
         self.obj = obj
         ring_fd = obj.maps["vnet_events"].fd
         self.out = self.workdir / "c.out"
-        self.proc = subprocess.Popen([str(self.binary), str(ring_fd), str(self.out)], stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([str(self.binary), str(ring_fd), str(self.out), str(self.poll_ms)],
+                                     stdout=subprocess.PIPE,
                                      text=True, pass_fds=[ring_fd])
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError("ring_consumer did not start")
@@ -546,7 +547,7 @@ class Run:
         return (f"{self.consumer:>12} {self.scenario:>8}: produced {self.produced:>9,} at {self.produce_rate / 1e6:.2f} M/s, "
                 f"written {self.written:>9,}, lost {self.lost:>8,} (reported {self.reported_lost}), "
                 f"{self.events_per_s / 1e6:6.3f} M events/s (read in {self.seconds:.3f} s{dl}), "
-                f"cpu {self.cpu_us_per_event:.3f} us/ev{col}")
+                f"cpu {self.cpu_us_per_event:.3f} us/ev{col}, ring fill max {self.extra['max_fill']:.0%}")
 
 
 def run_once(consumer, scenario: str, args, rate: int = 0) -> Run:
@@ -582,9 +583,12 @@ def run_once(consumer, scenario: str, args, rate: int = 0) -> Run:
             t0 = None
         # until the last event is out of the ring (the producer done, nothing pending)
         done_producing = backlog
+        fill = 0
         while True:
             if not done_producing and producer.proc.poll() is not None:
                 done_producing = True
+            cons, prod = kernel.positions()
+            fill = max(fill, prod - cons)
             if done_producing and kernel.drained():
                 t_read = time.monotonic()
                 break
@@ -607,7 +611,7 @@ def run_once(consumer, scenario: str, args, rate: int = 0) -> Run:
     return Run(consumer.name, scenario if scenario != "rate" else f"{rate // 1000}k/s", produced["produced"],
                out.written, after["lost"] - before["lost"], out.reported_lost, t_read - t0, delivered,
                (cpu1 - cpu0) / 1e9, (col1 - col0) / 1e9 if collector_pid else None, prate,
-               {**out.extra, "emitted": after["emitted"] - before["emitted"]})
+               {**out.extra, "emitted": after["emitted"] - before["emitted"], "max_fill": fill / kernel.ring_bytes})
 
 
 def build_reference(workdir: Path) -> Path:
@@ -659,6 +663,8 @@ def main() -> None:
     ap.add_argument("--backlog-ring", type=int, default=256 << 20)
     ap.add_argument("--only", default="c,trace,agent")
     ap.add_argument("--scenarios", default="rate,max,backlog")
+    ap.add_argument("--c-object", type=Path, help="also run the C reference on this build of tc_trace.bpf.o "
+                    "(an experiment with the kernel side)")
     ap.add_argument("--compare-to", metavar="REV", help="also run trace and agent with this git revision's code "
                     "(a temporary worktree), alternated with this tree's")
     args = ap.parse_args()
@@ -685,6 +691,11 @@ def main() -> None:
             iface = f"{net.ns1}/{net.if1}"
             if "c" in names:
                 consumers["c"] = CConsumer(build_reference(workdir), workdir)
+            if "c-10ms" in names:  # the reference woken by a 10 ms timer instead of 100 ms
+                consumers["c-10ms"] = CConsumer(build_reference(workdir), workdir, poll_ms=10)
+            if args.c_object:
+                c = CConsumer(build_reference(workdir), workdir, obj_path=args.c_object.resolve())
+                consumers[c.name] = c
             for code, label in codes:
                 if "trace" in names:
                     consumers["trace" + label] = TraceConsumer(iface, workdir, code, label)

@@ -6,7 +6,7 @@
  * trace files carry in their events chunks), through a 4 MiB buffer, one write()
  * per buffer, fsync at the end.
  *
- *   ring_consumer MAP_FD OUT_FILE
+ *   ring_consumer MAP_FD OUT_FILE [POLL_MS]     (POLL_MS: 100, as vnet's readers)
  *
  * Like vnet's readers, it also reads after a poll that timed out (the programs
  * wake the reader only every 64 events). Prints "ready" once polling; on
@@ -81,13 +81,15 @@ int main(int argc, char **argv)
 	struct out o = {0};
 	struct ring_buffer *rb;
 	struct sigaction sa = {0};
-	int map_fd, err;
+	int map_fd, err, poll_ms = 100;
 
-	if (argc != 3) {
-		fprintf(stderr, "usage: %s MAP_FD OUT_FILE\n", argv[0]);
+	if (argc != 3 && argc != 4) {
+		fprintf(stderr, "usage: %s MAP_FD OUT_FILE [POLL_MS]\n", argv[0]);
 		return 2;
 	}
 	map_fd = atoi(argv[1]);
+	if (argc == 4)
+		poll_ms = atoi(argv[3]);
 	o.fd = open(argv[2], O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
 	if (o.fd < 0) {
 		perror(argv[2]);
@@ -110,7 +112,7 @@ int main(int argc, char **argv)
 		/* vnet's readers wait with the same timeout. The programs wake the reader
 		 * only every 64 events (wakeup_every), and ring_buffer__poll reads only the
 		 * rings epoll reported: after a quiet timeout, read anyway, as vnet does. */
-		err = ring_buffer__poll(rb, 100);
+		err = ring_buffer__poll(rb, poll_ms);
 		if (err == 0)
 			err = ring_buffer__consume(rb);
 		if (err < 0 && err != -EINTR) {
