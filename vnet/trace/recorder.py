@@ -15,6 +15,7 @@ from vnet.binding.ringbatch import DISCARD_BIT, HDR_SIZE, LEN_MASK, RingBatchRea
 from .session import Trace
 
 BATCH_RECORDS = 65536
+DRAIN_POLL_MS = 20  # the drain's timer, as the agent's (vnet/agent/agent.py says why)
 
 
 @dataclass
@@ -59,7 +60,7 @@ def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int |
                     return True
 
         while not ending():
-            reader.wait(100)
+            reader.wait(DRAIN_POLL_MS)
             if take():
                 break
         else:
