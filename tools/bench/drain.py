@@ -32,11 +32,15 @@ process (the sum over its threads of /proc/PID/task/TID/schedstat, from the
 start of production until done) per event. Runs alternate between consumers
 (the order rotates every round); medians and min-max over rounds are printed.
 
+Every consumer loads the eBPF objects committed at HEAD (copied out; --bpf-dir
+to use others), whatever the checkout holds meanwhile. The producer runs on
+CPU 0, the consumer's threads are pinned to CPU 1 (the collector is not pinned).
+
 Needs root, gcc or clang and libbpf-dev (make bench-deps). Numbers are of this
 machine at this moment: compare the consumers, not absolute values across days.
 
 Usage: drain.py [--rounds 3] [--rates 100000,500000] [--seconds 3]
-                [--backlog-events 1000000] [--compare-to REV]
+                [--backlog-events 1000000] [--compare-to REV] [--bpf-dir DIR]
                 [--only c,trace,agent] [--scenarios rate,max,backlog]
 """
 
@@ -614,6 +618,21 @@ def run_once(consumer, scenario: str, args, rate: int = 0) -> Run:
                {**out.extra, "emitted": after["emitted"] - before["emitted"], "max_fill": fill / kernel.ring_bytes})
 
 
+def use_objects(bpf_dir: Path | None, workdir: Path) -> None:
+    """Every consumer (this process, vnet processes of this tree and of --compare-to)
+    loads the objects of one folder ($VNET_BPF_DIR)."""
+    if bpf_dir is None:
+        bpf_dir = workdir / "bpf"
+        bpf_dir.mkdir()
+        names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", "HEAD", "bpf/build/"], check=True,
+                                capture_output=True, text=True).stdout.split()
+        for name in names:
+            data = subprocess.run(["git", "-C", str(ROOT), "show", f"HEAD:{name}"], check=True,
+                                  capture_output=True).stdout
+            (bpf_dir / Path(name).name).write_bytes(data)
+    os.environ["VNET_BPF_DIR"] = str(bpf_dir.resolve())
+
+
 def build_reference(workdir: Path) -> Path:
     cc = shutil.which("gcc") or shutil.which("clang")
     if cc is None or not Path("/usr/include/bpf/libbpf.h").exists():
@@ -663,6 +682,8 @@ def main() -> None:
     ap.add_argument("--backlog-ring", type=int, default=256 << 20)
     ap.add_argument("--only", default="c,trace,agent")
     ap.add_argument("--scenarios", default="rate,max,backlog")
+    ap.add_argument("--bpf-dir", type=Path, help="the eBPF objects every consumer loads (default: bpf/build/ as "
+                    "committed at HEAD, so that work in progress in the checkout does not change the producer)")
     ap.add_argument("--c-object", type=Path, help="also run the C reference on this build of tc_trace.bpf.o "
                     "(an experiment with the kernel side)")
     ap.add_argument("--compare-to", metavar="REV", help="also run trace and agent with this git revision's code "
@@ -674,6 +695,7 @@ def main() -> None:
     from vnet.topology import veth_pair
 
     workdir = Path(tempfile.mkdtemp(prefix="vnet-drain-"))
+    use_objects(args.bpf_dir, workdir)
     scenarios = []
     for s in args.scenarios.split(","):
         scenarios += [("rate", int(r)) for r in args.rates.split(",")] if s == "rate" else [(s, 0)]
