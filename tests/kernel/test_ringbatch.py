@@ -165,6 +165,34 @@ def test_a_partially_consumed_ring_resumes_where_the_last_reader_stopped(small):
     assert first.read().count == 0 and second.pending() == 0
 
 
+def test_a_peeked_batch_is_the_ring_itself_until_consumed(small):
+    """peek() gives what read() would, as a view of the ring (records that wrap
+    included), and the position moves only with consume(); the programs cannot
+    write over a peeked batch: their events are lost instead."""
+    obj = small
+    reader = RingBatchReader(obj.maps["vnet_events"])
+    rec = record_size(obj)
+    per_round = (reader.size // rec) * 2 // 3
+    for rnd in range(6):  # the start moves around the 16 KiB ring: some batches wrap
+        start = reader.position
+        obj.programs[PROG].test_run(udp(ip_id=rnd), repeat=per_round)
+        batch = reader.peek()
+        assert isinstance(batch.data, memoryview) and batch.count == per_round
+        assert ip_ids(obj, batch.data) == [rnd] * per_round and reader.position == start
+        with pytest.raises(UsageError):
+            reader.peek()  # one batch out at a time
+        lost = stats(obj)["VNET_STAT_LOST"]
+        obj.programs[PROG].test_run(udp(ip_id=99), repeat=per_round)  # no room but the rest of the ring
+        assert stats(obj)["VNET_STAT_LOST"] > lost
+        assert ip_ids(obj, batch.data) == [rnd] * per_round  # untouched
+        with pytest.raises(UsageError):
+            reader.consume(Batch(b"x" * 8, 1, 0))  # not the batch peeked
+        reader.consume(batch)
+        assert reader.position == start + per_round * rec
+        reader.read()  # the 99s that fitted
+    assert reader.read() == Batch(b"", 0, 0) and reader.peek() == Batch(b"", 0, 0)
+
+
 def test_a_full_ring_loses_at_the_tail_and_the_reader_gets_the_rest():
     with load(PAGE) as obj:
         reader = RingBatchReader(obj.maps["vnet_events"])

@@ -14,7 +14,8 @@ with an 8-byte header: u32 length with BUSY (not committed yet) and DISCARD
 bits, u32 the kernel's page offset; the whole record is padded to 8 bytes.
 
 Batch.data is the ring's bytes as they are, from our position to the first
-record still being written (a copy of the ring, so no repacking per record):
+record still being written (a copy of the ring, so no repacking per record;
+peek() gives the ring itself, for writing a batch out without any copy):
 
     repeated:  u32 len_flags   bits 0-29 length; bit 30 set: discarded, skip it
                u32 reserved    (the kernel's page offset; meaningless here)
@@ -48,7 +49,7 @@ _U32 = struct.Struct("=I")
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    data: bytes      # the framing above
+    data: bytes | memoryview  # the framing above (a view of the ring itself from peek())
     count: int       # records to decode (not discarded)
     discarded: int   # records the programs discarded: in data, skipped by records()
 
@@ -211,6 +212,7 @@ class RingBatchReader:
         # needs on weakly ordered CPUs (arm64); on x86 they are in order anyway.
         self._fence_lock = threading.Lock()
         self._fence_lock.acquire()
+        self._peeked: tuple[int, int] | None = None  # (consumer position, bytes) of a batch given out by peek()
 
     def _fence(self) -> None:
         self._fence_lock.release()
@@ -240,7 +242,23 @@ class RingBatchReader:
         """Every record committed since the last read, up to the first one still
         being written; at most max_bytes of ring (headers included) or max_records
         records, though always at least one record if there is one."""
+        batch = self.peek(max_bytes, max_records)
+        if not batch.nbytes:
+            return batch
+        view = batch.data
+        batch = Batch(view.tobytes(), batch.count, batch.discarded)  # the records' bytes, after their headers
+        view.release()
+        self.consume(batch)
+        return batch
+
+    def peek(self, max_bytes: int | None = None, max_records: int | None = None) -> Batch:
+        """What read() would return, without a copy: Batch.data is a memoryview of
+        the ring itself, valid until consume(batch), which gives the space back to
+        the programs (then the view must no longer be read). For writing a batch
+        out (a file, a socket) straight from the ring."""
         m = self._live()
+        if self._peeked is not None:
+            raise UsageError(f"ring buffer {self.map.name}: peek() again before consume()")
         cons = m.cons_pos[0]
         prod = m.prod_pos[0]  # once per batch: what arrives meanwhile waits for the next read
         self._fence()  # headers below prod were written before prod moved
@@ -252,10 +270,20 @@ class RingBatchReader:
         if not pos:
             return Batch(b"", 0, 0)
         self._fence()  # the records' bytes are read after their committed headers
-        data = m.ring[start:start + pos]
-        self._fence()  # ... and before the producer may reuse their space
+        self._peeked = (cons, pos)
+        return Batch(m.bytes[start:start + pos], count, discarded)
+
+    def consume(self, batch: Batch) -> None:
+        """Move the consumer position past a peeked batch."""
+        if not batch.nbytes:
+            return
+        m = self._live()
+        if self._peeked is None or self._peeked[1] != batch.nbytes or m.cons_pos[0] != self._peeked[0]:
+            raise UsageError(f"ring buffer {self.map.name}: consume() of a batch that is not the one peeked")
+        cons, pos = self._peeked
+        self._peeked = None
+        self._fence()  # the records' bytes were read before the producer may reuse their space
         m.cons_pos[0] = cons + pos
-        return Batch(data, count, discarded)
 
     def wait(self, timeout_ms: int) -> bool:
         """Block until the kernel signals data or timeout_ms pass (-1: forever);

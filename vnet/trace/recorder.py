@@ -25,7 +25,7 @@ class Recorded:
     path: str = ""
 
 
-def cut(blob: bytes, n: int) -> bytes:
+def cut(blob: bytes | memoryview, n: int) -> bytes | memoryview:
     """The first n records of a batch blob (for -c: exactly that many in the file)."""
     pos, seen = 0, 0
     while seen < n and pos < len(blob):
@@ -46,14 +46,17 @@ def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int |
     with TraceFileWriter(path, header_for_trace(trace, trace_name=trace_name or path.stem)) as writer:
         def take() -> bool:
             while True:
-                batch = reader.read(max_records=BATCH_RECORDS)
+                batch = reader.peek(max_records=BATCH_RECORDS)  # written from the ring itself, not copied
                 if not batch.count:
+                    reader.consume(batch)  # discarded records only, if anything
                     return False
                 data, n = batch.data, batch.count
                 if count is not None and out.events + n >= count:
                     n = count - out.events
                     data = cut(data, n)
                 writer.write("events", seq=out.chunks, count=n, records=data)
+                del data
+                reader.consume(batch)
                 out.events += n
                 out.chunks += 1
                 if count is not None and out.events >= count:
