@@ -115,10 +115,12 @@ class AgentTrace:
 
     def _ship_available(self) -> None:
         while True:
-            batch = self.reader.read(max_records=BATCH_EVENTS_MAX)
+            batch = self.reader.peek(max_records=BATCH_EVENTS_MAX)  # the chunk is packed from the ring itself
             if not batch.count:
+                self.reader.consume(batch)  # discarded records only, if anything
                 return
             self.shipper.put("events", events=batch.count, count=batch.count, records=batch.data)
+            self.reader.consume(batch)
             self.events += batch.count
             self.chunks += 1
 
