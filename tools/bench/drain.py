@@ -34,7 +34,7 @@ start of production until done) per event. Runs alternate between consumers
 
 Every consumer loads the eBPF objects committed at HEAD (copied out; --bpf-dir
 to use others), whatever the checkout holds meanwhile. The producer runs on
-CPU 0, the consumer's threads are pinned to CPU 1 (the collector is not pinned).
+CPU 0, the consumer's threads are pinned to CPU 1 (--cpus; the collector is not pinned).
 
 Needs root, gcc or clang and libbpf-dev (make bench-deps). Numbers are of this
 machine at this moment: compare the consumers, not absolute values across days.
@@ -249,8 +249,8 @@ def produce_main(argv: list[str]) -> None:
     print what was produced as JSON."""
     from vnet.binding.libbpf import ffi, lib
 
-    prog_fd, rate, total, batch, seconds_ms = (int(a) for a in argv)
-    os.sched_setaffinity(0, {PRODUCER_CPU})
+    prog_fd, rate, total, batch, seconds_ms, cpu = (int(a) for a in argv)
+    os.sched_setaffinity(0, {cpu})
     data_in = ffi.from_buffer(FRAME)
     out = ffi.new("char[]", len(FRAME) + 256)
     opts = ffi.new("struct bpf_test_run_opts *")
@@ -285,7 +285,7 @@ def produce_main(argv: list[str]) -> None:
 class Producer:
     def __init__(self, kernel: Kernel, rate: int, total: int, batch: int, seconds: float = 0.0):
         self.proc = subprocess.Popen([PY, __file__, "_produce", str(kernel.prog_fd), str(rate), str(total), str(batch),
-                                      str(int(seconds * 1000))],
+                                      str(int(seconds * 1000)), str(PRODUCER_CPU)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      pass_fds=[kernel.prog_fd], cwd=ROOT)
         if self.proc.stdout.readline().strip() != "ready":
@@ -671,6 +671,7 @@ def summarize(runs: list[Run], compare_to: str | None = None) -> list[str]:
 
 
 def main() -> None:
+    global PRODUCER_CPU, CONSUMER_CPU
     if len(sys.argv) > 1 and sys.argv[1] == "_produce":
         return produce_main(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -682,6 +683,8 @@ def main() -> None:
     ap.add_argument("--backlog-ring", type=int, default=256 << 20)
     ap.add_argument("--only", default="c,trace,agent")
     ap.add_argument("--scenarios", default="rate,max,backlog")
+    ap.add_argument("--cpus", default=f"{PRODUCER_CPU},{CONSUMER_CPU}", metavar="PRODUCER,CONSUMER",
+                    help="where the producer runs and the consumer's threads are pinned")
     ap.add_argument("--bpf-dir", type=Path, help="the eBPF objects every consumer loads (default: bpf/build/ as "
                     "committed at HEAD, so that work in progress in the checkout does not change the producer)")
     ap.add_argument("--c-object", type=Path, help="also run the C reference on this build of tc_trace.bpf.o "
@@ -691,6 +694,7 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("drain.py needs root")
+    PRODUCER_CPU, CONSUMER_CPU = (int(c) for c in args.cpus.split(","))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (netns, processes) on kill too
     from vnet.topology import veth_pair
 
