@@ -128,7 +128,7 @@ class Trace:
         self.hooks: list[Hook] = []
         self.skipped: list[tuple[str, str]] = []
         self.objects: list[BpfObject] = []
-        self.ring: RingBuffer | None = None
+        self._ring: RingBuffer | None = None
         self.received = 0
 
     def __enter__(self) -> "Trace":
@@ -158,7 +158,6 @@ class Trace:
             if not self.objects:
                 raise UsageError("no probe could be attached: " +
                                  "; ".join(f"{name}: {why}" for name, why in self.skipped))
-            self.ring = RingBuffer(self.objects[0].maps["vnet_events"])
             self.labels = labels
             self.decoder = self._decoder(labels)
             log.info("attached %d hooks: %s", len(self.hooks), ", ".join(f"{h.probe} ({h.kind})" for h in self.hooks))
@@ -232,6 +231,17 @@ class Trace:
         offset = time.time_ns() - time.monotonic_ns()
         return EventDecoder(self.btf.struct("vnet_event"), enums, labels, offset, ifnames=InterfaceNames(),
                             sched_layout=self.btf.struct("vnet_sched_event"))
+
+    @property
+    def ring(self) -> RingBuffer:
+        """libbpf's reader of the event ring (poll, drain), made on first use: `vnet trace -w`
+        and the agent read batches instead (RingBatchReader), and every reader maps the whole
+        ring, twice over (16 MiB more resident memory for the default ring)."""
+        if self._ring is None:
+            if not self.objects:
+                raise UsageError("the trace is not started")
+            self._ring = RingBuffer(self.objects[0].maps["vnet_events"])
+        return self._ring
 
     @property
     def hook_kinds(self) -> set[str]:
@@ -329,6 +339,7 @@ class Trace:
         """Detach every hook and release every object (idempotent)."""
         for obj in reversed(self.objects):  # the first owns the ring reader: close it last
             obj.close()
+        self._ring = None
         if self._btf_file is not None:
             self._btf_file.close()
             self._btf_file = None
