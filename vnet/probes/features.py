@@ -340,24 +340,26 @@ def _open(obj: str, program: str, config: dict | None = None, target: str | None
     return o
 
 
-@lru_cache(maxsize=1)
-def kernel_functions() -> frozenset[str]:
-    """Function symbols of the running kernel and its loaded modules (kallsyms)."""
-    names = set()
+@lru_cache(maxsize=8)
+def kernel_functions(among: frozenset[str]) -> frozenset[str]:
+    """Which of the functions `among` the running kernel and its loaded modules have
+    (kallsyms). Only those names are kept: all ~120k of them are ~12 MiB of Python
+    strings, for as long as an agent runs."""
+    found = set()
     try:
         with open("/proc/kallsyms") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) >= 3 and parts[1] in "tTwW":
-                    names.add(parts[2])
+                if len(parts) >= 3 and parts[2] in among and parts[1] in "tTwW":
+                    found.add(parts[2])
     except OSError:
         pass
-    return frozenset(names)
+    return frozenset(found)
 
 
 def _probe_function() -> str:
     """A kernel function present here, to attach kprobes to."""
-    names = kernel_functions()
+    names = kernel_functions(frozenset(PROBE_FUNCTIONS))
     return next((fn for fn in PROBE_FUNCTIONS if fn in names), PROBE_FUNCTIONS[0])
 
 

@@ -54,6 +54,19 @@ def _vmlinux() -> Btf:
     return Btf.vmlinux()
 
 
+@lru_cache(maxsize=1)
+def _catalog_targets() -> frozenset[str]:
+    """Every kernel function a catalog hook names."""
+    return frozenset(h.target for spec in BY_NAME.values() for h in spec.hooks if ":" not in h.target)
+
+
+def _kernel_functions(target: str) -> frozenset[str]:
+    """The catalog's functions this kernel has (kallsyms read once), or for a name
+    outside the catalog, whether it has that one."""
+    wanted = _catalog_targets()
+    return features.kernel_functions(wanted if target in wanted else frozenset([target]))
+
+
 @lru_cache(maxsize=None)
 def _module_btf(module: str) -> Btf | None:
     if not os.path.exists(f"/sys/kernel/btf/{module}"):
@@ -110,7 +123,7 @@ def _check(spec: ProbeSpec, hook: Hook) -> tuple[str, int]:
             return f"tracepoint: {category}/{name} has no skbaddr field", 0
         return "", int(m.group(1)) if m else 0
     present = (_has_function_btf(hook.target, spec.module) if hook.kind == "fentry"
-               else hook.target in features.kernel_functions())
+               else hook.target in _kernel_functions(hook.target))
     if not present:
         return _missing(hook.target, spec.module), 0
     if not feature.ok:
