@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from vnet.dispatch import spec as tracespec
-from vnet.dispatch.spec import FILTER_FIELDS, HostSpec, Spec
+if TYPE_CHECKING:  # the spec module is imported when a spec command runs: every vnet command imports this one
+    from vnet.dispatch.spec import HostSpec, Spec
 
 from .common import cli_errors
 
@@ -25,6 +26,8 @@ def check(
 ):
     """Check a trace spec without running anything and print what each host will run.
     An error names the file, the line and the field, and exits with code 2."""
+    from vnet.dispatch import spec as tracespec
+
     spec = tracespec.load(file)
     if json_out:
         typer.echo(json.dumps(spec.control_packages(), indent=1))
@@ -67,6 +70,9 @@ def _host_rows(host: HostSpec) -> list[tuple[str, str]]:
 
 
 def _filter(host: HostSpec) -> str:
+    from vnet.dispatch import spec as tracespec
+    from vnet.dispatch.spec import FILTER_FIELDS
+
     parts = []
     for field, value in tracespec.filter_fields(host.filter).items():
         if field == "expression":
