@@ -19,6 +19,10 @@
 #define VNET_IPPROTO_UDP 17
 #define VNET_IPPROTO_ICMPV6 58
 #define VNET_PAYLOAD_HASH_BYTES 32
+/* Kernel hooks: bytes from the L3 header read in one go, into the stack (room
+ * for no more): IPv6, UDP and the 32 payload bytes; VXLAN in IPv4 to the inner
+ * transport header. What lies further is read on its own. */
+#define VNET_KBUF 96
 #define VNET_IPV6_MAX_EXT 4 /* extension headers walked before giving up on L4 */
 #define VNET_VXLAN_PORT 4789        /* IANA */
 #define VNET_VXLAN_LINUX_PORT 8472  /* Linux's default when `ip link add ... type vxlan` names none */
@@ -30,13 +34,13 @@
 /* `net_cookie` became a plain u64 of struct net in 5.14 ("net: retire netns
  * cookie generator"); before it was a lazily set atomic64_t, which CO-RE does not
  * match to u64 here: those kernels report 0 and user space keys on ifindex. */
-static __always_inline __u64 vnet_dev_netns_cookie(struct net_device *dev)
+static __always_inline __u64 vnet_dev_netns_cookie(struct net_device *dev, bool typed)
 {
-	struct net *net = BPF_CORE_READ(dev, nd_net.net);
+	struct net *net = VNET_KREAD(typed, dev, nd_net.net);
 
 	if (!net || !bpf_core_field_exists(net->net_cookie))
 		return 0;
-	return BPF_CORE_READ(net, net_cookie);
+	return VNET_KREAD(typed, net, net_cookie);
 }
 
 /* Murmur3-style 64-bit mixing: cheap, no tables, good avalanche. */
@@ -60,27 +64,13 @@ static __always_inline __u64 vnet_fmix(__u64 h)
 	return h;
 }
 
-/* `v` as the verifier sees it after a round trip through a stack word it does
- * not track (4-byte, not 8-byte aligned): a value with no history. An offset
- * that moves a pointer, or a helper's length, must be exact for the verifier
- * (precise), and that reaches back along everything it was computed from: the
- * parse paths' offsets and lengths would stay apart to the end of the program
- * (VXLAN's inner parse once per outer header layout), and the verifier's work
- * grows twentyfold. The caller bounds the copy itself (a check, a mask). */
-static __always_inline __u32 vnet_untracked(__u32 v)
-{
-	volatile __u64 word = 0; /* 8-byte aligned: its upper half is not */
-	volatile __u32 *half = (volatile __u32 *)&word + 1;
-
-	*half = v;
-	return *half;
-}
-
 struct vnet_cursor {
 	struct __sk_buff *skb; /* TC: read through the skb helpers, or directly (`direct`) */
 	const __u8 *l3;        /* kernel sk_buff: the network header's address */
 	const __u8 *lin_end;   /* kernel sk_buff: the end of its linear part (head + tail) */
 	const __u8 *pkt_end;   /* kernel sk_buff: the end of its bytes, page fragments included (data + len) */
+	const __u8 *buf;       /* kernel sk_buff: VNET_KBUF bytes copied from l3 in one read */
+	__u32 buf_len;         /* kernel sk_buff: how many of them are the linear part's */
 	__u32 base;            /* TC: BPF_HDR_START_NET, or _MAC when a VLAN tag is in-band */
 	__u32 data_off;        /* TC: where `base` starts from skb->data (0, or 14 past an Ethernet header) */
 	__u32 off;             /* of the L3 header from base (TC) or from l3 (kernel) */
@@ -88,6 +78,7 @@ struct vnet_cursor {
 	__u32 pay_off;         /* the payload pkt_id still hashes (vnet_finish_id), same origin as off */
 	__u32 pay_len;
 	__u64 h;               /* pkt_id so far: every header field it covers */
+	__u64 scratch;         /* vnet_untracked's word (one for all its uses: stack is short) */
 	__u8 kernel;           /* a literal at every call site: the compiler keeps one reader */
 	__u8 paged;            /* kernel: a read wanted bytes that are in the skb, but not in its linear part */
 	__u8 id;               /* the packet has a pkt_id (vnet_parse_l3 ran) */
@@ -95,24 +86,57 @@ struct vnet_cursor {
 	__u8 direct;           /* TC: headers are read from the packet directly instead of by the helper */
 };
 
-/* Headers (`len` a constant). Both readers see the skb's linear part only
- * (bpf_skb_load_bytes_relative stops at the tail pointer too): a kernel hook
- * that wants bytes past it that the packet has (in page fragments) says so in
+/* `v` as the verifier sees it after a round trip through a stack word it does
+ * not track (4-byte, not 8-byte aligned): a value with no history. An offset
+ * that moves a pointer, or a helper's length, must be exact for the verifier
+ * (precise), and that reaches back along everything it was computed from: the
+ * parse paths' offsets and lengths would stay apart to the end of the program
+ * (VXLAN's inner parse once per outer header layout), and the verifier's work
+ * grows twentyfold. The caller bounds the copy itself (a check, a mask). */
+static __always_inline __u32 vnet_untracked(struct vnet_cursor *c, __u32 v)
+{
+	volatile __u32 *half = (volatile __u32 *)&c->scratch + 1; /* 8-byte aligned: its upper half is not */
+
+	*half = v;
+	return *half;
+}
+
+/* Kernel hook, a read of its own: only the skb's linear part. A hook that
+ * wants bytes past it that the packet has (in page fragments) says so in
  * c->paged rather than read what lies after the linear part (tailroom,
- * skb_shared_info). TC reads the linear part directly where vnet_parse_skb
- * found the packet laid out as the helper's `base` counts (the same bytes, no
- * helper call; past data_end the helper would fail too). */
+ * skb_shared_info). */
+static __always_inline int vnet_kload(struct vnet_cursor *c, __u32 off, void *to, __u32 len)
+{
+	/* untracked: where the verifier types skb->head as memory (tp_btf, fentry
+	 * on recent kernels) this is pointer arithmetic, which makes `off` precise */
+	const __u8 *p = c->l3 + vnet_untracked(c, off);
+
+	if (p + len > c->lin_end) {
+		if (p + len <= c->pkt_end)
+			c->paged = 1;
+		return -1;
+	}
+	return bpf_probe_read_kernel(to, len, p);
+}
+
+/* Headers (`len` a constant). Both readers see the skb's linear part only
+ * (bpf_skb_load_bytes_relative stops at the tail pointer too). A kernel hook
+ * takes them from the copy vnet_parse_kernel_skb made, where it has them
+ * (bytewise: the verifier wants stack reads aligned to their size). TC reads
+ * the linear part directly where vnet_parse_skb found the packet laid out as
+ * the helper's `base` counts (the same bytes, no helper call; past data_end
+ * the helper would fail too). */
 static __always_inline int vnet_load(struct vnet_cursor *c, __u32 off, void *to, __u32 len)
 {
 	if (c->kernel) {
-		const __u8 *p = c->l3 + off;
+		__u32 o = vnet_untracked(c, off);
 
-		if (p + len > c->lin_end) {
-			if (p + len <= c->pkt_end)
-				c->paged = 1;
-			return -1;
+		/* buf_len untracked too: comparing the offset with it would make it precise */
+		if (o <= VNET_KBUF - len && o + len <= vnet_untracked(c, c->buf_len)) {
+			__builtin_memcpy(to, c->buf + o, len);
+			return 0;
 		}
-		return bpf_probe_read_kernel(to, len, p);
+		return vnet_kload(c, off, to, len);
 	}
 	if (c->direct) {
 		/* Fresh packet pointers at every read: kept in the cursor, they would
@@ -120,7 +144,7 @@ static __always_inline int vnet_load(struct vnet_cursor *c, __u32 off, void *to,
 		const __u8 *p = (const __u8 *)(long)c->skb->data;
 		const __u8 *end = (const __u8 *)(long)c->skb->data_end;
 
-		off = vnet_untracked(c->data_off + off);
+		off = vnet_untracked(c, c->data_off + off);
 		if (off > VNET_DIRECT_MAX)
 			return -1;
 		p += off;
@@ -137,14 +161,14 @@ static __always_inline int vnet_load(struct vnet_cursor *c, __u32 off, void *to,
  * bpf_skb_load_bytes, which goes into page fragments and counts from skb->data,
  * where `base` is c->data_off bytes on. That offset is checked on the packet
  * itself: the L3 header's first bytes must read the same both ways. A kernel
- * hook reads the linear part only (vnet_load), and flags the event when the
+ * hook reads the linear part only (vnet_kload), and flags the event when the
  * bytes are past it: never a hash of what lies after the linear part. */
 static __always_inline int vnet_load_payload(struct vnet_cursor *c, __u32 off, void *to, __u32 len)
 {
 	__u32 a, b;
 
 	if (c->kernel)
-		return vnet_load(c, off, to, len);
+		return vnet_kload(c, off, to, len);
 	if (bpf_skb_load_bytes_relative(c->skb, off, to, len, c->base) == 0)
 		return 0;
 	if (bpf_skb_load_bytes_relative(c->skb, c->off, &a, sizeof(a), c->base) < 0 ||
@@ -172,18 +196,27 @@ static __always_inline void vnet_keep_bytes(__u64 *buf, __u32 n)
 	}
 }
 
-/* TC, direct: the payload's `n` bytes at `off` without a helper call, where
- * the packet's linear part holds a whole 32-byte window from there (else -1:
- * vnet_load_payload reads exactly n bytes). */
+/* The payload's `n` bytes at `off` without a helper call: at TC (direct) where
+ * the packet's linear part holds a whole 32-byte window from there, at a kernel
+ * hook where the header copy has them (else -1: vnet_load_payload reads exactly
+ * n bytes). */
 static __always_inline int vnet_payload_window(struct vnet_cursor *c, __u32 off, __u64 *buf, __u32 n)
 {
 	const __u8 *p, *end;
 
-	if (c->kernel || !c->direct)
+	if (c->kernel) {
+		off = vnet_untracked(c, off);
+		if (off > VNET_KBUF - VNET_PAYLOAD_HASH_BYTES || off + n > vnet_untracked(c, c->buf_len))
+			return -1;
+		__builtin_memcpy(buf, c->buf + off, VNET_PAYLOAD_HASH_BYTES);
+		vnet_keep_bytes(buf, n);
+		return 0;
+	}
+	if (!c->direct)
 		return -1;
 	p = (const __u8 *)(long)c->skb->data;
 	end = (const __u8 *)(long)c->skb->data_end;
-	off = vnet_untracked(c->data_off + off);
+	off = vnet_untracked(c, c->data_off + off);
 	if (off > VNET_DIRECT_MAX)
 		return -1;
 	p += off;
@@ -234,7 +267,7 @@ static __always_inline __u64 vnet_hash_later(struct vnet_cursor *c, __u64 h, __u
 	if (n == 0) /* nothing to hash */
 		return h;
 	c->pay_off = off;
-	c->pay_len = vnet_payload_len(vnet_untracked(n));
+	c->pay_len = vnet_payload_len(vnet_untracked(c, n));
 	c->pay = 1;
 	return h;
 }
@@ -299,9 +332,12 @@ truncated:
 /* Walk IPv6 extension headers (hop-by-hop, routing, fragment, destination
  * options, AH) to the transport header; they are invariant, so they stay out of
  * the hash except through payload_len. */
-static __always_inline __u64 vnet_parse_ipv6_ext(struct vnet_cursor *c, struct vnet_event *ev, __u64 h,
-						 __u32 off, __u32 len)
+/* True with *l4off, *l4len set where the transport header is (vnet_parse_l3
+ * parses it: one copy of vnet_parse_l4 for IPv4 and IPv6). */
+static __always_inline bool vnet_parse_ipv6_ext(struct vnet_cursor *c, struct vnet_event *ev, __u64 *hp,
+						__u32 off, __u32 len, __u32 *l4off, __u32 *l4len)
 {
+	__u64 h = *hp;
 	__u8 nh = ev->l4_proto;
 
 #pragma unroll
@@ -314,7 +350,7 @@ static __always_inline __u64 vnet_parse_ipv6_ext(struct vnet_cursor *c, struct v
 		if (vnet_load(c, off, ext, sizeof(ext)) < 0) {
 			if (!c->paged)
 				ev->flags |= VNET_F_TRUNCATED;
-			return h;
+			return false;
 		}
 		if (nh == 44) {
 			ext_len = 8;
@@ -322,8 +358,9 @@ static __always_inline __u64 vnet_parse_ipv6_ext(struct vnet_cursor *c, struct v
 				/* A later fragment carries no L4 header. */
 				ev->l4_proto = ext[0];
 				ev->flags |= VNET_F_FRAGMENT;
-				return vnet_hash_later(c, vnet_mix(h, *(__u64 *)ext), off + ext_len,
-						       len > ext_len ? len - ext_len : 0);
+				*hp = vnet_hash_later(c, vnet_mix(h, *(__u64 *)ext), off + ext_len,
+						      len > ext_len ? len - ext_len : 0);
+				return false;
 			}
 		} else if (nh == 51) {
 			ext_len = ((__u32)ext[1] + 2) * 4;
@@ -331,13 +368,15 @@ static __always_inline __u64 vnet_parse_ipv6_ext(struct vnet_cursor *c, struct v
 			ext_len = ((__u32)ext[1] + 1) * 8;
 		}
 		if (ext_len > len)
-			return h;
+			return false;
 		nh = ext[0];
 		off += ext_len;
 		len -= ext_len;
 	}
 	ev->l4_proto = nh;
-	return vnet_parse_l4(c, ev, h, off, len);
+	*l4off = off;
+	*l4len = len;
+	return true;
 }
 
 /* Addresses, ports and the hash of the headers from the L3 header on; `proto`
@@ -347,6 +386,9 @@ static __always_inline __u64 vnet_parse_ipv6_ext(struct vnet_cursor *c, struct v
 static __always_inline void vnet_parse_l3(struct vnet_cursor *c, struct vnet_event *ev, __u16 proto, __u32 len)
 {
 	__u64 h = 0x9e3779b97f4a7c15ULL;
+
+	__u32 l4off = 0, l4len = 0;
+	bool l4 = false;
 
 	c->pay = 0;
 	ev->eth_proto = proto;
@@ -377,7 +419,9 @@ static __always_inline void vnet_parse_l3(struct vnet_cursor *c, struct vnet_eve
 			h = vnet_hash_later(c, h, c->off + ihl, tot - ihl);
 			goto out;
 		}
-		h = vnet_parse_l4(c, ev, h, c->off + ihl, tot - ihl);
+		l4off = c->off + ihl;
+		l4len = tot - ihl;
+		l4 = true;
 	} else if (proto == VNET_ETH_P_IPV6) {
 		struct ipv6hdr ip6;
 		__u32 flow;
@@ -395,11 +439,13 @@ static __always_inline void vnet_parse_l3(struct vnet_cursor *c, struct vnet_eve
 		h = vnet_mix(h, *(__u64 *)&ev->daddr[0]);
 		h = vnet_mix(h, *(__u64 *)&ev->daddr[8]);
 		h = vnet_mix(h, ((__u64)flow << 32) | ((__u64)ip6.nexthdr << 16) | ip6.payload_len);
-		h = vnet_parse_ipv6_ext(c, ev, h, c->off + sizeof(ip6), bpf_ntohs(ip6.payload_len));
+		l4 = vnet_parse_ipv6_ext(c, ev, &h, c->off + sizeof(ip6), bpf_ntohs(ip6.payload_len), &l4off, &l4len);
 	} else {
 		/* ARP and friends: the first bytes of the L3 header identify them. */
 		h = vnet_hash_later(c, h, c->off, len > 28 ? 28 : len);
 	}
+	if (l4)
+		h = vnet_parse_l4(c, ev, h, l4off, l4len);
 	goto out;
 truncated:
 	if (!c->paged)
@@ -430,7 +476,7 @@ static __always_inline void vnet_finish_id(struct vnet_cursor *c, struct vnet_ev
  * tuple, for filters and output) across encapsulation and decapsulation. The
  * outer packet's payload is not hashed yet (vnet_hash_later): the inner parse
  * replaces what the outer one noted. */
-static __always_inline void vnet_decap(struct vnet_cursor *c, struct vnet_event *ev, __u32 len)
+static __always_inline int vnet_decap(struct vnet_cursor *c, struct vnet_event *ev)
 {
 	__u8 vx[8];
 	__u16 inner;
@@ -438,12 +484,12 @@ static __always_inline void vnet_decap(struct vnet_cursor *c, struct vnet_event 
 
 	if (!(ev->flags & VNET_F_PORTS) || ev->l4_proto != VNET_IPPROTO_UDP ||
 	    (ev->dport != VNET_VXLAN_PORT && ev->dport != VNET_VXLAN_LINUX_PORT))
-		return;
+		return -1;
 	if (vnet_load(c, off, vx, sizeof(vx)) < 0 || !(vx[0] & 0x08) || /* the I flag: a valid VNI */
 	    vnet_load(c, off + 8 + 12, &inner, sizeof(inner)) < 0) {
 		if (c->paged) /* tc would have seen the inner packet: its id may differ */
 			ev->flags |= VNET_F_ID_PARTIAL;
-		return;
+		return -1;
 	}
 	c->paged = 0; /* the id is the inner packet's alone */
 	ev->flags = (ev->flags & VNET_F_VLAN) | VNET_F_ENCAP;
@@ -454,7 +500,22 @@ static __always_inline void vnet_decap(struct vnet_cursor *c, struct vnet_event 
 	__builtin_memset(ev->saddr, 0, sizeof(ev->saddr));
 	__builtin_memset(ev->daddr, 0, sizeof(ev->daddr));
 	c->off = off + 8 + 14; /* VXLAN header, inner Ethernet header */
-	vnet_parse_l3(c, ev, bpf_ntohs(inner), len);
+	return bpf_ntohs(inner);
+}
+
+/* From the L3 header on, and with `decap` (a load-time constant) the packet
+ * inside VXLAN (vnet_decap: its ethertype, or -1 when there is none). */
+static __always_inline void vnet_parse_packet(struct vnet_cursor *c, struct vnet_event *ev, __u16 proto, __u32 len,
+					      bool decap)
+{
+	int inner;
+
+	vnet_parse_l3(c, ev, proto, len);
+	if (!decap)
+		return;
+	inner = vnet_decap(c, ev);
+	if (inner >= 0)
+		vnet_parse_l3(c, ev, inner, len);
 }
 
 /* TC: fill the addressing fields of `ev` from the packet, and in `c` the hash
@@ -499,50 +560,52 @@ static __always_inline void vnet_parse_skb(struct vnet_cursor *c, struct __sk_bu
 		proto = bpf_ntohs(tag[1]);
 		c->off = 18;
 	}
-	vnet_parse_l3(c, ev, proto, skb->len);
-	if (decap)
-		vnet_decap(c, ev, skb->len);
+	vnet_parse_packet(c, ev, proto, skb->len, decap);
 }
 
 /* Kernel sk_buff (tracepoints, fentry, kprobe): what the hook knows without
  * parsing (the field filter's first tests need no more: vnet_filter_early). */
-static __always_inline void vnet_kernel_meta(struct sk_buff *skb, struct vnet_event *ev)
+static __always_inline void vnet_kernel_meta(struct sk_buff *skb, struct vnet_event *ev, bool typed)
 {
-	struct net_device *dev = BPF_CORE_READ(skb, dev);
+	struct net_device *dev = VNET_KREAD(typed, skb, dev);
 
 	ev->skb_addr = (__u64)skb;
-	ev->len = BPF_CORE_READ(skb, len);
-	ev->mark = BPF_CORE_READ(skb, mark);
+	ev->len = VNET_KREAD(typed, skb, len);
+	ev->mark = VNET_KREAD(typed, skb, mark);
 	if (dev) {
-		ev->ifindex = BPF_CORE_READ(dev, ifindex);
-		ev->netns_cookie = vnet_dev_netns_cookie(dev);
+		ev->ifindex = VNET_KREAD(typed, dev, ifindex);
+		ev->netns_cookie = vnet_dev_netns_cookie(dev, typed);
 	}
-	if (vnet_skb_vlan_present(skb)) {
-		ev->vlan_tci = BPF_CORE_READ(skb, vlan_tci);
+	if (vnet_skb_vlan_present(skb, typed)) {
+		ev->vlan_tci = VNET_KREAD(typed, skb, vlan_tci);
 		ev->flags |= VNET_F_VLAN;
 	}
 }
 
 /* Kernel sk_buff, after vnet_kernel_meta: the same fields and header hash as
  * vnet_parse_skb. The network header offset is unset (0 or ~0) on fresh receive
- * skbs before the stack resets it: then the L3 header follows the Ethernet header. */
-static __always_inline void vnet_parse_kernel_skb(struct vnet_cursor *c, struct sk_buff *skb, struct vnet_event *ev,
-						  bool decap)
+ * skbs before the stack resets it: then the L3 header follows the Ethernet header.
+ * The packet's bytes are read once, VNET_KBUF of them from the L3 header into
+ * `buf` (the caller's stack), and parsed from there; only what lies further
+ * is read on its own (vnet_load). */
+static __always_inline void vnet_parse_kernel_skb(struct vnet_cursor *c, __u64 *buf, struct sk_buff *skb,
+						  struct vnet_event *ev, bool decap, bool typed)
 {
-	const __u8 *head = BPF_CORE_READ(skb, head);
-	__u16 nh = BPF_CORE_READ(skb, network_header);
-	__u16 mh = BPF_CORE_READ(skb, mac_header);
-	__u16 proto = bpf_ntohs(BPF_CORE_READ(skb, protocol));
+	const __u8 *head = VNET_KREAD(typed, skb, head);
+	const __u8 *data = VNET_KREAD(typed, skb, data);
+	__u16 nh = VNET_KREAD(typed, skb, network_header);
+	__u16 mh = VNET_KREAD(typed, skb, mac_header);
+	__u16 proto = bpf_ntohs(VNET_KREAD(typed, skb, protocol));
 
-	*c = (struct vnet_cursor){ .kernel = 1 };
+	*c = (struct vnet_cursor){ .kernel = 1, .buf = (const __u8 *)buf };
 	if (nh != 0 && nh != (__u16)~0U)
 		c->l3 = head + nh;
 	else if (mh != (__u16)~0U)
 		c->l3 = head + mh + 14;
 	else
-		c->l3 = BPF_CORE_READ(skb, data);
-	c->lin_end = head + BPF_CORE_READ(skb, tail);
-	c->pkt_end = (const __u8 *)BPF_CORE_READ(skb, data) + ev->len;
+		c->l3 = data;
+	c->lin_end = head + VNET_KREAD(typed, skb, tail);
+	c->pkt_end = data + ev->len;
 	if ((proto == VNET_ETH_P_8021Q || proto == VNET_ETH_P_8021AD) && mh != (__u16)~0U) {
 		__u16 tag[2];
 
@@ -555,9 +618,11 @@ static __always_inline void vnet_parse_kernel_skb(struct vnet_cursor *c, struct 
 		proto = bpf_ntohs(tag[1]);
 		c->l3 = head + mh + 18;
 	}
-	vnet_parse_l3(c, ev, proto, ev->len);
-	if (decap)
-		vnet_decap(c, ev, ev->len);
+	/* A constant size: what lies past the linear part (tailroom, then
+	 * skb_shared_info: the same allocation) is copied but never used. */
+	if (bpf_probe_read_kernel(buf, VNET_KBUF, c->l3) == 0 && c->l3 < c->lin_end)
+		c->buf_len = c->lin_end - c->l3 < VNET_KBUF ? c->lin_end - c->l3 : VNET_KBUF;
+	vnet_parse_packet(c, ev, proto, ev->len, decap);
 }
 
 #endif /* VNET_PACKET_BPF_H */
