@@ -16,14 +16,20 @@ A round runs each once, in an order that rotates every round; a warm-up round
 (page cache, Python bytecode) is run first and not counted. bpftrace 0.17 finds
 tracepoints through tracefs: every command runs in a mount namespace of its own
 with tracefs mounted at /sys/kernel/tracing (this host does not mount it; the
-mount costs well under a millisecond and is done for vnet too, for symmetry).
+unshare and mount add ~1.5 ms to an exec, and are done for vnet too, for symmetry).
+
+Every vnet process loads the eBPF objects committed at HEAD (VNET_BPF_DIR) and keeps its
+bytecode in a folder of this run (written by the warm-up round), as an installed vnet would.
 
 Memory: `vnet collect` and `vnet agent` started as in production; VmRSS/VmHWM of
 the agent (/proc/PID/status) idle after start, after a dispatcher's hello (the
 feature probes and catalog it answers with), while tracing ns2/ifB (both
 directions) with the packet per ms, and after the trace stopped.
 
-Needs root and bpftrace (make bench-deps). Usage: first_event.py [--rounds 7]
+With --compare-to REV the vnet commands and the agent also run with the code of git
+revision REV (a temporary worktree), alternated with this tree's.
+
+Needs root and bpftrace (make bench-deps). Usage: first_event.py [--rounds 7] [--compare-to REV]
 """
 
 from __future__ import annotations
@@ -88,11 +94,28 @@ def child_env(workdir: Path) -> dict[str, str]:
 ENV: dict[str, str] = dict(os.environ)
 
 
-def first_line(argv: list[str], want: str) -> tuple[float, str]:
+def committed_objects(dest: Path) -> Path:
+    """bpf/build/ as committed at HEAD, for every vnet process of this run (and of --compare-to):
+    work in progress in the checkout does not change what the verifier gets."""
+    dest.mkdir()
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", "HEAD", "bpf/build/"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in names:
+        (dest / Path(name).name).write_bytes(subprocess.run(["git", "-C", str(ROOT), "show", f"HEAD:{name}"],
+                                                            check=True, capture_output=True).stdout)
+    return dest
+
+
+def code_env(code: Path) -> dict[str, str]:
+    """ENV for vnet processes that run the vnet package of `code` (this tree or a --compare-to worktree)."""
+    return {**ENV, "PYTHONPATH": str(code)} if code != ROOT else ENV
+
+
+def first_line(argv: list[str], want: str, code: Path = ROOT) -> tuple[float, str]:
     """Seconds from exec to the first stdout line containing `want` (the process is then ended)."""
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=ROOT, preexec_fn=own_tracefs, env=ENV)
+                            cwd=code, preexec_fn=own_tracefs, env=code_env(code))
     got: list[tuple[float, str]] = []
 
     def read() -> None:
@@ -158,9 +181,9 @@ def vm_kb(pid: int) -> dict[str, int]:
     return out
 
 
-def _vnet(*args: str) -> subprocess.Popen:
+def _vnet(*args: str, code: Path = ROOT) -> subprocess.Popen:
     return subprocess.Popen([PY, "-m", "vnet", *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+                            stderr=subprocess.PIPE, text=True, cwd=code, env=code_env(code))
 
 
 def _wait_line(proc: subprocess.Popen, text: str) -> None:
@@ -175,7 +198,7 @@ def _wait_line(proc: subprocess.Popen, text: str) -> None:
     raise RuntimeError(f"{proc.args[:4]}: no {text!r} (exit {proc.poll()})")
 
 
-def agent_memory(ns2: str, if2: str, workdir: Path, trace_s: float) -> list[tuple[str, dict]]:
+def agent_memory(ns2: str, if2: str, workdir: Path, trace_s: float, code: Path = ROOT) -> list[tuple[str, dict]]:
     from vnet.dispatch.spec import loads
     from vnet.protocol import connect, new_key
 
@@ -185,9 +208,9 @@ def agent_memory(ns2: str, if2: str, workdir: Path, trace_s: float) -> list[tupl
         s.bind(("127.0.0.1", 0))
         col_addr = f"127.0.0.1:{s.getsockname()[1]}"
     sock = workdir / "agent.sock"
-    collector = _vnet("collect", "--listen", col_addr, "--key", str(key_path), "--out", str(workdir / "out"))
+    collector = _vnet("collect", "--listen", col_addr, "--key", str(key_path), "--out", str(workdir / "out"), code=code)
     agent = _vnet("agent", "--listen", f"unix:{sock}", "--key", str(key_path), "--spool", str(workdir / "spool"),
-                  "--host", "h1")
+                  "--host", "h1", code=code)
     out = []
     try:
         _wait_line(collector, "collector listening on")
@@ -238,6 +261,8 @@ def main() -> None:
     ap.add_argument("--only", default="vnet-dev,vnet-tp,bpftrace")
     ap.add_argument("--trace-seconds", type=float, default=5.0, help="how long the agent traces for the RSS reading")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--compare-to", metavar="REV", help="also run the vnet commands and the agent with this git "
+                    "revision's code (a temporary worktree), alternated with this tree's")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("first_event.py needs root")
@@ -247,12 +272,24 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="vnet-first-"))
     ENV.clear()
     ENV.update(child_env(workdir))
+    ENV["VNET_BPF_DIR"] = str(committed_objects(workdir / "bpf"))
     times: dict[str, list[float]] = {}
+    tree = workdir / "baseline"
+    codes = {"": ROOT}
     try:
+        if args.compare_to:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(tree), args.compare_to],
+                           check=True, capture_output=True)
+            codes["@" + args.compare_to] = tree
         with veth_pair(93) as net:
             sender = Sender(net.ns1, net.ip2)
             try:
-                cmds = {k: v for k, v in commands(net.ns2, net.if2).items() if k in args.only.split(",")}
+                cmds, code_of = {}, {}
+                for k, v in commands(net.ns2, net.if2).items():
+                    if k not in args.only.split(","):
+                        continue
+                    for label, code in codes.items() if k.startswith("vnet") else [("", ROOT)]:
+                        cmds[k + label], code_of[k + label] = v, code
                 if "bpftrace" in cmds:
                     version = subprocess.run(["bpftrace", "--version"], capture_output=True, text=True).stdout.strip()
                     print(f"{version}", flush=True)
@@ -263,23 +300,25 @@ def main() -> None:
                     k = rnd % len(names)
                     for name in names[k:] + names[:k]:
                         want = f"{PORT}" if name.startswith("vnet") else f"len {LEN}"
-                        dt, line = first_line(cmds[name], want)
+                        dt, line = first_line(cmds[name], want, code_of[name])
                         if rnd:
                             times.setdefault(name, []).append(dt)
-                        print(f"{'round ' + str(rnd) if rnd else 'warm-up':>8} {name:>9}: {dt:.3f} s  {line[:90]}",
+                        print(f"{'round ' + str(rnd) if rnd else 'warm-up':>8} {name:>16}: {dt:.3f} s  {line[:90]}",
                               flush=True)
                 print()
-                print(f"{'command':>9} | time to first event, s: median (min-max)")
+                print(f"{'command':>16} | time to first event, s: median (min-max)")
                 for name, ts in times.items():
-                    print(f"{name:>9} | {statistics.median(ts):.3f} ({min(ts):.3f}-{max(ts):.3f})")
+                    print(f"{name:>16} | {statistics.median(ts):.3f} ({min(ts):.3f}-{max(ts):.3f})")
                 if "bpftrace" in times:
                     for name in times:
                         if name != "bpftrace":
                             print(f"{name} / bpftrace: {statistics.median(times[name]) / statistics.median(times['bpftrace']):.2f}x")
-                if not args.no_memory:
+                for label, code in codes.items() if not args.no_memory else ():
                     print()
-                    for what, kb in agent_memory(net.ns2, net.if2, workdir, args.trace_seconds):
-                        print(f"agent {what}: VmRSS {kb['VmRSS'] / 1024:.1f} MiB (anon {kb['RssAnon'] / 1024:.1f}, "
+                    mem = workdir / f"mem{label.replace('@', '-')}"
+                    mem.mkdir()
+                    for what, kb in agent_memory(net.ns2, net.if2, mem, args.trace_seconds, code):
+                        print(f"agent{label} {what}: VmRSS {kb['VmRSS'] / 1024:.1f} MiB (anon {kb['RssAnon'] / 1024:.1f}, "
                               f"file {kb['RssFile'] / 1024:.1f}, shmem {kb['RssShmem'] / 1024:.1f}), "
                               f"VmHWM {kb['VmHWM'] / 1024:.1f} MiB", flush=True)
             finally:
@@ -287,6 +326,8 @@ def main() -> None:
     finally:
         import shutil
 
+        if tree.exists():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
