@@ -76,13 +76,14 @@ def sh(*argv: str, check: bool = True) -> str:
 
 def bpftool_json(*args: str):
     """bpftool's JSON listing. A program or link that vanishes while bpftool walks
-    the IDs makes it fail: such a listing is taken again (a few times, bounded)."""
-    for attempt in range(5):
+    the IDs makes it fail: such a listing is taken again (bounded; other processes that load
+    and unload programs all the time, e.g. another test run, need more than a few tries)."""
+    for attempt in range(30):
         proc = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, timeout=30)
         if proc.returncode == 0:
             return json.loads(proc.stdout or "[]")
         time.sleep(0.1)
-    raise AssertionError(f"bpftool {' '.join(args)} failed 5 times: {proc.stderr.strip()}")
+    raise AssertionError(f"bpftool {' '.join(args)} failed 30 times: {proc.stderr.strip()}")
 
 
 def live_bpf() -> tuple[dict[int, str], dict[int, int]]:
