@@ -27,34 +27,47 @@ const volatile struct vnet_skb_config skb_cfg = {};
  * already belongs to the peer, so skb->dev would name the wrong end. */
 static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u16 hook)
 {
+	const volatile struct vnet_filter *f = &skb_cfg.filter;
 	struct vnet_stats *st = vnet_stats_this_cpu(skb_cfg.probe_id);
 	struct vnet_event ev = {};
+	struct vnet_cursor c;
 
 	if (!st)
 		return 0;
 	st->v[VNET_STAT_SEEN]++;
-	vnet_hdr_init(&ev.hdr, skb_cfg.probe_id, VNET_KIND_PACKET);
-	ev.hook = hook;
 	if (skb && skb_cfg.skb_deref && bpf_probe_read_kernel(&skb, sizeof(skb), skb) < 0)
 		skb = NULL;
-	if (skb && skb_cfg.filter.f_pcap && !vnet_pcap_kernel(skb)) {
-		st->v[VNET_STAT_FILTERED]++;
-		return 0;
-	}
+	if (skb && f->f_pcap && !vnet_pcap_kernel(skb))
+		goto filtered;
+	c.id = 0;
 	if (skb)
-		vnet_parse_kernel_skb(skb, &ev, !skb_cfg.filter.f_outer);
+		vnet_kernel_meta(skb, &ev);
 	else
 		ev.flags |= VNET_F_NO_SKB;
 	if (dev) {
 		ev.ifindex = BPF_CORE_READ(dev, ifindex);
 		ev.netns_cookie = vnet_dev_netns_cookie(dev);
 	}
+	if (!vnet_filter_early(f, &ev))
+		goto filtered;
+	if (skb)
+		vnet_parse_kernel_skb(&c, skb, &ev, !f->f_outer);
+	if (!vnet_filter_fields(f, &ev))
+		goto filtered;
+	vnet_finish_id(&c, &ev);
+	if (!vnet_filter_sample(f, &ev))
+		goto filtered;
+	/* Kept: only now the time stamp and the rest of the event. */
+	vnet_hdr_init(&ev.hdr, skb_cfg.probe_id, VNET_KIND_PACKET);
+	ev.hook = hook;
 	if (skb_cfg.task) {
 		ev.pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(ev.comm, sizeof(ev.comm));
 	}
-	vnet_deliver(st, &ev, &skb_cfg.filter, skb_cfg.aggregate, skb_cfg.wakeup_every, skb, false, false,
-		     skb_cfg.snaplen);
+	vnet_deliver(st, &ev, skb_cfg.aggregate, skb_cfg.wakeup_every, skb, false, false, skb_cfg.snaplen);
+	return 0;
+filtered:
+	vnet_filtered(st);
 	return 0;
 }
 

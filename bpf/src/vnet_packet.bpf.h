@@ -65,8 +65,13 @@ struct vnet_cursor {
 	__u32 data_off;        /* TC: where `base` starts from skb->data (0, or 14 past an Ethernet header) */
 	__u32 off;             /* of the L3 header from base (TC) or from l3 (kernel) */
 	__u32 l4off;           /* of the L4 header, same origin as off */
+	__u32 pay_off;         /* the payload pkt_id still hashes (vnet_finish_id), same origin as off */
+	__u32 pay_len;
+	__u64 h;               /* pkt_id so far: every header field it covers */
 	__u8 kernel;           /* a literal at every call site: the compiler keeps one reader */
 	__u8 paged;            /* kernel: a read wanted bytes that are in the skb, but not in its linear part */
+	__u8 id;               /* the packet has a pkt_id (vnet_parse_l3 ran) */
+	__u8 pay;              /* pay_off, pay_len are set */
 };
 
 /* Headers. Both readers see the skb's linear part only (bpf_skb_load_bytes_relative
@@ -108,28 +113,49 @@ static __always_inline int vnet_load_payload(struct vnet_cursor *c, __u32 off, v
 	return bpf_skb_load_bytes(c->skb, c->data_off + off, to, len);
 }
 
-/* Hash up to 32 bytes of payload starting at `off`: two packets with equal
+/* The payload's bytes to hash, 1..32, as ((n - 1) & 31) + 1 behind a barrier,
+ * so that clang cannot fold it away: Linux 6.1's verifier does not raise the
+ * lower bound to 1 after `n == 0` (6.18's does) and would refuse a possibly
+ * zero-sized read. It also gives the verifier the same range for it on every
+ * parse path, so that the paths' states meet again before vnet_finish_id. */
+static __always_inline __u32 vnet_payload_len(__u64 n)
+{
+	barrier_var(n);
+	return ((n - 1) & (VNET_PAYLOAD_HASH_BYTES - 1)) + 1;
+}
+
+/* Hash `n` (1..32) bytes of payload starting at `off`: two packets with equal
  * headers (unconnected UDP with DF sends IP ID 0; IPv6 has no IP ID) still get
- * distinct ids. Not for TCP (vnet_parse_l4). */
-static __always_inline __u64 vnet_hash_payload(struct vnet_cursor *c, __u64 h, __u32 off, __u32 avail)
+ * distinct ids. Not for TCP (vnet_parse_l4). The last thing pkt_id mixes in:
+ * vnet_finish_id does it, for packets the field filter kept. */
+static __always_inline __u64 vnet_hash_payload(struct vnet_cursor *c, __u64 h, __u32 off, __u32 n)
 {
 	__u64 buf[VNET_PAYLOAD_HASH_BYTES / 8] = {};
-	__u64 n = avail > VNET_PAYLOAD_HASH_BYTES ? VNET_PAYLOAD_HASH_BYTES : avail;
+	__u64 len = vnet_payload_len(n);
 
-	if (n == 0)
-		return h;
-	/* Restate 1..32 as ((n - 1) & 31) + 1 behind a barrier, so that clang cannot
-	 * fold it away: Linux 6.1's verifier does not raise the lower bound to 1
-	 * after `n == 0` (6.18's does) and would refuse a possibly zero-sized read. */
-	barrier_var(n);
-	n = ((n - 1) & (VNET_PAYLOAD_HASH_BYTES - 1)) + 1;
-	if (vnet_load_payload(c, off, buf, n) < 0)
+	if (vnet_load_payload(c, off, buf, len) < 0)
 		return h;
 	h = vnet_mix(h, buf[0]);
 	h = vnet_mix(h, buf[1]);
 	h = vnet_mix(h, buf[2]);
 	h = vnet_mix(h, buf[3]);
-	return vnet_mix(h, n);
+	return vnet_mix(h, len);
+}
+
+/* The payload is the last thing the hash takes: the parser only notes where it
+ * is (up to 32 of the `avail` bytes at `off`), and vnet_finish_id reads and
+ * hashes it once the field filter (which looks at headers only) has kept the
+ * packet: a rejected packet costs no payload read. */
+static __always_inline __u64 vnet_hash_later(struct vnet_cursor *c, __u64 h, __u32 off, __u32 avail)
+{
+	__u64 n = avail > VNET_PAYLOAD_HASH_BYTES ? VNET_PAYLOAD_HASH_BYTES : avail;
+
+	if (n == 0) /* nothing to hash */
+		return h;
+	c->pay_off = off;
+	c->pay_len = vnet_payload_len(n);
+	c->pay = 1;
+	return h;
 }
 
 /* L4 fields into the event and the hash. `l4_len` is the L4 header plus
@@ -178,11 +204,11 @@ static __always_inline __u64 vnet_parse_l4(struct vnet_cursor *c, struct vnet_ev
 		hdr_len = sizeof(ih);
 		h = vnet_mix(h, *(__u64 *)ih & ~0xffff0000ULL); /* all but the checksum */
 	} else {
-		return vnet_hash_payload(c, h, off, l4_len);
+		return vnet_hash_later(c, h, off, l4_len);
 	}
 	if (hdr_len > l4_len)
 		return h;
-	return vnet_hash_payload(c, h, off + hdr_len, l4_len - hdr_len);
+	return vnet_hash_later(c, h, off + hdr_len, l4_len - hdr_len);
 truncated:
 	if (!c->paged)
 		ev->flags |= VNET_F_TRUNCATED;
@@ -215,8 +241,8 @@ static __always_inline __u64 vnet_parse_ipv6_ext(struct vnet_cursor *c, struct v
 				/* A later fragment carries no L4 header. */
 				ev->l4_proto = ext[0];
 				ev->flags |= VNET_F_FRAGMENT;
-				return vnet_hash_payload(c, vnet_mix(h, *(__u64 *)ext), off + ext_len,
-							 len > ext_len ? len - ext_len : 0);
+				return vnet_hash_later(c, vnet_mix(h, *(__u64 *)ext), off + ext_len,
+						       len > ext_len ? len - ext_len : 0);
 			}
 		} else if (nh == 51) {
 			ext_len = ((__u32)ext[1] + 2) * 4;
@@ -233,13 +259,15 @@ static __always_inline __u64 vnet_parse_ipv6_ext(struct vnet_cursor *c, struct v
 	return vnet_parse_l4(c, ev, h, off, len);
 }
 
-/* Addresses, ports and pkt_id from the L3 header on; `proto` is the ethertype
- * (host order). Only fields that stay the same along the path enter the hash:
- * no TTL, no TOS, no checksums. */
+/* Addresses, ports and the hash of the headers from the L3 header on; `proto`
+ * is the ethertype (host order). Only fields that stay the same along the path
+ * enter the hash: no TTL, no TOS, no checksums. vnet_finish_id adds the payload
+ * and makes it the pkt_id. */
 static __always_inline void vnet_parse_l3(struct vnet_cursor *c, struct vnet_event *ev, __u16 proto, __u32 len)
 {
 	__u64 h = 0x9e3779b97f4a7c15ULL;
 
+	c->pay = 0;
 	ev->eth_proto = proto;
 	h = vnet_mix(h, proto);
 
@@ -265,7 +293,7 @@ static __always_inline void vnet_parse_l3(struct vnet_cursor *c, struct vnet_eve
 		if (bpf_ntohs(ip.frag_off) & 0x1fff) {
 			/* A later fragment carries no L4 header: hash its data instead. */
 			ev->flags |= VNET_F_FRAGMENT;
-			h = vnet_hash_payload(c, h, c->off + ihl, tot - ihl);
+			h = vnet_hash_later(c, h, c->off + ihl, tot - ihl);
 			goto out;
 		}
 		h = vnet_parse_l4(c, ev, h, c->off + ihl, tot - ihl);
@@ -289,20 +317,38 @@ static __always_inline void vnet_parse_l3(struct vnet_cursor *c, struct vnet_eve
 		h = vnet_parse_ipv6_ext(c, ev, h, c->off + sizeof(ip6), bpf_ntohs(ip6.payload_len));
 	} else {
 		/* ARP and friends: the first bytes of the L3 header identify them. */
-		h = vnet_hash_payload(c, h, c->off, len > 28 ? 28 : len);
+		h = vnet_hash_later(c, h, c->off, len > 28 ? 28 : len);
 	}
 	goto out;
 truncated:
 	if (!c->paged)
 		ev->flags |= VNET_F_TRUNCATED;
 out:
+	c->h = h;
+	c->id = 1;
+}
+
+/* pkt_id: the headers' hash (vnet_parse_l3, the inner packet's after VXLAN),
+ * then the payload, read only now. A packet whose headers could not be reached
+ * (a cut VLAN tag) has none: 0. */
+static __always_inline void vnet_finish_id(struct vnet_cursor *c, struct vnet_event *ev)
+{
+	__u64 h;
+
+	if (!c->id)
+		return;
+	h = c->h;
+	if (c->pay)
+		h = vnet_hash_payload(c, h, c->pay_off, c->pay_len);
 	if (c->paged)
 		ev->flags |= VNET_F_ID_PARTIAL;
 	ev->pkt_id = vnet_fmix(h);
 }
 
 /* VXLAN: identify the inner packet, so that it keeps its pkt_id (and its
- * tuple, for filters and output) across encapsulation and decapsulation. */
+ * tuple, for filters and output) across encapsulation and decapsulation. The
+ * outer packet's payload is not hashed yet (vnet_hash_later): the inner parse
+ * replaces what the outer one noted. */
 static __always_inline void vnet_decap(struct vnet_cursor *c, struct vnet_event *ev, __u32 len)
 {
 	__u8 vx[8];
@@ -330,14 +376,16 @@ static __always_inline void vnet_decap(struct vnet_cursor *c, struct vnet_event 
 	vnet_parse_l3(c, ev, bpf_ntohs(inner), len);
 }
 
-/* TC: fill the addressing fields and pkt_id of `ev` from the packet. */
+/* TC: fill the addressing fields of `ev` from the packet, and in `c` the hash
+ * of its headers (vnet_finish_id makes it the pkt_id). */
 /* decap: report VXLAN traffic as its inner packet (a load-time constant). */
 /* l3: the device has no link header, skb->data is the network header (a load-time constant). */
-static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_event *ev, bool decap, bool l3)
+static __always_inline void vnet_parse_skb(struct vnet_cursor *c, struct __sk_buff *skb, struct vnet_event *ev,
+					   bool decap, bool l3)
 {
-	struct vnet_cursor c = { .skb = skb, .base = BPF_HDR_START_NET, .data_off = l3 ? 0 : 14, .kernel = 0 };
 	__u16 proto = bpf_ntohs(skb->protocol);
 
+	*c = (struct vnet_cursor){ .skb = skb, .base = BPF_HDR_START_NET, .data_off = l3 ? 0 : 14, .kernel = 0 };
 	if (skb->vlan_present) {
 		ev->vlan_tci = skb->vlan_tci;
 		ev->flags |= VNET_F_VLAN;
@@ -346,32 +394,26 @@ static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_ev
 		/* In-band tag (no offload): the network header may not be past it. */
 		__u16 tag[2];
 
-		c.base = BPF_HDR_START_MAC;
-		c.data_off = 0;
-		if (vnet_load(&c, 14, tag, sizeof(tag)) < 0) {
+		c->base = BPF_HDR_START_MAC;
+		c->data_off = 0;
+		if (vnet_load(c, 14, tag, sizeof(tag)) < 0) {
 			ev->flags |= VNET_F_TRUNCATED;
 			return;
 		}
 		ev->vlan_tci = bpf_ntohs(tag[0]);
 		ev->flags |= VNET_F_VLAN;
 		proto = bpf_ntohs(tag[1]);
-		c.off = 18;
+		c->off = 18;
 	}
-	vnet_parse_l3(&c, ev, proto, skb->len);
+	vnet_parse_l3(c, ev, proto, skb->len);
 	if (decap)
-		vnet_decap(&c, ev, skb->len);
+		vnet_decap(c, ev, skb->len);
 }
 
-/* Kernel sk_buff (tracepoints, fentry, kprobe): the same fields and pkt_id.
- * The network header offset is unset (0 or ~0) on fresh receive skbs before
- * the stack resets it: then the L3 header follows the Ethernet header. */
-static __always_inline void vnet_parse_kernel_skb(struct sk_buff *skb, struct vnet_event *ev, bool decap)
+/* Kernel sk_buff (tracepoints, fentry, kprobe): what the hook knows without
+ * parsing (the field filter's first tests need no more: vnet_filter_early). */
+static __always_inline void vnet_kernel_meta(struct sk_buff *skb, struct vnet_event *ev)
 {
-	struct vnet_cursor c = { .kernel = 1 };
-	const __u8 *head = BPF_CORE_READ(skb, head);
-	__u16 nh = BPF_CORE_READ(skb, network_header);
-	__u16 mh = BPF_CORE_READ(skb, mac_header);
-	__u16 proto = bpf_ntohs(BPF_CORE_READ(skb, protocol));
 	struct net_device *dev = BPF_CORE_READ(skb, dev);
 
 	ev->skb_addr = (__u64)skb;
@@ -385,14 +427,28 @@ static __always_inline void vnet_parse_kernel_skb(struct sk_buff *skb, struct vn
 		ev->vlan_tci = BPF_CORE_READ(skb, vlan_tci);
 		ev->flags |= VNET_F_VLAN;
 	}
+}
+
+/* Kernel sk_buff, after vnet_kernel_meta: the same fields and header hash as
+ * vnet_parse_skb. The network header offset is unset (0 or ~0) on fresh receive
+ * skbs before the stack resets it: then the L3 header follows the Ethernet header. */
+static __always_inline void vnet_parse_kernel_skb(struct vnet_cursor *c, struct sk_buff *skb, struct vnet_event *ev,
+						  bool decap)
+{
+	const __u8 *head = BPF_CORE_READ(skb, head);
+	__u16 nh = BPF_CORE_READ(skb, network_header);
+	__u16 mh = BPF_CORE_READ(skb, mac_header);
+	__u16 proto = bpf_ntohs(BPF_CORE_READ(skb, protocol));
+
+	*c = (struct vnet_cursor){ .kernel = 1 };
 	if (nh != 0 && nh != (__u16)~0U)
-		c.l3 = head + nh;
+		c->l3 = head + nh;
 	else if (mh != (__u16)~0U)
-		c.l3 = head + mh + 14;
+		c->l3 = head + mh + 14;
 	else
-		c.l3 = BPF_CORE_READ(skb, data);
-	c.lin_end = head + BPF_CORE_READ(skb, tail);
-	c.pkt_end = (const __u8 *)BPF_CORE_READ(skb, data) + ev->len;
+		c->l3 = BPF_CORE_READ(skb, data);
+	c->lin_end = head + BPF_CORE_READ(skb, tail);
+	c->pkt_end = (const __u8 *)BPF_CORE_READ(skb, data) + ev->len;
 	if ((proto == VNET_ETH_P_8021Q || proto == VNET_ETH_P_8021AD) && mh != (__u16)~0U) {
 		__u16 tag[2];
 
@@ -403,11 +459,11 @@ static __always_inline void vnet_parse_kernel_skb(struct sk_buff *skb, struct vn
 		ev->vlan_tci = bpf_ntohs(tag[0]);
 		ev->flags |= VNET_F_VLAN;
 		proto = bpf_ntohs(tag[1]);
-		c.l3 = head + mh + 18;
+		c->l3 = head + mh + 18;
 	}
-	vnet_parse_l3(&c, ev, proto, ev->len);
+	vnet_parse_l3(c, ev, proto, ev->len);
 	if (decap)
-		vnet_decap(&c, ev, ev->len);
+		vnet_decap(c, ev, ev->len);
 }
 
 #endif /* VNET_PACKET_BPF_H */
