@@ -22,6 +22,10 @@
 #define VNET_IPV6_MAX_EXT 4 /* extension headers walked before giving up on L4 */
 #define VNET_VXLAN_PORT 4789        /* IANA */
 #define VNET_VXLAN_LINUX_PORT 8472  /* Linux's default when `ip link add ... type vxlan` names none */
+/* TC, direct reads: the verifier's bound on an offset into the packet. The
+ * parser never reaches it: two IP headers with four extension headers each
+ * (at most 2 KB apiece) and VXLAN between them stay under 17 KB. */
+#define VNET_DIRECT_MAX 0xff00
 
 /* `net_cookie` became a plain u64 of struct net in 5.14 ("net: retire netns
  * cookie generator"); before it was a lazily set atomic64_t, which CO-RE does not
@@ -56,8 +60,24 @@ static __always_inline __u64 vnet_fmix(__u64 h)
 	return h;
 }
 
+/* `v` as the verifier sees it after a round trip through a stack word it does
+ * not track (4-byte, not 8-byte aligned): a value with no history. An offset
+ * that moves a pointer, or a helper's length, must be exact for the verifier
+ * (precise), and that reaches back along everything it was computed from: the
+ * parse paths' offsets and lengths would stay apart to the end of the program
+ * (VXLAN's inner parse once per outer header layout), and the verifier's work
+ * grows twentyfold. The caller bounds the copy itself (a check, a mask). */
+static __always_inline __u32 vnet_untracked(__u32 v)
+{
+	volatile __u64 word = 0; /* 8-byte aligned: its upper half is not */
+	volatile __u32 *half = (volatile __u32 *)&word + 1;
+
+	*half = v;
+	return *half;
+}
+
 struct vnet_cursor {
-	struct __sk_buff *skb; /* TC: read through the skb helpers */
+	struct __sk_buff *skb; /* TC: read through the skb helpers, or directly (`direct`) */
 	const __u8 *l3;        /* kernel sk_buff: the network header's address */
 	const __u8 *lin_end;   /* kernel sk_buff: the end of its linear part (head + tail) */
 	const __u8 *pkt_end;   /* kernel sk_buff: the end of its bytes, page fragments included (data + len) */
@@ -72,12 +92,16 @@ struct vnet_cursor {
 	__u8 paged;            /* kernel: a read wanted bytes that are in the skb, but not in its linear part */
 	__u8 id;               /* the packet has a pkt_id (vnet_parse_l3 ran) */
 	__u8 pay;              /* pay_off, pay_len are set */
+	__u8 direct;           /* TC: headers are read from the packet directly instead of by the helper */
 };
 
-/* Headers. Both readers see the skb's linear part only (bpf_skb_load_bytes_relative
- * stops at the tail pointer too): a kernel hook that wants bytes past it that the
- * packet has (in page fragments) says so in c->paged rather than read what lies
- * after the linear part (tailroom, skb_shared_info). */
+/* Headers (`len` a constant). Both readers see the skb's linear part only
+ * (bpf_skb_load_bytes_relative stops at the tail pointer too): a kernel hook
+ * that wants bytes past it that the packet has (in page fragments) says so in
+ * c->paged rather than read what lies after the linear part (tailroom,
+ * skb_shared_info). TC reads the linear part directly where vnet_parse_skb
+ * found the packet laid out as the helper's `base` counts (the same bytes, no
+ * helper call; past data_end the helper would fail too). */
 static __always_inline int vnet_load(struct vnet_cursor *c, __u32 off, void *to, __u32 len)
 {
 	if (c->kernel) {
@@ -89,6 +113,22 @@ static __always_inline int vnet_load(struct vnet_cursor *c, __u32 off, void *to,
 			return -1;
 		}
 		return bpf_probe_read_kernel(to, len, p);
+	}
+	if (c->direct) {
+		/* Fresh packet pointers at every read: kept in the cursor, they would
+		 * carry each path's checked range to the end of the program. */
+		const __u8 *p = (const __u8 *)(long)c->skb->data;
+		const __u8 *end = (const __u8 *)(long)c->skb->data_end;
+
+		off = vnet_untracked(c->data_off + off);
+		if (off > VNET_DIRECT_MAX)
+			return -1;
+		p += off;
+		if (p + len > end)
+			return -1;
+		/* in words: the verifier lets x86 and arm64 read the packet unaligned */
+		__builtin_memcpy(to, (const __u32 *)p, len);
+		return 0;
 	}
 	return bpf_skb_load_bytes_relative(c->skb, off, to, len, c->base);
 }
@@ -105,12 +145,53 @@ static __always_inline int vnet_load_payload(struct vnet_cursor *c, __u32 off, v
 
 	if (c->kernel)
 		return vnet_load(c, off, to, len);
-	if (vnet_load(c, off, to, len) == 0)
+	if (bpf_skb_load_bytes_relative(c->skb, off, to, len, c->base) == 0)
 		return 0;
 	if (bpf_skb_load_bytes_relative(c->skb, c->off, &a, sizeof(a), c->base) < 0 ||
 	    bpf_skb_load_bytes(c->skb, c->data_off + c->off, &b, sizeof(b)) < 0 || a != b)
 		return -1;
 	return bpf_skb_load_bytes(c->skb, c->data_off + off, to, len);
+}
+
+/* Keep the first `n` (1..32) of the 32 bytes in `buf` and zero the rest: the
+ * same words as a read of those n bytes alone into a zeroed buffer. */
+static __always_inline void vnet_keep_bytes(__u64 *buf, __u32 n)
+{
+#pragma unroll
+	for (int i = 0; i < VNET_PAYLOAD_HASH_BYTES / 8; i++) {
+		__s32 keep = (__s32)n - 8 * i;
+
+		if (keep <= 0)
+			buf[i] = 0;
+		else if (keep < 8)
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+			buf[i] &= (1ULL << (8 * keep)) - 1;
+#else
+			buf[i] &= ~(~0ULL >> (8 * keep));
+#endif
+	}
+}
+
+/* TC, direct: the payload's `n` bytes at `off` without a helper call, where
+ * the packet's linear part holds a whole 32-byte window from there (else -1:
+ * vnet_load_payload reads exactly n bytes). */
+static __always_inline int vnet_payload_window(struct vnet_cursor *c, __u32 off, __u64 *buf, __u32 n)
+{
+	const __u8 *p, *end;
+
+	if (c->kernel || !c->direct)
+		return -1;
+	p = (const __u8 *)(long)c->skb->data;
+	end = (const __u8 *)(long)c->skb->data_end;
+	off = vnet_untracked(c->data_off + off);
+	if (off > VNET_DIRECT_MAX)
+		return -1;
+	p += off;
+	if (p + VNET_PAYLOAD_HASH_BYTES > end)
+		return -1;
+	__builtin_memcpy(buf, (const __u32 *)p, VNET_PAYLOAD_HASH_BYTES);
+	vnet_keep_bytes(buf, n);
+	return 0;
 }
 
 /* The payload's bytes to hash, 1..32, as ((n - 1) & 31) + 1 behind a barrier,
@@ -133,7 +214,7 @@ static __always_inline __u64 vnet_hash_payload(struct vnet_cursor *c, __u64 h, _
 	__u64 buf[VNET_PAYLOAD_HASH_BYTES / 8] = {};
 	__u64 len = vnet_payload_len(n);
 
-	if (vnet_load_payload(c, off, buf, len) < 0)
+	if (vnet_payload_window(c, off, buf, len) < 0 && vnet_load_payload(c, off, buf, len) < 0)
 		return h;
 	h = vnet_mix(h, buf[0]);
 	h = vnet_mix(h, buf[1]);
@@ -153,7 +234,7 @@ static __always_inline __u64 vnet_hash_later(struct vnet_cursor *c, __u64 h, __u
 	if (n == 0) /* nothing to hash */
 		return h;
 	c->pay_off = off;
-	c->pay_len = vnet_payload_len(n);
+	c->pay_len = vnet_payload_len(vnet_untracked(n));
 	c->pay = 1;
 	return h;
 }
@@ -383,6 +464,8 @@ static __always_inline void vnet_decap(struct vnet_cursor *c, struct vnet_event 
 static __always_inline void vnet_parse_skb(struct vnet_cursor *c, struct __sk_buff *skb, struct vnet_event *ev,
 					   bool decap, bool l3)
 {
+	const __u8 *data = (const __u8 *)(long)skb->data;
+	const __u8 *data_end = (const __u8 *)(long)skb->data_end;
 	__u16 proto = bpf_ntohs(skb->protocol);
 
 	*c = (struct vnet_cursor){ .skb = skb, .base = BPF_HDR_START_NET, .data_off = l3 ? 0 : 14, .kernel = 0 };
@@ -390,6 +473,17 @@ static __always_inline void vnet_parse_skb(struct vnet_cursor *c, struct __sk_bu
 		ev->vlan_tci = skb->vlan_tci;
 		ev->flags |= VNET_F_VLAN;
 	}
+	/* The headers are read from the linear part directly (no helper call) where
+	 * they are where the helper's base counts from: the network header at
+	 * skb->data on a device without a link header, else after the Ethernet
+	 * header (tc sees the packet from its MAC header, from which an in-band
+	 * VLAN tag counts too). The packet must say so: an IP version that matches
+	 * the protocol, or an ethertype that does; else the helper reads, as before. */
+	if (l3)
+		c->direct = data + 1 <= data_end && ((proto == VNET_ETH_P_IP && (data[0] >> 4) == 4) ||
+						     (proto == VNET_ETH_P_IPV6 && (data[0] >> 4) == 6));
+	else
+		c->direct = data + 14 <= data_end && *(const __u16 *)(data + 12) == (__u16)skb->protocol;
 	if (proto == VNET_ETH_P_8021Q || proto == VNET_ETH_P_8021AD) {
 		/* In-band tag (no offload): the network header may not be past it. */
 		__u16 tag[2];
