@@ -16,7 +16,8 @@ struct vnet_drop_config {
 
 const volatile struct vnet_drop_config drop_cfg = {};
 
-static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u16 hook)
+/* `typed`: the verifier knows `skb` as a struct sk_buff (tp_btf), see VNET_KREAD. */
+static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u16 hook, bool typed)
 {
 	const volatile struct vnet_filter *f = &drop_cfg.filter;
 	struct vnet_stats *st = vnet_stats_this_cpu(drop_cfg.probe_id);
@@ -26,15 +27,15 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 	if (!st)
 		return 0;
 	st->v[VNET_STAT_SEEN]++;
-	if (skb && f->f_pcap && !vnet_pcap_kernel(skb))
+	if (skb && f->f_pcap && !vnet_pcap_kernel(skb, typed))
 		goto filtered;
 	c.id = 0;
 	if (skb)
-		vnet_kernel_meta(skb, &ev);
+		vnet_kernel_meta(skb, &ev, typed);
 	if (!vnet_filter_early(f, &ev))
 		goto filtered;
 	if (skb)
-		vnet_parse_kernel_skb(&c, skb, &ev, !f->f_outer);
+		vnet_parse_kernel_skb(&c, skb, &ev, !f->f_outer, typed);
 	if (!vnet_filter_fields(f, &ev))
 		goto filtered;
 	vnet_finish_id(&c, &ev);
@@ -49,7 +50,7 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 		ev.reason = (__u32)args[2];
 	ev.pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(ev.comm, sizeof(ev.comm));
-	vnet_deliver(st, &ev, drop_cfg.aggregate, drop_cfg.wakeup_every, skb, false, false, drop_cfg.snaplen);
+	vnet_deliver(st, &ev, drop_cfg.aggregate, drop_cfg.wakeup_every, skb, false, false, drop_cfg.snaplen, typed);
 	return 0;
 filtered:
 	vnet_filtered(st);
@@ -59,13 +60,13 @@ filtered:
 SEC("tp_btf/kfree_skb")
 int vnet_tp_btf_drop(__u64 *ctx)
 {
-	return vnet_drop_event((struct sk_buff *)ctx[0], ctx, VNET_HOOK_TP_BTF);
+	return vnet_drop_event((struct sk_buff *)ctx[0], ctx, VNET_HOOK_TP_BTF, true);
 }
 
 SEC("raw_tp/kfree_skb")
 int vnet_raw_tp_drop(struct bpf_raw_tracepoint_args *ctx)
 {
-	return vnet_drop_event((struct sk_buff *)ctx->args[0], ctx->args, VNET_HOOK_RAW_TP);
+	return vnet_drop_event((struct sk_buff *)ctx->args[0], ctx->args, VNET_HOOK_RAW_TP, false);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

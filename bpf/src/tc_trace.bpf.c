@@ -47,7 +47,7 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 		goto filtered;
 	/* Kept: only now the time stamp and the rest of the event. */
 	vnet_hdr_init(&ev.hdr, tc_cfg.probe_id, VNET_KIND_PACKET);
-	vnet_deliver(st, &ev, tc_cfg.aggregate, tc_cfg.wakeup_every, skb, true, tc_cfg.l3, tc_cfg.snaplen);
+	vnet_deliver(st, &ev, tc_cfg.aggregate, tc_cfg.wakeup_every, skb, true, tc_cfg.l3, tc_cfg.snaplen, false);
 	return VNET_TC_NEXT;
 filtered:
 	vnet_filtered(st);

@@ -30,13 +30,13 @@
 /* `net_cookie` became a plain u64 of struct net in 5.14 ("net: retire netns
  * cookie generator"); before it was a lazily set atomic64_t, which CO-RE does not
  * match to u64 here: those kernels report 0 and user space keys on ifindex. */
-static __always_inline __u64 vnet_dev_netns_cookie(struct net_device *dev)
+static __always_inline __u64 vnet_dev_netns_cookie(struct net_device *dev, bool typed)
 {
-	struct net *net = BPF_CORE_READ(dev, nd_net.net);
+	struct net *net = VNET_KREAD(typed, dev, nd_net.net);
 
 	if (!net || !bpf_core_field_exists(net->net_cookie))
 		return 0;
-	return BPF_CORE_READ(net, net_cookie);
+	return VNET_KREAD(typed, net, net_cookie);
 }
 
 /* Murmur3-style 64-bit mixing: cheap, no tables, good avalanche. */
@@ -105,7 +105,10 @@ struct vnet_cursor {
 static __always_inline int vnet_load(struct vnet_cursor *c, __u32 off, void *to, __u32 len)
 {
 	if (c->kernel) {
-		const __u8 *p = c->l3 + off;
+		/* untracked: where the verifier types skb->head as memory (tp_btf and
+		 * fentry on recent kernels) this is pointer arithmetic, which would make
+		 * `off` precise, and with it every offset it was computed from */
+		const __u8 *p = c->l3 + vnet_untracked(off);
 
 		if (p + len > c->lin_end) {
 			if (p + len <= c->pkt_end)
@@ -505,20 +508,22 @@ static __always_inline void vnet_parse_skb(struct vnet_cursor *c, struct __sk_bu
 }
 
 /* Kernel sk_buff (tracepoints, fentry, kprobe): what the hook knows without
- * parsing (the field filter's first tests need no more: vnet_filter_early). */
-static __always_inline void vnet_kernel_meta(struct sk_buff *skb, struct vnet_event *ev)
+ * parsing (the field filter's first tests need no more: vnet_filter_early).
+ * `typed`: the verifier knows skb (and so skb->dev) by its BTF type, see
+ * VNET_KREAD: plain loads instead of a bpf_probe_read_kernel per field. */
+static __always_inline void vnet_kernel_meta(struct sk_buff *skb, struct vnet_event *ev, bool typed)
 {
-	struct net_device *dev = BPF_CORE_READ(skb, dev);
+	struct net_device *dev = VNET_KREAD(typed, skb, dev);
 
 	ev->skb_addr = (__u64)skb;
-	ev->len = BPF_CORE_READ(skb, len);
-	ev->mark = BPF_CORE_READ(skb, mark);
+	ev->len = VNET_KREAD(typed, skb, len);
+	ev->mark = VNET_KREAD(typed, skb, mark);
 	if (dev) {
-		ev->ifindex = BPF_CORE_READ(dev, ifindex);
-		ev->netns_cookie = vnet_dev_netns_cookie(dev);
+		ev->ifindex = VNET_KREAD(typed, dev, ifindex);
+		ev->netns_cookie = vnet_dev_netns_cookie(dev, typed);
 	}
-	if (vnet_skb_vlan_present(skb)) {
-		ev->vlan_tci = BPF_CORE_READ(skb, vlan_tci);
+	if (vnet_skb_vlan_present(skb, typed)) {
+		ev->vlan_tci = VNET_KREAD(typed, skb, vlan_tci);
 		ev->flags |= VNET_F_VLAN;
 	}
 }
@@ -527,12 +532,13 @@ static __always_inline void vnet_kernel_meta(struct sk_buff *skb, struct vnet_ev
  * vnet_parse_skb. The network header offset is unset (0 or ~0) on fresh receive
  * skbs before the stack resets it: then the L3 header follows the Ethernet header. */
 static __always_inline void vnet_parse_kernel_skb(struct vnet_cursor *c, struct sk_buff *skb, struct vnet_event *ev,
-						  bool decap)
+						  bool decap, bool typed)
 {
-	const __u8 *head = BPF_CORE_READ(skb, head);
-	__u16 nh = BPF_CORE_READ(skb, network_header);
-	__u16 mh = BPF_CORE_READ(skb, mac_header);
-	__u16 proto = bpf_ntohs(BPF_CORE_READ(skb, protocol));
+	const __u8 *head = VNET_KREAD(typed, skb, head);
+	const __u8 *data = VNET_KREAD(typed, skb, data);
+	__u16 nh = VNET_KREAD(typed, skb, network_header);
+	__u16 mh = VNET_KREAD(typed, skb, mac_header);
+	__u16 proto = bpf_ntohs(VNET_KREAD(typed, skb, protocol));
 
 	*c = (struct vnet_cursor){ .kernel = 1 };
 	if (nh != 0 && nh != (__u16)~0U)
@@ -540,9 +546,9 @@ static __always_inline void vnet_parse_kernel_skb(struct vnet_cursor *c, struct 
 	else if (mh != (__u16)~0U)
 		c->l3 = head + mh + 14;
 	else
-		c->l3 = BPF_CORE_READ(skb, data);
-	c->lin_end = head + BPF_CORE_READ(skb, tail);
-	c->pkt_end = (const __u8 *)BPF_CORE_READ(skb, data) + ev->len;
+		c->l3 = data;
+	c->lin_end = head + VNET_KREAD(typed, skb, tail);
+	c->pkt_end = data + ev->len;
 	if ((proto == VNET_ETH_P_8021Q || proto == VNET_ETH_P_8021AD) && mh != (__u16)~0U) {
 		__u16 tag[2];
 
