@@ -51,8 +51,11 @@ def _ends(table: PacketTable) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 def pair(requests: PacketTable, replies: PacketTable, max_wait_ns: int = GAP_NS) -> tuple[np.ndarray, np.ndarray,
                                                                                              dict]:
     """Indexes (into _ends order) of paired requests and replies, and the counts."""
-    _, q_last, _, _ = _ends(requests)
-    r_first, _, _, _ = _ends(replies)
+    return _pair(_ends(requests)[1], _ends(replies)[0], max_wait_ns)
+
+
+def _pair(q_last: np.ndarray, r_first: np.ndarray, max_wait_ns: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """pair() on the requests' last and the replies' first times."""
     q_order = np.lexsort((np.arange(q_last.size), q_last))
     r_order = np.argsort(r_first, kind="stable")
     q_sorted, r_sorted = q_last[q_order].tolist(), r_first[r_order].tolist()
@@ -83,22 +86,22 @@ def round_trips(requests: PacketTable, replies: PacketTable, max_wait_ns: int = 
     and its reverse)."""
     if [x.host for x in requests.hosts] != [x.host for x in replies.hosts]:
         raise ValueError("requests and replies were not read from the same trace files")
-    qi, ri, counts = pair(requests, replies, max_wait_ns)
     q_first, q_last, q_path, q_row = _ends(requests)
     r_first, _, r_path, r_row = _ends(replies)
+    qi, ri, counts = _pair(q_last, r_first, max_wait_ns)
     h = len(requests.hop_names)
     on_request = {requests.hop_names[x] for p in requests.paths for x in p.hops}
     names = list(requests.hop_names) + [n + REPLY_SUFFIX if n in on_request else n for n in replies.hop_names]
     hop_host = np.concatenate([requests.hop_host, replies.hop_host])
     paths = []
-    combo = q_path[qi].astype(np.int64) * max(len(replies.paths), 1) + r_path[ri]
+    n_rep = max(len(replies.paths), 1)
+    combo = q_path[qi].astype(np.int64) * n_rep + r_path[ri]
     for key in np.unique(combo).tolist():
         sel = np.flatnonzero(combo == key)
-        qp, rp = requests.paths[key // max(len(replies.paths), 1)], replies.paths[key % max(len(replies.paths), 1)]
+        qp, rp = requests.paths[key // n_rep], replies.paths[key % n_rep]
         qrows, rrows = q_row[qi[sel]], r_row[ri[sel]]
         turn = (r_first[ri[sel]] - q_last[qi[sel]])[:, None]
-        deltas = np.concatenate([qp.rows(np.sort(qrows))[np.argsort(np.argsort(qrows))], turn,
-                                 rp.rows(np.sort(rrows))[np.argsort(np.argsort(rrows))]], axis=1)
+        deltas = np.concatenate([_rows_in_order(qp, qrows), turn, _rows_in_order(rp, rrows)], axis=1)
         order = np.argsort(q_first[qi[sel]], kind="stable")
         paths.append(PathRows(tuple(qp.hops) + tuple(h + x for x in rp.hops),
                               [(q_first[qi[sel]][order], qp.pkt_id[qrows][order], deltas[order])]))
@@ -110,6 +113,11 @@ def round_trips(requests: PacketTable, replies: PacketTable, max_wait_ns: int = 
                         [a + b for a, b in zip(requests.packet_events, replies.packet_events)],
                         requests.late + replies.late)
     return table, counts
+
+
+def _rows_in_order(p: PathRows, rows: np.ndarray) -> np.ndarray:
+    """p.rows() of rows in any order (it reads ascending indexes), in the order given."""
+    return p.rows(np.sort(rows))[np.argsort(np.argsort(rows))]
 
 
 def _both_drops(q: dict, r: dict, h: int) -> dict:
