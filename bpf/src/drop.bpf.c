@@ -16,18 +16,32 @@ struct vnet_drop_config {
 
 const volatile struct vnet_drop_config drop_cfg = {};
 
-static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u16 hook)
+/* `typed`: the verifier knows `skb` as a struct sk_buff (tp_btf), see VNET_KREAD. */
+static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u16 hook, bool typed)
 {
+	const volatile struct vnet_filter *f = &drop_cfg.filter;
 	struct vnet_stats *st = vnet_stats_this_cpu(drop_cfg.probe_id);
 	struct vnet_event ev = {};
+	struct vnet_cursor c;
 
 	if (!st)
 		return 0;
 	st->v[VNET_STAT_SEEN]++;
-	if (skb && drop_cfg.filter.f_pcap && !vnet_pcap_kernel(skb)) {
-		st->v[VNET_STAT_FILTERED]++;
-		return 0;
-	}
+	if (skb && f->f_pcap && !vnet_pcap_kernel(skb, typed))
+		goto filtered;
+	c.id = 0;
+	if (skb)
+		vnet_kernel_meta(skb, &ev, typed);
+	if (!vnet_filter_early(f, &ev))
+		goto filtered;
+	if (skb)
+		vnet_parse_kernel_skb(&c, skb, &ev, !f->f_outer, typed);
+	if (!vnet_filter_fields(f, &ev))
+		goto filtered;
+	vnet_finish_id(&c, &ev);
+	if (!vnet_filter_sample(f, &ev))
+		goto filtered;
+	/* Kept: only now the time stamp and the rest of the event. */
 	vnet_hdr_init(&ev.hdr, drop_cfg.probe_id, VNET_KIND_PACKET);
 	ev.hook = hook;
 	/* The reason argument came with Linux 5.17 ("net: skb: introduce
@@ -36,23 +50,23 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 		ev.reason = (__u32)args[2];
 	ev.pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(ev.comm, sizeof(ev.comm));
-	if (skb)
-		vnet_parse_kernel_skb(skb, &ev, !drop_cfg.filter.f_outer);
-	vnet_deliver(st, &ev, &drop_cfg.filter, drop_cfg.aggregate, drop_cfg.wakeup_every, skb, false, false,
-		     drop_cfg.snaplen);
+	vnet_deliver(st, &ev, drop_cfg.aggregate, drop_cfg.wakeup_every, skb, false, false, drop_cfg.snaplen, typed);
+	return 0;
+filtered:
+	vnet_filtered(st);
 	return 0;
 }
 
 SEC("tp_btf/kfree_skb")
 int vnet_tp_btf_drop(__u64 *ctx)
 {
-	return vnet_drop_event((struct sk_buff *)ctx[0], ctx, VNET_HOOK_TP_BTF);
+	return vnet_drop_event((struct sk_buff *)ctx[0], ctx, VNET_HOOK_TP_BTF, true);
 }
 
 SEC("raw_tp/kfree_skb")
 int vnet_raw_tp_drop(struct bpf_raw_tracepoint_args *ctx)
 {
-	return vnet_drop_event((struct sk_buff *)ctx->args[0], ctx->args, VNET_HOOK_RAW_TP);
+	return vnet_drop_event((struct sk_buff *)ctx->args[0], ctx->args, VNET_HOOK_RAW_TP, false);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

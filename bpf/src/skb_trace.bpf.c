@@ -24,44 +24,60 @@ struct vnet_skb_config {
 const volatile struct vnet_skb_config skb_cfg = {};
 
 /* `dev`, where the hook names the device itself: at net_dev_xmit a veth skb
- * already belongs to the peer, so skb->dev would name the wrong end. */
-static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u16 hook)
+ * already belongs to the peer, so skb->dev would name the wrong end.
+ * `typed`: the verifier knows `skb` and `dev` by their BTF types (tp_btf and
+ * fentry arguments): their fields are plain loads (VNET_KREAD). */
+static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u16 hook, bool typed)
 {
+	const volatile struct vnet_filter *f = &skb_cfg.filter;
 	struct vnet_stats *st = vnet_stats_this_cpu(skb_cfg.probe_id);
 	struct vnet_event ev = {};
+	struct vnet_cursor c;
 
 	if (!st)
 		return 0;
 	st->v[VNET_STAT_SEEN]++;
-	vnet_hdr_init(&ev.hdr, skb_cfg.probe_id, VNET_KIND_PACKET);
-	ev.hook = hook;
-	if (skb && skb_cfg.skb_deref && bpf_probe_read_kernel(&skb, sizeof(skb), skb) < 0)
+	if (!typed && skb && skb_cfg.skb_deref && bpf_probe_read_kernel(&skb, sizeof(skb), skb) < 0)
 		skb = NULL;
-	if (skb && skb_cfg.filter.f_pcap && !vnet_pcap_kernel(skb)) {
-		st->v[VNET_STAT_FILTERED]++;
-		return 0;
-	}
+	if (skb && f->f_pcap && !vnet_pcap_kernel(skb, typed))
+		goto filtered;
+	c.id = 0;
 	if (skb)
-		vnet_parse_kernel_skb(skb, &ev, !skb_cfg.filter.f_outer);
+		vnet_kernel_meta(skb, &ev, typed);
 	else
 		ev.flags |= VNET_F_NO_SKB;
 	if (dev) {
-		ev.ifindex = BPF_CORE_READ(dev, ifindex);
-		ev.netns_cookie = vnet_dev_netns_cookie(dev);
+		ev.ifindex = VNET_KREAD(typed, dev, ifindex);
+		ev.netns_cookie = vnet_dev_netns_cookie(dev, typed);
 	}
+	if (!vnet_filter_early(f, &ev))
+		goto filtered;
+	if (skb)
+		vnet_parse_kernel_skb(&c, skb, &ev, !f->f_outer, typed);
+	if (!vnet_filter_fields(f, &ev))
+		goto filtered;
+	vnet_finish_id(&c, &ev);
+	if (!vnet_filter_sample(f, &ev))
+		goto filtered;
+	/* Kept: only now the time stamp and the rest of the event. */
+	vnet_hdr_init(&ev.hdr, skb_cfg.probe_id, VNET_KIND_PACKET);
+	ev.hook = hook;
 	if (skb_cfg.task) {
 		ev.pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(ev.comm, sizeof(ev.comm));
 	}
-	vnet_deliver(st, &ev, &skb_cfg.filter, skb_cfg.aggregate, skb_cfg.wakeup_every, skb, false, false,
-		     skb_cfg.snaplen);
+	vnet_deliver(st, &ev, skb_cfg.aggregate, skb_cfg.wakeup_every, skb, false, false, skb_cfg.snaplen, typed);
+	return 0;
+filtered:
+	vnet_filtered(st);
 	return 0;
 }
 
-/* fentry, tp_btf and raw_tp see the arguments as an array of u64; `pos` is a
- * read-only config value. Read through bpf_probe_read_kernel: clang merges
- * the cases into one load at a computed ctx offset, which the verifier refuses
- * as a direct ctx access but accepts as a helper argument. */
+/* raw_tp (and fentry for an sk_buff ** argument) see the arguments as an array
+ * of u64 with no types; `pos` is a read-only config value. Read through
+ * bpf_probe_read_kernel: clang merges the cases into one load at a computed
+ * ctx offset, which the verifier refuses as a direct ctx access but accepts as
+ * a helper argument. */
 static __always_inline void *vnet_arg(__u64 *args, __u8 pos)
 {
 	void *v = NULL;
@@ -69,6 +85,31 @@ static __always_inline void *vnet_arg(__u64 *args, __u8 pos)
 	if (pos >= 1 && pos <= 6)
 		bpf_probe_read_kernel(&v, sizeof(v), &args[pos - 1]);
 	return v;
+}
+
+/* tp_btf and fentry: the argument at position `pos` as the verifier types it
+ * from BTF (a struct sk_buff *, a struct net_device *), so that its fields are
+ * plain loads. One load at a constant ctx offset per position, each in its own
+ * asm statement: clang cannot merge them into a computed offset (which the
+ * verifier refuses), and the verifier walks only the case `pos` (read-only
+ * config) selects. */
+#define VNET_CTX_LOAD(ctx, off) ({								\
+	void *__v;										\
+	asm volatile("%0 = *(u64 *)(%1 + " #off ")" : "=r"(__v) : "r"(ctx));			\
+	__v;											\
+})
+
+static __always_inline void *vnet_btf_arg(__u64 *ctx, __u8 pos)
+{
+	switch (pos) {
+	case 1: return VNET_CTX_LOAD(ctx, 0);
+	case 2: return VNET_CTX_LOAD(ctx, 8);
+	case 3: return VNET_CTX_LOAD(ctx, 16);
+	case 4: return VNET_CTX_LOAD(ctx, 24);
+	case 5: return VNET_CTX_LOAD(ctx, 32);
+	case 6: return VNET_CTX_LOAD(ctx, 40);
+	default: return NULL;
+	}
 }
 
 /* kprobe: the same, through the _CORE register accessors. */
@@ -84,17 +125,19 @@ static __always_inline void *vnet_kprobe_arg(struct pt_regs *ctx, __u8 pos)
 	}
 }
 
+/* Tracepoints never pass an sk_buff ** (skb_deref is for kernel functions). */
 SEC("tp_btf")
 int vnet_tp_btf_skb(__u64 *ctx)
 {
-	return vnet_skb_event(vnet_arg(ctx, skb_cfg.skb_arg), vnet_arg(ctx, skb_cfg.dev_arg), VNET_HOOK_TP_BTF);
+	return vnet_skb_event(vnet_btf_arg(ctx, skb_cfg.skb_arg), vnet_btf_arg(ctx, skb_cfg.dev_arg), VNET_HOOK_TP_BTF,
+			      true);
 }
 
 SEC("raw_tp")
 int vnet_raw_tp_skb(struct bpf_raw_tracepoint_args *ctx)
 {
 	return vnet_skb_event(vnet_arg(ctx->args, skb_cfg.skb_arg), vnet_arg(ctx->args, skb_cfg.dev_arg),
-			      VNET_HOOK_RAW_TP);
+			      VNET_HOOK_RAW_TP, false);
 }
 
 /* Classic tracepoints record no device pointer: skb->dev names the device. */
@@ -105,20 +148,26 @@ int vnet_tp_skb(void *ctx)
 
 	if (skb_cfg.skb_arg)
 		bpf_probe_read_kernel(&skb, sizeof(skb), ctx + skb_cfg.tp_skb_off);
-	return vnet_skb_event(skb, NULL, VNET_HOOK_TRACEPOINT);
+	return vnet_skb_event(skb, NULL, VNET_HOOK_TRACEPOINT, false);
 }
 
+/* An sk_buff ** argument (br_handle_frame) is no struct pointer to the verifier:
+ * that probe reads it, and the sk_buff behind it, untyped. */
 SEC("fentry")
 int vnet_fentry_skb(__u64 *ctx)
 {
-	return vnet_skb_event(vnet_arg(ctx, skb_cfg.skb_arg), vnet_arg(ctx, skb_cfg.dev_arg), VNET_HOOK_FENTRY);
+	if (skb_cfg.skb_deref)
+		return vnet_skb_event(vnet_arg(ctx, skb_cfg.skb_arg), vnet_arg(ctx, skb_cfg.dev_arg), VNET_HOOK_FENTRY,
+				      false);
+	return vnet_skb_event(vnet_btf_arg(ctx, skb_cfg.skb_arg), vnet_btf_arg(ctx, skb_cfg.dev_arg), VNET_HOOK_FENTRY,
+			      true);
 }
 
 SEC("kprobe")
 int vnet_kprobe_skb(struct pt_regs *ctx)
 {
 	return vnet_skb_event(vnet_kprobe_arg(ctx, skb_cfg.skb_arg), vnet_kprobe_arg(ctx, skb_cfg.dev_arg),
-			      VNET_HOOK_KPROBE);
+			      VNET_HOOK_KPROBE, false);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -23,25 +23,34 @@ const volatile struct vnet_tc_config tc_cfg = {};
 
 static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 {
+	const volatile struct vnet_filter *f = &tc_cfg.filter;
 	struct vnet_stats *st = vnet_stats_this_cpu(tc_cfg.probe_id);
 	struct vnet_event ev = {};
+	struct vnet_cursor c;
 
 	if (!st)
 		return VNET_TC_NEXT;
 	st->v[VNET_STAT_SEEN]++;
-	if (tc_cfg.filter.f_pcap && !vnet_pcap_tc(skb)) {
-		st->v[VNET_STAT_FILTERED]++;
-		return VNET_TC_NEXT;
-	}
-
-	vnet_hdr_init(&ev.hdr, tc_cfg.probe_id, VNET_KIND_PACKET);
+	if (f->f_pcap && !vnet_pcap_tc(skb))
+		goto filtered;
 	ev.ifindex = skb->ifindex;
 	ev.len = skb->len;
 	ev.mark = skb->mark;
 	ev.hook = hook;
-	vnet_parse_skb(skb, &ev, !tc_cfg.filter.f_outer, tc_cfg.l3);
-	vnet_deliver(st, &ev, &tc_cfg.filter, tc_cfg.aggregate, tc_cfg.wakeup_every, skb, true, tc_cfg.l3,
-		     tc_cfg.snaplen);
+	if (!vnet_filter_early(f, &ev))
+		goto filtered;
+	vnet_parse_skb(&c, skb, &ev, !f->f_outer, tc_cfg.l3);
+	if (!vnet_filter_fields(f, &ev))
+		goto filtered;
+	vnet_finish_id(&c, &ev);
+	if (!vnet_filter_sample(f, &ev))
+		goto filtered;
+	/* Kept: only now the time stamp and the rest of the event. */
+	vnet_hdr_init(&ev.hdr, tc_cfg.probe_id, VNET_KIND_PACKET);
+	vnet_deliver(st, &ev, tc_cfg.aggregate, tc_cfg.wakeup_every, skb, true, tc_cfg.l3, tc_cfg.snaplen, false);
+	return VNET_TC_NEXT;
+filtered:
+	vnet_filtered(st);
 	return VNET_TC_NEXT;
 }
 

@@ -26,11 +26,19 @@ struct sk_buff___vlan_present_bit {
 	__u8 vlan_present : 1;
 } __attribute__((preserve_access_index));
 
-static __always_inline bool vnet_skb_vlan_present(struct sk_buff *skb)
+/* A field of a kernel object (CO-RE relocated): a plain load where the verifier
+ * knows the pointer's BTF type (tp_btf and fentry arguments, and the pointers
+ * read through them: skb->dev, dev->nd_net.net), else one bpf_probe_read_kernel
+ * (raw_tp, classic tracepoint and kprobe programs see an untyped address).
+ * `typed` is a literal at every call site: the compiler keeps one of the two. */
+#define VNET_KREAD(typed, p, field) ((typed) ? (p)->field : BPF_CORE_READ(p, field))
+
+static __always_inline bool vnet_skb_vlan_present(struct sk_buff *skb, bool typed)
 {
 	if (bpf_core_field_exists(struct sk_buff___vlan_present_bit, vlan_present))
-		return BPF_CORE_READ_BITFIELD_PROBED((struct sk_buff___vlan_present_bit *)skb, vlan_present);
-	return BPF_CORE_READ(skb, vlan_proto) != 0;
+		return typed ? BPF_CORE_READ_BITFIELD((struct sk_buff___vlan_present_bit *)skb, vlan_present)
+			     : BPF_CORE_READ_BITFIELD_PROBED((struct sk_buff___vlan_present_bit *)skb, vlan_present);
+	return VNET_KREAD(typed, skb, vlan_proto) != 0;
 }
 
 struct vnet_stats {

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /* Which packets make events. The same struct sits in every packet program's
  * read-only config, so the verifier sees constants and prunes unused tests;
- * a packet that does not match costs the parse and these compares, no event. */
+ * a packet that does not match costs the header parse and these compares: no
+ * payload read, no time stamp, no event. */
 #ifndef VNET_FILTER_BPF_H
 #define VNET_FILTER_BPF_H
 
@@ -46,15 +47,34 @@ static __always_inline bool vnet_prefix_match(const __u8 *addr, const volatile _
 	return true;
 }
 
-/* Events without a packet (function-call probes) always pass. */
-static __always_inline bool vnet_filter_match(const volatile struct vnet_filter *f, const struct vnet_event *ev)
+/* The filter in three steps, each as early as what it looks at is known, so
+ * that a packet it rejects costs as little as possible; together they are one
+ * conjunction, so the order changes nothing but the cost. Events without a
+ * packet (function-call probes) always pass. */
+
+/* 1. Before parsing: what the hook knows of the packet without reading it. */
+static __always_inline bool vnet_filter_early(const volatile struct vnet_filter *f, const struct vnet_event *ev)
+{
+	if (!f->f_on || (ev->flags & VNET_F_NO_SKB))
+		return true;
+	if (ev->len < f->f_len_min || (f->f_len_max && ev->len > f->f_len_max))
+		return false;
+	if (f->f_netns && ev->netns_cookie && ev->netns_cookie != f->f_netns)
+		return false;
+	if (f->f_ifindex[0] && ev->ifindex != f->f_ifindex[0] && ev->ifindex != f->f_ifindex[1] &&
+	    ev->ifindex != f->f_ifindex[2] && ev->ifindex != f->f_ifindex[3])
+		return false;
+	return true;
+}
+
+/* 2. After parsing the headers (the inner packet's, for VXLAN), before the
+ * payload is read for pkt_id and before any other per-event work. */
+static __always_inline bool vnet_filter_fields(const volatile struct vnet_filter *f, const struct vnet_event *ev)
 {
 	bool ports = ev->flags & VNET_F_PORTS;
 
 	if (!f->f_on || (ev->flags & VNET_F_NO_SKB))
 		return true;
-	if (f->f_sample > 1 && ev->pkt_id % f->f_sample != 0)
-		return false;
 	if (f->f_family == 4 && !(ev->flags & VNET_F_IPV4))
 		return false;
 	if (f->f_family == 6 && !(ev->flags & VNET_F_IPV6))
@@ -74,41 +94,35 @@ static __always_inline bool vnet_filter_match(const volatile struct vnet_filter 
 	if (f->f_host_bits && !vnet_prefix_match(ev->saddr, f->f_host, f->f_host_bits) &&
 	    !vnet_prefix_match(ev->daddr, f->f_host, f->f_host_bits))
 		return false;
-	if (ev->len < f->f_len_min || (f->f_len_max && ev->len > f->f_len_max))
-		return false;
-	if (f->f_netns && ev->netns_cookie && ev->netns_cookie != f->f_netns)
-		return false;
-	if (f->f_ifindex[0] && ev->ifindex != f->f_ifindex[0] && ev->ifindex != f->f_ifindex[1] &&
-	    ev->ifindex != f->f_ifindex[2] && ev->ifindex != f->f_ifindex[3])
-		return false;
 	return true;
 }
 
-/* The common end of every packet program: a packet the filter leaves out is
- * counted as such; the rest become numbers (aggregation), events, or both.
- * True: emit the event (vnet_emit, or vnet_emit_snap with packet bytes). */
-static __always_inline bool vnet_admit(struct vnet_stats *st, struct vnet_event *ev,
-				       const volatile struct vnet_filter *f, __u8 aggregate)
+/* 3. Sampling, on the finished pkt_id (vnet_finish_id). */
+static __always_inline bool vnet_filter_sample(const volatile struct vnet_filter *f, const struct vnet_event *ev)
 {
-	if (!vnet_filter_match(f, ev)) {
-		st->v[VNET_STAT_FILTERED]++;
-		return false;
-	}
-	if (aggregate & VNET_AGG_ON)
-		vnet_aggregate(st, ev);
-	return !(aggregate & VNET_AGG_ON) || (aggregate & VNET_AGG_AND_EVENTS);
+	if (!f->f_on || (ev->flags & VNET_F_NO_SKB))
+		return true;
+	return !(f->f_sample > 1 && ev->pkt_id % f->f_sample != 0);
 }
 
-/* vnet_admit, then the event alone or, with `snaplen` (a load-time constant),
- * with the packet's first bytes. */
-static __always_inline void vnet_deliver(struct vnet_stats *st, struct vnet_event *ev,
-					 const volatile struct vnet_filter *f, __u8 aggregate, __u32 wakeup_every,
-					 void *skb, bool tc, bool l3, __u32 snaplen)
+/* A packet the filter (or the tcpdump expression) leaves out is counted as such. */
+static __always_inline void vnet_filtered(struct vnet_stats *st)
 {
-	if (!vnet_admit(st, ev, f, aggregate))
+	st->v[VNET_STAT_FILTERED]++;
+}
+
+/* The common end of every packet program, for a packet the filter kept: it
+ * becomes numbers (aggregation), an event, or both; the event alone or, with
+ * `snaplen` (a load-time constant), with the packet's first bytes. */
+static __always_inline void vnet_deliver(struct vnet_stats *st, struct vnet_event *ev, __u8 aggregate,
+					 __u32 wakeup_every, void *skb, bool tc, bool l3, __u32 snaplen, bool typed)
+{
+	if (aggregate & VNET_AGG_ON)
+		vnet_aggregate(st, ev);
+	if ((aggregate & VNET_AGG_ON) && !(aggregate & VNET_AGG_AND_EVENTS))
 		return;
 	if (snaplen)
-		vnet_emit_snap(st, ev, skb, tc, l3, snaplen, wakeup_every);
+		vnet_emit_snap(st, ev, skb, tc, l3, snaplen, wakeup_every, typed);
 	else
 		vnet_emit(st, ev, wakeup_every);
 }

@@ -22,17 +22,21 @@
 #define VNET_IPV6_MAX_EXT 4 /* extension headers walked before giving up on L4 */
 #define VNET_VXLAN_PORT 4789        /* IANA */
 #define VNET_VXLAN_LINUX_PORT 8472  /* Linux's default when `ip link add ... type vxlan` names none */
+/* TC, direct reads: the verifier's bound on an offset into the packet. The
+ * parser never reaches it: two IP headers with four extension headers each
+ * (at most 2 KB apiece) and VXLAN between them stay under 17 KB. */
+#define VNET_DIRECT_MAX 0xff00
 
 /* `net_cookie` became a plain u64 of struct net in 5.14 ("net: retire netns
  * cookie generator"); before it was a lazily set atomic64_t, which CO-RE does not
  * match to u64 here: those kernels report 0 and user space keys on ifindex. */
-static __always_inline __u64 vnet_dev_netns_cookie(struct net_device *dev)
+static __always_inline __u64 vnet_dev_netns_cookie(struct net_device *dev, bool typed)
 {
-	struct net *net = BPF_CORE_READ(dev, nd_net.net);
+	struct net *net = VNET_KREAD(typed, dev, nd_net.net);
 
 	if (!net || !bpf_core_field_exists(net->net_cookie))
 		return 0;
-	return BPF_CORE_READ(net, net_cookie);
+	return VNET_KREAD(typed, net, net_cookie);
 }
 
 /* Murmur3-style 64-bit mixing: cheap, no tables, good avalanche. */
@@ -56,8 +60,24 @@ static __always_inline __u64 vnet_fmix(__u64 h)
 	return h;
 }
 
+/* `v` as the verifier sees it after a round trip through a stack word it does
+ * not track (4-byte, not 8-byte aligned): a value with no history. An offset
+ * that moves a pointer, or a helper's length, must be exact for the verifier
+ * (precise), and that reaches back along everything it was computed from: the
+ * parse paths' offsets and lengths would stay apart to the end of the program
+ * (VXLAN's inner parse once per outer header layout), and the verifier's work
+ * grows twentyfold. The caller bounds the copy itself (a check, a mask). */
+static __always_inline __u32 vnet_untracked(__u32 v)
+{
+	volatile __u64 word = 0; /* 8-byte aligned: its upper half is not */
+	volatile __u32 *half = (volatile __u32 *)&word + 1;
+
+	*half = v;
+	return *half;
+}
+
 struct vnet_cursor {
-	struct __sk_buff *skb; /* TC: read through the skb helpers */
+	struct __sk_buff *skb; /* TC: read through the skb helpers, or directly (`direct`) */
 	const __u8 *l3;        /* kernel sk_buff: the network header's address */
 	const __u8 *lin_end;   /* kernel sk_buff: the end of its linear part (head + tail) */
 	const __u8 *pkt_end;   /* kernel sk_buff: the end of its bytes, page fragments included (data + len) */
@@ -65,18 +85,30 @@ struct vnet_cursor {
 	__u32 data_off;        /* TC: where `base` starts from skb->data (0, or 14 past an Ethernet header) */
 	__u32 off;             /* of the L3 header from base (TC) or from l3 (kernel) */
 	__u32 l4off;           /* of the L4 header, same origin as off */
+	__u32 pay_off;         /* the payload pkt_id still hashes (vnet_finish_id), same origin as off */
+	__u32 pay_len;
+	__u64 h;               /* pkt_id so far: every header field it covers */
 	__u8 kernel;           /* a literal at every call site: the compiler keeps one reader */
 	__u8 paged;            /* kernel: a read wanted bytes that are in the skb, but not in its linear part */
+	__u8 id;               /* the packet has a pkt_id (vnet_parse_l3 ran) */
+	__u8 pay;              /* pay_off, pay_len are set */
+	__u8 direct;           /* TC: headers are read from the packet directly instead of by the helper */
 };
 
-/* Headers. Both readers see the skb's linear part only (bpf_skb_load_bytes_relative
- * stops at the tail pointer too): a kernel hook that wants bytes past it that the
- * packet has (in page fragments) says so in c->paged rather than read what lies
- * after the linear part (tailroom, skb_shared_info). */
+/* Headers (`len` a constant). Both readers see the skb's linear part only
+ * (bpf_skb_load_bytes_relative stops at the tail pointer too): a kernel hook
+ * that wants bytes past it that the packet has (in page fragments) says so in
+ * c->paged rather than read what lies after the linear part (tailroom,
+ * skb_shared_info). TC reads the linear part directly where vnet_parse_skb
+ * found the packet laid out as the helper's `base` counts (the same bytes, no
+ * helper call; past data_end the helper would fail too). */
 static __always_inline int vnet_load(struct vnet_cursor *c, __u32 off, void *to, __u32 len)
 {
 	if (c->kernel) {
-		const __u8 *p = c->l3 + off;
+		/* untracked: where the verifier types skb->head as memory (tp_btf and
+		 * fentry on recent kernels) this is pointer arithmetic, which would make
+		 * `off` precise, and with it every offset it was computed from */
+		const __u8 *p = c->l3 + vnet_untracked(off);
 
 		if (p + len > c->lin_end) {
 			if (p + len <= c->pkt_end)
@@ -84,6 +116,22 @@ static __always_inline int vnet_load(struct vnet_cursor *c, __u32 off, void *to,
 			return -1;
 		}
 		return bpf_probe_read_kernel(to, len, p);
+	}
+	if (c->direct) {
+		/* Fresh packet pointers at every read: kept in the cursor, they would
+		 * carry each path's checked range to the end of the program. */
+		const __u8 *p = (const __u8 *)(long)c->skb->data;
+		const __u8 *end = (const __u8 *)(long)c->skb->data_end;
+
+		off = vnet_untracked(c->data_off + off);
+		if (off > VNET_DIRECT_MAX)
+			return -1;
+		p += off;
+		if (p + len > end)
+			return -1;
+		/* in words: the verifier lets x86 and arm64 read the packet unaligned */
+		__builtin_memcpy(to, (const __u32 *)p, len);
+		return 0;
 	}
 	return bpf_skb_load_bytes_relative(c->skb, off, to, len, c->base);
 }
@@ -100,7 +148,7 @@ static __always_inline int vnet_load_payload(struct vnet_cursor *c, __u32 off, v
 
 	if (c->kernel)
 		return vnet_load(c, off, to, len);
-	if (vnet_load(c, off, to, len) == 0)
+	if (bpf_skb_load_bytes_relative(c->skb, off, to, len, c->base) == 0)
 		return 0;
 	if (bpf_skb_load_bytes_relative(c->skb, c->off, &a, sizeof(a), c->base) < 0 ||
 	    bpf_skb_load_bytes(c->skb, c->data_off + c->off, &b, sizeof(b)) < 0 || a != b)
@@ -108,28 +156,90 @@ static __always_inline int vnet_load_payload(struct vnet_cursor *c, __u32 off, v
 	return bpf_skb_load_bytes(c->skb, c->data_off + off, to, len);
 }
 
-/* Hash up to 32 bytes of payload starting at `off`: two packets with equal
+/* Keep the first `n` (1..32) of the 32 bytes in `buf` and zero the rest: the
+ * same words as a read of those n bytes alone into a zeroed buffer. */
+static __always_inline void vnet_keep_bytes(__u64 *buf, __u32 n)
+{
+#pragma unroll
+	for (int i = 0; i < VNET_PAYLOAD_HASH_BYTES / 8; i++) {
+		__s32 keep = (__s32)n - 8 * i;
+
+		if (keep <= 0)
+			buf[i] = 0;
+		else if (keep < 8)
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+			buf[i] &= (1ULL << (8 * keep)) - 1;
+#else
+			buf[i] &= ~(~0ULL >> (8 * keep));
+#endif
+	}
+}
+
+/* TC, direct: the payload's `n` bytes at `off` without a helper call, where
+ * the packet's linear part holds a whole 32-byte window from there (else -1:
+ * vnet_load_payload reads exactly n bytes). */
+static __always_inline int vnet_payload_window(struct vnet_cursor *c, __u32 off, __u64 *buf, __u32 n)
+{
+	const __u8 *p, *end;
+
+	if (c->kernel || !c->direct)
+		return -1;
+	p = (const __u8 *)(long)c->skb->data;
+	end = (const __u8 *)(long)c->skb->data_end;
+	off = vnet_untracked(c->data_off + off);
+	if (off > VNET_DIRECT_MAX)
+		return -1;
+	p += off;
+	if (p + VNET_PAYLOAD_HASH_BYTES > end)
+		return -1;
+	__builtin_memcpy(buf, (const __u32 *)p, VNET_PAYLOAD_HASH_BYTES);
+	vnet_keep_bytes(buf, n);
+	return 0;
+}
+
+/* The payload's bytes to hash, 1..32, as ((n - 1) & 31) + 1 behind a barrier,
+ * so that clang cannot fold it away: Linux 6.1's verifier does not raise the
+ * lower bound to 1 after `n == 0` (6.18's does) and would refuse a possibly
+ * zero-sized read. It also gives the verifier the same range for it on every
+ * parse path, so that the paths' states meet again before vnet_finish_id. */
+static __always_inline __u32 vnet_payload_len(__u64 n)
+{
+	barrier_var(n);
+	return ((n - 1) & (VNET_PAYLOAD_HASH_BYTES - 1)) + 1;
+}
+
+/* Hash `n` (1..32) bytes of payload starting at `off`: two packets with equal
  * headers (unconnected UDP with DF sends IP ID 0; IPv6 has no IP ID) still get
- * distinct ids. Not for TCP (vnet_parse_l4). */
-static __always_inline __u64 vnet_hash_payload(struct vnet_cursor *c, __u64 h, __u32 off, __u32 avail)
+ * distinct ids. Not for TCP (vnet_parse_l4). The last thing pkt_id mixes in:
+ * vnet_finish_id does it, for packets the field filter kept. */
+static __always_inline __u64 vnet_hash_payload(struct vnet_cursor *c, __u64 h, __u32 off, __u32 n)
 {
 	__u64 buf[VNET_PAYLOAD_HASH_BYTES / 8] = {};
-	__u64 n = avail > VNET_PAYLOAD_HASH_BYTES ? VNET_PAYLOAD_HASH_BYTES : avail;
+	__u64 len = vnet_payload_len(n);
 
-	if (n == 0)
-		return h;
-	/* Restate 1..32 as ((n - 1) & 31) + 1 behind a barrier, so that clang cannot
-	 * fold it away: Linux 6.1's verifier does not raise the lower bound to 1
-	 * after `n == 0` (6.18's does) and would refuse a possibly zero-sized read. */
-	barrier_var(n);
-	n = ((n - 1) & (VNET_PAYLOAD_HASH_BYTES - 1)) + 1;
-	if (vnet_load_payload(c, off, buf, n) < 0)
+	if (vnet_payload_window(c, off, buf, len) < 0 && vnet_load_payload(c, off, buf, len) < 0)
 		return h;
 	h = vnet_mix(h, buf[0]);
 	h = vnet_mix(h, buf[1]);
 	h = vnet_mix(h, buf[2]);
 	h = vnet_mix(h, buf[3]);
-	return vnet_mix(h, n);
+	return vnet_mix(h, len);
+}
+
+/* The payload is the last thing the hash takes: the parser only notes where it
+ * is (up to 32 of the `avail` bytes at `off`), and vnet_finish_id reads and
+ * hashes it once the field filter (which looks at headers only) has kept the
+ * packet: a rejected packet costs no payload read. */
+static __always_inline __u64 vnet_hash_later(struct vnet_cursor *c, __u64 h, __u32 off, __u32 avail)
+{
+	__u64 n = avail > VNET_PAYLOAD_HASH_BYTES ? VNET_PAYLOAD_HASH_BYTES : avail;
+
+	if (n == 0) /* nothing to hash */
+		return h;
+	c->pay_off = off;
+	c->pay_len = vnet_payload_len(vnet_untracked(n));
+	c->pay = 1;
+	return h;
 }
 
 /* L4 fields into the event and the hash. `l4_len` is the L4 header plus
@@ -178,11 +288,11 @@ static __always_inline __u64 vnet_parse_l4(struct vnet_cursor *c, struct vnet_ev
 		hdr_len = sizeof(ih);
 		h = vnet_mix(h, *(__u64 *)ih & ~0xffff0000ULL); /* all but the checksum */
 	} else {
-		return vnet_hash_payload(c, h, off, l4_len);
+		return vnet_hash_later(c, h, off, l4_len);
 	}
 	if (hdr_len > l4_len)
 		return h;
-	return vnet_hash_payload(c, h, off + hdr_len, l4_len - hdr_len);
+	return vnet_hash_later(c, h, off + hdr_len, l4_len - hdr_len);
 truncated:
 	if (!c->paged)
 		ev->flags |= VNET_F_TRUNCATED;
@@ -215,8 +325,8 @@ static __always_inline __u64 vnet_parse_ipv6_ext(struct vnet_cursor *c, struct v
 				/* A later fragment carries no L4 header. */
 				ev->l4_proto = ext[0];
 				ev->flags |= VNET_F_FRAGMENT;
-				return vnet_hash_payload(c, vnet_mix(h, *(__u64 *)ext), off + ext_len,
-							 len > ext_len ? len - ext_len : 0);
+				return vnet_hash_later(c, vnet_mix(h, *(__u64 *)ext), off + ext_len,
+						       len > ext_len ? len - ext_len : 0);
 			}
 		} else if (nh == 51) {
 			ext_len = ((__u32)ext[1] + 2) * 4;
@@ -233,13 +343,15 @@ static __always_inline __u64 vnet_parse_ipv6_ext(struct vnet_cursor *c, struct v
 	return vnet_parse_l4(c, ev, h, off, len);
 }
 
-/* Addresses, ports and pkt_id from the L3 header on; `proto` is the ethertype
- * (host order). Only fields that stay the same along the path enter the hash:
- * no TTL, no TOS, no checksums. */
+/* Addresses, ports and the hash of the headers from the L3 header on; `proto`
+ * is the ethertype (host order). Only fields that stay the same along the path
+ * enter the hash: no TTL, no TOS, no checksums. vnet_finish_id adds the payload
+ * and makes it the pkt_id. */
 static __always_inline void vnet_parse_l3(struct vnet_cursor *c, struct vnet_event *ev, __u16 proto, __u32 len)
 {
 	__u64 h = 0x9e3779b97f4a7c15ULL;
 
+	c->pay = 0;
 	ev->eth_proto = proto;
 	h = vnet_mix(h, proto);
 
@@ -265,7 +377,7 @@ static __always_inline void vnet_parse_l3(struct vnet_cursor *c, struct vnet_eve
 		if (bpf_ntohs(ip.frag_off) & 0x1fff) {
 			/* A later fragment carries no L4 header: hash its data instead. */
 			ev->flags |= VNET_F_FRAGMENT;
-			h = vnet_hash_payload(c, h, c->off + ihl, tot - ihl);
+			h = vnet_hash_later(c, h, c->off + ihl, tot - ihl);
 			goto out;
 		}
 		h = vnet_parse_l4(c, ev, h, c->off + ihl, tot - ihl);
@@ -289,20 +401,38 @@ static __always_inline void vnet_parse_l3(struct vnet_cursor *c, struct vnet_eve
 		h = vnet_parse_ipv6_ext(c, ev, h, c->off + sizeof(ip6), bpf_ntohs(ip6.payload_len));
 	} else {
 		/* ARP and friends: the first bytes of the L3 header identify them. */
-		h = vnet_hash_payload(c, h, c->off, len > 28 ? 28 : len);
+		h = vnet_hash_later(c, h, c->off, len > 28 ? 28 : len);
 	}
 	goto out;
 truncated:
 	if (!c->paged)
 		ev->flags |= VNET_F_TRUNCATED;
 out:
+	c->h = h;
+	c->id = 1;
+}
+
+/* pkt_id: the headers' hash (vnet_parse_l3, the inner packet's after VXLAN),
+ * then the payload, read only now. A packet whose headers could not be reached
+ * (a cut VLAN tag) has none: 0. */
+static __always_inline void vnet_finish_id(struct vnet_cursor *c, struct vnet_event *ev)
+{
+	__u64 h;
+
+	if (!c->id)
+		return;
+	h = c->h;
+	if (c->pay)
+		h = vnet_hash_payload(c, h, c->pay_off, c->pay_len);
 	if (c->paged)
 		ev->flags |= VNET_F_ID_PARTIAL;
 	ev->pkt_id = vnet_fmix(h);
 }
 
 /* VXLAN: identify the inner packet, so that it keeps its pkt_id (and its
- * tuple, for filters and output) across encapsulation and decapsulation. */
+ * tuple, for filters and output) across encapsulation and decapsulation. The
+ * outer packet's payload is not hashed yet (vnet_hash_later): the inner parse
+ * replaces what the outer one noted. */
 static __always_inline void vnet_decap(struct vnet_cursor *c, struct vnet_event *ev, __u32 len)
 {
 	__u8 vx[8];
@@ -330,69 +460,95 @@ static __always_inline void vnet_decap(struct vnet_cursor *c, struct vnet_event 
 	vnet_parse_l3(c, ev, bpf_ntohs(inner), len);
 }
 
-/* TC: fill the addressing fields and pkt_id of `ev` from the packet. */
+/* TC: fill the addressing fields of `ev` from the packet, and in `c` the hash
+ * of its headers (vnet_finish_id makes it the pkt_id). */
 /* decap: report VXLAN traffic as its inner packet (a load-time constant). */
 /* l3: the device has no link header, skb->data is the network header (a load-time constant). */
-static __always_inline void vnet_parse_skb(struct __sk_buff *skb, struct vnet_event *ev, bool decap, bool l3)
+static __always_inline void vnet_parse_skb(struct vnet_cursor *c, struct __sk_buff *skb, struct vnet_event *ev,
+					   bool decap, bool l3)
 {
-	struct vnet_cursor c = { .skb = skb, .base = BPF_HDR_START_NET, .data_off = l3 ? 0 : 14, .kernel = 0 };
+	const __u8 *data = (const __u8 *)(long)skb->data;
+	const __u8 *data_end = (const __u8 *)(long)skb->data_end;
 	__u16 proto = bpf_ntohs(skb->protocol);
 
+	*c = (struct vnet_cursor){ .skb = skb, .base = BPF_HDR_START_NET, .data_off = l3 ? 0 : 14, .kernel = 0 };
 	if (skb->vlan_present) {
 		ev->vlan_tci = skb->vlan_tci;
 		ev->flags |= VNET_F_VLAN;
 	}
+	/* The headers are read from the linear part directly (no helper call) where
+	 * they are where the helper's base counts from: the network header at
+	 * skb->data on a device without a link header, else after the Ethernet
+	 * header (tc sees the packet from its MAC header, from which an in-band
+	 * VLAN tag counts too). The packet must say so: an IP version that matches
+	 * the protocol, or an ethertype that does; else the helper reads, as before. */
+	if (l3)
+		c->direct = data + 1 <= data_end && ((proto == VNET_ETH_P_IP && (data[0] >> 4) == 4) ||
+						     (proto == VNET_ETH_P_IPV6 && (data[0] >> 4) == 6));
+	else
+		c->direct = data + 14 <= data_end && *(const __u16 *)(data + 12) == (__u16)skb->protocol;
 	if (proto == VNET_ETH_P_8021Q || proto == VNET_ETH_P_8021AD) {
 		/* In-band tag (no offload): the network header may not be past it. */
 		__u16 tag[2];
 
-		c.base = BPF_HDR_START_MAC;
-		c.data_off = 0;
-		if (vnet_load(&c, 14, tag, sizeof(tag)) < 0) {
+		c->base = BPF_HDR_START_MAC;
+		c->data_off = 0;
+		if (vnet_load(c, 14, tag, sizeof(tag)) < 0) {
 			ev->flags |= VNET_F_TRUNCATED;
 			return;
 		}
 		ev->vlan_tci = bpf_ntohs(tag[0]);
 		ev->flags |= VNET_F_VLAN;
 		proto = bpf_ntohs(tag[1]);
-		c.off = 18;
+		c->off = 18;
 	}
-	vnet_parse_l3(&c, ev, proto, skb->len);
+	vnet_parse_l3(c, ev, proto, skb->len);
 	if (decap)
-		vnet_decap(&c, ev, skb->len);
+		vnet_decap(c, ev, skb->len);
 }
 
-/* Kernel sk_buff (tracepoints, fentry, kprobe): the same fields and pkt_id.
- * The network header offset is unset (0 or ~0) on fresh receive skbs before
- * the stack resets it: then the L3 header follows the Ethernet header. */
-static __always_inline void vnet_parse_kernel_skb(struct sk_buff *skb, struct vnet_event *ev, bool decap)
+/* Kernel sk_buff (tracepoints, fentry, kprobe): what the hook knows without
+ * parsing (the field filter's first tests need no more: vnet_filter_early).
+ * `typed`: the verifier knows skb (and so skb->dev) by its BTF type, see
+ * VNET_KREAD: plain loads instead of a bpf_probe_read_kernel per field. */
+static __always_inline void vnet_kernel_meta(struct sk_buff *skb, struct vnet_event *ev, bool typed)
 {
-	struct vnet_cursor c = { .kernel = 1 };
-	const __u8 *head = BPF_CORE_READ(skb, head);
-	__u16 nh = BPF_CORE_READ(skb, network_header);
-	__u16 mh = BPF_CORE_READ(skb, mac_header);
-	__u16 proto = bpf_ntohs(BPF_CORE_READ(skb, protocol));
-	struct net_device *dev = BPF_CORE_READ(skb, dev);
+	struct net_device *dev = VNET_KREAD(typed, skb, dev);
 
 	ev->skb_addr = (__u64)skb;
-	ev->len = BPF_CORE_READ(skb, len);
-	ev->mark = BPF_CORE_READ(skb, mark);
+	ev->len = VNET_KREAD(typed, skb, len);
+	ev->mark = VNET_KREAD(typed, skb, mark);
 	if (dev) {
-		ev->ifindex = BPF_CORE_READ(dev, ifindex);
-		ev->netns_cookie = vnet_dev_netns_cookie(dev);
+		ev->ifindex = VNET_KREAD(typed, dev, ifindex);
+		ev->netns_cookie = vnet_dev_netns_cookie(dev, typed);
 	}
-	if (vnet_skb_vlan_present(skb)) {
-		ev->vlan_tci = BPF_CORE_READ(skb, vlan_tci);
+	if (vnet_skb_vlan_present(skb, typed)) {
+		ev->vlan_tci = VNET_KREAD(typed, skb, vlan_tci);
 		ev->flags |= VNET_F_VLAN;
 	}
+}
+
+/* Kernel sk_buff, after vnet_kernel_meta: the same fields and header hash as
+ * vnet_parse_skb. The network header offset is unset (0 or ~0) on fresh receive
+ * skbs before the stack resets it: then the L3 header follows the Ethernet header. */
+static __always_inline void vnet_parse_kernel_skb(struct vnet_cursor *c, struct sk_buff *skb, struct vnet_event *ev,
+						  bool decap, bool typed)
+{
+	const __u8 *head = VNET_KREAD(typed, skb, head);
+	const __u8 *data = VNET_KREAD(typed, skb, data);
+	__u16 nh = VNET_KREAD(typed, skb, network_header);
+	__u16 mh = VNET_KREAD(typed, skb, mac_header);
+	__u16 proto = bpf_ntohs(VNET_KREAD(typed, skb, protocol));
+
+	*c = (struct vnet_cursor){ .kernel = 1 };
 	if (nh != 0 && nh != (__u16)~0U)
-		c.l3 = head + nh;
+		c->l3 = head + nh;
 	else if (mh != (__u16)~0U)
-		c.l3 = head + mh + 14;
+		c->l3 = head + mh + 14;
 	else
-		c.l3 = BPF_CORE_READ(skb, data);
-	c.lin_end = head + BPF_CORE_READ(skb, tail);
-	c.pkt_end = (const __u8 *)BPF_CORE_READ(skb, data) + ev->len;
+		c->l3 = data;
+	c->lin_end = head + VNET_KREAD(typed, skb, tail);
+	c->pkt_end = data + ev->len;
 	if ((proto == VNET_ETH_P_8021Q || proto == VNET_ETH_P_8021AD) && mh != (__u16)~0U) {
 		__u16 tag[2];
 
@@ -403,11 +559,11 @@ static __always_inline void vnet_parse_kernel_skb(struct sk_buff *skb, struct vn
 		ev->vlan_tci = bpf_ntohs(tag[0]);
 		ev->flags |= VNET_F_VLAN;
 		proto = bpf_ntohs(tag[1]);
-		c.l3 = head + mh + 18;
+		c->l3 = head + mh + 18;
 	}
-	vnet_parse_l3(&c, ev, proto, ev->len);
+	vnet_parse_l3(c, ev, proto, ev->len);
 	if (decap)
-		vnet_decap(&c, ev, ev->len);
+		vnet_decap(c, ev, ev->len);
 }
 
 #endif /* VNET_PACKET_BPF_H */

@@ -105,21 +105,21 @@ struct vnet_skb_view {
 	bool l2;
 };
 
-static __always_inline bool vnet_kernel_view(struct sk_buff *skb, struct vnet_skb_view *v)
+static __always_inline bool vnet_kernel_view(struct sk_buff *skb, struct vnet_skb_view *v, bool typed)
 {
-	const __u8 *head = BPF_CORE_READ(skb, head);
-	__u32 data_off = (__u32)((const __u8 *)BPF_CORE_READ(skb, data) - head);
-	__u32 len = BPF_CORE_READ(skb, len);
-	__u32 tail = BPF_CORE_READ(skb, tail);
-	__u16 mh = BPF_CORE_READ(skb, mac_header);
-	__u16 nh = BPF_CORE_READ(skb, network_header);
-	struct net_device *dev = BPF_CORE_READ(skb, dev);
+	const __u8 *head = VNET_KREAD(typed, skb, head);
+	__u32 data_off = (__u32)((const __u8 *)VNET_KREAD(typed, skb, data) - head);
+	__u32 len = VNET_KREAD(typed, skb, len);
+	__u32 tail = VNET_KREAD(typed, skb, tail);
+	__u16 mh = VNET_KREAD(typed, skb, mac_header);
+	__u16 nh = VNET_KREAD(typed, skb, network_header);
+	struct net_device *dev = VNET_KREAD(typed, skb, dev);
 	bool nh_set = nh != 0 && nh != (__u16)~0U;
 	bool l2 = false;
 	__u32 start;
 
 	if (mh != (__u16)~0U && mh <= data_off && (!nh_set || nh >= mh + 14)) {
-		__u16 type = dev ? BPF_CORE_READ(dev, type) : VNET_ARPHRD_ETHER;
+		__u16 type = dev ? VNET_KREAD(typed, dev, type) : VNET_ARPHRD_ETHER;
 
 		l2 = type == VNET_ARPHRD_ETHER || type == VNET_ARPHRD_LOOPBACK;
 	}
@@ -135,26 +135,26 @@ static __always_inline bool vnet_kernel_view(struct sk_buff *skb, struct vnet_sk
 	return true;
 }
 
-/* The expression on that view. */
-static __always_inline bool vnet_pcap_kernel(struct sk_buff *skb)
+/* The expression on that view (`typed`: see VNET_KREAD). */
+static __always_inline bool vnet_pcap_kernel(struct sk_buff *skb, bool typed)
 {
 	struct vnet_skb_view v;
 	struct vnet_pcap_copy *c;
 	__u32 rest, n;
 	bool l2;
 
-	if (!vnet_kernel_view(skb, &v))
+	if (!vnet_kernel_view(skb, &v, typed))
 		return false;
 	l2 = v.l2;
-	if (!l2 || !vnet_skb_vlan_present(skb))
+	if (!l2 || !vnet_skb_vlan_present(skb, typed))
 		return vnet_pcap_probe(v.start, v.caplen, v.wirelen, l2);
 
 	/* The tag is in the skb, not in the bytes: put it back. */
 	c = vnet_pcap_scratch_buf();
 	if (!c || v.caplen < 12 || bpf_probe_read_kernel(c->b, 12, v.start) < 0)
 		return false;
-	*(__u16 *)&c->b[12] = BPF_CORE_READ(skb, vlan_proto);
-	*(__u16 *)&c->b[14] = bpf_htons(BPF_CORE_READ(skb, vlan_tci));
+	*(__u16 *)&c->b[12] = VNET_KREAD(typed, skb, vlan_proto);
+	*(__u16 *)&c->b[14] = bpf_htons(VNET_KREAD(typed, skb, vlan_tci));
 	rest = v.caplen - 12;
 	n = 0;
 	if (rest) {

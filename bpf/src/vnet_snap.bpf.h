@@ -71,19 +71,20 @@ static __always_inline void vnet_snap_tc(struct __sk_buff *skb, struct vnet_snap
 }
 
 /* Kernel sk_buff: the linear part of vnet_kernel_view's view. */
-static __always_inline void vnet_snap_kernel(struct sk_buff *skb, struct vnet_snap_record *r, __u32 snaplen)
+static __always_inline void vnet_snap_kernel(struct sk_buff *skb, struct vnet_snap_record *r, __u32 snaplen,
+					     bool typed)
 {
 	__u32 max = vnet_snap_limit(snaplen), n;
 	struct vnet_skb_view v;
 
-	if (!vnet_kernel_view(skb, &v))
+	if (!vnet_kernel_view(skb, &v, typed))
 		return;
 	if (!v.l2)
 		r->ev.flags |= VNET_F_SNAP_L3;
 	if (v.caplen == 0 || max == 0)
 		return;
 	r->ev.snap_wire = v.wirelen;
-	if (!v.l2 || !vnet_skb_vlan_present(skb) || max <= 16 || v.caplen <= 12) {
+	if (!v.l2 || !vnet_skb_vlan_present(skb, typed) || max <= 16 || v.caplen <= 12) {
 		n = vnet_snap_clamp(v.caplen, max, VNET_SNAP_MAX);
 		if (bpf_probe_read_kernel(r->data, n, v.start) == 0)
 			r->ev.snap_len = n;
@@ -92,8 +93,8 @@ static __always_inline void vnet_snap_kernel(struct sk_buff *skb, struct vnet_sn
 	r->ev.snap_wire = v.wirelen + 4;
 	if (bpf_probe_read_kernel(r->data, 12, v.start) < 0)
 		return;
-	*(__u16 *)&r->data[12] = BPF_CORE_READ(skb, vlan_proto);
-	*(__u16 *)&r->data[14] = bpf_htons(BPF_CORE_READ(skb, vlan_tci));
+	*(__u16 *)&r->data[12] = VNET_KREAD(typed, skb, vlan_proto);
+	*(__u16 *)&r->data[14] = bpf_htons(VNET_KREAD(typed, skb, vlan_tci));
 	n = vnet_snap_clamp(v.caplen - 12, max - 16, VNET_SNAP_MAX - 16);
 	if (bpf_probe_read_kernel(&r->data[16], n, v.start + 12) == 0)
 		r->ev.snap_len = 16 + n;
@@ -101,9 +102,10 @@ static __always_inline void vnet_snap_kernel(struct sk_buff *skb, struct vnet_sn
 
 /* The event and the packet's bytes in one constant-size reservation; a full
  * ring is counted, never silent (as vnet_emit). `skb` is a struct __sk_buff *
- * at TC (`tc`), else a kernel struct sk_buff * or NULL (no packet: no bytes). */
+ * at TC (`tc`), else a kernel struct sk_buff * (`typed`: see VNET_KREAD) or
+ * NULL (no packet: no bytes). */
 static __always_inline void vnet_emit_snap(struct vnet_stats *st, struct vnet_event *ev, void *skb, bool tc,
-					   bool l3, __u32 snaplen, __u32 wakeup_every)
+					   bool l3, __u32 snaplen, __u32 wakeup_every, bool typed)
 {
 	struct vnet_snap_record *r = bpf_ringbuf_reserve(&vnet_events, sizeof(*r), 0);
 	__u64 flags = 0;
@@ -119,7 +121,7 @@ static __always_inline void vnet_emit_snap(struct vnet_stats *st, struct vnet_ev
 		if (tc)
 			vnet_snap_tc(skb, r, snaplen, l3);
 		else
-			vnet_snap_kernel(skb, r, snaplen);
+			vnet_snap_kernel(skb, r, snaplen, typed);
 	}
 	if (wakeup_every > 1 && (st->v[VNET_STAT_EMITTED] % wakeup_every) != 0)
 		flags = BPF_RB_NO_WAKEUP;

@@ -20,24 +20,30 @@ config, filter encoding and tcpdump splice as `vnet trace`):
     datagram is a kfree_skb drop too); run_time_ns / run_cnt per program.
 
 Cases run in alternating rounds (A B C ... then B C ... A, ...) and each is
-reported as median and min-max over the rounds. Run-time statistics are turned
+reported as median and min-max over the rounds. With --compare-to REV the tc test
+runs [1] and the attached runs [3] also load the objects committed at git
+revision REV (bpf/build/ there: the same loader, config and filter encoding), as
+cases of their own in the same rounds, and a last table gives new/REV per case. Run-time statistics are turned
 on through BPF_ENABLE_STATS (an fd: off again when it closes, even if this is
 killed), never left on. Needs root.
 
-Usage: hook_cost.py [--rounds N] [--repeat N] [--live-rounds N] [--packets N] [--no-live]
+Usage: hook_cost.py [--rounds N] [--repeat N] [--live-rounds N] [--packets N] [--no-live] [--compare-to REV]
        hook_cost.py --update-budget      (rewrite tests/insn_budget.json: tools/bench/insn_budget.py --update)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import os
 import platform
 import statistics
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -78,6 +84,36 @@ FRAME = udp_frame(b"vnet-hook-cost-benchmark!!")  # 68 bytes: 26 of payload, has
 
 def _no_attach(_obj) -> list:
     return []
+
+
+def committed_objects(rev: str, dest: Path) -> Path:
+    """bpf/build/*.bpf.o as committed at git revision `rev`, into `dest`."""
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "bpf/build/"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    if not names:
+        raise SystemExit(f"--compare-to {rev}: no bpf/build/ objects committed there")
+    for name in names:
+        (dest / Path(name).name).write_bytes(subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{name}"],
+                                                            check=True, capture_output=True).stdout)
+    return dest
+
+
+@contextlib.contextmanager
+def objects_from(objdir: Path | None):
+    """Load vnet objects from `objdir` (VNET_BPF_DIR) in this block; None: this tree's."""
+    before = os.environ.get("VNET_BPF_DIR")
+    if objdir is not None:
+        os.environ["VNET_BPF_DIR"] = str(objdir)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("VNET_BPF_DIR", None)
+        else:
+            os.environ["VNET_BPF_DIR"] = before
+
+
+OTHER: tuple[str, Path] | None = None  # --compare-to: (revision, its objects)
 
 
 def stats_sysctl() -> str:
@@ -175,11 +211,13 @@ class TcCase:
     target: int | None
     kw: dict
     frame: bytes = FRAME
+    objdir: Path | None = None  # --compare-to: the other revision's objects
     trace: Trace | None = None
     reader: RingBatchReader | None = None
 
     def open(self) -> None:
-        self.trace = tc_trace(**self.kw)
+        with objects_from(self.objdir):
+            self.trace = tc_trace(**self.kw)
         self.reader = RingBatchReader(self.trace.objects[0].maps["vnet_events"])
 
     def run(self, repeat: int) -> int:
@@ -212,15 +250,22 @@ TC_CASES = [
 ]
 
 
-def bench_test_runs(rounds: int, repeat: int) -> str:
+def other_label(name: str) -> str:
+    return f"{name} [{OTHER[0]}]"
+
+
+def bench_test_runs(rounds: int, repeat: int) -> tuple[str, Summary, float]:
     summary = Summary()
     floor_fd = load_empty(BPF_PROG_TYPE_SCHED_CLS, -1)
     floor = "empty SCHED_CLS program (r0 = -1; exit): the harness floor"
+    tc_cases = list(TC_CASES)
+    if OTHER:
+        tc_cases += [dataclasses.replace(c, name=other_label(c.name), objdir=OTHER[1]) for c in TC_CASES]
     try:
-        for case in TC_CASES:
+        for case in tc_cases:
             case.open()
-        cases = [floor] + TC_CASES
-        for case in TC_CASES:  # warm caches and the ring's pages once
+        cases = [floor] + tc_cases
+        for case in tc_cases:  # warm caches and the ring's pages once
             case.run(repeat)
         for _, order in rotations(cases, rounds):
             for case in order:
@@ -230,14 +275,15 @@ def bench_test_runs(rounds: int, repeat: int) -> str:
                     summary.add(case.name, case.run(repeat))
     finally:
         os.close(floor_fd)
-        for case in TC_CASES:
+        for case in tc_cases:
             if case.trace is not None:
                 case.trace.close()
     title = (f"[1] BPF_PROG_TEST_RUN, {len(FRAME)}-byte UDP frame (unless said), repeat {repeat}: the kernel's "
              f"`duration`, ns per run ({rounds} alternating rounds; kernel.bpf_stats_enabled={stats_sysctl()}); "
              f"net = median - the empty program's")
     floor_ns = summary.row(floor)[0]
-    return table(title, summary, {c.name: c.target for c in TC_CASES}, {c.name: floor_ns for c in TC_CASES})
+    return (table(title, summary, {c.name: c.target for c in tc_cases}, {c.name: floor_ns for c in tc_cases}),
+            summary, floor_ns)
 
 
 # -- context-only runs, timed by run-time statistics ----------------------------------------------
@@ -364,21 +410,27 @@ LIVE_VARIANTS = [
 ]
 
 
-def bench_live(rounds: int, packets: int, floors: dict[str, float]) -> str:
+def bench_live(rounds: int, packets: int, floors: dict[str, float]) -> tuple[str, Summary, dict[str, float]]:
     from vnet.topology import send_udp, veth_pair
     from vnet.trace.selection import select
 
     summary = Summary()
     counts: dict[str, list[int]] = {}
     lost = 0
+    variants = [(variant, kw, None) for variant, kw in LIVE_VARIANTS]
+    if OTHER:
+        variants += [(other_label(variant), kw, OTHER[1]) for variant, kw in LIVE_VARIANTS]
     with veth_pair(211) as pair, run_time_stats():
         names = {f"dev:{pair.ns1}/{pair.if1}": "veth A (sender)", f"dev:{pair.ns2}/{pair.if2}": "veth B (receiver)"}
-        for _, order in rotations(LIVE_VARIANTS, rounds):
-            for variant, kw in order:
+        for _, order in rotations(variants, rounds):
+            for variant, kw, objdir in order:
                 # sched:runq watches pid 1 (idle): the path of the threads it does not watch, which
                 # is what nearly every context switch of a traced host takes.
                 plans, _ = select([f"{pair.ns1}/{pair.if1}", f"{pair.ns2}/{pair.if2}"], LIVE_PROBES, pids=(1,))
-                with Trace(plans, ring_bytes=RING_BYTES, strict=False, **kw) as trace:
+                trace = Trace(plans, ring_bytes=RING_BYTES, strict=False, **kw)
+                with objects_from(objdir):
+                    trace.start()
+                with contextlib.closing(trace):
                     kinds = {h.probe: h.kind for h in trace.hooks}
                     progs = {}
                     loaded = iter(trace.objects)
@@ -435,7 +487,7 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float]) -> str:
         if runs >= packets / 2 and "sched" not in label:  # a hook on the flood's path
             targets[key] = TARGET_REJECT_NS if "rejects" in variant else TARGET_EVENT_NS
     ordered = Summary()
-    for variant, _ in LIVE_VARIANTS:
+    for variant, _, _ in variants:
         for key, v in summary.samples.items():
             if key.startswith(variant + " | "):
                 ordered.samples[key] = v
@@ -444,7 +496,26 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float]) -> str:
              f"the statistics ([2]: tc {floors['tc']:.1f}, tracing {floors['raw_tp']:.1f}); events lost: {lost}")
     return (table(title, ordered, targets, by_case, notes)
             + f"\n  left out, under {MIN_LIVE_RUNS} runs per round in every variant (not on the flood's path): "
-            f"{', '.join(few)}")
+            f"{', '.join(few)}", ordered, by_case)
+
+
+def comparison(test_runs: tuple[Summary, float], live: tuple[Summary, dict[str, float]] | None) -> str:
+    """new / --compare-to revision, per case present in both, on net (median - floor)."""
+    lines = [f"[4] this tree / {OTHER[0]}, net ns (median - floor) of the same rounds above",
+             f"  {'case':<90} {'this':>7} {OTHER[0][:9]:>9} {'ratio':>6}"]
+    summary, floor = test_runs
+    rows = [(name, summary.row(name)[0] - floor, summary.row(other_label(name))[0] - floor)
+            for name in summary.samples if other_label(name) in summary.samples]
+    if live is not None:
+        lsum, floors = live
+        for key in lsum.samples:
+            variant, label = key.split(" | ", 1)
+            okey = f"{other_label(variant)} | {label}"
+            if okey in lsum.samples:
+                rows.append((f"{variant} | {label}", lsum.row(key)[0] - floors[key], lsum.row(okey)[0] - floors[okey]))
+    for name, new, old in rows:
+        lines.append(f"  {name:<90} {new:>7.1f} {old:>9.1f} {new / old if old > 0 else float('nan'):>6.2f}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -457,6 +528,9 @@ def main() -> None:
     ap.add_argument("--no-live", action="store_true", help="skip [3] (no namespaces, no traffic)")
     ap.add_argument("--update-budget", action="store_true",
                     help="only rewrite tests/insn_budget.json (tools/bench/insn_budget.py --update)")
+    ap.add_argument("--compare-to", metavar="REV",
+                    help="also load the objects committed at git revision REV, as cases of their own in the same "
+                         "rounds of [1] and [3], and print this tree / REV per case")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (loads eBPF, creates namespaces)")
@@ -466,13 +540,23 @@ def main() -> None:
         import insn_budget
         insn_budget.main()
         return
-    print(f"hook_cost.py {datetime.date.today()} kernel {platform.release()} {os.cpu_count()} CPUs "
-          f"(targets: event <= {TARGET_EVENT_NS} ns p50, rejected <= {TARGET_REJECT_NS} ns)")
-    print(bench_test_runs(args.rounds, args.repeat), flush=True)
-    text, floors = bench_stats_runs(args.rounds, args.calls, args.repeat)
-    print(text, flush=True)
-    if not args.no_live:
-        print(bench_live(args.live_rounds, args.packets, floors), flush=True)
+    global OTHER
+    with tempfile.TemporaryDirectory(prefix="vnet-hook-cost-") as tmp:
+        if args.compare_to:
+            OTHER = (args.compare_to, committed_objects(args.compare_to, Path(tmp)))
+        print(f"hook_cost.py {datetime.date.today()} kernel {platform.release()} {os.cpu_count()} CPUs "
+              f"(targets: event <= {TARGET_EVENT_NS} ns p50, rejected <= {TARGET_REJECT_NS} ns)"
+              + (f"; compared with the objects of {args.compare_to}" if OTHER else ""))
+        text, *test_runs = bench_test_runs(args.rounds, args.repeat)
+        print(text, flush=True)
+        text, floors = bench_stats_runs(args.rounds, args.calls, args.repeat)
+        print(text, flush=True)
+        live = None
+        if not args.no_live:
+            text, *live = bench_live(args.live_rounds, args.packets, floors)
+            print(text, flush=True)
+        if OTHER:
+            print(comparison(test_runs, live), flush=True)
 
 
 if __name__ == "__main__":
