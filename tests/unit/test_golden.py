@@ -263,11 +263,11 @@ def test_two_hosts_are_merged_with_their_clocks():
         assert e["t_ns"] == e["ts_ns"] - hosts[e["host"]]["clock"]["offset_ns"]
 
 
-@pytest.mark.xfail(strict=False, reason="the collector estimates each agent's clock offset to about +-200 us, and "
-                   "the analysis orders a packet's hops on different hosts by the corrected times: the sub-"
-                   "microsecond veth hop is reordered (receiver before sender) by the ~1 us difference of the two "
-                   "estimates, though both agents share one CLOCK_MONOTONIC here")
 def test_two_hosts_paths_start_at_the_sender():
+    """The pings put the two agents' clocks within ±200 us (both share one CLOCK_MONOTONIC
+    here), too loose for the sub-microsecond veth hop; the packets themselves (they leave
+    hostA at an egress hook, reach hostB at receive hooks, and cannot arrive before they
+    left) move hostB's clock enough to keep the sender first (analysis.clocksync)."""
     f, r = _facts("two-hosts"), report("two-hosts")
     assert [p["hops"] for p in r["paths"]] == [f["hops"]]
 

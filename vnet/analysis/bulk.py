@@ -27,6 +27,8 @@ from vnet.collector.tracefile import TraceFileReader, event_decoder, layout_from
 from vnet.errors import UsageError
 from vnet.trace.records import where
 
+from .clocksync import ClockMap
+
 DROP_PROBE = "drop:kfree_skb"
 
 
@@ -118,7 +120,7 @@ class HostEvents:
 @dataclass
 class Batch:
     """Consecutive packet events of one host, and the drops read with them (times less
-    HostReader.shift_ns, hops or-ed with HostReader.hop_base)."""
+    moved onto the collector's clock by HostReader.clock, hops or-ed with HostReader.hop_base)."""
 
     ts: np.ndarray
     pkt_id: np.ndarray
@@ -171,7 +173,8 @@ class HostReader:
         self._known_lut = np.empty(0, np.uint16)
         self._n = 0
         self.packet_events = 0  # packet events handed out by batches()
-        self.shift_ns = 0       # batches(): subtracted from the times (the host's clock offset)
+        self.clock = ClockMap()  # batches(): the times onto the collector's clock
+        self.pings: list[dict] = []  # every clock chunk read (add_clock)
         self.hop_base = 0       # batches(): or-ed into the hop indexes (the host's place)
         self.reserve(0)
         # device probes are named by (probe_id, hook) alone; the others also by the interface
@@ -322,11 +325,12 @@ class HostReader:
                        s_cpu=r["cpu"])
 
     def add_clock(self, chunk: dict) -> None:
-        """Keep the estimate with the smallest error (the last of equals: the collector
-        writes one only when it is at least as good as the best so far)."""
+        """Keep every ping (clocksync fits a line through them) and the one with the smallest
+        error (the last of equals)."""
         off, err = chunk.get("offset_ns"), chunk.get("error_ns")
         if not isinstance(off, int) or not isinstance(err, int):
             return
+        self.pings.append({k: chunk.get(k) for k in ("offset_ns", "error_ns", "at_ns", "agent_mono_ns")})
         if self.out.clock is None or err <= self.out.clock["error_ns"]:
             self.out.clock = {"offset_ns": off, "error_ns": err}
 
@@ -382,13 +386,13 @@ class HostReader:
                     self.out.problems.append(f"{f.path}: chunk {seq}: {e}")
         n = self._n
         ts = self._ts[:n]
-        ts -= self.shift_ns
+        self.clock.to_collector(ts)
         hop = self._hop[:n].astype(np.uint32)
         hop |= np.uint32(self.hop_base)
         batch = Batch(ts, self._pkt[:n], hop, None)
         if "d_ts" in self._cols.parts:
             c = self._cols
-            batch.drops = {"ts": c.get("d_ts", np.int64) - self.shift_ns, "pkt_id": c.get("d_pkt", np.uint64),
+            batch.drops = {"ts": self.clock.to_collector(c.get("d_ts", np.int64).copy()), "pkt_id": c.get("d_pkt", np.uint64),
                            "reason": c.get("d_reason", np.uint32)}
             for k in ("d_ts", "d_pkt", "d_reason"):
                 c.parts.pop(k, None)

@@ -10,9 +10,10 @@
               event with epb_packetid = pkt_id; opens in Wireshark and tshark
 
 The merged timeline is the collector's CLOCK_MONOTONIC: an event's `t_ns` is its
-host's `ts_ns` minus that host's clock offset (agent - collector) from the best
-"clock" chunk of its files, as `vnet analyze` maps them (vnet.analysis.stream).
-A host whose files have no clock chunk keeps its own clock (offset 0).
+host's `ts_ns` minus that host's clock offset (agent - collector) at that time, as
+`vnet analyze` maps them (vnet.analysis.clocksync: the collector's pings, refined by
+the packets that cross between hosts). A host whose files have no clock chunk keeps
+its own clock (offset 0).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from vnet.errors import UsageError
 from vnet.trace.records import where
 
 from .bulk import Flow, files_by_host
+from .clocksync import ClockMap, from_pings
 from .extras import EXTRA, require  # noqa: F401 -- require is this module's API too
 
 FORMATS = ("jsonl", "parquet", "perfetto", "pcapng")
@@ -46,22 +48,24 @@ REORDER_EVENTS = 1 << 16  # events a host's stream may be out of time order by (
 class HostFiles:
     host: str
     files: list[TraceFileReader] = field(default_factory=list)
-    offset_ns: int = 0            # agent - collector (0: no clock chunk)
-    error_ns: int | None = None
+    clock: ClockMap = field(default_factory=ClockMap)   # its clock onto the collector's
 
 
 def host_files(paths: list[str | os.PathLike], hosts: list[str] | None = None) -> list[HostFiles]:
     """The files named (directories expanded), grouped by the host their header names,
-    each host's rotations in order, with the best clock estimate of each host (the
-    smallest error; the last of equals, as bulk.HostReader.add_clock)."""
+    each host's rotations in order, with each host's clock map as `vnet analyze` makes it
+    (the pings' line; with several hosts refined by the packets between them)."""
+    from .stream import clock_maps
+
     out = {host: HostFiles(host, files=files) for host, files in files_by_host(paths, hosts).items()}
     for hf in out.values():
         hf.files.sort(key=lambda f: (int(f.header.get("part") or 0), str(f.path)))
-        for f in hf.files:
-            for chunk in f.chunks(("clock",)):
-                off, err = chunk.get("offset_ns"), chunk.get("error_ns")
-                if isinstance(off, int) and isinstance(err, int) and (hf.error_ns is None or err <= hf.error_ns):
-                    hf.offset_ns, hf.error_ns = off, err
+    if len(out) > 1:
+        for hf, clock in zip(out.values(), clock_maps(paths, hosts)):
+            hf.clock = clock
+    else:
+        for hf in out.values():
+            hf.clock = from_pings([c for f in hf.files for c in f.chunks(("clock",))])
     return list(out.values())
 
 
@@ -72,7 +76,8 @@ def _host_stream(hf: HostFiles, window: int) -> Iterator[tuple[int, int, dict]]:
     n = 0
     for f in hf.files:
         for ev in f.events():
-            t = int(ev["ts_ns"]) - hf.offset_ns
+            ts = int(ev["ts_ns"])
+            t = ts - hf.clock.at(ts)
             ev = {"t_ns": t, "host": hf.host, "kind": "packet", **ev}  # sched events say "sched"
             heapq.heappush(heap, (t, n, ev))
             n += 1

@@ -305,11 +305,25 @@ def verdict(r: dict) -> str:
     return words
 
 
+def _clock_words(c: dict | None, hosts: list[str]) -> str:
+    if not c:
+        return "no clock estimate (its own timeline)"
+    err = "±?" if c.get("error_ns") is None else f"±{_us(c['error_ns'])}"
+    words = f"clock offset {c['offset_ns']} ns {err}"
+    if c.get("drift_ppm"):
+        words += f", drift {c['drift_ppm']:+.1f} ppm"
+    how = {"ping": f"{c.get('pings', 1)} ping(s)",
+           "packets": f"packets to/from {hosts[c['reference']] if c.get('reference') is not None else 'a host'}: "
+                      f"{c['crossings'][0]}/{c['crossings'][1]} in {c.get('windows', 1)} window(s)",
+           "causality": f"pings, moved so that none of {sum(c.get('crossings', []))} one-way packets arrives "
+                        f"before it left"}.get(c.get("source"))
+    return words + (f" (from {how})" if how else "")
+
+
 def render_text(r: dict, hist: bool = False) -> list[str]:
     lines = []
     for h in r["hosts"]:
-        clock = (f"clock offset {h['clock']['offset_ns']} ns ±{_us(h['clock']['error_ns'])}" if h["clock"]
-                 else "no clock estimate (its own timeline)")
+        clock = _clock_words(h["clock"], [x["host"] for x in r["hosts"]])
         lines.append(f"host {h['host']}: {h['packet_events']} packet events, {h['sched_events']} sched, "
                      f"{h['drop_events']} drops, {len(h['files'])} file(s); {clock}")
         lines += [f"  warning: {p}" for p in h["problems"]]

@@ -111,7 +111,7 @@ def round_trips(requests: PacketTable, replies: PacketTable, max_wait_ns: int = 
                         min((t.t_first for t in read), default=0), max((t.t_last for t in read), default=0),
                         requests.count + replies.count,
                         [a + b for a, b in zip(requests.packet_events, replies.packet_events)],
-                        requests.late + replies.late)
+                        requests.late + replies.late, requests.clocks)
     return table, counts
 
 

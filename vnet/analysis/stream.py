@@ -18,11 +18,12 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .bulk import Batch, Flow, HostEvents, HostReader, files_by_host
+from .clocksync import ClockMap, from_pings, refine
 from .latency import _MULT, group_sorted, order_by_packet
 
 GAP_NS = 1_000_000_000   # longest quiet time inside one packet's path (and host disorder)
@@ -130,6 +131,7 @@ class PacketTable:
     count: int = 0                # packet events read (before --since/--until)
     packet_events: list[int] = field(default_factory=list)      # per host
     late: int = 0                 # events that came after their packet was closed
+    clocks: list[ClockMap] = field(default_factory=list)        # per host: onto the collector's clock
 
     @property
     def t0(self) -> int:
@@ -175,6 +177,9 @@ class PacketTable:
         if ha == hb:
             return 0
         ea, eb = self.error_ns[ha], self.error_ns[hb]
+        for x, y in ((ha, hb), (hb, ha)):  # one refined against the other: their own bound
+            if self.clocks and self.clocks[y].ref == x and ea is not None and eb is not None:
+                return self.error_ns[y] - self.error_ns[x]
         return None if ea is None or eb is None else ea + eb
 
 
@@ -285,21 +290,27 @@ class StreamJoin:
     """Feeds → windows → PacketTable (see the module's docstring)."""
 
     def __init__(self, work: dict, flow: Flow | None = None, gap_ns: int = GAP_NS, window: int = WINDOW,
-                 parallel: bool = True, batch_bytes: int = 4 << 20, slack_ns: int = SLACK_NS):
+                 parallel: bool = True, batch_bytes: int = 4 << 20, slack_ns: int = SLACK_NS,
+                 clocks: list[ClockMap] | None = None):
         self.gap_ns, self.window, self.batch_bytes = gap_ns, window, batch_bytes
         self.slack_ns = min(slack_ns, gap_ns)
         self.readers = [HostReader(host, files[0].header, flow) for host, files in work.items()]
         self.feeds: list[_Feed] = []
         multi = len(self.readers) > 1
-        clocks = []
+        if clocks is None:
+            clocks = []
+            for r, files in zip(self.readers, work.values()):
+                for f in files:  # the clocks are needed before the first event: found by a scan
+                    for c in f.scan(("clock",)):
+                        r.add_clock(c)
+                clocks.append(from_pings(r.pings))
         for r, files in zip(self.readers, work.values()):
             r.out.files += [str(f.path) for f in files]
-            for f in files:  # the best clock estimate is needed before the first event: found by a scan
-                for c in f.scan(("clock",)):
-                    r.add_clock(c)
-            clocks.append(r.out.clock)
-        self.offset_ns = [c["offset_ns"] if c else 0 for c in clocks]
-        self.error_ns = [c["error_ns"] if c else (None if multi else 0) for c in clocks]
+        if not multi and clocks[0].error_ns is None:
+            clocks = [replace(clocks[0], error_ns=0)]  # one host: its own timeline, nothing to compare
+        self.clocks = clocks
+        self.offset_ns = [m.offset_ns for m in clocks]
+        self.error_ns = [m.error_ns for m in clocks]
         self.parallel = parallel and (os.cpu_count() or 1) > 1
         self._work = work
         # the window: events not yet closed come first
@@ -321,8 +332,8 @@ class StreamJoin:
     # -- the loop -------------------------------------------------------------------------------------
 
     def run(self) -> PacketTable:
-        for i, (r, off) in enumerate(zip(self.readers, self.offset_ns)):
-            r.shift_ns, r.hop_base = off, i << HOP_BITS  # window hop = host index, host's hop index
+        for i, (r, clock) in enumerate(zip(self.readers, self.clocks)):
+            r.clock, r.hop_base = clock, i << HOP_BITS  # window hop = host index, host's hop index
         self.feeds = [_Feed(i, r, self._work[r.out.host], self.parallel, self.batch_bytes)
                       for i, r in enumerate(self.readers)]
         try:
@@ -556,15 +567,16 @@ class StreamJoin:
         lh = drop_cols["last_hop"]
         drop_cols["last_hop"] = np.array([canon[x] if x >= 0 else x for x in lh.tolist()], np.int64)
         sched: dict[str, list] = {}
-        for i, (h, off) in enumerate(zip(hosts, self.offset_ns)):
+        for i, (h, clock) in enumerate(zip(hosts, self.clocks)):
+            h.clock = clock.describe() if clock.source != "none" else None
             for k, v in h.sched.items():
-                sched.setdefault(k, []).append(v - off if k == "ts" else v)
+                sched.setdefault(k, []).append(clock.to_collector(v.astype(np.int64)) if k == "ts" else v)
             sched.setdefault("host", []).append(np.full(h.sched["ts"].size, i, np.int32))
         counts = [f.packet_events for f in self.feeds]
         return PacketTable(paths, names, np.array(hop_host, np.int32), hosts, self.error_ns, self.offset_ns,
                            drop_cols, {k: np.concatenate(v) for k, v in sched.items()},
                            int(self.t_first) if self.count else 0, int(self.t_last) if self.count else 0,
-                           self.count, counts, self.late)
+                           self.count, counts, self.late, self.clocks)
 
 
 def _groups_of_instances(inst) -> tuple[np.ndarray, np.ndarray]:
@@ -630,10 +642,33 @@ def _reuse_freed_memory() -> None:
 
 def read_table(paths, *, flow: Flow | None = None, hosts: list[str] | None = None, gap_ns: int = GAP_NS,
                window: int = WINDOW, parallel: bool = True, batch_bytes: int = 4 << 20,
-               slack_ns: int = SLACK_NS) -> PacketTable:
-    """The packets of the trace files named (directories expanded), joined as a stream."""
+               slack_ns: int = SLACK_NS, clocks: list[ClockMap] | None = None,
+               sync_clocks: bool = True) -> PacketTable:
+    """The packets of the trace files named (directories expanded), joined as a stream.
+    With several hosts the clocks are the pings' refined by the packets that cross
+    between the hosts (clock_maps), unless given (or sync_clocks is off: pings only)."""
     _reuse_freed_memory()
-    return StreamJoin(files_by_host(paths, hosts), flow, gap_ns, window, parallel, batch_bytes, slack_ns).run()
+    opts = dict(gap_ns=gap_ns, window=window, parallel=parallel, batch_bytes=batch_bytes, slack_ns=slack_ns)
+    work = files_by_host(paths, hosts)
+    if clocks is None and sync_clocks and len(work) > 1:
+        if flow is not None and not flow.empty:  # every packet crossing counts, not only the flow's
+            clocks = clock_maps(paths, hosts, **opts)
+        else:
+            table = StreamJoin(work, flow, clocks=None, **opts).run()
+            synced = refine(table.clocks, table)
+            if all(a is b for a, b in zip(synced, table.clocks)):
+                return table
+            clocks, work = synced, files_by_host(paths, hosts)
+    return StreamJoin(work, flow, clocks=clocks, **opts).run()
+
+
+def clock_maps(paths, hosts: list[str] | None = None, **opts) -> list[ClockMap]:
+    """Each host's clock map (clocksync), in files_by_host's order: from the pings, then,
+    with several hosts, refined by every packet that crosses between them (one join of
+    all the packets on the ping clocks; hops on two hosts may change order after it,
+    so the caller joins again on the result)."""
+    table = StreamJoin(files_by_host(paths, hosts), None, clocks=None, **opts).run()
+    return refine(table.clocks, table)
 
 
 def without_hops(table: PacketTable, names) -> PacketTable:

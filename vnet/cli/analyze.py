@@ -105,7 +105,8 @@ def analyze(
     if round_trip:
         from vnet.analysis.roundtrip import describe, reverse, round_trips
 
-        replies = read_table(files, flow=reverse(filt), hosts=host or None, gap_ns=int(max_gap * 1e9))
+        replies = read_table(files, flow=reverse(filt), hosts=host or None, gap_ns=int(max_gap * 1e9),
+                             clocks=table.clocks)
     if ignore_hop:
         from vnet.analysis.roundtrip import REPLY_SUFFIX
         from vnet.analysis.stream import without_hops

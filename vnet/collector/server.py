@@ -4,8 +4,9 @@ write them, per trace and per host, to trace files (vnet/collector/tracefile.py)
 A chunk is written before it is acknowledged, so an agent only forgets what is
 on disk. A restarted collector finds what it already has and tells the agent
 where to resume; a sequence number that never arrives is recorded as a gap.
-Each agent's clock is measured against ours with ping/pong exchanges: the
-offset of the exchange with the smallest round trip, its bound half that RTT.
+Each agent's clock is measured against ours with ping/pong exchanges, each written
+as a "clock" chunk (offset at the middle of the exchange, bound half its round trip);
+the analysis fits offset and drift through them (vnet.analysis.clocksync).
 """
 
 from __future__ import annotations
@@ -166,10 +167,10 @@ class Collector:
         sample = {"offset_ns": agent - (t0 + t1) // 2, "error_ns": rtt // 2, "at_ns": t1,
                   "agent_real_ns": m.get("real_ns"), "agent_mono_ns": agent,
                   "collector_real_ns": time.time_ns(), "collector_mono_ns": t1}
-        with st.lock:
+        with st.lock:  # every sample: the analysis fits the drift through the best of each window
             if st.best_clock is None or sample["error_ns"] <= st.best_clock["error_ns"]:
                 st.best_clock = sample
-                st.writer.write("clock", **sample)
+            st.writer.write("clock", **sample)
 
     def _finish(self, st: Stream) -> None:
         with st.lock:

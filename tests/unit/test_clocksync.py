@@ -1,0 +1,132 @@
+"""Clock maps (vnet.analysis.clocksync), pure logic on synthetic clocks: a guest whose
+clock is off by a known offset that drifts, packets crossing both ways with known
+one-way delays, pings with known round trips. The estimates must land inside the
+bounds they state, and the bounds must be tight enough to be useful."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vnet.analysis.clocksync import ClockMap, Crossings, crossings, fit_pair, from_pings, hop_role, refine
+from vnet.analysis.stream import PacketTable, PathRows
+
+S = 1_000_000_000
+T0 = 5_000 * S
+
+
+def true_offset(t, off=730_000, ppm=-80.0):
+    """The guest's clock minus the host's at host time t (a software guest that runs slow)."""
+    return off + (t - T0) * ppm * 1e-6
+
+
+def test_pings_give_a_line_inside_its_bound():
+    rng = np.random.default_rng(3)
+    samples = []
+    for k in range(40):  # every 5 s for 200 s, round trips of 0.2-3 ms
+        t = T0 + k * 5 * S
+        rtt = int(rng.uniform(200_000, 3_000_000))
+        asym = rng.uniform(-0.5, 0.5) * rtt   # where in the round trip the agent answered
+        off = int(true_offset(t) + asym)
+        samples.append({"offset_ns": off, "error_ns": rtt // 2, "agent_mono_ns": int(t + true_offset(t))})
+    m = from_pings(samples)
+    assert m.source == "ping" and m.pings >= 5
+    for t in range(T0, T0 + 200 * S, 10 * S):
+        assert abs(m.at(t + int(true_offset(t))) - true_offset(t)) <= m.error_ns
+    assert m.drift * 1e6 == pytest.approx(-80, abs=15)
+
+
+def test_one_ping_is_a_constant():
+    m = from_pings([{"offset_ns": 500, "error_ns": 20, "at_ns": 10}, {"offset_ns": 900, "error_ns": 4000}])
+    assert (m.offset_ns, m.drift, m.error_ns) == (500, 0.0, 20)
+    assert from_pings([]).source == "none" and from_pings([{"offset_ns": "x"}]).source == "none"
+
+
+def _crossings(n=4000, eps=250_000, eps_ppm=30.0, d_min=40_000, seed=1, one_way=False, hooks=False):
+    """Packets between host a and guest b over 60 s; b's clock (on the collector's scale)
+    is wrong by eps + drift. Each packet spends 5-50 us on each host."""
+    rng = np.random.default_rng(seed)
+    t = np.sort(rng.uniform(T0, T0 + 60 * S, n)).astype(np.int64)
+    e = (eps + (t - T0) * eps_ppm * 1e-6).astype(np.int64)
+    delay = (d_min + rng.exponential(30_000, n)).astype(np.int64)
+    on_a, on_b = rng.integers(5_000, 50_000, n), rng.integers(5_000, 50_000, n)
+    ab = np.ones(n, bool) if one_way else rng.random(n) < 0.5
+    fa = np.where(ab, t, t + on_b + delay)
+    la = fa + on_a
+    fb = np.where(ab, la + delay, t) + e
+    lb = fb + on_b
+    mid = (fb + lb) // 2 - (fa + la) // 2
+    said = np.where(ab, 1, -1) if hooks else np.zeros(n)
+    return Crossings(t, mid, fb - la, fa - lb, said.astype(np.int8)), e, t
+
+
+def test_packets_both_ways_bound_the_offset_and_its_drift():
+    c, truth, t = _crossings()
+    f = fit_pair(c)
+    assert f.source == "packets" and f.windows >= 5 and f.n_ab + f.n_ba == t.size
+    est = f.eps_ns + f.drift * (t - f.t_ref)
+    assert np.abs(est - truth).max() <= f.bound
+    assert f.bound < 50_000   # pings of 1.5 ms: the half-sum of the fastest crossings each way (40 us)
+    assert f.drift * 1e6 == pytest.approx(30, abs=5)
+
+
+@pytest.mark.parametrize("hooks", [True, False])
+def test_one_way_traffic_only_enforces_causality(hooks):
+    # without the hooks' word the midpoints must lean the right way: the clock error
+    # smaller than the crossing plus the packet's time on both hosts
+    eps = -300_000 if hooks else -40_000
+    c, truth, _ = _crossings(one_way=True, eps=eps, eps_ppm=0, hooks=hooks)
+    f = fit_pair(c)
+    assert f.source == "causality" and f.bound is None and f.n_ba == 0
+    # the guest's clock showed arrivals before departures: moved just enough
+    assert eps <= f.eps_ns <= eps + 45_000
+
+
+def test_without_hooks_the_widest_consistent_gap_splits_the_two_ways():
+    c, truth, t = _crossings(eps=-250_000, eps_ppm=0)
+    f = fit_pair(c)
+    assert f.source == "packets" and abs(f.n_ab - f.n_ba) < 400
+    assert np.abs(f.eps_ns + f.drift * (t - f.t_ref) - truth).max() <= f.bound < 50_000
+
+
+def test_the_hooks_say_which_way_when_the_clocks_cannot():
+    assert [hop_role(n) for n in ("[h] tap0:egress", "[g] net:netif_receive_skb eth0", "eth0:ingress",
+                                  "[g] net:net_dev_start_xmit eth0", "sock:consume_skb", "[h] tun:get_user")] \
+        == [1, -1, -1, 1, 0, -1]
+
+
+def _table(times_by_path, names, hop_host, clocks):
+    paths = []
+    for hops, times in times_by_path:
+        times = np.asarray(times, np.int64)
+        paths.append(PathRows(hops, [(times[:, 0].copy(), np.arange(len(times), dtype=np.uint64),
+                                      np.diff(times, axis=1))]))
+    return PacketTable(paths, names, np.array(hop_host, np.int32), [], [c.error_ns for c in clocks],
+                       [c.offset_ns for c in clocks], clocks=clocks)
+
+
+def test_refine_moves_the_guest_clock_and_states_the_pair_bound():
+    """Host (0): tap egress/ingress; guest (1): its NIC's receive and transmit. The pings
+    left the guest 150 us off, less than their ±400 us; the crossing takes 20-60 us."""
+    rng = np.random.default_rng(7)
+    names = ["[host] tap0:egress", "[host] tap0:ingress", "[guest] net:netif_receive_skb eth0",
+             "[guest] net:net_dev_start_xmit eth0"]
+    wrong = 150_000
+    req, rep = [], []
+    for k in range(600):
+        t = T0 + k * 50_000_000
+        d1, d2 = 20_000 + rng.integers(0, 40_000), 20_000 + rng.integers(0, 40_000)
+        req.append([t, t + d1 + wrong])                       # host egress -> guest receive
+        rep.append([t + 300_000 + wrong, t + 300_000 + d2])   # guest transmit -> host ingress
+    clocks = [ClockMap(0, error_ns=3_000, source="ping", pings=8),
+              ClockMap(0, error_ns=400_000, source="ping", pings=8)]
+    table = _table([((0, 2), req), ((3, 1), rep)], names, [0, 0, 1, 1], clocks)
+    c = crossings(table)[(0, 1)]
+    assert (c.hooks == 1).sum() == 600 and (c.hooks == -1).sum() == 600
+    host, guest = refine(clocks, table)
+    assert host is clocks[0] and guest.source == "packets" and guest.ref == 0
+    for t in (T0, T0 + 15 * S, T0 + 30 * S):
+        assert abs(guest.at(t + wrong) - wrong) <= guest.error_ns - host.error_ns <= 30_000
+    assert guest.crossings == (600, 600)
+    table.clocks, table.error_ns = [host, guest], [host.error_ns, guest.error_ns]
+    assert table.pair_error(0, 2) == guest.error_ns - host.error_ns
