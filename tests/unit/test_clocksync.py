@@ -130,3 +130,32 @@ def test_refine_moves_the_guest_clock_and_states_the_pair_bound():
     assert guest.crossings == (600, 600)
     table.clocks, table.error_ns = [host, guest], [host.error_ns, guest.error_ns]
     assert table.pair_error(0, 2) == guest.error_ns - host.error_ns
+
+
+def test_the_cli_chooses_the_clocks_and_refuses_a_bad_choice():
+    """`vnet analyze --clocks pings|packets` on the recorded two-host fixture (both agents on
+    one machine: the packets say hostB's clock is within 1 us of hostA's, the pings 43 us)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    files = root / "tests" / "fixtures" / "traces" / "two-hosts"
+    if not files.exists():
+        pytest.skip("no two-hosts fixture")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "vnet", "analyze", str(files), *args], cwd=root,
+                              capture_output=True, text=True, timeout=120)
+
+    by = {}
+    for how in ("pings", "packets"):
+        r = run("--json", "--clocks", how)
+        assert r.returncode == 0, r.stderr
+        by[how] = {h["host"]: h["clock"] for h in json.loads(r.stdout)["hosts"]}
+    assert {c["source"] for c in by["pings"].values()} == {"ping"}
+    assert by["packets"]["hostB"]["source"] == "causality" and by["packets"]["hostB"]["crossings"] == [30, 0]
+    assert abs(by["packets"]["hostB"]["offset_ns"] - by["packets"]["hostA"]["offset_ns"]) < 1_000
+    bad = run("--clocks", "ntp")
+    assert bad.returncode not in (0, 1) and bad.stderr.count("\n") == 1 and "--clocks" in bad.stderr

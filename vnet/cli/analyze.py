@@ -86,6 +86,10 @@ def analyze(
                                          "packet of its reverse (the replies), in order, and analyse the round "
                                          "trips: the far end's turnaround becomes a segment. Needs --proto and "
                                          "a port, or --flow; one conversation (filter to one client)."),
+    clocks: str = typer.Option("packets", "--clocks", metavar="packets|pings",
+                               help="How hosts' clocks are put on the collector's: 'packets' (default) refines "
+                                    "the collector's pings with the packets that cross between hosts (one more "
+                                    "pass over the files); 'pings' uses the pings alone."),
 ):
     """Per-hop latency of every packet path in trace files: per-segment percentiles, the segment
     behind the end-to-end tail, where packets vanish, and run-queue waits behind slow packets."""
@@ -98,7 +102,10 @@ def analyze(
     filt = parse_flow(flow, proto, src, dst, sport, dport)
     if round_trip and (filt.proto is None or (filt.sport is None and filt.dport is None)):
         raise UsageError("--round-trip needs the requests' flow: --proto and --sport or --dport (or --flow)")
-    table = read_table(files, flow=filt, hosts=host or None, gap_ns=int(max_gap * 1e9))
+    if clocks not in ("packets", "pings"):
+        raise UsageError(f"--clocks {clocks!r}: use 'packets' or 'pings'")
+    table = read_table(files, flow=filt, hosts=host or None, gap_ns=int(max_gap * 1e9),
+                       sync_clocks=clocks == "packets")
     if not table.hosts:
         raise UsageError("no readable trace in these files")
     pairing = None
