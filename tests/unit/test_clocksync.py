@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vnet.analysis.clocksync import ClockMap, Crossings, crossings, fit_pair, from_pings, hop_role, refine
-from vnet.analysis.stream import PacketTable, PathRows
+from vnet.analysis.stream import PacketTable, PathRows, retime
 
 S = 1_000_000_000
 T0 = 5_000 * S
@@ -128,8 +128,23 @@ def test_refine_moves_the_guest_clock_and_states_the_pair_bound():
     for t in (T0, T0 + 15 * S, T0 + 30 * S):
         assert abs(guest.at(t + wrong) - wrong) <= guest.error_ns - host.error_ns <= 30_000
     assert guest.crossings == (600, 600)
-    table.clocks, table.error_ns = [host, guest], [host.error_ns, guest.error_ns]
-    assert table.pair_error(0, 2) == guest.error_ns - host.error_ns
+    retime(table, [host, guest])
+    assert table.clocks == [host, guest] and table.pair_error(0, 2) == guest.error_ns - host.error_ns
+    by_hops = {p.hops: p for p in table.paths}
+    assert set(by_hops) == {(0, 2), (3, 1)}            # no packet changed order
+    for p in by_hops.values():                         # the crossings: 20-60 us, each way
+        seg = p.column(0)
+        assert seg.min() >= 20_000 - 30_000 and seg.max() <= 60_000 + 30_000
+
+
+def test_retime_moves_a_packet_whose_hosts_change_order_to_its_new_path():
+    names = ["[a] eth0:egress", "[b] eth0:ingress"]
+    clocks = [ClockMap(0, error_ns=0, source="ping"), ClockMap(0, error_ns=100_000, source="ping")]
+    table = _table([((1, 0), [[T0, T0 + 5_000], [T0 + S, T0 + S + 50_000]])], names, [0, 1], clocks)
+    table.hosts = []
+    retime(table, [clocks[0], ClockMap(-10_000, error_ns=20_000, source="causality")])
+    got = {p.hops: p.rows(np.arange(p.count)).tolist() for p in table.paths}
+    assert got == {(0, 1): [[5_000]], (1, 0): [[40_000]]}
 
 
 def test_the_cli_chooses_the_clocks_and_refuses_a_bad_choice():

@@ -28,6 +28,7 @@ Two sources, the second refining the first:
    on the two hosts.
 
 The 1% of each window's smallest gaps are left out as outliers (a stray pkt_id match).
+Beyond 250,000 crossing packets an even sample is taken (the cost stays ~0.1 s).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ PING_WINDOW_NS = 10_000_000_000    # one ping kept per window (the collector pin
 PING_SLACK = 4                     # pings with errors beyond this many times the best are left out
 MIN_WINDOW_PACKETS = 20            # packets each way that a window of crossings needs
 MAX_WINDOWS = 20
+MAX_CROSSINGS = 250_000            # packets per table looked at (evenly taken beyond)
 
 
 @dataclass
@@ -60,6 +62,13 @@ class ClockMap:
 
     def at(self, t: int) -> int:
         return self.offset_ns + int(round(self.drift * (t - self.t0))) if self.drift else self.offset_ns
+
+    def offsets(self, ts: np.ndarray) -> np.ndarray:
+        """The offset at each host time (float64)."""
+        out = (ts - self.t0).astype(np.float64)
+        out *= self.drift
+        out += self.offset_ns
+        return out
 
     def to_collector(self, ts: np.ndarray) -> np.ndarray:
         """Host times (int64) -> collector times, in place."""
@@ -169,38 +178,39 @@ class Crossings:
     hooks: np.ndarray    # int8
 
 
-def crossings(table) -> dict[tuple[int, int], Crossings]:
-    """Every packet of a joined table (stream.PacketTable) seen on two hosts or more,
-    per pair of hosts."""
+def crossings(table, most: int = MAX_CROSSINGS) -> dict[tuple[int, int], Crossings]:
+    """The packets of a joined table (stream.PacketTable) seen on two hosts or more, per
+    pair of hosts: every one, or every n-th where there are more than `most` (the
+    bounds rest on the fastest crossings, which a large even sample keeps). A path's
+    hops are in time order, so a host's first and last event are the first and last
+    of its hops in the path."""
     parts: dict[tuple[int, int], list[tuple[np.ndarray, ...]]] = {}
     hop_host = table.hop_host
     roles = np.array([hop_role(n) for n in table.hop_names] or [0], np.int8)
-    for p in table.paths:
+    multi = [p for p in table.paths if np.unique(hop_host[list(p.hops)]).size > 1]
+    step = max(1, -(-sum(p.count for p in multi) // most))
+    for p in multi:
         hosts = hop_host[list(p.hops)]
+        uniq = np.unique(hosts).tolist()
         prole = roles[list(p.hops)]
-        uniq = np.unique(hosts)
-        if uniq.size < 2:
-            continue
+        ends = {h: (int(np.flatnonzero(hosts == h)[0]), int(np.flatnonzero(hosts == h)[-1])) for h in uniq}
         for first, _pkt, d in p.parts:
-            times = np.empty((first.size, len(p.hops)), np.int64)
-            times[:, 0] = first
+            if step > 1:
+                first, d = first[::step], d[::step]
+            at = np.empty((first.size, len(p.hops)), np.int64)   # each hop's time
+            at[:, 0] = first
             if len(p.hops) > 1:
-                np.cumsum(d, axis=1, dtype=np.int64, out=times[:, 1:])
-                times[:, 1:] += first[:, None]
-            ends = {}
-            for h in uniq.tolist():
-                cols = times[:, hosts == h]
-                r = prole[hosts == h]   # the roles of the host's first and last events
-                ends[h] = (cols.min(axis=1), cols.max(axis=1), r[cols.argmin(axis=1)], r[cols.argmax(axis=1)])
-            for i, a in enumerate(uniq.tolist()):
-                for b in uniq.tolist()[i + 1:]:
-                    fa, la, rfa, rla = ends[a]
-                    fb, lb, rfb, rlb = ends[b]
-                    mid = (fb + lb) // 2 - (fa + la) // 2
+                np.cumsum(d, axis=1, dtype=np.int64, out=at[:, 1:])
+                at[:, 1:] += first[:, None]
+            for i, a in enumerate(uniq):
+                for b in uniq[i + 1:]:
+                    (ia, ja), (ib, jb) = ends[a], ends[b]
+                    fa, la, fb, lb = at[:, ia], at[:, ja], at[:, ib], at[:, jb]
                     # a->b: leaves a outgoing, reaches b incoming; b->a the other way round
-                    score = (rla.astype(np.int16) - rfb) - (rlb.astype(np.int16) - rfa)
+                    score = (int(prole[ja]) - int(prole[ib])) - (int(prole[jb]) - int(prole[ia]))
+                    mid = (fb + lb) // 2 - (fa + la) // 2
                     parts.setdefault((a, b), []).append((np.minimum(fa, fb), mid, fb - la, fa - lb,
-                                                         np.sign(score).astype(np.int8)))
+                                                         np.full(first.size, np.sign(score), np.int8)))
     return {k: Crossings(*(np.concatenate([x[j] for x in v]) for j in range(5))) for k, v in parts.items()}
 
 
@@ -211,8 +221,22 @@ def _kth_smallest(x: np.ndarray) -> float:
 
 def _windows(t: np.ndarray, k: int) -> np.ndarray:
     """Each time's window of k equal ones over the run."""
-    edges = np.linspace(int(t.min()), int(t.max()) + 1, k + 1)
-    return np.clip(np.searchsorted(edges, t, side="right") - 1, 0, k - 1)
+    t0 = int(t.min())
+    span = int(t.max()) - t0 + 1
+    w = (t - t0).astype(np.float64)
+    w *= k / span
+    return w.astype(np.int64)
+
+
+def _slope(t: np.ndarray, y: np.ndarray) -> float:
+    """Least-squares slope of y over t, on at most 50,000 evenly taken points."""
+    if t.size > 50_000:
+        step = t.size // 50_000 + 1
+        t, y = t[::step], y[::step]
+    t = t.astype(np.float64)
+    t -= t.mean()
+    den = float(np.dot(t, t))
+    return float(np.dot(t, y.astype(np.float64) - y.mean()) / den) if den > 0 else 0.0
 
 
 def _contradictions(c: Crossings, ab: np.ndarray, win: np.ndarray, k: int) -> int:
@@ -239,16 +263,17 @@ def _directions(c: Crossings, k: int = 10) -> np.ndarray:
         return ab
     free = ~labelled
     t, mid = c.t[free].astype(np.float64), c.mid[free].astype(np.float64)
-    if t.size > 2 and t.max() > t.min():
-        slope, icpt = np.polyfit(t - t.min(), mid, 1)
-        mid = mid - (icpt + slope * (t - t.min()))
+    if t.size > 2:
+        mid -= _slope(t, mid) * (t - t.mean())
+        mid -= np.median(mid)
     m = np.sort(mid)
     k = max(1, min(k, c.t.size // (4 * MIN_WINDOW_PACKETS)))
     win = _windows(c.t, k)
     if m.size > 1:
         gaps = np.diff(m)
         least = max(MIN_WINDOW_PACKETS, m.size // 20)  # a gap inside one way's tail is not the split
-        for g in np.argsort(gaps)[::-1][:10]:
+        top = np.argpartition(gaps, -10)[-10:] if gaps.size > 10 else np.arange(gaps.size)
+        for g in top[np.argsort(gaps[top])[::-1]]:
             if gaps[g] <= 0:
                 break
             if min(g + 1, m.size - g - 1) < least:
@@ -283,8 +308,7 @@ def _drift(c: Crossings, ab: np.ndarray) -> float:
     for side in (ab, ~ab):
         if side.any():
             y[side] -= np.median(y[side])
-    t = c.t.astype(np.float64)
-    return float(np.polyfit(t - t.min(), y, 1)[0]) if t.size > 2 and t.max() > t.min() else 0.0
+    return _slope(c.t, y) if c.t.size > 2 else 0.0
 
 
 def fit_pair(c: Crossings) -> PairFit | None:
@@ -298,11 +322,11 @@ def fit_pair(c: Crossings) -> PairFit | None:
         # one way only: keep the ping clock, moved just enough that no packet arrives before it left
         upper = _kth_smallest(c.gap_ab[ab]) if n_ab else None
         lower = -_kth_smallest(c.gap_ba[~ab]) if n_ba else None
-        eps = 0.0
-        if upper is not None and eps > upper:
-            eps = float(upper)
-        if lower is not None and eps < lower:
-            eps = float(lower)
+        eps = 0.0   # (1 ns to spare: a tie would leave the two hosts' hops in either order)
+        if upper is not None and eps >= upper:
+            eps = float(upper) - 1
+        if lower is not None and eps <= lower:
+            eps = float(lower) + 1
         return PairFit(eps, 0.0, t0, None, n_ab, n_ba, 0, 0, "causality")
     # the windows' intervals on gaps less the drift, so that a window's packets agree
     s0 = _drift(c, ab)
@@ -337,12 +361,17 @@ def fit_pair(c: Crossings) -> PairFit | None:
                    "packets")
 
 
-def refine(maps: list[ClockMap], table) -> list[ClockMap]:
-    """The hosts' ping clocks corrected by the packets between them: from the host with
-    the best ping bound outwards along the pairs with crossings (module docstring, 2)."""
+def refine(maps: list[ClockMap], *tables) -> list[ClockMap]:
+    """The hosts' ping clocks corrected by the packets between them (in joined tables of
+    the same files): from the host with the best ping bound outwards along the pairs
+    with crossings (module docstring, 2)."""
     if len(maps) < 2:
         return maps
-    pairs = crossings(table)
+    pairs: dict[tuple[int, int], Crossings] = {}
+    for table in tables:
+        for k, c in crossings(table).items():
+            pairs[k] = c if k not in pairs else Crossings(*(np.concatenate([getattr(pairs[k], f), getattr(c, f)])
+                                                            for f in ("t", "mid", "gap_ab", "gap_ba", "hooks")))
     if not pairs:
         return maps
     errs = [m.error_ns if m.error_ns is not None else 1 << 62 for m in maps]
@@ -358,6 +387,8 @@ def refine(maps: list[ClockMap], table) -> list[ClockMap]:
             if y in done:
                 continue
             f = fit_pair(c)
+            if f is not None and f.source == "causality" and f.eps_ns == 0:
+                continue   # one way, and no packet arrived before it left: the pings stand
             if f is None or f.source == "none":
                 if f is not None and f.skipped:
                     out[y].notes.append(f"{f.skipped} window(s) of packets to and from {x} contradicted each "

@@ -645,30 +645,90 @@ def read_table(paths, *, flow: Flow | None = None, hosts: list[str] | None = Non
                slack_ns: int = SLACK_NS, clocks: list[ClockMap] | None = None,
                sync_clocks: bool = True) -> PacketTable:
     """The packets of the trace files named (directories expanded), joined as a stream.
-    With several hosts the clocks are the pings' refined by the packets that cross
-    between the hosts (clock_maps), unless given (or sync_clocks is off: pings only)."""
+    With several hosts the pings' clocks are then refined by the table's own packets
+    that cross between hosts (sync_tables), unless clocks are given or sync_clocks is off."""
     _reuse_freed_memory()
-    opts = dict(gap_ns=gap_ns, window=window, parallel=parallel, batch_bytes=batch_bytes, slack_ns=slack_ns)
-    work = files_by_host(paths, hosts)
-    if clocks is None and sync_clocks and len(work) > 1:
-        if flow is not None and not flow.empty:  # every packet crossing counts, not only the flow's
-            clocks = clock_maps(paths, hosts, **opts)
-        else:
-            table = StreamJoin(work, flow, clocks=None, **opts).run()
-            synced = refine(table.clocks, table)
-            if all(a is b for a, b in zip(synced, table.clocks)):
-                return table
-            clocks, work = synced, files_by_host(paths, hosts)
-    return StreamJoin(work, flow, clocks=clocks, **opts).run()
+    table = StreamJoin(files_by_host(paths, hosts), flow, gap_ns, window, parallel, batch_bytes, slack_ns,
+                       clocks).run()
+    if clocks is None and sync_clocks:
+        sync_tables([table])
+    return table
+
+
+def sync_tables(tables: list[PacketTable]) -> None:
+    """Refine the hosts' clocks with the packets of all these tables (joins of the same
+    files, e.g. requests and replies) and put every table on them (retime)."""
+    if not tables or len(tables[0].clocks) < 2:
+        return
+    synced = refine(tables[0].clocks, *tables)
+    for t in tables:
+        retime(t, synced)
 
 
 def clock_maps(paths, hosts: list[str] | None = None, **opts) -> list[ClockMap]:
-    """Each host's clock map (clocksync), in files_by_host's order: from the pings, then,
-    with several hosts, refined by every packet that crosses between them (one join of
-    all the packets on the ping clocks; hops on two hosts may change order after it,
-    so the caller joins again on the result)."""
-    table = StreamJoin(files_by_host(paths, hosts), None, clocks=None, **opts).run()
-    return refine(table.clocks, table)
+    """Each host's clock map (clocksync), in files_by_host's order, as read_table makes it
+    for the whole trace (every packet, no flow)."""
+    return read_table(paths, hosts=hosts, **opts).clocks
+
+
+def retime(table: PacketTable, clocks: list[ClockMap]) -> None:
+    """Move a joined table onto other clocks, in place: each hop's times by its host's
+    change. A packet whose hops on two hosts change order is re-sorted into the path of
+    its new order (the rows of a path stay in time order only per part, as joined)."""
+    old = table.clocks
+    if len(old) != len(clocks) or all(a is b for a, b in zip(old, clocks)):
+        return
+
+    def change(h: int, t: np.ndarray) -> np.ndarray:
+        """Collector-time t of host h: how much earlier it becomes (int64)."""
+        host_t = t + old[h].offset_ns
+        return (ClockMap.offsets(clocks[h], host_t) - ClockMap.offsets(old[h], host_t)).astype(np.int64)
+
+    moved = [h for h in range(len(clocks)) if clocks[h] is not old[h]]
+    merged: dict[tuple[int, ...], list] = {}
+    for p in table.paths:
+        hosts = table.hop_host[list(p.hops)]
+        if not np.isin(hosts, moved).any():
+            merged.setdefault(p.hops, []).extend(p.parts)
+            continue
+        for first, pkt, d in p.parts:
+            t = np.empty((first.size, len(p.hops)), np.int64)
+            t[:, 0] = first
+            if p.segments:
+                np.cumsum(d, axis=1, dtype=np.int64, out=t[:, 1:])
+                t[:, 1:] += first[:, None]
+            for h in moved:
+                cols = np.flatnonzero(hosts == h)
+                if cols.size:
+                    t[:, cols] -= change(h, t[:, cols])
+            order = np.argsort(t, axis=1, kind="stable")
+            same = (order == np.arange(len(p.hops))).all(axis=1)
+            if same.all():
+                merged.setdefault(p.hops, []).append((t[:, 0].copy(), pkt, np.diff(t, axis=1)))
+                continue
+            if same.any():
+                merged.setdefault(p.hops, []).append((t[same, 0].copy(), pkt[same], np.diff(t[same], axis=1)))
+            rest = np.flatnonzero(~same)
+            o, tr = order[rest], np.take_along_axis(t[rest], order[rest], axis=1)
+            hop_seq = np.asarray(p.hops)[o]
+            for seq in np.unique(hop_seq, axis=0):
+                r = (hop_seq == seq).all(axis=1)
+                merged.setdefault(tuple(int(x) for x in seq), []).append(
+                    (tr[r, 0].copy(), pkt[rest][r], np.diff(tr[r], axis=1)))
+    table.paths = sorted((PathRows(h, parts) for h, parts in merged.items()), key=lambda r: -r.count)
+    for h in moved:
+        for cols in (table.drops, table.sched):
+            if cols.get("ts") is not None and cols["ts"].size:
+                mine = cols["host"] == h
+                cols["ts"][mine] -= change(h, cols["ts"][mine])
+    firsts = [p.first_ts for p in table.paths if p.count]
+    if firsts:
+        table.t_first = min(int(f.min()) for f in firsts)
+    table.clocks = list(clocks)
+    table.offset_ns = [m.offset_ns for m in clocks]
+    table.error_ns = [m.error_ns for m in clocks]
+    for h, m in zip(table.hosts, clocks):
+        h.clock = m.describe() if m.source != "none" else None
 
 
 def without_hops(table: PacketTable, names) -> PacketTable:

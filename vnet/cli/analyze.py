@@ -104,8 +104,9 @@ def analyze(
         raise UsageError("--round-trip needs the requests' flow: --proto and --sport or --dport (or --flow)")
     if clocks not in ("packets", "pings"):
         raise UsageError(f"--clocks {clocks!r}: use 'packets' or 'pings'")
+    # with --round-trip, the requests' and the replies' crossings refine the clocks together
     table = read_table(files, flow=filt, hosts=host or None, gap_ns=int(max_gap * 1e9),
-                       sync_clocks=clocks == "packets")
+                       sync_clocks=clocks == "packets" and not round_trip)
     if not table.hosts:
         raise UsageError("no readable trace in these files")
     pairing = None
@@ -113,7 +114,11 @@ def analyze(
         from vnet.analysis.roundtrip import describe, reverse, round_trips
 
         replies = read_table(files, flow=reverse(filt), hosts=host or None, gap_ns=int(max_gap * 1e9),
-                             clocks=table.clocks)
+                             sync_clocks=False)
+        if clocks == "packets":
+            from vnet.analysis.stream import sync_tables
+
+            sync_tables([table, replies])
     if ignore_hop:
         from vnet.analysis.roundtrip import REPLY_SUFFIX
         from vnet.analysis.stream import without_hops
