@@ -147,6 +147,9 @@ class AgentTrace:
             return self._summary
 
     def _stop_once(self) -> dict:
+        # detach first: hooks still firing after the last drain (sched:runq fires all the time)
+        # would show up as events the agent never read
+        self.trace.detach()
         self._stop.set()
         self._thread.join(timeout=10)
         final = self.status()

@@ -335,6 +335,12 @@ class Trace:
             h.counts[k["bucket"]] = h.counts.get(k["bucket"], 0) + int.from_bytes(value, "little")
         return points, hists
 
+    def detach(self) -> None:
+        """Stop every hook, keep the ring and the maps: what is in the ring can still be read
+        and the counters are final (idempotent)."""
+        for h in self.hooks:
+            h.link.detach()
+
     def close(self) -> None:
         """Detach every hook and release every object (idempotent)."""
         for obj in reversed(self.objects):  # the first owns the ring reader: close it last
