@@ -131,6 +131,10 @@ CATALOG: tuple[ProbeSpec, ...] = (
               _function("handle_tx"), module="vhost_net", task=True),
     ProbeSpec("vhost:handle_rx", BACKEND, "call", "vhost-net worker fills a VM's RX virtqueue",
               _function("handle_rx"), module="vhost_net", task=True),
+    # Inside a guest: its virtio-net driver (the frontend of the host's tap/vhost). The receive
+    # side is net:napi_gro_receive_entry on the virtio NIC (the driver builds the skb there).
+    ProbeSpec("virtio:start_xmit", GUEST, "packet", "a guest's virtio-net driver puts a packet on its TX queue "
+              "(towards the host)", _function("start_xmit", 1), module="virtio_net"),
     # Xen netback (dom0): the guest's vif backend.
     ProbeSpec("xen:start_xmit", BACKEND, "packet", "netback sends a packet to a Xen guest",
               _function("xenvif_start_xmit", 1), module="xen_netback"),
