@@ -456,8 +456,27 @@ def test_control_package_fields():
                    "directions": ["ingress", "egress"], "probes": [], "pids": [], "min_runq_ns": 0,
                    "filter": {"ifaces": ["veth1"], "sample": "16"}, "record": "events", "duration_s": 10.0,
                    "count": None, "interval_s": None, "snaplen": 0, "ring_bytes": 8 << 20, "strict": False,
-                   "collector": {"address": "127.0.0.1:7879"}}
+                   "hypervisor": None, "collector": {"address": "127.0.0.1:7879"}}
     assert control_package_to_filter(pkg) == PacketFilter(sample="16", ifaces=("veth1",))
+
+
+GUEST = GOOD + """
+[[host]]
+name = "vm1"
+agent = "10.0.0.2:7878"
+interfaces = ["eth0"]
+hypervisor = "{hv}"
+"""
+
+
+def test_a_guest_names_its_hypervisor_among_the_hosts():
+    spec = loads(GUEST.format(hv="hv1"))
+    assert spec.hosts[1].hypervisor == "hv1" and spec.hosts[0].hypervisor is None
+    assert spec.control_packages()["vm1"]["hypervisor"] == "hv1"  # into the guest's file header
+    for bad, why in (("hv9", "'hv9' is not another host of this spec"), ("vm1", "'vm1' is not another host")):
+        with pytest.raises(SpecError, match=why) as e:
+            loads(GUEST.format(hv=bad))
+        assert "host[1].hypervisor" in str(e.value)
 
 
 def test_control_package_to_filter_refuses_what_it_does_not_know():

@@ -179,9 +179,18 @@ def _reason_name(host: HostEvents, value: int) -> str:
     return names.get(value, str(value))
 
 
+def _hypervisors(table: PacketTable) -> np.ndarray:
+    """Per host index, the index of the host whose threads run it (a VM guest's hypervisor,
+    as the trace spec said: `hypervisor` in its request), else -1."""
+    index = {h.host: i for i, h in enumerate(table.hosts)}
+    return np.array([index.get(((h.header or {}).get("request") or {}).get("hypervisor"), -1)
+                     for h in table.hosts] or [-1], np.int64)
+
+
 def _sched(table: PacketTable, rows: list[PathRows], e2e: list[np.ndarray], e2e_stats: list[dict]) -> dict | None:
     """Join each tail packet's slowest segment with the run-queue waits ([ts - runq_ns, ts])
-    of watched threads on the hosts of that segment that overlap it in time."""
+    of watched threads on the hosts of that segment (or on the hypervisor that runs a guest
+    among them) that overlap it in time."""
     s = table.sched
     if not s or not s["ts"].size:
         return None
@@ -216,7 +225,10 @@ def _sched(table: PacketTable, rows: list[PathRows], e2e: list[np.ndarray], e2e_
     pk = np.repeat(np.arange(t_a.size), n_pairs)
     wi = np.arange(int(n_pairs.sum())) - np.repeat(np.cumsum(n_pairs) - n_pairs, n_pairs) + lo[pk]
     ov = np.minimum(t_b[pk], w_end[wi]) - np.maximum(t_a[pk], w_end[wi] - runq[wi])
-    ok = (ov > 0) & ((w_host[wi] == h_a[pk]) | (w_host[wi] == h_b[pk]))
+    # a wait counts on its own host, and on the guests it runs (the spec's `hypervisor`)
+    hv = _hypervisors(table)
+    ok = (ov > 0) & ((w_host[wi] == h_a[pk]) | (w_host[wi] == h_b[pk])
+                     | (w_host[wi] == hv[h_a[pk]]) | (w_host[wi] == hv[h_b[pk]]))
     pk, wi, ov = pk[ok], wi[ok], ov[ok]
     explained = np.minimum(np.bincount(pk, weights=ov, minlength=t_a.size).astype(np.int64), t_b - t_a)
     per_wait = np.bincount(wi, weights=ov, minlength=w_end.size)

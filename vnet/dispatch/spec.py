@@ -4,7 +4,7 @@ runs, checked on the dispatcher machine and cut into per-host control packages.
     [trace]                      # name, duration/count, record, interval, snaplen, ring_size, strict
     [collector]                  # address, key
     [filter]                     # every host's filter: the `vnet trace` filters and a tcpdump expression
-    [[host]]                     # name, agent, interfaces, probes, direction, pids, min_runq
+    [[host]]                     # name, agent, interfaces, probes, direction, pids, min_runq, hypervisor
     [host.filter]                # this host's filter keys, replacing the global ones key by key
 
 Everything is checked that does not depend on the machine the trace will run
@@ -47,7 +47,7 @@ RECORD_MODES = ("events", "aggregate", "both")
 TOP_KEYS = ("trace", "collector", "filter", "host")
 TRACE_KEYS = ("name", "duration", "count", "record", "interval", "snaplen", "ring_size", "strict")
 COLLECTOR_KEYS = ("address", "key")
-HOST_KEYS = ("name", "agent", "interfaces", "probes", "direction", "pids", "min_runq", "filter")
+HOST_KEYS = ("name", "agent", "interfaces", "probes", "direction", "pids", "min_runq", "hypervisor", "filter")
 # Spec key -> PacketFilter field. The keys are `vnet trace`'s filter options.
 FILTER_KEYS = {"expression": "expression", "proto": "proto", "src": "src", "dst": "dst", "host": "host",
                "sport": "sport", "dport": "dport", "port": "port", "min_len": "len_min", "max_len": "len_max",
@@ -96,6 +96,7 @@ class HostSpec:
     min_runq_ns: int                 # sched:runq reports waits at least this long
     filter: PacketFilter             # [filter] with [host.filter] over it
     line: int | None = None          # of its [[host]] header
+    hypervisor: str | None = None    # a VM guest: the host (of this spec) whose threads run it
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class Spec:
                 "probes": list(host.run_probes), "pids": list(host.pids), "min_runq_ns": host.min_runq_ns,
                 "filter": filter_fields(host.filter), "record": self.record, "duration_s": self.duration_s,
                 "count": self.count, "interval_s": self.interval_s, "snaplen": self.snaplen,
-                "ring_bytes": self.ring_bytes, "strict": self.strict,
+                "ring_bytes": self.ring_bytes, "strict": self.strict, "hypervisor": host.hypervisor,
                 "collector": {"address": self.collector.address}}
 
     def control_packages(self) -> dict[str, dict[str, Any]]:
@@ -387,6 +388,11 @@ class _Checker:
             if not isinstance(table, dict):
                 self.fail(("host", i), f"expected a table, got {_toml_type(table)} (write one [[host]] per host)")
             checked.append(self.host(table, ("host", i), base_filter, checked))
+        names = {h.name for h in checked}
+        for i, h in enumerate(checked):
+            if h.hypervisor is not None and (h.hypervisor not in names or h.hypervisor == h.name):
+                self.fail(("host", i, "hypervisor"), f"{h.hypervisor!r} is not another host of this spec "
+                          f"(the host whose threads run this guest: {', '.join(sorted(names - {h.name})) or 'none'})")
         spec = Spec(self.source, name, record, duration_s, count, interval_s, snaplen, ring_bytes, strict,
                     collector, tuple(checked))
         for i, host in enumerate(spec.hosts):
@@ -506,10 +512,11 @@ class _Checker:
             if key in table and not sched:
                 self.fail(path + (key,), "only sched:* probes use it, and this host's probes have none")
 
+        hypervisor = self.get(table, path, "hypervisor", str, default=None)
         own = self.filter(self.get(table, path, "filter", dict, default={}), path + ("filter",))
         return HostSpec(name, agent, tuple(interfaces), DIRECTIONS if direction == "both" else (direction,),
                         tuple(probes), tuple(run), tuple(pids), min_runq_ns,
-                        self.merged_filter(base_filter, own, path), self.where.line(path))
+                        self.merged_filter(base_filter, own, path), self.where.line(path), hypervisor)
 
     def probe(self, pattern: str, path: KeyPath) -> list[str]:
         """The catalog names `pattern` stands for (PROBE@HOOK kept); a dev: pattern stands for itself."""
