@@ -31,7 +31,7 @@ def test_unknown_scenario_is_one_line_and_exit_2(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "vnet: error: unknown demo scenario 'nope' (one of ovs-congestion, tail-latency, tail-latency-qemu, bridge, all)"]
+        "vnet: error: unknown demo scenario 'nope' (one of ovs-congestion, tail-latency, tail-latency-qemu, vm-boundary, bridge, all)"]
 
 
 def test_ctrl_c_mid_scenario_removes_what_it_built(tmp_path):

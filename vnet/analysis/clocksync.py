@@ -146,7 +146,7 @@ def from_pings(samples: list[dict]) -> ClockMap:
 # way it crossed even when the clocks' bound is wider than the crossing.
 OUTGOING = {"net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit", "sock:udp_sendmsg",
             "sock:tcp_sendmsg", "ovs:vport_send", "bridge:forward", "veth:xmit", "tun:net_xmit",
-            "vhost:handle_rx", "xen:start_xmit", "xen:rx_action"}
+            "vhost:handle_rx", "xen:start_xmit", "xen:rx_action", "virtio:start_xmit"}
 INCOMING = {"net:netif_rx", "net:napi_gro_receive_entry", "net:netif_receive_skb", "sock:udp_recvmsg",
             "sock:tcp_recvmsg", "sock:datagram_copy", "ovs:vport_receive", "bridge:handle_frame", "tun:get_user",
             "vhost:handle_tx", "xen:tx_action"}

@@ -23,15 +23,16 @@ from vnet.probes import features
 from .common import cli_errors, setup_logging
 
 SCENARIOS = {"ovs-congestion": "vnet.demo.ovs_congestion", "tail-latency": "vnet.demo.tail_latency",
-             "tail-latency-qemu": "vnet.demo.tail_latency_qemu", "bridge": "vnet.demo.bridge"}
-ALL = ("ovs-congestion", "tail-latency", "tail-latency-qemu")  # the last one where QEMU is installed
+             "tail-latency-qemu": "vnet.demo.tail_latency_qemu", "vm-boundary": "vnet.demo.vm_boundary",
+             "bridge": "vnet.demo.bridge"}
+ALL = ("ovs-congestion", "tail-latency", "tail-latency-qemu", "vm-boundary")  # the QEMU ones where installed
 
 
 @cli_errors
 def demo(
-    scenario: str = typer.Argument("all", metavar="[ovs-congestion|tail-latency|tail-latency-qemu|bridge|all]",
+    scenario: str = typer.Argument("all", metavar="[ovs-congestion|tail-latency|tail-latency-qemu|vm-boundary|bridge|all]",
                                    help="Which scenario; all: ovs-congestion, tail-latency and, where QEMU and "
-                                        "virtme-ng are installed, tail-latency-qemu."),
+                                        "virtme-ng are installed, tail-latency-qemu and vm-boundary."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for trace files, analysis, plots "
                                                                  "(default: ./vnet-demo-TIME)."),
     quick: bool = typer.Option(False, "--quick", help="Smaller runs (what the test suite does)."),
@@ -52,8 +53,9 @@ def demo(
 
         why = available()
         if why:
-            print(f"vnet demo: skipping tail-latency-qemu: {why}", file=sys.stderr)
-            names.remove("tail-latency-qemu")
+            for qemu in ("tail-latency-qemu", "vm-boundary"):
+                print(f"vnet demo: skipping {qemu}: {why}", file=sys.stderr)
+                names.remove(qemu)
 
     folder = out or Path(f"vnet-demo-{time.strftime('%Y%m%d-%H%M%S')}")
     folder.mkdir(parents=True, exist_ok=True)

@@ -129,12 +129,13 @@ def available() -> str | None:
 class _Guest:
     """QEMU booted by vng inside the host netns, its NIC on `tap`; stop() ends it."""
 
-    def __init__(self, procs: tl._Procs, net: tl._Net, tap: str, folder: Path):
+    def __init__(self, procs: tl._Procs, net: tl._Net, tap: str, folder: Path, script_text: str | None = None):
         vng, kernel = _find_tools()
         self.log = folder / "guest.log"
         script = folder / "guest.sh"
-        script.write_text(_GUEST.format(find_nic=FIND_VIRTIO_NIC, log=shlex.quote(str(self.log)), ip=tl.VM_IP, port=tl.ECHO_PORT,
-                                        life=GUEST_LIFE, stop=STOP.decode()))
+        script.write_text(script_text or _GUEST.format(find_nic=FIND_VIRTIO_NIC, log=shlex.quote(str(self.log)),
+                                                       ip=tl.VM_IP, port=tl.ECHO_PORT, life=GUEST_LIFE,
+                                                       stop=STOP.decode()))
         qemu_opts = (f"-netdev tap,id=n1,ifname={tap},script=no,downscript=no "
                      f"-device virtio-net-pci,netdev=n1,mac={tl.VM_MAC} -name vnet-guest,debug-threads=on")
         argv = ["ip", "netns", "exec", net.host_ns, vng, f"--qemu-opts={qemu_opts}", "--disable-kvm",

@@ -1,0 +1,82 @@
+"""`vnet demo vm-boundary` (issue 12): a QEMU guest (6.1, software emulation) with a
+virtio NIC on a host tap runs its own vnet agent and a UDP echo server; the host runs
+an agent, a collector and one `vnet dispatch` spec for both. Each request and its
+reply must be joined across the boundary by pkt_id (>= 95% of the round trips), the
+hypervisor's segments (host tap -> guest receive, guest transmit -> host tap) must
+come out positive within the stated clock bound after the collector's clock
+estimate is refined by the packets, and with a CPU-bound process on the CPU of
+QEMU's vCPU thread the added tail must be blamed on that thread's run-queue waits.
+
+One retry; a skip with the numbers when the baseline itself was slow (the machine
+is shared). Nothing the scenario started may outlive it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kernel_support import new_orphans, vnet_snapshot
+from test_demo_tail_qemu import _left_behind
+from vnet.demo import DemoContext, tail_latency, tail_latency_qemu, vm_boundary
+
+pytest.importorskip("numpy", reason="the demo analyses with vnet's analysis extra (numpy)")
+
+if vm_boundary.available():
+    pytest.skip(f"QEMU guest not available: {vm_boundary.available()}", allow_module_level=True)
+
+
+def test_one_timeline_across_the_boundary_and_the_vcpu_wait(tmp_path):
+    before = vnet_snapshot()
+    attempts = []
+    for attempt in (1, 2):
+        folder = tmp_path / f"attempt{attempt}"
+        folder.mkdir()
+        t0 = time.monotonic()
+        res = vm_boundary.run(DemoContext(out_dir=folder, quick=True))
+        took = time.monotonic() - t0
+        assert not _left_behind(res, folder), _left_behind(res, folder)
+        assert "rtt" in res.numbers, res.verdict  # it ran (set-up failures come back as ok=False)
+        r = res.numbers["rtt"]["ratio"]
+        attempts.append(f"attempt {attempt} ({took:.0f} s): p50 x{r['p50']}, p99 x{r['p99']}, "
+                        f"p99.9 x{r['p999']}; ok={res.ok} {res.why}")
+        if res.ok:
+            break
+    if not res.ok and res.numbers["baseline_noise"]["busy"]:
+        pytest.skip("the machine was too busy for the comparison: " + " | ".join(attempts))
+    assert res.ok, " | ".join(attempts)
+
+    n = res.numbers["params"]["requests"]
+    for run in ("alone", "with_hog"):
+        b = res.numbers["boundary"][run]
+        # paths complete across the boundary
+        assert b["round_trips_crossing"] >= vm_boundary.MIN_COMPLETE * n, b
+        # the hypervisor's segments, both ways, positive within the clock bound
+        segs = b["hypervisor_segments"]
+        into = [s for s in segs if not s["from"].startswith("[guest]") and s["to"].startswith("[guest]")]
+        out_of = [s for s in segs if s["from"].startswith("[guest]") and not s["to"].startswith("[guest]")]
+        assert into and out_of, segs
+        for s in segs:
+            assert s["clock_error_ns"] is not None and s["min_ns"] >= -s["clock_error_ns"], s
+        # the guest's clock: refined by the packets crossing both ways, with its bound
+        clock = b["guest_clock"]
+        assert clock["source"] == "packets" and min(clock["crossings"]) >= 0.9 * n, clock
+        assert 0 < clock["error_ns"] < 5_000_000, clock
+    # the main path is the whole round trip: host, guest, host
+    hops = res.numbers["boundary"]["with_hog"]["main_path"]
+    assert not hops[0].startswith("[guest]") and any(h.startswith("[guest]") for h in hops), hops
+    assert not hops[-1].startswith("[guest]"), hops
+
+    # the answer: QEMU's vCPU thread waiting behind the hog
+    rtt = res.numbers["rtt"]
+    assert max(rtt["ratio"]["p99"] or 0, rtt["ratio"]["p999"] or 0) >= tail_latency_qemu.MIN_TAIL_RATIO, rtt
+    sched = res.numbers["sched"]
+    assert sched["waiting"].startswith(tail_latency_qemu.VCPU_COMM), sched
+    assert sched["cpu_taken_by"].startswith(tail_latency.HOG_COMM), sched
+    assert sched["share_of_tail"] >= tail_latency_qemu.MIN_SHARE, sched
+    assert tail_latency_qemu.VCPU_COMM in res.verdict, res.verdict
+    assert res.numbers["events_lost"] == {"alone": 0, "with_hog": 0}, res.numbers["events_lost"]
+
+    orphans = new_orphans(before)
+    assert not (orphans.progs or orphans.links), orphans
