@@ -148,6 +148,13 @@ class HostReader:
     or one `vnet trace -w` file) into HostEvents."""
 
     def __init__(self, host: str, header: dict, flow: Flow | None = None):
+        try:  # the header comes from a file: a field of the wrong shape is its fault, said in words
+            self._from_header(host, header, flow)
+        except (AttributeError, TypeError, KeyError, ValueError, IndexError) as e:
+            raise UsageError(f"trace of host {host}: the header does not describe its records "
+                             f"({type(e).__name__}: {e})") from None
+
+    def _from_header(self, host: str, header: dict, flow: Flow | None) -> None:
         abi = header.get("abi") or {}
         structs = abi.get("structs") or {}
         if "vnet_event" not in structs:

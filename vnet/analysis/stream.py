@@ -306,7 +306,7 @@ class StreamJoin:
                 clocks.append(from_pings(r.pings))
         for r, files in zip(self.readers, work.values()):
             r.out.files += [str(f.path) for f in files]
-        if not multi and clocks[0].error_ns is None:
+        if len(clocks) == 1 and clocks[0].error_ns is None:
             clocks = [replace(clocks[0], error_ns=0)]  # one host: its own timeline, nothing to compare
         self.clocks = clocks
         self.offset_ns = [m.offset_ns for m in clocks]

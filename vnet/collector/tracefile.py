@@ -309,6 +309,7 @@ class TraceFileReader:
         self.ignored_bytes = 0
         self.problem: str | None = None
         self.skipped = 0  # whole chunks (good crc) that were not a readable map
+        self.bad_chunks = 0  # events chunks whose records did not decode to the end (events())
         self.header: dict | None = None
         with open(self.path, "rb") as f:
             pre = f.read(PREAMBLE.size)
@@ -459,7 +460,7 @@ class TraceFileReader:
                     chunk = _unpack(payload)
                 except Exception:  # noqa: BLE001 - the frame is whole: step over it
                     continue
-                if isinstance(chunk, dict) and chunk.get("kind") in wanted:
+                if isinstance(chunk, dict) and isinstance(chunk.get("kind"), str) and chunk["kind"] in wanted:
                     yield chunk
 
     def events(self) -> Iterator[dict]:
@@ -467,11 +468,21 @@ class TraceFileReader:
         if self.header is None:
             return
         decoder = event_decoder(self.header)
+        bad: list[str] = []
         for chunk in self.chunks(("events",)):
             blob = chunk.get("records")
-            if isinstance(blob, bytes):
+            if not isinstance(blob, bytes):
+                bad.append(f"chunk {chunk.get('seq')}: no records")
+                continue
+            try:  # a bad frame or record ends its chunk (what came before it was good), not the file
                 for raw in records(blob):
                     yield decoder.decode(raw)
+            except (ValueError, struct.error) as e:
+                bad.append(f"chunk {chunk.get('seq')}: {e}")
+        if bad:
+            self.bad_chunks = len(bad)
+            why = f"{len(bad)} events chunk(s) could not be decoded to the end ({bad[0]})"
+            self.problem = f"{self.problem}; {why}" if self.problem else f"{self.path}: {why}"
 
 
 # -- the header: layouts and names that decode the records ----------------------------------------------
@@ -541,21 +552,22 @@ def event_decoder(header: dict, wall_offset_ns: int | None = None):
     from vnet.trace.records import EventDecoder
 
     abi = header.get("abi")
-    if not isinstance(abi, dict) or "vnet_event" not in abi.get("structs", {}):
+    if not isinstance(abi, dict) or not isinstance(abi.get("structs"), dict) or "vnet_event" not in abi["structs"]:
         raise UsageError("trace header has no record layout (abi)")
     if abi.get("byteorder", sys.byteorder) != sys.byteorder:
         raise UsageError(f"trace was written on a {abi['byteorder']}-endian host: decoding it here is not supported")
     structs = abi["structs"]
     sched = layout_from_dict(structs["vnet_sched_event"]) if "vnet_sched_event" in structs else None
-    if wall_offset_ns is None:
-        wall_offset_ns = int((header.get("clock") or {}).get("wall_offset_ns", 0))
-    reasons = {int(v): str(n) for v, n in header.get("drop_reasons") or ()}  # never this host's kernel's
+    # every field below comes from a file: any shape it should not have is the header's fault
     try:
+        if wall_offset_ns is None:
+            wall_offset_ns = int((header.get("clock") or {}).get("wall_offset_ns", 0))
+        reasons = {int(v): str(n) for v, n in header.get("drop_reasons") or ()}  # never this host's kernel's
         return EventDecoder(layout_from_dict(structs["vnet_event"]), abi.get("enums", {}),
                             labels_from_list(header.get("labels")), wall_offset_ns,
                             ifnames=_StaticNames(header.get("ifnames")), drop_reasons=reasons, sched_layout=sched)
-    except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"trace header: cannot decode events with it ({e})") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise UsageError(f"trace header: cannot decode events with it ({type(e).__name__}: {e})") from None
 
 
 def decode_events(header: dict, records_blob: bytes, wall_offset_ns: int | None = None) -> list[dict]:
