@@ -10,17 +10,14 @@ import collections
 import logging
 import threading
 
-import cffi
-
 from vnet.errors import LibbpfMissingError, UnsupportedError
 
-from ._cdef import CDEF, LIBC_CDEF, OPTIONAL_SYMBOLS
+from . import _ffi
+from ._cdef import OPTIONAL_SYMBOLS
 
 log = logging.getLogger("vnet.libbpf")
 
-ffi = cffi.FFI()
-ffi.cdef(CDEF)
-ffi.cdef(LIBC_CDEF)
+ffi = _ffi.load("_libbpf_ffi")  # _cdef.CDEF and LIBC_CDEF, pre-parsed
 
 LIBRARY_NAMES = ("libbpf.so.1", "libbpf.so")
 MIN_VERSION = (1, 0)
@@ -95,7 +92,7 @@ def has(symbol: str) -> bool:
         raise KeyError(f"{symbol} is not declared as optional")
     try:
         getattr(lib(), symbol)
-    except AttributeError:
+    except (AttributeError, ffi.error):  # in-line cdef: AttributeError; pre-parsed (out-of-line): ffi.error
         return False
     return True
 
