@@ -220,6 +220,29 @@ def check(name: str) -> Feature:
         return feature
 
 
+def known(name: str) -> Feature | None:
+    """The cached answer for `name`, if it was probed already (no probe here)."""
+    with _lock:
+        return _cache.get(name)
+
+
+# Kinds of hooks a trace may presume available, and the capabilities their probe needs: the
+# trace's own load and attach of the program is the same test as the feature probe, so a
+# one-shot trace tries it directly and probes (check) only when that fails (vnet.probes.resolve).
+PRESUMABLE = {"tp_btf": {"perfmon": True}, "raw_tp": {"perfmon": True}, "tracepoint": {"perfmon": True},
+              "fentry": {"perfmon": True}, "kprobe": {"perfmon": True}}
+
+
+def presumed(name: str) -> bool:
+    """Whether a trace may try `name` without probing it first: it is not known to be missing,
+    and the process has the capabilities its probe would need (without them the probe's answer,
+    "needs root", is what the user gets, as before)."""
+    cached = known(name)
+    if cached is not None:
+        return cached.ok
+    return name in PRESUMABLE and _needs_root(name, **PRESUMABLE[name]) is None
+
+
 def all_features() -> list[Feature]:
     """Every feature, from what vnet needs first to what it can do without."""
     return [check(name) for name in NAMES]

@@ -60,6 +60,9 @@ class Plan:
     name: str = ""
     filterable: bool = False  # its config has the packet filter (struct vnet_filter)
     link: str = "ethernet"    # TC plans: the device's link type, for the tcpdump expression
+    # When the plan's hook was presumed to work (resolve(presume=True)) and its load or attach
+    # fails: given that error, the plan to try instead, or raises (vnet.probes.resolve.plan).
+    fallback: Callable[[VnetError], "Plan"] | None = None
 
 
 @dataclass
@@ -146,11 +149,11 @@ class Trace:
             for plan in self.plans:
                 probe_id = len(self.objects)
                 try:
-                    obj, hooks = self._load(plan, probe_id)
+                    plan, (obj, hooks) = self._load_or_fall_back(plan, probe_id)
                 except VnetError as e:
                     if self.strict:
                         raise
-                    self.skipped.append((plan.name, str(e)))
+                    self.skipped.append((plan.name, getattr(e, "reason", None) or str(e)))
                     log.info("skipping %s: %s", plan.name, e)
                     continue
                 self.hooks += hooks
@@ -179,6 +182,15 @@ class Trace:
 
             self._btf_file = Btf.from_file(str(object_path("tc_trace")))
         return self._btf_file
+
+    def _load_or_fall_back(self, plan: Plan, probe_id: int) -> tuple[Plan, tuple[BpfObject, list[Hook]]]:
+        try:
+            return plan, self._load(plan, probe_id)
+        except VnetError as e:
+            if plan.fallback is None:
+                raise
+            other = plan.fallback(e)  # raises when there is nothing else to try
+        return other, self._load(other, probe_id)
 
     def _load(self, plan: Plan, probe_id: int) -> tuple[BpfObject, list[Hook]]:
         obj = BpfObject(object_path(plan.obj))
