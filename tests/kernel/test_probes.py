@@ -162,8 +162,8 @@ def test_forcing_an_implementation():
 
 def test_a_presumed_hook_that_fails_falls_back_to_the_next(monkeypatch):
     """`vnet trace` does not probe tp_btf before loading (resolve(presume=True)): when its own attach
-    then fails and the real probe says tp_btf does not work, it takes raw_tp, as resolving with the
-    probe would have. A failure the probe does not confirm is the trace's own error."""
+    then fails and resolving with every check (the real probe says tp_btf does not work) picks
+    raw_tp, it takes raw_tp. When that resolution picks the same hook, the error is the trace's own."""
     from vnet.binding.object import Program
     from vnet.errors import AttachError
     from vnet.probes import features

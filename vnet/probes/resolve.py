@@ -112,7 +112,12 @@ def _missing(fn: str, module: str | None) -> str:
 def _check(spec: ProbeSpec, hook: Hook, presume: bool = False) -> tuple[str, int]:
     """'' when `hook` can run here (with the classic tracepoint's skb offset), else why not.
     presume: see resolve()."""
-    feature = None if presume and features.presumed(hook.kind) else features.check(hook.kind)
+    presumed = presume and features.presumed(hook.kind)
+    if presumed and hook.kind != "tracepoint":
+        # Whether the tracepoint or function exists, the load (attach target) or attach tells too;
+        # looking first costs a parse of the kernel's BTF or a read of kallsyms.
+        return "", 0
+    feature = None if presumed else features.check(hook.kind)
     unsupported = f"{hook.kind}: {feature.error().message}" if feature is not None and not feature.ok else ""
     if hook.kind in ("tp_btf", "raw_tp", "tracepoint"):
         category, name = hook.tracepoint if ":" in hook.target else ("", hook.target)
@@ -141,10 +146,11 @@ def _check(spec: ProbeSpec, hook: Hook, presume: bool = False) -> tuple[str, int
 def resolve(spec: ProbeSpec, force: str | None = None, *, presume: bool = False) -> Resolution:
     """Walk the hooks in preference order (or only `force`, e.g. "kprobe").
 
-    presume=True (a one-shot trace): a hook whose kind is not probed yet is taken when everything
-    else about it checks out (the tracepoint or function exists, the process has the capabilities):
-    the trace's own load and attach test what the feature probe would, and cost what it costs.
-    plan() then gives the Plan a fallback that probes for real if that load or attach fails."""
+    presume=True (a one-shot trace): the first hook whose kind is not known to be missing is taken
+    if the process has the capabilities to try it, unchecked (a classic tracepoint's tracefs format
+    is still read, for its skb offset): the trace's own load and attach test what the feature probe
+    and the BTF/kallsyms lookups would, and cost no more than the load alone. plan() gives the Plan
+    a fallback that resolves with every check if that load or attach fails."""
     hooks = [h for h in spec.hooks if force is None or h.kind == force]
     if force and not hooks:
         kinds = ", ".join(h.kind for h in spec.hooks)
@@ -154,7 +160,7 @@ def resolve(spec: ProbeSpec, force: str | None = None, *, presume: bool = False)
         why, off = _check(spec, hook, presume)
         if not why:
             res.hook, res.tp_skb_off = hook, off
-            res.presumed = presume and features.known(hook.kind) is None
+            res.presumed = presume
             return res
         res.why_not.append(why)
     return res
@@ -219,15 +225,15 @@ def plan(res: Resolution, *, pids: tuple[int, ...] = (), min_runq_ns: int = 0):
         return links
 
     def fallback(error: VnetError) -> Plan:
-        """The presumed hook failed to load or attach: probe its kind for real. Works here: the
-        failure is the trace's own (raised again). Does not: the plan resolve() picks knowing that,
-        or ProbeUnavailable, as without presume."""
-        if features.check(hook.kind).ok:
-            raise error
-        log.info("%s: %s failed (%s); probing the alternatives", spec.name, hook.kind, error)
+        """The presumed hook failed to load or attach: resolve with every check (feature probes,
+        BTF, kallsyms). The same hook again: the failure is the trace's own (raised again). Another
+        one: its plan. None: ProbeUnavailable, with the reason select() would have given."""
+        log.info("%s: %s failed (%s); resolving with every check", spec.name, hook.kind, error)
         again = resolve(spec, res.force)
         if not again.available:
             raise ProbeUnavailable(again) from None
+        if again.hook == hook:
+            raise error
         return plan(again, pids=pids, min_runq_ns=min_runq_ns)
 
     return Plan(spec.obj, CONFIG_VAR[spec.obj], config, programs, attach,
