@@ -20,9 +20,7 @@ from __future__ import annotations
 import enum
 import errno as _errno
 import os
-import shutil
 import struct
-import subprocess
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -589,7 +587,9 @@ def _in_throwaway_netns(fn: Callable[[], Feature]) -> Feature:
 
 def _clsact_here() -> Feature:
     """In the throwaway namespace: a veth pair if `ip` can make one, else its own lo."""
+    import shutil  # here, not at the top: vnet trace imports this module and never runs this probe
     import socket
+    import subprocess
 
     from vnet.errors import BpfError
 
