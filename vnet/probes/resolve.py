@@ -12,7 +12,7 @@ from functools import lru_cache
 
 from vnet.binding import Btf, BpfObject
 from vnet.binding.btf import FUNC, TYPEDEF
-from vnet.errors import UnsupportedError, UsageError, VnetError
+from vnet.errors import ProbeUnavailableError, UsageError, VnetError
 
 from . import features
 from .catalog import BY_NAME, Hook, ProbeSpec
@@ -166,15 +166,6 @@ def resolve(spec: ProbeSpec, force: str | None = None, *, presume: bool = False)
     return res
 
 
-class ProbeUnavailable(UnsupportedError):
-    """A probe that cannot run here after all (found when a presumed hook failed to load/attach)."""
-
-    def __init__(self, res: Resolution):
-        super().__init__(f"probe {res.spec.name} unavailable: {res.reason}",
-                         hint="run 'vnet probes' to see what this kernel can trace")
-        self.reason = res.reason
-
-
 def parse(name: str) -> tuple[ProbeSpec, str | None]:
     """'group:point' or 'group:point@hook' (force one implementation)."""
     base, _, force = name.partition("@")
@@ -227,11 +218,11 @@ def plan(res: Resolution, *, pids: tuple[int, ...] = (), min_runq_ns: int = 0):
     def fallback(error: VnetError) -> Plan:
         """The presumed hook failed to load or attach: resolve with every check (feature probes,
         BTF, kallsyms). The same hook again: the failure is the trace's own (raised again). Another
-        one: its plan. None: ProbeUnavailable, with the reason select() would have given."""
+        one: its plan. None: ProbeUnavailableError, with the reason select() would have given."""
         log.info("%s: %s failed (%s); resolving with every check", spec.name, hook.kind, error)
         again = resolve(spec, res.force)
         if not again.available:
-            raise ProbeUnavailable(again) from None
+            raise ProbeUnavailableError(spec.name, again.reason) from None
         if again.hook == hook:
             raise error
         return plan(again, pids=pids, min_runq_ns=min_runq_ns)

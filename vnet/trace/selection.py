@@ -3,7 +3,7 @@ trace plans, plus the probes that cannot run here and why."""
 
 from __future__ import annotations
 
-from vnet.errors import UnsupportedError, UsageError
+from vnet.errors import ProbeUnavailableError, UnsupportedError, UsageError
 from vnet.probes import catalog
 from vnet.probes import device as devprobe
 from vnet.probes import resolve as resolver
@@ -45,8 +45,7 @@ def select(interfaces: list[str], probes: list[str], directions=devprobe.DIRECTI
             if res.available:
                 plans.append(resolver.plan(res, pids=pids, min_runq_ns=min_runq_ns))
             elif strict:
-                raise UnsupportedError(f"probe {spec.name} unavailable: {res.reason}",
-                                       hint="run 'vnet probes' to see what this kernel can trace")
+                raise ProbeUnavailableError(spec.name, res.reason)
             else:
                 skipped.append((spec.name, res.reason))
     if not plans:

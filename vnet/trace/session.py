@@ -15,7 +15,7 @@ from typing import Callable
 
 from vnet.analysis.histogram import Log2Histogram
 from vnet.binding import BpfObject, Link, RingBuffer
-from vnet.errors import UsageError, VnetError
+from vnet.errors import ProbeUnavailableError, UnsupportedError, UsageError, VnetError
 from vnet.objects import object_path
 from vnet.probes import device as devprobe
 from vnet.probes import features
@@ -145,6 +145,7 @@ class Trace:
         features.require_privileges(net_admin=True)
         features.require_btf()
         labels: dict = {}
+        unavailable_only = True
         try:
             for plan in self.plans:
                 probe_id = len(self.objects)
@@ -153,14 +154,19 @@ class Trace:
                 except VnetError as e:
                     if self.strict:
                         raise
-                    self.skipped.append((plan.name, getattr(e, "reason", None) or str(e)))
+                    unavailable = isinstance(e, ProbeUnavailableError)
+                    self.skipped.append((plan.name, e.reason if unavailable else str(e)))
+                    unavailable_only = unavailable_only and unavailable
                     log.info("skipping %s: %s", plan.name, e)
                     continue
                 self.hooks += hooks
                 labels.update({(probe_id, hook): where for hook, where in plan.labels.items()})
             if not self.objects:
-                raise UsageError("no probe could be attached: " +
-                                 "; ".join(f"{name}: {why}" for name, why in self.skipped))
+                reasons = "; ".join(f"{name}: {why}" for name, why in self.skipped)
+                if unavailable_only:  # found at load time (resolve(presume=True)): what select() says
+                    raise UnsupportedError(f"none of the requested probes can run here ({reasons})",
+                                           hint="run 'vnet probes' to see what this kernel can trace")
+                raise UsageError("no probe could be attached: " + reasons)
             self.labels = labels
             self.decoder = self._decoder(labels)
             log.info("attached %d hooks: %s", len(self.hooks), ", ".join(f"{h.probe} ({h.kind})" for h in self.hooks))
