@@ -37,31 +37,31 @@ def trace(
         help="tcpdump filter expression (pcap-filter(7)), e.g. 'udp and dst port 53'; quoted or as separate words. "
              "Runs in the kernel at every packet hook, on the packet as a capture there would see it."),
     dump_filter: bool = Option(False, "--dump-filter",
-                                     help="Print the expression as classic BPF (like tcpdump -d) and as the eBPF "
-                                          "vnet runs, then exit without tracing."),
+                               help="Print the expression as classic BPF (like tcpdump -d) and as the eBPF "
+                                    "vnet runs, then exit without tracing."),
     interface: List[str] = Option([], "-i", "--interface", metavar="IFACE",
-                                        help="Interface to trace; NETNS/IFACE for one in a named netns. Repeatable."),
+                                  help="Interface to trace; NETNS/IFACE for one in a named netns. Repeatable."),
     probe: List[str] = Option([], "-p", "--probe", metavar="PROBE",
-                                    help="Catalog probe or glob (net:*, ovs:vport_receive, dev:tap*:ingress); "
-                                         "PROBE@HOOK forces one implementation. Repeatable. See 'vnet probes'."),
+                              help="Catalog probe or glob (net:*, ovs:vport_receive, dev:tap*:ingress); "
+                                   "PROBE@HOOK forces one implementation. Repeatable. See 'vnet probes'."),
     strict: bool = Option(False, "--strict", help="Fail if any requested probe is unavailable."),
     pid: List[int] = Option([], "--pid", help="sched:* probes watch this process's threads. Repeatable."),
     min_runq_us: float = Option(0.0, "--min-runq-us", min=0.0,
-                                      help="sched:runq reports only waits at least this long."),
+                                help="sched:runq reports only waits at least this long."),
     count: Optional[int] = Option(None, "-c", "--count", min=1, help="Stop after this many events."),
     duration: Optional[float] = Option(None, "--duration", min=0.0, help="Stop after this many seconds."),
     json_out: bool = Option(False, "--json", help="Print JSON Lines instead of text."),
     write: Optional[Path] = Option(None, "-w", "--write", metavar="FILE",
-                                         help="Record raw events to a vnet trace file (the collector's format) "
-                                              "instead of printing; read it with -r."),
+                                   help="Record raw events to a vnet trace file (the collector's format) "
+                                        "instead of printing; read it with -r."),
     read: Optional[Path] = Option(None, "-r", "--read", metavar="FILE",
-                                        help="Print the events of a trace file (from -w or the collector)."),
+                                  help="Print the events of a trace file (from -w or the collector)."),
     direction: str = Option("both", "--direction", "-d", help="ingress, egress or both."),
     netns: Optional[str] = Option(None, "--netns", help="Default network namespace for -i names."),
     ring_size: int = Option(DEFAULT_RING_BYTES, "--ring-size", help="Ring buffer bytes (power of two)."),
     snaplen: int = Option(0, "--snaplen", "-s", metavar="N",
-                                help=f"Copy the first N packet bytes (up to {SNAP_MAX}) into each event, as tcpdump "
-                                     "would capture them at that hook (for vnet export --to pcapng); 0: none."),
+                          help=f"Copy the first N packet bytes (up to {SNAP_MAX}) into each event, as tcpdump "
+                               "would capture them at that hook (for vnet export --to pcapng); 0: none."),
     proto: Optional[str] = Option(None, "--proto", help="Filter: udp, tcp, icmp, icmp6, ip, ip6 or a number."),
     src: Optional[str] = Option(None, "--src", metavar="ADDR[/LEN]", help="Filter: source address or prefix."),
     dst: Optional[str] = Option(None, "--dst", metavar="ADDR[/LEN]", help="Filter: destination."),
@@ -72,21 +72,21 @@ def trace(
     min_len: Optional[int] = Option(None, "--min-len", min=0, help="Filter: packets at least this long."),
     max_len: Optional[int] = Option(None, "--max-len", min=1, help="Filter: packets at most this long."),
     filter_netns: Optional[str] = Option(None, "--filter-netns", metavar="NETNS",
-                                               help="Filter: packets on devices of this network namespace."),
+                                         help="Filter: packets on devices of this network namespace."),
     filter_iface: List[str] = Option([], "--filter-iface", metavar="IFACE",
-                                           help="Filter: packets on this device (of --filter-netns). Up to 4."),
+                                     help="Filter: packets on this device (of --filter-netns). Up to 4."),
     outer: bool = Option(False, "--outer", help="VXLAN: report, identify and filter the outer (underlay) "
-                                                      "packet instead of the inner one."),
+                                                "packet instead of the inner one."),
     sample: Optional[str] = Option(None, "--sample", metavar="1/N",
-                                         help="Keep 1 packet in N, the same packets at every hook and host."),
+                                   help="Keep 1 packet in N, the same packets at every hook and host."),
     follow: bool = Option(False, "--follow", help="One line (or JSON object) per packet: its path, "
-                                                        "hop by hop with the time between hops."),
+                                                  "hop by hop with the time between hops."),
     follow_idle_ms: float = Option(200.0, "--follow-idle-ms", min=1.0,
-                                         help="--follow: a path is complete after this long without a new hop."),
+                                   help="--follow: a path is complete after this long without a new hop."),
     aggregate: bool = Option(False, "--aggregate", help="No per-packet events: count packets per hook and "
-                                                              "histogram the time between hooks, in the kernel."),
+                                                        "histogram the time between hooks, in the kernel."),
     interval: Optional[float] = Option(None, "--interval", min=0.1,
-                                             help="--aggregate: also print the numbers every this many seconds."),
+                                       help="--aggregate: also print the numbers every this many seconds."),
     verbose: int = Option(0, "-v", "--verbose", count=True, help="-v: attach details; -vv: libbpf log."),
 ):
     """Trace packets at TC ingress/egress of interfaces and at catalog probes, one line per packet per hook."""
