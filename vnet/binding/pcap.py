@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from vnet.errors import UnsupportedError, UsageError
 
 from . import _ffi
-from ._cdef import PCAP_CDEF as CDEF
+from ._cdef import PCAP_CDEF as CDEF  # noqa: F401 (pcap.CDEF: what tests/unit/test_cdef_layout.py checks)
 
 
 LIBRARY_NAMES = ("libpcap.so.1", "libpcap.so.0.8", "libpcap.so")
