@@ -24,7 +24,7 @@ DEMO_PKGS   := openvswitch-switch
 # tools/bench only: the C reference consumer of drain.py (gcc, libbpf-dev) and bpftrace for first_event.py.
 BENCH_PKGS  := gcc libbpf-dev bpftrace
 
-.PHONY: help deps sysdeps vm-deps bench-deps venv bpf check-bpf vmlinux wheel demo test test-unit test-kernel test-vm clean
+.PHONY: help deps sysdeps vm-deps bench-deps venv bpf check-bpf ffi vmlinux wheel demo test test-unit test-kernel test-vm clean
 
 help:
 	@echo "make demo      install what is missing, reproduce and explain the seed's latency problems (OVS congestion, CPU tail, also in a QEMU guest)"
@@ -32,6 +32,7 @@ help:
 	@echo "make test-vm   only the VM suite: kprobe/fentry/OVS datapath on Debian's 6.1 kernel under qemu"
 	@echo "make bpf       compile bpf/src/*.bpf.c into bpf/build/ (committed)"
 	@echo "make check-bpf fail when bpf/build/ differs from a rebuild of bpf/src/"
+	@echo "make ffi       regenerate vnet/binding/_*_ffi.py (committed, pre-parsed cffi declarations) from _cdef.py"
 	@echo "make bench-deps install what tools/bench/drain.py and first_event.py need (gcc, libbpf-dev, bpftrace)"
 	@echo "make wheel     build dist/vnet-*.whl (objects inside, no compiler needed to install)"
 
@@ -102,6 +103,11 @@ check-bpf:
 	  [ -f bpf/src/$$(basename $$obj .bpf.o).bpf.c ] || { echo "check-bpf: $$obj has no source"; rc=1; }; \
 	done; \
 	[ $$rc = 0 ] && echo "check-bpf: $(words $(BPF_SRC)) objects match their sources"; exit $$rc
+
+# cffi out-of-line ABI mode: the declarations of vnet/binding/_cdef.py parsed once, into committed
+# pure-Python modules (no pycparser at run time); tests/unit/test_ffi_modules.py checks they are current.
+ffi: venv
+	$(PY) tools/gen_ffi.py
 
 # vmlinux.h is generated once and committed; the build never reads this host's BTF.
 vmlinux:

@@ -43,6 +43,15 @@ class UnsupportedError(VnetError):
     exit_code = 5
 
 
+class ProbeUnavailableError(UnsupportedError):
+    """A catalog probe none of whose hooks can run here; `reason` says why, without the probe's name."""
+
+    def __init__(self, probe: str, reason: str):
+        super().__init__(f"probe {probe} unavailable: {reason}",
+                         hint="run 'vnet probes' to see what this kernel can trace")
+        self.probe, self.reason = probe, reason
+
+
 class LibbpfMissingError(VnetError):
     exit_code = 6
 

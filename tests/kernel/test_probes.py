@@ -160,6 +160,37 @@ def test_forcing_an_implementation():
     assert {e["hook"] for e in ours(events, "net:netif_receive_skb")} == {"raw_tp"}
 
 
+def test_a_presumed_hook_that_fails_falls_back_to_the_next(monkeypatch):
+    """`vnet trace` does not probe tp_btf before loading (resolve(presume=True)): when its own attach
+    then fails and resolving with every check (the real probe says tp_btf does not work) picks
+    raw_tp, it takes raw_tp. When that resolution picks the same hook, the error is the trace's own."""
+    from vnet.binding.object import Program
+    from vnet.errors import AttachError
+    from vnet.probes import features
+
+    spec = catalog.BY_NAME["net:netif_receive_skb"]
+    monkeypatch.setattr(features, "_cache", {k: v for k, v in features._cache.items() if k != "tp_btf"})
+    res = resolver.resolve(spec, presume=True)
+    assert res.hook.kind == "tp_btf" and res.presumed
+    refused = AttachError("attach trace", 95, "vnet_tp_btf_skb")
+    monkeypatch.setattr(Program, "attach_trace", lambda self: (_ for _ in ()).throw(refused))
+    # the real probe would now see the same refusal: tp_btf unsupported
+    monkeypatch.setitem(features._PROBES, "tp_btf", lambda: features._failed("tp_btf", "attach", refused))
+    with veth_pair(86) as net:
+        with Trace([resolver.plan(res)]) as t:
+            assert [h.kind for h in t.hooks] == ["raw_tp"]
+            send_udp(net.ns1, net.ip2, PORT, count=2)
+            events = collect(t, lambda ev: len(ours(ev, "net:netif_receive_skb")) >= 2)
+    assert {e["hook"] for e in ours(events, "net:netif_receive_skb")} == {"raw_tp"}
+
+    features._cache.pop("tp_btf", None)
+    monkeypatch.setitem(features._PROBES, "tp_btf", lambda: features._feature("tp_btf", features.Support.SUPPORTED, ""))
+    res = resolver.resolve(spec, presume=True)
+    with pytest.raises(AttachError):
+        with Trace([resolver.plan(res)]):
+            pass
+
+
 def test_sched_runq_measures_the_wait_of_watched_threads_only():
     """A sleeper and a CPU hog pinned to one CPU: the sleeper's wakeups wait
     behind the hog, and only the watched process shows up."""

@@ -123,7 +123,7 @@ def test_runs_split_a_mixed_blob_like_records():
 def test_cli_errors_are_one_line(tmp_path):
     from typer.testing import CliRunner
 
-    from vnet.cli.main import app
+    from vnet.cli.app import app
 
     res = CliRunner().invoke(app, ["analyze", str(tmp_path / "none.vnt")])
     assert res.exit_code == 2

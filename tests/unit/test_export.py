@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from synth_trace import Spec, write  # noqa: E402
 
 from vnet.analysis import export as ex  # noqa: E402
-from vnet.cli.main import app  # noqa: E402
+from vnet.cli.app import app  # noqa: E402
 from vnet.errors import UnsupportedError  # noqa: E402
 
 US = 1000

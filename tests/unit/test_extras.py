@@ -23,7 +23,7 @@ def test_analyze_and_export_without_numpy_say_what_to_install(tmp_path):
 
 
 def test_tracing_modules_do_not_import_numpy():
-    code = ("import sys; import vnet.cli.main, vnet.trace.session, vnet.agent.agent, vnet.collector.server, "
+    code = ("import sys; import vnet.cli.main, vnet.cli.app, vnet.trace.session, vnet.agent.agent, vnet.collector.server, "
             "vnet.dispatch.dispatcher, vnet.trace.recorder; print('numpy' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

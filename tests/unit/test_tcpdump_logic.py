@@ -123,6 +123,53 @@ def test_replace_function_fixes_calls_and_function_addresses():
         remap(11)
 
 
+def _fix_calls_by_walking(code: bytes, first: int, last: int, remap) -> bytes:
+    """The splice's offset fixing as one walk over every instruction (what splice._fix_calls
+    finds with a byte scan instead)."""
+    out = bytearray(code[first * 8:last * 8])
+    i = first
+    while i < last:
+        op, src = code[i * 8], code[i * 8 + 1] >> 4
+        if (op == 0x85 and src == 1) or (op == 0x18 and src == 4):
+            imm = struct.unpack_from("<i", code, i * 8 + 4)[0]
+            struct.pack_into("<i", out, (i - first) * 8 + 4, remap(i + 1 + imm) - (remap(i) + 1))
+        i += 2 if op == 0x18 else 1
+    return bytes(out)
+
+
+def test_the_call_scan_finds_what_a_walk_finds():
+    """Random programs full of lookalike bytes (0x85/0x18 in registers, offsets and immediates,
+    LD_IMM64 of maps and of functions, helper calls): the same result as walking them."""
+    import random
+
+    from vnet.binding.splice import _fix_calls
+
+    rng = random.Random(10)
+    for _ in range(200):
+        code = bytearray()
+        n = 0
+        while n < 300:
+            kind = rng.randrange(6)
+            if kind == 0:
+                code += _call(rng.randrange(-n, 300 - n) if n else 1)
+                n += 1
+            elif kind == 1:
+                code += bytes([0x18, rng.choice([0x41, 0x12, 0x04, 0x40]), 0x85, 0x18]) + rng.randbytes(4) + bytes(8)
+                n += 2
+            elif kind == 2:
+                code += bytes([0x85, rng.choice([0x00, 0x20, 0x01])]) + rng.randbytes(6)  # helper calls, lookalikes
+                n += 1
+            else:
+                code += bytes([rng.choice([0xb7, 0x07, 0x61, 0x15]), rng.choice([0x85, 0x18, 0x10, 0x41])]) + \
+                    bytes(rng.choice([0x85, 0x18, 0x14, 0x44]) for _ in range(6))
+                n += 1
+        shift = rng.randrange(1, 5)
+        remap = lambda old: old + (shift if old > 150 else 0)  # noqa: E731
+        first = rng.choice([0, 1]) if code[8] != 0 else 0
+        code = bytes(code)
+        assert _fix_calls(code, first, n, remap) == _fix_calls_by_walking(code, first, n, remap)
+
+
 def test_a_stub_the_compiler_put_work_into_is_refused():
     """clang once folded a constant argument into a stub (r4 = 1): replacing that body loses it."""
     code = _call(0) + Insn(ebpf.ALU64 | ebpf.MOV | ebpf.K, 4, imm=1).encode() + _placeholder(2)

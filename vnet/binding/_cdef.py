@@ -247,3 +247,20 @@ LIBC_CDEF = r"""
 int vasprintf(char **strp, const char *format, void *ap);
 void free(void *ptr);
 """
+
+# libpcap (vnet/binding/pcap.py): <pcap/pcap.h>, checked by test_cdef_layout.py too.
+PCAP_CDEF = r"""
+typedef struct pcap pcap_t;
+struct bpf_insn { unsigned short code; unsigned char jt; unsigned char jf; uint32_t k; };
+struct bpf_program { unsigned int bf_len; struct bpf_insn *bf_insns; };
+struct timeval { long tv_sec; long tv_usec; };
+struct pcap_pkthdr { struct timeval ts; uint32_t caplen; uint32_t len; };
+pcap_t *pcap_open_dead(int linktype, int snaplen);
+void pcap_close(pcap_t *p);
+int pcap_compile(pcap_t *p, struct bpf_program *fp, const char *str, int optimize, uint32_t netmask);
+void pcap_freecode(struct bpf_program *fp);
+char *pcap_geterr(pcap_t *p);
+int pcap_offline_filter(const struct bpf_program *fp, const struct pcap_pkthdr *h, const unsigned char *pkt);
+char *bpf_image(const struct bpf_insn *p, int n);
+const char *pcap_lib_version(void);
+"""

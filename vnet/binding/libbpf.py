@@ -10,17 +10,14 @@ import collections
 import logging
 import threading
 
-import cffi
-
 from vnet.errors import LibbpfMissingError, UnsupportedError
 
-from ._cdef import CDEF, LIBC_CDEF, OPTIONAL_SYMBOLS
+from . import _ffi
+from ._cdef import OPTIONAL_SYMBOLS
 
 log = logging.getLogger("vnet.libbpf")
 
-ffi = cffi.FFI()
-ffi.cdef(CDEF)
-ffi.cdef(LIBC_CDEF)
+ffi = _ffi.load("_libbpf_ffi")  # _cdef.CDEF and LIBC_CDEF, pre-parsed
 
 LIBRARY_NAMES = ("libbpf.so.1", "libbpf.so")
 MIN_VERSION = (1, 0)
@@ -49,6 +46,10 @@ def _open_library():
 
 @ffi.callback("int(int, const char *, void *)", error=0)
 def _print(level, fmt, ap):
+    if level >= 2 and not _keep_debug():
+        # libbpf's debug lines (~1700 per object load: CO-RE relocations...) cost ~8 us each here;
+        # nothing reads them unless -vv shows them (a failed load's diagnosis uses warnings).
+        return 0
     strp = ffi.new("char **")
     n = _libc.vasprintf(strp, fmt, ap)
     if n < 0:
@@ -63,6 +64,10 @@ def _print(level, fmt, ap):
     for line in text.splitlines():
         log.log(_PRINT_LEVELS.get(level, logging.DEBUG), "%s", line)
     return 0
+
+
+def _keep_debug() -> bool:
+    return log.isEnabledFor(logging.DEBUG)
 
 
 def lib():
@@ -95,7 +100,7 @@ def has(symbol: str) -> bool:
         raise KeyError(f"{symbol} is not declared as optional")
     try:
         getattr(lib(), symbol)
-    except AttributeError:
+    except (AttributeError, ffi.error):  # in-line cdef: AttributeError; pre-parsed (out-of-line): ffi.error
         return False
     return True
 

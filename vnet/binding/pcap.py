@@ -10,25 +10,11 @@ import logging
 import threading
 from dataclasses import dataclass
 
-import cffi
-
 from vnet.errors import UnsupportedError, UsageError
 
-CDEF = r"""
-typedef struct pcap pcap_t;
-struct bpf_insn { unsigned short code; unsigned char jt; unsigned char jf; uint32_t k; };
-struct bpf_program { unsigned int bf_len; struct bpf_insn *bf_insns; };
-struct timeval { long tv_sec; long tv_usec; };
-struct pcap_pkthdr { struct timeval ts; uint32_t caplen; uint32_t len; };
-pcap_t *pcap_open_dead(int linktype, int snaplen);
-void pcap_close(pcap_t *p);
-int pcap_compile(pcap_t *p, struct bpf_program *fp, const char *str, int optimize, uint32_t netmask);
-void pcap_freecode(struct bpf_program *fp);
-char *pcap_geterr(pcap_t *p);
-int pcap_offline_filter(const struct bpf_program *fp, const struct pcap_pkthdr *h, const unsigned char *pkt);
-char *bpf_image(const struct bpf_insn *p, int n);
-const char *pcap_lib_version(void);
-"""
+from . import _ffi
+from ._cdef import PCAP_CDEF as CDEF  # noqa: F401 (pcap.CDEF: what tests/unit/test_cdef_layout.py checks)
+
 
 LIBRARY_NAMES = ("libpcap.so.1", "libpcap.so.0.8", "libpcap.so")
 DLT_EN10MB = 1    # Ethernet
@@ -36,8 +22,7 @@ DLT_RAW = 12      # raw IPv4/IPv6, no link header (LINKTYPE_RAW)
 PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
 SNAPLEN = 262144  # tcpdump's default: the largest packet
 
-ffi = cffi.FFI()
-ffi.cdef(CDEF)
+ffi = _ffi.load("_pcap_ffi")  # CDEF, pre-parsed
 _lib = None
 # pcap_compile's parser keeps global state in libpcap < 1.8; one at a time everywhere.
 _lock = threading.RLock()

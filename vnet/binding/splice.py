@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import struct
 import threading
 
@@ -196,17 +197,25 @@ def _check_placeholder(name: str, old: bytes) -> None:
                          f"into it ({len(insns)} instructions); keep its arguments opaque at the call site")
 
 
+# An instruction whose offset needs fixing: a BPF-to-BPF call (src_reg PSEUDO_CALL) or a
+# function-address load (LD_IMM64, src_reg PSEUDO_FUNC); the opcode byte and the regs byte
+# (src_reg in its high nibble). A lookahead, so that matches may overlap.
+_MOVABLE = re.compile(rb"(?=\x85[\x10-\x1f]|\x18[\x40-\x4f])")
+
+
 def _fix_calls(code: bytes, first: int, last: int, remap) -> bytes:
     """Instructions first..last-1, with BPF-to-BPF call and function-address
     offsets (relative to the next instruction) pointing where their targets moved."""
     out = bytearray(code[first * INSN_SIZE:last * INSN_SIZE])
-    i = first
-    while i < last:
-        op, regs = code[i * INSN_SIZE], code[i * INSN_SIZE + 1]
-        src = regs >> 4
-        if (op == CALL and src == PSEUDO_CALL) or (op == LD_IMM64 and src == PSEUDO_FUNC):
-            imm = struct.unpack_from("<i", code, i * INSN_SIZE + 4)[0]
-            target = remap(i + 1 + imm)
-            struct.pack_into("<i", out, (i - first) * INSN_SIZE + 4, target - (remap(i) + 1))
-        i += 2 if op == LD_IMM64 else 1
+    # Only byte offsets that are multiples of 8 start an instruction. The second slot of an
+    # LD_IMM64 has opcode 0, so it never matches: the scan needs no walk over every instruction
+    # (a tc program has ~6000; walking them in Python was ~4 ms of each load).
+    for m in _MOVABLE.finditer(code, first * INSN_SIZE, last * INSN_SIZE):
+        pos = m.start()
+        if pos % INSN_SIZE:
+            continue
+        i = pos // INSN_SIZE
+        imm = struct.unpack_from("<i", code, pos + 4)[0]
+        target = remap(i + 1 + imm)
+        struct.pack_into("<i", out, pos - first * INSN_SIZE + 4, target - (remap(i) + 1))
     return bytes(out)

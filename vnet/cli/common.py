@@ -6,8 +6,6 @@ import functools
 import logging
 import sys
 
-import typer
-
 from vnet.errors import VnetError
 
 
@@ -28,10 +26,12 @@ def setup_logging(verbose: int) -> None:
                                               logging.INFO if verbose == 1 else logging.CRITICAL)
 
 
-def fail(err: VnetError) -> typer.Exit:
-    """One line on stderr, a distinct exit code."""
+def fail(err: VnetError) -> SystemExit:
+    """One line on stderr, a distinct exit code. SystemExit, not typer.Exit: typer lets it through
+    unchanged (its standalone mode turns an Exit into the same sys.exit), and `vnet trace`'s fast
+    path (vnet.cli.main) runs commands without importing typer."""
     print(f"vnet: error: {err}", file=sys.stderr)
-    return typer.Exit(err.exit_code)
+    return SystemExit(err.exit_code)
 
 
 def cli_errors(fn):

@@ -8,9 +8,6 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import typer
-
-from vnet.analysis.paths import PathFollower, format_path, path_record
 from vnet.errors import UsageError
 from vnet.probes import device as devprobe
 from vnet.trace import Trace
@@ -20,6 +17,7 @@ from vnet.trace.records import format_json, format_text
 from vnet.trace.session import DEFAULT_RING_BYTES, DEFAULT_WAKEUP_EVERY, SNAP_MAX, check_snaplen
 
 from .common import cli_errors, setup_logging
+from .params import Argument, Option
 
 
 class _Stop:
@@ -34,62 +32,62 @@ class _Stop:
 
 @cli_errors
 def trace(
-    expression: Optional[List[str]] = typer.Argument(
+    expression: Optional[List[str]] = Argument(
         None, metavar="[EXPRESSION]...", show_default=False,
         help="tcpdump filter expression (pcap-filter(7)), e.g. 'udp and dst port 53'; quoted or as separate words. "
              "Runs in the kernel at every packet hook, on the packet as a capture there would see it."),
-    dump_filter: bool = typer.Option(False, "--dump-filter",
-                                     help="Print the expression as classic BPF (like tcpdump -d) and as the eBPF "
-                                          "vnet runs, then exit without tracing."),
-    interface: List[str] = typer.Option([], "-i", "--interface", metavar="IFACE",
-                                        help="Interface to trace; NETNS/IFACE for one in a named netns. Repeatable."),
-    probe: List[str] = typer.Option([], "-p", "--probe", metavar="PROBE",
-                                    help="Catalog probe or glob (net:*, ovs:vport_receive, dev:tap*:ingress); "
-                                         "PROBE@HOOK forces one implementation. Repeatable. See 'vnet probes'."),
-    strict: bool = typer.Option(False, "--strict", help="Fail if any requested probe is unavailable."),
-    pid: List[int] = typer.Option([], "--pid", help="sched:* probes watch this process's threads. Repeatable."),
-    min_runq_us: float = typer.Option(0.0, "--min-runq-us", min=0.0,
-                                      help="sched:runq reports only waits at least this long."),
-    count: Optional[int] = typer.Option(None, "-c", "--count", min=1, help="Stop after this many events."),
-    duration: Optional[float] = typer.Option(None, "--duration", min=0.0, help="Stop after this many seconds."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON Lines instead of text."),
-    write: Optional[Path] = typer.Option(None, "-w", "--write", metavar="FILE",
-                                         help="Record raw events to a vnet trace file (the collector's format) "
-                                              "instead of printing; read it with -r."),
-    read: Optional[Path] = typer.Option(None, "-r", "--read", metavar="FILE",
-                                        help="Print the events of a trace file (from -w or the collector)."),
-    direction: str = typer.Option("both", "--direction", "-d", help="ingress, egress or both."),
-    netns: Optional[str] = typer.Option(None, "--netns", help="Default network namespace for -i names."),
-    ring_size: int = typer.Option(DEFAULT_RING_BYTES, "--ring-size", help="Ring buffer bytes (power of two)."),
-    snaplen: int = typer.Option(0, "--snaplen", "-s", metavar="N",
-                                help=f"Copy the first N packet bytes (up to {SNAP_MAX}) into each event, as tcpdump "
-                                     "would capture them at that hook (for vnet export --to pcapng); 0: none."),
-    proto: Optional[str] = typer.Option(None, "--proto", help="Filter: udp, tcp, icmp, icmp6, ip, ip6 or a number."),
-    src: Optional[str] = typer.Option(None, "--src", metavar="ADDR[/LEN]", help="Filter: source address or prefix."),
-    dst: Optional[str] = typer.Option(None, "--dst", metavar="ADDR[/LEN]", help="Filter: destination."),
-    host: Optional[str] = typer.Option(None, "--host", metavar="ADDR[/LEN]", help="Filter: source or destination."),
-    sport: Optional[int] = typer.Option(None, "--sport", help="Filter: source port."),
-    dport: Optional[int] = typer.Option(None, "--dport", help="Filter: destination port."),
-    port: Optional[int] = typer.Option(None, "--port", help="Filter: source or destination port."),
-    min_len: Optional[int] = typer.Option(None, "--min-len", min=0, help="Filter: packets at least this long."),
-    max_len: Optional[int] = typer.Option(None, "--max-len", min=1, help="Filter: packets at most this long."),
-    filter_netns: Optional[str] = typer.Option(None, "--filter-netns", metavar="NETNS",
-                                               help="Filter: packets on devices of this network namespace."),
-    filter_iface: List[str] = typer.Option([], "--filter-iface", metavar="IFACE",
-                                           help="Filter: packets on this device (of --filter-netns). Up to 4."),
-    outer: bool = typer.Option(False, "--outer", help="VXLAN: report, identify and filter the outer (underlay) "
-                                                      "packet instead of the inner one."),
-    sample: Optional[str] = typer.Option(None, "--sample", metavar="1/N",
-                                         help="Keep 1 packet in N, the same packets at every hook and host."),
-    follow: bool = typer.Option(False, "--follow", help="One line (or JSON object) per packet: its path, "
-                                                        "hop by hop with the time between hops."),
-    follow_idle_ms: float = typer.Option(200.0, "--follow-idle-ms", min=1.0,
-                                         help="--follow: a path is complete after this long without a new hop."),
-    aggregate: bool = typer.Option(False, "--aggregate", help="No per-packet events: count packets per hook and "
-                                                              "histogram the time between hooks, in the kernel."),
-    interval: Optional[float] = typer.Option(None, "--interval", min=0.1,
-                                             help="--aggregate: also print the numbers every this many seconds."),
-    verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="-v: attach details; -vv: libbpf log."),
+    dump_filter: bool = Option(False, "--dump-filter",
+                               help="Print the expression as classic BPF (like tcpdump -d) and as the eBPF "
+                                    "vnet runs, then exit without tracing."),
+    interface: List[str] = Option([], "-i", "--interface", metavar="IFACE",
+                                  help="Interface to trace; NETNS/IFACE for one in a named netns. Repeatable."),
+    probe: List[str] = Option([], "-p", "--probe", metavar="PROBE",
+                              help="Catalog probe or glob (net:*, ovs:vport_receive, dev:tap*:ingress); "
+                                   "PROBE@HOOK forces one implementation. Repeatable. See 'vnet probes'."),
+    strict: bool = Option(False, "--strict", help="Fail if any requested probe is unavailable."),
+    pid: List[int] = Option([], "--pid", help="sched:* probes watch this process's threads. Repeatable."),
+    min_runq_us: float = Option(0.0, "--min-runq-us", min=0.0,
+                                help="sched:runq reports only waits at least this long."),
+    count: Optional[int] = Option(None, "-c", "--count", min=1, help="Stop after this many events."),
+    duration: Optional[float] = Option(None, "--duration", min=0.0, help="Stop after this many seconds."),
+    json_out: bool = Option(False, "--json", help="Print JSON Lines instead of text."),
+    write: Optional[Path] = Option(None, "-w", "--write", metavar="FILE",
+                                   help="Record raw events to a vnet trace file (the collector's format) "
+                                        "instead of printing; read it with -r."),
+    read: Optional[Path] = Option(None, "-r", "--read", metavar="FILE",
+                                  help="Print the events of a trace file (from -w or the collector)."),
+    direction: str = Option("both", "--direction", "-d", help="ingress, egress or both."),
+    netns: Optional[str] = Option(None, "--netns", help="Default network namespace for -i names."),
+    ring_size: int = Option(DEFAULT_RING_BYTES, "--ring-size", help="Ring buffer bytes (power of two)."),
+    snaplen: int = Option(0, "--snaplen", "-s", metavar="N",
+                          help=f"Copy the first N packet bytes (up to {SNAP_MAX}) into each event, as tcpdump "
+                               "would capture them at that hook (for vnet export --to pcapng); 0: none."),
+    proto: Optional[str] = Option(None, "--proto", help="Filter: udp, tcp, icmp, icmp6, ip, ip6 or a number."),
+    src: Optional[str] = Option(None, "--src", metavar="ADDR[/LEN]", help="Filter: source address or prefix."),
+    dst: Optional[str] = Option(None, "--dst", metavar="ADDR[/LEN]", help="Filter: destination."),
+    host: Optional[str] = Option(None, "--host", metavar="ADDR[/LEN]", help="Filter: source or destination."),
+    sport: Optional[int] = Option(None, "--sport", help="Filter: source port."),
+    dport: Optional[int] = Option(None, "--dport", help="Filter: destination port."),
+    port: Optional[int] = Option(None, "--port", help="Filter: source or destination port."),
+    min_len: Optional[int] = Option(None, "--min-len", min=0, help="Filter: packets at least this long."),
+    max_len: Optional[int] = Option(None, "--max-len", min=1, help="Filter: packets at most this long."),
+    filter_netns: Optional[str] = Option(None, "--filter-netns", metavar="NETNS",
+                                         help="Filter: packets on devices of this network namespace."),
+    filter_iface: List[str] = Option([], "--filter-iface", metavar="IFACE",
+                                     help="Filter: packets on this device (of --filter-netns). Up to 4."),
+    outer: bool = Option(False, "--outer", help="VXLAN: report, identify and filter the outer (underlay) "
+                                                "packet instead of the inner one."),
+    sample: Optional[str] = Option(None, "--sample", metavar="1/N",
+                                   help="Keep 1 packet in N, the same packets at every hook and host."),
+    follow: bool = Option(False, "--follow", help="One line (or JSON object) per packet: its path, "
+                                                  "hop by hop with the time between hops."),
+    follow_idle_ms: float = Option(200.0, "--follow-idle-ms", min=1.0,
+                                   help="--follow: a path is complete after this long without a new hop."),
+    aggregate: bool = Option(False, "--aggregate", help="No per-packet events: count packets per hook and "
+                                                        "histogram the time between hooks, in the kernel."),
+    interval: Optional[float] = Option(None, "--interval", min=0.1,
+                                       help="--aggregate: also print the numbers every this many seconds."),
+    verbose: int = Option(0, "-v", "--verbose", count=True, help="-v: attach details; -vv: libbpf log."),
 ):
     """Trace packets at TC ingress/egress of interfaces and at catalog probes, one line per packet per hook."""
     setup_logging(verbose)
@@ -110,8 +108,9 @@ def trace(
     if snaplen and aggregate:
         raise UsageError("--snaplen copies packet bytes into events: not with --aggregate")
     packet_filter.config()  # bad filter input fails here, before anything is resolved or loaded
+    # presume: the trace's own load tests each probe's hook kind; probed only if that fails (~50 ms less)
     plans, unavailable = select(interface, probe, directions, netns, strict, pids=tuple(pid),
-                                min_runq_ns=int(min_runq_us * 1000))
+                                min_runq_ns=int(min_runq_us * 1000), presume=True)
     for name, why in unavailable:
         print(f"vnet: skipping {name}: {why}", file=sys.stderr)
     if aggregate and (follow or count is not None):
@@ -148,6 +147,8 @@ def trace(
                     return out_lines
                 final = report
             elif follow:
+                from vnet.analysis.paths import PathFollower, format_path, path_record  # statistics: not at start
+
                 follower = PathFollower(len(probes), int(follow_idle_ms * 1_000_000))
                 render = (lambda p: format_json(path_record(p))) if (json_out or write) else format_path
                 lines = lambda evs: [render(p) for p in follower.add(evs, time.monotonic_ns())]  # noqa: E731

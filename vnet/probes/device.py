@@ -92,7 +92,11 @@ def attach(obj: BpfObject, dev: Device, direction: str) -> tuple[Link, str]:
     """Attach the loaded tc program for `direction`; returns the link and the hook kind used."""
     prog = obj.programs[PROGRAMS[direction]]
     ingress = direction == "ingress"
-    try_tcx = features.check("tcx").support is not features.Support.UNSUPPORTED
+    # tcx is tried directly (a kernel without it refuses the link with one of _NO_TCX), not probed
+    # first: the probe loads and attaches a second copy of the program (~50 ms of vnet trace's start).
+    # An answer some earlier caller cached (vnet doctor, the agent's hello) is still used.
+    known = features.known("tcx")
+    try_tcx = known is None or known.support is not features.Support.UNSUPPORTED
     with netns.enter(dev.netns):
         if try_tcx:
             try:

@@ -20,10 +20,7 @@ from __future__ import annotations
 import enum
 import errno as _errno
 import os
-import platform
-import shutil
 import struct
-import subprocess
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -56,7 +53,7 @@ _TRANSIENT = {_errno.ENOMEM, _errno.EAGAIN, _errno.EBUSY, _errno.EMFILE, _errno.
 # -- the original helpers (other modules call these) --------------------------------------------------
 @lru_cache(maxsize=1)
 def kernel_version() -> tuple[int, int]:
-    major, minor = platform.release().split(".")[:2]
+    major, minor = os.uname().release.split(".")[:2]  # platform.release(), without platform's import (~5 ms)
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
@@ -218,6 +215,29 @@ def check(name: str) -> Feature:
         if feature.support is not Support.INCONCLUSIVE:
             _cache[name] = feature
         return feature
+
+
+def known(name: str) -> Feature | None:
+    """The cached answer for `name`, if it was probed already (no probe here)."""
+    with _lock:
+        return _cache.get(name)
+
+
+# Kinds of hooks a trace may presume available, and the capabilities their probe needs: the
+# trace's own load and attach of the program is the same test as the feature probe, so a
+# one-shot trace tries it directly and probes (check) only when that fails (vnet.probes.resolve).
+PRESUMABLE = {"tp_btf": {"perfmon": True}, "raw_tp": {"perfmon": True}, "tracepoint": {"perfmon": True},
+              "fentry": {"perfmon": True}, "kprobe": {"perfmon": True}}
+
+
+def presumed(name: str) -> bool:
+    """Whether a trace may try `name` without probing it first: it is not known to be missing,
+    and the process has the capabilities its probe would need (without them the probe's answer,
+    "needs root", is what the user gets, as before)."""
+    cached = known(name)
+    if cached is not None:
+        return cached.ok
+    return name in PRESUMABLE and _needs_root(name, **PRESUMABLE[name]) is None
 
 
 def all_features() -> list[Feature]:
@@ -567,7 +587,9 @@ def _in_throwaway_netns(fn: Callable[[], Feature]) -> Feature:
 
 def _clsact_here() -> Feature:
     """In the throwaway namespace: a veth pair if `ip` can make one, else its own lo."""
+    import shutil  # here, not at the top: vnet trace imports this module and never runs this probe
     import socket
+    import subprocess
 
     from vnet.errors import BpfError
 

@@ -4,6 +4,7 @@ the running kernel's BTF (vmlinux and loaded modules), tracefs and kallsyms."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -11,10 +12,12 @@ from functools import lru_cache
 
 from vnet.binding import Btf, BpfObject
 from vnet.binding.btf import FUNC, TYPEDEF
-from vnet.errors import UsageError, VnetError
+from vnet.errors import ProbeUnavailableError, UsageError, VnetError
 
 from . import features
 from .catalog import BY_NAME, Hook, ProbeSpec
+
+log = logging.getLogger("vnet.probes")
 
 PROGRAMS = {
     "skb_trace": {"tp_btf": "vnet_tp_btf_skb", "raw_tp": "vnet_raw_tp_skb", "tracepoint": "vnet_tp_skb",
@@ -31,6 +34,8 @@ class Resolution:
     hook: Hook | None = None
     why_not: list[str] = field(default_factory=list)  # one line per hook passed over, in preference order
     tp_skb_off: int = 0
+    force: str | None = None
+    presumed: bool = False  # the hook's feature was not probed (resolve(presume=True)): plan() can fall back
 
     @property
     def available(self) -> bool:
@@ -104,15 +109,22 @@ def _missing(fn: str, module: str | None) -> str:
 
 
 # -- choosing ---------------------------------------------------------------------
-def _check(spec: ProbeSpec, hook: Hook) -> tuple[str, int]:
-    """'' when `hook` can run here (with the classic tracepoint's skb offset), else why not."""
-    feature = features.check(hook.kind)
+def _check(spec: ProbeSpec, hook: Hook, presume: bool = False) -> tuple[str, int]:
+    """'' when `hook` can run here (with the classic tracepoint's skb offset), else why not.
+    presume: see resolve()."""
+    presumed = presume and features.presumed(hook.kind)
+    if presumed and hook.kind != "tracepoint":
+        # Whether the tracepoint or function exists, the load (attach target) or attach tells too;
+        # looking first costs a parse of the kernel's BTF or a read of kallsyms.
+        return "", 0
+    feature = None if presumed else features.check(hook.kind)
+    unsupported = f"{hook.kind}: {feature.error().message}" if feature is not None and not feature.ok else ""
     if hook.kind in ("tp_btf", "raw_tp", "tracepoint"):
         category, name = hook.tracepoint if ":" in hook.target else ("", hook.target)
         if not _has_tracepoint(name) and not (category and _tracefs_format(category, name)):
             return f"tracepoint {name}: not in this kernel", 0
-        if not feature.ok:
-            return f"{hook.kind}: {feature.error().message}", 0
+        if unsupported:
+            return unsupported, 0
         if hook.kind != "tracepoint":
             return "", 0
         fmt = _tracefs_format(category, name)
@@ -126,22 +138,29 @@ def _check(spec: ProbeSpec, hook: Hook) -> tuple[str, int]:
                else hook.target in _kernel_functions(hook.target))
     if not present:
         return _missing(hook.target, spec.module), 0
-    if not feature.ok:
-        return f"{hook.kind}: {feature.error().message}", 0
+    if unsupported:
+        return unsupported, 0
     return "", 0
 
 
-def resolve(spec: ProbeSpec, force: str | None = None) -> Resolution:
-    """Walk the hooks in preference order (or only `force`, e.g. "kprobe")."""
+def resolve(spec: ProbeSpec, force: str | None = None, *, presume: bool = False) -> Resolution:
+    """Walk the hooks in preference order (or only `force`, e.g. "kprobe").
+
+    presume=True (a one-shot trace): the first hook whose kind is not known to be missing is taken
+    if the process has the capabilities to try it, unchecked (a classic tracepoint's tracefs format
+    is still read, for its skb offset): the trace's own load and attach test what the feature probe
+    and the BTF/kallsyms lookups would, and cost no more than the load alone. plan() gives the Plan
+    a fallback that resolves with every check if that load or attach fails."""
     hooks = [h for h in spec.hooks if force is None or h.kind == force]
     if force and not hooks:
         kinds = ", ".join(h.kind for h in spec.hooks)
         raise UsageError(f"probe {spec.name} has no {force} hook (it has: {kinds})")
-    res = Resolution(spec)
+    res = Resolution(spec, force=force)
     for hook in hooks:
-        why, off = _check(spec, hook)
+        why, off = _check(spec, hook, presume)
         if not why:
             res.hook, res.tp_skb_off = hook, off
+            res.presumed = presume
             return res
         res.why_not.append(why)
     return res
@@ -196,6 +215,18 @@ def plan(res: Resolution, *, pids: tuple[int, ...] = (), min_runq_ns: int = 0):
             links.append(LiveHook(spec.name, hook.kind, link))
         return links
 
+    def fallback(error: VnetError) -> Plan:
+        """The presumed hook failed to load or attach: resolve with every check (feature probes,
+        BTF, kallsyms). The same hook again: the failure is the trace's own (raised again). Another
+        one: its plan. None: ProbeUnavailableError, with the reason select() would have given."""
+        log.info("%s: %s failed (%s); resolving with every check", spec.name, hook.kind, error)
+        again = resolve(spec, res.force)
+        if not again.available:
+            raise ProbeUnavailableError(spec.name, again.reason) from None
+        if again.hook == hook:
+            raise error
+        return plan(again, pids=pids, min_runq_ns=min_runq_ns)
+
     return Plan(spec.obj, CONFIG_VAR[spec.obj], config, programs, attach,
                 {None: {"probe": spec.name, "layer": spec.layer}}, prepare=prepare, name=spec.name,
-                filterable=spec.obj in ("skb_trace", "drop"))
+                filterable=spec.obj in ("skb_trace", "drop"), fallback=fallback if res.presumed else None)

@@ -7,7 +7,6 @@ names things: protocols, addresses, hooks, probes.
 from __future__ import annotations
 
 import ipaddress
-import json
 from vnet.binding import StructLayout
 
 L4_NAMES = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp", 47: "gre", 50: "esp"}
@@ -142,6 +141,8 @@ class EventDecoder:
 
 
 def format_json(ev: dict) -> str:
+    import json  # here: text output does not pay json's import (its regexes) at start
+
     return json.dumps(ev, separators=(",", ":"))
 
 

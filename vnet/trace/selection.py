@@ -3,7 +3,7 @@ trace plans, plus the probes that cannot run here and why."""
 
 from __future__ import annotations
 
-from vnet.errors import UnsupportedError, UsageError
+from vnet.errors import ProbeUnavailableError, UnsupportedError, UsageError
 from vnet.probes import catalog
 from vnet.probes import device as devprobe
 from vnet.probes import resolve as resolver
@@ -13,10 +13,11 @@ from .session import Plan, device_plan
 
 def select(interfaces: list[str], probes: list[str], directions=devprobe.DIRECTIONS,
            default_netns: str | None = None, strict: bool = False, *, pids: tuple[int, ...] = (),
-           min_runq_ns: int = 0) -> tuple[list[Plan], list[tuple[str, str]]]:
+           min_runq_ns: int = 0, presume: bool = False) -> tuple[list[Plan], list[tuple[str, str]]]:
     """Plans in the order asked, and (probe, reason) for each unavailable one.
     strict: an unavailable probe is an error instead of a skip. pids and
-    min_runq_ns go to scheduler probes."""
+    min_runq_ns go to scheduler probes. presume: hooks whose kind is not probed yet
+    are tried by the trace itself (vnet.probes.resolve.resolve), as `vnet trace` does."""
     wanted: dict[devprobe.Device, list[str]] = {}
     for spec in interfaces:
         dev = devprobe.resolve(spec, default_netns)
@@ -40,12 +41,11 @@ def select(interfaces: list[str], probes: list[str], directions=devprobe.DIRECTI
         if unmatched:
             raise UsageError(f"no probe matches {glob!r} (list them with 'vnet probes')")
         for spec in specs:
-            res = resolver.resolve(spec, force or None)
+            res = resolver.resolve(spec, force or None, presume=presume)
             if res.available:
                 plans.append(resolver.plan(res, pids=pids, min_runq_ns=min_runq_ns))
             elif strict:
-                raise UnsupportedError(f"probe {spec.name} unavailable: {res.reason}",
-                                       hint="run 'vnet probes' to see what this kernel can trace")
+                raise ProbeUnavailableError(spec.name, res.reason)
             else:
                 skipped.append((spec.name, res.reason))
     if not plans:

@@ -15,7 +15,7 @@ from typing import Callable
 
 from vnet.analysis.histogram import Log2Histogram
 from vnet.binding import BpfObject, Link, RingBuffer
-from vnet.errors import UsageError, VnetError
+from vnet.errors import ProbeUnavailableError, UnsupportedError, UsageError, VnetError
 from vnet.objects import object_path
 from vnet.probes import device as devprobe
 from vnet.probes import features
@@ -60,6 +60,9 @@ class Plan:
     name: str = ""
     filterable: bool = False  # its config has the packet filter (struct vnet_filter)
     link: str = "ethernet"    # TC plans: the device's link type, for the tcpdump expression
+    # When the plan's hook was presumed to work (resolve(presume=True)) and its load or attach
+    # fails: given that error, the plan to try instead, or raises (vnet.probes.resolve.plan).
+    fallback: Callable[[VnetError], "Plan"] | None = None
 
 
 @dataclass
@@ -142,22 +145,28 @@ class Trace:
         features.require_privileges(net_admin=True)
         features.require_btf()
         labels: dict = {}
+        unavailable_only = True
         try:
             for plan in self.plans:
                 probe_id = len(self.objects)
                 try:
-                    obj, hooks = self._load(plan, probe_id)
+                    plan, (obj, hooks) = self._load_or_fall_back(plan, probe_id)
                 except VnetError as e:
                     if self.strict:
                         raise
-                    self.skipped.append((plan.name, str(e)))
+                    unavailable = isinstance(e, ProbeUnavailableError)
+                    self.skipped.append((plan.name, e.reason if unavailable else str(e)))
+                    unavailable_only = unavailable_only and unavailable
                     log.info("skipping %s: %s", plan.name, e)
                     continue
                 self.hooks += hooks
                 labels.update({(probe_id, hook): where for hook, where in plan.labels.items()})
             if not self.objects:
-                raise UsageError("no probe could be attached: " +
-                                 "; ".join(f"{name}: {why}" for name, why in self.skipped))
+                reasons = "; ".join(f"{name}: {why}" for name, why in self.skipped)
+                if unavailable_only:  # found at load time (resolve(presume=True)): what select() says
+                    raise UnsupportedError(f"none of the requested probes can run here ({reasons})",
+                                           hint="run 'vnet probes' to see what this kernel can trace")
+                raise UsageError("no probe could be attached: " + reasons)
             self.labels = labels
             self.decoder = self._decoder(labels)
             log.info("attached %d hooks: %s", len(self.hooks), ", ".join(f"{h.probe} ({h.kind})" for h in self.hooks))
@@ -179,6 +188,15 @@ class Trace:
 
             self._btf_file = Btf.from_file(str(object_path("tc_trace")))
         return self._btf_file
+
+    def _load_or_fall_back(self, plan: Plan, probe_id: int) -> tuple[Plan, tuple[BpfObject, list[Hook]]]:
+        try:
+            return plan, self._load(plan, probe_id)
+        except VnetError as e:
+            if plan.fallback is None:
+                raise
+            other = plan.fallback(e)  # raises when there is nothing else to try
+        return other, self._load(other, probe_id)
 
     def _load(self, plan: Plan, probe_id: int) -> tuple[BpfObject, list[Hook]]:
         obj = BpfObject(object_path(plan.obj))
