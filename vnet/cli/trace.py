@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from vnet.errors import UsageError
+from vnet.errors import NoSuchInterfaceError, UsageError
 from vnet.probes import device as devprobe
 from vnet.trace import Trace
 from vnet.trace.filters import PacketFilter
@@ -18,6 +18,8 @@ from vnet.trace.session import DEFAULT_RING_BYTES, DEFAULT_WAKEUP_EVERY, SNAP_MA
 
 from .common import cli_errors, setup_logging
 from .params import Argument, Option
+
+VANISH_CHECK_S = 1.0   # how often the traced interfaces are looked for
 
 
 class _Stop:
@@ -124,6 +126,7 @@ def trace(
     emit = format_json if json_out else format_text
 
     stop = _Stop()
+    lost_devices: list[str] = []
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     printed = 0
     try:
@@ -157,10 +160,24 @@ def trace(
                 lines = lambda evs: [emit(e) for e in evs]  # noqa: E731
                 final = list
             deadline = time.monotonic() + duration if duration is not None else None
+            next_check = [time.monotonic() + VANISH_CHECK_S]
+
+            def check_devices() -> None:
+                """Once a second: a traced interface (or its netns) deleted takes its hooks with
+                it. Say so once; when nothing is left to trace, stop (error after the summary)."""
+                if time.monotonic() < next_check[0]:
+                    return
+                next_check[0] = time.monotonic() + VANISH_CHECK_S
+                for label, why in t.vanished():
+                    print(f"vnet: warning: {label} is gone ({why}): its hooks stopped", file=sys.stderr)
+                    lost_devices.append(label)
+                if t.all_hooks_gone:
+                    stop.reason = stop.reason or "interfaces gone"
 
             def recording_done() -> bool:
                 if deadline is not None and time.monotonic() >= deadline:
                     stop.reason = stop.reason or "duration"
+                check_devices()
                 return stop.reason is not None
 
             if write is not None:  # recording: the ring's batches go to the file as they are
@@ -174,6 +191,7 @@ def trace(
                     events = t.poll(timeout)
                     if deadline is not None and time.monotonic() >= deadline:
                         stop.reason = stop.reason or "duration"
+                    check_devices()
                     ending = stop.reason is not None  # a signal landing later is seen on the next turn
                     if ending:
                         events += t.drain()  # what already reached the ring is still shown
@@ -207,6 +225,9 @@ def trace(
         print(f"vnet: {stats.filtered} packets left out by the filter", file=sys.stderr)
     if skipped:
         print(f"vnet: {len(skipped)} requested probes skipped (unavailable): {', '.join(skipped)}", file=sys.stderr)
+    if stop.reason == "interfaces gone":
+        raise NoSuchInterfaceError(f"every traced interface is gone ({', '.join(lost_devices)}): nothing left "
+                                   f"to trace")
 
 
 def dump_expression(text: str) -> list[str]:

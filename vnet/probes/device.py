@@ -70,6 +70,21 @@ def resolve(spec: str, default_netns: str | None = None) -> Device:
     return Device(name, ifindex, ns, cookie, link)
 
 
+def gone(dev: Device) -> str | None:
+    """Why a device traced since `resolve` is not there any more (None: it is): deleted,
+    or its network namespace deleted or replaced. Holds nothing of the namespace after."""
+    try:
+        with netns.enter(dev.netns):
+            if dev.netns and dev.netns_cookie and netns.cookie() not in (0, dev.netns_cookie):
+                return f"network namespace {dev.netns} was replaced by another of that name"
+            socket.if_indextoname(dev.ifindex)
+    except NoSuchInterfaceError:
+        return f"network namespace {dev.netns} was deleted"
+    except OSError:
+        return "deleted"
+    return None
+
+
 SIOCGIFHWADDR = 0x8927
 ARPHRD_ETHERNET_LIKE = {1, 772}  # ARPHRD_ETHER; ARPHRD_LOOPBACK has a zeroed Ethernet header
 

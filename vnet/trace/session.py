@@ -353,6 +353,29 @@ class Trace:
             h.counts[k["bucket"]] = h.counts.get(k["bucket"], 0) + int.from_bytes(value, "little")
         return points, hists
 
+    def vanished(self) -> list[tuple[str, str]]:
+        """Traced devices that went away since the last call, each once: (label, why). Their
+        hooks went with them (a tcx link or clsact filter lives on its device)."""
+        from vnet.probes.device import gone
+
+        out = []
+        seen = getattr(self, "_vanished", set())
+        for dev in dict.fromkeys(h.device for h in self.hooks if h.device is not None):
+            if dev.label in seen:
+                continue
+            why = gone(dev)
+            if why:
+                seen.add(dev.label)
+                out.append((dev.label, why))
+        self._vanished = seen
+        return out
+
+    @property
+    def all_hooks_gone(self) -> bool:
+        """Every hook was on a device, and every one of those devices is gone."""
+        gone = getattr(self, "_vanished", set())
+        return bool(self.hooks) and all(h.device is not None and h.device.label in gone for h in self.hooks)
+
     def detach(self) -> None:
         """Stop every hook, keep the ring and the maps: what is in the ring can still be read
         and the counters are final (idempotent)."""
