@@ -34,8 +34,12 @@ def fail(err: VnetError) -> SystemExit:
     return SystemExit(err.exit_code)
 
 
+INTERNAL_ERROR = 70   # EX_SOFTWARE: a bug in vnet, not the user's input
+
+
 def cli_errors(fn):
-    """Turn a VnetError raised anywhere below into one stderr line + its exit code."""
+    """Turn a VnetError raised anywhere below into one stderr line + its exit code; anything
+    else is a bug: one line too (exit 70), the traceback only with -v (or VNET_DEBUG=1)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -43,5 +47,21 @@ def cli_errors(fn):
             return fn(*args, **kwargs)
         except VnetError as e:
             raise fail(e) from None
+        except KeyboardInterrupt:
+            print("vnet: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        except Exception as e:  # noqa: BLE001 - the error boundary
+            if type(e).__module__.split(".")[0] in ("click", "typer"):
+                raise  # the framework's own exits (typer.Exit, click.Abort)
+            import os
+            import traceback
+
+            loud = getattr(logging.getLogger("vnet"), "_vnet_verbose", 0) > 0 or os.environ.get("VNET_DEBUG")
+            if loud:
+                traceback.print_exc()
+            where = "the traceback is above" if loud else "run it again with -v for the traceback"
+            print(f"vnet: internal error: {type(e).__name__}: {e} (a bug in vnet: {where}; please report it)",
+                  file=sys.stderr)
+            raise SystemExit(INTERNAL_ERROR) from None
 
     return wrapper
