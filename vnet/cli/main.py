@@ -53,7 +53,33 @@ def main() -> None:
         return
     from .app import app
 
-    app()
+    sys.exit(_run_app(app))
+
+
+def _run_app(app) -> int:
+    """The typer application, with its usage errors as one line (`vnet: error: ...`, exit 2)
+    instead of click's usage block; everything else as typer's standalone mode does it."""
+    import typer
+    from typer._click import exceptions as click_exc
+
+    try:
+        result = app(standalone_mode=False)
+    except click_exc.NoArgsIsHelpError:
+        app()  # `vnet` alone: the help, as typer prints it
+        return 0
+    except click_exc.UsageError as e:
+        cmd = e.ctx.command_path.replace("python -m ", "").strip() if e.ctx is not None else "vnet"
+        print(f"vnet: error: {e.format_message()} (see '{cmd} --help')", file=sys.stderr)
+        return e.exit_code
+    except typer.Abort:
+        print("vnet: interrupted", file=sys.stderr)
+        return 130
+    except click_exc.ClickException as e:  # other click errors: still one line
+        print(f"vnet: error: {e.format_message()}", file=sys.stderr)
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":
