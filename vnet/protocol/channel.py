@@ -148,6 +148,8 @@ def _unpack(payload: bytes, limit: int):
         unpacker.unpack()
     except msgpack.OutOfData:
         pass
+    except Exception:  # noqa: BLE001 - malformed trailing bytes are trailing bytes all the same
+        raise ProtocolError("trailing data after the message") from None
     else:
         raise ProtocolError("trailing data after the message")
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
