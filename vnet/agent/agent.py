@@ -168,6 +168,70 @@ class AgentTrace:
         return [{"probe": h.probe, "kind": h.kind} for h in self.trace.hooks]
 
 
+def _probe_answers() -> dict:
+    """What a hello reports of this kernel: features, and every catalog probe resolved."""
+    from vnet.probes import catalog, features
+    from vnet.probes import resolve as resolver
+
+    probes = {}
+    for spec in catalog.CATALOG:
+        res = resolver.resolve(spec)
+        probes[spec.name] = {"available": res.available,
+                             "hook": res.hook.kind if res.available else None,
+                             "why": None if res.available else res.reason}
+    return {"features": {f.name: f.support.value for f in features.all_features()}, "probes": probes}
+
+
+def _unavailable(patterns: list[str]) -> list:
+    """Which of the requested probes cannot run here, and why (a check request)."""
+    from vnet.probes import catalog
+    from vnet.probes import resolve as resolver
+
+    out = []
+    for pattern in patterns:
+        glob, _, force = pattern.partition("@")
+        specs, unmatched = catalog.match([glob])
+        out += [[u, "no such probe"] for u in unmatched]
+        for spec in specs:
+            res = resolver.resolve(spec, force or None)
+            if not res.available:
+                out.append([spec.name, res.reason])
+    return out
+
+
+def _give_back_memory() -> None:
+    """After a trace is loaded (or stopped): free the kernel BTF the resolver keeps, and
+    ask glibc to return the free pages of its heap: libbpf parsed the kernel's BTF for
+    every object it loaded, and malloc keeps that high water otherwise (~12 MiB)."""
+    from vnet.probes import resolve
+
+    resolve.release_btf()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _forked(fn):
+    """fn() in a forked child (vnet/agent/forked.py): the feature probes and the probe
+    resolution load objects and parse the kernel's BTF; none of that memory stays in
+    the agent. The module-level locks that work takes are held across the fork."""
+    import sys
+
+    from vnet.binding import libbpf, splice
+    from vnet.probes import catalog, features, resolve  # noqa: F401 - imported before the fork, not in it
+
+    from .forked import run_forked
+
+    locks = [features._lock, libbpf._lock, splice._lock]
+    pcap = sys.modules.get("vnet.binding.pcap")  # not imported: nobody holds its lock
+    if pcap is not None:
+        locks.append(pcap._lock)
+    return run_forked(fn, locks=locks)
+
+
 def _field(d: dict, name: str, typ):
     v = d.get(name)
     if not isinstance(v, typ):
@@ -189,18 +253,10 @@ class Agent:
         self._lock = threading.Lock()
 
     def hello(self) -> dict:
-        from vnet.probes import catalog, features
-        from vnet.probes import resolve as resolver
-
-        probes = {}
-        for spec in catalog.CATALOG:
-            res = resolver.resolve(spec)
-            probes[spec.name] = {"available": res.available,
-                                 "hook": res.hook.kind if res.available else None,
-                                 "why": None if res.available else res.reason}
+        answers = _forked(_probe_answers)
         return {"type": "hello", "version": vnet.__version__, "host": self.host, "kernel": platform.release(),
-                "features": {f.name: f.support.value for f in features.all_features()},
-                "probes": probes, "clock": {"mono_ns": time.monotonic_ns(), "real_ns": time.time_ns()},
+                "features": answers["features"], "probes": answers["probes"],
+                "clock": {"mono_ns": time.monotonic_ns(), "real_ns": time.time_ns()},
                 "busy": self.current is not None}
 
     def handle(self, ch: Channel) -> None:
@@ -237,21 +293,10 @@ class Agent:
                 self._stop(mine)
 
     def check(self, package) -> list:
-        from vnet.probes import catalog
-        from vnet.probes import resolve as resolver
-
         if not isinstance(package, dict):
             raise ProtocolError("check without a package")
-        out = []
-        for pattern in package.get("probes") or []:
-            glob, _, force = str(pattern).partition("@")
-            specs, unmatched = catalog.match([glob])
-            out += [[u, "no such probe"] for u in unmatched]
-            for spec in specs:
-                res = resolver.resolve(spec, force or None)
-                if not res.available:
-                    out.append([spec.name, res.reason])
-        return out
+        patterns = [str(p) for p in package.get("probes") or []]
+        return _forked(lambda: _unavailable(patterns))
 
     def start(self, package) -> AgentTrace:
         if not isinstance(package, dict):
@@ -259,8 +304,11 @@ class Agent:
         with self._lock:
             if self.current is not None:
                 raise UsageError(f"this agent is already running trace {self.current.name}")
-            self.current = AgentTrace(package, self.key, self.spool_dir, self.host, self.queue_bytes,
-                                      self.spool_bytes)
+            try:
+                self.current = AgentTrace(package, self.key, self.spool_dir, self.host, self.queue_bytes,
+                                          self.spool_bytes)
+            finally:
+                _give_back_memory()
             return self.current
 
     def shutdown(self) -> None:
@@ -277,3 +325,4 @@ class Agent:
             with self._lock:
                 if self.current is t:
                     self.current = None
+            _give_back_memory()
