@@ -70,20 +70,25 @@ class AgentTrace:
                                          tuple(package.get("directions") or DIRECTIONS), strict=strict,
                                          pids=tuple(package.get("pids") or ()),
                                          min_runq_ns=int(package.get("min_runq_ns") or 0))
+        collector = package.get("collector") or {}
+        address = _field(collector, "address", str)
+        _give_back_memory()  # the plans are made: the resolver's BTF is not needed while loading
         self.trace = Trace(plans, ring_bytes=int(package.get("ring_bytes") or 8 << 20), strict=strict,
                            packet_filter=flt, aggregate=record != "events", aggregate_and_events=record == "both",
                            snaplen=int(package.get("snaplen") or 0))
         self.trace.start()
         try:
+            # The header reads the kernel's BTF again (~11 MiB while parsed): before the ring
+            # is mapped (8 MiB resident from then on), so the two never add up.
+            header = self._header()
+            _give_back_memory()
             from vnet.binding.ringbatch import RingBatchReader
 
             self.reader = RingBatchReader(self.trace.objects[0].maps["vnet_events"])
         except BaseException:
             self.trace.close()
             raise
-        collector = package.get("collector") or {}
-        address = _field(collector, "address", str)
-        self.shipper = Shipper(address, key, {"trace": self.name, "host": host, "header": self._header()},
+        self.shipper = Shipper(address, key, {"trace": self.name, "host": host, "header": header},
                                spool_dir=spool_dir / self.name / host, memory_bytes=queue_bytes,
                                spool_bytes=spool_bytes)
         self.events = 0
@@ -118,6 +123,8 @@ class AgentTrace:
             batch = self.reader.peek(max_records=BATCH_EVENTS_MAX)  # the chunk is packed from the ring itself
             if not batch.count:
                 self.reader.consume(batch)  # discarded records only, if anything
+                if batch.nbytes:
+                    continue  # it stopped at the ring's end: more may follow from its start
                 return
             self.shipper.put("events", events=batch.count, count=batch.count, records=batch.data)
             self.reader.consume(batch)
