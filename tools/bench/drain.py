@@ -88,6 +88,24 @@ _lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.PO
 _lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
 
 
+def connect_for(code: Path):
+    """`connect` of the vnet at `code`: an agent of a --compare-to revision speaks that
+    revision's wire protocol (version 2 came with raw chunk records), so this script
+    talks to it with that revision's channel module."""
+    if code == ROOT:
+        from vnet.protocol import connect
+
+        return connect
+    import importlib.util
+
+    name = f"_vnet_channel_{abs(hash(str(code)))}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, code / "vnet" / "protocol" / "channel.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].connect
+
 def _check_fd(fd: int, what: str) -> int:
     if fd < 0:
         raise OSError(-fd, f"{what}: {os.strerror(-fd)}")
@@ -455,7 +473,9 @@ class AgentConsumer:
 
     def start(self, ring_bytes: int) -> Kernel:
         from vnet.dispatch.spec import loads
-        from vnet.protocol import connect, load_key
+        from vnet.protocol import load_key
+
+        connect = connect_for(self.code)
 
         self.runs += 1
         self.trace_name = f"drain{self.runs}"
