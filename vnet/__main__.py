@@ -1,3 +1,3 @@
-from vnet.cli.main import main
+from vnet.cli.entry import main
 
 main()

@@ -6,8 +6,6 @@ import functools
 import logging
 import sys
 
-import typer
-
 from vnet.errors import VnetError
 
 
@@ -28,8 +26,10 @@ def setup_logging(verbose: int) -> None:
                                               logging.INFO if verbose == 1 else logging.CRITICAL)
 
 
-def fail(err: VnetError) -> typer.Exit:
+def fail(err: VnetError) -> "typer.Exit":  # noqa: F821 - typer is imported when a command fails
     """One line on stderr, a distinct exit code."""
+    import typer
+
     print(f"vnet: error: {err}", file=sys.stderr)
     return typer.Exit(err.exit_code)
 

@@ -56,6 +56,13 @@ app.command("export")(export_cmd.export)
 
 
 def main() -> None:
+    import sys
+
+    from .daemon import agent_fast
+
+    code = agent_fast(sys.argv[1:])  # the long-running agent without typer's parse
+    if code is not None:
+        sys.exit(code)
     app()
 
 
