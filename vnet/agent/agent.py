@@ -122,9 +122,12 @@ class AgentTrace:
                 if not pending:
                     self.reader.wait(DRAIN_POLL_MS)  # the kernel's wakeup, or the timer
                     continue
-                if (pending < min(SHIP_MIN_BYTES, self.reader.size // 8)
-                        and (time.monotonic() - shipped) * 1000 < SHIP_DELAY_MS):
-                    self._stop.wait(DRAIN_POLL_MS / 1000)  # a little there: let more come
+                want, waited = min(SHIP_MIN_BYTES, self.reader.size // 8), time.monotonic() - shipped
+                if pending < want and waited * 1000 < SHIP_DELAY_MS:
+                    # A little there: let more come, but not past the point where, at the rate
+                    # it came at, `want` is there (a burst is drained as soon as before).
+                    until_want = (want - pending) * waited / pending
+                    self._stop.wait(max(0.001, min(DRAIN_POLL_MS / 1000, until_want)))
                     continue
                 self._ship_available()
                 shipped = time.monotonic()
