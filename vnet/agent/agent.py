@@ -276,9 +276,17 @@ class Agent:
         self.host = host or host_name()
         self.current: AgentTrace | None = None
         self._lock = threading.Lock()
+        # A hello's features and probes: the first hello computes them (in a forked child,
+        # seconds in an emulated guest), later ones, and a dispatcher that gave up waiting
+        # and asks again, get them at once, as when they were cached in-process.
+        self._answers: dict | None = None
+        self._answers_lock = threading.Lock()
 
     def hello(self) -> dict:
-        answers = _forked(_probe_answers)
+        with self._answers_lock:  # probed once, in a child; kept here as a few KiB of plain data
+            if self._answers is None:
+                self._answers = _forked(_probe_answers)
+            answers = self._answers
         return {"type": "hello", "version": vnet.__version__, "host": self.host, "kernel": platform.release(),
                 "features": answers["features"], "probes": answers["probes"],
                 "clock": {"mono_ns": time.monotonic_ns(), "real_ns": time.time_ns()},

@@ -5,7 +5,7 @@ resolved against this kernel) this way: libbpf parses the kernel's BTF for every
 object it loads, the resolver keeps vmlinux's BTF, and glibc keeps the high
 water of what was parsed. Done in a child, none of it enters the long-running
 agent: its resident memory after a hello stays what it was before (~20 MiB
-less; tools/bench/first_event.py). The child exits with os._exit: nothing of
+less; tools/bench/first_event.py); the agent keeps the answer, plain data. The child exits with os._exit: nothing of
 the parent's (sockets, a running trace's objects) is closed or flushed by it.
 """
 
