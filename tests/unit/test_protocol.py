@@ -130,32 +130,88 @@ def test_replayed_and_tampered_frames_are_refused(server, how):
     assert server.seen == ["one"]
 
 
-def test_a_large_blob_goes_unchanged_and_unchopped():
-    """A message ending in a large blob (an events chunk) is sent from where it is,
-    in pieces if the socket takes less: the bytes on the wire are the usual frame
-    (length, packb's payload, tag over both), and the other end reads it back."""
-    from vnet.protocol.channel import Channel, _mac
+def _pair(limit: int = 8 << 20):
+    from vnet.protocol.channel import Channel
 
     a, b = socket.socketpair()
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # sendmsg takes a little at a time
-    sender, receiver = Channel(a, "pair", limit=8 << 20), Channel(b, "pair", limit=8 << 20)
+    sender, receiver = Channel(a, "pair", limit=limit), Channel(b, "pair", limit=limit)
     for ch, server in ((sender, False), (receiver, True)):
         ch._start_session(KEY, b"n" * 32, b"c" * 32, server=server)
+    return a, b, sender, receiver
+
+
+def test_a_large_blob_goes_unchanged_and_unchopped():
+    """A blob (an events chunk's records) goes raw beside the message's head, sent
+    from where it is, in pieces if the socket takes less: on the wire the lengths,
+    the head, the blob and a tag over all of them; the other end gets it back."""
+    from vnet.protocol.channel import _mac
+
+    a, b, sender, receiver = _pair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # sendmsg takes a little at a time
     blob = bytes(range(256)) * 8192 + b"tail"
-    msg = {"type": "chunk", "seq": 5, "data": blob}
-    payload = msgpack.packb(msg, use_bin_type=True)
-    tag = _mac(sender._key, b"c2s", struct.pack(">Q", 0), payload)
+    msg = {"type": "chunk", "seq": 5, "chunk": {"kind": "events", "seq": 5, "count": 3}}
+    head = msgpack.packb(msg, use_bin_type=True)
+    lengths = struct.pack(">II", 4 + len(head) + len(blob) + 32, len(head))
+    tag = _mac(sender._key, b"c2s", struct.pack(">Q", 0), lengths, head, blob)
     got = bytearray()
-    reader = threading.Thread(target=lambda: got.extend(_read_exact(b, 4 + len(payload) + len(tag))))
+    reader = threading.Thread(target=lambda: got.extend(_read_exact(b, len(lengths) + len(head) + len(blob) + 32)))
     reader.start()
-    sender.send(msg)
+    sender.send(msg, blob=memoryview(blob))
     reader.join(timeout=10)
-    assert bytes(got) == struct.pack(">I", len(payload) + len(tag)) + payload + tag
+    assert bytes(got) == lengths + head + blob + tag
     receiver._recv_seq = 1  # the first frame was read raw above
-    writer = threading.Thread(target=sender.send, args=(msg,))  # the next one: its tag with the next number
+    for n in range(3):  # the receive buffer is reused: each blob is valid until the next recv
+        writer = threading.Thread(target=sender.send, args=(msg,), kwargs={"blob": blob[n:]})
+        writer.start()
+        m = receiver.recv(("chunk",))
+        assert m == msg and bytes(m.blob) == blob[n:]
+        writer.join(timeout=10)
+    writer = threading.Thread(target=sender.send, args=({"type": "small"},))
     writer.start()
-    assert receiver.recv(("chunk",))["data"] == blob
+    m = receiver.recv()
+    assert m == {"type": "small"} and m.blob is None
     writer.join(timeout=10)
+    a.close(), b.close()
+
+
+@pytest.mark.parametrize("how", ["head_len_past_end", "head_len_shifted", "blob_byte", "length_byte",
+                                 "too_long", "too_short"])
+def test_bad_session_frames_are_refused_with_a_reason(how):
+    """Lengths that do not add up, or any byte changed (the lengths too: moving the
+    head/blob boundary keeps the bytes but not the tag), close the connection."""
+    a, b, sender, receiver = _pair(limit=1 << 20)
+    blob = b"r" * 5000
+    head = msgpack.packb({"type": "chunk", "chunk": {"kind": "events"}}, use_bin_type=True)
+    frames = []
+    sender.sock = _Recording(sender.sock)
+    sender.sock.sendmsg = lambda parts: (frames.append(b"".join(bytes(p) for p in parts)),
+                                         sum(memoryview(p).nbytes for p in parts))[1]
+    sender.send({"type": "chunk", "chunk": {"kind": "events"}}, blob=blob)
+    frame = bytearray(frames[0])
+    length, head_len = struct.unpack(">II", frame[:8])
+    assert head_len == len(head) and length == 4 + len(head) + len(blob) + 32
+    if how == "head_len_past_end":
+        frame[4:8] = struct.pack(">I", length)
+        match = "do not add up"
+    elif how == "head_len_shifted":
+        frame[4:8] = struct.pack(">I", head_len + 1)
+        match = "tag"
+    elif how == "blob_byte":
+        frame[8 + head_len + 100] ^= 1
+        match = "tag"
+    elif how == "length_byte":  # one byte more announced, one more sent: the tag covers L
+        frame[0:4] = struct.pack(">I", length + 1)
+        frame += b"x"
+        match = "tag"
+    elif how == "too_long":
+        frame[0:4] = struct.pack(">I", (1 << 20) + 4 + 32 + 1)
+        match = "exceeds"
+    else:
+        frame[0:4] = struct.pack(">I", 35)
+        match = "do not add up"
+    a.sendall(bytes(frame))
+    with pytest.raises(ProtocolError, match=match):
+        receiver.recv()
     a.close(), b.close()
 
 
@@ -203,3 +259,25 @@ def test_unreachable_and_keys(tmp_path):
 def test_remote_listen_needs_consent():
     with pytest.raises(Exception, match="not a loopback"):
         Server("0.0.0.0:0", KEY, "agent", lambda ch: None)
+
+
+def test_a_peer_of_the_previous_version_reads_the_challenge_and_is_told(server):
+    """The handshake keeps version 1's framing: an old peer can read the challenge,
+    and one that answers with version 1 gets an error that says why."""
+    from vnet.protocol import PROTOCOL_VERSION
+
+    s = socket.socket(socket.AF_UNIX) if server.path else socket.create_connection(
+        (server.address.rsplit(":", 1)[0], int(server.address.rsplit(":", 1)[1])))
+    if server.path:
+        s.connect(server.path)
+    s.settimeout(5)
+    (n,) = struct.unpack(">I", _read_exact(s, 4))
+    challenge = msgpack.unpackb(_read_exact(s, n), raw=False)
+    assert challenge["type"] == "challenge" and challenge["v"] == PROTOCOL_VERSION == 2
+    auth = msgpack.packb({"type": "auth", "v": 1, "nonce": b"n" * 32, "mac": b"m" * 32}, use_bin_type=True)
+    s.sendall(struct.pack(">I", len(auth)) + auth)
+    (n,) = struct.unpack(">I", _read_exact(s, 4))
+    reply = msgpack.unpackb(_read_exact(s, n), raw=False)
+    assert reply["type"] == "error" and "protocol version 1 not supported" in reply["message"]
+    assert _closed(s)
+    s.close()

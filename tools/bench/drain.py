@@ -29,7 +29,9 @@ kernel's per-CPU counter of failed reservations, summed), events/s (events over
 the time from the first event produced to the last one read from the ring; for
 the agent also to the collector's last acknowledgement), CPU of the consuming
 process (the sum over its threads of /proc/PID/task/TID/schedstat, from the
-start of production until done) per event. Runs alternate between consumers
+start of production until done) per event, and the consumer's VmRSS, sampled
+every ~20 ms (the agent's includes its chunk queue: --queue-mb 512 here, for the
+backlog; the trace's ring is mapped once, so its bytes count once). Runs alternate between consumers
 (the order rotates every round); medians and min-max over rounds are printed.
 
 Every consumer loads the eBPF objects committed at HEAD (copied out; --bpf-dir
@@ -85,6 +87,24 @@ _lib.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
 _lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
 _lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
 
+
+def connect_for(code: Path):
+    """`connect` of the vnet at `code`: an agent of a --compare-to revision speaks that
+    revision's wire protocol (version 2 came with raw chunk records), so this script
+    talks to it with that revision's channel module."""
+    if code == ROOT:
+        from vnet.protocol import connect
+
+        return connect
+    import importlib.util
+
+    name = f"_vnet_channel_{abs(hash(str(code)))}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, code / "vnet" / "protocol" / "channel.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].connect
 
 def _check_fd(fd: int, what: str) -> int:
     if fd < 0:
@@ -453,7 +473,9 @@ class AgentConsumer:
 
     def start(self, ring_bytes: int) -> Kernel:
         from vnet.dispatch.spec import loads
-        from vnet.protocol import connect, load_key
+        from vnet.protocol import load_key
+
+        connect = connect_for(self.code)
 
         self.runs += 1
         self.trace_name = f"drain{self.runs}"
@@ -551,7 +573,8 @@ class Run:
         return (f"{self.consumer:>12} {self.scenario:>8}: produced {self.produced:>9,} at {self.produce_rate / 1e6:.2f} M/s, "
                 f"written {self.written:>9,}, lost {self.lost:>8,} (reported {self.reported_lost}), "
                 f"{self.events_per_s / 1e6:6.3f} M events/s (read in {self.seconds:.3f} s{dl}), "
-                f"cpu {self.cpu_us_per_event:.3f} us/ev{col}, ring fill max {self.extra['max_fill']:.0%}")
+                f"cpu {self.cpu_us_per_event:.3f} us/ev{col}, ring fill max {self.extra['max_fill']:.0%}, "
+                f"VmRSS max sampled {self.extra['rss_max_kb'] / 1024:.1f} MiB")
 
 
 def run_once(consumer, scenario: str, args, rate: int = 0) -> Run:
@@ -587,12 +610,16 @@ def run_once(consumer, scenario: str, args, rate: int = 0) -> Run:
             t0 = None
         # until the last event is out of the ring (the producer done, nothing pending)
         done_producing = backlog
-        fill = 0
+        fill = rss = 0
+        polls = 0
         while True:
             if not done_producing and producer.proc.poll() is not None:
                 done_producing = True
             cons, prod = kernel.positions()
             fill = max(fill, prod - cons)
+            polls += 1
+            if polls % 40 == 0:  # the consumer's resident memory, every ~20 ms
+                rss = max(rss, vm_kb(consumer.pid).get("VmRSS", 0))
             if done_producing and kernel.drained():
                 t_read = time.monotonic()
                 break
@@ -603,6 +630,7 @@ def run_once(consumer, scenario: str, args, rate: int = 0) -> Run:
         delivered = None
         if isinstance(consumer, AgentConsumer):
             while not consumer.delivered(produced["produced"]):
+                rss = max(rss, vm_kb(consumer.pid).get("VmRSS", 0))
                 time.sleep(0.02)
             delivered = time.monotonic() - t0
         cpu1 = cpu_ns(consumer.pid)
@@ -615,7 +643,8 @@ def run_once(consumer, scenario: str, args, rate: int = 0) -> Run:
     return Run(consumer.name, scenario if scenario != "rate" else f"{rate // 1000}k/s", produced["produced"],
                out.written, after["lost"] - before["lost"], out.reported_lost, t_read - t0, delivered,
                (cpu1 - cpu0) / 1e9, (col1 - col0) / 1e9 if collector_pid else None, prate,
-               {**out.extra, "emitted": after["emitted"] - before["emitted"], "max_fill": fill / kernel.ring_bytes})
+               {**out.extra, "emitted": after["emitted"] - before["emitted"], "max_fill": fill / kernel.ring_bytes,
+                "rss_max_kb": rss})
 
 
 def use_objects(bpf_dir: Path | None, workdir: Path) -> None:

@@ -60,6 +60,24 @@ MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def connect_for(code: Path):
+    """`connect` of the vnet at `code`: an agent of a --compare-to revision speaks that
+    revision's wire protocol (version 2 came with raw chunk records), so this script
+    talks to it with that revision's channel module."""
+    if code == ROOT:
+        from vnet.protocol import connect
+
+        return connect
+    import importlib.util
+
+    name = f"_vnet_channel_{abs(hash(str(code)))}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, code / "vnet" / "protocol" / "channel.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].connect
+
 def own_tracefs() -> None:
     """preexec_fn: a private mount namespace with tracefs at /sys/kernel/tracing."""
     if _libc.unshare(CLONE_NEWNS) != 0:
@@ -200,7 +218,9 @@ def _wait_line(proc: subprocess.Popen, text: str) -> None:
 
 def agent_memory(ns2: str, if2: str, workdir: Path, trace_s: float, code: Path = ROOT) -> list[tuple[str, dict]]:
     from vnet.dispatch.spec import loads
-    from vnet.protocol import connect, new_key
+    from vnet.protocol import new_key
+
+    connect = connect_for(code)
 
     key_path = new_key(workdir / "key")
     key = bytes.fromhex(key_path.read_text().strip())

@@ -34,6 +34,12 @@ log = logging.getLogger("vnet.agent")
 # this timer. 8 MiB of ring lasts 100 ms at 500 k events/s (tools/bench/drain.py).
 DRAIN_POLL_MS = 20
 BATCH_EVENTS_MAX = 65536     # events per chunk at most (bounded chunk size)
+# A chunk costs ~0.3 ms of fixed work between agent and collector (pack, HMAC, send, ack,
+# the collector's write): at low rates the agent lets the ring hold what came for up to
+# SHIP_DELAY_MS, unless SHIP_MIN_BYTES are waiting (at 100 k events/s: ~7,000 events a chunk,
+# not 2,000). The ring has room: 1 MiB is 1/8 of the default 8 MiB.
+SHIP_MIN_BYTES = 1 << 20
+SHIP_DELAY_MS = 100
 FLUSH_TIMEOUT_S = 30.0
 
 
@@ -70,20 +76,25 @@ class AgentTrace:
                                          tuple(package.get("directions") or DIRECTIONS), strict=strict,
                                          pids=tuple(package.get("pids") or ()),
                                          min_runq_ns=int(package.get("min_runq_ns") or 0))
+        collector = package.get("collector") or {}
+        address = _field(collector, "address", str)
+        _give_back_memory()  # the plans are made: the resolver's BTF is not needed while loading
         self.trace = Trace(plans, ring_bytes=int(package.get("ring_bytes") or 8 << 20), strict=strict,
                            packet_filter=flt, aggregate=record != "events", aggregate_and_events=record == "both",
                            snaplen=int(package.get("snaplen") or 0))
         self.trace.start()
         try:
+            # The header reads the kernel's BTF again (~11 MiB while parsed): before the ring
+            # is mapped (8 MiB resident from then on), so the two never add up.
+            header = self._header()
+            _give_back_memory()
             from vnet.binding.ringbatch import RingBatchReader
 
             self.reader = RingBatchReader(self.trace.objects[0].maps["vnet_events"])
         except BaseException:
             self.trace.close()
             raise
-        collector = package.get("collector") or {}
-        address = _field(collector, "address", str)
-        self.shipper = Shipper(address, key, {"trace": self.name, "host": host, "header": self._header()},
+        self.shipper = Shipper(address, key, {"trace": self.name, "host": host, "header": header},
                                spool_dir=spool_dir / self.name / host, memory_bytes=queue_bytes,
                                spool_bytes=spool_bytes)
         self.events = 0
@@ -105,9 +116,21 @@ class AgentTrace:
     def _drain(self) -> None:
         """Batches straight from the ring to the shipper: bytes, never one Python object per event."""
         try:
+            shipped = time.monotonic()
             while not self._stop.is_set():
-                self.reader.wait(DRAIN_POLL_MS)
+                pending = self.reader.pending()
+                if not pending:
+                    self.reader.wait(DRAIN_POLL_MS)  # the kernel's wakeup, or the timer
+                    continue
+                want, waited = min(SHIP_MIN_BYTES, self.reader.size // 8), time.monotonic() - shipped
+                if pending < want and waited * 1000 < SHIP_DELAY_MS:
+                    # A little there: let more come, but not past the point where, at the rate
+                    # it came at, `want` is there (a burst is drained as soon as before).
+                    until_want = (want - pending) * waited / pending
+                    self._stop.wait(max(0.001, min(DRAIN_POLL_MS / 1000, until_want)))
+                    continue
                 self._ship_available()
+                shipped = time.monotonic()
             self._ship_available()
         except BaseException as e:  # noqa: BLE001 - reported by status/stop
             log.exception("drain failed")
@@ -118,6 +141,8 @@ class AgentTrace:
             batch = self.reader.peek(max_records=BATCH_EVENTS_MAX)  # the chunk is packed from the ring itself
             if not batch.count:
                 self.reader.consume(batch)  # discarded records only, if anything
+                if batch.nbytes:
+                    continue  # it stopped at the ring's end: more may follow from its start
                 return
             self.shipper.put("events", events=batch.count, count=batch.count, records=batch.data)
             self.reader.consume(batch)
@@ -171,6 +196,70 @@ class AgentTrace:
         return [{"probe": h.probe, "kind": h.kind} for h in self.trace.hooks]
 
 
+def _probe_answers() -> dict:
+    """What a hello reports of this kernel: features, and every catalog probe resolved."""
+    from vnet.probes import catalog, features
+    from vnet.probes import resolve as resolver
+
+    probes = {}
+    for spec in catalog.CATALOG:
+        res = resolver.resolve(spec)
+        probes[spec.name] = {"available": res.available,
+                             "hook": res.hook.kind if res.available else None,
+                             "why": None if res.available else res.reason}
+    return {"features": {f.name: f.support.value for f in features.all_features()}, "probes": probes}
+
+
+def _unavailable(patterns: list[str]) -> list:
+    """Which of the requested probes cannot run here, and why (a check request)."""
+    from vnet.probes import catalog
+    from vnet.probes import resolve as resolver
+
+    out = []
+    for pattern in patterns:
+        glob, _, force = pattern.partition("@")
+        specs, unmatched = catalog.match([glob])
+        out += [[u, "no such probe"] for u in unmatched]
+        for spec in specs:
+            res = resolver.resolve(spec, force or None)
+            if not res.available:
+                out.append([spec.name, res.reason])
+    return out
+
+
+def _give_back_memory() -> None:
+    """After a trace is loaded (or stopped): free the kernel BTF the resolver keeps, and
+    ask glibc to return the free pages of its heap: libbpf parsed the kernel's BTF for
+    every object it loaded, and malloc keeps that high water otherwise (~12 MiB)."""
+    from vnet.probes import resolve
+
+    resolve.release_btf()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _forked(fn):
+    """fn() in a forked child (vnet/agent/forked.py): the feature probes and the probe
+    resolution load objects and parse the kernel's BTF; none of that memory stays in
+    the agent. The module-level locks that work takes are held across the fork."""
+    import sys
+
+    from vnet.binding import libbpf, splice
+    from vnet.probes import catalog, features, resolve  # noqa: F401 - imported before the fork, not in it
+
+    from .forked import run_forked
+
+    locks = [features._lock, libbpf._lock, splice._lock]
+    pcap = sys.modules.get("vnet.binding.pcap")  # not imported: nobody holds its lock
+    if pcap is not None:
+        locks.append(pcap._lock)
+    return run_forked(fn, locks=locks)
+
+
 def _field(d: dict, name: str, typ):
     v = d.get(name)
     if not isinstance(v, typ):
@@ -190,20 +279,20 @@ class Agent:
         self.host = host or host_name()
         self.current: AgentTrace | None = None
         self._lock = threading.Lock()
+        # A hello's features and probes: the first hello computes them (in a forked child,
+        # seconds in an emulated guest), later ones, and a dispatcher that gave up waiting
+        # and asks again, get them at once, as when they were cached in-process.
+        self._answers: dict | None = None
+        self._answers_lock = threading.Lock()
 
     def hello(self) -> dict:
-        from vnet.probes import catalog, features
-        from vnet.probes import resolve as resolver
-
-        probes = {}
-        for spec in catalog.CATALOG:
-            res = resolver.resolve(spec)
-            probes[spec.name] = {"available": res.available,
-                                 "hook": res.hook.kind if res.available else None,
-                                 "why": None if res.available else res.reason}
+        with self._answers_lock:  # probed once, in a child; kept here as a few KiB of plain data
+            if self._answers is None:
+                self._answers = _forked(_probe_answers)
+            answers = self._answers
         return {"type": "hello", "version": vnet.__version__, "host": self.host, "kernel": platform.release(),
-                "features": {f.name: f.support.value for f in features.all_features()},
-                "probes": probes, "clock": {"mono_ns": time.monotonic_ns(), "real_ns": time.time_ns()},
+                "features": answers["features"], "probes": answers["probes"],
+                "clock": {"mono_ns": time.monotonic_ns(), "real_ns": time.time_ns()},
                 "busy": self.current is not None}
 
     def handle(self, ch: Channel) -> None:
@@ -240,21 +329,10 @@ class Agent:
                 self._stop(mine)
 
     def check(self, package) -> list:
-        from vnet.probes import catalog
-        from vnet.probes import resolve as resolver
-
         if not isinstance(package, dict):
             raise ProtocolError("check without a package")
-        out = []
-        for pattern in package.get("probes") or []:
-            glob, _, force = str(pattern).partition("@")
-            specs, unmatched = catalog.match([glob])
-            out += [[u, "no such probe"] for u in unmatched]
-            for spec in specs:
-                res = resolver.resolve(spec, force or None)
-                if not res.available:
-                    out.append([spec.name, res.reason])
-        return out
+        patterns = [str(p) for p in package.get("probes") or []]
+        return _forked(lambda: _unavailable(patterns))
 
     def start(self, package) -> AgentTrace:
         if not isinstance(package, dict):
@@ -262,8 +340,11 @@ class Agent:
         with self._lock:
             if self.current is not None:
                 raise UsageError(f"this agent is already running trace {self.current.name}")
-            self.current = AgentTrace(package, self.key, self.spool_dir, self.host, self.queue_bytes,
-                                      self.spool_bytes)
+            try:
+                self.current = AgentTrace(package, self.key, self.spool_dir, self.host, self.queue_bytes,
+                                          self.spool_bytes)
+            finally:
+                _give_back_memory()
             return self.current
 
     def shutdown(self) -> None:
@@ -280,3 +361,4 @@ class Agent:
             with self._lock:
                 if self.current is t:
                     self.current = None
+            _give_back_memory()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -27,16 +28,25 @@ log = logging.getLogger("vnet.agent.shipper")
 RECONNECT_S = 0.5
 
 
+_SPOOL_HEAD = struct.Struct(">I")  # a spooled chunk: head length, msgpack head, records
+
+
 @dataclass
 class _Entry:
     seq: int
     events: int
-    data: bytes | None = None   # in memory, or
-    path: Path | None = None    # spooled to disk
+    head: dict | None = None      # in memory: {"kind", "seq", ...} and
+    blob: bytes | None = None     # the records (events chunks), or
+    path: Path | None = None      # spooled to disk
     size: int = 0
 
-    def load(self) -> bytes:
-        return self.data if self.data is not None else self.path.read_bytes()
+    def load(self) -> tuple[dict, bytes | None]:
+        if self.path is None:
+            return self.head, self.blob
+        data = memoryview(self.path.read_bytes())
+        (n,) = _SPOOL_HEAD.unpack_from(data)
+        head = msgpack.unpackb(data[4:4 + n], raw=False)
+        return head, (data[4 + n:] if data.nbytes > 4 + n else None)
 
 
 @dataclass
@@ -73,30 +83,35 @@ class Shipper:
         self._thread.start()
 
     # -- producer side ------------------------------------------------------------------------------
-    def put(self, kind: str, events: int = 0, **fields) -> int:
-        """Queue a chunk; returns its sequence number."""
+    def put(self, kind: str, events: int = 0, records=None, **fields) -> int:
+        """Queue a chunk; returns its sequence number. `records` (an events chunk's ring
+        batch, any buffer) is copied once, here, and shipped raw beside the chunk's head:
+        the collector writes it to the trace file as the chunk's last field, "records"."""
         with self._cond:
             seq = self._next_seq
             self._next_seq += 1
-            data = msgpack.packb({"kind": kind, "seq": seq, **fields}, use_bin_type=True)
-            entry = _Entry(seq, events, size=len(data))
-            if self._in_memory + len(data) <= self.memory_bytes:
-                entry.data = data
-                self._in_memory += len(data)
-            elif self._on_disk + len(data) <= self.spool_bytes:
+            head = {"kind": kind, "seq": seq, **fields}
+            blob = bytes(records) if records is not None else None
+            size = len(msgpack.packb(head, use_bin_type=True)) + (len(blob) if blob is not None else 0)
+            entry = _Entry(seq, events, size=size)
+            if self._in_memory + size <= self.memory_bytes:
+                entry.head, entry.blob = head, blob
+                self._in_memory += size
+            elif self._on_disk + size <= self.spool_bytes:
                 self.spool_dir.mkdir(parents=True, exist_ok=True)
                 entry.path = self.spool_dir / f"chunk-{seq:012d}"
-                entry.path.write_bytes(data)
-                self._on_disk += len(data)
+                packed = msgpack.packb(head, use_bin_type=True)
+                entry.path.write_bytes(_SPOOL_HEAD.pack(len(packed)) + packed + (blob or b""))
+                self._on_disk += size
                 self.stats.spooled += 1
             else:
                 self.stats.dropped_chunks += 1
                 self.stats.dropped_events += events
                 log.error("spool full (%d bytes): chunk %d with %d events dropped", self.spool_bytes, seq, events)
                 # The collector must not wait for it: a marker says what is gone.
-                data = msgpack.packb({"kind": "dropped", "seq": seq, "events": events}, use_bin_type=True)
-                entry = _Entry(seq, 0, data=data, size=len(data))
-                self._in_memory += len(data)
+                head = {"kind": "dropped", "seq": seq, "events": events}
+                entry = _Entry(seq, 0, head=head, size=64)
+                self._in_memory += entry.size
             self._queue.append(entry)
             self.stats.queued = len(self._queue)
             self._cond.notify_all()
@@ -165,7 +180,8 @@ class Shipper:
                         self._cond.wait(0.2)
                         continue
                 for e in pending:
-                    ch.send({"type": "chunk", "seq": e.seq, "data": e.load()})
+                    head, blob = e.load()
+                    ch.send({"type": "chunk", "seq": e.seq, "chunk": head}, blob=blob)
                     self.stats.sent += 1
                     sent_upto = e.seq
         finally:

@@ -6,8 +6,10 @@ it out (kernel/bpf/ringbuf.c), and copies every committed record in one go:
 
     offset 0          consumer position page, read-write: we store how far we read
     offset page       producer position page, read-only
-    offset 2 * page   the data area (max_entries bytes, a power of two), mapped
-                      twice in a row, so a record that wraps reads contiguously
+    offset 2 * page   the data area (max_entries bytes, a power of two); the kernel
+                      offers it twice in a row, so that a record that wraps reads
+                      contiguously, but this reader maps it once: every mapped page
+                      counts in the process's VmRSS (an 8 MiB ring was 16 MiB of it)
 
 Positions are free-running u64 byte counters; a record starts at pos & (size - 1)
 with an 8-byte header: u32 length with BUSY (not committed yet) and DISCARD
@@ -15,7 +17,9 @@ bits, u32 the kernel's page offset; the whole record is padded to 8 bytes.
 
 Batch.data is the ring's bytes as they are, from our position to the first
 record still being written (a copy of the ring, so no repacking per record;
-peek() gives the ring itself, for writing a batch out without any copy):
+peek() gives the ring itself, for writing a batch out without any copy, and
+stops at the end of the data area: the record the end cuts comes alone, as a
+copy of its two pieces, and the next batch starts at the beginning):
 
     repeated:  u32 len_flags   bits 0-29 length; bit 30 set: discarded, skip it
                u32 reserved    (the kernel's page offset; meaningless here)
@@ -158,7 +162,7 @@ class _Mapping:
         self.page = page
         self.consumer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         try:
-            self.ring = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+            self.ring = mmap.mmap(fd, page + size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)  # data once
         except BaseException:
             self.consumer.close()
             raise
@@ -213,6 +217,7 @@ class RingBatchReader:
         self._fence_lock = threading.Lock()
         self._fence_lock.acquire()
         self._peeked: tuple[int, int] | None = None  # (consumer position, bytes) of a batch given out by peek()
+        self._end_cut = False  # the last peek() stopped at the end of the data area
 
     def _fence(self) -> None:
         self._fence_lock.release()
@@ -241,36 +246,61 @@ class RingBatchReader:
     def read(self, max_bytes: int | None = None, max_records: int | None = None) -> Batch:
         """Every record committed since the last read, up to the first one still
         being written; at most max_bytes of ring (headers included) or max_records
-        records, though always at least one record if there is one."""
-        batch = self.peek(max_bytes, max_records)
-        if not batch.nbytes:
-            return batch
-        view = batch.data
-        batch = Batch(view.tobytes(), batch.count, batch.discarded)  # the records' bytes, after their headers
-        view.release()
-        self.consume(batch)
-        return batch
+        records, though always at least one record if there is one. A copy; what
+        wraps around the ring's end is joined."""
+        parts: list[bytes] = []
+        count = discarded = nbytes = 0
+        while True:
+            batch = self.peek(None if max_bytes is None else max_bytes - nbytes,
+                              None if max_records is None else max_records - count - discarded)
+            if not batch.nbytes:
+                break
+            if parts and max_bytes is not None and nbytes + batch.nbytes > max_bytes:
+                self._peeked = None  # a lone record past max_bytes goes only as the first
+                break
+            data = batch.data
+            if isinstance(data, memoryview):
+                batch = Batch(data.tobytes(), batch.count, batch.discarded)  # the records' bytes, with their headers
+                data.release()
+            self.consume(batch)
+            parts.append(batch.data)
+            count, discarded, nbytes = count + batch.count, discarded + batch.discarded, nbytes + batch.nbytes
+            if (not self._end_cut  # it ended where the records do, not at the ring's end
+                    or (max_bytes is not None and nbytes >= max_bytes)
+                    or (max_records is not None and count + discarded >= max_records)):
+                break
+        if not parts:
+            return Batch(b"", 0, 0)
+        return Batch(parts[0] if len(parts) == 1 else b"".join(parts), count, discarded)
 
     def peek(self, max_bytes: int | None = None, max_records: int | None = None) -> Batch:
-        """What read() would return, without a copy: Batch.data is a memoryview of
-        the ring itself, valid until consume(batch), which gives the space back to
-        the programs (then the view must no longer be read). For writing a batch
-        out (a file, a socket) straight from the ring."""
+        """Like read(), without a copy: Batch.data is a memoryview of the ring
+        itself, valid until consume(batch), which gives the space back to the
+        programs (then the view must no longer be read). For writing a batch out
+        (a file, a socket) straight from the ring. A batch ends at the end of the
+        ring's data area (read() joins the two); the one record cut by that end
+        comes as a batch of its own, a bytes copy."""
         m = self._live()
         if self._peeked is not None:
             raise UsageError(f"ring buffer {self.map.name}: peek() again before consume()")
         cons = m.cons_pos[0]
         prod = m.prod_pos[0]  # once per batch: what arrives meanwhile waits for the next read
         self._fence()  # headers below prod were written before prod moved
-        start = m.page + (cons & self._mask)  # in the double mapping: never wraps
-        limit = min(prod - cons, self.size)  # never past the second copy of the data
+        off = cons & self._mask
+        start = m.page + off
+        limit = min(prod - cons, self.size - off)  # the data area is mapped once: stop at its end
+        self._end_cut = limit < prod - cons  # for read(): more may follow from the beginning
         if max_bytes is not None:
             limit = min(limit, max_bytes)
-        pos, count, discarded = walk(m.words, start, limit, max_records)
+        pos, count, discarded = walk(m.words, start, limit, max_records)  # a lone record may pass limit
         if not pos:
             return Batch(b"", 0, 0)
         self._fence()  # the records' bytes are read after their committed headers
         self._peeked = (cons, pos)
+        if off + pos > self.size:  # one record cut by the end (its 8-byte header never is): join it
+            first = self.size - off
+            data = m.bytes[start:start + first].tobytes() + m.bytes[m.page:m.page + pos - first].tobytes()
+            return Batch(data, count, discarded)
         return Batch(m.bytes[start:start + pos], count, discarded)
 
     def consume(self, batch: Batch) -> None:

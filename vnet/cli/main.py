@@ -1,9 +1,11 @@
 """Entry point: `vnet` (console script) and `python -m vnet`.
 
 `vnet trace` with a command line the fast parser is sure of runs without importing typer (and
-pydantic, which typer 0.29 builds an adapter per option with): ~0.13 s less to the first event.
-Everything else, `vnet trace --help` and every command line the fast parser declines included,
-goes to the typer application (vnet.cli.app), which prints what it always printed.
+pydantic, which typer 0.29 builds an adapter per option with): ~0.13 s less to the first event;
+`vnet agent` serving likewise (vnet/cli/daemon.py: what typer's parse allocates would stay
+resident in the long-running agent). Everything else, `--help` and every command line the fast
+parsers decline included, goes to the typer application (vnet.cli.app), its usage errors made
+one line (`vnet: error: ...`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ def main() -> None:
     args = sys.argv[1:]
     if args[:1] == ["trace"] and _fast_trace(args[1:]):
         return
+    from .daemon import agent_fast
+
+    code = agent_fast(args)  # the long-running agent without typer's parse (vnet/cli/daemon.py)
+    if code is not None:
+        sys.exit(code)
     from .app import app
 
     sys.exit(_run_app(app))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -12,44 +10,10 @@ import typer
 
 from .common import cli_errors, setup_logging
 
-DEFAULT_KEY = Path("/etc/vnet/key")
-DEFAULT_AGENT = "127.0.0.1:7878"
-DEFAULT_COLLECTOR = "127.0.0.1:7879"
+from .daemon import DEFAULT_AGENT, DEFAULT_COLLECTOR, DEFAULT_KEY, _run_agent, _serve
 
 agent_app = typer.Typer(help="Run traces on this host for a dispatcher; ship the data to a collector.",
                         invoke_without_command=True, no_args_is_help=False)
-
-
-def _serve(server, what: str) -> None:
-    """Until SIGINT/SIGTERM; the server thread stops, peers' handlers clean up."""
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    thread = threading.Thread(target=server.serve, name=what, daemon=True)
-    thread.start()
-    print(f"vnet: {what} listening on {server.address}", file=sys.stderr, flush=True)
-    try:
-        while not stop.wait(0.2) and thread.is_alive():
-            pass
-    finally:
-        server.stop()
-        thread.join(timeout=5)
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def _one_malloc_arena() -> None:
-    """glibc gives every thread that allocates its own malloc arena, and an arena keeps
-    the high water of what was once parsed in it (libbpf reads the kernel's BTF for every
-    object it loads): the agent's threads (one per connection, the drain, the shipper)
-    share one instead. 17 MiB less resident after a hello (tools/bench/first_event.py);
-    the GIL serializes them anyway. Where mallopt is not glibc's, nothing changes."""
-    import ctypes
-
-    M_ARENA_MAX = -8
-    try:
-        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
-    except (OSError, AttributeError):
-        pass
 
 
 @agent_app.callback()
@@ -72,19 +36,7 @@ def agent(
     """Serve dispatchers: run the traces they start, ship raw events to the collector."""
     if ctx.invoked_subcommand is not None:
         return
-    setup_logging(max(verbose, 1))
-    from vnet.agent.agent import Agent
-    from vnet.probes import features
-    from vnet.protocol import load_key
-    from vnet.protocol.server import Server
-
-    features.require_privileges(net_admin=True)
-    _one_malloc_arena()
-    agent_obj = Agent(load_key(key), spool, host, queue_bytes=queue_mb << 20, spool_bytes=spool_mb << 20)
-    try:
-        _serve(Server(listen, agent_obj.key, "agent", agent_obj.handle, allow_remote=allow_remote), "agent")
-    finally:
-        agent_obj.shutdown()  # a trace still running is stopped and detached before we exit
+    _run_agent(listen, key, allow_remote, spool, host, queue_mb, spool_mb, verbose)
 
 
 @agent_app.command("init")

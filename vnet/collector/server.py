@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgpack
-
 from vnet.protocol import MAX_DATA_BYTES, Channel
 from vnet.protocol.channel import ProtocolError
 
@@ -124,16 +122,18 @@ class Collector:
         finally:
             stop.set()
 
-    def _chunk(self, st: Stream, m: dict) -> None:
-        seq, data = m.get("seq"), m.get("data")
-        if not isinstance(seq, int) or not isinstance(data, bytes):
+    def _chunk(self, st: Stream, m) -> None:
+        """An agent's chunk: its head (a map) in the message, an events chunk's records
+        raw beside it (m.blob, a view of the receive buffer), written from there."""
+        seq, chunk, blob = m.get("seq"), m.get("chunk"), m.blob
+        if not isinstance(seq, int) or not isinstance(chunk, dict):
             raise ProtocolError("malformed chunk")
-        try:
-            chunk = msgpack.unpackb(data, raw=False, max_bin_len=MAX_DATA_BYTES, max_str_len=1 << 20)
-        except Exception as e:  # noqa: BLE001
-            raise ProtocolError(f"undecodable chunk {seq}: {e}") from None
-        if not isinstance(chunk, dict) or chunk.get("seq") != seq or not isinstance(chunk.get("kind"), str):
+        if chunk.get("seq") != seq or not isinstance(chunk.get("kind"), str) or "records" in chunk:
             raise ProtocolError(f"chunk {seq} does not match its envelope")
+        if (blob is not None) != (chunk["kind"] == "events"):
+            raise ProtocolError(f"chunk {seq}: an events chunk comes with its records, and only it")
+        if blob is not None:
+            chunk["records"] = blob  # last: written where it is (vnet/packing.py), not copied
         with st.lock:
             if seq <= st.last_seq:
                 return  # sent again after a reconnect: already written

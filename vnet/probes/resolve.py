@@ -74,12 +74,29 @@ def _kernel_functions(target: str) -> frozenset[str]:
 
 @lru_cache(maxsize=None)
 def _module_btf(module: str) -> Btf | None:
+    _loaded_modules.add(module)
     if not os.path.exists(f"/sys/kernel/btf/{module}"):
         return None
     try:
         return Btf.module(module, _vmlinux())
     except VnetError:
         return None
+
+
+def release_btf() -> None:
+    """Free the kernel BTF kept for resolving (vmlinux ~6 MiB parsed, and modules'):
+    a long-running process (the agent) calls it once a trace is resolved and loaded;
+    the next resolution loads it again."""
+    modules = [b for b in (_module_btf(m) for m in list(_loaded_modules)) if b is not None]
+    vmlinux = _vmlinux() if _vmlinux.cache_info().currsize else None
+    _module_btf.cache_clear()
+    _loaded_modules.clear()
+    _vmlinux.cache_clear()
+    for btf in modules + ([vmlinux] if vmlinux is not None else []):
+        btf.close()
+
+
+_loaded_modules: set[str] = set()
 
 
 def _has_tracepoint(name: str) -> bool:

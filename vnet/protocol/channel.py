@@ -1,14 +1,26 @@
 """One authenticated connection: frames, the handshake, and message checks.
 
-Frame: u32 big-endian length of the payload, the payload (one msgpack map),
-and after the handshake a 32-byte HMAC-SHA256 tag over (direction, sequence
-number, payload) with a key derived from both sides' nonces. A frame longer
-than the channel's limit, a payload that is not a map with a known `type`, a
-bad tag or a message out of order closes the connection with a logged reason.
+Handshake frames (as in protocol version 1, so that a peer of another version can
+still read the challenge and say which version it speaks): u32 big-endian length
+of the payload, the payload (one msgpack map).
+
+After the handshake (version 2), every frame:
+    u32 BE  L     the length of everything after this field
+    u32 BE  H     the length of the head
+    H bytes head  one msgpack map with a string "type"
+    blob          L - 4 - H - 32 raw bytes, possibly none (an events chunk's records,
+                  shipped beside the head rather than inside it, so that neither end
+                  copies them into or out of msgpack)
+    32 bytes tag  HMAC-SHA256(session key, direction, u64 sequence number, L, H, head, blob)
+Every byte, the lengths included, is under the tag. A frame longer than the
+channel's limit, a head that is not a map with a known `type`, lengths that do not
+add up, a bad tag or a message out of order closes the connection with a logged
+reason. A received blob is a memoryview of the channel's receive buffer: valid
+until the next recv() on that channel.
 
 Handshake (both directions proven, nothing secret on the wire):
-    server -> {"type": "challenge", "v": 1, "nonce": Ns, "role": R}
-    client -> {"type": "auth", "v": 1, "nonce": Nc, "mac": HMAC(K, "vnet-client" Ns Nc)}
+    server -> {"type": "challenge", "v": 2, "nonce": Ns, "role": R}
+    client -> {"type": "auth", "v": 2, "nonce": Nc, "mac": HMAC(K, "vnet-client" Ns Nc)}
     server -> {"type": "welcome", "mac": HMAC(K, "vnet-server" Nc Ns)}
 Session key: HMAC(K, "vnet-session" Ns Nc). No confidentiality: events cross
 the wire in clear (use a private network or a tunnel where that matters).
@@ -30,11 +42,10 @@ from pathlib import Path
 import msgpack
 
 from vnet.errors import UsageError, VnetError
-from vnet.packing import pack_parts, parts_size
 
 log = logging.getLogger("vnet.protocol")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2             # 2: session frames carry a raw blob beside the head (above)
 MAX_CONTROL_BYTES = 1 << 20     # hello, start, status...: a control package is a few KiB
 MAX_DATA_BYTES = 32 << 20       # an events chunk (ring batches are capped well below)
 HANDSHAKE_BYTES = 4096
@@ -42,6 +53,9 @@ TAG_BYTES = 32
 NONCE_BYTES = 32
 KEY_BYTES = 32
 DEFAULT_TIMEOUT = 30.0
+_LENGTHS = struct.Struct(">II")  # L, H of a session frame
+_SEQ = struct.Struct(">Q")
+REUSE_BYTES = 1 << 16            # frames this large are read into the channel's buffer, reused
 
 
 class ProtocolError(VnetError):
@@ -132,29 +146,29 @@ def _mac(key: bytes, label: bytes, *parts: bytes) -> bytes:
     return hmac.new(key, label + b"".join(parts), hashlib.sha256).digest()
 
 
-def _unpack(payload: bytes, limit: int):
-    """One msgpack object with every container and string bounded by `limit`."""
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(limit, 1),
-                                max_str_len=limit, max_bin_len=limit, max_array_len=limit // 2 + 16,
-                                max_map_len=limit // 4 + 16, max_ext_len=0)
-    unpacker.feed(payload)
+def _unpack(payload, limit: int) -> "Message":
+    """One msgpack map (bytes or a memoryview) with every container and string bounded by `limit`."""
     try:
-        obj = unpacker.unpack()
-    except msgpack.OutOfData:
-        raise ProtocolError("truncated msgpack payload") from None
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_str_len=limit, max_bin_len=limit,
+                              max_array_len=limit // 2 + 16, max_map_len=limit // 4 + 16, max_ext_len=0)
+    except msgpack.ExtraData:
+        raise ProtocolError("trailing data after the message") from None
+    except (msgpack.OutOfData, ValueError) as e:
+        if isinstance(e, msgpack.OutOfData) or "incomplete" in str(e).lower():
+            raise ProtocolError("truncated msgpack payload") from None
+        raise ProtocolError(f"malformed msgpack payload: {type(e).__name__}: {e}") from None
     except Exception as e:  # noqa: BLE001 - any decoder complaint is a protocol error
         raise ProtocolError(f"malformed msgpack payload: {type(e).__name__}: {e}") from None
-    try:
-        unpacker.unpack()
-    except msgpack.OutOfData:
-        pass
-    except Exception:  # noqa: BLE001 - malformed trailing bytes are trailing bytes all the same
-        raise ProtocolError("trailing data after the message") from None
-    else:
-        raise ProtocolError("trailing data after the message")
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
         raise ProtocolError("a message must be a map with a string 'type'")
-    return obj
+    return Message(obj)
+
+
+class Message(dict):
+    """A received message; `blob`: the raw bytes that came beside it (a memoryview
+    of the channel's receive buffer, valid until its next recv()), or None."""
+
+    blob: memoryview | None = None
 
 
 class Channel:
@@ -171,42 +185,37 @@ class Channel:
         self._recv_label = b""
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
+        self._rbuf = bytearray()
         self.closed = False
 
     def __repr__(self) -> str:
         return f"<Channel {self.peer}>"
 
     # -- raw frames --------------------------------------------------------------------------------
-    def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(min(n - len(buf), 1 << 20))
-            if not chunk:
+    def _recv_into(self, view: memoryview) -> None:
+        got, n = 0, view.nbytes
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if not k:
                 raise ConnectionError(f"{self.peer} closed the connection")
-            buf += chunk
+            got += k
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self._recv_into(memoryview(buf))
         return bytes(buf)
 
-    def _send_frame(self, payload: bytes, blob: memoryview | None = None) -> None:
-        """One frame: payload (+ blob, the large last value vnet.packing left out of it) + tag."""
-        if blob is None:
-            if self._key is not None:
-                tag = _mac(self._key, self._send_label, struct.pack(">Q", self._send_seq), payload)
-                self._send_seq += 1
-                payload += tag
-            self.sock.sendall(struct.pack(">I", len(payload)) + payload)
-            return
-        # An events chunk (~10 MB): sent from where it is with one sendmsg, the tag computed
-        # over the pieces in turn; the same bytes as above without copying the chunk twice.
-        tag = b""
-        if self._key is not None:
-            mac = hmac.new(self._key, self._send_label + struct.pack(">Q", self._send_seq), hashlib.sha256)
-            mac.update(payload)
-            mac.update(blob)
-            tag = mac.digest()
-            self._send_seq += 1
-        parts = [memoryview(struct.pack(">I", len(payload) + blob.nbytes + len(tag)) + payload), blob]
-        if tag:
-            parts.append(memoryview(tag))
+    def _buffer(self, n: int) -> memoryview:
+        """n bytes to receive into: a large frame reuses the channel's buffer (no fresh
+        pages to fault in per chunk); a new one when it must grow (old views stay valid)."""
+        if n < REUSE_BYTES:
+            return memoryview(bytearray(n))
+        if len(self._rbuf) < n:
+            self._rbuf = bytearray(max(n, 2 * len(self._rbuf)))
+        return memoryview(self._rbuf)[:n]
+
+    def _sendmsg_all(self, parts: list) -> None:
+        parts = [memoryview(p).cast("B") for p in parts if len(p)]
         while parts:
             n = self.sock.sendmsg(parts)
             while parts and n >= parts[0].nbytes:
@@ -214,36 +223,66 @@ class Channel:
             if n:
                 parts[0] = parts[0][n:]
 
-    def _recv_frame(self, limit: int) -> bytes:
-        (length,) = struct.unpack(">I", self._recv_exact(4))
-        extra = TAG_BYTES if self._key is not None else 0
-        if length > limit + extra:
-            raise ProtocolError(f"frame of {length} bytes from {self.peer} exceeds the limit of {limit + extra}")
-        frame = self._recv_exact(length)
+    def _send_frame(self, head: bytes, blob=None) -> None:
+        """A handshake frame (no session yet: head only), or a session frame: lengths,
+        head, blob (sent from where it is: one sendmsg, no copy) and the tag over all of it."""
         if self._key is None:
-            return frame
-        if length < TAG_BYTES:
-            raise ProtocolError(f"frame from {self.peer} too short for its tag")
-        payload, tag = frame[:-TAG_BYTES], frame[-TAG_BYTES:]
-        want = _mac(self._key, self._recv_label, struct.pack(">Q", self._recv_seq), payload)
-        if not hmac.compare_digest(tag, want):
+            if blob is not None:
+                raise ProtocolError("no blob before the session starts")
+            self.sock.sendall(struct.pack(">I", len(head)) + head)
+            return
+        blob = memoryview(blob).cast("B") if blob is not None else memoryview(b"")
+        lengths = _LENGTHS.pack(4 + len(head) + blob.nbytes + TAG_BYTES, len(head))
+        mac = hmac.new(self._key, self._send_label + _SEQ.pack(self._send_seq) + lengths, hashlib.sha256)
+        mac.update(head)
+        mac.update(blob)
+        self._send_seq += 1
+        if blob.nbytes:
+            self._sendmsg_all([lengths + head, blob, mac.digest()])
+        else:
+            self.sock.sendall(lengths + head + mac.digest())
+
+    def _recv_message(self, limit: int) -> "Message":
+        if self._key is None:  # the handshake's frames
+            (length,) = struct.unpack(">I", self._recv_exact(4))
+            if length > limit:
+                raise ProtocolError(f"frame of {length} bytes from {self.peer} exceeds the limit of {limit}")
+            return _unpack(self._recv_exact(length), limit)
+        lengths = self._recv_exact(_LENGTHS.size)
+        length, head_len = _LENGTHS.unpack(lengths)
+        if length > 4 + limit + TAG_BYTES:
+            raise ProtocolError(f"frame of {length} bytes from {self.peer} exceeds the limit of "
+                                f"{4 + limit + TAG_BYTES}")
+        if length < 4 + TAG_BYTES or head_len > length - 4 - TAG_BYTES:
+            raise ProtocolError(f"frame from {self.peer}: lengths {length}/{head_len} do not add up")
+        body = self._buffer(length - 4)
+        self._recv_into(body)
+        head, blob, tag = body[:head_len], body[head_len:-TAG_BYTES], body[-TAG_BYTES:]
+        mac = hmac.new(self._key, self._recv_label + _SEQ.pack(self._recv_seq) + lengths, hashlib.sha256)
+        mac.update(head)
+        mac.update(blob)
+        if not hmac.compare_digest(tag, mac.digest()):
             raise AuthError(f"bad message tag from {self.peer} (tampered, replayed or out of order)")
         self._recv_seq += 1
-        return payload
+        msg = _unpack(head, limit)
+        if blob.nbytes:
+            msg.blob = blob
+        return msg
 
     # -- messages ----------------------------------------------------------------------------------
-    def send(self, msg: dict) -> None:
-        payload, blob = pack_parts(msg)
-        size = parts_size(payload, blob)
+    def send(self, msg: dict, blob=None) -> None:
+        """One message; `blob`: raw bytes (any buffer) sent beside it, not copied (msg.blob there)."""
+        head = msgpack.packb(msg, use_bin_type=True)
+        size = len(head) + (memoryview(blob).nbytes if blob is not None else 0)
         if size > self.limit:
             raise ProtocolError(f"message {msg.get('type')} of {size} bytes exceeds {self.limit}")
         with self._send_lock:
-            self._send_frame(payload, blob)
+            self._send_frame(head, blob)
 
-    def recv(self, expect: tuple[str, ...] | None = None, limit: int | None = None) -> dict:
+    def recv(self, expect: tuple[str, ...] | None = None, limit: int | None = None) -> "Message":
         """The next message; `expect`: the types allowed here (anything else is out of order)."""
         with self._recv_lock:
-            msg = _unpack(self._recv_frame(limit or self.limit), limit or self.limit)
+            msg = self._recv_message(limit or self.limit)
         if msg["type"] == "error" and (expect is None or "error" not in expect):
             raise ProtocolError(f"{self.peer}: {msg.get('message', 'error')}")
         if expect is not None and msg["type"] not in expect:

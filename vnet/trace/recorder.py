@@ -49,6 +49,8 @@ def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int |
                 batch = reader.peek(max_records=BATCH_RECORDS)  # written from the ring itself, not copied
                 if not batch.count:
                     reader.consume(batch)  # discarded records only, if anything
+                    if batch.nbytes:
+                        continue  # it stopped at the ring's end: more may follow from its start
                     return False
                 data, n = batch.data, batch.count
                 if count is not None and out.events + n >= count:
