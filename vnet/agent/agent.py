@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import resource
 import socket
 import threading
@@ -267,6 +268,40 @@ def _field(d: dict, name: str, typ):
     return v
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")   # a trace's name becomes a spool folder
+_PACKAGE_TYPES = {"interfaces": list, "probes": list, "directions": list, "pids": list, "min_runq_ns": int,
+                  "filter": dict, "record": str, "duration_s": (int, float), "count": int, "interval_s": (int, float),
+                  "snaplen": int, "ring_bytes": int, "strict": bool, "collector": dict, "hypervisor": str,
+                  "host": str, "version": int}
+
+
+def check_package(package) -> dict:
+    """A control package as the spec makes it (vnet.dispatch.spec.Spec.control_package), each field
+    of its type, before anything is resolved or attached: it comes from the network (an
+    authenticated peer, but a buggy or hostile one must not reach the file system or the kernel
+    with values of the wrong shape). Raises UsageError naming the field."""
+    if not isinstance(package, dict):
+        raise ProtocolError("a control package must be a map")
+    name = package.get("trace")
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+        raise UsageError(f"control package: trace name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    for key, typ in _PACKAGE_TYPES.items():
+        v = package.get(key)
+        if v is not None and (not isinstance(v, typ) or isinstance(v, bool) and typ is int):
+            raise UsageError(f"control package: {key!r} is {type(v).__name__}, not {getattr(typ, '__name__', typ)}")
+    for key in ("interfaces", "probes", "directions"):
+        if not all(isinstance(x, str) and 0 < len(x) <= 256 for x in package.get(key) or ()):
+            raise UsageError(f"control package: {key!r} must be a list of names")
+    if not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 1 << 22 for p in package.get("pids") or ()):
+        raise UsageError("control package: 'pids' must be a list of process ids")
+    for key in ("min_runq_ns", "snaplen", "ring_bytes", "count"):
+        if (package.get(key) or 0) < 0:
+            raise UsageError(f"control package: {key!r} must not be negative")
+    if not isinstance((package.get("collector") or {}).get("address"), str):
+        raise UsageError("control package: 'collector.address' missing or not a string")
+    return package
+
+
 class Agent:
     """The request handler of `vnet agent` (see the module docstring)."""
 
@@ -323,6 +358,10 @@ class Agent:
                         return
                 except VnetError as e:  # the request failed; the connection carries on
                     ch.send({"type": "error", "message": str(e), "exit_code": e.exit_code})
+                except Exception as e:  # noqa: BLE001 - a request nothing above foresaw: refused, logged
+                    log.exception("request %s from %s failed", kind, ch.peer)
+                    ch.send({"type": "error", "message": f"the agent could not serve {kind}: "
+                                                         f"{type(e).__name__}: {e}", "exit_code": 7})
         finally:
             if mine is not None:  # the dispatcher went away: never leave a trace attached
                 log.warning("dispatcher %s left during trace %s: stopping it", ch.peer, mine.name)
@@ -331,12 +370,14 @@ class Agent:
     def check(self, package) -> list:
         if not isinstance(package, dict):
             raise ProtocolError("check without a package")
-        patterns = [str(p) for p in package.get("probes") or []]
+        probes = package.get("probes") or []
+        if not isinstance(probes, list) or not all(isinstance(p, str) for p in probes):
+            raise UsageError("control package: 'probes' must be a list of names")
+        patterns = list(probes)
         return _forked(lambda: _unavailable(patterns))
 
     def start(self, package) -> AgentTrace:
-        if not isinstance(package, dict):
-            raise ProtocolError("start without a package")
+        check_package(package)
         with self._lock:
             if self.current is not None:
                 raise UsageError(f"this agent is already running trace {self.current.name}")
