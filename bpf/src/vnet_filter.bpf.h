@@ -118,7 +118,7 @@ static __always_inline void vnet_deliver(struct vnet_stats *st, struct vnet_even
 					 __u32 wakeup_every, void *skb, bool tc, bool l3, __u32 snaplen, bool typed)
 {
 	if (aggregate & VNET_AGG_ON)
-		vnet_aggregate(st, ev);
+		vnet_aggregate(ev);
 	if ((aggregate & VNET_AGG_ON) && !(aggregate & VNET_AGG_AND_EVENTS))
 		return;
 	if (snaplen)

@@ -148,6 +148,25 @@ def test_probe_limit_agrees_with_the_objects(btf):
     assert MAX_PROBES * agg["VNET_AGG_HOOKS"] <= agg["VNET_AGG_POINTS"]  # every probe has its aggregation points
 
 
+def test_aggregation_point_fields_agree_with_the_objects(btf):
+    """Trace.aggregates() sums struct vnet_agg_point field by field into AggPoint."""
+    from dataclasses import fields
+
+    from vnet.trace.session import AggPoint
+
+    layout = btf.struct("vnet_agg_point")
+    assert [f.name for f in layout.fields] == [f.name for f in fields(AggPoint)]
+    assert all(f.size == 8 and f.count == 1 for f in layout.fields)
+
+
+def test_aggregation_table_sets_fit_the_point_bits(btf):
+    """A packet's entry keeps its point in the low VNET_AGG_POINT_BITS of `when`."""
+    agg = btf.enum("vnet_agg")
+    assert agg["VNET_AGG_POINTS"] == 1 << agg["VNET_AGG_POINT_BITS"]
+    assert agg["VNET_AGG_SETS"] & (agg["VNET_AGG_SETS"] - 1) == 0  # the set index is a mask of pkt_id's bits
+    assert btf.struct("vnet_agg_set").size == 16 * agg["VNET_AGG_WAYS"]
+
+
 def sample_value(f, n: int):
     """A distinct value that fits field f: bytes for byte arrays, a tuple for
     other arrays, else an int."""

@@ -31,7 +31,7 @@ DEFAULT_WAKEUP_EVERY = 64
 SHARED_MAPS = ("vnet_events", "vnet_stats", "vnet_agg_points", "vnet_agg_last", "vnet_agg_hist")
 MAX_PROBES = 128  # enum vnet_limit's VNET_MAX_PROBES; tests/unit check they agree
 SNAP_MAX = 256    # enum vnet_snap's VNET_SNAP_MAX: packet bytes an event can carry; tests/unit check they agree
-AGG_MAPS_WHEN_OFF = {"vnet_agg_last": 64, "vnet_agg_hist": 1}  # unused then: keep them small
+AGG_MAPS_WHEN_OFF = {"vnet_agg_last": 1, "vnet_agg_hist": 1}  # unused then: keep them small
 
 
 @dataclass
@@ -60,6 +60,17 @@ class Plan:
     name: str = ""
     filterable: bool = False  # its config has the packet filter (struct vnet_filter)
     link: str = "ethernet"    # TC plans: the device's link type, for the tcpdump expression
+
+
+@dataclass
+class AggPoint:
+    """Aggregation mode: one point's numbers (struct vnet_agg_point), every CPU summed."""
+
+    packets: int = 0
+    bytes: int = 0
+    first: int = 0      # packets with no earlier hop to pair with here: where they enter the traced path,
+    #                     packets without a pkt_id, or a hop whose entry another packet replaced (never silent)
+    hist_lost: int = 0  # hop pairs no histogram counted: the kernel's cell map was full
 
 
 @dataclass
@@ -301,9 +312,10 @@ class Trace:
                  for (probe_id, _hook), where in self.labels.items()}
         return {names.get(pid, f"probe{pid}"): c for pid, c in self._counters(per_cpu).items()}
 
-    def aggregates(self) -> tuple[dict[str, tuple[int, int]], dict[tuple[str, str], Log2Histogram]]:
-        """Aggregation mode: (packets, bytes) per point, and a latency histogram per
-        consecutive pair of points, as the kernel has counted so far."""
+    def aggregates(self) -> tuple[dict[str, AggPoint], dict[tuple[str, str], Log2Histogram]]:
+        """Aggregation mode: packets, bytes (and packets with no earlier hop) per point, and a
+        latency histogram per consecutive pair of points, as the kernel has counted so far.
+        Both maps are per CPU: each CPU's numbers are summed here."""
         btf = self.btf
         hooks_per_probe = btf.enum("vnet_agg")["VNET_AGG_HOOKS"]
         hook_names = {v: k.removeprefix("VNET_HOOK_").lower() for k, v in btf.enum("vnet_hook").items()}
@@ -320,19 +332,22 @@ class Trace:
             for hook in range(hooks_per_probe):
                 point = probe_id * hooks_per_probe + hook
                 rows = [point_layout.decode(v) for v in points_map.lookup(point.to_bytes(4, "little"))]
-                packets, nbytes = sum(r["packets"] for r in rows), sum(r["bytes"] for r in rows)
-                if packets:
-                    points[name(point)] = (packets, nbytes)
+                total = AggPoint(**{f.name: sum(r[f.name] for r in rows) for f in point_layout.fields})
+                if total.packets:
+                    points[name(point)] = total
         hist_map = self.objects[0].maps["vnet_agg_hist"]
         key_layout = btf.struct("vnet_agg_key")
         hists: dict[tuple[str, str], Log2Histogram] = {}
         for raw in hist_map.keys():
-            value = hist_map.lookup(raw)
-            if value is None:
+            per_cpu = hist_map.lookup(raw)
+            if per_cpu is None:
+                continue
+            n = sum(int.from_bytes(v, "little") for v in per_cpu)
+            if not n:
                 continue
             k = key_layout.decode(raw)
             h = hists.setdefault((name(k["from"]), name(k["to"])), Log2Histogram())
-            h.counts[k["bucket"]] = h.counts.get(k["bucket"], 0) + int.from_bytes(value, "little")
+            h.counts[k["bucket"]] = h.counts.get(k["bucket"], 0) + n
         return points, hists
 
     def close(self) -> None:
