@@ -248,16 +248,35 @@ static __always_inline void vnet_hdr_init(struct vnet_event_hdr *hdr, __u32 prob
 	hdr->cpu = bpf_get_smp_processor_id();
 }
 
-/* Copy one event into the ring; a full ring is counted, never silent.
- * Waking the reader per record caps throughput near 1 M/s, so wake only every
- * `wakeup_every` events per CPU; the reader also drains on a 100 ms timer. */
-static __always_inline void vnet_emit(struct vnet_stats *st, struct vnet_event *ev, __u32 wakeup_every)
+/* Whether committing a record wakes the reader. A wakeup per record caps the
+ * ring near 1 M records/s and costs the reader a wakeup per record, and every
+ * reader drains on a timer anyway (20 ms for the recorder and the agent, at
+ * most 100 ms when printing), so records go without one (BPF_RB_NO_WAKEUP)
+ * except at a check, every `wakeup_every`-th record per CPU and probe, the
+ * first one included:
+ *   - `wakeup_bytes` or more unread in the ring (bpf_ringbuf_query): force a
+ *     wakeup (BPF_RB_FORCE_WAKEUP), so that the reader drains before the ring
+ *     fills, sooner than its timer; at most one per `wakeup_every` records;
+ *   - else the kernel's adaptive wakeup (flags 0): it wakes the reader only if
+ *     the reader has read everything before this record, i.e. waits idle: so
+ *     the first event of a trace reaches `vnet trace -c 1` without its timer.
+ * wakeup_bytes 0: a forced wakeup at every check; wakeup_every 0 or 1: every
+ * record is a check. (The kernel selftests' ring-buffer benchmark wakes its
+ * reader the same way: when the unread data passes a size.) */
+static __always_inline __u64 vnet_wakeup_flags(struct vnet_stats *st, __u32 wakeup_every, __u32 wakeup_bytes)
 {
-	__u64 flags = 0;
-
 	if (wakeup_every > 1 && (st->v[VNET_STAT_EMITTED] % wakeup_every) != 0)
-		flags = BPF_RB_NO_WAKEUP;
-	if (bpf_ringbuf_output(&vnet_events, ev, sizeof(*ev), flags) == 0)
+		return BPF_RB_NO_WAKEUP;
+	if (bpf_ringbuf_query(&vnet_events, BPF_RB_AVAIL_DATA) >= wakeup_bytes)
+		return BPF_RB_FORCE_WAKEUP;
+	return 0;
+}
+
+/* Copy one event into the ring; a full ring is counted, never silent. */
+static __always_inline void vnet_emit(struct vnet_stats *st, struct vnet_event *ev, __u32 wakeup_every,
+				      __u32 wakeup_bytes)
+{
+	if (bpf_ringbuf_output(&vnet_events, ev, sizeof(*ev), vnet_wakeup_flags(st, wakeup_every, wakeup_bytes)) == 0)
 		st->v[VNET_STAT_EMITTED]++;
 	else
 		st->v[VNET_STAT_LOST]++;

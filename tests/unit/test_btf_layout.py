@@ -208,3 +208,24 @@ def test_tc_cfg_round_trips_through_an_opened_object():
         offset, _ = obj.btf.variable(".rodata", "tc_cfg")
         image = bytes(obj.maps[next(n for n in obj.maps if n.endswith(".rodata"))].initial_value())
         assert image[offset:offset + layout.size] == layout.encode(values)
+
+
+def test_wakeup_config_fields_are_in_every_program_config():
+    """Trace sets wakeup_every and wakeup_bytes in every object's config struct."""
+    from vnet.trace.session import wakeup_config
+
+    config = wakeup_config(8 << 20)
+    assert config == {"wakeup_every": 64, "wakeup_bytes": 2 << 20}  # a check every 64, forced past 1/4
+    for obj, var in (("tc_trace", "tc_cfg"), ("skb_trace", "skb_cfg"), ("drop", "drop_cfg"), ("sched", "sched_cfg")):
+        with Btf.from_file(str(OBJECT.with_name(f"{obj}.bpf.o"))) as b:
+            _, layout = b.variable(".rodata", var)
+            assert set(config) <= {f.name for f in layout.fields}, obj
+
+
+def test_wakeup_threshold_must_fit_the_ring():
+    from vnet.errors import UsageError
+    from vnet.trace.session import wakeup_config
+
+    assert wakeup_config(1 << 20, 1, 0) == {"wakeup_every": 1, "wakeup_bytes": 0}
+    with pytest.raises(UsageError):
+        wakeup_config(1 << 20, 64, (1 << 20) + 1)

@@ -27,7 +27,8 @@ from .records import EventDecoder
 
 log = logging.getLogger("vnet.trace")
 DEFAULT_RING_BYTES = 8 << 20
-DEFAULT_WAKEUP_EVERY = 64
+DEFAULT_WAKEUP_EVERY = 64       # a wakeup check every this many events per CPU and probe (vnet_wakeup_flags)
+DEFAULT_WAKEUP_FILL = 4         # ... forcing a wakeup once 1/this of the ring is unread
 SHARED_MAPS = ("vnet_events", "vnet_stats", "vnet_agg_points", "vnet_agg_last", "vnet_agg_hist")
 MAX_PROBES = 128  # enum vnet_limit's VNET_MAX_PROBES; tests/unit check they agree
 SNAP_MAX = 256    # enum vnet_snap's VNET_SNAP_MAX: packet bytes an event can carry; tests/unit check they agree
@@ -88,6 +89,20 @@ def check_snaplen(n: int) -> int:
     return n
 
 
+def wakeup_config(ring_bytes: int, wakeup_every: int = DEFAULT_WAKEUP_EVERY, wakeup_bytes: int | None = None) -> dict:
+    """The programs' wakeup policy (bpf/src vnet_wakeup_flags), config fields every object has:
+    no wakeup for most records; every `wakeup_every`-th record per CPU and probe, a forced wakeup
+    when `wakeup_bytes` (default: a quarter of the ring) are unread, else the kernel's adaptive
+    one (the reader is woken if it waits with nothing left to read: a trace's first event).
+    The readers drain on their timer besides (20 ms; 100 ms when printing)."""
+    if wakeup_bytes is None:
+        wakeup_bytes = ring_bytes // DEFAULT_WAKEUP_FILL
+    if not 0 <= wakeup_bytes <= ring_bytes:
+        raise UsageError(f"wakeup threshold {wakeup_bytes} bytes: 0 (wake at every check) to the ring's size, "
+                         f"{ring_bytes}")
+    return {"wakeup_every": wakeup_every, "wakeup_bytes": wakeup_bytes}
+
+
 def check_ring_size(n: int) -> int:
     if n < 4096 or n & (n - 1):
         raise UsageError(f"ring buffer size must be a power of two >= 4096 bytes, got {n}")
@@ -117,7 +132,7 @@ class Trace:
     in `skipped` (probe, reason); the rest run. strict=True raises instead."""
 
     def __init__(self, plans: list[Plan], *, ring_bytes: int = DEFAULT_RING_BYTES,
-                 wakeup_every: int = DEFAULT_WAKEUP_EVERY, strict: bool = True,
+                 wakeup_every: int = DEFAULT_WAKEUP_EVERY, wakeup_bytes: int | None = None, strict: bool = True,
                  packet_filter: PacketFilter | None = None, aggregate: bool = False,
                  aggregate_and_events: bool = False, snaplen: int = 0):
         if not plans:
@@ -126,6 +141,7 @@ class Trace:
             raise UsageError(f"{len(plans)} probes in one trace: at most {MAX_PROBES} (enum vnet_limit)")
         self.plans = plans
         self.ring_bytes = check_ring_size(ring_bytes)
+        self.wakeup = wakeup_config(self.ring_bytes, wakeup_every, wakeup_bytes)
         self.wakeup_every = wakeup_every
         self.snaplen = check_snaplen(snaplen)  # packet bytes after each packet event (0: the event alone)
         self.strict = strict
@@ -194,7 +210,7 @@ class Trace:
     def _load(self, plan: Plan, probe_id: int) -> tuple[BpfObject, list[Hook]]:
         obj = BpfObject(object_path(plan.obj))
         try:
-            config = {"probe_id": probe_id, "wakeup_every": self.wakeup_every, **plan.config}
+            config = {"probe_id": probe_id, **self.wakeup, **plan.config}
             if plan.filterable:  # the packet programs: filter, and numbers instead of events on request
                 config.update(self.filter_config, aggregate=self._aggregate_bits(), snaplen=self.snaplen)
                 if self.packet_filter.compiled is not None:
