@@ -102,7 +102,7 @@ static __always_inline void vnet_switch(struct task_struct *prev, struct task_st
 		BPF_CORE_READ_STR_INTO(&ev.prev_comm, prev, comm);
 	}
 	if (bpf_ringbuf_output(&vnet_events, &ev, sizeof(ev),
-			       vnet_wakeup_flags(st, sched_cfg.wakeup_every, sched_cfg.wakeup_bytes)) == 0)
+			       vnet_wakeup_flags(st, sched_cfg.wakeup_every, sched_cfg.wakeup_bytes, sizeof(ev))) == 0)
 		st->v[VNET_STAT_EMITTED]++;
 	else
 		st->v[VNET_STAT_LOST]++;

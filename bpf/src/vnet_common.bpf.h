@@ -254,20 +254,30 @@ static __always_inline void vnet_hdr_init(struct vnet_event_hdr *hdr, __u32 prob
  * most 100 ms when printing), so records go without one (BPF_RB_NO_WAKEUP)
  * except at a check, every `wakeup_every`-th record per CPU and probe, the
  * first one included:
- *   - `wakeup_bytes` or more unread in the ring (bpf_ringbuf_query): force a
- *     wakeup (BPF_RB_FORCE_WAKEUP), so that the reader drains before the ring
- *     fills, sooner than its timer; at most one per `wakeup_every` records;
+ *   - the unread data (bpf_ringbuf_query) has just passed `wakeup_bytes`, i.e.
+ *     is in [wakeup_bytes, wakeup_bytes + wakeup_every records): force a wakeup
+ *     (BPF_RB_FORCE_WAKEUP), so that the reader drains before the ring fills,
+ *     sooner than its timer. Only as the fill crosses the mark: a forced wakeup
+ *     is an irq_work, on a VM a self-IPI of several us, and a reader that
+ *     lags far behind (or is stopped) must not make every check pay one;
  *   - else the kernel's adaptive wakeup (flags 0): it wakes the reader only if
  *     the reader has read everything before this record, i.e. waits idle: so
  *     the first event of a trace reaches `vnet trace -c 1` without its timer.
  * wakeup_bytes 0: a forced wakeup at every check; wakeup_every 0 or 1: every
- * record is a check. (The kernel selftests' ring-buffer benchmark wakes its
- * reader the same way: when the unread data passes a size.) */
-static __always_inline __u64 vnet_wakeup_flags(struct vnet_stats *st, __u32 wakeup_every, __u32 wakeup_bytes)
+ * record is a check. `size`: the record's bytes in the ring. (The kernel
+ * selftests' ring-buffer benchmark wakes its reader the same way: when the
+ * unread data passes a size.) */
+static __always_inline __u64 vnet_wakeup_flags(struct vnet_stats *st, __u32 wakeup_every, __u32 wakeup_bytes,
+					       __u32 size)
 {
+	__u64 avail, window = (wakeup_every > 1 ? wakeup_every : 1) * (__u64)(size + 8);
+
 	if (wakeup_every > 1 && (st->v[VNET_STAT_EMITTED] % wakeup_every) != 0)
 		return BPF_RB_NO_WAKEUP;
-	if (bpf_ringbuf_query(&vnet_events, BPF_RB_AVAIL_DATA) >= wakeup_bytes)
+	if (!wakeup_bytes)
+		return BPF_RB_FORCE_WAKEUP;
+	avail = bpf_ringbuf_query(&vnet_events, BPF_RB_AVAIL_DATA);
+	if (avail >= wakeup_bytes && avail - wakeup_bytes < window)
 		return BPF_RB_FORCE_WAKEUP;
 	return 0;
 }
@@ -276,7 +286,7 @@ static __always_inline __u64 vnet_wakeup_flags(struct vnet_stats *st, __u32 wake
 static __always_inline void vnet_emit(struct vnet_stats *st, struct vnet_event *ev, __u32 wakeup_every,
 				      __u32 wakeup_bytes)
 {
-	if (bpf_ringbuf_output(&vnet_events, ev, sizeof(*ev), vnet_wakeup_flags(st, wakeup_every, wakeup_bytes)) == 0)
+	if (bpf_ringbuf_output(&vnet_events, ev, sizeof(*ev), vnet_wakeup_flags(st, wakeup_every, wakeup_bytes, sizeof(*ev))) == 0)
 		st->v[VNET_STAT_EMITTED]++;
 	else
 		st->v[VNET_STAT_LOST]++;

@@ -122,7 +122,7 @@ static __always_inline void vnet_emit_snap(struct vnet_stats *st, struct vnet_ev
 		else
 			vnet_snap_kernel(skb, r, snaplen, typed);
 	}
-	bpf_ringbuf_submit(r, vnet_wakeup_flags(st, wakeup_every, wakeup_bytes));
+	bpf_ringbuf_submit(r, vnet_wakeup_flags(st, wakeup_every, wakeup_bytes, sizeof(*r)));
 	st->v[VNET_STAT_EMITTED]++;
 }
 
