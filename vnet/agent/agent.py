@@ -29,8 +29,8 @@ from vnet.protocol.channel import ProtocolError
 from .shipper import Shipper
 
 log = logging.getLogger("vnet.agent")
-# The programs send most records without a wakeup: every 64th per CPU they force one when a
-# quarter of the ring is unread, else the kernel wakes a reader only if it has read everything
+# The programs send most records without a wakeup: every 64th per CPU they force one as the
+# unread data crosses a quarter of the ring, else the kernel wakes a reader only if it has read everything
 # (vnet_wakeup_flags in bpf/src). So below ~350 k events/s (2 MiB in 20 ms) the drain runs
 # on this timer, and above it on the forced wakeups. 8 MiB of ring lasts 100 ms at 500 k
 # events/s (tools/bench/drain.py).

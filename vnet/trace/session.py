@@ -28,7 +28,7 @@ from .records import EventDecoder
 log = logging.getLogger("vnet.trace")
 DEFAULT_RING_BYTES = 8 << 20
 DEFAULT_WAKEUP_EVERY = 64       # a wakeup check every this many events per CPU and probe (vnet_wakeup_flags)
-DEFAULT_WAKEUP_FILL = 4         # ... forcing a wakeup once 1/this of the ring is unread
+DEFAULT_WAKEUP_FILL = 4         # ... forcing a wakeup as the unread data crosses 1/this of the ring
 SHARED_MAPS = ("vnet_events", "vnet_stats", "vnet_agg_points", "vnet_agg_last", "vnet_agg_hist")
 MAX_PROBES = 128  # enum vnet_limit's VNET_MAX_PROBES; tests/unit check they agree
 SNAP_MAX = 256    # enum vnet_snap's VNET_SNAP_MAX: packet bytes an event can carry; tests/unit check they agree
@@ -92,7 +92,7 @@ def check_snaplen(n: int) -> int:
 def wakeup_config(ring_bytes: int, wakeup_every: int = DEFAULT_WAKEUP_EVERY, wakeup_bytes: int | None = None) -> dict:
     """The programs' wakeup policy (bpf/src vnet_wakeup_flags), config fields every object has:
     no wakeup for most records; every `wakeup_every`-th record per CPU and probe, a forced wakeup
-    when `wakeup_bytes` (default: a quarter of the ring) are unread, else the kernel's adaptive
+    as the unread data crosses `wakeup_bytes` (default: a quarter of the ring), else the kernel's adaptive
     one (the reader is woken if it waits with nothing left to read: a trace's first event).
     The readers drain on their timer besides (20 ms; 100 ms when printing)."""
     if wakeup_bytes is None:
