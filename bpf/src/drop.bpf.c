@@ -8,7 +8,8 @@
 
 struct vnet_drop_config {
 	__u32 probe_id;
-	__u32 wakeup_every;
+	__u32 wakeup_every; /* a wakeup check every N events per CPU (vnet_wakeup_flags); 0 or 1: each event */
+	__u32 wakeup_bytes; /* ... forcing a wakeup when this much is unread in the ring; 0: always */
 	__u8 aggregate;     /* enum vnet_agg bits: numbers in maps instead of (or besides) events */
 	__u16 snaplen;      /* packet bytes copied after each event (vnet_snap.bpf.h); 0: none */
 	struct vnet_filter filter;
@@ -50,7 +51,7 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 		ev.reason = (__u32)args[2];
 	ev.pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(ev.comm, sizeof(ev.comm));
-	vnet_deliver(st, &ev, drop_cfg.aggregate, drop_cfg.wakeup_every, skb, false, false, drop_cfg.snaplen, typed);
+	vnet_deliver(st, &ev, drop_cfg.aggregate, drop_cfg.wakeup_every, drop_cfg.wakeup_bytes, skb, false, false, drop_cfg.snaplen, typed);
 	return 0;
 filtered:
 	vnet_filtered(st);

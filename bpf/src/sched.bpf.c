@@ -11,7 +11,8 @@
 
 struct vnet_sched_config {
 	__u32 probe_id;
-	__u32 wakeup_every;
+	__u32 wakeup_every; /* a wakeup check every N events per CPU (vnet_wakeup_flags); 0 or 1: each event */
+	__u32 wakeup_bytes; /* ... forcing a wakeup when this much is unread in the ring; 0: always */
 	__u64 min_runq_ns;  /* report only waits at least this long */
 	__u8 watch_all;     /* every thread, not only the tgids in vnet_sched_watch */
 };
@@ -100,7 +101,8 @@ static __always_inline void vnet_switch(struct task_struct *prev, struct task_st
 		ev.prev_pid = BPF_CORE_READ(prev, pid);
 		BPF_CORE_READ_STR_INTO(&ev.prev_comm, prev, comm);
 	}
-	if (bpf_ringbuf_output(&vnet_events, &ev, sizeof(ev), 0) == 0)
+	if (bpf_ringbuf_output(&vnet_events, &ev, sizeof(ev),
+			       vnet_wakeup_flags(st, sched_cfg.wakeup_every, sched_cfg.wakeup_bytes, sizeof(ev))) == 0)
 		st->v[VNET_STAT_EMITTED]++;
 	else
 		st->v[VNET_STAT_LOST]++;

@@ -10,7 +10,8 @@
 
 struct vnet_skb_config {
 	__u32 probe_id;     /* copied into every event: the probe this instance is */
-	__u32 wakeup_every; /* wake the reader every N events per CPU; 0 or 1: each event */
+	__u32 wakeup_every; /* a wakeup check every N events per CPU (vnet_wakeup_flags); 0 or 1: each event */
+	__u32 wakeup_bytes; /* ... forcing a wakeup when this much is unread in the ring; 0: always */
 	__u16 tp_skb_off;   /* classic tracepoint: offset of `skbaddr` in the record (tracefs format) */
 	__u8 skb_arg;       /* 1-based position of the sk_buff argument; 0: the function has none */
 	__u8 skb_deref;     /* that argument is a struct sk_buff ** (e.g. br_handle_frame) */
@@ -66,7 +67,7 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 		ev.pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(ev.comm, sizeof(ev.comm));
 	}
-	vnet_deliver(st, &ev, skb_cfg.aggregate, skb_cfg.wakeup_every, skb, false, false, skb_cfg.snaplen, typed);
+	vnet_deliver(st, &ev, skb_cfg.aggregate, skb_cfg.wakeup_every, skb_cfg.wakeup_bytes, skb, false, false, skb_cfg.snaplen, typed);
 	return 0;
 filtered:
 	vnet_filtered(st);

@@ -12,7 +12,8 @@
 
 struct vnet_tc_config {
 	__u32 probe_id;      /* copied into every event: the device this instance watches */
-	__u32 wakeup_every;  /* wake the reader every N events per CPU; 0 or 1: each event */
+	__u32 wakeup_every;  /* a wakeup check every N events per CPU (vnet_wakeup_flags); 0 or 1: each event */
+	__u32 wakeup_bytes;  /* ... forcing a wakeup when this much is unread in the ring; 0: always */
 	__u8 aggregate;     /* enum vnet_agg bits: numbers in maps instead of (or besides) events */
 	__u8 l3;            /* the device has no link header: skb->data is the IP header (tun, ipip, wireguard) */
 	__u16 snaplen;      /* packet bytes copied after each event (vnet_snap.bpf.h); 0: none */
@@ -47,7 +48,7 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 		goto filtered;
 	/* Kept: only now the time stamp and the rest of the event. */
 	vnet_hdr_init(&ev.hdr, tc_cfg.probe_id, VNET_KIND_PACKET);
-	vnet_deliver(st, &ev, tc_cfg.aggregate, tc_cfg.wakeup_every, skb, true, tc_cfg.l3, tc_cfg.snaplen, false);
+	vnet_deliver(st, &ev, tc_cfg.aggregate, tc_cfg.wakeup_every, tc_cfg.wakeup_bytes, skb, true, tc_cfg.l3, tc_cfg.snaplen, false);
 	return VNET_TC_NEXT;
 filtered:
 	vnet_filtered(st);

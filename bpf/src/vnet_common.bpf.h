@@ -70,18 +70,41 @@ enum vnet_agg {
 	VNET_AGG_ON = 1,        /* config `aggregate`: keep numbers in maps */
 	VNET_AGG_AND_EVENTS = 2, /* ... and still emit events (to check the numbers against them) */
 	VNET_AGG_HOOKS = 8,     /* points per probe: room for every enum vnet_hook value */
-	VNET_AGG_POINTS = 1024, /* probes * hooks */
+	VNET_AGG_POINT_BITS = 10, /* a point fits in this many bits */
+	VNET_AGG_POINTS = 1 << VNET_AGG_POINT_BITS, /* probes * hooks */
+	VNET_AGG_WAYS = 4,      /* packets per set of vnet_agg_last */
+	VNET_AGG_SETS = 16384,  /* sets of vnet_agg_last: room for 65536 packets between hooks */
 };
 
+/* Per point and per CPU (user space sums the CPUs). */
 struct vnet_agg_point {
 	__u64 packets;
 	__u64 bytes;
+	__u64 first;     /* packets with no earlier hop to pair with: where they enter the traced path (or have
+			  * no pkt_id), else a hop lost (table conflict, see vnet_agg_last): never silent */
+	__u64 hist_lost; /* pairs not counted in a histogram because vnet_agg_hist was full */
 };
 
-struct vnet_agg_last {
-	__u64 ts_ns;  /* when the packet was last seen */
-	__u32 point;  /* and where */
-	__u32 pad;
+/* Where each packet was last seen, for the time to its next point. Every
+ * packet is new to the table, so this is no hash map (an LRU hash insert per
+ * packet, with its locks and list bookkeeping, cost more than the rest of the
+ * program): a plain array of 4-way sets indexed by bits of pkt_id, written
+ * without locks. A new packet goes first in its set and pushes the set's
+ * oldest entry out (vnet_aggregate); its next hop finds it on any CPU: the
+ * table is shared, not per CPU, so a packet that moves to another CPU (RPS, a
+ * vhost or backlog thread) is still paired. A hop whose entry was pushed out
+ * meanwhile (4 newer packets in its set) counts as `first` at its point, as a
+ * packet entering the traced path does: never silently. Lock-free writes race
+ * only when two CPUs write one set at once: one entry may be lost (counted the
+ * same way), and a read torn by a concurrent write never matches, since `tag`
+ * binds the pkt_id to `when` (tag ^ when == pkt_id). */
+struct vnet_agg_way {
+	__u64 tag;   /* pkt_id ^ when */
+	__u64 when;  /* (ts_ns << VNET_AGG_POINT_BITS) | point; 0: empty */
+};
+
+struct vnet_agg_set {
+	struct vnet_agg_way way[VNET_AGG_WAYS];
 };
 
 /* A latency histogram cell: packets that went from one point to the next
@@ -100,14 +123,15 @@ struct {
 } vnet_agg_points SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536); /* packets in flight between hooks; user space may resize */
-	__type(key, __u64);
-	__type(value, struct vnet_agg_last);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, VNET_AGG_SETS); /* user space makes it 1 set when not aggregating */
+	__type(key, __u32);
+	__type(value, struct vnet_agg_set);
 } vnet_agg_last SEC(".maps");
 
+/* Per CPU: no atomic add on a cache line every CPU writes; user space sums. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, 16384);
 	__type(key, struct vnet_agg_key);
 	__type(value, __u64);
@@ -118,6 +142,7 @@ struct {
 struct vnet_abi {
 	struct vnet_event event;
 	struct vnet_agg_key agg_key;
+	struct vnet_agg_set agg_set;
 	enum vnet_agg agg;
 	struct vnet_sched_event sched;
 	enum vnet_event_kind kind;
@@ -138,9 +163,6 @@ static __always_inline struct vnet_stats *vnet_stats_this_cpu(__u32 probe_id)
 	return st ? st : bpf_map_lookup_elem(&vnet_stats, &zero);
 }
 
-/* Copy one event into the ring; a full ring is counted, never silent.
- * Waking the reader per record caps throughput near 1 M/s, so wake only every
- * `wakeup_every` events per CPU; the reader also drains on a 100 ms timer. */
 static __always_inline __u32 vnet_log2(__u64 v)
 {
 	__u32 r = 0;
@@ -155,36 +177,66 @@ static __always_inline __u32 vnet_log2(__u64 v)
 }
 
 /* Count the packet at its point, and the time since its previous point into
- * that segment's log2 histogram; no event is emitted. */
-static __always_inline void vnet_aggregate(struct vnet_stats *st, struct vnet_event *ev)
+ * that segment's log2 histogram; no event is emitted. A packet found in its
+ * set is updated in place; a new one goes first in the set, the others move
+ * down one way and the last (the longest in the table) drops out. No way is
+ * chosen by a computed index: constant offsets only, so that the verifier does
+ * not tell paths apart by it (Linux 6.1's 1M-instruction limit). */
+static __always_inline void vnet_aggregate(struct vnet_event *ev)
 {
-	__u32 point = ev->hdr.probe_id * VNET_AGG_HOOKS + (ev->hook & (VNET_AGG_HOOKS - 1));
+	__u32 point = (ev->hdr.probe_id * VNET_AGG_HOOKS + (ev->hook & (VNET_AGG_HOOKS - 1))) & (VNET_AGG_POINTS - 1);
 	struct vnet_agg_point *pt = bpf_map_lookup_elem(&vnet_agg_points, &point);
-	struct vnet_agg_last *last = bpf_map_lookup_elem(&vnet_agg_last, &ev->pkt_id);
-	__u64 now = ev->hdr.ts_ns;
+	__u64 id = ev->pkt_id, when = (ev->hdr.ts_ns << VNET_AGG_POINT_BITS) | point, prev = 0, ns;
+	__u32 set_idx = (__u32)(id >> 32) & (VNET_AGG_SETS - 1); /* not the low bits: --sample keeps id % N == 0 */
+	struct vnet_agg_set *set;
+	bool found = false;
+	__u32 from;
 
-	if (pt) {
-		pt->packets++;
-		pt->bytes += ev->len;
+	if (!pt)
+		return;
+	pt->packets++;
+	pt->bytes += ev->len;
+	set = bpf_map_lookup_elem(&vnet_agg_last, &set_idx);
+	if (!id || (ev->flags & VNET_F_NO_SKB) || !set) { /* no packet to follow */
+		pt->first++;
+		return;
 	}
-	if (last) {
-		if (last->point != point && now >= last->ts_ns) {
-			struct vnet_agg_key key = { .from = last->point, .to = point,
-						    .bucket = vnet_log2(now - last->ts_ns) };
-			__u64 one = 1, *count = bpf_map_lookup_elem(&vnet_agg_hist, &key);
+#pragma unroll
+	for (int i = 0; i < VNET_AGG_WAYS; i++) {
+		__u64 seen = set->way[i].when;
 
-			if (count)
-				__sync_fetch_and_add(count, 1);
-			else if (bpf_map_update_elem(&vnet_agg_hist, &key, &one, BPF_NOEXIST) != 0 &&
-				 (count = bpf_map_lookup_elem(&vnet_agg_hist, &key)))
-				__sync_fetch_and_add(count, 1); /* another CPU made the cell first */
+		if (seen && (set->way[i].tag ^ seen) == id) {
+			set->way[i].when = when;
+			set->way[i].tag = id ^ when;
+			prev = seen;
+			found = true;
+			break;
 		}
-		last->ts_ns = now;
-		last->point = point;
-	} else {
-		struct vnet_agg_last first = { .ts_ns = now, .point = point };
+	}
+	if (!found) {
+#pragma unroll
+		for (int i = VNET_AGG_WAYS - 1; i > 0; i--)
+			set->way[i] = set->way[i - 1];
+		set->way[0].when = when;
+		set->way[0].tag = id ^ when;
+		pt->first++;
+		return;
+	}
+	from = prev & (VNET_AGG_POINTS - 1);
+	/* both times mod 2^54 ns (208 days): the difference is exact */
+	ns = ((when >> VNET_AGG_POINT_BITS) - (prev >> VNET_AGG_POINT_BITS)) & ((1ULL << (64 - VNET_AGG_POINT_BITS)) - 1);
+	if (from != point && !(ns >> (63 - VNET_AGG_POINT_BITS))) { /* not the same point, not back in time */
+		struct vnet_agg_key key = { .from = from, .to = point, .bucket = vnet_log2(ns) };
+		__u64 one = 1, *count = bpf_map_lookup_elem(&vnet_agg_hist, &key);
 
-		bpf_map_update_elem(&vnet_agg_last, &ev->pkt_id, &first, BPF_ANY);
+		if (!count && bpf_map_update_elem(&vnet_agg_hist, &key, &one, BPF_NOEXIST) == 0)
+			return;
+		if (!count) /* another program made the cell first, or the map is full */
+			count = bpf_map_lookup_elem(&vnet_agg_hist, &key);
+		if (count)
+			(*count)++;
+		else
+			pt->hist_lost++;
 	}
 }
 
@@ -196,13 +248,45 @@ static __always_inline void vnet_hdr_init(struct vnet_event_hdr *hdr, __u32 prob
 	hdr->cpu = bpf_get_smp_processor_id();
 }
 
-static __always_inline void vnet_emit(struct vnet_stats *st, struct vnet_event *ev, __u32 wakeup_every)
+/* Whether committing a record wakes the reader. A wakeup per record caps the
+ * ring near 1 M records/s and costs the reader a wakeup per record, and every
+ * reader drains on a timer anyway (20 ms for the recorder and the agent, at
+ * most 100 ms when printing), so records go without one (BPF_RB_NO_WAKEUP)
+ * except at a check, every `wakeup_every`-th record per CPU and probe, the
+ * first one included:
+ *   - the unread data (bpf_ringbuf_query) has just passed `wakeup_bytes`, i.e.
+ *     is in [wakeup_bytes, wakeup_bytes + wakeup_every records): force a wakeup
+ *     (BPF_RB_FORCE_WAKEUP), so that the reader drains before the ring fills,
+ *     sooner than its timer. Only as the fill crosses the mark: a forced wakeup
+ *     is an irq_work, on a VM a self-IPI of several us, and a reader that
+ *     lags far behind (or is stopped) must not make every check pay one;
+ *   - else the kernel's adaptive wakeup (flags 0): it wakes the reader only if
+ *     the reader has read everything before this record, i.e. waits idle: so
+ *     the first event of a trace reaches `vnet trace -c 1` without its timer.
+ * wakeup_bytes 0: a forced wakeup at every check; wakeup_every 0 or 1: every
+ * record is a check. `size`: the record's bytes in the ring. (The kernel
+ * selftests' ring-buffer benchmark wakes its reader the same way: when the
+ * unread data passes a size.) */
+static __always_inline __u64 vnet_wakeup_flags(struct vnet_stats *st, __u32 wakeup_every, __u32 wakeup_bytes,
+					       __u32 size)
 {
-	__u64 flags = 0;
+	__u64 avail, window = (wakeup_every > 1 ? wakeup_every : 1) * (__u64)(size + 8);
 
 	if (wakeup_every > 1 && (st->v[VNET_STAT_EMITTED] % wakeup_every) != 0)
-		flags = BPF_RB_NO_WAKEUP;
-	if (bpf_ringbuf_output(&vnet_events, ev, sizeof(*ev), flags) == 0)
+		return BPF_RB_NO_WAKEUP;
+	if (!wakeup_bytes)
+		return BPF_RB_FORCE_WAKEUP;
+	avail = bpf_ringbuf_query(&vnet_events, BPF_RB_AVAIL_DATA);
+	if (avail >= wakeup_bytes && avail - wakeup_bytes < window)
+		return BPF_RB_FORCE_WAKEUP;
+	return 0;
+}
+
+/* Copy one event into the ring; a full ring is counted, never silent. */
+static __always_inline void vnet_emit(struct vnet_stats *st, struct vnet_event *ev, __u32 wakeup_every,
+				      __u32 wakeup_bytes)
+{
+	if (bpf_ringbuf_output(&vnet_events, ev, sizeof(*ev), vnet_wakeup_flags(st, wakeup_every, wakeup_bytes, sizeof(*ev))) == 0)
 		st->v[VNET_STAT_EMITTED]++;
 	else
 		st->v[VNET_STAT_LOST]++;

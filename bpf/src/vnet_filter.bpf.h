@@ -115,16 +115,17 @@ static __always_inline void vnet_filtered(struct vnet_stats *st)
  * becomes numbers (aggregation), an event, or both; the event alone or, with
  * `snaplen` (a load-time constant), with the packet's first bytes. */
 static __always_inline void vnet_deliver(struct vnet_stats *st, struct vnet_event *ev, __u8 aggregate,
-					 __u32 wakeup_every, void *skb, bool tc, bool l3, __u32 snaplen, bool typed)
+					 __u32 wakeup_every, __u32 wakeup_bytes, void *skb, bool tc, bool l3,
+					 __u32 snaplen, bool typed)
 {
 	if (aggregate & VNET_AGG_ON)
-		vnet_aggregate(st, ev);
+		vnet_aggregate(ev);
 	if ((aggregate & VNET_AGG_ON) && !(aggregate & VNET_AGG_AND_EVENTS))
 		return;
 	if (snaplen)
-		vnet_emit_snap(st, ev, skb, tc, l3, snaplen, wakeup_every, typed);
+		vnet_emit_snap(st, ev, skb, tc, l3, snaplen, wakeup_every, wakeup_bytes, typed);
 	else
-		vnet_emit(st, ev, wakeup_every);
+		vnet_emit(st, ev, wakeup_every, wakeup_bytes);
 }
 
 #endif /* VNET_FILTER_BPF_H */

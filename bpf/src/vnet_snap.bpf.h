@@ -105,10 +105,9 @@ static __always_inline void vnet_snap_kernel(struct sk_buff *skb, struct vnet_sn
  * at TC (`tc`), else a kernel struct sk_buff * (`typed`: see VNET_KREAD) or
  * NULL (no packet: no bytes). */
 static __always_inline void vnet_emit_snap(struct vnet_stats *st, struct vnet_event *ev, void *skb, bool tc,
-					   bool l3, __u32 snaplen, __u32 wakeup_every, bool typed)
+					   bool l3, __u32 snaplen, __u32 wakeup_every, __u32 wakeup_bytes, bool typed)
 {
 	struct vnet_snap_record *r = bpf_ringbuf_reserve(&vnet_events, sizeof(*r), 0);
-	__u64 flags = 0;
 
 	if (!r) {
 		st->v[VNET_STAT_LOST]++;
@@ -123,9 +122,7 @@ static __always_inline void vnet_emit_snap(struct vnet_stats *st, struct vnet_ev
 		else
 			vnet_snap_kernel(skb, r, snaplen, typed);
 	}
-	if (wakeup_every > 1 && (st->v[VNET_STAT_EMITTED] % wakeup_every) != 0)
-		flags = BPF_RB_NO_WAKEUP;
-	bpf_ringbuf_submit(r, flags);
+	bpf_ringbuf_submit(r, vnet_wakeup_flags(st, wakeup_every, wakeup_bytes, sizeof(*r)));
 	st->v[VNET_STAT_EMITTED]++;
 }
 

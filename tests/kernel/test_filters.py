@@ -144,8 +144,11 @@ def test_aggregation_agrees_with_per_packet_events(net):
             events += t.poll(100)
         points, hists = t.aggregates()
     egress, ingress = f"dev:{net.spec1}:egress", f"dev:{net.spec2}:ingress"
-    assert points[egress][0] == points[ingress][0] == sent
-    assert points[egress][1] == sum(e["len"] for e in events if e["probe"] == egress)
+    assert points[egress].packets == points[ingress].packets == sent
+    assert points[egress].bytes == sum(e["len"] for e in events if e["probe"] == egress)
+    # every packet enters the path at egress, and is paired at ingress: no hop lost
+    assert (points[egress].first, points[ingress].first) == (sent, 0)
+    assert points[egress].hist_lost == points[ingress].hist_lost == 0
     hist = hists[(egress, ingress)]
     sent_at = {e["pkt_id"]: e["ts_ns"] for e in events if e["probe"] == egress}
     exact = Log2Histogram()
@@ -165,7 +168,8 @@ def test_aggregation_mode_emits_no_events(net):
         time.sleep(0.3)
         assert t.poll(50) == []
         points, hists = t.aggregates()
-    assert [n for n, _ in points.values()] == [50, 50]
+    assert [p.packets for p in points.values()] == [50, 50]
+    assert [p.first for p in points.values()] == [50, 0]
     assert sum(h.total for h in hists.values()) == 50
 
 

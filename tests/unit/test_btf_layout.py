@@ -148,6 +148,25 @@ def test_probe_limit_agrees_with_the_objects(btf):
     assert MAX_PROBES * agg["VNET_AGG_HOOKS"] <= agg["VNET_AGG_POINTS"]  # every probe has its aggregation points
 
 
+def test_aggregation_point_fields_agree_with_the_objects(btf):
+    """Trace.aggregates() sums struct vnet_agg_point field by field into AggPoint."""
+    from dataclasses import fields
+
+    from vnet.trace.session import AggPoint
+
+    layout = btf.struct("vnet_agg_point")
+    assert [f.name for f in layout.fields] == [f.name for f in fields(AggPoint)]
+    assert all(f.size == 8 and f.count == 1 for f in layout.fields)
+
+
+def test_aggregation_table_sets_fit_the_point_bits(btf):
+    """A packet's entry keeps its point in the low VNET_AGG_POINT_BITS of `when`."""
+    agg = btf.enum("vnet_agg")
+    assert agg["VNET_AGG_POINTS"] == 1 << agg["VNET_AGG_POINT_BITS"]
+    assert agg["VNET_AGG_SETS"] & (agg["VNET_AGG_SETS"] - 1) == 0  # the set index is a mask of pkt_id's bits
+    assert btf.struct("vnet_agg_set").size == 16 * agg["VNET_AGG_WAYS"]
+
+
 def sample_value(f, n: int):
     """A distinct value that fits field f: bytes for byte arrays, a tuple for
     other arrays, else an int."""
@@ -189,3 +208,24 @@ def test_tc_cfg_round_trips_through_an_opened_object():
         offset, _ = obj.btf.variable(".rodata", "tc_cfg")
         image = bytes(obj.maps[next(n for n in obj.maps if n.endswith(".rodata"))].initial_value())
         assert image[offset:offset + layout.size] == layout.encode(values)
+
+
+def test_wakeup_config_fields_are_in_every_program_config():
+    """Trace sets wakeup_every and wakeup_bytes in every object's config struct."""
+    from vnet.trace.session import wakeup_config
+
+    config = wakeup_config(8 << 20)
+    assert config == {"wakeup_every": 64, "wakeup_bytes": 2 << 20}  # a check every 64, forced past 1/4
+    for obj, var in (("tc_trace", "tc_cfg"), ("skb_trace", "skb_cfg"), ("drop", "drop_cfg"), ("sched", "sched_cfg")):
+        with Btf.from_file(str(OBJECT.with_name(f"{obj}.bpf.o"))) as b:
+            _, layout = b.variable(".rodata", var)
+            assert set(config) <= {f.name for f in layout.fields}, obj
+
+
+def test_wakeup_threshold_must_fit_the_ring():
+    from vnet.errors import UsageError
+    from vnet.trace.session import wakeup_config
+
+    assert wakeup_config(1 << 20, 1, 0) == {"wakeup_every": 1, "wakeup_bytes": 0}
+    with pytest.raises(UsageError):
+        wakeup_config(1 << 20, 64, (1 << 20) + 1)

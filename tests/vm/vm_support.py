@@ -39,11 +39,11 @@ def load_plan(plan, probe_id: int = 0):
     without attaching; the caller closes it."""
     from vnet.binding import BpfObject
     from vnet.objects import object_path
-    from vnet.trace.session import DEFAULT_WAKEUP_EVERY
+    from vnet.trace.session import DEFAULT_RING_BYTES, wakeup_config
 
     obj = BpfObject(object_path(plan.obj))
     try:
-        obj.set_config(plan.config_var, {"probe_id": probe_id, "wakeup_every": DEFAULT_WAKEUP_EVERY, **plan.config})
+        obj.set_config(plan.config_var, {"probe_id": probe_id, **wakeup_config(DEFAULT_RING_BYTES), **plan.config})
         obj.keep_programs(plan.programs)
         if plan.prepare:
             plan.prepare(obj)

@@ -25,12 +25,17 @@ Tools, each attached before the load and stopped after it:
               hop (time, skb address, length, device) to a file; bpftrace cannot
               attach at TC, so it sees fewer hops than vnet does
 
+  TOOL@REV    --compare-to REV: a vnet tool run with the code and the eBPF objects
+              committed at REV (a temporary worktree), e.g. vnet-agg@REV beside
+              vnet-agg: a before/after of a change from one run
+
 Every round runs every tool once (the order rotates by round), so each figure is a
 ratio to the `none` run of the same round; medians and min-max over --rounds are
 printed, and the losses each tool reported. Needs root.
 
 Usage: datapath.py [--rounds 5] [--seconds 3] [--size 64] [--rr 5000]
                    [--topologies bridge,ovs] [--tools none,vnet,vnet-dev,vnet-agg,tcpdump,bpftrace]
+                   [--compare-to REV]
 """
 
 from __future__ import annotations
@@ -127,12 +132,18 @@ def build_path(topo: Topology, kind: str, switch_holder: list) -> Path_:
 class Tool:
     """One tracing tool attached to the path; stop() returns a note (its losses)."""
 
-    def __init__(self, name: str, path: Path_, workdir: Path):
+    def __init__(self, name: str, path: Path_, workdir: Path, rev: tuple[Path, Path] | None = None):
+        """rev: (code, objects) of --compare-to for a TOOL@REV."""
         self.name, self.procs, self.workdir = name, [], workdir
         self.files: list[Path] = []
+        self.env, self.cwd = None, None
         py = str(ROOT / ".venv" / "bin" / "python")
         if not os.path.exists(py):
             py = sys.executable
+        name = name.split("@")[0]
+        if rev is not None:
+            self.env = {**os.environ, "PYTHONPATH": str(rev[0]), "VNET_BPF_DIR": str(rev[1])}
+            self.cwd = rev[0]
         if name in ("vnet", "vnet-dev", "vnet-agg"):
             out = workdir / "vnet.vnt"
             argv = [py, "-m", "vnet", "trace", *[a for ns, dev in path.devices for a in ("-i", f"{ns}/{dev}")],
@@ -160,7 +171,7 @@ class Tool:
 
     def _start(self, argv: list[str], ready: bytes | None, stream: str) -> None:
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL if stream == "stderr" else subprocess.PIPE,
-                             stderr=subprocess.PIPE, start_new_session=True)
+                             stderr=subprocess.PIPE, start_new_session=True, env=self.env, cwd=self.cwd)
         self.procs.append(p)
         if ready is None:
             return
@@ -261,10 +272,15 @@ def main() -> int:
     ap.add_argument("--rr", type=int, default=5000, help="request/response exchanges per run")
     ap.add_argument("--topologies", default="bridge,ovs")
     ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--compare-to", metavar="REV", help="TOOL@REV in --tools runs with REV's code and objects")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("datapath.py: needs root (namespaces, eBPF)")
     tools = [t for t in args.tools.split(",") if t]
+    bad = [t for t in tools if t.split("@")[0] not in TOOLS or ("@" in t and (not args.compare_to or
+                                                                          t.split("@", 1)[1] != args.compare_to))]
+    if bad:
+        sys.exit(f"datapath.py: unknown tool {bad[0]!r} (tools: {', '.join(TOOLS)}; TOOL@REV with --compare-to REV)")
     missing = [t for t in tools if t in ("tcpdump", "bpftrace") and not shutil.which(t)]
     if missing:
         sys.exit(f"datapath.py: {', '.join(missing)} not installed: run 'make bench-deps'")
@@ -285,27 +301,47 @@ def _run(args, tools: list[str], results: list[Result]) -> int:
     with tempfile.TemporaryDirectory(prefix="vnet-datapath-") as tmp:
         work = Path(tmp)
         load = build_load(work)
-        for kind in args.topologies.split(","):
-            switch: list = []
-            with Topology() as topo:
-                try:
-                    path = build_path(topo, kind, switch)
-                    for rnd in range(args.rounds):
-                        order = tools[rnd % len(tools):] + tools[:rnd % len(tools)]
-                        for tool in order:
-                            t = Tool(tool, path, work) if tool != "none" else None
-                            try:
-                                m = run_load(load, path, args.seconds, args.size, args.rr)
-                            finally:
-                                note = t.stop() if t else ""
-                            r = Result(kind, tool, rnd, note=note, **m)
-                            results.append(r)
-                            print(f"  {kind} round {rnd + 1} {tool:<9} {r.pps / 1e3:8.1f} k pps (sent "
-                                  f"{r.sent / args.seconds / 1e3:.0f} k/s), rr p50 {r.p50_ns / 1e3:.1f} us p99 "
-                                  f"{r.p99_ns / 1e3:.1f} us  {note}", file=sys.stderr, flush=True)
-                finally:
-                    for sw in switch:
-                        sw.stop()
+        rev = None
+        if args.compare_to:
+            rev = (work / "rev", work / "rev-bpf")
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(rev[0]), args.compare_to],
+                           check=True, capture_output=True)
+            rev[1].mkdir()
+            for name in subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", args.compare_to,
+                                        "bpf/build/"], check=True, capture_output=True, text=True).stdout.split():
+                (rev[1] / Path(name).name).write_bytes(subprocess.run(
+                    ["git", "-C", str(ROOT), "show", f"{args.compare_to}:{name}"], check=True,
+                    capture_output=True).stdout)
+        try:
+            return _rounds(args, tools, results, work, load, rev)
+        finally:
+            if rev is not None:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(rev[0])],
+                               capture_output=True)
+
+
+def _rounds(args, tools: list[str], results: list[Result], work: Path, load: Path, rev) -> int:
+    for kind in args.topologies.split(","):
+        switch: list = []
+        with Topology() as topo:
+            try:
+                path = build_path(topo, kind, switch)
+                for rnd in range(args.rounds):
+                    order = tools[rnd % len(tools):] + tools[:rnd % len(tools)]
+                    for tool in order:
+                        t = Tool(tool, path, work, rev if "@" in tool else None) if tool != "none" else None
+                        try:
+                            m = run_load(load, path, args.seconds, args.size, args.rr)
+                        finally:
+                            note = t.stop() if t else ""
+                        r = Result(kind, tool, rnd, note=note, **m)
+                        results.append(r)
+                        print(f"  {kind} round {rnd + 1} {tool:<9} {r.pps / 1e3:8.1f} k pps (sent "
+                              f"{r.sent / args.seconds / 1e3:.0f} k/s), rr p50 {r.p50_ns / 1e3:.1f} us p99 "
+                              f"{r.p99_ns / 1e3:.1f} us  {note}", file=sys.stderr, flush=True)
+            finally:
+                for sw in switch:
+                    sw.stop()
     print("\n".join(report(results, args)))
     return 0
 

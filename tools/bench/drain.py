@@ -35,7 +35,9 @@ backlog; the trace's ring is mapped once, so its bytes count once). Runs alterna
 (the order rotates every round); medians and min-max over rounds are printed.
 
 Every consumer loads the eBPF objects committed at HEAD (copied out; --bpf-dir
-to use others), whatever the checkout holds meanwhile. The producer runs on
+to use others), whatever the checkout holds meanwhile; with --compare-to REV, the
+consumers of REV's code load the objects committed at REV (a before/after of the
+kernel side too; --same-objects: HEAD's for both). The producer runs on
 CPU 0, the consumer's threads are pinned to CPU 1 (--cpus; the collector is not pinned).
 
 Needs root, gcc or clang and libbpf-dev (make bench-deps). Numbers are of this
@@ -344,11 +346,13 @@ class CConsumer:
     def start(self, ring_bytes: int) -> Kernel:
         from vnet.binding import BpfObject
         from vnet.objects import object_path
-        from vnet.trace.session import DEFAULT_WAKEUP_EVERY
+        from vnet.trace.session import wakeup_config
 
-        # what Trace loads for one device with no filter: probe 0, wake the reader every 64 events
+        # what Trace loads for one device with no filter: probe 0, its wakeup policy for this ring
         obj = BpfObject(self.obj_path or object_path("tc_trace"))
-        obj.set_config("tc_cfg", {"probe_id": 0, "wakeup_every": DEFAULT_WAKEUP_EVERY})  # the rest 0: no filter
+        config = {"probe_id": 0, **wakeup_config(ring_bytes)}  # the rest 0: no filter
+        layout = obj.config_layout("tc_cfg")
+        obj.set_config("tc_cfg", {k: v for k, v in config.items() if any(f.name == k for f in layout.fields)})
         obj.keep_programs(["vnet_tc_ingress"])
         obj.maps["vnet_events"].max_entries = ring_bytes
         obj.load()
@@ -378,9 +382,12 @@ class CConsumer:
         return Outcome(events, None, {"file_bytes": size})
 
 
-def _vnet(code: Path, *args: str, **kw) -> subprocess.Popen:
-    """`python -m vnet ARGS` with the vnet package of `code` (this tree or a worktree of --compare-to)."""
+def _vnet(code: Path, *args: str, bpf_dir: Path | None = None, **kw) -> subprocess.Popen:
+    """`python -m vnet ARGS` with the vnet package of `code` (this tree or a worktree of --compare-to),
+    loading the objects of `bpf_dir` (default: $VNET_BPF_DIR as use_objects() set it)."""
     env = {**os.environ, "PYTHONPATH": str(code)}
+    if bpf_dir is not None:
+        env["VNET_BPF_DIR"] = str(bpf_dir)
     return subprocess.Popen([PY, "-m", "vnet", *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, cwd=code, env=env, **kw)
 
@@ -395,15 +402,15 @@ def pin(pid: int, cpu: int) -> None:
 
 
 class TraceConsumer:
-    def __init__(self, iface: str, workdir: Path, code: Path = ROOT, label: str = ""):
-        self.iface, self.workdir, self.code = iface, workdir, code
+    def __init__(self, iface: str, workdir: Path, code: Path = ROOT, label: str = "", bpf_dir: Path | None = None):
+        self.iface, self.workdir, self.code, self.bpf_dir = iface, workdir, code, bpf_dir
         self.name = "trace" + label
         self.proc = None
 
     def start(self, ring_bytes: int) -> Kernel:
         self.out = self.workdir / "trace.vnt"
         self.proc = _vnet(self.code, "trace", "-i", self.iface, "-d", "ingress", "-w", str(self.out),
-                          "--ring-size", str(ring_bytes))
+                          "--ring-size", str(ring_bytes), bpf_dir=self.bpf_dir)
         for line in self.proc.stderr:
             if line.startswith("vnet: tracing"):
                 break
@@ -443,7 +450,7 @@ class AgentConsumer:
     """A `vnet agent` and a `vnet collect` that stay up across runs, as in production;
     each run is one trace the agent is given by this script (the dispatcher's requests)."""
 
-    def __init__(self, iface: str, workdir: Path, code: Path = ROOT, label: str = ""):
+    def __init__(self, iface: str, workdir: Path, code: Path = ROOT, label: str = "", bpf_dir: Path | None = None):
         from vnet.protocol import new_key
 
         self.name = "agent" + label
@@ -456,11 +463,11 @@ class AgentConsumer:
         port = _free_port()
         self.collector_address = f"127.0.0.1:{port}"
         self.collector = _vnet(code, "collect", "--listen", self.collector_address, "--key", str(self.key_path),
-                               "--out", str(self.col_out))
+                               "--out", str(self.col_out), bpf_dir=bpf_dir)
         _wait_line(self.collector, "collector listening on")
         # --queue-mb 512: the backlog runs put 160 MB in the ring at once; in memory, not the disk spool
         self.agent = _vnet(code, "agent", "--listen", f"unix:{self.sock}", "--key", str(self.key_path),
-                           "--spool", str(workdir / "spool"), "--host", "h1", "--queue-mb", "512")
+                           "--spool", str(workdir / "spool"), "--host", "h1", "--queue-mb", "512", bpf_dir=bpf_dir)
         _wait_line(self.agent, "agent listening on")
         for p in (self.collector, self.agent):  # keep their stderr pipes from filling up
             threading.Thread(target=lambda s=p.stderr: [None for _ in s], daemon=True).start()
@@ -647,18 +654,22 @@ def run_once(consumer, scenario: str, args, rate: int = 0) -> Run:
                 "rss_max_kb": rss})
 
 
+def committed_objects(rev: str, folder: Path) -> Path:
+    """The objects of bpf/build/ as committed at `rev`, copied into `folder`."""
+    folder.mkdir()
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "bpf/build/"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in names:
+        data = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{name}"], check=True, capture_output=True).stdout
+        (folder / Path(name).name).write_bytes(data)
+    return folder.resolve()
+
+
 def use_objects(bpf_dir: Path | None, workdir: Path) -> None:
-    """Every consumer (this process, vnet processes of this tree and of --compare-to)
-    loads the objects of one folder ($VNET_BPF_DIR)."""
+    """Every consumer of this tree (this process, its vnet processes) loads the objects of one
+    folder ($VNET_BPF_DIR); those of --compare-to load their revision's, unless --same-objects."""
     if bpf_dir is None:
-        bpf_dir = workdir / "bpf"
-        bpf_dir.mkdir()
-        names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", "HEAD", "bpf/build/"], check=True,
-                                capture_output=True, text=True).stdout.split()
-        for name in names:
-            data = subprocess.run(["git", "-C", str(ROOT), "show", f"HEAD:{name}"], check=True,
-                                  capture_output=True).stdout
-            (bpf_dir / Path(name).name).write_bytes(data)
+        bpf_dir = committed_objects("HEAD", workdir / "bpf")
     os.environ["VNET_BPF_DIR"] = str(bpf_dir.resolve())
 
 
@@ -719,7 +730,9 @@ def main() -> None:
     ap.add_argument("--c-object", type=Path, help="also run the C reference on this build of tc_trace.bpf.o "
                     "(an experiment with the kernel side)")
     ap.add_argument("--compare-to", metavar="REV", help="also run trace and agent with this git revision's code "
-                    "(a temporary worktree), alternated with this tree's")
+                    "(a temporary worktree) and eBPF objects, alternated with this tree's")
+    ap.add_argument("--same-objects", action="store_true", help="--compare-to: the revision's code loads this "
+                    "tree's objects too (compare the user-space side alone)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("drain.py needs root")
@@ -737,11 +750,12 @@ def main() -> None:
     consumers = {}
     tree = workdir / "baseline"
     try:
-        codes = [(ROOT, "")]
+        codes = [(ROOT, "", None)]
         if args.compare_to:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(tree), args.compare_to],
                            check=True, capture_output=True)
-            codes.append((tree, "@" + args.compare_to))
+            rev_objects = None if args.same_objects else committed_objects(args.compare_to, workdir / "bpf-rev")
+            codes.append((tree, "@" + args.compare_to, rev_objects))
         with veth_pair(91) as net:
             iface = f"{net.ns1}/{net.if1}"
             if "c" in names:
@@ -751,11 +765,11 @@ def main() -> None:
             if args.c_object:
                 c = CConsumer(build_reference(workdir), workdir, obj_path=args.c_object.resolve())
                 consumers[c.name] = c
-            for code, label in codes:
+            for code, label, objects in codes:
                 if "trace" in names:
-                    consumers["trace" + label] = TraceConsumer(iface, workdir, code, label)
+                    consumers["trace" + label] = TraceConsumer(iface, workdir, code, label, objects)
                 if "agent" in names:
-                    consumers["agent" + label] = AgentConsumer(iface, workdir, code, label)
+                    consumers["agent" + label] = AgentConsumer(iface, workdir, code, label, objects)
             order = list(consumers.values())
             print(f"{time.strftime('%Y-%m-%d %H:%M')}, kernel {os.uname().release}, {os.cpu_count()} CPUs, "
                   f"ring {args.ring >> 20} MiB (backlog {args.backlog_ring >> 20} MiB), {args.rounds} rounds", flush=True)

@@ -30,9 +30,11 @@ from vnet.protocol.channel import ProtocolError
 from .shipper import Shipper
 
 log = logging.getLogger("vnet.agent")
-# The programs ask for a wakeup only every 64 events per CPU, and the kernel delivers one
-# only when the reader has caught up (adaptive notification): under load the drain runs on
-# this timer. 8 MiB of ring lasts 100 ms at 500 k events/s (tools/bench/drain.py).
+# The programs send most records without a wakeup: every 64th per CPU they force one as the
+# unread data crosses a quarter of the ring, else the kernel wakes a reader only if it has read everything
+# (vnet_wakeup_flags in bpf/src). So below ~350 k events/s (2 MiB in 20 ms) the drain runs
+# on this timer, and above it on the forced wakeups. 8 MiB of ring lasts 100 ms at 500 k
+# events/s (tools/bench/drain.py).
 DRAIN_POLL_MS = 20
 BATCH_EVENTS_MAX = 65536     # events per chunk at most (bounded chunk size)
 # A chunk costs ~0.3 ms of fixed work between agent and collector (pack, HMAC, send, ack,

@@ -260,9 +260,14 @@ def _aggregate_report(t, as_json: bool) -> list[str]:
                      **{f"p{round(q * 100)}_ns": list(h.bounds(h.percentile_bucket(q))) for q in quantiles},
                      "log2_buckets": {str(k): v for k, v in sorted(h.counts.items())}}
                     for (a, b), h in hists.items() if h.total]
-        return [json.dumps({"points": {p: {"packets": n, "bytes": b} for p, (n, b) in points.items()},
+        return [json.dumps({"points": {p: {"packets": v.packets, "bytes": v.bytes, "first": v.first,
+                                               **({"hist_lost": v.hist_lost} if v.hist_lost else {})}
+                                       for p, v in points.items()},
                             "segments": segments}, separators=(",", ":"))]
-    lines = [f"{p:<40} {n:>10} packets {b:>12} bytes" for p, (n, b) in points.items()]
+    # first: packets with no earlier hop in the kernel's table, where they enter the traced path (else lost hops)
+    lines = [f"{p:<40} {v.packets:>10} packets {v.bytes:>12} bytes {v.first:>10} first seen here"
+             + (f" ({v.hist_lost} pairs not counted: histogram map full)" if v.hist_lost else "")
+             for p, v in points.items()]
     for (a, b), h in hists.items():
         if not h.total:
             continue

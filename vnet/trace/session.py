@@ -27,11 +27,12 @@ from .records import EventDecoder
 
 log = logging.getLogger("vnet.trace")
 DEFAULT_RING_BYTES = 8 << 20
-DEFAULT_WAKEUP_EVERY = 64
+DEFAULT_WAKEUP_EVERY = 64       # a wakeup check every this many events per CPU and probe (vnet_wakeup_flags)
+DEFAULT_WAKEUP_FILL = 4         # ... forcing a wakeup as the unread data crosses 1/this of the ring
 SHARED_MAPS = ("vnet_events", "vnet_stats", "vnet_agg_points", "vnet_agg_last", "vnet_agg_hist")
 MAX_PROBES = 128  # enum vnet_limit's VNET_MAX_PROBES; tests/unit check they agree
 SNAP_MAX = 256    # enum vnet_snap's VNET_SNAP_MAX: packet bytes an event can carry; tests/unit check they agree
-AGG_MAPS_WHEN_OFF = {"vnet_agg_last": 64, "vnet_agg_hist": 1}  # unused then: keep them small
+AGG_MAPS_WHEN_OFF = {"vnet_agg_last": 1, "vnet_agg_hist": 1}  # unused then: keep them small
 
 
 @dataclass
@@ -66,6 +67,17 @@ class Plan:
 
 
 @dataclass
+class AggPoint:
+    """Aggregation mode: one point's numbers (struct vnet_agg_point), every CPU summed."""
+
+    packets: int = 0
+    bytes: int = 0
+    first: int = 0      # packets with no earlier hop to pair with here: where they enter the traced path,
+    #                     packets without a pkt_id, or a hop whose entry another packet replaced (never silent)
+    hist_lost: int = 0  # hop pairs no histogram counted: the kernel's cell map was full
+
+
+@dataclass
 class TraceStats:
     seen: int = 0      # packets (or calls) the programs ran on
     emitted: int = 0   # events that reached the ring
@@ -78,6 +90,20 @@ def check_snaplen(n: int) -> int:
     if not 0 <= n <= SNAP_MAX:
         raise UsageError(f"snaplen must be 0 (no packet bytes) to {SNAP_MAX} (VNET_SNAP_MAX), got {n}")
     return n
+
+
+def wakeup_config(ring_bytes: int, wakeup_every: int = DEFAULT_WAKEUP_EVERY, wakeup_bytes: int | None = None) -> dict:
+    """The programs' wakeup policy (bpf/src vnet_wakeup_flags), config fields every object has:
+    no wakeup for most records; every `wakeup_every`-th record per CPU and probe, a forced wakeup
+    as the unread data crosses `wakeup_bytes` (default: a quarter of the ring), else the kernel's adaptive
+    one (the reader is woken if it waits with nothing left to read: a trace's first event).
+    The readers drain on their timer besides (20 ms; 100 ms when printing)."""
+    if wakeup_bytes is None:
+        wakeup_bytes = ring_bytes // DEFAULT_WAKEUP_FILL
+    if not 0 <= wakeup_bytes <= ring_bytes:
+        raise UsageError(f"wakeup threshold {wakeup_bytes} bytes: 0 (wake at every check) to the ring's size, "
+                         f"{ring_bytes}")
+    return {"wakeup_every": wakeup_every, "wakeup_bytes": wakeup_bytes}
 
 
 def check_ring_size(n: int) -> int:
@@ -109,7 +135,7 @@ class Trace:
     in `skipped` (probe, reason); the rest run. strict=True raises instead."""
 
     def __init__(self, plans: list[Plan], *, ring_bytes: int = DEFAULT_RING_BYTES,
-                 wakeup_every: int = DEFAULT_WAKEUP_EVERY, strict: bool = True,
+                 wakeup_every: int = DEFAULT_WAKEUP_EVERY, wakeup_bytes: int | None = None, strict: bool = True,
                  packet_filter: PacketFilter | None = None, aggregate: bool = False,
                  aggregate_and_events: bool = False, snaplen: int = 0):
         if not plans:
@@ -118,6 +144,7 @@ class Trace:
             raise UsageError(f"{len(plans)} probes in one trace: at most {MAX_PROBES} (enum vnet_limit)")
         self.plans = plans
         self.ring_bytes = check_ring_size(ring_bytes)
+        self.wakeup = wakeup_config(self.ring_bytes, wakeup_every, wakeup_bytes)
         self.wakeup_every = wakeup_every
         self.snaplen = check_snaplen(snaplen)  # packet bytes after each packet event (0: the event alone)
         self.strict = strict
@@ -201,7 +228,7 @@ class Trace:
     def _load(self, plan: Plan, probe_id: int) -> tuple[BpfObject, list[Hook]]:
         obj = BpfObject(object_path(plan.obj))
         try:
-            config = {"probe_id": probe_id, "wakeup_every": self.wakeup_every, **plan.config}
+            config = {"probe_id": probe_id, **self.wakeup, **plan.config}
             if plan.filterable:  # the packet programs: filter, and numbers instead of events on request
                 config.update(self.filter_config, aggregate=self._aggregate_bits(), snaplen=self.snaplen)
                 if self.packet_filter.compiled is not None:
@@ -319,9 +346,10 @@ class Trace:
                  for (probe_id, _hook), where in self.labels.items()}
         return {names.get(pid, f"probe{pid}"): c for pid, c in self._counters(per_cpu).items()}
 
-    def aggregates(self) -> tuple[dict[str, tuple[int, int]], dict[tuple[str, str], Log2Histogram]]:
-        """Aggregation mode: (packets, bytes) per point, and a latency histogram per
-        consecutive pair of points, as the kernel has counted so far."""
+    def aggregates(self) -> tuple[dict[str, AggPoint], dict[tuple[str, str], Log2Histogram]]:
+        """Aggregation mode: packets, bytes (and packets with no earlier hop) per point, and a
+        latency histogram per consecutive pair of points, as the kernel has counted so far.
+        Both maps are per CPU: each CPU's numbers are summed here."""
         btf = self.btf
         hooks_per_probe = btf.enum("vnet_agg")["VNET_AGG_HOOKS"]
         hook_names = {v: k.removeprefix("VNET_HOOK_").lower() for k, v in btf.enum("vnet_hook").items()}
@@ -338,19 +366,22 @@ class Trace:
             for hook in range(hooks_per_probe):
                 point = probe_id * hooks_per_probe + hook
                 rows = [point_layout.decode(v) for v in points_map.lookup(point.to_bytes(4, "little"))]
-                packets, nbytes = sum(r["packets"] for r in rows), sum(r["bytes"] for r in rows)
-                if packets:
-                    points[name(point)] = (packets, nbytes)
+                total = AggPoint(**{f.name: sum(r[f.name] for r in rows) for f in point_layout.fields})
+                if total.packets:
+                    points[name(point)] = total
         hist_map = self.objects[0].maps["vnet_agg_hist"]
         key_layout = btf.struct("vnet_agg_key")
         hists: dict[tuple[str, str], Log2Histogram] = {}
         for raw in hist_map.keys():
-            value = hist_map.lookup(raw)
-            if value is None:
+            per_cpu = hist_map.lookup(raw)
+            if per_cpu is None:
+                continue
+            n = sum(int.from_bytes(v, "little") for v in per_cpu)
+            if not n:
                 continue
             k = key_layout.decode(raw)
             h = hists.setdefault((name(k["from"]), name(k["to"])), Log2Histogram())
-            h.counts[k["bucket"]] = h.counts.get(k["bucket"], 0) + int.from_bytes(value, "little")
+            h.counts[k["bucket"]] = h.counts.get(k["bucket"], 0) + n
         return points, hists
 
     def vanished(self) -> list[tuple[str, str]]:
