@@ -13,13 +13,11 @@ is shared). Nothing the scenario started may outlive it.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from kernel_support import new_orphans, vnet_snapshot
-from test_demo_tail_qemu import _left_behind
-from vnet.demo import DemoContext, tail_latency, tail_latency_qemu, vm_boundary
+from test_demo_tail_qemu import run_with_one_retry
+from vnet.demo import tail_latency, tail_latency_qemu, vm_boundary
 
 pytest.importorskip("numpy", reason="the demo analyses with vnet's analysis extra (numpy)")
 
@@ -29,23 +27,7 @@ if vm_boundary.available():
 
 def test_one_timeline_across_the_boundary_and_the_vcpu_wait(tmp_path):
     before = vnet_snapshot()
-    attempts = []
-    for attempt in (1, 2):
-        folder = tmp_path / f"attempt{attempt}"
-        folder.mkdir()
-        t0 = time.monotonic()
-        res = vm_boundary.run(DemoContext(out_dir=folder, quick=True))
-        took = time.monotonic() - t0
-        assert not _left_behind(res, folder), _left_behind(res, folder)
-        assert "rtt" in res.numbers, res.verdict  # it ran (set-up failures come back as ok=False)
-        r = res.numbers["rtt"]["ratio"]
-        attempts.append(f"attempt {attempt} ({took:.0f} s): p50 x{r['p50']}, p99 x{r['p99']}, "
-                        f"p99.9 x{r['p999']}; ok={res.ok} {res.why}")
-        if res.ok:
-            break
-    if not res.ok and res.numbers["baseline_noise"]["busy"]:
-        pytest.skip("the machine was too busy for the comparison: " + " | ".join(attempts))
-    assert res.ok, " | ".join(attempts)
+    res = run_with_one_retry(vm_boundary, tmp_path)
 
     n = res.numbers["params"]["requests"]
     for run in ("alone", "with_hog"):

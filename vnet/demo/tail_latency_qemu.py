@@ -395,21 +395,38 @@ def _judge(alone: tl._Run, hog: tl._Run, guest: _Guest) -> tuple[dict, str, bool
     return numbers, words, ok, "; ".join(problems)
 
 
-def run(ctx: DemoContext) -> DemoResult:
+def prepare(ctx: DemoContext, name: str) -> DemoResult | tuple[Path, int, int]:
+    """What a QEMU scenario checks first (numpy, QEMU, two CPUs): a DemoResult saying what is
+    missing, or its folder and the two CPUs: the idlest for the vCPU thread and the hog
+    (unrelated load disturbs the baseline least there), the other for everything else."""
     from vnet.analysis.extras import require
-    from vnet.topology import Topology, TopologyError
 
-    require("numpy", "vnet demo tail-latency-qemu")
+    require("numpy", f"vnet demo {name}")
     missing = available()
     if missing:
-        return DemoResult(NAME, verdict=f"Needs QEMU: {missing}.", ok=False, why=missing)
-    out = Path(ctx.out_dir).resolve()
-    n = REQUESTS[bool(ctx.quick)]
+        return DemoResult(name, verdict=f"Needs QEMU: {missing}.", ok=False, why=missing)
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
-        return DemoResult(NAME, verdict="Needs two CPUs.", ok=False, why=f"only CPU {cpus} available")
+        return DemoResult(name, verdict="Needs two CPUs.", ok=False, why=f"only CPU {cpus} available")
     shared = tl._idlest(cpus)
-    other = next(c for c in cpus if c != shared)
+    return Path(ctx.out_dir).resolve(), shared, next(c for c in cpus if c != shared)
+
+
+def add_tap(topo, net: tl._Net) -> None:
+    """The guest's tap on the host bridge (QEMU opens it by name)."""
+    topo.run(net.host_ns, ["ip", "tuntap", "add", "dev", net.vm_tap, "mode", "tap"])
+    topo.attach_to_bridge(net.vm_tap, net.host_ns, net.bridge)
+    topo.run(net.host_ns, ["ip", "link", "set", net.vm_tap, "up"])
+
+
+def run(ctx: DemoContext) -> DemoResult:
+    from vnet.topology import Topology, TopologyError
+
+    ready = prepare(ctx, NAME)
+    if isinstance(ready, DemoResult):
+        return ready
+    out, shared, other = ready
+    n = REQUESTS[bool(ctx.quick)]
     runs = [tl._Run("alone", False, out / "alone.vnt"), tl._Run("with-hog", True, out / "with-hog.vnt")]
     files: list[Path] = []
     timings: dict[str, float] = {}
@@ -422,9 +439,7 @@ def run(ctx: DemoContext) -> DemoResult:
         with Topology() as topo:
             prefix = topo.prefix
             net = tl._build(topo)
-            topo.run(net.host_ns, ["ip", "tuntap", "add", "dev", net.vm_tap, "mode", "tap"])
-            topo.attach_to_bridge(net.vm_tap, net.host_ns, net.bridge)
-            topo.run(net.host_ns, ["ip", "link", "set", net.vm_tap, "up"])
+            add_tap(topo, net)
             try:
                 ctx.progress("booting the QEMU guest (software emulation)", 0.03)
                 guest = _Guest(procs, net, net.vm_tap, out)

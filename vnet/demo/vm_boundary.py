@@ -29,7 +29,6 @@ Needs what tail-latency-qemu needs (QEMU, the 6.1 kernel, virtme-ng).
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import signal
 import subprocess
@@ -315,21 +314,14 @@ def available() -> str | None:
 
 
 def run(ctx: DemoContext) -> DemoResult:
-    from vnet.analysis.extras import require
     from vnet.protocol import load_key, new_key
     from vnet.topology import Topology, TopologyError
 
-    require("numpy", "vnet demo vm-boundary")
-    missing = available()
-    if missing:
-        return DemoResult(NAME, verdict=f"Needs QEMU: {missing}.", ok=False, why=missing)
-    out = Path(ctx.out_dir).resolve()
+    ready = tq.prepare(ctx, NAME)
+    if isinstance(ready, DemoResult):
+        return ready
+    out, shared, other = ready
     n = REQUESTS[bool(ctx.quick)]
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return DemoResult(NAME, verdict="Needs two CPUs.", ok=False, why=f"only CPU {cpus} available")
-    shared = tl._idlest(cpus)
-    other = next(c for c in cpus if c != shared)
     collected = out / "collected"
     runs = [tl._Run("alone", False, collected / "alone"), tl._Run("with-hog", True, collected / "with-hog")]
     key_path = new_key(out / "key")
@@ -346,9 +338,7 @@ def run(ctx: DemoContext) -> DemoResult:
             prefix = topo.prefix
             net = tl._build(topo)
             topo.add_address(net.bridge, net.host_ns, f"{HV_IP}/24")
-            topo.run(net.host_ns, ["ip", "tuntap", "add", "dev", net.vm_tap, "mode", "tap"])
-            topo.attach_to_bridge(net.vm_tap, net.host_ns, net.bridge)
-            topo.run(net.host_ns, ["ip", "link", "set", net.vm_tap, "up"])
+            tq.add_tap(topo, net)
             try:
                 ns_vnet = ["ip", "netns", "exec", net.host_ns, "taskset", "-c", str(other), sys.executable, "-m",
                            "vnet"]
