@@ -79,12 +79,9 @@ for i in $(seq 1 60); do
 done
 '''
 
-_GUEST = r'''
-log() {{ echo "$(cut -d' ' -f1 /proc/uptime) $*" >> {log}; }}
-log booted
-{find_nic}log "nic '$IF'"
-ip link set "$IF" up && ip addr add {ip}/24 dev "$IF" || log "ip failed"
-exec python3 -c '
+# Guest shell: the UDP echo server, until the stop datagram or its deadline (format it with
+# port, life, stop, log).
+ECHO_SERVER = r'''python3 -c '
 import socket, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -99,7 +96,14 @@ while time.monotonic() < end:
     if data == b"{stop}":
         break
     s.sendto(data, peer)
-' >> {log} 2>&1
+' >> {log} 2>&1'''
+
+_GUEST = r'''
+log() {{ echo "$(cut -d' ' -f1 /proc/uptime) $*" >> {log}; }}
+log booted
+{find_nic}log "nic '$IF'"
+ip link set "$IF" up && ip addr add {ip}/24 dev "$IF" || log "ip failed"
+exec {echo}
 log "echo server stopped"
 '''
 
@@ -133,9 +137,9 @@ class _Guest:
         vng, kernel = _find_tools()
         self.log = folder / "guest.log"
         script = folder / "guest.sh"
-        script.write_text(script_text or _GUEST.format(find_nic=FIND_VIRTIO_NIC, log=shlex.quote(str(self.log)),
-                                                       ip=tl.VM_IP, port=tl.ECHO_PORT, life=GUEST_LIFE,
-                                                       stop=STOP.decode()))
+        log = shlex.quote(str(self.log))
+        echo = ECHO_SERVER.format(port=tl.ECHO_PORT, life=GUEST_LIFE, stop=STOP.decode(), log=log)
+        script.write_text(script_text or _GUEST.format(find_nic=FIND_VIRTIO_NIC, log=log, ip=tl.VM_IP, echo=echo))
         qemu_opts = (f"-netdev tap,id=n1,ifname={tap},script=no,downscript=no "
                      f"-device virtio-net-pci,netdev=n1,mac={tl.VM_MAC} -name vnet-guest,debug-threads=on")
         argv = ["ip", "netns", "exec", net.host_ns, vng, f"--qemu-opts={qemu_opts}", "--disable-kvm",

@@ -61,22 +61,7 @@ ip link set "$IF" up && ip addr add {ip}/24 dev "$IF" || log "ip failed"
     --spool /tmp/vnet-spool >> {folder}/guest-agent.log 2>&1 &
 AGENT=$!
 log "agent started"
-python3 -c '
-import socket, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-s.bind(("0.0.0.0", {port}))
-s.settimeout(1.0)
-end = time.monotonic() + {life}
-while time.monotonic() < end:
-    try:
-        data, peer = s.recvfrom(2048)
-    except OSError:
-        continue
-    if data == b"{stop}":
-        break
-    s.sendto(data, peer)
-' >> {log} 2>&1
+{echo}
 log "echo server stopped"
 kill -TERM $AGENT; wait $AGENT
 log "agent stopped"
@@ -88,10 +73,11 @@ class _Guest(tq._Guest):
 
     def __init__(self, procs: tl._Procs, net: tl._Net, tap: str, folder: Path, key: Path):
         self.folder = folder
-        script = _GUEST.format(
-            find_nic=tq.FIND_VIRTIO_NIC, log=shlex.quote(str(folder / "guest.log")), folder=shlex.quote(str(folder)),
-            ip=tl.VM_IP, port=tl.ECHO_PORT, life=tq.GUEST_LIFE, stop=tq.STOP.decode(),
-            python=shlex.quote(sys.executable), agent_port=AGENT_PORT, key=shlex.quote(str(key)))
+        log = shlex.quote(str(folder / "guest.log"))
+        echo = tq.ECHO_SERVER.format(port=tl.ECHO_PORT, life=tq.GUEST_LIFE, stop=tq.STOP.decode(), log=log)
+        script = _GUEST.format(find_nic=tq.FIND_VIRTIO_NIC, log=log, folder=shlex.quote(str(folder)), ip=tl.VM_IP,
+                               echo=echo, python=shlex.quote(sys.executable), agent_port=AGENT_PORT,
+                               key=shlex.quote(str(key)))
         super().__init__(procs, net, tap, folder, script)
 
     def story(self) -> str:
