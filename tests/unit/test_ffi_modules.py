@@ -1,4 +1,4 @@
-"""The committed pre-parsed cffi modules (vnet/binding/_libbpf_ffi.py, _pcap_ffi.py) are what
+"""The committed pre-parsed cffi modules (vnet/binding/_libbpf_ffi.py, _pcap_ffi.py, _crypto_ffi.py) are what
 tools/gen_ffi.py makes of today's vnet/binding/_cdef.py, the bindings use them, and a missing or
 stale one falls back to parsing the declarations in-line."""
 
