@@ -77,3 +77,46 @@ def test_chunks_that_break_the_rules_are_refused(collector, caplog, chunk, blob,
             time.sleep(0.01)
     assert why in caplog.text
     ch.close()
+
+
+def test_a_chunk_is_acknowledged_only_once_written_and_a_failed_write_closes_the_connection(
+        collector, caplog, monkeypatch):
+    """The collector verifies the next chunk while its writer thread writes the one before:
+    an ack still means "on disk" (the agent forgets the chunk), and a failed write (a full
+    disk here) ends the connection with its reason, acknowledging nothing after it."""
+    import errno
+
+    col, address, _ = collector
+    written: list[int] = []
+    write = col._chunk
+
+    def failing(st, m):
+        if m["seq"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(st, m)
+        written.append(m["seq"])
+
+    monkeypatch.setattr(col, "_chunk", failing)
+    ch = connect(address, KEY, "collector", limit=MAX_DATA_BYTES)
+    ch.request({"type": "open", "trace": "t3", "host": "h1", "header": {}}, ("opened",))
+    records = pack_records([bytes([i % 251]) * 144 for i in range(1000)])  # > 64 KiB: the receive buffers in rotation
+    with caplog.at_level("INFO", logger="vnet.protocol.server"):
+        for seq in range(6):
+            try:
+                ch.send({"type": "chunk", "seq": seq, "chunk": {"kind": "events", "seq": seq, "count": 1000}},
+                        blob=records)
+            except OSError:  # closed already: chunk 3 failed
+                break
+        acks = []
+        with pytest.raises((ConnectionError, OSError, ProtocolError)):
+            while True:
+                m = ch.recv(("ack", "ping"))
+                if m["type"] == "ack":
+                    assert m["seq"] in written  # written before it was acknowledged
+                    acks.append(m["seq"])
+        deadline = time.monotonic() + 10
+        while "No space left" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert acks == [0, 1, 2] and written == [0, 1, 2]
+    assert "No space left on device" in caplog.text
+    ch.close()

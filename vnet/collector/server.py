@@ -7,19 +7,27 @@ where to resume; a sequence number that never arrives is recorded as a gap.
 Each agent's clock is measured against ours with ping/pong exchanges, each written
 as a "clock" chunk (offset at the middle of the exchange, bound half its round trip);
 the analysis fits offset and drift through them (vnet.analysis.clocksync).
+
+Per connection, two stages: the connection's thread receives a chunk and verifies its MAC
+and envelope, then hands it to a writer thread, which writes it (CRC-32 and writev into the
+trace file) and acknowledges it, while the next one is received and verified. The blobs stay
+in the channel's receive buffers (BufferRing, PIPELINE_DEPTH of them) until written; each
+stage leaves the GIL in its long calls (recv_into, GMAC in libcrypto, zlib.crc32, writev).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vnet.protocol import MAX_DATA_BYTES, Channel
-from vnet.protocol.channel import ProtocolError
+from vnet.protocol.channel import BufferRing, ProtocolError
 
 from .tracefile import TraceFileReader, TraceFileWriter
 
@@ -27,6 +35,7 @@ log = logging.getLogger("vnet.collector")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CLOCK_PINGS = 8          # exchanges right after an agent connects
 CLOCK_EVERY_S = 5.0      # and one this often afterwards (drift)
+PIPELINE_DEPTH = 3       # receive buffers per connection: one being received, up to two verified or being written
 
 
 @dataclass
@@ -107,24 +116,35 @@ class Collector:
         stop = threading.Event()
         pinger = threading.Thread(target=self._ping, args=(ch, stop), daemon=True, name=f"clock {st.host}")
         pinger.start()
+        writer = _ChunkWriter(self, st, ch)
         try:
             while True:
                 m = ch.recv(("chunk", "pong", "close"))
+                if m["type"] == "chunk":
+                    self._check_chunk(m)
+                    writer.put(m)  # written, then acknowledged, by the writer
+                    continue
+                if m.buffer is not None:
+                    ch.buffers.give(m.buffer)
                 if m["type"] == "pong":
                     self._clock(st, m)
-                elif m["type"] == "chunk":
-                    self._chunk(st, m)
-                    ch.send({"type": "ack", "seq": st.last_seq})
                 else:
+                    writer.finish()  # everything before "close" written and acknowledged
                     self._finish(st)
                     ch.send({"type": "closed", "path": str(st.base), "gaps": st.gaps, "chunks": st.chunks})
                     return
+        except (ConnectionError, OSError, ProtocolError):
+            writer.reraise()  # the writer's failure (it closed the connection), not its symptom here
+            raise
         finally:
             stop.set()
+            writer.stop()
 
-    def _chunk(self, st: Stream, m) -> None:
+    @staticmethod
+    def _check_chunk(m) -> None:
         """An agent's chunk: its head (a map) in the message, an events chunk's records
-        raw beside it (m.blob, a view of the receive buffer), written from there."""
+        raw beside it (m.blob, a view of a receive buffer). Checked before it is queued,
+        so that a malformed one closes the connection as it arrives."""
         seq, chunk, blob = m.get("seq"), m.get("chunk"), m.blob
         if not isinstance(seq, int) or not isinstance(chunk, dict):
             raise ProtocolError("malformed chunk")
@@ -132,6 +152,10 @@ class Collector:
             raise ProtocolError(f"chunk {seq} does not match its envelope")
         if (blob is not None) != (chunk["kind"] == "events"):
             raise ProtocolError(f"chunk {seq}: an events chunk comes with its records, and only it")
+
+    def _chunk(self, st: Stream, m) -> None:
+        """Write a checked chunk (the writer thread), unless it is one already written."""
+        seq, chunk, blob = m["seq"], m["chunk"], m.blob
         if blob is not None:
             chunk["records"] = blob  # last: written where it is (vnet/packing.py), not copied
         with st.lock:
@@ -181,3 +205,66 @@ class Collector:
     def close(self) -> None:
         for st in list(self.streams.values()):
             self._finish(st)
+
+
+class _ChunkWriter:
+    """The second stage of one connection: writes the chunks the connection's thread has
+    received and verified, in order, and acknowledges each only once it is written (the
+    ack lets the agent forget it). A failure closes the connection; the connection's
+    thread then raises it (reraise()), as it did when it wrote the chunks itself."""
+
+    def __init__(self, collector: Collector, st: Stream, ch: Channel):
+        self.collector, self.st, self.ch = collector, st, ch
+        ch.buffers = BufferRing(PIPELINE_DEPTH)
+        self._queue: queue.Queue = queue.Queue(maxsize=PIPELINE_DEPTH)  # + blob-less chunks, bounded too
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"writer {st.host}")
+        self._thread.start()
+
+    def put(self, m) -> None:
+        while True:
+            self.reraise()
+            try:
+                self._queue.put(m, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def reraise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (m := self._queue.get()) is not None:
+            try:
+                if self.error is None:
+                    self.collector._chunk(self.st, m)
+                    self.ch.send({"type": "ack", "seq": self.st.last_seq})
+            except BaseException as e:  # noqa: BLE001 - handed to the connection's thread
+                self.error = e
+                self.ch.buffers.abort(e)
+                try:  # wake the connection's thread from its recv
+                    self.ch.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            finally:
+                if m.buffer is not None:
+                    self.ch.buffers.give(m.buffer)
+
+    def finish(self) -> None:
+        """Until every chunk queued is written and acknowledged; its failure if one failed."""
+        self.stop()
+        self.reraise()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.put_end()
+            self._thread.join()
+
+    def put_end(self) -> None:
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=0.1)
+                return
+            except queue.Full:
+                continue

@@ -222,9 +222,46 @@ def _unpack(payload, limit: int) -> "Message":
 
 class Message(dict):
     """A received message; `blob`: the raw bytes that came beside it (a memoryview
-    of the channel's receive buffer, valid until its next recv()), or None."""
+    of the channel's receive buffer, valid until its next recv()), or None. With the
+    channel's `buffers` set, `buffer` is the one taken from them for this frame: the
+    blob stays valid until it is given back."""
 
     blob: memoryview | None = None
+    buffer: bytearray | None = None
+
+
+class BufferRing:
+    """Receive buffers in rotation, for a reader that hands blobs to another thread (the
+    collector's writer) instead of using each before its next recv(): a large frame is
+    received into a free one, which is reused only once given back. With all of them out
+    the reader waits: `count` bounds the frames in flight and the memory."""
+
+    def __init__(self, count: int):
+        self._free = [bytearray() for _ in range(count)]
+        self._cond = threading.Condition()
+        self._aborted: BaseException | None = None
+
+    def take(self, n: int) -> bytearray:
+        with self._cond:
+            while not self._free and self._aborted is None:
+                self._cond.wait()
+            if self._aborted is not None:
+                raise self._aborted
+            buf = self._free.pop()
+        if len(buf) < n:  # grown while nobody holds a view of it
+            buf = bytearray(max(n, 2 * len(buf)))
+        return buf
+
+    def give(self, buf: bytearray) -> None:
+        with self._cond:
+            self._free.append(buf)
+            self._cond.notify()
+
+    def abort(self, error: BaseException) -> None:
+        """The taker is gone: whoever waits for a buffer gets `error`."""
+        with self._cond:
+            self._aborted = error
+            self._cond.notify_all()
 
 
 class Channel:
@@ -242,6 +279,8 @@ class Channel:
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._rbuf = bytearray()
+        self.buffers: BufferRing | None = None  # set: large frames go to these, see Message.buffer
+        self._taken: bytearray | None = None
         self.closed = False
 
     def __repr__(self) -> str:
@@ -266,6 +305,9 @@ class Channel:
         pages to fault in per chunk); a new one when it must grow (old views stay valid)."""
         if n < REUSE_BYTES:
             return memoryview(bytearray(n))
+        if self.buffers is not None:
+            self._taken = self.buffers.take(n)
+            return memoryview(self._taken)[:n]
         if len(self._rbuf) < n:
             self._rbuf = bytearray(max(n, 2 * len(self._rbuf)))
         return memoryview(self._rbuf)[:n]
@@ -310,15 +352,24 @@ class Channel:
                                 f"{4 + limit + tag_bytes}")
         if length < 4 + tag_bytes or head_len > length - 4 - tag_bytes:
             raise ProtocolError(f"frame from {self.peer}: lengths {length}/{head_len} do not add up")
+        self._taken = None
         body = self._buffer(length - 4)
-        self._recv_into(body)
-        head, blob, tag = body[:head_len], body[head_len:-tag_bytes], body[-tag_bytes:]
-        if not hmac.compare_digest(tag, self._recv_mac.tag(self._recv_seq, (lengths, head, blob))):
-            raise AuthError(f"bad message tag from {self.peer} (tampered, replayed or out of order)")
-        self._recv_seq += 1
-        msg = _unpack(head, limit)
+        taken, self._taken = self._taken, None
+        try:
+            self._recv_into(body)
+            head, blob, tag = body[:head_len], body[head_len:-tag_bytes], body[-tag_bytes:]
+            if not hmac.compare_digest(tag, self._recv_mac.tag(self._recv_seq, (lengths, head, blob))):
+                raise AuthError(f"bad message tag from {self.peer} (tampered, replayed or out of order)")
+            self._recv_seq += 1
+            msg = _unpack(head, limit)
+        except BaseException:
+            if taken is not None:
+                self.buffers.give(taken)
+            raise
         if blob.nbytes:
             msg.blob = blob
+        if taken is not None:
+            msg.buffer = taken
         return msg
 
     # -- messages ----------------------------------------------------------------------------------
