@@ -8,9 +8,10 @@ Each agent's clock is measured against ours with ping/pong exchanges, each writt
 as a "clock" chunk (offset at the middle of the exchange, bound half its round trip);
 the analysis fits offset and drift through them (vnet.analysis.clocksync).
 
-Per connection, two stages: the connection's thread receives a chunk and verifies its MAC
-and envelope, then hands it to a writer thread, which writes it (CRC-32 and writev into the
-trace file) and acknowledges it, while the next one is received and verified. The blobs stay
+Per connection, two stages: the connection's thread receives a chunk, verifies its MAC and
+envelope and frames it for the trace file (CRC-32), then hands it to a writer thread, which
+writes it (writev into the page cache) and acknowledges it, while the next one is received,
+verified and framed. The blobs stay
 in the channel's receive buffers (BufferRing, PIPELINE_DEPTH of them) until written; each
 stage leaves the GIL in its long calls (recv_into, GMAC in libcrypto, zlib.crc32, writev).
 """
@@ -122,6 +123,7 @@ class Collector:
                 m = ch.recv(("chunk", "pong", "close"))
                 if m["type"] == "chunk":
                     self._check_chunk(m)
+                    m.frame = self._frame(m)
                     writer.put(m)  # written, then acknowledged, by the writer
                     continue
                 if m.buffer is not None:
@@ -153,11 +155,18 @@ class Collector:
         if (blob is not None) != (chunk["kind"] == "events"):
             raise ProtocolError(f"chunk {seq}: an events chunk comes with its records, and only it")
 
+    @staticmethod
+    def _frame(m) -> list:
+        """A checked chunk as the trace file's frame (TraceFileWriter.frame; CRC-32 computed),
+        an events chunk's records last: written where they are (vnet/packing.py), not copied."""
+        chunk = dict(m["chunk"])
+        if m.blob is not None:
+            chunk["records"] = m.blob
+        return TraceFileWriter.frame(chunk.pop("kind"), **chunk)
+
     def _chunk(self, st: Stream, m) -> None:
-        """Write a checked chunk (the writer thread), unless it is one already written."""
-        seq, chunk, blob = m["seq"], m["chunk"], m.blob
-        if blob is not None:
-            chunk["records"] = blob  # last: written where it is (vnet/packing.py), not copied
+        """Write a checked, framed chunk (the writer thread), unless it is one already written."""
+        seq, chunk = m["seq"], m["chunk"]
         with st.lock:
             if seq <= st.last_seq:
                 return  # sent again after a reconnect: already written
@@ -166,11 +175,10 @@ class Collector:
                 st.gaps.append(gap)
                 st.writer.write("gap", first=gap[0], last=gap[1])
                 log.error("%s/%s: chunks %d..%d never arrived", st.trace, st.host, *gap)
-            kind = chunk.pop("kind")
-            st.writer.write(kind, **chunk)
+            st.writer.write_frame(m.frame, seq)
             st.last_seq = seq
             st.chunks += 1
-            st.events += int(chunk.get("count", 0)) if kind == "events" else 0
+            st.events += int(chunk.get("count", 0)) if chunk["kind"] == "events" else 0
 
     def _ping(self, ch: Channel, stop: threading.Event) -> None:
         n = 0
