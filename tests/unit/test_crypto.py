@@ -13,7 +13,7 @@ import pytest
 
 from vnet.binding import crypto
 
-pytestmark = pytest.mark.skipif(not crypto.available(), reason="no libcrypto with AES-128-GCM here")
+needs_gcm = pytest.mark.skipif(not crypto.available(), reason="no libcrypto with AES-128-GCM here")
 
 # AES-128 under the zero key: H = E(0^128), and E(J0) for the zero IV (J0 = 0^96 || 1), which is
 # the GCM tag of nothing (the spec's test case 1).
@@ -39,6 +39,7 @@ def _gmac_zero_key(aad: bytes) -> bytes:
     return bytes(a ^ b for a, b in zip(E_J0, y.to_bytes(16, "big")))
 
 
+@needs_gcm
 @pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 100, 4099])
 def test_the_tag_is_gcms_whatever_the_pieces(size):
     data = os.urandom(size)
@@ -52,6 +53,7 @@ def test_the_tag_is_gcms_whatever_the_pieces(size):
         assert gmac.tag(bytes(12), pieces) == want, cuts  # and the context is reset each time
 
 
+@needs_gcm
 def test_key_and_nonce_change_the_tag():
     data = b"x" * 1000
     tags = {crypto.Gmac(bytes(16)).tag(bytes(12), [data]), crypto.Gmac(b"\1" + bytes(15)).tag(bytes(12), [data]),
@@ -61,6 +63,7 @@ def test_key_and_nonce_change_the_tag():
         crypto.Gmac(bytes(32))
 
 
+@needs_gcm
 def test_a_tag_leaves_the_gil_to_other_threads():
     """cffi releases the GIL around each call: a thread of Python code runs while 10 MB are
     tagged (the collector verifies one chunk while its writer thread writes the previous).
@@ -88,3 +91,19 @@ def test_a_tag_leaves_the_gil_to_other_threads():
         sys.setswitchinterval(interval)
         stop.set()
         thread.join()
+
+
+def test_without_libcrypto_the_protocol_offers_hmac_and_says_why_once(monkeypatch, caplog):
+    from vnet.errors import UnsupportedError
+    from vnet.protocol.channel import session_macs
+
+    monkeypatch.setattr(crypto, "LIBRARY_NAMES", ("libvnet-no-such-crypto.so.3",))
+    monkeypatch.setattr(crypto, "_lib", None)
+    monkeypatch.setattr(crypto, "_why_not", None)
+    with caplog.at_level("WARNING", logger="vnet.crypto"):
+        assert session_macs() == ["hmac-sha256"]
+        assert not crypto.available()
+    assert caplog.text.count("GMAC unavailable") == 1 and "libssl3" in caplog.text
+    with pytest.raises(UnsupportedError, match="libvnet-no-such-crypto") as e:
+        crypto.Gmac(bytes(16))
+    assert "libssl3" in e.value.hint

@@ -53,7 +53,8 @@ def lib():
                     errors.append(f"{name}: {e}")
             else:
                 _why_not = "; ".join(errors)
-                log.debug("GMAC unavailable: %s", _why_not)
+                # once per process: the protocol falls back to HMAC-SHA256, ~7x the CPU per byte shipped
+                log.warning("GMAC unavailable (%s): session frames use HMAC-SHA256 (hint: %s)", _why_not, HINT)
         if _lib is None:
             raise UnsupportedError(f"GMAC not supported (requires libcrypto with AES-128-GCM: {_why_not})", hint=HINT)
     return _lib
