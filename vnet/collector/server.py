@@ -11,9 +11,9 @@ the analysis fits offset and drift through them (vnet.analysis.clocksync).
 Per connection, two stages: the connection's thread receives a chunk, verifies its MAC and
 envelope and frames it for the trace file (CRC-32), then hands it to a writer thread, which
 writes it (writev into the page cache) and acknowledges it, while the next one is received,
-verified and framed. The blobs stay
-in the channel's receive buffers (BufferRing, PIPELINE_DEPTH of them) until written; each
-stage leaves the GIL in its long calls (recv_into, GMAC in libcrypto, zlib.crc32, writev).
+verified and framed. The records stay in the channel's receive buffers (BufferRing,
+PIPELINE_DEPTH of them) until written; each stage leaves the GIL in its long calls
+(recv_into, GMAC in libcrypto, zlib.crc32, writev).
 """
 
 from __future__ import annotations
