@@ -22,11 +22,12 @@ def test_committed_module_is_current(name):
 
 
 def test_bindings_start_without_pycparser():
-    code = ("import sys; import vnet.binding.libbpf as l, vnet.binding.pcap as p; "
-            "print('pycparser' in sys.modules, 'cffi.api' in sys.modules, type(l.ffi).__module__)")
+    code = ("import sys; import vnet.binding.libbpf as l, vnet.binding.pcap as p, vnet.binding.crypto as c; "
+            "print('pycparser' in sys.modules, 'cffi.api' in sys.modules, type(l.ffi).__module__, "
+            "type(c.ffi).__module__)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["False", "False", "_cffi_backend"], r.stdout
+    assert r.stdout.split() == ["False", "False", "_cffi_backend", "_cffi_backend"], r.stdout
 
 
 @pytest.mark.parametrize("name", sorted(_ffi.MODULES))
