@@ -86,27 +86,6 @@ class _Guest(tq._Guest):
         return super().story() + f"\nguest-agent.log: {agent.strip()}"
 
 
-def _wait_agent(net: tl._Net, key: bytes, guest: _Guest, timeout: float) -> dict:
-    from vnet.protocol import connect
-    from vnet.topology import in_netns
-
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        if guest.proc.poll() is not None:
-            raise RuntimeError(f"the guest ended before its agent answered:\n{guest.story()}")
-        try:
-            with in_netns(net.host_ns):
-                ch = connect(f"{tl.VM_IP}:{AGENT_PORT}", key, "agent", timeout=5)
-            try:
-                return ch.request({"type": "hello"}, ("hello",))
-            finally:
-                ch.close()
-        except Exception as e:  # noqa: BLE001 - not up yet
-            last = e
-            time.sleep(1)
-    raise RuntimeError(f"the guest's agent did not answer in {timeout:.0f} s ({last}):\n{guest.story()}")
-
-
 def _spec(path: Path, name: str, key: Path, sock: Path, net: tl._Net, guest_if: str, qemu_pid: int) -> Path:
     host_ifs = [f"{net.client_ns}/{net.client_if}", net.client_port, net.vm_tap]
     path.write_text(f"""
@@ -337,7 +316,8 @@ def run(ctx: DemoContext) -> DemoResult:
                 ctx.progress("booting the QEMU guest (software emulation) with its agent", 0.03)
                 guest = _Guest(procs, net, net.vm_tap, out, key_path)
                 timings["boot"] = round(guest.wait_echo(tq.BOOT_TIMEOUT), 1)
-                hello = _wait_agent(net, key, guest, AGENT_TIMEOUT)
+                hello = tq.wait_for_agent(net.host_ns, f"{tl.VM_IP}:{AGENT_PORT}", key, story=guest.story,
+                                          alive=lambda: guest.proc.poll() is None, timeout=AGENT_TIMEOUT)
                 timings["guest_agent"] = round(time.monotonic() - t0, 1)
                 guest_if = (out / "guest-if").read_text().strip()
                 guest.find_threads()
@@ -357,8 +337,7 @@ def run(ctx: DemoContext) -> DemoResult:
                     ctx.progress("stopping the guest", 0.9)
                     guest.stop(procs)
     except (RuntimeError, TopologyError, OSError, subprocess.SubprocessError, ValueError) as e:
-        return DemoResult(NAME, verdict=f"The scenario could not run: {e}", files=files, ok=False,
-                          why=f"could not run: {e}", numbers={"params": {"topology_prefix": prefix}})
+        return tl.could_not_run(NAME, e, files, prefix)
     finally:
         procs.close()
     t = time.monotonic()
@@ -368,14 +347,7 @@ def run(ctx: DemoContext) -> DemoResult:
         (out / f"{r.label}.analysis.json").write_text(json.dumps(r.report, default=tl._plain, indent=1) + "\n")
         files.append(out / f"{r.label}.analysis.json")
     timings["analysis"] = round(time.monotonic() - t, 2)
-    numbers, verdict, ok, why = _judge(*runs, guest, n)
-    timings["total"] = round(time.monotonic() - t0, 2)
-    numbers["params"] = {"requests": n, "interval_s": tq.INTERVAL_S, "vcpu_cpu": shared, "other_cpu": other,
-                         "guest_kernel": hello.get("kernel"), "topology_prefix": prefix}
-    numbers["timings_s"] = timings
-    summary = out / "summary.json"
-    summary.write_text(json.dumps({"verdict": verdict, "ok": ok, "why": why, "numbers": numbers},
-                                  default=tl._plain, indent=1) + "\n")
-    files += [summary, out / "guest.log", out / "qemu.log"]
-    ctx.progress("done", 1.0)
-    return DemoResult(NAME, verdict=verdict, numbers=numbers, files=files, ok=ok, why=why)
+    return tl.finish(ctx, NAME, out, _judge(*runs, guest, n), t0=t0, timings=timings, files=files,
+                     extra_files=(out / "guest.log", out / "qemu.log"),
+                     params={"requests": n, "interval_s": tq.INTERVAL_S, "vcpu_cpu": shared, "other_cpu": other,
+                             "guest_kernel": hello.get("kernel"), "topology_prefix": prefix})
