@@ -35,6 +35,27 @@ def _serve(server, what: str) -> None:
             signal.signal(s, h)
 
 
+def writable_dir(path: Path, what: str) -> Path:
+    """`path` as a folder this process can write in, made if missing; else one UsageError
+    now, not a failure at the first chunk of a trace (the spool is written only once the
+    memory queue is full)."""
+    import os
+    import tempfile
+
+    from vnet.errors import UsageError
+
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()  # access() is not enough: read-only mounts, full disks
+    except OSError as e:
+        raise UsageError(f"{what} {path} is not a writable directory: {e.strerror or e}",
+                         hint=f"give another {what.split()[0]} folder" if os.geteuid() == 0 else
+                         "run as a user that can write there") from None
+    return path
+
+
 def _one_malloc_arena() -> None:
     """glibc gives every thread that allocates its own malloc arena, and an arena keeps
     the high water of what was once parsed in it (libbpf reads the kernel's BTF for every
@@ -59,6 +80,7 @@ def _run_agent(listen: str, key: Path, allow_remote: bool, spool: Path, host: Op
     from vnet.protocol.server import Server
 
     features.require_privileges(net_admin=True)
+    writable_dir(spool, "--spool")
     _one_malloc_arena()
     agent_obj = Agent(load_key(key), spool, host, queue_bytes=queue_mb << 20, spool_bytes=spool_mb << 20)
     try:
