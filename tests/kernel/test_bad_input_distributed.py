@@ -67,6 +67,8 @@ def _still_serving(r: Rig) -> None:
         finally:
             ch.close()
         assert hello["host"] == name and not hello["busy"], hello
+        # every refusal was a clean one: no request the agent did not foresee
+        assert not [ln for ln in r.agents[name].stderr if "Traceback" in ln], "\n".join(r.agents[name].stderr)
     assert r.collector.proc.poll() is None
     connect(f"unix:{r.col_sock}", load_key(r.key), "collector").close()
     assert_nothing_on(r.net.ns1, r.net.if1)

@@ -73,7 +73,7 @@ def _one_malloc_arena() -> None:
 
 def _run_agent(listen: str, key: Path, allow_remote: bool, spool: Path, host: Optional[str], queue_mb: int,
                spool_mb: int, verbose: int) -> None:
-    setup_logging(max(verbose, 1))
+    setup_logging(verbose, least=1)
     from vnet.agent.agent import Agent
     from vnet.probes import features
     from vnet.protocol import load_key
@@ -118,12 +118,11 @@ def agent_fast(argv: list[str]) -> int | None:
         return None  # typer says what is wrong, as it would have
     if args.queue_mb < 0 or args.spool_mb < 0:
         return None
-    from vnet.errors import VnetError
+    from .common import cli_errors
 
-    try:
-        _run_agent(args.listen, args.key, args.allow_remote, args.spool, args.host, args.queue_mb, args.spool_mb,
-                   args.verbose)
-    except VnetError as e:
-        print(f"vnet: error: {e}", file=sys.stderr)
-        return e.exit_code
+    try:  # the boundary typer's path has: one line and its code, a bug's traceback only with -v
+        cli_errors(_run_agent)(args.listen, args.key, args.allow_remote, args.spool, args.host, args.queue_mb,
+                               args.spool_mb, args.verbose)
+    except SystemExit as e:
+        return e.code
     return 0

@@ -59,7 +59,7 @@ def collect(
     verbose: int = typer.Option(0, "-v", "--verbose", count=True),
 ):
     """Receive raw event chunks from agents and write them to per-trace, per-host files."""
-    setup_logging(max(verbose, 1))
+    setup_logging(verbose, least=1)
     from vnet.collector.server import Collector
     from vnet.protocol import MAX_DATA_BYTES, load_key
     from vnet.protocol.server import Server
