@@ -12,6 +12,7 @@ that host's kernel cannot run, 11 authentication failed, 12 agent unreachable.""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -184,6 +185,26 @@ def test_a_good_spec_still_runs_after_the_bad_ones(rig):
     assert proc.returncode == 0, proc.stderr
     assert "vnet: error" not in proc.stderr and "Traceback" not in proc.stderr
     assert "vnet: stopped (duration)" in proc.stderr
+    _still_serving(rig)
+
+
+def test_an_agent_busy_with_another_trace(rig):
+    """One trace per agent: a second dispatcher is refused in one line (13) and the
+    first trace goes on, untouched."""
+    from kernel_support import VnetProcess
+
+    path = rig.tmp / "long.toml"
+    path.write_text(_spec(rig).replace("duration = 1", "duration = 30").replace('name = "bad"', 'name = "long"'))
+    with VnetProcess("dispatch", str(path), "-q") as first:
+        first.wait_stderr("b: tracing", timeout=60)
+        again = rig.tmp / "again.toml"
+        again.write_text(_spec(rig))
+        proc = run_cli("dispatch", str(again), timeout=90)
+        assert_one_error_line(proc, 13, "host a: the agent at unix:", "is already running a trace")
+        assert first.proc.poll() is None
+        first.signal(signal.SIGINT)
+        assert first.wait(timeout=60) == 0, first.stderr
+    assert "vnet: stopped (Ctrl-C)" in "\n".join(first.stderr)
     _still_serving(rig)
 
 
