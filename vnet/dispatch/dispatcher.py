@@ -199,7 +199,8 @@ class Dispatcher:
             table.add_column(col, justify="left" if col in ("host", "collector") else "right")
         for h in self.hosts:
             k, sh = h.status.get("kernel", {}), h.status.get("shipper", {})
-            state = "FAILED" if h.failed else ("connected" if sh.get("connected") else "unreachable (spooling)")
+            state = ("FAILED" if h.failed else "ended (interfaces gone)" if h.ended else
+                     "connected" if sh.get("connected") else "unreachable (spooling)")
             table.add_row(h.name, f"{h.rate:,.0f}", f"{h.last_read:,}", str(k.get("lost", 0)),
                           str(sh.get("queued", 0)), state)
         return table
