@@ -84,6 +84,9 @@ def dispatch(
 ):
     """Run a trace spec on every host it names: check, start together, show progress, stop, report losses."""
     setup_logging(verbose)
+    import logging
+
+    verbose = max(verbose, getattr(logging.getLogger("vnet"), "_vnet_verbose", 0))  # `vnet -v dispatch` too
     from vnet.dispatch import load
     from vnet.dispatch.dispatcher import Dispatcher, HostRun
     from vnet.protocol import load_key
@@ -93,9 +96,10 @@ def dispatch(
     hosts = [HostRun(h.name, h.agent, packages[h.name]) for h in spec.hosts]
     key_path = key or (Path(spec.collector.key) if spec.collector.key else DEFAULT_KEY)
     d = Dispatcher(hosts, load_key(key_path), strict=strict or spec.strict)
-    d.hold()  # said once every host traces; a run that fails before prints its error only
+    if not verbose:
+        d.hold()  # said once every host traces; a run that fails before prints its error only
     d.say(f"vnet: trace {spec.name}: {len(hosts)} hosts, collector {spec.collector.address}")
-    summary = d.run(spec.duration_s, spec.count, live=not quiet and sys.stderr.isatty())
+    summary = d.run(spec.duration_s, spec.count, live=not quiet and sys.stderr.isatty(), hold=not verbose)
     if json_out:
         import json
 

@@ -221,11 +221,13 @@ class Dispatcher:
             if h.channel is not None:
                 h.channel.close()
 
-    def run(self, duration: float | None, count: int | None, live: bool = True) -> dict:
-        """Connect, check, start, wait for the end (duration, count or Ctrl-C), stop. The summary."""
+    def run(self, duration: float | None, count: int | None, live: bool = True, hold: bool = True) -> dict:
+        """Connect, check, start, wait for the end (duration, count or Ctrl-C), stop. The summary.
+        `hold`: say nothing until every host traces (False: each step as it happens, for -v)."""
         previous = {s: signal.signal(s, lambda *_: self._stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self.hold()
+            if hold:
+                self.hold()
             self.connect_all()
             self.check_all()
             self.start_all()
