@@ -44,6 +44,7 @@ BATCH_EVENTS_MAX = 65536     # events per chunk at most (bounded chunk size)
 SHIP_MIN_BYTES = 1 << 20
 SHIP_DELAY_MS = 100
 FLUSH_TIMEOUT_S = 30.0
+VANISH_CHECK_S = 1.0   # how often the traced interfaces are looked for (as `vnet trace`)
 
 
 def _cpu_s() -> float:
@@ -108,6 +109,10 @@ class AgentTrace:
         self._error: BaseException | None = None
         self._stop_lock = threading.Lock()
         self._summary: dict | None = None
+        self._final: dict | None = None     # the last status, taken before the objects are closed
+        self.vanished: list[dict] = []      # traced interfaces that went away, each once
+        self.ended: str | None = None       # why the trace ended by itself (nothing left to trace)
+        self._next_check = time.monotonic() + VANISH_CHECK_S
         self._thread = threading.Thread(target=self._drain, name=f"drain {self.name}", daemon=True)
         self._thread.start()
 
@@ -121,6 +126,8 @@ class AgentTrace:
         try:
             shipped = time.monotonic()
             while not self._stop.is_set():
+                if time.monotonic() >= self._next_check and self._check_devices():
+                    break  # nothing left to trace: what is in the ring goes below, then stop
                 pending = self.reader.pending()
                 if not pending:
                     self.reader.wait(DRAIN_POLL_MS)  # the kernel's wakeup, or the timer
@@ -139,6 +146,27 @@ class AgentTrace:
             log.exception("drain failed")
             self._error = e
 
+    def _check_devices(self) -> bool:
+        """Once a second: a traced interface deleted (or its netns) took its hooks with it.
+        Recorded once, in the status and as a chunk in the trace file; True when nothing is
+        left (every hook was on a device that is gone): the trace then ends by itself."""
+        from vnet.collector.tracefile import vanished_fields
+
+        self._next_check = time.monotonic() + VANISH_CHECK_S
+        for label, why in self.trace.vanished():
+            v = vanished_fields(label, why)
+            self.vanished.append(v)
+            log.warning("trace %s: %s is gone (%s): its hooks stopped", self.name, label, why)
+            self.shipper.put("vanished", **v)
+        if not self.trace.all_hooks_gone:
+            return False
+        self.ended = (f"every traced interface is gone ({', '.join(v['iface'] for v in self.vanished)}): "
+                      "nothing left to trace")
+        log.warning("trace %s: %s", self.name, self.ended)
+        # stop() joins this thread: it runs in its own; the dispatcher's stop gets its summary
+        threading.Thread(target=self.stop, name=f"end {self.name}", daemon=True).start()
+        return True
+
     def _ship_available(self) -> None:
         while True:
             batch = self.reader.peek(max_records=BATCH_EVENTS_MAX)  # the chunk is packed from the ring itself
@@ -153,6 +181,9 @@ class AgentTrace:
             self.chunks += 1
 
     def status(self) -> dict:
+        final = self._final
+        if final is not None:  # stopped (or stopping): the objects are closed or about to be
+            return {**final, "running": False}
         s = self.trace.stats()
         sh = self.shipper.stats
         return {"trace": self.name, "running": not self._stop.is_set(), "seconds": time.monotonic() - self.started,
@@ -164,7 +195,8 @@ class AgentTrace:
                 "shipper": {"connected": sh.connected, "queued": sh.queued, "acked": sh.acked, "spooled": sh.spooled,
                             "dropped_events": sh.dropped_events, "reconnects": sh.reconnects,
                             "last_error": sh.last_error, "collector": self.shipper.address, "path": sh.path},
-                "error": str(self._error) if self._error else None}
+                "error": str(self._error) if self._error else None,
+                "vanished": list(self.vanished), "ended": self.ended}
 
     def stop(self) -> dict:
         """Detach, drain what is left, send the final counters, wait for the acks.
@@ -181,13 +213,15 @@ class AgentTrace:
         self._stop.set()
         self._thread.join(timeout=10)
         final = self.status()
+        self._final = final
         k = final["kernel"]
         losses = {"kernel_ring_full": k["lost"], "agent_unread": max(0, k["emitted"] - self.events),
                   "agent_spool_full": self.shipper.stats.dropped_events}
         from vnet.collector.tracefile import stats_fields
 
         self.shipper.put("stats", **stats_fields(self.trace))
-        self.shipper.put("end", kernel=k, events=self.events, chunks=self.chunks, losses=losses)
+        self.shipper.put("end", kernel=k, events=self.events, chunks=self.chunks, losses=losses,
+                         vanished=self.vanished, ended=self.ended)
         self.trace.close()  # detached: nothing of ours stays in the kernel
         delivered = self.shipper.flush(FLUSH_TIMEOUT_S)
         self.shipper.close()

@@ -630,3 +630,18 @@ def _kernel_drop_reasons() -> list[list]:
     except Exception:  # noqa: BLE001 - no kernel BTF or no such enum: reasons stay numbers
         return []
     return [[v, k.removeprefix("SKB_DROP_REASON_")] for k, v in names.items()]
+
+
+def vanished_fields(label: str, why: str) -> dict:
+    """A "vanished" chunk's fields: a traced interface (or its netns) went away mid-trace,
+    and its hooks with it; `at_ns` is UTC, `mono_ns` the host's clock of the events."""
+    return {"iface": label, "why": why, "at_ns": time.time_ns(), "mono_ns": time.monotonic_ns()}
+
+
+def describe_vanished(v: dict, host: str | None = None) -> str:
+    """"host h1: iface ns1/eth0 vanished at 12:00:01.234 UTC (deleted): its hooks stopped"."""
+    at = v.get("at_ns")
+    when = (time.strftime("%H:%M:%S", time.gmtime(at / 1e9)) + f".{at // 1_000_000 % 1000:03d} UTC"
+            if isinstance(at, int) else "an unknown time")
+    who = f"host {host}: " if host else ""
+    return f"{who}iface {v.get('iface')} vanished at {when} ({v.get('why')}): its hooks stopped"

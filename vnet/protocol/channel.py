@@ -53,6 +53,7 @@ TAG_BYTES = 32
 NONCE_BYTES = 32
 KEY_BYTES = 32
 DEFAULT_TIMEOUT = 30.0
+KEY_HINT = "every host needs the same key file: copy the one 'vnet agent init' wrote"
 _LENGTHS = struct.Struct(">II")  # L, H of a session frame
 _SEQ = struct.Struct(">Q")
 REUSE_BYTES = 1 << 16            # frames this large are read into the channel's buffer, reused
@@ -68,6 +69,18 @@ class AuthError(ProtocolError):
     """Wrong or missing key (or a peer that is not vnet)."""
 
     exit_code = 11
+
+
+class RemoteError(ProtocolError):
+    """The peer refused a request with an error message: its text and exit code carried
+    over (a dispatcher exits as the agent would have: 4 for an interface not there)."""
+
+    def __init__(self, message: str, exit_code=None, *, peer: str = ""):
+        super().__init__(message)
+        self.peer = peer
+        # an authenticated peer's number, still bounded to what an exit status can be
+        if isinstance(exit_code, int) and not isinstance(exit_code, bool) and 1 <= exit_code <= 125:
+            self.exit_code = exit_code
 
 
 class PeerUnreachableError(VnetError):
@@ -284,7 +297,9 @@ class Channel:
         with self._recv_lock:
             msg = self._recv_message(limit or self.limit)
         if msg["type"] == "error" and (expect is None or "error" not in expect):
-            raise ProtocolError(f"{self.peer}: {msg.get('message', 'error')}")
+            text = msg.get("message")
+            raise RemoteError(text if isinstance(text, str) and text else f"{self.peer}: error",
+                              msg.get("exit_code"), peer=self.peer)
         if expect is not None and msg["type"] not in expect:
             raise ProtocolError(f"unexpected {msg['type']!r} from {self.peer} (expected {', '.join(expect)})")
         return msg
@@ -325,6 +340,8 @@ def accept(sock: socket.socket, peer: str, key: bytes, role: str, limit: int = M
     if not isinstance(nc, bytes) or len(nc) != NONCE_BYTES or not isinstance(mac, bytes):
         raise ProtocolError(f"malformed auth message from {peer}")
     if not hmac.compare_digest(mac, _mac(key, b"vnet-client", ns, nc)):
+        # said, not only dropped: the client can tell a wrong key from a server that went away
+        ch.send({"type": "error", "message": "authentication failed (wrong key)", "auth": True})
         raise AuthError(f"{peer} failed authentication (wrong key)")
     ch.send({"type": "welcome", "mac": _mac(key, b"vnet-server", nc, ns)})
     ch._start_session(key, ns, nc, server=True)
@@ -357,15 +374,18 @@ def connect(address: str, key: bytes, role: str, limit: int = MAX_CONTROL_BYTES,
         nc = secrets.token_bytes(NONCE_BYTES)
         ch.send({"type": "auth", "v": PROTOCOL_VERSION, "nonce": nc, "mac": _mac(key, b"vnet-client", ns, nc)})
         reply = ch.recv(("welcome", "error"), limit=HANDSHAKE_BYTES)
+        if reply["type"] == "error" and reply.get("auth") is True:
+            raise AuthError(f"the {role} at {address} refused our key (authentication failed)", hint=KEY_HINT)
         if reply["type"] == "error":
             raise ProtocolError(f"{address}: {reply.get('message')}")
         if not hmac.compare_digest(reply.get("mac") or b"", _mac(key, b"vnet-server", nc, ns)):
-            raise AuthError(f"{address} could not prove it has the key")
+            raise AuthError(f"the {role} at {address} could not prove it has the key", hint=KEY_HINT)
         ch._start_session(key, ns, nc, server=False)
         return ch
     except (ConnectionError, OSError) as e:
         ch.close()
-        raise AuthError(f"{address} closed the connection during authentication (wrong key?): {e}") from None
+        raise AuthError(f"the {role} at {address} closed the connection during authentication (wrong key?)",
+                        hint=KEY_HINT) from None
     except BaseException:
         ch.close()
         raise
