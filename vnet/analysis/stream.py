@@ -296,7 +296,6 @@ class StreamJoin:
         self.slack_ns = min(slack_ns, gap_ns)
         self.readers = [HostReader(host, files[0].header, flow) for host, files in work.items()]
         self.feeds: list[_Feed] = []
-        multi = len(self.readers) > 1
         if clocks is None:
             clocks = []
             for r, files in zip(self.readers, work.values()):

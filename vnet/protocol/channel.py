@@ -382,7 +382,7 @@ def connect(address: str, key: bytes, role: str, limit: int = MAX_CONTROL_BYTES,
             raise AuthError(f"the {role} at {address} could not prove it has the key", hint=KEY_HINT)
         ch._start_session(key, ns, nc, server=False)
         return ch
-    except (ConnectionError, OSError) as e:
+    except (ConnectionError, OSError):
         ch.close()
         raise AuthError(f"the {role} at {address} closed the connection during authentication (wrong key?)",
                         hint=KEY_HINT) from None
