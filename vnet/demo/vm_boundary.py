@@ -301,6 +301,10 @@ def _judge(alone: tl._Run, hog: tl._Run, guest: _Guest, n: int) -> tuple[dict, s
              f"{clock.get('drift_ppm')} ppm, ±{us(clock.get('error_ns'))}. Hypervisor segments (with the hog): "
              + "; ".join(f"{s['from']} -> {s['to']} p50 {us(s['p50_ns'])} p99 {us(s['p99_ns'])}"
                          for s in bh["hypervisor_segments"][:4])
+             + ". Inside the guest, socket to driver (with the hog): "
+             + "; ".join(f"{s['from'].removeprefix('[guest] ')} -> {s['to'].removeprefix('[guest] ')} p50 "
+                         f"{us(s['p50_ns'])}" for s in bh["main_segments"]
+                         if _is_guest(s["from"]) and _is_guest(s["to"]))
              + f". Round trip alone p99 {us(ra['p99_ns'])}, with {tl.HOG_COMM} on the vCPU's CPU p99 "
                f"{us(rh['p99_ns'])} (x{ratios['p99']}); the tail's largest segment: {bh['tail_largest_segment']}.")
     if sched.get("slow_packets"):

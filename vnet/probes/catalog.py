@@ -100,10 +100,11 @@ CATALOG: tuple[ProbeSpec, ...] = (
               _function("__udp_enqueue_schedule_skb", 2)),
     ProbeSpec("sock:udp_read", SOCKET, "packet", "the application takes a UDP datagram off its socket "
               "(recvmsg), in its task", _function("skb_consume_udp", 2), task=True),
-    # Freed after use, not dropped. Also a driver freeing a sent packet (virtio-net's transmit
-    # completion, after the packet left): no delivery point for sent packets. A tap read (tun_do_read: the VM process takes the frame) and,
+    # Freed after use, not dropped. A tap read (tun_do_read: the VM process takes the frame) and,
     # before 6.18, a UDP read (skb_consume_udp) fire it in the reading task; since 6.18 UDP frees
     # through skb_attempt_defer_free, so it fires later, on the CPU that allocated the packet.
+    # A driver freeing a sent packet fires it too (virtio-net's transmit completion), after the
+    # packet left: on a sending host it is no delivery point (sock:udp_read is).
     ProbeSpec("sock:consume_skb", SOCKET, "packet",
               "packet consumed after use: a VM process read it from its tap (in that task)",
               _tracepoint("skb:consume_skb"), task=True),
