@@ -278,6 +278,9 @@ def _judge(alone: tl._Run, hog: tl._Run, guest: _Guest, n: int) -> tuple[dict, s
                             f"{', '.join(b['negative_beyond_bound'])}")
         if not b["hypervisor_segments"]:
             problems.append(f"{label}: no segment between a host hop and a guest hop")
+        seen = {h.removeprefix("[guest] ").split(" ")[0] for h in b["main_path"] or [] if _is_guest(h)}
+        if not {GUEST_SEND, GUEST_DELIVERY} <= seen:
+            problems.append(f"{label}: the main path lacks the guest's socket hops ({GUEST_DELIVERY}, {GUEST_SEND})")
     tail_ratio = max((r for r in (ratios["p99"], ratios["p999"]) if r is not None), default=None)
     if tail_ratio is None or tail_ratio < tq.MIN_TAIL_RATIO:
         problems.append(f"the hog did not add a clear tail (p99 x{ratios['p99']}, p99.9 x{ratios['p999']})")
