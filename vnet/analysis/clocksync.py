@@ -145,11 +145,11 @@ def from_pings(samples: list[dict]) -> ClockMap:
 # outgoing one and its first on the host it reaches an incoming one: that says which
 # way it crossed even when the clocks' bound is wider than the crossing.
 OUTGOING = {"net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit", "sock:udp_sendmsg",
-            "sock:tcp_sendmsg", "ovs:vport_send", "bridge:forward", "veth:xmit", "tun:net_xmit",
-            "vhost:handle_rx", "xen:start_xmit", "xen:rx_action", "virtio:start_xmit"}
+            "sock:tcp_sendmsg", "ip:output", "ip:output6", "ovs:vport_send", "bridge:forward", "veth:xmit",
+            "tun:net_xmit", "vhost:handle_rx", "xen:start_xmit", "xen:rx_action", "virtio:start_xmit"}
 INCOMING = {"net:netif_rx", "net:napi_gro_receive_entry", "net:netif_receive_skb", "sock:udp_recvmsg",
-            "sock:tcp_recvmsg", "sock:datagram_copy", "ovs:vport_receive", "bridge:handle_frame", "tun:get_user",
-            "vhost:handle_tx", "xen:tx_action"}
+            "sock:tcp_recvmsg", "sock:datagram_copy", "sock:udp_enqueue", "sock:udp_read", "ovs:vport_receive",
+            "bridge:handle_frame", "tun:get_user", "vhost:handle_tx", "xen:tx_action"}
 
 
 def hop_role(name: str) -> int:

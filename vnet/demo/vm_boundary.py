@@ -11,15 +11,20 @@ one `vnet collect` receives both::
     vm3 (netns): the hog              CPU B: QEMU's vCPU thread and, in the second run, the hog
 
 Host: TC on the client's veth, its bridge port and the guest's tap (both ways), and
-the run-queue waits of QEMU's threads. Guest: TC on its virtio NIC,
-`net:napi_gro_receive_entry` (where virtio-net hands a frame to the stack) and
-`virtio:start_xmit` (a kprobe or fentry in the guest). The spec says the guest runs
+the run-queue waits of QEMU's threads. Guest (fentry, else kprobe, where a function):
+the request from `net:napi_gro_receive_entry` (where virtio-net hands a frame to the
+stack) and TC on its virtio NIC to the socket, `sock:udp_enqueue` (queued on the echo
+server's socket) and `sock:udp_read` (the server takes it); the reply from `ip:output`
+(its first point with whole headers, in the server's task) and TC to
+`virtio:start_xmit`. The spec says the guest runs
 on the host (`hypervisor = "hv"`), so QEMU's run-queue waits are joined with the
 guest's segments too.
 `vnet analyze --round-trip` then joins each request and its reply by pkt_id across
 the two kernels, after putting the guest's clock on the collector's (the pings,
 refined by the packets themselves: analysis.clocksync), so the hypervisor's own
-segments appear: host tap -> guest virtio receive, guest virtio transmit -> host tap.
+segments appear: host tap -> guest virtio receive, guest virtio transmit -> host tap,
+with the guest's own between them: receive -> socket -> read, and the server's turnaround
+(read -> send) -> transmit.
 With the hog on the vCPU thread's CPU the added tail must land in the segment where
 the guest waits for its vCPU, explained by that thread's run-queue waits.
 
@@ -48,7 +53,13 @@ AGENT_PORT, COLLECTOR_PORT = 7878, 7879
 REQUESTS = {True: 1200, False: 3000}
 AGENT_TIMEOUT = 300.0             # the guest's agent answering a hello
 MIN_COMPLETE = 0.95               # round trips whose path crosses into the guest and back
-GUEST_PROBES = ("net:napi_gro_receive_entry", "virtio:start_xmit")   # + TC on its NIC: 4 events a round trip
+# + TC on its NIC: 7 events a round trip. The reply from its socket (ip:output: its first point
+# with whole headers, in the echo server's task) to the driver; the request from the driver to
+# the socket's queue and the server's read. Not skb:consume_skb: virtio-net frees sent packets
+# with it too, after they left, so the reply's path would end in the guest after the host saw it,
+# which the clock's refinement (a packet's events on one host before the next's) cannot take.
+GUEST_SEND, GUEST_DELIVERY = "ip:output", "sock:udp_read"
+GUEST_PROBES = (GUEST_SEND, "virtio:start_xmit", "net:napi_gro_receive_entry", "sock:udp_enqueue", GUEST_DELIVERY)
 GUEST_SETTLE_S = 3.0              # the guest's agent loads its programs under emulation: let it finish
 
 _GUEST = r'''
@@ -201,6 +212,8 @@ def _boundary(report: dict, sent: int) -> dict:
     segs = [s for s in report.get("segments") or [] if _is_guest(s["from"]) != _is_guest(s["to"])]
     guest = next((h for h in report.get("hosts") or [] if h["host"] == "guest"), {})
     main = paths[0] if paths else None
+    stats = {(s["from"], s["to"]): s for s in report.get("segments") or []}
+    along = list(zip(main["hops"], main["hops"][1:])) if main else []
     return {
         "round_trips_crossing": sum(p["count"] for p in crossing),
         "complete_share": sum(p["count"] for p in crossing) / sent if sent else 0.0,
@@ -210,6 +223,9 @@ def _boundary(report: dict, sent: int) -> dict:
                                   if s["min_ns"] < -(s["clock_error_ns"] or 0)],
         "guest_clock": guest.get("clock"),
         "main_path": main["hops"] if main else None,
+        # every segment of the main path, the guest's own (socket <-> driver) among them
+        "main_segments": [{"from": a, "to": b, **{k: stats[a, b][k] for k in ("count", "p50_ns", "p99_ns")}}
+                          for a, b in along if (a, b) in stats],
         "main_e2e": {k: main["e2e"][k] for k in ("p50_ns", "p99_ns", "p999_ns")} if main else None,
         "tail_largest_segment": (f"{main['tail']['segments'][main['tail']['largest']]['from']} -> "
                                  f"{main['tail']['segments'][main['tail']['largest']]['to']}") if main else None,
@@ -241,6 +257,9 @@ def _judge(alone: tl._Run, hog: tl._Run, guest: _Guest, n: int) -> tuple[dict, s
                             f"{', '.join(b['negative_beyond_bound'])}")
         if not b["hypervisor_segments"]:
             problems.append(f"{label}: no segment between a host hop and a guest hop")
+        seen = {h.removeprefix("[guest] ").split(" ")[0] for h in b["main_path"] or [] if _is_guest(h)}
+        if not {GUEST_SEND, GUEST_DELIVERY} <= seen:
+            problems.append(f"{label}: the main path lacks the guest's socket hops ({GUEST_DELIVERY}, {GUEST_SEND})")
     tail_ratio = max((r for r in (ratios["p99"], ratios["p999"]) if r is not None), default=None)
     if tail_ratio is None or tail_ratio < tq.MIN_TAIL_RATIO:
         problems.append(f"the hog did not add a clear tail (p99 x{ratios['p99']}, p99.9 x{ratios['p999']})")
@@ -264,6 +283,10 @@ def _judge(alone: tl._Run, hog: tl._Run, guest: _Guest, n: int) -> tuple[dict, s
              f"{clock.get('drift_ppm')} ppm, ±{us(clock.get('error_ns'))}. Hypervisor segments (with the hog): "
              + "; ".join(f"{s['from']} -> {s['to']} p50 {us(s['p50_ns'])} p99 {us(s['p99_ns'])}"
                          for s in bh["hypervisor_segments"][:4])
+             + ". Inside the guest, socket to driver (with the hog): "
+             + "; ".join(f"{s['from'].removeprefix('[guest] ')} -> {s['to'].removeprefix('[guest] ')} p50 "
+                         f"{us(s['p50_ns'])}" for s in bh["main_segments"]
+                         if _is_guest(s["from"]) and _is_guest(s["to"]))
              + f". Round trip alone p99 {us(ra['p99_ns'])}, with {tl.HOG_COMM} on the vCPU's CPU p99 "
                f"{us(rh['p99_ns'])} (x{ratios['p99']}); the tail's largest segment: {bh['tail_largest_segment']}.")
     if sched.get("slow_packets"):
