@@ -56,8 +56,8 @@ MIN_COMPLETE = 0.95               # round trips whose path crosses into the gues
 # + TC on its NIC: 7 events a round trip. The reply from its socket (ip:output: its first point
 # with whole headers, in the echo server's task) to the driver; the request from the driver to
 # the socket's queue and the server's read. Not skb:consume_skb: virtio-net frees sent packets
-# with it too, after they left, so the reply's path would end in the guest after the host saw it,
-# which the clock's refinement (a packet's events on one host before the next's) cannot take.
+# with it too, after they left (the clock's refinement skips it: clocksync.AFTERWARDS), so it
+# would be no delivery point and one more event per reply.
 GUEST_SEND, GUEST_DELIVERY = "ip:output", "sock:udp_read"
 GUEST_PROBES = (GUEST_SEND, "virtio:start_xmit", "net:napi_gro_receive_entry", "sock:udp_enqueue", GUEST_DELIVERY)
 GUEST_SETTLE_S = 3.0              # the guest's agent loads its programs under emulation: let it finish
