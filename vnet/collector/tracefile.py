@@ -201,6 +201,8 @@ class TraceFileWriter:
         self._fd: int | None = None
         self._size = 0
         self._header_size = 0
+        self._headed = False
+        self._rotating = False   # between closing a full file and having its successor's header
         self._open_next()
 
     def __enter__(self) -> "TraceFileWriter":
@@ -214,16 +216,31 @@ class TraceFileWriter:
         return self._fd is None
 
     def _open_next(self) -> None:
-        self.part += 1
-        path = self.path if self.part == 0 else self.path.with_name(f"{self.path.name}.{self.part}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if self.part == 0 else os.O_TRUNC)
+        part = self.part + 1
+        path = self.path if part == 0 else self.path.with_name(f"{self.path.name}.{part}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if part == 0 else os.O_TRUNC)
         self._fd = os.open(path, flags, 0o644)
+        self.part = part
         self.paths.append(path)
         self._size = 0
+        self._headed = False
         _fsync_dir(path.parent)  # the new name survives a power loss, not only its data
-        self._write_all(PREAMBLE.pack(MAGIC, FORMAT_VERSION))
-        self._write_all(self._frame({"kind": "header", "seq": self.last_seq, "format": FORMAT_VERSION,
-                                     "part": self.part, **self.header}))
+        try:
+            self._write_head()
+        except OSError:
+            if part == 0:  # no trace file rather than an empty one (the caller may try again)
+                os.close(self._fd)
+                self._fd, self.part = None, -1
+                self.paths.pop()
+                path.unlink(missing_ok=True)
+            raise
+
+    def _write_head(self) -> None:
+        """Preamble and header, whole or not at all (a full disk: write() tries again first)."""
+        self._write_all([PREAMBLE.pack(MAGIC, FORMAT_VERSION),
+                         *self._frame({"kind": "header", "seq": self.last_seq, "format": FORMAT_VERSION,
+                                       "part": self.part, **self.header})])
+        self._headed = True
         self._header_size = self._size
 
     @staticmethod
@@ -258,16 +275,24 @@ class TraceFileWriter:
 
     def write(self, kind: str, **fields) -> None:
         """One chunk; `seq` among the fields numbers it, else it gets the last number written."""
-        if self._fd is None:
+        if self._fd is None and not self._rotating:
             raise ValueError("write to a closed trace file")
         seq = fields.pop("seq", None)
         if seq is None:
             seq = self.last_seq
         frame = self._frame({"kind": kind, "seq": seq, **fields})
+        # a full disk may have stopped the last rotation before its file or its header
+        if self._rotating and self._fd is None:
+            self._open_next()
+        elif not self._headed:
+            self._write_head()
+        self._rotating = False
         if (self.rotate_bytes is not None and self._size + sum(memoryview(p).nbytes for p in frame) > self.rotate_bytes
                 and self._size > self._header_size):
             self._finish_file()
+            self._rotating = True
             self._open_next()
+            self._rotating = False
         self._write_all(frame)  # one writev: a crash leaves this chunk whole or torn, never the earlier ones
         self.last_seq = seq
 
