@@ -152,7 +152,7 @@ class AgentTrace:
                 if batch.nbytes:
                     continue  # it stopped at the ring's end: more may follow from its start
                 return
-            self.shipper.put("events", events=batch.count, count=batch.count, records=batch.data)
+            self.shipper.put("events", count=batch.count, records=batch.data)
             self.reader.consume(batch)
             self.events += batch.count
             self.chunks += 1

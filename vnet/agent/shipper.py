@@ -159,10 +159,12 @@ class Shipper:
             return not self._queue and self.interrupted is None
 
     # -- producer side ------------------------------------------------------------------------------
-    def put(self, kind: str, events: int = 0, records=None, **fields) -> int:
+    def put(self, kind: str, records=None, **fields) -> int:
         """Queue a chunk; returns its sequence number. `records` (an events chunk's ring
         batch, any buffer) is copied once, here, and shipped raw beside the chunk's head:
-        the collector writes it to the trace file as the chunk's last field, "records"."""
+        the collector writes it to the trace file as the chunk's last field, "records".
+        An events chunk's "count" is what it costs if it is lost."""
+        events = int(fields.get("count", 0)) if kind == "events" else 0
         with self._cond:
             seq = self._next_seq
             self._next_seq += 1
