@@ -206,3 +206,204 @@ def test_line_to_the_collector_cut_for_30_s_loses_nothing(two_links):
     assert len({e["pkt_id"] for e in mine}) == len(mine)  # nothing written twice
     end = [c for c in chunks if c["kind"] == "end"]
     assert len(end) == 1 and end[0]["events"] == len(events)
+
+
+# -- 2. the collector's disk full ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str = "8m"):
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True, timeout=10)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, timeout=10)
+
+
+def _fill(directory: Path) -> Path:
+    """Write a file into `directory` until the file system says it is full."""
+    filler = directory / "filler"
+    block = b"\0" * 4096
+    with open(filler, "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(block)
+    return filler
+
+
+@pytest.fixture
+def one_host(tmp_path):
+    key = new_key(tmp_path / "key")
+    with veth_pair(94) as net, _tmpfs(tmp_path / "out") as out:
+        col = _collector(f"unix:{tmp_path}/col.sock", key, out)
+        agent = _agent(net.ns1, tmp_path / "a.sock", key, tmp_path / "spool", "h1")
+        try:
+            yield net, key, col, agent, out, tmp_path
+        finally:
+            agent.close()
+            col.close()
+
+
+def _fill_and_wait_refused(out: Path, sock: Path, key: Path) -> tuple[Path, dict]:
+    filler = _fill(out)
+    full = wait_until(lambda: (s := _agent_status(sock, key)["shipper"])["collector_full"] and s, timeout=20,
+                      interval=0.2)
+    assert full, "the agent was not told that the collector cannot write"
+    assert "No space left" in full["collector_full"], full
+    return filler, full
+
+
+def _assert_readable(out: Path, trace: str) -> None:
+    """Every file reads to its end: the chunk that did not fit was cut off, not left torn."""
+    for path in _files(out, trace):
+        r = TraceFileReader(path)
+        for _ in r.chunks():
+            pass
+        assert not r.truncated, r.problem
+
+
+def test_collector_disk_full_then_freed_loses_nothing(one_host):
+    """The collector's file system fills mid-trace: it does not acknowledge what it cannot
+    write, says why, keeps its files readable and neither crashes nor spins; the agent keeps
+    the chunks (queue, then spool) and sends them again with a bounded back-off; once space
+    is freed everything arrives, each chunk once, and the collector's summary says how long
+    writing failed."""
+    net, key, col, agent, out, tmp = one_host
+    d = _dispatch(_spec(tmp / "spec.toml", net, tmp / "a.sock", f"unix:{tmp}/col.sock", key, "full"))
+    try:
+        with udp_stream(net.ns1, net.ip2, PORT, interval=0.01) as sent:
+            assert wait_until(lambda: _agent_status(tmp / "a.sock", key)["shipper"]["acked"] >= 1, 15)
+            filler, full = _fill_and_wait_refused(out, tmp / "a.sock", key)
+            time.sleep(6)
+            held = _agent_status(tmp / "a.sock", key)["shipper"]
+            assert col.proc.poll() is None, "\n".join(col.stderr)
+            _assert_readable(out, "full")
+            assert held["queued"] > full["queued"] > 0 and held["queued_events"] > 0  # kept, not lost
+            assert held["full_refusals"] <= 12, held  # retried with a back-off, not in a loop
+            filler.unlink()
+            back = wait_until(lambda: not (s := _agent_status(tmp / "a.sock", key)["shipper"])["collector_full"]
+                              and s["queued"] == 0 and s, timeout=20, interval=0.2)
+            assert back, "the agent did not deliver what it kept once space was back"
+            time.sleep(0.5)
+        summary = _stop_dispatch(d)
+    finally:
+        d.close()
+    col.signal(signal.SIGTERM)
+    col.wait(timeout=20)
+    line = next(ln for ln in col.stderr if "vnet: collector: full/h1:" in ln)
+    assert "could not write for" in line and "chunks refused and kept by the agent" in line, line
+    assert "STILL FAILING" not in line
+    h1 = summary["hosts"]["h1"]
+    assert summary["losses"] == {"kernel_ring_full": 0, "agent_unread": 0, "agent_spool_full": 0,
+                                 "undelivered_chunks": 0, "undelivered_events": 0}, summary["losses"]
+    assert h1["delivered"] and h1["shipper"]["full_refusals"] >= 1
+    events, chunks, readers = _read(out, "full")
+    _assert_continuous(chunks)
+    mine = _ours(events)
+    assert len(mine) == sent[0] == h1["read"] == h1["kernel"]["emitted"], (len(mine), sent[0])
+    assert len({e["pkt_id"] for e in mine}) == len(mine)
+
+
+def test_collector_disk_still_full_at_stop_counts_exactly_and_delivers_later(one_host):
+    """Still full when the trace stops: the summary counts exactly the events not at the
+    collector (stage undelivered_events, with the reason); the agent keeps them in its spool
+    and goes on sending in the background, so once space is freed they arrive after all."""
+    net, key, col, agent, out, tmp = one_host
+    d = _dispatch(_spec(tmp / "spec.toml", net, tmp / "a.sock", f"unix:{tmp}/col.sock", key, "stillfull"))
+    try:
+        with udp_stream(net.ns1, net.ip2, PORT, interval=0.01) as sent:
+            assert wait_until(lambda: _agent_status(tmp / "a.sock", key)["shipper"]["acked"] >= 1, 15)
+            filler, _ = _fill_and_wait_refused(out, tmp / "a.sock", key)
+            time.sleep(2)
+        summary = _stop_dispatch(d)
+    finally:
+        d.close()
+    h1 = summary["hosts"]["h1"]
+    assert not h1["delivered"] and "No space left" in h1["shipper"]["collector_full"]
+    written = len(_ours(_read(out, "stillfull")[0]))
+    assert h1["undelivered_events"] > 0 and written + h1["undelivered_events"] == h1["read"] == sent[0]
+    assert summary["losses"]["undelivered_events"] == h1["undelivered_events"]
+    assert any("NOT all chunks acknowledged" in ln and "No space left" in ln for ln in d.stderr), d.stderr
+    kept = Path(h1["kept_in"])
+    assert len(list(kept.glob("chunk-*"))) == h1["undelivered_chunks"]
+    filler.unlink()
+    assert wait_until(lambda: _agent_status(tmp / "a.sock", key)["background"] == [], timeout=30, interval=0.3)
+    assert not kept.exists()  # delivered: the spool folder is gone
+    events, chunks, _ = _read(out, "stillfull")
+    _assert_continuous(chunks)
+    assert len(_ours(events)) == sent[0]
+    assert [c for c in chunks if c["kind"] == "end"]
+
+
+# -- 3. the agent killed with SIGKILL and restarted ----------------------------------------------------------
+
+def test_agent_sigkilled_and_restarted_resends_its_spool_and_the_interruption_is_recorded(tmp_path):
+    """kill -9 while the collector is away, so that the agent's chunks sit in its disk spool
+    (--queue-mb 0): nothing of vnet stays attached; the dispatcher reports the host lost.
+    The restarted agent (same spool) resends what was spooled once the collector is back,
+    and the collector records that the stream was interrupted; `vnet analyze` says so.
+    The events the dead agent had read are all there (the traffic had stopped and been
+    spooled before the kill); then the restarted agent traces the same spec again, into a
+    new segment (a new run), nothing lost."""
+    key = new_key(tmp_path / "key")
+    sock, csock, out, spool = tmp_path / "a.sock", f"unix:{tmp_path}/col.sock", tmp_path / "out", tmp_path / "spool"
+    with veth_pair(95) as net:
+        before = vnet_snapshot()
+        col = _collector(csock, key, out)
+        agent = _agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "0")
+        d = None
+        try:
+            spec = _spec(tmp_path / "spec.toml", net, sock, csock, key, "killed")
+            d = _dispatch(spec)
+            with udp_stream(net.ns1, net.ip2, PORT, interval=0.01) as sent:
+                assert wait_until(lambda: _agent_status(sock, key)["shipper"]["acked"] >= 1, 15)
+                col.signal(signal.SIGKILL)  # the collector away: chunks go to the agent's spool
+                col.wait(timeout=10)
+                time.sleep(1)
+            read = wait_until(lambda: (s := _agent_status(sock, key))["read"] == s["kernel"]["emitted"]
+                              == sent[0] and s, timeout=10)
+            assert read, "the agent did not read every event before the kill"
+            spooled = read["shipper"]["queued"]
+            assert spooled > 0 and len(list(spool.rglob("chunk-*"))) == spooled
+            agent.signal(signal.SIGKILL)
+            assert agent.wait(timeout=10) == -signal.SIGKILL
+            assert d.wait(timeout=30) == 13 and any("h1: agent lost" in ln for ln in d.stderr), d.stderr
+            left = new_orphans(before)
+            assert not left.progs and not left.links, f"programs or links outlived the killed agent: {left}"
+            assert tc_filters(net.ns1, net.if1, "ingress") == [] and tc_filters(net.ns1, net.if1, "egress") == []
+
+            agent = _agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "0")
+            assert any("resending what a previous agent left" in ln for ln in agent.stderr) or \
+                agent.wait_stderr("resending what a previous agent left", timeout=10)
+            col = _collector(csock, key, out)
+            assert wait_until(lambda: _agent_status(sock, key)["background"] == [], timeout=30, interval=0.3)
+            assert not list(spool.rglob("chunk-*")) and not list(spool.rglob("open"))
+
+            events, chunks, _ = _read(out, "killed")
+            assert len(_ours(events)) == sent[0]  # the spooled chunks were resent: nothing missing
+            assert len({e["pkt_id"] for e in _ours(events)}) == sent[0]
+            assert [c["kind"] for c in chunks if c["kind"] in ("interrupted", "end", "gap")] == ["interrupted"]
+            first_run = sent[0]
+
+            d = _dispatch(spec)  # the same spec again: a new run, its own segment
+            with udp_stream(net.ns1, net.ip2, PORT, interval=0.01) as sent:
+                time.sleep(2)
+            summary = _stop_dispatch(d)
+        finally:
+            if d is not None:
+                d.close()
+            agent.close()
+            col.close()
+        assert summary["losses"]["undelivered_events"] == 0 and summary["hosts"]["h1"]["read"] == sent[0]
+        files = _files(out, "killed")
+        runs = {TraceFileReader(p).header["run"] for p in files}
+        assert len(files) >= 3 and len(runs) == 2, files  # run 1 (two collector segments), run 2
+        events = _read(out, "killed")[0]
+        assert len(_ours(events)) == first_run + sent[0]
+
+        an = subprocess.run([sys.executable, "-m", "vnet", "analyze", *map(str, files)], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+        assert an.returncode == 0, an.stderr
+        text = an.stdout + an.stderr
+        assert "the agent died mid-trace" in text and "killed or crashed" in text, text
+        assert_nothing_on(net.ns1, net.if1)

@@ -19,7 +19,9 @@ Kinds (readers skip kinds they do not know; new fields may appear in any):
             "filtered"}, "mono_ns" when read (stats_fields())
     clock   a later estimate of the agent's clock against the collector's
     gap     "first".."last": sequence numbers that never arrived
-    end     final summary, losses per stage
+    end     final summary: "events" read, "chunks", "kernel" counters, "losses" per stage
+    interrupted  written by the collector when a restarted agent has resent what its
+            dead predecessor spooled: "reason", "after" (the last chunk there is)
 
 seq is the number the agent gave the chunk; chunks the writer is given none
 for (the header, the collector's gap and clock) carry the last one written:
@@ -508,6 +510,42 @@ class TraceFileReader:
             self.bad_chunks = len(bad)
             why = f"{len(bad)} events chunk(s) could not be decoded to the end ({bad[0]})"
             self.problem = f"{self.problem}; {why}" if self.problem else f"{self.path}: {why}"
+
+
+def stream_accounting(files: list[TraceFileReader]) -> list[str]:
+    """What a host's files say was lost on the way, one line per finding: chunks that never
+    reached the collector (gap), losses per stage the agent counted (end), an agent that died
+    mid-trace (interrupted), or a stream without its end (still running, or cut off). Files
+    of one run (header "run"; rotations and segments) are taken together; cheap: only these
+    small chunks are read (scan)."""
+    runs: dict = {}
+    for f in files:
+        if f.header is not None:
+            runs.setdefault(f.header.get("run"), []).append(f)
+    out = []
+    for run, group in runs.items():
+        name = f"run {run}" if run else str(group[0].path)
+        ended, interrupted = False, False
+        for f in group:
+            for c in f.scan(("gap", "end", "interrupted")):
+                if c["kind"] == "gap":
+                    out.append(f"{name}: chunks {c.get('first')}..{c.get('last')} never reached the collector "
+                               "(their events are missing and not counted)")
+                elif c["kind"] == "interrupted":
+                    interrupted = True
+                    out.append(f"{name}: the agent died mid-trace after chunk {c.get('after')}: {c.get('reason')}")
+                elif c["kind"] == "end":
+                    ended = True
+                    losses = c.get("losses") if isinstance(c.get("losses"), dict) else {}
+                    lost = {k: v for k, v in losses.items() if isinstance(v, int) and v}
+                    if lost:
+                        out.append(f"{name}: events lost before the collector: "
+                                   + ", ".join(f"{k} {v}" for k, v in lost.items()))
+        if not ended and not interrupted:
+            out.append(f"{name}: no end record: the trace is still running, or its agent "
+                       "stopped without finishing (killed, or cut off from the collector); what it had not "
+                       "shipped is missing")
+    return out
 
 
 # -- the header: layouts and names that decode the records ----------------------------------------------
