@@ -407,3 +407,92 @@ def test_agent_sigkilled_and_restarted_resends_its_spool_and_the_interruption_is
         text = an.stdout + an.stderr
         assert "the agent died mid-trace" in text and "killed or crashed" in text, text
         assert_nothing_on(net.ns1, net.if1)
+
+
+# -- 4. an attach failing midway through a multi-probe trace -------------------------------------------------
+
+def _nothing_left(net, before) -> None:
+    for ns, ifname in ((net.ns1, net.if1), (net.ns2, net.if2)):
+        assert_nothing_on(ns, ifname)
+    left = new_orphans(before)
+    assert not left.progs and not left.links, f"left attached: {left}"
+
+
+def test_cli_trace_failing_midway_leaves_nothing_attached(tmp_path):
+    """Five hooks (two interfaces both ways, a tracepoint), --strict, under open-file limits
+    from too low to enough: each limit fails at a later step (the first object, the devices
+    attached then the tracepoint's object, everything attached then the ring's reader). Every
+    failure is one line and exit 14 (not a probe 'unavailable', not an internal error), and
+    leaves nothing attached; the first limit that suffices traces."""
+    root = str(Path(__file__).parents[2])
+    with veth_pair(96) as net:
+        before = vnet_snapshot()
+        failures, ok = [], False
+        for limit in range(20, 72, 2):
+            proc = subprocess.run(["prlimit", f"--nofile={limit}:{limit}", sys.executable, "-m", "vnet", "trace",
+                                   "-i", net.spec1, "-i", net.spec2, "-p", "net:netif_receive_skb", "--strict",
+                                   "-c", "1", "--duration", "0.5"],
+                                  capture_output=True, text=True, timeout=60, cwd=root,
+                                  env={**os.environ, "PYTHONPATH": root})
+            if proc.returncode == 0:
+                ok = True
+                break
+            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("vnet: error:")]
+            assert proc.returncode == 14 and len(errors) == 1, (limit, proc.stderr)
+            assert "too many open files" in errors[0].lower() and "ulimit -n" in errors[0], errors
+            assert "Traceback" not in proc.stderr
+            _nothing_left(net, before)
+            failures.append((limit, errors[0], "vnet: tracing" in proc.stderr))
+        assert ok, failures
+        midway = [f for f in failures if f[2] or "skb_trace" in f[1]]
+        assert midway, f"no limit failed after a hook was attached: {failures}"
+        _nothing_left(net, before)
+
+
+def test_agent_trace_failing_midway_leaves_nothing_attached_and_serves_on(tmp_path):
+    """The same through an agent: its open-file limit lowered (prlimit on the running agent)
+    before each start; a start that fails midway is answered with the error (exit code 14)
+    and leaves nothing attached; the agent serves on, and traces once the limit allows."""
+    from vnet.dispatch import load
+
+    key = new_key(tmp_path / "key")
+    sock = tmp_path / "a.sock"
+    with veth_pair(97) as net:
+        before = vnet_snapshot()
+        col = _collector(f"unix:{tmp_path}/col.sock", key, tmp_path / "out")
+        agent = _agent(net.ns1, sock, key, tmp_path / "spool", "h1")
+        spec = _spec(tmp_path / "spec.toml", net, sock, f"unix:{tmp_path}/col.sock", key, "limits")
+        text = spec.read_text().replace(f'interfaces = ["{net.if1}"]', f'interfaces = ["{net.if1}", "lo"]')
+        spec.write_text(text.replace('direction = "egress"', 'probes = ["net:netif_receive_skb"]') + "")
+        package = dict(load(spec).control_packages()["h1"], strict=True)
+        ch = connect(f"unix:{sock}", load_key(key), "agent")
+        try:
+            ch.request({"type": "hello"}, ("hello",))
+            # once with enough descriptors: the features it probes are known from then on, so
+            # that the limits below bite while loading and attaching (midway), not while probing
+            assert ch.request({"type": "start", "package": package}, ("started",))
+            assert ch.request({"type": "stop"}, ("stopped",))["delivered"]
+            base = len(os.listdir(f"/proc/{agent.pid}/fd"))
+            with open(f"/proc/{agent.pid}/limits") as f:  # the soft limit only: raising a hard one back
+                soft = next(ln.split()[3] for ln in f if ln.startswith("Max open files"))  # needs CAP_SYS_RESOURCE
+            failures, ok = [], False
+            for extra in range(2, 200, 3):
+                subprocess.run(["prlimit", "--pid", str(agent.pid), f"--nofile={base + extra}:"],
+                               check=True, timeout=10)
+                reply = ch.request({"type": "start", "package": package}, ("started", "error"))
+                subprocess.run(["prlimit", "--pid", str(agent.pid), f"--nofile={soft}:"], check=True, timeout=10)
+                if reply["type"] == "started":
+                    assert len(reply["hooks"]) == 5, reply
+                    assert ch.request({"type": "stop"}, ("stopped",))["delivered"]
+                    ok = True
+                    break
+                assert reply["exit_code"] == 14 and "too many open files" in reply["message"].lower(), reply
+                _nothing_left(net, before)
+                failures.append(reply["message"])
+            assert ok and failures, "\n".join(failures)
+            assert any("skb_trace" in m or "ring buffer" in m or "share map" in m for m in failures), failures
+        finally:
+            ch.close()
+            agent.close()
+            col.close()
+        _nothing_left(net, before)
