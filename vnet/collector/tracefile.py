@@ -541,7 +541,7 @@ def stream_accounting(files: list[TraceFileReader]) -> list[str]:
                     if lost:
                         out.append(f"{name}: events lost before the collector: "
                                    + ", ".join(f"{k} {v}" for k, v in lost.items()))
-        if not ended and not interrupted:
+        if run and not ended and not interrupted:  # an agent's stream (a -w file's end is the recorder's)
             out.append(f"{name}: no end record: the trace is still running, or its agent "
                        "stopped without finishing (killed, or cut off from the collector); what it had not "
                        "shipped is missing")
