@@ -12,7 +12,9 @@ import contextlib
 import resource
 import signal
 import threading
+import time
 
+import msgpack
 import pytest
 
 from vnet.collector.server import Collector
@@ -133,3 +135,56 @@ def test_what_a_hosts_files_say_was_lost_is_reported(tmp_path):
                      "run r3: the agent died mid-trace after chunk 0: the agent ended without stopping this trace",
                      "run r4: no end record: the trace is still running, or its agent stopped without finishing "
                      "(killed, or cut off from the collector); what it had not shipped is missing"], found
+
+
+@pytest.fixture
+def collector(tmp_path):
+    col = Collector(tmp_path / "out")
+    srv = Server(f"unix:{tmp_path}/col.sock", KEY, "collector", col.handle, limit=MAX_DATA_BYTES)
+    thread = threading.Thread(target=srv.serve, daemon=True)
+    thread.start()
+    yield col, f"unix:{tmp_path}/col.sock", tmp_path / "out"
+    srv.stop()
+    thread.join(timeout=5)
+    col.close()
+
+
+def test_a_spool_write_that_fails_counts_as_the_spool_full(tmp_path):
+    from vnet.agent.shipper import Shipper
+
+    shipper = Shipper(f"unix:{tmp_path}/nobody.sock", KEY, {"trace": "t", "host": "h", "run": "r", "header": {}},
+                      spool_dir=tmp_path / "spool", memory_bytes=0)
+    try:
+        shipper.put("events", count=3, records=b"a" * 100)
+        with file_size_limit(50):
+            shipper.put("events", count=5, records=b"b" * 100)
+        assert shipper.stats.spooled == 1 and shipper.stats.dropped_events == 5
+        assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == ["chunk-000000000000", "open"]
+    finally:
+        shipper.close()
+
+
+def test_a_dead_agents_spool_is_resent_and_the_interruption_recorded(tmp_path, collector):
+    from vnet.agent.shipper import Shipper
+
+    col, address, out = collector
+    run_dir = tmp_path / "spool" / "t" / "h" / "r1"
+    dead = Shipper(f"unix:{tmp_path}/nobody.sock", KEY, {"trace": "t", "host": "h", "run": "r1", "header": {}},
+                   spool_dir=run_dir, memory_bytes=0)
+    for i in range(3):
+        dead.put("events", count=1, records=bytes([i]) * 50)
+    dead._stop.set()  # as if killed: no close(), the spool stays as it is
+    dead._thread.join(timeout=5)
+    saved = msgpack.unpackb((run_dir / "open").read_bytes(), raw=False)
+    saved["address"] = address  # the collector it was shipping to
+    (run_dir / "open").write_bytes(msgpack.packb(saved, use_bin_type=True))
+
+    again = Shipper.recover(run_dir, KEY)
+    deadline = time.monotonic() + 20
+    while not again.done and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert again.done
+    again.close()
+    assert not run_dir.exists()  # delivered: the folder goes
+    kinds = [k for k in _kinds(out / "t" / "h.vnt") if k[0] != "clock"]
+    assert kinds == [("header", -1), ("events", 0), ("events", 1), ("events", 2), ("interrupted", 2)]

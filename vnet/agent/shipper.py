@@ -175,15 +175,14 @@ class Shipper:
             if self._in_memory + size <= self.memory_bytes:
                 entry.head, entry.blob = head, blob
                 self._in_memory += size
-            elif self._on_disk + size <= self.spool_bytes:
-                entry.head, entry.blob = head, blob
-                self._spill(entry)
+            elif self._on_disk + size <= self.spool_bytes and self._spilled(entry, head, blob):
                 self._on_disk += size
                 self.stats.spooled += 1
             else:
                 self.stats.dropped_chunks += 1
                 self.stats.dropped_events += events
-                log.error("spool full (%d bytes): chunk %d with %d events dropped", self.spool_bytes, seq, events)
+                log.error("spool full (%d bytes, or its disk): chunk %d with %d events dropped", self.spool_bytes,
+                          seq, events)
                 # The collector must not wait for it: a marker says what is gone.
                 head = {"kind": "dropped", "seq": seq, "events": events}
                 entry = _Entry(seq, 0, head=head, size=64)
@@ -242,11 +241,27 @@ class Shipper:
                         log.error("cannot keep chunk %d in %s: %s", e.seq, self.spool_dir, err)
                         break
 
+    def _spilled(self, e: _Entry, head: dict, blob) -> bool:
+        """Whether the chunk went to the spool; its disk full or failing counts as the spool full."""
+        e.head, e.blob = head, blob
+        try:
+            self._spill(e)
+            return True
+        except OSError as err:
+            log.error("cannot spool chunk %d to %s: %s", e.seq, self.spool_dir, err)
+            return False
+
     def _spill(self, e: _Entry) -> None:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         path = self.spool_dir / f"chunk-{e.seq:012d}"
+        tmp = path.with_name(path.name + ".tmp")  # whole or absent: a restarted agent resends what it finds
         packed = msgpack.packb(e.head, use_bin_type=True)
-        path.write_bytes(_SPOOL_HEAD.pack(len(packed)) + packed + (e.blob or b""))
+        try:
+            tmp.write_bytes(_SPOOL_HEAD.pack(len(packed)) + packed + (e.blob or b""))
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         e.path, e.head, e.blob = path, None, None
 
     def _remove_spool(self) -> None:
