@@ -181,11 +181,15 @@ def test_line_to_the_collector_cut_for_30_s_loses_nothing(two_links):
                 during = wait_until(lambda: (s := _agent_status(tmp / "a.sock", key)["shipper"])["queued"] > 0
                                     and not s["connected"] and s, timeout=25, interval=0.5)
                 assert during, "the agent did not notice the cut line"
+                noticed = time.monotonic() - cut_at
                 time.sleep(max(0.0, 30 - (time.monotonic() - cut_at)))
                 queued_at_end = _agent_status(tmp / "a.sock", key)["shipper"]["queued"]
+                restored_at = time.monotonic()
             back = wait_until(lambda: (s := _agent_status(tmp / "a.sock", key)["shipper"])["connected"]
                               and s["queued"] == 0 and s, timeout=30, interval=0.2)
             assert back, "the agent did not reconnect and drain by itself"
+            print(f"cut: noticed after {noticed:.1f} s; {queued_at_end} chunks queued at 30 s; reconnected and "
+                  f"drained {time.monotonic() - restored_at:.1f} s after the line came back")
             time.sleep(1)  # and on as before
         summary = _stop_dispatch(d)
     finally:

@@ -188,3 +188,22 @@ def test_a_dead_agents_spool_is_resent_and_the_interruption_recorded(tmp_path, c
     assert not run_dir.exists()  # delivered: the folder goes
     kinds = [k for k in _kinds(out / "t" / "h.vnt") if k[0] != "clock"]
     assert kinds == [("header", -1), ("events", 0), ("events", 1), ("events", 2), ("interrupted", 2)]
+
+
+def test_a_collector_that_cannot_create_the_file_says_why_and_leaves_none(tmp_path, collector):
+    from vnet.protocol import ProtocolError
+
+    _, address, out = collector
+    ch = connect(address, KEY, "collector", limit=MAX_DATA_BYTES)
+    try:
+        with file_size_limit(10), pytest.raises(ProtocolError, match="cannot create .*h.vnt: File too large"):
+            ch.request({"type": "open", "trace": "t", "host": "h", "run": "r1", "header": {}}, ("opened",))
+    finally:
+        ch.close()
+    assert list((out / "t").iterdir()) == []  # no empty file left for a reader to stumble on
+    ch = connect(address, KEY, "collector", limit=MAX_DATA_BYTES)
+    try:  # and once writing works, the same stream opens
+        assert ch.request({"type": "open", "trace": "t", "host": "h", "run": "r1", "header": {}},
+                          ("opened",))["have"] == -1
+    finally:
+        ch.close()

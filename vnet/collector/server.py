@@ -158,7 +158,11 @@ class Collector:
         st = self._stream(msg.get("trace"), msg.get("host"), msg.get("run"), header)
         with st.lock:
             if st.writer is None:
-                st.open()  # a full disk here: the agent retries the whole connection (back-off)
+                try:
+                    st.open()
+                except OSError as e:  # a full disk here: the agent says why and retries (back-off)
+                    ch.send({"type": "error", "message": f"collector cannot create {st.base}: {e.strerror or e}"})
+                    raise
         ch.send({"type": "opened", "have": st.last_seq, "path": str(st.path)})
         log.info("%s/%s from %s: resuming after chunk %d", st.trace, st.host, ch.peer, st.last_seq)
         stop = threading.Event()
