@@ -295,6 +295,7 @@ def test_collector_disk_full_then_freed_loses_nothing(one_host):
     col.signal(signal.SIGTERM)
     col.wait(timeout=20)
     line = next(ln for ln in col.stderr if "vnet: collector: full/h1:" in ln)
+    print(line)
     assert "could not write for" in line and "chunks refused and kept by the agent" in line, line
     assert "STILL FAILING" not in line
     h1 = summary["hosts"]["h1"]
