@@ -40,8 +40,8 @@ def test_records_arrive_raw_and_are_written_as_the_recorder_writes_them(collecto
     shipper = Shipper(address, KEY, {"trace": "t1", "host": "h1", "header": {"probes": []}},
                       spool_dir=tmp_path / "spool", memory_bytes=memory_bytes)
     try:
-        shipper.put("events", events=10, count=10, records=memoryview(small))
-        shipper.put("events", events=2000, count=2000, records=memoryview(large))
+        shipper.put("events", count=10, records=memoryview(small))
+        shipper.put("events", count=2000, records=memoryview(large))
         shipper.put("end", events=2010, chunks=2)
         assert shipper.flush(30)
         assert shipper.stats.spooled == (3 if memory_bytes == 0 else 0)
@@ -53,7 +53,7 @@ def test_records_arrive_raw_and_are_written_as_the_recorder_writes_them(collecto
     assert [list(c) for c in chunks[1:3]] == [["kind", "seq", "count", "records"]] * 2
     assert chunks[1]["records"] == small and chunks[2]["records"] == large
     assert [bytes(r) for r in records(chunks[2]["records"])] == [bytes([i % 251]) * 144 for i in range(2000)]
-    assert chunks[3]["chunks"] == 2
+    assert chunks[3]["chunks"] == 2 and chunks[3]["events"] == 2010
 
 
 @pytest.mark.parametrize("chunk, blob, why", [

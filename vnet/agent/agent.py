@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import resource
+import secrets
 import socket
 import threading
 import time
@@ -98,8 +99,12 @@ class AgentTrace:
         except BaseException:
             self.trace.close()
             raise
-        self.shipper = Shipper(address, key, {"trace": self.name, "host": host, "header": header},
-                               spool_dir=spool_dir / self.name / host, memory_bytes=queue_bytes,
+        # This run of the trace: the collector files it apart from earlier runs of the same
+        # trace name, and its spool folder is its own (a restarted agent resends it: recover()).
+        self.run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+        header["run"] = self.run
+        self.shipper = Shipper(address, key, {"trace": self.name, "host": host, "run": self.run, "header": header},
+                               spool_dir=spool_dir / self.name / host / self.run, memory_bytes=queue_bytes,
                                spool_bytes=spool_bytes)
         self.events = 0
         self.chunks = 0
@@ -175,7 +180,7 @@ class AgentTrace:
                 if batch.nbytes:
                     continue  # it stopped at the ring's end: more may follow from its start
                 return
-            self.shipper.put("events", events=batch.count, count=batch.count, records=batch.data)
+            self.shipper.put("events", count=batch.count, records=batch.data)
             self.reader.consume(batch)
             self.events += batch.count
             self.chunks += 1
@@ -194,7 +199,9 @@ class AgentTrace:
                 "ring_fill": self.reader.pending() / max(1, self.trace.ring_bytes),
                 "shipper": {"connected": sh.connected, "queued": sh.queued, "acked": sh.acked, "spooled": sh.spooled,
                             "dropped_events": sh.dropped_events, "reconnects": sh.reconnects,
-                            "last_error": sh.last_error, "collector": self.shipper.address, "path": sh.path},
+                            "last_error": sh.last_error, "collector": self.shipper.address, "path": sh.path,
+                            "collector_full": sh.collector_full, "full_refusals": sh.full_refusals,
+                            "queued_events": self.shipper.queued_events, "run": self.run},
                 "error": str(self._error) if self._error else None,
                 "vanished": list(self.vanished), "ended": self.ended}
 
@@ -224,9 +231,19 @@ class AgentTrace:
                          vanished=self.vanished, ended=self.ended)
         self.trace.close()  # detached: nothing of ours stays in the kernel
         delivered = self.shipper.flush(FLUSH_TIMEOUT_S)
-        self.shipper.close()
-        final.update(running=False, delivered=delivered, losses=losses,
-                     undelivered_chunks=self.shipper.stats.queued)
+        sh = self.shipper.stats
+        final.update(running=False, delivered=delivered, losses=losses, undelivered_chunks=sh.queued,
+                     undelivered_events=self.shipper.queued_events)
+        final["shipper"].update(collector_full=sh.collector_full, full_refusals=sh.full_refusals,
+                                reconnects=sh.reconnects, acked=sh.acked, queued=sh.queued)
+        if delivered:
+            self.shipper.close()
+        else:  # kept in the spool and sent on in the background (Agent.background): not lost yet
+            self.shipper.keep()
+            final["kept_in"] = str(self.shipper.spool_dir)
+            log.error("trace %s stopped with %d chunks (%d events) not at the collector (%s): kept in %s and "
+                      "sent on in the background", self.name, sh.queued, final["undelivered_events"],
+                      sh.collector_full or sh.last_error or "no acknowledgement", self.shipper.spool_dir)
         return final
 
     def hooks(self) -> list[dict]:
@@ -355,6 +372,22 @@ class Agent:
         # and asks again, get them at once, as when they were cached in-process.
         self._answers: dict | None = None
         self._answers_lock = threading.Lock()
+        # Streams still being delivered: traces stopped before the collector had everything,
+        # and those a dead agent left in the spool (resent, then recorded as interrupted).
+        self.background: list[Shipper] = []
+        self._recover()
+
+    def _recover(self) -> None:
+        """Every stream a previous agent left in the spool folder (spool/TRACE/HOST/RUN/open)."""
+        for opening in sorted(self.spool_dir.glob("*/*/*/open")):
+            try:
+                shipper = Shipper.recover(opening.parent, self.key, spool_bytes=self.spool_bytes)
+            except Exception as e:  # noqa: BLE001 - a damaged folder must not stop the agent
+                log.error("cannot resend %s: %s", opening.parent, e)
+                continue
+            log.warning("resending what a previous agent left in %s (%d chunks)", opening.parent,
+                        shipper.stats.queued)
+            self.background.append(shipper)
 
     def hello(self) -> dict:
         with self._answers_lock:  # probed once, in a child; kept here as a few KiB of plain data
@@ -382,8 +415,9 @@ class Agent:
                         ch.send({"type": "started", "hooks": mine.hooks(), "unavailable": mine.unavailable,
                                  "skipped": mine.trace.skipped})
                     elif kind == "status":
-                        ch.send({"type": "status", **(mine or self.current).status()} if (mine or self.current)
-                                else {"type": "status", "running": False})
+                        t = mine or self.current
+                        ch.send({"type": "status", **(t.status() if t else {"running": False}),
+                                 "background": self.background_status()})
                     elif kind == "stop":
                         if mine is None:
                             raise UsageError("no trace of this connection to stop")
@@ -425,15 +459,27 @@ class Agent:
             return self.current
 
     def shutdown(self) -> None:
-        """The agent is exiting: stop (detach, flush) the trace that still runs."""
+        """The agent is exiting: stop (detach, flush) the trace that still runs; what is not
+        delivered stays in the spool for the next start."""
         t = self.current
         if t is not None:
             log.warning("agent exiting during trace %s: stopping it", t.name)
             self._stop(t)
+        for shipper in self.background:
+            shipper.close()
+
+    def background_status(self) -> list[dict]:
+        self.background = [b for b in self.background if not b.done]
+        return [{"trace": b.opening.get("trace"), "run": b.opening.get("run"), "queued": b.stats.queued,
+                 "connected": b.stats.connected, "collector_full": b.stats.collector_full,
+                 "last_error": b.stats.last_error, "spool": str(b.spool_dir)} for b in self.background]
 
     def _stop(self, t: AgentTrace) -> dict:
         try:
-            return t.stop()
+            summary = t.stop()
+            if not summary.get("delivered"):
+                self.background.append(t.shipper)
+            return summary
         finally:
             with self._lock:
                 if self.current is t:

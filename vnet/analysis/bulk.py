@@ -23,7 +23,7 @@ import numpy as np
 
 from vnet.binding import StructLayout
 from vnet.binding.ringbatch import BUSY_BIT, DISCARD_BIT, HDR_SIZE, LEN_MASK
-from vnet.collector.tracefile import TraceFileReader, event_decoder, layout_from_dict
+from vnet.collector.tracefile import TraceFileReader, event_decoder, layout_from_dict, stream_accounting
 from vnet.errors import UsageError
 from vnet.trace.records import where
 
@@ -480,6 +480,7 @@ def read_hosts(paths: list[str | os.PathLike], *, flow: Flow | None = None,
     readers = {host: HostReader(host, files[0].header, flow) for host, files in work.items()}
     for host, files in work.items():
         readers[host].out.files += [str(f.path) for f in files]
+        readers[host].out.problems += stream_accounting(files)
         # an upper bound of its packet events: each takes at least a record's size in the files
         size = sum(os.path.getsize(f.path) for f in files)
         readers[host].reserve(size // (readers[host].packet.itemsize + HDR_SIZE) + 1)

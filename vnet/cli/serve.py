@@ -69,7 +69,8 @@ def collect(
         _serve(Server(listen, load_key(key), "collector", collector.handle, allow_remote=allow_remote,
                       limit=MAX_DATA_BYTES), "collector")
     finally:
-        collector.close()
+        for line in collector.close():  # per stream: what was written, and what could not be
+            print(f"vnet: collector: {line}", file=sys.stderr, flush=True)
 
 
 @cli_errors

@@ -7,6 +7,17 @@ where to resume; a sequence number that never arrives is recorded as a gap.
 Each agent's clock is measured against ours with ping/pong exchanges, each written
 as a "clock" chunk (offset at the middle of the exchange, bound half its round trip);
 the analysis fits offset and drift through them (vnet.analysis.clocksync).
+
+A stream is (trace, host, run): the agent names each run of a trace, so the same
+spec run again lands in a new file segment instead of being taken for a resend.
+
+When a chunk cannot be written (disk full, I/O error) the collector does not
+acknowledge it: it answers "full" with the last chunk it has, the file stays as it
+was (a torn chunk is cut off), and the agent keeps the chunk and everything after
+it and sends them again later (vnet/agent/shipper.py). Nothing is lost while the
+agent's queue and spool hold out; the refusals are counted and logged, and the
+summary at exit says how long writing failed. A clock sample that cannot be
+written is only counted (the next one replaces it).
 """
 
 from __future__ import annotations
@@ -42,31 +53,74 @@ class Stream:
     gaps: list = field(default_factory=list)
     chunks: int = 0
     events: int = 0
+    run: str | None = None
+    path: Path | None = None
     writer: TraceFileWriter | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     best_clock: dict | None = None
+    write_error: str = ""        # set while writing fails (disk full): why
+    refused: int = 0             # chunks not acknowledged because they could not be written
+    full_since: float | None = None
+    full_seconds: float = 0.0
+    clocks_unwritten: int = 0
+    interrupted: bool = False
 
     @property
     def base(self) -> Path:
         return self.directory / f"{self.host}.vnt"
 
     def open(self) -> None:
-        """A new segment: after a restart the old files stay as they are."""
+        """A new segment: after a restart, or for another run, the old files stay as they are."""
         n = 0
         while (path := self.base if n == 0 else self.base.with_name(f"{self.base.name}.s{n}")).exists():
             n += 1
         self.writer = TraceFileWriter(path, self.header, rotate_bytes=self.rotate_bytes)
+        self.path = path
 
     def resume(self) -> None:
-        """What earlier segments (a collector run that ended or crashed) already hold."""
+        """What earlier segments of this run (a collector run that ended or crashed) already hold."""
         for path in sorted(self.directory.glob(f"{self.host}.vnt*")):
             try:
-                for chunk in TraceFileReader(path).chunks():
+                reader = TraceFileReader(path)
+                if reader.header is None or reader.header.get("run") != self.run:
+                    continue
+                for chunk in reader.chunks():
                     seq = chunk.get("seq")
                     if isinstance(seq, int) and chunk.get("kind") not in ("header",):
                         self.last_seq = max(self.last_seq, seq)
             except Exception as e:  # noqa: BLE001 - a damaged file: resume from what was readable
                 log.warning("%s: %s", path, e)
+
+    def failed(self, e: OSError) -> None:
+        """A write failed: the chunk is not acknowledged (the agent keeps it)."""
+        self.refused += 1
+        if not self.write_error:
+            self.full_since = time.monotonic()
+            log.error("%s/%s: cannot write after chunk %d: %s; the agent keeps its chunks and sends them "
+                      "again", self.trace, self.host, self.last_seq, e)
+        self.write_error = e.strerror or str(e)
+
+    def wrote(self) -> None:
+        if self.write_error:
+            took = time.monotonic() - (self.full_since or time.monotonic())
+            self.full_seconds += took
+            log.warning("%s/%s: writing again after %.1f s (%d chunks refused so far)", self.trace, self.host,
+                        took, self.refused)
+            self.write_error, self.full_since = "", None
+
+    def summary(self) -> str:
+        out = f"{self.trace}/{self.host}: {self.chunks} chunks, {self.events} events in {self.path}"
+        if self.gaps:
+            out += f"; chunks never received: {', '.join(f'{a}..{b}' for a, b in self.gaps)}"
+        if self.refused:
+            still = f", STILL FAILING ({self.write_error})" if self.write_error else ""
+            out += (f"; could not write for {self.full_seconds:.1f} s: {self.refused} chunks refused and kept "
+                    f"by the agent{still}")
+        if self.clocks_unwritten:
+            out += f"; {self.clocks_unwritten} clock samples not written"
+        if self.interrupted:
+            out += "; the agent died mid-trace (recorded in the file)"
+        return out
 
 
 class Collector:
@@ -77,18 +131,21 @@ class Collector:
         self.streams: dict[tuple[str, str], Stream] = {}
         self._lock = threading.Lock()
 
-    def _stream(self, trace: str, host: str, header: dict) -> Stream:
+    def _stream(self, trace: str, host: str, run, header: dict) -> Stream:
         for what, name in (("trace", trace), ("host", host)):
             if not isinstance(name, str) or not SAFE_NAME.match(name):
                 raise ProtocolError(f"bad {what} name {name!r}")
+        if run is not None and (not isinstance(run, str) or not SAFE_NAME.match(run)):
+            raise ProtocolError(f"bad run name {run!r}")
         with self._lock:
-            st = self.streams.get((trace, host))
+            st = self.streams.get((trace, host, run))
             if st is None:
                 directory = self.out / trace
                 directory.mkdir(parents=True, exist_ok=True)
-                st = Stream(trace, host, directory, header, self.rotate_bytes)
+                st = Stream(trace, host, directory, dict(header, run=run) if run else header, self.rotate_bytes,
+                            run=run)
                 st.resume()
-                self.streams[(trace, host)] = st
+                self.streams[(trace, host, run)] = st
             return st
 
     def handle(self, ch: Channel) -> None:
@@ -98,33 +155,47 @@ class Collector:
         header = msg.get("header")
         if not isinstance(header, dict):
             raise ProtocolError("open without a header")
-        st = self._stream(msg.get("trace"), msg.get("host"), header)
+        st = self._stream(msg.get("trace"), msg.get("host"), msg.get("run"), header)
         with st.lock:
             if st.writer is None:
-                st.open()
-        ch.send({"type": "opened", "have": st.last_seq, "path": str(st.base)})
+                try:
+                    st.open()
+                except OSError as e:  # a full disk here: the agent says why and retries (back-off)
+                    ch.send({"type": "error", "message": f"collector cannot create {st.base}: {e.strerror or e}"})
+                    raise
+        ch.send({"type": "opened", "have": st.last_seq, "path": str(st.path)})
         log.info("%s/%s from %s: resuming after chunk %d", st.trace, st.host, ch.peer, st.last_seq)
         stop = threading.Event()
         pinger = threading.Thread(target=self._ping, args=(ch, stop), daemon=True, name=f"clock {st.host}")
         pinger.start()
         try:
             while True:
-                m = ch.recv(("chunk", "pong", "close"))
+                m = ch.recv(("chunk", "pong", "close", "interrupted"))
                 if m["type"] == "pong":
                     self._clock(st, m)
                 elif m["type"] == "chunk":
-                    self._chunk(st, m)
-                    ch.send({"type": "ack", "seq": st.last_seq})
+                    try:
+                        if self._chunk(st, m):
+                            ch.send({"type": "ack", "seq": st.last_seq})
+                    except OSError as e:  # not written: not acknowledged; the agent sends it again
+                        ch.send({"type": "full", "have": st.last_seq, "message": e.strerror or str(e)})
+                elif m["type"] == "interrupted":
+                    try:
+                        self._interrupted(st, m)
+                        ch.send({"type": "recorded", "seq": st.last_seq})
+                    except OSError as e:
+                        ch.send({"type": "full", "have": st.last_seq, "message": e.strerror or str(e)})
                 else:
                     self._finish(st)
-                    ch.send({"type": "closed", "path": str(st.base), "gaps": st.gaps, "chunks": st.chunks})
+                    ch.send({"type": "closed", "path": str(st.path), "gaps": st.gaps, "chunks": st.chunks})
                     return
         finally:
             stop.set()
 
-    def _chunk(self, st: Stream, m) -> None:
+    def _chunk(self, st: Stream, m) -> bool:
         """An agent's chunk: its head (a map) in the message, an events chunk's records
-        raw beside it (m.blob, a view of the receive buffer), written from there."""
+        raw beside it (m.blob, a view of the receive buffer), written from there.
+        Whether to acknowledge; OSError when it could not be written (nothing changed)."""
         seq, chunk, blob = m.get("seq"), m.get("chunk"), m.blob
         if not isinstance(seq, int) or not isinstance(chunk, dict):
             raise ProtocolError("malformed chunk")
@@ -136,17 +207,40 @@ class Collector:
             chunk["records"] = blob  # last: written where it is (vnet/packing.py), not copied
         with st.lock:
             if seq <= st.last_seq:
-                return  # sent again after a reconnect: already written
-            if seq > st.last_seq + 1:
-                gap = (st.last_seq + 1, seq - 1)
-                st.gaps.append(gap)
-                st.writer.write("gap", first=gap[0], last=gap[1])
-                log.error("%s/%s: chunks %d..%d never arrived", st.trace, st.host, *gap)
+                return True  # sent again after a reconnect: already written
+            if st.write_error and seq != st.last_seq + 1:
+                return False  # sent before the agent heard "full": it sends them again
             kind = chunk.pop("kind")
-            st.writer.write(kind, **chunk)
+            try:
+                if seq > st.last_seq + 1:
+                    gap = (st.last_seq + 1, seq - 1)
+                    st.writer.write("gap", first=gap[0], last=gap[1])
+                    st.gaps.append(gap)
+                    st.last_seq = seq - 1  # recorded as missing: a retry of this chunk is not a new gap
+                    log.error("%s/%s: chunks %d..%d never arrived", st.trace, st.host, *gap)
+                st.writer.write(kind, **chunk)
+            except OSError as e:
+                st.failed(e)
+                raise
+            st.wrote()
             st.last_seq = seq
             st.chunks += 1
             st.events += int(chunk.get("count", 0)) if kind == "events" else 0
+            return True
+
+    def _interrupted(self, st: Stream, m) -> None:
+        """A restarted agent resent what its dead predecessor had spooled: the stream ends here
+        without the agent's own end (what that agent read but had not spooled is missing)."""
+        reason = m.get("reason")
+        with st.lock:
+            try:
+                st.writer.write("interrupted", reason=str(reason)[:1000] if reason else "", after=st.last_seq)
+            except OSError as e:
+                st.failed(e)
+                raise
+            st.wrote()
+            st.interrupted = True
+            log.error("%s/%s: interrupted after chunk %d: %s", st.trace, st.host, st.last_seq, reason)
 
     def _ping(self, ch: Channel, stop: threading.Event) -> None:
         n = 0
@@ -170,7 +264,13 @@ class Collector:
         with st.lock:  # every sample: the analysis fits the drift through the best of each window
             if st.best_clock is None or sample["error_ns"] <= st.best_clock["error_ns"]:
                 st.best_clock = sample
-            st.writer.write("clock", **sample)
+            if st.writer is None or st.write_error:
+                st.clocks_unwritten += 1
+                return
+            try:
+                st.writer.write("clock", **sample)
+            except OSError:  # disk full: the next sample replaces it
+                st.clocks_unwritten += 1
 
     def _finish(self, st: Stream) -> None:
         with st.lock:
@@ -178,6 +278,10 @@ class Collector:
                 st.writer.close()
                 st.writer = None
 
-    def close(self) -> None:
+    def close(self) -> list[str]:
+        """Close every file; one summary line per stream (what was written, what could not be)."""
+        lines = []
         for st in list(self.streams.values()):
             self._finish(st)
+            lines.append(st.summary())
+        return lines

@@ -200,7 +200,8 @@ class Dispatcher:
         for h in self.hosts:
             k, sh = h.status.get("kernel", {}), h.status.get("shipper", {})
             state = ("FAILED" if h.failed else "ended (interfaces gone)" if h.ended else
-                     "connected" if sh.get("connected") else "unreachable (spooling)")
+                     f"cannot write: {sh['collector_full']} (queuing)" if sh.get("collector_full") else
+                     "connected" if sh.get("connected") else "unreachable (queuing)")
             table.add_row(h.name, f"{h.rate:,.0f}", f"{h.last_read:,}", str(k.get("lost", 0)),
                           str(sh.get("queued", 0)), state)
         return table
@@ -271,7 +272,8 @@ class Dispatcher:
             self.close()
 
     def report(self, reason: str) -> dict:
-        total = {"kernel_ring_full": 0, "agent_unread": 0, "agent_spool_full": 0, "undelivered_chunks": 0}
+        total = {"kernel_ring_full": 0, "agent_unread": 0, "agent_spool_full": 0, "undelivered_chunks": 0,
+                 "undelivered_events": 0}
         for h in self.hosts:
             if h.failed:
                 self.say(f"vnet: {h.name}: FAILED mid-trace: {h.failed}; what it shipped before is at the collector")
@@ -279,11 +281,16 @@ class Dispatcher:
             s = h.summary
             losses = dict(s.get("losses", {}))
             losses["undelivered_chunks"] = s.get("undelivered_chunks", 0)
+            losses["undelivered_events"] = s.get("undelivered_events", 0)
             for k in total:
                 total[k] += int(losses.get(k, 0))
+            sh = s.get("shipper") or {}
+            why = sh.get("collector_full") and f"collector cannot write: {sh['collector_full']}"
             self.say(f"vnet: {h.name}: {s.get('read', 0)} events in {s.get('chunks', 0)} chunks; lost: "
                      + ", ".join(f"{k} {v}" for k, v in losses.items())
-                     + ("" if s.get("delivered") else " -- NOT all chunks acknowledged by the collector"))
+                     + ("" if s.get("delivered") else
+                        f" -- NOT all chunks acknowledged by the collector ({why or sh.get('last_error') or 'no ack'});"
+                        f" kept in {s.get('kept_in')} on the agent and sent on in the background"))
         from vnet.collector.tracefile import describe_vanished
 
         for h in self.hosts:

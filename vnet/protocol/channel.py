@@ -54,6 +54,13 @@ NONCE_BYTES = 32
 KEY_BYTES = 32
 DEFAULT_TIMEOUT = 30.0
 KEY_HINT = "every host needs the same key file: copy the one 'vnet agent init' wrote"
+# A peer that vanishes without a FIN or RST (network cut, host gone) is noticed within
+# about KEEPALIVE_IDLE_S + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL_S when the line is idle, and
+# USER_TIMEOUT_S after the first unacknowledged byte otherwise, instead of TCP's ~15 minutes.
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_COUNT = 4
+USER_TIMEOUT_S = 30
 _LENGTHS = struct.Struct(">II")  # L, H of a session frame
 _SEQ = struct.Struct(">Q")
 REUSE_BYTES = 1 << 16            # frames this large are read into the channel's buffer, reused
@@ -151,6 +158,17 @@ def is_loopback(sockaddr) -> bool:
         return ipaddress.ip_address(sockaddr[0]).is_loopback
     except ValueError:
         return sockaddr[0] == "localhost"
+
+
+def tcp_liveness(sock: socket.socket) -> None:
+    """Keepalive and a user timeout on a TCP socket (nothing on a unix one)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                       ("TCP_KEEPCNT", KEEPALIVE_COUNT), ("TCP_USER_TIMEOUT", USER_TIMEOUT_S * 1000)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 
 
 # -- the channel -------------------------------------------------------------------------------------
@@ -328,6 +346,7 @@ def accept(sock: socket.socket, peer: str, key: bytes, role: str, limit: int = M
            timeout: float = DEFAULT_TIMEOUT) -> Channel:
     """Server side of the handshake on a freshly accepted socket."""
     sock.settimeout(timeout)
+    tcp_liveness(sock)
     ch = Channel(sock, peer, limit)
     ns = secrets.token_bytes(NONCE_BYTES)
     ch.send({"type": "challenge", "v": PROTOCOL_VERSION, "nonce": ns, "role": role})
@@ -355,6 +374,7 @@ def connect(address: str, key: bytes, role: str, limit: int = MAX_CONTROL_BYTES,
     family, sockaddr = parse_address(address)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
+    tcp_liveness(sock)
     try:
         sock.connect(sockaddr)
     except OSError as e:
