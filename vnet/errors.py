@@ -92,6 +92,25 @@ class BpfPermissionError(BpfError, NotPermittedError):
     exit_code = NotPermittedError.exit_code
 
 
+class ResourceError(VnetError):
+    """The process ran out of a system resource (open files): not the kernel's lack of a
+    feature, and no reason to fall back to another hook."""
+
+    exit_code = 14
+
+
+class BpfResourceError(BpfError, ResourceError):
+    exit_code = ResourceError.exit_code
+
+
+RESOURCE_ERRNOS = (_errno.EMFILE, _errno.ENFILE)
+FD_LIMIT_HINT = "raise the open-file limit (ulimit -n); each traced hook holds a few descriptors"
+
+
+def resource_error(e: OSError, what: str) -> ResourceError:
+    return ResourceError(f"{what}: {e.strerror or e}", hint=FD_LIMIT_HINT)
+
+
 def _hint_for(op: str, err: int) -> str | None:
     if err in (_errno.EPERM, _errno.EACCES):
         return ("run as root (needs CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN); check kernel lockdown "
@@ -100,6 +119,8 @@ def _hint_for(op: str, err: int) -> str | None:
         return "the function or tracepoint is not present in this kernel"
     if err == _errno.EINVAL and "attach" in op:
         return "this kernel does not support this attach type"
+    if err in (_errno.EMFILE, _errno.ENFILE):
+        return "raise the open-file limit (ulimit -n); each traced hook holds a few descriptors"
     if err == _errno.ENOMEM:
         return "raise RLIMIT_MEMLOCK (ulimit -l) or use a kernel with memcg accounting (>= 5.11)"
     return None
@@ -109,4 +130,6 @@ def bpf_error(op: str, err: int, target: str = "", *, cls: type[BpfError] = BpfE
     """Build the most specific error for a failed libbpf call (err may be negative)."""
     if abs(err) in (_errno.EPERM, _errno.EACCES) and cls is BpfError:
         cls = BpfPermissionError
+    elif abs(err) in (_errno.EMFILE, _errno.ENFILE):
+        cls = BpfResourceError
     return cls(op, err, target, **kw)

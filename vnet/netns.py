@@ -14,7 +14,7 @@ import socket
 import struct
 from collections.abc import Iterator
 
-from vnet.errors import NoSuchInterfaceError
+from vnet.errors import RESOURCE_ERRNOS, NoSuchInterfaceError, resource_error
 
 CLONE_NEWNET = 0x40000000
 SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)  # Linux >= 5.14; Python < 3.13 lacks the name
@@ -40,6 +40,10 @@ def open_fd(ns: str) -> Iterator[int]:
         fd = os.open(path(ns), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise NoSuchInterfaceError(f"no such network namespace: {ns}", hint="list them with 'ip netns list'") from None
+    except OSError as e:
+        if e.errno in RESOURCE_ERRNOS:
+            raise resource_error(e, f"open network namespace {ns}") from None
+        raise
     try:
         yield fd
     finally:
@@ -49,7 +53,12 @@ def open_fd(ns: str) -> Iterator[int]:
 @contextlib.contextmanager
 def enter_fd(fd: int) -> Iterator[None]:
     # thread-self, not self: /proc/self/ns/net is the *main* thread's namespace.
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in RESOURCE_ERRNOS:
+            raise resource_error(e, "open this thread's network namespace") from None
+        raise
     try:
         _setns(fd)
         try:

@@ -119,7 +119,7 @@ def test_a_spec_traces_a_path_across_two_hosts(rig):
     summary = json.loads(d.stdout[-1])
     assert any("h2: ovs:vport_receive unavailable: " in ln for ln in d.stderr), d.stderr
     assert summary["losses"] == {"kernel_ring_full": 0, "agent_unread": 0, "agent_spool_full": 0,
-                                 "undelivered_chunks": 0}, summary
+                                 "undelivered_chunks": 0, "undelivered_events": 0}, summary
     assert any(ln.endswith("out/path/h2.vnt") and "h2: data at the collector" in ln for ln in d.stderr), d.stderr
     probes = summary["hosts"]["h2"]["probes"]  # the kernel's counters per probe
     assert probes["net:netif_receive_skb"]["emitted"] >= 40 and probes["net:netif_receive_skb"]["filtered"] >= 20

@@ -58,6 +58,12 @@ def test_deleted_interfaces_are_reported_and_the_last_one_ends_the_trace(two_net
     assert _warnings(p)[1] == f"vnet: warning: {b}/va is gone (network namespace {b} was deleted): its hooks stopped"
     assert p.stderr[-1] == f"vnet: error: every traced interface is gone ({a}/va, {b}/va): nothing left to trace"
     assert not any("Traceback" in line for line in p.stderr)
+    if write:  # the file says what went and when, as an agent's at the collector
+        from vnet.collector.tracefile import TraceFileReader
+
+        gone = list(TraceFileReader(tmp_path / "t.vnt").chunks(["vanished"]))
+        assert [(v["iface"], v["why"]) for v in gone] == [(f"{a}/va", "deleted"),
+                                                          (f"{b}/va", f"network namespace {b} was deleted")]
     left = new_orphans(before)
     assert not left.progs and not left.links, left
 

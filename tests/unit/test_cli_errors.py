@@ -69,3 +69,11 @@ def test_the_frameworks_exits_pass_through():
 
     with pytest.raises(typer.Exit):
         command()
+
+
+def test_a_daemon_logging_its_peers_still_hides_a_bugs_traceback(capsys):
+    """The agent and collector log at INFO without -v: that is not a request for tracebacks."""
+    setup_logging(0, least=1)
+    assert logging.getLogger("vnet").level == logging.INFO
+    code, err = _run(KeyError("k"), capsys)
+    assert code == 70 and len(err) == 1 and err[0].startswith("vnet: internal error: KeyError")

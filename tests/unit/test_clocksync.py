@@ -137,6 +137,29 @@ def test_refine_moves_the_guest_clock_and_states_the_pair_bound():
         assert seg.min() >= 20_000 - 30_000 and seg.max() <= 60_000 + 30_000
 
 
+def test_a_probe_that_fires_after_the_packet_left_does_not_end_its_stay():
+    """The guest's transmit completion frees the reply (sock:consume_skb) after the host's
+    tap has it: the crossing still ends at the guest's transmit, and the clock comes out."""
+    rng = np.random.default_rng(11)
+    names = ["[host] tap0:egress", "[host] tap0:ingress", "[guest] net:netif_receive_skb eth0",
+             "[guest] net:net_dev_start_xmit eth0", "[guest] sock:consume_skb"]
+    wrong = 150_000
+    req, rep = [], []
+    for k in range(600):
+        t = T0 + k * 50_000_000
+        d1, d2 = 20_000 + rng.integers(0, 40_000), 20_000 + rng.integers(0, 40_000)
+        req.append([t, t + d1 + wrong])
+        # guest transmit, host ingress, then the guest frees the sent packet 100-200 us later
+        rep.append([t + 300_000 + wrong, t + 300_000 + d2, t + 300_000 + wrong + 100_000 + rng.integers(0, 100_000)])
+    clocks = [ClockMap(0, error_ns=3_000, source="ping", pings=8),
+              ClockMap(0, error_ns=400_000, source="ping", pings=8)]
+    table = _table([((0, 2), req), ((3, 1, 4), rep)], names, [0, 0, 1, 1, 1], clocks)
+    host, guest = refine(clocks, table)
+    assert guest.source == "packets" and guest.crossings == (600, 600)
+    for t in (T0, T0 + 15 * S, T0 + 30 * S):
+        assert abs(guest.at(t + wrong) - wrong) <= guest.error_ns - host.error_ns <= 30_000
+
+
 def test_retime_moves_a_packet_whose_hosts_change_order_to_its_new_path():
     names = ["[a] eth0:egress", "[b] eth0:ingress"]
     clocks = [ClockMap(0, error_ns=0, source="ping"), ClockMap(0, error_ns=100_000, source="ping")]

@@ -117,3 +117,41 @@ def test_bridge_pass_frame_up_for_traffic_to_the_host(force, guest_modules):
             events = collect(t, lambda ev: len([e for e in ev if e.get("proto") == "icmp"]) >= 4, timeout=20)
     up = [e for e in events if e.get("proto") == "icmp" and e.get("icmp_type") == 8]
     assert len(up) == 4 and {e["dst"] for e in up} == {"10.199.0.254"}
+
+
+@BACKENDS
+def test_socket_send_and_delivery_carry_the_packets_pkt_id(force, guest_modules):
+    """ip:output (a sent packet's first point with whole headers), sock:udp_enqueue and
+    sock:udp_read (the receiving socket's queue and the application's read) give each
+    datagram the pkt_id the veth's tc hooks give it, sender and reader named."""
+    from vnet import netns
+    from vnet.probes.device import resolve as resolve_device
+    from vnet.topology import veth_pair
+    from vnet.trace import Trace
+    from vnet.trace.session import device_plan
+
+    names = ("ip:output", "sock:udp_enqueue", "sock:udp_read")
+    with veth_pair(43 if force else 44, net="10.198", warm_timeout=10) as net:
+        all_plans = plans(names, force)
+        all_plans.append(device_plan(resolve_device(f"{net.ns1}/{net.if1}"), ("egress",)))
+        all_plans.append(device_plan(resolve_device(f"{net.ns2}/{net.if2}"), ("ingress",)))
+        with netns.enter(net.ns2):
+            rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with netns.enter(net.ns1):
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind((net.ip2, 7700))
+        with Trace(all_plans) as t:
+            for i in range(5):
+                tx.sendto(b"sock-path-%d" % i, (net.ip2, 7700))
+                assert rx.recv(64) == b"sock-path-%d" % i
+            events = collect(t, lambda ev: all(len([e for e in ev if e["probe"] == n and e.get("dport") == 7700])
+                                               >= 5 for n in names), timeout=30)
+        rx.close(), tx.close()
+    mine = [e for e in events if e.get("dport") == 7700]
+    ids = {n: [e["pkt_id"] for e in mine if e["probe"] == n] for n in names}
+    wire = {e["pkt_id"] for e in mine if e["probe"].endswith(":egress")}
+    assert len(wire) == 5 and wire == {e["pkt_id"] for e in mine if e["probe"].endswith(":ingress")}
+    for n in names:
+        assert len(ids[n]) == 5 and set(ids[n]) == wire, (n, ids, wire)
+    for n in ("ip:output", "sock:udp_read"):   # both in this process's task
+        assert all(e["pid"] == os.getpid() and e["hook"] == (force or "fentry") for e in mine if e["probe"] == n)

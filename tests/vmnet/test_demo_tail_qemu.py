@@ -51,10 +51,11 @@ def _left_behind(res, folder) -> list[str]:
     return left
 
 
-def run_with_one_retry(scenario, tmp_path):
+def run_with_one_retry(scenario, tmp_path, always=None):
     """Run a QEMU scenario (quick), once more if its answer did not come out; nothing it
     started may be left after either attempt. A skip with the numbers when the baseline
-    itself was slow (someone else had the CPUs)."""
+    itself was slow (someone else had the CPUs). `always(res)`, if given, asserts what
+    must hold on every attempt however busy the machine."""
     attempts = []
     for attempt in (1, 2):
         folder = tmp_path / f"attempt{attempt}"
@@ -64,6 +65,8 @@ def run_with_one_retry(scenario, tmp_path):
         took = time.monotonic() - t0
         assert not _left_behind(res, folder), _left_behind(res, folder)
         assert "rtt" in res.numbers, res.verdict  # it ran (set-up failures come back as ok=False)
+        if always is not None:
+            always(res)
         r = res.numbers["rtt"]["ratio"]
         attempts.append(f"attempt {attempt} ({took:.0f} s): p50 x{r['p50']}, p99 x{r['p99']}, "
                         f"p99.9 x{r['p999']}; ok={res.ok} {res.why}")

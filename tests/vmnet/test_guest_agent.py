@@ -15,13 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from kernel_support import VnetProcess
 from vnet import netns
 from vnet.collector.tracefile import TraceFileReader
-from vnet.demo.tail_latency_qemu import FIND_VIRTIO_NIC
-from vnet.protocol import connect, load_key, new_key
+from vnet.demo.tail_latency_qemu import FIND_VIRTIO_NIC, wait_for_agent
+from vnet.protocol import load_key, new_key
 from vnet.topology import Topology, send_udp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,26 +83,6 @@ def _guest_story(tmp_path: Path) -> str:
     return "\n".join(parts)
 
 
-def _wait_for_agent(ns: str, key: bytes, timeout: float, guest: subprocess.Popen, tmp_path: Path) -> dict:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        if guest.poll() is not None:
-            raise AssertionError(f"the guest ended (exit {guest.returncode}) before its agent answered\n"
-                                 + _guest_story(tmp_path))
-        try:
-            with netns.enter(ns):
-                ch = connect(f"{GUEST_IP}:7878", key, "agent", timeout=5)
-            try:
-                return ch.request({"type": "hello"}, ("hello",))
-            finally:
-                ch.close()
-        except Exception as e:  # noqa: BLE001 - not up yet
-            last = e
-            time.sleep(2)
-    raise AssertionError(f"the guest's agent never answered in {timeout} s: {last}\n" + _guest_story(tmp_path))
-
-
 def test_one_spec_traces_the_host_tap_and_the_guest_nic(tmp_path):
     results = tmp_path / "guest"
     results.mkdir()
@@ -123,7 +102,8 @@ def test_one_spec_traces_the_host_tap_and_the_guest_nic(tmp_path):
         t0 = time.monotonic()
         marks = {}
         try:
-            hello = _wait_for_agent(hv, key, timeout=300, guest=guest, tmp_path=tmp_path)
+            hello = wait_for_agent(hv, f"{GUEST_IP}:7878", key, alive=lambda: guest.poll() is None,
+                                   story=lambda: _guest_story(tmp_path), timeout=300, pause=2)
             marks["guest agent up"] = time.monotonic() - t0
             assert hello["host"] == "guest" and hello["kernel"].startswith("6.1."), hello
             assert hello["kernel"] != os.uname().release  # a real second kernel

@@ -21,6 +21,9 @@ Tools, each attached before the load and stopped after it:
   vnet-agg    the hooks of `vnet` with `--aggregate`: per-hook counters and hop-to-hop
               histograms in the kernel, no per-packet events
   tcpdump     `tcpdump -w FILE` on each of the four devices (its default snaplen)
+  floor       empty programs (tools/bench/floor.bpf.c, built here with clang) at the
+              8 hooks of `vnet`: what the hooks' dispatch alone costs the path, the
+              bound any per-hop tracer starts from
   bpftrace    one bpftrace on the same tracepoints, printing a line per packet per
               hop (time, skb address, length, device) to a file; bpftrace cannot
               attach at TC, so it sees fewer hops than vnet does
@@ -34,7 +37,7 @@ ratio to the `none` run of the same round; medians and min-max over --rounds are
 printed, and the losses each tool reported. Needs root.
 
 Usage: datapath.py [--rounds 5] [--seconds 3] [--size 64] [--rr 5000]
-                   [--topologies bridge,ovs] [--tools none,vnet,vnet-dev,vnet-agg,tcpdump,bpftrace]
+                   [--topologies bridge,ovs] [--tools none,floor,vnet,vnet-dev,vnet-agg,tcpdump,bpftrace]
                    [--compare-to REV]
 """
 
@@ -60,7 +63,7 @@ from vnet.topology import Topology, warm_up  # noqa: E402
 
 PORT_FLOOD, PORT_RR = 9000, 9001
 SUBNET = "10.177.0"
-TOOLS = ("none", "vnet", "vnet-dev", "vnet-agg", "tcpdump", "bpftrace")
+TOOLS = ("none", "floor", "vnet", "vnet-dev", "vnet-agg", "tcpdump", "bpftrace")
 TRACEPOINTS = ("net:net_dev_queue", "net:netif_receive_skb")
 BPFTRACE = ('tracepoint:net:net_dev_queue, tracepoint:net:netif_receive_skb '
             '{ printf("%llu %llx %u %s\\n", nsecs, args->skbaddr, args->len, str(args->name)); }')
@@ -97,6 +100,17 @@ def build_load(workdir: Path) -> Path:
     binary = workdir / "udp_load"
     subprocess.run([cc, "-O2", "-Wall", "-o", str(binary), str(Path(__file__).with_name("udp_load.c"))], check=True)
     return binary
+
+
+def build_floor(workdir: Path) -> Path:
+    obj = workdir / "floor.bpf.o"
+    if not obj.exists():
+        cc = shutil.which("clang")
+        if cc is None:
+            raise SystemExit("datapath.py: the floor programs need clang: run 'make deps'")
+        subprocess.run([cc, "-O2", "-g", "-target", "bpf", "-c", str(Path(__file__).with_name("floor.bpf.c")),
+                        "-o", str(obj)], check=True)
+    return obj
 
 
 def build_path(topo: Topology, kind: str, switch_holder: list) -> Path_:
@@ -152,6 +166,9 @@ class Tool:
             argv += ["--aggregate"] if name == "vnet-agg" else ["-w", str(out)]
             self._start(argv, ready=b"vnet: tracing", stream="stderr")
             self.files.append(out)
+        elif name == "floor":
+            self._start([py, str(Path(__file__).with_name("floor_attach.py")), str(build_floor(workdir)),
+                         *[f"{ns}/{dev}" for ns, dev in path.devices]], ready=b"floor: ready", stream="stderr")
         elif name == "tcpdump":
             for ns, dev in path.devices:
                 out = workdir / f"tcpdump-{dev}.pcap"

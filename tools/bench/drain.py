@@ -70,6 +70,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from revisions import connect_for  # noqa: E402  (tools/bench, beside this script)
+
 PY = sys.executable
 C_SOURCE = Path(__file__).with_name("ring_consumer.c")
 RECORD_RING_BYTES = 160   # 152-byte event + 8-byte header
@@ -89,24 +92,6 @@ _lib.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
 _lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
 _lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
 
-
-def connect_for(code: Path):
-    """`connect` of the vnet at `code`: an agent of a --compare-to revision speaks that
-    revision's wire protocol (version 2 came with raw chunk records), so this script
-    talks to it with that revision's channel module."""
-    if code == ROOT:
-        from vnet.protocol import connect
-
-        return connect
-    import importlib.util
-
-    name = f"_vnet_channel_{abs(hash(str(code)))}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, code / "vnet" / "protocol" / "channel.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name].connect
 
 def _check_fd(fd: int, what: str) -> int:
     if fd < 0:

@@ -49,6 +49,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from revisions import connect_for  # noqa: E402  (tools/bench, beside this script)
+
 PY = sys.executable
 PORT = 47123
 PAYLOAD = 123                # bytes: skb->len at netif_receive_skb is 20 + 8 + PAYLOAD
@@ -59,24 +62,6 @@ CLONE_NEWNS = 0x00020000
 MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 _libc = ctypes.CDLL(None, use_errno=True)
 
-
-def connect_for(code: Path):
-    """`connect` of the vnet at `code`: an agent of a --compare-to revision speaks that
-    revision's wire protocol (version 2 came with raw chunk records), so this script
-    talks to it with that revision's channel module."""
-    if code == ROOT:
-        from vnet.protocol import connect
-
-        return connect
-    import importlib.util
-
-    name = f"_vnet_channel_{abs(hash(str(code)))}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, code / "vnet" / "protocol" / "channel.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name].connect
 
 def own_tracefs() -> None:
     """preexec_fn: a private mount namespace with tracefs at /sys/kernel/tracing."""

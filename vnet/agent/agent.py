@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import resource
+import secrets
 import socket
 import threading
 import time
@@ -44,6 +45,7 @@ BATCH_EVENTS_MAX = 65536     # events per chunk at most (bounded chunk size)
 SHIP_MIN_BYTES = 1 << 20
 SHIP_DELAY_MS = 100
 FLUSH_TIMEOUT_S = 30.0
+VANISH_CHECK_S = 1.0   # how often the traced interfaces are looked for (as `vnet trace`)
 
 
 def _cpu_s() -> float:
@@ -97,8 +99,12 @@ class AgentTrace:
         except BaseException:
             self.trace.close()
             raise
-        self.shipper = Shipper(address, key, {"trace": self.name, "host": host, "header": header},
-                               spool_dir=spool_dir / self.name / host, memory_bytes=queue_bytes,
+        # This run of the trace: the collector files it apart from earlier runs of the same
+        # trace name, and its spool folder is its own (a restarted agent resends it: recover()).
+        self.run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+        header["run"] = self.run
+        self.shipper = Shipper(address, key, {"trace": self.name, "host": host, "run": self.run, "header": header},
+                               spool_dir=spool_dir / self.name / host / self.run, memory_bytes=queue_bytes,
                                spool_bytes=spool_bytes)
         self.events = 0
         self.chunks = 0
@@ -108,6 +114,10 @@ class AgentTrace:
         self._error: BaseException | None = None
         self._stop_lock = threading.Lock()
         self._summary: dict | None = None
+        self._final: dict | None = None     # the last status, taken before the objects are closed
+        self.vanished: list[dict] = []      # traced interfaces that went away, each once
+        self.ended: str | None = None       # why the trace ended by itself (nothing left to trace)
+        self._next_check = time.monotonic() + VANISH_CHECK_S
         self._thread = threading.Thread(target=self._drain, name=f"drain {self.name}", daemon=True)
         self._thread.start()
 
@@ -121,6 +131,8 @@ class AgentTrace:
         try:
             shipped = time.monotonic()
             while not self._stop.is_set():
+                if time.monotonic() >= self._next_check and self._check_devices():
+                    break  # nothing left to trace: what is in the ring goes below, then stop
                 pending = self.reader.pending()
                 if not pending:
                     self.reader.wait(DRAIN_POLL_MS)  # the kernel's wakeup, or the timer
@@ -139,6 +151,27 @@ class AgentTrace:
             log.exception("drain failed")
             self._error = e
 
+    def _check_devices(self) -> bool:
+        """Once a second: a traced interface deleted (or its netns) took its hooks with it.
+        Recorded once, in the status and as a chunk in the trace file; True when nothing is
+        left (every hook was on a device that is gone): the trace then ends by itself."""
+        from vnet.collector.tracefile import vanished_fields
+
+        self._next_check = time.monotonic() + VANISH_CHECK_S
+        for label, why in self.trace.vanished():
+            v = vanished_fields(label, why)
+            self.vanished.append(v)
+            log.warning("trace %s: %s is gone (%s): its hooks stopped", self.name, label, why)
+            self.shipper.put("vanished", **v)
+        if not self.trace.all_hooks_gone:
+            return False
+        self.ended = (f"every traced interface is gone ({', '.join(v['iface'] for v in self.vanished)}): "
+                      "nothing left to trace")
+        log.warning("trace %s: %s", self.name, self.ended)
+        # stop() joins this thread: it runs in its own; the dispatcher's stop gets its summary
+        threading.Thread(target=self.stop, name=f"end {self.name}", daemon=True).start()
+        return True
+
     def _ship_available(self) -> None:
         while True:
             batch = self.reader.peek(max_records=BATCH_EVENTS_MAX)  # the chunk is packed from the ring itself
@@ -147,12 +180,15 @@ class AgentTrace:
                 if batch.nbytes:
                     continue  # it stopped at the ring's end: more may follow from its start
                 return
-            self.shipper.put("events", events=batch.count, count=batch.count, records=batch.data)
+            self.shipper.put("events", count=batch.count, records=batch.data)
             self.reader.consume(batch)
             self.events += batch.count
             self.chunks += 1
 
     def status(self) -> dict:
+        final = self._final
+        if final is not None:  # stopped (or stopping): the objects are closed or about to be
+            return {**final, "running": False}
         s = self.trace.stats()
         sh = self.shipper.stats
         return {"trace": self.name, "running": not self._stop.is_set(), "seconds": time.monotonic() - self.started,
@@ -163,8 +199,11 @@ class AgentTrace:
                 "ring_fill": self.reader.pending() / max(1, self.trace.ring_bytes),
                 "shipper": {"connected": sh.connected, "queued": sh.queued, "acked": sh.acked, "spooled": sh.spooled,
                             "dropped_events": sh.dropped_events, "reconnects": sh.reconnects,
-                            "last_error": sh.last_error, "collector": self.shipper.address, "path": sh.path},
-                "error": str(self._error) if self._error else None}
+                            "last_error": sh.last_error, "collector": self.shipper.address, "path": sh.path,
+                            "collector_full": sh.collector_full, "full_refusals": sh.full_refusals,
+                            "queued_events": self.shipper.queued_events, "run": self.run},
+                "error": str(self._error) if self._error else None,
+                "vanished": list(self.vanished), "ended": self.ended}
 
     def stop(self) -> dict:
         """Detach, drain what is left, send the final counters, wait for the acks.
@@ -181,18 +220,30 @@ class AgentTrace:
         self._stop.set()
         self._thread.join(timeout=10)
         final = self.status()
+        self._final = final
         k = final["kernel"]
         losses = {"kernel_ring_full": k["lost"], "agent_unread": max(0, k["emitted"] - self.events),
                   "agent_spool_full": self.shipper.stats.dropped_events}
         from vnet.collector.tracefile import stats_fields
 
         self.shipper.put("stats", **stats_fields(self.trace))
-        self.shipper.put("end", kernel=k, events=self.events, chunks=self.chunks, losses=losses)
+        self.shipper.put("end", kernel=k, events=self.events, chunks=self.chunks, losses=losses,
+                         vanished=self.vanished, ended=self.ended)
         self.trace.close()  # detached: nothing of ours stays in the kernel
         delivered = self.shipper.flush(FLUSH_TIMEOUT_S)
-        self.shipper.close()
-        final.update(running=False, delivered=delivered, losses=losses,
-                     undelivered_chunks=self.shipper.stats.queued)
+        sh = self.shipper.stats
+        final.update(running=False, delivered=delivered, losses=losses, undelivered_chunks=sh.queued,
+                     undelivered_events=self.shipper.queued_events)
+        final["shipper"].update(collector_full=sh.collector_full, full_refusals=sh.full_refusals,
+                                reconnects=sh.reconnects, acked=sh.acked, queued=sh.queued)
+        if delivered:
+            self.shipper.close()
+        else:  # kept in the spool and sent on in the background (Agent.background): not lost yet
+            self.shipper.keep()
+            final["kept_in"] = str(self.shipper.spool_dir)
+            log.error("trace %s stopped with %d chunks (%d events) not at the collector (%s): kept in %s and "
+                      "sent on in the background", self.name, sh.queued, final["undelivered_events"],
+                      sh.collector_full or sh.last_error or "no acknowledgement", self.shipper.spool_dir)
         return final
 
     def hooks(self) -> list[dict]:
@@ -321,6 +372,22 @@ class Agent:
         # and asks again, get them at once, as when they were cached in-process.
         self._answers: dict | None = None
         self._answers_lock = threading.Lock()
+        # Streams still being delivered: traces stopped before the collector had everything,
+        # and those a dead agent left in the spool (resent, then recorded as interrupted).
+        self.background: list[Shipper] = []
+        self._recover()
+
+    def _recover(self) -> None:
+        """Every stream a previous agent left in the spool folder (spool/TRACE/HOST/RUN/open)."""
+        for opening in sorted(self.spool_dir.glob("*/*/*/open")):
+            try:
+                shipper = Shipper.recover(opening.parent, self.key, spool_bytes=self.spool_bytes)
+            except Exception as e:  # noqa: BLE001 - a damaged folder must not stop the agent
+                log.error("cannot resend %s: %s", opening.parent, e)
+                continue
+            log.warning("resending what a previous agent left in %s (%d chunks)", opening.parent,
+                        shipper.stats.queued)
+            self.background.append(shipper)
 
     def hello(self) -> dict:
         with self._answers_lock:  # probed once, in a child; kept here as a few KiB of plain data
@@ -348,8 +415,9 @@ class Agent:
                         ch.send({"type": "started", "hooks": mine.hooks(), "unavailable": mine.unavailable,
                                  "skipped": mine.trace.skipped})
                     elif kind == "status":
-                        ch.send({"type": "status", **(mine or self.current).status()} if (mine or self.current)
-                                else {"type": "status", "running": False})
+                        t = mine or self.current
+                        ch.send({"type": "status", **(t.status() if t else {"running": False}),
+                                 "background": self.background_status()})
                     elif kind == "stop":
                         if mine is None:
                             raise UsageError("no trace of this connection to stop")
@@ -391,15 +459,27 @@ class Agent:
             return self.current
 
     def shutdown(self) -> None:
-        """The agent is exiting: stop (detach, flush) the trace that still runs."""
+        """The agent is exiting: stop (detach, flush) the trace that still runs; what is not
+        delivered stays in the spool for the next start."""
         t = self.current
         if t is not None:
             log.warning("agent exiting during trace %s: stopping it", t.name)
             self._stop(t)
+        for shipper in self.background:
+            shipper.close()
+
+    def background_status(self) -> list[dict]:
+        self.background = [b for b in self.background if not b.done]
+        return [{"trace": b.opening.get("trace"), "run": b.opening.get("run"), "queued": b.stats.queued,
+                 "connected": b.stats.connected, "collector_full": b.stats.collector_full,
+                 "last_error": b.stats.last_error, "spool": str(b.spool_dir)} for b in self.background]
 
     def _stop(self, t: AgentTrace) -> dict:
         try:
-            return t.stop()
+            summary = t.stop()
+            if not summary.get("delivered"):
+                self.background.append(t.shipper)
+            return summary
         finally:
             with self._lock:
                 if self.current is t:

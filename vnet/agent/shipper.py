@@ -6,6 +6,18 @@ queue grows in memory up to `memory_bytes`, then on disk in `spool_dir` up to
 `spool_bytes`; past that a chunk is dropped and its events are counted as lost
 at the agent (the only way an agent loses data, and it says so). On reconnect
 the collector says which sequence it has; everything after is sent again.
+
+Faults (docs/reliability.md):
+- the line goes silent (network cut): no ack and no ping for SESSION_TIMEOUT_S ends the
+  session; reconnects back off from RECONNECT_S to RECONNECT_MAX_S; the queue grows
+  meanwhile and drains from where the collector's files end.
+- the collector cannot write (disk full): it says "full" instead of acknowledging;
+  the chunk and everything after stay queued (memory, then spool) and are sent again
+  every FULL_RETRY_S .. FULL_RETRY_MAX_S until they are written: nothing is lost while
+  the agent's own queue and spool hold out.
+- the agent dies: the spool folder keeps the stream's opening (`open`) and whatever was
+  spooled; `recover()` (the next agent's start) resends it and has the collector record
+  that the stream was interrupted. What only the dead agent's memory held is a gap.
 """
 
 from __future__ import annotations
@@ -21,11 +33,17 @@ from pathlib import Path
 
 import msgpack
 
+from vnet.errors import VnetError
 from vnet.protocol import MAX_DATA_BYTES, connect
-from vnet.protocol.channel import ProtocolError
 
 log = logging.getLogger("vnet.agent.shipper")
-RECONNECT_S = 0.5
+RECONNECT_S = 0.5        # first retry after a failed session, doubling up to
+RECONNECT_MAX_S = 5.0    # this: a collector down for long is tried every 5 s, not hammered
+SESSION_TIMEOUT_S = 15.0  # the collector pings every 5 s: this long without a word, the line is dead
+FULL_RETRY_S = 1.0       # a collector that could not write: the same chunk again after this,
+FULL_RETRY_MAX_S = 5.0   # doubling up to this
+FULL_FLUSH_S = 5.0       # stopping, a collector that cannot write is waited for this long
+OPEN_FILE = "open"       # the stream's opening, beside its spooled chunks
 
 
 _SPOOL_HEAD = struct.Struct(">I")  # a spooled chunk: head length, msgpack head, records
@@ -60,12 +78,14 @@ class ShipperStats:
     reconnects: int = 0
     connected: bool = False
     last_error: str = ""
+    collector_full: str = ""  # the collector could not write (disk full): why; "" once it writes again
+    full_refusals: int = 0    # times it said so
     path: str = ""           # where the collector writes this stream
 
 
 class Shipper:
     def __init__(self, address: str, key: bytes, opening: dict, *, spool_dir: str | os.PathLike,
-                 memory_bytes: int = 64 << 20, spool_bytes: int = 1 << 30):
+                 memory_bytes: int = 64 << 20, spool_bytes: int = 1 << 30, recovering: bool = False):
         self.address = address
         self.key = key
         self.opening = opening       # the "open" message's fields: trace, host, header
@@ -79,14 +99,72 @@ class Shipper:
         self._on_disk = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
+        self._rewind: int | None = None   # the collector said "full": send again after this seq
+        self._resume_at = 0.0
+        self._full_wait = FULL_RETRY_S
+        self.interrupted: str | None = None  # recovering a dead agent's stream: why (told to the collector)
+        self.recovering = recovering
+        if not recovering:
+            try:
+                self._write_opening()
+            except OSError as e:  # shipping works without it; only a restart could not resume
+                log.warning("cannot write %s: %s (a restarted agent could not resend this stream)",
+                            self.spool_dir / OPEN_FILE, e)
         self._thread = threading.Thread(target=self._run, name="shipper", daemon=True)
+        if not recovering:
+            self._thread.start()
+
+    def _write_opening(self) -> None:
+        """The stream's opening on disk before anything is shipped: if this agent dies, the
+        next one knows where the stream went and can say it was interrupted (recover())."""
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.spool_dir / f"{OPEN_FILE}.tmp"
+        tmp.write_bytes(msgpack.packb({"address": self.address, "opening": self.opening}, use_bin_type=True))
+        os.replace(tmp, self.spool_dir / OPEN_FILE)
+
+    @classmethod
+    def recover(cls, run_dir: str | os.PathLike, key: bytes, spool_bytes: int = 1 << 30) -> "Shipper":
+        """A dead agent's stream from its spool folder: the spooled chunks, sent again from
+        where the collector's files end, then "interrupted" (the collector records it).
+        Raises OSError or ValueError when the folder is not a readable stream."""
+        run_dir = Path(run_dir)
+        saved = msgpack.unpackb((run_dir / OPEN_FILE).read_bytes(), raw=False)
+        if not isinstance(saved, dict) or not isinstance(saved.get("address"), str) \
+                or not isinstance(saved.get("opening"), dict):
+            raise ValueError(f"{run_dir / OPEN_FILE}: not a stream opening")
+        self = cls(saved["address"], key, saved["opening"], spool_dir=run_dir, memory_bytes=0,
+                   spool_bytes=spool_bytes, recovering=True)
+        for path in sorted(run_dir.glob("chunk-*")):
+            try:
+                seq = int(path.name.removeprefix("chunk-"))
+            except ValueError:
+                continue
+            size = path.stat().st_size
+            self._queue.append(_Entry(seq, 0, path=path, size=size))
+            self._on_disk += size
+            self._next_seq = max(self._next_seq, seq + 1)
+        self.stats.queued = len(self._queue)
+        self.stats.spooled = len(self._queue)
+        last = self._queue[-1].load()[0] if self._queue else {}
+        if last.get("kind") != "end":  # an agent that stopped but could not deliver kept its end chunk
+            self.interrupted = ("the agent ended without stopping this trace (killed or crashed): what it had "
+                                "not spooled is missing")
         self._thread.start()
+        return self
+
+    @property
+    def done(self) -> bool:
+        """Everything delivered (and, recovering, the interruption recorded)."""
+        with self._cond:
+            return not self._queue and self.interrupted is None
 
     # -- producer side ------------------------------------------------------------------------------
-    def put(self, kind: str, events: int = 0, records=None, **fields) -> int:
+    def put(self, kind: str, records=None, **fields) -> int:
         """Queue a chunk; returns its sequence number. `records` (an events chunk's ring
         batch, any buffer) is copied once, here, and shipped raw beside the chunk's head:
-        the collector writes it to the trace file as the chunk's last field, "records"."""
+        the collector writes it to the trace file as the chunk's last field, "records".
+        An events chunk's "count" is what it costs if it is lost."""
+        events = int(fields.get("count", 0)) if kind == "events" else 0
         with self._cond:
             seq = self._next_seq
             self._next_seq += 1
@@ -97,17 +175,14 @@ class Shipper:
             if self._in_memory + size <= self.memory_bytes:
                 entry.head, entry.blob = head, blob
                 self._in_memory += size
-            elif self._on_disk + size <= self.spool_bytes:
-                self.spool_dir.mkdir(parents=True, exist_ok=True)
-                entry.path = self.spool_dir / f"chunk-{seq:012d}"
-                packed = msgpack.packb(head, use_bin_type=True)
-                entry.path.write_bytes(_SPOOL_HEAD.pack(len(packed)) + packed + (blob or b""))
+            elif self._on_disk + size <= self.spool_bytes and self._spilled(entry, head, blob):
                 self._on_disk += size
                 self.stats.spooled += 1
             else:
                 self.stats.dropped_chunks += 1
                 self.stats.dropped_events += events
-                log.error("spool full (%d bytes): chunk %d with %d events dropped", self.spool_bytes, seq, events)
+                log.error("spool full (%d bytes, or its disk): chunk %d with %d events dropped", self.spool_bytes,
+                          seq, events)
                 # The collector must not wait for it: a marker says what is gone.
                 head = {"kind": "dropped", "seq": seq, "events": events}
                 entry = _Entry(seq, 0, head=head, size=64)
@@ -118,23 +193,98 @@ class Shipper:
         return seq
 
     def flush(self, timeout: float) -> bool:
-        """Wait until the collector has every chunk queued so far (True) or `timeout` passes."""
+        """Wait until the collector has every chunk queued so far (True) or `timeout` passes,
+        or the collector has said for FULL_FLUSH_S that it cannot write (its disk is full:
+        the chunks are kept, see keep())."""
         deadline = time.monotonic() + timeout
         with self._cond:
             last = self._next_seq - 1
+            progress, acked = time.monotonic(), self.stats.acked
             while self.stats.acked < last and time.monotonic() < deadline:
+                if self.stats.acked != acked:
+                    progress, acked = time.monotonic(), self.stats.acked
+                elif self.stats.collector_full and time.monotonic() - progress > FULL_FLUSH_S:
+                    break
                 self._cond.wait(0.1)
             return self.stats.acked >= last
 
+    def keep(self) -> None:
+        """The trace stopped before the collector had everything: what is queued in memory
+        goes to the spool (an agent killed now loses nothing of it), and shipping goes on in
+        the background until the collector has it all; then the spool folder goes."""
+        with self._cond:
+            for e in self._queue:
+                if e.path is None and e.head is not None:
+                    try:
+                        self._spill(e)
+                    except OSError as err:
+                        log.error("cannot keep chunk %d in %s: %s", e.seq, self.spool_dir, err)
+                        break
+            self.recovering = True  # the thread ends once everything is acknowledged
+
     def close(self) -> None:
+        """Stop shipping. Delivered: the spool folder goes. Not: what is queued in memory
+        is written to the spool, so that the next agent start sends it (recover())."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
         self._thread.join(timeout=5)
+        with self._cond:
+            if not self._queue and self.interrupted is None:
+                self._remove_spool()
+                return
+            for e in self._queue:
+                if e.path is None and e.head is not None:
+                    try:
+                        self._spill(e)
+                    except OSError as err:
+                        log.error("cannot keep chunk %d in %s: %s", e.seq, self.spool_dir, err)
+                        break
+
+    def _spilled(self, e: _Entry, head: dict, blob) -> bool:
+        """Whether the chunk went to the spool; its disk full or failing counts as the spool full."""
+        e.head, e.blob = head, blob
+        try:
+            self._spill(e)
+            return True
+        except OSError as err:
+            log.error("cannot spool chunk %d to %s: %s", e.seq, self.spool_dir, err)
+            return False
+
+    def _spill(self, e: _Entry) -> None:
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spool_dir / f"chunk-{e.seq:012d}"
+        tmp = path.with_name(path.name + ".tmp")  # whole or absent: a restarted agent resends what it finds
+        packed = msgpack.packb(e.head, use_bin_type=True)
+        try:
+            tmp.write_bytes(_SPOOL_HEAD.pack(len(packed)) + packed + (e.blob or b""))
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        e.path, e.head, e.blob = path, None, None
+
+    def _remove_spool(self) -> None:
+        for p in (self.spool_dir / OPEN_FILE, self.spool_dir / f"{OPEN_FILE}.tmp"):
+            p.unlink(missing_ok=True)
+        try:
+            self.spool_dir.rmdir()  # empty by now; a folder someone put other files in stays
+        except OSError:
+            pass
+
+    @property
+    def queued_events(self) -> int:
+        """Events in chunks not yet acknowledged (known for chunks this agent queued)."""
+        with self._cond:
+            return sum(e.events for e in self._queue)
 
     # -- the connection -----------------------------------------------------------------------------
     def _ack(self, seq: int) -> None:
         with self._cond:
+            if seq > self.stats.acked and self.stats.collector_full:
+                log.warning("collector %s writes again (after chunk %d)", self.address, seq)
+                self.stats.collector_full = ""
+                self._full_wait = FULL_RETRY_S
             self.stats.acked = max(self.stats.acked, seq)
             while self._queue and self._queue[0].seq <= seq:
                 e = self._queue.popleft()
@@ -146,23 +296,48 @@ class Shipper:
             self.stats.queued = len(self._queue)
             self._cond.notify_all()
 
+    def _full(self, msg) -> None:
+        """The collector could not write the chunk after `have`: rewind to it and wait."""
+        have = msg.get("have")
+        with self._cond:
+            if not isinstance(have, int):
+                return
+            why = str(msg.get("message") or "the collector cannot write")
+            if not self.stats.collector_full:
+                log.error("collector %s cannot write after chunk %d (%s): chunks stay queued here and are "
+                          "sent again", self.address, have, why)
+            self.stats.collector_full = why
+            self.stats.full_refusals += 1
+            self._rewind = have if self._rewind is None else min(self._rewind, have)
+            self._resume_at = time.monotonic() + self._full_wait
+            self._full_wait = min(FULL_RETRY_MAX_S, self._full_wait * 2)
+            self._cond.notify_all()
+
     def _run(self) -> None:
         self.stats.acked = -1
+        wait = RECONNECT_S
         while not self._stop.is_set():
+            opened = False
             try:
-                self._session()
-            except (OSError, ConnectionError, ProtocolError, TimeoutError) as e:
-                self.stats.connected = False
+                opened = self._session()
+            except (OSError, ConnectionError, VnetError) as e:  # unreachable, refused, cut, broke the protocol
                 if str(e) != self.stats.last_error:
                     log.warning("collector %s: %s (retrying; chunks queue meanwhile)", self.address, e)
                 self.stats.last_error = str(e)
-                self._stop.wait(RECONNECT_S)
             except Exception:  # noqa: BLE001
                 log.exception("shipper failed; retrying")
-                self._stop.wait(RECONNECT_S)
+            self.stats.connected = False
+            if self.recovering and self.done:
+                with self._cond:
+                    self._remove_spool()
+                return
+            wait = RECONNECT_S if opened else min(RECONNECT_MAX_S, wait * 2)
+            if self._stop.wait(wait):
+                return
 
-    def _session(self) -> None:
-        ch = connect(self.address, self.key, "collector", limit=MAX_DATA_BYTES, timeout=10)
+    def _session(self) -> bool:
+        """One connection; whether it got as far as "opened" (the reconnect back-off restarts)."""
+        ch = connect(self.address, self.key, "collector", limit=MAX_DATA_BYTES, timeout=SESSION_TIMEOUT_S)
         try:
             reply = ch.request({"type": "open", **self.opening}, ("opened",))
             have = int(reply.get("have", -1))  # the last sequence the collector wrote before
@@ -170,29 +345,59 @@ class Shipper:
             self._ack(have)
             self.stats.connected = True
             self.stats.reconnects += 1
+            with self._cond:
+                self._rewind = None
             reader = threading.Thread(target=self._read_acks, args=(ch,), name="shipper-acks", daemon=True)
             reader.start()
             sent_upto = have
             while not self._stop.is_set() and reader.is_alive():
                 with self._cond:
+                    if self._rewind is not None:
+                        if time.monotonic() < self._resume_at:
+                            self._cond.wait(min(0.2, self._resume_at - time.monotonic()))
+                            continue
+                        sent_upto, self._rewind = min(sent_upto, self._rewind), None
                     pending = [e for e in self._queue if e.seq > sent_upto]
                     if not pending:
+                        if self.recovering and self.stats.acked >= self._next_seq - 1:
+                            if self.interrupted is not None:
+                                self._tell_interrupted(ch)
+                            return True
                         self._cond.wait(0.2)
                         continue
                 for e in pending:
+                    if self._rewind is not None:
+                        break  # the collector stopped writing: the rest waits
                     head, blob = e.load()
                     ch.send({"type": "chunk", "seq": e.seq, "chunk": head}, blob=blob)
                     self.stats.sent += 1
                     sent_upto = e.seq
+            return True
         finally:
             ch.close()
+
+    def _tell_interrupted(self, ch) -> None:
+        """Recovering: every spooled chunk is written; the collector records the interruption."""
+        ch.send({"type": "interrupted", "reason": self.interrupted})
+        ch_reply_deadline = time.monotonic() + SESSION_TIMEOUT_S
+        while time.monotonic() < ch_reply_deadline:
+            with self._cond:
+                if self.interrupted is None:
+                    break
+                self._cond.wait(0.1)
 
     def _read_acks(self, ch) -> None:
         try:
             while True:
-                msg = ch.recv(("ack", "ping"))
+                msg = ch.recv(("ack", "ping", "full", "recorded"))
                 if msg["type"] == "ack":
                     self._ack(int(msg["seq"]))
+                elif msg["type"] == "full":
+                    self._full(msg)
+                elif msg["type"] == "recorded":  # the interruption is in the collector's file
+                    with self._cond:
+                        self.interrupted = None
+                        self._cond.notify_all()
                 else:  # the collector measures our clock: answer at once
                     ch.send({"type": "pong", "t": msg.get("t"), "mono_ns": time.monotonic_ns(),
                              "real_ns": time.time_ns()})

@@ -23,7 +23,7 @@ import numpy as np
 
 from vnet.binding import StructLayout
 from vnet.binding.ringbatch import BUSY_BIT, DISCARD_BIT, HDR_SIZE, LEN_MASK
-from vnet.collector.tracefile import TraceFileReader, event_decoder, layout_from_dict
+from vnet.collector.tracefile import TraceFileReader, event_decoder, layout_from_dict, stream_accounting
 from vnet.errors import UsageError
 from vnet.trace.records import where
 
@@ -341,6 +341,13 @@ class HostReader:
         if self.out.clock is None or err <= self.out.clock["error_ns"]:
             self.out.clock = {"offset_ns": off, "error_ns": err}
 
+    def add_vanished(self, chunk: dict) -> None:
+        """A traced interface that went away mid-trace (the agent's "vanished" chunk): said
+        with the host's problems, since its hops have no events after that time."""
+        from vnet.collector.tracefile import describe_vanished
+
+        self.out.problems.append(describe_vanished(chunk))
+
     # -- the end --------------------------------------------------------------------------------------
 
     def finish(self) -> HostEvents:
@@ -366,9 +373,12 @@ class HostReader:
         size = 0
         self.reserve(2 * batch_bytes // (self.packet.itemsize + HDR_SIZE) + 1024)
         for f in files:
-            for chunk in f.chunks(("events", "clock"), views=True):
+            for chunk in f.chunks(("events", "clock", "vanished"), views=True):
                 if chunk["kind"] == "clock":
                     self.add_clock(chunk)
+                    continue
+                if chunk["kind"] == "vanished":
+                    self.add_vanished(chunk)
                     continue
                 blob = chunk.get("records")
                 if isinstance(blob, (bytes, memoryview)):
@@ -470,6 +480,7 @@ def read_hosts(paths: list[str | os.PathLike], *, flow: Flow | None = None,
     readers = {host: HostReader(host, files[0].header, flow) for host, files in work.items()}
     for host, files in work.items():
         readers[host].out.files += [str(f.path) for f in files]
+        readers[host].out.problems += stream_accounting(files)
         # an upper bound of its packet events: each takes at least a record's size in the files
         size = sum(os.path.getsize(f.path) for f in files)
         readers[host].reserve(size // (readers[host].packet.itemsize + HDR_SIZE) + 1)
@@ -487,9 +498,12 @@ def read_hosts(paths: list[str | os.PathLike], *, flow: Flow | None = None,
 
 
 def _read_file(hr: HostReader, f: TraceFileReader) -> None:
-    for chunk in f.chunks(("events", "clock")):
+    for chunk in f.chunks(("events", "clock", "vanished")):
         if chunk["kind"] == "clock":
             hr.add_clock(chunk)
+            continue
+        if chunk["kind"] == "vanished":
+            hr.add_vanished(chunk)
             continue
         blob = chunk.get("records")
         if isinstance(blob, bytes):

@@ -145,19 +145,30 @@ def from_pings(samples: list[dict]) -> ClockMap:
 # outgoing one and its first on the host it reaches an incoming one: that says which
 # way it crossed even when the clocks' bound is wider than the crossing.
 OUTGOING = {"net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit", "sock:udp_sendmsg",
-            "sock:tcp_sendmsg", "ovs:vport_send", "bridge:forward", "veth:xmit", "tun:net_xmit",
-            "vhost:handle_rx", "xen:start_xmit", "xen:rx_action", "virtio:start_xmit"}
+            "sock:tcp_sendmsg", "ip:output", "ip:output6", "ovs:vport_send", "bridge:forward", "veth:xmit",
+            "tun:net_xmit", "vhost:handle_rx", "xen:start_xmit", "xen:rx_action", "virtio:start_xmit"}
 INCOMING = {"net:netif_rx", "net:napi_gro_receive_entry", "net:netif_receive_skb", "sock:udp_recvmsg",
-            "sock:tcp_recvmsg", "sock:datagram_copy", "ovs:vport_receive", "bridge:handle_frame", "tun:get_user",
-            "vhost:handle_tx", "xen:tx_action"}
+            "sock:tcp_recvmsg", "sock:datagram_copy", "sock:udp_enqueue", "sock:udp_read", "ovs:vport_receive",
+            "bridge:handle_frame", "tun:get_user", "vhost:handle_tx", "xen:tx_action"}
+
+
+# Probes that can fire on a host after the packet has left it (a driver frees a sent
+# packet at transmit completion: virtio-net, so skb:consume_skb; a clone dropped later):
+# never taken as the end of a packet's stay on a host, or a crossing would look faster
+# than it was, or backwards.
+AFTERWARDS = {"sock:consume_skb", "drop:kfree_skb"}
+
+
+def _probe(name: str) -> str:
+    if name.startswith("["):
+        name = name.partition("] ")[2]
+    return name.split(" ", 1)[0]
 
 
 def hop_role(name: str) -> int:
     """+1 outgoing, -1 incoming, 0 neither or unknown, from a hop's name as the join
     makes it ("[host] net:netif_receive_skb ns/eth0", "[host] eth0:egress")."""
-    if name.startswith("["):
-        name = name.partition("] ")[2]
-    probe = name.split(" ", 1)[0]
+    probe = _probe(name)
     if probe.endswith(":egress"):
         return 1
     if probe.endswith(":ingress"):
@@ -187,13 +198,18 @@ def crossings(table, most: int = MAX_CROSSINGS) -> dict[tuple[int, int], Crossin
     parts: dict[tuple[int, int], list[tuple[np.ndarray, ...]]] = {}
     hop_host = table.hop_host
     roles = np.array([hop_role(n) for n in table.hop_names] or [0], np.int8)
+    later = np.array([_probe(n) in AFTERWARDS for n in table.hop_names] or [False])
     multi = [p for p in table.paths if np.unique(hop_host[list(p.hops)]).size > 1]
     step = max(1, -(-sum(p.count for p in multi) // most))
     for p in multi:
         hosts = hop_host[list(p.hops)]
         uniq = np.unique(hosts).tolist()
         prole = roles[list(p.hops)]
-        ends = {h: (int(np.flatnonzero(hosts == h)[0]), int(np.flatnonzero(hosts == h)[-1])) for h in uniq}
+        ends = {}
+        for h in uniq:
+            on = np.flatnonzero(hosts == h)
+            kept = on[~later[[p.hops[i] for i in on]]]   # its stay ends before any AFTERWARDS hop
+            ends[h] = (int(on[0]), int((kept if kept.size else on)[-1]))
         for first, _pkt, d in p.parts:
             if step > 1:
                 first, d = first[::step], d[::step]

@@ -354,7 +354,7 @@ def render_text(r: dict, hist: bool = False) -> list[str]:
     for p in r["paths"][:10]:
         e = p["e2e"]
         lines += ["", f"path ({p['count']} packets): {' -> '.join(p['hops'])}",
-                  f"  end-to-end: " + " ".join(f"{c.removesuffix('_ns')} {_us(e[c])}" for c in cols[1:])
+                  "  end-to-end: " + " ".join(f"{c.removesuffix('_ns')} {_us(e[c])}" for c in cols[1:])
                   + _err(p["clock_error_ns"]),
                   f"  p99 tail ({p['tail']['packets']} packets >= {_us(p['tail']['threshold_ns'])}): share of time"]
         for i, s in enumerate(p["tail"]["segments"]):

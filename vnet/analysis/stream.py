@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from vnet.collector.tracefile import stream_accounting
+
 from .bulk import Batch, Flow, HostEvents, HostReader, files_by_host
 from .clocksync import ClockMap, from_pings, refine
 from .latency import _MULT, group_sorted, order_by_packet
@@ -296,7 +298,6 @@ class StreamJoin:
         self.slack_ns = min(slack_ns, gap_ns)
         self.readers = [HostReader(host, files[0].header, flow) for host, files in work.items()]
         self.feeds: list[_Feed] = []
-        multi = len(self.readers) > 1
         if clocks is None:
             clocks = []
             for r, files in zip(self.readers, work.values()):
@@ -306,6 +307,7 @@ class StreamJoin:
                 clocks.append(from_pings(r.pings))
         for r, files in zip(self.readers, work.values()):
             r.out.files += [str(f.path) for f in files]
+            r.out.problems += stream_accounting(files)
         if len(clocks) == 1 and clocks[0].error_ns is None:
             clocks = [replace(clocks[0], error_ns=0)]  # one host: its own timeline, nothing to compare
         self.clocks = clocks

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vnet import netns as _netns
-from vnet.errors import AttachError, BpfError, VerifierError, bpf_error
+from vnet.errors import RESOURCE_ERRNOS, AttachError, BpfError, VerifierError, bpf_error
 
 from . import libbpf, splice
 from .btf import Btf, StructLayout
@@ -533,7 +533,8 @@ class BpfObject:
             failing = [p.name for p in self.programs.values()
                        if any(f"prog '{p.name}': " in ln and "fail" in ln for ln in lines)]
             target = f"{self.path.name}" + (f" program {failing[0]}" if failing else "")
-            if any("BEGIN PROG LOAD LOG" in ln for ln in lines):
+            if any("BEGIN PROG LOAD LOG" in ln for ln in lines) and abs(err) not in RESOURCE_ERRNOS:
+                # (out of descriptors: the verifier may have accepted it; its log is no cause)
                 start = max(i for i, ln in enumerate(lines) if "BEGIN PROG LOAD LOG" in ln)
                 name = lines[start].split("prog '", 1)[-1].split("'", 1)[0]
                 if name in self.programs:

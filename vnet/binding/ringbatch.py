@@ -39,7 +39,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from vnet.errors import BpfError, UsageError
+from vnet.errors import BpfError, UsageError, bpf_error
 
 from .object import Map
 
@@ -208,7 +208,7 @@ class RingBatchReader:
         try:
             mapping = _Mapping(ring_map.fd, size)
         except OSError as e:
-            raise BpfError("mmap ring buffer", e.errno or errno.EINVAL, f"map {ring_map.name}") from None
+            raise bpf_error("mmap ring buffer", e.errno or errno.EINVAL, f"map {ring_map.name}") from None
         self._m = ring_map._obj._own(mapping)
         weakref.finalize(self, mapping.close)
         # Releasing and re-taking a held lock orders the memory accesses before it

@@ -9,9 +9,11 @@ import sys
 from vnet.errors import VnetError
 
 
-def setup_logging(verbose: int) -> None:
+def setup_logging(verbose: int, least: int = 0) -> None:
     """Quiet by default (errors reach the user as one line from the exception);
-    -v: vnet's steps and libbpf's messages; -vv: debug, including libbpf's."""
+    -v: vnet's steps and libbpf's messages; -vv: debug, including libbpf's.
+    `least`: a level to log at anyway (the agent and collector log their peers), which
+    does not count as -v for a bug's traceback."""
     root = logging.getLogger("vnet")
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -21,9 +23,10 @@ def setup_logging(verbose: int) -> None:
     if verbose <= 0 and getattr(root, "_vnet_verbose", 0) > 0:
         return  # `vnet -v trace` then the command's own default: keep the louder one
     root._vnet_verbose = verbose
-    root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING)
-    logging.getLogger("vnet.libbpf").setLevel(logging.DEBUG if verbose >= 2 else
-                                              logging.INFO if verbose == 1 else logging.CRITICAL)
+    level = max(verbose, least)
+    root.setLevel(logging.DEBUG if level >= 2 else logging.INFO if level == 1 else logging.WARNING)
+    logging.getLogger("vnet.libbpf").setLevel(logging.DEBUG if level >= 2 else
+                                              logging.INFO if level == 1 else logging.CRITICAL)
 
 
 def fail(err: VnetError) -> SystemExit:

@@ -35,6 +35,27 @@ def _serve(server, what: str) -> None:
             signal.signal(s, h)
 
 
+def writable_dir(path: Path, what: str) -> Path:
+    """`path` as a folder this process can write in, made if missing; else one UsageError
+    now, not a failure at the first chunk of a trace (the spool is written only once the
+    memory queue is full)."""
+    import os
+    import tempfile
+
+    from vnet.errors import UsageError
+
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()  # access() is not enough: read-only mounts, full disks
+    except OSError as e:
+        raise UsageError(f"{what} {path} is not a writable directory: {e.strerror or e}",
+                         hint=f"give another {what.split()[0]} folder" if os.geteuid() == 0 else
+                         "run as a user that can write there") from None
+    return path
+
+
 def _one_malloc_arena() -> None:
     """glibc gives every thread that allocates its own malloc arena, and an arena keeps
     the high water of what was once parsed in it (libbpf reads the kernel's BTF for every
@@ -52,13 +73,14 @@ def _one_malloc_arena() -> None:
 
 def _run_agent(listen: str, key: Path, allow_remote: bool, spool: Path, host: Optional[str], queue_mb: int,
                spool_mb: int, verbose: int) -> None:
-    setup_logging(max(verbose, 1))
+    setup_logging(verbose, least=1)
     from vnet.agent.agent import Agent
     from vnet.probes import features
     from vnet.protocol import load_key
     from vnet.protocol.server import Server
 
     features.require_privileges(net_admin=True)
+    writable_dir(spool, "--spool")
     _one_malloc_arena()
     agent_obj = Agent(load_key(key), spool, host, queue_bytes=queue_mb << 20, spool_bytes=spool_mb << 20)
     try:
@@ -96,12 +118,11 @@ def agent_fast(argv: list[str]) -> int | None:
         return None  # typer says what is wrong, as it would have
     if args.queue_mb < 0 or args.spool_mb < 0:
         return None
-    from vnet.errors import VnetError
+    from .common import cli_errors
 
-    try:
-        _run_agent(args.listen, args.key, args.allow_remote, args.spool, args.host, args.queue_mb, args.spool_mb,
-                   args.verbose)
-    except VnetError as e:
-        print(f"vnet: error: {e}", file=sys.stderr)
-        return e.exit_code
+    try:  # the boundary typer's path has: one line and its code, a bug's traceback only with -v
+        cli_errors(_run_agent)(args.listen, args.key, args.allow_remote, args.spool, args.host, args.queue_mb,
+                               args.spool_mb, args.verbose)
+    except SystemExit as e:
+        return e.code
     return 0

@@ -10,7 +10,7 @@ import typer
 
 from .common import cli_errors, setup_logging
 
-from .daemon import DEFAULT_AGENT, DEFAULT_COLLECTOR, DEFAULT_KEY, _run_agent, _serve
+from .daemon import DEFAULT_AGENT, DEFAULT_COLLECTOR, DEFAULT_KEY, _run_agent, _serve, writable_dir
 
 agent_app = typer.Typer(help="Run traces on this host for a dispatcher; ship the data to a collector.",
                         invoke_without_command=True, no_args_is_help=False)
@@ -59,17 +59,18 @@ def collect(
     verbose: int = typer.Option(0, "-v", "--verbose", count=True),
 ):
     """Receive raw event chunks from agents and write them to per-trace, per-host files."""
-    setup_logging(max(verbose, 1))
+    setup_logging(verbose, least=1)
     from vnet.collector.server import Collector
     from vnet.protocol import MAX_DATA_BYTES, load_key
     from vnet.protocol.server import Server
 
-    collector = Collector(out, rotate_bytes=rotate_mb << 20 if rotate_mb else None)
+    collector = Collector(writable_dir(out, "--out"), rotate_bytes=rotate_mb << 20 if rotate_mb else None)
     try:
         _serve(Server(listen, load_key(key), "collector", collector.handle, allow_remote=allow_remote,
                       limit=MAX_DATA_BYTES), "collector")
     finally:
-        collector.close()
+        for line in collector.close():  # per stream: what was written, and what could not be
+            print(f"vnet: collector: {line}", file=sys.stderr, flush=True)
 
 
 @cli_errors
@@ -84,8 +85,11 @@ def dispatch(
 ):
     """Run a trace spec on every host it names: check, start together, show progress, stop, report losses."""
     setup_logging(verbose)
+    import logging
+
+    verbose = max(verbose, getattr(logging.getLogger("vnet"), "_vnet_verbose", 0))  # `vnet -v dispatch` too
     from vnet.dispatch import load
-    from vnet.dispatch.dispatcher import DispatchError, Dispatcher, HostRun
+    from vnet.dispatch.dispatcher import Dispatcher, HostRun
     from vnet.protocol import load_key
 
     spec = load(spec_file)
@@ -93,11 +97,14 @@ def dispatch(
     hosts = [HostRun(h.name, h.agent, packages[h.name]) for h in spec.hosts]
     key_path = key or (Path(spec.collector.key) if spec.collector.key else DEFAULT_KEY)
     d = Dispatcher(hosts, load_key(key_path), strict=strict or spec.strict)
-    print(f"vnet: trace {spec.name}: {len(hosts)} hosts, collector {spec.collector.address}", file=sys.stderr)
-    summary = d.run(spec.duration_s, spec.count, live=not quiet and sys.stderr.isatty())
+    if not verbose:
+        d.hold()  # said once every host traces; a run that fails before prints its error only
+    d.say(f"vnet: trace {spec.name}: {len(hosts)} hosts, collector {spec.collector.address}")
+    summary = d.run(spec.duration_s, spec.count, live=not quiet and sys.stderr.isatty(), hold=not verbose)
     if json_out:
         import json
 
         print(json.dumps(summary, default=str))
-    if summary["failed"]:
-        raise typer.Exit(DispatchError.exit_code)
+    failure = Dispatcher.outcome(summary)  # 13: a host lost mid-trace; 4: a host with nothing left
+    if failure is not None:
+        raise failure

@@ -161,6 +161,7 @@ def trace(
                 final = list
             deadline = time.monotonic() + duration if duration is not None else None
             next_check = [time.monotonic() + VANISH_CHECK_S]
+            vanished: list[dict] = []
 
             def check_devices() -> None:
                 """Once a second: a traced interface (or its netns) deleted takes its hooks with
@@ -171,6 +172,9 @@ def trace(
                 for label, why in t.vanished():
                     print(f"vnet: warning: {label} is gone ({why}): its hooks stopped", file=sys.stderr)
                     lost_devices.append(label)
+                    from vnet.collector.tracefile import vanished_fields  # rare: not imported at start
+
+                    vanished.append(vanished_fields(label, why))  # -w: a chunk in the file
                 if t.all_hooks_gone:
                     stop.reason = stop.reason or "interfaces gone"
 
@@ -183,7 +187,7 @@ def trace(
             if write is not None:  # recording: the ring's batches go to the file as they are
                 from vnet.trace.recorder import record
 
-                printed = record(t, write, ending=recording_done, count=count).events
+                printed = record(t, write, ending=recording_done, count=count, vanished=vanished).events
                 print(f"vnet: {printed} events written to {write}", file=sys.stderr)
             else:
                 while True:

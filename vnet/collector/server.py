@@ -8,12 +8,23 @@ Each agent's clock is measured against ours with ping/pong exchanges, each writt
 as a "clock" chunk (offset at the middle of the exchange, bound half its round trip);
 the analysis fits offset and drift through them (vnet.analysis.clocksync).
 
+A stream is (trace, host, run): the agent names each run of a trace, so the same
+spec run again lands in a new file segment instead of being taken for a resend.
+
+When a chunk cannot be written (disk full, I/O error) the collector does not
+acknowledge it: it answers "full" with the last chunk it has, the file stays as it
+was (a torn chunk is cut off), and the agent keeps the chunk and everything after
+it and sends them again later (vnet/agent/shipper.py). Nothing is lost while the
+agent's queue and spool hold out; the refusals are counted and logged, and the
+summary at exit says how long writing failed. A clock sample that cannot be
+written is only counted (the next one replaces it).
+
 Per connection, two stages: the connection's thread receives a chunk, verifies its MAC and
 envelope and frames it for the trace file (CRC-32), then hands it to a writer thread, which
-writes it (writev into the page cache) and acknowledges it, while the next one is received,
-verified and framed. The records stay in the channel's receive buffers (BufferRing,
-PIPELINE_DEPTH of them) until written; each stage leaves the GIL in its long calls
-(recv_into, GMAC in libcrypto, zlib.crc32, writev).
+writes it (writev into the page cache) and acknowledges it (or answers "full"), while the next
+one is received, verified and framed. The records stay in the channel's receive buffers
+(BufferRing, PIPELINE_DEPTH of them) until written; each stage leaves the GIL in its long
+calls (recv_into, GMAC in libcrypto, zlib.crc32, writev).
 """
 
 from __future__ import annotations
@@ -52,31 +63,74 @@ class Stream:
     gaps: list = field(default_factory=list)
     chunks: int = 0
     events: int = 0
+    run: str | None = None
+    path: Path | None = None
     writer: TraceFileWriter | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     best_clock: dict | None = None
+    write_error: str = ""        # set while writing fails (disk full): why
+    refused: int = 0             # chunks not acknowledged because they could not be written
+    full_since: float | None = None
+    full_seconds: float = 0.0
+    clocks_unwritten: int = 0
+    interrupted: bool = False
 
     @property
     def base(self) -> Path:
         return self.directory / f"{self.host}.vnt"
 
     def open(self) -> None:
-        """A new segment: after a restart the old files stay as they are."""
+        """A new segment: after a restart, or for another run, the old files stay as they are."""
         n = 0
         while (path := self.base if n == 0 else self.base.with_name(f"{self.base.name}.s{n}")).exists():
             n += 1
         self.writer = TraceFileWriter(path, self.header, rotate_bytes=self.rotate_bytes)
+        self.path = path
 
     def resume(self) -> None:
-        """What earlier segments (a collector run that ended or crashed) already hold."""
+        """What earlier segments of this run (a collector run that ended or crashed) already hold."""
         for path in sorted(self.directory.glob(f"{self.host}.vnt*")):
             try:
-                for chunk in TraceFileReader(path).chunks():
+                reader = TraceFileReader(path)
+                if reader.header is None or reader.header.get("run") != self.run:
+                    continue
+                for chunk in reader.chunks():
                     seq = chunk.get("seq")
                     if isinstance(seq, int) and chunk.get("kind") not in ("header",):
                         self.last_seq = max(self.last_seq, seq)
             except Exception as e:  # noqa: BLE001 - a damaged file: resume from what was readable
                 log.warning("%s: %s", path, e)
+
+    def failed(self, e: OSError) -> None:
+        """A write failed: the chunk is not acknowledged (the agent keeps it)."""
+        self.refused += 1
+        if not self.write_error:
+            self.full_since = time.monotonic()
+            log.error("%s/%s: cannot write after chunk %d: %s; the agent keeps its chunks and sends them "
+                      "again", self.trace, self.host, self.last_seq, e)
+        self.write_error = e.strerror or str(e)
+
+    def wrote(self) -> None:
+        if self.write_error:
+            took = time.monotonic() - (self.full_since or time.monotonic())
+            self.full_seconds += took
+            log.warning("%s/%s: writing again after %.1f s (%d chunks refused so far)", self.trace, self.host,
+                        took, self.refused)
+            self.write_error, self.full_since = "", None
+
+    def summary(self) -> str:
+        out = f"{self.trace}/{self.host}: {self.chunks} chunks, {self.events} events in {self.path}"
+        if self.gaps:
+            out += f"; chunks never received: {', '.join(f'{a}..{b}' for a, b in self.gaps)}"
+        if self.refused:
+            still = f", STILL FAILING ({self.write_error})" if self.write_error else ""
+            out += (f"; could not write for {self.full_seconds:.1f} s: {self.refused} chunks refused and kept "
+                    f"by the agent{still}")
+        if self.clocks_unwritten:
+            out += f"; {self.clocks_unwritten} clock samples not written"
+        if self.interrupted:
+            out += "; the agent died mid-trace (recorded in the file)"
+        return out
 
 
 class Collector:
@@ -87,18 +141,21 @@ class Collector:
         self.streams: dict[tuple[str, str], Stream] = {}
         self._lock = threading.Lock()
 
-    def _stream(self, trace: str, host: str, header: dict) -> Stream:
+    def _stream(self, trace: str, host: str, run, header: dict) -> Stream:
         for what, name in (("trace", trace), ("host", host)):
             if not isinstance(name, str) or not SAFE_NAME.match(name):
                 raise ProtocolError(f"bad {what} name {name!r}")
+        if run is not None and (not isinstance(run, str) or not SAFE_NAME.match(run)):
+            raise ProtocolError(f"bad run name {run!r}")
         with self._lock:
-            st = self.streams.get((trace, host))
+            st = self.streams.get((trace, host, run))
             if st is None:
                 directory = self.out / trace
                 directory.mkdir(parents=True, exist_ok=True)
-                st = Stream(trace, host, directory, header, self.rotate_bytes)
+                st = Stream(trace, host, directory, dict(header, run=run) if run else header, self.rotate_bytes,
+                            run=run)
                 st.resume()
-                self.streams[(trace, host)] = st
+                self.streams[(trace, host, run)] = st
             return st
 
     def handle(self, ch: Channel) -> None:
@@ -108,11 +165,15 @@ class Collector:
         header = msg.get("header")
         if not isinstance(header, dict):
             raise ProtocolError("open without a header")
-        st = self._stream(msg.get("trace"), msg.get("host"), header)
+        st = self._stream(msg.get("trace"), msg.get("host"), msg.get("run"), header)
         with st.lock:
             if st.writer is None:
-                st.open()
-        ch.send({"type": "opened", "have": st.last_seq, "path": str(st.base)})
+                try:
+                    st.open()
+                except OSError as e:  # a full disk here: the agent says why and retries (back-off)
+                    ch.send({"type": "error", "message": f"collector cannot create {st.base}: {e.strerror or e}"})
+                    raise
+        ch.send({"type": "opened", "have": st.last_seq, "path": str(st.path)})
         log.info("%s/%s from %s: resuming after chunk %d", st.trace, st.host, ch.peer, st.last_seq)
         stop = threading.Event()
         pinger = threading.Thread(target=self._ping, args=(ch, stop), daemon=True, name=f"clock {st.host}")
@@ -120,20 +181,22 @@ class Collector:
         writer = _ChunkWriter(self, st, ch)
         try:
             while True:
-                m = ch.recv(("chunk", "pong", "close"))
+                m = ch.recv(("chunk", "pong", "close", "interrupted"))
                 if m["type"] == "chunk":
                     self._check_chunk(m)
                     m.frame = self._frame(m)
-                    writer.put(m)  # written, then acknowledged, by the writer
+                    writer.put(m)  # written, then acknowledged (or refused: "full"), by the writer
                     continue
                 if m.buffer is not None:
                     ch.buffers.give(m.buffer)
                 if m["type"] == "pong":
                     self._clock(st, m)
+                elif m["type"] == "interrupted":
+                    writer.put(m)  # after the chunks before it
                 else:
-                    writer.finish()  # everything before "close" written and acknowledged
+                    writer.finish()  # everything before "close" written and answered
                     self._finish(st)
-                    ch.send({"type": "closed", "path": str(st.base), "gaps": st.gaps, "chunks": st.chunks})
+                    ch.send({"type": "closed", "path": str(st.path), "gaps": st.gaps, "chunks": st.chunks})
                     return
         except (ConnectionError, OSError, ProtocolError):
             writer.reraise()  # the writer's failure (it closed the connection), not its symptom here
@@ -141,6 +204,21 @@ class Collector:
         finally:
             stop.set()
             writer.stop()
+
+    def _write(self, st: Stream, ch: Channel, m) -> None:
+        """The writer thread's part of one message: write, then answer."""
+        if m["type"] == "interrupted":
+            try:
+                self._interrupted(st, m)
+                ch.send({"type": "recorded", "seq": st.last_seq})
+            except OSError as e:
+                ch.send({"type": "full", "have": st.last_seq, "message": e.strerror or str(e)})
+            return
+        try:
+            if self._chunk(st, m):
+                ch.send({"type": "ack", "seq": st.last_seq})
+        except OSError as e:  # not written: not acknowledged; the agent sends it again
+            ch.send({"type": "full", "have": st.last_seq, "message": e.strerror or str(e)})
 
     @staticmethod
     def _check_chunk(m) -> None:
@@ -164,21 +242,46 @@ class Collector:
             chunk["records"] = m.blob
         return TraceFileWriter.frame(chunk.pop("kind"), **chunk)
 
-    def _chunk(self, st: Stream, m) -> None:
-        """Write a checked, framed chunk (the writer thread), unless it is one already written."""
+    def _chunk(self, st: Stream, m) -> bool:
+        """Write a checked, framed chunk (the writer thread). Whether to acknowledge;
+        OSError when it could not be written (nothing changed)."""
         seq, chunk = m["seq"], m["chunk"]
+        kind = chunk["kind"]
         with st.lock:
             if seq <= st.last_seq:
-                return  # sent again after a reconnect: already written
-            if seq > st.last_seq + 1:
-                gap = (st.last_seq + 1, seq - 1)
-                st.gaps.append(gap)
-                st.writer.write("gap", first=gap[0], last=gap[1])
-                log.error("%s/%s: chunks %d..%d never arrived", st.trace, st.host, *gap)
-            st.writer.write_frame(m.frame, seq)
+                return True  # sent again after a reconnect: already written
+            if st.write_error and seq != st.last_seq + 1:
+                return False  # sent before the agent heard "full": it sends them again
+            try:
+                if seq > st.last_seq + 1:
+                    gap = (st.last_seq + 1, seq - 1)
+                    st.writer.write("gap", first=gap[0], last=gap[1])
+                    st.gaps.append(gap)
+                    st.last_seq = seq - 1  # recorded as missing: a retry of this chunk is not a new gap
+                    log.error("%s/%s: chunks %d..%d never arrived", st.trace, st.host, *gap)
+                st.writer.write_frame(m.frame, seq)
+            except OSError as e:
+                st.failed(e)
+                raise
+            st.wrote()
             st.last_seq = seq
             st.chunks += 1
-            st.events += int(chunk.get("count", 0)) if chunk["kind"] == "events" else 0
+            st.events += int(chunk.get("count", 0)) if kind == "events" else 0
+            return True
+
+    def _interrupted(self, st: Stream, m) -> None:
+        """A restarted agent resent what its dead predecessor had spooled: the stream ends here
+        without the agent's own end (what that agent read but had not spooled is missing)."""
+        reason = m.get("reason")
+        with st.lock:
+            try:
+                st.writer.write("interrupted", reason=str(reason)[:1000] if reason else "", after=st.last_seq)
+            except OSError as e:
+                st.failed(e)
+                raise
+            st.wrote()
+            st.interrupted = True
+            log.error("%s/%s: interrupted after chunk %d: %s", st.trace, st.host, st.last_seq, reason)
 
     def _ping(self, ch: Channel, stop: threading.Event) -> None:
         n = 0
@@ -202,7 +305,13 @@ class Collector:
         with st.lock:  # every sample: the analysis fits the drift through the best of each window
             if st.best_clock is None or sample["error_ns"] <= st.best_clock["error_ns"]:
                 st.best_clock = sample
-            st.writer.write("clock", **sample)
+            if st.writer is None or st.write_error:
+                st.clocks_unwritten += 1
+                return
+            try:
+                st.writer.write("clock", **sample)
+            except OSError:  # disk full: the next sample replaces it
+                st.clocks_unwritten += 1
 
     def _finish(self, st: Stream) -> None:
         with st.lock:
@@ -210,21 +319,26 @@ class Collector:
                 st.writer.close()
                 st.writer = None
 
-    def close(self) -> None:
+    def close(self) -> list[str]:
+        """Close every file; one summary line per stream (what was written, what could not be)."""
+        lines = []
         for st in list(self.streams.values()):
             self._finish(st)
+            lines.append(st.summary())
+        return lines
 
 
 class _ChunkWriter:
     """The second stage of one connection: writes the chunks the connection's thread has
-    received and verified, in order, and acknowledges each only once it is written (the
-    ack lets the agent forget it). A failure closes the connection; the connection's
-    thread then raises it (reraise()), as it did when it wrote the chunks itself."""
+    received and verified, in order, and answers each only once it is written ("ack") or
+    could not be ("full"): an ack lets the agent forget the chunk. Any other failure closes
+    the connection; the connection's thread then raises it (reraise()), as it did when it
+    wrote the chunks itself."""
 
     def __init__(self, collector: Collector, st: Stream, ch: Channel):
         self.collector, self.st, self.ch = collector, st, ch
         ch.buffers = BufferRing(PIPELINE_DEPTH)
-        self._queue: queue.Queue = queue.Queue(maxsize=PIPELINE_DEPTH)  # + blob-less chunks, bounded too
+        self._queue: queue.Queue = queue.Queue(maxsize=PIPELINE_DEPTH)  # + blob-less messages, bounded too
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"writer {st.host}")
         self._thread.start()
@@ -246,8 +360,7 @@ class _ChunkWriter:
         while (m := self._queue.get()) is not None:
             try:
                 if self.error is None:
-                    self.collector._chunk(self.st, m)
-                    self.ch.send({"type": "ack", "seq": self.st.last_seq})
+                    self.collector._write(self.st, self.ch, m)
             except BaseException as e:  # noqa: BLE001 - handed to the connection's thread
                 self.error = e
                 self.ch.buffers.abort(e)
@@ -260,19 +373,16 @@ class _ChunkWriter:
                     self.ch.buffers.give(m.buffer)
 
     def finish(self) -> None:
-        """Until every chunk queued is written and acknowledged; its failure if one failed."""
+        """Until every message queued is written and answered; its failure if one failed."""
         self.stop()
         self.reraise()
 
     def stop(self) -> None:
         if self._thread.is_alive():
-            self.put_end()
+            while self._thread.is_alive():
+                try:
+                    self._queue.put(None, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
             self._thread.join()
-
-    def put_end(self) -> None:
-        while self._thread.is_alive():
-            try:
-                self._queue.put(None, timeout=0.1)
-                return
-            except queue.Full:
-                continue

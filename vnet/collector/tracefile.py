@@ -19,7 +19,9 @@ Kinds (readers skip kinds they do not know; new fields may appear in any):
             "filtered"}, "mono_ns" when read (stats_fields())
     clock   a later estimate of the agent's clock against the collector's
     gap     "first".."last": sequence numbers that never arrived
-    end     final summary, losses per stage
+    end     final summary: "events" read, "chunks", "kernel" counters, "losses" per stage
+    interrupted  written by the collector when a restarted agent has resent what its
+            dead predecessor spooled: "reason", "after" (the last chunk there is)
 
 seq is the number the agent gave the chunk; chunks the writer is given none
 for (the header, the collector's gap and clock) carry the last one written:
@@ -201,6 +203,8 @@ class TraceFileWriter:
         self._fd: int | None = None
         self._size = 0
         self._header_size = 0
+        self._headed = False
+        self._rotating = False   # between closing a full file and having its successor's header
         self._open_next()
 
     def __enter__(self) -> "TraceFileWriter":
@@ -214,16 +218,31 @@ class TraceFileWriter:
         return self._fd is None
 
     def _open_next(self) -> None:
-        self.part += 1
-        path = self.path if self.part == 0 else self.path.with_name(f"{self.path.name}.{self.part}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if self.part == 0 else os.O_TRUNC)
+        part = self.part + 1
+        path = self.path if part == 0 else self.path.with_name(f"{self.path.name}.{part}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if part == 0 else os.O_TRUNC)
         self._fd = os.open(path, flags, 0o644)
+        self.part = part
         self.paths.append(path)
         self._size = 0
+        self._headed = False
         _fsync_dir(path.parent)  # the new name survives a power loss, not only its data
-        self._write_all(PREAMBLE.pack(MAGIC, FORMAT_VERSION))
-        self._write_all(self._frame({"kind": "header", "seq": self.last_seq, "format": FORMAT_VERSION,
-                                     "part": self.part, **self.header}))
+        try:
+            self._write_head()
+        except OSError:
+            if part == 0:  # no trace file rather than an empty one (the caller may try again)
+                os.close(self._fd)
+                self._fd, self.part = None, -1
+                self.paths.pop()
+                path.unlink(missing_ok=True)
+            raise
+
+    def _write_head(self) -> None:
+        """Preamble and header, whole or not at all (a full disk: write() tries again first)."""
+        self._write_all([PREAMBLE.pack(MAGIC, FORMAT_VERSION),
+                         *self._frame({"kind": "header", "seq": self.last_seq, "format": FORMAT_VERSION,
+                                       "part": self.part, **self.header})])
+        self._headed = True
         self._header_size = self._size
 
     @staticmethod
@@ -258,7 +277,7 @@ class TraceFileWriter:
 
     def write(self, kind: str, **fields) -> None:
         """One chunk; `seq` among the fields numbers it, else it gets the last number written."""
-        if self._fd is None:
+        if self._fd is None and not self._rotating:
             raise ValueError("write to a closed trace file")
         seq = fields.pop("seq", None)
         if seq is None:
@@ -272,12 +291,20 @@ class TraceFileWriter:
         return cls._frame({"kind": kind, "seq": seq, **fields})
 
     def write_frame(self, frame: list, seq: int) -> None:
-        if self._fd is None:
+        if self._fd is None and not self._rotating:
             raise ValueError("write to a closed trace file")
+        # a full disk may have stopped the last rotation before its file or its header
+        if self._rotating and self._fd is None:
+            self._open_next()
+        elif not self._headed:
+            self._write_head()
+        self._rotating = False
         if (self.rotate_bytes is not None and self._size + sum(memoryview(p).nbytes for p in frame) > self.rotate_bytes
                 and self._size > self._header_size):
             self._finish_file()
+            self._rotating = True
             self._open_next()
+            self._rotating = False
         self._write_all(frame)  # one writev: a crash leaves this chunk whole or torn, never the earlier ones
         self.last_seq = seq
 
@@ -495,6 +522,42 @@ class TraceFileReader:
             self.problem = f"{self.problem}; {why}" if self.problem else f"{self.path}: {why}"
 
 
+def stream_accounting(files: list[TraceFileReader]) -> list[str]:
+    """What a host's files say was lost on the way, one line per finding: chunks that never
+    reached the collector (gap), losses per stage the agent counted (end), an agent that died
+    mid-trace (interrupted), or a stream without its end (still running, or cut off). Files
+    of one run (header "run"; rotations and segments) are taken together; cheap: only these
+    small chunks are read (scan)."""
+    runs: dict = {}
+    for f in files:
+        if f.header is not None:
+            runs.setdefault(f.header.get("run"), []).append(f)
+    out = []
+    for run, group in runs.items():
+        name = f"run {run}" if run else str(group[0].path)
+        ended, interrupted = False, False
+        for f in group:
+            for c in f.scan(("gap", "end", "interrupted")):
+                if c["kind"] == "gap":
+                    out.append(f"{name}: chunks {c.get('first')}..{c.get('last')} never reached the collector "
+                               "(their events are missing and not counted)")
+                elif c["kind"] == "interrupted":
+                    interrupted = True
+                    out.append(f"{name}: the agent died mid-trace after chunk {c.get('after')}: {c.get('reason')}")
+                elif c["kind"] == "end":
+                    ended = True
+                    losses = c.get("losses") if isinstance(c.get("losses"), dict) else {}
+                    lost = {k: v for k, v in losses.items() if isinstance(v, int) and v}
+                    if lost:
+                        out.append(f"{name}: events lost before the collector: "
+                                   + ", ".join(f"{k} {v}" for k, v in lost.items()))
+        if run and not ended and not interrupted:  # an agent's stream (a -w file's end is the recorder's)
+            out.append(f"{name}: no end record: the trace is still running, or its agent "
+                       "stopped without finishing (killed, or cut off from the collector); what it had not "
+                       "shipped is missing")
+    return out
+
+
 # -- the header: layouts and names that decode the records ----------------------------------------------
 
 
@@ -640,3 +703,18 @@ def _kernel_drop_reasons() -> list[list]:
     except Exception:  # noqa: BLE001 - no kernel BTF or no such enum: reasons stay numbers
         return []
     return [[v, k.removeprefix("SKB_DROP_REASON_")] for k, v in names.items()]
+
+
+def vanished_fields(label: str, why: str) -> dict:
+    """A "vanished" chunk's fields: a traced interface (or its netns) went away mid-trace,
+    and its hooks with it; `at_ns` is UTC, `mono_ns` the host's clock of the events."""
+    return {"iface": label, "why": why, "at_ns": time.time_ns(), "mono_ns": time.monotonic_ns()}
+
+
+def describe_vanished(v: dict, host: str | None = None) -> str:
+    """"host h1: iface ns1/eth0 vanished at 12:00:01.234 UTC (deleted): its hooks stopped"."""
+    at = v.get("at_ns")
+    when = (time.strftime("%H:%M:%S", time.gmtime(at / 1e9)) + f".{at // 1_000_000 % 1000:03d} UTC"
+            if isinstance(at, int) else "an unknown time")
+    who = f"host {host}: " if host else ""
+    return f"{who}iface {v.get('iface')} vanished at {when} ({v.get('why')}): its hooks stopped"

@@ -551,6 +551,27 @@ def _judge(alone: _Run, hog: _Run) -> tuple[dict, str, bool, str]:
 # -- the scenario -----------------------------------------------------------------------------------------
 
 
+def could_not_run(name: str, error: Exception, files: list, prefix) -> DemoResult:
+    """A scenario whose set-up or measurement failed: what it got to, and why."""
+    return DemoResult(name, verdict=f"The scenario could not run: {error}", files=files, ok=False,
+                      why=f"could not run: {error}", numbers={"params": {"topology_prefix": prefix}})
+
+
+def finish(ctx: DemoContext, name: str, out: Path, judged: tuple, *, t0: float, timings: dict, params: dict,
+           files: list, extra_files: tuple = (), details: dict | None = None) -> DemoResult:
+    """A scenario's end: its verdict, numbers, parameters and timings in summary.json, and the result."""
+    numbers, verdict, ok, why = judged
+    timings["total"] = round(time.monotonic() - t0, 2)
+    numbers["params"] = params
+    numbers["timings_s"] = timings
+    summary = out / "summary.json"
+    summary.write_text(json.dumps({"verdict": verdict, "ok": ok, "why": why, "numbers": numbers, **(details or {})},
+                                  default=_plain, indent=1) + "\n")
+    files += [summary, *extra_files]
+    ctx.progress("done", 1.0)
+    return DemoResult(name, verdict=verdict, numbers=numbers, files=files, ok=ok, why=why)
+
+
 def run(ctx: DemoContext) -> DemoResult:
     from vnet.analysis.extras import require
     from vnet.topology import Topology, TopologyError
@@ -583,8 +604,7 @@ def run(ctx: DemoContext) -> DemoResult:
                 timings[r.label] = round(time.monotonic() - t, 2)
                 files.append(r.trace)
     except (RuntimeError, TopologyError, OSError, subprocess.SubprocessError) as e:
-        return DemoResult(NAME, verdict=f"The scenario could not run: {e}", files=files, ok=False,
-                          why=f"could not run: {e}", numbers={"params": {"topology_prefix": prefix}})
+        return could_not_run(NAME, e, files, prefix)
     finally:
         procs.close()
     from vnet.analysis.plots import plot_all
@@ -618,16 +638,8 @@ def run(ctx: DemoContext) -> DemoResult:
                 if ctx.verbose:
                     print(f"vnet demo: no {target.name}: {e}", file=sys.stderr)
     timings["plots_exports"] = round(time.monotonic() - t, 2)
-    numbers, verdict, ok, why = _judge(*runs)
-    timings["total"] = round(time.monotonic() - t0, 2)
-    numbers["params"] = {"requests": n, "interval_s": INTERVAL_S, "shared_cpu": shared, "client_cpu": other,
-                         "nice": NICE, "topology_prefix": prefix}
-    numbers["timings_s"] = timings
-    summary = out / "summary.json"
     details = {"vm_waits_by_holder": {r.label: ((r.report or {}).get("sched") or {}).get("threads") for r in runs},
                "analysis_verdict": {r.label: (r.report or {}).get("verdict") for r in runs}}
-    summary.write_text(json.dumps({"verdict": verdict, "ok": ok, "why": why, "numbers": numbers, **details},
-                                  default=_plain, indent=1) + "\n")
-    files.append(summary)
-    ctx.progress("done", 1.0)
-    return DemoResult(NAME, verdict=verdict, numbers=numbers, files=files, ok=ok, why=why)
+    return finish(ctx, NAME, out, _judge(*runs), t0=t0, timings=timings, files=files, details=details,
+                  params={"requests": n, "interval_s": INTERVAL_S, "shared_cpu": shared, "client_cpu": other,
+                          "nice": NICE, "topology_prefix": prefix})

@@ -423,6 +423,30 @@ def add_tap(topo, net: tl._Net) -> None:
     topo.run(net.host_ns, ["ip", "link", "set", net.vm_tap, "up"])
 
 
+def wait_for_agent(ns: str, address: str, key: bytes, *, alive, story, timeout: float,
+                   pause: float = 1.0) -> dict:
+    """The hello of the agent a booting guest starts, asked from netns `ns` until it answers;
+    RuntimeError with `story()` if the guest ends first (`alive()` false) or `timeout` passes."""
+    from vnet import netns
+    from vnet.protocol import connect
+
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"the guest ended before its agent answered:\n{story()}")
+        try:
+            with netns.enter(ns):
+                ch = connect(address, key, "agent", timeout=5)
+            try:
+                return ch.request({"type": "hello"}, ("hello",))
+            finally:
+                ch.close()
+        except Exception as e:  # noqa: BLE001 - not up yet
+            last = e
+            time.sleep(pause)
+    raise RuntimeError(f"the guest's agent did not answer in {timeout:.0f} s ({last}):\n{story()}")
+
+
 def run(ctx: DemoContext) -> DemoResult:
     from vnet.topology import Topology, TopologyError
 
@@ -464,8 +488,7 @@ def run(ctx: DemoContext) -> DemoResult:
                     ctx.progress("stopping the guest", 0.9)
                     guest.stop(procs)
     except (RuntimeError, TopologyError, OSError, subprocess.SubprocessError) as e:
-        return DemoResult(NAME, verdict=f"The scenario could not run: {e}", files=files, ok=False,
-                          why=f"could not run: {e}", numbers={"params": {"topology_prefix": prefix}})
+        return tl.could_not_run(NAME, e, files, prefix)
     finally:
         procs.close()
     t = time.monotonic()
@@ -483,14 +506,7 @@ def run(ctx: DemoContext) -> DemoResult:
         except Exception as e:  # matplotlib missing: the numbers stand without the pictures
             if ctx.verbose:
                 print(f"vnet demo: no plots: {e}", file=sys.stderr)
-    numbers, verdict, ok, why = _judge(*runs, guest)
-    timings["total"] = round(time.monotonic() - t0, 2)
-    numbers["params"] = {"requests": n, "interval_s": INTERVAL_S, "vcpu_cpu": shared, "other_cpu": other,
-                         "warm_up": WARM_UP, "topology_prefix": prefix}
-    numbers["timings_s"] = timings
-    summary = out / "summary.json"
-    summary.write_text(json.dumps({"verdict": verdict, "ok": ok, "why": why, "numbers": numbers},
-                                  default=tl._plain, indent=1) + "\n")
-    files += [summary, out / "guest.log", out / "qemu.log"]
-    ctx.progress("done", 1.0)
-    return DemoResult(NAME, verdict=verdict, numbers=numbers, files=files, ok=ok, why=why)
+    return tl.finish(ctx, NAME, out, _judge(*runs, guest), t0=t0, timings=timings, files=files,
+                     extra_files=(out / "guest.log", out / "qemu.log"),
+                     params={"requests": n, "interval_s": INTERVAL_S, "vcpu_cpu": shared, "other_cpu": other,
+                             "warm_up": WARM_UP, "topology_prefix": prefix})

@@ -11,15 +11,20 @@ one `vnet collect` receives both::
     vm3 (netns): the hog              CPU B: QEMU's vCPU thread and, in the second run, the hog
 
 Host: TC on the client's veth, its bridge port and the guest's tap (both ways), and
-the run-queue waits of QEMU's threads. Guest: TC on its virtio NIC,
-`net:napi_gro_receive_entry` (where virtio-net hands a frame to the stack) and
-`virtio:start_xmit` (a kprobe or fentry in the guest). The spec says the guest runs
+the run-queue waits of QEMU's threads. Guest (fentry, else kprobe, where a function):
+the request from `net:napi_gro_receive_entry` (where virtio-net hands a frame to the
+stack) and TC on its virtio NIC to the socket, `sock:udp_enqueue` (queued on the echo
+server's socket) and `sock:udp_read` (the server takes it); the reply from `ip:output`
+(its first point with whole headers, in the server's task) and TC to
+`virtio:start_xmit`. The spec says the guest runs
 on the host (`hypervisor = "hv"`), so QEMU's run-queue waits are joined with the
 guest's segments too.
 `vnet analyze --round-trip` then joins each request and its reply by pkt_id across
 the two kernels, after putting the guest's clock on the collector's (the pings,
 refined by the packets themselves: analysis.clocksync), so the hypervisor's own
-segments appear: host tap -> guest virtio receive, guest virtio transmit -> host tap.
+segments appear: host tap -> guest virtio receive, guest virtio transmit -> host tap,
+with the guest's own between them: receive -> socket -> read, and the server's turnaround
+(read -> send) -> transmit.
 With the hog on the vCPU thread's CPU the added tail must land in the segment where
 the guest waits for its vCPU, explained by that thread's run-queue waits.
 
@@ -48,7 +53,13 @@ AGENT_PORT, COLLECTOR_PORT = 7878, 7879
 REQUESTS = {True: 1200, False: 3000}
 AGENT_TIMEOUT = 300.0             # the guest's agent answering a hello
 MIN_COMPLETE = 0.95               # round trips whose path crosses into the guest and back
-GUEST_PROBES = ("net:napi_gro_receive_entry", "virtio:start_xmit")   # + TC on its NIC: 4 events a round trip
+# + TC on its NIC: 7 events a round trip. The reply from its socket (ip:output: its first point
+# with whole headers, in the echo server's task) to the driver; the request from the driver to
+# the socket's queue and the server's read. Not skb:consume_skb: virtio-net frees sent packets
+# with it too, after they left (the clock's refinement skips it: clocksync.AFTERWARDS), so it
+# would be no delivery point and one more event per reply.
+GUEST_SEND, GUEST_DELIVERY = "ip:output", "sock:udp_read"
+GUEST_PROBES = (GUEST_SEND, "virtio:start_xmit", "net:napi_gro_receive_entry", "sock:udp_enqueue", GUEST_DELIVERY)
 GUEST_SETTLE_S = 3.0              # the guest's agent loads its programs under emulation: let it finish
 
 _GUEST = r'''
@@ -84,27 +95,6 @@ class _Guest(tq._Guest):
         f = self.folder / "guest-agent.log"
         agent = f.read_text(errors="replace")[-1500:] if f.exists() else "(none)"
         return super().story() + f"\nguest-agent.log: {agent.strip()}"
-
-
-def _wait_agent(net: tl._Net, key: bytes, guest: _Guest, timeout: float) -> dict:
-    from vnet.protocol import connect
-    from vnet.topology import in_netns
-
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        if guest.proc.poll() is not None:
-            raise RuntimeError(f"the guest ended before its agent answered:\n{guest.story()}")
-        try:
-            with in_netns(net.host_ns):
-                ch = connect(f"{tl.VM_IP}:{AGENT_PORT}", key, "agent", timeout=5)
-            try:
-                return ch.request({"type": "hello"}, ("hello",))
-            finally:
-                ch.close()
-        except Exception as e:  # noqa: BLE001 - not up yet
-            last = e
-            time.sleep(1)
-    raise RuntimeError(f"the guest's agent did not answer in {timeout:.0f} s ({last}):\n{guest.story()}")
 
 
 def _spec(path: Path, name: str, key: Path, sock: Path, net: tl._Net, guest_if: str, qemu_pid: int) -> Path:
@@ -222,6 +212,8 @@ def _boundary(report: dict, sent: int) -> dict:
     segs = [s for s in report.get("segments") or [] if _is_guest(s["from"]) != _is_guest(s["to"])]
     guest = next((h for h in report.get("hosts") or [] if h["host"] == "guest"), {})
     main = paths[0] if paths else None
+    stats = {(s["from"], s["to"]): s for s in report.get("segments") or []}
+    along = list(zip(main["hops"], main["hops"][1:])) if main else []
     return {
         "round_trips_crossing": sum(p["count"] for p in crossing),
         "complete_share": sum(p["count"] for p in crossing) / sent if sent else 0.0,
@@ -231,6 +223,9 @@ def _boundary(report: dict, sent: int) -> dict:
                                   if s["min_ns"] < -(s["clock_error_ns"] or 0)],
         "guest_clock": guest.get("clock"),
         "main_path": main["hops"] if main else None,
+        # every segment of the main path, the guest's own (socket <-> driver) among them
+        "main_segments": [{"from": a, "to": b, **{k: stats[a, b][k] for k in ("count", "p50_ns", "p99_ns")}}
+                          for a, b in along if (a, b) in stats],
         "main_e2e": {k: main["e2e"][k] for k in ("p50_ns", "p99_ns", "p999_ns")} if main else None,
         "tail_largest_segment": (f"{main['tail']['segments'][main['tail']['largest']]['from']} -> "
                                  f"{main['tail']['segments'][main['tail']['largest']]['to']}") if main else None,
@@ -262,6 +257,9 @@ def _judge(alone: tl._Run, hog: tl._Run, guest: _Guest, n: int) -> tuple[dict, s
                             f"{', '.join(b['negative_beyond_bound'])}")
         if not b["hypervisor_segments"]:
             problems.append(f"{label}: no segment between a host hop and a guest hop")
+        seen = {h.removeprefix("[guest] ").split(" ")[0] for h in b["main_path"] or [] if _is_guest(h)}
+        if not {GUEST_SEND, GUEST_DELIVERY} <= seen:
+            problems.append(f"{label}: the main path lacks the guest's socket hops ({GUEST_DELIVERY}, {GUEST_SEND})")
     tail_ratio = max((r for r in (ratios["p99"], ratios["p999"]) if r is not None), default=None)
     if tail_ratio is None or tail_ratio < tq.MIN_TAIL_RATIO:
         problems.append(f"the hog did not add a clear tail (p99 x{ratios['p99']}, p99.9 x{ratios['p999']})")
@@ -285,6 +283,10 @@ def _judge(alone: tl._Run, hog: tl._Run, guest: _Guest, n: int) -> tuple[dict, s
              f"{clock.get('drift_ppm')} ppm, ±{us(clock.get('error_ns'))}. Hypervisor segments (with the hog): "
              + "; ".join(f"{s['from']} -> {s['to']} p50 {us(s['p50_ns'])} p99 {us(s['p99_ns'])}"
                          for s in bh["hypervisor_segments"][:4])
+             + ". Inside the guest, socket to driver (with the hog): "
+             + "; ".join(f"{s['from'].removeprefix('[guest] ')} -> {s['to'].removeprefix('[guest] ')} p50 "
+                         f"{us(s['p50_ns'])}" for s in bh["main_segments"]
+                         if _is_guest(s["from"]) and _is_guest(s["to"]))
              + f". Round trip alone p99 {us(ra['p99_ns'])}, with {tl.HOG_COMM} on the vCPU's CPU p99 "
                f"{us(rh['p99_ns'])} (x{ratios['p99']}); the tail's largest segment: {bh['tail_largest_segment']}.")
     if sched.get("slow_packets"):
@@ -337,7 +339,8 @@ def run(ctx: DemoContext) -> DemoResult:
                 ctx.progress("booting the QEMU guest (software emulation) with its agent", 0.03)
                 guest = _Guest(procs, net, net.vm_tap, out, key_path)
                 timings["boot"] = round(guest.wait_echo(tq.BOOT_TIMEOUT), 1)
-                hello = _wait_agent(net, key, guest, AGENT_TIMEOUT)
+                hello = tq.wait_for_agent(net.host_ns, f"{tl.VM_IP}:{AGENT_PORT}", key, story=guest.story,
+                                          alive=lambda: guest.proc.poll() is None, timeout=AGENT_TIMEOUT)
                 timings["guest_agent"] = round(time.monotonic() - t0, 1)
                 guest_if = (out / "guest-if").read_text().strip()
                 guest.find_threads()
@@ -357,8 +360,7 @@ def run(ctx: DemoContext) -> DemoResult:
                     ctx.progress("stopping the guest", 0.9)
                     guest.stop(procs)
     except (RuntimeError, TopologyError, OSError, subprocess.SubprocessError, ValueError) as e:
-        return DemoResult(NAME, verdict=f"The scenario could not run: {e}", files=files, ok=False,
-                          why=f"could not run: {e}", numbers={"params": {"topology_prefix": prefix}})
+        return tl.could_not_run(NAME, e, files, prefix)
     finally:
         procs.close()
     t = time.monotonic()
@@ -368,14 +370,7 @@ def run(ctx: DemoContext) -> DemoResult:
         (out / f"{r.label}.analysis.json").write_text(json.dumps(r.report, default=tl._plain, indent=1) + "\n")
         files.append(out / f"{r.label}.analysis.json")
     timings["analysis"] = round(time.monotonic() - t, 2)
-    numbers, verdict, ok, why = _judge(*runs, guest, n)
-    timings["total"] = round(time.monotonic() - t0, 2)
-    numbers["params"] = {"requests": n, "interval_s": tq.INTERVAL_S, "vcpu_cpu": shared, "other_cpu": other,
-                         "guest_kernel": hello.get("kernel"), "topology_prefix": prefix}
-    numbers["timings_s"] = timings
-    summary = out / "summary.json"
-    summary.write_text(json.dumps({"verdict": verdict, "ok": ok, "why": why, "numbers": numbers},
-                                  default=tl._plain, indent=1) + "\n")
-    files += [summary, out / "guest.log", out / "qemu.log"]
-    ctx.progress("done", 1.0)
-    return DemoResult(NAME, verdict=verdict, numbers=numbers, files=files, ok=ok, why=why)
+    return tl.finish(ctx, NAME, out, _judge(*runs, guest, n), t0=t0, timings=timings, files=files,
+                     extra_files=(out / "guest.log", out / "qemu.log"),
+                     params={"requests": n, "interval_s": tq.INTERVAL_S, "vcpu_cpu": shared, "other_cpu": other,
+                             "guest_kernel": hello.get("kernel"), "topology_prefix": prefix})

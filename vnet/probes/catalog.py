@@ -73,6 +73,11 @@ CATALOG: tuple[ProbeSpec, ...] = (
               _tracepoint("net:napi_gro_receive_entry")),
     ProbeSpec("net:netif_receive_skb", HOST_STACK, "packet", "packet enters the receive path of a device",
               _tracepoint("net:netif_receive_skb")),
+    # The first points where a sent packet is whole (tot_len is set in __ip_local_out): its
+    # pkt_id matches every later hop's. Synchronous for UDP, so the task is the sender.
+    ProbeSpec("ip:output", HOST_STACK, "packet", "a locally sent (or forwarded) IPv4 packet leaves IP for its "
+              "device, headers complete: for UDP, in the sending task", _function("ip_output", 3), task=True),
+    ProbeSpec("ip:output6", HOST_STACK, "packet", "the same for IPv6", _function("ip6_output", 3), task=True),
     ProbeSpec("net:net_dev_queue", HOST_STACK, "packet", "packet queued for transmit on a device (qdisc entry)",
               _tracepoint("net:net_dev_queue")),
     ProbeSpec("net:net_dev_start_xmit", HOST_STACK, "packet", "driver starts transmitting the packet (qdisc exit)",
@@ -88,9 +93,18 @@ CATALOG: tuple[ProbeSpec, ...] = (
     ProbeSpec("sock:datagram_copy", SOCKET, "packet",
               "payload copied to the application (TCP; UDP only for non-linear skbs)",
               _tracepoint("skb:skb_copy_datagram_iovec"), task=True),
+    # Socket delivery for UDP, v4 and v6: queued on the socket (softirq), then taken by the
+    # reader. At skb_consume_udp skb->dev holds UDP's dev_scratch (a union; never a kernel
+    # address): the event names no device.
+    ProbeSpec("sock:udp_enqueue", SOCKET, "packet", "a UDP datagram is queued on its receiving socket",
+              _function("__udp_enqueue_schedule_skb", 2)),
+    ProbeSpec("sock:udp_read", SOCKET, "packet", "the application takes a UDP datagram off its socket "
+              "(recvmsg), in its task", _function("skb_consume_udp", 2), task=True),
     # Freed after use, not dropped. A tap read (tun_do_read: the VM process takes the frame) and,
     # before 6.18, a UDP read (skb_consume_udp) fire it in the reading task; since 6.18 UDP frees
     # through skb_attempt_defer_free, so it fires later, on the CPU that allocated the packet.
+    # A driver freeing a sent packet fires it too (virtio-net's transmit completion), after the
+    # packet left: on a sending host it is no delivery point (sock:udp_read is).
     ProbeSpec("sock:consume_skb", SOCKET, "packet",
               "packet consumed after use: a VM process read it from its tap (in that task)",
               _tracepoint("skb:consume_skb"), task=True),

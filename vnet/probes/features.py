@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from vnet.errors import LibbpfMissingError, NotPermittedError, UnsupportedError, VnetError
+from vnet.errors import FD_LIMIT_HINT, LibbpfMissingError, NotPermittedError, ResourceError, UnsupportedError, VnetError
 
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 LOCKDOWN = "/sys/kernel/security/lockdown"
@@ -209,15 +209,42 @@ def check(name: str) -> Feature:
             return cached
         try:
             feature = _PROBES[name]()
+        except ResourceError:
+            raise
         except LibbpfMissingError as e:
             feature = _feature(name, Support.INCONCLUSIVE, f"libbpf unavailable: {e.message}")
         except VnetError as e:  # the object file is missing...
             feature = _feature(name, Support.INCONCLUSIVE, f"probe failed: {e}")
         except Exception as e:  # noqa: BLE001 - one broken probe must not take `vnet doctor` down
             feature = _feature(name, Support.INCONCLUSIVE, f"probe failed: {type(e).__name__}: {e}")
+        if feature.support is not Support.SUPPORTED and (free := fd_headroom()) < FD_HEADROOM:
+            # out of descriptors, the probe proves nothing (libbpf may even say ESRCH): not an answer
+            raise ResourceError(f"cannot probe {name}: too many open files ({free} descriptors left)",
+                                hint=FD_LIMIT_HINT)
         if feature.support is not Support.INCONCLUSIVE:
             _cache[name] = feature
         return feature
+
+
+# Free descriptors below which a failed probe or load is put down to the open-file limit: a
+# probe loads a whole object (maps, programs, BTF: dozens of descriptors), and libbpf may
+# report the shortage as ESRCH or EINVAL; a negative answer found that close to the limit is
+# neither believed nor cached (it would stay wrong for as long as an agent runs).
+FD_HEADROOM = 256
+
+
+def fd_headroom(at_most: int = FD_HEADROOM) -> int:
+    """How many more descriptors this process can open (counted up to at_most)."""
+    fds: list[int] = []
+    try:
+        while len(fds) < at_most:
+            fds.append(os.open("/", os.O_RDONLY | os.O_CLOEXEC) if not fds else os.dup(fds[0]))
+    except OSError:
+        pass
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return len(fds)
 
 
 def known(name: str) -> Feature | None:
@@ -327,7 +354,10 @@ def _errno_of(e: BaseException) -> int:
 
 def _refused(name: str, what: str, err: int, *, verifier: bool = False, eperm_why: str = "",
              prefix: str = "") -> Feature:
-    """An answer from a failed load/attach: transient errnos are INCONCLUSIVE, the rest UNSUPPORTED."""
+    """An answer from a failed load/attach: transient errnos are INCONCLUSIVE, the rest UNSUPPORTED;
+    out of descriptors is no answer at all (ResourceError: the caller must not fall back on it)."""
+    if err in (_errno.EMFILE, _errno.ENFILE):
+        raise ResourceError(f"cannot probe {name}: {what}: {os.strerror(err)}", hint=FD_LIMIT_HINT)
     why = ""
     if err in (_errno.EPERM, _errno.EACCES):
         mode = _lockdown_mode()
@@ -375,8 +405,9 @@ def kernel_functions(among: frozenset[str]) -> frozenset[str]:
                 parts = line.split()
                 if len(parts) >= 3 and parts[2] in among and parts[1] in "tTwW":
                     found.add(parts[2])
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno in (_errno.EMFILE, _errno.ENFILE):  # not "no such function": and never cached
+            raise ResourceError(f"cannot read /proc/kallsyms: {e.strerror}", hint=FD_LIMIT_HINT) from None
     return frozenset(found)
 
 

@@ -61,6 +61,14 @@ HANDSHAKE_BYTES = 4096
 NONCE_BYTES = 32
 KEY_BYTES = 32
 DEFAULT_TIMEOUT = 30.0
+KEY_HINT = "every host needs the same key file: copy the one 'vnet agent init' wrote"
+# A peer that vanishes without a FIN or RST (network cut, host gone) is noticed within
+# about KEEPALIVE_IDLE_S + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL_S when the line is idle, and
+# USER_TIMEOUT_S after the first unacknowledged byte otherwise, instead of TCP's ~15 minutes.
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_COUNT = 4
+USER_TIMEOUT_S = 30
 _LENGTHS = struct.Struct(">II")  # L, H of a session frame
 _SEQ = struct.Struct(">Q")
 REUSE_BYTES = 1 << 16            # frames this large are read into the channel's buffer, reused
@@ -76,6 +84,18 @@ class AuthError(ProtocolError):
     """Wrong or missing key (or a peer that is not vnet)."""
 
     exit_code = 11
+
+
+class RemoteError(ProtocolError):
+    """The peer refused a request with an error message: its text and exit code carried
+    over (a dispatcher exits as the agent would have: 4 for an interface not there)."""
+
+    def __init__(self, message: str, exit_code=None, *, peer: str = ""):
+        super().__init__(message)
+        self.peer = peer
+        # an authenticated peer's number, still bounded to what an exit status can be
+        if isinstance(exit_code, int) and not isinstance(exit_code, bool) and 1 <= exit_code <= 125:
+            self.exit_code = exit_code
 
 
 class PeerUnreachableError(VnetError):
@@ -146,6 +166,17 @@ def is_loopback(sockaddr) -> bool:
         return ipaddress.ip_address(sockaddr[0]).is_loopback
     except ValueError:
         return sockaddr[0] == "localhost"
+
+
+def tcp_liveness(sock: socket.socket) -> None:
+    """Keepalive and a user timeout on a TCP socket (nothing on a unix one)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                       ("TCP_KEEPCNT", KEEPALIVE_COUNT), ("TCP_USER_TIMEOUT", USER_TIMEOUT_S * 1000)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 
 
 # -- session MACs ------------------------------------------------------------------------------------
@@ -387,7 +418,9 @@ class Channel:
         with self._recv_lock:
             msg = self._recv_message(limit or self.limit)
         if msg["type"] == "error" and (expect is None or "error" not in expect):
-            raise ProtocolError(f"{self.peer}: {msg.get('message', 'error')}")
+            text = msg.get("message")
+            raise RemoteError(text if isinstance(text, str) and text else f"{self.peer}: error",
+                              msg.get("exit_code"), peer=self.peer)
         if expect is not None and msg["type"] not in expect:
             raise ProtocolError(f"unexpected {msg['type']!r} from {self.peer} (expected {', '.join(expect)})")
         return msg
@@ -418,6 +451,7 @@ def accept(sock: socket.socket, peer: str, key: bytes, role: str, limit: int = M
            timeout: float = DEFAULT_TIMEOUT) -> Channel:
     """Server side of the handshake on a freshly accepted socket."""
     sock.settimeout(timeout)
+    tcp_liveness(sock)
     ch = Channel(sock, peer, limit)
     ns = secrets.token_bytes(NONCE_BYTES)
     offer = session_macs()
@@ -435,6 +469,8 @@ def accept(sock: socket.socket, peer: str, key: bytes, role: str, limit: int = M
         raise ProtocolError(f"{peer} chose session MAC {choice!r}, not one of {', '.join(offer)}")
     agreed = _negotiation(offer, choice)
     if not hmac.compare_digest(mac, _mac(key, b"vnet-client", ns, nc, agreed)):
+        # said, not only dropped: the client can tell a wrong key from a server that went away
+        ch.send({"type": "error", "message": "authentication failed (wrong key)", "auth": True})
         raise AuthError(f"{peer} failed authentication (wrong key)")
     ch.send({"type": "welcome", "mac": _mac(key, b"vnet-server", nc, ns, agreed)})
     ch._start_session(key, ns, nc, server=True, session_mac=choice)
@@ -448,6 +484,7 @@ def connect(address: str, key: bytes, role: str, limit: int = MAX_CONTROL_BYTES,
     family, sockaddr = parse_address(address)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
+    tcp_liveness(sock)
     try:
         sock.connect(sockaddr)
     except OSError as e:
@@ -478,15 +515,18 @@ def connect(address: str, key: bytes, role: str, limit: int = MAX_CONTROL_BYTES,
         ch.send({"type": "auth", "v": PROTOCOL_VERSION, "nonce": nc, "session_mac": choice,
                  "mac": _mac(key, b"vnet-client", ns, nc, agreed)})
         reply = ch.recv(("welcome", "error"), limit=HANDSHAKE_BYTES)
+        if reply["type"] == "error" and reply.get("auth") is True:
+            raise AuthError(f"the {role} at {address} refused our key (authentication failed)", hint=KEY_HINT)
         if reply["type"] == "error":
             raise ProtocolError(f"{address}: {reply.get('message')}")
         if not hmac.compare_digest(reply.get("mac") or b"", _mac(key, b"vnet-server", nc, ns, agreed)):
-            raise AuthError(f"{address} could not prove it has the key")
+            raise AuthError(f"the {role} at {address} could not prove it has the key", hint=KEY_HINT)
         ch._start_session(key, ns, nc, server=False, session_mac=choice)
         return ch
-    except (ConnectionError, OSError) as e:
+    except (ConnectionError, OSError):
         ch.close()
-        raise AuthError(f"{address} closed the connection during authentication (wrong key?): {e}") from None
+        raise AuthError(f"the {role} at {address} closed the connection during authentication (wrong key?)",
+                        hint=KEY_HINT) from None
     except BaseException:
         ch.close()
         raise

@@ -6,6 +6,7 @@ keeps serving the others. TCP listens on loopback unless told otherwise."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -37,10 +38,13 @@ class Server:
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         if family == socket.AF_UNIX:
             if os.path.exists(sockaddr):
-                os.unlink(sockaddr)  # a stale socket of a killed server
+                self._unlink_stale(sockaddr, address)
             old = os.umask(0o077)
             try:
                 self.sock.bind(sockaddr)
+            except OSError as e:
+                self.sock.close()
+                raise UsageError(f"cannot listen on {address}: {e.strerror}") from None
             finally:
                 os.umask(old)
             self.path = sockaddr
@@ -50,13 +54,36 @@ class Server:
                 self.sock.bind(sockaddr)
             except OSError as e:
                 self.sock.close()
-                raise UsageError(f"cannot listen on {address}: {e.strerror}") from None
+                raise UsageError(f"cannot listen on {address}: {e.strerror}",
+                                 hint="another process has that port: give another --listen"
+                                 if e.errno == errno.EADDRINUSE else None) from None
             self.path = None
         self.sock.listen(16)
         self.sock.settimeout(0.2)
         if family != socket.AF_UNIX:
             host, port = self.sock.getsockname()[:2]
             self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _unlink_stale(self, path: str, address: str) -> None:
+        """A socket file left by a killed server is removed; one a live server answers on
+        is not taken over (it would silently lose its peers)."""
+        import stat
+
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            self.sock.close()
+            raise UsageError(f"cannot listen on {address}: {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: stale
+            return
+        finally:
+            probe.close()
+        self.sock.close()
+        raise UsageError(f"cannot listen on {address}: a server is already listening there",
+                         hint="stop it first, or give another --listen")
 
     def stop(self) -> None:
         self._stop.set()

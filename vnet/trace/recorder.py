@@ -36,9 +36,11 @@ def cut(blob: bytes | memoryview, n: int) -> bytes | memoryview:
 
 
 def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int | None,
-           trace_name: str | None = None) -> Recorded:
+           trace_name: str | None = None, vanished: list[dict] | None = None) -> Recorded:
     """Until ending() or `count` events: batches from the ring into `path`, then
-    the kernel's counters and the losses in a final chunk."""
+    the kernel's counters and the losses in a final chunk. `vanished`: where ending()
+    puts traced interfaces that went away (vanished_fields); each becomes a chunk, as
+    an agent's do at the collector."""
     from vnet.collector.tracefile import TraceFileWriter, header_for_trace, stats_fields
 
     reader = RingBatchReader(trace.objects[0].maps["vnet_events"])
@@ -64,12 +66,22 @@ def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int |
                 if count is not None and out.events >= count:
                     return True
 
+        noted = 0
+
+        def note() -> None:
+            nonlocal noted
+            for v in (vanished or [])[noted:]:
+                writer.write("vanished", **v)
+                noted += 1
+
         while not ending():
+            note()
             reader.wait(DRAIN_POLL_MS)
             if take():
                 break
         else:
             take()
+        note()
         stats = trace.stats()
         writer.write("stats", seq=out.chunks, **stats_fields(trace))
         writer.write("end", seq=out.chunks + 1, events=out.events, chunks=out.chunks,

@@ -1,0 +1,503 @@
+"""Faults mid-trace (issue 11, docs/reliability.md): the line between agent and collector
+cut for 30 s, the collector's disk full, the agent killed with SIGKILL and restarted, an
+attach that fails after others succeeded. Real agent, collector and dispatcher processes,
+real eBPF, real packets; the fault is real too (a tcx program that drops every packet on the
+collector's link, a tmpfs that fills, kill -9, an fd limit). Afterwards every event the
+kernel handed to the agent is in the collector's files or accounted for, by stage, and
+nothing of vnet stays attached."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kernel_support import (VnetProcess, assert_nothing_on, new_orphans, tc_filters, udp_stream, veth_pair,
+                            vnet_snapshot, wait_until)
+from vnet.collector.tracefile import TraceFileReader
+from vnet.protocol import connect, load_key, new_key
+
+PORT = 5099
+COLLECTOR_PORT = 7979
+
+
+# -- the rig -------------------------------------------------------------------------------------------
+
+def _agent(ns: str, sock: Path, key: Path, spool: Path, host: str, *extra: str) -> VnetProcess:
+    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "vnet", "agent", "--listen", f"unix:{sock}",
+            "--key", str(key), "--spool", str(spool), "--host", host, *extra]
+    p = VnetProcess(argv=argv)
+    p.wait_stderr("agent listening on", timeout=20)
+    return p
+
+
+def _collector(listen: str, key: Path, out: Path, ns: str | None = None) -> VnetProcess:
+    args = ["collect", "--listen", listen, "--key", str(key), "--out", str(out)]
+    if not listen.startswith("unix:"):
+        args.append("--allow-remote")
+    p = VnetProcess(argv=(["ip", "netns", "exec", ns] if ns else []) + [sys.executable, "-m", "vnet", *args])
+    p.wait_stderr("collector listening on", timeout=20)
+    return p
+
+
+def _spec(path: Path, net, agent_sock: Path, collector: str, key: Path, name: str, duration: float = 600) -> Path:
+    path.write_text(f"""
+[trace]
+name = "{name}"
+duration = {duration}
+record = "events"
+
+[collector]
+address = "{collector}"
+key = "{key}"
+
+[filter]
+expression = "udp and dst port {PORT}"
+
+[[host]]
+name = "h1"
+agent = "unix:{agent_sock}"
+interfaces = ["{net.if1}"]
+direction = "egress"
+""")
+    return path
+
+
+def _dispatch(spec: Path) -> VnetProcess:
+    p = VnetProcess("dispatch", str(spec), "--json", "-q")
+    p.wait_stderr("h1: tracing", timeout=30)
+    return p
+
+
+def _stop_dispatch(d: VnetProcess, timeout: float = 90) -> dict:
+    d.signal(signal.SIGINT)  # as Ctrl-C: stop, flush, report
+    assert d.wait(timeout=timeout) == 0, "\n".join(d.stderr)
+    return json.loads(d.stdout[-1])
+
+
+def _agent_status(sock: Path, key: Path) -> dict:
+    ch = connect(f"unix:{sock}", load_key(key), "agent")
+    try:
+        return ch.request({"type": "status"}, ("status",))
+    finally:
+        ch.close()
+
+
+def _files(out: Path, trace: str, host: str = "h1") -> list[Path]:
+    return sorted((out / trace).glob(f"{host}.vnt*"))
+
+
+def _read(out: Path, trace: str) -> tuple[list[dict], list[dict], list[TraceFileReader]]:
+    """Every event and every chunk (but the records) of host h1's files, and their readers."""
+    events, chunks, readers = [], [], []
+    for path in _files(out, trace):
+        r = TraceFileReader(path)
+        events += list(r.events())
+        chunks += [{k: v for k, v in c.items() if k != "records"} for c in r.chunks()]
+        readers.append(r)
+    return events, chunks, readers
+
+
+def _ours(events: list[dict]) -> list[dict]:
+    return [e for e in events if e.get("dport") == PORT and e.get("proto") == "udp"]
+
+
+def _assert_continuous(chunks: list[dict]) -> None:
+    """The agent's chunks 0..N each once, no gap recorded."""
+    seqs = [c["seq"] for c in chunks if c["kind"] in ("events", "stats", "end", "dropped")]
+    assert seqs == list(range(len(seqs))), seqs
+    assert not [c for c in chunks if c["kind"] == "gap"]
+
+
+@contextlib.contextmanager
+def _blackhole(ns: str, ifname: str):
+    """Every packet in and out of ns/ifname dropped without a word (no RST, no ICMP, the
+    link stays up): a tcx program returning TC_ACT_SHOT on both sides. tc's own classifiers
+    (matchall, u32) are not built into this kernel; the links go with their fds."""
+    from vnet import netns
+    from vnet.binding.libbpf import ffi
+    from vnet.binding.libbpf import lib as libbpf
+    from vnet.binding.object import BPF_TCX_EGRESS, BPF_TCX_INGRESS
+
+    shot = bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]) + bytes([0x95, 0, 0, 0, 0, 0, 0, 0])  # r0 = TC_ACT_SHOT; exit
+    insns = ffi.new("char[]", shot)
+    lib = libbpf()
+    fd = lib.bpf_prog_load(3, b"fault_drop", b"GPL", insns, 2, ffi.NULL)  # BPF_PROG_TYPE_SCHED_CLS
+    assert fd >= 0, f"bpf_prog_load: {fd}"
+    links = []
+    try:
+        with netns.enter(ns):
+            ifindex = socket.if_nametoindex(ifname)
+            for where in (BPF_TCX_INGRESS, BPF_TCX_EGRESS):
+                link = lib.bpf_link_create(fd, ifindex, where, ffi.NULL)
+                assert link >= 0, f"bpf_link_create: {link}"
+                links.append(link)
+        yield
+    finally:
+        for link in links:
+            os.close(link)
+        os.close(fd)
+
+
+@pytest.fixture
+def two_links(tmp_path):
+    """ns1 (the agent; traffic to ns2 over ifA/ifB) and the collector's own namespace
+    behind a second veth pair from ns1 (ifC/ifD): the cut is on that line only."""
+    key = new_key(tmp_path / "key")
+    with veth_pair(93) as net:
+        nsc = net.topo.add_netns("c")
+        ifc, ifd = net.topo.add_veth_pair("ifC", net.ns1, "ifD", nsc)
+        net.topo.add_address(ifc, net.ns1, "10.198.93.1/24")
+        net.topo.add_address(ifd, nsc, "10.198.93.2/24")
+        yield net, key, nsc, ifd, tmp_path
+
+
+# -- 1. the line cut for 30 s ------------------------------------------------------------------------------
+
+def test_line_to_the_collector_cut_for_30_s_loses_nothing(two_links):
+    """Packets between agent and collector silently dropped for 30 s while events flow: the
+    agent notices (no ack, no ping), queues, retries with a bounded back-off, reconnects by
+    itself when the line is back, and the collector ends up with every event the kernel
+    handed to the agent, each chunk once, in order."""
+    net, key, nsc, ifd, tmp = two_links
+    address = f"10.198.93.2:{COLLECTOR_PORT}"
+    col = _collector(address, key, tmp / "out", ns=nsc)
+    agent = _agent(net.ns1, tmp / "a.sock", key, tmp / "spool", "h1")
+    d = None
+    try:
+        d = _dispatch(_spec(tmp / "spec.toml", net, tmp / "a.sock", address, key, "cut"))
+        with udp_stream(net.ns1, net.ip2, PORT, interval=0.02) as sent:
+            assert wait_until(lambda: _agent_status(tmp / "a.sock", key)["shipper"]["acked"] >= 1, 15)
+            with _blackhole(nsc, ifd):
+                cut_at = time.monotonic()
+                during = wait_until(lambda: (s := _agent_status(tmp / "a.sock", key)["shipper"])["queued"] > 0
+                                    and not s["connected"] and s, timeout=25, interval=0.5)
+                assert during, "the agent did not notice the cut line"
+                noticed = time.monotonic() - cut_at
+                time.sleep(max(0.0, 30 - (time.monotonic() - cut_at)))
+                queued_at_end = _agent_status(tmp / "a.sock", key)["shipper"]["queued"]
+                restored_at = time.monotonic()
+            back = wait_until(lambda: (s := _agent_status(tmp / "a.sock", key)["shipper"])["connected"]
+                              and s["queued"] == 0 and s, timeout=30, interval=0.2)
+            assert back, "the agent did not reconnect and drain by itself"
+            print(f"cut: noticed after {noticed:.1f} s; {queued_at_end} chunks queued at 30 s; reconnected and "
+                  f"drained {time.monotonic() - restored_at:.1f} s after the line came back")
+            time.sleep(1)  # and on as before
+        summary = _stop_dispatch(d)
+    finally:
+        if d is not None:
+            d.close()
+        agent.close()
+        col.close()
+    h1 = summary["hosts"]["h1"]
+    assert queued_at_end > during["queued"] > 0  # the queue grew while the line was cut ...
+    assert h1["shipper"]["reconnects"] >= 2 and h1["shipper"]["queued"] == 0  # ... and drained after
+    assert summary["losses"] == {"kernel_ring_full": 0, "agent_unread": 0, "agent_spool_full": 0,
+                                 "undelivered_chunks": 0, "undelivered_events": 0}, summary["losses"]
+    events, chunks, readers = _read(tmp / "out", "cut")
+    assert not any(r.truncated for r in readers)
+    _assert_continuous(chunks)
+    mine = _ours(events)
+    assert len(mine) == sent[0] == h1["read"] == h1["kernel"]["emitted"], (len(mine), sent[0], h1)
+    assert len({e["pkt_id"] for e in mine}) == len(mine)  # nothing written twice
+    end = [c for c in chunks if c["kind"] == "end"]
+    assert len(end) == 1 and end[0]["events"] == len(events)
+
+
+# -- 2. the collector's disk full ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str = "8m"):
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True, timeout=10)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, timeout=10)
+
+
+def _fill(directory: Path) -> Path:
+    """Write a file into `directory` until the file system says it is full."""
+    filler = directory / "filler"
+    block = b"\0" * 4096
+    with open(filler, "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(block)
+    return filler
+
+
+@pytest.fixture
+def one_host(tmp_path):
+    key = new_key(tmp_path / "key")
+    with veth_pair(94) as net, _tmpfs(tmp_path / "out") as out:
+        col = _collector(f"unix:{tmp_path}/col.sock", key, out)
+        agent = _agent(net.ns1, tmp_path / "a.sock", key, tmp_path / "spool", "h1")
+        try:
+            yield net, key, col, agent, out, tmp_path
+        finally:
+            agent.close()
+            col.close()
+
+
+def _fill_and_wait_refused(out: Path, sock: Path, key: Path) -> tuple[Path, dict]:
+    filler = _fill(out)
+    full = wait_until(lambda: (s := _agent_status(sock, key)["shipper"])["collector_full"] and s, timeout=20,
+                      interval=0.2)
+    assert full, "the agent was not told that the collector cannot write"
+    assert "No space left" in full["collector_full"], full
+    return filler, full
+
+
+def _assert_readable(out: Path, trace: str) -> None:
+    """Every file reads to its end: the chunk that did not fit was cut off, not left torn."""
+    for path in _files(out, trace):
+        r = TraceFileReader(path)
+        for _ in r.chunks():
+            pass
+        assert not r.truncated, r.problem
+
+
+def test_collector_disk_full_then_freed_loses_nothing(one_host):
+    """The collector's file system fills mid-trace: it does not acknowledge what it cannot
+    write, says why, keeps its files readable and neither crashes nor spins; the agent keeps
+    the chunks (queue, then spool) and sends them again with a bounded back-off; once space
+    is freed everything arrives, each chunk once, and the collector's summary says how long
+    writing failed."""
+    net, key, col, agent, out, tmp = one_host
+    d = _dispatch(_spec(tmp / "spec.toml", net, tmp / "a.sock", f"unix:{tmp}/col.sock", key, "full"))
+    try:
+        with udp_stream(net.ns1, net.ip2, PORT, interval=0.01) as sent:
+            assert wait_until(lambda: _agent_status(tmp / "a.sock", key)["shipper"]["acked"] >= 1, 15)
+            filler, full = _fill_and_wait_refused(out, tmp / "a.sock", key)
+            time.sleep(6)
+            held = _agent_status(tmp / "a.sock", key)["shipper"]
+            assert col.proc.poll() is None, "\n".join(col.stderr)
+            _assert_readable(out, "full")
+            assert held["queued"] > full["queued"] > 0 and held["queued_events"] > 0  # kept, not lost
+            assert held["full_refusals"] <= 12, held  # retried with a back-off, not in a loop
+            filler.unlink()
+            back = wait_until(lambda: not (s := _agent_status(tmp / "a.sock", key)["shipper"])["collector_full"]
+                              and s["queued"] == 0 and s, timeout=20, interval=0.2)
+            assert back, "the agent did not deliver what it kept once space was back"
+            time.sleep(0.5)
+        summary = _stop_dispatch(d)
+    finally:
+        d.close()
+    col.signal(signal.SIGTERM)
+    col.wait(timeout=20)
+    line = next(ln for ln in col.stderr if "vnet: collector: full/h1:" in ln)
+    print(line)
+    assert "could not write for" in line and "chunks refused and kept by the agent" in line, line
+    assert "STILL FAILING" not in line
+    h1 = summary["hosts"]["h1"]
+    assert summary["losses"] == {"kernel_ring_full": 0, "agent_unread": 0, "agent_spool_full": 0,
+                                 "undelivered_chunks": 0, "undelivered_events": 0}, summary["losses"]
+    assert h1["delivered"] and h1["shipper"]["full_refusals"] >= 1
+    events, chunks, readers = _read(out, "full")
+    _assert_continuous(chunks)
+    mine = _ours(events)
+    assert len(mine) == sent[0] == h1["read"] == h1["kernel"]["emitted"], (len(mine), sent[0])
+    assert len({e["pkt_id"] for e in mine}) == len(mine)
+
+
+def test_collector_disk_still_full_at_stop_counts_exactly_and_delivers_later(one_host):
+    """Still full when the trace stops: the summary counts exactly the events not at the
+    collector (stage undelivered_events, with the reason); the agent keeps them in its spool
+    and goes on sending in the background, so once space is freed they arrive after all."""
+    net, key, col, agent, out, tmp = one_host
+    d = _dispatch(_spec(tmp / "spec.toml", net, tmp / "a.sock", f"unix:{tmp}/col.sock", key, "stillfull"))
+    try:
+        with udp_stream(net.ns1, net.ip2, PORT, interval=0.01) as sent:
+            assert wait_until(lambda: _agent_status(tmp / "a.sock", key)["shipper"]["acked"] >= 1, 15)
+            filler, _ = _fill_and_wait_refused(out, tmp / "a.sock", key)
+            time.sleep(2)
+        summary = _stop_dispatch(d)
+    finally:
+        d.close()
+    h1 = summary["hosts"]["h1"]
+    assert not h1["delivered"] and "No space left" in h1["shipper"]["collector_full"]
+    written = len(_ours(_read(out, "stillfull")[0]))
+    assert h1["undelivered_events"] > 0 and written + h1["undelivered_events"] == h1["read"] == sent[0]
+    assert summary["losses"]["undelivered_events"] == h1["undelivered_events"]
+    assert any("NOT all chunks acknowledged" in ln and "No space left" in ln for ln in d.stderr), d.stderr
+    kept = Path(h1["kept_in"])
+    assert len(list(kept.glob("chunk-*"))) == h1["undelivered_chunks"]
+    filler.unlink()
+    assert wait_until(lambda: _agent_status(tmp / "a.sock", key)["background"] == [], timeout=30, interval=0.3)
+    assert not kept.exists()  # delivered: the spool folder is gone
+    events, chunks, _ = _read(out, "stillfull")
+    _assert_continuous(chunks)
+    assert len(_ours(events)) == sent[0]
+    assert [c for c in chunks if c["kind"] == "end"]
+
+
+# -- 3. the agent killed with SIGKILL and restarted ----------------------------------------------------------
+
+def test_agent_sigkilled_and_restarted_resends_its_spool_and_the_interruption_is_recorded(tmp_path):
+    """kill -9 while the collector is away, so that the agent's chunks sit in its disk spool
+    (--queue-mb 0): nothing of vnet stays attached; the dispatcher reports the host lost.
+    The restarted agent (same spool) resends what was spooled once the collector is back,
+    and the collector records that the stream was interrupted; `vnet analyze` says so.
+    The events the dead agent had read are all there (the traffic had stopped and been
+    spooled before the kill); then the restarted agent traces the same spec again, into a
+    new segment (a new run), nothing lost."""
+    key = new_key(tmp_path / "key")
+    sock, csock, out, spool = tmp_path / "a.sock", f"unix:{tmp_path}/col.sock", tmp_path / "out", tmp_path / "spool"
+    with veth_pair(95) as net:
+        before = vnet_snapshot()
+        col = _collector(csock, key, out)
+        agent = _agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "0")
+        d = None
+        try:
+            spec = _spec(tmp_path / "spec.toml", net, sock, csock, key, "killed")
+            d = _dispatch(spec)
+            with udp_stream(net.ns1, net.ip2, PORT, interval=0.01) as sent:
+                assert wait_until(lambda: _agent_status(sock, key)["shipper"]["acked"] >= 1, 15)
+                col.signal(signal.SIGKILL)  # the collector away: chunks go to the agent's spool
+                col.wait(timeout=10)
+                time.sleep(1)
+            read = wait_until(lambda: (s := _agent_status(sock, key))["read"] == s["kernel"]["emitted"]
+                              == sent[0] and s, timeout=10)
+            assert read, "the agent did not read every event before the kill"
+            spooled = read["shipper"]["queued"]
+            assert spooled > 0 and len(list(spool.rglob("chunk-*"))) == spooled
+            agent.signal(signal.SIGKILL)
+            assert agent.wait(timeout=10) == -signal.SIGKILL
+            assert d.wait(timeout=30) == 13 and any("h1: agent lost" in ln for ln in d.stderr), d.stderr
+            left = new_orphans(before)
+            assert not left.progs and not left.links, f"programs or links outlived the killed agent: {left}"
+            assert tc_filters(net.ns1, net.if1, "ingress") == [] and tc_filters(net.ns1, net.if1, "egress") == []
+
+            agent = _agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "0")
+            assert any("resending what a previous agent left" in ln for ln in agent.stderr) or \
+                agent.wait_stderr("resending what a previous agent left", timeout=10)
+            col = _collector(csock, key, out)
+            assert wait_until(lambda: _agent_status(sock, key)["background"] == [], timeout=30, interval=0.3)
+            assert not list(spool.rglob("chunk-*")) and not list(spool.rglob("open"))
+
+            events, chunks, _ = _read(out, "killed")
+            assert len(_ours(events)) == sent[0]  # the spooled chunks were resent: nothing missing
+            assert len({e["pkt_id"] for e in _ours(events)}) == sent[0]
+            assert [c["kind"] for c in chunks if c["kind"] in ("interrupted", "end", "gap")] == ["interrupted"]
+            first_run = sent[0]
+
+            d = _dispatch(spec)  # the same spec again: a new run, its own segment
+            with udp_stream(net.ns1, net.ip2, PORT, interval=0.01) as sent:
+                time.sleep(2)
+            summary = _stop_dispatch(d)
+        finally:
+            if d is not None:
+                d.close()
+            agent.close()
+            col.close()
+        assert summary["losses"]["undelivered_events"] == 0 and summary["hosts"]["h1"]["read"] == sent[0]
+        files = _files(out, "killed")
+        runs = {TraceFileReader(p).header["run"] for p in files}
+        assert len(files) >= 3 and len(runs) == 2, files  # run 1 (two collector segments), run 2
+        events = _read(out, "killed")[0]
+        assert len(_ours(events)) == first_run + sent[0]
+
+        an = subprocess.run([sys.executable, "-m", "vnet", "analyze", *map(str, files)], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+        assert an.returncode == 0, an.stderr
+        text = an.stdout + an.stderr
+        assert "the agent died mid-trace" in text and "killed or crashed" in text, text
+        assert_nothing_on(net.ns1, net.if1)
+
+
+# -- 4. an attach failing midway through a multi-probe trace -------------------------------------------------
+
+def _nothing_left(net, before) -> None:
+    for ns, ifname in ((net.ns1, net.if1), (net.ns2, net.if2)):
+        assert_nothing_on(ns, ifname)
+    left = new_orphans(before)
+    assert not left.progs and not left.links, f"left attached: {left}"
+
+
+def test_cli_trace_failing_midway_leaves_nothing_attached(tmp_path):
+    """Five hooks (two interfaces both ways, a tracepoint), --strict, under open-file limits
+    from too low to enough: each limit fails at a later step (the first object, the devices
+    attached then the tracepoint's object, everything attached then the ring's reader). Every
+    failure is one line and exit 14 (not a probe 'unavailable', not an internal error), and
+    leaves nothing attached; the first limit that suffices traces."""
+    root = str(Path(__file__).parents[2])
+    with veth_pair(96) as net:
+        before = vnet_snapshot()
+        failures, ok = [], False
+        for limit in range(20, 72, 2):
+            proc = subprocess.run(["prlimit", f"--nofile={limit}:{limit}", sys.executable, "-m", "vnet", "trace",
+                                   "-i", net.spec1, "-i", net.spec2, "-p", "net:netif_receive_skb", "--strict",
+                                   "-c", "1", "--duration", "0.5"],
+                                  capture_output=True, text=True, timeout=60, cwd=root,
+                                  env={**os.environ, "PYTHONPATH": root})
+            if proc.returncode == 0:
+                ok = True
+                break
+            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("vnet: error:")]
+            assert proc.returncode == 14 and len(errors) == 1, (limit, proc.stderr)
+            assert "too many open files" in errors[0].lower() and "ulimit -n" in errors[0], errors
+            assert "Traceback" not in proc.stderr
+            _nothing_left(net, before)
+            failures.append((limit, errors[0], "vnet: tracing" in proc.stderr))
+        assert ok, failures
+        midway = [f for f in failures if f[2] or "skb_trace" in f[1]]
+        assert midway, f"no limit failed after a hook was attached: {failures}"
+        _nothing_left(net, before)
+
+
+def test_agent_trace_failing_midway_leaves_nothing_attached_and_serves_on(tmp_path):
+    """The same through an agent: its open-file limit lowered (prlimit on the running agent)
+    before each start; a start that fails midway is answered with the error (exit code 14)
+    and leaves nothing attached; the agent serves on, and traces once the limit allows."""
+    from vnet.dispatch import load
+
+    key = new_key(tmp_path / "key")
+    sock = tmp_path / "a.sock"
+    with veth_pair(97) as net:
+        before = vnet_snapshot()
+        col = _collector(f"unix:{tmp_path}/col.sock", key, tmp_path / "out")
+        agent = _agent(net.ns1, sock, key, tmp_path / "spool", "h1")
+        spec = _spec(tmp_path / "spec.toml", net, sock, f"unix:{tmp_path}/col.sock", key, "limits")
+        text = spec.read_text().replace(f'interfaces = ["{net.if1}"]', f'interfaces = ["{net.if1}", "lo"]')
+        spec.write_text(text.replace('direction = "egress"', 'probes = ["net:netif_receive_skb"]') + "")
+        package = dict(load(spec).control_packages()["h1"], strict=True)
+        ch = connect(f"unix:{sock}", load_key(key), "agent")
+        try:
+            ch.request({"type": "hello"}, ("hello",))
+            # once with enough descriptors: the features it probes are known from then on, so
+            # that the limits below bite while loading and attaching (midway), not while probing
+            assert ch.request({"type": "start", "package": package}, ("started",))
+            assert ch.request({"type": "stop"}, ("stopped",))["delivered"]
+            base = len(os.listdir(f"/proc/{agent.pid}/fd"))
+            with open(f"/proc/{agent.pid}/limits") as f:  # the soft limit only: raising a hard one back
+                soft = next(ln.split()[3] for ln in f if ln.startswith("Max open files"))  # needs CAP_SYS_RESOURCE
+            failures, ok = [], False
+            for extra in range(2, 200, 3):
+                subprocess.run(["prlimit", "--pid", str(agent.pid), f"--nofile={base + extra}:"],
+                               check=True, timeout=10)
+                reply = ch.request({"type": "start", "package": package}, ("started", "error"))
+                subprocess.run(["prlimit", "--pid", str(agent.pid), f"--nofile={soft}:"], check=True, timeout=10)
+                if reply["type"] == "started":
+                    assert len(reply["hooks"]) == 5, reply
+                    assert ch.request({"type": "stop"}, ("stopped",))["delivered"]
+                    ok = True
+                    break
+                assert reply["exit_code"] == 14 and "too many open files" in reply["message"].lower(), reply
+                _nothing_left(net, before)
+                failures.append(reply["message"])
+            assert ok and failures, "\n".join(failures)
+            assert any("skb_trace" in m or "ring buffer" in m or "share map" in m for m in failures), failures
+        finally:
+            ch.close()
+            agent.close()
+            col.close()
+        _nothing_left(net, before)

@@ -1,0 +1,209 @@
+"""Faults on the collector's side, without root (the kernel tests in
+tests/kernel/test_faults.py do the same with a real full tmpfs): a file size limit
+(RLIMIT_FSIZE, a real EFBIG from the kernel) stops writes the way a full disk does;
+the writer keeps the file readable up to its last whole chunk and carries on when
+writes work again, also across a rotation whose new file could not take its header;
+a collector refuses (does not acknowledge) what it could not write and writes it when
+it is sent again; and what a host's files say was lost is reported (stream_accounting)."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import signal
+import threading
+import time
+
+import msgpack
+import pytest
+
+from vnet.collector.server import Collector
+from vnet.collector.tracefile import TraceFileReader, TraceFileWriter, stream_accounting
+from vnet.protocol import MAX_DATA_BYTES, connect
+from vnet.protocol.server import Server
+
+KEY = bytes(range(32))
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past nbytes fail with EFBIG (SIGXFSZ ignored), for this process, until the block ends."""
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def _kinds(path) -> list[tuple[str, int]]:
+    r = TraceFileReader(path)
+    out = [(c["kind"], c["seq"]) for c in r.chunks()]
+    assert not r.truncated, r.problem
+    return out
+
+
+def test_a_write_that_does_not_fit_leaves_the_file_whole_and_writing_resumes(tmp_path):
+    path = tmp_path / "t.vnt"
+    w = TraceFileWriter(path, {"host": "h"})
+    w.write("events", seq=0, count=1, records=b"a" * 100)
+    size = path.stat().st_size
+    with file_size_limit(size + 50):
+        with pytest.raises(OSError):
+            w.write("events", seq=1, count=1, records=b"b" * 100)
+        assert path.stat().st_size == size  # the torn chunk was cut off
+        assert _kinds(path) == [("header", -1), ("events", 0)]
+    w.write("events", seq=1, count=1, records=b"b" * 100)
+    w.close()
+    assert _kinds(path) == [("header", -1), ("events", 0), ("events", 1)]
+
+
+def test_a_rotation_whose_header_did_not_fit_writes_it_before_the_next_chunk(tmp_path):
+    path = tmp_path / "t.vnt"
+    w = TraceFileWriter(path, {"host": "h", "pad": "x" * 200}, rotate_bytes=600)
+    w.write("events", seq=0, count=1, records=b"a" * 200)
+    with file_size_limit(100):  # the next file is created, its header does not fit
+        with pytest.raises(OSError):
+            w.write("events", seq=1, count=1, records=b"b" * 200)
+    with pytest.raises(OSError), file_size_limit(100):
+        w.write("events", seq=1, count=1, records=b"b" * 200)  # still not: nothing half-written
+    w.write("events", seq=1, count=1, records=b"b" * 200)
+    w.close()
+    assert _kinds(path) == [("header", -1), ("events", 0)]
+    assert _kinds(path.with_name("t.vnt.1")) == [("header", 0), ("events", 1)]
+
+
+def test_the_collector_refuses_what_it_cannot_write_and_writes_it_when_sent_again(tmp_path):
+    col = Collector(tmp_path / "out")
+    srv = Server(f"unix:{tmp_path}/col.sock", KEY, "collector", col.handle, limit=MAX_DATA_BYTES)
+    thread = threading.Thread(target=srv.serve, daemon=True)
+    thread.start()
+    ch = connect(f"unix:{tmp_path}/col.sock", KEY, "collector", limit=MAX_DATA_BYTES)
+    try:
+        opened = ch.request({"type": "open", "trace": "t", "host": "h", "run": "r1", "header": {}}, ("opened",))
+        assert opened["have"] == -1
+
+        def chunk(seq: int) -> dict:
+            ch.send({"type": "chunk", "seq": seq, "chunk": {"kind": "events", "seq": seq, "count": 1}},
+                    blob=b"x" * 4096)
+            while True:
+                m = ch.recv(("ack", "full", "ping"))
+                if m["type"] != "ping":
+                    return m
+
+        assert chunk(0) == {"type": "ack", "seq": 0}
+        size = (tmp_path / "out" / "t" / "h.vnt").stat().st_size
+        with file_size_limit(size + 100):
+            refused = chunk(1)
+            assert refused["type"] == "full" and refused["have"] == 0 and refused["message"]
+            ch.send({"type": "chunk", "seq": 2, "chunk": {"kind": "events", "seq": 2, "count": 1}}, blob=b"y")
+        assert chunk(1) == {"type": "ack", "seq": 1}  # chunk 2 (sent during the refusal) was not taken ...
+        assert chunk(2) == {"type": "ack", "seq": 2}  # ... and is written now, in order: no gap
+        ch.send({"type": "close"})
+        ch.recv(("closed", "ping"))
+    finally:
+        ch.close()
+        srv.stop()
+        thread.join(timeout=5)
+    lines = col.close()
+    assert "1 chunks refused and kept by the agent" in lines[0] and "STILL FAILING" not in lines[0], lines
+    assert [k for k in _kinds(tmp_path / "out" / "t" / "h.vnt") if k[0] != "clock"] == [
+        ("header", -1), ("events", 0), ("events", 1), ("events", 2)]
+
+
+def test_what_a_hosts_files_say_was_lost_is_reported(tmp_path):
+    def stream(name: str, run: str | None, *chunks: tuple) -> TraceFileReader:
+        with TraceFileWriter(tmp_path / name, {"host": "h", **({"run": run} if run else {})}) as w:
+            for kind, fields in chunks:
+                w.write(kind, **fields)
+        return TraceFileReader(tmp_path / name)
+
+    whole = stream("a.vnt", "r1", ("events", {"seq": 0, "count": 1}),
+                   ("end", {"seq": 1, "losses": {"kernel_ring_full": 0, "agent_unread": 0}}))
+    assert stream_accounting([whole]) == []
+    lossy = stream("b.vnt", "r2", ("events", {"seq": 0, "count": 1}), ("gap", {"first": 1, "last": 3}),
+                   ("end", {"seq": 4, "losses": {"kernel_ring_full": 7, "agent_unread": 0}}))
+    died = stream("c.vnt", "r3", ("events", {"seq": 0, "count": 1}),
+                  ("interrupted", {"reason": "the agent ended without stopping this trace", "after": 0}))
+    cut = stream("d.vnt", "r4", ("events", {"seq": 0, "count": 1}))
+    recorded = stream("e.vnt", None, ("events", {"seq": 0, "count": 1}))  # vnet trace -w: its end is not ours
+    found = stream_accounting([lossy, died, cut, recorded])
+    assert found == ["run r2: chunks 1..3 never reached the collector (their events are missing and not counted)",
+                     "run r2: events lost before the collector: kernel_ring_full 7",
+                     "run r3: the agent died mid-trace after chunk 0: the agent ended without stopping this trace",
+                     "run r4: no end record: the trace is still running, or its agent stopped without finishing "
+                     "(killed, or cut off from the collector); what it had not shipped is missing"], found
+
+
+@pytest.fixture
+def collector(tmp_path):
+    col = Collector(tmp_path / "out")
+    srv = Server(f"unix:{tmp_path}/col.sock", KEY, "collector", col.handle, limit=MAX_DATA_BYTES)
+    thread = threading.Thread(target=srv.serve, daemon=True)
+    thread.start()
+    yield col, f"unix:{tmp_path}/col.sock", tmp_path / "out"
+    srv.stop()
+    thread.join(timeout=5)
+    col.close()
+
+
+def test_a_spool_write_that_fails_counts_as_the_spool_full(tmp_path):
+    from vnet.agent.shipper import Shipper
+
+    shipper = Shipper(f"unix:{tmp_path}/nobody.sock", KEY, {"trace": "t", "host": "h", "run": "r", "header": {}},
+                      spool_dir=tmp_path / "spool", memory_bytes=0)
+    try:
+        shipper.put("events", count=3, records=b"a" * 100)
+        with file_size_limit(50):
+            shipper.put("events", count=5, records=b"b" * 100)
+        assert shipper.stats.spooled == 1 and shipper.stats.dropped_events == 5
+        assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == ["chunk-000000000000", "open"]
+    finally:
+        shipper.close()
+
+
+def test_a_dead_agents_spool_is_resent_and_the_interruption_recorded(tmp_path, collector):
+    from vnet.agent.shipper import Shipper
+
+    col, address, out = collector
+    run_dir = tmp_path / "spool" / "t" / "h" / "r1"
+    dead = Shipper(f"unix:{tmp_path}/nobody.sock", KEY, {"trace": "t", "host": "h", "run": "r1", "header": {}},
+                   spool_dir=run_dir, memory_bytes=0)
+    for i in range(3):
+        dead.put("events", count=1, records=bytes([i]) * 50)
+    dead._stop.set()  # as if killed: no close(), the spool stays as it is
+    dead._thread.join(timeout=5)
+    saved = msgpack.unpackb((run_dir / "open").read_bytes(), raw=False)
+    saved["address"] = address  # the collector it was shipping to
+    (run_dir / "open").write_bytes(msgpack.packb(saved, use_bin_type=True))
+
+    again = Shipper.recover(run_dir, KEY)
+    deadline = time.monotonic() + 20
+    while not again.done and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert again.done
+    again.close()
+    assert not run_dir.exists()  # delivered: the folder goes
+    kinds = [k for k in _kinds(out / "t" / "h.vnt") if k[0] != "clock"]
+    assert kinds == [("header", -1), ("events", 0), ("events", 1), ("events", 2), ("interrupted", 2)]
+
+
+def test_a_collector_that_cannot_create_the_file_says_why_and_leaves_none(tmp_path, collector):
+    from vnet.protocol import ProtocolError
+
+    _, address, out = collector
+    ch = connect(address, KEY, "collector", limit=MAX_DATA_BYTES)
+    try:
+        with file_size_limit(10), pytest.raises(ProtocolError, match="cannot create .*h.vnt: File too large"):
+            ch.request({"type": "open", "trace": "t", "host": "h", "run": "r1", "header": {}}, ("opened",))
+    finally:
+        ch.close()
+    assert list((out / "t").iterdir()) == []  # no empty file left for a reader to stumble on
+    ch = connect(address, KEY, "collector", limit=MAX_DATA_BYTES)
+    try:  # and once writing works, the same stream opens
+        assert ch.request({"type": "open", "trace": "t", "host": "h", "run": "r1", "header": {}},
+                          ("opened",))["have"] == -1
+    finally:
+        ch.close()
