@@ -16,7 +16,6 @@ Usage: collect.py [--rounds 5] [--chunks 40] [--compare-to REV] [--hmac]
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import socket
@@ -29,20 +28,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from revisions import connect_for  # noqa: E402  (tools/bench, beside this script)
+
 EVENTS_PER_CHUNK = 65536
 RECORD_BYTES = 152
 NO_GMAC = "VNET_BENCH_NO_GMAC"  # --hmac: both ends act as if libcrypto had no AES-GCM
-
-
-def _load_channel(code: Path):
-    """The channel module of `code` (this tree's or a revision's wire protocol)."""
-    name = f"_vnet_channel_{abs(hash(str(code)))}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, code / "vnet" / "protocol" / "channel.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def _cpu(pid: int) -> float:
@@ -58,7 +50,7 @@ def _free_port() -> int:
 
 def run(code: Path, chunks: int, blob: bytes, hmac_only: bool) -> tuple[float, float]:
     """(M events/s delivered, collector CPU µs per event) for one run."""
-    channel = _load_channel(code)
+    connect = connect_for(code)
     tmp = Path(tempfile.mkdtemp(prefix="vnet-collect-bench-"))
     env = {**os.environ, "PYTHONPATH": str(code)}
     if hmac_only:
@@ -88,7 +80,7 @@ def run(code: Path, chunks: int, blob: bytes, hmac_only: bool) -> tuple[float, f
             import vnet.binding.crypto as crypto
             saved, crypto.available = crypto.available, lambda: False
         try:
-            ch = channel.connect(address, bytes.fromhex(key_path.read_text().strip()), "collector", limit=32 << 20)
+            ch = connect(address, bytes.fromhex(key_path.read_text().strip()), "collector", limit=32 << 20)
         finally:
             if hmac_only:
                 crypto.available = saved
