@@ -27,6 +27,7 @@ log = logging.getLogger("vnet.collector")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CLOCK_PINGS = 8          # exchanges right after an agent connects
 CLOCK_EVERY_S = 5.0      # and one this often afterwards (drift)
+COLLECTOR_KINDS = ("header", "gap", "clock")  # chunks only the collector writes
 
 
 @dataclass
@@ -132,6 +133,13 @@ class Collector:
             raise ProtocolError(f"chunk {seq} does not match its envelope")
         if (blob is not None) != (chunk["kind"] == "events"):
             raise ProtocolError(f"chunk {seq}: an events chunk comes with its records, and only it")
+        if chunk["kind"] in COLLECTOR_KINDS:  # forged ones would fake gaps, clocks or the record layout
+            raise ProtocolError(f"chunk {seq}: kind {chunk['kind']!r} is the collector's to write")
+        if any(not isinstance(k, str) or k == "self" for k in chunk):  # they become keyword arguments
+            raise ProtocolError(f"chunk {seq}: field names must be strings")
+        count = chunk.get("count", 0)
+        if chunk["kind"] == "events" and (not isinstance(count, int) or count < 0):
+            raise ProtocolError(f"chunk {seq}: an events chunk's count must be a whole number, got {count!r}")
         if blob is not None:
             chunk["records"] = blob  # last: written where it is (vnet/packing.py), not copied
         with st.lock:
@@ -140,13 +148,13 @@ class Collector:
             if seq > st.last_seq + 1:
                 gap = (st.last_seq + 1, seq - 1)
                 st.gaps.append(gap)
-                st.writer.write("gap", first=gap[0], last=gap[1])
+                self._writer(st).write("gap", first=gap[0], last=gap[1])
                 log.error("%s/%s: chunks %d..%d never arrived", st.trace, st.host, *gap)
             kind = chunk.pop("kind")
-            st.writer.write(kind, **chunk)
+            self._writer(st).write(kind, **chunk)
             st.last_seq = seq
             st.chunks += 1
-            st.events += int(chunk.get("count", 0)) if kind == "events" else 0
+            st.events += count if kind == "events" else 0
 
     def _ping(self, ch: Channel, stop: threading.Event) -> None:
         n = 0
@@ -170,7 +178,15 @@ class Collector:
         with st.lock:  # every sample: the analysis fits the drift through the best of each window
             if st.best_clock is None or sample["error_ns"] <= st.best_clock["error_ns"]:
                 st.best_clock = sample
-            st.writer.write("clock", **sample)
+            self._writer(st).write("clock", **sample)
+
+    @staticmethod
+    def _writer(st: Stream) -> TraceFileWriter:
+        """The stream's open file (under st.lock); a new segment when another connection
+        for the same trace and host has closed it meanwhile."""
+        if st.writer is None:
+            st.open()
+        return st.writer
 
     def _finish(self, st: Stream) -> None:
         with st.lock:
