@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("atheris")
 ROOT = Path(__file__).resolve().parents[2]
-RUNS = {"trace_reader": 300, "protocol_frame": 3000, "spec_parser": 3000}
+RUNS = {"trace_reader": 2000, "protocol_frame": 20000, "spec_parser": 5000}
 
 
 @pytest.mark.parametrize("harness", sorted(RUNS))
