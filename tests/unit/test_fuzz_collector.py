@@ -25,7 +25,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import msgpack
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
