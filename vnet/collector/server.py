@@ -38,6 +38,7 @@ log = logging.getLogger("vnet.collector")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CLOCK_PINGS = 8          # exchanges right after an agent connects
 CLOCK_EVERY_S = 5.0      # and one this often afterwards (drift)
+COLLECTOR_KINDS = ("header", "gap", "clock")  # chunks only the collector writes
 
 
 @dataclass
@@ -203,6 +204,13 @@ class Collector:
             raise ProtocolError(f"chunk {seq} does not match its envelope")
         if (blob is not None) != (chunk["kind"] == "events"):
             raise ProtocolError(f"chunk {seq}: an events chunk comes with its records, and only it")
+        if chunk["kind"] in COLLECTOR_KINDS:  # forged ones would fake gaps, clocks or the record layout
+            raise ProtocolError(f"chunk {seq}: kind {chunk['kind']!r} is the collector's to write")
+        if any(not isinstance(k, str) or k == "self" for k in chunk):  # they become keyword arguments
+            raise ProtocolError(f"chunk {seq}: field names must be strings")
+        count = chunk.get("count", 0)
+        if chunk["kind"] == "events" and (not isinstance(count, int) or count < 0):
+            raise ProtocolError(f"chunk {seq}: an events chunk's count must be a whole number, got {count!r}")
         if blob is not None:
             chunk["records"] = blob  # last: written where it is (vnet/packing.py), not copied
         with st.lock:
@@ -214,18 +222,18 @@ class Collector:
             try:
                 if seq > st.last_seq + 1:
                     gap = (st.last_seq + 1, seq - 1)
-                    st.writer.write("gap", first=gap[0], last=gap[1])
+                    self._writer(st).write("gap", first=gap[0], last=gap[1])
                     st.gaps.append(gap)
                     st.last_seq = seq - 1  # recorded as missing: a retry of this chunk is not a new gap
                     log.error("%s/%s: chunks %d..%d never arrived", st.trace, st.host, *gap)
-                st.writer.write(kind, **chunk)
+                self._writer(st).write(kind, **chunk)
             except OSError as e:
                 st.failed(e)
                 raise
             st.wrote()
             st.last_seq = seq
             st.chunks += 1
-            st.events += int(chunk.get("count", 0)) if kind == "events" else 0
+            st.events += count if kind == "events" else 0
             return True
 
     def _interrupted(self, st: Stream, m) -> None:
@@ -234,7 +242,7 @@ class Collector:
         reason = m.get("reason")
         with st.lock:
             try:
-                st.writer.write("interrupted", reason=str(reason)[:1000] if reason else "", after=st.last_seq)
+                self._writer(st).write("interrupted", reason=str(reason)[:1000] if reason else "", after=st.last_seq)
             except OSError as e:
                 st.failed(e)
                 raise
@@ -271,6 +279,14 @@ class Collector:
                 st.writer.write("clock", **sample)
             except OSError:  # disk full: the next sample replaces it
                 st.clocks_unwritten += 1
+
+    @staticmethod
+    def _writer(st: Stream) -> TraceFileWriter:
+        """The stream's open file (under st.lock); a new segment when another connection
+        for the same trace and host has closed it meanwhile (OSError: cannot create it)."""
+        if st.writer is None:
+            st.open()
+        return st.writer
 
     def _finish(self, st: Stream) -> None:
         with st.lock:
