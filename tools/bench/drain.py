@@ -435,7 +435,8 @@ class AgentConsumer:
     """A `vnet agent` and a `vnet collect` that stay up across runs, as in production;
     each run is one trace the agent is given by this script (the dispatcher's requests)."""
 
-    def __init__(self, iface: str, workdir: Path, code: Path = ROOT, label: str = "", bpf_dir: Path | None = None):
+    def __init__(self, iface: str, workdir: Path, code: Path = ROOT, label: str = "", bpf_dir: Path | None = None,
+                 queue_mb: int = 512):
         from vnet.protocol import new_key
 
         self.name = "agent" + label
@@ -452,7 +453,7 @@ class AgentConsumer:
         _wait_line(self.collector, "collector listening on")
         # --queue-mb 512: the backlog runs put 160 MB in the ring at once; in memory, not the disk spool
         self.agent = _vnet(code, "agent", "--listen", f"unix:{self.sock}", "--key", str(self.key_path),
-                           "--spool", str(workdir / "spool"), "--host", "h1", "--queue-mb", "512", bpf_dir=bpf_dir)
+                           "--spool", str(workdir / "spool"), "--host", "h1", "--queue-mb", str(queue_mb), bpf_dir=bpf_dir)
         _wait_line(self.agent, "agent listening on")
         for p in (self.collector, self.agent):  # keep their stderr pipes from filling up
             threading.Thread(target=lambda s=p.stderr: [None for _ in s], daemon=True).start()

@@ -48,6 +48,7 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CLOCK_PINGS = 8          # exchanges right after an agent connects
 CLOCK_EVERY_S = 5.0      # and one this often afterwards (drift)
 PIPELINE_DEPTH = 3       # receive buffers per connection: one being received, up to two verified or being written
+COLLECTOR_KINDS = ("header", "gap", "clock")  # chunks only the collector writes
 
 
 @dataclass
@@ -232,15 +233,22 @@ class Collector:
             raise ProtocolError(f"chunk {seq} does not match its envelope")
         if (blob is not None) != (chunk["kind"] == "events"):
             raise ProtocolError(f"chunk {seq}: an events chunk comes with its records, and only it")
+        if chunk["kind"] in COLLECTOR_KINDS:  # forged ones would fake gaps, clocks or the record layout
+            raise ProtocolError(f"chunk {seq}: kind {chunk['kind']!r} is the collector's to write")
+        if any(not isinstance(k, str) or k == "self" for k in chunk):  # they become keyword arguments
+            raise ProtocolError(f"chunk {seq}: field names must be strings")
+        count = chunk.get("count", 0)
+        if chunk["kind"] == "events" and (not isinstance(count, int) or count < 0):
+            raise ProtocolError(f"chunk {seq}: an events chunk's count must be a whole number, got {count!r}")
 
     @staticmethod
     def _frame(m) -> list:
         """A checked chunk as the trace file's frame (TraceFileWriter.frame; CRC-32 computed),
         an events chunk's records last: written where they are (vnet/packing.py), not copied."""
-        chunk = dict(m["chunk"])
+        fields = {k: v for k, v in m["chunk"].items() if k not in ("kind", "seq")}
         if m.blob is not None:
-            chunk["records"] = m.blob
-        return TraceFileWriter.frame(chunk.pop("kind"), **chunk)
+            fields["records"] = m.blob
+        return TraceFileWriter.frame(m["chunk"]["kind"], m["seq"], **fields)
 
     def _chunk(self, st: Stream, m) -> bool:
         """Write a checked, framed chunk (the writer thread). Whether to acknowledge;
@@ -255,18 +263,18 @@ class Collector:
             try:
                 if seq > st.last_seq + 1:
                     gap = (st.last_seq + 1, seq - 1)
-                    st.writer.write("gap", first=gap[0], last=gap[1])
+                    self._writer(st).write("gap", first=gap[0], last=gap[1])
                     st.gaps.append(gap)
                     st.last_seq = seq - 1  # recorded as missing: a retry of this chunk is not a new gap
                     log.error("%s/%s: chunks %d..%d never arrived", st.trace, st.host, *gap)
-                st.writer.write_frame(m.frame, seq)
+                self._writer(st).write_frame(m.frame, seq)
             except OSError as e:
                 st.failed(e)
                 raise
             st.wrote()
             st.last_seq = seq
             st.chunks += 1
-            st.events += int(chunk.get("count", 0)) if kind == "events" else 0
+            st.events += chunk.get("count", 0) if kind == "events" else 0  # a whole number: checked
             return True
 
     def _interrupted(self, st: Stream, m) -> None:
@@ -275,7 +283,7 @@ class Collector:
         reason = m.get("reason")
         with st.lock:
             try:
-                st.writer.write("interrupted", reason=str(reason)[:1000] if reason else "", after=st.last_seq)
+                self._writer(st).write("interrupted", reason=str(reason)[:1000] if reason else "", after=st.last_seq)
             except OSError as e:
                 st.failed(e)
                 raise
@@ -312,6 +320,14 @@ class Collector:
                 st.writer.write("clock", **sample)
             except OSError:  # disk full: the next sample replaces it
                 st.clocks_unwritten += 1
+
+    @staticmethod
+    def _writer(st: Stream) -> TraceFileWriter:
+        """The stream's open file (under st.lock); a new segment when another connection
+        for the same trace and host has closed it meanwhile (OSError: cannot create it)."""
+        if st.writer is None:
+            st.open()
+        return st.writer
 
     def _finish(self, st: Stream) -> None:
         with st.lock:

@@ -285,7 +285,7 @@ class TraceFileWriter:
         self.write_frame(self._frame({"kind": kind, "seq": seq, **fields}), seq)
 
     @classmethod
-    def frame(cls, kind: str, seq: int, **fields) -> list:
+    def frame(cls, kind: str, seq: int, /, **fields) -> list:
         """What write(kind, seq=seq, **fields) writes, CRC computed, for write_frame(): so that
         one thread can frame a chunk (the CRC-32 over ~10 MB) while another writes the one before."""
         return cls._frame({"kind": kind, "seq": seq, **fields})

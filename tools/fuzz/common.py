@@ -1,0 +1,34 @@
+"""What the coverage-guided harnesses share: run one under atheris (libFuzzer) with a
+seed corpus, and say how a run went.
+
+    python tools/fuzz/NAME.py [libFuzzer options] [CORPUS_DIR ...]
+
+Without a corpus directory the harness seeds a temporary one (its SEEDS). Useful
+options: -max_total_time=SECONDS, -runs=N, -max_len=BYTES, -print_final_stats=1.
+A crash (an exception the harness does not allow) stops the run and writes the
+input to ./crash-*; rerun with that file as the only argument to reproduce it.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def run(test_one, seeds: list[bytes], default_max_len: int = 4096) -> None:
+    import atheris
+
+    args = list(sys.argv)
+    if not any(a.startswith("-max_len=") for a in args):
+        args.insert(1, f"-max_len={default_max_len}")
+    if not any(not a.startswith("-") for a in args[1:]):   # no corpus or input file: seed one
+        corpus = Path(tempfile.mkdtemp(prefix="vnet-fuzz-"))
+        for i, seed in enumerate(seeds):
+            (corpus / f"seed{i}").write_bytes(seed)
+        args.append(str(corpus))
+    atheris.Setup(args, test_one)
+    atheris.Fuzz()
