@@ -54,7 +54,8 @@ def _huge_length(kind: int) -> bytes:
 payloads = st.one_of(
     st.binary(max_size=300),
     values.map(lambda v: msgpack.packb(v, use_bin_type=True)),
-    st.dictionaries(st.sampled_from(["type", "v", "nonce", "mac", "role", "seq", "data"]), values, max_size=5)
+    st.dictionaries(st.sampled_from(["type", "v", "nonce", "mac", "role", "seq", "data", "macs", "session_mac"]),
+                    values, max_size=5)
       .map(lambda d: msgpack.packb(d, use_bin_type=True)),
     st.tuples(st.integers(1, 20_000), st.sampled_from(["array", "map"])).map(lambda t: _deep(*t)),
     st.sampled_from([0xdb, 0xc6, 0xdd, 0xdf]).map(_huge_length),
@@ -104,8 +105,9 @@ def _auth_forgeries():
     """What an impostor can send after reading the challenge: auth maps of every wrong shape."""
     field = st.one_of(values, st.binary(min_size=32, max_size=32))
     return st.fixed_dictionaries({"type": st.sampled_from(["auth", "hello", "start", "chunk"])},
-                                 optional={"v": st.one_of(st.integers(0, 3), values), "nonce": field,
-                                           "mac": field}).map(lambda d: _frame(msgpack.packb(d, use_bin_type=True)))
+                                 optional={"v": st.one_of(st.integers(0, 4), values), "nonce": field,
+                                           "mac": field, "session_mac": st.one_of(
+                                               st.sampled_from(["gmac-aes128", "hmac-sha256"]), values)}).map(lambda d: _frame(msgpack.packb(d, use_bin_type=True)))
 
 
 attacks = st.one_of(

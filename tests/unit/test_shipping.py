@@ -13,7 +13,7 @@ import pytest
 from vnet.agent.shipper import Shipper
 from vnet.binding.ringbatch import pack_records, records
 from vnet.collector.server import Collector
-from vnet.collector.tracefile import TraceFileReader
+from vnet.collector.tracefile import TraceFileReader, TraceFileWriter
 from vnet.protocol import MAX_DATA_BYTES, ProtocolError, connect
 from vnet.protocol.server import Server
 
@@ -77,3 +77,54 @@ def test_chunks_that_break_the_rules_are_refused(collector, caplog, chunk, blob,
             time.sleep(0.01)
     assert why in caplog.text
     ch.close()
+
+
+def test_a_chunk_is_acknowledged_only_once_written_and_refused_when_it_cannot_be(collector, monkeypatch):
+    """The collector verifies the next chunk while its writer thread writes the one before:
+    an ack still means "on disk" (the agent forgets the chunk), a write that fails (a full
+    disk here) is answered "full" and nothing after it is taken until it is sent again,
+    and the chunks, 10 MB-class ones through the receive buffers in rotation, land in order."""
+    import errno
+
+    col, address, out = collector
+    written: list[int] = []
+    write_frame, failures = TraceFileWriter.write_frame, [3]
+
+    def failing(self, frame, seq):
+        if seq in failures:
+            failures.remove(seq)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_frame(self, frame, seq)
+        written.append(seq)
+
+    monkeypatch.setattr(TraceFileWriter, "write_frame", failing)
+    ch = connect(address, KEY, "collector", limit=MAX_DATA_BYTES)
+    ch.request({"type": "open", "trace": "t3", "host": "h1", "header": {}}, ("opened",))
+    records = pack_records([bytes([i % 251]) * 144 for i in range(1000)])  # > 64 KiB: the receive buffers in rotation
+
+    def send(seqs):
+        for seq in seqs:
+            ch.send({"type": "chunk", "seq": seq, "chunk": {"kind": "events", "seq": seq, "count": 1000}},
+                    blob=records)
+
+    def answers(n):
+        got = []
+        while len(got) < n:
+            m = ch.recv(("ack", "full", "ping"))
+            if m["type"] == "ack":
+                assert m["seq"] in written  # written before it was acknowledged
+            if m["type"] != "ping":
+                got.append((m["type"], m.get("seq", m.get("have"))))
+        return got
+
+    send(range(6))
+    assert answers(4) == [("ack", 0), ("ack", 1), ("ack", 2), ("full", 2)]  # 4 and 5: not taken, no answer
+    send(range(3, 6))  # as the agent does after "full"
+    assert answers(3) == [("ack", 3), ("ack", 4), ("ack", 5)]
+    ch.send({"type": "close"})
+    while ch.recv(("closed", "ping"))["type"] != "closed":
+        pass
+    ch.close()
+    assert written == [0, 1, 2, 3, 4, 5]
+    chunks = [c for c in TraceFileReader(out / "t3" / "h1.vnt").chunks() if c["kind"] not in ("clock", "header")]
+    assert [(c["kind"], c["seq"]) for c in chunks] == [("events", n) for n in range(6)]

@@ -264,3 +264,21 @@ int pcap_offline_filter(const struct bpf_program *fp, const struct pcap_pkthdr *
 char *bpf_image(const struct bpf_insn *p, int n);
 const char *pcap_lib_version(void);
 """
+
+# libcrypto (vnet/binding/crypto.py): GMAC (AES-128-GCM over associated data only) for the
+# protocol's session frames. Opaque types only: no layout to check.
+CRYPTO_CDEF = r"""
+typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
+typedef struct evp_cipher_st EVP_CIPHER;
+typedef struct engine_st ENGINE;
+EVP_CIPHER_CTX *EVP_CIPHER_CTX_new(void);
+void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx);
+int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX *ctx, int type, int arg, void *ptr);
+const EVP_CIPHER *EVP_aes_128_gcm(void);
+int EVP_EncryptInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *type, ENGINE *impl,
+                       const unsigned char *key, const unsigned char *iv);
+int EVP_EncryptUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl, const unsigned char *in, int inl);
+int EVP_EncryptFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl);
+unsigned long OpenSSL_version_num(void);
+const char *OpenSSL_version(int type);
+"""

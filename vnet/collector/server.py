@@ -18,19 +18,28 @@ it and sends them again later (vnet/agent/shipper.py). Nothing is lost while the
 agent's queue and spool hold out; the refusals are counted and logged, and the
 summary at exit says how long writing failed. A clock sample that cannot be
 written is only counted (the next one replaces it).
+
+Per connection, two stages: the connection's thread receives a chunk, verifies its MAC and
+envelope and frames it for the trace file (CRC-32), then hands it to a writer thread, which
+writes it (writev into the page cache) and acknowledges it (or answers "full"), while the next
+one is received, verified and framed. The records stay in the channel's receive buffers
+(BufferRing, PIPELINE_DEPTH of them) until written; each stage leaves the GIL in its long
+calls (recv_into, GMAC in libcrypto, zlib.crc32, writev).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vnet.protocol import MAX_DATA_BYTES, Channel
-from vnet.protocol.channel import ProtocolError
+from vnet.protocol.channel import BufferRing, ProtocolError
 
 from .tracefile import TraceFileReader, TraceFileWriter
 
@@ -38,6 +47,7 @@ log = logging.getLogger("vnet.collector")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CLOCK_PINGS = 8          # exchanges right after an agent connects
 CLOCK_EVERY_S = 5.0      # and one this often afterwards (drift)
+PIPELINE_DEPTH = 3       # receive buffers per connection: one being received, up to two verified or being written
 COLLECTOR_KINDS = ("header", "gap", "clock")  # chunks only the collector writes
 
 
@@ -169,34 +179,53 @@ class Collector:
         stop = threading.Event()
         pinger = threading.Thread(target=self._ping, args=(ch, stop), daemon=True, name=f"clock {st.host}")
         pinger.start()
+        writer = _ChunkWriter(self, st, ch)
         try:
             while True:
                 m = ch.recv(("chunk", "pong", "close", "interrupted"))
+                if m["type"] == "chunk":
+                    self._check_chunk(m)
+                    m.frame = self._frame(m)
+                    writer.put(m)  # written, then acknowledged (or refused: "full"), by the writer
+                    continue
+                if m.buffer is not None:
+                    ch.buffers.give(m.buffer)
                 if m["type"] == "pong":
                     self._clock(st, m)
-                elif m["type"] == "chunk":
-                    try:
-                        if self._chunk(st, m):
-                            ch.send({"type": "ack", "seq": st.last_seq})
-                    except OSError as e:  # not written: not acknowledged; the agent sends it again
-                        ch.send({"type": "full", "have": st.last_seq, "message": e.strerror or str(e)})
                 elif m["type"] == "interrupted":
-                    try:
-                        self._interrupted(st, m)
-                        ch.send({"type": "recorded", "seq": st.last_seq})
-                    except OSError as e:
-                        ch.send({"type": "full", "have": st.last_seq, "message": e.strerror or str(e)})
+                    writer.put(m)  # after the chunks before it
                 else:
+                    writer.finish()  # everything before "close" written and answered
                     self._finish(st)
                     ch.send({"type": "closed", "path": str(st.path), "gaps": st.gaps, "chunks": st.chunks})
                     return
+        except (ConnectionError, OSError, ProtocolError):
+            writer.reraise()  # the writer's failure (it closed the connection), not its symptom here
+            raise
         finally:
             stop.set()
+            writer.stop()
 
-    def _chunk(self, st: Stream, m) -> bool:
+    def _write(self, st: Stream, ch: Channel, m) -> None:
+        """The writer thread's part of one message: write, then answer."""
+        if m["type"] == "interrupted":
+            try:
+                self._interrupted(st, m)
+                ch.send({"type": "recorded", "seq": st.last_seq})
+            except OSError as e:
+                ch.send({"type": "full", "have": st.last_seq, "message": e.strerror or str(e)})
+            return
+        try:
+            if self._chunk(st, m):
+                ch.send({"type": "ack", "seq": st.last_seq})
+        except OSError as e:  # not written: not acknowledged; the agent sends it again
+            ch.send({"type": "full", "have": st.last_seq, "message": e.strerror or str(e)})
+
+    @staticmethod
+    def _check_chunk(m) -> None:
         """An agent's chunk: its head (a map) in the message, an events chunk's records
-        raw beside it (m.blob, a view of the receive buffer), written from there.
-        Whether to acknowledge; OSError when it could not be written (nothing changed)."""
+        raw beside it (m.blob, a view of a receive buffer). Checked before it is queued,
+        so that a malformed one closes the connection as it arrives."""
         seq, chunk, blob = m.get("seq"), m.get("chunk"), m.blob
         if not isinstance(seq, int) or not isinstance(chunk, dict):
             raise ProtocolError("malformed chunk")
@@ -211,14 +240,26 @@ class Collector:
         count = chunk.get("count", 0)
         if chunk["kind"] == "events" and (not isinstance(count, int) or count < 0):
             raise ProtocolError(f"chunk {seq}: an events chunk's count must be a whole number, got {count!r}")
-        if blob is not None:
-            chunk["records"] = blob  # last: written where it is (vnet/packing.py), not copied
+
+    @staticmethod
+    def _frame(m) -> list:
+        """A checked chunk as the trace file's frame (TraceFileWriter.frame; CRC-32 computed),
+        an events chunk's records last: written where they are (vnet/packing.py), not copied."""
+        fields = {k: v for k, v in m["chunk"].items() if k not in ("kind", "seq")}
+        if m.blob is not None:
+            fields["records"] = m.blob
+        return TraceFileWriter.frame(m["chunk"]["kind"], m["seq"], **fields)
+
+    def _chunk(self, st: Stream, m) -> bool:
+        """Write a checked, framed chunk (the writer thread). Whether to acknowledge;
+        OSError when it could not be written (nothing changed)."""
+        seq, chunk = m["seq"], m["chunk"]
+        kind = chunk["kind"]
         with st.lock:
             if seq <= st.last_seq:
                 return True  # sent again after a reconnect: already written
             if st.write_error and seq != st.last_seq + 1:
                 return False  # sent before the agent heard "full": it sends them again
-            kind = chunk.pop("kind")
             try:
                 if seq > st.last_seq + 1:
                     gap = (st.last_seq + 1, seq - 1)
@@ -226,14 +267,14 @@ class Collector:
                     st.gaps.append(gap)
                     st.last_seq = seq - 1  # recorded as missing: a retry of this chunk is not a new gap
                     log.error("%s/%s: chunks %d..%d never arrived", st.trace, st.host, *gap)
-                self._writer(st).write(kind, **chunk)
+                self._writer(st).write_frame(m.frame, seq)
             except OSError as e:
                 st.failed(e)
                 raise
             st.wrote()
             st.last_seq = seq
             st.chunks += 1
-            st.events += count if kind == "events" else 0
+            st.events += chunk.get("count", 0) if kind == "events" else 0  # a whole number: checked
             return True
 
     def _interrupted(self, st: Stream, m) -> None:
@@ -301,3 +342,63 @@ class Collector:
             self._finish(st)
             lines.append(st.summary())
         return lines
+
+
+class _ChunkWriter:
+    """The second stage of one connection: writes the chunks the connection's thread has
+    received and verified, in order, and answers each only once it is written ("ack") or
+    could not be ("full"): an ack lets the agent forget the chunk. Any other failure closes
+    the connection; the connection's thread then raises it (reraise()), as it did when it
+    wrote the chunks itself."""
+
+    def __init__(self, collector: Collector, st: Stream, ch: Channel):
+        self.collector, self.st, self.ch = collector, st, ch
+        ch.buffers = BufferRing(PIPELINE_DEPTH)
+        self._queue: queue.Queue = queue.Queue(maxsize=PIPELINE_DEPTH)  # + blob-less messages, bounded too
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"writer {st.host}")
+        self._thread.start()
+
+    def put(self, m) -> None:
+        while True:
+            self.reraise()
+            try:
+                self._queue.put(m, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def reraise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (m := self._queue.get()) is not None:
+            try:
+                if self.error is None:
+                    self.collector._write(self.st, self.ch, m)
+            except BaseException as e:  # noqa: BLE001 - handed to the connection's thread
+                self.error = e
+                self.ch.buffers.abort(e)
+                try:  # wake the connection's thread from its recv
+                    self.ch.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            finally:
+                if m.buffer is not None:
+                    self.ch.buffers.give(m.buffer)
+
+    def finish(self) -> None:
+        """Until every message queued is written and answered; its failure if one failed."""
+        self.stop()
+        self.reraise()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            while self._thread.is_alive():
+                try:
+                    self._queue.put(None, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            self._thread.join()

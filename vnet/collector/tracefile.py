@@ -282,7 +282,17 @@ class TraceFileWriter:
         seq = fields.pop("seq", None)
         if seq is None:
             seq = self.last_seq
-        frame = self._frame({"kind": kind, "seq": seq, **fields})
+        self.write_frame(self._frame({"kind": kind, "seq": seq, **fields}), seq)
+
+    @classmethod
+    def frame(cls, kind: str, seq: int, /, **fields) -> list:
+        """What write(kind, seq=seq, **fields) writes, CRC computed, for write_frame(): so that
+        one thread can frame a chunk (the CRC-32 over ~10 MB) while another writes the one before."""
+        return cls._frame({"kind": kind, "seq": seq, **fields})
+
+    def write_frame(self, frame: list, seq: int) -> None:
+        if self._fd is None and not self._rotating:
+            raise ValueError("write to a closed trace file")
         # a full disk may have stopped the last rotation before its file or its header
         if self._rotating and self._fd is None:
             self._open_next()

@@ -119,7 +119,7 @@ class Server:
             ch = accept(conn, peer, self.key, self.role, timeout=HANDSHAKE_TIMEOUT)
             ch.limit = self.limit
             conn.settimeout(None)
-            log.info("%s authenticated", peer)
+            log.info("%s authenticated (session MAC %s)", peer, ch.session_mac)
             self.handler(ch)
         except ProtocolError as e:
             log.warning("dropped %s: %s", peer, e)
