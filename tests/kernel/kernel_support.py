@@ -327,6 +327,15 @@ class VnetProcess:
 EVENT_KEYS = {"ts_ns", "probe", "ifname", "ifindex", "dir", "len", "proto", "src", "dst", "sport", "dport", "pkt_id"}
 
 
+def start_agent(ns: str, sock: Path, key: Path, spool: Path, host: str, *extra: str) -> "VnetProcess":
+    """A real `vnet agent` in netns `ns` on a unix socket, once it listens."""
+    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "vnet", "agent", "--listen", f"unix:{sock}",
+            "--key", str(key), "--spool", str(spool), "--host", host, *extra]
+    p = VnetProcess(argv=argv)
+    p.wait_stderr("agent listening on", timeout=20)
+    return p
+
+
 def parse_event_line(line: str) -> dict:
     ev = json.loads(line)
     assert isinstance(ev, dict), line

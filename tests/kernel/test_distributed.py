@@ -12,26 +12,17 @@ from __future__ import annotations
 import signal
 import socket
 import struct
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from kernel_support import VnetProcess, bpf_ids_held_by, new_orphans, veth_pair, vnet_snapshot, wait_until
+from kernel_support import VnetProcess, bpf_ids_held_by, new_orphans, start_agent, veth_pair, vnet_snapshot
 from vnet.collector.tracefile import TraceFileReader
 from vnet.protocol import AuthError, connect, load_key, new_key
 from vnet.topology import send_udp
 
 PORT = 5099
-
-
-def _agent(ns: str, sock: Path, key: Path, spool: Path, host: str, *extra: str) -> VnetProcess:
-    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "vnet", "agent", "--listen", f"unix:{sock}",
-            "--key", str(key), "--spool", str(spool), "--host", host, *extra]
-    p = VnetProcess(argv=argv)
-    p.wait_stderr("agent listening on", timeout=20)
-    return p
 
 
 def _collector(sock: Path, key: Path, out: Path) -> VnetProcess:
@@ -88,8 +79,8 @@ def rig(tmp_path, request):
     key = new_key(tmp_path / "key")
     with veth_pair(91) as net:
         socks = {"h1": tmp_path / "h1.sock", "h2": tmp_path / "h2.sock"}
-        agents = {"h1": _agent(net.ns1, socks["h1"], key, tmp_path / "spool1", "h1", *extra),
-                  "h2": _agent(net.ns2, socks["h2"], key, tmp_path / "spool2", "h2", *extra)}
+        agents = {"h1": start_agent(net.ns1, socks["h1"], key, tmp_path / "spool1", "h1", *extra),
+                  "h2": start_agent(net.ns2, socks["h2"], key, tmp_path / "spool2", "h2", *extra)}
         try:
             yield net, key, socks, agents, tmp_path
         finally:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from kernel_support import (VnetProcess, assert_nothing_on, new_orphans, tc_filters, udp_stream, veth_pair,
-                            vnet_snapshot, wait_until)
+from kernel_support import (VnetProcess, assert_nothing_on, new_orphans, start_agent, tc_filters, udp_stream,
+                            veth_pair, vnet_snapshot, wait_until)
 from vnet.collector.tracefile import TraceFileReader
 from vnet.protocol import connect, load_key, new_key
 
@@ -30,14 +30,6 @@ COLLECTOR_PORT = 7979
 
 
 # -- the rig -------------------------------------------------------------------------------------------
-
-def _agent(ns: str, sock: Path, key: Path, spool: Path, host: str, *extra: str) -> VnetProcess:
-    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "vnet", "agent", "--listen", f"unix:{sock}",
-            "--key", str(key), "--spool", str(spool), "--host", host, *extra]
-    p = VnetProcess(argv=argv)
-    p.wait_stderr("agent listening on", timeout=20)
-    return p
-
 
 def _collector(listen: str, key: Path, out: Path, ns: str | None = None) -> VnetProcess:
     args = ["collect", "--listen", listen, "--key", str(key), "--out", str(out)]
@@ -170,7 +162,7 @@ def test_line_to_the_collector_cut_for_30_s_loses_nothing(two_links):
     net, key, nsc, ifd, tmp = two_links
     address = f"10.198.93.2:{COLLECTOR_PORT}"
     col = _collector(address, key, tmp / "out", ns=nsc)
-    agent = _agent(net.ns1, tmp / "a.sock", key, tmp / "spool", "h1")
+    agent = start_agent(net.ns1, tmp / "a.sock", key, tmp / "spool", "h1")
     d = None
     try:
         d = _dispatch(_spec(tmp / "spec.toml", net, tmp / "a.sock", address, key, "cut"))
@@ -240,7 +232,7 @@ def one_host(tmp_path):
     key = new_key(tmp_path / "key")
     with veth_pair(94) as net, _tmpfs(tmp_path / "out") as out:
         col = _collector(f"unix:{tmp_path}/col.sock", key, out)
-        agent = _agent(net.ns1, tmp_path / "a.sock", key, tmp_path / "spool", "h1")
+        agent = start_agent(net.ns1, tmp_path / "a.sock", key, tmp_path / "spool", "h1")
         try:
             yield net, key, col, agent, out, tmp_path
         finally:
@@ -355,7 +347,7 @@ def test_agent_sigkilled_and_restarted_resends_its_spool_and_the_interruption_is
     with veth_pair(95) as net:
         before = vnet_snapshot()
         col = _collector(csock, key, out)
-        agent = _agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "0")
+        agent = start_agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "0")
         d = None
         try:
             spec = _spec(tmp_path / "spec.toml", net, sock, csock, key, "killed")
@@ -377,7 +369,7 @@ def test_agent_sigkilled_and_restarted_resends_its_spool_and_the_interruption_is
             assert not left.progs and not left.links, f"programs or links outlived the killed agent: {left}"
             assert tc_filters(net.ns1, net.if1, "ingress") == [] and tc_filters(net.ns1, net.if1, "egress") == []
 
-            agent = _agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "0")
+            agent = start_agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "0")
             assert any("resending what a previous agent left" in ln for ln in agent.stderr) or \
                 agent.wait_stderr("resending what a previous agent left", timeout=10)
             col = _collector(csock, key, out)
@@ -465,7 +457,7 @@ def test_agent_trace_failing_midway_leaves_nothing_attached_and_serves_on(tmp_pa
     with veth_pair(97) as net:
         before = vnet_snapshot()
         col = _collector(f"unix:{tmp_path}/col.sock", key, tmp_path / "out")
-        agent = _agent(net.ns1, sock, key, tmp_path / "spool", "h1")
+        agent = start_agent(net.ns1, sock, key, tmp_path / "spool", "h1")
         spec = _spec(tmp_path / "spec.toml", net, sock, f"unix:{tmp_path}/col.sock", key, "limits")
         text = spec.read_text().replace(f'interfaces = ["{net.if1}"]', f'interfaces = ["{net.if1}", "lo"]')
         spec.write_text(text.replace('direction = "egress"', 'probes = ["net:netif_receive_skb"]') + "")

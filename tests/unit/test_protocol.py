@@ -64,18 +64,23 @@ def test_without_libcrypto_both_ends_agree_on_hmac(server, monkeypatch):
     ch.close()
 
 
-def _handshake(server, choice: str, offer_seen=None):
-    """A client by hand: read the challenge, choose `choice`, prove the key over the offer as
-    it saw it (`offer_seen`: what a man in the middle made of it). The server's answer."""
-    from vnet.protocol.channel import _mac, _negotiation
-
+def _challenge(server):
+    """A raw connection to `server` and the challenge it opens with (version 1's framing)."""
     s = socket.socket(socket.AF_UNIX) if server.path else socket.create_connection(
         (server.address.rsplit(":", 1)[0], int(server.address.rsplit(":", 1)[1])))
     if server.path:
         s.connect(server.path)
     s.settimeout(5)
     (n,) = struct.unpack(">I", _read_exact(s, 4))
-    challenge = msgpack.unpackb(_read_exact(s, n), raw=False)
+    return s, msgpack.unpackb(_read_exact(s, n), raw=False)
+
+
+def _handshake(server, choice: str, offer_seen=None):
+    """A client by hand: read the challenge, choose `choice`, prove the key over the offer as
+    it saw it (`offer_seen`: what a man in the middle made of it). The server's answer."""
+    from vnet.protocol.channel import _mac, _negotiation
+
+    s, challenge = _challenge(server)
     nc = b"c" * 32
     offer = challenge["macs"] if offer_seen is None else offer_seen
     auth = msgpack.packb({"type": "auth", "v": 3, "nonce": nc, "session_mac": choice,
@@ -382,13 +387,7 @@ def test_a_peer_of_the_previous_version_reads_the_challenge_and_is_told(server):
     and one that answers with version 1 gets an error that says why."""
     from vnet.protocol import PROTOCOL_VERSION
 
-    s = socket.socket(socket.AF_UNIX) if server.path else socket.create_connection(
-        (server.address.rsplit(":", 1)[0], int(server.address.rsplit(":", 1)[1])))
-    if server.path:
-        s.connect(server.path)
-    s.settimeout(5)
-    (n,) = struct.unpack(">I", _read_exact(s, 4))
-    challenge = msgpack.unpackb(_read_exact(s, n), raw=False)
+    s, challenge = _challenge(server)
     assert challenge["type"] == "challenge" and challenge["v"] == PROTOCOL_VERSION == 3
     auth = msgpack.packb({"type": "auth", "v": 1, "nonce": b"n" * 32, "mac": b"m" * 32}, use_bin_type=True)
     s.sendall(struct.pack(">I", len(auth)) + auth)

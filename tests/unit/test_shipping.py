@@ -5,31 +5,16 @@ envelope rules are refused with a reason."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
 from vnet.agent.shipper import Shipper
 from vnet.binding.ringbatch import pack_records, records
-from vnet.collector.server import Collector
 from vnet.collector.tracefile import TraceFileReader, TraceFileWriter
 from vnet.protocol import MAX_DATA_BYTES, ProtocolError, connect
-from vnet.protocol.server import Server
 
 KEY = bytes(range(32))
-
-
-@pytest.fixture
-def collector(tmp_path):
-    col = Collector(tmp_path / "out")
-    srv = Server(f"unix:{tmp_path}/col.sock", KEY, "collector", col.handle, limit=MAX_DATA_BYTES)
-    thread = threading.Thread(target=srv.serve, daemon=True)
-    thread.start()
-    yield col, f"unix:{tmp_path}/col.sock", tmp_path / "out"
-    srv.stop()
-    thread.join(timeout=5)
-    col.close()
 
 
 @pytest.mark.parametrize("memory_bytes", [64 << 20, 0], ids=["in memory", "spooled"])

@@ -137,18 +137,6 @@ def test_what_a_hosts_files_say_was_lost_is_reported(tmp_path):
                      "(killed, or cut off from the collector); what it had not shipped is missing"], found
 
 
-@pytest.fixture
-def collector(tmp_path):
-    col = Collector(tmp_path / "out")
-    srv = Server(f"unix:{tmp_path}/col.sock", KEY, "collector", col.handle, limit=MAX_DATA_BYTES)
-    thread = threading.Thread(target=srv.serve, daemon=True)
-    thread.start()
-    yield col, f"unix:{tmp_path}/col.sock", tmp_path / "out"
-    srv.stop()
-    thread.join(timeout=5)
-    col.close()
-
-
 def test_a_spool_write_that_fails_counts_as_the_spool_full(tmp_path):
     from vnet.agent.shipper import Shipper
 

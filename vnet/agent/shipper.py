@@ -213,13 +213,7 @@ class Shipper:
         goes to the spool (an agent killed now loses nothing of it), and shipping goes on in
         the background until the collector has it all; then the spool folder goes."""
         with self._cond:
-            for e in self._queue:
-                if e.path is None and e.head is not None:
-                    try:
-                        self._spill(e)
-                    except OSError as err:
-                        log.error("cannot keep chunk %d in %s: %s", e.seq, self.spool_dir, err)
-                        break
+            self._spill_queued()
             self.recovering = True  # the thread ends once everything is acknowledged
 
     def close(self) -> None:
@@ -233,13 +227,17 @@ class Shipper:
             if not self._queue and self.interrupted is None:
                 self._remove_spool()
                 return
-            for e in self._queue:
-                if e.path is None and e.head is not None:
-                    try:
-                        self._spill(e)
-                    except OSError as err:
-                        log.error("cannot keep chunk %d in %s: %s", e.seq, self.spool_dir, err)
-                        break
+            self._spill_queued()
+
+    def _spill_queued(self) -> None:
+        """What is queued in memory goes to the spool (under self._cond), up to the first failure."""
+        for e in self._queue:
+            if e.path is None and e.head is not None:
+                try:
+                    self._spill(e)
+                except OSError as err:
+                    log.error("cannot keep chunk %d in %s: %s", e.seq, self.spool_dir, err)
+                    break
 
     def _spilled(self, e: _Entry, head: dict, blob) -> bool:
         """Whether the chunk went to the spool; its disk full or failing counts as the spool full."""
