@@ -336,6 +336,16 @@ def start_agent(ns: str, sock: Path, key: Path, spool: Path, host: str, *extra: 
     return p
 
 
+def start_collector(listen: str, key: Path, out: Path, ns: str | None = None) -> "VnetProcess":
+    """A real `vnet collect` (in netns `ns`, else here) on `listen`, once it listens."""
+    args = ["collect", "--listen", listen, "--key", str(key), "--out", str(out)]
+    if not listen.startswith("unix:"):
+        args.append("--allow-remote")
+    p = VnetProcess(argv=(["ip", "netns", "exec", ns] if ns else []) + [sys.executable, "-m", "vnet", *args])
+    p.wait_stderr("collector listening on", timeout=20)
+    return p
+
+
 def parse_event_line(line: str) -> dict:
     ev = json.loads(line)
     assert isinstance(ev, dict), line

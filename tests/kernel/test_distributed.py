@@ -17,18 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from kernel_support import VnetProcess, bpf_ids_held_by, new_orphans, start_agent, veth_pair, vnet_snapshot
+from kernel_support import (VnetProcess, bpf_ids_held_by, new_orphans, start_agent, start_collector, veth_pair,
+                            vnet_snapshot)
 from vnet.collector.tracefile import TraceFileReader
 from vnet.protocol import AuthError, connect, load_key, new_key
 from vnet.topology import send_udp
 
 PORT = 5099
-
-
-def _collector(sock: Path, key: Path, out: Path) -> VnetProcess:
-    p = VnetProcess("collect", "--listen", f"unix:{sock}", "--key", str(key), "--out", str(out))
-    p.wait_stderr("collector listening on", timeout=20)
-    return p
 
 
 def _spec(path: Path, net, socks: dict, collector: Path, key: Path, duration: float, name: str,
@@ -96,7 +91,7 @@ def _dispatch(spec: Path) -> VnetProcess:
 
 def test_a_spec_traces_a_path_across_two_hosts(rig):
     net, key, socks, agents, tmp = rig
-    col = _collector(tmp / "col.sock", key, tmp / "out")
+    col = start_collector(f"unix:{tmp}/col.sock", key, tmp / "out")
     try:
         # ovs:vport_receive cannot run here (no openvswitch module): reported per host, then skipped
         d = _dispatch(_spec(tmp / "spec.toml", net, socks, tmp / "col.sock", key, 6, "path", "ovs:vport_receive"))
@@ -132,7 +127,7 @@ def test_a_spec_traces_a_path_across_two_hosts(rig):
 @pytest.mark.parametrize("rig", [(), ("--queue-mb", "0")], ids=["memory-queue", "disk-spool"], indirect=True)
 def test_collector_killed_and_restarted_loses_nothing(rig):
     net, key, socks, agents, tmp = rig
-    col = _collector(tmp / "col.sock", key, tmp / "out")
+    col = start_collector(f"unix:{tmp}/col.sock", key, tmp / "out")
     d = _dispatch(_spec(tmp / "spec.toml", net, socks, tmp / "col.sock", key, 8, "restart"))
     try:
         send_udp(net.ns1, net.ip2, PORT, count=30)
@@ -141,7 +136,7 @@ def test_collector_killed_and_restarted_loses_nothing(rig):
         col.wait(timeout=10)
         send_udp(net.ns1, net.ip2, PORT, count=30)  # queued at the agents meanwhile
         time.sleep(0.5)
-        col = _collector(tmp / "col.sock", key, tmp / "out")
+        col = start_collector(f"unix:{tmp}/col.sock", key, tmp / "out")
         send_udp(net.ns1, net.ip2, PORT, count=30)
         assert d.wait(timeout=60) == 0, "\n".join(d.stderr)
     finally:
@@ -165,7 +160,7 @@ def test_collector_killed_and_restarted_loses_nothing(rig):
 def test_agent_killed_leaves_nothing_attached(rig, signum):
     """SIGKILL: the tcx links die with the process. SIGTERM: the agent stops its trace itself."""
     net, key, socks, agents, tmp = rig
-    col = _collector(tmp / "col.sock", key, tmp / "out")
+    col = start_collector(f"unix:{tmp}/col.sock", key, tmp / "out")
     before = vnet_snapshot()
     d = _dispatch(_spec(tmp / "spec.toml", net, socks, tmp / "col.sock", key, 8, "kill"))
     try:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from kernel_support import (VnetProcess, assert_nothing_on, new_orphans, start_agent, tc_filters, udp_stream,
-                            veth_pair, vnet_snapshot, wait_until)
+from kernel_support import (VnetProcess, assert_nothing_on, new_orphans, start_agent, start_collector, tc_filters,
+                            udp_stream, veth_pair, vnet_snapshot, wait_until)
 from vnet.collector.tracefile import TraceFileReader
 from vnet.protocol import connect, load_key, new_key
 
@@ -30,15 +30,6 @@ COLLECTOR_PORT = 7979
 
 
 # -- the rig -------------------------------------------------------------------------------------------
-
-def _collector(listen: str, key: Path, out: Path, ns: str | None = None) -> VnetProcess:
-    args = ["collect", "--listen", listen, "--key", str(key), "--out", str(out)]
-    if not listen.startswith("unix:"):
-        args.append("--allow-remote")
-    p = VnetProcess(argv=(["ip", "netns", "exec", ns] if ns else []) + [sys.executable, "-m", "vnet", *args])
-    p.wait_stderr("collector listening on", timeout=20)
-    return p
-
 
 def _spec(path: Path, net, agent_sock: Path, collector: str, key: Path, name: str, duration: float = 600) -> Path:
     path.write_text(f"""
@@ -161,7 +152,7 @@ def test_line_to_the_collector_cut_for_30_s_loses_nothing(two_links):
     handed to the agent, each chunk once, in order."""
     net, key, nsc, ifd, tmp = two_links
     address = f"10.198.93.2:{COLLECTOR_PORT}"
-    col = _collector(address, key, tmp / "out", ns=nsc)
+    col = start_collector(address, key, tmp / "out", ns=nsc)
     agent = start_agent(net.ns1, tmp / "a.sock", key, tmp / "spool", "h1")
     d = None
     try:
@@ -231,7 +222,7 @@ def _fill(directory: Path) -> Path:
 def one_host(tmp_path):
     key = new_key(tmp_path / "key")
     with veth_pair(94) as net, _tmpfs(tmp_path / "out") as out:
-        col = _collector(f"unix:{tmp_path}/col.sock", key, out)
+        col = start_collector(f"unix:{tmp_path}/col.sock", key, out)
         agent = start_agent(net.ns1, tmp_path / "a.sock", key, tmp_path / "spool", "h1")
         try:
             yield net, key, col, agent, out, tmp_path
@@ -346,7 +337,7 @@ def test_agent_sigkilled_and_restarted_resends_its_spool_and_the_interruption_is
     sock, csock, out, spool = tmp_path / "a.sock", f"unix:{tmp_path}/col.sock", tmp_path / "out", tmp_path / "spool"
     with veth_pair(95) as net:
         before = vnet_snapshot()
-        col = _collector(csock, key, out)
+        col = start_collector(csock, key, out)
         agent = start_agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "0")
         d = None
         try:
@@ -372,7 +363,7 @@ def test_agent_sigkilled_and_restarted_resends_its_spool_and_the_interruption_is
             agent = start_agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "0")
             assert any("resending what a previous agent left" in ln for ln in agent.stderr) or \
                 agent.wait_stderr("resending what a previous agent left", timeout=10)
-            col = _collector(csock, key, out)
+            col = start_collector(csock, key, out)
             assert wait_until(lambda: _agent_status(sock, key)["background"] == [], timeout=30, interval=0.3)
             assert not list(spool.rglob("chunk-*")) and not list(spool.rglob("open"))
 
@@ -456,7 +447,7 @@ def test_agent_trace_failing_midway_leaves_nothing_attached_and_serves_on(tmp_pa
     sock = tmp_path / "a.sock"
     with veth_pair(97) as net:
         before = vnet_snapshot()
-        col = _collector(f"unix:{tmp_path}/col.sock", key, tmp_path / "out")
+        col = start_collector(f"unix:{tmp_path}/col.sock", key, tmp_path / "out")
         agent = start_agent(net.ns1, sock, key, tmp_path / "spool", "h1")
         spec = _spec(tmp_path / "spec.toml", net, sock, f"unix:{tmp_path}/col.sock", key, "limits")
         text = spec.read_text().replace(f'interfaces = ["{net.if1}"]', f'interfaces = ["{net.if1}", "lo"]')
