@@ -142,3 +142,40 @@ def test_soak_memory_and_fds_flat_and_every_loss_counted(tmp_path):
         assert r["samples"] >= 6, r
         assert r["new_high"] < RSS_GROWTH_BOUND, (name, r)
         assert r["fd_max"] - r["fd_min"] <= FD_SLACK and r["fd_last"] <= r["fd_first"] + FD_SLACK // 2, (name, r)
+
+
+def test_the_agent_gives_back_what_a_backlog_took(tmp_path):
+    """A stalled collector makes the agent hold its memory queue full (64 MiB); once the
+    collector catches up and the queue is empty, the agent's resident memory is back near
+    where it started (glibc would keep the freed chunk copies: vnet.agent.shipper trims)."""
+    import signal
+
+    drain = _drain()
+    with veth_pair(95) as net, contextlib.ExitStack() as stack:
+        consumer = drain.AgentConsumer(f"{net.ns1}/{net.if1}", tmp_path, queue_mb=QUEUE_MB)
+        stack.callback(consumer.close)
+        kernel = consumer.start(RING_BYTES)
+        stack.callback(kernel.close)
+        start, _ = sample(consumer.agent.pid)
+        os.kill(consumer.collector.pid, signal.SIGSTOP)
+        stack.callback(lambda: consumer.collector.poll() is None and os.kill(consumer.collector.pid, signal.SIGCONT))
+        producer = drain.Producer(kernel, 300_000, 1_500_000, 300)   # ~230 MB of events: queue full, then spool
+        stack.callback(lambda p=producer.proc: p.poll() is None and (p.kill(), p.wait()))
+        producer.go()
+        produced = producer.result()["produced"]
+        deadline = time.monotonic() + 30
+        while consumer.status()["shipper"]["queued"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        held, _ = sample(consumer.agent.pid)
+        os.kill(consumer.collector.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 120   # a bound, not a timing
+        while not consumer.delivered(produced):
+            assert time.monotonic() < deadline, consumer.status()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        after, _ = sample(consumer.agent.pid)
+        print(f"\nagent RSS: {start / 2**20:.1f} MiB at start, {held / 2**20:.1f} holding the backlog, "
+              f"{after / 2**20:.1f} after it")
+        assert held - start >= (QUEUE_MB << 20) // 2, "no backlog was held: the test proves nothing"
+        assert after - start < RSS_GROWTH_BOUND, (start, held, after)
+        consumer.stop(kernel)

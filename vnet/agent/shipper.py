@@ -49,6 +49,22 @@ OPEN_FILE = "open"       # the stream's opening, beside its spooled chunks
 _SPOOL_HEAD = struct.Struct(">I")  # a spooled chunk: head length, msgpack head, records
 
 
+# A backlog that filled the memory queue leaves the freed chunk copies in the heap (glibc
+# keeps them: an allocation of that size then comes from the heap, not a mapping of its
+# own): given back once the queue is empty again. A fixed mmap threshold would do it per
+# chunk instead, at +0.15 us of agent CPU per event (measured); this is one call per backlog.
+TRIM_AFTER_BYTES = 16 << 20
+
+
+def _return_freed_memory() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 @dataclass
 class _Entry:
     seq: int
@@ -96,6 +112,7 @@ class Shipper:
         self._queue: collections.deque[_Entry] = collections.deque()
         self._next_seq = 0
         self._in_memory = 0
+        self._high = 0                  # most bytes queued in memory since the last trim
         self._on_disk = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -175,6 +192,7 @@ class Shipper:
             if self._in_memory + size <= self.memory_bytes:
                 entry.head, entry.blob = head, blob
                 self._in_memory += size
+                self._high = max(self._high, self._in_memory)
             elif self._on_disk + size <= self.spool_bytes and self._spilled(entry, head, blob):
                 self._on_disk += size
                 self.stats.spooled += 1
@@ -293,6 +311,11 @@ class Shipper:
                     self._in_memory -= e.size
             self.stats.queued = len(self._queue)
             self._cond.notify_all()
+            trim = not self._queue and self._high >= TRIM_AFTER_BYTES
+            if trim:
+                self._high = 0
+        if trim:
+            _return_freed_memory()
 
     def _full(self, msg) -> None:
         """The collector could not write the chunk after `have`: rewind to it and wait."""
