@@ -39,7 +39,7 @@ address = "unix:{collector}"
 key = "{key}"
 
 [filter]
-expression = "udp and dst port {PORT}"
+expression = "udp and dst port {PORT} and dst host {net.ip2}"  # host-wide tracepoints: only this pair's
 
 [[host]]
 name = "h1"
