@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from kernel_support import assert_nothing_on, veth_pair, vnet_snapshot
+from kernel_support import assert_nothing_on, start_agent, start_collector, veth_pair, vnet_snapshot
 from test_bad_input import _function_probes_work
-from test_distributed import _agent, _collector
 from test_trace import assert_no_orphans, assert_one_error_line, run_cli
 from vnet.protocol import connect, load_key, new_key
 
@@ -48,9 +47,9 @@ def rig(tmp_path_factory):
         socks = {"a": tmp / "a.sock", "b": tmp / "b.sock"}
         agents, col = {}, None
         try:
-            agents["a"] = _agent(net.ns1, socks["a"], key, tmp / "spool-a", "a")
-            agents["b"] = _agent(net.ns2, socks["b"], key, tmp / "spool-b", "b")
-            col = _collector(tmp / "col.sock", key, tmp / "out")
+            agents["a"] = start_agent(net.ns1, socks["a"], key, tmp / "spool-a", "a")
+            agents["b"] = start_agent(net.ns2, socks["b"], key, tmp / "spool-b", "b")
+            col = start_collector(f"unix:{tmp}/col.sock", key, tmp / "out")
             yield Rig(tmp, key, net, socks, agents, col, tmp / "col.sock")
         finally:
             for p in [*agents.values(), col]:

@@ -16,8 +16,7 @@ import uuid
 
 import pytest
 
-from kernel_support import VnetProcess, new_orphans, vnet_snapshot, wait_until
-from test_distributed import _collector
+from kernel_support import VnetProcess, new_orphans, start_collector, vnet_snapshot, wait_until
 from vnet.collector.tracefile import TraceFileReader
 from vnet.protocol import connect, load_key, new_key
 
@@ -46,7 +45,7 @@ def rig(tmp_path):
                             str(tmp_path / f"spool-{host}"), "--host", host)
             procs.append(p)
             p.wait_stderr("agent listening on", timeout=20)
-        procs.append(_collector(tmp_path / "col.sock", key, tmp_path / "out"))
+        procs.append(start_collector(f"unix:{tmp_path}/col.sock", key, tmp_path / "out"))
         yield names, key, tmp_path, procs
     finally:
         for p in procs:
