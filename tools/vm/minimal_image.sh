@@ -180,6 +180,7 @@ disk_bytes=$disk_bytes
 EOF
 say "installed: $(in_image vnet --version)"
 say "largest packages in $VENV:"
-du -sxB1 "$IMAGE$VENV"/lib/python3*/site-packages/* | sort -rn | head -8 |
+# sed, not head: head would leave sort writing to a closed pipe (SIGPIPE, 141 under pipefail)
+du -sxB1 "$IMAGE$VENV"/lib/python3*/site-packages/* | sort -rn | sed -n 1,8p |
   while read -r b p; do say "  $(mib "$b")  ${p##*/}"; done
 report
