@@ -88,7 +88,8 @@ def requests(net):
     return st.one_of(
         st.fixed_dictionaries({"type": st.just("start"), "package": pkg}),
         st.fixed_dictionaries({"type": st.just("check"), "package": pkg}),
-        st.fixed_dictionaries({"type": st.sampled_from(["status", "stop"])}),
+        st.fixed_dictionaries({"type": st.sampled_from(["status", "stop", "resume"])},
+                              optional={"heartbeat_s": junk, "trace": st.one_of(st.just("ok"), junk), "run": junk}),
         st.fixed_dictionaries({"type": st.sampled_from(["started", "chunk", "nonsense"])}, optional={"x": junk}),
     )
 
@@ -106,10 +107,10 @@ def test_every_request_is_answered_or_refused_and_the_agent_serves_on(rig, data)
             rig["outcomes"]["unsendable"] += 1
             return
         try:
-            reply = ch.recv(("error", "started", "checked", "status", "stopped"))
+            reply = ch.recv(("error", "started", "checked", "status", "stopped", "gone"))
         except (VnetError, OSError) as e:
             # the protocol refuses this message here (the agent closes): a type it does not take
-            assert msg["type"] not in ("start", "check", "status", "stop"), (msg, e)
+            assert msg["type"] not in ("start", "check", "status", "stop", "resume"), (msg, e)
             reply = None
         rig["outcomes"][reply["type"] if reply is not None else "closed"] += 1
         if reply is not None and reply["type"] == "started":  # a sane package: a real trace; stop it again
