@@ -722,3 +722,40 @@ def test_line_to_the_agent_cut_past_its_grace_the_agent_stops_the_trace_itself(c
     end = [c for c in chunks if c["kind"] == "end"]
     assert len(end) == 1 and not any(end[0]["losses"].values()), end
     assert len(_ours(events)) == end[0]["events"] == end[0]["kernel"]["emitted"] > 0
+
+
+def test_a_dispatcher_killed_is_not_a_cut_its_trace_stops_at_once(control_line):
+    """kill -9 of the dispatcher: its kernel closes the connection in order (FIN), which no
+    network cut produces, and the run it held dies with it: the agent stops the trace at once
+    (not after its grace), leaves nothing attached and serves the next dispatcher."""
+    net, key, nsd, ifd, tmp = control_line
+    csock = f"unix:{tmp}/col.sock"
+    before = vnet_snapshot()
+    col = start_collector(csock, key, tmp / "out")
+    agent = _start_tcp_agent(net.ns1, key, tmp / "spool")  # the default 60 s grace
+    spec = _spec(tmp / "spec.toml", net, f"10.197.58.1:{AGENT_PORT}", csock, key, "killeddispatcher")
+    d = None
+    try:
+        d = _dispatch(spec, ns=nsd)
+        assert wait_until(lambda: _tcp_status(net.ns1, key)["running"], 10)
+        d.signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert wait_until(lambda: not _tcp_status(net.ns1, key)["running"], timeout=15, interval=0.2)
+        stopped = time.monotonic() - killed_at
+        assert stopped < 10, stopped  # well inside the 60 s grace
+        assert any("left during trace killeddispatcher" in ln and "stopping it" in ln for ln in agent.stderr)
+        assert not [ln for ln in agent.stderr if "cut off" in ln]
+        left = new_orphans(before)
+        assert not left.progs and not left.links, f"left attached: {left}"
+        assert tc_filters(net.ns1, net.if1, "egress") == []
+        d = _dispatch(spec, ns=nsd)  # the agent serves on
+        summary = _stop_dispatch(d)
+    finally:
+        if d is not None:
+            d.close()
+        agent.close()
+        col.close()
+    print(f"dispatcher SIGKILLed: its trace stopped {stopped:.1f} s later")
+    assert summary["failed"] == {} and summary["hosts"]["h1"]["delivered"]
+    end = [c for c in _read(tmp / "out", "killeddispatcher")[1] if c["kind"] == "end"]
+    assert len(end) == 2  # the killed run ended properly too
