@@ -126,3 +126,90 @@ def test_an_unreachable_host_is_said_once_shown_in_the_view_and_lost_past_the_gr
     d._unreachable(h, TimeoutError("timed out"))
     assert h.failed.startswith("unreachable for") and "past the agent's grace of 5 s" in h.failed
     assert "hv1: agent lost (unreachable for" in out.getvalue()
+
+
+class FakeKernelTrace:
+    """Stands in for AgentTrace (no eBPF here): a trace that runs until stopped."""
+
+    def __init__(self, package, *_):
+        self.name, self.run, self.unavailable, self.stopped = package["trace"], "r1", [], 0
+        self.trace = type("T", (), {"skipped": []})()
+
+    def hooks(self):
+        return []
+
+    def status(self):
+        return {"trace": self.name, "running": not self.stopped}
+
+    def stop(self):
+        self.stopped += 1
+        return {"running": False, "delivered": True, "read": 7}
+
+
+@pytest.fixture
+def fake_agent(tmp_path, monkeypatch):
+    import threading
+
+    import vnet.agent.agent as agent_mod
+    from vnet.protocol.server import Server
+
+    monkeypatch.setattr(agent_mod, "AgentTrace", FakeKernelTrace)
+    monkeypatch.setattr(agent_mod, "WATCH_S", 0.05)
+    key = bytes(range(32))
+    agent = agent_mod.Agent(key, tmp_path / "spool", "h", orphan_grace=0.6)
+    server = Server(f"unix:{tmp_path}/a.sock", key, "agent", agent.handle)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    yield agent, f"unix:{tmp_path}/a.sock", key
+    agent.shutdown()
+    server.stop()
+    thread.join(timeout=5)
+
+
+PACKAGE = {"trace": "t", "collector": {"address": "unix:/nowhere"}}
+
+
+def test_a_silent_dispatcher_leaves_the_trace_unattended_a_resume_takes_it_back(fake_agent):
+    from vnet.protocol import connect
+
+    agent, address, key = fake_agent
+    first = connect(address, key, "agent")
+    started = first.request({"type": "start", "package": PACKAGE, "heartbeat_s": 1}, ("started",))
+    assert (started["run"], started["orphan_grace_s"]) == ("r1", 0.6)
+    deadline = time.monotonic() + 5
+    while agent.custody.since is None and time.monotonic() < deadline:  # silent past 1 s
+        time.sleep(0.05)
+    assert agent.custody.since is not None and not agent.current.stopped
+    second = connect(address, key, "agent")
+    with pytest.raises(RemoteError, match="already running trace t"):
+        second.request({"type": "resume", "trace": "t", "run": "other"}, ("resumed",))
+    resumed = second.request({"type": "resume", "trace": "t", "run": "r1", "heartbeat_s": 5}, ("resumed",))
+    assert resumed["unattended_s"] > 0 and agent.custody.owner is not None and agent.custody.since is None
+    with pytest.raises((ConnectionError, OSError)):  # the old connection was closed by the takeover
+        first.request({"type": "status"}, ("status",))
+    assert second.request({"type": "stop"}, ("stopped",))["read"] == 7
+    second.close()
+    first.close()
+
+
+def test_past_the_grace_the_agent_stops_the_trace_and_a_late_resume_hears_it_is_gone(fake_agent):
+    from vnet.protocol import connect
+
+    agent, address, key = fake_agent
+    first = connect(address, key, "agent")
+    first.request({"type": "start", "package": PACKAGE, "heartbeat_s": 1}, ("started",))
+    trace = agent.current
+    deadline = time.monotonic() + 10
+    while agent.current is not None and time.monotonic() < deadline:  # 1 s silence + 0.6 s grace
+        time.sleep(0.05)
+    assert agent.current is None and trace.stopped == 1
+    late = connect(address, key, "agent")
+    gone = late.request({"type": "resume", "trace": "t", "run": "r1"}, ("resumed", "gone"))
+    assert gone["type"] == "gone" and "no dispatcher for 1 s" in gone["why"] and gone["read"] == 7
+    assert late.request({"type": "start", "package": PACKAGE}, ("started",))  # free for the next trace
+    late.close()  # an orderly end: the agent stops that one at once
+    deadline = time.monotonic() + 5
+    while agent.current is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.current is None
+    first.close()
