@@ -420,6 +420,15 @@ class Dispatcher:
             if h.channel is not None:
                 h.channel.close()
 
+    def _stopped_within(self, seconds: float) -> bool:
+        """Whether a stop was asked within `seconds`. Slept in slices, not Event.wait(): the
+        signal handler's set() takes the event's lock, and a wait on this same thread may hold
+        it at that moment (a deadlock)."""
+        end = time.monotonic() + seconds
+        while not self._stop.is_set() and (left := end - time.monotonic()) > 0:
+            time.sleep(min(0.05, left))
+        return self._stop.is_set()
+
     def run(self, duration: float | None, count: int | None, live: bool = True, hold: bool = True) -> dict:
         """Connect, check, start, wait for the end (duration, count or Ctrl-C), stop. The summary.
         `hold`: say nothing until every host traces (False: each step as it happens, for -v)."""
@@ -442,7 +451,7 @@ class Dispatcher:
                 view.start()
                 self._view = view
             try:
-                while not self._stop.wait(STATUS_EVERY_S):
+                while not self._stopped_within(STATUS_EVERY_S):
                     self.poll()
                     if view is not None:
                         view.update(self.progress_table())
