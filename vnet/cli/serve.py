@@ -56,6 +56,9 @@ def collect(
     key: Path = typer.Option(DEFAULT_KEY, "--key", help="Pre-shared key file."),
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Listen on a non-loopback address."),
     rotate_mb: Optional[int] = typer.Option(None, "--rotate-mb", min=1, help="Start a new file after this size."),
+    max_streams: int = typer.Option(256, "--max-streams", min=1, help="Streams open at once (each holds a "
+                                    "file open; one per trace, host and run not yet ended); past it new ones are "
+                                    "refused and their agents retry."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True),
 ):
     """Receive raw event chunks from agents and write them to per-trace, per-host files."""
@@ -64,7 +67,8 @@ def collect(
     from vnet.protocol import MAX_DATA_BYTES, load_key
     from vnet.protocol.server import Server
 
-    collector = Collector(writable_dir(out, "--out"), rotate_bytes=rotate_mb << 20 if rotate_mb else None)
+    collector = Collector(writable_dir(out, "--out"), rotate_bytes=rotate_mb << 20 if rotate_mb else None,
+                          max_streams=max_streams)
     try:
         _serve(Server(listen, load_key(key), "collector", collector.handle, allow_remote=allow_remote,
                       limit=MAX_DATA_BYTES), "collector")
