@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 
 import pytest
+from conftest import serving_collector
 
-from vnet.collector.server import Collector
 from vnet.protocol import MAX_DATA_BYTES, ProtocolError, connect
-from vnet.protocol.server import Server
 
 KEY = bytes(range(32))
 
@@ -24,14 +22,8 @@ KEY = bytes(range(32))
 @pytest.fixture
 def small_collector(tmp_path):
     """A collector that keeps at most 3 streams open: (collector, address, out)."""
-    col = Collector(tmp_path / "out", max_streams=3)
-    srv = Server(f"unix:{tmp_path}/col.sock", KEY, "collector", col.handle, limit=MAX_DATA_BYTES)
-    thread = threading.Thread(target=srv.serve, daemon=True)
-    thread.start()
-    yield col, f"unix:{tmp_path}/col.sock", tmp_path / "out"
-    srv.stop()
-    thread.join(timeout=5)
-    col.close()
+    with serving_collector(tmp_path, max_streams=3) as served:
+        yield served
 
 
 def _open(address: str, host: str, run: str = "r1"):
