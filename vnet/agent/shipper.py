@@ -159,9 +159,8 @@ class Shipper:
         if not isinstance(saved, dict) or not isinstance(saved.get("address"), str) \
                 or not isinstance(saved.get("opening"), dict):
             raise ValueError(f"{run_dir / OPEN_FILE}: not a stream opening")
-        pinned = saved.get("pinned") if isinstance(saved.get("pinned"), dict) else None
         self = cls(saved["address"], key, saved["opening"], spool_dir=run_dir, memory_bytes=0,
-                   spool_bytes=spool_bytes, recovering=True, pinned=pinned)
+                   spool_bytes=spool_bytes, recovering=True)
         for path in sorted(run_dir.glob("chunk-*")):
             try:
                 seq = int(path.name.removeprefix("chunk-"))
@@ -174,16 +173,17 @@ class Shipper:
         self.stats.queued = len(self._queue)
         self.stats.spooled = len(self._queue)
         last = self._queue[-1].load()[0] if self._queue else {}
+        self.pinned = saved.get("pinned") if isinstance(saved.get("pinned"), dict) else None
         if last.get("kind") != "end":  # an agent that stopped but could not deliver kept its end chunk
             self.interrupted = ("the agent ended without stopping this trace (killed or crashed): what it had "
                                 "not spooled is missing")
             # its programs detached as it died (their links closed): the counters stopped there
-            self.kernel_at_death, self.kernel_unknown = counters.read(pinned)
+            self.kernel_at_death, self.kernel_unknown = counters.read(self.pinned)
             if self.kernel_at_death is not None:
                 log.warning("%s: the kernel counted %d events emitted, %d lost to a full ring when the agent died",
                             run_dir, self.kernel_at_death["emitted"], self.kernel_at_death["lost"])
         else:
-            counters.unpin(pinned)  # a stopped trace: its end chunk has the counters
+            counters.unpin(self.pinned)  # a stopped trace: its end chunk has the counters
         self._thread.start()
         return self
 
