@@ -113,3 +113,17 @@ def test_a_restarted_agent_without_the_pin_records_why_the_counters_are_unknown(
     r = TraceFileReader(out / "t" / "h.vnt")
     (chunk,) = [c for c in r.chunks() if c["kind"] == "interrupted"]
     assert "kernel" not in chunk and f"pinned at {tmp_path / 'gone'} cannot be read" in chunk["kernel_unknown"]
+
+
+def test_pin_names_are_what_bpffs_takes_and_a_missing_bpffs_is_said(tmp_path):
+    from vnet.agent.counters import leftovers, pin_name
+    from vnet.probes.features import bpffs_problem
+
+    assert pin_name("ovs.congestion", "h1.lab", "20261126T152724-ab12cd34") == \
+        "stats-ovs_congestion-h1_lab-20261126T152724-ab12cd34"  # bpffs refuses '.' in names
+    assert "is not on a bpffs" in bpffs_problem(tmp_path)
+    (tmp_path / "stats-a-h-r1").touch()
+    (tmp_path / "stats-b-h-r2").touch()
+    (tmp_path / "other").touch()
+    assert leftovers(tmp_path, {str(tmp_path / "stats-a-h-r1")}) == [str(tmp_path / "stats-b-h-r2")]
+    assert leftovers(tmp_path / "absent", set()) == []
