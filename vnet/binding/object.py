@@ -419,6 +419,12 @@ class Map:
         if err:
             raise bpf_error("update", err, f"map {self.name}")
 
+    def pin(self, path: str | os.PathLike) -> None:
+        """Keep the map on bpffs at `path` beyond this process (read with PinnedMap, gone with unlink)."""
+        err = lib().bpf_obj_pin(self.fd, os.fsencode(path))
+        if err:
+            raise bpf_error("pin", err, f"map {self.name} at {path}")
+
     def share(self, other: "Map") -> None:
         """Before load: use `other`'s kernel map instead of creating one (one ring
         and one set of counters for many object instances)."""
@@ -433,6 +439,42 @@ class Map:
         if ptr == ffi.NULL:
             raise BpfError("get initial value of", errno.EINVAL, f"map {self.name}")
         return ffi.buffer(ffi.cast("char *", ptr), size[0])
+
+
+class PinnedMap:
+    """A map pinned on bpffs, by path: its process may be gone (no libbpf object behind it).
+    The layout comes from the caller (the pinning process recorded it)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        fd = lib().bpf_obj_get(os.fsencode(path))
+        if fd < 0:
+            raise bpf_error("open pinned map", fd, self.path)
+        self.fd = fd
+
+    def lookup_per_cpu(self, key: bytes, value_size: int) -> list[bytes] | None:
+        """A per-CPU map's values for key, one per possible CPU (None: no such key)."""
+        stride = (value_size + 7) & ~7
+        ncpu = lib().libbpf_num_possible_cpus()
+        buf = ffi.new("char[]", stride * ncpu)
+        err = lib().bpf_map_lookup_elem(self.fd, ffi.from_buffer(key), buf)
+        if err == -errno.ENOENT:
+            return None
+        if err:
+            raise bpf_error("look up in", err, f"pinned map {self.path}")
+        raw = ffi.buffer(buf)[:]
+        return [raw[i * stride:i * stride + value_size] for i in range(ncpu)]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "PinnedMap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class BpfObject:

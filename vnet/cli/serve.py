@@ -31,12 +31,14 @@ def agent(
                                  "beyond this they go to the spool."),
     spool_mb: int = typer.Option(1024, "--spool-mb", min=0, help="Disk spool bound; beyond it chunks are "
                                  "dropped and their events reported lost."),
+    pin_dir: Optional[Path] = typer.Option(None, "--pin-dir", help="A folder on bpffs where each trace's kernel "
+                                           "counters outlive a killed agent (default /sys/fs/bpf/vnet)."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True),
 ):
     """Serve dispatchers: run the traces they start, ship raw events to the collector."""
     if ctx.invoked_subcommand is not None:
         return
-    _run_agent(listen, key, allow_remote, spool, host, queue_mb, spool_mb, verbose)
+    _run_agent(listen, key, allow_remote, spool, host, queue_mb, spool_mb, verbose, pin_dir)
 
 
 @agent_app.command("init")

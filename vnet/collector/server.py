@@ -332,9 +332,17 @@ class Collector:
         """A restarted agent resent what its dead predecessor had spooled: the stream ends here
         without the agent's own end (what that agent read but had not spooled is missing)."""
         reason = m.get("reason")
+        fields = {"reason": str(reason)[:1000] if reason else "", "after": st.last_seq}
+        kernel = _kernel_counters(m.get("kernel"))
+        if kernel is not None:  # the dead agent's kernel counters, as they stood when it died
+            fields["kernel"] = kernel
+        else:
+            unknown = m.get("kernel_unknown") or ("malformed counters" if m.get("kernel") is not None
+                                                  else "not reported (an older agent)")
+            fields["kernel_unknown"] = str(unknown)[:1000]
         with st.lock:
             try:
-                self._writer(st).write("interrupted", reason=str(reason)[:1000] if reason else "", after=st.last_seq)
+                self._writer(st).write("interrupted", **fields)
             except OSError as e:
                 st.failed(e)
                 raise
@@ -399,6 +407,21 @@ class Collector:
             lines.append(f"refused {self.refused_streams} new streams: {self.max_streams} were open, the limit "
                          f"(--max-streams); their agents kept their chunks and tried again")
         return lines
+
+
+def _kernel_counters(k) -> dict | None:
+    """An agent's kernel counters as the file keeps them: the four counts, whole and not
+    negative, and whether they stopped at the agent's death; None when malformed."""
+    if not isinstance(k, dict):
+        return None
+    out = {}
+    for name in ("seen", "emitted", "lost", "filtered"):
+        v = k.get(name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return None
+        out[name] = v
+    out["frozen"] = k.get("frozen") is not False
+    return out
 
 
 class _ChunkWriter:

@@ -425,6 +425,30 @@ def tracefs_events() -> str | None:
     return None
 
 
+def bpffs_problem(path: str | os.PathLike) -> str | None:
+    """Why maps cannot be pinned under `path` (None: it is on a mounted bpffs). Not cached:
+    a bpffs may be mounted later, and each mount namespace sees its own (`ip netns exec`
+    mounts a new /sys without /sys/fs/bpf)."""
+    path = os.path.abspath(path)
+    best, fstype = "", ""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) < 5 or not right:
+                    continue
+                mount = fields[4].replace("\\040", " ")
+                inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):  # the last, deepest mount covering it wins
+                    best, fstype = mount, right.split()[0]
+    except OSError as e:
+        return f"cannot read /proc/self/mountinfo: {e.strerror}"
+    if fstype != "bpf":
+        return f"{path} is not on a bpffs (it is on {fstype or 'nothing'} mounted at {best or '?'})"
+    return None
+
+
 # -- the probes ---------------------------------------------------------------------------------------------
 def _capabilities() -> Feature:
     caps = effective_caps()
