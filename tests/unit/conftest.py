@@ -35,3 +35,10 @@ def collector(tmp_path):
     """A real collector serving on a unix socket in this thread's process: (collector, address, out)."""
     with serving_collector(tmp_path) as served:
         yield served
+
+
+@pytest.fixture
+def serve_collector():
+    """serving_collector itself, for a test that wants other Collector options (the test
+    modules cannot import this conftest by name: tests/kernel has one too)."""
+    return serving_collector

@@ -12,7 +12,6 @@ import os
 import time
 
 import pytest
-from conftest import serving_collector
 
 from vnet.protocol import MAX_DATA_BYTES, ProtocolError, connect
 
@@ -20,9 +19,9 @@ KEY = bytes(range(32))
 
 
 @pytest.fixture
-def small_collector(tmp_path):
+def small_collector(tmp_path, serve_collector):
     """A collector that keeps at most 3 streams open: (collector, address, out)."""
-    with serving_collector(tmp_path, max_streams=3) as served:
+    with serve_collector(tmp_path, max_streams=3) as served:
         yield served
 
 
