@@ -112,7 +112,8 @@ class AgentTrace:
             self.shipper = Shipper(address, key, {"trace": self.name, "host": host, "run": self.run,
                                                   "header": header},
                                    spool_dir=spool_dir / self.name / host / self.run, memory_bytes=queue_bytes,
-                                   spool_bytes=spool_bytes, pinned=self.pinned)
+                                   spool_bytes=spool_bytes, pinned=self.pinned,
+                                   clsact=[h.link.left_behind() for h in self.trace.hooks if h.kind == "clsact"])
         except BaseException:
             counters.unpin(self.pinned)
             self.trace.close()

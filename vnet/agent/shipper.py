@@ -102,10 +102,25 @@ class ShipperStats:
     path: str = ""           # where the collector writes this stream
 
 
+def _remove_left_filters(run_dir: Path, filters) -> None:
+    """The clsact filters of a dead agent's trace (kernels without tcx links) run on after it:
+    removed at the next agent start, so a kill leaves nothing attached beyond that window."""
+    from vnet.binding import remove_left_tc_filter
+
+    for f in filters if isinstance(filters, list) else ():
+        try:
+            where = f"ifindex {int(f['ifindex'])}" + (f" in netns {f['netns']}" if f.get("netns") else "")
+            if remove_left_tc_filter(int(f["ifindex"]), int(f["point"]), int(f["prog_id"]), f.get("netns"),
+                                     bool(f.get("qdisc"))):
+                log.warning("%s: removed the clsact filter the killed agent left on %s", run_dir, where)
+        except Exception as e:  # noqa: BLE001 - a device or netns gone, a damaged record: said, not fatal
+            log.warning("%s: cannot remove a clsact filter the killed agent left (%s): %s", run_dir, f, e)
+
+
 class Shipper:
     def __init__(self, address: str, key: bytes, opening: dict, *, spool_dir: str | os.PathLike,
                  memory_bytes: int = 64 << 20, spool_bytes: int = 1 << 30, recovering: bool = False,
-                 pinned: dict | None = None):
+                 pinned: dict | None = None, clsact: list | None = None):
         self.address = address
         self.key = key
         self.opening = opening       # the "open" message's fields: trace, host, header
@@ -125,6 +140,7 @@ class Shipper:
         self._full_wait = FULL_RETRY_S
         self.interrupted: str | None = None  # recovering a dead agent's stream: why (told to the collector)
         self.pinned = pinned                 # the trace's kernel counters on bpffs (vnet/agent/counters.py)
+        self.clsact = clsact or []           # its clsact filters: they outlive a killed agent (recover() removes them)
         self.kernel_at_death: dict | None = None  # recovering: what they said, or
         self.kernel_unknown = ""                  # why that is not known
         self.recovering = recovering
@@ -146,6 +162,8 @@ class Shipper:
         saved = {"address": self.address, "opening": self.opening}
         if self.pinned:
             saved["pinned"] = self.pinned
+        if self.clsact:
+            saved["clsact"] = self.clsact
         tmp.write_bytes(msgpack.packb(saved, use_bin_type=True))
         os.replace(tmp, self.spool_dir / OPEN_FILE)
 
@@ -177,6 +195,7 @@ class Shipper:
         if last.get("kind") != "end":  # an agent that stopped but could not deliver kept its end chunk
             self.interrupted = ("the agent ended without stopping this trace (killed or crashed): what it had "
                                 "not spooled is missing")
+            _remove_left_filters(run_dir, saved.get("clsact"))  # before the counters: they stop counting here
             # its programs detached as it died (their links closed): the counters stopped there
             self.kernel_at_death, self.kernel_unknown = counters.read(self.pinned)
             if self.kernel_at_death is not None:
