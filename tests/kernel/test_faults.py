@@ -18,12 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from kernel_support import (VnetProcess, assert_nothing_on, new_orphans, start_agent, start_collector, tc_filters,
                             udp_stream, veth_pair, vnet_snapshot, wait_until)
 from vnet.collector.tracefile import TraceFileReader
 from vnet.protocol import connect, load_key, new_key
+from vnet.topology import send_udp
 
 PORT = 5099
 COLLECTOR_PORT = 7979
@@ -485,6 +487,133 @@ def test_agent_sigkilled_and_restarted_resends_its_spool_and_the_interruption_is
         assert an.returncode == 0, an.stderr
         text = an.stdout + an.stderr
         assert "the agent died mid-trace" in text and "killed or crashed" in text, text
+        assert_nothing_on(net.ns1, net.if1)
+
+
+KILL_PORT = 5417  # this test's own traffic (its filter names the pair's address too)
+
+
+@contextlib.contextmanager
+def _bpffs(path: Path):
+    """A bpffs of the test's own, mounted before the agents start: `ip netns exec` gives them a
+    /sys without /sys/fs/bpf, but copies this mount into their mount namespace."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_agent_sigkilled_while_events_flow_every_event_is_in_the_files_or_counted_with_its_stage(tmp_path):
+    """kill -9 while packets flow, with events at every stage: delivered to the collector,
+    queued in the agent's memory (the collector gone, --queue-mb 1), spooled to disk (past
+    that megabyte), in the ring unread (the agent stopped with SIGSTOP, then killed: the ring
+    overflows meanwhile). The kernel counters the agent pinned on bpffs freeze as it dies
+    (its tcx link goes with it); the restarted agent reads them, the collector writes them
+    into the `interrupted` chunk, the pin goes. Exactly: the events of that run in the
+    files + what died with the agent + the ring's losses = what the kernel emitted and lost
+    = the packets the filter kept (seen - filtered); `vnet analyze` prints the number."""
+    from vnet.agent import counters
+
+    key = new_key(tmp_path / "key")
+    sock, csock, out, spool = tmp_path / "a.sock", f"unix:{tmp_path}/col.sock", tmp_path / "out", tmp_path / "spool"
+    with veth_pair(68) as net, _bpffs(tmp_path / "bpffs") as bpffs:
+        pin_dir = bpffs / "vnet"
+        spec = tmp_path / "spec.toml"
+        spec.write_text(f"""
+[trace]
+name = "killed.flowing"
+duration = 600
+ring_size = 262144
+
+[collector]
+address = "{csock}"
+key = "{key}"
+
+[filter]
+expression = "udp and dst port {KILL_PORT} and dst host {net.ip2}"
+
+[[host]]
+name = "h1"
+agent = "unix:{sock}"
+interfaces = ["{net.if1}"]
+direction = "egress"
+""")
+        before = vnet_snapshot()
+        col = start_collector(csock, key, out)
+        agent = start_agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "1", "--pin-dir", str(pin_dir))
+        d = None
+        try:
+            d = _dispatch(spec)
+            (opening,) = spool.rglob("open")
+            pinned = msgpack.unpackb(opening.read_bytes(), raw=False)["pinned"]
+            assert [str(p) for p in pin_dir.iterdir()] == [pinned["path"]] and pinned["hooks"] == ["tcx"]
+            with udp_stream(net.ns1, net.ip2, KILL_PORT, interval=0.01):  # flowing until after the kill
+                assert wait_until(lambda: _agent_status(sock, key)["shipper"]["acked"] >= 1, 15)
+                col.signal(signal.SIGKILL)  # from here on chunks queue: memory (1 MiB), then the spool
+                col.wait(timeout=10)
+
+                def spooling() -> bool:
+                    send_udp(net.ns1, net.ip2, KILL_PORT, count=500)
+                    time.sleep(0.05)  # the ring (256 KiB, ~2,000 events) is drained between bursts
+                    return _agent_status(sock, key)["shipper"]["spooled"] >= 3
+                assert wait_until(spooling, 60, interval=0.05), "the agent's memory queue never filled"
+                last = _agent_status(sock, key)
+                agent.signal(signal.SIGSTOP)  # it reads nothing more: what comes stays in its ring
+                send_udp(net.ns1, net.ip2, KILL_PORT, count=4000)  # more than the ring holds: losses too
+                time.sleep(0.5)
+                agent.signal(signal.SIGKILL)
+                assert agent.wait(timeout=10) == -signal.SIGKILL
+                time.sleep(0.3)
+            assert d.wait(timeout=60) == 13 and any("h1: agent lost" in ln for ln in d.stderr), d.stderr
+            left = new_orphans(before)
+            assert not left.progs and not left.links, f"programs or links outlived the killed agent: {left}"
+            assert tc_filters(net.ns1, net.if1, "ingress") == [] and tc_filters(net.ns1, net.if1, "egress") == []
+            at_death, why = counters.read(pinned)
+            assert at_death is not None, why
+            send_udp(net.ns1, net.ip2, KILL_PORT, count=100)
+            assert counters.read(pinned)[0] == at_death  # frozen: nothing counts after the death
+            emitted_after_stop = at_death["emitted"] - last["kernel"]["emitted"]
+            assert emitted_after_stop > 0 and at_death["lost"] > last["kernel"]["lost"], (last, at_death)
+
+            agent = start_agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "1", "--pin-dir", str(pin_dir))
+            col = start_collector(csock, key, out)
+            assert wait_until(lambda: _agent_status(sock, key)["background"] == [], timeout=60, interval=0.3)
+            assert not list(spool.rglob("chunk-*")) and not list(spool.rglob("open"))
+            assert list(pin_dir.iterdir()) == []  # the pin went once the collector had its counters
+        finally:
+            if d is not None:
+                d.close()
+            agent.close()
+            col.close()
+
+        files = _files(out, "killed.flowing")
+        events, chunks, readers = _read(out, "killed.flowing")
+        ours = [e for e in events if e.get("dport") == KILL_PORT and e.get("dst") == net.ip2]
+        assert len(ours) == len(events) == len({e["pkt_id"] for e in events})  # the filter's, each once
+        written = sum(c["count"] for c in chunks if c["kind"] == "events")
+        assert written == len(events)
+        (interrupted,) = [c for c in chunks if c["kind"] == "interrupted"]
+        assert interrupted["kernel"] == {**at_death, "frozen": True}, interrupted
+        gaps = [c for c in chunks if c["kind"] == "gap"]
+        assert gaps, "the chunks in the dead agent's memory queue should show as a gap"
+        died = at_death["emitted"] - written
+        # every packet the filter kept: in the files, died with the agent, or lost to the full ring
+        assert written + died + at_death["lost"] == at_death["seen"] - at_death["filtered"]
+        assert at_death["seen"] - at_death["filtered"] == at_death["emitted"] + at_death["lost"]
+        # what died: at least everything emitted while it was stopped (still in its ring), and
+        # more (its memory queue, the gap)
+        assert died > emitted_after_stop > 0, (died, emitted_after_stop)
+        an = subprocess.run([sys.executable, "-m", "vnet", "analyze", *map(str, files)], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+        assert an.returncode == 0, an.stderr
+        text = an.stdout + an.stderr
+        assert f"died with the killed agent: {died} events (read from the ring or queued in its memory); " \
+               f"kernel_ring_full {at_death['lost']}" in text, text
+        print(f"killed mid-flow: kernel seen {at_death['seen']}, filtered {at_death['filtered']}, emitted "
+              f"{at_death['emitted']}, lost {at_death['lost']}; in the files {written} ({len(readers)} segments, "
+              f"{len(gaps)} gap(s)), died with the agent {died} (>= {emitted_after_stop} in its ring)")
         assert_nothing_on(net.ns1, net.if1)
 
 

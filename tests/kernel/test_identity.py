@@ -186,8 +186,9 @@ def offloaded():
 
 def test_tcp_segments_keep_their_pkt_id_at_kernel_hooks_when_the_payload_is_paged(offloaded):
     """1-4 KB TCP messages (one GSO skb each, payload in page fragments): the tc hooks, the
-    receive tracepoint and the copy to the application give every segment one pkt_id."""
-    probes = ["net:netif_receive_skb", "sock:datagram_copy"]
+    receive tracepoint, the socket's receive and the copy to the application give every
+    segment one pkt_id."""
+    probes = ["net:netif_receive_skb", "sock:tcp_receive", "sock:datagram_copy"]
     events = paged.tcp_messages(offloaded, paged.plans(offloaded, [(p, None) for p in probes]))
     paged.check_tcp(offloaded, events, probes)
 

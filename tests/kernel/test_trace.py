@@ -336,7 +336,7 @@ def test_cli_sigkill_leaves_nothing_and_a_new_trace_works(net, before):
 
 
 CLSACT_CHILD = textwrap.dedent("""
-    import socket, sys
+    import json, socket, sys
     from vnet import netns
     from vnet.binding import BpfObject, RingBuffer
     from vnet.objects import object_path
@@ -350,7 +350,7 @@ CLSACT_CHILD = textwrap.dedent("""
         links = [obj.programs["vnet_tc_ingress"].attach_tc_filter(ifindex, True, ns),
                  obj.programs["vnet_tc_egress"].attach_tc_filter(ifindex, False, ns)]
     ring = RingBuffer(obj.maps["vnet_events"])
-    print("attached", links[0].prog_id, links[1].prog_id, flush=True)
+    print("attached", links[0].prog_id, links[1].prog_id, json.dumps([l.left_behind() for l in links]), flush=True)
     for line in sys.stdin:
         if line.strip() == "count":
             print(len(ring.drain()), flush=True)
@@ -368,6 +368,16 @@ def readline(proc: subprocess.Popen, timeout: float = 30.0) -> str:
     return proc.stdout.readline()
 
 
+def clsact_child(ns: str, dev: str) -> tuple[subprocess.Popen, list[str]]:
+    """CLSACT_CHILD attached to ns/dev: the process and its "attached" line's words
+    (ingress and egress prog ids, then the filters' left_behind records as JSON)."""
+    c = subprocess.Popen([sys.executable, "-c", CLSACT_CHILD, ns, dev], cwd=ROOT, text=True,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    words = readline(c).split(maxsplit=3)
+    assert words[:1] == ["attached"], c.stderr.read() if c.poll() is not None else words
+    return c, words
+
+
 def filter_prog_id(line: str) -> int:
     words = line.split()
     return int(words[words.index("id") + 1])
@@ -380,11 +390,8 @@ def test_clsact_filter_of_a_killed_process_is_replaced_by_the_next_one(net, befo
     children: list[subprocess.Popen] = []
 
     def child() -> tuple[subprocess.Popen, int, int]:
-        c = subprocess.Popen([sys.executable, "-c", CLSACT_CHILD, ns, dev], cwd=ROOT, text=True,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        c, words = clsact_child(ns, dev)
         children.append(c)
-        words = readline(c).split()
-        assert words[:1] == ["attached"], c.stderr.read() if c.poll() is not None else words
         return c, int(words[1]), int(words[2])
 
     try:
@@ -424,6 +431,40 @@ def test_clsact_filter_of_a_killed_process_is_replaced_by_the_next_one(net, befo
             for s in (c.stdin, c.stdout, c.stderr):
                 s.close()
         sh("tc", "-n", ns, "qdisc", "del", "dev", dev, "clsact", check=False)
+    assert_nothing_on(ns, dev)
+    assert_no_orphans(before)
+
+
+def test_what_a_killed_process_left_on_clsact_is_removed_from_its_record(net, before):
+    """What a restarted agent does with the records in a killed agent's spool
+    (remove_left_tc_filter): the filters whose programs are still the killed process's are
+    removed, then the clsact qdisc it created; a filter a newer vnet put there is left."""
+    import json
+
+    from vnet.binding import remove_left_tc_filter
+
+    ns, dev = net.ns1, net.if1
+    c, words = clsact_child(ns, dev)
+    try:
+        records = json.loads(words[3])
+        c.kill()
+        c.wait(10)
+    finally:
+        for s in (c.stdin, c.stdout, c.stderr):
+            s.close()
+    assert [r["qdisc"] for r in records] == [True, True]  # both sit on the qdisc that process created
+    assert len(tc_filters(ns, dev, "ingress")) == 1 and len(tc_filters(ns, dev, "egress")) == 1
+    # a record whose program is not the one running there (a newer vnet's filter): left
+    assert not remove_left_tc_filter(**{**records[0], "prog_id": records[0]["prog_id"] + 10_000})
+    assert len(tc_filters(ns, dev, "ingress")) == 1
+    assert remove_left_tc_filter(**records[0])
+    assert tc_filters(ns, dev, "ingress") == [] and has_clsact(ns, dev)  # egress's filter still on it
+    assert remove_left_tc_filter(**records[1])
+    assert tc_filters(ns, dev, "egress") == []
+    assert not has_clsact(ns, dev)  # the qdisc the killed process made, now empty, goes
+    assert remove_left_tc_filter(**records[1]) is False  # gone already: nothing to do
+    left = wait_released(BpfIds(frozenset(int(w) for w in words[1:3]), frozenset()))
+    assert not left.progs
     assert_nothing_on(ns, dev)
     assert_no_orphans(before)
 

@@ -26,8 +26,10 @@ def pair(guest_modules):
 @pytest.mark.parametrize("receive,xmit", [("tp_btf", "fentry"), ("raw_tp", "kprobe"), ("tracepoint", "fentry")])
 def test_tcp_segments_keep_their_pkt_id_at_every_hook_kind(pair, receive, xmit):
     """netif_receive_skb at `receive`, veth_xmit (the sender's skb, before it crosses) at `xmit`,
-    and the socket copy (classic tracepoint flavour of its own choice)."""
-    probes = [("net:netif_receive_skb", receive), ("veth:xmit", xmit), ("sock:datagram_copy", None)]
+    the socket's receive (tcp:tcp_probe at `receive`; its classic tracepoint has no skbaddr
+    field, so the loader's own choice there) and the socket copy (its own choice too)."""
+    probes = [("net:netif_receive_skb", receive), ("veth:xmit", xmit),
+              ("sock:tcp_receive", None if receive == "tracepoint" else receive), ("sock:datagram_copy", None)]
     events = paged.tcp_messages(pair, paged.plans(pair, probes), timeout=30)
     paged.check_tcp(pair, events, [p for p, _ in probes])
 

@@ -32,3 +32,29 @@ def run(test_one, seeds: list[bytes], default_max_len: int = 4096) -> None:
         args.append(str(corpus))
     atheris.Setup(args, test_one)
     atheris.Fuzz()
+
+
+def read_everything(path) -> None:
+    """What every reader of a trace file does, as the fuzzers and tests/unit/test_fuzz_tracefile.py
+    exercise it: open it, every chunk (plain and mapped), the side-chunk scan, every event
+    decoded. Only a UsageError may come out, and only when opening or from a header that
+    describes no decodable record layout; a reader that stopped early says why."""
+    from vnet.collector.tracefile import TraceFileReader
+    from vnet.errors import UsageError
+
+    try:
+        r = TraceFileReader(path)
+    except UsageError:
+        return
+    for views in (False, True):
+        for c in r.chunks(views=views):
+            assert isinstance(c, dict) and isinstance(c["kind"], str), c
+        assert r.problem is None or r.truncated
+    if r.header is not None:
+        for _ in r.scan(("clock",)):
+            pass
+        try:
+            for ev in r.events():
+                assert isinstance(ev, dict)
+        except UsageError:
+            pass  # refused, in words

@@ -32,6 +32,7 @@ from vnet.errors import UsageError, VnetError
 from vnet.protocol import Channel
 from vnet.protocol.channel import PeerClosed, ProtocolError
 
+from . import counters
 from .shipper import Shipper
 
 log = logging.getLogger("vnet.agent")
@@ -69,7 +70,7 @@ class AgentTrace:
     """One trace on this host: the Trace, its drain thread and its shipper."""
 
     def __init__(self, package: dict, key: bytes, spool_dir: Path, host: str, queue_bytes: int = 64 << 20,
-                 spool_bytes: int = 1 << 30):
+                 spool_bytes: int = 1 << 30, pin_dir: Path | None = None):
         from vnet.trace import Trace
         from vnet.trace.selection import select
 
@@ -104,16 +105,27 @@ class AgentTrace:
             from vnet.binding.ringbatch import RingBatchReader
 
             self.reader = RingBatchReader(self.trace.objects[0].maps["vnet_events"])
+            # This run of the trace: the collector files it apart from earlier runs of the same
+            # trace name, and its spool folder is its own (a restarted agent resends it: recover()).
+            self.run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+            header["run"] = self.run
+            # The kernel's counters outlive a killed agent on bpffs: the next start tells the
+            # collector how many events died with it (vnet/agent/counters.py).
+            self.pinned = counters.pin(self.trace, pin_dir or counters.DEFAULT_PIN_DIR,
+                                       counters.pin_name(self.name, host, self.run))
         except BaseException:
             self.trace.close()
             raise
-        # This run of the trace: the collector files it apart from earlier runs of the same
-        # trace name, and its spool folder is its own (a restarted agent resends it: recover()).
-        self.run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
-        header["run"] = self.run
-        self.shipper = Shipper(address, key, {"trace": self.name, "host": host, "run": self.run, "header": header},
-                               spool_dir=spool_dir / self.name / host / self.run, memory_bytes=queue_bytes,
-                               spool_bytes=spool_bytes)
+        try:
+            self.shipper = Shipper(address, key, {"trace": self.name, "host": host, "run": self.run,
+                                                  "header": header},
+                                   spool_dir=spool_dir / self.name / host / self.run, memory_bytes=queue_bytes,
+                                   spool_bytes=spool_bytes, pinned=self.pinned,
+                                   clsact=[h.link.left_behind() for h in self.trace.hooks if h.kind == "clsact"])
+        except BaseException:
+            counters.unpin(self.pinned)
+            self.trace.close()
+            raise
         self.events = 0
         self.chunks = 0
         self.started = time.monotonic()
@@ -239,6 +251,7 @@ class AgentTrace:
         self.shipper.put("end", keep=True, kernel=k, events=self.events, chunks=self.chunks, losses=losses,
                          vanished=self.vanished, ended=self.ended)
         self.trace.close()  # detached: nothing of ours stays in the kernel
+        counters.unpin(self.pinned)  # the end chunk has the final counters: the pin is not needed
         delivered = self.shipper.flush(FLUSH_TIMEOUT_S)
         sh = self.shipper.stats
         final.update(running=False, delivered=delivered, losses=losses, undelivered_chunks=sh.queued,
@@ -439,8 +452,10 @@ class Agent:
     """The request handler of `vnet agent` (see the module docstring)."""
 
     def __init__(self, key: bytes, spool_dir: str | os.PathLike, host: str | None = None, *,
-                 queue_bytes: int = 64 << 20, spool_bytes: int = 1 << 30, orphan_grace: float = ORPHAN_GRACE_S):
+                 queue_bytes: int = 64 << 20, spool_bytes: int = 1 << 30, pin_dir: str | os.PathLike | None = None,
+                 orphan_grace: float = ORPHAN_GRACE_S):
         self.key = key
+        self.pin_dir = Path(pin_dir) if pin_dir is not None else counters.DEFAULT_PIN_DIR
         self.custody = Custody(orphan_grace)
         self._ended: dict[tuple[str, str], dict] = {}  # (trace, run) stopped at the grace's end: why, summary
         self._watch: threading.Thread | None = None
@@ -463,6 +478,7 @@ class Agent:
 
     def _recover(self) -> None:
         """Every stream a previous agent left in the spool folder (spool/TRACE/HOST/RUN/open)."""
+        pins: set[str] = set()
         for opening in sorted(self.spool_dir.glob("*/*/*/open")):
             try:
                 shipper = Shipper.recover(opening.parent, self.key, spool_bytes=self.spool_bytes)
@@ -471,7 +487,12 @@ class Agent:
                 continue
             log.warning("resending what a previous agent left in %s (%d chunks)", opening.parent,
                         shipper.stats.queued)
+            if shipper.pinned:
+                pins.add(str(shipper.pinned.get("path")))
             self.background.append(shipper)
+        for path in counters.leftovers(self.pin_dir, pins):
+            log.warning("pinned trace counters %s belong to no stream in %s (another spool, or removed): "
+                        "left as they are; rm %s frees them", path, self.spool_dir, path)
 
     def hello(self) -> dict:
         with self._answers_lock:  # probed once, in a child; kept here as a few KiB of plain data
@@ -641,7 +662,7 @@ class Agent:
                 raise UsageError(f"this agent is already running trace {self.current.name}")
             try:
                 t = self.current = AgentTrace(package, self.key, self.spool_dir, self.host, self.queue_bytes,
-                                              self.spool_bytes)
+                                              self.spool_bytes, self.pin_dir)
             finally:
                 _give_back_memory()
             self.custody.take(owner, time.monotonic())

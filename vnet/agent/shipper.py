@@ -17,7 +17,8 @@ Faults (docs/reliability.md):
   the agent's own queue and spool hold out.
 - the agent dies: the spool folder keeps the stream's opening (`open`) and whatever was
   spooled; `recover()` (the next agent's start) resends it and has the collector record
-  that the stream was interrupted. What only the dead agent's memory held is a gap.
+  that the stream was interrupted. What only the dead agent's memory held is a gap, counted
+  exactly from the kernel's counters the dead agent left pinned (vnet/agent/counters.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import msgpack
 
 from vnet.errors import VnetError
 from vnet.protocol import MAX_DATA_BYTES, connect
+
+from . import counters
 
 log = logging.getLogger("vnet.agent.shipper")
 RECONNECT_S = 0.5        # first retry after a failed session, doubling up to
@@ -100,9 +103,25 @@ class ShipperStats:
     path: str = ""           # where the collector writes this stream
 
 
+def _remove_left_filters(run_dir: Path, filters) -> None:
+    """The clsact filters of a dead agent's trace (kernels without tcx links) run on after it:
+    removed at the next agent start, so a kill leaves nothing attached beyond that window."""
+    from vnet.binding import remove_left_tc_filter
+
+    for f in filters if isinstance(filters, list) else ():
+        try:
+            where = f"ifindex {int(f['ifindex'])}" + (f" in netns {f['netns']}" if f.get("netns") else "")
+            if remove_left_tc_filter(int(f["ifindex"]), int(f["point"]), int(f["prog_id"]), f.get("netns"),
+                                     bool(f.get("qdisc"))):
+                log.warning("%s: removed the clsact filter the killed agent left on %s", run_dir, where)
+        except Exception as e:  # noqa: BLE001 - a device or netns gone, a damaged record: said, not fatal
+            log.warning("%s: cannot remove a clsact filter the killed agent left (%s): %s", run_dir, f, e)
+
+
 class Shipper:
     def __init__(self, address: str, key: bytes, opening: dict, *, spool_dir: str | os.PathLike,
-                 memory_bytes: int = 64 << 20, spool_bytes: int = 1 << 30, recovering: bool = False):
+                 memory_bytes: int = 64 << 20, spool_bytes: int = 1 << 30, recovering: bool = False,
+                 pinned: dict | None = None, clsact: list | None = None):
         self.address = address
         self.key = key
         self.opening = opening       # the "open" message's fields: trace, host, header
@@ -123,6 +142,10 @@ class Shipper:
         self._dropping: tuple[int, int] | None = None  # dropping since the queue was last empty: the
         # (chunks, events) dropped before: the episode is logged once at its start and once at its end
         self.interrupted: str | None = None  # recovering a dead agent's stream: why (told to the collector)
+        self.pinned = pinned                 # the trace's kernel counters on bpffs (vnet/agent/counters.py)
+        self.clsact = clsact or []           # its clsact filters: they outlive a killed agent (recover() removes them)
+        self.kernel_at_death: dict | None = None  # recovering: what they said, or
+        self.kernel_unknown = ""                  # why that is not known
         self.recovering = recovering
         if not recovering:
             try:
@@ -139,7 +162,12 @@ class Shipper:
         next one knows where the stream went and can say it was interrupted (recover())."""
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.spool_dir / f"{OPEN_FILE}.tmp"
-        tmp.write_bytes(msgpack.packb({"address": self.address, "opening": self.opening}, use_bin_type=True))
+        saved = {"address": self.address, "opening": self.opening}
+        if self.pinned:
+            saved["pinned"] = self.pinned
+        if self.clsact:
+            saved["clsact"] = self.clsact
+        tmp.write_bytes(msgpack.packb(saved, use_bin_type=True))
         os.replace(tmp, self.spool_dir / OPEN_FILE)
 
     @classmethod
@@ -169,9 +197,18 @@ class Shipper:
         self.stats.queued = len(self._queue)
         self.stats.spooled = len(self._queue)
         last = self._queue[-1].load()[0] if self._queue else {}
+        self.pinned = saved.get("pinned") if isinstance(saved.get("pinned"), dict) else None
         if last.get("kind") != "end":  # an agent that stopped but could not deliver kept its end chunk
             self.interrupted = ("the agent ended without stopping this trace (killed or crashed): what it had "
                                 "not spooled is missing")
+            _remove_left_filters(run_dir, saved.get("clsact"))  # before the counters: they stop counting here
+            # its programs detached as it died (their links closed): the counters stopped there
+            self.kernel_at_death, self.kernel_unknown = counters.read(self.pinned)
+            if self.kernel_at_death is not None:
+                log.warning("%s: the kernel counted %d events emitted, %d lost to a full ring when the agent died",
+                            run_dir, self.kernel_at_death["emitted"], self.kernel_at_death["lost"])
+        else:
+            counters.unpin(self.pinned)  # a stopped trace: its end chunk has the counters
         self._thread.start()
         return self
 
@@ -425,8 +462,14 @@ class Shipper:
             ch.close()
 
     def _tell_interrupted(self, ch) -> None:
-        """Recovering: every spooled chunk is written; the collector records the interruption."""
-        ch.send({"type": "interrupted", "reason": self.interrupted})
+        """Recovering: every spooled chunk is written; the collector records the interruption,
+        with the kernel's counters at the agent's death (or why they are unknown)."""
+        msg = {"type": "interrupted", "reason": self.interrupted}
+        if self.kernel_at_death is not None:
+            msg["kernel"] = self.kernel_at_death
+        else:
+            msg["kernel_unknown"] = self.kernel_unknown
+        ch.send(msg)
         ch_reply_deadline = time.monotonic() + SESSION_TIMEOUT_S
         while time.monotonic() < ch_reply_deadline:
             with self._cond:
@@ -443,6 +486,7 @@ class Shipper:
                 elif msg["type"] == "full":
                     self._full(msg)
                 elif msg["type"] == "recorded":  # the interruption is in the collector's file
+                    counters.unpin(self.pinned)  # its counters too: the pin has done its work
                     with self._cond:
                         self.interrupted = None
                         self._cond.notify_all()

@@ -148,8 +148,8 @@ OUTGOING = {"net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit", "
             "sock:tcp_sendmsg", "ip:output", "ip:output6", "ovs:vport_send", "bridge:forward", "veth:xmit",
             "tun:net_xmit", "vhost:handle_rx", "xen:start_xmit", "xen:rx_action", "virtio:start_xmit"}
 INCOMING = {"net:netif_rx", "net:napi_gro_receive_entry", "net:netif_receive_skb", "sock:udp_recvmsg",
-            "sock:tcp_recvmsg", "sock:datagram_copy", "sock:udp_enqueue", "sock:udp_read", "ovs:vport_receive",
-            "bridge:handle_frame", "tun:get_user", "vhost:handle_tx", "xen:tx_action"}
+            "sock:tcp_recvmsg", "sock:datagram_copy", "sock:udp_enqueue", "sock:udp_read", "sock:tcp_receive",
+            "ovs:vport_receive", "bridge:handle_frame", "tun:get_user", "vhost:handle_tx", "xen:tx_action"}
 
 
 # Probes that can fire on a host after the packet has left it (a driver frees a sent

@@ -68,6 +68,9 @@ int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t fla
 int bpf_map_delete_elem(int fd, const void *key);
 int bpf_map_get_next_key(int fd, const void *key, void *next_key);
 int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
+/* bpffs: a map kept past its process (the kernel counters of a trace whose agent is killed). */
+int bpf_obj_pin(int fd, const char *pathname);
+int bpf_obj_get(const char *pathname);
 
 struct bpf_tc_hook {
     size_t sz;

@@ -124,6 +124,12 @@ class TcFilterLink(Link):
         self.point = point
         self.netns = netns
         self.prog_id = prog_id
+        self.qdisc_ours = False  # vnet created the clsact qdisc it sits on
+
+    def left_behind(self) -> dict:
+        """What a later agent needs to remove it if this process is killed (remove_left_tc_filter)."""
+        return {"ifindex": self.ifindex, "point": self.point, "prog_id": self.prog_id, "netns": self.netns,
+                "qdisc": self.qdisc_ours}
 
     def _release(self) -> None:
         with _netns.enter(self.netns):
@@ -141,6 +147,40 @@ class TcFilterLink(Link):
             opts.prog_fd = 0
             lib().bpf_tc_detach(hook, opts)
         _Clsact.release(self.ifindex)
+
+
+def remove_left_tc_filter(ifindex: int, point: int, prog_id: int, netns: str | None, qdisc: bool) -> bool:
+    """A clsact filter a killed vnet left running (a filter is no link: it outlives its
+    process): removed if it still runs that program (prog_id; a newer vnet's is left),
+    and the clsact qdisc too when that vnet had created it and no filter is left on it.
+    Whether the filter was there."""
+    removed = False
+    with _netns.enter(netns):
+        hook = ffi.new("struct bpf_tc_hook *", {"sz": ffi.sizeof("struct bpf_tc_hook"), "ifindex": ifindex,
+                                                 "attach_point": point})
+        opts = ffi.new("struct bpf_tc_opts *", {"sz": ffi.sizeof("struct bpf_tc_opts"), "handle": VNET_TC_HANDLE,
+                                                 "priority": VNET_TC_PRIORITY})
+        if lib().bpf_tc_query(hook, opts) == 0 and opts.prog_id == prog_id:
+            opts.prog_id = opts.flags = opts.prog_fd = 0
+            removed = lib().bpf_tc_detach(hook, opts) == 0
+        if qdisc and not _tc_filters_on(ifindex):
+            hook.attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS
+            lib().bpf_tc_hook_destroy(hook)
+    return removed
+
+
+def _tc_filters_on(ifindex: int) -> bool:
+    """Any filter on the clsact qdisc of `ifindex` (this thread's netns), anyone's."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for parent in (0xFFFFFFF2, 0xFFFFFFF3):  # clsact ingress, egress
+            try:
+                if any(f.get_attr("TCA_KIND") for f in ipr.get_filters(index=ifindex, parent=parent)):
+                    return True
+            except Exception:  # noqa: BLE001 - the device or qdisc went meanwhile: nothing to keep
+                pass
+    return False
 
 
 @dataclass
@@ -329,7 +369,9 @@ class Program:
         if err:
             _Clsact.release(ifindex)
             raise bpf_error("attach tc filter", err, f"{self.name} to {where}", cls=AttachError)
-        return self._obj._own(TcFilterLink(ifindex, point, f"{self.name} -> {where}", netns, opts.prog_id))
+        link = TcFilterLink(ifindex, point, f"{self.name} -> {where}", netns, opts.prog_id)
+        link.qdisc_ours = (_netns.current_inode(), ifindex) in _Clsact.owned
+        return self._obj._own(link)
 
     # -- run ------------------------------------------------------------------
     def test_run(self, data: bytes | None, repeat: int = 1, ctx: bytes | None = None,
@@ -419,6 +461,12 @@ class Map:
         if err:
             raise bpf_error("update", err, f"map {self.name}")
 
+    def pin(self, path: str | os.PathLike) -> None:
+        """Keep the map on bpffs at `path` beyond this process (read with PinnedMap, gone with unlink)."""
+        err = lib().bpf_obj_pin(self.fd, os.fsencode(path))
+        if err:
+            raise bpf_error("pin", err, f"map {self.name} at {path}")
+
     def share(self, other: "Map") -> None:
         """Before load: use `other`'s kernel map instead of creating one (one ring
         and one set of counters for many object instances)."""
@@ -433,6 +481,42 @@ class Map:
         if ptr == ffi.NULL:
             raise BpfError("get initial value of", errno.EINVAL, f"map {self.name}")
         return ffi.buffer(ffi.cast("char *", ptr), size[0])
+
+
+class PinnedMap:
+    """A map pinned on bpffs, by path: its process may be gone (no libbpf object behind it).
+    The layout comes from the caller (the pinning process recorded it)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        fd = lib().bpf_obj_get(os.fsencode(path))
+        if fd < 0:
+            raise bpf_error("open pinned map", fd, self.path)
+        self.fd = fd
+
+    def lookup_per_cpu(self, key: bytes, value_size: int) -> list[bytes] | None:
+        """A per-CPU map's values for key, one per possible CPU (None: no such key)."""
+        stride = (value_size + 7) & ~7
+        ncpu = lib().libbpf_num_possible_cpus()
+        buf = ffi.new("char[]", stride * ncpu)
+        err = lib().bpf_map_lookup_elem(self.fd, ffi.from_buffer(key), buf)
+        if err == -errno.ENOENT:
+            return None
+        if err:
+            raise bpf_error("look up in", err, f"pinned map {self.path}")
+        raw = ffi.buffer(buf)[:]
+        return [raw[i * stride:i * stride + value_size] for i in range(ncpu)]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "PinnedMap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class BpfObject:

@@ -31,6 +31,8 @@ def agent(
                                  "beyond this they go to the spool."),
     spool_mb: int = typer.Option(1024, "--spool-mb", min=0, help="Disk spool bound; beyond it chunks are "
                                  "dropped and their events reported lost."),
+    pin_dir: Optional[Path] = typer.Option(None, "--pin-dir", help="A folder on bpffs where each trace's kernel "
+                                           "counters outlive a killed agent (default /sys/fs/bpf/vnet)."),
     orphan_grace: float = typer.Option(60.0, "--orphan-grace", min=0, max=86400, metavar="SECONDS",
                                        help="A trace whose dispatcher is cut off (not one that exits) runs on this "
                                        "long for it to come back and resume it, then stops; 0: stop at once."),
@@ -39,7 +41,7 @@ def agent(
     """Serve dispatchers: run the traces they start, ship raw events to the collector."""
     if ctx.invoked_subcommand is not None:
         return
-    _run_agent(listen, key, allow_remote, spool, host, queue_mb, spool_mb, verbose, orphan_grace)
+    _run_agent(listen, key, allow_remote, spool, host, queue_mb, spool_mb, verbose, pin_dir, orphan_grace)
 
 
 @agent_app.command("init")
@@ -59,6 +61,9 @@ def collect(
     key: Path = typer.Option(DEFAULT_KEY, "--key", help="Pre-shared key file."),
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Listen on a non-loopback address."),
     rotate_mb: Optional[int] = typer.Option(None, "--rotate-mb", min=1, help="Start a new file after this size."),
+    max_streams: int = typer.Option(256, "--max-streams", min=1, help="Streams open at once (each holds a "
+                                    "file open; one per trace, host and run not yet ended); past it new ones are "
+                                    "refused and their agents retry."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True),
 ):
     """Receive raw event chunks from agents and write them to per-trace, per-host files."""
@@ -67,7 +72,8 @@ def collect(
     from vnet.protocol import MAX_DATA_BYTES, load_key
     from vnet.protocol.server import Server
 
-    collector = Collector(writable_dir(out, "--out"), rotate_bytes=rotate_mb << 20 if rotate_mb else None)
+    collector = Collector(writable_dir(out, "--out"), rotate_bytes=rotate_mb << 20 if rotate_mb else None,
+                          max_streams=max_streams)
     try:
         _serve(Server(listen, load_key(key), "collector", collector.handle, allow_remote=allow_remote,
                       limit=MAX_DATA_BYTES), "collector")

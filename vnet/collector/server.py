@@ -10,6 +10,11 @@ the analysis fits offset and drift through them (vnet.analysis.clocksync).
 
 A stream is (trace, host, run): the agent names each run of a trace, so the same
 spec run again lands in a new file segment instead of being taken for a resend.
+A stream its agent has ended is forgotten (a later open resumes from its files); the
+others, cut off or still sending, each hold an open file: at most `max_streams` of
+them, so that a key holder opening stream after stream cannot take every file
+descriptor or the memory. Past it a new stream is refused with the reason; its agent
+keeps its chunks and tries again (back-off), and the refusals are counted.
 
 When a chunk cannot be written (disk full, I/O error) the collector does not
 acknowledge it: it answers "full" with the last chunk it has, the file stays as it
@@ -29,6 +34,7 @@ calls (recv_into, GMAC in libcrypto, zlib.crc32, writev).
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import re
@@ -48,6 +54,8 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CLOCK_PINGS = 8          # exchanges right after an agent connects
 CLOCK_EVERY_S = 5.0      # and one this often afterwards (drift)
 PIPELINE_DEPTH = 3       # receive buffers per connection: one being received, up to two verified or being written
+MAX_STREAMS = 256        # streams not ended by their agent (each holds a file open); --max-streams
+FINISHED_KEPT = 1000     # summary lines of ended streams kept for the exit summary (the rest counted)
 COLLECTOR_KINDS = ("header", "gap", "clock")  # chunks only the collector writes
 
 
@@ -75,6 +83,7 @@ class Stream:
     full_seconds: float = 0.0
     clocks_unwritten: int = 0
     interrupted: bool = False
+    connections: int = 0         # connections serving it now (under Collector._lock)
 
     @property
     def base(self) -> Path:
@@ -134,12 +143,20 @@ class Stream:
         return out
 
 
+class StreamLimit(ProtocolError):
+    """A new stream past max_streams: refused (the agent keeps its chunks and retries)."""
+
+
 class Collector:
-    def __init__(self, out_dir: str | Path, rotate_bytes: int | None = None):
+    def __init__(self, out_dir: str | Path, rotate_bytes: int | None = None, max_streams: int = MAX_STREAMS):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.rotate_bytes = rotate_bytes
-        self.streams: dict[tuple[str, str], Stream] = {}
+        self.max_streams = max_streams
+        self.streams: dict[tuple[str, str, str | None], Stream] = {}  # not ended by their agent
+        self.finished: collections.deque[str] = collections.deque(maxlen=FINISHED_KEPT)  # ended: summary lines
+        self.finished_count = 0
+        self.refused_streams = 0
         self._lock = threading.Lock()
 
     def _stream(self, trace: str, host: str, run, header: dict) -> Stream:
@@ -151,13 +168,35 @@ class Collector:
         with self._lock:
             st = self.streams.get((trace, host, run))
             if st is None:
+                if len(self.streams) >= self.max_streams:
+                    self.refused_streams += 1
+                    if self.refused_streams == 1 or self.refused_streams % 100 == 0:
+                        log.error("refused a new stream %s/%s: %d streams are open, the limit (--max-streams); "
+                                  "%d refused so far", trace, host, len(self.streams), self.refused_streams)
+                    raise StreamLimit(f"collector refuses a new stream: {len(self.streams)} streams are open, "
+                                      f"its limit (--max-streams)")
                 directory = self.out / trace
                 directory.mkdir(parents=True, exist_ok=True)
                 st = Stream(trace, host, directory, dict(header, run=run) if run else header, self.rotate_bytes,
                             run=run)
                 st.resume()
                 self.streams[(trace, host, run)] = st
+            st.connections += 1
             return st
+
+    def _release(self, st: Stream, ended: bool) -> None:
+        """A connection for `st` is over. A stream its agent ended, served by no other
+        connection, is closed and forgotten (its summary line kept)."""
+        with self._lock:
+            st.connections -= 1
+            key = (st.trace, st.host, st.run)
+            ended = ended or st.interrupted  # a dead agent's stream, resent by its successor: over too
+            if not ended or st.connections > 0 or self.streams.get(key) is not st:
+                return
+            del self.streams[key]
+        self._finish(st)
+        self.finished.append(st.summary())
+        self.finished_count += 1
 
     def handle(self, ch: Channel) -> None:
         """One agent connection: open, then chunks until it closes or goes away."""
@@ -166,14 +205,26 @@ class Collector:
         header = msg.get("header")
         if not isinstance(header, dict):
             raise ProtocolError("open without a header")
-        st = self._stream(msg.get("trace"), msg.get("host"), msg.get("run"), header)
-        with st.lock:
-            if st.writer is None:
-                try:
-                    st.open()
-                except OSError as e:  # a full disk here: the agent says why and retries (back-off)
-                    ch.send({"type": "error", "message": f"collector cannot create {st.base}: {e.strerror or e}"})
-                    raise
+        try:
+            st = self._stream(msg.get("trace"), msg.get("host"), msg.get("run"), header)
+        except StreamLimit as e:  # the agent says why and retries (back-off)
+            ch.send({"type": "error", "message": str(e)})
+            raise
+        ended = False
+        try:
+            with st.lock:
+                if st.writer is None:
+                    try:
+                        st.open()
+                    except OSError as e:  # a full disk here: the agent says why and retries (back-off)
+                        ch.send({"type": "error", "message": f"collector cannot create {st.base}: {e.strerror or e}"})
+                        raise
+            ended = self._serve(ch, st)
+        finally:
+            self._release(st, ended)
+
+    def _serve(self, ch: Channel, st: Stream) -> bool:
+        """Chunks until the agent ends the stream (True) or the connection goes."""
         ch.send({"type": "opened", "have": st.last_seq, "path": str(st.path)})
         log.info("%s/%s from %s: resuming after chunk %d", st.trace, st.host, ch.peer, st.last_seq)
         stop = threading.Event()
@@ -198,7 +249,7 @@ class Collector:
                     writer.finish()  # everything before "close" written and answered
                     self._finish(st)
                     ch.send({"type": "closed", "path": str(st.path), "gaps": st.gaps, "chunks": st.chunks})
-                    return
+                    return True
         except (ConnectionError, OSError, ProtocolError):
             writer.reraise()  # the writer's failure (it closed the connection), not its symptom here
             raise
@@ -281,9 +332,17 @@ class Collector:
         """A restarted agent resent what its dead predecessor had spooled: the stream ends here
         without the agent's own end (what that agent read but had not spooled is missing)."""
         reason = m.get("reason")
+        fields = {"reason": str(reason)[:1000] if reason else "", "after": st.last_seq}
+        kernel = _kernel_counters(m.get("kernel"))
+        if kernel is not None:  # the dead agent's kernel counters, as they stood when it died
+            fields["kernel"] = kernel
+        else:
+            unknown = m.get("kernel_unknown") or ("malformed counters" if m.get("kernel") is not None
+                                                  else "not reported (an older agent)")
+            fields["kernel_unknown"] = str(unknown)[:1000]
         with st.lock:
             try:
-                self._writer(st).write("interrupted", reason=str(reason)[:1000] if reason else "", after=st.last_seq)
+                self._writer(st).write("interrupted", **fields)
             except OSError as e:
                 st.failed(e)
                 raise
@@ -338,10 +397,31 @@ class Collector:
     def close(self) -> list[str]:
         """Close every file; one summary line per stream (what was written, what could not be)."""
         lines = []
+        if self.finished_count > len(self.finished):
+            lines.append(f"{self.finished_count - len(self.finished)} earlier ended streams (not listed)")
+        lines += self.finished
         for st in list(self.streams.values()):
             self._finish(st)
             lines.append(st.summary())
+        if self.refused_streams:
+            lines.append(f"refused {self.refused_streams} new streams: {self.max_streams} were open, the limit "
+                         f"(--max-streams); their agents kept their chunks and tried again")
         return lines
+
+
+def _kernel_counters(k) -> dict | None:
+    """An agent's kernel counters as the file keeps them: the four counts, whole and not
+    negative, and whether they stopped at the agent's death; None when malformed."""
+    if not isinstance(k, dict):
+        return None
+    out = {}
+    for name in ("seen", "emitted", "lost", "filtered"):
+        v = k.get(name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return None
+        out[name] = v
+    out["frozen"] = k.get("frozen") is not False
+    return out
 
 
 class _ChunkWriter:

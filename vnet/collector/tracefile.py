@@ -21,7 +21,11 @@ Kinds (readers skip kinds they do not know; new fields may appear in any):
     gap     "first".."last": sequence numbers that never arrived
     end     final summary: "events" read, "chunks", "kernel" counters, "losses" per stage
     interrupted  written by the collector when a restarted agent has resent what its
-            dead predecessor spooled: "reason", "after" (the last chunk there is)
+            dead predecessor spooled: "reason", "after" (the last chunk there is), and
+            "kernel" (the kernel's "seen", "emitted", "lost", "filtered" when the agent died,
+            every probe and CPU summed; "frozen": false if clsact hooks counted on after it)
+            or "kernel_unknown" (why not: no bpffs to pin them on, an older agent)
+    dropped  the agent's spool was full: "events" of chunk "seq" are gone (agent_spool_full)
 
 seq is the number the agent gave the chunk; chunks the writer is given none
 for (the header, the collector's gap and clock) carry the last one written:
@@ -168,6 +172,28 @@ def _peek_kind(head: bytes) -> str | None:
     except Exception:  # noqa: BLE001 - not a map, cut short, or another first key
         return None
     return None
+
+
+def _peek_head(head: bytes) -> tuple[str, int | None, int | None] | None:
+    """(kind, seq, count) from a chunk's first bytes: kind first, then seq, then an events
+    chunk's count (as the writers put them); None where they are not there in that order."""
+    u = msgpack.Unpacker(max_buffer_size=128, max_str_len=32, max_bin_len=0, max_array_len=0, max_map_len=0)
+    u.feed(head)
+    try:
+        u.read_map_header()
+        if u.unpack() != "kind":
+            return None
+        kind = u.unpack()
+        if not isinstance(kind, str) or u.unpack() != "seq":
+            return None
+        seq = u.unpack()
+        count = None
+        if kind == "events" and u.unpack() == "count":
+            count = u.unpack()
+            count = count if isinstance(count, int) and not isinstance(count, bool) else None
+    except Exception:  # noqa: BLE001 - cut short, or another order
+        return None
+    return kind, seq, count
 
 
 def rotated_paths(path: str | os.PathLike) -> list[Path]:
@@ -500,6 +526,39 @@ class TraceFileReader:
                 if isinstance(chunk, dict) and isinstance(chunk.get("kind"), str) and chunk["kind"] in wanted:
                     yield chunk
 
+    def event_counts(self) -> Iterator[tuple[str, int, int]]:
+        """(kind, seq, events) of every "events" chunk (its "count") and "dropped" marker, read
+        from each chunk's first bytes (the writer puts kind, seq and count first), not its records."""
+        if self.header is None:
+            return
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            offset = f.seek(PREAMBLE.size)
+            while offset + FRAME.size <= size:
+                length, crc = FRAME.unpack(f.read(FRAME.size))
+                if length > MAX_CHUNK_BYTES or offset + FRAME.size + length > size:
+                    return
+                head = _peek_head(f.read(min(length, 64)))
+                if head is None or head[0] == "events" and head[2] is None:  # not said early: read it whole
+                    f.seek(offset + FRAME.size)
+                    payload = f.read(length)
+                    if zlib.crc32(payload) != crc:
+                        return
+                    try:
+                        c = _unpack(payload)
+                        head = (c.get("kind"), c.get("seq"), c.get("count") if c.get("kind") == "events"
+                                else c.get("events"))
+                    except Exception:  # noqa: BLE001 - whole but not a chunk: stepped over
+                        head = None
+                elif head[0] == "dropped":
+                    f.seek(offset + FRAME.size)
+                    c = _unpack(f.read(length))
+                    head = ("dropped", c.get("seq"), c.get("events"))
+                offset = f.seek(offset + FRAME.size + length)
+                if head is not None and head[0] in ("events", "dropped") and isinstance(head[1], int) \
+                        and isinstance(head[2], int) and not isinstance(head[2], bool):
+                    yield head
+
     def events(self) -> Iterator[dict]:
         """Every event of the file, decoded with its header (wall_ns from its clock)."""
         if self.header is None:
@@ -522,6 +581,32 @@ class TraceFileReader:
             self.problem = f"{self.problem}; {why}" if self.problem else f"{self.path}: {why}"
 
 
+def killed_agent_losses(kernel: dict, written: int, spool_dropped: int = 0) -> dict:
+    """Where the events the kernel emitted for a killed agent's run went: `written` are in the
+    collector's files (every segment), `spool_dropped` the agent counted as its spool full
+    ("dropped" chunks); every other one it had read from the ring (or left there) or held in
+    its memory queue, and died with it. The ring's own losses are the kernel's counter."""
+    return {"died_with_agent": kernel["emitted"] - written - spool_dropped, "kernel_ring_full": kernel["lost"],
+            "agent_spool_full": spool_dropped}
+
+
+def describe_killed_agent_losses(kernel: dict, written: int, spool_dropped: int = 0) -> str:
+    """`vnet analyze`'s line for killed_agent_losses()."""
+    loss = killed_agent_losses(kernel, written, spool_dropped)
+    died = loss["died_with_agent"]
+    out = (f"died with the killed agent: {died} events (read from the ring or queued in its memory); "
+           f"kernel_ring_full {loss['kernel_ring_full']}")
+    if spool_dropped:
+        out += f"; agent_spool_full {spool_dropped}"
+    out += f" (the kernel emitted {kernel['emitted']}, the files hold {written})"
+    if kernel.get("frozen") is False:
+        out += ("; its clsact hooks outlived it and counted on until the restart, so this is an upper "
+                "bound")
+    elif died < 0:
+        out += "; the files hold more than the kernel emitted: were other runs' files given as this run's?"
+    return out
+
+
 def stream_accounting(files: list[TraceFileReader]) -> list[str]:
     """What a host's files say was lost on the way, one line per finding: chunks that never
     reached the collector (gap), losses per stage the agent counted (end), an agent that died
@@ -535,7 +620,7 @@ def stream_accounting(files: list[TraceFileReader]) -> list[str]:
     out = []
     for run, group in runs.items():
         name = f"run {run}" if run else str(group[0].path)
-        ended, interrupted = False, False
+        ended, interrupted, at_death = False, False, None
         for f in group:
             for c in f.scan(("gap", "end", "interrupted")):
                 if c["kind"] == "gap":
@@ -544,6 +629,11 @@ def stream_accounting(files: list[TraceFileReader]) -> list[str]:
                 elif c["kind"] == "interrupted":
                     interrupted = True
                     out.append(f"{name}: the agent died mid-trace after chunk {c.get('after')}: {c.get('reason')}")
+                    if isinstance(c.get("kernel"), dict):
+                        at_death = c["kernel"]
+                    elif c.get("kernel_unknown"):
+                        out.append(f"{name}: what died with the killed agent cannot be counted: "
+                                   f"{c['kernel_unknown']}")
                 elif c["kind"] == "end":
                     ended = True
                     losses = c.get("losses") if isinstance(c.get("losses"), dict) else {}
@@ -551,11 +641,30 @@ def stream_accounting(files: list[TraceFileReader]) -> list[str]:
                     if lost:
                         out.append(f"{name}: events lost before the collector: "
                                    + ", ".join(f"{k} {v}" for k, v in lost.items()))
+        if at_death is not None and not ended and _counters_ok(at_death):
+            written, dropped = run_event_counts(group)
+            out.append(f"{name}: " + describe_killed_agent_losses(at_death, written, dropped))
         if run and not ended and not interrupted:  # an agent's stream (a -w file's end is the recorder's)
             out.append(f"{name}: no end record: the trace is still running, or its agent "
                        "stopped without finishing (killed, or cut off from the collector); what it had not "
                        "shipped is missing")
     return out
+
+
+def _counters_ok(k: dict) -> bool:
+    return all(isinstance(k.get(n), int) and not isinstance(k.get(n), bool) for n in ("emitted", "lost"))
+
+
+def run_event_counts(files: list[TraceFileReader]) -> tuple[int, int]:
+    """Events in the events chunks of these files (one run: every rotation and segment), each
+    chunk once (a collector restarted mid-chunk may not write it twice, but a copy of a
+    segment may be given twice), and the events of "dropped" markers (agent_spool_full)."""
+    seen: dict[tuple[str, int], int] = {}
+    for f in files:
+        for kind, seq, n in f.event_counts():
+            seen[(kind, seq)] = n
+    return (sum(n for (kind, _), n in seen.items() if kind == "events"),
+            sum(n for (kind, _), n in seen.items() if kind == "dropped"))
 
 
 # -- the header: layouts and names that decode the records ----------------------------------------------

@@ -100,6 +100,11 @@ CATALOG: tuple[ProbeSpec, ...] = (
               _function("__udp_enqueue_schedule_skb", 2)),
     ProbeSpec("sock:udp_read", SOCKET, "packet", "the application takes a UDP datagram off its socket "
               "(recvmsg), in its task", _function("skb_consume_udp", 2), task=True),
+    # TCP's delivery point: tcp_rcv_established's tracepoint, every segment that reaches an
+    # established socket (data and pure ACKs), before it is queued; a tracepoint, so it works
+    # where functions cannot be probed. The read is sock:datagram_copy.
+    ProbeSpec("sock:tcp_receive", SOCKET, "packet", "a TCP segment reaches its established socket "
+              "(tcp_rcv_established), before it is queued", _tracepoint("tcp:tcp_probe", skb_arg=2)),
     # Freed after use, not dropped. A tap read (tun_do_read: the VM process takes the frame) and,
     # before 6.18, a UDP read (skb_consume_udp) fire it in the reading task; since 6.18 UDP frees
     # through skb_attempt_defer_free, so it fires later, on the CPU that allocated the packet.

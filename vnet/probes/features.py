@@ -179,7 +179,8 @@ HINTS = {
     "ringbuf": "vnet delivers events through BPF ring buffers: use Linux >= 5.8",
     "prog_test_run": "only self-tests run programs on crafted packets; tracing does not need it",
     "tcx": "device probes use clsact filters instead (Linux < 6.6)",
-    "tc_link": "without tcx links, a killed vnet leaves its clsact filters behind (the next run replaces them)",
+    "tc_link": "without tcx links, a killed vnet leaves its clsact filters behind (the next run on that "
+               "interface replaces them; a restarted agent removes its predecessor's)",
     "clsact": "device probes need tcx or clsact: enable CONFIG_NET_SCH_INGRESS and CONFIG_NET_CLS_BPF",
     "tp_btf": "tracepoint probes fall back to raw_tp",
     "raw_tp": "tracepoint probes need tp_btf or raw_tp (Linux >= 4.17)",
@@ -196,6 +197,15 @@ NAMES = ("capabilities", "lockdown", "libbpf", "btf", "ringbuf", "prog_test_run"
 
 _cache: dict[str, Feature] = {}
 _lock = threading.RLock()
+# Features to treat as missing whatever the kernel says (VNET_WITHOUT=tcx,fentry): the paths
+# older kernels take (clsact filters, kprobes), run and tested on this one.
+WITHOUT_ENV = "VNET_WITHOUT"
+
+
+def _withheld(name: str) -> Feature | None:
+    if name in {n.strip() for n in os.environ.get(WITHOUT_ENV, "").split(",")}:
+        return _feature(name, Support.UNSUPPORTED, f"turned off ({WITHOUT_ENV}={os.environ[WITHOUT_ENV]})")
+    return None
 
 
 def check(name: str) -> Feature:
@@ -204,7 +214,7 @@ def check(name: str) -> Feature:
     if name not in _PROBES:
         raise KeyError(f"unknown feature {name!r} (known: {', '.join(NAMES)})")
     with _lock:
-        cached = _cache.get(name)
+        cached = _cache.get(name) or _withheld(name)
         if cached is not None:
             return cached
         try:
@@ -250,7 +260,7 @@ def fd_headroom(at_most: int = FD_HEADROOM) -> int:
 def known(name: str) -> Feature | None:
     """The cached answer for `name`, if it was probed already (no probe here)."""
     with _lock:
-        return _cache.get(name)
+        return _cache.get(name) or _withheld(name)
 
 
 # Kinds of hooks a trace may presume available, and the capabilities their probe needs: the
@@ -422,6 +432,30 @@ def tracefs_events() -> str | None:
     for root in TRACEFS:
         if os.path.isdir(os.path.join(root, "events")):
             return os.path.join(root, "events")
+    return None
+
+
+def bpffs_problem(path: str | os.PathLike) -> str | None:
+    """Why maps cannot be pinned under `path` (None: it is on a mounted bpffs). Not cached:
+    a bpffs may be mounted later, and each mount namespace sees its own (`ip netns exec`
+    mounts a new /sys without /sys/fs/bpf)."""
+    path = os.path.abspath(path)
+    best, fstype = "", ""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) < 5 or not right:
+                    continue
+                mount = fields[4].replace("\\040", " ")
+                inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):  # the last, deepest mount covering it wins
+                    best, fstype = mount, right.split()[0]
+    except OSError as e:
+        return f"cannot read /proc/self/mountinfo: {e.strerror}"
+    if fstype != "bpf":
+        return f"{path} is not on a bpffs (it is on {fstype or 'nothing'} mounted at {best or '?'})"
     return None
 
 

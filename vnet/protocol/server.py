@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Callable
 
 from vnet.errors import UsageError
@@ -19,6 +20,7 @@ from .channel import MAX_CONTROL_BYTES, Channel, ProtocolError, accept, is_loopb
 
 log = logging.getLogger("vnet.protocol.server")
 HANDSHAKE_TIMEOUT = 10.0
+PEERS_STOP_S = 10.0      # stopping: how long the peers' handlers get to finish (after their sockets are shut)
 
 
 class Server:
@@ -35,6 +37,8 @@ class Server:
         self.limit = limit
         self._slots = threading.BoundedSemaphore(max_peers)
         self._stop = threading.Event()
+        self._peers: dict[threading.Thread, socket.socket] = {}
+        self._peers_lock = threading.Lock()
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         if family == socket.AF_UNIX:
             if os.path.exists(sockaddr):
@@ -89,7 +93,9 @@ class Server:
         self._stop.set()
 
     def serve(self) -> None:
-        """Until stop(): accept, authenticate, hand over (each peer in its own thread)."""
+        """Until stop(): accept, authenticate, hand over (each peer in its own thread). Then
+        the peers' connections are shut and their handlers finish (bounded): a collector
+        closes its files only once nothing writes to them any more."""
         try:
             while not self._stop.is_set():
                 try:
@@ -106,12 +112,28 @@ class Server:
                     log.warning("refusing %s: too many connections", peer)
                     conn.close()
                     continue
-                threading.Thread(target=self._serve_peer, args=(conn, peer), name=f"peer {peer}",
-                                 daemon=True).start()
+                thread = threading.Thread(target=self._serve_peer, args=(conn, peer), name=f"peer {peer}",
+                                          daemon=True)
+                with self._peers_lock:
+                    self._peers[thread] = conn
+                thread.start()
         finally:
             self.sock.close()
             if self.path and os.path.exists(self.path):
                 os.unlink(self.path)
+            self._stop_peers()
+
+    def _stop_peers(self) -> None:
+        with self._peers_lock:
+            peers = dict(self._peers)
+        for conn in peers.values():
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # wakes a handler waiting in recv
+            except OSError:
+                pass
+        deadline = time.monotonic() + PEERS_STOP_S
+        for thread in peers:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _serve_peer(self, conn: socket.socket, peer: str) -> None:
         ch = None
@@ -132,4 +154,6 @@ class Server:
                 ch.close()
             else:
                 conn.close()
+            with self._peers_lock:
+                self._peers.pop(threading.current_thread(), None)
             self._slots.release()
