@@ -33,7 +33,10 @@ COLLECTOR_PORT = 7979
 
 # -- the rig -------------------------------------------------------------------------------------------
 
-def _spec(path: Path, net, agent_sock: Path, collector: str, key: Path, name: str, duration: float = 600) -> Path:
+def _spec(path: Path, net, agent_sock: Path | str, collector: str, key: Path, name: str,
+          duration: float = 600) -> Path:
+    """The rig's spec; `agent_sock`: the agent's unix socket, or its address as a string."""
+    agent = agent_sock if isinstance(agent_sock, str) else f"unix:{agent_sock}"
     path.write_text(f"""
 [trace]
 name = "{name}"
@@ -49,15 +52,17 @@ expression = "udp and dst port {PORT}"
 
 [[host]]
 name = "h1"
-agent = "unix:{agent_sock}"
+agent = "{agent}"
 interfaces = ["{net.if1}"]
 direction = "egress"
 """)
     return path
 
 
-def _dispatch(spec: Path) -> VnetProcess:
-    p = VnetProcess("dispatch", str(spec), "--json", "-q")
+def _dispatch(spec: Path, ns: str | None = None) -> VnetProcess:
+    """`vnet dispatch SPEC` (in netns `ns`), once its host traces."""
+    argv = [sys.executable, "-m", "vnet", "dispatch", str(spec), "--json", "-q"]
+    p = VnetProcess(argv=["ip", "netns", "exec", ns, *argv] if ns else argv)
     p.wait_stderr("h1: tracing", timeout=30)
     return p
 
@@ -323,6 +328,92 @@ def test_collector_disk_still_full_at_stop_counts_exactly_and_delivers_later(one
     _assert_continuous(chunks)
     assert len(_ours(events)) == sent[0]
     assert [c for c in chunks if c["kind"] == "end"]
+
+
+# -- 2b. the agent's own spool disk full ---------------------------------------------------------------------
+
+SPOOL_TMPFS = "512k"   # the agent's spool file system: full within seconds at this rate (4 KiB a file at least)
+
+
+def _analyze(files: list[Path]) -> str:
+    an = subprocess.run([sys.executable, "-m", "vnet", "analyze", *map(str, files)], capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert an.returncode == 0, an.stderr
+    return an.stdout + an.stderr
+
+
+def test_agent_spool_disk_full_counts_every_drop_and_delivers_the_rest(tmp_path):
+    """The agent's spool on a tiny tmpfs (--spool-mb far above it, --queue-mb 0 so every chunk
+    is spooled) and the collector killed: the spool's disk fills and writes fail with ENOSPC
+    before the byte bound. The agent does not crash and keeps tracing; each chunk it cannot
+    keep is dropped and counted (agent_spool_full, a `dropped` marker in its place), said once
+    in its log, once by the dispatcher, in its status and the dispatcher's summary, in the
+    file's end record and by `vnet analyze`. Once the collector is back, everything spooled
+    arrives, each chunk once, and no half-written spool file is left or sent:
+    files + agent_spool_full + kernel lost == kernel emitted == packets sent."""
+    key = new_key(tmp_path / "key")
+    sock, csock, out = tmp_path / "a.sock", f"unix:{tmp_path}/col.sock", tmp_path / "out"
+    with veth_pair(57) as net, _tmpfs(tmp_path / "spool", SPOOL_TMPFS) as spool:
+        before = vnet_snapshot()
+        col = start_collector(csock, key, out)
+        agent = start_agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "0", "--spool-mb", "1024")
+        d = None
+        try:
+            d = _dispatch(_spec(tmp_path / "spec.toml", net, sock, csock, key, "spoolfull"))
+            with udp_stream(net.ns1, net.ip2, PORT, interval=0.005) as sent:
+                assert wait_until(lambda: _agent_status(sock, key)["shipper"]["acked"] >= 1, 15)
+                col.signal(signal.SIGKILL)  # nothing acknowledged from here: every chunk goes to the spool
+                col.wait(timeout=10)
+                full = wait_until(lambda: (s := _agent_status(sock, key))["shipper"]["dropped_events"] and s,
+                                  timeout=60, interval=0.3)
+                assert full, "the spool's disk never filled"
+                assert "No space left" in full["shipper"]["spool_full"], full["shipper"]
+                assert full["shipper"]["spooled"] > 0  # it took chunks until its disk was full
+                time.sleep(3)
+                later = _agent_status(sock, key)
+                assert agent.proc.poll() is None and later["running"] and later["error"] is None
+                assert later["read"] > full["read"]  # it keeps tracing ...
+                assert later["shipper"]["dropped_events"] > full["shipper"]["dropped_events"]  # ... and counting
+                assert not list(spool.rglob("*.tmp")), "a failed spool write left its file"
+                col = start_collector(csock, key, out)
+                back = wait_until(lambda: (s := _agent_status(sock, key)["shipper"])["connected"] and s["queued"] == 0
+                                  and s, timeout=30, interval=0.2)
+                assert back, "the agent did not deliver what it had spooled once the collector was back"
+                time.sleep(1)
+            summary = _stop_dispatch(d)
+        finally:
+            if d is not None:
+                d.close()
+            agent.close()
+            col.close()
+        h1 = summary["hosts"]["h1"]
+        dropped = h1["losses"]["agent_spool_full"]
+        print(f"spool full: {dropped} of {sent[0]} events dropped in {h1['shipper']['dropped_chunks']} chunks; "
+              f"{h1['shipper']['spooled']} chunks spooled")
+        assert dropped > 0 and h1["shipper"]["dropped_events"] == dropped
+        assert summary["losses"] == {"kernel_ring_full": 0, "agent_unread": 0, "agent_spool_full": dropped,
+                                     "undelivered_chunks": 0, "undelivered_events": 0}, summary["losses"]
+        assert h1["delivered"]
+        events, chunks, readers = _read(out, "spoolfull")
+        assert not any(r.truncated or r.bad_chunks for r in readers), [r.problem for r in readers]
+        _assert_continuous(chunks)  # each chunk once, the dropped ones as markers: nothing corrupt sent
+        assert sum(c["events"] for c in chunks if c["kind"] == "dropped") == dropped
+        end = [c for c in chunks if c["kind"] == "end"]
+        assert len(end) == 1 and end[0]["losses"]["agent_spool_full"] == dropped
+        mine = _ours(events)
+        assert len({e["pkt_id"] for e in mine}) == len(mine)
+        assert len(mine) + dropped + h1["kernel"]["lost"] == h1["kernel"]["emitted"] == h1["read"] == sent[0], \
+            (len(mine), dropped, h1["kernel"], sent[0])
+        said = [ln for ln in agent.stderr if "spool full (" in ln]
+        assert len(said) == 1 and "No space left" in said[0], said  # once, not per chunk
+        assert not [ln for ln in agent.stderr + d.stderr if "Traceback" in ln]
+        assert len([ln for ln in d.stderr if "h1: agent spool full (" in ln]) == 1, d.stderr
+        assert any(f"agent_spool_full {dropped}" in ln for ln in d.stderr), d.stderr
+        assert f"agent_spool_full {dropped}" in _analyze(_files(out, "spoolfull"))
+        assert not list(spool.rglob("chunk-*")) and not list(spool.rglob("*.tmp"))
+        left = new_orphans(before)
+        assert not left.progs and not left.links, f"left attached: {left}"
+        assert_nothing_on(net.ns1, net.if1)
 
 
 # -- 3. the agent killed with SIGKILL and restarted ----------------------------------------------------------
@@ -613,3 +704,187 @@ def test_agent_trace_failing_midway_leaves_nothing_attached_and_serves_on(tmp_pa
             agent.close()
             col.close()
         _nothing_left(net, before)
+
+
+# -- 5. the line between dispatcher and agent cut ------------------------------------------------------------
+
+AGENT_PORT = 7981
+
+
+@pytest.fixture
+def control_line(tmp_path):
+    """The agent in ns1 on TCP, reached by the dispatcher from its own namespace over a second
+    veth pair (ns1/ifC <-> d/ifD): the cut is on that line only. The collector is on a unix
+    socket, a path no cut touches; the traced traffic runs on ifA/ifB."""
+    key = new_key(tmp_path / "key")
+    with veth_pair(58) as net:
+        nsd = net.topo.add_netns("d")
+        ifc, ifd = net.topo.add_veth_pair("ifC", net.ns1, "ifD", nsd)
+        net.topo.add_address(ifc, net.ns1, "10.197.58.1/24")
+        net.topo.add_address(ifd, nsd, "10.197.58.2/24")
+        yield net, key, nsd, ifd, tmp_path
+
+
+def _start_tcp_agent(ns: str, key: Path, spool: Path, *extra: str) -> VnetProcess:
+    p = VnetProcess(argv=["ip", "netns", "exec", ns, sys.executable, "-m", "vnet", "agent", "--listen",
+                          f"10.197.58.1:{AGENT_PORT}", "--allow-remote", "--key", str(key), "--spool", str(spool),
+                          "--host", "h1", *extra])
+    p.wait_stderr("agent listening on", timeout=20)
+    return p
+
+
+def _tcp_status(ns: str, key: Path) -> dict:
+    """The agent's status asked from its own namespace: not over the line that is cut."""
+    from vnet import netns
+
+    with netns.enter(ns):
+        ch = connect(f"10.197.58.1:{AGENT_PORT}", load_key(key), "agent", timeout=10)
+    try:
+        return ch.request({"type": "status"}, ("status",))
+    finally:
+        ch.close()
+
+
+def test_line_to_the_agent_cut_for_30_s_the_trace_runs_on_and_is_resumed(control_line):
+    """Every packet between dispatcher and agent dropped for 30 s mid-trace (the agent's line
+    to the collector untouched) while a UDP stream flows: the dispatcher says the host is
+    unreachable and keeps retrying; the agent keeps tracing and shipping (its trace unattended
+    but within its grace); once the line is back the dispatcher resumes the trace, the stop
+    is the usual one (exit 0, complete summary) and every packet sent is in the files."""
+    net, key, nsd, ifd, tmp = control_line
+    csock = f"unix:{tmp}/col.sock"
+    before = vnet_snapshot()
+    col = start_collector(csock, key, tmp / "out")
+    agent = _start_tcp_agent(net.ns1, key, tmp / "spool")
+    d = None
+    try:
+        d = _dispatch(_spec(tmp / "spec.toml", net, f"10.197.58.1:{AGENT_PORT}", csock, key, "ctlcut"), ns=nsd)
+        with udp_stream(net.ns1, net.ip2, PORT, interval=0.02) as sent:
+            assert wait_until(lambda: _tcp_status(net.ns1, key)["shipper"]["acked"] >= 1, 15)
+            with _blackhole(nsd, ifd):
+                cut_at = time.monotonic()
+                at_cut = _tcp_status(net.ns1, key)
+                d.wait_stderr("h1: agent unreachable", timeout=25)
+                noticed = time.monotonic() - cut_at
+                unattended = wait_until(lambda: (s := _tcp_status(net.ns1, key))["unattended_s"] is not None and s,
+                                        timeout=20, interval=0.5)
+                assert unattended, "the agent did not notice its dispatcher was gone"
+                agent_noticed = time.monotonic() - cut_at - unattended["unattended_s"]
+                time.sleep(max(0.0, 30 - (time.monotonic() - cut_at)))
+                late = _tcp_status(net.ns1, key)
+                assert late["running"] and late["read"] > at_cut["read"]  # traced on ...
+                assert late["shipper"]["acked"] > at_cut["shipper"]["acked"]  # ... and shipped on
+                restored_at = time.monotonic()
+            back = d.wait_stderr("h1: agent reachable again", timeout=30)
+            resumed = time.monotonic() - restored_at
+            assert wait_until(lambda: _tcp_status(net.ns1, key)["unattended_s"] is None, timeout=10)
+            time.sleep(2)
+        print(f"control line cut 30 s: dispatcher said unreachable after {noticed:.1f} s, the agent noticed after "
+              f"{agent_noticed:.1f} s; resumed {resumed:.1f} s after the line came back ({back})")
+        summary = _stop_dispatch(d)
+    finally:
+        if d is not None:
+            d.close()
+        agent.close()
+        col.close()
+    assert not [ln for ln in d.stderr if "agent lost" in ln or "Traceback" in ln], d.stderr
+    assert [ln for ln in agent.stderr if "resumed trace ctlcut" in ln], agent.stderr
+    h1 = summary["hosts"]["h1"]
+    assert summary["failed"] == {} and h1["delivered"]
+    assert summary["losses"] == {"kernel_ring_full": 0, "agent_unread": 0, "agent_spool_full": 0,
+                                 "undelivered_chunks": 0, "undelivered_events": 0}, summary["losses"]
+    events, chunks, readers = _read(tmp / "out", "ctlcut")
+    assert not any(r.truncated for r in readers)
+    _assert_continuous(chunks)
+    mine = _ours(events)
+    assert len(mine) == sent[0] == h1["read"] == h1["kernel"]["emitted"], (len(mine), sent[0], h1)
+    assert len({e["pkt_id"] for e in mine}) == len(mine)
+    assert [c for c in chunks if c["kind"] == "end"]
+    left = new_orphans(before)
+    assert not left.progs and not left.links, f"left attached: {left}"
+    assert_nothing_on(net.ns1, net.if1)
+
+
+def test_line_to_the_agent_cut_past_its_grace_the_agent_stops_the_trace_itself(control_line):
+    """A cut longer than the agent's --orphan-grace (5 s here): the agent notices the silence
+    (past the dispatcher's 5 s heartbeat), runs the trace for its grace, then stops it by
+    itself: nothing stays attached, what it traced is in the files with its end record, lost
+    0. The dispatcher gives the host up once that grace must be over: exit 13, `agent lost`."""
+    net, key, nsd, ifd, tmp = control_line
+    csock = f"unix:{tmp}/col.sock"
+    before = vnet_snapshot()
+    col = start_collector(csock, key, tmp / "out")
+    agent = _start_tcp_agent(net.ns1, key, tmp / "spool", "--orphan-grace", "5")
+    d = None
+    try:
+        d = _dispatch(_spec(tmp / "spec.toml", net, f"10.197.58.1:{AGENT_PORT}", csock, key, "graceover"), ns=nsd)
+        with udp_stream(net.ns1, net.ip2, PORT, interval=0.02):
+            assert wait_until(lambda: _tcp_status(net.ns1, key)["shipper"]["acked"] >= 1, 15)
+            with _blackhole(nsd, ifd):
+                cut_at = time.monotonic()
+                assert wait_until(lambda: not _tcp_status(net.ns1, key)["running"], timeout=25, interval=0.3), \
+                    "the agent did not stop the unattended trace"
+                stopped = time.monotonic() - cut_at
+                assert d.wait(timeout=30) == 13, "\n".join(d.stderr)
+                gave_up = time.monotonic() - cut_at
+                assert time.monotonic() - cut_at < 40
+    finally:
+        if d is not None:
+            d.close()
+        agent.close()
+        col.close()
+    print(f"cut past a 5 s grace: the agent stopped the trace {stopped:.1f} s after the cut, the dispatcher gave "
+          f"the host up after {gave_up:.1f} s")
+    assert stopped <= 5 + 5 + 3  # heartbeat + grace + its watch and the stop
+    lost = [ln for ln in d.stderr if "h1: agent lost" in ln]
+    assert lost and "past the agent's grace of 5 s" in lost[0], d.stderr
+    summary = json.loads(d.stdout[-1])
+    assert "h1" in summary["failed"]
+    assert any("no dispatcher for 5 s" in ln for ln in agent.stderr), agent.stderr
+    assert not [ln for ln in agent.stderr + d.stderr if "Traceback" in ln]
+    left = new_orphans(before)
+    assert not left.progs and not left.links, f"left attached: {left}"
+    assert tc_filters(net.ns1, net.if1, "ingress") == [] and tc_filters(net.ns1, net.if1, "egress") == []
+    events, chunks, readers = _read(tmp / "out", "graceover")
+    assert not any(r.truncated for r in readers)
+    _assert_continuous(chunks)
+    end = [c for c in chunks if c["kind"] == "end"]
+    assert len(end) == 1 and not any(end[0]["losses"].values()), end
+    assert len(_ours(events)) == end[0]["events"] == end[0]["kernel"]["emitted"] > 0
+
+
+def test_a_dispatcher_killed_is_not_a_cut_its_trace_stops_at_once(control_line):
+    """kill -9 of the dispatcher: its kernel closes the connection in order (FIN), which no
+    network cut produces, and the run it held dies with it: the agent stops the trace at once
+    (not after its grace), leaves nothing attached and serves the next dispatcher."""
+    net, key, nsd, ifd, tmp = control_line
+    csock = f"unix:{tmp}/col.sock"
+    before = vnet_snapshot()
+    col = start_collector(csock, key, tmp / "out")
+    agent = _start_tcp_agent(net.ns1, key, tmp / "spool")  # the default 60 s grace
+    spec = _spec(tmp / "spec.toml", net, f"10.197.58.1:{AGENT_PORT}", csock, key, "killeddispatcher")
+    d = None
+    try:
+        d = _dispatch(spec, ns=nsd)
+        assert wait_until(lambda: _tcp_status(net.ns1, key)["running"], 10)
+        d.signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert wait_until(lambda: not _tcp_status(net.ns1, key)["running"], timeout=15, interval=0.2)
+        stopped = time.monotonic() - killed_at
+        assert stopped < 10, stopped  # well inside the 60 s grace
+        assert any("left during trace killeddispatcher" in ln and "stopping it" in ln for ln in agent.stderr)
+        assert not [ln for ln in agent.stderr if "cut off" in ln]
+        left = new_orphans(before)
+        assert not left.progs and not left.links, f"left attached: {left}"
+        assert tc_filters(net.ns1, net.if1, "egress") == []
+        d = _dispatch(spec, ns=nsd)  # the agent serves on
+        summary = _stop_dispatch(d)
+    finally:
+        if d is not None:
+            d.close()
+        agent.close()
+        col.close()
+    print(f"dispatcher SIGKILLed: its trace stopped {stopped:.1f} s later")
+    assert summary["failed"] == {} and summary["hosts"]["h1"]["delivered"]
+    end = [c for c in _read(tmp / "out", "killeddispatcher")[1] if c["kind"] == "end"]
+    assert len(end) == 2  # the killed run ended properly too

@@ -119,6 +119,28 @@ def test_every_request_is_answered_or_refused_and_the_agent_serves_on(rig, data)
     assert rig["agent"].proc.poll() is None, "\n".join(rig["agent"].stderr[-20:])
 
 
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(msg=st.fixed_dictionaries({"type": st.sampled_from(["resume", "status"])},
+                                 optional={"trace": st.one_of(st.just("ok"), junk), "run": junk, "heartbeat_s": junk}))
+def test_a_resume_or_heartbeat_of_any_shape_is_refused_and_the_agent_serves_on(rig, msg):
+    """resume {trace, run} and heartbeat_s (the control line's cut, docs/reliability.md) with
+    fields of every type: refused with an error (no trace of that name and run here), a status
+    served, never a dropped connection or a traceback."""
+    ch = connect(rig["addr"], rig["key"], "agent", timeout=30)
+    try:
+        try:
+            ch.send(msg)
+        except VnetError:  # too big to send at all: nothing reached the agent
+            return
+        reply = ch.recv(("error", "status", "resumed", "gone"))
+        assert reply["type"] == ("error" if msg["type"] == "resume" else "status"), (msg, reply)
+        assert reply.get("exit_code") != 7, reply  # not "the agent could not serve" (a bug's traceback)
+    finally:
+        ch.close()
+    assert rig["agent"].proc.poll() is None, "\n".join(rig["agent"].stderr[-20:])
+
+
 def test_afterwards_nothing_attached_and_nothing_outside_the_spool(rig):
     outcomes = rig["outcomes"]
     print("outcomes:", dict(outcomes))

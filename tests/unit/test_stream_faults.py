@@ -137,19 +137,52 @@ def test_what_a_hosts_files_say_was_lost_is_reported(tmp_path):
                      "(killed, or cut off from the collector); what it had not shipped is missing"], found
 
 
-def test_a_spool_write_that_fails_counts_as_the_spool_full(tmp_path):
+def test_a_spool_write_that_fails_counts_as_the_spool_full(tmp_path, caplog):
+    """Writes that fail half-way (EFBIG here, ENOSPC on a full disk: tests/kernel/test_faults.py)
+    count as the spool full: each chunk's events counted, its half-written file gone, one log
+    line for the whole episode; once a write succeeds again the status says so."""
     from vnet.agent.shipper import Shipper
 
     shipper = Shipper(f"unix:{tmp_path}/nobody.sock", KEY, {"trace": "t", "host": "h", "run": "r", "header": {}},
                       spool_dir=tmp_path / "spool", memory_bytes=0)
     try:
         shipper.put("events", count=3, records=b"a" * 100)
-        with file_size_limit(50):
-            shipper.put("events", count=5, records=b"b" * 100)
-        assert shipper.stats.spooled == 1 and shipper.stats.dropped_events == 5
+        with caplog.at_level("WARNING", logger="vnet.agent.shipper"), file_size_limit(50):
+            for n in range(5, 25):
+                shipper.put("events", count=n, records=b"b" * 100)
+        assert shipper.stats.spooled == 1 and shipper.stats.dropped_events == sum(range(5, 25))
+        assert shipper.stats.dropped_chunks == 20 and "File too large" in shipper.stats.spool_full
         assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == ["chunk-000000000000", "open"]
+        said = [r.getMessage() for r in caplog.records if "spool full" in r.getMessage()]
+        assert len(said) == 1 and "from chunk 1 on" in said[0] and "agent_spool_full" in said[0], said
+        shipper.put("events", count=1, records=b"c" * 100)
+        assert shipper.stats.spooled == 2 and shipper.stats.spool_full == ""
     finally:
         shipper.close()
+
+
+def test_a_half_written_spool_file_is_never_resent(tmp_path, collector):
+    """A chunk's .tmp (an agent killed during a spool write) is not a chunk: the next agent
+    deletes it and sends only the whole ones."""
+    from vnet.agent.shipper import Shipper
+
+    col, address, out = collector
+    run_dir = tmp_path / "spool" / "t" / "h" / "r1"
+    dead = Shipper(address, KEY, {"trace": "t", "host": "h", "run": "r1", "header": {}}, spool_dir=run_dir,
+                   memory_bytes=0)
+    dead._stop.set()  # as if killed before it shipped anything
+    dead._thread.join(timeout=5)
+    dead.put("events", count=1, records=b"a" * 50)
+    (run_dir / "chunk-000000000001.tmp").write_bytes(b"\0\0\0\x09half")
+    again = Shipper.recover(run_dir, KEY)
+    deadline = time.monotonic() + 20
+    while not again.done and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert again.done
+    again.close()
+    assert not run_dir.exists()
+    assert [k for k in _kinds(out / "t" / "h.vnt") if k[0] != "clock"] == [("header", -1), ("events", 0),
+                                                                            ("interrupted", 0)]
 
 
 def test_a_dead_agents_spool_is_resent_and_the_interruption_recorded(tmp_path, collector):

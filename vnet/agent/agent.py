@@ -7,7 +7,11 @@ Requests (one connection = one dispatcher; one trace at a time per agent):
   start  {package} -> attach, start draining; replies with the hooks attached
   status -> kernel counters, ring losses, chunks queued/acked/dropped, CPU used
   stop   -> detach, ship the final counters, wait for the collector's acks; the summary
-A dispatcher that disconnects mid-trace stops its trace: nothing stays attached.
+  resume {trace, run} -> a dispatcher whose line was cut takes its running trace back
+  bye    -> the dispatcher is done with this connection
+A dispatcher that leaves mid-trace stops its trace: nothing stays attached. One whose line is
+cut (silence past the heartbeat it promised, a timeout, a reset) leaves the trace running for
+--orphan-grace seconds, for it to come back and resume; then the agent stops it (Custody).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 import vnet
 from vnet.errors import UsageError, VnetError
 from vnet.protocol import Channel
-from vnet.protocol.channel import ProtocolError
+from vnet.protocol.channel import PeerClosed, ProtocolError
 
 from . import counters
 from .shipper import Shipper
@@ -47,6 +51,10 @@ SHIP_MIN_BYTES = 1 << 20
 SHIP_DELAY_MS = 100
 FLUSH_TIMEOUT_S = 30.0
 VANISH_CHECK_S = 1.0   # how often the traced interfaces are looked for (as `vnet trace`)
+ORPHAN_GRACE_S = 60.0  # a trace whose dispatcher's line was cut runs on this long for it to come back
+WATCH_S = 0.5          # how often silence and the grace are looked at
+HEARTBEAT_RANGE_S = (1.0, 600.0)   # what a dispatcher may promise (status "heartbeat_s")
+ENDED_KEPT = 16        # summaries of traces stopped at the grace's end, for a dispatcher that comes back late
 
 
 def _cpu_s() -> float:
@@ -210,7 +218,8 @@ class AgentTrace:
                 "read": self.events, "chunks": self.chunks,
                 "ring_fill": self.reader.pending() / max(1, self.trace.ring_bytes),
                 "shipper": {"connected": sh.connected, "queued": sh.queued, "acked": sh.acked, "spooled": sh.spooled,
-                            "dropped_events": sh.dropped_events, "reconnects": sh.reconnects,
+                            "dropped_events": sh.dropped_events, "dropped_chunks": sh.dropped_chunks,
+                            "spool_full": sh.spool_full, "reconnects": sh.reconnects,
                             "last_error": sh.last_error, "collector": self.shipper.address, "path": sh.path,
                             "collector_full": sh.collector_full, "full_refusals": sh.full_refusals,
                             "queued_events": self.shipper.queued_events, "run": self.run},
@@ -238,8 +247,8 @@ class AgentTrace:
                   "agent_spool_full": self.shipper.stats.dropped_events}
         from vnet.collector.tracefile import stats_fields
 
-        self.shipper.put("stats", **stats_fields(self.trace))
-        self.shipper.put("end", kernel=k, events=self.events, chunks=self.chunks, losses=losses,
+        self.shipper.put("stats", keep=True, **stats_fields(self.trace))
+        self.shipper.put("end", keep=True, kernel=k, events=self.events, chunks=self.chunks, losses=losses,
                          vanished=self.vanished, ended=self.ended)
         self.trace.close()  # detached: nothing of ours stays in the kernel
         counters.unpin(self.pinned)  # the end chunk has the final counters: the pin is not needed
@@ -368,13 +377,89 @@ def check_package(package) -> dict:
     return package
 
 
+def is_cut(ended: BaseException | None) -> bool:
+    """Whether a connection ended as a cut line does (a timeout, a reset, keepalive giving up:
+    OSErrors) rather than in order. A plain EOF (PeerClosed) is in order: the dispatcher's
+    process ended, normally, on Ctrl-C or killed, and the kernel closed its socket; a network
+    cut never produces one (it sends no FIN), and a run id dies with the process that held it,
+    so nobody could resume. `bye` and a peer that broke the protocol are in order too."""
+    return isinstance(ended, OSError) and not isinstance(ended, PeerClosed)
+
+
+class Custody:
+    """Who holds the running trace: the connection that started or resumed it (`owner`), and
+    whether it is unattended (`since`): its owner fell silent past the heartbeat it promised,
+    or its connection was cut. An unattended trace runs for `grace` seconds, then is to be
+    stopped. Pure state on the caller's clock, under the caller's lock."""
+
+    def __init__(self, grace: float):
+        self.grace = grace
+        self.clear()
+
+    def clear(self) -> None:
+        self.owner = None        # the connection holding the trace (None: cut, or no trace)
+        self.heartbeat = None    # its promise: a request at least this often (None: none made)
+        self.heard = 0.0         # when it last spoke
+        self.since = None        # unattended since (None: attended)
+        self.why = ""
+
+    def take(self, owner, now: float):
+        """`owner` starts or resumes the trace; the connection that held it before (to close)."""
+        previous = self.owner
+        self.clear()
+        self.owner, self.heard = owner, now
+        return previous
+
+    def spoke(self, conn, now: float, heartbeat: float | None = None) -> float | None:
+        """A message from `conn`: its owner's silence ends. How long the trace was unattended
+        when this ends that, else None."""
+        if conn is not self.owner:
+            return None
+        self.heard = now
+        if heartbeat is not None:
+            self.heartbeat = heartbeat
+        back, self.since = (now - self.since if self.since is not None else None), None
+        return back
+
+    def ended(self, conn, now: float, cut: bool, why: str) -> str | None:
+        """`conn` ended: "stop" (in order, or no grace), "unattended" (cut: the grace begins,
+        or goes on from the owner's silence) or None (not the owner: nothing to do)."""
+        if conn is not self.owner:
+            return None
+        self.owner = None
+        if not cut or self.grace <= 0:
+            return "stop"
+        if self.since is None:
+            self.since, self.why = now, why
+        return "unattended"
+
+    def tick(self, now: float) -> str | None:
+        """"silent": the owner's silence just passed its heartbeat (the grace begins);
+        "expired": the grace is over (stop the trace); None: nothing new."""
+        if self.since is None and self.owner is not None and self.heartbeat and self.grace > 0 \
+                and now - self.heard > self.heartbeat:
+            self.since, self.why = now, f"no request for {now - self.heard:.0f} s"
+            return "silent"
+        if self.since is not None and now >= self.since + self.grace:
+            return "expired"
+        return None
+
+    def unattended_s(self, now: float) -> float | None:
+        return None if self.since is None else now - self.since
+
+
 class Agent:
     """The request handler of `vnet agent` (see the module docstring)."""
 
     def __init__(self, key: bytes, spool_dir: str | os.PathLike, host: str | None = None, *,
-                 queue_bytes: int = 64 << 20, spool_bytes: int = 1 << 30, pin_dir: str | os.PathLike | None = None):
+                 queue_bytes: int = 64 << 20, spool_bytes: int = 1 << 30, pin_dir: str | os.PathLike | None = None,
+                 orphan_grace: float = ORPHAN_GRACE_S):
         self.key = key
         self.pin_dir = Path(pin_dir) if pin_dir is not None else counters.DEFAULT_PIN_DIR
+        self.custody = Custody(orphan_grace)
+        self._ended: dict[tuple[str, str], dict] = {}  # (trace, run) stopped at the grace's end: why, summary
+        self._watch: threading.Thread | None = None
+        self._closing = threading.Event()
         self.queue_bytes = queue_bytes
         self.spool_bytes = spool_bytes
         self.spool_dir = Path(spool_dir)
@@ -417,45 +502,149 @@ class Agent:
         return {"type": "hello", "version": vnet.__version__, "host": self.host, "kernel": platform.release(),
                 "features": answers["features"], "probes": answers["probes"],
                 "clock": {"mono_ns": time.monotonic_ns(), "real_ns": time.time_ns()},
-                "busy": self.current is not None}
+                "busy": self.current is not None, "orphan_grace_s": self.custody.grace}
 
     def handle(self, ch: Channel) -> None:
         mine: AgentTrace | None = None
+        ended: BaseException | None = None
         try:
             while True:
-                msg = ch.recv(("hello", "check", "start", "status", "stop", "bye"))
+                msg = ch.recv(("hello", "check", "start", "status", "stop", "resume", "bye"))
                 kind = msg["type"]
+                self._spoke(ch, msg)
+                if kind == "bye":
+                    return
                 try:
                     if kind == "hello":
-                        ch.send(self.hello())
+                        reply = self.hello()
                     elif kind == "check":
-                        ch.send({"type": "checked", "unavailable": self.check(msg.get("package"))})
+                        reply = {"type": "checked", "unavailable": self.check(msg.get("package"))}
                     elif kind == "start":
-                        mine = self.start(msg.get("package"))
-                        ch.send({"type": "started", "hooks": mine.hooks(), "unavailable": mine.unavailable,
-                                 "skipped": mine.trace.skipped})
+                        mine = self.start(msg.get("package"), ch, self._heartbeat(msg))
+                        reply = {"type": "started", "hooks": mine.hooks(), "unavailable": mine.unavailable,
+                                 "skipped": mine.trace.skipped, "trace": mine.name, "run": mine.run,
+                                 "orphan_grace_s": self.custody.grace}
+                    elif kind == "resume":
+                        t, reply = self.resume(msg, ch)
+                        mine = t or mine
                     elif kind == "status":
                         t = mine or self.current
-                        ch.send({"type": "status", **(t.status() if t else {"running": False}),
-                                 "background": self.background_status()})
-                    elif kind == "stop":
+                        reply = {"type": "status", **(t.status() if t else {"running": False}),
+                                 "background": self.background_status(), **self._custody_status(t)}
+                    else:  # stop
                         if mine is None:
                             raise UsageError("no trace of this connection to stop")
                         summary = self._stop(mine)
                         mine = None
-                        ch.send({"type": "stopped", **summary})
-                    else:
-                        return
+                        reply = {"type": "stopped", **summary}
                 except VnetError as e:  # the request failed; the connection carries on
-                    ch.send({"type": "error", "message": str(e), "exit_code": e.exit_code})
+                    reply = {"type": "error", "message": str(e), "exit_code": e.exit_code}
                 except Exception as e:  # noqa: BLE001 - a request nothing above foresaw: refused, logged
                     log.exception("request %s from %s failed", kind, ch.peer)
-                    ch.send({"type": "error", "message": f"the agent could not serve {kind}: "
-                                                         f"{type(e).__name__}: {e}", "exit_code": 7})
+                    reply = {"type": "error", "message": f"the agent could not serve {kind}: {type(e).__name__}: {e}",
+                             "exit_code": 7}
+                ch.send(reply)
+        except BaseException as e:
+            ended = e
+            raise
         finally:
-            if mine is not None:  # the dispatcher went away: never leave a trace attached
-                log.warning("dispatcher %s left during trace %s: stopping it", ch.peer, mine.name)
-                self._stop(mine)
+            if mine is not None:
+                self._left(ch, mine, ended)
+
+    # -- who holds the trace ---------------------------------------------------------------------------
+    @staticmethod
+    def _heartbeat(msg) -> float | None:
+        """A dispatcher's promise (start, resume, status "heartbeat_s"): a request at least this often."""
+        hb = msg.get("heartbeat_s")
+        if not isinstance(hb, (int, float)) or isinstance(hb, bool) or hb != hb:
+            return None
+        return min(max(float(hb), HEARTBEAT_RANGE_S[0]), HEARTBEAT_RANGE_S[1])
+
+    def _spoke(self, ch: Channel, msg) -> None:
+        """Any message from the trace's owner: its silence ends; silence past the heartbeat it
+        promised makes the trace unattended (the grace begins)."""
+        if self.custody.owner is not ch:  # not the trace's owner (a hello, a status from elsewhere): no lock
+            return
+        with self._lock:
+            t = self.current
+            back = self.custody.spoke(ch, time.monotonic(), self._heartbeat(msg)) if t is not None else None
+        if back is not None:
+            log.warning("dispatcher %s speaks again after %.0f s: trace %s attended again", ch.peer, back, t.name)
+
+    def _left(self, ch: Channel, mine: AgentTrace, ended: BaseException | None) -> None:
+        """The connection that held `mine` ended: stop it now (in order: the dispatcher is gone),
+        or leave it running for the grace (cut); never attached with nobody to stop it."""
+        why = f"{type(ended).__name__}: {ended}" if ended is not None else "bye"
+        with self._lock:
+            act = self.custody.ended(ch, time.monotonic(), is_cut(ended), why) if self.current is mine else None
+        if act == "stop":
+            log.warning("dispatcher %s left during trace %s (%s): stopping it", ch.peer, mine.name, why)
+            self._stop(mine)
+        elif act == "unattended":
+            log.warning("dispatcher %s cut off during trace %s (%s): it runs on for up to %.0f s for a dispatcher "
+                        "to resume it, then stops", ch.peer, mine.name, why, self.custody.grace)
+            self._watching()
+
+    def _custody_status(self, t: AgentTrace | None) -> dict:
+        # read without the lock (a start holds it while it loads): a status is a snapshot anyway
+        unattended = self.custody.unattended_s(time.monotonic()) if t is not None and t is self.current else None
+        return {"orphan_grace_s": self.custody.grace, "unattended_s": unattended}
+
+    def resume(self, msg, ch: Channel) -> tuple[AgentTrace | None, dict]:
+        """A dispatcher back after a cut takes its trace (same name and run) back; the
+        connection that held it (dead, or about to be found dead) is closed. A trace stopped
+        at the grace's end is "gone", with its summary; any other is refused as a start is."""
+        name, run = msg.get("trace"), msg.get("run")
+        if not isinstance(name, str) or not isinstance(run, str):
+            raise UsageError("resume: 'trace' and 'run' must be strings")
+        with self._lock:
+            t = self.current
+            if (name, run) in self._ended:  # stopping or stopped at the grace's end
+                return None, {"type": "gone", **self._ended[(name, run)]}
+            if t is not None and (t.name, t.run) == (name, run):
+                unattended = self.custody.unattended_s(time.monotonic())
+                previous = self.custody.take(ch, time.monotonic())
+                self.custody.heartbeat = self._heartbeat(msg)
+            elif t is not None:
+                raise UsageError(f"this agent is already running trace {t.name}")
+            else:
+                raise UsageError(f"trace {name} (run {run}) does not run on this agent")
+        if previous is not None and previous is not ch:
+            previous.close()  # its handler wakes up and finds it no longer holds the trace
+        log.warning("dispatcher %s resumed trace %s%s", ch.peer, name,
+                    f" after {unattended:.0f} s unattended" if unattended is not None else "")
+        return t, {"type": "resumed", "trace": name, "run": run, "unattended_s": unattended,
+                   "orphan_grace_s": self.custody.grace}
+
+    def _watching(self) -> None:
+        """The thread that ends an unattended trace's grace (started once, when first needed)."""
+        with self._lock:
+            if self._watch is None and self.custody.grace > 0:
+                self._watch = threading.Thread(target=self._watch_loop, name="custody", daemon=True)
+                self._watch.start()
+
+    def _watch_loop(self) -> None:
+        while not self._closing.wait(WATCH_S):
+            with self._lock:
+                t = self.current
+                act = self.custody.tick(time.monotonic()) if t is not None else None
+                owner = self.custody.owner
+                if act == "expired":  # nobody resumes it from here: it is stopping
+                    why = (f"stopped by the agent: no dispatcher for {self.custody.grace:.0f} s after "
+                           f"{self.custody.why}")
+                    self.custody.clear()
+                    self._ended[(t.name, t.run)] = {"why": why}
+                    while len(self._ended) > ENDED_KEPT:
+                        self._ended.pop(next(iter(self._ended)))
+            if act == "silent":
+                log.warning("dispatcher %s silent past its heartbeat during trace %s: it runs on for up to %.0f s "
+                            "for the dispatcher to speak again or resume it, then stops",
+                            getattr(owner, "peer", "?"), t.name, self.custody.grace)
+            elif act == "expired":
+                log.error("trace %s: %s", t.name, why)
+                summary = self._stop(t)
+                with self._lock:
+                    self._ended[(t.name, t.run)] = {**summary, "why": why}
 
     def check(self, package) -> list:
         if not isinstance(package, dict):
@@ -466,21 +655,25 @@ class Agent:
         patterns = list(probes)
         return _forked(lambda: _unavailable(patterns))
 
-    def start(self, package) -> AgentTrace:
+    def start(self, package, owner=None, heartbeat: float | None = None) -> AgentTrace:
         check_package(package)
         with self._lock:
             if self.current is not None:
                 raise UsageError(f"this agent is already running trace {self.current.name}")
             try:
-                self.current = AgentTrace(package, self.key, self.spool_dir, self.host, self.queue_bytes,
-                                          self.spool_bytes, self.pin_dir)
+                t = self.current = AgentTrace(package, self.key, self.spool_dir, self.host, self.queue_bytes,
+                                              self.spool_bytes, self.pin_dir)
             finally:
                 _give_back_memory()
-            return self.current
+            self.custody.take(owner, time.monotonic())
+            self.custody.heartbeat = heartbeat  # counted from the start's reply
+        self._watching()
+        return t
 
     def shutdown(self) -> None:
         """The agent is exiting: stop (detach, flush) the trace that still runs; what is not
         delivered stays in the spool for the next start."""
+        self._closing.set()
         t = self.current
         if t is not None:
             log.warning("agent exiting during trace %s: stopping it", t.name)
@@ -504,4 +697,5 @@ class Agent:
             with self._lock:
                 if self.current is t:
                     self.current = None
+                    self.custody.clear()
             _give_back_memory()

@@ -94,6 +94,7 @@ class ShipperStats:
     spooled: int = 0         # chunks that went to disk
     dropped_chunks: int = 0  # spool full: gone, and counted
     dropped_events: int = 0
+    spool_full: str = ""     # the last chunk could not be spooled: why ("" once one could)
     reconnects: int = 0
     connected: bool = False
     last_error: str = ""
@@ -138,6 +139,8 @@ class Shipper:
         self._rewind: int | None = None   # the collector said "full": send again after this seq
         self._resume_at = 0.0
         self._full_wait = FULL_RETRY_S
+        self._dropping: tuple[int, int] | None = None  # dropping since the queue was last empty: the
+        # (chunks, events) dropped before: the episode is logged once at its start and once at its end
         self.interrupted: str | None = None  # recovering a dead agent's stream: why (told to the collector)
         self.pinned = pinned                 # the trace's kernel counters on bpffs (vnet/agent/counters.py)
         self.clsact = clsact or []           # its clsact filters: they outlive a killed agent (recover() removes them)
@@ -180,6 +183,9 @@ class Shipper:
         self = cls(saved["address"], key, saved["opening"], spool_dir=run_dir, memory_bytes=0,
                    spool_bytes=spool_bytes, recovering=True)
         for path in sorted(run_dir.glob("chunk-*")):
+            if path.suffix == ".tmp":  # half-written when that agent died: never resent
+                path.unlink(missing_ok=True)
+                continue
             try:
                 seq = int(path.name.removeprefix("chunk-"))
             except ValueError:
@@ -213,11 +219,13 @@ class Shipper:
             return not self._queue and self.interrupted is None
 
     # -- producer side ------------------------------------------------------------------------------
-    def put(self, kind: str, records=None, **fields) -> int:
+    def put(self, kind: str, records=None, *, keep: bool = False, **fields) -> int:
         """Queue a chunk; returns its sequence number. `records` (an events chunk's ring
         batch, any buffer) is copied once, here, and shipped raw beside the chunk's head:
         the collector writes it to the trace file as the chunk's last field, "records".
-        An events chunk's "count" is what it costs if it is lost."""
+        An events chunk's "count" is what it costs if it is lost. `keep`: held in memory
+        past its bound rather than dropped (a trace's last chunks: a few KiB, and without
+        them the collector's file would not say how the trace ended or what it lost)."""
         events = int(fields.get("count", 0)) if kind == "events" else 0
         with self._cond:
             seq = self._next_seq
@@ -226,18 +234,16 @@ class Shipper:
             blob = bytes(records) if records is not None else None
             size = len(msgpack.packb(head, use_bin_type=True)) + (len(blob) if blob is not None else 0)
             entry = _Entry(seq, events, size=size)
-            if self._in_memory + size <= self.memory_bytes:
+            if self._in_memory + size <= self.memory_bytes or keep and blob is None and size <= 1 << 20:
                 entry.head, entry.blob = head, blob
                 self._in_memory += size
                 self._high = max(self._high, self._in_memory)
-            elif self._on_disk + size <= self.spool_bytes and self._spilled(entry, head, blob):
+            elif (why := self._spool(entry, head, blob)) is None:
                 self._on_disk += size
                 self.stats.spooled += 1
+                self.stats.spool_full = ""
             else:
-                self.stats.dropped_chunks += 1
-                self.stats.dropped_events += events
-                log.error("spool full (%d bytes, or its disk): chunk %d with %d events dropped", self.spool_bytes,
-                          seq, events)
+                self._dropped(seq, events, why)
                 # The collector must not wait for it: a marker says what is gone.
                 head = {"kind": "dropped", "seq": seq, "events": events}
                 entry = _Entry(seq, 0, head=head, size=64)
@@ -294,15 +300,29 @@ class Shipper:
                     log.error("cannot keep chunk %d in %s: %s", e.seq, self.spool_dir, err)
                     break
 
-    def _spilled(self, e: _Entry, head: dict, blob) -> bool:
-        """Whether the chunk went to the spool; its disk full or failing counts as the spool full."""
+    def _spool(self, e: _Entry, head: dict, blob) -> str | None:
+        """The chunk to the spool (under self._cond): None, or why it could not go there. Its
+        disk full (ENOSPC before the --spool-mb bound) or failing counts as the spool full."""
+        if self._on_disk + e.size > self.spool_bytes:
+            return f"its bound of {self.spool_bytes >> 20} MiB (--spool-mb) reached"
         e.head, e.blob = head, blob
         try:
             self._spill(e)
-            return True
+            return None
         except OSError as err:
-            log.error("cannot spool chunk %d to %s: %s", e.seq, self.spool_dir, err)
-            return False
+            e.head = e.blob = None
+            return f"cannot write {self.spool_dir}: {err.strerror or err}"
+
+    def _dropped(self, seq: int, events: int, why: str) -> None:
+        """A chunk the spool could not take: counted; said once per episode (until the queue
+        has drained), not per chunk: a full disk refuses every chunk for as long as it lasts."""
+        self.stats.dropped_chunks += 1
+        self.stats.dropped_events += events
+        self.stats.spool_full = why
+        if self._dropping is None:
+            self._dropping = (self.stats.dropped_chunks - 1, self.stats.dropped_events - events)
+            log.error("spool full (%s): from chunk %d on, what neither the memory queue nor the spool can hold "
+                      "is dropped and its events counted lost (agent_spool_full)", why, seq)
 
     def _spill(self, e: _Entry) -> None:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -318,7 +338,8 @@ class Shipper:
         e.path, e.head, e.blob = path, None, None
 
     def _remove_spool(self) -> None:
-        for p in (self.spool_dir / OPEN_FILE, self.spool_dir / f"{OPEN_FILE}.tmp"):
+        # a .tmp is a write that failed half-way (disk full) or an agent killed during one: never a chunk
+        for p in [self.spool_dir / OPEN_FILE, self.spool_dir / f"{OPEN_FILE}.tmp", *self.spool_dir.glob("*.tmp")]:
             p.unlink(missing_ok=True)
         try:
             self.spool_dir.rmdir()  # empty by now; a folder someone put other files in stays
@@ -348,6 +369,12 @@ class Shipper:
                     self._in_memory -= e.size
             self.stats.queued = len(self._queue)
             self._cond.notify_all()
+            if not self._queue and self._dropping is not None:
+                chunks, events = self._dropping
+                log.warning("collector %s has everything queued again; %d chunks (%d events) were dropped while "
+                            "the spool was full", self.address, self.stats.dropped_chunks - chunks,
+                            self.stats.dropped_events - events)
+                self._dropping = None
             trim = not self._queue and self._high >= TRIM_AFTER_BYTES
             if trim:
                 self._high = 0

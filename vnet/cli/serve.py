@@ -33,12 +33,15 @@ def agent(
                                  "dropped and their events reported lost."),
     pin_dir: Optional[Path] = typer.Option(None, "--pin-dir", help="A folder on bpffs where each trace's kernel "
                                            "counters outlive a killed agent (default /sys/fs/bpf/vnet)."),
+    orphan_grace: float = typer.Option(60.0, "--orphan-grace", min=0, max=86400, metavar="SECONDS",
+                                       help="A trace whose dispatcher is cut off (not one that exits) runs on this "
+                                       "long for it to come back and resume it, then stops; 0: stop at once."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True),
 ):
     """Serve dispatchers: run the traces they start, ship raw events to the collector."""
     if ctx.invoked_subcommand is not None:
         return
-    _run_agent(listen, key, allow_remote, spool, host, queue_mb, spool_mb, verbose, pin_dir)
+    _run_agent(listen, key, allow_remote, spool, host, queue_mb, spool_mb, verbose, pin_dir, orphan_grace)
 
 
 @agent_app.command("init")
@@ -103,6 +106,7 @@ def dispatch(
     hosts = [HostRun(h.name, h.agent, packages[h.name]) for h in spec.hosts]
     key_path = key or (Path(spec.collector.key) if spec.collector.key else DEFAULT_KEY)
     d = Dispatcher(hosts, load_key(key_path), strict=strict or spec.strict)
+    d.verbose = bool(verbose)
     if not verbose:
         d.hold()  # said once every host traces; a run that fails before prints its error only
     d.say(f"vnet: trace {spec.name}: {len(hosts)} hosts, collector {spec.collector.address}")

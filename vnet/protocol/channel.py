@@ -37,6 +37,7 @@ private network or a tunnel where that matters).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -98,10 +99,16 @@ class RemoteError(ProtocolError):
             self.exit_code = exit_code
 
 
+class PeerClosed(ConnectionError):
+    """The peer closed the connection in order (end of stream): its process ended or let go of
+    us. Never a network cut, which ends in silence, a timeout or a reset."""
+
+
 class PeerUnreachableError(VnetError):
     """Nothing answers at the address (not running, wrong address, network cut)."""
 
     exit_code = 12
+    errno: int | None = None   # the connect's, when that is what failed
 
 
 # -- keys --------------------------------------------------------------------------------------------
@@ -323,7 +330,7 @@ class Channel:
         while got < n:
             k = self.sock.recv_into(view[got:], n - got)
             if not k:
-                raise ConnectionError(f"{self.peer} closed the connection")
+                raise PeerClosed(f"{self.peer} closed the connection")
             got += k
 
     def _recv_exact(self, n: int) -> bytes:
@@ -425,9 +432,29 @@ class Channel:
             raise ProtocolError(f"unexpected {msg['type']!r} from {self.peer} (expected {', '.join(expect)})")
         return msg
 
-    def request(self, msg: dict, expect: tuple[str, ...]) -> dict:
-        self.send(msg)
-        return self.recv(expect)
+    def request(self, msg: dict, expect: tuple[str, ...], timeout: float | None = None) -> dict:
+        """Send, and the reply. `timeout`: for this exchange instead of the socket's own; one
+        that expires may leave a frame half read: the channel is then to be closed."""
+        if timeout is None:
+            self.send(msg)
+            return self.recv(expect)
+        before = self.sock.gettimeout()
+        self.sock.settimeout(timeout)
+        try:
+            self.send(msg)
+            return self.recv(expect)
+        finally:
+            with contextlib.suppress(OSError):  # closed meanwhile
+                self.sock.settimeout(before)
+
+    def abort(self) -> None:
+        """Close with a reset, not an orderly end: a peer cut off from us must not take the FIN
+        that TCP would deliver once the line is back for our process having ended."""
+        if not self.closed:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.closed = True
+            self.sock.close()
 
     def close(self) -> None:
         if not self.closed:
@@ -489,8 +516,10 @@ def connect(address: str, key: bytes, role: str, limit: int = MAX_CONTROL_BYTES,
         sock.connect(sockaddr)
     except OSError as e:
         sock.close()
-        raise PeerUnreachableError(f"cannot connect to {address}: {e.strerror or e}",
-                                   hint=f"is a vnet {role} listening there?") from None
+        err = PeerUnreachableError(f"cannot connect to {address}: {e.strerror or e}",
+                                   hint=f"is a vnet {role} listening there?")
+        err.errno = e.errno  # refused (nothing listens) is not the same as no answer (a cut line)
+        raise err from None
     ch = Channel(sock, address, limit)
     try:
         msg = ch.recv(("challenge",), limit=HANDSHAKE_BYTES)
