@@ -327,11 +327,12 @@ class VnetProcess:
 EVENT_KEYS = {"ts_ns", "probe", "ifname", "ifindex", "dir", "len", "proto", "src", "dst", "sport", "dport", "pkt_id"}
 
 
-def start_agent(ns: str, sock: Path, key: Path, spool: Path, host: str, *extra: str) -> "VnetProcess":
-    """A real `vnet agent` in netns `ns` on a unix socket, once it listens."""
+def start_agent(ns: str, sock: Path, key: Path, spool: Path, host: str, *extra: str,
+                env: dict[str, str] | None = None) -> "VnetProcess":
+    """A real `vnet agent` in netns `ns` on a unix socket, once it listens (`env`: added to ours)."""
     argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "vnet", "agent", "--listen", f"unix:{sock}",
             "--key", str(key), "--spool", str(spool), "--host", host, *extra]
-    p = VnetProcess(argv=argv)
+    p = VnetProcess(argv=argv, env={**os.environ, **env} if env else None)
     p.wait_stderr("agent listening on", timeout=20)
     return p
 

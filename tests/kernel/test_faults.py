@@ -21,8 +21,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from kernel_support import (VnetProcess, assert_nothing_on, new_orphans, start_agent, start_collector, tc_filters,
-                            udp_stream, veth_pair, vnet_snapshot, wait_until)
+from kernel_support import (VnetProcess, assert_nothing_on, has_clsact, new_orphans, start_agent, start_collector,
+                            tc_filters, udp_stream, veth_pair, vnet_snapshot, wait_until)
 from vnet.collector.tracefile import TraceFileReader
 from vnet.protocol import connect, load_key, new_key
 from vnet.topology import send_udp
@@ -491,6 +491,55 @@ def test_agent_sigkilled_and_restarted_resends_its_spool_and_the_interruption_is
 
 
 KILL_PORT = 5417  # this test's own traffic (its filter names the pair's address too)
+
+
+def test_a_restarted_agent_removes_the_clsact_filters_its_killed_predecessor_left(tmp_path):
+    """Kernels without tcx (VNET_WITHOUT=tcx: the clsact filters Linux < 6.6 gets): a clsact
+    filter is no link, so it outlives its agent's SIGKILL and goes on running. The agent
+    restarted on that spool removes it, and the clsact qdisc the dead one made, then resends
+    what was spooled and has the interruption recorded; a trace afterwards attaches anew."""
+    key = new_key(tmp_path / "key")
+    sock, csock, out, spool = tmp_path / "a.sock", f"unix:{tmp_path}/col.sock", tmp_path / "out", tmp_path / "spool"
+    older = {"VNET_WITHOUT": "tcx"}
+    with veth_pair(59) as net:
+        before = vnet_snapshot()
+        col = start_collector(csock, key, out)
+        agent = start_agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "0", env=older)
+        d = None
+        try:
+            spec = _spec(tmp_path / "spec.toml", net, sock, csock, key, "clsact")
+            d = _dispatch(spec)
+            assert len(tc_filters(net.ns1, net.if1, "egress")) == 1  # a clsact filter (a tcx link is not listed)
+            with udp_stream(net.ns1, net.ip2, PORT, interval=0.01):
+                assert wait_until(lambda: _agent_status(sock, key)["shipper"]["acked"] >= 1, 15)
+                col.signal(signal.SIGKILL)  # the collector away: chunks go to the spool
+                col.wait(timeout=10)
+                time.sleep(1)
+            agent.signal(signal.SIGKILL)
+            assert agent.wait(timeout=10) == -signal.SIGKILL
+            assert d.wait(timeout=30) == 13
+            left = tc_filters(net.ns1, net.if1, "egress")
+            assert len(left) == 1 and has_clsact(net.ns1, net.if1), "the filter did not outlive the kill"
+
+            agent = start_agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "0", env=older)
+            assert agent.wait_stderr("removed the clsact filter the killed agent left", timeout=10)
+            assert_nothing_on(net.ns1, net.if1)
+            col = start_collector(csock, key, out)
+            assert wait_until(lambda: _agent_status(sock, key)["background"] == [], timeout=30, interval=0.3)
+            chunks = _read(out, "clsact")[1]
+            assert [c["kind"] for c in chunks if c["kind"] in ("interrupted", "end")] == ["interrupted"]
+            leftover = new_orphans(before)
+            assert not leftover.progs and not leftover.links, leftover
+
+            d = _dispatch(spec)  # the restarted agent traces the interface anew
+            assert len(tc_filters(net.ns1, net.if1, "egress")) == 1
+            _stop_dispatch(d)
+        finally:
+            if d is not None:
+                d.close()
+            agent.close()
+            col.close()
+        assert_nothing_on(net.ns1, net.if1)
 
 
 @contextlib.contextmanager
