@@ -37,7 +37,7 @@ def run(test_one, seeds: list[bytes], default_max_len: int = 4096) -> None:
 def read_everything(path) -> None:
     """What every reader of a trace file does, as the fuzzers and tests/unit/test_fuzz_tracefile.py
     exercise it: open it, every chunk (plain and mapped), the side-chunk scan, every event
-    decoded. Only a UsageError may come out, and only when opening or from a header that
+    decoded, the chunks' event counts. Only a UsageError may come out, and only when opening or from a header that
     describes no decodable record layout; a reader that stopped early says why."""
     from vnet.collector.tracefile import TraceFileReader
     from vnet.errors import UsageError
@@ -53,6 +53,8 @@ def read_everything(path) -> None:
     if r.header is not None:
         for _ in r.scan(("clock",)):
             pass
+        for kind, seq, count in r.event_counts():  # what the loss accounting reads
+            assert kind in ("events", "dropped") and isinstance(seq, int) and isinstance(count, int)
         try:
             for ev in r.events():
                 assert isinstance(ev, dict)

@@ -361,6 +361,36 @@ def _fsync_dir(directory: Path) -> None:
 # -- reading --------------------------------------------------------------------------------------------
 
 
+_TORN = object()  # _whole(): the frame's checksum is wrong (the file is damaged from there on)
+
+
+def _frames(f) -> Iterator[tuple[int, int, int]]:
+    """(payload offset, length, crc) of each whole frame after the preamble, the file positioned
+    at the payload; ends at a torn or oversized frame."""
+    size = os.fstat(f.fileno()).st_size
+    offset = PREAMBLE.size
+    while offset + FRAME.size <= size:
+        f.seek(offset)
+        length, crc = FRAME.unpack(f.read(FRAME.size))
+        if length > MAX_CHUNK_BYTES or offset + FRAME.size + length > size:
+            return
+        yield offset + FRAME.size, length, crc
+        offset += FRAME.size + length
+
+
+def _whole(f, at: int, length: int, crc: int):
+    """A frame's payload read and decoded: the chunk, None when it is whole but no msgpack, or
+    _TORN when its checksum is wrong."""
+    f.seek(at)
+    payload = f.read(length)
+    if zlib.crc32(payload) != crc:
+        return _TORN
+    try:
+        return _unpack(payload)
+    except Exception:  # noqa: BLE001 - the frame is whole: stepped over
+        return None
+
+
 class TraceFileReader:
     """One trace file: .header, then its chunks. A torn or corrupt tail stops
     reading cleanly: after iterating, .truncated is set, .ignored_bytes says how
@@ -504,25 +534,13 @@ class TraceFileReader:
         if self.header is None:
             return
         with open(self.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            offset = f.seek(PREAMBLE.size)
-            while offset + FRAME.size <= size:
-                length, crc = FRAME.unpack(f.read(FRAME.size))
-                if length > MAX_CHUNK_BYTES or offset + FRAME.size + length > size:
-                    return
+            for at, length, crc in _frames(f):
                 kind = _peek_kind(f.read(min(length, 32)))
                 if kind is not None and kind not in wanted:
-                    offset = f.seek(offset + FRAME.size + length)
                     continue
-                f.seek(offset + FRAME.size)
-                payload = f.read(length)
-                offset += FRAME.size + length
-                if zlib.crc32(payload) != crc:
+                chunk = _whole(f, at, length, crc)
+                if chunk is _TORN:
                     return
-                try:
-                    chunk = _unpack(payload)
-                except Exception:  # noqa: BLE001 - the frame is whole: step over it
-                    continue
                 if isinstance(chunk, dict) and isinstance(chunk.get("kind"), str) and chunk["kind"] in wanted:
                     yield chunk
 
@@ -532,29 +550,14 @@ class TraceFileReader:
         if self.header is None:
             return
         with open(self.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            offset = f.seek(PREAMBLE.size)
-            while offset + FRAME.size <= size:
-                length, crc = FRAME.unpack(f.read(FRAME.size))
-                if length > MAX_CHUNK_BYTES or offset + FRAME.size + length > size:
-                    return
+            for at, length, crc in _frames(f):
                 head = _peek_head(f.read(min(length, 64)))
-                if head is None or head[0] == "events" and head[2] is None:  # not said early: read it whole
-                    f.seek(offset + FRAME.size)
-                    payload = f.read(length)
-                    if zlib.crc32(payload) != crc:
+                if head is None or head[0] == "events" and head[2] is None or head[0] == "dropped":
+                    c = _whole(f, at, length, crc)  # not said early (or a marker, small): read it whole
+                    if c is _TORN:
                         return
-                    try:
-                        c = _unpack(payload)
-                        head = (c.get("kind"), c.get("seq"), c.get("count") if c.get("kind") == "events"
-                                else c.get("events"))
-                    except Exception:  # noqa: BLE001 - whole but not a chunk: stepped over
-                        head = None
-                elif head[0] == "dropped":
-                    f.seek(offset + FRAME.size)
-                    c = _unpack(f.read(length))
-                    head = ("dropped", c.get("seq"), c.get("events"))
-                offset = f.seek(offset + FRAME.size + length)
+                    head = (c.get("kind"), c.get("seq"), c.get("count") if c.get("kind") == "events"
+                            else c.get("events")) if isinstance(c, dict) else None
                 if head is not None and head[0] in ("events", "dropped") and isinstance(head[1], int) \
                         and isinstance(head[2], int) and not isinstance(head[2], bool):
                     yield head
