@@ -161,6 +161,20 @@ def test_a_spool_write_that_fails_counts_as_the_spool_full(tmp_path, caplog):
         shipper.close()
 
 
+def _recover_and_deliver(run_dir) -> None:
+    """What the next agent start does with a dead agent's spool folder: resend it all, have
+    the interruption recorded; then the folder goes."""
+    from vnet.agent.shipper import Shipper
+
+    again = Shipper.recover(run_dir, KEY)
+    deadline = time.monotonic() + 20
+    while not again.done and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert again.done
+    again.close()
+    assert not run_dir.exists()  # delivered: the folder goes
+
+
 def test_a_half_written_spool_file_is_never_resent(tmp_path, collector):
     """A chunk's .tmp (an agent killed during a spool write) is not a chunk: the next agent
     deletes it and sends only the whole ones."""
@@ -174,13 +188,7 @@ def test_a_half_written_spool_file_is_never_resent(tmp_path, collector):
     dead._thread.join(timeout=5)
     dead.put("events", count=1, records=b"a" * 50)
     (run_dir / "chunk-000000000001.tmp").write_bytes(b"\0\0\0\x09half")
-    again = Shipper.recover(run_dir, KEY)
-    deadline = time.monotonic() + 20
-    while not again.done and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert again.done
-    again.close()
-    assert not run_dir.exists()
+    _recover_and_deliver(run_dir)
     assert [k for k in _kinds(out / "t" / "h.vnt") if k[0] != "clock"] == [("header", -1), ("events", 0),
                                                                             ("interrupted", 0)]
 
@@ -200,13 +208,7 @@ def test_a_dead_agents_spool_is_resent_and_the_interruption_recorded(tmp_path, c
     saved["address"] = address  # the collector it was shipping to
     (run_dir / "open").write_bytes(msgpack.packb(saved, use_bin_type=True))
 
-    again = Shipper.recover(run_dir, KEY)
-    deadline = time.monotonic() + 20
-    while not again.done and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert again.done
-    again.close()
-    assert not run_dir.exists()  # delivered: the folder goes
+    _recover_and_deliver(run_dir)
     kinds = [k for k in _kinds(out / "t" / "h.vnt") if k[0] != "clock"]
     assert kinds == [("header", -1), ("events", 0), ("events", 1), ("events", 2), ("interrupted", 2)]
 
