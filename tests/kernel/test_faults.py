@@ -81,6 +81,14 @@ def _agent_status(sock: Path, key: Path) -> dict:
         ch.close()
 
 
+def _close_all(*things) -> None:
+    """The test's dispatcher, agent, collector (or channel): each closed (killed if still
+    running), those never started (None) skipped."""
+    for thing in things:
+        if thing is not None:
+            thing.close()
+
+
 def _files(out: Path, trace: str, host: str = "h1") -> list[Path]:
     return sorted((out / trace).glob(f"{host}.vnt*"))
 
@@ -108,6 +116,21 @@ def _assert_continuous(chunks: list[dict]) -> None:
 
 
 @contextlib.contextmanager
+def _assert_every_packet_in_the_files_once(summary: dict, out: Path, trace: str, sent: int) -> list[dict]:
+    """Nothing lost at any stage: each of the `sent` packets is in h1's files once, and its
+    chunks follow each other without a gap. The chunks."""
+    h1 = summary["hosts"]["h1"]
+    assert summary["losses"] == {"kernel_ring_full": 0, "agent_unread": 0, "agent_spool_full": 0,
+                                 "undelivered_chunks": 0, "undelivered_events": 0}, summary["losses"]
+    events, chunks, readers = _read(out, trace)
+    assert not any(r.truncated for r in readers)
+    _assert_continuous(chunks)
+    mine = _ours(events)
+    assert len(mine) == sent == h1["read"] == h1["kernel"]["emitted"], (len(mine), sent, h1)
+    assert len({e["pkt_id"] for e in mine}) == len(mine)  # nothing written twice
+    return chunks
+
+
 def _blackhole(ns: str, ifname: str):
     """Every packet in and out of ns/ifname dropped without a word (no RST, no ICMP, the
     link stays up): a tcx program returning TC_ACT_SHOT on both sides. tc's own classifiers
@@ -137,17 +160,25 @@ def _blackhole(ns: str, ifname: str):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _second_line(tmp_path: Path, subnet: int, name: str, prefix: str):
+    """A veth pair ns1 <-> ns2 (the traced traffic) and a second line from ns1/ifC (PREFIX.1) to
+    the namespace `name`/ifD (PREFIX.2), the one a test cuts: (net, key, that ns, ifD, tmp_path)."""
+    key = new_key(tmp_path / "key")
+    with veth_pair(subnet) as net:
+        other = net.topo.add_netns(name)
+        ifc, ifd = net.topo.add_veth_pair("ifC", net.ns1, "ifD", other)
+        net.topo.add_address(ifc, net.ns1, f"{prefix}.1/24")
+        net.topo.add_address(ifd, other, f"{prefix}.2/24")
+        yield net, key, other, ifd, tmp_path
+
+
 @pytest.fixture
 def two_links(tmp_path):
     """ns1 (the agent; traffic to ns2 over ifA/ifB) and the collector's own namespace
     behind a second veth pair from ns1 (ifC/ifD): the cut is on that line only."""
-    key = new_key(tmp_path / "key")
-    with veth_pair(93) as net:
-        nsc = net.topo.add_netns("c")
-        ifc, ifd = net.topo.add_veth_pair("ifC", net.ns1, "ifD", nsc)
-        net.topo.add_address(ifc, net.ns1, "10.198.93.1/24")
-        net.topo.add_address(ifd, nsc, "10.198.93.2/24")
-        yield net, key, nsc, ifd, tmp_path
+    with _second_line(tmp_path, 93, "c", "10.198.93") as rig:
+        yield rig
 
 
 # -- 1. the line cut for 30 s ------------------------------------------------------------------------------
@@ -183,23 +214,13 @@ def test_line_to_the_collector_cut_for_30_s_loses_nothing(two_links):
             time.sleep(1)  # and on as before
         summary = _stop_dispatch(d)
     finally:
-        if d is not None:
-            d.close()
-        agent.close()
-        col.close()
+        _close_all(d, agent, col)
     h1 = summary["hosts"]["h1"]
     assert queued_at_end > during["queued"] > 0  # the queue grew while the line was cut ...
     assert h1["shipper"]["reconnects"] >= 2 and h1["shipper"]["queued"] == 0  # ... and drained after
-    assert summary["losses"] == {"kernel_ring_full": 0, "agent_unread": 0, "agent_spool_full": 0,
-                                 "undelivered_chunks": 0, "undelivered_events": 0}, summary["losses"]
-    events, chunks, readers = _read(tmp / "out", "cut")
-    assert not any(r.truncated for r in readers)
-    _assert_continuous(chunks)
-    mine = _ours(events)
-    assert len(mine) == sent[0] == h1["read"] == h1["kernel"]["emitted"], (len(mine), sent[0], h1)
-    assert len({e["pkt_id"] for e in mine}) == len(mine)  # nothing written twice
+    chunks = _assert_every_packet_in_the_files_once(summary, tmp / "out", "cut", sent[0])
     end = [c for c in chunks if c["kind"] == "end"]
-    assert len(end) == 1 and end[0]["events"] == len(events)
+    assert len(end) == 1 and end[0]["events"] == len(_read(tmp / "out", "cut")[0])  # its count: every event
 
 
 # -- 2. the collector's disk full ---------------------------------------------------------------------------
@@ -234,8 +255,7 @@ def one_host(tmp_path):
         try:
             yield net, key, col, agent, out, tmp_path
         finally:
-            agent.close()
-            col.close()
+            _close_all(agent, col)
 
 
 def _fill_and_wait_refused(out: Path, sock: Path, key: Path) -> tuple[Path, dict]:
@@ -382,10 +402,7 @@ def test_agent_spool_disk_full_counts_every_drop_and_delivers_the_rest(tmp_path)
                 time.sleep(1)
             summary = _stop_dispatch(d)
         finally:
-            if d is not None:
-                d.close()
-            agent.close()
-            col.close()
+            _close_all(d, agent, col)
         h1 = summary["hosts"]["h1"]
         dropped = h1["losses"]["agent_spool_full"]
         print(f"spool full: {dropped} of {sent[0]} events dropped in {h1['shipper']['dropped_chunks']} chunks; "
@@ -471,10 +488,7 @@ def test_agent_sigkilled_and_restarted_resends_its_spool_and_the_interruption_is
                 time.sleep(2)
             summary = _stop_dispatch(d)
         finally:
-            if d is not None:
-                d.close()
-            agent.close()
-            col.close()
+            _close_all(d, agent, col)
         assert summary["losses"]["undelivered_events"] == 0 and summary["hosts"]["h1"]["read"] == sent[0]
         files = _files(out, "killed")
         runs = {TraceFileReader(p).header["run"] for p in files}
@@ -535,10 +549,7 @@ def test_a_restarted_agent_removes_the_clsact_filters_its_killed_predecessor_lef
             assert len(tc_filters(net.ns1, net.if1, "egress")) == 1
             _stop_dispatch(d)
         finally:
-            if d is not None:
-                d.close()
-            agent.close()
-            col.close()
+            _close_all(d, agent, col)
         assert_nothing_on(net.ns1, net.if1)
 
 
@@ -632,10 +643,7 @@ direction = "egress"
             assert not list(spool.rglob("chunk-*")) and not list(spool.rglob("open"))
             assert list(pin_dir.iterdir()) == []  # the pin went once the collector had its counters
         finally:
-            if d is not None:
-                d.close()
-            agent.close()
-            col.close()
+            _close_all(d, agent, col)
 
         files = _files(out, "killed.flowing")
         events, chunks, readers = _read(out, "killed.flowing")
@@ -749,9 +757,7 @@ def test_agent_trace_failing_midway_leaves_nothing_attached_and_serves_on(tmp_pa
             assert ok and failures, "\n".join(failures)
             assert any("skb_trace" in m or "ring buffer" in m or "share map" in m for m in failures), failures
         finally:
-            ch.close()
-            agent.close()
-            col.close()
+            _close_all(ch, agent, col)
         _nothing_left(net, before)
 
 
@@ -765,13 +771,8 @@ def control_line(tmp_path):
     """The agent in ns1 on TCP, reached by the dispatcher from its own namespace over a second
     veth pair (ns1/ifC <-> d/ifD): the cut is on that line only. The collector is on a unix
     socket, a path no cut touches; the traced traffic runs on ifA/ifB."""
-    key = new_key(tmp_path / "key")
-    with veth_pair(58) as net:
-        nsd = net.topo.add_netns("d")
-        ifc, ifd = net.topo.add_veth_pair("ifC", net.ns1, "ifD", nsd)
-        net.topo.add_address(ifc, net.ns1, "10.197.58.1/24")
-        net.topo.add_address(ifd, nsd, "10.197.58.2/24")
-        yield net, key, nsd, ifd, tmp_path
+    with _second_line(tmp_path, 58, "d", "10.197.58") as rig:
+        yield rig
 
 
 def _start_tcp_agent(ns: str, key: Path, spool: Path, *extra: str) -> VnetProcess:
@@ -832,22 +833,12 @@ def test_line_to_the_agent_cut_for_30_s_the_trace_runs_on_and_is_resumed(control
               f"{agent_noticed:.1f} s; resumed {resumed:.1f} s after the line came back ({back})")
         summary = _stop_dispatch(d)
     finally:
-        if d is not None:
-            d.close()
-        agent.close()
-        col.close()
+        _close_all(d, agent, col)
     assert not [ln for ln in d.stderr if "agent lost" in ln or "Traceback" in ln], d.stderr
     assert [ln for ln in agent.stderr if "resumed trace ctlcut" in ln], agent.stderr
     h1 = summary["hosts"]["h1"]
     assert summary["failed"] == {} and h1["delivered"]
-    assert summary["losses"] == {"kernel_ring_full": 0, "agent_unread": 0, "agent_spool_full": 0,
-                                 "undelivered_chunks": 0, "undelivered_events": 0}, summary["losses"]
-    events, chunks, readers = _read(tmp / "out", "ctlcut")
-    assert not any(r.truncated for r in readers)
-    _assert_continuous(chunks)
-    mine = _ours(events)
-    assert len(mine) == sent[0] == h1["read"] == h1["kernel"]["emitted"], (len(mine), sent[0], h1)
-    assert len({e["pkt_id"] for e in mine}) == len(mine)
+    chunks = _assert_every_packet_in_the_files_once(summary, tmp / "out", "ctlcut", sent[0])
     assert [c for c in chunks if c["kind"] == "end"]
     left = new_orphans(before)
     assert not left.progs and not left.links, f"left attached: {left}"
@@ -878,10 +869,7 @@ def test_line_to_the_agent_cut_past_its_grace_the_agent_stops_the_trace_itself(c
                 gave_up = time.monotonic() - cut_at
                 assert time.monotonic() - cut_at < 40
     finally:
-        if d is not None:
-            d.close()
-        agent.close()
-        col.close()
+        _close_all(d, agent, col)
     print(f"cut past a 5 s grace: the agent stopped the trace {stopped:.1f} s after the cut, the dispatcher gave "
           f"the host up after {gave_up:.1f} s")
     assert stopped <= 5 + 5 + 3  # heartbeat + grace + its watch and the stop
@@ -929,10 +917,7 @@ def test_a_dispatcher_killed_is_not_a_cut_its_trace_stops_at_once(control_line):
         d = _dispatch(spec, ns=nsd)  # the agent serves on
         summary = _stop_dispatch(d)
     finally:
-        if d is not None:
-            d.close()
-        agent.close()
-        col.close()
+        _close_all(d, agent, col)
     print(f"dispatcher SIGKILLed: its trace stopped {stopped:.1f} s later")
     assert summary["failed"] == {} and summary["hosts"]["h1"]["delivered"]
     end = [c for c in _read(tmp / "out", "killeddispatcher")[1] if c["kind"] == "end"]
