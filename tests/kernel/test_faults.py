@@ -115,7 +115,6 @@ def _assert_continuous(chunks: list[dict]) -> None:
     assert not [c for c in chunks if c["kind"] == "gap"]
 
 
-@contextlib.contextmanager
 def _assert_every_packet_in_the_files_once(summary: dict, out: Path, trace: str, sent: int) -> list[dict]:
     """Nothing lost at any stage: each of the `sent` packets is in h1's files once, and its
     chunks follow each other without a gap. The chunks."""
@@ -131,6 +130,7 @@ def _assert_every_packet_in_the_files_once(summary: dict, out: Path, trace: str,
     return chunks
 
 
+@contextlib.contextmanager
 def _blackhole(ns: str, ifname: str):
     """Every packet in and out of ns/ifname dropped without a word (no RST, no ICMP, the
     link stays up): a tcx program returning TC_ACT_SHOT on both sides. tc's own classifiers
