@@ -136,17 +136,22 @@ class TcFilterLink(Link):
             self._detach_here()
 
     def _detach_here(self) -> None:
-        hook = ffi.new("struct bpf_tc_hook *", {"sz": ffi.sizeof("struct bpf_tc_hook"), "ifindex": self.ifindex,
-                                                 "attach_point": self.point})
-        opts = ffi.new("struct bpf_tc_opts *", {"sz": ffi.sizeof("struct bpf_tc_opts"), "handle": VNET_TC_HANDLE,
-                                                 "priority": VNET_TC_PRIORITY})
-        # The handle is shared by every vnet: remove the filter only while it still runs our program.
-        if lib().bpf_tc_query(hook, opts) == 0 and opts.prog_id == self.prog_id:
-            opts.prog_id = 0
-            opts.flags = 0
-            opts.prog_fd = 0
-            lib().bpf_tc_detach(hook, opts)
+        _detach_filter(self.ifindex, self.point, self.prog_id)
         _Clsact.release(self.ifindex)
+
+
+def _detach_filter(ifindex: int, point: int, prog_id: int) -> bool:
+    """Remove vnet's filter at `point` of `ifindex` (this thread's netns) if it still runs
+    program `prog_id`: the handle is shared by every vnet, a newer one's filter stays.
+    Whether it was removed."""
+    hook = ffi.new("struct bpf_tc_hook *", {"sz": ffi.sizeof("struct bpf_tc_hook"), "ifindex": ifindex,
+                                             "attach_point": point})
+    opts = ffi.new("struct bpf_tc_opts *", {"sz": ffi.sizeof("struct bpf_tc_opts"), "handle": VNET_TC_HANDLE,
+                                             "priority": VNET_TC_PRIORITY})
+    if lib().bpf_tc_query(hook, opts) != 0 or opts.prog_id != prog_id:
+        return False
+    opts.prog_id = opts.flags = opts.prog_fd = 0
+    return lib().bpf_tc_detach(hook, opts) == 0
 
 
 def remove_left_tc_filter(ifindex: int, point: int, prog_id: int, netns: str | None, qdisc: bool) -> bool:
@@ -154,18 +159,12 @@ def remove_left_tc_filter(ifindex: int, point: int, prog_id: int, netns: str | N
     process): removed if it still runs that program (prog_id; a newer vnet's is left),
     and the clsact qdisc too when that vnet had created it and no filter is left on it.
     Whether the filter was there."""
-    removed = False
     with _netns.enter(netns):
-        hook = ffi.new("struct bpf_tc_hook *", {"sz": ffi.sizeof("struct bpf_tc_hook"), "ifindex": ifindex,
-                                                 "attach_point": point})
-        opts = ffi.new("struct bpf_tc_opts *", {"sz": ffi.sizeof("struct bpf_tc_opts"), "handle": VNET_TC_HANDLE,
-                                                 "priority": VNET_TC_PRIORITY})
-        if lib().bpf_tc_query(hook, opts) == 0 and opts.prog_id == prog_id:
-            opts.prog_id = opts.flags = opts.prog_fd = 0
-            removed = lib().bpf_tc_detach(hook, opts) == 0
+        removed = _detach_filter(ifindex, point, prog_id)
         if qdisc and not _tc_filters_on(ifindex):
-            hook.attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS
-            lib().bpf_tc_hook_destroy(hook)
+            lib().bpf_tc_hook_destroy(ffi.new("struct bpf_tc_hook *", {
+                "sz": ffi.sizeof("struct bpf_tc_hook"), "ifindex": ifindex,
+                "attach_point": BPF_TC_INGRESS | BPF_TC_EGRESS}))
     return removed
 
 
