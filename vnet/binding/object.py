@@ -492,6 +492,32 @@ class PinnedMap:
         if fd < 0:
             raise bpf_error("open pinned map", fd, self.path)
         self.fd = fd
+        self.name = os.path.basename(self.path)
+        self._facts: dict[str, int] | None = None
+
+    def _fact(self, name: str) -> int:
+        """One of the kernel's facts about the map, from its fd's fdinfo (map_type, max_entries,
+        ...): text the kernel writes, so no struct layout is copied here."""
+        if self._facts is None:
+            facts = {}
+            with open(f"/proc/self/fdinfo/{self.fd}") as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    if v.strip().isdigit():
+                        facts[k.strip()] = int(v)
+            self._facts = facts
+        try:
+            return self._facts[name]
+        except KeyError:
+            raise BpfError("read fdinfo of", errno.EINVAL, f"pinned map {self.path} (no {name})") from None
+
+    @property
+    def type(self) -> int:
+        return self._fact("map_type")
+
+    @property
+    def max_entries(self) -> int:
+        return self._fact("max_entries")
 
     def lookup_per_cpu(self, key: bytes, value_size: int) -> list[bytes] | None:
         """A per-CPU map's values for key, one per possible CPU (None: no such key)."""

@@ -209,7 +209,8 @@ class RingBatchReader:
             mapping = _Mapping(ring_map.fd, size)
         except OSError as e:
             raise bpf_error("mmap ring buffer", e.errno or errno.EINVAL, f"map {ring_map.name}") from None
-        self._m = ring_map._obj._own(mapping)
+        owner = getattr(ring_map, "_obj", None)  # a PinnedMap has no object: the reader owns the mapping
+        self._m = owner._own(mapping) if owner is not None else mapping
         weakref.finalize(self, mapping.close)
         # Releasing and re-taking a held lock orders the memory accesses before it
         # against those after it (release, then acquire): what the ring protocol
@@ -314,6 +315,19 @@ class RingBatchReader:
         self._peeked = None
         self._fence()  # the records' bytes were read before the producer may reuse their space
         m.cons_pos[0] = cons + pos
+
+    def skip_to(self, position: int) -> int:
+        """Move the consumer position forward to `position` (records already taken out, by a
+        reader that died before it said so: Shipper.recover); never back, nor past the producer.
+        Returns the bytes skipped."""
+        m = self._live()
+        if self._peeked is not None:
+            raise UsageError(f"ring buffer {self.map.name}: skip_to() between peek() and consume()")
+        cons, prod = m.cons_pos[0], m.prod_pos[0]
+        target = min(max(cons, position), prod)
+        self._fence()
+        m.cons_pos[0] = target
+        return target - cons
 
     def wait(self, timeout_ms: int) -> bool:
         """Block until the kernel signals data or timeout_ms pass (-1: forever);
