@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -565,21 +568,51 @@ def _bpffs(path: Path):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def test_agent_sigkilled_while_events_flow_every_event_is_in_the_files_or_counted_with_its_stage(tmp_path):
+def _queue_the_rings_first_records(ring_path: str, qdir: Path, spool: Path, n: int) -> int:
+    """Make the dead agent's state that of a kill between queuing a chunk and giving its
+    ring space back: the first `n` records its ring holds, also as its next queued chunk
+    (the shipper's file format, with the ring position after them). Returns their count."""
+    from vnet.agent.shipper import _SPOOL_HEAD, LOCAL
+    from vnet.binding import PinnedMap
+    from vnet.binding.ringbatch import RingBatchReader
+
+    files = [*qdir.rglob("chunk-*"), *spool.rglob("chunk-*")]
+    seq = max(int(p.name.removeprefix("chunk-")) for p in files) + 1  # the collector was gone: all unacked
+    (run,) = {p.parent for p in qdir.rglob("chunk-*")}
+    with PinnedMap(ring_path) as ring:
+        reader = RingBatchReader(ring)
+        batch = reader.peek(max_records=n)
+        head = msgpack.packb({"kind": "events", "seq": seq, "count": batch.count,
+                              LOCAL: {"ring_end": reader.position + batch.nbytes}}, use_bin_type=True)
+        (run / f"chunk-{seq:012d}").write_bytes(_SPOOL_HEAD.pack(len(head)) + head + bytes(batch.data))
+        reader.close()  # not consumed: the ring still holds them
+    assert batch.count == n, batch
+    return batch.count
+
+
+@pytest.mark.parametrize("queue", ["tmpfs", "heap"])
+def test_agent_sigkilled_while_events_flow_every_event_is_in_the_files_or_counted_with_its_stage(tmp_path, queue):
     """kill -9 while packets flow, with events at every stage: delivered to the collector,
     queued in the agent's memory (the collector gone, --queue-mb 1), spooled to disk (past
-    that megabyte), in the ring unread (the agent stopped with SIGSTOP, then killed: the ring
-    overflows meanwhile). The kernel counters the agent pinned on bpffs freeze as it dies
-    (its tcx link goes with it); the restarted agent reads them, the collector writes them
-    into the `interrupted` chunk, the pin goes. Exactly: the events of that run in the
-    files + what died with the agent + the ring's losses = what the kernel emitted and lost
-    = the packets the filter kept (seen - filtered); `vnet analyze` prints the number."""
+    that megabyte), in the ring unread (the agent stopped with SIGSTOP, then killed).
+
+    tmpfs: the memory queue is files on tmpfs (--queue-dir, the default's kind) and the ring
+    is pinned on bpffs: the restarted agent sends the queued chunks and reads the ring out
+    from where the last queued chunk ended, so nothing is lost: the files hold every event
+    the kernel emitted, each once, and `vnet analyze` says nothing died.
+    heap: --queue-dir unusable, so the queue is the agent's heap: what it held dies, and is
+    counted exactly from the kernel counters the agent pinned (frozen as its tcx link went):
+    the files + what died = what the kernel emitted = the packets the filter kept."""
     from vnet.agent import counters
 
     key = new_key(tmp_path / "key")
     sock, csock, out, spool = tmp_path / "a.sock", f"unix:{tmp_path}/col.sock", tmp_path / "out", tmp_path / "spool"
+    qdir = Path(tempfile.mkdtemp(prefix="vnet-test-queue-", dir="/dev/shm")) if queue == "tmpfs" \
+        else Path("/proc/vnet-no-queue-here")
+    agent_args = ("--queue-mb", "1", "--queue-dir", str(qdir))
     with veth_pair(68) as net, _bpffs(tmp_path / "bpffs") as bpffs:
         pin_dir = bpffs / "vnet"
+        agent_args += ("--pin-dir", str(pin_dir))
         spec = tmp_path / "spec.toml"
         spec.write_text(f"""
 [trace]
@@ -602,13 +635,14 @@ direction = "egress"
 """)
         before = vnet_snapshot()
         col = start_collector(csock, key, out)
-        agent = start_agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "1", "--pin-dir", str(pin_dir))
+        agent = start_agent(net.ns1, sock, key, spool, "h1", *agent_args)
         d = None
         try:
             d = _dispatch(spec)
             (opening,) = spool.rglob("open")
             pinned = msgpack.unpackb(opening.read_bytes(), raw=False)["pinned"]
-            assert [str(p) for p in pin_dir.iterdir()] == [pinned["path"]] and pinned["hooks"] == ["tcx"]
+            assert sorted(str(p) for p in pin_dir.iterdir()) == sorted([pinned["path"], pinned["ring"]])
+            assert pinned["hooks"] == ["tcx"]
             with udp_stream(net.ns1, net.ip2, KILL_PORT, interval=0.01):  # flowing until after the kill
                 assert wait_until(lambda: _agent_status(sock, key)["shipper"]["acked"] >= 1, 15)
                 col.signal(signal.SIGKILL)  # from here on chunks queue: memory (1 MiB), then the spool
@@ -621,7 +655,7 @@ direction = "egress"
                 assert wait_until(spooling, 60, interval=0.05), "the agent's memory queue never filled"
                 last = _agent_status(sock, key)
                 agent.signal(signal.SIGSTOP)  # it reads nothing more: what comes stays in its ring
-                send_udp(net.ns1, net.ip2, KILL_PORT, count=4000)  # more than the ring holds: losses too
+                send_udp(net.ns1, net.ip2, KILL_PORT, count=600)  # fewer than the ring holds
                 time.sleep(0.5)
                 agent.signal(signal.SIGKILL)
                 assert agent.wait(timeout=10) == -signal.SIGKILL
@@ -635,15 +669,29 @@ direction = "egress"
             send_udp(net.ns1, net.ip2, KILL_PORT, count=100)
             assert counters.read(pinned)[0] == at_death  # frozen: nothing counts after the death
             emitted_after_stop = at_death["emitted"] - last["kernel"]["emitted"]
-            assert emitted_after_stop > 0 and at_death["lost"] > last["kernel"]["lost"], (last, at_death)
+            assert emitted_after_stop > 0 and at_death["lost"] == 0, (last, at_death)
+            by_hand = 0
+            if queue == "tmpfs":  # the memory queue's chunks outlived the agent
+                assert list(qdir.rglob("chunk-*")), "no queued chunk in the queue folder at the kill"
+                by_hand = _queue_the_rings_first_records(pinned["ring"], qdir, spool, 100)
 
-            agent = start_agent(net.ns1, sock, key, spool, "h1", "--queue-mb", "1", "--pin-dir", str(pin_dir))
+            agent = start_agent(net.ns1, sock, key, spool, "h1", *agent_args)
             col = start_collector(csock, key, out)
             assert wait_until(lambda: _agent_status(sock, key)["background"] == [], timeout=60, interval=0.3)
             assert not list(spool.rglob("chunk-*")) and not list(spool.rglob("open"))
-            assert list(pin_dir.iterdir()) == []  # the pin went once the collector had its counters
+            assert list(pin_dir.iterdir()) == []  # the pins went once the collector had the counters
+            if queue == "tmpfs":
+                assert not list(qdir.rglob("chunk-*"))
+            agent.close()
+            read_out = [ln for ln in agent.stderr if "the dead agent had left in its ring" in ln]
+            assert len(read_out) == 1, agent.stderr
+            from_ring = int(re.search(r"read (\d+) events", read_out[0]).group(1))
+            assert from_ring + by_hand >= emitted_after_stop, (read_out, by_hand, emitted_after_stop)
+            assert ("bytes it had queued already" in read_out[0]) == (queue == "tmpfs"), read_out
         finally:
             _close_all(d, agent, col)
+            if queue == "tmpfs":
+                shutil.rmtree(qdir, ignore_errors=True)
 
         files = _files(out, "killed.flowing")
         events, chunks, readers = _read(out, "killed.flowing")
@@ -654,23 +702,25 @@ direction = "egress"
         (interrupted,) = [c for c in chunks if c["kind"] == "interrupted"]
         assert interrupted["kernel"] == {**at_death, "frozen": True}, interrupted
         gaps = [c for c in chunks if c["kind"] == "gap"]
-        assert gaps, "the chunks in the dead agent's memory queue should show as a gap"
         died = at_death["emitted"] - written
         # every packet the filter kept: in the files, died with the agent, or lost to the full ring
         assert written + died + at_death["lost"] == at_death["seen"] - at_death["filtered"]
         assert at_death["seen"] - at_death["filtered"] == at_death["emitted"] + at_death["lost"]
-        # what died: at least everything emitted while it was stopped (still in its ring), and
-        # more (its memory queue, the gap)
-        assert died > emitted_after_stop > 0, (died, emitted_after_stop)
         an = subprocess.run([sys.executable, "-m", "vnet", "analyze", *map(str, files)], capture_output=True,
                             text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
         assert an.returncode == 0, an.stderr
         text = an.stdout + an.stderr
-        assert f"died with the killed agent: {died} events (read from the ring or queued in its memory); " \
-               f"kernel_ring_full {at_death['lost']}" in text, text
-        print(f"killed mid-flow: kernel seen {at_death['seen']}, filtered {at_death['filtered']}, emitted "
-              f"{at_death['emitted']}, lost {at_death['lost']}; in the files {written} ({len(readers)} segments, "
-              f"{len(gaps)} gap(s)), died with the agent {died} (>= {emitted_after_stop} in its ring)")
+        if queue == "tmpfs":  # nothing lost
+            assert died == 0 and not gaps, (died, gaps)
+            assert "nothing died with the killed agent" in text, text
+        else:  # the heap queue's chunks died with it (a gap), counted; the ring was read out
+            assert died > 0 and gaps, (died, gaps)
+            assert f"died with the killed agent: {died} events (read from the ring or queued in its memory); " \
+                   f"kernel_ring_full {at_death['lost']}" in text, text
+        print(f"killed mid-flow ({queue} queue): kernel seen {at_death['seen']}, filtered {at_death['filtered']}, "
+              f"emitted {at_death['emitted']}, lost {at_death['lost']}; in the files {written} ({len(readers)} "
+              f"segments, {len(gaps)} gap(s)), {from_ring} read out of its ring and {by_hand} queued from it ("
+              f"{emitted_after_stop} came while it was stopped), died with the agent {died}")
         assert_nothing_on(net.ns1, net.if1)
 
 

@@ -20,11 +20,11 @@ def runs(monkeypatch):
 def test_serving_options_and_defaults(runs):
     assert daemon.agent_fast(["agent"]) == 0
     assert runs[-1] == ("127.0.0.1:7878", Path("/etc/vnet/key"), False, Path("/var/lib/vnet/spool"), None, 64, 1024, 0,
-                        None, 60.0)
+                        None, 60.0, Path("/dev/shm/vnet"))
     assert daemon.agent_fast(["agent", "--listen", "unix:/x.sock", "--key", "/k", "--allow-remote", "--spool", "/s",
                               "--host", "h1", "--queue-mb", "0", "--spool-mb", "5", "-vv", "--pin-dir", "/p",
-                              "--orphan-grace", "5"]) == 0
-    assert runs[-1] == ("unix:/x.sock", Path("/k"), True, Path("/s"), "h1", 0, 5, 2, Path("/p"), 5.0)
+                              "--orphan-grace", "5", "--queue-dir", "/q"]) == 0
+    assert runs[-1] == ("unix:/x.sock", Path("/k"), True, Path("/s"), "h1", 0, 5, 2, Path("/p"), 5.0, Path("/q"))
 
 
 @pytest.mark.parametrize("argv", [["trace", "-i", "x"], ["agent", "init"], ["agent", "--help"], ["agent", "-h"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import shutil
 import signal
 import threading
 import time
@@ -211,6 +212,38 @@ def test_a_dead_agents_spool_is_resent_and_the_interruption_recorded(tmp_path, c
     _recover_and_deliver(run_dir)
     kinds = [k for k in _kinds(out / "t" / "h.vnt") if k[0] != "clock"]
     assert kinds == [("header", -1), ("events", 0), ("events", 1), ("events", 2), ("interrupted", 2)]
+
+
+def test_a_dead_agents_memory_queue_folder_is_resent_and_removed(tmp_path, collector):
+    """The memory queue as files (--queue-dir): what a killed shipper held in "memory" is
+    there for the next start, sent in order with what went to the spool past the bound, each
+    once (a chunk in both folders too); the chunks' ring positions stay local (never
+    shipped); both folders go."""
+    from vnet.agent.shipper import Shipper
+
+    col, address, out = collector
+    run_dir, queue = tmp_path / "spool" / "t" / "h" / "r1", tmp_path / "queue" / "t" / "h" / "r1"
+    dead = Shipper(f"unix:{tmp_path}/nobody.sock", KEY, {"trace": "t", "host": "h", "run": "r1", "header": {}},
+                   spool_dir=run_dir, memory_bytes=200, queue_dir=queue)
+    for i in range(5):  # ~90 bytes each: two in the queue folder, the rest spooled
+        dead.put("events", memoryview(bytes([i]) * 64), count=1, ring_end=64 * (i + 1))
+    dead._stop.set()  # as if killed: no close()
+    dead._thread.join(timeout=5)
+    assert sorted(p.name for p in queue.iterdir()) == ["chunk-000000000000", "chunk-000000000001"]
+    assert dead.stats.spooled == 3 and dead.stats.dropped_chunks == 0
+    # and killed while moving chunk 0 to the spool (stopping undelivered): both copies are there
+    shutil.copyfile(queue / "chunk-000000000000", run_dir / "chunk-000000000000")
+    saved = msgpack.unpackb((run_dir / "open").read_bytes(), raw=False)
+    assert saved["queue_dir"] == str(queue)
+    saved["address"] = address
+    (run_dir / "open").write_bytes(msgpack.packb(saved, use_bin_type=True))
+
+    _recover_and_deliver(run_dir)
+    assert not queue.exists()
+    r = TraceFileReader(out / "t" / "h.vnt")
+    events = [c for c in r.chunks() if c["kind"] == "events"]
+    assert [c["seq"] for c in events] == [0, 1, 2, 3, 4] and all("_local" not in c for c in events)
+    assert [bytes(c["records"]) for c in events] == [bytes([i]) * 64 for i in range(5)]
 
 
 def test_a_collector_that_cannot_create_the_file_says_why_and_leaves_none(tmp_path, collector):

@@ -11,7 +11,10 @@ Consumers (each a process of its own, whose CPU is what is measured):
            TraceFileWriter: what the CLI does)
   agent    a running `vnet agent` given a trace by a dispatcher (this script),
            shipping its chunks over loopback TCP to a running `vnet collect`,
-           which writes them to disk; delivered = acknowledged by the collector
+           which writes them to disk; delivered = acknowledged by the collector;
+           its memory queue is files on tmpfs (--queue-dir, the default)
+  agent-heap  the same with the memory queue in the agent's heap (what a kill
+           loses; the agent's queue before it outlived a kill): not by default
 
 The events: the real tc program of that consumer's trace (found through the file
 descriptors the process holds; for `c` the one loaded here), run by
@@ -367,6 +370,9 @@ class CConsumer:
         return Outcome(events, None, {"file_bytes": size})
 
 
+HEAP_QUEUE = "/proc/vnet-no-queue-folder"   # a --queue-dir that cannot be made: the agent queues in its heap
+
+
 def _vnet(code: Path, *args: str, bpf_dir: Path | None = None, **kw) -> subprocess.Popen:
     """`python -m vnet ARGS` with the vnet package of `code` (this tree or a worktree of --compare-to),
     loading the objects of `bpf_dir` (default: $VNET_BPF_DIR as use_objects() set it)."""
@@ -436,7 +442,7 @@ class AgentConsumer:
     each run is one trace the agent is given by this script (the dispatcher's requests)."""
 
     def __init__(self, iface: str, workdir: Path, code: Path = ROOT, label: str = "", bpf_dir: Path | None = None,
-                 queue_mb: int = 512):
+                 queue_mb: int = 512, agent_args: tuple[str, ...] = ()):
         from vnet.protocol import new_key
 
         self.name = "agent" + label
@@ -453,7 +459,8 @@ class AgentConsumer:
         _wait_line(self.collector, "collector listening on")
         # --queue-mb 512: the backlog runs put 160 MB in the ring at once; in memory, not the disk spool
         self.agent = _vnet(code, "agent", "--listen", f"unix:{self.sock}", "--key", str(self.key_path),
-                           "--spool", str(workdir / "spool"), "--host", "h1", "--queue-mb", str(queue_mb), bpf_dir=bpf_dir)
+                           "--spool", str(workdir / "spool"), "--host", "h1", "--queue-mb", str(queue_mb), *agent_args,
+                           bpf_dir=bpf_dir)
         _wait_line(self.agent, "agent listening on")
         for p in (self.collector, self.agent):  # keep their stderr pipes from filling up
             threading.Thread(target=lambda s=p.stderr: [None for _ in s], daemon=True).start()
@@ -756,6 +763,9 @@ def main() -> None:
                     consumers["trace" + label] = TraceConsumer(iface, workdir, code, label, objects)
                 if "agent" in names:
                     consumers["agent" + label] = AgentConsumer(iface, workdir, code, label, objects)
+                if "agent-heap" in names and not label:  # the memory queue in the heap, not on tmpfs
+                    consumers["agent-heap"] = AgentConsumer(iface, workdir, code, "-heap", objects,
+                                                            agent_args=("--queue-dir", HEAP_QUEUE))
             order = list(consumers.values())
             print(f"{time.strftime('%Y-%m-%d %H:%M')}, kernel {os.uname().release}, {os.cpu_count()} CPUs, "
                   f"ring {args.ring >> 20} MiB (backlog {args.backlog_ring >> 20} MiB), {args.rounds} rounds", flush=True)

@@ -51,6 +51,7 @@ SHIP_MIN_BYTES = 1 << 20
 SHIP_DELAY_MS = 100
 FLUSH_TIMEOUT_S = 30.0
 VANISH_CHECK_S = 1.0   # how often the traced interfaces are looked for (as `vnet trace`)
+DEFAULT_QUEUE_DIR = Path("/dev/shm/vnet")  # the memory queue's files: tmpfs, they outlive a killed agent
 ORPHAN_GRACE_S = 60.0  # a trace whose dispatcher's line was cut runs on this long for it to come back
 WATCH_S = 0.5          # how often silence and the grace are looked at
 HEARTBEAT_RANGE_S = (1.0, 600.0)   # what a dispatcher may promise (status "heartbeat_s")
@@ -70,7 +71,7 @@ class AgentTrace:
     """One trace on this host: the Trace, its drain thread and its shipper."""
 
     def __init__(self, package: dict, key: bytes, spool_dir: Path, host: str, queue_bytes: int = 64 << 20,
-                 spool_bytes: int = 1 << 30, pin_dir: Path | None = None):
+                 spool_bytes: int = 1 << 30, pin_dir: Path | None = None, queue_dir: Path | None = None):
         from vnet.trace import Trace
         from vnet.trace.selection import select
 
@@ -121,7 +122,8 @@ class AgentTrace:
                                                   "header": header},
                                    spool_dir=spool_dir / self.name / host / self.run, memory_bytes=queue_bytes,
                                    spool_bytes=spool_bytes, pinned=self.pinned,
-                                   clsact=[h.link.left_behind() for h in self.trace.hooks if h.kind == "clsact"])
+                                   clsact=[h.link.left_behind() for h in self.trace.hooks if h.kind == "clsact"],
+                                   queue_dir=queue_dir / self.name / host / self.run if queue_dir else None)
         except BaseException:
             counters.unpin(self.pinned)
             self.trace.close()
@@ -200,7 +202,9 @@ class AgentTrace:
                 if batch.nbytes:
                     continue  # it stopped at the ring's end: more may follow from its start
                 return
-            self.shipper.put("events", count=batch.count, records=batch.data)
+            # queued (a file on tmpfs) before the ring space goes back: a kill loses none of it
+            self.shipper.put("events", count=batch.count, records=batch.data,
+                             ring_end=self.reader.position + batch.nbytes)
             self.reader.consume(batch)
             self.events += batch.count
             self.chunks += 1
@@ -453,8 +457,9 @@ class Agent:
 
     def __init__(self, key: bytes, spool_dir: str | os.PathLike, host: str | None = None, *,
                  queue_bytes: int = 64 << 20, spool_bytes: int = 1 << 30, pin_dir: str | os.PathLike | None = None,
-                 orphan_grace: float = ORPHAN_GRACE_S):
+                 orphan_grace: float = ORPHAN_GRACE_S, queue_dir: str | os.PathLike | None = DEFAULT_QUEUE_DIR):
         self.key = key
+        self.queue_dir = Path(queue_dir) if queue_dir else None
         self.pin_dir = Path(pin_dir) if pin_dir is not None else counters.DEFAULT_PIN_DIR
         self.custody = Custody(orphan_grace)
         self._ended: dict[tuple[str, str], dict] = {}  # (trace, run) stopped at the grace's end: why, summary
@@ -488,10 +493,10 @@ class Agent:
             log.warning("resending what a previous agent left in %s (%d chunks)", opening.parent,
                         shipper.stats.queued)
             if shipper.pinned:
-                pins.add(str(shipper.pinned.get("path")))
+                pins.update(str(shipper.pinned.get(k)) for k in ("path", "ring"))
             self.background.append(shipper)
         for path in counters.leftovers(self.pin_dir, pins):
-            log.warning("pinned trace counters %s belong to no stream in %s (another spool, or removed): "
+            log.warning("pinned trace counters or ring %s belong to no stream in %s (another spool, or removed): "
                         "left as they are; rm %s frees them", path, self.spool_dir, path)
 
     def hello(self) -> dict:
@@ -662,7 +667,7 @@ class Agent:
                 raise UsageError(f"this agent is already running trace {self.current.name}")
             try:
                 t = self.current = AgentTrace(package, self.key, self.spool_dir, self.host, self.queue_bytes,
-                                              self.spool_bytes, self.pin_dir)
+                                              self.spool_bytes, self.pin_dir, self.queue_dir)
             finally:
                 _give_back_memory()
             self.custody.take(owner, time.monotonic())

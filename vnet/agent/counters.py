@@ -1,5 +1,9 @@
-"""The kernel counters of a trace, kept on bpffs while its agent runs, so that they
-outlive an agent that is killed (docs/reliability.md, "Agent SIGKILLed").
+"""The kernel counters and the ring of a trace, kept on bpffs while its agent runs, so
+that they outlive an agent that is killed (docs/reliability.md, "Agent SIGKILLed").
+
+The ring (`vnet_events`, pinned beside the counters as ring-NAME) keeps what the dead agent
+had not read: the next agent start reads it out (Shipper.recover), from where the dead
+agent's last queued chunk ended, and unpins it.
 
 At start the agent pins the trace's `vnet_stats` map (seen, emitted, lost, filtered per
 probe and CPU) under the pin folder, named after the run, and records the pin in the
@@ -25,6 +29,7 @@ from pathlib import Path
 log = logging.getLogger("vnet.agent")
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/vnet")
 PREFIX = "stats-"
+RING_PREFIX = "ring-"
 STAT_NAMES = ("seen", "emitted", "lost", "filtered")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # bpffs refuses '.' in names; '/' would be a folder
 
@@ -53,19 +58,30 @@ def pin(trace, pin_dir: Path, name: str) -> dict | None:
                     "counted", why)
         return None
     index = trace.btf.enum("vnet_stat")
-    return {"path": str(path), "probes": len(trace.objects), "value_size": stats.value_size,
-            "index": {n.removeprefix("VNET_STAT_").lower(): i for n, i in index.items() if n != "VNET_STAT_MAX"},
-            "hooks": sorted({h.kind for h in trace.hooks})}
+    record = {"path": str(path), "probes": len(trace.objects), "value_size": stats.value_size,
+              "index": {n.removeprefix("VNET_STAT_").lower(): i for n, i in index.items() if n != "VNET_STAT_MAX"},
+              "hooks": sorted({h.kind for h in trace.hooks})}
+    ring = pin_dir / (RING_PREFIX + name.removeprefix(PREFIX))
+    try:
+        trace.objects[0].maps["vnet_events"].pin(ring)
+        record["ring"] = str(ring)
+    except Exception as e:  # noqa: BLE001 - the counters still say how much a kill would lose
+        log.warning("trace ring not pinned (%s): if this agent is killed, what it had not read dies with it "
+                    "(counted)", e)
+    return record
 
 
-def unpin(record: dict | None) -> None:
-    if record and isinstance(record.get("path"), str):
-        try:
-            os.unlink(record["path"])
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("cannot unpin %s: %s", record["path"], e)
+def unpin(record: dict | None, what: tuple[str, ...] = ("path", "ring")) -> None:
+    """Remove the pins `record` names: the counters ("path") and the ring ("ring")."""
+    for field in what:
+        path = record.get(field) if record else None
+        if isinstance(path, str):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("cannot unpin %s: %s", path, e)
 
 
 def read(record: dict | None) -> tuple[dict | None, str]:
@@ -99,4 +115,5 @@ def leftovers(pin_dir: Path, known: set[str]) -> list[str]:
         names = os.listdir(pin_dir)
     except OSError:
         return []
-    return sorted(str(pin_dir / n) for n in names if n.startswith(PREFIX) and str(pin_dir / n) not in known)
+    return sorted(str(pin_dir / n) for n in names
+                  if n.startswith((PREFIX, RING_PREFIX)) and str(pin_dir / n) not in known)

@@ -7,6 +7,11 @@ queue grows in memory up to `memory_bytes`, then on disk in `spool_dir` up to
 at the agent (the only way an agent loses data, and it says so). On reconnect
 the collector says which sequence it has; everything after is sent again.
 
+"In memory" is a folder on tmpfs (`queue_dir`, the agent's --queue-dir) when there is
+one: a file there outlives a killed process, as the heap does not, and costs the same
+memory. The agent takes a batch out of its ring only once its chunk is there, so a kill
+loses nothing that was read; without such a folder the chunks are heap copies.
+
 Faults (docs/reliability.md):
 - the line goes silent (network cut): no ack and no ping for SESSION_TIMEOUT_S ends the
   session; reconnects back off from RECONNECT_S to RECONNECT_MAX_S; the queue grows
@@ -16,9 +21,11 @@ Faults (docs/reliability.md):
   every FULL_RETRY_S .. FULL_RETRY_MAX_S until they are written: nothing is lost while
   the agent's own queue and spool hold out.
 - the agent dies: the spool folder keeps the stream's opening (`open`) and whatever was
-  spooled; `recover()` (the next agent's start) resends it and has the collector record
-  that the stream was interrupted. What only the dead agent's memory held is a gap, counted
-  exactly from the kernel's counters the dead agent left pinned (vnet/agent/counters.py).
+  spooled, the queue folder what was queued, and bpffs its ring with what it had not read
+  and its kernel counters (vnet/agent/counters.py). `recover()` (the next agent's start)
+  resends the chunks, reads the ring out from where the last queued chunk ended into new
+  chunks, and has the collector record that the stream was interrupted, with the counters.
+  What only a heap queue held (no queue folder) is a gap, counted exactly from them.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import shutil
 import struct
 import threading
 import time
@@ -47,9 +55,11 @@ FULL_RETRY_S = 1.0       # a collector that could not write: the same chunk agai
 FULL_RETRY_MAX_S = 5.0   # doubling up to this
 FULL_FLUSH_S = 5.0       # stopping, a collector that cannot write is waited for this long
 OPEN_FILE = "open"       # the stream's opening, beside its spooled chunks
+RING_BATCH_MAX = 65536   # recovering: records per chunk read out of a dead agent's ring
 
 
-_SPOOL_HEAD = struct.Struct(">I")  # a spooled chunk: head length, msgpack head, records
+_SPOOL_HEAD = struct.Struct(">I")  # a chunk's file: head length, msgpack head, records
+LOCAL = "_local"  # in a file's head, what only this agent's successor needs (never shipped)
 
 
 # A backlog that filled the memory queue leaves the freed chunk copies in the heap (glibc
@@ -72,10 +82,12 @@ def _return_freed_memory() -> None:
 class _Entry:
     seq: int
     events: int
-    head: dict | None = None      # in memory: {"kind", "seq", ...} and
+    head: dict | None = None      # in the heap: {"kind", "seq", ...} and
     blob: bytes | None = None     # the records (events chunks), or
-    path: Path | None = None      # spooled to disk
+    path: Path | None = None      # in a file (queue folder or spool)
     size: int = 0
+    memory: bool = False          # counts against memory_bytes (heap or queue folder), not the spool's
+    ring_end: int | None = None   # events: the ring position after its records
 
     def load(self) -> tuple[dict, bytes | None]:
         if self.path is None:
@@ -83,7 +95,18 @@ class _Entry:
         data = memoryview(self.path.read_bytes())
         (n,) = _SPOOL_HEAD.unpack_from(data)
         head = msgpack.unpackb(data[4:4 + n], raw=False)
+        head.pop(LOCAL, None)
         return head, (data[4 + n:] if data.nbytes > 4 + n else None)
+
+
+def _file_head(path: Path) -> dict:
+    """The head of a chunk's file, with its local part, without reading the records."""
+    with open(path, "rb") as f:
+        (n,) = _SPOOL_HEAD.unpack(f.read(4))
+        head = msgpack.unpackb(f.read(n), raw=False)
+    if not isinstance(head, dict):
+        raise ValueError(f"{path}: not a chunk")
+    return head
 
 
 @dataclass
@@ -121,11 +144,19 @@ def _remove_left_filters(run_dir: Path, filters) -> None:
 class Shipper:
     def __init__(self, address: str, key: bytes, opening: dict, *, spool_dir: str | os.PathLike,
                  memory_bytes: int = 64 << 20, spool_bytes: int = 1 << 30, recovering: bool = False,
-                 pinned: dict | None = None, clsact: list | None = None):
+                 pinned: dict | None = None, clsact: list | None = None, queue_dir: str | os.PathLike | None = None):
         self.address = address
         self.key = key
         self.opening = opening       # the "open" message's fields: trace, host, header
         self.spool_dir = Path(spool_dir)
+        self.queue_dir = Path(queue_dir) if queue_dir is not None else None
+        if self.queue_dir is not None and not recovering:
+            try:
+                self.queue_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except OSError as e:
+                log.warning("cannot use %s for the memory queue (%s): chunks queue in this process's memory, "
+                            "and what it holds dies with it if it is killed (counted)", self.queue_dir, e)
+                self.queue_dir = None
         self.memory_bytes = memory_bytes
         self.spool_bytes = spool_bytes
         self.stats = ShipperStats()
@@ -146,6 +177,9 @@ class Shipper:
         self.clsact = clsact or []           # its clsact filters: they outlive a killed agent (recover() removes them)
         self.kernel_at_death: dict | None = None  # recovering: what they said, or
         self.kernel_unknown = ""                  # why that is not known
+        self.ring_left: tuple[str, int] | None = None  # recovering: the dead agent's pinned ring, and where
+        #                                           its last queued chunk ended (read out once connected)
+        self.from_ring = 0                       # recovering: events read out of that ring
         self.recovering = recovering
         if not recovering:
             try:
@@ -167,6 +201,8 @@ class Shipper:
             saved["pinned"] = self.pinned
         if self.clsact:
             saved["clsact"] = self.clsact
+        if self.queue_dir is not None:
+            saved["queue_dir"] = str(self.queue_dir)
         tmp.write_bytes(msgpack.packb(saved, use_bin_type=True))
         os.replace(tmp, self.spool_dir / OPEN_FILE)
 
@@ -180,37 +216,101 @@ class Shipper:
         if not isinstance(saved, dict) or not isinstance(saved.get("address"), str) \
                 or not isinstance(saved.get("opening"), dict):
             raise ValueError(f"{run_dir / OPEN_FILE}: not a stream opening")
+        queue_dir = saved.get("queue_dir")
         self = cls(saved["address"], key, saved["opening"], spool_dir=run_dir, memory_bytes=0,
-                   spool_bytes=spool_bytes, recovering=True)
-        for path in sorted(run_dir.glob("chunk-*")):
-            if path.suffix == ".tmp":  # half-written when that agent died: never resent
-                path.unlink(missing_ok=True)
-                continue
-            try:
-                seq = int(path.name.removeprefix("chunk-"))
-            except ValueError:
-                continue
-            size = path.stat().st_size
-            self._queue.append(_Entry(seq, 0, path=path, size=size))
-            self._on_disk += size
-            self._next_seq = max(self._next_seq, seq + 1)
+                   spool_bytes=spool_bytes, recovering=True,
+                   queue_dir=queue_dir if isinstance(queue_dir, str) else None)
+        found: dict[int, _Entry] = {}
+        ring_end = 0  # where the last chunk taken out of the ring ended
+        for folder, memory in ((run_dir, False), (self.queue_dir, True)):
+            for path in sorted(folder.glob("chunk-*")) if folder is not None else ():
+                if path.suffix == ".tmp":  # half-written when that agent died: never resent (still in the ring)
+                    path.unlink(missing_ok=True)
+                    continue
+                try:
+                    seq = int(path.name.removeprefix("chunk-"))
+                    local = _file_head(path).get(LOCAL) or {}
+                except (ValueError, OSError, msgpack.UnpackException) as e:
+                    log.error("%s: not a chunk (%s): left where it is", path, e)
+                    continue
+                if isinstance(local.get("ring_end"), int):
+                    ring_end = max(ring_end, local["ring_end"])
+                if seq in found:  # killed while moving it to the spool (_spill): the spool's copy is whole
+                    path.unlink(missing_ok=True)
+                    continue
+                found[seq] = _Entry(seq, 0, path=path, size=path.stat().st_size, memory=memory)
+        for _, e in sorted(found.items()):
+            self._queue.append(e)
+            if e.memory:
+                self._in_memory += e.size
+            else:
+                self._on_disk += e.size
+            self._next_seq = max(self._next_seq, e.seq + 1)
         self.stats.queued = len(self._queue)
         self.stats.spooled = len(self._queue)
         last = self._queue[-1].load()[0] if self._queue else {}
         self.pinned = saved.get("pinned") if isinstance(saved.get("pinned"), dict) else None
         if last.get("kind") != "end":  # an agent that stopped but could not deliver kept its end chunk
-            self.interrupted = ("the agent ended without stopping this trace (killed or crashed): what it had "
-                                "not spooled is missing")
+            self.interrupted = "the agent ended without stopping this trace (killed or crashed)"
             _remove_left_filters(run_dir, saved.get("clsact"))  # before the counters: they stop counting here
             # its programs detached as it died (their links closed): the counters stopped there
             self.kernel_at_death, self.kernel_unknown = counters.read(self.pinned)
             if self.kernel_at_death is not None:
                 log.warning("%s: the kernel counted %d events emitted, %d lost to a full ring when the agent died",
                             run_dir, self.kernel_at_death["emitted"], self.kernel_at_death["lost"])
+            ring = (self.pinned or {}).get("ring")
+            if isinstance(ring, str):
+                self.ring_left = (ring, ring_end)  # read out once the collector says where to number from
+            else:
+                self.interrupted += ": what it had read but not queued in a file, or not read, is missing"
         else:
             counters.unpin(self.pinned)  # a stopped trace: its end chunk has the counters
         self._thread.start()
         return self
+
+    def _read_left_ring(self, have: int) -> None:
+        """Recovering: the records the dead agent left in its ring (pinned), from where its
+        last queued chunk ended, as new chunks numbered after everything the collector or the
+        files have; then the ring's pin goes. On a failure the pin stays (said), so the next
+        start tries again from the chunks' ring positions."""
+        from vnet.binding import PinnedMap
+        from vnet.binding.ringbatch import RingBatchReader
+
+        path, ring_end = self.ring_left
+        with self._cond:
+            self._next_seq = max(self._next_seq, have + 1)
+        try:
+            ring = PinnedMap(path)
+        except Exception as e:  # noqa: BLE001 - removed by hand: what was in it is unknown
+            log.error("%s: the dead agent's ring %s cannot be opened (%s): what it had not read is missing",
+                      self.spool_dir, path, e)
+            self.interrupted += ": what it had not read is missing (its ring could not be opened)"
+            self.ring_left = None
+            return
+        try:
+            reader = RingBatchReader(ring)
+            try:
+                skipped = reader.skip_to(ring_end)  # queued in a file, not yet taken out of the ring
+                while True:
+                    batch = reader.peek(max_records=RING_BATCH_MAX)
+                    if batch.count:
+                        self.put("events", batch.data, count=batch.count, ring_end=reader.position + batch.nbytes)
+                        self.from_ring += batch.count
+                    reader.consume(batch)
+                    if not batch.nbytes:
+                        break
+            finally:
+                reader.close()
+        except Exception as e:  # noqa: BLE001 - the chunks read so far carry their ring positions
+            log.error("%s: cannot read the dead agent's ring %s (%s): kept pinned for the next start",
+                      self.spool_dir, path, e)
+            return
+        finally:
+            ring.close()
+        log.warning("%s: read %d events the dead agent had left in its ring%s", self.spool_dir, self.from_ring,
+                    f" ({skipped} bytes it had queued already)" if skipped else "")
+        counters.unpin(self.pinned, ("ring",))
+        self.ring_left = None
 
     @property
     def done(self) -> bool:
@@ -219,35 +319,36 @@ class Shipper:
             return not self._queue and self.interrupted is None
 
     # -- producer side ------------------------------------------------------------------------------
-    def put(self, kind: str, records=None, *, keep: bool = False, **fields) -> int:
+    def put(self, kind: str, records=None, *, keep: bool = False, ring_end: int | None = None, **fields) -> int:
         """Queue a chunk; returns its sequence number. `records` (an events chunk's ring
-        batch, any buffer) is copied once, here, and shipped raw beside the chunk's head:
-        the collector writes it to the trace file as the chunk's last field, "records".
-        An events chunk's "count" is what it costs if it is lost. `keep`: held in memory
-        past its bound rather than dropped (a trace's last chunks: a few KiB, and without
-        them the collector's file would not say how the trace ended or what it lost)."""
+        batch, any buffer) is copied once, here (to the queue folder's file, or the heap),
+        and shipped raw beside the chunk's head: the collector writes it to the trace file
+        as the chunk's last field, "records". An events chunk's "count" is what it costs if
+        it is lost; `ring_end`, the ring position after its records (a successor reading the
+        dead agent's ring starts there). `keep`: held in memory past its bound rather than
+        dropped (a trace's last chunks: a few KiB, and without them the collector's file
+        would not say how the trace ended or what it lost). On return the chunk is in the
+        queue: the caller may give its records' ring space back."""
         events = int(fields.get("count", 0)) if kind == "events" else 0
         with self._cond:
             seq = self._next_seq
             self._next_seq += 1
             head = {"kind": kind, "seq": seq, **fields}
-            blob = bytes(records) if records is not None else None
-            size = len(msgpack.packb(head, use_bin_type=True)) + (len(blob) if blob is not None else 0)
-            entry = _Entry(seq, events, size=size)
-            if self._in_memory + size <= self.memory_bytes or keep and blob is None and size <= 1 << 20:
-                entry.head, entry.blob = head, blob
-                self._in_memory += size
-                self._high = max(self._high, self._in_memory)
-            elif (why := self._spool(entry, head, blob)) is None:
+            nbytes = memoryview(records).nbytes if records is not None else 0
+            size = len(msgpack.packb(head, use_bin_type=True)) + nbytes
+            entry = _Entry(seq, events, size=size, ring_end=ring_end)
+            if (self._in_memory + size <= self.memory_bytes or keep and records is None and size <= 1 << 20) \
+                    and self._hold(entry, head, records):
+                pass
+            elif (why := self._spool(entry, head, records)) is None:
                 self._on_disk += size
                 self.stats.spooled += 1
                 self.stats.spool_full = ""
             else:
                 self._dropped(seq, events, why)
                 # The collector must not wait for it: a marker says what is gone.
-                head = {"kind": "dropped", "seq": seq, "events": events}
-                entry = _Entry(seq, 0, head=head, size=64)
-                self._in_memory += entry.size
+                entry = _Entry(seq, 0, size=64)
+                self._hold(entry, {"kind": "dropped", "seq": seq, "events": events}, None, force=True)
             self._queue.append(entry)
             self.stats.queued = len(self._queue)
             self._cond.notify_all()
@@ -291,26 +392,44 @@ class Shipper:
             self._spill_queued()
 
     def _spill_queued(self) -> None:
-        """What is queued in memory goes to the spool (under self._cond), up to the first failure."""
+        """What is queued in memory goes to the spool (under self._cond), up to the first failure:
+        a stream that outlives its trace may wait long; the disk keeps it across a reboot too,
+        and tmpfs is memory."""
         for e in self._queue:
-            if e.path is None and e.head is not None:
+            if e.memory:
                 try:
                     self._spill(e)
                 except OSError as err:
                     log.error("cannot keep chunk %d in %s: %s", e.seq, self.spool_dir, err)
                     break
 
-    def _spool(self, e: _Entry, head: dict, blob) -> str | None:
+    def _hold(self, e: _Entry, head: dict, records, force: bool = False) -> bool:
+        """The chunk into the memory queue (under self._cond): a file in the queue folder, or
+        a heap copy without one (or, `force`, when that file cannot be written). False: the
+        folder's file could not be written (its tmpfs full): the spool is tried next."""
+        if self.queue_dir is not None:
+            try:
+                self._write(e, head, records, self.queue_dir)
+            except OSError as err:
+                if not force:
+                    log.warning("cannot queue chunk %d in %s (%s): spooled instead", e.seq, self.queue_dir, err)
+                    return False
+        if e.path is None:
+            e.head, e.blob = head, bytes(records) if records is not None else None
+        e.memory = True
+        self._in_memory += e.size
+        self._high = max(self._high, self._in_memory)
+        return True
+
+    def _spool(self, e: _Entry, head: dict, records) -> str | None:
         """The chunk to the spool (under self._cond): None, or why it could not go there. Its
         disk full (ENOSPC before the --spool-mb bound) or failing counts as the spool full."""
         if self._on_disk + e.size > self.spool_bytes:
             return f"its bound of {self.spool_bytes >> 20} MiB (--spool-mb) reached"
-        e.head, e.blob = head, blob
         try:
-            self._spill(e)
+            self._write(e, head, records, self.spool_dir)
             return None
         except OSError as err:
-            e.head = e.blob = None
             return f"cannot write {self.spool_dir}: {err.strerror or err}"
 
     def _dropped(self, seq: int, events: int, why: str) -> None:
@@ -325,26 +444,62 @@ class Shipper:
                       "is dropped and its events counted lost (agent_spool_full)", why, seq)
 
     def _spill(self, e: _Entry) -> None:
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spool_dir / f"chunk-{e.seq:012d}"
-        tmp = path.with_name(path.name + ".tmp")  # whole or absent: a restarted agent resends what it finds
-        packed = msgpack.packb(e.head, use_bin_type=True)
+        """A memory queue's chunk to the spool (stopping with chunks undelivered): a heap chunk
+        written, a queue folder's file copied over and removed (a kill between the two leaves
+        both: recover() keeps one)."""
+        if e.path is None:
+            self._write(e, e.head, e.blob, self.spool_dir)
+            e.head = e.blob = None
+        else:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            dest = self.spool_dir / e.path.name
+            tmp = dest.with_name(dest.name + ".tmp")
+            try:
+                shutil.copyfile(e.path, tmp)
+                os.replace(tmp, dest)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
+            e.path.unlink(missing_ok=True)
+            e.path = dest
+        self._in_memory -= e.size
+        self._on_disk += e.size
+        e.memory = False
+
+    def _write(self, e: _Entry, head: dict, records, folder: Path) -> None:
+        """The chunk's file in `folder`, whole or absent (a restarted agent resends what it finds)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"chunk-{e.seq:012d}"
+        tmp = path.with_name(path.name + ".tmp")
+        if e.ring_end is not None:
+            head = {**head, LOCAL: {"ring_end": e.ring_end}}
+        packed = msgpack.packb(head, use_bin_type=True)
         try:
-            tmp.write_bytes(_SPOOL_HEAD.pack(len(packed)) + packed + (e.blob or b""))
+            with open(tmp, "wb") as f:  # buffered: a short write is retried, and its error raised
+                f.write(_SPOOL_HEAD.pack(len(packed)) + packed)
+                if records is not None:
+                    f.write(records)  # from the ring itself: the one copy
             os.replace(tmp, path)
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
-        e.path, e.head, e.blob = path, None, None
+        e.path = path
 
     def _remove_spool(self) -> None:
         # a .tmp is a write that failed half-way (disk full) or an agent killed during one: never a chunk
-        for p in [self.spool_dir / OPEN_FILE, self.spool_dir / f"{OPEN_FILE}.tmp", *self.spool_dir.glob("*.tmp")]:
+        queue = [*self.queue_dir.glob("*.tmp")] if self.queue_dir is not None else []
+        for p in [self.spool_dir / OPEN_FILE, self.spool_dir / f"{OPEN_FILE}.tmp", *self.spool_dir.glob("*.tmp"),
+                  *queue]:
             p.unlink(missing_ok=True)
-        try:
-            self.spool_dir.rmdir()  # empty by now; a folder someone put other files in stays
-        except OSError:
-            pass
+        # empty by now; a folder someone put other files in stays. The queue's TRACE/HOST folders
+        # go too when empty (tmpfs is memory); a write that races this makes them again (_write)
+        queue = [self.queue_dir, self.queue_dir.parent, self.queue_dir.parent.parent] if self.queue_dir else []
+        for folder in (self.spool_dir, *queue):
+            try:
+                folder.rmdir()
+            except OSError:
+                if folder != self.spool_dir:
+                    break
 
     @property
     def queued_events(self) -> int:
@@ -363,10 +518,11 @@ class Shipper:
             while self._queue and self._queue[0].seq <= seq:
                 e = self._queue.popleft()
                 if e.path is not None:
-                    self._on_disk -= e.size
                     e.path.unlink(missing_ok=True)
-                else:
+                if e.memory:
                     self._in_memory -= e.size
+                else:
+                    self._on_disk -= e.size
             self.stats.queued = len(self._queue)
             self._cond.notify_all()
             if not self._queue and self._dropping is not None:
@@ -428,6 +584,8 @@ class Shipper:
             have = int(reply.get("have", -1))  # the last sequence the collector wrote before
             self.stats.path = str(reply.get("path", ""))
             self._ack(have)
+            if self.ring_left is not None:
+                self._read_left_ring(have)
             self.stats.connected = True
             self.stats.reconnects += 1
             with self._cond:

@@ -72,7 +72,8 @@ def _one_malloc_arena() -> None:
 
 
 def _run_agent(listen: str, key: Path, allow_remote: bool, spool: Path, host: Optional[str], queue_mb: int,
-               spool_mb: int, verbose: int, pin_dir: Optional[Path] = None, orphan_grace: float = 60.0) -> None:
+               spool_mb: int, verbose: int, pin_dir: Optional[Path] = None, orphan_grace: float = 60.0,
+               queue_dir: Optional[Path] = Path("/dev/shm/vnet")) -> None:
     setup_logging(verbose, least=1)
     from vnet.agent.agent import Agent
     from vnet.probes import features
@@ -83,7 +84,7 @@ def _run_agent(listen: str, key: Path, allow_remote: bool, spool: Path, host: Op
     writable_dir(spool, "--spool")
     _one_malloc_arena()
     agent_obj = Agent(load_key(key), spool, host, queue_bytes=queue_mb << 20, spool_bytes=spool_mb << 20,
-                      pin_dir=pin_dir, orphan_grace=orphan_grace)
+                      pin_dir=pin_dir, orphan_grace=orphan_grace, queue_dir=queue_dir)
     try:
         _serve(Server(listen, agent_obj.key, "agent", agent_obj.handle, allow_remote=allow_remote), "agent")
     finally:
@@ -113,6 +114,7 @@ def agent_fast(argv: list[str]) -> int | None:
     ap.add_argument("--queue-mb", type=int, default=64)
     ap.add_argument("--spool-mb", type=int, default=1024)
     ap.add_argument("--pin-dir", type=Path, default=None)
+    ap.add_argument("--queue-dir", type=Path, default=Path("/dev/shm/vnet"))
     ap.add_argument("--orphan-grace", type=float, default=60.0)
     ap.add_argument("-v", "--verbose", action="count", default=0)
     try:
@@ -125,7 +127,7 @@ def agent_fast(argv: list[str]) -> int | None:
 
     try:  # the boundary typer's path has: one line and its code, a bug's traceback only with -v
         cli_errors(_run_agent)(args.listen, args.key, args.allow_remote, args.spool, args.host, args.queue_mb,
-                               args.spool_mb, args.verbose, args.pin_dir, args.orphan_grace)
+                               args.spool_mb, args.verbose, args.pin_dir, args.orphan_grace, args.queue_dir)
     except SystemExit as e:
         return e.code
     return 0

@@ -597,8 +597,11 @@ def describe_killed_agent_losses(kernel: dict, written: int, spool_dropped: int 
     """`vnet analyze`'s line for killed_agent_losses()."""
     loss = killed_agent_losses(kernel, written, spool_dropped)
     died = loss["died_with_agent"]
-    out = (f"died with the killed agent: {died} events (read from the ring or queued in its memory); "
-           f"kernel_ring_full {loss['kernel_ring_full']}")
+    if died == 0:  # its queued chunks and its ring were read out by the next start
+        out = f"nothing died with the killed agent; kernel_ring_full {loss['kernel_ring_full']}"
+    else:
+        out = (f"died with the killed agent: {died} events (read from the ring or queued in its memory); "
+               f"kernel_ring_full {loss['kernel_ring_full']}")
     if spool_dropped:
         out += f"; agent_spool_full {spool_dropped}"
     out += f" (the kernel emitted {kernel['emitted']}, the files hold {written})"
