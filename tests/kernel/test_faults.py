@@ -568,24 +568,45 @@ def _bpffs(path: Path):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def _queued(qdir: Path) -> list:
+    """The entries of the queue files under qdir (a killed agent's memory queue)."""
+    from vnet.agent.queuefile import QueueFile
+
+    out = []
+    for path in qdir.rglob("queue"):
+        q = QueueFile.open(path)
+        out += q.entries()
+        q.close()
+    return out
+
+
 def _queue_the_rings_first_records(ring_path: str, qdir: Path, spool: Path, n: int) -> int:
     """Make the dead agent's state that of a kill between queuing a chunk and giving its
     ring space back: the first `n` records its ring holds, also as its next queued chunk
-    (the shipper's file format, with the ring position after them). Returns their count."""
+    (in the queue file, or the spool when that is full; with the ring position after them).
+    Returns their count."""
+    from vnet.agent.queuefile import QueueFile
     from vnet.agent.shipper import _SPOOL_HEAD, LOCAL
     from vnet.binding import PinnedMap
     from vnet.binding.ringbatch import RingBatchReader
 
-    files = [*qdir.rglob("chunk-*"), *spool.rglob("chunk-*")]
-    seq = max(int(p.name.removeprefix("chunk-")) for p in files) + 1  # the collector was gone: all unacked
-    (run,) = {p.parent for p in qdir.rglob("chunk-*")}
+    spooled = [int(p.name.removeprefix("chunk-")) for p in spool.rglob("chunk-*")]
+    seq = max([s.seq for s in _queued(qdir)] + spooled) + 1  # the collector was gone: all unacked
+    (path,) = qdir.rglob("queue")
+    q = QueueFile.open(path)
     with PinnedMap(ring_path) as ring:
         reader = RingBatchReader(ring)
         batch = reader.peek(max_records=n)
-        head = msgpack.packb({"kind": "events", "seq": seq, "count": batch.count,
-                              LOCAL: {"ring_end": reader.position + batch.nbytes}}, use_bin_type=True)
-        (run / f"chunk-{seq:012d}").write_bytes(_SPOOL_HEAD.pack(len(head)) + head + bytes(batch.data))
+        head = {"kind": "events", "seq": seq, "count": batch.count}
+        ring_end = reader.position + batch.nbytes
+        if q.append(seq, msgpack.packb(head, use_bin_type=True), bytes(batch.data), ring_end) is None:
+            # the queue is full (the collector is gone): the agent would have spooled it
+            (opening,) = spool.rglob("open")
+            packed = msgpack.packb({**head, LOCAL: {"ring_end": ring_end}}, use_bin_type=True)
+            (opening.parent / f"chunk-{seq:012d}").write_bytes(_SPOOL_HEAD.pack(len(packed)) + packed
+                                                               + bytes(batch.data))
         reader.close()  # not consumed: the ring still holds them
+    q.close()
     assert batch.count == n, batch
     return batch.count
 
@@ -672,7 +693,7 @@ direction = "egress"
             assert emitted_after_stop > 0 and at_death["lost"] == 0, (last, at_death)
             by_hand = 0
             if queue == "tmpfs":  # the memory queue's chunks outlived the agent
-                assert list(qdir.rglob("chunk-*")), "no queued chunk in the queue folder at the kill"
+                assert _queued(qdir), "no chunk in the queue file at the kill"
                 by_hand = _queue_the_rings_first_records(pinned["ring"], qdir, spool, 100)
 
             agent = start_agent(net.ns1, sock, key, spool, "h1", *agent_args)
@@ -681,7 +702,7 @@ direction = "egress"
             assert not list(spool.rglob("chunk-*")) and not list(spool.rglob("open"))
             assert list(pin_dir.iterdir()) == []  # the pins went once the collector had the counters
             if queue == "tmpfs":
-                assert not list(qdir.rglob("chunk-*"))
+                assert not list(qdir.rglob("*")), list(qdir.rglob("*"))  # the queue file and its folders went
             agent.close()
             read_out = [ln for ln in agent.stderr if "the dead agent had left in its ring" in ln]
             assert len(read_out) == 1, agent.stderr

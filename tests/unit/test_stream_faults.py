@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import resource
-import shutil
 import signal
 import threading
 import time
@@ -214,25 +213,28 @@ def test_a_dead_agents_spool_is_resent_and_the_interruption_recorded(tmp_path, c
     assert kinds == [("header", -1), ("events", 0), ("events", 1), ("events", 2), ("interrupted", 2)]
 
 
-def test_a_dead_agents_memory_queue_folder_is_resent_and_removed(tmp_path, collector):
-    """The memory queue as files (--queue-dir): what a killed shipper held in "memory" is
-    there for the next start, sent in order with what went to the spool past the bound, each
-    once (a chunk in both folders too); the chunks' ring positions stay local (never
-    shipped); both folders go."""
+def test_a_dead_agents_memory_queue_file_is_resent_and_removed(tmp_path, collector):
+    """The memory queue as a mapped file (--queue-dir): what a killed shipper held in
+    "memory" is there for the next start, sent in order with what went to the spool past
+    the bound, each once (a chunk in both places too: killed while spooling it); the chunks'
+    ring positions stay local (never shipped); the file and the folders go."""
+    from vnet.agent.queuefile import QueueFile
     from vnet.agent.shipper import Shipper
 
     col, address, out = collector
     run_dir, queue = tmp_path / "spool" / "t" / "h" / "r1", tmp_path / "queue" / "t" / "h" / "r1"
     dead = Shipper(f"unix:{tmp_path}/nobody.sock", KEY, {"trace": "t", "host": "h", "run": "r1", "header": {}},
                    spool_dir=run_dir, memory_bytes=200, queue_dir=queue)
-    for i in range(5):  # ~90 bytes each: two in the queue folder, the rest spooled
+    for i in range(5):  # ~90 bytes each: two in the queue file, the rest spooled
         dead.put("events", memoryview(bytes([i]) * 64), count=1, ring_end=64 * (i + 1))
     dead._stop.set()  # as if killed: no close()
     dead._thread.join(timeout=5)
-    assert sorted(p.name for p in queue.iterdir()) == ["chunk-000000000000", "chunk-000000000001"]
+    slots = QueueFile.open(queue / "queue").entries()
+    assert [(s.seq, s.ring_end) for s in slots] == [(0, 64), (1, 128)]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["chunk-000000000002", "chunk-000000000003",
+                                                         "chunk-000000000004", "open"]
     assert dead.stats.spooled == 3 and dead.stats.dropped_chunks == 0
-    # and killed while moving chunk 0 to the spool (stopping undelivered): both copies are there
-    shutil.copyfile(queue / "chunk-000000000000", run_dir / "chunk-000000000000")
+    dead._write(dead._queue[0], *dead._queue[0].load(), run_dir)  # and chunk 0 half-way to the spool
     saved = msgpack.unpackb((run_dir / "open").read_bytes(), raw=False)
     assert saved["queue_dir"] == str(queue)
     saved["address"] = address
@@ -244,6 +246,47 @@ def test_a_dead_agents_memory_queue_folder_is_resent_and_removed(tmp_path, colle
     events = [c for c in r.chunks() if c["kind"] == "events"]
     assert [c["seq"] for c in events] == [0, 1, 2, 3, 4] and all("_local" not in c for c in events)
     assert [bytes(c["records"]) for c in events] == [bytes([i]) * 64 for i in range(5)]
+
+
+def test_the_queue_file_wraps_keeps_up_in_its_first_pages_and_refuses_what_does_not_fit(tmp_path):
+    """Pure logic of vnet/agent/queuefile.py on a real file: entries appended and released
+    in order across the end of the area, read back whole; an empty queue starts again at the
+    area's beginning; a full one refuses; a reader of the file finds what is queued."""
+    from vnet.agent.queuefile import HEADER, WORKING, QueueFile
+
+    q = QueueFile.create(tmp_path / "queue", 4096)
+    a = q.append(0, b"h0", b"x" * 1500, 10)
+    b = q.append(1, b"h1", b"y" * 1500, 20)
+    assert q.append(2, b"h2", b"z" * 1500, 30) is None  # 3 x ~1.5 KiB do not fit 4 KiB
+    q.release(a)
+    c = q.append(2, b"h2", b"z" * 1500, 30)  # past the end: the next lap, where `a` was
+    assert c.pos == 4096 and c.end - c.pos < 1600
+    assert [(s.seq, s.ring_end) for s in QueueFile.open(tmp_path / "queue").entries()] == [(1, 20), (2, 30)]
+    head, records = q.read(c)
+    assert bytes(head) == b"h2" and bytes(records) == b"z" * 1500
+    q.release(b)
+    q.release(c)
+    d = q.append(3, b"h3", None, None)  # empty: from the area's start again
+    assert d.pos % 4096 == 0 and q.read(d)[1] is None
+    assert q.append(4, b"h4", b"w" * 5000, None) is None  # larger than the area
+    q.close()
+    assert (tmp_path / "queue").stat().st_size == HEADER + 4096
+
+    # a queue that keeps up (a chunk or two unacknowledged) stays in the working bytes of a
+    # larger area; a backlog spreads over it, and trim() gives it back once empty
+    q = QueueFile.create(tmp_path / "big", 16 * WORKING)
+    chunk, live = b"c" * (WORKING // 5), []
+    for seq in range(50):
+        live.append(q.append(seq, b"h", chunk, None))
+        if len(live) > 2:
+            q.release(live.pop(0))
+    assert max(s.pos % q.size for s in live) < WORKING and q._touched <= WORKING + len(chunk) + 64
+    for seq in range(50, 100):
+        live.append(q.append(seq, b"h", chunk, None))
+    assert q._touched > 8 * WORKING and not q.trim()  # not empty yet
+    q.release(live[-1])
+    assert q.trim() and q._touched == WORKING
+    q.close()
 
 
 def test_a_collector_that_cannot_create_the_file_says_why_and_leaves_none(tmp_path, collector):

@@ -33,7 +33,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import shutil
 import struct
 import threading
 import time
@@ -46,6 +45,7 @@ from vnet.errors import VnetError
 from vnet.protocol import MAX_DATA_BYTES, connect
 
 from . import counters
+from .queuefile import QueueFile, Slot
 
 log = logging.getLogger("vnet.agent.shipper")
 RECONNECT_S = 0.5        # first retry after a failed session, doubling up to
@@ -56,6 +56,7 @@ FULL_RETRY_MAX_S = 5.0   # doubling up to this
 FULL_FLUSH_S = 5.0       # stopping, a collector that cannot write is waited for this long
 OPEN_FILE = "open"       # the stream's opening, beside its spooled chunks
 RING_BATCH_MAX = 65536   # recovering: records per chunk read out of a dead agent's ring
+QUEUE_FILE = "queue"     # the memory queue's file in the queue folder (vnet/agent/queuefile.py)
 
 
 _SPOOL_HEAD = struct.Struct(">I")  # a chunk's file: head length, msgpack head, records
@@ -84,12 +85,17 @@ class _Entry:
     events: int
     head: dict | None = None      # in the heap: {"kind", "seq", ...} and
     blob: bytes | None = None     # the records (events chunks), or
-    path: Path | None = None      # in a file (queue folder or spool)
+    slot: Slot | None = None      # in the queue file (on tmpfs), or
+    path: Path | None = None      # spooled to disk
     size: int = 0
-    memory: bool = False          # counts against memory_bytes (heap or queue folder), not the spool's
+    memory: bool = False          # counts against memory_bytes (heap or queue file), not the spool's
     ring_end: int | None = None   # events: the ring position after its records
+    qfile: QueueFile | None = None
 
-    def load(self) -> tuple[dict, bytes | None]:
+    def load(self) -> tuple[dict, bytes | memoryview | None]:
+        if self.slot is not None:  # views of the mapping: sent from where they are
+            head, records = self.qfile.read(self.slot)
+            return msgpack.unpackb(head, raw=False), records
         if self.path is None:
             return self.head, self.blob
         data = memoryview(self.path.read_bytes())
@@ -150,9 +156,11 @@ class Shipper:
         self.opening = opening       # the "open" message's fields: trace, host, header
         self.spool_dir = Path(spool_dir)
         self.queue_dir = Path(queue_dir) if queue_dir is not None else None
-        if self.queue_dir is not None and not recovering:
+        self._qfile: QueueFile | None = None  # the memory queue, when it is a file (else the heap)
+        if self.queue_dir is not None and not recovering and memory_bytes > 0:
             try:
                 self.queue_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._qfile = QueueFile.create(self.queue_dir / QUEUE_FILE, memory_bytes)
             except OSError as e:
                 log.warning("cannot use %s for the memory queue (%s): chunks queue in this process's memory, "
                             "and what it holds dies with it if it is killed (counted)", self.queue_dir, e)
@@ -164,6 +172,7 @@ class Shipper:
         self._next_seq = 0
         self._in_memory = 0
         self._high = 0                  # most bytes queued in memory since the last trim
+        self._sending: int | None = None  # the queue file position of the chunk being sent: kept
         self._on_disk = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -222,23 +231,34 @@ class Shipper:
                    queue_dir=queue_dir if isinstance(queue_dir, str) else None)
         found: dict[int, _Entry] = {}
         ring_end = 0  # where the last chunk taken out of the ring ended
-        for folder, memory in ((run_dir, False), (self.queue_dir, True)):
-            for path in sorted(folder.glob("chunk-*")) if folder is not None else ():
-                if path.suffix == ".tmp":  # half-written when that agent died: never resent (still in the ring)
-                    path.unlink(missing_ok=True)
-                    continue
-                try:
-                    seq = int(path.name.removeprefix("chunk-"))
-                    local = _file_head(path).get(LOCAL) or {}
-                except (ValueError, OSError, msgpack.UnpackException) as e:
-                    log.error("%s: not a chunk (%s): left where it is", path, e)
-                    continue
-                if isinstance(local.get("ring_end"), int):
-                    ring_end = max(ring_end, local["ring_end"])
-                if seq in found:  # killed while moving it to the spool (_spill): the spool's copy is whole
-                    path.unlink(missing_ok=True)
-                    continue
-                found[seq] = _Entry(seq, 0, path=path, size=path.stat().st_size, memory=memory)
+        for path in sorted(run_dir.glob("chunk-*")):
+            if path.suffix == ".tmp":  # half-written when that agent died: never resent (still in the ring)
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                seq = int(path.name.removeprefix("chunk-"))
+                local = _file_head(path).get(LOCAL) or {}
+            except (ValueError, OSError, msgpack.UnpackException) as e:
+                log.error("%s: not a chunk (%s): left where it is", path, e)
+                continue
+            if isinstance(local.get("ring_end"), int):
+                ring_end = max(ring_end, local["ring_end"])
+            found[seq] = _Entry(seq, 0, path=path, size=path.stat().st_size)
+        qpath = self.queue_dir / QUEUE_FILE if self.queue_dir is not None else None
+        if qpath is not None and qpath.exists():
+            try:
+                self._qfile = QueueFile.open(qpath)
+                slots = self._qfile.entries()
+            except (OSError, ValueError) as e:
+                log.error("%s: the dead agent's memory queue cannot be read (%s): what it held is missing",
+                          qpath, e)
+                slots = []
+            for slot in slots:
+                if slot.ring_end is not None:
+                    ring_end = max(ring_end, slot.ring_end)
+                if slot.seq not in found:  # else killed while spooling it (stopping undelivered): spooled whole
+                    found[slot.seq] = _Entry(slot.seq, 0, slot=slot, qfile=self._qfile, size=slot.end - slot.pos,
+                                             memory=True, ring_end=slot.ring_end)
         for _, e in sorted(found.items()):
             self._queue.append(e)
             if e.memory:
@@ -250,6 +270,7 @@ class Shipper:
         self.stats.spooled = len(self._queue)
         last = self._queue[-1].load()[0] if self._queue else {}
         self.pinned = saved.get("pinned") if isinstance(saved.get("pinned"), dict) else None
+        self.clsact = saved.get("clsact") if isinstance(saved.get("clsact"), list) else []
         if last.get("kind") != "end":  # an agent that stopped but could not deliver kept its end chunk
             self.interrupted = "the agent ended without stopping this trace (killed or crashed)"
             _remove_left_filters(run_dir, saved.get("clsact"))  # before the counters: they stop counting here
@@ -311,6 +332,13 @@ class Shipper:
                     f" ({skipped} bytes it had queued already)" if skipped else "")
         counters.unpin(self.pinned, ("ring",))
         self.ring_left = None
+        # the opening no longer names the ring: a start after this one (killed before the
+        # collector recorded the interruption) finds what it held in the spool, not missing
+        self.pinned = {k: v for k, v in self.pinned.items() if k != "ring"}
+        try:
+            self._write_opening()
+        except OSError as e:
+            log.warning("cannot rewrite %s: %s", self.spool_dir / OPEN_FILE, e)
 
     @property
     def done(self) -> bool:
@@ -338,7 +366,7 @@ class Shipper:
             size = len(msgpack.packb(head, use_bin_type=True)) + nbytes
             entry = _Entry(seq, events, size=size, ring_end=ring_end)
             if (self._in_memory + size <= self.memory_bytes or keep and records is None and size <= 1 << 20) \
-                    and self._hold(entry, head, records):
+                    and self._hold(entry, head, records, keep=keep):
                 pass
             elif (why := self._spool(entry, head, records)) is None:
                 self._on_disk += size
@@ -401,20 +429,25 @@ class Shipper:
                     self._spill(e)
                 except OSError as err:
                     log.error("cannot keep chunk %d in %s: %s", e.seq, self.spool_dir, err)
-                    break
+                    return
+        if self._sending is None:
+            self._drop_queue_file()  # every chunk it held is in the spool
 
-    def _hold(self, e: _Entry, head: dict, records, force: bool = False) -> bool:
-        """The chunk into the memory queue (under self._cond): a file in the queue folder, or
-        a heap copy without one (or, `force`, when that file cannot be written). False: the
-        folder's file could not be written (its tmpfs full): the spool is tried next."""
-        if self.queue_dir is not None:
+    def _hold(self, e: _Entry, head: dict, records, force: bool = False, keep: bool = False) -> bool:
+        """The chunk into the memory queue (under self._cond): the queue file, or a heap copy
+        without one (or, `force`/`keep`, when the file has no room). False: the file has no room
+        (its bound, or its tmpfs full): the spool is tried next."""
+        if self._qfile is not None:
             try:
-                self._write(e, head, records, self.queue_dir)
-            except OSError as err:
-                if not force:
-                    log.warning("cannot queue chunk %d in %s (%s): spooled instead", e.seq, self.queue_dir, err)
-                    return False
-        if e.path is None:
+                e.slot = self._qfile.append(e.seq, msgpack.packb(head, use_bin_type=True), records, e.ring_end,
+                                            self._sending)
+            except (OSError, ValueError, BufferError) as err:  # SIGBUS aside, a full tmpfs shows here
+                log.warning("cannot queue chunk %d in %s (%s)", e.seq, self._qfile.path, err)
+            if e.slot is not None:
+                e.qfile = self._qfile
+            elif not (force or keep):
+                return False
+        if e.slot is None:
             e.head, e.blob = head, bytes(records) if records is not None else None
         e.memory = True
         self._in_memory += e.size
@@ -444,24 +477,13 @@ class Shipper:
                       "is dropped and its events counted lost (agent_spool_full)", why, seq)
 
     def _spill(self, e: _Entry) -> None:
-        """A memory queue's chunk to the spool (stopping with chunks undelivered): a heap chunk
-        written, a queue folder's file copied over and removed (a kill between the two leaves
-        both: recover() keeps one)."""
-        if e.path is None:
-            self._write(e, e.head, e.blob, self.spool_dir)
-            e.head = e.blob = None
-        else:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
-            dest = self.spool_dir / e.path.name
-            tmp = dest.with_name(dest.name + ".tmp")
-            try:
-                shutil.copyfile(e.path, tmp)
-                os.replace(tmp, dest)
-            except OSError:
-                tmp.unlink(missing_ok=True)
-                raise
-            e.path.unlink(missing_ok=True)
-            e.path = dest
+        """A memory queue's chunk to the spool (stopping with chunks undelivered). From the queue
+        file it stays there too until it is acknowledged (a kill now leaves both copies:
+        recover() sends the spool's)."""
+        head, records = e.load()
+        self._write(e, head, records, self.spool_dir)
+        e.head = e.blob = None
+        e.slot = None  # its space in the queue file is freed with the next one acknowledged from there
         self._in_memory -= e.size
         self._on_disk += e.size
         e.memory = False
@@ -478,19 +500,25 @@ class Shipper:
             with open(tmp, "wb") as f:  # buffered: a short write is retried, and its error raised
                 f.write(_SPOOL_HEAD.pack(len(packed)) + packed)
                 if records is not None:
-                    f.write(records)  # from the ring itself: the one copy
+                    f.write(records)
             os.replace(tmp, path)
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
         e.path = path
 
+    def _drop_queue_file(self) -> None:
+        """The queue file goes (nothing in it is needed: delivered or spooled)."""
+        if self._qfile is not None:
+            self._qfile.close(drop=True)
+            self._qfile.path.unlink(missing_ok=True)
+            self._qfile = None
+
     def _remove_spool(self) -> None:
         # a .tmp is a write that failed half-way (disk full) or an agent killed during one: never a chunk
-        queue = [*self.queue_dir.glob("*.tmp")] if self.queue_dir is not None else []
-        for p in [self.spool_dir / OPEN_FILE, self.spool_dir / f"{OPEN_FILE}.tmp", *self.spool_dir.glob("*.tmp"),
-                  *queue]:
+        for p in [self.spool_dir / OPEN_FILE, self.spool_dir / f"{OPEN_FILE}.tmp", *self.spool_dir.glob("*.tmp")]:
             p.unlink(missing_ok=True)
+        self._drop_queue_file()
         # empty by now; a folder someone put other files in stays. The queue's TRACE/HOST folders
         # go too when empty (tmpfs is memory); a write that races this makes them again (_write)
         queue = [self.queue_dir, self.queue_dir.parent, self.queue_dir.parent.parent] if self.queue_dir else []
@@ -519,6 +547,8 @@ class Shipper:
                 e = self._queue.popleft()
                 if e.path is not None:
                     e.path.unlink(missing_ok=True)
+                if e.slot is not None:
+                    e.qfile.release(e.slot)
                 if e.memory:
                     self._in_memory -= e.size
                 else:
@@ -534,6 +564,8 @@ class Shipper:
             trim = not self._queue and self._high >= TRIM_AFTER_BYTES
             if trim:
                 self._high = 0
+                if self._qfile is not None and self._sending is None:
+                    self._qfile.trim()  # the backlog's pages back to tmpfs (the working ones stay)
         if trim:
             _return_freed_memory()
 
@@ -611,8 +643,23 @@ class Shipper:
                 for e in pending:
                     if self._rewind is not None:
                         break  # the collector stopped writing: the rest waits
-                    head, blob = e.load()
-                    ch.send({"type": "chunk", "seq": e.seq, "chunk": head}, blob=blob)
+                    with self._cond:
+                        if e.seq <= self.stats.acked:
+                            continue  # acknowledged meanwhile (a resend)
+                        slot, qfile = e.slot, e.qfile
+                        # sent from the queue file's mapping: its space is not written again meanwhile
+                        self._sending = slot.pos if slot is not None else None
+                    try:
+                        if slot is not None:
+                            packed, blob = qfile.read(slot)
+                            head = msgpack.unpackb(packed, raw=False)
+                        else:
+                            head, blob = e.load()
+                        ch.send({"type": "chunk", "seq": e.seq, "chunk": head}, blob=blob)
+                    finally:
+                        if slot is not None:
+                            with self._cond:
+                                self._sending = None
                     self.stats.sent += 1
                     sent_upto = e.seq
             return True

@@ -1,0 +1,191 @@
+"""The agent's memory queue as one mapped file on tmpfs: it outlives a killed agent (the
+heap does not) and costs what heap copies did (a memcpy into pages that stay mapped; a
+file per chunk cost the agent ~0.1-0.2 us more per event, tools/bench/drain.py).
+
+    offset 0     header page: magic, data size, tail, head (u64 positions, free-running)
+    offset 4096  the data area: entries, each 8-byte aligned, never across its end
+
+    entry        u32 magic, u32 head length, u64 seq, u64 records length, i64 ring_end
+                 (-1: none), the msgpack head as shipped, the records, padding
+
+Entries are appended at head and released in order from tail (the collector acknowledges
+in order). An entry that would cross the end of the area starts the next lap (a WRAP word
+where it would have begun). Appended entries are whole before head moves past them, so a
+successor walking tail -> head (entries()) finds only whole ones.
+
+A queue that keeps up stays in the area's first WORKING bytes: an entry that would end past
+them starts the next lap if the beginning is free (and an empty queue starts there again),
+so only those pages are touched (tmpfs memory, resident in the agent) and they stay mapped
+(no page allocated per chunk). A backlog spreads over the area; trim() gives its pages back.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+MAGIC = b"VNETQUE1"
+HEADER = 4096
+_HEAD = struct.Struct("=8sQQQ")      # magic, data size, tail, head
+_TAIL_AT, _HEAD_AT = 16, 24
+ENTRY = struct.Struct("=IIQQq")     # magic, head length, seq, records length, ring_end
+ENTRY_MAGIC = 0x51454E56             # "VNEQ"
+WRAP_MAGIC = 0x50415257              # "WRAP"
+_U64 = struct.Struct("=Q")
+_WORD = struct.Struct("=I")
+WORKING = 4 << 20
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    pos: int            # where the entry starts (free-running)
+    end: int            # where the next one may start
+    seq: int
+    ring_end: int | None
+
+
+class QueueFile:
+    """One run's queue file. create(): a new one of `size` data bytes; open(): a dead
+    agent's, to resend (Shipper.recover). Not thread-safe: the shipper holds its lock."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self._fd = fd  # kept: trim() frees the file's pages
+        self._map = mmap.mmap(fd, 0)
+        self._view = memoryview(self._map)
+        magic, self.size, _, _ = _HEAD.unpack_from(self._map, 0)
+        if magic != MAGIC or self.size <= 0 or HEADER + self.size > len(self._map):
+            self.close()
+            raise ValueError(f"{path}: not a vnet queue file")
+        self._touched = 0  # the highest data offset written since the last trim
+
+    @classmethod
+    def create(cls, path: Path, size: int) -> "QueueFile":
+        size = max(mmap.PAGESIZE, (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, HEADER + size)  # sparse: tmpfs gives pages as they are written
+            os.pwrite(fd, _HEAD.pack(MAGIC, size, 0, 0), 0)
+            return cls(path, fd)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def open(cls, path: Path) -> "QueueFile":
+        fd = os.open(path, os.O_RDWR)
+        try:
+            return cls(path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @property
+    def tail(self) -> int:
+        return _U64.unpack_from(self._map, _TAIL_AT)[0]
+
+    @property
+    def head(self) -> int:
+        return _U64.unpack_from(self._map, _HEAD_AT)[0]
+
+    def queued_bytes(self) -> int:
+        return self.head - self.tail
+
+    def append(self, seq: int, head: bytes, records, ring_end: int | None, floor: int | None = None) -> Slot | None:
+        """The entry at head, or None when it does not fit (the caller spools it). `floor`: a
+        position below tail still being read (an entry being sent when it was released)."""
+        nbytes = memoryview(records).nbytes if records is not None else 0
+        need = _align8(ENTRY.size + len(head) + nbytes)
+        tail, pos = self.tail, self.head
+        low = tail if floor is None else min(tail, floor)
+        if pos == low and pos % self.size:  # empty: begin at the area's start again
+            pos = pos + self.size - pos % self.size
+            _U64.pack_into(self._map, _TAIL_AT, pos)
+            _U64.pack_into(self._map, _HEAD_AT, pos)
+            low = pos
+        off = pos % self.size
+        start = pos if off + need <= self.size else pos + self.size - off  # never across the end
+        if start == pos and off and off + need > WORKING and pos + self.size - off + need - low <= self.size:
+            start = pos + self.size - off  # past the working bytes, and the beginning is free: there
+        if need > self.size or start + need - low > self.size:
+            return None
+        if start != pos:
+            _WORD.pack_into(self._map, HEADER + off, WRAP_MAGIC)
+        at = HEADER + start % self.size
+        ENTRY.pack_into(self._map, at, ENTRY_MAGIC, len(head), seq, nbytes, -1 if ring_end is None else ring_end)
+        at += ENTRY.size
+        self._view[at:at + len(head)] = head
+        if nbytes:
+            self._view[at + len(head):at + len(head) + nbytes] = memoryview(records).cast("B")
+        self._touched = max(self._touched, start % self.size + need)
+        _U64.pack_into(self._map, _HEAD_AT, start + need)  # last: the entry is whole
+        return Slot(start, start + need, seq, ring_end)
+
+    def read(self, slot: Slot) -> tuple[memoryview, memoryview | None]:
+        """The entry's msgpack head and its records: views of the mapping (valid until released)."""
+        at = HEADER + slot.pos % self.size
+        _, hlen, _, nbytes, _ = ENTRY.unpack_from(self._map, at)
+        at += ENTRY.size
+        return self._view[at:at + hlen], (self._view[at + hlen:at + hlen + nbytes] if nbytes else None)
+
+    def release(self, slot: Slot) -> None:
+        """The entry and every one before it acknowledged: their space is free."""
+        tail = slot.end
+        if tail <= self.tail:
+            return
+        off = tail % self.size
+        if tail < self.head and off and (self.size - off < ENTRY.size or _WORD.unpack_from(self._map, HEADER + off)[0]
+                                         == WRAP_MAGIC):
+            tail += self.size - off  # the next entry began the next lap: the gap is free too
+        _U64.pack_into(self._map, _TAIL_AT, tail)
+
+    def entries(self) -> list[Slot]:
+        """The whole entries between tail and head (a dead agent's queue)."""
+        out, pos, head = [], self.tail, self.head
+        if not 0 <= head - pos <= self.size:
+            raise ValueError(f"{self.path}: tail {pos} and head {head} do not fit a {self.size}-byte area")
+        while pos < head:
+            off = pos % self.size
+            if self.size - off < ENTRY.size or _WORD.unpack_from(self._map, HEADER + off)[0] == WRAP_MAGIC:
+                pos += self.size - off
+                continue
+            magic, hlen, seq, nbytes, ring_end = ENTRY.unpack_from(self._map, HEADER + off)
+            end = pos + _align8(ENTRY.size + hlen + nbytes)
+            if magic != ENTRY_MAGIC or off + (end - pos) > self.size or end > head:
+                raise ValueError(f"{self.path}: damaged entry at {pos}")
+            out.append(Slot(pos, end, seq, None if ring_end < 0 else ring_end))
+            pos = end
+        return out
+
+    def trim(self, keep: int = WORKING) -> bool:
+        """Empty after a backlog: give back the area's pages beyond the first `keep` bytes
+        (tmpfs memory, and this process's resident set). Whether anything was given."""
+        if self.head != self.tail or self._touched <= keep:
+            return False
+        start = keep // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_REMOVE, HEADER + start, self.size - start)
+        self._touched = start
+        return True
+
+    def close(self, drop: bool = False) -> None:
+        """`drop`: its content is not needed (delivered or spooled): the pages go at once,
+        even while a view of them is still out (the mapping then goes with the view)."""
+        if self._fd < 0:
+            return
+        if drop:
+            self._map.madvise(mmap.MADV_REMOVE, 0, len(self._map))
+        self._view.release()
+        try:
+            self._map.close()
+        except BufferError:  # a view is still out (a send in progress): unmapped when it goes
+            pass
+        os.close(self._fd)
+        self._fd = -1
