@@ -7,10 +7,10 @@ queue grows in memory up to `memory_bytes`, then on disk in `spool_dir` up to
 at the agent (the only way an agent loses data, and it says so). On reconnect
 the collector says which sequence it has; everything after is sent again.
 
-"In memory" is a folder on tmpfs (`queue_dir`, the agent's --queue-dir) when there is
-one: a file there outlives a killed process, as the heap does not, and costs the same
-memory. The agent takes a batch out of its ring only once its chunk is there, so a kill
-loses nothing that was read; without such a folder the chunks are heap copies.
+"In memory" is a mapped file on tmpfs (`queue_dir/queue`, the agent's --queue-dir,
+vnet/agent/queuefile.py) when there is one: it outlives a killed process, as the heap does
+not, at the same memory and CPU. The agent takes a batch out of its ring only once its
+chunk is there, so a kill loses nothing that was read; without it the chunks are heap copies.
 
 Faults (docs/reliability.md):
 - the line goes silent (network cut): no ack and no ping for SESSION_TIMEOUT_S ends the
@@ -21,11 +21,11 @@ Faults (docs/reliability.md):
   every FULL_RETRY_S .. FULL_RETRY_MAX_S until they are written: nothing is lost while
   the agent's own queue and spool hold out.
 - the agent dies: the spool folder keeps the stream's opening (`open`) and whatever was
-  spooled, the queue folder what was queued, and bpffs its ring with what it had not read
+  spooled, the queue file what was queued, and bpffs its ring with what it had not read
   and its kernel counters (vnet/agent/counters.py). `recover()` (the next agent's start)
   resends the chunks, reads the ring out from where the last queued chunk ended into new
   chunks, and has the collector record that the stream was interrupted, with the counters.
-  What only a heap queue held (no queue folder) is a gap, counted exactly from them.
+  What only a heap queue held (no queue file) is a gap, counted exactly from them.
 """
 
 from __future__ import annotations

@@ -32,8 +32,9 @@ def agent(
     spool_mb: int = typer.Option(1024, "--spool-mb", min=0, help="Disk spool bound; beyond it chunks are "
                                  "dropped and their events reported lost."),
     queue_dir: Path = typer.Option(Path("/dev/shm/vnet"), "--queue-dir", help="A folder on tmpfs for the memory "
-                                   "queue's chunks: they outlive a killed agent, whose successor sends them. "
-                                   "Unusable: the queue is in the agent's heap (a kill loses it, counted)."),
+                                   "queue (one mapped file per trace): it outlives a killed agent, whose "
+                                   "successor sends it. Unusable: the queue is in the agent's heap (a kill "
+                                   "loses it, counted)."),
     pin_dir: Optional[Path] = typer.Option(None, "--pin-dir", help="A folder on bpffs where each trace's kernel "
                                            "counters outlive a killed agent (default /sys/fs/bpf/vnet)."),
     orphan_grace: float = typer.Option(60.0, "--orphan-grace", min=0, max=86400, metavar="SECONDS",
