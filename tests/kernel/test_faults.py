@@ -568,6 +568,33 @@ def _bpffs(path: Path):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def test_a_full_tmpfs_under_the_queue_file_spools_instead_of_crashing(tmp_path):
+    """The queue file is sparse: a tmpfs without room for its pages would kill the agent with
+    SIGBUS at the first store. Its pages are reserved first (fallocate): on a 1 MiB tmpfs a
+    4 MiB queue takes what fits there, the rest goes to the spool, nothing is dropped, and a
+    successor reads both back in order."""
+    from vnet.agent.queuefile import QueueFile
+    from vnet.agent.shipper import Shipper
+
+    with _tmpfs(tmp_path / "shm", "1m") as shm:
+        q, spool = shm / "t" / "h" / "r1", tmp_path / "spool" / "t" / "h" / "r1"
+        shipper = Shipper(f"unix:{tmp_path}/nobody.sock", bytes(32), {"trace": "t", "host": "h", "run": "r1",
+                                                                      "header": {}},
+                          spool_dir=spool, memory_bytes=4 << 20, queue_dir=q)
+        try:
+            for i in range(12):  # 12 x 192 KiB: 2.25 MiB
+                shipper.put("events", bytes([i]) * (192 << 10), count=1)
+            queued = QueueFile.open(q / "queue").entries()
+            assert 0 < len(queued) < 12 and shipper.stats.spooled == 12 - len(queued), shipper.stats
+            assert shipper.stats.dropped_chunks == 0
+            assert [e.seq for e in shipper._queue] == list(range(12))
+            assert [bytes(e.load()[1][:1]) for e in shipper._queue] == [bytes([i]) for i in range(12)]
+        finally:
+            shipper._stop.set()
+            shipper._thread.join(timeout=5)
+            shipper._drop_queue_file()
+
+
 def _queued(qdir: Path) -> list:
     """The entries of the queue files under qdir (a killed agent's memory queue)."""
     from vnet.agent.queuefile import QueueFile
@@ -617,7 +644,7 @@ def test_agent_sigkilled_while_events_flow_every_event_is_in_the_files_or_counte
     queued in the agent's memory (the collector gone, --queue-mb 1), spooled to disk (past
     that megabyte), in the ring unread (the agent stopped with SIGSTOP, then killed).
 
-    tmpfs: the memory queue is files on tmpfs (--queue-dir, the default's kind) and the ring
+    tmpfs: the memory queue is a file on tmpfs (--queue-dir, the default's kind) and the ring
     is pinned on bpffs: the restarted agent sends the queued chunks and reads the ring out
     from where the last queued chunk ended, so nothing is lost: the files hold every event
     the kernel emitted, each once, and `vnet analyze` says nothing died.

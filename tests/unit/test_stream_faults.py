@@ -280,7 +280,7 @@ def test_the_queue_file_wraps_keeps_up_in_its_first_pages_and_refuses_what_does_
         live.append(q.append(seq, b"h", chunk, None))
         if len(live) > 2:
             q.release(live.pop(0))
-    assert max(s.pos % q.size for s in live) < WORKING and q._touched <= WORKING + len(chunk) + 64
+    assert max(s.pos % q.size for s in live) < WORKING and q._touched <= WORKING + len(chunk) + 4096
     for seq in range(50, 100):
         live.append(q.append(seq, b"h", chunk, None))
     assert q._touched > 8 * WORKING and not q.trim()  # not empty yet

@@ -64,7 +64,7 @@ class QueueFile:
         if magic != MAGIC or self.size <= 0 or HEADER + self.size > len(self._map):
             self.close()
             raise ValueError(f"{path}: not a vnet queue file")
-        self._touched = 0  # the highest data offset written since the last trim
+        self._touched = 0  # data bytes from the start reserved in tmpfs (fallocate), page-rounded
 
     @classmethod
     def create(cls, path: Path, size: int) -> "QueueFile":
@@ -117,6 +117,14 @@ class QueueFile:
             start = pos + self.size - off  # past the working bytes, and the beginning is free: there
         if need > self.size or start + need - low > self.size:
             return None
+        end_off = start % self.size + need
+        if end_off > self._touched:  # reserved first: a store to a page a full tmpfs cannot give is SIGBUS
+            grow = min(self.size, -(-end_off // mmap.PAGESIZE) * mmap.PAGESIZE)
+            try:
+                os.posix_fallocate(self._fd, HEADER + self._touched, grow - self._touched)
+            except OSError:
+                return None
+            self._touched = grow
         if start != pos:
             _WORD.pack_into(self._map, HEADER + off, WRAP_MAGIC)
         at = HEADER + start % self.size
@@ -125,7 +133,6 @@ class QueueFile:
         self._view[at:at + len(head)] = head
         if nbytes:
             self._view[at + len(head):at + len(head) + nbytes] = memoryview(records).cast("B")
-        self._touched = max(self._touched, start % self.size + need)
         _U64.pack_into(self._map, _HEAD_AT, start + need)  # last: the entry is whole
         return Slot(start, start + need, seq, ring_end)
 
