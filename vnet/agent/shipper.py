@@ -283,7 +283,7 @@ class Shipper:
             if isinstance(ring, str):
                 self.ring_left = (ring, ring_end)  # read out once the collector says where to number from
             else:
-                self.interrupted += ": what it had read but not queued in a file, or not read, is missing"
+                self.interrupted += ": its ring was not pinned, so what it had not read is missing (counted)"
         else:
             counters.unpin(self.pinned)  # a stopped trace: its end chunk has the counters
         self._thread.start()
@@ -349,7 +349,7 @@ class Shipper:
     # -- producer side ------------------------------------------------------------------------------
     def put(self, kind: str, records=None, *, keep: bool = False, ring_end: int | None = None, **fields) -> int:
         """Queue a chunk; returns its sequence number. `records` (an events chunk's ring
-        batch, any buffer) is copied once, here (to the queue folder's file, or the heap),
+        batch, any buffer) is copied once, here (into the queue file, or the heap),
         and shipped raw beside the chunk's head: the collector writes it to the trace file
         as the chunk's last field, "records". An events chunk's "count" is what it costs if
         it is lost; `ring_end`, the ring position after its records (a successor reading the
@@ -441,7 +441,7 @@ class Shipper:
             try:
                 e.slot = self._qfile.append(e.seq, msgpack.packb(head, use_bin_type=True), records, e.ring_end,
                                             self._sending)
-            except (OSError, ValueError, BufferError) as err:  # SIGBUS aside, a full tmpfs shows here
+            except (OSError, ValueError, BufferError) as err:  # a full tmpfs is a None (queuefile reserves)
                 log.warning("cannot queue chunk %d in %s (%s)", e.seq, self._qfile.path, err)
             if e.slot is not None:
                 e.qfile = self._qfile
