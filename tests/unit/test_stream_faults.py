@@ -306,30 +306,3 @@ def test_a_collector_that_cannot_create_the_file_says_why_and_leaves_none(tmp_pa
                           ("opened",))["have"] == -1
     finally:
         ch.close()
-
-
-def test_an_agent_start_names_queue_files_no_stream_of_its_spool_accounts_for(tmp_path, caplog):
-    """A queue file whose stream is in the spool is resent (not named); one that no stream
-    accounts for (its spool removed, or another agent's) is named with how to free it, and
-    left: it may be a live agent's."""
-    from vnet.agent.agent import Agent
-    from vnet.agent.queuefile import QueueFile
-    from vnet.agent.shipper import Shipper
-
-    queue, spool = tmp_path / "queue", tmp_path / "spool"
-    dead = Shipper(f"unix:{tmp_path}/nobody.sock", KEY, {"trace": "t", "host": "h", "run": "r1", "header": {}},
-                   spool_dir=spool / "t" / "h" / "r1", memory_bytes=1 << 20, queue_dir=queue / "t" / "h" / "r1")
-    dead.put("events", b"a" * 64, count=1)
-    dead._stop.set()  # as if killed
-    dead._thread.join(timeout=5)
-    (queue / "t" / "h" / "r2").mkdir()
-    QueueFile.create(queue / "t" / "h" / "r2" / "queue", 4096).close()
-    with caplog.at_level("WARNING", logger="vnet.agent"):
-        agent = Agent(KEY, spool, "h", queue_dir=queue)
-    try:
-        said = [r.getMessage() for r in caplog.records if "memory queue" in r.getMessage()]
-        assert len(said) == 1 and "r2/queue belongs to no stream" in said[0] and "rm -r" in said[0], said
-        assert [b.stats.queued for b in agent.background] == [1]
-        assert (queue / "t" / "h" / "r2" / "queue").exists()
-    finally:
-        agent.shutdown()

@@ -33,7 +33,7 @@ from vnet.protocol import Channel
 from vnet.protocol.channel import PeerClosed, ProtocolError
 
 from . import counters
-from .shipper import QUEUE_FILE, Shipper
+from .shipper import Shipper
 
 log = logging.getLogger("vnet.agent")
 # The programs send most records without a wakeup: every 64th per CPU they force one as the
@@ -498,11 +498,6 @@ class Agent:
         for path in counters.leftovers(self.pin_dir, pins):
             log.warning("pinned trace counters or ring %s belong to no stream in %s (another spool, or removed): "
                         "left as they are; rm %s frees them", path, self.spool_dir, path)
-        queues = {str(s.queue_dir / QUEUE_FILE) for s in self.background if s.queue_dir is not None}
-        for path in sorted(self.queue_dir.glob(f"*/*/*/{QUEUE_FILE}")) if self.queue_dir is not None else ():
-            if str(path) not in queues:  # tmpfs memory: said, not removed (another agent's may be live)
-                log.warning("memory queue %s belongs to no stream in %s (another agent's, or its spool removed): "
-                            "left as it is; rm -r %s frees it", path, self.spool_dir, path.parent)
 
     def hello(self) -> dict:
         with self._answers_lock:  # probed once, in a child; kept here as a few KiB of plain data
