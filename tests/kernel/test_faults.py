@@ -588,7 +588,7 @@ def test_a_full_tmpfs_under_the_queue_file_spools_instead_of_crashing(tmp_path):
             assert 0 < len(queued) < 12 and shipper.stats.spooled == 12 - len(queued), shipper.stats
             assert shipper.stats.dropped_chunks == 0
             assert [e.seq for e in shipper._queue] == list(range(12))
-            assert [bytes(e.load()[1][:1]) for e in shipper._queue] == [bytes([i]) for i in range(12)]
+            assert [bytes(e.load(shipper._qfile)[1][:1]) for e in shipper._queue] == [bytes([i]) for i in range(12)]
         finally:
             shipper._stop.set()
             shipper._thread.join(timeout=5)

@@ -234,7 +234,7 @@ def test_a_dead_agents_memory_queue_file_is_resent_and_removed(tmp_path, collect
     assert sorted(p.name for p in run_dir.iterdir()) == ["chunk-000000000002", "chunk-000000000003",
                                                          "chunk-000000000004", "open"]
     assert dead.stats.spooled == 3 and dead.stats.dropped_chunks == 0
-    dead._write(dead._queue[0], *dead._queue[0].load(), run_dir)  # and chunk 0 half-way to the spool
+    dead._write(dead._queue[0], *dead._queue[0].load(dead._qfile), run_dir)  # and chunk 0 half-way to the spool
     saved = msgpack.unpackb((run_dir / "open").read_bytes(), raw=False)
     assert saved["queue_dir"] == str(queue)
     saved["address"] = address

@@ -202,7 +202,7 @@ class AgentTrace:
                 if batch.nbytes:
                     continue  # it stopped at the ring's end: more may follow from its start
                 return
-            # queued (a file on tmpfs) before the ring space goes back: a kill loses none of it
+            # queued (the queue file on tmpfs) before the ring space goes back: a kill loses none of it
             self.shipper.put("events", count=batch.count, records=batch.data,
                              ring_end=self.reader.position + batch.nbytes)
             self.reader.consume(batch)

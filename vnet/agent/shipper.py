@@ -88,13 +88,16 @@ class _Entry:
     slot: Slot | None = None      # in the queue file (on tmpfs), or
     path: Path | None = None      # spooled to disk
     size: int = 0
-    memory: bool = False          # counts against memory_bytes (heap or queue file), not the spool's
     ring_end: int | None = None   # events: the ring position after its records
-    qfile: QueueFile | None = None
 
-    def load(self) -> tuple[dict, bytes | memoryview | None]:
-        if self.slot is not None:  # views of the mapping: sent from where they are
-            head, records = self.qfile.read(self.slot)
+    @property
+    def memory(self) -> bool:
+        """Counts against memory_bytes (heap or queue file), not the spool's."""
+        return self.path is None
+
+    def load(self, qfile: QueueFile | None) -> tuple[dict, bytes | memoryview | None]:
+        if self.slot is not None:  # views of the queue file's mapping: sent from where they are
+            head, records = qfile.read(self.slot)
             return msgpack.unpackb(head, raw=False), records
         if self.path is None:
             return self.head, self.blob
@@ -257,8 +260,8 @@ class Shipper:
                 if slot.ring_end is not None:
                     ring_end = max(ring_end, slot.ring_end)
                 if slot.seq not in found:  # else killed while spooling it (stopping undelivered): spooled whole
-                    found[slot.seq] = _Entry(slot.seq, 0, slot=slot, qfile=self._qfile, size=slot.end - slot.pos,
-                                             memory=True, ring_end=slot.ring_end)
+                    found[slot.seq] = _Entry(slot.seq, 0, slot=slot, size=slot.end - slot.pos,
+                                             ring_end=slot.ring_end)
         for _, e in sorted(found.items()):
             self._queue.append(e)
             if e.memory:
@@ -268,7 +271,7 @@ class Shipper:
             self._next_seq = max(self._next_seq, e.seq + 1)
         self.stats.queued = len(self._queue)
         self.stats.spooled = len(self._queue)
-        last = self._queue[-1].load()[0] if self._queue else {}
+        last = self._queue[-1].load(self._qfile)[0] if self._queue else {}
         self.pinned = saved.get("pinned") if isinstance(saved.get("pinned"), dict) else None
         self.clsact = saved.get("clsact") if isinstance(saved.get("clsact"), list) else []
         if last.get("kind") != "end":  # an agent that stopped but could not deliver kept its end chunk
@@ -362,11 +365,11 @@ class Shipper:
             seq = self._next_seq
             self._next_seq += 1
             head = {"kind": kind, "seq": seq, **fields}
-            nbytes = memoryview(records).nbytes if records is not None else 0
-            size = len(msgpack.packb(head, use_bin_type=True)) + nbytes
+            packed = msgpack.packb(head, use_bin_type=True)
+            size = len(packed) + (memoryview(records).nbytes if records is not None else 0)
             entry = _Entry(seq, events, size=size, ring_end=ring_end)
             if (self._in_memory + size <= self.memory_bytes or keep and records is None and size <= 1 << 20) \
-                    and self._hold(entry, head, records, keep=keep):
+                    and self._hold(entry, head, packed, records, keep=keep):
                 pass
             elif (why := self._spool(entry, head, records)) is None:
                 self._on_disk += size
@@ -376,7 +379,8 @@ class Shipper:
                 self._dropped(seq, events, why)
                 # The collector must not wait for it: a marker says what is gone.
                 entry = _Entry(seq, 0, size=64)
-                self._hold(entry, {"kind": "dropped", "seq": seq, "events": events}, None, force=True)
+                marker = {"kind": "dropped", "seq": seq, "events": events}
+                self._hold(entry, marker, msgpack.packb(marker, use_bin_type=True), None, force=True)
             self._queue.append(entry)
             self.stats.queued = len(self._queue)
             self._cond.notify_all()
@@ -433,23 +437,19 @@ class Shipper:
         if self._sending is None:
             self._drop_queue_file()  # every chunk it held is in the spool
 
-    def _hold(self, e: _Entry, head: dict, records, force: bool = False, keep: bool = False) -> bool:
+    def _hold(self, e: _Entry, head: dict, packed: bytes, records, force: bool = False, keep: bool = False) -> bool:
         """The chunk into the memory queue (under self._cond): the queue file, or a heap copy
         without one (or, `force`/`keep`, when the file has no room). False: the file has no room
         (its bound, or its tmpfs full): the spool is tried next."""
         if self._qfile is not None:
             try:
-                e.slot = self._qfile.append(e.seq, msgpack.packb(head, use_bin_type=True), records, e.ring_end,
-                                            self._sending)
+                e.slot = self._qfile.append(e.seq, packed, records, e.ring_end, self._sending)
             except (OSError, ValueError, BufferError) as err:  # a full tmpfs is a None (queuefile reserves)
                 log.warning("cannot queue chunk %d in %s (%s)", e.seq, self._qfile.path, err)
-            if e.slot is not None:
-                e.qfile = self._qfile
-            elif not (force or keep):
+            if e.slot is None and not (force or keep):
                 return False
         if e.slot is None:
             e.head, e.blob = head, bytes(records) if records is not None else None
-        e.memory = True
         self._in_memory += e.size
         self._high = max(self._high, self._in_memory)
         return True
@@ -480,13 +480,12 @@ class Shipper:
         """A memory queue's chunk to the spool (stopping with chunks undelivered). From the queue
         file it stays there too until it is acknowledged (a kill now leaves both copies:
         recover() sends the spool's)."""
-        head, records = e.load()
+        head, records = e.load(self._qfile)
         self._write(e, head, records, self.spool_dir)
         e.head = e.blob = None
         e.slot = None  # its space in the queue file is freed with the next one acknowledged from there
         self._in_memory -= e.size
         self._on_disk += e.size
-        e.memory = False
 
     def _write(self, e: _Entry, head: dict, records, folder: Path) -> None:
         """The chunk's file in `folder`, whole or absent (a restarted agent resends what it finds)."""
@@ -548,7 +547,7 @@ class Shipper:
                 if e.path is not None:
                     e.path.unlink(missing_ok=True)
                 if e.slot is not None:
-                    e.qfile.release(e.slot)
+                    self._qfile.release(e.slot)
                 if e.memory:
                     self._in_memory -= e.size
                 else:
@@ -646,15 +645,12 @@ class Shipper:
                     with self._cond:
                         if e.seq <= self.stats.acked:
                             continue  # acknowledged meanwhile (a resend)
-                        slot, qfile = e.slot, e.qfile
-                        # sent from the queue file's mapping: its space is not written again meanwhile
+                        # sent from the queue file's mapping: its space is not written again, nor
+                        # the file dropped, meanwhile (a spill only adds a spool copy)
+                        slot, qfile = e.slot, self._qfile
                         self._sending = slot.pos if slot is not None else None
                     try:
-                        if slot is not None:
-                            packed, blob = qfile.read(slot)
-                            head = msgpack.unpackb(packed, raw=False)
-                        else:
-                            head, blob = e.load()
+                        head, blob = e.load(qfile)
                         ch.send({"type": "chunk", "seq": e.seq, "chunk": head}, blob=blob)
                     finally:
                         if slot is not None:
