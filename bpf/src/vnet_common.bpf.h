@@ -151,6 +151,7 @@ struct vnet_abi {
 	enum vnet_stat stat;
 	enum vnet_limit limit;
 	enum vnet_snap snap;
+	enum vnet_pcap pcap;
 };
 struct vnet_abi *vnet_abi_anchor __attribute__((unused));
 

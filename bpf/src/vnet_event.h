@@ -47,6 +47,13 @@ enum vnet_snap {
 	VNET_SNAP_MAX = 256,
 };
 
+/* tcpdump expressions at kernel hooks (vnet_pcap_probe): the first
+ * VNET_PCAP_WINDOW bytes of the packet are copied once, and the expression's
+ * loads within them read that copy (vnet/tcpdump/translate.py). */
+enum vnet_pcap {
+	VNET_PCAP_WINDOW = 128,
+};
+
 /* Indexes of the per-CPU `vnet_stats` array: every loss is counted. */
 enum vnet_stat {
 	VNET_STAT_SEEN = 0,     /* packets the program ran on */

@@ -199,3 +199,54 @@ def test_udp_pkt_id_at_kernel_hooks_matches_tc_or_says_it_cannot(offloaded):
     probes = [("net:netif_receive_skb", None), ("sock:datagram_copy", None)]
     events = paged.udp_datagrams(offloaded, paged.plans(offloaded, probes, egress=False))
     paged.check_udp(offloaded, events)
+
+
+# -- how far a kernel hook reads ----------------------------------------------------------------------
+
+import socket  # noqa: E402
+import struct  # noqa: E402
+
+from vnet.topology import in_netns  # noqa: E402
+
+DEEP_PORT = 7302
+
+
+def _ipv6_udp_behind_options(opts_len: int, i: int) -> bytes:
+    """An Ethernet frame: IPv6, a Destination Options header of `opts_len` bytes (a multiple
+    of 8, PadN options filling it), UDP to DEEP_PORT."""
+    payload = b"vnet-deep-%04d" % i
+    udp = struct.pack("!HHHH", 40000 + i, DEEP_PORT, 8 + len(payload), 0) + payload
+    opts, room = struct.pack("!BB", 17, opts_len // 8 - 1), opts_len - 2
+    while room:  # PadN options (type 1), at most 255 bytes of padding each
+        n = min(room, 257) if room != 258 else 200
+        opts += struct.pack("!BB", 1, n - 2) + bytes(n - 2)
+        room -= n
+    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(opts) + len(udp), 60, 64,
+                      socket.inet_pton(socket.AF_INET6, "fd00:93::1"), socket.inet_pton(socket.AF_INET6, "fd00:93::2"))
+    return b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x86\xdd" + ip6 + opts + udp
+
+
+def test_a_kernel_hook_reads_headers_deep_in_the_linear_part():
+    """UDP behind an 8-byte and behind a 264-byte IPv6 Destination Options header (the UDP
+    header 304 bytes past the IP header): tc and net:netif_receive_skb read the same ports and
+    give one pkt_id for every datagram. (A guard for any cheaper way of reading a kernel
+    hook's packet: one copy of its first bytes would not reach the second kind.)"""
+    with veth_pair(93) as net:
+        with in_netns(net.ns1):
+            tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        with tx:
+            tx.bind((net.if1, 0))
+            plans = [device_plan(resolve_device(net.spec2), ("ingress",)),
+                     resolver.plan(resolver.resolve(catalog.BY_NAME["net:netif_receive_skb"]))]
+            with Trace(plans, packet_filter=PacketFilter(netns=net.ns2, ifaces=(net.if2,), proto="ip6")) as t:
+                for i in range(5):
+                    tx.send(_ipv6_udp_behind_options(8, i))
+                    tx.send(_ipv6_udp_behind_options(264, 100 + i))
+                events = collect(t, 20)
+    tc = {e["sport"]: e for e in events if e["probe"].startswith("dev:")}
+    tp = {e["sport"]: e for e in events if e["probe"] == "net:netif_receive_skb"}
+    sports = sorted([40000 + i for i in range(5)] + [40100 + i for i in range(5)])
+    assert sorted(tc) == sports and sorted(tp) == sports
+    for sport, e in tp.items():
+        assert e["dport"] == DEEP_PORT and not e.get("pkt_id_partial") and not e.get("truncated")
+        assert e["pkt_id"] == tc[sport]["pkt_id"]

@@ -60,7 +60,7 @@ def test_translation_has_no_dead_code_and_stays_in_bounds(text, mode):
         # only r0-r9 and reads of the frame pointer; stack use within the stub's own slots
         assert i.dst <= 10 and i.src <= 10
         if i.cls in (ebpf.ST, ebpf.STX):
-            assert i.dst == ebpf.FP and translate.SLOT_MEM <= i.off < 0
+            assert i.dst == ebpf.FP and min(translate.SLOT_MEM, translate.SLOT_WIN) <= i.off < 0
         if i.cls in (ebpf.JMP, ebpf.JMP32) and (i.code & 0xF0) == ebpf.CALL:
             assert i.imm in (ebpf.HELPER_SKB_LOAD_BYTES, ebpf.HELPER_PROBE_READ_KERNEL)
             assert i.imm == (ebpf.HELPER_SKB_LOAD_BYTES if mode == translate.DIRECT
@@ -191,3 +191,40 @@ def test_replace_function_refuses_partial_instructions():
 def test_func_info_records_are_what_the_splice_reads():
     """struct bpf_func_info is {insn_off, type_id}: both u32 (linux/bpf.h)."""
     assert struct.calcsize("<II") == 8
+
+
+@pytest.mark.parametrize("obj", ["skb_trace", "drop", "tc_trace"])
+def test_the_probe_window_agrees_with_the_programs(obj):
+    """The translator reads the first PROBE_WINDOW bytes from the copy vnet_pcap_probe is handed:
+    the C side copies VNET_PCAP_WINDOW bytes, read from each object's BTF."""
+    from vnet.binding import Btf
+    from vnet.objects import object_path
+
+    with Btf.from_file(str(object_path(obj))) as btf:
+        assert btf.enum("vnet_pcap")["VNET_PCAP_WINDOW"] == translate.PROBE_WINDOW
+
+
+@pytest.mark.parametrize("text", ["udp and dst port 53", "ip[200] = 1", "tcp[tcpflags] & tcp-syn != 0"])
+def test_probe_loads_inside_the_window_read_the_copy_and_the_rest_call_the_helper(text):
+    """Constant loads within the window are plain loads (no helper call); an indexed load tests
+    the bound and keeps one helper call for past it; a constant load past it is a helper call."""
+    classic = compile(text).ethernet
+    body = translate.translate(translate.PROBE, classic, None)
+    size = {0x00: 4, 0x08: 2, 0x10: 1}
+    indexed = sum(1 for i in classic if i.code & 0x07 == 0x00 and i.code & 0xE0 == 0x40)
+    past = sum(1 for i in classic if i.code & 0x07 in (0x00, 0x01) and i.code & 0xE0 in (0x20, 0xA0)
+               and i.k + size[i.code & 0x18] > translate.PROBE_WINDOW)
+    calls = [i for i in body if i.cls == ebpf.JMP and (i.code & 0xF0) == ebpf.CALL]
+    assert len(calls) == indexed + past
+    assert any(i.cls == ebpf.LDX and i.src == ebpf.FP and i.off == translate.SLOT_WIN for i in body)
+    if text == "ip[200] = 1":
+        assert past == 1
+
+
+def test_without_a_window_every_probe_load_is_a_helper_call():
+    """Objects built before the window (a four-argument stub) get a body that never reads r5."""
+    classic = compile("udp and dst port 53").ethernet
+    body = translate.translate(translate.PROBE, classic, None, window=0)
+    loads = sum(1 for i in classic if i.code & 0x07 in (0x00, 0x01) and i.code & 0xE0 in (0x20, 0x40, 0xA0))
+    assert sum(1 for i in body if i.cls == ebpf.JMP and (i.code & 0xF0) == ebpf.CALL) == loads
+    assert not any(i.src == 5 or i.off == translate.SLOT_WIN for i in body if i.cls in (ebpf.LDX, ebpf.STX))

@@ -250,7 +250,8 @@ def dump_expression(text: str) -> list[str]:
                 *ebpf.listing(body)]
     body = translate.translate(translate.PROBE, expr.ethernet, expr.raw)
     out += [f"; eBPF {translate.STUBS[translate.PROBE]} (tracepoints, fentry, kprobes, VLAN-tagged TC packets; "
-            "bpf_probe_read_kernel):", *ebpf.listing(body)]
+            f"loads from a copy of the first {translate.PROBE_WINDOW} bytes, bpf_probe_read_kernel past them):",
+            *ebpf.listing(body)]
     return out
 
 

@@ -10,13 +10,15 @@ from . import ebpf, translate
 from .expression import ETHERNET, RAW, Expression, compile
 
 
-def stub_bodies(expr: Expression, direct_link: str = ETHERNET) -> dict[str, bytes]:
+def stub_bodies(expr: Expression, direct_link: str = ETHERNET,
+                window: int = translate.PROBE_WINDOW) -> dict[str, bytes]:
     """Encoded eBPF for each stub: vnet_pcap_direct runs the program for
-    `direct_link` (a TC device's link type); vnet_pcap_probe carries both."""
+    `direct_link` (a TC device's link type); vnet_pcap_probe carries both
+    (`window`: see translate.translate)."""
     return {translate.STUBS[translate.DIRECT]: ebpf.encode(translate.translate(translate.DIRECT,
                                                                                expr.classic(direct_link))),
             translate.STUBS[translate.PROBE]: ebpf.encode(translate.translate(translate.PROBE, expr.ethernet,
-                                                                              expr.raw))}
+                                                                              expr.raw, window))}
 
 
 __all__ = ["ETHERNET", "RAW", "Expression", "compile", "stub_bodies"]

@@ -13,9 +13,12 @@ direct (TC hooks):  vnet_pcap_direct(skb, data, data_end, wirelen)
     loads are direct packet access, bounds-checked against data_end; past the
     linear part (a GSO or paged skb) bpf_skb_load_bytes fetches them.
 probe (tracepoints, kprobes, fentry; also a TC copy with its VLAN tag put back):
-                    vnet_pcap_probe(data, caplen, wirelen, l2)
-    each load is one bpf_probe_read_kernel of the bytes into the stack; `l2`
-    picks the program compiled for Ethernet (1) or for raw IP (0).
+                    vnet_pcap_probe(data, caplen, wirelen, l2, win)
+    `win` is scratch memory (a map value) holding the first
+    min(caplen, PROBE_WINDOW) bytes of data, copied once: loads within it are
+    plain loads; a load further on is one bpf_probe_read_kernel of the bytes
+    into the stack. `l2` picks the program compiled for Ethernet (1) or for
+    raw IP (0).
 
 Both return 0 to reject, anything else to accept (the classic return value).
 Registers: A = w6, X = w7, packet start = r8, data_end/caplen = r9 (callee-saved,
@@ -40,6 +43,8 @@ SLOT_LOAD = -8      # bytes a helper fetched
 SLOT_CTX = -16      # the skb (direct mode's bpf_skb_load_bytes)
 SLOT_WIRELEN = -24
 SLOT_MEM = -88      # M[i] at SLOT_MEM + 4 * i
+SLOT_WIN = -96      # probe mode's window (a map value pointer)
+PROBE_WINDOW = 128  # enum vnet_pcap's VNET_PCAP_WINDOW (the loader reads it there; tests/unit check they agree)
 MEMWORDS = 16
 MAX_DIRECT_OFF = 0xFFFF  # the verifier's packet-range limit (MAX_PACKET_OFF)
 
@@ -107,10 +112,11 @@ def _reachable(insns: Sequence[ClassicInsn]) -> set[int]:
 class _Body:
     """One classic program as eBPF, its labels prefixed so that bodies can share a stub."""
 
-    def __init__(self, asm: Asm, mode: str, prefix: str):
+    def __init__(self, asm: Asm, mode: str, prefix: str, window: int = 0):
         self.a = asm
         self.mode = mode
         self.p = prefix
+        self.window = window
         self.n = 0
         self.rejects = False  # whether anything jumps to the reject block (else it must not exist)
 
@@ -195,15 +201,36 @@ class _Body:
             a.mov64_reg(3, 2)
             a.add64_imm(3, nbytes)
             a.jmp_reg(e.JGT, 3, REND, self.reject, wide=True)
+            done = None
+            if self.window >= nbytes:
+                # within the window: a plain load (this constant bound is what the verifier checks)
+                slow, done = self.fresh(), self.fresh()
+                a.jmp_imm(e.JGT, 2, self.window - nbytes, slow, wide=True)
+                a.ldx(e.DW, 3, e.FP, SLOT_WIN)
+                a.add64_reg(3, 2)
+                self._finish_load(dst, size, 3, 0)
+                a.ja(done)
+                a.label(slow)
             a.mov64_reg(3, RDATA)
             a.add64_reg(3, 2)
-        else:
-            a.mov64_imm(3, k + nbytes)
-            a.jmp_reg(e.JGT, 3, REND, self.reject, wide=True)
-            a.mov64_reg(3, RDATA)
-            a.add64_imm(3, k)
-        self._slot_into(1)  # bpf_probe_read_kernel(dst, size, src)
-        a.mov64_imm(2, nbytes)
+            self._probe_read(dst, size, nbytes)
+            if done:
+                a.label(done)
+            return
+        a.mov64_imm(3, k + nbytes)
+        a.jmp_reg(e.JGT, 3, REND, self.reject, wide=True)
+        if k + nbytes <= self.window:
+            a.ldx(e.DW, 3, e.FP, SLOT_WIN)
+            self._finish_load(dst, size, 3, k)
+            return
+        a.mov64_reg(3, RDATA)
+        a.add64_imm(3, k)
+        self._probe_read(dst, size, nbytes)
+
+    def _probe_read(self, dst: int, size: int, nbytes: int) -> None:
+        """bpf_probe_read_kernel(slot, nbytes, r3), then the load from the slot."""
+        self._slot_into(1)
+        self.a.mov64_imm(2, nbytes)
         self._fetch(e.HELPER_PROBE_READ_KERNEL, dst, size)
 
     def _slot_into(self, reg: int) -> None:
@@ -336,10 +363,12 @@ class _Body:
 
 
 def translate(mode: str, ethernet: Sequence[ClassicInsn] | None,
-              raw: Sequence[ClassicInsn] | None = None) -> list[Insn]:
+              raw: Sequence[ClassicInsn] | None = None, window: int = PROBE_WINDOW) -> list[Insn]:
     """The body of the `mode` stub. Direct: one program (the one for the device's
     link type, passed as `ethernet`). Probe: both, chosen by the l2 argument;
-    None for a link type means the expression cannot apply there (reject all)."""
+    None for a link type means the expression cannot apply there (reject all).
+    `window`: the probe stub's window in bytes, as the object's BTF says
+    (enum vnet_pcap); 0 for objects whose stub has none (four arguments)."""
     a = Asm()
     if mode == DIRECT:
         # r1 = skb, r2 = data, r3 = data_end, r4 = wirelen
@@ -349,14 +378,16 @@ def translate(mode: str, ethernet: Sequence[ClassicInsn] | None,
         a.mov64_reg(REND, 3)
         _Body(a, DIRECT, "e").program(ethernet)
     elif mode == PROBE:
-        # r1 = data, r2 = caplen, r3 = wirelen, r4 = l2
+        # r1 = data, r2 = caplen, r3 = wirelen, r4 = l2, r5 = win
         a.stx(e.DW, e.FP, SLOT_WIRELEN, 3)
+        if window:
+            a.stx(e.DW, e.FP, SLOT_WIN, 5)
         a.mov64_reg(RDATA, 1)
         a.mov32_reg(REND, 2)
         a.jmp_imm(e.JEQ, 4, 0, "raw")
-        _Body(a, PROBE, "e").program(ethernet)
+        _Body(a, PROBE, "e", window).program(ethernet)
         a.label("raw")
-        _Body(a, PROBE, "r").program(raw)
+        _Body(a, PROBE, "r", window).program(raw)
     else:
         raise ValueError(f"unknown stub mode {mode!r}")
     return a.finish()

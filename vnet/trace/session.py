@@ -150,7 +150,7 @@ class Trace:
         self.strict = strict
         self.packet_filter = packet_filter or PacketFilter()
         self.filter_config = self.packet_filter.config()  # validated before anything loads
-        self._stub_bodies: dict[str, dict[str, bytes]] = {}
+        self._stub_bodies: dict[tuple[str, int], dict[str, bytes]] = {}
         self.aggregate = aggregate or aggregate_and_events
         self.aggregate_and_events = aggregate_and_events  # to check the kernel's numbers against events
         self.labels: dict = {}
@@ -232,7 +232,7 @@ class Trace:
             if plan.filterable:  # the packet programs: filter, and numbers instead of events on request
                 config.update(self.filter_config, aggregate=self._aggregate_bits(), snaplen=self.snaplen)
                 if self.packet_filter.compiled is not None:
-                    obj.replace_functions(self._expression_code(plan))
+                    obj.replace_functions(self._expression_code(plan, obj))
             obj.set_config(plan.config_var, config)
             if self.objects:
                 for name in SHARED_MAPS:
@@ -253,18 +253,22 @@ class Trace:
         self.objects.append(obj)
         return obj, hooks
 
-    def _expression_code(self, plan: Plan) -> dict[str, bytes]:
+    def _expression_code(self, plan: Plan, obj: BpfObject) -> dict[str, bytes]:
         """The tcpdump expression as the bodies of the vnet_pcap_* stubs: at TC
         hooks the program for the device's link type, elsewhere both."""
+        from vnet.binding.btf import ENUM
         from vnet.tcpdump import stub_bodies
 
         expr = self.packet_filter.compiled
-        if plan.link not in self._stub_bodies:
-            self._stub_bodies[plan.link] = stub_bodies(expr, plan.link)
+        # the probe stub's window, as the object says (objects built before it had none)
+        window = obj.btf.enum("vnet_pcap")["VNET_PCAP_WINDOW"] if obj.btf.has("vnet_pcap", ENUM) else 0
+        key = (plan.link, window)
+        if key not in self._stub_bodies:
+            self._stub_bodies[key] = stub_bodies(expr, plan.link, window)
         if plan.obj == "tc_trace" and expr.classic(plan.link) is None:
             log.warning("%s sees IP packets without a link-layer header: the expression %r matches nothing "
                         "there (%s)", plan.name, expr.text, expr.raw_error)
-        return self._stub_bodies[plan.link]
+        return self._stub_bodies[key]
 
     @property
     def btf(self):
