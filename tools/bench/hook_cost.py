@@ -410,7 +410,7 @@ LIVE_VARIANTS = [
 ]
 
 
-def bench_live(rounds: int, packets: int, floors: dict[str, float]) -> tuple[str, Summary, dict[str, float]]:
+def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 10) -> tuple[str, Summary, dict[str, float]]:
     from vnet.topology import send_udp, veth_pair
     from vnet.trace.selection import select
 
@@ -460,7 +460,8 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float]) -> tuple[str
                     thread = threading.Thread(target=drain, daemon=True)
                     thread.start()
                     before = {k: program_info(fd) for k, fd in progs.items()}
-                    send_udp(pair.ns1, pair.ip2, 5000, count=packets)
+                    send_udp(pair.ns1, pair.ip2, 5000, count=packets,
+                             payload_fn=None if size == 10 else (lambda i: (b"vnet-%06d" % i).ljust(size, b"x")))
                     time.sleep(0.05)  # the last datagrams cross the pair
                     after = {k: program_info(fd) for k, fd in progs.items()}
                     stop.set()
@@ -491,7 +492,8 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float]) -> tuple[str
         for key, v in summary.samples.items():
             if key.startswith(variant + " | "):
                 ordered.samples[key] = v
-    title = (f"[3] attached, run-time statistics on, UDP flood of {packets} datagrams A -> B:5000 (no socket: each "
+    title = (f"[3] attached, run-time statistics on, UDP flood of {packets} datagrams A -> B:5000 ({size}-byte "
+             f"payloads; no socket: each "
              f"one is dropped too), ns per run, {rounds} alternating rounds; net = median - the empty program's under "
              f"the statistics ([2]: tc {floors['tc']:.1f}, tracing {floors['raw_tp']:.1f}); events lost: {lost}")
     return (table(title, ordered, targets, by_case, notes)
@@ -526,6 +528,8 @@ def main() -> None:
     ap.add_argument("--live-rounds", type=int, default=5, help="alternating rounds of [3] (default 5)")
     ap.add_argument("--packets", type=int, default=20000, help="datagrams per round in [3] (default 20000)")
     ap.add_argument("--no-live", action="store_true", help="skip [3] (no namespaces, no traffic)")
+    ap.add_argument("--size", type=int, default=10,
+                    help="UDP payload bytes of [3]'s flood (default 10; e.g. 1400: the whole datagram in the linear part)")
     ap.add_argument("--update-budget", action="store_true",
                     help="only rewrite tests/insn_budget.json (tools/bench/insn_budget.py --update)")
     ap.add_argument("--compare-to", metavar="REV",
@@ -553,7 +557,7 @@ def main() -> None:
         print(text, flush=True)
         live = None
         if not args.no_live:
-            text, *live = bench_live(args.live_rounds, args.packets, floors)
+            text, *live = bench_live(args.live_rounds, args.packets, floors, args.size)
             print(text, flush=True)
         if OTHER:
             print(comparison(test_runs, live), flush=True)
