@@ -460,8 +460,9 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
                     thread = threading.Thread(target=drain, daemon=True)
                     thread.start()
                     before = {k: program_info(fd) for k, fd in progs.items()}
+                    # send_udp's own payloads ("vnet-%06d"), padded to `size`
                     send_udp(pair.ns1, pair.ip2, 5000, count=packets,
-                             payload_fn=None if size == 10 else (lambda i: (b"vnet-%06d" % i).ljust(size, b"x")))
+                             payload_fn=lambda i: (b"vnet-%06d" % i).ljust(size, b"x"))
                     time.sleep(0.05)  # the last datagrams cross the pair
                     after = {k: program_info(fd) for k, fd in progs.items()}
                     stop.set()
