@@ -197,6 +197,58 @@ static __always_inline int vnet_payload_window(struct vnet_cursor *c, __u32 off,
 	return 0;
 }
 
+/* TC, direct: the payload's `n` (1..32) bytes where they are in the linear
+ * part but fewer than 32 bytes follow them there (a short datagram: its payload
+ * ends the packet, and vnet_payload_window cannot read 32), hashed into *h as
+ * vnet_hash_payload hashes a zeroed buffer holding them, without a helper call
+ * (~25 ns): the 32 bytes that end where the payload does, one bounds check,
+ * moved down in registers by the 32 - n bytes before it. No branch on n but
+ * the word select, on an untracked copy: the verifier's paths meet right after.
+ * 1: hashed; 0: not this case (*h as it was). */
+static __always_inline int vnet_hash_short_payload(struct vnet_cursor *c, __u64 *h, __u32 off, __u32 n)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	const __u8 *t, *end;
+	__u64 w0, w1, w2, w3, a0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, x = *h;
+	__u32 o, skip, r;
+
+	if (c->kernel || !c->direct)
+		return 0;
+	t = (const __u8 *)(long)c->skb->data;
+	end = (const __u8 *)(long)c->skb->data_end;
+	/* past the bound (wrapped) if fewer than 32 bytes precede the payload's
+	 * end, which a payload behind headers never has */
+	o = vnet_untracked(c->data_off + off + n - VNET_PAYLOAD_HASH_BYTES);
+	if (o > VNET_DIRECT_MAX)
+		return 0;
+	t += o;
+	if (t + VNET_PAYLOAD_HASH_BYTES > end)
+		return 0;
+	w0 = *(const __u64 *)t;
+	w1 = *(const __u64 *)(t + 8);
+	w2 = *(const __u64 *)(t + 16);
+	w3 = *(const __u64 *)(t + 24);
+	skip = vnet_untracked(VNET_PAYLOAD_HASH_BYTES - n) & (VNET_PAYLOAD_HASH_BYTES - 1);
+	r = (skip & 7) * 8;
+	switch (skip >> 3) {
+	case 0: a0 = w0; a1 = w1; a2 = w2; a3 = w3; break;
+	case 1: a0 = w1; a1 = w2; a2 = w3; break;
+	case 2: a0 = w2; a1 = w3; break;
+	default: a0 = w3; break;
+	}
+	/* word i: bytes r/8.. of a_i, then the first of a_(i+1); `<< 1 << (63 - r)`
+	 * is `<< (64 - r)` without a shift by 64 when r is 0 */
+	x = vnet_mix(x, (a0 >> r) | ((a1 << 1) << (63 - r)));
+	x = vnet_mix(x, (a1 >> r) | ((a2 << 1) << (63 - r)));
+	x = vnet_mix(x, (a2 >> r) | ((a3 << 1) << (63 - r)));
+	x = vnet_mix(x, (a3 >> r) | ((a4 << 1) << (63 - r)));
+	*h = vnet_mix(x, n);
+	return 1;
+#else
+	return 0;
+#endif
+}
+
 /* The payload's bytes to hash, 1..32, as ((n - 1) & 31) + 1 behind a barrier,
  * so that clang cannot fold it away: Linux 6.1's verifier does not raise the
  * lower bound to 1 after `n == 0` (6.18's does) and would refuse a possibly
@@ -217,8 +269,12 @@ static __always_inline __u64 vnet_hash_payload(struct vnet_cursor *c, __u64 h, _
 	__u64 buf[VNET_PAYLOAD_HASH_BYTES / 8] = {};
 	__u64 len = vnet_payload_len(n);
 
-	if (vnet_payload_window(c, off, buf, len) < 0 && vnet_load_payload(c, off, buf, len) < 0)
-		return h;
+	if (vnet_payload_window(c, off, buf, len) < 0) {
+		if (vnet_hash_short_payload(c, &h, off, len))
+			return h;
+		if (vnet_load_payload(c, off, buf, len) < 0)
+			return h;
+	}
 	h = vnet_mix(h, buf[0]);
 	h = vnet_mix(h, buf[1]);
 	h = vnet_mix(h, buf[2]);

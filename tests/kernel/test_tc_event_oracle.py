@@ -59,6 +59,10 @@ def corpus() -> list[tuple[str, bytes]]:
 
     for n in (0, 1, 7, 8, 9, 26, 31, 32, 33, 100, 400):
         add(f"udp4 payload {n}", eth / IP(id=100 + n, **v4) / UDP(sport=4000, dport=5000) / Raw(pay(n, n)))
+    # a short datagram in a frame padded to Ethernet's 60 bytes: the hashed payload ends where the IP
+    # header says, not where the frame does (fewer than 32 bytes follow its start)
+    add("udp4 payload 5, padded frame", bytes(eth / IP(id=99, **v4) / UDP(sport=4000, dport=5000) / Raw(pay(5, 5)))
+        + b"\xab" * 13)
     add("udp4 dport 53", eth / IP(id=7, **v4) / UDP(sport=4000, dport=53) / Raw(pay(20, 1)))
     add("udp4 other hosts", eth / IP(id=8, src="10.1.2.3", dst="192.168.9.9") / UDP(sport=53, dport=4000)
         / Raw(pay(12, 2)))
