@@ -127,3 +127,32 @@ def test_pin_names_are_what_bpffs_takes_and_a_missing_bpffs_is_said(tmp_path):
     (tmp_path / "other").touch()
     assert leftovers(tmp_path, {str(tmp_path / "stats-a-h-r1")}) == [str(tmp_path / "stats-b-h-r2")]
     assert leftovers(tmp_path / "absent", set()) == []
+
+
+def test_a_memory_queue_file_no_spooled_stream_accounts_for_is_named_at_the_agents_start(tmp_path, caplog):
+    """A killed agent's queue file (tmpfs) whose spool folder was removed by hand holds memory that
+    no agent will read out: the next agent's start names it and how much it holds, as it names
+    stray pins, and leaves it as it is."""
+    import logging
+
+    import vnet.agent.agent as agent_mod
+    from vnet.agent.shipper import QUEUE_FILE, leftover_queues
+
+    queues = tmp_path / "q"
+    stray = queues / "t" / "h" / "r1" / QUEUE_FILE
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"x" * (1 << 20))
+    other = queues / "t" / "h" / "r2" / QUEUE_FILE
+    other.parent.mkdir(parents=True)
+    other.touch()
+    assert leftover_queues(queues, {str(other.parent)}) == [(str(stray), stray.stat().st_blocks * 512)]
+    assert leftover_queues(tmp_path / "absent", set()) == []
+
+    with caplog.at_level(logging.WARNING, logger="vnet.agent"):
+        agent = agent_mod.Agent(bytes(range(32)), tmp_path / "spool", "h", pin_dir=tmp_path / "pins",
+                                queue_dir=queues)
+    said = [r.getMessage() for r in caplog.records if "memory queue" in r.getMessage()]
+    assert len(said) == 2 and f"memory queue {stray} (1.0 MiB of memory) belongs to no stream" in said[0]
+    assert f"rm -r {stray.parent} frees it" in said[0]
+    assert stray.exists() and other.exists()  # named, not removed
+    assert agent.background == []

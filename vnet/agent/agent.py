@@ -33,7 +33,7 @@ from vnet.protocol import Channel
 from vnet.protocol.channel import PeerClosed, ProtocolError
 
 from . import counters
-from .shipper import Shipper
+from .shipper import Shipper, leftover_queues
 
 log = logging.getLogger("vnet.agent")
 # The programs send most records without a wakeup: every 64th per CPU they force one as the
@@ -484,6 +484,7 @@ class Agent:
     def _recover(self) -> None:
         """Every stream a previous agent left in the spool folder (spool/TRACE/HOST/RUN/open)."""
         pins: set[str] = set()
+        queues: set[str] = set()
         for opening in sorted(self.spool_dir.glob("*/*/*/open")):
             try:
                 shipper = Shipper.recover(opening.parent, self.key, spool_bytes=self.spool_bytes)
@@ -494,10 +495,16 @@ class Agent:
                         shipper.stats.queued)
             if shipper.pinned:
                 pins.update(str(shipper.pinned.get(k)) for k in ("path", "ring"))
+            if shipper.queue_dir is not None:
+                queues.add(str(shipper.queue_dir))
             self.background.append(shipper)
         for path in counters.leftovers(self.pin_dir, pins):
             log.warning("pinned trace counters or ring %s belong to no stream in %s (another spool, or removed): "
                         "left as they are; rm %s frees them", path, self.spool_dir, path)
+        for path, held in leftover_queues(self.queue_dir, queues) if self.queue_dir is not None else ():
+            log.warning("memory queue %s (%.1f MiB of memory) belongs to no stream in %s (another spool, or "
+                        "removed): left as it is; rm -r %s frees it", path, held / (1 << 20), self.spool_dir,
+                        Path(path).parent)
 
     def hello(self) -> dict:
         with self._answers_lock:  # probed once, in a child; kept here as a few KiB of plain data

@@ -108,6 +108,26 @@ class _Entry:
         return head, (data[4 + n:] if data.nbytes > 4 + n else None)
 
 
+def leftover_queues(queue_dir: Path, known: set[str]) -> list[tuple[str, int]]:
+    """Memory queue files under queue_dir (TRACE/HOST/RUN/queue) that no spooled stream accounts
+    for (its spool folder removed by hand, or another agent's spool), each with the bytes of
+    memory it holds (its tmpfs pages): named at the agent's start, never removed by it."""
+    out = []
+    known = {os.path.realpath(k) for k in known}  # a relative --queue-dir names the same folders
+    try:
+        paths = sorted(queue_dir.glob(f"*/*/*/{QUEUE_FILE}"))
+    except OSError:
+        return out
+    for path in paths:
+        if os.path.realpath(path.parent) in known:
+            continue
+        try:
+            out.append((str(path), path.stat().st_blocks * 512))
+        except OSError:  # gone meanwhile
+            continue
+    return out
+
+
 def _file_head(path: Path) -> dict:
     """The head of a chunk's file, with its local part, without reading the records."""
     with open(path, "rb") as f:
