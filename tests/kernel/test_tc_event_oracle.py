@@ -115,8 +115,11 @@ def corpus() -> list[tuple[str, bytes]]:
         / UDP(sport=4000, dport=53) / Raw(pay(40, 17)))
     add("vxlan no I flag", outer / VXLAN(vni=46, flags=0) / inner4 / UDP(sport=4000, dport=5000))
     add("vxlan cut", bytes(outer / VXLAN(vni=47))[:len(bytes(outer)) + 8 + 10])
-    add("vxlan arp inside", outer / VXLAN(vni=48) / Ether(dst="ff:ff:ff:ff:ff:ff") / ARP(psrc="192.168.0.1",
-                                                                                        pdst="192.168.0.9"))
+    # ARP's and the inner Ethernet's source MACs spelled out: scapy's defaults are this machine's
+    # interface's (02:fc:00:00:00:01 where the fixture was recorded, zeros in the VM guest)
+    mac = "02:fc:00:00:00:01"
+    add("vxlan arp inside", outer / VXLAN(vni=48) / Ether(src=mac, dst="ff:ff:ff:ff:ff:ff")
+        / ARP(hwsrc=mac, psrc="192.168.0.1", pdst="192.168.0.9"))
     add("dot1q udp4", eth / Dot1Q(vlan=10, prio=3) / IP(id=40, **v4) / UDP(sport=4000, dport=5000)
         / Raw(pay(10, 18)))
     add("dot1q tcp6", eth / Dot1Q(vlan=11) / IPv6(fl=13, **v6) / TCP(sport=4000, dport=5000, flags="S"))
@@ -124,7 +127,7 @@ def corpus() -> list[tuple[str, bytes]]:
     add("dot1q cut", bytes(eth / Dot1Q(vlan=12))[:16])
     add("dot1q vxlan", eth / Dot1Q(vlan=13) / IP(id=42, **v4) / UDP(sport=50003, dport=4789) / VXLAN(vni=49)
         / inner4 / UDP(sport=4000, dport=5000) / Raw(pay(8, 19)))
-    add("arp", eth / ARP(psrc="10.0.0.1", pdst="10.0.0.2"))
+    add("arp", eth / ARP(hwsrc=mac, psrc="10.0.0.1", pdst="10.0.0.2"))
     add("other ethertype", Ether(src="02:00:00:00:0a:01", dst="02:00:00:00:0b:01", type=0x88B5) / Raw(pay(40, 20)))
     add("gre4", eth / IP(id=43, **v4) / GRE() / IP(id=44, src="1.1.1.1", dst="2.2.2.2") / Raw(pay(30, 21)))
     add("sctp4", eth / IP(id=45, **v4) / SCTP(sport=4000, dport=5000))

@@ -39,3 +39,13 @@ def test_paged_udp_is_flagged_at_kernel_hooks(pair, receive):
     probes = [("net:netif_receive_skb", receive), ("sock:datagram_copy", None)]
     events = paged.udp_datagrams(pair, paged.plans(pair, probes, egress=False), timeout=20)
     paged.check_udp(pair, events)
+
+
+def test_tc_events_and_pkt_ids_on_6_1_are_the_hosts():
+    """The tc oracle (tests/kernel/test_tc_event_oracle.py: 57 crafted frames, 17 loads, every
+    field of every event, pkt_id included, recorded on the host's kernel) gives the same on 6.1:
+    pkt_id is compared across kernels and hosts, and the parser's fast paths (direct reads, the
+    short payload's shifted words) must not depend on the kernel."""
+    import test_tc_event_oracle as oracle
+
+    oracle.test_tc_events_and_filters_are_as_recorded()
