@@ -187,6 +187,11 @@ class Shipper:
             except OSError as e:
                 log.warning("cannot use %s for the memory queue (%s): chunks queue in this process's memory, "
                             "and what it holds dies with it if it is killed (counted)", self.queue_dir, e)
+                for folder in (self.queue_dir, self.queue_dir.parent, self.queue_dir.parent.parent):
+                    try:  # the folders made for it, where empty (tmpfs is memory)
+                        folder.rmdir()
+                    except OSError:
+                        break
                 self.queue_dir = None
         self.memory_bytes = memory_bytes
         self.spool_bytes = spool_bytes

@@ -83,10 +83,20 @@ def _run_agent(listen: str, key: Path, allow_remote: bool, spool: Path, host: Op
     features.require_privileges(net_admin=True)
     writable_dir(spool, "--spool")
     _one_malloc_arena()
-    agent_obj = Agent(load_key(key), spool, host, queue_bytes=queue_mb << 20, spool_bytes=spool_mb << 20,
-                      pin_dir=pin_dir, orphan_grace=orphan_grace, queue_dir=queue_dir)
+    secret = load_key(key)
+    # The address first: bad input is refused in one line before the agent starts (resending what
+    # a dead agent left, naming leftovers); nobody is served before _serve, so the handler may wait.
+    agent_obj = None
+    server = Server(listen, secret, "agent", lambda ch: agent_obj.handle(ch), allow_remote=allow_remote)
     try:
-        _serve(Server(listen, agent_obj.key, "agent", agent_obj.handle, allow_remote=allow_remote), "agent")
+        agent_obj = Agent(secret, spool, host, queue_bytes=queue_mb << 20, spool_bytes=spool_mb << 20,
+                          pin_dir=pin_dir, orphan_grace=orphan_grace, queue_dir=queue_dir)
+    except BaseException:
+        server.stop()
+        server.serve()  # stopped before it began: closes the socket and removes a unix socket's file
+        raise
+    try:
+        _serve(server, "agent")
     finally:
         agent_obj.shutdown()  # a trace still running is stopped and detached before we exit
 
