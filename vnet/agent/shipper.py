@@ -31,6 +31,7 @@ Faults (docs/reliability.md):
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import struct
@@ -128,6 +129,16 @@ def leftover_queues(queue_dir: Path, known: set[str]) -> list[tuple[str, int]]:
     return out
 
 
+def _remove_queue_folders(run_dir: Path) -> None:
+    """A queue's RUN folder and its HOST and TRACE folders above it, each where empty (tmpfs is
+    memory); a folder someone put other files in stays, and the ones above it."""
+    for folder in (run_dir, run_dir.parent, run_dir.parent.parent):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
 def _file_head(path: Path) -> dict:
     """The head of a chunk's file, with its local part, without reading the records."""
     with open(path, "rb") as f:
@@ -187,11 +198,7 @@ class Shipper:
             except OSError as e:
                 log.warning("cannot use %s for the memory queue (%s): chunks queue in this process's memory, "
                             "and what it holds dies with it if it is killed (counted)", self.queue_dir, e)
-                for folder in (self.queue_dir, self.queue_dir.parent, self.queue_dir.parent.parent):
-                    try:  # the folders made for it, where empty (tmpfs is memory)
-                        folder.rmdir()
-                    except OSError:
-                        break
+                _remove_queue_folders(self.queue_dir)  # the folders made for it
                 self.queue_dir = None
         self.memory_bytes = memory_bytes
         self.spool_bytes = spool_bytes
@@ -543,15 +550,12 @@ class Shipper:
         for p in [self.spool_dir / OPEN_FILE, self.spool_dir / f"{OPEN_FILE}.tmp", *self.spool_dir.glob("*.tmp")]:
             p.unlink(missing_ok=True)
         self._drop_queue_file()
-        # empty by now; a folder someone put other files in stays. The queue's TRACE/HOST folders
-        # go too when empty (tmpfs is memory); a write that races this makes them again (_write)
-        queue = [self.queue_dir, self.queue_dir.parent, self.queue_dir.parent.parent] if self.queue_dir else []
-        for folder in (self.spool_dir, *queue):
-            try:
-                folder.rmdir()
-            except OSError:
-                if folder != self.spool_dir:
-                    break
+        # empty by now; a folder someone put other files in stays. A write that races this makes
+        # it again (_write)
+        with contextlib.suppress(OSError):
+            self.spool_dir.rmdir()
+        if self.queue_dir is not None:
+            _remove_queue_folders(self.queue_dir)
 
     @property
     def queued_events(self) -> int:
