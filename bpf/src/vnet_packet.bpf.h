@@ -209,7 +209,7 @@ static __always_inline int vnet_hash_short_payload(struct vnet_cursor *c, __u64 
 {
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 	const __u8 *t, *end;
-	__u64 w0, w1, w2, w3, a0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, x = *h;
+	__u64 w0, w1, w2, w3, a0, a1 = 0, a2 = 0, a3 = 0, x = *h;
 	__u32 o, skip, r;
 
 	if (c->kernel || !c->direct)
@@ -236,12 +236,12 @@ static __always_inline int vnet_hash_short_payload(struct vnet_cursor *c, __u64 
 	case 2: a0 = w2; a1 = w3; break;
 	default: a0 = w3; break;
 	}
-	/* word i: bytes r/8.. of a_i, then the first of a_(i+1); `<< 1 << (63 - r)`
-	 * is `<< (64 - r)` without a shift by 64 when r is 0 */
+	/* word i: bytes r/8.. of a_i, then the first of a_(i+1) (none after a3);
+	 * `<< 1 << (63 - r)` is `<< (64 - r)` without a shift by 64 when r is 0 */
 	x = vnet_mix(x, (a0 >> r) | ((a1 << 1) << (63 - r)));
 	x = vnet_mix(x, (a1 >> r) | ((a2 << 1) << (63 - r)));
 	x = vnet_mix(x, (a2 >> r) | ((a3 << 1) << (63 - r)));
-	x = vnet_mix(x, (a3 >> r) | ((a4 << 1) << (63 - r)));
+	x = vnet_mix(x, a3 >> r);
 	*h = vnet_mix(x, n);
 	return 1;
 #else

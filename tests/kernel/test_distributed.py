@@ -10,7 +10,6 @@ the agent keeps serving."""
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -22,6 +21,7 @@ import pytest
 
 from kernel_support import (VnetProcess, bpf_ids_held_by, new_orphans, start_agent, start_collector, veth_pair,
                             vnet_snapshot)
+from vnet.agent.agent import DEFAULT_QUEUE_DIR
 from vnet.collector.tracefile import TraceFileReader
 from vnet.protocol import AuthError, connect, load_key, new_key
 from vnet.topology import send_udp
@@ -177,10 +177,10 @@ def test_agent_killed_leaves_nothing_attached(rig, signum):
         col.close()
         # a SIGKILLed agent's memory queue outlives it by design, for the next agent with its spool
         # (docs/reliability.md); this spool goes with the test, so its queue goes too
-        shutil.rmtree("/dev/shm/vnet/kill/h2", ignore_errors=True)
-        for folder in ("/dev/shm/vnet/kill", "/dev/shm/vnet"):
+        shutil.rmtree(DEFAULT_QUEUE_DIR / "kill" / "h2", ignore_errors=True)
+        for folder in (DEFAULT_QUEUE_DIR / "kill", DEFAULT_QUEUE_DIR):
             with contextlib.suppress(OSError):
-                os.rmdir(folder)
+                folder.rmdir()
     left = new_orphans(before)
     assert not left.progs and not left.links, f"programs or links outlived the killed agent: {left}"
 

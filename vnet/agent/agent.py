@@ -501,7 +501,7 @@ class Agent:
         for path in counters.leftovers(self.pin_dir, pins):
             log.warning("pinned trace counters or ring %s belong to no stream in %s (another spool, or removed): "
                         "left as they are; rm %s frees them", path, self.spool_dir, path)
-        for path, held in leftover_queues(self.queue_dir, queues) if self.queue_dir is not None else ():
+        for path, held in leftover_queues(self.queue_dir, queues):
             log.warning("memory queue %s (%.1f MiB of memory) belongs to no stream in %s (another spool, or "
                         "removed): left as it is; rm -r %s frees it", path, held / (1 << 20), self.spool_dir,
                         Path(path).parent)

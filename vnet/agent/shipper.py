@@ -109,11 +109,14 @@ class _Entry:
         return head, (data[4 + n:] if data.nbytes > 4 + n else None)
 
 
-def leftover_queues(queue_dir: Path, known: set[str]) -> list[tuple[str, int]]:
+def leftover_queues(queue_dir: Path | None, known: set[str]) -> list[tuple[str, int]]:
     """Memory queue files under queue_dir (TRACE/HOST/RUN/queue) that no spooled stream accounts
     for (its spool folder removed by hand, or another agent's spool), each with the bytes of
-    memory it holds (its tmpfs pages): named at the agent's start, never removed by it."""
-    out = []
+    memory it holds (its tmpfs pages): named at the agent's start, never removed by it. None
+    (no queue folder): none."""
+    out: list[tuple[str, int]] = []
+    if queue_dir is None:
+        return out
     known = {os.path.realpath(k) for k in known}  # a relative --queue-dir names the same folders
     try:
         paths = sorted(queue_dir.glob(f"*/*/*/{QUEUE_FILE}"))
