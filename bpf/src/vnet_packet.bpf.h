@@ -27,6 +27,37 @@
  * (at most 2 KB apiece) and VXLAN between them stay under 17 KB. */
 #define VNET_DIRECT_MAX 0xff00
 
+/* Kernel hooks: how the parser reads the packet, chosen once per machine by the
+ * loader (vnet/probes/features.py, "parse_copy"). copy 0: a bpf_probe_read_kernel
+ * per header (~20 ns each). copy 1: one read of the linear part's first
+ * VNET_KCOPY bytes from the network header into per-CPU scratch, the headers and
+ * the hashed payload loaded from there (and a probe read past it, as before).
+ * The same bytes either way, so the same events and pkt_ids. Read-only, so the
+ * verifier walks one way only: Linux 6.1's walks the copy 6-25x longer than
+ * the probe reads (docs/benchmarks.md), which the loader's probe finds out. */
+struct vnet_parse_config {
+	__u8 copy;
+};
+
+const volatile struct vnet_parse_config parse_cfg = {};
+
+#define VNET_KCOPY 256
+
+/* VNET_PAYLOAD_HASH_BYTES past the copy: a payload window read at any offset
+ * inside it stays in the value (its bytes past the copy are masked off). */
+struct vnet_kcopy {
+	__u8 b[VNET_KCOPY + 32];
+};
+
+/* Per CPU and per program instance, without a lock: a program never runs
+ * nested in itself on one CPU (the kernel's recursion guard skips it). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct vnet_kcopy);
+} vnet_kcopy_scratch SEC(".maps");
+
 /* `net_cookie` became a plain u64 of struct net in 5.14 ("net: retire netns
  * cookie generator"); before it was a lazily set atomic64_t, which CO-RE does not
  * match to u64 here: those kernels report 0 and user space keys on ifindex. */
@@ -81,6 +112,8 @@ struct vnet_cursor {
 	const __u8 *l3;        /* kernel sk_buff: the network header's address */
 	const __u8 *lin_end;   /* kernel sk_buff: the end of its linear part (head + tail) */
 	const __u8 *pkt_end;   /* kernel sk_buff: the end of its bytes, page fragments included (data + len) */
+	const __u8 *win;       /* kernel sk_buff, parse_cfg.copy: the copy of the linear part from l3 on */
+	__u32 win_len;         /* ... its bytes (0..VNET_KCOPY) */
 	__u32 base;            /* TC: BPF_HDR_START_NET, or _MAC when a VLAN tag is in-band */
 	__u32 data_off;        /* TC: where `base` starts from skb->data (0, or 14 past an Ethernet header) */
 	__u32 off;             /* of the L3 header from base (TC) or from l3 (kernel) */
@@ -108,7 +141,16 @@ static __always_inline int vnet_load(struct vnet_cursor *c, __u32 off, void *to,
 		/* untracked: where the verifier types skb->head as memory (tp_btf and
 		 * fentry on recent kernels) this is pointer arithmetic, which would make
 		 * `off` precise, and with it every offset it was computed from */
-		const __u8 *p = c->l3 + vnet_untracked(off);
+		__u32 o = vnet_untracked(off);
+		const __u8 *p = c->l3 + o;
+
+		/* headers (a constant `len`; the payload came through vnet_payload_window) */
+		if (__builtin_constant_p(len) && parse_cfg.copy && c->win && o <= VNET_KCOPY - len &&
+		    o + len <= c->win_len) {
+			/* in words: the verifier lets x86 and arm64 read map values unaligned */
+			__builtin_memcpy(to, (const __u32 *)(c->win + o), len);
+			return 0;
+		}
 
 		if (p + len > c->lin_end) {
 			if (p + len <= c->pkt_end)
@@ -175,14 +217,23 @@ static __always_inline void vnet_keep_bytes(__u64 *buf, __u32 n)
 	}
 }
 
-/* TC, direct: the payload's `n` bytes at `off` without a helper call, where
- * the packet's linear part holds a whole 32-byte window from there (else -1:
- * vnet_load_payload reads exactly n bytes). */
+/* The payload's `n` bytes at `off` without a helper call. TC, direct: where
+ * the packet's linear part holds a whole 32-byte window from there. Kernel
+ * hooks: where the copy holds the n bytes (parse_cfg.copy). Else -1:
+ * vnet_load_payload reads exactly n bytes. */
 static __always_inline int vnet_payload_window(struct vnet_cursor *c, __u32 off, __u64 *buf, __u32 n)
 {
 	const __u8 *p, *end;
 
-	if (c->kernel || !c->direct)
+	if (c->kernel) {
+		off = vnet_untracked(off);
+		if (!parse_cfg.copy || !c->win || off > VNET_KCOPY || off + n > c->win_len)
+			return -1;
+		__builtin_memcpy(buf, (const __u64 *)(c->win + off), VNET_PAYLOAD_HASH_BYTES);
+		vnet_keep_bytes(buf, n);
+		return 0;
+	}
+	if (!c->direct)
 		return -1;
 	p = (const __u8 *)(long)c->skb->data;
 	end = (const __u8 *)(long)c->skb->data_end;
@@ -596,14 +647,17 @@ static __always_inline void vnet_parse_kernel_skb(struct vnet_cursor *c, struct 
 	__u16 mh = VNET_KREAD(typed, skb, mac_header);
 	__u16 proto = bpf_ntohs(VNET_KREAD(typed, skb, protocol));
 
+	__u32 tail = VNET_KREAD(typed, skb, tail);
+	__u32 l3_off; /* of c->l3 from head */
+
 	*c = (struct vnet_cursor){ .kernel = 1 };
 	if (nh != 0 && nh != (__u16)~0U)
-		c->l3 = head + nh;
+		l3_off = nh;
 	else if (mh != (__u16)~0U)
-		c->l3 = head + mh + 14;
+		l3_off = mh + 14;
 	else
-		c->l3 = data;
-	c->lin_end = head + VNET_KREAD(typed, skb, tail);
+		l3_off = (__u32)(data - head);
+	c->lin_end = head + tail;
 	c->pkt_end = data + ev->len;
 	if ((proto == VNET_ETH_P_8021Q || proto == VNET_ETH_P_8021AD) && mh != (__u16)~0U) {
 		__u16 tag[2];
@@ -615,7 +669,20 @@ static __always_inline void vnet_parse_kernel_skb(struct vnet_cursor *c, struct 
 		ev->vlan_tci = bpf_ntohs(tag[0]);
 		ev->flags |= VNET_F_VLAN;
 		proto = bpf_ntohs(tag[1]);
-		c->l3 = head + mh + 18;
+		l3_off = mh + 18;
+	}
+	c->l3 = head + l3_off;
+	if (parse_cfg.copy && tail > l3_off) {
+		__u32 zero = 0, n = tail - l3_off;
+
+		/* (never NULL, one entry per CPU; if it were, the headers are read one by one) */
+		c->win = bpf_map_lookup_elem(&vnet_kcopy_scratch, &zero);
+		if (n > VNET_KCOPY)
+			n = VNET_KCOPY;
+		barrier_var(n); /* 1..VNET_KCOPY, as a helper's length wants */
+		n = ((n - 1) & (VNET_KCOPY - 1)) + 1;
+		if (c->win && bpf_probe_read_kernel((void *)c->win, n, c->l3) == 0)
+			c->win_len = n;
 	}
 	vnet_parse_l3(c, ev, proto, ev->len);
 	if (decap)

@@ -36,7 +36,8 @@ from vnet.probes.features import Support
 pytestmark = pytest.mark.kernel
 
 ROOT = Path(__file__).resolve().parents[2]
-SUPPORTED_HERE = ("btf", "ringbuf", "tp_btf", "raw_tp", "tcx", "tc_link", "prog_test_run", "capabilities", "libbpf")
+SUPPORTED_HERE = ("btf", "ringbuf", "tp_btf", "raw_tp", "tcx", "tc_link", "prog_test_run", "capabilities", "libbpf",
+                  "parse_copy")
 NOBODY = ["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
 # Root without any capability (bounding set emptied before exec): the fallback where nobody cannot run Python.
 NO_CAPS_ROOT = ["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all"]
@@ -235,6 +236,35 @@ def test_inconclusive_is_not_cached_and_needs_root():
     first, detail = r.stdout.splitlines()[:2]
     assert first == "INCONCLUSIVE False True MissingPrivilegesError 3"
     assert detail.startswith(features.NEEDS_ROOT) and "CAP_BPF" in detail
+
+
+def test_parse_copy_decides_how_kernel_hooks_are_loaded(probed, monkeypatch):
+    """6.18 prunes the probe's 8 two-way stack slots as it walks them (~170 instructions, where
+    Linux 6.1 walks all 256 combinations: tests/vm/test_parse_copy_guest.py): a tracepoint's
+    object is loaded with parse_cfg.copy set; with the feature withheld (VNET_WITHOUT), as on
+    6.1, without it; tc's programs never have it set (they read the packet directly)."""
+    from vnet.probes import catalog
+    from vnet.probes import resolve as resolver
+    from vnet.trace import Trace
+
+    f = probed["features"]["parse_copy"]
+    walked = int(f.detail.split(" took ")[1].split()[0])
+    assert 8 * 8 < walked <= features.PRUNE_LINEAR_MAX, f.detail
+
+    def copy_flag(**kw) -> int:
+        plan = resolver.plan(resolver.resolve(catalog.BY_NAME["net:netif_receive_skb"]))
+        with Trace([plan], ring_bytes=1 << 16, **kw) as t:
+            return t.objects[0].config("parse_cfg")["copy"]
+
+    assert copy_flag() == 1
+    assert copy_flag(parse_copy=False) == 0
+    monkeypatch.setenv(features.WITHOUT_ENV, "parse_copy")
+    features.clear_cache()
+    try:
+        assert copy_flag() == 0
+    finally:
+        monkeypatch.delenv(features.WITHOUT_ENV)
+        features.clear_cache()
 
 
 def test_probing_leaves_nothing_behind(probed):

@@ -226,11 +226,12 @@ def _ipv6_udp_behind_options(opts_len: int, i: int) -> bytes:
     return b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x86\xdd" + ip6 + opts + udp
 
 
-def test_a_kernel_hook_reads_headers_deep_in_the_linear_part():
+@pytest.mark.parametrize("parse_copy", [True, False], ids=["copy", "header-reads"])
+def test_a_kernel_hook_reads_headers_deep_in_the_linear_part(parse_copy):
     """UDP behind an 8-byte and behind a 264-byte IPv6 Destination Options header (the UDP
     header 304 bytes past the IP header): tc and net:netif_receive_skb read the same ports and
-    give one pkt_id for every datagram. (A guard for any cheaper way of reading a kernel
-    hook's packet: one copy of its first bytes would not reach the second kind.)"""
+    give one pkt_id for every datagram, either way the kernel hook reads (parse_cfg): its copy
+    of the first 256 bytes does not reach the second kind's UDP header, read past it."""
     with veth_pair(93) as net:
         with in_netns(net.ns1):
             tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
@@ -238,7 +239,8 @@ def test_a_kernel_hook_reads_headers_deep_in_the_linear_part():
             tx.bind((net.if1, 0))
             plans = [device_plan(resolve_device(net.spec2), ("ingress",)),
                      resolver.plan(resolver.resolve(catalog.BY_NAME["net:netif_receive_skb"]))]
-            with Trace(plans, packet_filter=PacketFilter(netns=net.ns2, ifaces=(net.if2,), proto="ip6")) as t:
+            with Trace(plans, packet_filter=PacketFilter(netns=net.ns2, ifaces=(net.if2,), proto="ip6"),
+                       parse_copy=parse_copy) as t:
                 for i in range(5):
                     tx.send(_ipv6_udp_behind_options(8, i))
                     tx.send(_ipv6_udp_behind_options(264, 100 + i))

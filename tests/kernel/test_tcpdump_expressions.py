@@ -336,10 +336,11 @@ def tun_rig():
             os.close(fd)  # a non-persistent tun device goes with its last fd
 
 
-def burst(rig: Rig, flt: PacketFilter, want: Callable[[dict[str, list[dict]]], bool]) -> dict[str, list[dict]]:
-    """One trace of `rig`'s hooks with `flt`; every item sent once. Events per hook,
-    in the kernel's time order (the sentinel's included)."""
-    with Trace(rig.plans(), packet_filter=flt) as t:
+def burst(rig: Rig, flt: PacketFilter, want: Callable[[dict[str, list[dict]]], bool],
+          **trace_kw) -> dict[str, list[dict]]:
+    """One trace of `rig`'s hooks with `flt` (and Trace's `trace_kw`); every item sent once.
+    Events per hook, in the kernel's time order (the sentinel's included)."""
+    with Trace(rig.plans(), packet_filter=flt, **trace_kw) as t:
         assert {h.probe for h in t.hooks} == set(rig.hooks), [h.probe for h in t.hooks]
         rig.send([item.data for item in rig.items])
 
@@ -430,6 +431,29 @@ def test_calibration_every_frame_at_both_hooks_with_its_own_pkt_id(veth):
     same = {i for pid, i in veth.ids[tc].items() if veth.ids[tp].get(pid) == i}
     differ = {FRAMES[i].name for i in set(range(len(FRAMES))) - same}
     assert differ <= {"qinq 100/20 udp"}, differ
+
+
+# Fields of one packet's event that differ between two sends of it.
+PER_SEND = ("ts_ns", "wall_ns", "cpu", "skb")
+
+
+@pytest.mark.parametrize("parse_copy", [True, False], ids=["copy", "header-reads"])
+def test_the_tracepoint_parses_the_corpus_as_tc_does_either_way(veth, parse_copy):
+    """Both ways a kernel hook reads the packet (one copy of its first bytes, or a probe read
+    per header: bpf/src/vnet_packet.bpf.h parse_cfg, chosen by features "parse_copy") give
+    every corpus frame the fields and pkt_id calibration recorded, frame by frame."""
+    n = len(FRAMES)
+    tc, tp = veth.hooks
+    events = burst(veth, PacketFilter(**veth.restrict), lambda by: all(len(evs) >= n + 1 for evs in by.values()),
+                   parse_copy=parse_copy)
+    ours = events[tp][:n]
+    assert [veth.ids[tp].get(e["pkt_id"]) for e in ours] == list(range(n))
+    if parse_copy:
+        veth.tp_events = ours  # type: ignore[attr-defined]
+    elif hasattr(veth, "tp_events"):
+        for i, (a, b) in enumerate(zip(veth.tp_events, ours)):
+            a, b = ({k: v for k, v in e.items() if k not in PER_SEND} for e in (a, b))
+            assert a == b, (i, FRAMES[i].name)
 
 
 def test_calibration_tun_sees_every_packet_at_ingress(tun):

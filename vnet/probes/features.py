@@ -1,7 +1,8 @@
 """What this machine supports, in one place, found out by trying.
 
 Each feature is probed the cilium/ebpf way: load (and where it matters attach)
-a tiny real thing, namely vnet's own programs, and keep what the kernel said.
+a tiny real thing, namely vnet's own programs, and keep what the kernel said
+(parse_copy: how much a small program of its own costs the verifier).
 The kernel version never decides; it only fills the `requires` text and, for an
 INCONCLUSIVE answer, says which way the version points.
 
@@ -166,6 +167,7 @@ REQUIRES = {
     "kprobe_multi": ">= 5.18 with CONFIG_FPROBE",
     "libpcap": "libpcap (libpcap0.8) for tcpdump filter expressions",
     "gmac": "libcrypto (OpenSSL >= 1.1, Debian's libssl3) with AES-128-GCM",
+    "parse_copy": "a verifier that prunes a spilled scalar against plain stack data (Linux 6.18 does, 6.1 does not)",
 }
 MIN_KERNEL = {"btf": (5, 2), "ringbuf": (5, 8), "prog_test_run": (4, 12), "tcx": (6, 6), "tc_link": (6, 6),
               "clsact": (4, 5), "tp_btf": (5, 5), "raw_tp": (4, 17), "tracepoint": (4, 7), "fentry": (5, 5),
@@ -191,9 +193,11 @@ HINTS = {
     "libpcap": "tcpdump expressions need it: apt-get install libpcap0.8 (the field filters --proto/--port... do not)",
     "gmac": "agents and collectors tag their frames with HMAC-SHA256 instead (~7x the CPU per byte shipped): "
             "apt-get install libssl3",
+    "parse_copy": "kernel hooks read each header with its own bpf_probe_read_kernel instead (~15% more per "
+                  "event): the parse from one copy would cost this verifier many times the work",
 }
 NAMES = ("capabilities", "lockdown", "libbpf", "btf", "ringbuf", "prog_test_run", "tcx", "tc_link", "clsact",
-         "tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe", "kprobe_multi", "libpcap", "gmac")
+         "tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe", "kprobe_multi", "libpcap", "gmac", "parse_copy")
 
 _cache: dict[str, Feature] = {}
 _lock = threading.RLock()
@@ -792,9 +796,68 @@ def _gmac() -> Feature:
     return _feature("gmac", Support.UNSUPPORTED, f"{crypto._why_not}: session frames tagged with HMAC-SHA256")
 
 
+# The parse_copy probe: PRUNE_DIAMONDS two-way branches, each leaving one stack slot either a
+# spilled scalar or plain data; a verifier that prunes the one against the other walks them in
+# ~20 instructions each, one that does not walks every combination (2^8 paths: ~7.7 k on 6.1).
+PRUNE_DIAMONDS = 8
+PRUNE_LINEAR_MAX = 1000  # verified instructions; 6.18 takes 169
+
+
+def _prune_probe_insns() -> bytes:
+    from vnet.tcpdump.ebpf import DW, FP, JSET, Asm, B, encode
+
+    a = Asm()
+    a.call(7)  # bpf_get_prandom_u32: the branches' bits, unknown to the verifier
+    a.mov64_reg(7, 0)
+    for k in range(PRUNE_DIAMONDS):
+        slot = -8 * (k + 1)
+        a.jmp_imm(JSET, 7, 1 << k, f"misc{k}", wide=True)
+        a.stx(DW, FP, slot, 7)  # walked first: the slot holds a spilled, imprecise scalar
+        a.ja(f"join{k}")
+        a.label(f"misc{k}")
+        for b in range(8):
+            a.stx(B, FP, slot + b, 7)  # the same slot as plain data (STACK_MISC)
+        a.label(f"join{k}")
+    for k in range(PRUNE_DIAMONDS):  # read them all: live, so that pruning has to compare them
+        a.ldx(DW, 1, FP, -8 * (k + 1))
+    a.mov64_imm(0, 0)
+    a.exit()
+    return encode(a.finish())
+
+
+def _parse_copy() -> Feature:
+    """Whether kernel hooks parse from one copy of the packet (bpf/src/vnet_packet.bpf.h,
+    parse_cfg). The copy is cheaper per event everywhere, but Linux 6.1's verifier walks it
+    6-25x longer (docs/benchmarks.md): stack slots one path fills with a spilled value and
+    another with plain bytes never merge there. Verifying the parser itself to find out
+    would cost a trace's start that much; this small program shows the same pruning."""
+    from vnet.binding.libbpf import ffi, lib
+    from vnet.binding.object import program_info
+
+    if (f := _needs_root("parse_copy", perfmon=True)) is not None:
+        return f
+    insns = _prune_probe_insns()
+    fd = lib().bpf_prog_load(1, b"vnet_prune", b"Dual BSD/GPL", ffi.from_buffer(insns), len(insns) // 8,
+                             ffi.NULL)  # BPF_PROG_TYPE_SOCKET_FILTER: loaded, never attached
+    if fd < 0:
+        return _refused("parse_copy", "loading the pruning probe (socket filter)", -fd)
+    try:
+        walked = program_info(fd).verified_insns
+    finally:
+        os.close(fd)
+    if walked == 0:  # Linux < 5.16 does not say; older verifiers prune less, not more
+        return _feature("parse_copy", Support.UNSUPPORTED, "the kernel does not report verified instructions")
+    if walked <= PRUNE_LINEAR_MAX:
+        return _feature("parse_copy", Support.SUPPORTED,
+                        f"the pruning probe took {walked} verified instructions: kernel hooks parse from one copy")
+    return _feature("parse_copy", Support.UNSUPPORTED,
+                    f"the pruning probe took {walked} verified instructions (over {PRUNE_LINEAR_MAX}): "
+                    "kernel hooks read each header")
+
+
 _PROBES: dict[str, Callable[[], Feature]] = {
     "capabilities": _capabilities, "lockdown": _lockdown, "libbpf": _libbpf, "btf": _btf, "ringbuf": _ringbuf,
     "prog_test_run": _prog_test_run, "tcx": _tcx, "tc_link": _tc_link, "clsact": _clsact, "tp_btf": _tp_btf,
     "raw_tp": _raw_tp, "tracepoint": _tracepoint, "fentry": _fentry, "kprobe": _kprobe,
-    "kprobe_multi": _kprobe_multi, "libpcap": _libpcap, "gmac": _gmac,
+    "kprobe_multi": _kprobe_multi, "libpcap": _libpcap, "gmac": _gmac, "parse_copy": _parse_copy,
 }

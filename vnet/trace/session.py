@@ -8,6 +8,7 @@ events say where they were taken even where ifindexes repeat across netns.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Callable
 
 from vnet.analysis.histogram import Log2Histogram
 from vnet.binding import BpfObject, Link, RingBuffer
-from vnet.errors import ProbeUnavailableError, UnsupportedError, UsageError, VnetError
+from vnet.errors import ProbeUnavailableError, UnsupportedError, UsageError, VerifierError, VnetError
 from vnet.objects import object_path
 from vnet.probes import device as devprobe
 from vnet.probes import features
@@ -32,6 +33,8 @@ DEFAULT_WAKEUP_FILL = 4         # ... forcing a wakeup as the unread data crosse
 SHARED_MAPS = ("vnet_events", "vnet_stats", "vnet_agg_points", "vnet_agg_last", "vnet_agg_hist")
 MAX_PROBES = 128  # enum vnet_limit's VNET_MAX_PROBES; tests/unit check they agree
 SNAP_MAX = 256    # enum vnet_snap's VNET_SNAP_MAX: packet bytes an event can carry; tests/unit check they agree
+# Objects whose kernel-hook packet parser can read from one copy (bpf/src/vnet_packet.bpf.h: parse_cfg).
+PARSE_COPY_OBJECTS = ("skb_trace", "drop")
 AGG_MAPS_WHEN_OFF = {"vnet_agg_last": 1, "vnet_agg_hist": 1}  # unused then: keep them small
 
 
@@ -137,7 +140,7 @@ class Trace:
     def __init__(self, plans: list[Plan], *, ring_bytes: int = DEFAULT_RING_BYTES,
                  wakeup_every: int = DEFAULT_WAKEUP_EVERY, wakeup_bytes: int | None = None, strict: bool = True,
                  packet_filter: PacketFilter | None = None, aggregate: bool = False,
-                 aggregate_and_events: bool = False, snaplen: int = 0):
+                 aggregate_and_events: bool = False, snaplen: int = 0, parse_copy: bool | None = None):
         if not plans:
             raise UsageError("nothing to trace (give -i IFACE or -p PROBE)")
         if len(plans) > MAX_PROBES:
@@ -147,6 +150,9 @@ class Trace:
         self.wakeup = wakeup_config(self.ring_bytes, wakeup_every, wakeup_bytes)
         self.wakeup_every = wakeup_every
         self.snaplen = check_snaplen(snaplen)  # packet bytes after each packet event (0: the event alone)
+        # Kernel hooks parse from one copy of the packet's first bytes where this kernel's
+        # verifier can afford it (features "parse_copy"); None: ask the probe, on first use.
+        self.parse_copy = parse_copy
         self.strict = strict
         self.packet_filter = packet_filter or PacketFilter()
         self.filter_config = self.packet_filter.config()  # validated before anything loads
@@ -218,12 +224,34 @@ class Trace:
 
     def _load_or_fall_back(self, plan: Plan, probe_id: int) -> tuple[Plan, tuple[BpfObject, list[Hook]]]:
         try:
-            return plan, self._load(plan, probe_id)
+            return plan, self._load_parse_way(plan, probe_id)
         except VnetError as e:
             if plan.fallback is None:
                 raise
             other = plan.fallback(e)  # raises when there is nothing else to try
-        return other, self._load(other, probe_id)
+        return other, self._load_parse_way(other, probe_id)
+
+    def _load_parse_way(self, plan: Plan, probe_id: int) -> tuple[BpfObject, list[Hook]]:
+        """_load; where this verifier refuses the parse from a copy after all (features
+        said it prunes well enough, this program says otherwise), once more with the
+        probe reads, for this and every later plan."""
+        try:
+            return self._load(plan, probe_id)
+        except VerifierError as e:
+            if not self._parse_copy_for(plan):
+                raise
+            log.warning("%s: the verifier refused the parse from a copy (%s); kernel hooks read each "
+                        "header instead", plan.name, errno.errorcode.get(e.errno, e.errno))
+        self.parse_copy = False
+        return self._load(plan, probe_id)
+
+    def _parse_copy_for(self, plan: Plan) -> bool:
+        """Whether `plan`'s object is loaded with parse_cfg.copy set."""
+        if plan.obj not in PARSE_COPY_OBJECTS:
+            return False
+        if self.parse_copy is None:
+            self.parse_copy = features.check("parse_copy").ok
+        return self.parse_copy
 
     def _load(self, plan: Plan, probe_id: int) -> tuple[BpfObject, list[Hook]]:
         obj = BpfObject(object_path(plan.obj))
@@ -234,6 +262,8 @@ class Trace:
                 if self.packet_filter.compiled is not None:
                     obj.replace_functions(self._expression_code(plan, obj))
             obj.set_config(plan.config_var, config)
+            if plan.obj in PARSE_COPY_OBJECTS:
+                obj.set_config("parse_cfg", {"copy": int(self._parse_copy_for(plan))})
             if self.objects:
                 for name in SHARED_MAPS:
                     obj.maps[name].share(self.objects[0].maps[name])

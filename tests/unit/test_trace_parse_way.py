@@ -1,0 +1,103 @@
+"""Pure logic of how a Trace chooses the kernel hooks' parse (bpf/src/vnet_packet.bpf.h
+parse_cfg): what features says, and the way back to the header reads when a verifier
+refuses the copy after all.
+
+The kernel is faked here: Trace._load is replaced by a stand-in that refuses (as a
+VerifierError) whatever was to be loaded with the copy, as a kernel whose verifier passed
+the pruning probe but not the parser would. tests/kernel/test_features.py and
+tests/vm/test_parse_copy_guest.py load the real objects on 6.18 and 6.1."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import pytest
+
+from vnet.errors import VerifierError
+from vnet.probes import features
+from vnet.probes.features import Feature, Support
+from vnet.trace.session import Plan, Trace
+
+
+def plan(obj: str, name: str) -> Plan:
+    return Plan(obj, "cfg", {}, ("prog",), lambda o: [], {}, name=name)
+
+
+class FakeKernel:
+    """Stands in for Trace._load: records (plan name, parse way) and refuses the copy."""
+
+    def __init__(self, refuse_copy: bool):
+        self.refuse_copy = refuse_copy
+        self.loads: list[tuple[str, bool]] = []
+
+    def __call__(self, trace: Trace, p: Plan, probe_id: int):
+        copy = trace._parse_copy_for(p)
+        self.loads.append((p.name, copy))
+        if copy and self.refuse_copy:
+            raise VerifierError("load", errno.E2BIG, f"{p.obj}.bpf.o", "BPF program is too large. Processed 1000001 insn")
+        return object(), []
+
+
+@pytest.fixture
+def answer(monkeypatch):
+    def set_answer(support: Support) -> None:
+        monkeypatch.setattr(features, "check", lambda name: Feature(name, support, "faked"))
+    return set_answer
+
+
+def run(monkeypatch, kernel: FakeKernel, **kw) -> Trace:
+    monkeypatch.setattr(Trace, "_load", lambda self, p, probe_id: kernel(self, p, probe_id))
+    t = Trace([plan("tc_trace", "dev"), plan("skb_trace", "tp1"), plan("drop", "drop"), plan("skb_trace", "tp2")],
+              **kw)
+    for i, p in enumerate(t.plans):
+        t._load_or_fall_back(p, i)
+    return t
+
+
+def test_fake_kernel_copy_where_features_says_so(monkeypatch, answer):
+    answer(Support.SUPPORTED)
+    kernel = FakeKernel(refuse_copy=False)
+    run(monkeypatch, kernel)
+    assert kernel.loads == [("dev", False), ("tp1", True), ("drop", True), ("tp2", True)]
+
+
+def test_fake_kernel_header_reads_where_features_says_no(monkeypatch, answer):
+    answer(Support.UNSUPPORTED)
+    kernel = FakeKernel(refuse_copy=False)
+    run(monkeypatch, kernel)
+    assert kernel.loads == [("dev", False), ("tp1", False), ("drop", False), ("tp2", False)]
+
+
+def test_fake_kernel_asked_for_reads_never_copies(monkeypatch, answer):
+    answer(Support.SUPPORTED)
+    kernel = FakeKernel(refuse_copy=False)
+    run(monkeypatch, kernel, parse_copy=False)
+    assert [copy for _, copy in kernel.loads] == [False] * 4
+
+
+def test_fake_kernel_refusing_the_copy_falls_back_once_and_for_the_rest(monkeypatch, answer, caplog):
+    answer(Support.SUPPORTED)
+    kernel = FakeKernel(refuse_copy=True)
+    with caplog.at_level(logging.WARNING, logger="vnet"):
+        t = run(monkeypatch, kernel)
+    assert kernel.loads == [("dev", False), ("tp1", True), ("tp1", False), ("drop", False), ("tp2", False)]
+    assert t.parse_copy is False
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "tp1: the verifier refused the parse from a copy (E2BIG)" in warnings[0]
+
+
+def test_fake_kernel_other_refusals_are_not_retried(monkeypatch, answer):
+    """Without the copy, a refusal is the program's own: raised as it was."""
+    answer(Support.UNSUPPORTED)
+    kernel = FakeKernel(refuse_copy=False)
+
+    def refuse(self, p, probe_id):
+        kernel.loads.append((p.name, self._parse_copy_for(p)))
+        raise VerifierError("load", errno.EACCES, "skb_trace.bpf.o", "R2 invalid mem access 'scalar'")
+
+    monkeypatch.setattr(Trace, "_load", refuse)
+    t = Trace([plan("skb_trace", "tp1")])
+    with pytest.raises(VerifierError):
+        t._load_or_fall_back(t.plans[0], 0)
+    assert kernel.loads == [("tp1", False)]
