@@ -23,11 +23,13 @@ Cases run in alternating rounds (A B C ... then B C ... A, ...) and each is
 reported as median and min-max over the rounds. With --compare-to REV the tc test
 runs [1] and the attached runs [3] also load the objects committed at git
 revision REV (bpf/build/ there: the same loader, config and filter encoding), as
-cases of their own in the same rounds, and a last table gives new/REV per case. Run-time statistics are turned
+cases of their own in the same rounds, and a last table gives new/REV per case. --compare-parse does the
+same in [3] for kernel hooks parsing from one copy against reading each header (parse_cfg). Run-time statistics are turned
 on through BPF_ENABLE_STATS (an fd: off again when it closes, even if this is
 killed), never left on. Needs root.
 
 Usage: hook_cost.py [--rounds N] [--repeat N] [--live-rounds N] [--packets N] [--no-live] [--compare-to REV]
+                   [--compare-parse]
        hook_cost.py --update-budget      (rewrite tests/insn_budget.json: tools/bench/insn_budget.py --update)
 """
 
@@ -113,7 +115,9 @@ def objects_from(objdir: Path | None):
             os.environ["VNET_BPF_DIR"] = before
 
 
-OTHER: tuple[str, Path] | None = None  # --compare-to: (revision, its objects)
+OTHER: tuple[str, Path | None] | None = None  # --compare-to: (revision, its objects); --compare-parse: (label, None)
+THIS_KW: dict = {}   # Trace keyword arguments of this tree's cases in [3] (--compare-parse)
+OTHER_KW: dict = {}  # ... and of the other cases
 
 
 def stats_sysctl() -> str:
@@ -259,7 +263,7 @@ def bench_test_runs(rounds: int, repeat: int) -> tuple[str, Summary, float]:
     floor_fd = load_empty(BPF_PROG_TYPE_SCHED_CLS, -1)
     floor = "empty SCHED_CLS program (r0 = -1; exit): the harness floor"
     tc_cases = list(TC_CASES)
-    if OTHER:
+    if OTHER and OTHER[1] is not None:  # (tc programs have no parse_cfg: --compare-parse leaves [1] alone)
         tc_cases += [dataclasses.replace(c, name=other_label(c.name), objdir=OTHER[1]) for c in TC_CASES]
     try:
         for case in tc_cases:
@@ -417,9 +421,9 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
     summary = Summary()
     counts: dict[str, list[int]] = {}
     lost = 0
-    variants = [(variant, kw, None) for variant, kw in LIVE_VARIANTS]
+    variants = [(variant, {**kw, **THIS_KW}, None) for variant, kw in LIVE_VARIANTS]
     if OTHER:
-        variants += [(other_label(variant), kw, OTHER[1]) for variant, kw in LIVE_VARIANTS]
+        variants += [(other_label(variant), {**kw, **OTHER_KW}, OTHER[1]) for variant, kw in LIVE_VARIANTS]
     with veth_pair(211) as pair, run_time_stats():
         names = {f"dev:{pair.ns1}/{pair.if1}": "veth A (sender)", f"dev:{pair.ns2}/{pair.if2}": "veth B (receiver)"}
         for _, order in rotations(variants, rounds):
@@ -536,7 +540,12 @@ def main() -> None:
     ap.add_argument("--compare-to", metavar="REV",
                     help="also load the objects committed at git revision REV, as cases of their own in the same "
                          "rounds of [1] and [3], and print this tree / REV per case")
+    ap.add_argument("--compare-parse", action="store_true",
+                    help="kernel hooks parsing from one copy (parse_cfg.copy) against reading each header, as "
+                         "cases of their own in the same rounds of [3], whatever features says of this kernel")
     args = ap.parse_args()
+    if args.compare_to and args.compare_parse:
+        sys.exit("--compare-to and --compare-parse: one comparison at a time")
     if os.geteuid() != 0:
         sys.exit("needs root (loads eBPF, creates namespaces)")
     if args.update_budget:
@@ -549,9 +558,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vnet-hook-cost-") as tmp:
         if args.compare_to:
             OTHER = (args.compare_to, committed_objects(args.compare_to, Path(tmp)))
+        elif args.compare_parse:
+            OTHER = ("header reads", None)
+            THIS_KW.update(parse_copy=True)
+            OTHER_KW.update(parse_copy=False)
         print(f"hook_cost.py {datetime.date.today()} kernel {platform.release()} {os.cpu_count()} CPUs "
               f"(targets: event <= {TARGET_EVENT_NS} ns p50, rejected <= {TARGET_REJECT_NS} ns)"
-              + (f"; compared with the objects of {args.compare_to}" if OTHER else ""))
+              + (f"; compared with the objects of {args.compare_to}" if args.compare_to else "")
+              + ("; kernel hooks parsing from one copy compared with reading each header ([3])"
+                 if args.compare_parse else ""))
         text, *test_runs = bench_test_runs(args.rounds, args.repeat)
         print(text, flush=True)
         text, floors = bench_stats_runs(args.rounds, args.calls, args.repeat)
