@@ -1,6 +1,6 @@
 """Pure logic of how a Trace chooses the kernel hooks' parse (bpf/src/vnet_packet.bpf.h
 parse_cfg): what features says, and the way back to the header reads when a verifier
-refuses the copy after all.
+refuses the copy after all; and what a failed count of the possible CPUs becomes.
 
 The kernel is faked here: Trace._load is replaced by a stand-in that refuses (as a
 VerifierError) whatever was to be loaded with the copy, as a kernel whose verifier passed
@@ -101,3 +101,21 @@ def test_fake_kernel_other_refusals_are_not_retried(monkeypatch, answer):
     with pytest.raises(VerifierError):
         t._load_or_fall_back(t.plans[0], 0)
     assert kernel.loads == [("tp1", False)]
+
+
+# -- the possible-CPU count (per-CPU map reads) ---------------------------------------------------------
+def test_fake_libbpf_without_a_descriptor_for_the_cpu_count_is_a_resource_error(monkeypatch):
+    """libbpf_num_possible_cpus() answers -EMFILE when its first call cannot open
+    /sys/devices/system/cpu/possible (a trace near its open-file limit once read its counters
+    that way: a negative buffer size, an internal error). Faked: a libbpf that answers so."""
+    from vnet.binding import object as bpfobject
+    from vnet.errors import BpfResourceError
+
+    class FakeLib:
+        def libbpf_num_possible_cpus(self):
+            return -errno.EMFILE
+
+    monkeypatch.setattr(bpfobject, "lib", lambda: FakeLib())
+    with pytest.raises(BpfResourceError) as e:
+        bpfobject.possible_cpus()
+    assert e.value.exit_code == 14 and "possible CPUs" in str(e.value)

@@ -233,6 +233,18 @@ class ProgramInfo:
     recursion_misses: int  # runs skipped because the program was already running on that CPU
 
 
+def possible_cpus() -> int:
+    """How many values a per-CPU map holds for a key. libbpf reads it from
+    /sys/devices/system/cpu/possible on the first call and keeps it; a first call
+    that fails (no descriptor left to open the file) returns -errno, which is an
+    error here rather than a negative buffer size. Trace.start asks while
+    descriptors are still free."""
+    n = lib().libbpf_num_possible_cpus()
+    if n <= 0:
+        raise bpf_error("count", n or -errno.EINVAL, "the possible CPUs (/sys/devices/system/cpu/possible)")
+    return n
+
+
 def program_info(fd: int) -> ProgramInfo:
     """bpf_prog_info of the program `fd` (bpf_obj_get_info_by_fd)."""
     info = ffi.new("struct bpf_prog_info *")
@@ -432,7 +444,7 @@ class Map:
         ncpu = 1
         if self.per_cpu:
             vsize = (vsize + 7) & ~7
-            ncpu = lib().libbpf_num_possible_cpus()
+            ncpu = possible_cpus()
         buf = ffi.new("char[]", vsize * ncpu)
         err = lib().bpf_map_lookup_elem(self.fd, ffi.from_buffer(key), buf)
         if err == -errno.ENOENT:
@@ -522,7 +534,7 @@ class PinnedMap:
     def lookup_per_cpu(self, key: bytes, value_size: int) -> list[bytes] | None:
         """A per-CPU map's values for key, one per possible CPU (None: no such key)."""
         stride = (value_size + 7) & ~7
-        ncpu = lib().libbpf_num_possible_cpus()
+        ncpu = possible_cpus()
         buf = ffi.new("char[]", stride * ncpu)
         err = lib().bpf_map_lookup_elem(self.fd, ffi.from_buffer(key), buf)
         if err == -errno.ENOENT:

@@ -16,6 +16,7 @@ from typing import Callable
 
 from vnet.analysis.histogram import Log2Histogram
 from vnet.binding import BpfObject, Link, RingBuffer
+from vnet.binding.object import possible_cpus
 from vnet.errors import ProbeUnavailableError, UnsupportedError, UsageError, VerifierError, VnetError
 from vnet.objects import object_path
 from vnet.probes import device as devprobe
@@ -177,6 +178,7 @@ class Trace:
     def start(self) -> None:
         features.require_privileges(net_admin=True)
         features.require_btf()
+        possible_cpus()  # libbpf keeps it: reading the per-CPU counters later needs no descriptor
         labels: dict = {}
         unavailable_only = True
         try:
