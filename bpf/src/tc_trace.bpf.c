@@ -6,6 +6,7 @@
  * One object instance is loaded per traced device, all sharing one ring and
  * one set of counters: its probe_id names the device even where ifindexes
  * repeat across network namespaces (tc has no portable netns helper). */
+#define VNET_TC_ONLY /* no kernel sk_buff to parse (vnet_packet.bpf.h) */
 #include "vnet_filter.bpf.h"
 
 #define VNET_TC_NEXT -1 /* TC_ACT_UNSPEC == TCX_NEXT: never alter the packet's fate */

@@ -49,6 +49,7 @@ struct vnet_kcopy {
 	__u8 b[VNET_KCOPY + 32];
 };
 
+#ifndef VNET_TC_ONLY /* tc_trace parses no kernel sk_buff: no map (a descriptor per device) */
 /* Per CPU and per program instance, without a lock: a program never runs
  * nested in itself on one CPU (the kernel's recursion guard skips it). */
 struct {
@@ -57,6 +58,7 @@ struct {
 	__type(key, __u32);
 	__type(value, struct vnet_kcopy);
 } vnet_kcopy_scratch SEC(".maps");
+#endif
 
 /* `net_cookie` became a plain u64 of struct net in 5.14 ("net: retire netns
  * cookie generator"); before it was a lazily set atomic64_t, which CO-RE does not
@@ -635,6 +637,7 @@ static __always_inline void vnet_kernel_meta(struct sk_buff *skb, struct vnet_ev
 	}
 }
 
+#ifndef VNET_TC_ONLY
 /* Kernel sk_buff, after vnet_kernel_meta: the same fields and header hash as
  * vnet_parse_skb. The network header offset is unset (0 or ~0) on fresh receive
  * skbs before the stack resets it: then the L3 header follows the Ethernet header. */
@@ -688,5 +691,6 @@ static __always_inline void vnet_parse_kernel_skb(struct vnet_cursor *c, struct 
 	if (decap)
 		vnet_decap(c, ev, ev->len);
 }
+#endif
 
 #endif /* VNET_PACKET_BPF_H */
