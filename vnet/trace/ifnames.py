@@ -8,7 +8,7 @@ import socket
 import time
 
 from vnet import netns
-from vnet.errors import VnetError
+from vnet.errors import RESOURCE_ERRNOS, ResourceError, VnetError, resource_error
 
 REFRESH_EVERY_S = 1.0
 
@@ -25,6 +25,10 @@ class InterfaceNames:
             spaces += sorted(os.listdir(netns.NETNS_RUN_DIR))
         except FileNotFoundError:
             pass
+        except OSError as e:  # out of descriptors: say so (exit 14), not an internal error
+            if e.errno in RESOURCE_ERRNOS:
+                raise resource_error(e, f"list the network namespaces ({netns.NETNS_RUN_DIR})") from None
+            raise
         for ns in spaces:
             try:
                 with netns.enter(ns):
@@ -33,7 +37,11 @@ class InterfaceNames:
                         table[(cookie, index)] = (name, ns)
                         if ns is None:  # cookie 0: a kernel that cannot tell; assume our namespace
                             table[(0, index)] = (name, ns)
-            except (OSError, VnetError):  # a namespace vanished while we looked: skip it
+            except ResourceError:
+                raise
+            except (OSError, VnetError) as e:  # a namespace vanished while we looked: skip it
+                if isinstance(e, OSError) and e.errno in RESOURCE_ERRNOS:
+                    raise resource_error(e, f"read the interfaces of network namespace {ns or '(ours)'}") from None
                 continue
         self._table = table
         self._refreshed = time.monotonic()
