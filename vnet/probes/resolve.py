@@ -12,7 +12,7 @@ from functools import lru_cache
 
 from vnet.binding import Btf, BpfObject
 from vnet.binding.btf import FUNC, TYPEDEF
-from vnet.errors import FD_LIMIT_HINT, ProbeUnavailableError, ResourceError, UsageError, VnetError
+from vnet.errors import ProbeUnavailableError, ResourceError, UsageError, VnetError
 
 from . import features
 from .catalog import BY_NAME, Hook, ProbeSpec
@@ -240,12 +240,8 @@ def plan(res: Resolution, *, pids: tuple[int, ...] = (), min_runq_ns: int = 0):
         """The presumed hook failed to load or attach: resolve with every check (feature probes,
         BTF, kallsyms). The same hook again: the failure is the trace's own (raised again). Another
         one: its plan. None: ProbeUnavailableError, with the reason select() would have given."""
-        if isinstance(error, ResourceError):  # out of descriptors: another hook would fail the same way
+        if isinstance(error, ResourceError):  # out of descriptors (Trace tells): another hook would fail the same way
             raise error
-        free = features.fd_headroom()
-        if free < features.FD_HEADROOM:  # libbpf may say ESRCH or EINVAL when it is the limit that stopped it
-            raise ResourceError(f"{spec.name}: too many open files: {free} descriptors left after: {error}",
-                                hint=FD_LIMIT_HINT) from None
         log.info("%s: %s failed (%s); resolving with every check", spec.name, hook.kind, error)
         again = resolve(spec, res.force)
         if not again.available:

@@ -17,7 +17,8 @@ from typing import Callable
 from vnet.analysis.histogram import Log2Histogram
 from vnet.binding import BpfObject, Link, RingBuffer
 from vnet.binding.object import possible_cpus
-from vnet.errors import ProbeUnavailableError, UnsupportedError, UsageError, VerifierError, VnetError
+from vnet.errors import (FD_LIMIT_HINT, BpfError, ProbeUnavailableError, ResourceError, UnsupportedError, UsageError,
+                         VerifierError, VnetError)
 from vnet.objects import object_path
 from vnet.probes import device as devprobe
 from vnet.probes import features
@@ -228,6 +229,11 @@ class Trace:
         try:
             return plan, self._load_parse_way(plan, probe_id)
         except VnetError as e:
+            if (isinstance(e, BpfError) and not isinstance(e, (ResourceError, VerifierError))
+                    and (free := features.fd_headroom()) < features.FD_HEADROOM):
+                # libbpf may say ESRCH or EINVAL when it is the open-file limit that stopped it
+                raise ResourceError(f"{plan.name}: too many open files: {free} descriptors left after: {e}",
+                                    hint=FD_LIMIT_HINT) from None
             if plan.fallback is None:
                 raise
             other = plan.fallback(e)  # raises when there is nothing else to try
