@@ -146,9 +146,11 @@ static __always_inline int vnet_load(struct vnet_cursor *c, __u32 off, void *to,
 		__u32 o = vnet_untracked(off);
 		const __u8 *p = c->l3 + o;
 
-		/* headers (a constant `len`; the payload came through vnet_payload_window) */
-		if (__builtin_constant_p(len) && parse_cfg.copy && c->win && o <= VNET_KCOPY - len &&
-		    o + len <= c->win_len) {
+		/* headers (a constant `len`; the payload came through vnet_payload_window);
+		 * win_len untracked: refined by each compare, it would keep the verifier's
+		 * parse paths apart (twice the work on 6.18) */
+		if (__builtin_constant_p(len) && parse_cfg.copy && o <= VNET_KCOPY - len &&
+		    o + len <= vnet_untracked(c->win_len)) {
 			/* in words: the verifier lets x86 and arm64 read map values unaligned */
 			__builtin_memcpy(to, (const __u32 *)(c->win + o), len);
 			return 0;
@@ -229,7 +231,7 @@ static __always_inline int vnet_payload_window(struct vnet_cursor *c, __u32 off,
 
 	if (c->kernel) {
 		off = vnet_untracked(off);
-		if (!parse_cfg.copy || !c->win || off > VNET_KCOPY || off + n > c->win_len)
+		if (!parse_cfg.copy || off > VNET_KCOPY || off + n > vnet_untracked(c->win_len))
 			return -1;
 		__builtin_memcpy(buf, (const __u64 *)(c->win + off), VNET_PAYLOAD_HASH_BYTES);
 		vnet_keep_bytes(buf, n);
@@ -675,17 +677,24 @@ static __always_inline void vnet_parse_kernel_skb(struct vnet_cursor *c, struct 
 		l3_off = mh + 18;
 	}
 	c->l3 = head + l3_off;
-	if (parse_cfg.copy && tail > l3_off) {
+	if (parse_cfg.copy) {
 		__u32 zero = 0, n = tail - l3_off;
 
-		/* (never NULL, one entry per CPU; if it were, the headers are read one by one) */
+		/* Set on every path, and never NULL after: a cursor with and one without
+		 * a window would be two families of states for the verifier to walk. */
 		c->win = bpf_map_lookup_elem(&vnet_kcopy_scratch, &zero);
-		if (n > VNET_KCOPY)
-			n = VNET_KCOPY;
-		barrier_var(n); /* 1..VNET_KCOPY, as a helper's length wants */
-		n = ((n - 1) & (VNET_KCOPY - 1)) + 1;
-		if (c->win && bpf_probe_read_kernel((void *)c->win, n, c->l3) == 0)
-			c->win_len = n;
+		if (!c->win) { /* never: one entry per CPU */
+			ev->flags |= VNET_F_TRUNCATED;
+			return;
+		}
+		if (tail > l3_off) {
+			if (n > VNET_KCOPY)
+				n = VNET_KCOPY;
+			barrier_var(n); /* 1..VNET_KCOPY, as a helper's length wants */
+			n = ((n - 1) & (VNET_KCOPY - 1)) + 1;
+			if (bpf_probe_read_kernel((void *)c->win, n, c->l3) == 0)
+				c->win_len = n;
+		}
 	}
 	vnet_parse_l3(c, ev, proto, ev->len);
 	if (decap)
