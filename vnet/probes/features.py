@@ -804,25 +804,23 @@ PRUNE_LINEAR_MAX = 1000  # verified instructions; 6.18 takes 169
 
 
 def _prune_probe_insns() -> bytes:
-    from vnet.tcpdump.ebpf import DW, FP, JSET, Asm, B, encode
+    """The probe, encoded here (vnet.tcpdump's assembler would cost `vnet trace` that
+    package's import, ~30 ms, where no expression is given)."""
+    def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+        return struct.pack("<BBhi", code, src << 4 | dst, off, imm)
 
-    a = Asm()
-    a.call(7)  # bpf_get_prandom_u32: the branches' bits, unknown to the verifier
-    a.mov64_reg(7, 0)
+    call, exit_, ja, jset_k, mov64_x, mov64_k = 0x85, 0x95, 0x05, 0x45, 0xBF, 0xB7
+    stx_dw, stx_b, ldx_dw, fp = 0x7B, 0x73, 0x79, 10
+    out = [insn(call, imm=7), insn(mov64_x, 7, 0)]  # bpf_get_prandom_u32: bits unknown to the verifier
     for k in range(PRUNE_DIAMONDS):
         slot = -8 * (k + 1)
-        a.jmp_imm(JSET, 7, 1 << k, f"misc{k}", wide=True)
-        a.stx(DW, FP, slot, 7)  # walked first: the slot holds a spilled, imprecise scalar
-        a.ja(f"join{k}")
-        a.label(f"misc{k}")
-        for b in range(8):
-            a.stx(B, FP, slot + b, 7)  # the same slot as plain data (STACK_MISC)
-        a.label(f"join{k}")
-    for k in range(PRUNE_DIAMONDS):  # read them all: live, so that pruning has to compare them
-        a.ldx(DW, 1, FP, -8 * (k + 1))
-    a.mov64_imm(0, 0)
-    a.exit()
-    return encode(a.finish())
+        out.append(insn(jset_k, 7, imm=1 << k, off=2))  # to the plain-data way
+        out.append(insn(stx_dw, fp, 7, slot))  # walked first: the slot holds a spilled, imprecise scalar
+        out.append(insn(ja, off=8))
+        out += [insn(stx_b, fp, 7, slot + b) for b in range(8)]  # the same slot as plain data (STACK_MISC)
+    out += [insn(ldx_dw, 1, fp, -8 * (k + 1)) for k in range(PRUNE_DIAMONDS)]  # all read: live, compared
+    out += [insn(mov64_k, 0), insn(exit_)]
+    return b"".join(out)
 
 
 def _parse_copy() -> Feature:
