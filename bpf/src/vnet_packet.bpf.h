@@ -46,7 +46,7 @@ const volatile struct vnet_parse_config parse_cfg = {};
 /* VNET_PAYLOAD_HASH_BYTES past the copy: a payload window read at any offset
  * inside it stays in the value (its bytes past the copy are masked off). */
 struct vnet_kcopy {
-	__u8 b[VNET_KCOPY + 32];
+	__u8 b[VNET_KCOPY + VNET_PAYLOAD_HASH_BYTES];
 };
 
 #ifndef VNET_TC_ONLY /* tc_trace parses no kernel sk_buff: no map (a descriptor per device) */

@@ -37,9 +37,9 @@ class InterfaceNames:
                         table[(cookie, index)] = (name, ns)
                         if ns is None:  # cookie 0: a kernel that cannot tell; assume our namespace
                             table[(0, index)] = (name, ns)
-            except ResourceError:
-                raise
             except (OSError, VnetError) as e:  # a namespace vanished while we looked: skip it
+                if isinstance(e, ResourceError):  # but out of descriptors is no vanished namespace
+                    raise
                 if isinstance(e, OSError) and e.errno in RESOURCE_ERRNOS:
                     raise resource_error(e, f"read the interfaces of network namespace {ns or '(ours)'}") from None
                 continue
