@@ -42,6 +42,14 @@ def test_one_ping_is_a_constant():
     assert from_pings([]).source == "none" and from_pings([{"offset_ns": "x"}]).source == "none"
 
 
+def test_a_damaged_ping_past_int64_is_left_out():
+    """Found by the collector fuzz: a clock chunk with a value past int64 crashed `vnet analyze`."""
+    m = from_pings([{"offset_ns": 500, "error_ns": 20, "at_ns": 10},
+                    {"offset_ns": 1 << 70, "error_ns": 5, "at_ns": 10},
+                    {"offset_ns": 7, "error_ns": 5, "agent_mono_ns": -(1 << 64)}])
+    assert (m.offset_ns, m.drift, m.error_ns) == (500, 0.0, 20)
+
+
 def _crossings(n=4000, eps=250_000, eps_ppm=30.0, d_min=40_000, seed=1, one_way=False, hooks=False):
     """Packets between host a and guest b over 60 s; b's clock (on the collector's scale)
     is wrong by eps + drift. Each packet spends 5-50 us on each host."""

@@ -42,6 +42,7 @@ PING_SLACK = 4                     # pings with errors beyond this many times th
 MIN_WINDOW_PACKETS = 20            # packets each way that a window of crossings needs
 MAX_WINDOWS = 20
 MAX_CROSSINGS = 250_000            # packets per table looked at (evenly taken beyond)
+SANE_NS = 1 << 62                  # clock values past it (146 years) are damage, not time
 
 
 @dataclass
@@ -117,6 +118,8 @@ def from_pings(samples: list[dict]) -> ClockMap:
         if not isinstance(t, int):
             at = c.get("at_ns")
             t = at + off if isinstance(at, int) else 0
+        if max(abs(t), abs(off), err) >= SANE_NS:  # a damaged sample: int64 arithmetic would overflow
+            continue
         rows.append((t, off, err))
     if not rows:
         return ClockMap()
