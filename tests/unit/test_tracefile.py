@@ -355,3 +355,126 @@ def test_mapped_reading_sees_what_plain_reading_sees(tmp_path, btf):
         assert a == b, len(content)
         assert (plain.truncated, plain.ignored_bytes, plain.problem) == \
             (mapped.truncated, mapped.ignored_bytes, mapped.problem), len(content)
+
+
+# -- direct writes (the collector's default: around the page cache) ------------------------------------------
+
+# Sizes around the 4 KiB blocks direct writes come in, and a chunk as large as an agent's.
+DIRECT_SIZES = [0, 1, 100, 4095, 4096, 4097, 8191, 12288, 65536, 1 << 20, (10 << 20) + 7, 3, 4000]
+
+
+def _direct_writer(path, header, **kw) -> TraceFileWriter:
+    w = TraceFileWriter(path, header, direct=True, **kw)
+    if not w.direct_io:
+        w.close()
+        pytest.skip(f"{path.parent}'s file system has no direct I/O")
+    return w
+
+
+def _write_sizes(w: TraceFileWriter, sizes, first_seq: int = 0) -> None:
+    for i, n in enumerate(sizes, first_seq):
+        w.write("events", seq=i, count=1, records=bytes([i % 251]) * n)
+
+
+@pytest.mark.parametrize("rotate", [None, 3 << 20])
+def test_direct_writes_leave_the_bytes_buffered_writes_leave(tmp_path, header, rotate):
+    """Whole blocks around the page cache, the partial last block through it and again
+    directly once completed: every file byte for byte what plain writes make."""
+    plain = TraceFileWriter(tmp_path / "plain.vnt", header, rotate_bytes=rotate)
+    _write_sizes(plain, DIRECT_SIZES)
+    plain.close()
+    w = _direct_writer(tmp_path / "direct.vnt", header, rotate_bytes=rotate)
+    _write_sizes(w, DIRECT_SIZES)
+    assert w.direct_io
+    w.close()
+    assert len(w.paths) == len(plain.paths) > (1 if rotate else 0)
+    for a, b in zip(plain.paths, w.paths):
+        assert a.read_bytes() == b.read_bytes(), (a, b)
+    r = TraceFileReader(w.paths[0])
+    assert not r.truncated and [c["seq"] for c in r.chunks(["events"])][:3] == [0, 1, 2]
+
+
+def test_every_direct_write_is_in_the_file_when_it_returns(tmp_path, header):
+    """What an ack promises: after each write the file holds the chunk whole (the partial
+    block is written through the page cache, not kept back for the next write)."""
+    path = tmp_path / "t.vnt"
+    w = _direct_writer(path, header)
+    for i, n in enumerate(DIRECT_SIZES):
+        w.write("events", seq=i, count=1, records=b"x" * n)
+        r = TraceFileReader(path)
+        assert [c["seq"] for c in r.chunks(["events"])][-1] == i and not r.truncated
+    w.close()
+
+
+def _file_size_limit(nbytes: int):
+    """Writes past nbytes fail with EFBIG (a real one, from the kernel), as on a full disk."""
+    import contextlib
+    import resource
+    import signal
+
+    @contextlib.contextmanager
+    def limited():
+        old = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old[1]))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old)
+            signal.signal(signal.SIGXFSZ, handler)
+    return limited()
+
+
+@pytest.mark.parametrize("room", [0, 100, 4096, 9000])
+def test_a_direct_write_that_does_not_fit_is_cut_off_and_writing_resumes(tmp_path, header, room):
+    """The limit falls in the staged block, in the direct part or right at the end: the file
+    is cut back to its last whole chunk, and the writes after it land as if nothing failed."""
+    path = tmp_path / "t.vnt"
+    w = _direct_writer(path, header)
+    _write_sizes(w, [5000])
+    size = path.stat().st_size
+    with _file_size_limit(size + room):
+        with pytest.raises(OSError):
+            _write_sizes(w, [20000], first_seq=1)
+        assert path.stat().st_size == size
+    _write_sizes(w, [20000, 7], first_seq=1)
+    w.close()
+    plain = TraceFileWriter(tmp_path / "plain.vnt", header)
+    _write_sizes(plain, [5000, 20000, 7])
+    plain.close()
+    assert path.read_bytes() == (tmp_path / "plain.vnt").read_bytes()
+
+
+def test_a_refused_direct_write_goes_through_the_page_cache_fake_einval(tmp_path, header, monkeypatch):
+    """Pure logic, a faked refusal: a device that wants larger alignment than 4 KiB refuses the
+    direct write (EINVAL); that chunk and the rest are written through the page cache."""
+    path = tmp_path / "t.vnt"
+    w = _direct_writer(path, header)
+    _write_sizes(w, [5000, 3])
+
+    def refuse(self, data):
+        os.pwrite(self.fd, data[:data.nbytes // 2], self.aligned)  # part of it got there first
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(tracefile._DirectAppender, "_write_direct", refuse)
+    _write_sizes(w, [20000, 9000], first_seq=2)
+    assert not w.direct_io
+    w.close()
+    plain = TraceFileWriter(tmp_path / "plain.vnt", header)
+    _write_sizes(plain, [5000, 3, 20000, 9000])
+    plain.close()
+    assert path.read_bytes() == (tmp_path / "plain.vnt").read_bytes()
+
+
+def test_a_direct_writer_gives_its_grown_stage_back(tmp_path, header):
+    w = _direct_writer(tmp_path / "t.vnt", header)
+    _write_sizes(w, [10 << 20, 5])
+    assert len(w._direct._stage) > 10 << 20
+    w.trim()
+    assert len(w._direct._stage) == tracefile.STAGE_KEPT
+    _write_sizes(w, [6, 4096 * 3 + 1], first_seq=2)
+    w.close()
+    plain = TraceFileWriter(tmp_path / "plain.vnt", header)
+    _write_sizes(plain, [10 << 20, 5, 6, 4096 * 3 + 1])
+    plain.close()
+    assert (tmp_path / "t.vnt").read_bytes() == (tmp_path / "plain.vnt").read_bytes()

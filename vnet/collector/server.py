@@ -68,6 +68,7 @@ class Stream:
     directory: Path
     header: dict
     rotate_bytes: int | None
+    direct_io: bool = True       # write around the page cache where the file system can
     last_seq: int = -1
     gaps: list = field(default_factory=list)
     chunks: int = 0
@@ -94,8 +95,10 @@ class Stream:
         n = 0
         while (path := self.base if n == 0 else self.base.with_name(f"{self.base.name}.s{n}")).exists():
             n += 1
-        self.writer = TraceFileWriter(path, self.header, rotate_bytes=self.rotate_bytes)
+        self.writer = TraceFileWriter(path, self.header, rotate_bytes=self.rotate_bytes, direct=self.direct_io)
         self.path = path
+        if self.direct_io and not self.writer.direct_io:
+            log.info("%s: no direct I/O on this file system: written through the page cache", path)
 
     def resume(self) -> None:
         """What earlier segments of this run (a collector run that ended or crashed) already hold."""
@@ -148,10 +151,12 @@ class StreamLimit(ProtocolError):
 
 
 class Collector:
-    def __init__(self, out_dir: str | Path, rotate_bytes: int | None = None, max_streams: int = MAX_STREAMS):
+    def __init__(self, out_dir: str | Path, rotate_bytes: int | None = None, max_streams: int = MAX_STREAMS,
+                 direct_io: bool = True):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.rotate_bytes = rotate_bytes
+        self.direct_io = direct_io
         self.max_streams = max_streams
         self.streams: dict[tuple[str, str, str | None], Stream] = {}  # not ended by their agent
         self.finished: collections.deque[str] = collections.deque(maxlen=FINISHED_KEPT)  # ended: summary lines
@@ -178,7 +183,7 @@ class Collector:
                 directory = self.out / trace
                 directory.mkdir(parents=True, exist_ok=True)
                 st = Stream(trace, host, directory, dict(header, run=run) if run else header, self.rotate_bytes,
-                            run=run)
+                            direct_io=self.direct_io, run=run)
                 st.resume()
                 self.streams[(trace, host, run)] = st
             st.connections += 1
@@ -191,9 +196,17 @@ class Collector:
             st.connections -= 1
             key = (st.trace, st.host, st.run)
             ended = ended or st.interrupted  # a dead agent's stream, resent by its successor: over too
+            idle = st.connections == 0
             if not ended or st.connections > 0 or self.streams.get(key) is not st:
-                return
-            del self.streams[key]
+                ended = False
+            else:
+                del self.streams[key]
+        if not ended:
+            if idle:
+                with st.lock:  # open, but nobody sends to it now: its write stage goes back
+                    if st.writer is not None:
+                        st.writer.trim()
+            return
         self._finish(st)
         self.finished.append(st.summary())
         self.finished_count += 1
