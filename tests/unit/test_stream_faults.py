@@ -288,6 +288,20 @@ def test_the_queue_file_wraps_keeps_up_in_its_first_pages_and_refuses_what_does_
     assert q.trim() and q._touched == WORKING
     q.close()
 
+    # chunks larger than the working bytes (an agent's 10 MB at high rates), a few unacknowledged:
+    # all in the area, one after the other (they once went to the spool every other chunk: the
+    # jump back to the beginning left the rest of the area unused behind the queued ones)
+    q = QueueFile.create(tmp_path / "large", 32 * WORKING)
+    chunk, live = b"L" * (WORKING * 5 // 2), []
+    for seq in range(60):
+        slot = q.append(seq, b"h", chunk, None)
+        assert slot is not None, (seq, [s.pos for s in live])
+        live.append(slot)
+        if seq % 4 == 3:  # acknowledged in bursts: up to 4 queued
+            while len(live) > 1:
+                q.release(live.pop(0))
+    q.close()
+
 
 def test_a_collector_that_cannot_create_the_file_says_why_and_leaves_none(tmp_path, collector):
     from vnet.protocol import ProtocolError

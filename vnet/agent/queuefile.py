@@ -14,7 +14,8 @@ where it would have begun). Appended entries are whole before head moves past th
 successor walking tail -> head (entries()) finds only whole ones.
 
 A queue that keeps up stays in the area's first WORKING bytes: an entry that would end past
-them starts the next lap if the beginning is free (and an empty queue starts there again),
+them starts the next lap if the beginning is free and what is queued fits in those bytes with
+it (and an empty queue starts there again),
 so only those pages are touched (tmpfs memory, resident in the agent) and they stay mapped
 (no page allocated per chunk). A backlog spreads over the area; trim() gives its pages back.
 """
@@ -113,8 +114,12 @@ class QueueFile:
             low = pos
         off = pos % self.size
         start = pos if off + need <= self.size else pos + self.size - off  # never across the end
-        if start == pos and off and off + need > WORKING and pos + self.size - off + need - low <= self.size:
-            start = pos + self.size - off  # past the working bytes, and the beginning is free: there
+        if start == pos and off and off + need > WORKING and pos - low + need <= WORKING \
+                and pos + self.size - off + need - low <= self.size:
+            # past the working bytes, and what is queued fits in them with it: the next lap, where
+            # the beginning is free. Not otherwise: the entries after it would run into the ones
+            # still queued here while the rest of the area lay unused (larger chunks spilled to disk)
+            start = pos + self.size - off
         if need > self.size or start + need - low > self.size:
             return None
         end_off = start % self.size + need
