@@ -116,9 +116,10 @@ class QueueFile:
         start = pos if off + need <= self.size else pos + self.size - off  # never across the end
         if start == pos and off and off + need > WORKING and pos - low + need <= WORKING \
                 and pos + self.size - off + need - low <= self.size:
-            # past the working bytes, and what is queued fits in them with it: the next lap, where
-            # the beginning is free. Not otherwise: the entries after it would run into the ones
-            # still queued here while the rest of the area lay unused (larger chunks spilled to disk)
+            # Past the working bytes: the next lap, where the beginning is free, if what is queued
+            # is small (fits in them with it). Not otherwise: the entries after it would run into
+            # the ones still queued here, with the rest of the area unused, and go to the disk
+            # spool (every other 10 MB chunk did at high rates).
             start = pos + self.size - off
         if need > self.size or start + need - low > self.size:
             return None
