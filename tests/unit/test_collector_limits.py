@@ -131,3 +131,23 @@ def test_an_agent_refused_keeps_its_chunks_and_delivers_them_once_a_place_frees(
     lines = col.close()
     assert st is None or st.events == 10
     assert any(line.startswith("t/late: 5 chunks, 10 events") for line in lines), lines
+
+
+def test_only_pongs_answering_a_recent_ping_become_clock_samples(tmp_path):
+    """A key holder's junk pongs (found by the collector fuzz: a value past int64 reached the
+    file and crashed `vnet analyze`) leave no clock sample; a real answer does."""
+    from vnet.collector.server import Collector
+    from vnet.collector.tracefile import TraceFileReader
+
+    col = Collector(tmp_path / "out")
+    st = col._stream("t", "h", "r1", {"host": "h"})
+    st.open()
+    now = time.monotonic_ns()
+    for junk in ({"t": now - 1000, "mono_ns": 1 << 63}, {"t": now - 1000, "mono_ns": -(1 << 62)},
+                 {"t": now - 61_000_000_000, "mono_ns": 5}, {"t": now + 10**12, "mono_ns": 5},
+                 {"t": "x", "mono_ns": 5}, {"t": now - 1000}):
+        col._clock(st, junk)
+    col._clock(st, {"t": now - 1000, "mono_ns": 12345})
+    col.close()
+    clocks = [c for c in TraceFileReader(st.path).chunks(["clock"])]
+    assert len(clocks) == 1 and clocks[0]["agent_mono_ns"] == 12345

@@ -53,6 +53,7 @@ log = logging.getLogger("vnet.collector")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CLOCK_PINGS = 8          # exchanges right after an agent connects
 CLOCK_EVERY_S = 5.0      # and one this often afterwards (drift)
+PONG_MAX_AGE_NS = 60_000_000_000  # a pong later than this answers no ping worth a sample
 PIPELINE_DEPTH = 3       # receive buffers per connection: one being received, up to two verified or being written
 MAX_STREAMS = 256        # streams not ended by their agent (each holds a file open); --max-streams
 FINISHED_KEPT = 1000     # summary lines of ended streams kept for the exit summary (the rest counted)
@@ -376,8 +377,9 @@ class Collector:
     def _clock(self, st: Stream, m: dict) -> None:
         t1 = time.monotonic_ns()
         t0, agent = m.get("t"), m.get("mono_ns")
-        if not isinstance(t0, int) or not isinstance(agent, int) or t1 < t0:
-            return
+        if not isinstance(t0, int) or not isinstance(agent, int) or not 0 <= t1 - t0 <= PONG_MAX_AGE_NS \
+                or abs(agent) >= 1 << 62:
+            return  # not an answer to a recent ping of ours, or no clock value (int64 analysis)
         rtt = t1 - t0
         sample = {"offset_ns": agent - (t0 + t1) // 2, "error_ns": rtt // 2, "at_ns": t1,
                   "agent_real_ns": m.get("real_ns"), "agent_mono_ns": agent,
