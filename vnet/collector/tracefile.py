@@ -255,6 +255,8 @@ class _DirectAppender:
     def _pwrite_all(self, data: memoryview, offset: int) -> None:
         while data:
             n = os.pwrite(self.fd, data, offset)
+            if not n:
+                raise OSError(errno.EIO, "a write wrote nothing")
             data, offset = data[n:], offset + n
 
     def _write_direct(self, data: memoryview) -> None:
@@ -265,7 +267,7 @@ class _DirectAppender:
             while done < data.nbytes:
                 n = os.pwrite(self.fd, data[done:], self.aligned + done)
                 done += n
-                if n % DIRECT_ALIGN:  # a short write off the block size: the rest through the cache
+                if not n or n % DIRECT_ALIGN:  # short, off the block size: the rest through the cache
                     break
         finally:
             fcntl.fcntl(self.fd, fcntl.F_SETFL, self._flags)
