@@ -69,8 +69,9 @@ def collect(
                                     "file open; one per trace, host and run not yet ended); past it new ones are "
                                     "refused and their agents retry."),
     direct_io: bool = typer.Option(True, "--direct-io/--page-cache", help="Write whole blocks around the page "
-                                   "cache (O_DIRECT), far less CPU per event; --page-cache: plain buffered writes. "
-                                   "File systems without direct I/O get buffered writes either way."),
+                                   "cache (O_DIRECT): far less CPU per event, each write waits for the device. "
+                                   "--page-cache: plain writes, memory absorbs bursts a slow disk cannot take. "
+                                   "File systems without direct I/O get plain writes either way."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True),
 ):
     """Receive raw event chunks from agents and write them to per-trace, per-host files."""
