@@ -151,3 +151,23 @@ def test_only_pongs_answering_a_recent_ping_become_clock_samples(tmp_path):
     col.close()
     clocks = [c for c in TraceFileReader(st.path).chunks(["clock"])]
     assert len(clocks) == 1 and clocks[0]["agent_mono_ns"] == 12345
+
+
+def test_a_stream_nobody_sends_to_gives_its_write_stage_back(tmp_path, serve_collector):
+    """Direct writes stage each chunk (it grows to the largest): a stream whose connection
+    went without an end keeps its file open, not the large stage."""
+    from vnet.collector.tracefile import STAGE_KEPT
+
+    with serve_collector(tmp_path) as (col, address, out):
+        ch = connect(address, KEY, "collector", limit=MAX_DATA_BYTES)
+        ch.request({"type": "open", "trace": "t", "host": "h", "run": "r1", "header": {}}, ("opened",))
+        ch.send({"type": "chunk", "seq": 0, "chunk": {"kind": "events", "seq": 0, "count": 1}}, blob=b"x" * (3 << 20))
+        while ch.recv(("ack", "ping"))["type"] != "ack":
+            pass
+        (st,) = col.streams.values()
+        if not st.writer.direct_io:
+            pytest.skip("no direct I/O on this file system")
+        assert len(st.writer._direct._stage) > 3 << 20
+        ch.close()  # dropped, not ended
+        assert _wait(lambda: st.connections == 0)
+        assert _wait(lambda: len(st.writer._direct._stage) == STAGE_KEPT)
