@@ -2,7 +2,8 @@
 heap does not) and costs what heap copies did (a memcpy into pages that stay mapped; a
 file per chunk cost the agent ~0.1-0.2 us more per event, tools/bench/drain.py).
 
-    offset 0     header page: magic, data size, tail, head (u64 positions, free-running)
+    offset 0     header page: magic, data size, tail, head (u64 positions, free-running),
+                 skip from, skip to (u64 positions; 0, 0 in files of agents before it)
     offset 4096  the data area: entries, each 8-byte aligned, never across its end
 
     entry        u32 magic, u32 head length, u64 seq, u64 records length, i64 ring_end
@@ -18,6 +19,11 @@ them starts the next lap if the beginning is free and what is queued fits in tho
 it (and an empty queue starts there again),
 so only those pages are touched (tmpfs memory, resident in the agent) and they stay mapped
 (no page allocated per chunk). A backlog spreads over the area; trim() gives its pages back.
+If the collector stalls right after such a jump, the entries still queued at the end of the
+lap before are in the way of the new lap's: the next entry goes on past them, where that lap
+ended, and the header's skip tells the walk (release(), entries()) to go on there from where
+the new lap's entries stopped. One skip at a time: the area fills whatever the moment of the
+stall (61 of 64 MiB at worst in the test, ~1 MiB before), not the disk spool.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ MAGIC = b"VNETQUE1"
 HEADER = 4096
 _HEAD = struct.Struct("=8sQQQ")      # magic, data size, tail, head
 _TAIL_AT, _HEAD_AT = 16, 24
+_SKIP_AT = 32                        # u64 from, u64 to: the walk from `from` goes on at `to` (0, 0: none)
+_SKIP = struct.Struct("=QQ")
 ENTRY = struct.Struct("=IIQQq")     # magic, head length, seq, records length, ring_end
 ENTRY_MAGIC = 0x51454E56             # "VNEQ"
 WRAP_MAGIC = 0x50415257              # "WRAP"
@@ -66,6 +74,7 @@ class QueueFile:
             self.close()
             raise ValueError(f"{path}: not a vnet queue file")
         self._touched = 0  # data bytes from the start reserved in tmpfs (fallocate), page-rounded
+        self._jumped: tuple[int, int] | None = None  # (lap start, where the lap before ended): see append()
 
     @classmethod
     def create(cls, path: Path, size: int) -> "QueueFile":
@@ -97,8 +106,17 @@ class QueueFile:
     def head(self) -> int:
         return _U64.unpack_from(self._map, _HEAD_AT)[0]
 
+    def _skip(self) -> tuple[int, int]:
+        return _SKIP.unpack_from(self._map, _SKIP_AT)
+
+    def _gap(self, tail: int, head: int) -> int:
+        """Bytes of [tail, head) that the walk skips (free, not queued)."""
+        frm, to = self._skip()
+        return to - frm if tail <= frm < to <= head else 0
+
     def queued_bytes(self) -> int:
-        return self.head - self.tail
+        tail, head = self.tail, self.head
+        return head - tail - self._gap(tail, head)
 
     def append(self, seq: int, head: bytes, records, ring_end: int | None, floor: int | None = None) -> Slot | None:
         """The entry at head, or None when it does not fit (the caller spools it). `floor`: a
@@ -115,14 +133,28 @@ class QueueFile:
         off = pos % self.size
         start = pos if off + need <= self.size else pos + self.size - off  # never across the end
         if start == pos and off and off + need > WORKING and pos - low + need <= WORKING \
-                and pos + self.size - off + need - low <= self.size:
+                and pos + self.size - off + need - low <= self.size and not self._escaping(low):
             # Past the working bytes: the next lap, where the beginning is free, if what is queued
             # is small (fits in them with it). Not otherwise: the entries after it would run into
             # the ones still queued here, with the rest of the area unused, and go to the disk
             # spool (every other 10 MB chunk did at high rates).
+            self._jumped = (pos + self.size - off, off)
             start = pos + self.size - off
-        if need > self.size or start + need - low > self.size:
+        skip = None
+        if need > self.size:
             return None
+        if start + need - low > self.size and not self._in_escape(low, start, need):
+            # After a jump back, the entries still queued in the lap before block the way (the
+            # collector stalled): go on past them, in this lap, where that lap ended. The walk
+            # from here goes on there (the header's skip): the area's rest, not the disk spool.
+            frm, to = self._skip()
+            if self._jumped is None or start != pos or not low < self._jumped[0] <= pos or low <= frm < to:
+                return None  # (the header has room for one skip: the walk has not passed the last yet)
+            lap, ended = self._jumped
+            ended += 8  # past the lap before's WRAP word: its walk reads it
+            if ended + need > self.size:
+                return None
+            skip, start = (pos, lap + ended), lap + ended
         end_off = start % self.size + need
         if end_off > self._touched:  # reserved first: a store to a page a full tmpfs cannot give is SIGBUS
             grow = min(self.size, -(-end_off // mmap.PAGESIZE) * mmap.PAGESIZE)
@@ -131,7 +163,9 @@ class QueueFile:
             except OSError:
                 return None
             self._touched = grow
-        if start != pos:
+        if skip is not None:
+            _SKIP.pack_into(self._map, _SKIP_AT, *skip)
+        elif start != pos:
             _WORD.pack_into(self._map, HEADER + off, WRAP_MAGIC)
         at = HEADER + start % self.size
         ENTRY.pack_into(self._map, at, ENTRY_MAGIC, len(head), seq, nbytes, -1 if ring_end is None else ring_end)
@@ -141,6 +175,18 @@ class QueueFile:
             self._view[at + len(head):at + len(head) + nbytes] = memoryview(records).cast("B")
         _U64.pack_into(self._map, _HEAD_AT, start + need)  # last: the entry is whole
         return Slot(start, start + need, seq, ring_end)
+
+    def _escaping(self, low: int) -> bool:
+        """Entries of the lap before a skip are still queued (the area is not one run from tail)."""
+        frm, to = self._skip()
+        return frm < to and low < to - to % self.size
+
+    def _in_escape(self, low: int, start: int, need: int) -> bool:
+        """[start, start + need) is in the part of a lap past a skip, while the lap before it
+        still holds entries: free there (they lie before where that lap ended)."""
+        frm, to = self._skip()
+        lap = to - to % self.size
+        return frm < to and low < lap and to <= start and start + need <= lap + self.size
 
     def read(self, slot: Slot) -> tuple[memoryview, memoryview | None]:
         """The entry's msgpack head and its records: views of the mapping (valid until released)."""
@@ -155,17 +201,29 @@ class QueueFile:
         if tail <= self.tail:
             return
         off = tail % self.size
-        if tail < self.head and off and (self.size - off < ENTRY.size or _WORD.unpack_from(self._map, HEADER + off)[0]
-                                         == WRAP_MAGIC):
+        frm, to = self._skip()
+        if tail == frm < to:
+            tail = to  # first: nothing was written where the skip begins
+        elif tail < self.head and off and (self.size - off < ENTRY.size
+                                           or _WORD.unpack_from(self._map, HEADER + off)[0] == WRAP_MAGIC):
             tail += self.size - off  # the next entry began the next lap: the gap is free too
         _U64.pack_into(self._map, _TAIL_AT, tail)
 
     def entries(self) -> list[Slot]:
         """The whole entries between tail and head (a dead agent's queue)."""
         out, pos, head = [], self.tail, self.head
-        if not 0 <= head - pos <= self.size:
+        frm, to = self._skip()
+        lap = to - to % self.size
+        if self._gap(pos, head) and pos < lap:  # a skip past the lap before's entries: to the end of its own
+            fits = lap - self.size <= pos and head <= lap + self.size
+        else:
+            fits = 0 <= head - pos - self._gap(pos, head) <= self.size
+        if not fits:
             raise ValueError(f"{self.path}: tail {pos} and head {head} do not fit a {self.size}-byte area")
         while pos < head:
+            if pos == frm < to:
+                pos = to
+                continue
             off = pos % self.size
             if self.size - off < ENTRY.size or _WORD.unpack_from(self._map, HEADER + off)[0] == WRAP_MAGIC:
                 pos += self.size - off
