@@ -8,14 +8,12 @@ it is sent again; and what a host's files say was lost is reported (stream_accou
 
 from __future__ import annotations
 
-import contextlib
-import resource
-import signal
 import threading
 import time
 
 import msgpack
 import pytest
+from unit_support import file_size_limit
 
 from vnet.collector.server import Collector
 from vnet.collector.tracefile import TraceFileReader, TraceFileWriter, stream_accounting
@@ -23,19 +21,6 @@ from vnet.protocol import MAX_DATA_BYTES, connect
 from vnet.protocol.server import Server
 
 KEY = bytes(range(32))
-
-
-@contextlib.contextmanager
-def file_size_limit(nbytes: int):
-    """Writes past nbytes fail with EFBIG (SIGXFSZ ignored), for this process, until the block ends."""
-    old = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old[1]))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old)
-        signal.signal(signal.SIGXFSZ, handler)
 
 
 def _kinds(path) -> list[tuple[str, int]]:

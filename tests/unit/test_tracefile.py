@@ -10,6 +10,7 @@ import zlib
 
 import msgpack
 import pytest
+from unit_support import file_size_limit
 
 from vnet.binding import Btf
 from vnet.binding.ringbatch import pack_records
@@ -406,25 +407,6 @@ def test_every_direct_write_is_in_the_file_when_it_returns(tmp_path, header):
     w.close()
 
 
-def _file_size_limit(nbytes: int):
-    """Writes past nbytes fail with EFBIG (a real one, from the kernel), as on a full disk."""
-    import contextlib
-    import resource
-    import signal
-
-    @contextlib.contextmanager
-    def limited():
-        old = resource.getrlimit(resource.RLIMIT_FSIZE)
-        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old[1]))
-        try:
-            yield
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, old)
-            signal.signal(signal.SIGXFSZ, handler)
-    return limited()
-
-
 @pytest.mark.parametrize("room", [0, 100, 4096, 9000])
 def test_a_direct_write_that_does_not_fit_is_cut_off_and_writing_resumes(tmp_path, header, room):
     """The limit falls in the staged block, in the direct part or right at the end: the file
@@ -433,7 +415,7 @@ def test_a_direct_write_that_does_not_fit_is_cut_off_and_writing_resumes(tmp_pat
     w = _direct_writer(path, header)
     _write_sizes(w, [5000])
     size = path.stat().st_size
-    with _file_size_limit(size + room):
+    with file_size_limit(size + room):
         with pytest.raises(OSError):
             _write_sizes(w, [20000], first_seq=1)
         assert path.stat().st_size == size
