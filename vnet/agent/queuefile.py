@@ -16,9 +16,8 @@ successor walking tail -> head (entries()) finds only whole ones.
 
 A queue that keeps up stays in the area's first WORKING bytes: an entry that would end past
 them starts the next lap if the beginning is free and what is queued fits in those bytes with
-it (and an empty queue starts there again),
-so only those pages are touched (tmpfs memory, resident in the agent) and they stay mapped
-(no page allocated per chunk). A backlog spreads over the area; trim() gives its pages back.
+it (and an empty queue starts there again), so only those pages are touched (tmpfs memory,
+resident in the agent) and they stay mapped (no page allocated per chunk). A backlog spreads over the area; trim() gives its pages back.
 If the collector stalls right after such a jump, the entries still queued at the end of the
 lap before are in the way of the new lap's: the next entry goes on past them, where that lap
 ended, and the header's skip tells the walk (release(), entries()) to go on there from where
@@ -213,11 +212,11 @@ class QueueFile:
         """The whole entries between tail and head (a dead agent's queue)."""
         out, pos, head = [], self.tail, self.head
         frm, to = self._skip()
-        lap = to - to % self.size
-        if self._gap(pos, head) and pos < lap:  # a skip past the lap before's entries: to the end of its own
+        lap, gap = to - to % self.size, self._gap(pos, head)
+        if gap and pos < lap:  # a skip past the lap before's entries: to the end of its own
             fits = lap - self.size <= pos and head <= lap + self.size
         else:
-            fits = 0 <= head - pos - self._gap(pos, head) <= self.size
+            fits = 0 <= head - pos - gap <= self.size
         if not fits:
             raise ValueError(f"{self.path}: tail {pos} and head {head} do not fit a {self.size}-byte area")
         while pos < head:
