@@ -37,12 +37,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from vnet.collector.tracefile import MAX_CLOCK_NS
+
 PING_WINDOW_NS = 10_000_000_000    # one ping kept per window (the collector pings every 5 s)
 PING_SLACK = 4                     # pings with errors beyond this many times the best are left out
 MIN_WINDOW_PACKETS = 20            # packets each way that a window of crossings needs
 MAX_WINDOWS = 20
 MAX_CROSSINGS = 250_000            # packets per table looked at (evenly taken beyond)
-SANE_NS = 1 << 62                  # clock values past it (146 years) are damage, not time
 
 
 @dataclass
@@ -118,7 +119,7 @@ def from_pings(samples: list[dict]) -> ClockMap:
         if not isinstance(t, int):
             at = c.get("at_ns")
             t = at + off if isinstance(at, int) else 0
-        if max(abs(t), abs(off), err) >= SANE_NS:  # a damaged sample: int64 arithmetic would overflow
+        if max(abs(t), abs(off), err) >= MAX_CLOCK_NS:  # a damaged sample: int64 arithmetic would overflow
             continue
         rows.append((t, off, err))
     if not rows:

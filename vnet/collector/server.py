@@ -47,7 +47,7 @@ from pathlib import Path
 from vnet.protocol import MAX_DATA_BYTES, Channel
 from vnet.protocol.channel import BufferRing, ProtocolError
 
-from .tracefile import TraceFileReader, TraceFileWriter
+from .tracefile import MAX_CLOCK_NS, TraceFileReader, TraceFileWriter
 
 log = logging.getLogger("vnet.collector")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -378,7 +378,7 @@ class Collector:
         t1 = time.monotonic_ns()
         t0, agent = m.get("t"), m.get("mono_ns")
         if not isinstance(t0, int) or not isinstance(agent, int) or not 0 <= t1 - t0 <= PONG_MAX_AGE_NS \
-                or abs(agent) >= 1 << 62:
+                or abs(agent) >= MAX_CLOCK_NS:
             return  # not an answer to a recent ping of ours, or no clock value (int64 analysis)
         rtt = t1 - t0
         sample = {"offset_ns": agent - (t0 + t1) // 2, "error_ns": rtt // 2, "at_ns": t1,

@@ -62,6 +62,7 @@ FRAME = struct.Struct("<II")  # payload length, crc32
 MAX_CHUNK_BYTES = 64 << 20    # a corrupt length must not make a reader allocate more
 MAX_STR_BYTES = 1 << 20
 MAX_ITEMS = 1 << 20
+MAX_CLOCK_NS = 1 << 62        # clock values past it (146 years) are damage, not time (int64 analysis)
 ABI_STRUCTS = ("vnet_event", "vnet_sched_event")
 ABI_ENUMS = ("vnet_hook", "vnet_event_flag", "vnet_event_kind", "vnet_stat")
 
