@@ -377,6 +377,14 @@ def _write_sizes(w: TraceFileWriter, sizes, first_seq: int = 0) -> None:
         w.write("events", seq=i, count=1, records=bytes([i % 251]) * n)
 
 
+def _plain_bytes(tmp_path, header, sizes) -> bytes:
+    """The file plain (page cache) writes make of the same chunks."""
+    plain = TraceFileWriter(tmp_path / "plain.vnt", header)
+    _write_sizes(plain, sizes)
+    plain.close()
+    return plain.paths[0].read_bytes()
+
+
 @pytest.mark.parametrize("rotate", [None, 3 << 20])
 def test_direct_writes_leave_the_bytes_buffered_writes_leave(tmp_path, header, rotate):
     """Whole blocks around the page cache, the partial last block through it and again
@@ -421,10 +429,7 @@ def test_a_direct_write_that_does_not_fit_is_cut_off_and_writing_resumes(tmp_pat
         assert path.stat().st_size == size
     _write_sizes(w, [20000, 7], first_seq=1)
     w.close()
-    plain = TraceFileWriter(tmp_path / "plain.vnt", header)
-    _write_sizes(plain, [5000, 20000, 7])
-    plain.close()
-    assert path.read_bytes() == (tmp_path / "plain.vnt").read_bytes()
+    assert path.read_bytes() == _plain_bytes(tmp_path, header, [5000, 20000, 7])
 
 
 def test_a_refused_direct_write_goes_through_the_page_cache_fake_einval(tmp_path, header, monkeypatch):
@@ -442,10 +447,7 @@ def test_a_refused_direct_write_goes_through_the_page_cache_fake_einval(tmp_path
     _write_sizes(w, [20000, 9000], first_seq=2)
     assert not w.direct_io
     w.close()
-    plain = TraceFileWriter(tmp_path / "plain.vnt", header)
-    _write_sizes(plain, [5000, 3, 20000, 9000])
-    plain.close()
-    assert path.read_bytes() == (tmp_path / "plain.vnt").read_bytes()
+    assert path.read_bytes() == _plain_bytes(tmp_path, header, [5000, 3, 20000, 9000])
 
 
 def test_a_direct_writer_gives_its_grown_stage_back(tmp_path, header):
@@ -456,7 +458,4 @@ def test_a_direct_writer_gives_its_grown_stage_back(tmp_path, header):
     assert len(w._direct._stage) == tracefile.STAGE_KEPT
     _write_sizes(w, [6, 4096 * 3 + 1], first_seq=2)
     w.close()
-    plain = TraceFileWriter(tmp_path / "plain.vnt", header)
-    _write_sizes(plain, [10 << 20, 5, 6, 4096 * 3 + 1])
-    plain.close()
-    assert (tmp_path / "t.vnt").read_bytes() == (tmp_path / "plain.vnt").read_bytes()
+    assert (tmp_path / "t.vnt").read_bytes() == _plain_bytes(tmp_path, header, [10 << 20, 5, 6, 4096 * 3 + 1])
