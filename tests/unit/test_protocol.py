@@ -54,6 +54,30 @@ def test_round_trip_with_the_right_key(server):
     ch.close()
 
 
+def test_tcp_sessions_send_without_nagle(tmp_path):
+    """Both ends turn Nagle off: every frame is one sendmsg, so it could only hold back a small
+    frame (an ack, a pong) behind one not yet acknowledged, until the peer's delayed ACK (up
+    to 40 ms when nothing flows back to carry it: the last acks of a burst waited so)."""
+    options = []
+
+    def handler(ch):
+        options.append(ch.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        ch.send({"type": "echo"})
+        ch.recv()
+
+    srv = Server("127.0.0.1:0", KEY, "agent", handler)
+    thread = threading.Thread(target=srv.serve, daemon=True)
+    thread.start()
+    try:
+        ch = connect(srv.address, KEY, "agent")
+        assert ch.recv(("echo",))["type"] == "echo"
+        assert ch.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) and options == [1]
+        ch.close()
+    finally:
+        srv.stop()
+        thread.join(timeout=5)
+
+
 def test_without_libcrypto_both_ends_agree_on_hmac(server, monkeypatch):
     from vnet.binding import crypto
 

@@ -175,10 +175,14 @@ def is_loopback(sockaddr) -> bool:
         return sockaddr[0] == "localhost"
 
 
-def tcp_liveness(sock: socket.socket) -> None:
-    """Keepalive and a user timeout on a TCP socket (nothing on a unix one)."""
+def tcp_options(sock: socket.socket) -> None:
+    """On a TCP socket (nothing on a unix one): keepalive and a user timeout, and no Nagle.
+    Every frame goes out in one sendmsg, so Nagle only delays: a small frame (an ack, a pong)
+    after one the peer has not yet acknowledged waited for its delayed ACK, up to 40 ms, when
+    no data flowed back to carry that ACK (the last acks of a burst: drain.py)."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for opt, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
                        ("TCP_KEEPCNT", KEEPALIVE_COUNT), ("TCP_USER_TIMEOUT", USER_TIMEOUT_S * 1000)):
@@ -478,7 +482,7 @@ def accept(sock: socket.socket, peer: str, key: bytes, role: str, limit: int = M
            timeout: float = DEFAULT_TIMEOUT) -> Channel:
     """Server side of the handshake on a freshly accepted socket."""
     sock.settimeout(timeout)
-    tcp_liveness(sock)
+    tcp_options(sock)
     ch = Channel(sock, peer, limit)
     ns = secrets.token_bytes(NONCE_BYTES)
     offer = session_macs()
@@ -511,7 +515,7 @@ def connect(address: str, key: bytes, role: str, limit: int = MAX_CONTROL_BYTES,
     family, sockaddr = parse_address(address)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
-    tcp_liveness(sock)
+    tcp_options(sock)
     try:
         sock.connect(sockaddr)
     except OSError as e:
