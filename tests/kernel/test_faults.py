@@ -570,9 +570,9 @@ def _bpffs(path: Path):
 
 def test_a_full_tmpfs_under_the_queue_file_spools_instead_of_crashing(tmp_path):
     """The queue file is sparse: a tmpfs without room for its pages would kill the agent with
-    SIGBUS at the first store. Its pages are reserved first (fallocate): on a 1 MiB tmpfs a
-    4 MiB queue takes what fits there, the rest goes to the spool, nothing is dropped, and a
-    successor reads both back in order."""
+    SIGBUS at the first store through the mapping. Entries are written with pwritev, which says
+    ENOSPC instead: on a 1 MiB tmpfs a 4 MiB queue takes what fits there, the rest goes to the
+    spool, nothing is dropped, and a successor reads both back in order."""
     from vnet.agent.queuefile import QueueFile
     from vnet.agent.shipper import Shipper
 

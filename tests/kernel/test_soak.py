@@ -177,7 +177,8 @@ def _queue_file_bytes(consumer) -> int:
 @pytest.mark.parametrize("queue", ["tmpfs", "heap"])
 def test_the_agent_gives_back_what_a_backlog_took(tmp_path, queue):
     """A stalled collector makes the agent hold its memory queue full (64 MiB): in its queue
-    file on tmpfs (the default --queue-dir; mapped, so resident in the agent too), or, with
+    file on tmpfs (the default --queue-dir; resident in the agent too where its mapping was
+    read, to send), or, with
     no usable --queue-dir, its heap. Once the collector catches up and the queue is empty the
     agent's resident memory is back near where it started: the queue file's pages are given
     back to tmpfs (QueueFile.trim), the heap's to the system (glibc would keep the freed
@@ -213,7 +214,8 @@ def test_the_agent_gives_back_what_a_backlog_took(tmp_path, queue):
         left = _queue_file_bytes(consumer)
         print(f"\n{queue} queue: agent RSS {start / 2**20:.1f} MiB at start, {held / 2**20:.1f} holding the backlog "
               f"({in_folder / 2**20:.1f} MiB in the queue file), {after / 2**20:.1f} after it")
-        assert held - start >= (QUEUE_MB << 20) // 2, "no backlog was held: the test proves nothing"
+        # held in the heap (RSS), or in the queue file (tmpfs: in the RSS only where the shipper read it)
+        assert max(held - start, in_folder) >= (QUEUE_MB << 20) // 2, "no backlog was held: the test proves nothing"
         if queue == "tmpfs":
             assert in_folder >= (QUEUE_MB << 20) // 2 and left == 0, (in_folder, left)
         else:

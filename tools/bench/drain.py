@@ -33,8 +33,9 @@ the time from the first event produced to the last one read from the ring; for
 the agent also to the collector's last acknowledgement), CPU of the consuming
 process (the sum over its threads of /proc/PID/task/TID/schedstat, from the
 start of production until done) per event, and the consumer's VmRSS, sampled
-every ~20 ms (the agent's includes its chunk queue: --queue-mb 512 here, for the
-backlog; the trace's ring is mapped once, so its bytes count once). Runs alternate between consumers
+every ~20 ms (the agent's includes the part of its chunk queue it has read to send:
+--queue-mb 512 here, for the backlog; the trace's ring is mapped once, so its bytes
+count once). Runs alternate between consumers
 (the order rotates every round); medians and min-max over rounds are printed.
 
 Every consumer loads the eBPF objects committed at HEAD (copied out; --bpf-dir

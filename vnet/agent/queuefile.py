@@ -17,7 +17,9 @@ successor walking tail -> head (entries()) finds only whole ones.
 A queue that keeps up stays in the area's first WORKING bytes: an entry that would end past
 them starts the next lap if the beginning is free and what is queued fits in those bytes with
 it (and an empty queue starts there again), so only those pages are touched (tmpfs memory,
-resident in the agent) and they stay mapped (no page allocated per chunk). A backlog spreads over the area; trim() gives its pages back.
+resident in the agent once the shipper has read them) and they stay (no page allocated per
+chunk). A backlog spreads over the area; trim() gives its pages back. Entries are written with
+pwritev, not stored through the mapping (append()); the mapping is read (the shipper sends from it).
 If the collector stalls right after such a jump, the entries still queued at the end of the
 lap before are in the way of the new lap's: the next entry goes on past them, where that lap
 ended, and the header's skip tells the walk (release(), entries()) to go on there from where
@@ -27,6 +29,7 @@ stall (61 of 64 MiB at worst in the test, ~1 MiB before), not the disk spool.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
@@ -72,7 +75,7 @@ class QueueFile:
         if magic != MAGIC or self.size <= 0 or HEADER + self.size > len(self._map):
             self.close()
             raise ValueError(f"{path}: not a vnet queue file")
-        self._touched = 0  # data bytes from the start reserved in tmpfs (fallocate), page-rounded
+        self._touched = 0  # data bytes from the start written (tmpfs pages), page-rounded: trim()
         self._jumped: tuple[int, int] | None = None  # (lap start, where the lap before ended): see append()
 
     @classmethod
@@ -154,26 +157,32 @@ class QueueFile:
             if ended + need > self.size:
                 return None
             skip, start = (pos, lap + ended), lap + ended
-        end_off = start % self.size + need
-        if end_off > self._touched:  # reserved first: a store to a page a full tmpfs cannot give is SIGBUS
-            grow = min(self.size, -(-end_off // mmap.PAGESIZE) * mmap.PAGESIZE)
-            try:
-                os.posix_fallocate(self._fd, HEADER + self._touched, grow - self._touched)
-            except OSError:
-                return None
-            self._touched = grow
-        if skip is not None:
-            _SKIP.pack_into(self._map, _SKIP_AT, *skip)
-        elif start != pos:
-            _WORD.pack_into(self._map, HEADER + off, WRAP_MAGIC)
-        at = HEADER + start % self.size
-        ENTRY.pack_into(self._map, at, ENTRY_MAGIC, len(head), seq, nbytes, -1 if ring_end is None else ring_end)
-        at += ENTRY.size
-        self._view[at:at + len(head)] = head
+        parts = [ENTRY.pack(ENTRY_MAGIC, len(head), seq, nbytes, -1 if ring_end is None else ring_end) + head]
         if nbytes:
-            self._view[at + len(head):at + len(head) + nbytes] = memoryview(records).cast("B")
+            parts.append(memoryview(records).cast("B"))
+        try:  # written, not stored through the mapping: see _write()
+            self._write(parts, HEADER + start % self.size)
+            if skip is None and start != pos:
+                self._write([_WORD.pack(WRAP_MAGIC)], HEADER + off)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.ENOMEM):
+                return None  # tmpfs full: the spool takes it (nothing here changed: head did not move)
+            raise
+        self._touched = max(self._touched, -(-(start % self.size + need) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        if skip is not None:
+            _SKIP.pack_into(self._map, _SKIP_AT, *skip)  # (the header page, written at create)
         _U64.pack_into(self._map, _HEAD_AT, start + need)  # last: the entry is whole
         return Slot(start, start + need, seq, ring_end)
+
+    def _write(self, parts: list, at: int) -> None:
+        """pwritev, not stores to the mapping: a fresh tmpfs page is filled by the kernel's copy,
+        where a store faults each page in and has it cleared first (a third less of the agent's
+        CPU reading a backlog, tools/bench/drain.py), and a tmpfs without room says ENOSPC
+        where a store is killed by SIGBUS. (One page cache: the mapping reads what was written.)"""
+        want = sum(memoryview(p).nbytes for p in parts)
+        done = os.pwritev(self._fd, parts, at)
+        if done != want:  # a write cut short only by a full file system
+            raise OSError(errno.ENOSPC, f"{done} of {want} bytes written")
 
     def _escaping(self, low: int) -> bool:
         """Entries of the lap before a skip are still queued (the area is not one run from tail)."""
