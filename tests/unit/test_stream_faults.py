@@ -146,6 +146,48 @@ def test_a_spool_write_that_fails_counts_as_the_spool_full(tmp_path, caplog):
         shipper.close()
 
 
+def _allocated(path) -> int:
+    import os
+
+    return os.stat(path).st_blocks * 512
+
+
+def test_a_backlogs_queue_memory_goes_back_after_a_quiet_second_a_step_at_a_time(tmp_path, monkeypatch):
+    """Once a backlog is acknowledged the queue file keeps its pages for TRIM_IDLE_S (a burst
+    that comes back finds them; the last ack is not held up by freeing them), then the
+    shipper's thread gives them back TRIM_STEP_BYTES at a time (the ring's reader waits for
+    one step, not all), down to the working bytes, and then the heap's free memory. A chunk
+    queued meanwhile puts it off. (Acks come from _ack here, as from the collector.)"""
+    from vnet.agent import shipper as shipping
+    from vnet.agent.queuefile import WORKING
+
+    monkeypatch.setattr(shipping, "TRIM_STEP_BYTES", 4 << 20)
+    s = shipping.Shipper(f"unix:{tmp_path}/nobody.sock", KEY, {"trace": "t", "host": "h", "run": "r", "header": {}},
+                         spool_dir=tmp_path / "spool", memory_bytes=64 << 20, queue_dir=tmp_path / "q")
+    qpath = tmp_path / "q" / "queue"
+    try:
+        for i in range(6):  # 24 MiB: past TRIM_AFTER_BYTES
+            s.put("events", count=1, records=bytes([i]) * (4 << 20))
+        assert s.stats.queued == 6 and s.stats.spooled == 0 and _allocated(qpath) >= 24 << 20
+        with s._cond:
+            s._ack(5)
+            assert s._trim_at is not None and s._trim_step() is None  # not yet: kept a while
+            assert _allocated(qpath) >= 24 << 20
+            s._trim_at = time.monotonic() - 1
+            s.put("events", count=1, records=b"x" * 100)  # busy again: put off
+            assert s._trim_step() is None and s._trim_at > time.monotonic()
+            s._ack(6)
+            s._trim_at = time.monotonic() - 1
+            steps = []
+            while (step := s._trim_step()) == "file":
+                steps.append(_allocated(qpath))
+            assert step == "heap" and s._trim_at is None and s._high == 0
+        assert len(steps) >= 4 and steps == sorted(steps, reverse=True) and steps[0] >= 20 << 20
+        assert _allocated(qpath) <= 4096 + WORKING
+    finally:
+        s.close()
+
+
 def _recover_and_deliver(run_dir) -> None:
     """What the next agent start does with a dead agent's spool folder: resend it all, have
     the interruption recorded; then the folder goes."""
@@ -270,7 +312,11 @@ def test_the_queue_file_wraps_keeps_up_in_its_first_pages_and_refuses_what_does_
         live.append(q.append(seq, b"h", chunk, None))
     assert q._touched > 8 * WORKING and not q.trim()  # not empty yet
     q.release(live[-1])
-    assert q.trim() and q._touched == WORKING
+    top, held = q._touched, _allocated(tmp_path / "big")
+    assert q.trim(most=3 * 4096 + 5) and q._touched == top - 3 * 4096  # a step, from the top
+    assert _allocated(tmp_path / "big") == held - 3 * 4096
+    assert q.trim() and q._touched == WORKING and not q.trim()
+    assert _allocated(tmp_path / "big") <= HEADER + WORKING  # the file system has the pages back
     q.close()
 
     # chunks larger than the working bytes (an agent's 10 MB at high rates), a few unacknowledged:

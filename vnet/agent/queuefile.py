@@ -244,13 +244,16 @@ class QueueFile:
             pos = end
         return out
 
-    def trim(self, keep: int = WORKING) -> bool:
+    def trim(self, keep: int = WORKING, most: int | None = None) -> bool:
         """Empty after a backlog: give back the area's pages beyond the first `keep` bytes
-        (tmpfs memory, and this process's resident set). Whether anything was given."""
-        if self.head != self.tail or self._touched <= keep:
+        (tmpfs memory, and this process's resident set), at most `most` bytes of them at a time,
+        from the top. Whether anything was given."""
+        start = -(-keep // mmap.PAGESIZE) * mmap.PAGESIZE
+        if self.head != self.tail or self._touched <= start:
             return False
-        start = keep // mmap.PAGESIZE * mmap.PAGESIZE
-        self._map.madvise(mmap.MADV_REMOVE, HEADER + start, self.size - start)
+        if most is not None:
+            start = max(start, self._touched - max(mmap.PAGESIZE, most // mmap.PAGESIZE * mmap.PAGESIZE))
+        self._map.madvise(mmap.MADV_REMOVE, HEADER + start, self._touched - start)
         self._touched = start
         return True
 

@@ -66,9 +66,16 @@ LOCAL = "_local"  # in a file's head, what only this agent's successor needs (ne
 
 # A backlog that filled the memory queue leaves the freed chunk copies in the heap (glibc
 # keeps them: an allocation of that size then comes from the heap, not a mapping of its
-# own): given back once the queue is empty again. A fixed mmap threshold would do it per
-# chunk instead, at +0.15 us of agent CPU per event (measured); this is one call per backlog.
+# own), or the queue file's pages on tmpfs: given back once the queue has been empty for
+# TRIM_IDLE_S. A fixed mmap threshold would do it per chunk instead, at +0.15 us of agent CPU
+# per event (measured); this is once per backlog. Not at once: a burst that comes back soon
+# finds its pages (a fresh one costs the reader a page allocation), and the last ack of a
+# backlog is not held up by ~30 ms of freeing 150 MB (drain.py). The shipper's thread gives
+# the queue file's pages back TRIM_STEP_BYTES at a time, each under the lock the ring's reader
+# needs to queue a chunk: it waits ~1 ms, not the whole of it.
 TRIM_AFTER_BYTES = 16 << 20
+TRIM_IDLE_S = 1.0
+TRIM_STEP_BYTES = 8 << 20
 
 
 def _return_freed_memory() -> None:
@@ -210,6 +217,7 @@ class Shipper:
         self._next_seq = 0
         self._in_memory = 0
         self._high = 0                  # most bytes queued in memory since the last trim
+        self._trim_at: float | None = None  # when the queue (empty) gives a backlog's memory back
         self._sending: int | None = None  # the queue file position of the chunk being sent: kept
         self._on_disk = 0
         self._cond = threading.Condition()
@@ -592,13 +600,23 @@ class Shipper:
                             "the spool was full", self.address, self.stats.dropped_chunks - chunks,
                             self.stats.dropped_events - events)
                 self._dropping = None
-            trim = not self._queue and self._high >= TRIM_AFTER_BYTES
-            if trim:
-                self._high = 0
-                if self._qfile is not None and self._sending is None:
-                    self._qfile.trim()  # the backlog's pages back to tmpfs (the working ones stay)
-        if trim:
-            _return_freed_memory()
+            if not self._queue and self._high >= TRIM_AFTER_BYTES and self._trim_at is None:
+                self._trim_at = time.monotonic() + TRIM_IDLE_S  # the shipper's thread, when idle
+
+    def _trim_step(self) -> str | None:
+        """The shipper's thread, idle (under self._cond): a backlog's memory back once the queue
+        has been empty for TRIM_IDLE_S, a step at a time. "file": a step of the queue file's
+        pages was given, more may follow; "heap": those are done, the heap's go next (the
+        caller, without the lock); None: nothing to do now."""
+        if self._trim_at is None or time.monotonic() < self._trim_at:
+            return None
+        if self._queue or self._sending is not None:
+            self._trim_at = time.monotonic() + TRIM_IDLE_S  # busy again: later
+            return None
+        if self._qfile is not None and self._qfile.trim(most=TRIM_STEP_BYTES):
+            return "file"  # from the top of the area; the working bytes' pages stay
+        self._trim_at, self._high = None, 0
+        return "heap"
 
     def _full(self, msg) -> None:
         """The collector could not write the chunk after `have`: rewind to it and wait."""
@@ -669,8 +687,13 @@ class Shipper:
                             if self.interrupted is not None:
                                 self._tell_interrupted(ch)
                             return True
-                        self._cond.wait(0.2)
-                        continue
+                        trim = self._trim_step()
+                        if trim is None:
+                            self._cond.wait(0.2)
+                if not pending:
+                    if trim == "heap":
+                        _return_freed_memory()  # glibc's free chunks (a queue without a file: its copies)
+                    continue
                 for e in pending:
                     if self._rewind is not None:
                         break  # the collector stopped writing: the rest waits
