@@ -17,7 +17,7 @@ BPF_CFLAGS  := -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
                -fdebug-prefix-map=$(CURDIR)=. -Ibpf/src
 
 # Debian package names: run time / build of the objects and tests (bpftool: the tests list what is attached).
-RUN_PKGS    := libbpf1 libpcap0.8 iproute2 python3-venv
+RUN_PKGS    := libbpf1 libpcap0.8 libdeflate0 iproute2 python3-venv
 BUILD_PKGS  := clang llvm libbpf-dev libpcap0.8-dev gcc tcpdump ethtool tshark bpftool
 # `vnet demo ovs-congestion` and its tests run a private Open vSwitch (vnet/ovs.py): the programs only.
 DEMO_PKGS   := openvswitch-switch

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate vnet/binding/_libbpf_ffi.py, _pcap_ffi.py and _crypto_ffi.py (cffi out-of-line ABI mode) from
+"""Regenerate vnet/binding/_libbpf_ffi.py, _pcap_ffi.py, _crypto_ffi.py and _deflate_ffi.py (cffi out-of-line ABI mode) from
 vnet/binding/_cdef.py: run after editing the declarations, and commit the result (make ffi)."""
 
 import sys

@@ -1,4 +1,4 @@
-"""The committed pre-parsed cffi modules (vnet/binding/_libbpf_ffi.py, _pcap_ffi.py, _crypto_ffi.py) are what
+"""The committed pre-parsed cffi modules (vnet/binding/_libbpf_ffi.py, _pcap_ffi.py, _crypto_ffi.py, _deflate_ffi.py) are what
 tools/gen_ffi.py makes of today's vnet/binding/_cdef.py, the bindings use them, and a missing or
 stale one falls back to parsing the declarations in-line."""
 
@@ -23,11 +23,12 @@ def test_committed_module_is_current(name):
 
 def test_bindings_start_without_pycparser():
     code = ("import sys; import vnet.binding.libbpf as l, vnet.binding.pcap as p, vnet.binding.crypto as c; "
+            "import vnet.binding.checksum as d; "
             "print('pycparser' in sys.modules, 'cffi.api' in sys.modules, type(l.ffi).__module__, "
-            "type(c.ffi).__module__)")
+            "type(c.ffi).__module__, type(d.ffi).__module__)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["False", "False", "_cffi_backend", "_cffi_backend"], r.stdout
+    assert r.stdout.split() == ["False", "False", "_cffi_backend", "_cffi_backend", "_cffi_backend"], r.stdout
 
 
 @pytest.mark.parametrize("name", sorted(_ffi.MODULES))

@@ -285,3 +285,9 @@ int EVP_EncryptFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl);
 unsigned long OpenSSL_version_num(void);
 const char *OpenSSL_version(int type);
 """
+
+# libdeflate (vnet/binding/checksum.py): zlib's CRC-32 with carry-less multiply, for the trace
+# files' chunk checks. One function, no types.
+DEFLATE_CDEF = r"""
+uint32_t libdeflate_crc32(uint32_t crc, const void *buffer, size_t len);
+"""

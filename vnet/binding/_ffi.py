@@ -3,7 +3,7 @@
 Parsing the C declarations of vnet/binding/_cdef.py with cffi costs ~40 ms at every start, most
 of it importing pycparser. cffi's out-of-line ABI mode (`ffi.set_source(name, None)`) writes the
 parsed declarations into a pure-Python module that needs only `_cffi_backend` at run time: no C
-compiler, no pycparser. Those modules (vnet/binding/_libbpf_ffi.py, _pcap_ffi.py, _crypto_ffi.py) are generated
+compiler, no pycparser. Those modules (vnet/binding/_libbpf_ffi.py, _pcap_ffi.py, _crypto_ffi.py, _deflate_ffi.py) are generated
 from _cdef.py and committed:
 
     make ffi        # tools/gen_ffi.py: regenerate after editing _cdef.py, then commit
@@ -27,6 +27,7 @@ MODULES = {
     "_libbpf_ffi": (_cdef.CDEF, _cdef.LIBC_CDEF),
     "_pcap_ffi": (_cdef.PCAP_CDEF,),
     "_crypto_ffi": (_cdef.CRYPTO_CDEF,),
+    "_deflate_ffi": (_cdef.DEFLATE_CDEF,),
 }
 
 log = logging.getLogger("vnet.binding")

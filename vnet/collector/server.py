@@ -29,7 +29,7 @@ envelope and frames it for the trace file (CRC-32), then hands it to a writer th
 writes it (writev into the page cache) and acknowledges it (or answers "full"), while the next
 one is received, verified and framed. The records stay in the channel's receive buffers
 (BufferRing, PIPELINE_DEPTH of them) until written; each stage leaves the GIL in its long
-calls (recv_into, GMAC in libcrypto, zlib.crc32, writev).
+calls (recv_into, GMAC in libcrypto, CRC-32 in libdeflate or zlib, writev).
 """
 
 from __future__ import annotations

@@ -43,7 +43,6 @@ import socket
 import struct
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -51,6 +50,7 @@ import msgpack
 
 from vnet.binding import Field, StructLayout
 from vnet.binding.btf import STRUCT
+from vnet.binding.checksum import crc32
 from vnet.binding.ringbatch import records
 from vnet.errors import UnsupportedError, UsageError
 from vnet.packing import pack_parts, parts_size
@@ -405,10 +405,10 @@ class TraceFileWriter:
         size = parts_size(head, blob)
         if size > MAX_CHUNK_BYTES:
             raise UsageError(f"trace chunk of {size} bytes is over the {MAX_CHUNK_BYTES}-byte limit")
-        crc = zlib.crc32(head)
+        crc = crc32(head)
         if blob is None:
             return [FRAME.pack(size, crc) + head]
-        return [FRAME.pack(size, zlib.crc32(blob, crc)) + head, blob]
+        return [FRAME.pack(size, crc32(blob, crc)) + head, blob]
 
     def _write_all(self, data: bytes | list) -> None:
         views = [memoryview(p) for p in ([data] if isinstance(data, bytes) else data)]
@@ -535,7 +535,7 @@ def _whole(f, at: int, length: int, crc: int):
     _TORN when its checksum is wrong."""
     f.seek(at)
     payload = f.read(length)
-    if zlib.crc32(payload) != crc:
+    if crc32(payload) != crc:
         return _TORN
     try:
         return _unpack(payload)
@@ -599,7 +599,7 @@ class TraceFileReader:
             payload = f.read(length)
             if len(payload) < length:  # the file shrank while we read
                 return self._stop(offset, size - offset, "the last chunk is cut short")
-            if zlib.crc32(payload) != crc:
+            if crc32(payload) != crc:
                 return self._stop(offset, size - offset, "a chunk's checksum does not match")
             offset += FRAME.size + length
             chunk = self._whole_chunk(payload, views)
@@ -638,7 +638,7 @@ class TraceFileReader:
             if length > size - offset - FRAME.size:
                 return self._stop(offset, size - offset, "the last chunk is cut short")
             payload = data[offset + FRAME.size:offset + FRAME.size + length]
-            if zlib.crc32(payload) != crc:
+            if crc32(payload) != crc:
                 return self._stop(offset, size - offset, "a chunk's checksum does not match")
             offset += FRAME.size + length
             chunk = self._whole_chunk(payload, True)

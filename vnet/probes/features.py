@@ -167,6 +167,7 @@ REQUIRES = {
     "kprobe_multi": ">= 5.18 with CONFIG_FPROBE",
     "libpcap": "libpcap (libpcap0.8) for tcpdump filter expressions",
     "gmac": "libcrypto (OpenSSL >= 1.1, Debian's libssl3) with AES-128-GCM",
+    "libdeflate": "libdeflate (Debian's libdeflate0) for the trace files' CRC-32",
     "parse_copy": "a verifier that prunes a spilled scalar against plain stack data (Linux 6.18 does, 6.1 does not)",
 }
 MIN_KERNEL = {"btf": (5, 2), "ringbuf": (5, 8), "prog_test_run": (4, 12), "tcx": (6, 6), "tc_link": (6, 6),
@@ -193,11 +194,14 @@ HINTS = {
     "libpcap": "tcpdump expressions need it: apt-get install libpcap0.8 (the field filters --proto/--port... do not)",
     "gmac": "agents and collectors tag their frames with HMAC-SHA256 instead (~7x the CPU per byte shipped): "
             "apt-get install libssl3",
+    "libdeflate": "trace files are checked with zlib's CRC-32 instead (~3x the CPU per byte written or read): "
+                  "apt-get install libdeflate0",
     "parse_copy": "kernel hooks read each header with its own bpf_probe_read_kernel instead (~20% more per "
                   "event): the parse from one copy would cost this verifier many times the work",
 }
 NAMES = ("capabilities", "lockdown", "libbpf", "btf", "ringbuf", "prog_test_run", "tcx", "tc_link", "clsact",
-         "tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe", "kprobe_multi", "libpcap", "gmac", "parse_copy")
+         "tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe", "kprobe_multi", "libpcap", "gmac", "libdeflate",
+         "parse_copy")
 
 _cache: dict[str, Feature] = {}
 _lock = threading.RLock()
@@ -796,6 +800,15 @@ def _gmac() -> Feature:
     return _feature("gmac", Support.UNSUPPORTED, f"{crypto._why_not}: session frames tagged with HMAC-SHA256")
 
 
+def _libdeflate() -> Feature:
+    """How the trace files' CRC-32 is computed (vnet.binding.checksum)."""
+    from vnet.binding import checksum
+
+    if checksum.available():
+        return _feature("libdeflate", Support.SUPPORTED, "trace file checksums (CRC-32) with libdeflate")
+    return _feature("libdeflate", Support.UNSUPPORTED, f"{checksum._why_not}: trace file checksums with zlib")
+
+
 # The parse_copy probe: PRUNE_DIAMONDS two-way branches, each leaving one stack slot either a
 # spilled scalar or plain data; a verifier that prunes the one against the other walks them in
 # ~20 instructions each, one that does not walks every combination (2^8 paths: ~7.7 k on 6.1).
@@ -857,5 +870,6 @@ _PROBES: dict[str, Callable[[], Feature]] = {
     "capabilities": _capabilities, "lockdown": _lockdown, "libbpf": _libbpf, "btf": _btf, "ringbuf": _ringbuf,
     "prog_test_run": _prog_test_run, "tcx": _tcx, "tc_link": _tc_link, "clsact": _clsact, "tp_btf": _tp_btf,
     "raw_tp": _raw_tp, "tracepoint": _tracepoint, "fentry": _fentry, "kprobe": _kprobe,
-    "kprobe_multi": _kprobe_multi, "libpcap": _libpcap, "gmac": _gmac, "parse_copy": _parse_copy,
+    "kprobe_multi": _kprobe_multi, "libpcap": _libpcap, "gmac": _gmac, "libdeflate": _libdeflate,
+    "parse_copy": _parse_copy,
 }
