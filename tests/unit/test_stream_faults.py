@@ -152,6 +152,39 @@ def _allocated(path) -> int:
     return os.stat(path).st_blocks * 512
 
 
+def test_the_queue_file_writes_new_pages_and_stores_into_the_ones_it_has(tmp_path, monkeypatch):
+    """Pages the file does not have yet are written with pwritev (a full tmpfs says ENOSPC there,
+    where a store is SIGBUS); once a queue that keeps up is back on pages it has written, its
+    entries are stores through the mapping, no system call per chunk; after trim() the pages
+    given back are written again."""
+    import os as os_module
+
+    from vnet.agent.queuefile import WORKING, QueueFile
+
+    writes = []
+    real = os_module.pwritev
+    monkeypatch.setattr(os_module, "pwritev", lambda fd, parts, at: writes.append(at) or real(fd, parts, at))
+    q = QueueFile.create(tmp_path / "queue", 8 * WORKING)
+    chunk, live = b"k" * (WORKING // 4), []
+    for seq in range(40):  # ten laps of the working bytes, two entries queued at a time
+        live.append(q.append(seq, b"h", chunk, None))
+        if len(live) > 1:
+            q.release(live.pop(0))
+    first_lap = len(writes)
+    assert 3 <= first_lap <= 6 and q._touched <= WORKING + len(chunk) + 4096, writes  # then stores only
+    for seq in range(40, 60):  # a backlog past the working bytes: new pages, written
+        live.append(q.append(seq, b"h", chunk, None))
+    assert len(writes) > first_lap + 10
+    for slot in live:
+        assert bytes(q.read(slot)[1]) == chunk
+    q.release(live[-1])
+    assert q.trim() and q._touched == WORKING
+    before = len(writes)
+    live = [q.append(seq, b"h", chunk, None) for seq in range(60, 66)]  # past WORKING again: written
+    assert len(writes) > before and all(bytes(q.read(slot)[1]) == chunk for slot in live)
+    q.close()
+
+
 def test_a_backlogs_queue_memory_goes_back_after_a_quiet_second_a_step_at_a_time(tmp_path, monkeypatch):
     """Once a backlog is acknowledged the queue file keeps its pages for TRIM_IDLE_S (a burst
     that comes back finds them; the last ack is not held up by freeing them), then the
