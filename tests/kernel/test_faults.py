@@ -595,6 +595,36 @@ def test_a_full_tmpfs_under_the_queue_file_spools_instead_of_crashing(tmp_path):
             shipper._drop_queue_file()
 
 
+QUEUE_ON_FULL_TMPFS = r"""
+import sys
+from pathlib import Path
+from vnet.agent.queuefile import QueueFile
+q = QueueFile.create(Path(sys.argv[1]), 4 << 20)
+chunk, laps = b"q" * (192 << 10), []
+for lap in range(4):  # fill, acknowledge everything, fill again: stores on the pages it has, writes past them
+    slots = []
+    while (slot := q.append(len(slots), b"h", chunk, None)) is not None:
+        slots.append(slot)
+    assert all(bytes(q.read(s)[1]) == chunk for s in slots)
+    laps.append(len(slots))
+    q.release(slots[-1])
+print(laps)
+"""
+
+
+def test_a_queue_file_on_a_full_tmpfs_refills_the_pages_it_has_and_refuses_the_rest(tmp_path):
+    """The queue file stores into pages it has written before and writes (pwritev) only new ones:
+    on a 1 MiB tmpfs, filled, emptied and filled again four times, every lap takes what fits
+    and is refused the rest (ENOSPC), never SIGBUS (a process of its own: a SIGBUS would be its
+    death, not the test run's)."""
+    with _tmpfs(tmp_path / "shm", "1m") as shm:
+        r = subprocess.run([sys.executable, "-c", QUEUE_ON_FULL_TMPFS, str(shm / "queue")], capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert r.returncode == 0, (r.returncode, r.stderr)  # -7: SIGBUS
+    laps = json.loads(r.stdout)
+    assert len(laps) == 4 and 2 <= laps[0] <= 5 and all(n >= laps[0] - 1 for n in laps), laps
+
+
 def _queued(qdir: Path) -> list:
     """The entries of the queue files under qdir (a killed agent's memory queue)."""
     from vnet.agent.queuefile import QueueFile
