@@ -345,10 +345,10 @@ def test_the_queue_file_wraps_keeps_up_in_its_first_pages_and_refuses_what_does_
         live.append(q.append(seq, b"h", chunk, None))
     assert q._touched > 8 * WORKING and not q.trim()  # not empty yet
     q.release(live[-1])
-    top, held = q._touched, _allocated(tmp_path / "big")
-    assert q.trim(most=3 * 4096 + 5) and q._touched == top - 3 * 4096  # a step, from the top
+    top, held = q._written, _allocated(tmp_path / "big")
+    assert q.trim(most=3 * 4096 + 5) and q._written == q._touched == top - 3 * 4096  # a step, from the top
     assert _allocated(tmp_path / "big") == held - 3 * 4096
-    assert q.trim() and q._touched == WORKING and not q.trim()
+    assert q.trim() and q._written == q._touched == WORKING and not q.trim()
     assert _allocated(tmp_path / "big") <= HEADER + WORKING  # the file system has the pages back
     q.close()
 

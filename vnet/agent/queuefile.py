@@ -76,7 +76,9 @@ class QueueFile:
         if magic != MAGIC or self.size <= 0 or HEADER + self.size > len(self._map):
             self.close()
             raise ValueError(f"{path}: not a vnet queue file")
-        self._touched = 0  # data bytes from the start written (each page of them), page-rounded: trim()
+        # Pages the file has (tmpfs memory), page-rounded data bytes from the area's start:
+        self._touched = 0  # every page below it written (and not given back): stores are safe there
+        self._written = 0  # no page at or above it written: what trim() gives back
         self._jumped: tuple[int, int] | None = None  # (lap start, where the lap before ended): see append()
 
     @classmethod
@@ -166,13 +168,12 @@ class QueueFile:
                 if nbytes:
                     self._view[at + len(entry):at + len(entry) + nbytes] = memoryview(records).cast("B")
             else:  # (new pages) see _write()
-                self._write([entry, memoryview(records).cast("B")] if nbytes else [entry], at)
-                self._touched = -(-end_off // mmap.PAGESIZE) * mmap.PAGESIZE
+                self._write([entry, memoryview(records).cast("B")] if nbytes else [entry], at, start % self.size)
             if skip is None and start != pos:  # where the lap before ended: its page may be a new one
                 if off + _WORD.size <= self._touched:
                     _WORD.pack_into(self._map, HEADER + off, WRAP_MAGIC)
                 else:
-                    self._write([_WORD.pack(WRAP_MAGIC)], HEADER + off)
+                    self._write([_WORD.pack(WRAP_MAGIC)], HEADER + off, off)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.ENOMEM):
                 return None  # tmpfs full: the spool takes it (nothing here changed: head did not move)
@@ -182,7 +183,7 @@ class QueueFile:
         _U64.pack_into(self._map, _HEAD_AT, start + need)  # last: the entry is whole
         return Slot(start, start + need, seq, ring_end)
 
-    def _write(self, parts: list, at: int) -> None:
+    def _write(self, parts: list, at: int, data_off: int) -> None:
         """pwritev, for pages the file does not have yet (past _touched): a fresh tmpfs page is
         filled by the kernel's copy, where a store faults each page in and has it cleared first
         (a third less of the agent's CPU reading a backlog, tools/bench/drain.py), and a tmpfs
@@ -192,6 +193,10 @@ class QueueFile:
         cache: the mapping reads what was written either way."""
         want = sum(memoryview(p).nbytes for p in parts)
         done = os.pwritev(self._fd, parts, at)
+        end = -(-(data_off + done) // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._written = max(self._written, end)
+        if data_off <= self._touched:  # (always, as entries are placed: none begins past the pages it has)
+            self._touched = max(self._touched, end)
         if done != want:  # a write cut short only by a full file system
             raise OSError(errno.ENOSPC, f"{done} of {want} bytes written")
 
@@ -260,12 +265,12 @@ class QueueFile:
         (tmpfs memory, and this process's resident set), at most `most` bytes of them at a time,
         from the top. Whether anything was given."""
         start = -(-keep // mmap.PAGESIZE) * mmap.PAGESIZE
-        if self.head != self.tail or self._touched <= start:
+        if self.head != self.tail or self._written <= start:
             return False
         if most is not None:
-            start = max(start, self._touched - max(mmap.PAGESIZE, most // mmap.PAGESIZE * mmap.PAGESIZE))
-        self._map.madvise(mmap.MADV_REMOVE, HEADER + start, self._touched - start)
-        self._touched = start
+            start = max(start, self._written - max(mmap.PAGESIZE, most // mmap.PAGESIZE * mmap.PAGESIZE))
+        self._map.madvise(mmap.MADV_REMOVE, HEADER + start, self._written - start)
+        self._written, self._touched = start, min(self._touched, start)
         return True
 
     def close(self, drop: bool = False) -> None:
