@@ -22,7 +22,7 @@ needs_libdeflate = pytest.mark.skipif(not checksum.available(), reason="no libde
 
 @needs_libdeflate
 def test_libdeflate_is_used_and_gives_zlibs_values_for_every_buffer_and_start():
-    assert checksum.crc32 is checksum._deflate
+    assert checksum.crc32 is not checksum._zlib
     rng = random.Random(10)
     sizes = [0, 1, 7, 8, 63, checksum.SMALL_BYTES - 1, checksum.SMALL_BYTES, checksum.SMALL_BYTES + 1,
              4096, 65536 + 3, (10 << 20) + 5]
@@ -52,13 +52,15 @@ def test_a_crc_continues_across_pieces_as_over_their_concatenation():
 
 
 def test_without_libdeflate_zlibs_is_used_and_the_reason_kept(monkeypatch):
-    monkeypatch.setattr(checksum, "_lib", None)
-    monkeypatch.setattr(checksum, "_why_not", None)
-    monkeypatch.setattr(checksum, "LIBRARY_NAMES", ("libvnet-no-such-deflate.so.0",))
+    from vnet.binding import _ffi
+
+    monkeypatch.setattr(checksum, "_library", _ffi.OptionalLibrary(
+        checksum.ffi, ("libvnet-no-such-deflate.so.0",), checksum._unfit, "libdeflate", checksum.HINT))
     assert not checksum.available() and checksum._pick() is checksum._zlib
     with pytest.raises(UnsupportedError) as e:
         checksum.lib()
     assert "libvnet-no-such-deflate.so.0" in str(e.value) and "libdeflate0" in e.value.hint
+    assert "libvnet-no-such-deflate.so.0" in checksum.why_not()
     data = os.urandom(5000)
     assert checksum._zlib(data, 7) == zlib.crc32(data, 7)
 

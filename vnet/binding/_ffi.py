@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 import zlib
 
 from . import _cdef
@@ -31,6 +32,54 @@ MODULES = {
 }
 
 log = logging.getLogger("vnet.binding")
+
+
+class OptionalLibrary:
+    """A system library a binding can do without (libcrypto's GMAC, libdeflate's CRC-32): the
+    first of `names` that loads and passes `check` (None, or why it is unfit), looked up once,
+    thread-safe. lib() raises UnsupportedError saying why not; `why_not` keeps it for vnet doctor."""
+
+    def __init__(self, ffi, names: tuple[str, ...], check, what: str, hint: str, turned_off: str | None = None):
+        self.ffi, self.names, self.check, self.what, self.hint = ffi, names, check, what, hint
+        self.turned_off = turned_off  # a reason to skip the lookup (an environment switch), or None
+        self.why_not: str | None = None
+        self._lib = None
+        self._lock = threading.Lock()
+
+    def lib(self):
+        from vnet.errors import UnsupportedError
+
+        with self._lock:
+            if self._lib is None and self.why_not is None:
+                errors = [self.turned_off] if self.turned_off else []
+                for name in () if self.turned_off else self.names:
+                    try:
+                        candidate = self.ffi.dlopen(name)
+                        unfit = self.check(candidate)
+                    except (OSError, AttributeError) as e:  # missing, or a library without these symbols
+                        errors.append(f"{name}: {e}")
+                        continue
+                    if unfit:
+                        errors.append(f"{name}: {unfit}")
+                        continue
+                    self._lib = candidate
+                    break
+                if self._lib is None:
+                    self.why_not = "; ".join(errors)
+                    log.debug("%s not available: %s", self.what, self.why_not)
+            if self._lib is None:
+                raise UnsupportedError(f"{self.what} not supported (requires {' or '.join(self.names)}: "
+                                       f"{self.why_not})", hint=self.hint)
+        return self._lib
+
+    def available(self) -> bool:
+        from vnet.errors import UnsupportedError
+
+        try:
+            self.lib()
+        except UnsupportedError:
+            return False
+        return True
 
 
 def crc(cdefs: tuple[str, ...]) -> int:

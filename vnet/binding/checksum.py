@@ -11,17 +11,11 @@ the call, as zlib.crc32 does for large buffers.
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
 import zlib
-
-from vnet.errors import UnsupportedError
 
 from . import _ffi
 from ._cdef import DEFLATE_CDEF as CDEF  # noqa: F401 (checksum.CDEF: the declarations)
-
-log = logging.getLogger("vnet.checksum")
 
 LIBRARY_NAMES = ("libdeflate.so.0",)
 SMALL_BYTES = 2048  # below it zlib's call costs less than the library's through cffi
@@ -29,59 +23,48 @@ HINT = "apt-get install libdeflate0 (Debian/Ubuntu), dnf install libdeflate (Fed
 WITHOUT = "VNET_WITHOUT_LIBDEFLATE"  # set (tests, benchmarks): zlib's, as on a system without it
 
 ffi = _ffi.load("_deflate_ffi")
-_lib = None
-_why_not: str | None = None
-_lock = threading.Lock()
+CHECK = (b"123456789", 0xCBF43926)  # CRC-32's check value: the library computes zlib's CRC
+
+
+def _unfit(library) -> str | None:
+    return None if library.libdeflate_crc32(0, CHECK[0], len(CHECK[0])) == CHECK[1] else "not zlib's CRC-32"
+
+
+_library = _ffi.OptionalLibrary(ffi, LIBRARY_NAMES, _unfit, "libdeflate", HINT,
+                                turned_off=f"turned off ({WITHOUT})" if os.environ.get(WITHOUT) else None)
 
 
 def lib():
     """libdeflate, or UnsupportedError saying why not (once looked up, remembered)."""
-    global _lib, _why_not
-    with _lock:
-        if _lib is None and _why_not is None:
-            errors = []
-            if os.environ.get(WITHOUT):
-                errors.append(f"turned off ({WITHOUT})")
-            else:
-                for name in LIBRARY_NAMES:
-                    try:
-                        candidate = ffi.dlopen(name)
-                        if candidate.libdeflate_crc32(0, b"123456789", 9) != 0xCBF43926:  # the CRC-32 check value
-                            errors.append(f"{name}: not zlib's CRC-32")
-                            continue
-                        _lib = candidate
-                        break
-                    except (OSError, AttributeError) as e:  # missing, or without the symbol
-                        errors.append(f"{name}: {e}")
-            if _lib is None:
-                _why_not = "; ".join(errors)
-        if _lib is None:
-            raise UnsupportedError(f"libdeflate not supported (requires {' or '.join(LIBRARY_NAMES)}: {_why_not})",
-                                   hint=HINT)
-    return _lib
+    return _library.lib()
+
+
+def why_not() -> str | None:
+    """Why libdeflate cannot be used (None: it can, or it was not looked up yet)."""
+    return _library.why_not
 
 
 def available() -> bool:
-    try:
-        lib()
-    except UnsupportedError:
-        return False
-    return True
+    return _library.available()
 
 
 def _zlib(data, value: int = 0) -> int:
     return zlib.crc32(data, value)
 
 
-def _deflate(data, value: int = 0) -> int:
-    if (data.nbytes if type(data) is memoryview else len(data)) < SMALL_BYTES:
-        return zlib.crc32(data, value)
-    buf = ffi.from_buffer(data)
-    return _lib.libdeflate_crc32(value, buf, len(buf))
+def _deflate(library):
+    crc = library.libdeflate_crc32
+
+    def crc32(data, value: int = 0) -> int:
+        if (data.nbytes if type(data) is memoryview else len(data)) < SMALL_BYTES:
+            return zlib.crc32(data, value)
+        buf = ffi.from_buffer(data)
+        return crc(value, buf, len(buf))
+    return crc32
 
 
 def _pick():
-    return _deflate if available() else _zlib
+    return _deflate(lib()) if available() else _zlib
 
 
 crc32 = _pick()

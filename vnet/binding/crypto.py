@@ -12,7 +12,6 @@ call, so a tag over a 10 MB chunk runs beside the other threads.
 from __future__ import annotations
 
 import logging
-import threading
 
 from vnet.errors import UnsupportedError
 
@@ -30,34 +29,26 @@ _MAX_UPDATE = 1 << 30   # EVP_EncryptUpdate takes an int length
 HINT = "install OpenSSL's library: apt-get install libssl3 (Debian/Ubuntu), dnf install openssl-libs (Fedora)"
 
 ffi = _ffi.load("_crypto_ffi")  # CRYPTO_CDEF, pre-parsed
-_lib = None
-_why_not: str | None = None
-_lock = threading.Lock()
+_library = _ffi.OptionalLibrary(ffi, LIBRARY_NAMES, lambda lib: None if lib.EVP_aes_128_gcm() != ffi.NULL
+                                else "no AES-128-GCM", "GMAC", HINT)
+_warned = False
 
 
 def lib():
     """libcrypto with AES-128-GCM, or UnsupportedError saying why not (once looked up, remembered)."""
-    global _lib, _why_not
-    with _lock:
-        if _lib is None and _why_not is None:
-            errors = []
-            for name in LIBRARY_NAMES:
-                try:
-                    candidate = ffi.dlopen(name)
-                    if candidate.EVP_aes_128_gcm() == ffi.NULL:
-                        errors.append(f"{name}: no AES-128-GCM")
-                        continue
-                    _lib = candidate
-                    break
-                except (OSError, AttributeError) as e:  # missing, or a library without these symbols
-                    errors.append(f"{name}: {e}")
-            else:
-                _why_not = "; ".join(errors)
-                # once per process: the protocol falls back to HMAC-SHA256, ~7x the CPU per byte shipped
-                log.warning("GMAC unavailable (%s): session frames use HMAC-SHA256 (hint: %s)", _why_not, HINT)
-        if _lib is None:
-            raise UnsupportedError(f"GMAC not supported (requires libcrypto with AES-128-GCM: {_why_not})", hint=HINT)
-    return _lib
+    global _warned
+    try:
+        return _library.lib()
+    except UnsupportedError:
+        if not _warned:  # once per process: the protocol falls back to HMAC-SHA256, ~7x the CPU per byte shipped
+            _warned = True
+            log.warning("GMAC unavailable (%s): session frames use HMAC-SHA256 (hint: %s)", why_not(), HINT)
+        raise
+
+
+def why_not() -> str | None:
+    """Why libcrypto's GMAC cannot be used (None: it can, or it was not looked up yet)."""
+    return _library.why_not
 
 
 def available() -> bool:

@@ -797,7 +797,7 @@ def _gmac() -> Feature:
 
     if crypto.available():
         return _feature("gmac", Support.SUPPORTED, f"{crypto.version()}: session frames tagged with GMAC")
-    return _feature("gmac", Support.UNSUPPORTED, f"{crypto._why_not}: session frames tagged with HMAC-SHA256")
+    return _feature("gmac", Support.UNSUPPORTED, f"{crypto.why_not()}: session frames tagged with HMAC-SHA256")
 
 
 def _libdeflate() -> Feature:
@@ -806,7 +806,7 @@ def _libdeflate() -> Feature:
 
     if checksum.available():
         return _feature("libdeflate", Support.SUPPORTED, "trace file checksums (CRC-32) with libdeflate")
-    return _feature("libdeflate", Support.UNSUPPORTED, f"{checksum._why_not}: trace file checksums with zlib")
+    return _feature("libdeflate", Support.UNSUPPORTED, f"{checksum.why_not()}: trace file checksums with zlib")
 
 
 # The parse_copy probe: PRUNE_DIAMONDS two-way branches, each leaving one stack slot either a
