@@ -81,7 +81,7 @@ PY = sys.executable
 C_SOURCE = Path(__file__).with_name("ring_consumer.c")
 # How often the agent is asked whether the collector has acknowledged everything: its answer
 # costs the agent a little CPU, the interval is up to that much added to "delivered" (20 ms
-# before 2026-11-27 14:00: ~4% of a backlog's 0.25 s on average; the same for every code compared).
+# before 2026-11-27 12:09: ~4% of a backlog's 0.25 s on average; the same for every code compared).
 DELIVERED_POLL_S = 0.005
 RECORD_RING_BYTES = 160   # 152-byte event + 8-byte header
 MAX_BATCH = 1024          # repeats per test run at max rate
