@@ -161,19 +161,10 @@ class QueueFile:
                 return None
             skip, start = (pos, lap + ended), lap + ended
         entry = ENTRY.pack(ENTRY_MAGIC, len(head), seq, nbytes, -1 if ring_end is None else ring_end) + head
-        at, end_off = HEADER + start % self.size, start % self.size + need
         try:
-            if end_off <= self._touched:  # its pages were written before and are still there: stores
-                self._view[at:at + len(entry)] = entry
-                if nbytes:
-                    self._view[at + len(entry):at + len(entry) + nbytes] = memoryview(records).cast("B")
-            else:  # (new pages) see _write()
-                self._write([entry, memoryview(records).cast("B")] if nbytes else [entry], at, start % self.size)
-            if skip is None and start != pos:  # where the lap before ended: its page may be a new one
-                if off + _WORD.size <= self._touched:
-                    _WORD.pack_into(self._map, HEADER + off, WRAP_MAGIC)
-                else:
-                    self._write([_WORD.pack(WRAP_MAGIC)], HEADER + off, off)
+            self._put(start % self.size, [entry, memoryview(records).cast("B")] if nbytes else [entry])
+            if skip is None and start != pos:  # where the lap before ended
+                self._put(off, [_WORD.pack(WRAP_MAGIC)])
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.ENOMEM):
                 return None  # tmpfs full: the spool takes it (nothing here changed: head did not move)
@@ -183,16 +174,23 @@ class QueueFile:
         _U64.pack_into(self._map, _HEAD_AT, start + need)  # last: the entry is whole
         return Slot(start, start + need, seq, ring_end)
 
-    def _write(self, parts: list, at: int, data_off: int) -> None:
-        """pwritev, for pages the file does not have yet (past _touched): a fresh tmpfs page is
-        filled by the kernel's copy, where a store faults each page in and has it cleared first
-        (a third less of the agent's CPU reading a backlog, tools/bench/drain.py), and a tmpfs
-        without room says ENOSPC where a store is killed by SIGBUS. Pages it has (written before,
-        not given back: the working bytes of a queue that keeps up) take stores: hot and mapped,
-        a memcpy (pwritev's work per page cost 0.04 us/event more at 500 k events/s). One page
-        cache: the mapping reads what was written either way."""
+    def _put(self, data_off: int, parts: list) -> None:
+        """The parts, one after the other, at data_off in the area. On pages the file has (written
+        before, not given back: the working bytes of a queue that keeps up) as stores through the
+        mapping: hot and mapped, a memcpy (pwritev's work per page cost 0.04 us/event more at
+        500 k events/s). Past them with pwritev: a fresh tmpfs page is filled by the kernel's
+        copy, where a store faults each page in and has it cleared first (a third less of the
+        agent's CPU reading a backlog, tools/bench/drain.py), and a tmpfs without room says
+        ENOSPC where a store is killed by SIGBUS. One page cache: the mapping reads either."""
         want = sum(memoryview(p).nbytes for p in parts)
-        done = os.pwritev(self._fd, parts, at)
+        if data_off + want <= self._touched:
+            at = HEADER + data_off
+            for p in parts:
+                n = memoryview(p).nbytes
+                self._view[at:at + n] = p
+                at += n
+            return
+        done = os.pwritev(self._fd, parts, HEADER + data_off)
         end = -(-(data_off + done) // mmap.PAGESIZE) * mmap.PAGESIZE
         self._written = max(self._written, end)
         if data_off <= self._touched:  # (always, as entries are placed: none begins past the pages it has)
