@@ -26,10 +26,11 @@ written is only counted (the next one replaces it).
 
 Per connection, two stages: the connection's thread receives a chunk, verifies its MAC and
 envelope and frames it for the trace file (CRC-32), then hands it to a writer thread, which
-writes it (whole blocks around the page cache where it can: tracefile.py) and acknowledges it (or answers "full"), while the next
-one is received, verified and framed. The records stay in the channel's receive buffers
-(BufferRing, PIPELINE_DEPTH of them) until written; each stage leaves the GIL in its long
-calls (recv_into, GMAC in libcrypto, CRC-32 in libdeflate or zlib, writev).
+writes it (whole blocks around the page cache where it can: tracefile.py) and acknowledges it
+(or answers "full"), while the next one is received, verified and framed. The records stay in
+the channel's receive buffers (BufferRing, PIPELINE_DEPTH of them) until written; each stage
+leaves the GIL in its long calls (recv_into, GMAC in libcrypto, CRC-32 in libdeflate or zlib,
+pwrite).
 """
 
 from __future__ import annotations
