@@ -7,6 +7,7 @@ from the compiled objects themselves, never from offsets copied by hand.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass, field
 
 from vnet.errors import BpfError, UnsupportedError, bpf_error
@@ -264,3 +265,27 @@ class Btf:
             if self._name(v.name_off) == var:
                 return infos[i].offset, self.layout(v.size_or_type)
         raise KeyError(f"no variable {var!r} in section {section} of {self.label}")
+
+
+_shared: Btf | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_vmlinux() -> Btf:
+    """The running kernel's BTF, parsed once (~6 MiB, ~12 ms here) for every part of this
+    process that looks something up in it (the probe resolver, features' probes); its
+    users never close it: release_shared_vmlinux() does, and the next call parses again."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Btf.vmlinux()
+        return _shared
+
+
+def release_shared_vmlinux() -> None:
+    """Free shared_vmlinux()'s BTF (after the module BTF split on it)."""
+    global _shared
+    with _shared_lock:
+        btf, _shared = _shared, None
+    if btf is not None:
+        btf.close()

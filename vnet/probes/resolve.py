@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from vnet.binding import Btf, BpfObject
-from vnet.binding.btf import FUNC, TYPEDEF
+from vnet.binding.btf import FUNC, TYPEDEF, release_shared_vmlinux, shared_vmlinux
 from vnet.errors import ProbeUnavailableError, ResourceError, UsageError, VnetError
 
 from . import features
@@ -54,9 +54,7 @@ class Resolution:
 
 
 # -- what the running kernel has ------------------------------------------------
-@lru_cache(maxsize=1)
-def _vmlinux() -> Btf:
-    return Btf.vmlinux()
+_vmlinux = shared_vmlinux
 
 
 @lru_cache(maxsize=1)
@@ -90,12 +88,11 @@ def release_btf() -> None:
     a long-running process (the agent) calls it once a trace is resolved and loaded;
     the next resolution loads it again."""
     modules = [b for b in (_module_btf(m) for m in list(_loaded_modules)) if b is not None]
-    vmlinux = _vmlinux() if _vmlinux.cache_info().currsize else None
     _module_btf.cache_clear()
     _loaded_modules.clear()
-    _vmlinux.cache_clear()
-    for btf in modules + ([vmlinux] if vmlinux is not None else []):
+    for btf in modules:
         btf.close()
+    release_shared_vmlinux()
 
 
 _loaded_modules: set[str] = set()
