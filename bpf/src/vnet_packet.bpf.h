@@ -28,15 +28,23 @@
 #define VNET_DIRECT_MAX 0xff00
 
 /* Kernel hooks: how the parser reads the packet, chosen once per machine by the
- * loader (vnet/probes/features.py, "parse_copy"). copy 0: a bpf_probe_read_kernel
- * per header (~20 ns each). copy 1: one read of the linear part's first
- * VNET_KCOPY bytes from the network header into per-CPU scratch, the headers and
- * the hashed payload loaded from there (and a probe read past it, as before).
- * The same bytes either way, so the same events and pkt_ids. Read-only, so the
+ * loader (vnet/probes/features.py, "parse_copy" and "parse_direct"). copy 0: a
+ * bpf_probe_read_kernel per header (~20 ns each). copy 1: a window on the linear
+ * part's first VNET_KCOPY bytes from the network header, the headers and the
+ * hashed payload loaded from there (and a probe read past it, as before):
+ *   - direct 0: one read of those bytes into per-CPU scratch;
+ *   - direct 1, typed hooks (tp_btf, fentry): the packet itself. Where the
+ *     verifier types skb->head as read-only untrusted memory (Linux >= 6.17) a
+ *     program may load from it; each load is guarded against faults as a probe
+ *     read is (a faulting one reads 0), without the helper call or the copy.
+ *     The pcap expression's window is the packet then too (vnet_pcap.bpf.h).
+ * The same bytes every way, so the same events and pkt_ids. Read-only, so the
  * verifier walks one way only: Linux 6.1's walks the copy 6-25x longer than
- * the probe reads (docs/benchmarks.md), which the loader's probe finds out. */
+ * the probe reads (docs/benchmarks.md), and refuses the loads in place; the
+ * loader's probes find that out. */
 struct vnet_parse_config {
 	__u8 copy;
+	__u8 direct; /* only with copy */
 };
 
 const volatile struct vnet_parse_config parse_cfg = {};
@@ -114,7 +122,7 @@ struct vnet_cursor {
 	const __u8 *l3;        /* kernel sk_buff: the network header's address */
 	const __u8 *lin_end;   /* kernel sk_buff: the end of its linear part (head + tail) */
 	const __u8 *pkt_end;   /* kernel sk_buff: the end of its bytes, page fragments included (data + len) */
-	const __u8 *win;       /* kernel sk_buff, parse_cfg.copy: the copy of the linear part from l3 on */
+	const __u8 *win;       /* kernel sk_buff, parse_cfg.copy: the linear part from l3 on, in place or copied */
 	__u32 win_len;         /* ... its bytes (0..VNET_KCOPY) */
 	__u32 base;            /* TC: BPF_HDR_START_NET, or _MAC when a VLAN tag is in-band */
 	__u32 data_off;        /* TC: where `base` starts from skb->data (0, or 14 past an Ethernet header) */
@@ -680,6 +688,12 @@ static __always_inline void vnet_parse_kernel_skb(struct vnet_cursor *c, struct 
 	if (parse_cfg.copy) {
 		__u32 zero = 0, n = tail - l3_off;
 
+		if (typed && parse_cfg.direct) { /* the packet itself: nothing to copy */
+			c->win = c->l3;
+			if (tail > l3_off)
+				c->win_len = n > VNET_KCOPY ? VNET_KCOPY : n;
+			goto parse;
+		}
 		/* Set on every path, and never NULL after: a cursor with and one without
 		 * a window would be two families of states for the verifier to walk. */
 		c->win = bpf_map_lookup_elem(&vnet_kcopy_scratch, &zero);
@@ -696,6 +710,7 @@ static __always_inline void vnet_parse_kernel_skb(struct vnet_cursor *c, struct 
 				c->win_len = n;
 		}
 	}
+parse:
 	vnet_parse_l3(c, ev, proto, ev->len);
 	if (decap)
 		vnet_decap(c, ev, ev->len);

@@ -9,7 +9,7 @@
 #ifndef VNET_PCAP_BPF_H
 #define VNET_PCAP_BPF_H
 
-#include "vnet_common.bpf.h"
+#include "vnet_packet.bpf.h" /* parse_cfg: how kernel hooks read the packet */
 #include <bpf/bpf_core_read.h>
 
 #define VNET_ARPHRD_ETHER 1
@@ -147,17 +147,22 @@ static __always_inline bool vnet_pcap_kernel(struct sk_buff *skb, bool typed)
 	struct vnet_skb_view v;
 	struct vnet_pcap_copy *c;
 	__u32 rest, n;
-	bool l2;
+	bool l2, tagged;
 
 	if (!vnet_kernel_view(skb, &v, typed))
 		return false;
 	l2 = v.l2;
+	tagged = l2 && vnet_skb_vlan_present(skb, typed);
+	/* The expression's loads read the packet in place where the verifier
+	 * allows it (parse_cfg.direct: no copy at all) ... */
+	if (!tagged && typed && parse_cfg.direct)
+		return vnet_pcap_probe(v.start, v.caplen, v.wirelen, l2, v.start);
 	c = vnet_pcap_scratch_buf();
 	if (!c)
 		return false;
-	if (!l2 || !vnet_skb_vlan_present(skb, typed)) {
-		/* One copy of the bytes most expressions look at, instead of a
-		 * bpf_probe_read_kernel per load (~20 ns each). */
+	if (!tagged) {
+		/* ... else one copy of the bytes most expressions look at, instead
+		 * of a bpf_probe_read_kernel per load (~20 ns each). */
 		n = v.caplen > VNET_PCAP_WINDOW ? VNET_PCAP_WINDOW : v.caplen;
 		if (n) {
 			barrier_var(n); /* 1..VNET_PCAP_WINDOW to Linux 6.1's verifier too */

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.kernel
 
 ROOT = Path(__file__).resolve().parents[2]
 SUPPORTED_HERE = ("btf", "ringbuf", "tp_btf", "raw_tp", "tcx", "tc_link", "prog_test_run", "capabilities", "libbpf",
-                  "parse_copy")
+                  "parse_copy", "parse_direct")
 NOBODY = ["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
 # Root without any capability (bounding set emptied before exec): the fallback where nobody cannot run Python.
 NO_CAPS_ROOT = ["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all"]
@@ -262,6 +262,33 @@ def test_parse_copy_decides_how_kernel_hooks_are_loaded(probed, monkeypatch):
     features.clear_cache()
     try:
         assert copy_flag() == 0
+    finally:
+        monkeypatch.delenv(features.WITHOUT_ENV)
+        features.clear_cache()
+
+
+def test_parse_direct_decides_whether_typed_hooks_read_the_packet_in_place(probed, monkeypatch):
+    """6.18 types a load of skb->head in a tp_btf program as read-only untrusted memory, so
+    the probe's load through it passes: tracepoint objects are loaded with parse_cfg.direct
+    set, on the copy; withheld (VNET_WITHOUT), or without the copy, they are not. Linux 6.1
+    refuses the probe (tests/vm/test_parse_copy_guest.py)."""
+    from vnet.probes import catalog
+    from vnet.probes import resolve as resolver
+    from vnet.trace import Trace
+
+    assert probed["features"]["parse_direct"].ok, probed["features"]["parse_direct"]
+
+    def parse_cfg(**kw) -> dict:
+        plan = resolver.plan(resolver.resolve(catalog.BY_NAME["net:netif_receive_skb"]))
+        with Trace([plan], ring_bytes=1 << 16, **kw) as t:
+            return t.objects[0].config("parse_cfg")
+
+    assert parse_cfg() == {"copy": 1, "direct": 1}
+    assert parse_cfg(parse_copy=False) == {"copy": 0, "direct": 0}
+    monkeypatch.setenv(features.WITHOUT_ENV, "parse_direct")
+    features.clear_cache()
+    try:
+        assert parse_cfg() == {"copy": 1, "direct": 0}
     finally:
         monkeypatch.delenv(features.WITHOUT_ENV)
         features.clear_cache()

@@ -226,12 +226,14 @@ def _ipv6_udp_behind_options(opts_len: int, i: int) -> bytes:
     return b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x86\xdd" + ip6 + opts + udp
 
 
-@pytest.mark.parametrize("parse_copy", [True, False], ids=["copy", "header-reads"])
-def test_a_kernel_hook_reads_headers_deep_in_the_linear_part(parse_copy):
+@pytest.mark.parametrize("way", [{"parse_copy": True, "parse_direct": True}, {"parse_copy": True, "parse_direct": False},
+                                 {"parse_copy": False}], ids=["in-place", "copy", "header-reads"])
+def test_a_kernel_hook_reads_headers_deep_in_the_linear_part(way):
     """UDP behind an 8-byte and behind a 264-byte IPv6 Destination Options header (the UDP
     header 304 bytes past the IP header): tc and net:netif_receive_skb read the same ports and
-    give one pkt_id for every datagram, either way the kernel hook reads (parse_cfg): its copy
-    of the first 256 bytes does not reach the second kind's UDP header, read past it."""
+    give one pkt_id for every datagram, every way the kernel hook reads (parse_cfg): its window
+    on the first 256 bytes (in place or copied) does not reach the second kind's UDP header,
+    read past it."""
     with veth_pair(93) as net:
         with in_netns(net.ns1):
             tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
@@ -242,7 +244,7 @@ def test_a_kernel_hook_reads_headers_deep_in_the_linear_part(parse_copy):
             # src: only the test's datagrams (the new interfaces' own IPv6 traffic, MLD and ND
             # from their link-local addresses, may cross the pair at the same time)
             flt = PacketFilter(netns=net.ns2, ifaces=(net.if2,), proto="ip6", src="fd00:93::1")
-            with Trace(plans, packet_filter=flt, parse_copy=parse_copy) as t:
+            with Trace(plans, packet_filter=flt, **way) as t:
                 for i in range(5):
                     tx.send(_ipv6_udp_behind_options(8, i))
                     tx.send(_ipv6_udp_behind_options(264, 100 + i))

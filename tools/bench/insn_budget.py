@@ -9,13 +9,15 @@ program the kernel reports (struct bpf_prog_info):
   verified_insns  instructions the verifier processed (its work; the limit is 1 M)
   xlated_insns    the program after the verifier's rewrites (its size)
 
-in four load variants, because read-only config prunes code at load:
+in five load variants, because read-only config prunes code at load:
 
   default  no filter, no snaplen, no aggregation (`vnet trace -i IFACE`)
   full     every field filter, --snaplen 256, aggregation and events
   pcap     a tcpdump expression spliced in ('udp and dst port 53')
   reads    kernel hooks reading each header, as where features says no to
            "parse_copy" (default, full and pcap follow what it says here)
+  copy     kernel hooks parsing from a copy, as where features says yes to
+           "parse_copy" and no to "parse_direct" (typed hooks reading in place)
 
 tests/kernel/test_insn_budget.py compares them with tests/insn_budget.json.
 After a deliberate change to a program, record new budgets (measured + 10%):
@@ -61,6 +63,9 @@ VARIANTS: dict[str, dict] = {
     # kernel hooks reading each header (parse_cfg.copy 0), what "default" is where features
     # says no to parse_copy (Linux 6.1): kept in budget here too
     "reads": {"parse_copy": False},
+    # ... parsing from a copy, what "default" is where features says yes to parse_copy and no
+    # to parse_direct (Linux 6.8-6.16)
+    "copy": {"parse_copy": True, "parse_direct": False},
 }
 
 # The catalog probe each generic program is loaded for (its skb/dev argument

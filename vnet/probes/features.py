@@ -2,7 +2,8 @@
 
 Each feature is probed the cilium/ebpf way: load (and where it matters attach)
 a tiny real thing, namely vnet's own programs, and keep what the kernel said
-(parse_copy: how much a small program of its own costs the verifier).
+(parse_copy: how much a small program of its own costs the verifier; parse_direct: whether
+its verifier takes five instructions of its own).
 The kernel version never decides; it only fills the `requires` text and, for an
 INCONCLUSIVE answer, says which way the version points.
 
@@ -169,6 +170,8 @@ REQUIRES = {
     "gmac": "libcrypto (OpenSSL >= 1.1, Debian's libssl3) with AES-128-GCM",
     "libdeflate": "libdeflate (Debian's libdeflate0) for the trace files' CRC-32",
     "parse_copy": "a verifier that prunes a spilled scalar against plain stack data (Linux 6.18 does, 6.1 does not)",
+    "parse_direct": "a verifier that lets a program read through a typed struct's pointer to bytes "
+                    "(skb->head: read-only untrusted memory, Linux >= 6.17)",
 }
 MIN_KERNEL = {"btf": (5, 2), "ringbuf": (5, 8), "prog_test_run": (4, 12), "tcx": (6, 6), "tc_link": (6, 6),
               "clsact": (4, 5), "tp_btf": (5, 5), "raw_tp": (4, 17), "tracepoint": (4, 7), "fentry": (5, 5),
@@ -198,10 +201,12 @@ HINTS = {
                   "apt-get install libdeflate0",
     "parse_copy": "kernel hooks read each header with its own bpf_probe_read_kernel instead (~20% more per "
                   "event): the parse from one copy would cost this verifier many times the work",
+    "parse_direct": "typed kernel hooks (tp_btf, fentry) parse from a copy of the packet's first bytes "
+                    "instead of reading it in place (~15% more per event)",
 }
 NAMES = ("capabilities", "lockdown", "libbpf", "btf", "ringbuf", "prog_test_run", "tcx", "tc_link", "clsact",
          "tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe", "kprobe_multi", "libpcap", "gmac", "libdeflate",
-         "parse_copy")
+         "parse_copy", "parse_direct")
 
 _cache: dict[str, Feature] = {}
 _lock = threading.RLock()
@@ -866,10 +871,55 @@ def _parse_copy() -> Feature:
                     "kernel hooks read each header")
 
 
+BPF_PROG_TYPE_TRACING, BPF_TRACE_RAW_TP = 26, 23  # linux/bpf.h: a tp_btf program
+
+
+def _parse_direct() -> Feature:
+    """Whether typed kernel hooks read the packet in place (parse_cfg.direct): a verifier that
+    types a load of skb->head (a pointer to bytes, in a struct it knows by BTF) as read-only
+    untrusted memory lets the program load from it, each load guarded against faults as a
+    probe read is, without the helper call or the copy. Older verifiers type it a plain
+    number, and refuse the load: this program, as the parser does it, in five instructions."""
+    from vnet.binding.btf import TYPEDEF, shared_vmlinux
+    from vnet.binding.libbpf import ffi, lib
+
+    if (f := _needs_root("parse_direct", perfmon=True)) is not None:
+        return f
+    try:
+        btf = shared_vmlinux()  # parsed already where the resolver looked for a tracepoint
+        target = btf.find("btf_trace_netif_receive_skb", TYPEDEF)
+        head_bits, _ = btf.member_bits("sk_buff")[1]["head"]
+    except (KeyError, VnetError) as e:
+        return _feature("parse_direct", Support.UNSUPPORTED, f"no tp_btf target to probe with: {e}")
+
+    def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+        return struct.pack("<BBhi", code, src << 4 | dst, off, imm)
+
+    ldx_dw, ldx_b, mov64_k, exit_ = 0x79, 0x71, 0xB7, 0x95
+    insns = b"".join([insn(ldx_dw, 1, 1, 0),                # skb: the tracepoint's first argument
+                      insn(ldx_dw, 1, 1, head_bits // 8),   # skb->head
+                      insn(ldx_b, 0, 1, 0),                 # a byte of the packet's buffer
+                      insn(mov64_k, 0), insn(exit_)])
+    opts = ffi.new("struct bpf_prog_load_opts *")
+    opts.sz = ffi.sizeof("struct bpf_prog_load_opts")
+    opts.expected_attach_type = BPF_TRACE_RAW_TP
+    opts.attach_btf_id = target
+    fd = lib().bpf_prog_load(BPF_PROG_TYPE_TRACING, b"vnet_direct", b"Dual BSD/GPL", ffi.from_buffer(insns),
+                             len(insns) // 8, opts)  # loaded, never attached
+    if fd >= 0:
+        os.close(fd)
+        return _feature("parse_direct", Support.SUPPORTED,
+                        "a tp_btf program may load from skb->head: typed kernel hooks read the packet in place")
+    if -fd == _errno.EACCES:  # the verifier's answer: R1 invalid mem access 'scalar'
+        return _feature("parse_direct", Support.UNSUPPORTED,
+                        "the verifier refuses loads through skb->head: typed kernel hooks parse from a copy")
+    return _refused("parse_direct", "loading the skb->head probe (tp_btf)", -fd, verifier=True)
+
+
 _PROBES: dict[str, Callable[[], Feature]] = {
     "capabilities": _capabilities, "lockdown": _lockdown, "libbpf": _libbpf, "btf": _btf, "ringbuf": _ringbuf,
     "prog_test_run": _prog_test_run, "tcx": _tcx, "tc_link": _tc_link, "clsact": _clsact, "tp_btf": _tp_btf,
     "raw_tp": _raw_tp, "tracepoint": _tracepoint, "fentry": _fentry, "kprobe": _kprobe,
     "kprobe_multi": _kprobe_multi, "libpcap": _libpcap, "gmac": _gmac, "libdeflate": _libdeflate,
-    "parse_copy": _parse_copy,
+    "parse_copy": _parse_copy, "parse_direct": _parse_direct,
 }

@@ -142,7 +142,8 @@ class Trace:
     def __init__(self, plans: list[Plan], *, ring_bytes: int = DEFAULT_RING_BYTES,
                  wakeup_every: int = DEFAULT_WAKEUP_EVERY, wakeup_bytes: int | None = None, strict: bool = True,
                  packet_filter: PacketFilter | None = None, aggregate: bool = False,
-                 aggregate_and_events: bool = False, snaplen: int = 0, parse_copy: bool | None = None):
+                 aggregate_and_events: bool = False, snaplen: int = 0, parse_copy: bool | None = None,
+                 parse_direct: bool | None = None):
         if not plans:
             raise UsageError("nothing to trace (give -i IFACE or -p PROBE)")
         if len(plans) > MAX_PROBES:
@@ -155,6 +156,9 @@ class Trace:
         # Kernel hooks parse from one copy of the packet's first bytes where this kernel's
         # verifier can afford it (features "parse_copy"); None: ask the probe, on first use.
         self.parse_copy = parse_copy
+        # ... and, with the copy, read the packet in place where the hook's skb is typed and
+        # this verifier lets a program load from skb->head (features "parse_direct").
+        self.parse_direct = parse_direct
         self.strict = strict
         self.packet_filter = packet_filter or PacketFilter()
         self.filter_config = self.packet_filter.config()  # validated before anything loads
@@ -243,15 +247,21 @@ class Trace:
         """_load; where this verifier refuses the parse from a copy after all (features
         said it prunes well enough, this program says otherwise), once more with the
         probe reads, for this and every later plan."""
-        try:
-            return self._load(plan, probe_id)
-        except VerifierError as e:
-            if not self._parse_copy_for(plan):
-                raise
-            log.warning("%s: the verifier refused the parse from a copy (%s); kernel hooks read each "
-                        "header instead", plan.name, errno.errorcode.get(e.errno, e.errno))
-        self.parse_copy = False
-        return self._load(plan, probe_id)
+        while True:
+            try:
+                return self._load(plan, probe_id)
+            except VerifierError as e:
+                why = errno.errorcode.get(e.errno, e.errno)
+                if self._parse_direct_for(plan):
+                    log.warning("%s: the verifier refused reading the packet in place (%s); kernel hooks "
+                                "parse from a copy instead", plan.name, why)
+                    self.parse_direct = False
+                elif self._parse_copy_for(plan):
+                    log.warning("%s: the verifier refused the parse from a copy (%s); kernel hooks read each "
+                                "header instead", plan.name, why)
+                    self.parse_copy = False
+                else:
+                    raise
 
     def _parse_copy_for(self, plan: Plan) -> bool:
         """Whether `plan`'s object is loaded with parse_cfg.copy set."""
@@ -260,6 +270,14 @@ class Trace:
         if self.parse_copy is None:
             self.parse_copy = features.check("parse_copy").ok
         return self.parse_copy
+
+    def _parse_direct_for(self, plan: Plan) -> bool:
+        """Whether `plan`'s object is loaded with parse_cfg.direct set (only with the copy)."""
+        if not self._parse_copy_for(plan):
+            return False
+        if self.parse_direct is None:
+            self.parse_direct = features.check("parse_direct").ok
+        return self.parse_direct
 
     def _load(self, plan: Plan, probe_id: int) -> tuple[BpfObject, list[Hook]]:
         obj = BpfObject(object_path(plan.obj))
@@ -271,7 +289,8 @@ class Trace:
                     obj.replace_functions(self._expression_code(plan, obj))
             obj.set_config(plan.config_var, config)
             if plan.obj in PARSE_COPY_OBJECTS:
-                obj.set_config("parse_cfg", {"copy": int(self._parse_copy_for(plan))})
+                obj.set_config("parse_cfg", {"copy": int(self._parse_copy_for(plan)),
+                                             "direct": int(self._parse_direct_for(plan))})
             if self.objects:
                 for name in SHARED_MAPS:
                     obj.maps[name].share(self.objects[0].maps[name])
