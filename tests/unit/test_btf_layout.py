@@ -229,3 +229,27 @@ def test_wakeup_threshold_must_fit_the_ring():
     assert wakeup_config(1 << 20, 1, 0) == {"wakeup_every": 1, "wakeup_bytes": 0}
     with pytest.raises(UsageError):
         wakeup_config(1 << 20, 64, (1 << 20) + 1)
+
+
+def test_a_one_off_lookup_reuses_the_shared_kernel_btf_or_frees_its_own():
+    """The running kernel's BTF (readable without privileges): vmlinux_for_a_lookup gives the
+    process's shared parse where there is one, else a parse of its own, freed after."""
+    import os
+
+    from vnet.binding.btf import STRUCT, TYPEDEF, release_shared_vmlinux, shared_vmlinux, vmlinux_for_a_lookup
+
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        pytest.skip("no kernel BTF on this machine")
+    release_shared_vmlinux()
+    with vmlinux_for_a_lookup() as own:
+        assert own.has("sk_buff", STRUCT) and own.has("btf_trace_netif_receive_skb", TYPEDEF)
+    assert own._ptr is None  # freed: nothing parsed stays behind
+    try:
+        shared = shared_vmlinux()
+        assert shared_vmlinux() is shared
+        with vmlinux_for_a_lookup() as btf:
+            assert btf is shared
+        assert shared._ptr is not None  # still the process's
+    finally:
+        release_shared_vmlinux()
+    assert shared._ptr is None

@@ -6,6 +6,7 @@ from the compiled objects themselves, never from offsets copied by hand.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -280,6 +281,20 @@ def shared_vmlinux() -> Btf:
         if _shared is None:
             _shared = Btf.vmlinux()
         return _shared
+
+
+@contextlib.contextmanager
+def vmlinux_for_a_lookup():
+    """shared_vmlinux()'s BTF where this process has it parsed already, else a parse of
+    its own freed after the block: a one-off lookup (a feature probe) does not keep the
+    ~6 MiB resident in a process that never needed them (an idle agent)."""
+    with _shared_lock:
+        btf = _shared
+    if btf is not None:
+        yield btf
+        return
+    with Btf.vmlinux() as own:
+        yield own
 
 
 def release_shared_vmlinux() -> None:

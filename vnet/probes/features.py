@@ -880,15 +880,15 @@ def _parse_direct() -> Feature:
     untrusted memory lets the program load from it, each load guarded against faults as a
     probe read is, without the helper call or the copy. Older verifiers type it a plain
     number, and refuse the load: this program, as the parser does it, in five instructions."""
-    from vnet.binding.btf import TYPEDEF, shared_vmlinux
+    from vnet.binding.btf import TYPEDEF, vmlinux_for_a_lookup
     from vnet.binding.libbpf import ffi, lib
 
     if (f := _needs_root("parse_direct", perfmon=True)) is not None:
         return f
     try:
-        btf = shared_vmlinux()  # parsed already where the resolver looked for a tracepoint
-        target = btf.find("btf_trace_netif_receive_skb", TYPEDEF)
-        head_bits, _ = btf.member_bits("sk_buff")[1]["head"]
+        with vmlinux_for_a_lookup() as btf:  # ~10 ms where nothing parsed it yet (libbpf's own is freed)
+            target = btf.find("btf_trace_netif_receive_skb", TYPEDEF)
+            head_bits, _ = btf.member_bits("sk_buff")[1]["head"]
     except (KeyError, VnetError) as e:
         return _feature("parse_direct", Support.UNSUPPORTED, f"no tp_btf target to probe with: {e}")
 
