@@ -34,7 +34,7 @@
  * hashed payload loaded from there (and a probe read past it, as before):
  *   - direct 0: one read of those bytes into per-CPU scratch;
  *   - direct 1, typed hooks (tp_btf, fentry): the packet itself. Where the
- *     verifier types skb->head as read-only untrusted memory (Linux >= 6.17) a
+ *     verifier types skb->head as read-only untrusted memory (6.18's does) a
  *     program may load from it; each load is guarded against faults as a probe
  *     read is (a faulting one reads 0), without the helper call or the copy.
  *     The pcap expression's window is the packet then too (vnet_pcap.bpf.h).

@@ -24,12 +24,13 @@ reported as median and min-max over the rounds. With --compare-to REV the tc tes
 runs [1] and the attached runs [3] also load the objects committed at git
 revision REV (bpf/build/ there: the same loader, config and filter encoding), as
 cases of their own in the same rounds, and a last table gives new/REV per case. --compare-parse does the
-same in [3] for kernel hooks parsing from one copy against reading each header (parse_cfg). Run-time statistics are turned
+same in [3] for kernel hooks parsing from one copy against reading each header (parse_cfg), and
+--compare-direct for typed kernel hooks reading the packet in place against the copy. Run-time statistics are turned
 on through BPF_ENABLE_STATS (an fd: off again when it closes, even if this is
 killed), never left on. Needs root.
 
 Usage: hook_cost.py [--rounds N] [--repeat N] [--live-rounds N] [--packets N] [--no-live] [--compare-to REV]
-                   [--compare-parse]
+                   [--compare-parse | --compare-direct]
        hook_cost.py --update-budget      (rewrite tests/insn_budget.json: tools/bench/insn_budget.py --update)
 """
 
@@ -543,9 +544,12 @@ def main() -> None:
     ap.add_argument("--compare-parse", action="store_true",
                     help="kernel hooks parsing from one copy (parse_cfg.copy) against reading each header, as "
                          "cases of their own in the same rounds of [3], whatever features says of this kernel")
+    ap.add_argument("--compare-direct", action="store_true",
+                    help="typed kernel hooks reading the packet in place (parse_cfg.direct) against parsing from "
+                         "one copy, as cases of their own in the same rounds of [3], whatever features says")
     args = ap.parse_args()
-    if args.compare_to and args.compare_parse:
-        sys.exit("--compare-to and --compare-parse: one comparison at a time")
+    if sum(map(bool, (args.compare_to, args.compare_parse, args.compare_direct))) > 1:
+        sys.exit("--compare-to, --compare-parse, --compare-direct: one comparison at a time")
     if os.geteuid() != 0:
         sys.exit("needs root (loads eBPF, creates namespaces)")
     if args.update_budget:
@@ -560,13 +564,19 @@ def main() -> None:
             OTHER = (args.compare_to, committed_objects(args.compare_to, Path(tmp)))
         elif args.compare_parse:
             OTHER = ("header reads", None)
-            THIS_KW.update(parse_copy=True)
+            THIS_KW.update(parse_copy=True, parse_direct=False)
             OTHER_KW.update(parse_copy=False)
+        elif args.compare_direct:
+            OTHER = ("the copy", None)
+            THIS_KW.update(parse_copy=True, parse_direct=True)
+            OTHER_KW.update(parse_copy=True, parse_direct=False)
         print(f"hook_cost.py {datetime.date.today()} kernel {platform.release()} {os.cpu_count()} CPUs "
               f"(targets: event <= {TARGET_EVENT_NS} ns p50, rejected <= {TARGET_REJECT_NS} ns)"
               + (f"; compared with the objects of {args.compare_to}" if args.compare_to else "")
               + ("; kernel hooks parsing from one copy compared with reading each header ([3])"
-                 if args.compare_parse else ""))
+                 if args.compare_parse else "")
+              + ("; typed kernel hooks reading the packet in place compared with parsing from one copy ([3])"
+                 if args.compare_direct else ""))
         text, *test_runs = bench_test_runs(args.rounds, args.repeat)
         print(text, flush=True)
         text, floors = bench_stats_runs(args.rounds, args.calls, args.repeat)

@@ -64,7 +64,7 @@ VARIANTS: dict[str, dict] = {
     # says no to parse_copy (Linux 6.1): kept in budget here too
     "reads": {"parse_copy": False},
     # ... parsing from a copy, what "default" is where features says yes to parse_copy and no
-    # to parse_direct (Linux 6.8-6.16)
+    # to parse_direct (a verifier that prunes well but refuses the loads in place)
     "copy": {"parse_copy": True, "parse_direct": False},
 }
 

@@ -617,6 +617,10 @@ class BpfObject:
         data = layout.encode(values)
         image[offset:offset + len(data)] = data
 
+    def config_fields(self, var: str, section: str = ".rodata") -> list[str]:
+        """The field names of a config struct, as this object's BTF has them."""
+        return self.btf.variable(section, var)[1].names
+
     def config(self, var: str, section: str = ".rodata") -> dict:
         offset, layout = self.btf.variable(section, var)
         return layout.decode(self._data_map(section).initial_value(), offset)

@@ -171,7 +171,7 @@ REQUIRES = {
     "libdeflate": "libdeflate (Debian's libdeflate0) for the trace files' CRC-32",
     "parse_copy": "a verifier that prunes a spilled scalar against plain stack data (Linux 6.18 does, 6.1 does not)",
     "parse_direct": "a verifier that lets a program read through a typed struct's pointer to bytes "
-                    "(skb->head: read-only untrusted memory, Linux >= 6.17)",
+                    "(skb->head: read-only untrusted memory; Linux 6.18 does, 6.1 does not)",
 }
 MIN_KERNEL = {"btf": (5, 2), "ringbuf": (5, 8), "prog_test_run": (4, 12), "tcx": (6, 6), "tc_link": (6, 6),
               "clsact": (4, 5), "tp_btf": (5, 5), "raw_tp": (4, 17), "tracepoint": (4, 7), "fentry": (5, 5),

@@ -289,8 +289,9 @@ class Trace:
                     obj.replace_functions(self._expression_code(plan, obj))
             obj.set_config(plan.config_var, config)
             if plan.obj in PARSE_COPY_OBJECTS:
-                obj.set_config("parse_cfg", {"copy": int(self._parse_copy_for(plan)),
-                                             "direct": int(self._parse_direct_for(plan))})
+                way = {"copy": int(self._parse_copy_for(plan)), "direct": int(self._parse_direct_for(plan))}
+                # objects of an older vnet (benchmarks compare them) have no `direct`: they copy
+                obj.set_config("parse_cfg", {k: v for k, v in way.items() if k in obj.config_fields("parse_cfg")})
             if self.objects:
                 for name in SHARED_MAPS:
                     obj.maps[name].share(self.objects[0].maps[name])
