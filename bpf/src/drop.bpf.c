@@ -49,8 +49,7 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 	 * kfree_skb_reason()"); CO-RE drops this read on older kernels. */
 	if (bpf_core_enum_value_exists(enum skb_drop_reason, SKB_DROP_REASON_NOT_SPECIFIED))
 		ev.reason = (__u32)args[2];
-	ev.pid = bpf_get_current_pid_tgid() >> 32;
-	bpf_get_current_comm(ev.comm, sizeof(ev.comm));
+	vnet_current_task(&ev, typed);
 	vnet_deliver(st, &ev, drop_cfg.aggregate, drop_cfg.wakeup_every, drop_cfg.wakeup_bytes, skb, false, false, drop_cfg.snaplen, typed);
 	return 0;
 filtered:

@@ -63,10 +63,8 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 	/* Kept: only now the time stamp and the rest of the event. */
 	vnet_hdr_init(&ev.hdr, skb_cfg.probe_id, VNET_KIND_PACKET);
 	ev.hook = hook;
-	if (skb_cfg.task) {
-		ev.pid = bpf_get_current_pid_tgid() >> 32;
-		bpf_get_current_comm(ev.comm, sizeof(ev.comm));
-	}
+	if (skb_cfg.task)
+		vnet_current_task(&ev, typed);
 	vnet_deliver(st, &ev, skb_cfg.aggregate, skb_cfg.wakeup_every, skb_cfg.wakeup_bytes, skb, false, false, skb_cfg.snaplen, typed);
 	return 0;
 filtered:

@@ -241,6 +241,21 @@ static __always_inline void vnet_aggregate(struct vnet_event *ev)
 	}
 }
 
+/* The current task's pid (tgid) and name. Typed hooks (tp_btf, fentry) load the
+ * name from the task itself, two words (the kernel keeps it NUL-terminated); the
+ * helper's copy with padding costs a call and a byte loop. */
+static __always_inline void vnet_current_task(struct vnet_event *ev, bool typed)
+{
+	ev->pid = bpf_get_current_pid_tgid() >> 32;
+	if (typed) {
+		struct task_struct *t = bpf_get_current_task_btf();
+
+		__builtin_memcpy(ev->comm, t->comm, sizeof(ev->comm));
+	} else {
+		bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+	}
+}
+
 static __always_inline void vnet_hdr_init(struct vnet_event_hdr *hdr, __u32 probe_id, __u16 kind)
 {
 	hdr->ts_ns = bpf_ktime_get_ns();

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -95,6 +96,14 @@ def test_drop_to_a_closed_port_carries_the_reason_by_name():
     drops = ours(events, "drop:kfree_skb", PORT + 1)
     assert len(drops) == 3
     assert {e["reason"] for e in drops} == {"NO_SOCKET"}  # the name comes from this kernel's BTF enum
+    # the task the drop happened in: this process (the softirq ran as it sent), or a kernel thread
+    assert all(e["comm"] for e in drops)
+    assert {e["comm"] for e in drops if e["pid"] == os.getpid()} <= thread_names()
+
+
+def thread_names() -> set[str]:
+    """comm of every thread of this process (what a probe reports for them)."""
+    return {Path(f"/proc/self/task/{tid}/comm").read_text().rstrip("\n") for tid in os.listdir("/proc/self/task")}
 
 
 def test_socket_delivery_fires_when_the_receiver_reads():
@@ -106,7 +115,7 @@ def test_socket_delivery_fires_when_the_receiver_reads():
             events = collect(t, lambda ev: sum(e["len"] for e in ev if e["dport"] == PORT) >= 20000)
     reads = [e for e in events if e["probe"] == "sock:datagram_copy" and e["proto"] == "tcp" and e["dport"] == PORT]
     assert reads and sum(e["len"] for e in reads) >= 20000  # every payload byte was copied out
-    assert {e["pid"] for e in reads} == {os.getpid()} and all(e["comm"] for e in reads)
+    assert {e["pid"] for e in reads} == {os.getpid()} and {e["comm"] for e in reads} <= thread_names()
     assert {e["ifindex"] for e in reads} == {0}  # TCP has let go of skb->dev by the time data is read
 
 
