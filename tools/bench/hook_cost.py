@@ -30,7 +30,7 @@ on through BPF_ENABLE_STATS (an fd: off again when it closes, even if this is
 killed), never left on. Needs root.
 
 Usage: hook_cost.py [--rounds N] [--repeat N] [--live-rounds N] [--packets N] [--no-live] [--compare-to REV]
-                   [--compare-parse | --compare-direct]
+                   [--compare-dir DIR | --compare-parse | --compare-direct]
        hook_cost.py --update-budget      (rewrite tests/insn_budget.json: tools/bench/insn_budget.py --update)
 """
 
@@ -544,12 +544,14 @@ def main() -> None:
     ap.add_argument("--compare-parse", action="store_true",
                     help="kernel hooks parsing from one copy (parse_cfg.copy) against reading each header, as "
                          "cases of their own in the same rounds of [3], whatever features says of this kernel")
+    ap.add_argument("--compare-dir", metavar="DIR",
+                    help="as --compare-to, with the objects in DIR (a scratch build of a variant)")
     ap.add_argument("--compare-direct", action="store_true",
                     help="typed kernel hooks reading the packet in place (parse_cfg.direct) against parsing from "
                          "one copy, as cases of their own in the same rounds of [3], whatever features says")
     args = ap.parse_args()
-    if sum(map(bool, (args.compare_to, args.compare_parse, args.compare_direct))) > 1:
-        sys.exit("--compare-to, --compare-parse, --compare-direct: one comparison at a time")
+    if sum(map(bool, (args.compare_to, args.compare_dir, args.compare_parse, args.compare_direct))) > 1:
+        sys.exit("--compare-to, --compare-dir, --compare-parse, --compare-direct: one comparison at a time")
     if os.geteuid() != 0:
         sys.exit("needs root (loads eBPF, creates namespaces)")
     if args.update_budget:
@@ -562,6 +564,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vnet-hook-cost-") as tmp:
         if args.compare_to:
             OTHER = (args.compare_to, committed_objects(args.compare_to, Path(tmp)))
+        elif args.compare_dir:
+            OTHER = (Path(args.compare_dir).name, Path(args.compare_dir).resolve())
         elif args.compare_parse:
             OTHER = ("header reads", None)
             THIS_KW.update(parse_copy=True, parse_direct=False)
@@ -573,6 +577,7 @@ def main() -> None:
         print(f"hook_cost.py {datetime.date.today()} kernel {platform.release()} {os.cpu_count()} CPUs "
               f"(targets: event <= {TARGET_EVENT_NS} ns p50, rejected <= {TARGET_REJECT_NS} ns)"
               + (f"; compared with the objects of {args.compare_to}" if args.compare_to else "")
+              + (f"; compared with the objects in {args.compare_dir}" if args.compare_dir else "")
               + ("; kernel hooks parsing from one copy compared with reading each header ([3])"
                  if args.compare_parse else "")
               + ("; typed kernel hooks reading the packet in place compared with parsing from one copy ([3])"
