@@ -269,7 +269,7 @@ class Btf:
 
 
 _shared: Btf | None = None
-_shared_lock = threading.Lock()
+_shared_lock = threading.RLock()  # held while a lookup uses the shared parse: no release under it
 
 
 def shared_vmlinux() -> Btf:
@@ -289,10 +289,9 @@ def vmlinux_for_a_lookup():
     its own freed after the block: a one-off lookup (a feature probe) does not keep the
     ~6 MiB resident in a process that never needed them (an idle agent)."""
     with _shared_lock:
-        btf = _shared
-    if btf is not None:
-        yield btf
-        return
+        if _shared is not None:
+            yield _shared
+            return
     with Btf.vmlinux() as own:
         yield own
 

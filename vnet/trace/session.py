@@ -244,9 +244,9 @@ class Trace:
         return other, self._load_parse_way(other, probe_id)
 
     def _load_parse_way(self, plan: Plan, probe_id: int) -> tuple[BpfObject, list[Hook]]:
-        """_load; where this verifier refuses the parse from a copy after all (features
-        said it prunes well enough, this program says otherwise), once more with the
-        probe reads, for this and every later plan."""
+        """_load; where this verifier refuses the packet read in place, or the parse from a
+        copy, after all (features said yes, this program says otherwise), once more the next
+        way down (in place -> copy -> probe reads), for this and every later plan."""
         while True:
             try:
                 return self._load(plan, probe_id)
