@@ -821,23 +821,25 @@ PRUNE_DIAMONDS = 8
 PRUNE_LINEAR_MAX = 1000  # verified instructions; 6.18 takes 160
 
 
-def _prune_probe_insns() -> bytes:
-    """The probe, encoded here (vnet.tcpdump's assembler would cost `vnet trace` that
-    package's import, ~30 ms, where no expression is given)."""
-    def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
-        return struct.pack("<BBhi", code, src << 4 | dst, off, imm)
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    """One eBPF instruction, for the probes' own programs (vnet.tcpdump's assembler would cost
+    `vnet trace` that package's import, ~30 ms, where no expression is given)."""
+    return struct.pack("<BBhi", code, src << 4 | dst, off, imm)
 
+
+def _prune_probe_insns() -> bytes:
+    """The parse_copy probe."""
     call, exit_, ja, jset_k, mov64_x, mov64_k = 0x85, 0x95, 0x05, 0x45, 0xBF, 0xB7
     stx_dw, stx_b, ldx_dw, fp = 0x7B, 0x73, 0x79, 10
-    out = [insn(call, imm=7), insn(mov64_x, 7, 0)]  # bpf_get_prandom_u32: bits unknown to the verifier
+    out = [_insn(call, imm=7), _insn(mov64_x, 7, 0)]  # bpf_get_prandom_u32: bits unknown to the verifier
     for k in range(PRUNE_DIAMONDS):
         slot = -8 * (k + 1)
-        out.append(insn(jset_k, 7, imm=1 << k, off=2))  # to the plain-data way
-        out.append(insn(stx_dw, fp, 7, slot))  # walked first: the slot holds a spilled, imprecise scalar
-        out.append(insn(ja, off=8))
-        out += [insn(stx_b, fp, 7, slot + b) for b in range(8)]  # the same slot as plain data (STACK_MISC)
-    out += [insn(ldx_dw, 1, fp, -8 * (k + 1)) for k in range(PRUNE_DIAMONDS)]  # all read: live, compared
-    out += [insn(mov64_k, 0), insn(exit_)]
+        out.append(_insn(jset_k, 7, imm=1 << k, off=2))  # to the plain-data way
+        out.append(_insn(stx_dw, fp, 7, slot))  # walked first: the slot holds a spilled, imprecise scalar
+        out.append(_insn(ja, off=8))
+        out += [_insn(stx_b, fp, 7, slot + b) for b in range(8)]  # the same slot as plain data (STACK_MISC)
+    out += [_insn(ldx_dw, 1, fp, -8 * (k + 1)) for k in range(PRUNE_DIAMONDS)]  # all read: live, compared
+    out += [_insn(mov64_k, 0), _insn(exit_)]
     return b"".join(out)
 
 
@@ -892,14 +894,11 @@ def _parse_direct() -> Feature:
     except (KeyError, VnetError) as e:
         return _feature("parse_direct", Support.UNSUPPORTED, f"no tp_btf target to probe with: {e}")
 
-    def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
-        return struct.pack("<BBhi", code, src << 4 | dst, off, imm)
-
     ldx_dw, ldx_b, mov64_k, exit_ = 0x79, 0x71, 0xB7, 0x95
-    insns = b"".join([insn(ldx_dw, 1, 1, 0),                # skb: the tracepoint's first argument
-                      insn(ldx_dw, 1, 1, head_bits // 8),   # skb->head
-                      insn(ldx_b, 0, 1, 0),                 # a byte of the packet's buffer
-                      insn(mov64_k, 0), insn(exit_)])
+    insns = b"".join([_insn(ldx_dw, 1, 1, 0),                # skb: the tracepoint's first argument
+                      _insn(ldx_dw, 1, 1, head_bits // 8),   # skb->head
+                      _insn(ldx_b, 0, 1, 0),                 # a byte of the packet's buffer
+                      _insn(mov64_k, 0), _insn(exit_)])
     opts = ffi.new("struct bpf_prog_load_opts *")
     opts.sz = ffi.sizeof("struct bpf_prog_load_opts")
     opts.expected_attach_type = BPF_TRACE_RAW_TP
