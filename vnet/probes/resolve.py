@@ -54,9 +54,6 @@ class Resolution:
 
 
 # -- what the running kernel has ------------------------------------------------
-_vmlinux = shared_vmlinux
-
-
 @lru_cache(maxsize=1)
 def _catalog_targets() -> frozenset[str]:
     """Every kernel function a catalog hook names."""
@@ -76,7 +73,7 @@ def _module_btf(module: str) -> Btf | None:
     if not os.path.exists(f"/sys/kernel/btf/{module}"):
         return None
     try:
-        return Btf.module(module, _vmlinux())
+        return Btf.module(module, shared_vmlinux())
     except ResourceError:
         raise  # out of descriptors: no answer, and not cached
     except VnetError:
@@ -99,11 +96,11 @@ _loaded_modules: set[str] = set()
 
 
 def _has_tracepoint(name: str) -> bool:
-    return _vmlinux().has(f"btf_trace_{name}", TYPEDEF)
+    return shared_vmlinux().has(f"btf_trace_{name}", TYPEDEF)
 
 
 def _has_function_btf(fn: str, module: str | None) -> bool:
-    if _vmlinux().has(fn, FUNC):
+    if shared_vmlinux().has(fn, FUNC):
         return True
     mod = _module_btf(module) if module else None
     return bool(mod and mod.has(fn, FUNC))
