@@ -93,7 +93,7 @@ def test_every_request_pairs_with_its_reply_and_the_turnaround_is_a_segment(reco
     out, (q_out, q_in, r_out, r_in) = recording
     r = report(str(out), "--proto", "udp", "--dport", str(PORT), "--round-trip")
     assert r["round_trip"] == {"requests": SENT, "replies": SENT, "pairs": SENT, "unanswered_requests": 0,
-                               "unpaired_replies": 0}
+                               "unpaired_replies": 0, "vanished_requests": 0}
     assert r["verdict"].startswith(f"{SENT} round trips paired from {SENT} requests and {SENT} replies "
                                    f"(in order). On the most common path")
     assert r["packets"] == SENT and r["events"] == 4 * SENT

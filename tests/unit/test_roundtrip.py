@@ -57,7 +57,7 @@ def only_path(table: PacketTable) -> PathRows:
     return table.paths[0]
 
 
-CLEAN = {"unanswered_requests": 0, "unpaired_replies": 0}
+CLEAN = {"unanswered_requests": 0, "unpaired_replies": 0, "vanished_requests": 0}
 
 
 # -- pairing ------------------------------------------------------------------------------------------
@@ -105,7 +105,8 @@ def test_a_lost_reply_is_counted_and_the_timeout_realigns_the_pairs_behind_it():
     replies = [50, 5_050, 5_150]  # to requests 0, 2, 3
     q, r = veth([(s, s + 2) for s in sent], [(t, t + 3) for t in replies])
     trips, counts = round_trips(q, r, max_wait_ns=1_000)
-    assert counts == {"requests": 4, "replies": 3, "pairs": 3, "unanswered_requests": 1, "unpaired_replies": 0}
+    assert counts == {"requests": 4, "replies": 3, "pairs": 3,
+                      "unanswered_requests": 1, "unpaired_replies": 0, "vanished_requests": 0}
     assert [(f, d) for f, _, d in rows_of(only_path(trips))] == [(0, [2, 48, 3]), (5_000, [2, 48, 3]),
                                                                  (5_100, [2, 48, 3])]
     text = describe(counts)
@@ -114,14 +115,36 @@ def test_a_lost_reply_is_counted_and_the_timeout_realigns_the_pairs_behind_it():
     # Waiting longer than the client did: every pair behind the lost reply is shifted by one
     # (what the counts, and describe's warning, are there to reveal).
     trips, counts = round_trips(q, r, max_wait_ns=10_000)
-    assert counts == {"requests": 4, "replies": 3, "pairs": 3, "unanswered_requests": 1, "unpaired_replies": 0}
+    assert counts == {"requests": 4, "replies": 3, "pairs": 3,
+                      "unanswered_requests": 1, "unpaired_replies": 0, "vanished_requests": 0}
     assert [(f, d[1]) for f, _, d in rows_of(only_path(trips))] == [(0, 48), (100, 5_050 - 102), (5_000, 5_150 - 5_002)]
+
+
+def test_a_request_that_vanished_on_the_way_takes_no_reply():
+    """Found in the vm-boundary demo: the guest's socket queue overflowed, and the requests it
+    dropped (seen queued, never read) took the replies of the requests read after them, every
+    pair behind shifted. A request whose path stops short of the others' never reached the far
+    end: it is unanswered (and counted as vanished), and the pairs behind it stay in place."""
+    # a:egress -> b:ingress -> b:read; the second request is dropped at b before the read
+    names = VETH + ["b:read"]
+    sent = [0, 100, 200]
+    q = synthetic_table(names, {(0, 1, 4): [[0, 2, 40], [200, 202, 240]], (0, 1): [[100, 102]]})
+    r = synthetic_table(names, {REP: [[50, 53], [250, 253]]}, first_pkt=1000)
+    trips, counts = round_trips(q, r, max_wait_ns=10_000)
+    assert counts == {"requests": 3, "replies": 2, "pairs": 2, "unanswered_requests": 1, "unpaired_replies": 0,
+                      "vanished_requests": 1}
+    got = rows_of(only_path(trips))
+    assert [(f, d) for f, _, d in got] == [(s, [2, 38, 10, 3]) for s in (sent[0], sent[2])]
+    text = describe(counts)
+    assert "1 requests vanished on the way" in text and "got no reply" not in text
+    assert pair(q, r, max_wait_ns=10_000)[2] == counts
 
 
 def test_a_request_still_waiting_at_the_end_is_unanswered():
     q, r = veth([(0, 2), (100, 102)], [(50, 53)])
     _, counts = round_trips(q, r, max_wait_ns=1_000)
-    assert counts == {"requests": 2, "replies": 1, "pairs": 1, "unanswered_requests": 1, "unpaired_replies": 0}
+    assert counts == {"requests": 2, "replies": 1, "pairs": 1,
+                      "unanswered_requests": 1, "unpaired_replies": 0, "vanished_requests": 0}
 
 
 def test_a_reply_before_any_request_is_unpaired():
@@ -130,7 +153,8 @@ def test_a_reply_before_any_request_is_unpaired():
     # no request either.
     q, r = veth([(0, 2), (1_000, 1_010)], [(-50, -47), (60, 63), (1_005, 1_008), (1_100, 1_103)])
     trips, counts = round_trips(q, r, max_wait_ns=10_000)
-    assert counts == {"requests": 2, "replies": 4, "pairs": 2, "unanswered_requests": 0, "unpaired_replies": 2}
+    assert counts == {"requests": 2, "replies": 4, "pairs": 2,
+                      "unanswered_requests": 0, "unpaired_replies": 2, "vanished_requests": 0}
     assert [(f, d) for f, _, d in rows_of(only_path(trips))] == [(0, [2, 58, 3]), (1_000, [10, 90, 3])]
     assert "0 requests got no reply and 2 replies had no request" in describe(counts)
 

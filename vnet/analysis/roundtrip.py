@@ -14,7 +14,9 @@ segment) reads it unchanged.
 The rule: requests and replies of one conversation (the flow filter and its
 reverse) are answered in order; each reply pairs with the oldest unanswered
 request whose last sighting is before the reply's first one. A request older
-than `max_wait_ns` when a later reply arrives is counted as unanswered. A lost
+than `max_wait_ns` when a later reply arrives is counted as unanswered; so is one
+whose path stops short of another request path (it vanished on the way, a full
+socket queue say, and the far end never had it), without taking a reply. A lost
 reply therefore shifts the pairs behind it until that timeout: `pairing` in the
 result counts unanswered requests and unpaired replies so that a shifted pairing
 never goes unnoticed; filter to one client (`--src`) when several share a port.
@@ -48,14 +50,32 @@ def _ends(table: PacketTable) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     return first, last, which, row
 
 
+def stopped_short(table: PacketTable) -> np.ndarray:
+    """Per packet (_ends order): whether its path is the start of another path of the table,
+    a request that vanished on the way (dropped, or a socket's queue full) before the point
+    where the others were taken; the far end never answered it."""
+    hops = [p.hops for p in table.paths]
+    short = [any(len(o) > len(h) and o[:len(h)] == h for o in hops) for h in hops]
+    return np.repeat(np.array(short, bool), [p.count for p in table.paths]) if hops else np.zeros(0, bool)
+
+
 def pair(requests: PacketTable, replies: PacketTable, max_wait_ns: int = GAP_NS) -> tuple[np.ndarray, np.ndarray,
                                                                                              dict]:
     """Indexes (into _ends order) of paired requests and replies, and the counts."""
-    return _pair(_ends(requests)[1], _ends(replies)[0], max_wait_ns)
+    return _pair(_ends(requests)[1], _ends(replies)[0], max_wait_ns, stopped_short(requests))
 
 
-def _pair(q_last: np.ndarray, r_first: np.ndarray, max_wait_ns: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """pair() on the requests' last and the replies' first times."""
+def _pair(q_last: np.ndarray, r_first: np.ndarray, max_wait_ns: int,
+          short: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """pair() on the requests' last and the replies' first times; the requests that
+    stopped short (stopped_short) are not paired: unanswered, and counted as vanished."""
+    if short is not None and short.any():
+        keep = np.flatnonzero(~short)
+        qi, ri, counts = _pair(q_last[keep], r_first, max_wait_ns)
+        gone = int(short.sum())
+        counts.update(requests=int(q_last.size), unanswered_requests=counts["unanswered_requests"] + gone,
+                      vanished_requests=gone)
+        return keep[qi], ri, counts
     q_order = np.lexsort((np.arange(q_last.size), q_last))
     r_order = np.argsort(r_first, kind="stable")
     q_sorted, r_sorted = q_last[q_order].tolist(), r_first[r_order].tolist()
@@ -76,7 +96,7 @@ def _pair(q_last: np.ndarray, r_first: np.ndarray, max_wait_ns: int) -> tuple[np
         got_r.append(k)
     unanswered += len(waiting) + (len(q_sorted) - qi)
     counts = {"requests": int(q_last.size), "replies": int(r_first.size), "pairs": len(got_q),
-              "unanswered_requests": unanswered, "unpaired_replies": unsolicited}
+              "unanswered_requests": unanswered, "unpaired_replies": unsolicited, "vanished_requests": 0}
     return q_order[np.array(got_q, np.int64)], r_order[np.array(got_r, np.int64)], counts
 
 
@@ -88,7 +108,7 @@ def round_trips(requests: PacketTable, replies: PacketTable, max_wait_ns: int = 
         raise ValueError("requests and replies were not read from the same trace files")
     q_first, q_last, q_path, q_row = _ends(requests)
     r_first, _, r_path, r_row = _ends(replies)
-    qi, ri, counts = _pair(q_last, r_first, max_wait_ns)
+    qi, ri, counts = _pair(q_last, r_first, max_wait_ns, stopped_short(requests))
     h = len(requests.hop_names)
     on_request = {requests.hop_names[x] for p in requests.paths for x in p.hops}
     names = list(requests.hop_names) + [n + REPLY_SUFFIX if n in on_request else n for n in replies.hop_names]
@@ -133,7 +153,11 @@ def describe(counts: dict) -> str:
     """One sentence on the pairing, with a warning when it may be shifted."""
     words = (f"{counts['pairs']} round trips paired from {counts['requests']} requests and "
              f"{counts['replies']} replies (in order).")
-    if counts["unanswered_requests"] or counts["unpaired_replies"]:
-        words += (f" {counts['unanswered_requests']} requests got no reply and {counts['unpaired_replies']} "
+    gone = counts.get("vanished_requests") or 0
+    if gone:
+        words += (f" {gone} requests vanished on the way (their paths stop short of the others': see the drops) "
+                  f"and were not paired.")
+    if counts["unanswered_requests"] - gone or counts["unpaired_replies"]:
+        words += (f" {counts['unanswered_requests'] - gone} requests got no reply and {counts['unpaired_replies']} "
                   f"replies had no request: pairs after a lost reply may be shifted until it timed out.")
     return words
