@@ -175,14 +175,21 @@ class PacketTable:
 
     def pair_error(self, a: int, b: int) -> int | None:
         """Bound on the clock error of a time difference between hops a and b."""
-        ha, hb = int(self.hop_host[a]), int(self.hop_host[b])
-        if ha == hb:
-            return 0
-        ea, eb = self.error_ns[ha], self.error_ns[hb]
-        for x, y in ((ha, hb), (hb, ha)):  # one refined against the other: their own bound
-            if self.clocks and self.clocks[y].ref == x and ea is not None and eb is not None:
-                return self.error_ns[y] - self.error_ns[x]
-        return None if ea is None or eb is None else ea + eb
+        return pair_bound(self.clocks, self.error_ns, int(self.hop_host[a]), int(self.hop_host[b]))
+
+
+def pair_bound(clocks: list[ClockMap], error_ns: list[int | None], a: int, b: int) -> int | None:
+    """Bound on the clock error of a time difference between hosts a and b: one refined
+    against the other has its own bound, else the sum (None: unknown)."""
+    if a == b:
+        return 0
+    ea, eb = error_ns[a], error_ns[b]
+    if ea is None or eb is None:
+        return None
+    for x, y in ((a, b), (b, a)):
+        if clocks and clocks[y].ref == x:
+            return error_ns[y] - error_ns[x]
+    return ea + eb
 
 
 class _Feed:
@@ -675,10 +682,14 @@ def clock_maps(paths, hosts: list[str] | None = None, **opts) -> list[ClockMap]:
 
 def retime(table: PacketTable, clocks: list[ClockMap]) -> None:
     """Move a joined table onto other clocks, in place: each hop's times by its host's
-    change. A packet whose hops on two hosts change order is re-sorted into the path of
-    its new order (the rows of a path stay in time order only per part, as joined)."""
+    change. Each packet seen on two hosts or more is then put in causal order (causal:
+    the time order, except where the pair's clock bound cannot tell), and a packet whose
+    hops change order moves to the path of its new order (the rows of a path stay in time
+    order only per part, as joined). Given the table's own clocks, only that order is made."""
+    from .causal import hop_traits, orders
+
     old = table.clocks
-    if len(old) != len(clocks) or all(a is b for a, b in zip(old, clocks)):
+    if len(old) != len(clocks):
         return
 
     def change(h: int, t: np.ndarray) -> np.ndarray:
@@ -687,23 +698,49 @@ def retime(table: PacketTable, clocks: list[ClockMap]) -> None:
         return (ClockMap.offsets(clocks[h], host_t) - ClockMap.offsets(old[h], host_t)).astype(np.int64)
 
     moved = [h for h in range(len(clocks)) if clocks[h] is not old[h]]
+    roles, after = hop_traits(table.hop_names)
+    errors = [m.error_ns for m in clocks]
+
+    def bound(a: int, b: int) -> int | None:
+        return pair_bound(clocks, errors, a, b)
+
     merged: dict[tuple[int, ...], list] = {}
     for p in table.paths:
         hosts = table.hop_host[list(p.hops)]
-        if not np.isin(hosts, moved).any():
+        multi = np.unique(hosts).size > 1
+        if not multi and not np.isin(hosts, moved).any():
             merged.setdefault(p.hops, []).extend(p.parts)
             continue
+        cols = list(p.hops)
+        still = multi and not np.isin(hosts, moved).any()   # its times as joined: each row in time order
+        if still:
+            cross = np.flatnonzero(hosts[1:] != hosts[:-1])
+            lim = [bound(int(hosts[i]), int(hosts[i + 1])) for i in cross]
         for first, pkt, d in p.parts:
+            if still:   # the rows whose every host change is certain keep their order, unsolved
+                if None in lim:
+                    ok = np.zeros(first.size, bool)
+                else:
+                    ok = (d[:, cross] > np.array(lim, np.int64)).all(axis=1)
+                if ok.any():
+                    merged.setdefault(p.hops, []).append((first[ok], pkt[ok], d[ok]) if not ok.all() else
+                                                         (first, pkt, d))
+                    if ok.all():
+                        continue
+                    first, pkt, d = first[~ok], pkt[~ok], d[~ok]
             t = np.empty((first.size, len(p.hops)), np.int64)
             t[:, 0] = first
             if p.segments:
                 np.cumsum(d, axis=1, dtype=np.int64, out=t[:, 1:])
                 t[:, 1:] += first[:, None]
             for h in moved:
-                cols = np.flatnonzero(hosts == h)
-                if cols.size:
-                    t[:, cols] -= change(h, t[:, cols])
-            order = np.argsort(t, axis=1, kind="stable")
+                on = np.flatnonzero(hosts == h)
+                if on.size:
+                    t[:, on] -= change(h, t[:, on])
+            if multi:
+                order = orders(t, hosts, roles[cols], after[cols], bound)
+            else:
+                order = np.argsort(t, axis=1, kind="stable")
             same = (order == np.arange(len(p.hops))).all(axis=1)
             if same.all():
                 merged.setdefault(p.hops, []).append((t[:, 0].copy(), pkt, np.diff(t, axis=1)))
@@ -718,6 +755,8 @@ def retime(table: PacketTable, clocks: list[ClockMap]) -> None:
                 merged.setdefault(tuple(int(x) for x in seq), []).append(
                     (tr[r, 0].copy(), pkt[rest][r], np.diff(tr[r], axis=1)))
     table.paths = sorted((PathRows(h, parts) for h, parts in merged.items()), key=lambda r: -r.count)
+    if not moved:
+        return
     for h in moved:
         for cols in (table.drops, table.sched):
             if cols.get("ts") is not None and cols["ts"].size:
@@ -731,6 +770,12 @@ def retime(table: PacketTable, clocks: list[ClockMap]) -> None:
     table.error_ns = [m.error_ns for m in clocks]
     for h, m in zip(table.hosts, clocks):
         h.clock = m.describe() if m.source != "none" else None
+
+
+def causal_order(table: PacketTable) -> None:
+    """Each packet seen on two hosts or more in causal order on the table's own clocks
+    (retime's second half: the time order, except where a pair's bound cannot tell)."""
+    retime(table, table.clocks)
 
 
 def without_hops(table: PacketTable, names) -> PacketTable:

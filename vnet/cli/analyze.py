@@ -119,6 +119,11 @@ def analyze(
             from vnet.analysis.stream import sync_tables
 
             sync_tables([table, replies])
+    if clocks == "pings":   # the packets did not move the clocks, but they still order the hops
+        from vnet.analysis.stream import causal_order
+
+        for t in (table, replies) if round_trip else (table,):
+            causal_order(t)
     if ignore_hop:
         from vnet.analysis.roundtrip import REPLY_SUFFIX
         from vnet.analysis.stream import without_hops
