@@ -140,6 +140,18 @@ def test_a_request_that_vanished_on_the_way_takes_no_reply():
     assert pair(q, r, max_wait_ns=10_000)[2] == counts
 
 
+def test_a_request_whose_last_event_was_lost_still_gets_its_reply():
+    # the same path, but the second request's read event was lost (the far end answered it):
+    # no whole request is waiting when its reply leaves, so the short one takes it
+    names = VETH + ["b:read"]
+    q = synthetic_table(names, {(0, 1, 4): [[0, 2, 40], [200, 202, 240]], (0, 1): [[100, 102]]})
+    r = synthetic_table(names, {REP: [[50, 53], [150, 153], [250, 253]]}, first_pkt=1000)
+    trips, counts = round_trips(q, r, max_wait_ns=10_000)
+    assert counts == {"requests": 3, "replies": 3, "pairs": 3, **CLEAN}
+    assert sorted((f, tuple(d)) for p in trips.paths for f, _, d in rows_of(p)) == [
+        (0, (2, 38, 10, 3)), (100, (2, 48, 3)), (200, (2, 38, 10, 3))]
+
+
 def test_a_request_still_waiting_at_the_end_is_unanswered():
     q, r = veth([(0, 2), (100, 102)], [(50, 53)])
     _, counts = round_trips(q, r, max_wait_ns=1_000)

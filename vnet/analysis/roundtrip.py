@@ -14,9 +14,10 @@ segment) reads it unchanged.
 The rule: requests and replies of one conversation (the flow filter and its
 reverse) are answered in order; each reply pairs with the oldest unanswered
 request whose last sighting is before the reply's first one. A request older
-than `max_wait_ns` when a later reply arrives is counted as unanswered; so is one
+than `max_wait_ns` when a later reply arrives is counted as unanswered. A request
 whose path stops short of another request path (it vanished on the way, a full
-socket queue say, and the far end never had it), without taking a reply. A lost
+socket queue say, or its last event was lost) takes a reply only when no whole
+request is waiting for one; left over, it is counted as vanished. A lost
 reply therefore shifts the pairs behind it until that timeout: `pairing` in the
 result counts unanswered requests and unpaired replies so that a shifted pairing
 never goes unnoticed; filter to one client (`--src`) when several share a port.
@@ -51,9 +52,9 @@ def _ends(table: PacketTable) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
 
 def stopped_short(table: PacketTable) -> np.ndarray:
-    """Per packet (_ends order): whether its path is the start of another path of the table,
+    """Per packet (_ends order): whether its path is the start of another path of the table:
     a request that vanished on the way (dropped, or a socket's queue full) before the point
-    where the others were taken; the far end never answered it."""
+    where the others were taken, or whose last event was lost."""
     hops = [p.hops for p in table.paths]
     short = [any(len(o) > len(h) and o[:len(h)] == h for o in hops) for h in hops]
     return np.repeat(np.array(short, bool), [p.count for p in table.paths]) if hops else np.zeros(0, bool)
@@ -67,36 +68,36 @@ def pair(requests: PacketTable, replies: PacketTable, max_wait_ns: int = GAP_NS)
 
 def _pair(q_last: np.ndarray, r_first: np.ndarray, max_wait_ns: int,
           short: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """pair() on the requests' last and the replies' first times; the requests that
-    stopped short (stopped_short) are not paired: unanswered, and counted as vanished."""
-    if short is not None and short.any():
-        keep = np.flatnonzero(~short)
-        qi, ri, counts = _pair(q_last[keep], r_first, max_wait_ns)
-        gone = int(short.sum())
-        counts.update(requests=int(q_last.size), unanswered_requests=counts["unanswered_requests"] + gone,
-                      vanished_requests=gone)
-        return keep[qi], ri, counts
+    """pair() on the requests' last and the replies' first times. A request that stopped
+    short (stopped_short) takes a reply only when no whole one is waiting: one whose last
+    event was lost still gets its answer, one dropped on the way takes none (vanished)."""
     q_order = np.lexsort((np.arange(q_last.size), q_last))
     r_order = np.argsort(r_first, kind="stable")
     q_sorted, r_sorted = q_last[q_order].tolist(), r_first[r_order].tolist()
-    waiting: deque[int] = deque()
-    qi, unanswered, unsolicited = 0, 0, 0
+    cut = (short[q_order] if short is not None else np.zeros(q_last.size, bool)).tolist()
+    whole: deque[int] = deque()
+    part: deque[int] = deque()
+    qi, unanswered, unsolicited, vanished = 0, 0, 0, 0
     got_q, got_r = [], []
     for k, t in enumerate(r_sorted):
         while qi < len(q_sorted) and q_sorted[qi] < t:
-            waiting.append(qi)
+            (part if cut[qi] else whole).append(qi)
             qi += 1
-        while waiting and t - q_sorted[waiting[0]] > max_wait_ns:
-            waiting.popleft()
-            unanswered += 1
+        for waiting in (whole, part):
+            while waiting and t - q_sorted[waiting[0]] > max_wait_ns:
+                waiting.popleft()
+                unanswered += 1
+                vanished += waiting is part
+        waiting = whole or part
         if not waiting:
             unsolicited += 1
             continue
         got_q.append(waiting.popleft())
         got_r.append(k)
-    unanswered += len(waiting) + (len(q_sorted) - qi)
+    vanished += len(part) + sum(cut[qi:])
+    unanswered += len(whole) + len(part) + (len(q_sorted) - qi)
     counts = {"requests": int(q_last.size), "replies": int(r_first.size), "pairs": len(got_q),
-              "unanswered_requests": unanswered, "unpaired_replies": unsolicited, "vanished_requests": 0}
+              "unanswered_requests": unanswered, "unpaired_replies": unsolicited, "vanished_requests": vanished}
     return q_order[np.array(got_q, np.int64)], r_order[np.array(got_r, np.int64)], counts
 
 
