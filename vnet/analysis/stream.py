@@ -722,11 +722,11 @@ def retime(table: PacketTable, clocks: list[ClockMap]) -> None:
                     ok = np.zeros(first.size, bool)
                 else:
                     ok = (d[:, cross] > np.array(lim, np.int64)).all(axis=1)
+                if ok.all():
+                    merged.setdefault(p.hops, []).append((first, pkt, d))
+                    continue
                 if ok.any():
-                    merged.setdefault(p.hops, []).append((first[ok], pkt[ok], d[ok]) if not ok.all() else
-                                                         (first, pkt, d))
-                    if ok.all():
-                        continue
+                    merged.setdefault(p.hops, []).append((first[ok], pkt[ok], d[ok]))
                     first, pkt, d = first[~ok], pkt[~ok], d[~ok]
             t = np.empty((first.size, len(p.hops)), np.int64)
             t[:, 0] = first
