@@ -145,6 +145,45 @@ def test_refine_moves_the_guest_clock_and_states_the_pair_bound():
         assert seg.min() >= 20_000 - 30_000 and seg.max() <= 60_000 + 30_000
 
 
+def test_a_guest_a_day_behind_with_a_drifting_ping_line_is_moved_by_what_the_packets_say():
+    """Found in the vm-boundary demo: a QEMU guest's clock was 71,359 s behind the collector's
+    and its two pings gave a 94 ppm line anchored 1,500 s before the run. The correction was
+    anchored at t_ref + at(t_ref), a collector time read as a host time: 71,359 s of drift
+    (6.7 s) off, so the offset moved 632 us less than the packets said, and the guest's
+    request hops sorted before the host's. Each correction must land within the pair's bound."""
+    rng = np.random.default_rng(9)
+    names = ["[host] tap0:egress", "[host] tap0:ingress", "[guest] net:netif_receive_skb eth0",
+             "[guest] net:net_dev_start_xmit eth0"]
+    behind, ppm, wrong = -71_359 * S, 94e-6, 600_000
+    ping = ClockMap(behind, ppm, T0 - 1_500 * S + behind, 1_771_000, "ping", 2)
+    req, rep = [], []
+    for k in range(600):   # collector times on the ping clocks: the guest's `wrong` too late
+        t = T0 + k * 10_000_000
+        d1, d2 = 20_000 + rng.integers(0, 40_000), 20_000 + rng.integers(0, 40_000)
+        req.append([t, t + d1 + wrong])
+        rep.append([t + 300_000 + wrong, t + 300_000 + d2])
+    clocks = [ClockMap(0, error_ns=3_000, source="ping", pings=8), ping]
+    table = _table([((0, 2), req), ((3, 1), rep)], names, [0, 0, 1, 1], clocks)
+    host, guest = refine(clocks, table)
+    bound = guest.error_ns - host.error_ns
+    assert guest.source == "packets" and bound <= 30_000
+    for t in (T0, T0 + 3 * S, T0 + 6 * S):
+        h = ping.host_time(t)
+        assert abs(guest.at(h) - ping.at(h) - wrong) <= bound, t
+    retime(table, [host, guest])
+    for p in table.paths:   # both crossings as they were: 20-60 us, within the bound
+        assert p.hops in {(0, 2), (3, 1)}
+        seg = p.column(0)
+        assert seg.min() >= 20_000 - bound and seg.max() <= 60_000 + bound
+
+
+def test_host_time_inverts_the_map():
+    m = ClockMap(-71_359 * S, 94e-6, T0 - 1_500 * S - 71_359 * S)
+    for t in (T0, T0 + 7 * S):
+        h = m.host_time(t)
+        assert m.to_collector(np.array([h], np.int64))[0] == pytest.approx(t, abs=1)
+
+
 def test_a_probe_that_fires_after_the_packet_left_does_not_end_its_stay():
     """The guest's transmit completion frees the reply (sock:consume_skb) after the host's
     tap has it: the crossing still ends at the guest's transmit, and the clock comes out."""

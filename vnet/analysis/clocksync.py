@@ -72,6 +72,15 @@ class ClockMap:
         out += self.offset_ns
         return out
 
+    def host_time(self, t: int) -> int:
+        """The host time whose collector time is t: h = t + at(h), solved. Not t + at(t):
+        a guest's clock can be a day behind the collector's, and its drift over that day
+        (a ping line's 100 ppm: 9 s) would anchor the line at the wrong moment."""
+        h = t + self.offset_ns
+        for _ in range(3):   # each step shrinks the error by the drift (ppm): exact to the ns
+            h = t + self.at(h)
+        return h
+
     def to_collector(self, ts: np.ndarray) -> np.ndarray:
         """Host times (int64) -> collector times, in place."""
         if self.drift:
@@ -86,7 +95,7 @@ class ClockMap:
                 source: str) -> "ClockMap":
         """This map with a correction eps(t) = eps_ns + eps_drift * (t - t_ref) added
         (t on the collector's scale, close enough to ours: drift is ppm)."""
-        t0 = t_ref + self.at(t_ref)   # anchored at t_ref, in our time
+        t0 = self.host_time(t_ref)    # anchored at t_ref, in our time
         err = None if self.error_ns is None or extra_error is None else extra_error
         return replace(self, offset_ns=self.at(t0) + int(round(eps_ns)), drift=self.drift + eps_drift, t0=t0,
                        error_ns=err, source=source, notes=list(self.notes))
