@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vnet.analysis.causal import _solve, hop_traits, orders
-from vnet.analysis.clocksync import ClockMap
+from vnet.analysis.causal import _solve, orders
+from vnet.analysis.clocksync import ClockMap, hop_traits
 from vnet.analysis.stream import PacketTable, PathRows, retime
 
 T0 = 5_000_000_000_000

@@ -33,16 +33,6 @@ from typing import Callable
 
 import numpy as np
 
-from .clocksync import AFTERWARDS, _probe, hop_role
-
-
-def hop_traits(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per hop name: its role (+1 outgoing, -1 incoming, 0 neither) and whether it may
-    fire after the packet left (AFTERWARDS)."""
-    roles = np.array([hop_role(n) for n in names] or [0], np.int8)
-    after = np.array([_probe(n) in AFTERWARDS for n in names] or [False])
-    return roles, after
-
 
 def orders(t: np.ndarray, hosts: np.ndarray, roles: np.ndarray, after: np.ndarray,
            bound: Callable[[int, int], int | None]) -> np.ndarray:

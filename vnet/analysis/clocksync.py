@@ -189,6 +189,14 @@ def hop_role(name: str) -> int:
     return 1 if probe in OUTGOING else -1 if probe in INCOMING else 0
 
 
+def hop_traits(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per hop name: its role (hop_role) and whether it may fire after the packet left
+    its host (AFTERWARDS)."""
+    roles = np.array([hop_role(n) for n in names] or [0], np.int8)
+    after = np.array([_probe(n) in AFTERWARDS for n in names] or [False])
+    return roles, after
+
+
 @dataclass
 class Crossings:
     """Packets seen on both hosts a < b (collector times from the first join): when
@@ -210,8 +218,7 @@ def crossings(table, most: int = MAX_CROSSINGS) -> dict[tuple[int, int], Crossin
     of its hops in the path."""
     parts: dict[tuple[int, int], list[tuple[np.ndarray, ...]]] = {}
     hop_host = table.hop_host
-    roles = np.array([hop_role(n) for n in table.hop_names] or [0], np.int8)
-    later = np.array([_probe(n) in AFTERWARDS for n in table.hop_names] or [False])
+    roles, later = hop_traits(table.hop_names)
     multi = [p for p in table.paths if np.unique(hop_host[list(p.hops)]).size > 1]
     step = max(1, -(-sum(p.count for p in multi) // most))
     for p in multi:

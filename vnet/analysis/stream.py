@@ -25,7 +25,7 @@ import numpy as np
 from vnet.collector.tracefile import stream_accounting
 
 from .bulk import Batch, Flow, HostEvents, HostReader, files_by_host
-from .clocksync import ClockMap, from_pings, refine
+from .clocksync import ClockMap, from_pings, hop_traits, refine
 from .latency import _MULT, group_sorted, order_by_packet
 
 GAP_NS = 1_000_000_000   # longest quiet time inside one packet's path (and host disorder)
@@ -686,7 +686,7 @@ def retime(table: PacketTable, clocks: list[ClockMap]) -> None:
     the time order, except where the pair's clock bound cannot tell), and a packet whose
     hops change order moves to the path of its new order (the rows of a path stay in time
     order only per part, as joined). Given the table's own clocks, only that order is made."""
-    from .causal import hop_traits, orders
+    from .causal import orders
 
     old = table.clocks
     if len(old) != len(clocks):
