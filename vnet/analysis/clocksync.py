@@ -72,14 +72,17 @@ class ClockMap:
         out += self.offset_ns
         return out
 
-    def host_time(self, t: int) -> int:
-        """The host time whose collector time is t: h = t + at(h), solved. Not t + at(t):
-        a guest's clock can be a day behind the collector's, and its drift over that day
-        (a ping line's 100 ppm: 9 s) would anchor the line at the wrong moment."""
-        h = t + self.offset_ns
+    def host_times(self, ts: np.ndarray) -> np.ndarray:
+        """The host times whose collector times are ts: h = t + offset(h), solved. Not
+        t + offset(t): a guest's clock can be a day behind the collector's, and its drift
+        over that day (a ping line's 100 ppm: 9 s) would put h at the wrong moment."""
+        h = ts + self.offset_ns
         for _ in range(3):   # each step shrinks the error by the drift (ppm): exact to the ns
-            h = t + self.at(h)
+            h = ts + np.rint(self.offsets(h)).astype(np.int64)
         return h
+
+    def host_time(self, t: int) -> int:
+        return int(self.host_times(np.array([t], np.int64))[0])
 
     def to_collector(self, ts: np.ndarray) -> np.ndarray:
         """Host times (int64) -> collector times, in place."""

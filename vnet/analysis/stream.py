@@ -694,8 +694,7 @@ def retime(table: PacketTable, clocks: list[ClockMap]) -> None:
 
     def change(h: int, t: np.ndarray) -> np.ndarray:
         """Collector-time t of host h: how much earlier it becomes (int64)."""
-        host_t = t + old[h].offset_ns
-        host_t = t + np.rint(ClockMap.offsets(old[h], host_t)).astype(np.int64)   # its drift since t0 too
+        host_t = old[h].host_times(t)
         return (ClockMap.offsets(clocks[h], host_t) - ClockMap.offsets(old[h], host_t)).astype(np.int64)
 
     moved = [h for h in range(len(clocks)) if clocks[h] is not old[h]]
