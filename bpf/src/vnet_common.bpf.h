@@ -153,7 +153,6 @@ struct vnet_abi {
 	enum vnet_limit limit;
 	enum vnet_snap snap;
 	enum vnet_pcap pcap;
-	enum vnet_ring_line ring_line;
 };
 struct vnet_abi *vnet_abi_anchor __attribute__((unused));
 

@@ -64,15 +64,6 @@ enum vnet_stat {
 	VNET_STAT_MAX = 4,
 };
 
-/* Every record is sized so that, with the ring's 8-byte header, it fills whole
- * 64-byte cache lines (the line_pad members; tests/unit/test_btf_layout.py checks
- * it against BTF): then every record starts on a line and the program's stores
- * never share a line with a record the reader's CPU is reading. A 120-byte record
- * written at a line's offset 56 touches three lines, at offset 0 two. */
-enum vnet_ring_line {
-	VNET_RING_LINE = 64,
-};
-
 /* The common head of every ring record. */
 struct vnet_event_hdr {
 	__u64 ts_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -105,12 +96,11 @@ struct vnet_event {
 	__u16 snap_len;     /* packet bytes captured after the record's struct (0..VNET_SNAP_MAX) */
 	__u8 saddr[16];     /* IPv4 in the first 4 bytes */
 	__u8 daddr[16];
-	__u8 line_pad[8];   /* to 120 bytes: two lines in the ring */
 };
 
 /* The fields most packet events leave zero, in a record of their own kind so
- * that the others stay two cache lines in the ring (they made every record two
- * and a half): drops, socket probes (the task), VXLAN (the vni), snap captures. */
+ * that the others stay 112 bytes (120 in the ring, not two and a half cache
+ * lines): drops, socket probes (the task), VXLAN (the vni) and snap captures. */
 struct vnet_event_more {
 	struct vnet_event ev;
 	__u32 pid;          /* current tgid where the probe records it (socket probes, drops), else 0 */
@@ -118,7 +108,6 @@ struct vnet_event_more {
 	__u32 vni;          /* VXLAN network identifier, with VNET_F_ENCAP */
 	__u32 snap_wire;    /* with snap_len: the packet's length from where those bytes start (pcap's wire length) */
 	char comm[16];      /* current task where pid is set */
-	__u8 line_pad_more[32]; /* to 184 bytes: three lines in the ring (and a snap record, VNET_SNAP_MAX more, seven) */
 };
 
 /* A watched thread got a CPU: how long it waited runnable in the run queue,
@@ -132,7 +121,6 @@ struct vnet_sched_event {
 	__u32 pad;
 	char comm[16];
 	char prev_comm[16];
-	__u8 line_pad[48];  /* to 120 bytes: two lines in the ring */
 };
 
 #endif /* VNET_EVENT_H */
