@@ -141,7 +141,6 @@ struct {
  * puts them into BTF, which is where Python reads the layout from. */
 struct vnet_abi {
 	struct vnet_event event;
-	struct vnet_event_more event_more;
 	struct vnet_agg_key agg_key;
 	struct vnet_agg_set agg_set;
 	enum vnet_agg agg;
@@ -245,15 +244,15 @@ static __always_inline void vnet_aggregate(struct vnet_event *ev)
 /* The current task's pid (tgid) and name. Typed hooks (tp_btf, fentry) load the
  * name from the task itself, two words (the kernel keeps it NUL-terminated); the
  * helper costs a call and a string copy with padding (~40 ns of a drop event). */
-static __always_inline void vnet_current_task(struct vnet_event_more *m, bool typed)
+static __always_inline void vnet_current_task(struct vnet_event *ev, bool typed)
 {
-	m->pid = bpf_get_current_pid_tgid() >> 32;
+	ev->pid = bpf_get_current_pid_tgid() >> 32;
 	if (typed) {
 		struct task_struct *t = bpf_get_current_task_btf();
 
-		__builtin_memcpy(m->comm, t->comm, sizeof(m->comm));
+		__builtin_memcpy(ev->comm, t->comm, sizeof(ev->comm));
 	} else {
-		bpf_get_current_comm(m->comm, sizeof(m->comm));
+		bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 	}
 }
 
@@ -299,24 +298,11 @@ static __always_inline __u64 vnet_wakeup_flags(struct vnet_stats *st, __u32 wake
 	return 0;
 }
 
-/* Copy one event into the ring: the whole of `m` (VNET_KIND_PACKET_MORE) where
- * `more`, else its struct vnet_event alone (VNET_KIND_PACKET); a full ring is
- * counted, never silent. */
-static __always_inline void vnet_emit(struct vnet_stats *st, struct vnet_event_more *m, bool more,
-				      __u32 wakeup_every, __u32 wakeup_bytes)
+/* Copy one event into the ring; a full ring is counted, never silent. */
+static __always_inline void vnet_emit(struct vnet_stats *st, struct vnet_event *ev, __u32 wakeup_every,
+				      __u32 wakeup_bytes)
 {
-	long err;
-
-	if (more) {
-		m->ev.hdr.kind = VNET_KIND_PACKET_MORE;
-		err = bpf_ringbuf_output(&vnet_events, m, sizeof(*m),
-					 vnet_wakeup_flags(st, wakeup_every, wakeup_bytes, sizeof(*m)));
-	} else {
-		m->ev.hdr.kind = VNET_KIND_PACKET;
-		err = bpf_ringbuf_output(&vnet_events, &m->ev, sizeof(m->ev),
-					 vnet_wakeup_flags(st, wakeup_every, wakeup_bytes, sizeof(m->ev)));
-	}
-	if (err == 0)
+	if (bpf_ringbuf_output(&vnet_events, ev, sizeof(*ev), vnet_wakeup_flags(st, wakeup_every, wakeup_bytes, sizeof(*ev))) == 0)
 		st->v[VNET_STAT_EMITTED]++;
 	else
 		st->v[VNET_STAT_LOST]++;

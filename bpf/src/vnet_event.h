@@ -21,9 +21,8 @@ enum vnet_hook {
 
 /* What a record in the ring is; every record starts with struct vnet_event_hdr. */
 enum vnet_event_kind {
-	VNET_KIND_PACKET = 1,      /* struct vnet_event */
-	VNET_KIND_SCHED = 2,       /* struct vnet_sched_event */
-	VNET_KIND_PACKET_MORE = 3, /* struct vnet_event_more: a packet event with the fields few events have */
+	VNET_KIND_PACKET = 1, /* struct vnet_event */
+	VNET_KIND_SCHED = 2,  /* struct vnet_sched_event */
 };
 
 /* vnet_event.flags */
@@ -35,14 +34,14 @@ enum vnet_event_flag {
 	VNET_F_VLAN = 1 << 4,      /* vlan_tci is valid */
 	VNET_F_TRUNCATED = 1 << 5, /* headers ran past the packet end */
 	VNET_F_NO_SKB = 1 << 6,    /* a function probe without a packet argument */
-	VNET_F_ENCAP = 1 << 7,     /* VXLAN: the fields and pkt_id are the inner packet's; vni is set (vnet_event_more) */
+	VNET_F_ENCAP = 1 << 7,     /* VXLAN: the fields and pkt_id are the inner packet's; vni is set */
 	VNET_F_SNAP_L3 = 1 << 8,   /* the captured bytes start at the IP header (no link header at this hook) */
 	VNET_F_ID_PARTIAL = 1 << 9, /* kernel hook: bytes pkt_id hashes at tc (payload, or headers) are in page
 				     * fragments, past the skb's linear part: left out, so the id may differ */
 };
 
 /* Snap-length capture (config `snaplen` > 0): every packet record is then
- * struct vnet_event_more followed by VNET_SNAP_MAX bytes, of which the first
+ * struct vnet_event followed by VNET_SNAP_MAX bytes, of which the first
  * snap_len are the packet as tcpdump would capture it at that hook. */
 enum vnet_snap {
 	VNET_SNAP_MAX = 256,
@@ -82,6 +81,9 @@ struct vnet_event {
 	__u32 mark;         /* skb->mark */
 	__u32 tcp_seq;      /* host order; valid for TCP */
 	__u32 tcp_ack;
+	__u32 pid;          /* current tgid where the probe records it (socket probes), else 0 */
+	__u32 reason;       /* drop reason (enum skb_drop_reason of the running kernel) */
+	__u32 vni;          /* VXLAN network identifier, with VNET_F_ENCAP */
 	__u16 hook;         /* enum vnet_hook */
 	__u16 eth_proto;    /* host order, e.g. 0x0800 */
 	__u16 flags;        /* enum vnet_event_flag */
@@ -93,21 +95,11 @@ struct vnet_event {
 	__u8 tcp_flags;
 	__u8 ttl;           /* IPv4 ttl / IPv6 hop limit */
 	__u8 pad;
-	__u16 snap_len;     /* packet bytes captured after the record's struct (0..VNET_SNAP_MAX) */
+	__u16 snap_len;     /* packet bytes captured after this struct (0..VNET_SNAP_MAX) */
 	__u8 saddr[16];     /* IPv4 in the first 4 bytes */
 	__u8 daddr[16];
-};
-
-/* The fields most packet events leave zero, in a record of their own kind so
- * that the others stay 112 bytes (120 in the ring, not two and a half cache
- * lines): drops, socket probes (the task), VXLAN (the vni) and snap captures. */
-struct vnet_event_more {
-	struct vnet_event ev;
-	__u32 pid;          /* current tgid where the probe records it (socket probes, drops), else 0 */
-	__u32 reason;       /* drop reason (enum skb_drop_reason of the running kernel) */
-	__u32 vni;          /* VXLAN network identifier, with VNET_F_ENCAP */
-	__u32 snap_wire;    /* with snap_len: the packet's length from where those bytes start (pcap's wire length) */
 	char comm[16];      /* current task where pid is set */
+	__u32 snap_wire;    /* with snap_len: the packet's length from where those bytes start (pcap's wire length) */
 };
 
 /* A watched thread got a CPU: how long it waited runnable in the run queue,

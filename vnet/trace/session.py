@@ -337,8 +337,7 @@ class Trace:
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC; wall time = monotonic + this offset.
         offset = time.time_ns() - time.monotonic_ns()
         return EventDecoder(self.btf.struct("vnet_event"), enums, labels, offset, ifnames=InterfaceNames(),
-                            sched_layout=self.btf.struct("vnet_sched_event"),
-                            more_layout=self.btf.struct("vnet_event_more"))
+                            sched_layout=self.btf.struct("vnet_sched_event"))
 
     @property
     def ring(self) -> RingBuffer:
