@@ -32,7 +32,6 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 	if (skb && f->f_pcap && !vnet_pcap_kernel(skb, typed))
 		goto filtered;
 	c.id = 0;
-	c.vni = 0; /* read only with VNET_F_ENCAP, which needs a parse: for the verifier */
 	if (skb)
 		vnet_kernel_meta(skb, ev, typed);
 	if (!vnet_filter_early(f, ev))
@@ -52,7 +51,7 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 	if (bpf_core_enum_value_exists(enum skb_drop_reason, SKB_DROP_REASON_NOT_SPECIFIED))
 		m.reason = (__u32)args[2];
 	vnet_current_task(&m, typed);
-	vnet_deliver(st, &m, true, &c, drop_cfg.aggregate, drop_cfg.wakeup_every, drop_cfg.wakeup_bytes, skb, false, false, drop_cfg.snaplen, typed);
+	vnet_deliver(st, ev, true, drop_cfg.aggregate, drop_cfg.wakeup_every, drop_cfg.wakeup_bytes, skb, false, false, drop_cfg.snaplen, typed);
 	return 0;
 filtered:
 	vnet_filtered(st);

@@ -44,7 +44,6 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 	if (skb && f->f_pcap && !vnet_pcap_kernel(skb, typed))
 		goto filtered;
 	c.id = 0;
-	c.vni = 0; /* read only with VNET_F_ENCAP, which needs a parse: for the verifier */
 	if (skb)
 		vnet_kernel_meta(skb, ev, typed);
 	else
@@ -67,7 +66,7 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 	ev->hook = hook;
 	if (skb_cfg.task)
 		vnet_current_task(&m, typed);
-	vnet_deliver(st, &m, skb_cfg.task, &c, skb_cfg.aggregate, skb_cfg.wakeup_every, skb_cfg.wakeup_bytes, skb, false, false, skb_cfg.snaplen, typed);
+	vnet_deliver(st, ev, skb_cfg.task, skb_cfg.aggregate, skb_cfg.wakeup_every, skb_cfg.wakeup_bytes, skb, false, false, skb_cfg.snaplen, typed);
 	return 0;
 filtered:
 	vnet_filtered(st);

@@ -27,8 +27,8 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 {
 	const volatile struct vnet_filter *f = &tc_cfg.filter;
 	struct vnet_stats *st = vnet_stats_this_cpu(tc_cfg.probe_id);
-	struct vnet_event_more m = {};
-	struct vnet_event *ev = &m.ev;
+	struct vnet_event event = {}; /* never the longer record: nothing at tc fills its fields */
+	struct vnet_event *ev = &event;
 	struct vnet_cursor c;
 
 	if (!st)
@@ -50,7 +50,7 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 		goto filtered;
 	/* Kept: only now the time stamp and the rest of the event. */
 	vnet_hdr_init(&ev->hdr, tc_cfg.probe_id, VNET_KIND_PACKET);
-	vnet_deliver(st, &m, false, &c, tc_cfg.aggregate, tc_cfg.wakeup_every, tc_cfg.wakeup_bytes, skb, true, tc_cfg.l3, tc_cfg.snaplen, false);
+	vnet_deliver(st, ev, false, tc_cfg.aggregate, tc_cfg.wakeup_every, tc_cfg.wakeup_bytes, skb, true, tc_cfg.l3, tc_cfg.snaplen, false);
 	return VNET_TC_NEXT;
 filtered:
 	vnet_filtered(st);

@@ -300,24 +300,16 @@ static __always_inline __u64 vnet_wakeup_flags(struct vnet_stats *st, __u32 wake
 	return 0;
 }
 
-/* Copy one event into the ring: the whole of `m` (VNET_KIND_PACKET_MORE) where
- * `more`, else its struct vnet_event alone (VNET_KIND_PACKET); a full ring is
+/* Copy one event into the ring: the struct vnet_event_more that `ev` heads
+ * where `more` (a load-time constant), else the event alone; a full ring is
  * counted, never silent. */
-static __always_inline void vnet_emit(struct vnet_stats *st, struct vnet_event_more *m, bool more,
+static __always_inline void vnet_emit(struct vnet_stats *st, struct vnet_event *ev, bool more,
 				      __u32 wakeup_every, __u32 wakeup_bytes)
 {
-	long err;
+	__u32 size = more ? sizeof(struct vnet_event_more) : sizeof(*ev);
 
-	if (more) {
-		m->ev.hdr.kind = VNET_KIND_PACKET_MORE;
-		err = bpf_ringbuf_output(&vnet_events, m, sizeof(*m),
-					 vnet_wakeup_flags(st, wakeup_every, wakeup_bytes, sizeof(*m)));
-	} else {
-		m->ev.hdr.kind = VNET_KIND_PACKET;
-		err = bpf_ringbuf_output(&vnet_events, &m->ev, sizeof(m->ev),
-					 vnet_wakeup_flags(st, wakeup_every, wakeup_bytes, sizeof(m->ev)));
-	}
-	if (err == 0)
+	ev->hdr.kind = more ? VNET_KIND_PACKET_MORE : VNET_KIND_PACKET;
+	if (bpf_ringbuf_output(&vnet_events, ev, size, vnet_wakeup_flags(st, wakeup_every, wakeup_bytes, size)) == 0)
 		st->v[VNET_STAT_EMITTED]++;
 	else
 		st->v[VNET_STAT_LOST]++;

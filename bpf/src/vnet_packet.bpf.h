@@ -136,7 +136,6 @@ struct vnet_cursor {
 	__u8 id;               /* the packet has a pkt_id (vnet_parse_l3 ran) */
 	__u8 pay;              /* pay_off, pay_len are set */
 	__u8 direct;           /* TC: headers are read from the packet directly instead of by the helper */
-	__u32 vni;             /* VXLAN: set with VNET_F_ENCAP; the record carries it (vnet_event_more) */
 };
 
 /* Headers (`len` a constant). Both readers see the skb's linear part only
@@ -570,7 +569,7 @@ static __always_inline void vnet_decap(struct vnet_cursor *c, struct vnet_event 
 	}
 	c->paged = 0; /* the id is the inner packet's alone */
 	ev->flags = (ev->flags & VNET_F_VLAN) | VNET_F_ENCAP;
-	c->vni = (__u32)vx[4] << 16 | (__u32)vx[5] << 8 | vx[6];
+	ev->vni = (__u32)vx[4] << 16 | (__u32)vx[5] << 8 | vx[6];
 	ev->l4_proto = ev->tcp_flags = ev->ttl = 0;
 	ev->sport = ev->dport = ev->ip_id = 0;
 	ev->tcp_seq = ev->tcp_ack = 0;

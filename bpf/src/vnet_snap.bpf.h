@@ -104,8 +104,9 @@ static __always_inline void vnet_snap_kernel(struct sk_buff *skb, struct vnet_sn
  * ring is counted, never silent (as vnet_emit). `skb` is a struct __sk_buff *
  * at TC (`tc`), else a kernel struct sk_buff * (`typed`: see VNET_KREAD) or
  * NULL (no packet: no bytes). */
-static __always_inline void vnet_emit_snap(struct vnet_stats *st, struct vnet_event_more *m, void *skb, bool tc,
-					   bool l3, __u32 snaplen, __u32 wakeup_every, __u32 wakeup_bytes, bool typed)
+static __always_inline void vnet_emit_snap(struct vnet_stats *st, struct vnet_event *ev, bool more, void *skb,
+					   bool tc, bool l3, __u32 snaplen, __u32 wakeup_every, __u32 wakeup_bytes,
+					   bool typed)
 {
 	struct vnet_snap_record *r = bpf_ringbuf_reserve(&vnet_events, sizeof(*r), 0);
 
@@ -113,11 +114,16 @@ static __always_inline void vnet_emit_snap(struct vnet_stats *st, struct vnet_ev
 		st->v[VNET_STAT_LOST]++;
 		return;
 	}
-	m->ev.hdr.kind = VNET_KIND_PACKET_MORE;
-	__builtin_memcpy(&r->m, m, sizeof(*m));
+	ev->hdr.kind = VNET_KIND_PACKET_MORE;
+	if (more) /* ev heads a struct vnet_event_more (vnet_deliver) */
+		__builtin_memcpy(&r->m, ev, sizeof(r->m));
+	else {
+		__builtin_memcpy(&r->m.ev, ev, sizeof(r->m.ev));
+		__builtin_memset((__u8 *)&r->m + sizeof(r->m.ev), 0, sizeof(r->m) - sizeof(r->m.ev));
+	}
 	r->m.ev.snap_len = 0;
 	r->m.snap_wire = 0;
-	if (skb && !(m->ev.flags & VNET_F_NO_SKB)) {
+	if (skb && !(ev->flags & VNET_F_NO_SKB)) {
 		if (tc)
 			vnet_snap_tc(skb, r, snaplen, l3);
 		else

@@ -36,9 +36,9 @@ from vnet.trace.session import SNAP_MAX, Plan, Trace  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "tc_event_oracle.json"
 PROG = "vnet_tc_ingress"
-# kind: which struct the record is (vnet_event, or vnet_event_more with the vni or the snap's
+# kind: which struct the record is (vnet_event, or vnet_event_more with the snap's
 # wire length), not what it says of the packet; the fixture predates vnet_event_more
-SKIP_FIELDS = {"ts_ns", "cpu", "kind", "line_pad", "line_pad_more"}  # and the padding to whole cache lines
+SKIP_FIELDS = {"ts_ns", "cpu", "kind", "line_pad", "line_pad_more"}  # and the padding
 BYTES = {"saddr", "daddr", "comm"}
 
 
