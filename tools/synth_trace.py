@@ -105,10 +105,13 @@ def write(spec: Spec, out: Path, truth: Truth | None = None) -> tuple[list[Path]
     flags = btf.enum("vnet_event_flag")
     from vnet.analysis.bulk import dtype_of
 
-    evdt = dtype_of(ev)
-    size = (ev.size + 8 + 7) & ~7
-    framed = np.dtype({"names": ["len_flags", "ev"], "formats": [np.uint32, evdt], "offsets": [0, 8],
-                       "itemsize": size})
+    more_layout = btf.struct("vnet_event_more")  # drops: the record with the reason
+
+    def framed(layout):
+        size = (layout.size + 8 + 7) & ~7
+        return np.dtype({"names": ["len_flags", "ev"], "formats": [np.uint32, dtype_of(layout)], "offsets": [0, 8],
+                         "itemsize": size})
+
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for h in range(spec.hosts):
@@ -137,28 +140,34 @@ def write(spec: Spec, out: Path, truth: Truth | None = None) -> tuple[list[Path]
         pid = np.concatenate([c[1] for c in cols])
         probe = np.concatenate([c[2] for c in cols])
         order = np.argsort(ts, kind="stable")
-        recs = np.zeros(ts.size, framed)
-        recs["len_flags"] = ev.size
-        e = recs["ev"]
-        e["ts_ns"], e["pkt_id"], e["probe_id"] = ts[order], pid[order], probe[order]
-        is_drop = e["probe_id"] == drop_probe
-        e["kind"] = kinds["VNET_KIND_PACKET"]
-        e["hook"] = np.where(is_drop, hooks_enum["VNET_HOOK_TP_BTF"], hooks_enum["VNET_HOOK_TC_INGRESS"])
-        e["reason"] = np.where(is_drop, 6, 0)
-        e["skb_addr"] = np.where(is_drop, 0xFFFF888000000000, 0)
-        e["eth_proto"], e["l4_proto"], e["len"] = 0x0800, 17, 100
-        e["flags"] = flags["VNET_F_IPV4"] | flags["VNET_F_PORTS"]
-        e["sport"], e["dport"], e["ttl"] = 5000, 6000, 64
-        e["saddr"] = bytes([10, 0, 0, 1]) + bytes(12)
-        e["daddr"] = bytes([10, 0, 0, 2]) + bytes(12)
+        ts, pid, probe = ts[order], pid[order], probe[order]
+        is_drop = probe == drop_probe
+        parts = []
+        for layout, sel, kind in ((ev, ~is_drop, "VNET_KIND_PACKET"), (more_layout, is_drop, "VNET_KIND_PACKET_MORE")):
+            recs = np.zeros(int(sel.sum()), framed(layout))
+            recs["len_flags"] = layout.size
+            e = recs["ev"]
+            e["ts_ns"], e["pkt_id"], e["probe_id"] = ts[sel], pid[sel], probe[sel]
+            e["kind"] = kinds[kind]
+            e["hook"] = hooks_enum["VNET_HOOK_TP_BTF" if layout is more_layout else "VNET_HOOK_TC_INGRESS"]
+            if layout is more_layout:
+                e["reason"] = 6
+                e["skb_addr"] = 0xFFFF888000000000
+            e["eth_proto"], e["l4_proto"], e["len"] = 0x0800, 17, 100
+            e["flags"] = flags["VNET_F_IPV4"] | flags["VNET_F_PORTS"]
+            e["sport"], e["dport"], e["ttl"] = 5000, 6000, 64
+            e["saddr"] = bytes([10, 0, 0, 1]) + bytes(12)
+            e["daddr"] = bytes([10, 0, 0, 2]) + bytes(12)
+            parts.append((recs.tobytes(), recs.dtype.itemsize))
+        blob, ends = _interleave(is_drop, parts)
         sched_recs = _sched_records(spec, truth, h, offset, sched_layout, kinds, drop_probe + 1) if spec.sched else []
         path = out / f"h{h}.vnt"
         with TraceFileWriter(path, header) as w:
             seq = 0
-            blob = recs.tobytes()
-            for lo in range(0, recs.size, spec.chunk_records):
-                part = blob[lo * size:(lo + spec.chunk_records) * size]
-                count = len(part) // size
+            for lo in range(0, ts.size, spec.chunk_records):
+                hi = min(lo + spec.chunk_records, ts.size)
+                part = bytes(memoryview(blob)[(ends[lo - 1] if lo else 0):ends[hi - 1]])
+                count = hi - lo
                 if lo == 0 and sched_recs:  # mixed packet and sched records in one blob
                     part += pack_records(sched_recs, discarded=[0])
                     count += len(sched_recs) - 1
@@ -171,6 +180,25 @@ def write(spec: Spec, out: Path, truth: Truth | None = None) -> tuple[list[Path]
         paths.append(path)
     btf.close()
     return paths, truth
+
+
+def _interleave(is_drop: np.ndarray, parts: list[tuple[bytes, int]]) -> tuple[bytearray, np.ndarray]:
+    """The records of both kinds in time order, as a ring hands them over: (the blob, each
+    record's end offset). parts: (packed records, record size) of the others, then of the drops."""
+    sizes = np.where(is_drop, parts[1][1], parts[0][1]).astype(np.int64)
+    ends = np.cumsum(sizes)
+    blob = bytearray(int(ends[-1]) if ends.size else 0)
+    bounds = [0, *(np.flatnonzero(np.diff(is_drop.astype(np.int8))) + 1).tolist(), is_drop.size]
+    taken = [0, 0]
+    for a, b in zip(bounds[:-1], bounds[1:]):  # one copy per run of one kind
+        if a == b:
+            continue
+        which = int(is_drop[a])
+        data, size = parts[which]
+        start = int(ends[a - 1]) if a else 0
+        blob[start:int(ends[b - 1])] = data[taken[which] * size:(taken[which] + b - a) * size]
+        taken[which] += b - a
+    return blob, ends
 
 
 def _sched_records(spec, truth, h, offset, layout, kinds, probe_id) -> list[bytes]:

@@ -22,7 +22,8 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 {
 	const volatile struct vnet_filter *f = &drop_cfg.filter;
 	struct vnet_stats *st = vnet_stats_this_cpu(drop_cfg.probe_id);
-	struct vnet_event ev = {};
+	struct vnet_event_more m = {};
+	struct vnet_event *ev = &m.ev;
 	struct vnet_cursor c;
 
 	if (!st)
@@ -32,25 +33,25 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 		goto filtered;
 	c.id = 0;
 	if (skb)
-		vnet_kernel_meta(skb, &ev, typed);
-	if (!vnet_filter_early(f, &ev))
+		vnet_kernel_meta(skb, ev, typed);
+	if (!vnet_filter_early(f, ev))
 		goto filtered;
 	if (skb)
-		vnet_parse_kernel_skb(&c, skb, &ev, !f->f_outer, typed);
-	if (!vnet_filter_fields(f, &ev))
+		vnet_parse_kernel_skb(&c, skb, ev, !f->f_outer, typed);
+	if (!vnet_filter_fields(f, ev))
 		goto filtered;
-	vnet_finish_id(&c, &ev);
-	if (!vnet_filter_sample(f, &ev))
+	vnet_finish_id(&c, ev);
+	if (!vnet_filter_sample(f, ev))
 		goto filtered;
 	/* Kept: only now the time stamp and the rest of the event. */
-	vnet_hdr_init(&ev.hdr, drop_cfg.probe_id, VNET_KIND_PACKET);
-	ev.hook = hook;
+	vnet_hdr_init(&ev->hdr, drop_cfg.probe_id, VNET_KIND_PACKET);
+	ev->hook = hook;
 	/* The reason argument came with Linux 5.17 ("net: skb: introduce
 	 * kfree_skb_reason()"); CO-RE drops this read on older kernels. */
 	if (bpf_core_enum_value_exists(enum skb_drop_reason, SKB_DROP_REASON_NOT_SPECIFIED))
-		ev.reason = (__u32)args[2];
-	vnet_current_task(&ev, typed);
-	vnet_deliver(st, &ev, drop_cfg.aggregate, drop_cfg.wakeup_every, drop_cfg.wakeup_bytes, skb, false, false, drop_cfg.snaplen, typed);
+		m.reason = (__u32)args[2];
+	vnet_current_task(&m, typed);
+	vnet_deliver(st, ev, true, drop_cfg.aggregate, drop_cfg.wakeup_every, drop_cfg.wakeup_bytes, skb, false, false, drop_cfg.snaplen, typed);
 	return 0;
 filtered:
 	vnet_filtered(st);

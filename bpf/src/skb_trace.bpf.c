@@ -32,7 +32,8 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 {
 	const volatile struct vnet_filter *f = &skb_cfg.filter;
 	struct vnet_stats *st = vnet_stats_this_cpu(skb_cfg.probe_id);
-	struct vnet_event ev = {};
+	struct vnet_event_more m = {};
+	struct vnet_event *ev = &m.ev;
 	struct vnet_cursor c;
 
 	if (!st)
@@ -44,28 +45,28 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 		goto filtered;
 	c.id = 0;
 	if (skb)
-		vnet_kernel_meta(skb, &ev, typed);
+		vnet_kernel_meta(skb, ev, typed);
 	else
-		ev.flags |= VNET_F_NO_SKB;
+		ev->flags |= VNET_F_NO_SKB;
 	if (dev) {
-		ev.ifindex = VNET_KREAD(typed, dev, ifindex);
-		ev.netns_cookie = vnet_dev_netns_cookie(dev, typed);
+		ev->ifindex = VNET_KREAD(typed, dev, ifindex);
+		ev->netns_cookie = vnet_dev_netns_cookie(dev, typed);
 	}
-	if (!vnet_filter_early(f, &ev))
+	if (!vnet_filter_early(f, ev))
 		goto filtered;
 	if (skb)
-		vnet_parse_kernel_skb(&c, skb, &ev, !f->f_outer, typed);
-	if (!vnet_filter_fields(f, &ev))
+		vnet_parse_kernel_skb(&c, skb, ev, !f->f_outer, typed);
+	if (!vnet_filter_fields(f, ev))
 		goto filtered;
-	vnet_finish_id(&c, &ev);
-	if (!vnet_filter_sample(f, &ev))
+	vnet_finish_id(&c, ev);
+	if (!vnet_filter_sample(f, ev))
 		goto filtered;
 	/* Kept: only now the time stamp and the rest of the event. */
-	vnet_hdr_init(&ev.hdr, skb_cfg.probe_id, VNET_KIND_PACKET);
-	ev.hook = hook;
+	vnet_hdr_init(&ev->hdr, skb_cfg.probe_id, VNET_KIND_PACKET);
+	ev->hook = hook;
 	if (skb_cfg.task)
-		vnet_current_task(&ev, typed);
-	vnet_deliver(st, &ev, skb_cfg.aggregate, skb_cfg.wakeup_every, skb_cfg.wakeup_bytes, skb, false, false, skb_cfg.snaplen, typed);
+		vnet_current_task(&m, typed);
+	vnet_deliver(st, ev, skb_cfg.task, skb_cfg.aggregate, skb_cfg.wakeup_every, skb_cfg.wakeup_bytes, skb, false, false, skb_cfg.snaplen, typed);
 	return 0;
 filtered:
 	vnet_filtered(st);

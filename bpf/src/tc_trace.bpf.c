@@ -27,7 +27,8 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 {
 	const volatile struct vnet_filter *f = &tc_cfg.filter;
 	struct vnet_stats *st = vnet_stats_this_cpu(tc_cfg.probe_id);
-	struct vnet_event ev = {};
+	struct vnet_event event = {}; /* never the longer record: nothing at tc fills its fields */
+	struct vnet_event *ev = &event;
 	struct vnet_cursor c;
 
 	if (!st)
@@ -35,21 +36,21 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 	st->v[VNET_STAT_SEEN]++;
 	if (f->f_pcap && !vnet_pcap_tc(skb))
 		goto filtered;
-	ev.ifindex = skb->ifindex;
-	ev.len = skb->len;
-	ev.mark = skb->mark;
-	ev.hook = hook;
-	if (!vnet_filter_early(f, &ev))
+	ev->ifindex = skb->ifindex;
+	ev->len = skb->len;
+	ev->mark = skb->mark;
+	ev->hook = hook;
+	if (!vnet_filter_early(f, ev))
 		goto filtered;
-	vnet_parse_skb(&c, skb, &ev, !f->f_outer, tc_cfg.l3);
-	if (!vnet_filter_fields(f, &ev))
+	vnet_parse_skb(&c, skb, ev, !f->f_outer, tc_cfg.l3);
+	if (!vnet_filter_fields(f, ev))
 		goto filtered;
-	vnet_finish_id(&c, &ev);
-	if (!vnet_filter_sample(f, &ev))
+	vnet_finish_id(&c, ev);
+	if (!vnet_filter_sample(f, ev))
 		goto filtered;
 	/* Kept: only now the time stamp and the rest of the event. */
-	vnet_hdr_init(&ev.hdr, tc_cfg.probe_id, VNET_KIND_PACKET);
-	vnet_deliver(st, &ev, tc_cfg.aggregate, tc_cfg.wakeup_every, tc_cfg.wakeup_bytes, skb, true, tc_cfg.l3, tc_cfg.snaplen, false);
+	vnet_hdr_init(&ev->hdr, tc_cfg.probe_id, VNET_KIND_PACKET);
+	vnet_deliver(st, ev, false, tc_cfg.aggregate, tc_cfg.wakeup_every, tc_cfg.wakeup_bytes, skb, true, tc_cfg.l3, tc_cfg.snaplen, false);
 	return VNET_TC_NEXT;
 filtered:
 	vnet_filtered(st);

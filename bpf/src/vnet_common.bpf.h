@@ -141,6 +141,7 @@ struct {
  * puts them into BTF, which is where Python reads the layout from. */
 struct vnet_abi {
 	struct vnet_event event;
+	struct vnet_event_more event_more;
 	struct vnet_agg_key agg_key;
 	struct vnet_agg_set agg_set;
 	enum vnet_agg agg;
@@ -152,6 +153,7 @@ struct vnet_abi {
 	enum vnet_limit limit;
 	enum vnet_snap snap;
 	enum vnet_pcap pcap;
+	enum vnet_ring_line ring_line;
 };
 struct vnet_abi *vnet_abi_anchor __attribute__((unused));
 
@@ -244,15 +246,15 @@ static __always_inline void vnet_aggregate(struct vnet_event *ev)
 /* The current task's pid (tgid) and name. Typed hooks (tp_btf, fentry) load the
  * name from the task itself, two words (the kernel keeps it NUL-terminated); the
  * helper costs a call and a string copy with padding (~40 ns of a drop event). */
-static __always_inline void vnet_current_task(struct vnet_event *ev, bool typed)
+static __always_inline void vnet_current_task(struct vnet_event_more *m, bool typed)
 {
-	ev->pid = bpf_get_current_pid_tgid() >> 32;
+	m->pid = bpf_get_current_pid_tgid() >> 32;
 	if (typed) {
 		struct task_struct *t = bpf_get_current_task_btf();
 
-		__builtin_memcpy(ev->comm, t->comm, sizeof(ev->comm));
+		__builtin_memcpy(m->comm, t->comm, sizeof(m->comm));
 	} else {
-		bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+		bpf_get_current_comm(m->comm, sizeof(m->comm));
 	}
 }
 
@@ -298,11 +300,16 @@ static __always_inline __u64 vnet_wakeup_flags(struct vnet_stats *st, __u32 wake
 	return 0;
 }
 
-/* Copy one event into the ring; a full ring is counted, never silent. */
-static __always_inline void vnet_emit(struct vnet_stats *st, struct vnet_event *ev, __u32 wakeup_every,
-				      __u32 wakeup_bytes)
+/* Copy one event into the ring: the struct vnet_event_more that `ev` heads
+ * where `more` (a load-time constant), else the event alone; a full ring is
+ * counted, never silent. */
+static __always_inline void vnet_emit(struct vnet_stats *st, struct vnet_event *ev, bool more,
+				      __u32 wakeup_every, __u32 wakeup_bytes)
 {
-	if (bpf_ringbuf_output(&vnet_events, ev, sizeof(*ev), vnet_wakeup_flags(st, wakeup_every, wakeup_bytes, sizeof(*ev))) == 0)
+	__u32 size = more ? sizeof(struct vnet_event_more) : sizeof(*ev);
+
+	ev->hdr.kind = more ? VNET_KIND_PACKET_MORE : VNET_KIND_PACKET;
+	if (bpf_ringbuf_output(&vnet_events, ev, size, vnet_wakeup_flags(st, wakeup_every, wakeup_bytes, size)) == 0)
 		st->v[VNET_STAT_EMITTED]++;
 	else
 		st->v[VNET_STAT_LOST]++;

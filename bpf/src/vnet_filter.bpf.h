@@ -113,8 +113,10 @@ static __always_inline void vnet_filtered(struct vnet_stats *st)
 
 /* The common end of every packet program, for a packet the filter kept: it
  * becomes numbers (aggregation), an event, or both; the event alone or, with
- * `snaplen` (a load-time constant), with the packet's first bytes. */
-static __always_inline void vnet_deliver(struct vnet_stats *st, struct vnet_event *ev, __u8 aggregate,
+ * `snaplen` (a load-time constant), with the packet's first bytes. `more` (a
+ * constant: drops, socket probes with the task): `ev` is the head of a struct
+ * vnet_event_more the program filled, and the record is all of it. */
+static __always_inline void vnet_deliver(struct vnet_stats *st, struct vnet_event *ev, bool more, __u8 aggregate,
 					 __u32 wakeup_every, __u32 wakeup_bytes, void *skb, bool tc, bool l3,
 					 __u32 snaplen, bool typed)
 {
@@ -123,9 +125,9 @@ static __always_inline void vnet_deliver(struct vnet_stats *st, struct vnet_even
 	if ((aggregate & VNET_AGG_ON) && !(aggregate & VNET_AGG_AND_EVENTS))
 		return;
 	if (snaplen)
-		vnet_emit_snap(st, ev, skb, tc, l3, snaplen, wakeup_every, wakeup_bytes, typed);
+		vnet_emit_snap(st, ev, more, skb, tc, l3, snaplen, wakeup_every, wakeup_bytes, typed);
 	else
-		vnet_emit(st, ev, wakeup_every, wakeup_bytes);
+		vnet_emit(st, ev, more, wakeup_every, wakeup_bytes);
 }
 
 #endif /* VNET_FILTER_BPF_H */

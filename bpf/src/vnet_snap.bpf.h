@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /* Snap-length capture: with config `snaplen` > 0 (a load-time constant: the
- * verifier prunes all of this when it is 0, and records stay struct vnet_event
- * alone), a packet record is struct vnet_snap_record: the event, then the
+ * verifier prunes all of this when it is 0), a packet record is struct
+ * vnet_snap_record (VNET_KIND_PACKET_MORE, for snap_wire): the event, then the
  * packet's first bytes as tcpdump would capture them at that hook (the view of
  * vnet_pcap.bpf.h: from the Ethernet header with a VLAN tag the skb keeps put
  * back, or from the IP header where the hook has no link header, which
@@ -13,7 +13,7 @@
 #include "vnet_pcap.bpf.h"
 
 struct vnet_snap_record {
-	struct vnet_event ev;
+	struct vnet_event_more m;
 	__u8 data[VNET_SNAP_MAX];
 };
 
@@ -50,24 +50,24 @@ static __always_inline void vnet_snap_tc(struct __sk_buff *skb, struct vnet_snap
 	__u32 len = skb->len, max = vnet_snap_limit(snaplen), n;
 
 	if (l3)
-		r->ev.flags |= VNET_F_SNAP_L3;
+		r->m.ev.flags |= VNET_F_SNAP_L3;
 	if (len == 0 || max == 0)
 		return;
-	r->ev.snap_wire = len;
+	r->m.snap_wire = len;
 	if (!skb->vlan_present || l3 || max <= 16 || len <= 12) {
 		n = vnet_snap_clamp(len, max, VNET_SNAP_MAX);
 		if (bpf_skb_load_bytes(skb, 0, r->data, n) == 0)
-			r->ev.snap_len = n;
+			r->m.ev.snap_len = n;
 		return;
 	}
-	r->ev.snap_wire = len + 4;
+	r->m.snap_wire = len + 4;
 	if (bpf_skb_load_bytes(skb, 0, r->data, 12) < 0)
 		return;
 	*(__u16 *)&r->data[12] = skb->vlan_proto; /* network order already */
 	*(__u16 *)&r->data[14] = bpf_htons(skb->vlan_tci);
 	n = vnet_snap_clamp(len - 12, max - 16, VNET_SNAP_MAX - 16);
 	if (bpf_skb_load_bytes(skb, 12, &r->data[16], n) == 0)
-		r->ev.snap_len = 16 + n;
+		r->m.ev.snap_len = 16 + n;
 }
 
 /* Kernel sk_buff: the linear part of vnet_kernel_view's view. */
@@ -80,32 +80,33 @@ static __always_inline void vnet_snap_kernel(struct sk_buff *skb, struct vnet_sn
 	if (!vnet_kernel_view(skb, &v, typed))
 		return;
 	if (!v.l2)
-		r->ev.flags |= VNET_F_SNAP_L3;
+		r->m.ev.flags |= VNET_F_SNAP_L3;
 	if (v.caplen == 0 || max == 0)
 		return;
-	r->ev.snap_wire = v.wirelen;
+	r->m.snap_wire = v.wirelen;
 	if (!v.l2 || !vnet_skb_vlan_present(skb, typed) || max <= 16 || v.caplen <= 12) {
 		n = vnet_snap_clamp(v.caplen, max, VNET_SNAP_MAX);
 		if (bpf_probe_read_kernel(r->data, n, v.start) == 0)
-			r->ev.snap_len = n;
+			r->m.ev.snap_len = n;
 		return;
 	}
-	r->ev.snap_wire = v.wirelen + 4;
+	r->m.snap_wire = v.wirelen + 4;
 	if (bpf_probe_read_kernel(r->data, 12, v.start) < 0)
 		return;
 	*(__u16 *)&r->data[12] = VNET_KREAD(typed, skb, vlan_proto);
 	*(__u16 *)&r->data[14] = bpf_htons(VNET_KREAD(typed, skb, vlan_tci));
 	n = vnet_snap_clamp(v.caplen - 12, max - 16, VNET_SNAP_MAX - 16);
 	if (bpf_probe_read_kernel(&r->data[16], n, v.start + 12) == 0)
-		r->ev.snap_len = 16 + n;
+		r->m.ev.snap_len = 16 + n;
 }
 
 /* The event and the packet's bytes in one constant-size reservation; a full
  * ring is counted, never silent (as vnet_emit). `skb` is a struct __sk_buff *
  * at TC (`tc`), else a kernel struct sk_buff * (`typed`: see VNET_KREAD) or
  * NULL (no packet: no bytes). */
-static __always_inline void vnet_emit_snap(struct vnet_stats *st, struct vnet_event *ev, void *skb, bool tc,
-					   bool l3, __u32 snaplen, __u32 wakeup_every, __u32 wakeup_bytes, bool typed)
+static __always_inline void vnet_emit_snap(struct vnet_stats *st, struct vnet_event *ev, bool more, void *skb,
+					   bool tc, bool l3, __u32 snaplen, __u32 wakeup_every, __u32 wakeup_bytes,
+					   bool typed)
 {
 	struct vnet_snap_record *r = bpf_ringbuf_reserve(&vnet_events, sizeof(*r), 0);
 
@@ -113,9 +114,15 @@ static __always_inline void vnet_emit_snap(struct vnet_stats *st, struct vnet_ev
 		st->v[VNET_STAT_LOST]++;
 		return;
 	}
-	__builtin_memcpy(&r->ev, ev, sizeof(*ev));
-	r->ev.snap_len = 0;
-	r->ev.snap_wire = 0;
+	ev->hdr.kind = VNET_KIND_PACKET_MORE;
+	if (more) /* ev heads a struct vnet_event_more (vnet_deliver) */
+		__builtin_memcpy(&r->m, ev, sizeof(r->m));
+	else {
+		__builtin_memcpy(&r->m.ev, ev, sizeof(r->m.ev));
+		__builtin_memset((__u8 *)&r->m + sizeof(r->m.ev), 0, sizeof(r->m) - sizeof(r->m.ev));
+	}
+	r->m.ev.snap_len = 0;
+	r->m.snap_wire = 0;
 	if (skb && !(ev->flags & VNET_F_NO_SKB)) {
 		if (tc)
 			vnet_snap_tc(skb, r, snaplen, l3);

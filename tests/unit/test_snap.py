@@ -46,11 +46,11 @@ def snap_record(btf, i: int, *, data: bytes, hook: str = "TC_INGRESS", probe_id:
                 flags: tuple[str, ...] = ("IPV4", "PORTS"), length: int | None = None) -> bytes:
     f = btf.enum("vnet_event_flag")
     snap_max = btf.enum("vnet_snap")["VNET_SNAP_MAX"]
-    ev = btf.struct("vnet_event").encode({
+    ev = btf.struct("vnet_event_more").encode({
         "ts_ns": ts or 1_000_000 + i * 10_000, "pkt_id": 0xABC000 + i, "probe_id": probe_id, "ifindex": 3,
         "len": len(frame(i)) if length is None else length, "hook": btf.enum("vnet_hook")[f"VNET_HOOK_{hook}"],
         "eth_proto": 0x0800, "cpu": 1, "l4_proto": 17, "sport": 1000 + i, "dport": 53, "ttl": 64, "ip_id": i,
-        "kind": btf.enum("vnet_event_kind")["VNET_KIND_PACKET"], "flags": sum(f[f"VNET_F_{n}"] for n in flags),
+        "kind": btf.enum("vnet_event_kind")["VNET_KIND_PACKET_MORE"], "flags": sum(f[f"VNET_F_{n}"] for n in flags),
         "saddr": ipaddress.IPv4Address("10.0.0.1").packed, "daddr": ipaddress.IPv4Address("10.0.0.2").packed,
         "snap_len": len(data), "snap_wire": (len(frame(i)) - 14 * ("SNAP_L3" in flags)) if data else 0})
     return ev + data + bytes(snap_max - len(data))  # the constant-size reservation of vnet_emit_snap
@@ -59,17 +59,20 @@ def snap_record(btf, i: int, *, data: bytes, hook: str = "TC_INGRESS", probe_id:
 @pytest.fixture(scope="module")
 def decoder(btf):
     enums = {n: btf.enum(n) for n in ("vnet_hook", "vnet_event_flag", "vnet_event_kind")}
-    return EventDecoder(btf.struct("vnet_event"), enums, LABELS, wall_offset_ns=WALL)
+    return EventDecoder(btf.struct("vnet_event"), enums, LABELS, wall_offset_ns=WALL,
+                        more_layout=btf.struct("vnet_event_more"))
 
 
-def test_the_snap_field_sits_in_former_padding_and_the_limit_agrees(btf):
+def test_the_snap_fields_and_the_limit_agree(btf):
+    """snap_len sits in the common event (in what was padding), snap_wire in the longer
+    record every snap capture is (vnet_snap_record)."""
     from vnet.trace.session import SNAP_MAX
 
     layout = btf.struct("vnet_event")
     assert btf.enum("vnet_snap")["VNET_SNAP_MAX"] == SNAP_MAX
     f = layout.field("snap_len")
-    assert f.size == 2 and f.offset + f.size <= layout.field("saddr").offset  # the struct did not grow
-    assert layout.size == 144
+    assert f.size == 2 and f.offset + f.size <= layout.field("saddr").offset
+    assert "snap_wire" not in layout.names and "snap_wire" in btf.struct("vnet_event_more").names
 
 
 def test_decoder_exposes_the_bytes_as_hex(btf, decoder):
@@ -88,7 +91,7 @@ def test_decoder_marks_bytes_that_start_at_the_ip_header(btf, decoder):
 
 
 def test_no_bytes_no_packet_key(btf, decoder):
-    plain = btf.struct("vnet_event").encode({"ts_ns": 5, "hook": 1, "eth_proto": 0x0800, "len": 60})
+    plain = btf.struct("vnet_event").encode({"ts_ns": 5, "hook": 1, "eth_proto": 0x0800, "len": 60, "kind": 1})
     assert "packet" not in decoder.decode(plain)  # snaplen 0: the record is the struct alone
     assert "packet" not in decoder.decode(snap_record(btf, 3, data=b""))  # nothing captured (e.g. no skb)
     assert "packet_link" not in decoder.decode(snap_record(btf, 3, data=b""))
@@ -98,8 +101,8 @@ def test_a_layout_without_snap_len_still_decodes(btf):
     """Files written before snap capture have no snap_len in their layout."""
     from vnet.binding import StructLayout
 
-    layout = btf.struct("vnet_event")
-    old = StructLayout(layout.name, layout.size, [f for f in layout.fields if f.name != "snap_len"])
+    layout = btf.struct("vnet_event_more")  # the one packet struct those files have
+    old = StructLayout("vnet_event", layout.size, [f for f in layout.fields if f.name not in ("snap_len", "snap_wire")])
     enums = {n: btf.enum(n) for n in ("vnet_hook", "vnet_event_flag")}
     ev = EventDecoder(old, enums, LABELS, wall_offset_ns=0).decode(snap_record(btf, 4, data=frame(4)[:32]))
     assert "packet" not in ev and ev["sport"] == 1004
@@ -200,7 +203,7 @@ def test_pcapng_export_interfaces_bytes_ids_and_comments(snap_file, tmp_path):
 
 def test_pcapng_of_events_without_bytes_is_refused(tmp_path, btf):
     path = tmp_path / "plain.vnt"
-    write_trace(path, btf, [btf.struct("vnet_event").encode({"ts_ns": 5, "hook": 1, "len": 60})])
+    write_trace(path, btf, [btf.struct("vnet_event").encode({"ts_ns": 5, "hook": 1, "len": 60, "kind": 1})])
     out = tmp_path / "y.pcapng"
     with pytest.raises(ex.UsageError, match="snaplen"):
         ex.write_pcapng([path], out)

@@ -60,7 +60,7 @@ def test_translation_has_no_dead_code_and_stays_in_bounds(text, mode):
         # only r0-r9 and reads of the frame pointer; stack use within the stub's own slots
         assert i.dst <= 10 and i.src <= 10
         if i.cls in (ebpf.ST, ebpf.STX):
-            assert i.dst == ebpf.FP and min(translate.SLOT_MEM, translate.SLOT_WIN) <= i.off < 0
+            assert i.dst == ebpf.FP and translate.mem_slot(translate.MEMWORDS - 1) <= i.off < 0
         if i.cls in (ebpf.JMP, ebpf.JMP32) and (i.code & 0xF0) == ebpf.CALL:
             assert i.imm in (ebpf.HELPER_SKB_LOAD_BYTES, ebpf.HELPER_PROBE_READ_KERNEL)
             assert i.imm == (ebpf.HELPER_SKB_LOAD_BYTES if mode == translate.DIRECT
@@ -228,3 +228,21 @@ def test_without_a_window_every_probe_load_is_a_helper_call():
     loads = sum(1 for i in classic if i.code & 0x07 in (0x00, 0x01) and i.code & 0xE0 in (0x20, 0x40, 0xA0))
     assert sum(1 for i in body if i.cls == ebpf.JMP and (i.code & 0xF0) == ebpf.CALL) == loads
     assert not any(i.src == 5 or i.off == translate.SLOT_WIN for i in body if i.cls in (ebpf.LDX, ebpf.STX))
+
+
+def _stack_depth(body: list[Insn]) -> int:
+    return max([-i.off for i in body if ebpf.FP in ((i.dst if i.cls in (ebpf.ST, ebpf.STX) else i.src),)
+                and i.cls in (ebpf.ST, ebpf.STX, ebpf.LDX)] or [0])
+
+
+@pytest.mark.parametrize("mode", [translate.DIRECT, translate.PROBE])
+def test_the_stub_takes_only_the_stack_its_expression_uses(mode):
+    """On Linux 6.1 the stub's stack and its caller's share 512 bytes, and a kernel hook's program
+    takes up to 448: the scratch words M[] cost stack only where the expression uses them, the
+    first ones nearest (the verifier counts a frame as deep as its deepest access)."""
+    plain = compile("udp and dst port 53")
+    assert _stack_depth(translate.translate(mode, plain.ethernet, plain.raw)) <= 32
+    assert translate.mem_slot(0) == -36 and translate.mem_slot(7) == -64  # M[0..7]: a 64-byte frame
+    ins = [ClassicInsn(0x00, 0, 0, 7), ClassicInsn(0x02, 0, 0, 1), ClassicInsn(0x60, 0, 0, 1),
+           ClassicInsn(0x16, 0, 0, 0)]  # A = 7; M[1] = A; A = M[1]; return A
+    assert _stack_depth(translate.translate(mode, ins, ins)) == 40

@@ -42,6 +42,8 @@ def header(btf):
 
 
 def event(btf, i: int, **fields) -> bytes:
+    """A packet record: struct vnet_event, or struct vnet_event_more (VNET_KIND_PACKET_MORE)
+    where a field only that one has is given, as the programs write them."""
     flags = btf.enum("vnet_event_flag")
     base = {"ts_ns": 1000 + i, "pkt_id": 0xABC000 + i, "probe_id": 0, "ifindex": 3, "len": 60 + i,
             "hook": btf.enum("vnet_hook")["VNET_HOOK_TC_INGRESS"], "eth_proto": 0x0800, "cpu": 1, "l4_proto": 17,
@@ -50,7 +52,10 @@ def event(btf, i: int, **fields) -> bytes:
             "flags": flags["VNET_F_IPV4"] | flags["VNET_F_PORTS"],
             "saddr": ipaddress.IPv4Address("10.0.0.1").packed, "daddr": ipaddress.IPv4Address("10.0.0.2").packed}
     base.update(fields)
-    return btf.struct("vnet_event").encode(base)
+    if set(base) <= set(btf.struct("vnet_event").names):
+        return btf.struct("vnet_event").encode(base)
+    base["kind"] = btf.enum("vnet_event_kind")["VNET_KIND_PACKET_MORE"]
+    return btf.struct("vnet_event_more").encode(base)
 
 
 def sched_event(btf, i: int) -> bytes:
@@ -106,7 +111,8 @@ def test_chunks_and_events_round_trip(tmp_path, btf, header):
     enums = {n: btf.enum(n) for n in ("vnet_hook", "vnet_event_flag", "vnet_event_kind")}
     names = type("Names", (), {"lookup": lambda self, c, i: ("eth7", None) if (c, i) == (0xC00C, 7) else (None, None)})
     live = EventDecoder(btf.struct("vnet_event"), enums, LABELS, WALL_OFFSET, ifnames=names(),
-                        drop_reasons={2: "NOT_SPECIFIED"}, sched_layout=btf.struct("vnet_sched_event"))
+                        drop_reasons={2: "NOT_SPECIFIED"}, sched_layout=btf.struct("vnet_sched_event"),
+                        more_layout=btf.struct("vnet_event_more"))
     want = [live.decode(raw) for raw in raws]
     assert decode_events(r.header, blob) == want == list(r.events())
     assert want[0]["probe"] == "dev:ns1/veth0:ingress" and want[0]["wall_ns"] == WALL_OFFSET + 1000

@@ -163,8 +163,12 @@ class HostReader:
         self.packet = dtype_of(layout_from_dict(structs["vnet_event"]))
         self.sched = dtype_of(layout_from_dict(structs["vnet_sched_event"])) if "vnet_sched_event" in structs \
             else None
+        # files from before it have one packet struct with every field
+        self.more = dtype_of(layout_from_dict(structs["vnet_event_more"])) if "vnet_event_more" in structs \
+            else None
         kinds = (abi.get("enums") or {}).get("vnet_event_kind", {})
         self.kind_packet = kinds.get("VNET_KIND_PACKET", 1)
+        self.kind_more = kinds.get("VNET_KIND_PACKET_MORE")
         self.kind_sched = kinds.get("VNET_KIND_SCHED", 2)
         self.kind_off = self.packet.fields["kind"][1]
         flags = {k.removeprefix("VNET_F_").lower(): v
@@ -202,8 +206,9 @@ class HostReader:
             k0 = int(kinds[0])
             uniform = bool((kinds == k0).all())
             for kind, dt, handle in ((self.kind_packet, self.packet, self._packets),
+                                     (self.kind_more, self.more, self._packets),  # the same fields, and more
                                      (self.kind_sched, self.sched, self._sched_events)):
-                if dt is None or length < dt.itemsize or (uniform and k0 != kind):
+                if dt is None or kind is None or length < dt.itemsize or (uniform and k0 != kind):
                     continue
                 recs = np.ndarray((n,), dt, blob, start, (size,))
                 handle(recs if uniform else recs[kinds == kind])
@@ -224,7 +229,8 @@ class HostReader:
         if self._drop_hops:
             drop = np.isin(hop, list(self._drop_hops))
             if drop.any():
-                self._cols.add(d_ts=ts[drop].astype(np.int64), d_pkt=pkt[drop], d_reason=r["reason"][drop].copy())
+                reason = r["reason"][drop].copy() if "reason" in r.dtype.names else np.zeros(int(drop.sum()), np.uint32)
+                self._cols.add(d_ts=ts[drop].astype(np.int64), d_pkt=pkt[drop], d_reason=reason)
                 keep = ~drop
                 ts, pkt, hop = ts[keep], pkt[keep], hop[keep]
         self._append(ts, pkt, hop)

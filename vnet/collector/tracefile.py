@@ -63,7 +63,7 @@ MAX_CHUNK_BYTES = 64 << 20    # a corrupt length must not make a reader allocate
 MAX_STR_BYTES = 1 << 20
 MAX_ITEMS = 1 << 20
 MAX_CLOCK_NS = 1 << 62        # clock values past it (146 years) are damage, not time (int64 analysis)
-ABI_STRUCTS = ("vnet_event", "vnet_sched_event")
+ABI_STRUCTS = ("vnet_event", "vnet_event_more", "vnet_sched_event")
 ABI_ENUMS = ("vnet_hook", "vnet_event_flag", "vnet_event_kind", "vnet_stat")
 
 
@@ -898,6 +898,7 @@ def event_decoder(header: dict, wall_offset_ns: int | None = None):
         raise UsageError(f"trace was written on a {abi['byteorder']}-endian host: decoding it here is not supported")
     structs = abi["structs"]
     sched = layout_from_dict(structs["vnet_sched_event"]) if "vnet_sched_event" in structs else None
+    more = layout_from_dict(structs["vnet_event_more"]) if "vnet_event_more" in structs else None
     # every field below comes from a file: any shape it should not have is the header's fault
     try:
         if wall_offset_ns is None:
@@ -905,7 +906,8 @@ def event_decoder(header: dict, wall_offset_ns: int | None = None):
         reasons = {int(v): str(n) for v, n in header.get("drop_reasons") or ()}  # never this host's kernel's
         return EventDecoder(layout_from_dict(structs["vnet_event"]), abi.get("enums", {}),
                             labels_from_list(header.get("labels")), wall_offset_ns,
-                            ifnames=_StaticNames(header.get("ifnames")), drop_reasons=reasons, sched_layout=sched)
+                            ifnames=_StaticNames(header.get("ifnames")), drop_reasons=reasons, sched_layout=sched,
+                            more_layout=more)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise UsageError(f"trace header: cannot decode events with it ({type(e).__name__}: {e})") from None
 

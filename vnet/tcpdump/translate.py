@@ -42,10 +42,18 @@ RA, RX, RDATA, REND = 6, 7, 8, 9
 SLOT_LOAD = -8      # bytes a helper fetched
 SLOT_CTX = -16      # the skb (direct mode's bpf_skb_load_bytes)
 SLOT_WIRELEN = -24
-SLOT_MEM = -88      # M[i] at SLOT_MEM + 4 * i
-SLOT_WIN = -96      # probe mode's window (a map value pointer)
+SLOT_WIN = -32      # probe mode's window (a map value pointer)
+# M[i] at mem_slot(i), M[0] nearest: the verifier counts the stub's stack only as deep as the
+# deepest slot it touches, and on Linux 6.1 the stub's and the program's stacks share 512 bytes
+# (a kernel hook's program takes up to 448 of them). Most expressions use no M word: 32 bytes.
+SLOT_MEM = -36
 PROBE_WINDOW = 128  # enum vnet_pcap's VNET_PCAP_WINDOW (the loader reads it there; tests/unit check they agree)
 MEMWORDS = 16
+
+
+def mem_slot(k: int) -> int:
+    """The stack offset of the scratch word M[k]."""
+    return SLOT_MEM - 4 * k
 MAX_DIRECT_OFF = 0xFFFF  # the verifier's packet-range limit (MAX_PACKET_OFF)
 
 # Classic BPF encoding (the same bits as eBPF's for class, size, mode, op, src).
@@ -257,7 +265,7 @@ class _Body:
         _check(insns)
         used = sorted({i.k for i in insns if (i.code & 0x07) in (C_LD, C_LDX) and (i.code & 0xE0) == C_MEM})
         for w in used:  # what is read before a store (libpcap never does) reads 0
-            a.st_imm(e.W, e.FP, SLOT_MEM + 4 * w, 0)
+            a.st_imm(e.W, e.FP, mem_slot(w), 0)
         for pc in sorted(_reachable(insns)):  # the verifier refuses unreachable code
             a.label(self.lbl(pc))
             self.insn(pc, insns[pc])
@@ -276,7 +284,7 @@ class _Body:
             elif mode == C_LEN:
                 a.ldx(e.W, dst, e.FP, SLOT_WIRELEN)
             elif mode == C_MEM:
-                a.ldx(e.W, dst, e.FP, SLOT_MEM + 4 * k)
+                a.ldx(e.W, dst, e.FP, mem_slot(k))
             elif mode in (C_ABS, C_IND) and cls == C_LD:
                 self.load(RA, size, k, indexed=mode == C_IND)
             elif mode == C_MSH and cls == C_LDX:  # X = 4 * (P[k] & 0xf): an IPv4 header length
@@ -286,7 +294,7 @@ class _Body:
             else:
                 raise TranslateError(f"classic insn {pc}: unknown load {i.code:#x}")
         elif cls in (C_ST, C_STX):
-            a.stx(e.W, e.FP, SLOT_MEM + 4 * k, RA if cls == C_ST else RX)
+            a.stx(e.W, e.FP, mem_slot(k), RA if cls == C_ST else RX)
         elif cls == C_ALU:
             self.alu(pc, i)
         elif cls == C_JMP:

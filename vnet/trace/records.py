@@ -20,18 +20,24 @@ TCP_FLAG_LETTERS = ((0x01, "F"), (0x02, "S"), (0x04, "R"), (0x08, "P"), (0x10, "
 
 
 class EventDecoder:
-    """Turns one raw `struct vnet_event` into a JSON-ready dict."""
+    """Turns one raw ring record into a JSON-ready dict: a packet event (`struct
+    vnet_event`, or `struct vnet_event_more` with the fields few events have) or a
+    scheduler event. Files from before vnet_event_more have one packet struct with
+    every field."""
 
     def __init__(self, layout: StructLayout, enums: dict[str, dict[str, int]], labels: dict,
                  wall_offset_ns: int, *, ifnames=None, drop_reasons: dict[int, str] | None = None,
-                 sched_layout: StructLayout | None = None):
+                 sched_layout: StructLayout | None = None, more_layout: StructLayout | None = None):
         self.layout = layout
         kind = layout.field("kind")  # every record starts with the common header
         self._kind_at = slice(kind.offset, kind.offset + kind.size)
         kinds = enums.get("vnet_event_kind", {})
         self._sched_kind = kinds.get("VNET_KIND_SCHED")
         self.sched_layout = sched_layout
-        self.codec = layout.codec()
+        # packet record kind -> (layout, its codec, its field names)
+        self._packet = {kinds.get("VNET_KIND_PACKET", 1): (layout, layout.codec(), layout.names)}
+        if more_layout is not None and "VNET_KIND_PACKET_MORE" in kinds:
+            self._packet[kinds["VNET_KIND_PACKET_MORE"]] = (more_layout, more_layout.codec(), more_layout.names)
         self.names = layout.names
         self.hooks = {v: k.removeprefix("VNET_HOOK_").lower() for k, v in enums["vnet_hook"].items()}
         self.flag = {k.removeprefix("VNET_F_").lower(): v for k, v in enums["vnet_event_flag"].items()}
@@ -66,9 +72,11 @@ class EventDecoder:
         return self._drop_reasons.get(value, str(value))
 
     def decode(self, raw: bytes) -> dict:
-        if self._sched_kind is not None and int.from_bytes(raw[self._kind_at], "little") == self._sched_kind:
+        kind = int.from_bytes(raw[self._kind_at], "little")
+        if kind == self._sched_kind and self.sched_layout is not None:
             return self.decode_sched(raw)
-        e = dict(zip(self.names, self.codec.unpack_from(raw)))
+        layout, codec, names = self._packet.get(kind) or next(iter(self._packet.values()))
+        e = dict(zip(names, codec.unpack_from(raw)))
         flags = e["flags"]
         hook = self.hooks.get(e["hook"], str(e["hook"]))
         where = self.labels.get((e["probe_id"], e["hook"])) or self.labels.get((e["probe_id"], None)) or {
@@ -94,9 +102,9 @@ class EventDecoder:
         }
         if flags & self.flag["no_skb"]:
             out["proto"] = out["pkt_id"] = out["ethertype"] = None
-        if e["reason"]:
+        if e.get("reason"):
             out["reason"] = self.drop_reason(e["reason"])
-        if e["pid"]:
+        if e.get("pid"):
             out["pid"], out["comm"] = e["pid"], e["comm"].split(b"\0", 1)[0].decode(errors="replace")
         if flags & (self.flag["ipv4"] | self.flag["ipv6"]):
             v4 = bool(flags & self.flag["ipv4"])
@@ -119,7 +127,7 @@ class EventDecoder:
             if flags & self.flag["fragment"]:
                 out["fragment"] = True
         if flags & self.flag["encap"]:
-            out["vni"] = e["vni"]  # the tuple and pkt_id above are the inner packet's
+            out["vni"] = e.get("vni", 0)  # the tuple and pkt_id above are the inner packet's
         if flags & self.flag["vlan"]:
             out["vlan"] = e["vlan_tci"] & 0xFFF
         if flags & self.flag["truncated"]:
@@ -131,7 +139,7 @@ class EventDecoder:
         if e["skb_addr"]:
             out["skb"] = f"{e['skb_addr']:x}"
         if self._snap and e["snap_len"]:
-            start = self.layout.size
+            start = layout.size
             data = bytes(raw[start:start + e["snap_len"]])
             if data:
                 out["packet"] = data.hex()  # as tcpdump would capture it at this hook, up to the snap length

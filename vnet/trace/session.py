@@ -336,8 +336,12 @@ class Trace:
         enums = {name: self.btf.enum(name) for name in ("vnet_hook", "vnet_event_flag", "vnet_event_kind")}
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC; wall time = monotonic + this offset.
         offset = time.time_ns() - time.monotonic_ns()
+        from vnet.binding.btf import STRUCT
+
+        # objects built before vnet_event_more (VNET_BPF_DIR, a benchmark's older build) have one packet struct
+        more = self.btf.struct("vnet_event_more") if self.btf.has("vnet_event_more", STRUCT) else None
         return EventDecoder(self.btf.struct("vnet_event"), enums, labels, offset, ifnames=InterfaceNames(),
-                            sched_layout=self.btf.struct("vnet_sched_event"))
+                            sched_layout=self.btf.struct("vnet_sched_event"), more_layout=more)
 
     @property
     def ring(self) -> RingBuffer:
