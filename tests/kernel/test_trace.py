@@ -363,8 +363,9 @@ CLSACT_CHILD = textwrap.dedent("""
 
 def readline(proc: subprocess.Popen, timeout: float = 30.0) -> str:
     """One line of a child's stdout, waiting at most `timeout` (it writes whole lines, flushed)."""
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, f"no output from {proc.args[:3]} within {timeout} s"
+    poller = select.poll()  # not select(): after the unit tests, descriptors pass 1023
+    poller.register(proc.stdout, select.POLLIN)
+    assert poller.poll(timeout * 1000), f"no output from {proc.args[:3]} within {timeout} s"
     return proc.stdout.readline()
 
 

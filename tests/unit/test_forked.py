@@ -46,3 +46,22 @@ def test_held_locks_are_free_in_the_child():
 
     assert run_forked(work, locks=(lock, rlock), timeout=30) == "ok"
     assert lock.acquire(blocking=False) and rlock.acquire(blocking=False)
+
+
+def test_works_with_more_than_1024_descriptors_open():
+    """An agent holding many probes' programs, maps and links has descriptors past 1023,
+    which select() refuses ("filedescriptor out of range")."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if hard == resource.RLIM_INFINITY
+                                                else min(max(soft, 1200), hard), hard))
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert run_forked(lambda: {"ok": 1}) == {"ok": 1}
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -79,12 +79,20 @@ def run_forked(fn: Callable[[], Any], *, locks=(), timeout: float = CHILD_TIMEOU
     raise ChildError(out["error"], hint=out.get("hint"), exit_code=int(out.get("exit_code") or 1))
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    """poll(), not select(): select refuses descriptors past 1023, and an agent holding
+    many probes' programs, maps and links has them."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
 def _read_all(fd: int, pid: int, timeout: float) -> bytes:
     deadline = time.monotonic() + timeout
     buf = bytearray()
     while True:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if left <= 0 or not _readable(fd, left):
             os.kill(pid, signal.SIGKILL)
             raise VnetError(f"the agent's worker process did not answer within {timeout:.0f} s")
         chunk = os.read(fd, 1 << 16)
