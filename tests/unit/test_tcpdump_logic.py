@@ -231,8 +231,10 @@ def test_without_a_window_every_probe_load_is_a_helper_call():
 
 
 def _stack_depth(body: list[Insn]) -> int:
-    return max([-i.off for i in body if ebpf.FP in ((i.dst if i.cls in (ebpf.ST, ebpf.STX) else i.src),)
-                and i.cls in (ebpf.ST, ebpf.STX, ebpf.LDX)] or [0])
+    """The deepest frame-pointer access: stores through dst, loads through src."""
+    stores = [-i.off for i in body if i.cls in (ebpf.ST, ebpf.STX) and i.dst == ebpf.FP]
+    loads = [-i.off for i in body if i.cls == ebpf.LDX and i.src == ebpf.FP]
+    return max(stores + loads, default=0)
 
 
 @pytest.mark.parametrize("mode", [translate.DIRECT, translate.PROBE])
