@@ -17,7 +17,10 @@ config, filter encoding and tcpdump splice as `vnet trace`):
  3. Attached for real: tc on both ends of a veth pair in throwaway namespaces and
     the packet tracepoints, drop and scheduler probes, with the run-time
     statistics on while a UDP flood crosses the pair (no socket listens: every
-    datagram is a kfree_skb drop too); run_time_ns / run_cnt per program.
+    datagram is a kfree_skb drop too); run_time_ns / run_cnt per program. Net of
+    empty programs attached at the same hooks (tcx, raw tracepoints) in the same
+    rounds: what the statistics and the hook's dispatch of a program cost there
+    (an attached empty tc program costs ~10 ns more than a test-run one).
 
 Cases run in alternating rounds (A B C ... then B C ... A, ...) and each is
 reported as median and min-max over the rounds. With --compare-to REV the tc test
@@ -42,6 +45,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import socket
 import statistics
 import struct
 import subprocess
@@ -415,6 +419,66 @@ LIVE_VARIANTS = [
 ]
 
 
+FLOOR_VARIANT = "empty programs at the same hooks (r0 = return; exit): the floor attached"
+SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+BPF_RAW_TRACEPOINT_OPEN = 17
+BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
+
+
+def raw_tracepoint_open(name: str, prog_fd: int) -> int:
+    """BPF_RAW_TRACEPOINT_OPEN for a raw fd (the binding attaches only its objects' programs)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    tp = ctypes.create_string_buffer(name.encode())
+    attr = ctypes.create_string_buffer(struct.pack("=QI4x", ctypes.addressof(tp), prog_fd), 128)
+    fd = libc.syscall(SYS_BPF, BPF_RAW_TRACEPOINT_OPEN, attr, 128)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), f"attaching an empty raw_tp program to {name}")
+    return fd
+
+
+def hook_of(label: str) -> str:
+    """The hook a [3] label names, whatever the program kind: 'veth A (sender) tc egress',
+    'net:netif_receive_skb (tp_btf)' -> 'net:netif_receive_skb'."""
+    return label if " tc " in label else label.split(" (")[0]
+
+
+@contextlib.contextmanager
+def empty_at_hooks(pair, names: dict[str, str]):
+    """Empty programs at the hooks [3] traces, attached as vnet attaches (tcx links, raw
+    tracepoints: the dispatch tp_btf takes too): {label: prog fd}. What a program there pays
+    before it does anything, under the same flood and statistics: the floor of [3]'s rows.
+    Nothing where tcx is missing (the [2] floor stands in)."""
+    from vnet import netns
+
+    fds: list[int] = []
+    progs: dict[str, int] = {}
+    try:
+        for ns, ifname, dev in ((pair.ns1, pair.if1, f"dev:{pair.ns1}/{pair.if1}"),
+                                (pair.ns2, pair.if2, f"dev:{pair.ns2}/{pair.if2}")):
+            for direction, attach_type in (("ingress", BPF_TCX_INGRESS), ("egress", BPF_TCX_EGRESS)):
+                fd = load_empty(BPF_PROG_TYPE_SCHED_CLS, -1)
+                fds.append(fd)
+                with netns.enter(ns):
+                    link = lib().bpf_link_create(fd, socket.if_nametoindex(ifname), attach_type, ffi.NULL)
+                if link < 0:
+                    raise OSError(-link, "no tcx link for an empty program")
+                fds.append(link)
+                progs[f"{names[dev]} tc {direction}"] = fd
+        for probe in LIVE_PROBES:
+            if probe.startswith("sched:"):
+                continue  # not on the flood's path
+            fd = load_empty(BPF_PROG_TYPE_RAW_TRACEPOINT, 0)
+            fds.append(fd)
+            fds.append(raw_tracepoint_open(probe.split(":")[1], fd))
+            progs[f"{probe} (raw_tp)"] = fd
+        yield progs
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)
+
+
 def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 10) -> tuple[str, Summary, dict[str, float]]:
     from vnet.topology import send_udp, veth_pair
     from vnet.trace.selection import select
@@ -425,10 +489,30 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
     variants = [(variant, {**kw, **THIS_KW}, None) for variant, kw in LIVE_VARIANTS]
     if OTHER:
         variants += [(other_label(variant), {**kw, **OTHER_KW}, OTHER[1]) for variant, kw in LIVE_VARIANTS]
+    variants.append((FLOOR_VARIANT, {}, None))
     with veth_pair(211) as pair, run_time_stats():
         names = {f"dev:{pair.ns1}/{pair.if1}": "veth A (sender)", f"dev:{pair.ns2}/{pair.if2}": "veth B (receiver)"}
         for _, order in rotations(variants, rounds):
             for variant, kw, objdir in order:
+                if variant == FLOOR_VARIANT:
+                    try:
+                        with empty_at_hooks(pair, names) as progs:
+                            before = {k: program_info(fd) for k, fd in progs.items()}
+                            send_udp(pair.ns1, pair.ip2, 5000, count=packets,
+                                     payload_fn=lambda i: (b"vnet-%06d" % i).ljust(size, b"x"))
+                            time.sleep(0.05)
+                            after = {k: program_info(fd) for k, fd in progs.items()}
+                    except OSError as e:
+                        print(f"  (no floor attached: {e}; [2]'s stands in)", flush=True)
+                        variants.remove((FLOOR_VARIANT, {}, None))
+                        continue
+                    for label in progs:
+                        n = after[label].run_cnt - before[label].run_cnt
+                        counts.setdefault(f"{variant} | {label}", []).append(n)
+                        if n:
+                            summary.add(f"{variant} | {label}",
+                                        (after[label].run_time_ns - before[label].run_time_ns) / n)
+                    continue
                 # sched:runq watches pid 1 (idle): the path of the threads it does not watch, which
                 # is what nearly every context switch of a traced host takes.
                 plans, _ = select([f"{pair.ns1}/{pair.if1}", f"{pair.ns2}/{pair.if2}"], LIVE_PROBES, pids=(1,))
@@ -482,7 +566,9 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
                         summary.add(key, (after[label].run_time_ns - before[label].run_time_ns) / n)
     targets, notes, by_case = {}, {}, {}
     busy = {key.split(" | ")[1] for key in counts if statistics.median(counts[key]) >= MIN_LIVE_RUNS}
-    few = sorted({key.split(" | ")[1] for key in counts} - busy)
+    few = sorted({key.split(" | ")[1] for key in counts if not key.startswith(FLOOR_VARIANT)} - busy)
+    attached_floor = {hook_of(key.split(" | ")[1]): statistics.median(v) for key, v in summary.samples.items()
+                      if key.startswith(FLOOR_VARIANT + " | ") and statistics.median(counts[key]) >= MIN_LIVE_RUNS}
     for key in list(summary.samples):
         variant, label = key.split(" | ")
         runs = statistics.median(counts[key])
@@ -490,7 +576,13 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
             del summary.samples[key]
             continue
         notes[key] = f"runs/round {runs:.0f}"
-        by_case[key] = floors["tc" if " tc " in label else "raw_tp"]
+        if variant == FLOOR_VARIANT:
+            continue
+        floor = attached_floor.get(hook_of(label))
+        if floor is None:
+            floor = floors["tc" if " tc " in label else "raw_tp"]
+            notes[key] += ", floor from [2]"
+        by_case[key] = floor
         if runs >= packets / 2 and "sched" not in label:  # a hook on the flood's path
             targets[key] = TARGET_REJECT_NS if "rejects" in variant else TARGET_EVENT_NS
     ordered = Summary()
@@ -500,8 +592,9 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
                 ordered.samples[key] = v
     title = (f"[3] attached, run-time statistics on, UDP flood of {packets} datagrams A -> B:5000 ({size}-byte "
              f"payloads; no socket: each "
-             f"one is dropped too), ns per run, {rounds} alternating rounds; net = median - the empty program's under "
-             f"the statistics ([2]: tc {floors['tc']:.1f}, tracing {floors['raw_tp']:.1f}); events lost: {lost}")
+             f"one is dropped too), ns per run, {rounds} alternating rounds; net = median - the empty program's at "
+             f"the same hook in the same rounds (the last rows; where none ran, [2]'s test-run floor: "
+             f"tc {floors['tc']:.1f}, tracing {floors['raw_tp']:.1f}); events lost: {lost}")
     return (table(title, ordered, targets, by_case, notes)
             + f"\n  left out, under {MIN_LIVE_RUNS} runs per round in every variant (not on the flood's path): "
             f"{', '.join(few)}", ordered, by_case)
