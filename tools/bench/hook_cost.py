@@ -490,6 +490,21 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
     if OTHER:
         variants += [(other_label(variant), {**kw, **OTHER_KW}, OTHER[1]) for variant, kw in LIVE_VARIANTS]
     variants.append((FLOOR_VARIANT, {}, None))
+
+    def flood(variant: str, progs: dict[str, int]) -> None:
+        """The round's flood, and each program's runs and ns per run in it."""
+        before = {k: program_info(fd) for k, fd in progs.items()}
+        # send_udp's own payloads ("vnet-%06d"), padded to `size`
+        send_udp(pair.ns1, pair.ip2, 5000, count=packets, payload_fn=lambda i: (b"vnet-%06d" % i).ljust(size, b"x"))
+        time.sleep(0.05)  # the last datagrams cross the pair
+        after = {k: program_info(fd) for k, fd in progs.items()}
+        for label in progs:
+            n = after[label].run_cnt - before[label].run_cnt
+            key = f"{variant} | {label}"
+            counts.setdefault(key, []).append(n)
+            if n:
+                summary.add(key, (after[label].run_time_ns - before[label].run_time_ns) / n)
+
     with veth_pair(211) as pair, run_time_stats():
         names = {f"dev:{pair.ns1}/{pair.if1}": "veth A (sender)", f"dev:{pair.ns2}/{pair.if2}": "veth B (receiver)"}
         for _, order in rotations(variants, rounds):
@@ -497,21 +512,10 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
                 if variant == FLOOR_VARIANT:
                     try:
                         with empty_at_hooks(pair, names) as progs:
-                            before = {k: program_info(fd) for k, fd in progs.items()}
-                            send_udp(pair.ns1, pair.ip2, 5000, count=packets,
-                                     payload_fn=lambda i: (b"vnet-%06d" % i).ljust(size, b"x"))
-                            time.sleep(0.05)
-                            after = {k: program_info(fd) for k, fd in progs.items()}
+                            flood(variant, progs)
                     except OSError as e:
                         print(f"  (no floor attached: {e}; [2]'s stands in)", flush=True)
                         variants.remove((FLOOR_VARIANT, {}, None))
-                        continue
-                    for label in progs:
-                        n = after[label].run_cnt - before[label].run_cnt
-                        counts.setdefault(f"{variant} | {label}", []).append(n)
-                        if n:
-                            summary.add(f"{variant} | {label}",
-                                        (after[label].run_time_ns - before[label].run_time_ns) / n)
                     continue
                 # sched:runq watches pid 1 (idle): the path of the threads it does not watch, which
                 # is what nearly every context switch of a traced host takes.
@@ -548,22 +552,11 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
 
                     thread = threading.Thread(target=drain, daemon=True)
                     thread.start()
-                    before = {k: program_info(fd) for k, fd in progs.items()}
-                    # send_udp's own payloads ("vnet-%06d"), padded to `size`
-                    send_udp(pair.ns1, pair.ip2, 5000, count=packets,
-                             payload_fn=lambda i: (b"vnet-%06d" % i).ljust(size, b"x"))
-                    time.sleep(0.05)  # the last datagrams cross the pair
-                    after = {k: program_info(fd) for k, fd in progs.items()}
+                    flood(variant, progs)
                     stop.set()
                     thread.join()
                     lost += trace.stats().lost
                     reader.close()
-                for label in progs:
-                    n = after[label].run_cnt - before[label].run_cnt
-                    key = f"{variant} | {label}"
-                    counts.setdefault(key, []).append(n)
-                    if n:
-                        summary.add(key, (after[label].run_time_ns - before[label].run_time_ns) / n)
     targets, notes, by_case = {}, {}, {}
     busy = {key.split(" | ")[1] for key in counts if statistics.median(counts[key]) >= MIN_LIVE_RUNS}
     few = sorted({key.split(" | ")[1] for key in counts if not key.startswith(FLOOR_VARIANT)} - busy)
