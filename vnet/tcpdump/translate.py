@@ -49,12 +49,13 @@ SLOT_WIN = -32      # probe mode's window (a map value pointer)
 SLOT_MEM = -36
 PROBE_WINDOW = 128  # enum vnet_pcap's VNET_PCAP_WINDOW (the loader reads it there; tests/unit check they agree)
 MEMWORDS = 16
+MAX_DIRECT_OFF = 0xFFFF  # the verifier's packet-range limit (MAX_PACKET_OFF)
 
 
 def mem_slot(k: int) -> int:
     """The stack offset of the scratch word M[k]."""
     return SLOT_MEM - 4 * k
-MAX_DIRECT_OFF = 0xFFFF  # the verifier's packet-range limit (MAX_PACKET_OFF)
+
 
 # Classic BPF encoding (the same bits as eBPF's for class, size, mode, op, src).
 C_LD, C_LDX, C_ST, C_STX, C_ALU, C_JMP, C_RET, C_MISC = range(8)

@@ -16,6 +16,7 @@ from typing import Callable
 
 from vnet.analysis.histogram import Log2Histogram
 from vnet.binding import BpfObject, Link, RingBuffer
+from vnet.binding.btf import STRUCT
 from vnet.binding.object import possible_cpus
 from vnet.errors import (FD_LIMIT_HINT, BpfError, ProbeUnavailableError, ResourceError, UnsupportedError, UsageError,
                          VerifierError, VnetError)
@@ -336,8 +337,6 @@ class Trace:
         enums = {name: self.btf.enum(name) for name in ("vnet_hook", "vnet_event_flag", "vnet_event_kind")}
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC; wall time = monotonic + this offset.
         offset = time.time_ns() - time.monotonic_ns()
-        from vnet.binding.btf import STRUCT
-
         # objects built before vnet_event_more (VNET_BPF_DIR, a benchmark's older build) have one packet struct
         more = self.btf.struct("vnet_event_more") if self.btf.has("vnet_event_more", STRUCT) else None
         return EventDecoder(self.btf.struct("vnet_event"), enums, labels, offset, ifnames=InterfaceNames(),
