@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /* Which packets make events. The same struct sits in every packet program's
  * read-only config, so the verifier sees constants and prunes unused tests;
- * a packet that does not match costs the header parse and these compares: no
- * payload read, no time stamp, no event. */
+ * a packet that does not match costs the header parse and these compares (at
+ * tc, a plain IP packet the compares alone): no payload read, no time stamp,
+ * no event. */
 #ifndef VNET_FILTER_BPF_H
 #define VNET_FILTER_BPF_H
 
@@ -48,9 +49,10 @@ static __always_inline bool vnet_prefix_match(const __u8 *addr, const volatile _
 }
 
 /* The filter in three steps, each as early as what it looks at is known, so
- * that a packet it rejects costs as little as possible; together they are one
- * conjunction, so the order changes nothing but the cost. Events without a
- * packet (function-call probes) always pass. */
+ * that a packet it rejects costs as little as possible (tc puts step 2 first
+ * for plain packets, 2a); together they are one conjunction, so the order
+ * changes nothing but the cost. Events without a packet (function-call
+ * probes) always pass. */
 
 /* 1. Before parsing: what the hook knows of the packet without reading it. */
 static __always_inline bool vnet_filter_early(const volatile struct vnet_filter *f, const struct vnet_event *ev)
@@ -67,6 +69,105 @@ static __always_inline bool vnet_filter_early(const volatile struct vnet_filter 
 	return true;
 }
 
+/* The criteria on the packet's own fields, wherever they were read from: in
+ * a function returning bool, `return false` for a packet they reject. A macro,
+ * so that each field is read only where it is tested (a function's arguments
+ * would all be loaded first: other code at every kernel hook). */
+#define VNET_FILTER_TUPLE_OR_RETURN(f, flags, ports, l4_proto, sport, dport, saddr, daddr)			\
+	do {													\
+		if ((f)->f_family == 4 && !((flags) & VNET_F_IPV4))						\
+			return false;										\
+		if ((f)->f_family == 6 && !((flags) & VNET_F_IPV6))						\
+			return false;										\
+		if ((f)->f_l4_proto && (l4_proto) != (f)->f_l4_proto)						\
+			return false;										\
+		if ((f)->f_sport && (!(ports) || (sport) != (f)->f_sport))					\
+			return false;										\
+		if ((f)->f_dport && (!(ports) || (dport) != (f)->f_dport))					\
+			return false;										\
+		if ((f)->f_port && (!(ports) || ((sport) != (f)->f_port && (dport) != (f)->f_port)))		\
+			return false;										\
+		if ((f)->f_src_bits && !vnet_prefix_match(saddr, (f)->f_src, (f)->f_src_bits))			\
+			return false;										\
+		if ((f)->f_dst_bits && !vnet_prefix_match(daddr, (f)->f_dst, (f)->f_dst_bits))			\
+			return false;										\
+		if ((f)->f_host_bits && !vnet_prefix_match(saddr, (f)->f_host, (f)->f_host_bits) &&		\
+		    !vnet_prefix_match(daddr, (f)->f_host, (f)->f_host_bits))					\
+			return false;										\
+	} while (0)
+
+static __always_inline bool vnet_filter_on_fields(const volatile struct vnet_filter *f)
+{
+	return f->f_on && (f->f_family || f->f_l4_proto || f->f_sport || f->f_dport || f->f_port || f->f_src_bits ||
+			   f->f_dst_bits || f->f_host_bits);
+}
+
+/* 2a. TC, first thing, for the packets most traffic is: plain IPv4 or IPv6
+ * (no in-band VLAN tag, no IPv6 extension header, not a later fragment, not
+ * VXLAN the parse would look into), read from the bytes the parse reads,
+ * without its hashing and bookkeeping. False: the field filter rejects the
+ * fields the parse would have found (tests/kernel/test_tc_event_oracle.py
+ * holds both ways to the same packets). True for anything else: the parse
+ * decides (step 2). The caller asks only where the filter has such criteria
+ * (vnet_filter_on_fields). */
+static __always_inline bool vnet_filter_tc_may_keep(const volatile struct vnet_filter *f, struct __sk_buff *skb,
+						    bool l3, bool decap)
+{
+	const __u8 *data = (const __u8 *)(long)skb->data;
+	const __u8 *end = (const __u8 *)(long)skb->data_end;
+	const __u8 *ip = data + (l3 ? 0 : 14), *l4, *saddr, *daddr;
+	__u16 flags, sport = 0, dport = 0;
+	__u32 proto = skb->protocol; /* network order */
+	__u8 l4_proto;
+
+	if (l3) {
+		if (ip + 1 > end || ip[0] >> 4 != (proto == bpf_htons(VNET_ETH_P_IP) ? 4 : 6))
+			return true;
+	} else if (ip > end || *(const __u16 *)(data + 12) != (__u16)proto) {
+		return true;
+	}
+	if (proto == bpf_htons(VNET_ETH_P_IP)) {
+		__u32 ihl;
+
+		if (ip + 20 > end)
+			return true;
+		ihl = (ip[0] & 0xf) * 4;
+		if (ihl < 20 || bpf_ntohs(*(const __u16 *)(ip + 2)) < ihl || (*(const __u16 *)(ip + 6) & bpf_htons(0x1fff)))
+			return true;
+		/* the prefixes are compared in the packet: an IPv4 one, no longer than the address */
+		if (f->f_src_bits > 32 || f->f_dst_bits > 32 || f->f_host_bits > 32)
+			return true;
+		flags = VNET_F_IPV4;
+		l4_proto = ip[9];
+		saddr = ip + 12;
+		daddr = ip + 16;
+		l4 = ip + ihl;
+	} else if (proto == bpf_htons(VNET_ETH_P_IPV6)) {
+		if (ip + 40 > end)
+			return true;
+		l4_proto = ip[6];
+		if (l4_proto == 0 || l4_proto == 43 || l4_proto == 44 || l4_proto == 60 || l4_proto == 51)
+			return true;
+		flags = VNET_F_IPV6;
+		saddr = ip + 8;
+		daddr = ip + 24;
+		l4 = ip + 40;
+	} else {
+		return true;
+	}
+	if (l4_proto == VNET_IPPROTO_TCP || l4_proto == VNET_IPPROTO_UDP) {
+		if (l4 + (l4_proto == VNET_IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr)) > end)
+			return true;
+		sport = bpf_ntohs(*(const __u16 *)l4);
+		dport = bpf_ntohs(*(const __u16 *)(l4 + 2));
+		flags |= VNET_F_PORTS;
+		if (decap && l4_proto == VNET_IPPROTO_UDP && (dport == VNET_VXLAN_PORT || dport == VNET_VXLAN_LINUX_PORT))
+			return true;
+	}
+	VNET_FILTER_TUPLE_OR_RETURN(f, flags, flags & VNET_F_PORTS, l4_proto, sport, dport, saddr, daddr);
+	return true;
+}
+
 /* 2. After parsing the headers (the inner packet's, for VXLAN), before the
  * payload is read for pkt_id and before any other per-event work. */
 static __always_inline bool vnet_filter_fields(const volatile struct vnet_filter *f, const struct vnet_event *ev)
@@ -75,25 +176,7 @@ static __always_inline bool vnet_filter_fields(const volatile struct vnet_filter
 
 	if (!f->f_on || (ev->flags & VNET_F_NO_SKB))
 		return true;
-	if (f->f_family == 4 && !(ev->flags & VNET_F_IPV4))
-		return false;
-	if (f->f_family == 6 && !(ev->flags & VNET_F_IPV6))
-		return false;
-	if (f->f_l4_proto && ev->l4_proto != f->f_l4_proto)
-		return false;
-	if (f->f_sport && (!ports || ev->sport != f->f_sport))
-		return false;
-	if (f->f_dport && (!ports || ev->dport != f->f_dport))
-		return false;
-	if (f->f_port && (!ports || (ev->sport != f->f_port && ev->dport != f->f_port)))
-		return false;
-	if (f->f_src_bits && !vnet_prefix_match(ev->saddr, f->f_src, f->f_src_bits))
-		return false;
-	if (f->f_dst_bits && !vnet_prefix_match(ev->daddr, f->f_dst, f->f_dst_bits))
-		return false;
-	if (f->f_host_bits && !vnet_prefix_match(ev->saddr, f->f_host, f->f_host_bits) &&
-	    !vnet_prefix_match(ev->daddr, f->f_host, f->f_host_bits))
-		return false;
+	VNET_FILTER_TUPLE_OR_RETURN(f, ev->flags, ports, ev->l4_proto, ev->sport, ev->dport, ev->saddr, ev->daddr);
 	return true;
 }
 

@@ -160,10 +160,10 @@ LOADS: list[tuple[str, dict, dict]] = [
 ]
 
 
-def run(frames: list[tuple[str, bytes]]) -> dict:
+def run(frames: list[tuple[str, bytes]], loads=LOADS) -> dict:
     """{load name: {frame name: event fields (the non-zero ones), or None when filtered}}."""
     result: dict = {}
-    for load, kw, config in LOADS:
+    for load, kw, config in loads:
         plan = Plan("tc_trace", "tc_cfg", config, (PROG,), lambda _obj: [], {}, name="dev:oracle", filterable=True)
         with Trace([plan], ring_bytes=1 << 20, **kw) as trace:
             obj = trace.objects[0]
@@ -218,6 +218,92 @@ def test_tc_events_and_filters_are_as_recorded():
         # a filter changes which events there are, never what they say
         for name in kept:
             assert got[load][name] == got["default" if "outer" not in load else "outer"][name], (load, name)
+
+
+def raw_ip_corpus() -> list[tuple[str, bytes]]:
+    """IP packets as a device without a link header passes them to tc. A test run takes
+    the skb's protocol from bytes 12-13, as if they were an Ethernet header: inside the
+    source address here (8.0.x.x for IPv4; bytes 4-5 of the IPv6 one are 0x86dd)."""
+    from scapy.all import ICMP, IP, TCP, UDP, VXLAN, Ether, IPv6, IPv6ExtHdrHopByHop, Raw
+
+    v4 = dict(src="8.0.0.1", dst="10.0.0.2")
+    v6 = dict(src="fd00:0:86dd::1", dst="fd00::2")
+    frames = [
+        ("udp4 dport 5000", IP(id=1, **v4) / UDP(sport=4000, dport=5000) / Raw(b"x" * 20)),
+        ("udp4 dport 53", IP(id=2, **v4) / UDP(sport=4000, dport=53) / Raw(b"y" * 20)),
+        ("udp4 other hosts", IP(id=3, src="8.0.9.9", dst="192.168.0.9") / UDP(sport=53, dport=4000) / Raw(b"u" * 12)),
+        ("tcp4", IP(id=4, **v4) / TCP(sport=4000, dport=5000, flags="S")),
+        ("icmp4", IP(id=5, **v4) / ICMP(id=7) / Raw(b"z" * 8)),
+        ("ipv4 options udp", IP(id=6, options=b"\x94\x04\x00\x00", **v4) / UDP(sport=4000, dport=5000)
+         / Raw(b"t" * 8)),
+        ("ipv4 later fragment", IP(id=7, frag=185, proto=17, **v4) / Raw(b"w" * 30)),
+        ("vxlan udp4", IP(id=8, **v4) / UDP(sport=50000, dport=4789) / VXLAN(vni=42)
+         / Ether(src="02:00:00:00:0c:01", dst="02:00:00:00:0c:02") / IP(id=9, src="192.168.0.1", dst="192.168.0.2")
+         / UDP(sport=4000, dport=53)),
+        ("udp6 dport 5000", IPv6(fl=1, **v6) / UDP(sport=4000, dport=5000) / Raw(b"v" * 12)),
+        ("tcp6 dport 53", IPv6(fl=2, **v6) / TCP(sport=4000, dport=53, flags="S")),
+        ("ipv6 hbh udp", IPv6(fl=3, **v6) / IPv6ExtHdrHopByHop() / UDP(sport=4000, dport=5000)),
+    ]
+    out = [(name, bytes(pkt)) for name, pkt in frames]
+    # (a test run wants 36 bytes or more) the UDP header past the frame's end
+    good = bytes(IP(id=10, **v4) / UDP(sport=4000, dport=5000) / Raw(b"s" * 12))
+    out.append(("ipv4 ihl past the frame", bytes([0x4F]) + good[1:2] + struct.pack("!H", 100) + good[4:]))
+    return out
+
+
+# Field filters on the packet's own fields, for the model below
+TUPLE_FILTERS = [PacketFilter(proto="udp"), PacketFilter(proto="tcp"), PacketFilter(proto="icmp"),
+                 PacketFilter(proto="ip6"), PacketFilter(dport=5000), PacketFilter(dport=53),
+                 PacketFilter(sport=4000), PacketFilter(port=53), PacketFilter(src="8.0.0.1"), PacketFilter(src="10.0.0.1"),
+                 PacketFilter(dst="192.168.0.0/16"), PacketFilter(host="fd00::/64"),
+                 PacketFilter(proto="udp", port=4000, dst="10.0.0.2"), PacketFilter(proto="tcp", dport=53, outer=True)]
+
+
+def keeps(cfg: dict, ev: dict) -> bool:
+    """What the field filter's criteria (VNET_FILTER_TUPLE_OR_RETURN, bpf/src/vnet_filter.bpf.h)
+    say of an unfiltered event's fields: a model, to hold the program's two ways to them
+    (read before the parse where the packet is plain, else parsed) to the parse's fields."""
+    flags, ports = ev.get("flags", 0), ev.get("flags", 0) & 4
+
+    def prefix(addr: str, name: str) -> bool:
+        bits, want = cfg.get(f"f_{name}_bits", 0), cfg.get(f"f_{name}", b"\0" * 16)
+        a = int.from_bytes(bytes.fromhex(addr or "00" * 16), "big")
+        return a >> (128 - bits) == int.from_bytes(bytes(want), "big") >> (128 - bits)
+
+    sport, dport = ev.get("sport", 0), ev.get("dport", 0)
+    return not ((cfg.get("f_family") == 4 and not flags & 1) or (cfg.get("f_family") == 6 and not flags & 2)
+                or (cfg.get("f_l4_proto") and ev.get("l4_proto", 0) != cfg["f_l4_proto"])
+                or (cfg.get("f_sport") and (not ports or sport != cfg["f_sport"]))
+                or (cfg.get("f_dport") and (not ports or dport != cfg["f_dport"]))
+                or (cfg.get("f_port") and (not ports or cfg["f_port"] not in (sport, dport)))
+                or (cfg.get("f_src_bits") and not prefix(ev.get("saddr"), "src"))
+                or (cfg.get("f_dst_bits") and not prefix(ev.get("daddr"), "dst"))
+                or (cfg.get("f_host_bits") and not (prefix(ev.get("saddr"), "host") or prefix(ev.get("daddr"), "host"))))
+
+
+@pytest.mark.parametrize("l3", [0, 1], ids=["ethernet device", "raw-ip device"])
+def test_field_filters_keep_what_their_criteria_say_of_the_parsed_fields(l3):
+    """tc reads a plain packet's fields before the parse to reject it early
+    (vnet_filter_tc_may_keep): whichever way, a filter keeps exactly the packets
+    whose parsed fields (the unfiltered load's events) meet its criteria, and
+    what it keeps is those events."""
+    frames = corpus() if not l3 else raw_ip_corpus()
+    loads = [("none", {}, {"l3": l3}), ("outer", {"packet_filter": PacketFilter(outer=True)}, {"l3": l3})]
+    loads += [(repr(f), {"packet_filter": f}, {"l3": l3}) for f in TUPLE_FILTERS]
+    got = run(frames, loads)
+    for name, frame in frames:
+        assert got["none"][name] is not None, name
+    telling = 0  # filters that keep some frames and not others
+    for flt in TUPLE_FILTERS:
+        base = got["outer" if flt.outer else "none"]
+        cfg = flt.config()
+        want = [name for name, _ in frames if keeps(cfg, base[name])]
+        kept = [name for name, _ in frames if got[repr(flt)][name] is not None]
+        assert kept == want, flt
+        telling += 0 < len(want) < len(frames)
+        for name in kept:
+            assert got[repr(flt)][name] == base[name], (flt, name)
+    assert telling >= len(TUPLE_FILTERS) - 2
 
 
 def record() -> None:
