@@ -21,11 +21,17 @@ const volatile struct vnet_drop_config drop_cfg = {};
 static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u16 hook, bool typed)
 {
 	const volatile struct vnet_filter *f = &drop_cfg.filter;
-	struct vnet_stats *st = vnet_stats_this_cpu(drop_cfg.probe_id);
+	struct vnet_stats *st;
 	struct vnet_event_more m = {};
 	struct vnet_event *ev = &m.ev;
 	struct vnet_cursor c;
 
+	if (typed && skb && parse_cfg.copy && parse_cfg.direct && vnet_filter_on_fields(f) &&
+	    !vnet_filter_kernel_may_keep(f, skb, !f->f_outer)) {
+		vnet_rejected_first(drop_cfg.probe_id);
+		return 0;
+	}
+	st = vnet_stats_this_cpu(drop_cfg.probe_id);
 	if (!st)
 		return 0;
 	st->v[VNET_STAT_SEEN]++;

@@ -31,11 +31,17 @@ const volatile struct vnet_skb_config skb_cfg = {};
 static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u16 hook, bool typed)
 {
 	const volatile struct vnet_filter *f = &skb_cfg.filter;
-	struct vnet_stats *st = vnet_stats_this_cpu(skb_cfg.probe_id);
+	struct vnet_stats *st;
 	struct vnet_event_more m = {};
 	struct vnet_event *ev = &m.ev;
 	struct vnet_cursor c;
 
+	if (typed && skb && parse_cfg.copy && parse_cfg.direct && vnet_filter_on_fields(f) &&
+	    !vnet_filter_kernel_may_keep(f, skb, !f->f_outer)) {
+		vnet_rejected_first(skb_cfg.probe_id);
+		return 0;
+	}
+	st = vnet_stats_this_cpu(skb_cfg.probe_id);
 	if (!st)
 		return 0;
 	st->v[VNET_STAT_SEEN]++;

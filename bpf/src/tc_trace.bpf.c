@@ -23,18 +23,6 @@ struct vnet_tc_config {
 
 const volatile struct vnet_tc_config tc_cfg = {};
 
-/* A packet the field filter rejected on its face (vnet_filter_tc_may_keep), counted. */
-static __always_inline int vnet_tc_rejected(void)
-{
-	struct vnet_stats *st = vnet_stats_this_cpu(tc_cfg.probe_id);
-
-	if (st) {
-		st->v[VNET_STAT_SEEN]++;
-		vnet_filtered(st);
-	}
-	return VNET_TC_NEXT;
-}
-
 static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 {
 	const volatile struct vnet_filter *f = &tc_cfg.filter;
@@ -43,10 +31,10 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 	struct vnet_event *ev = &event;
 	struct vnet_cursor c;
 
-	/* First: the rest of the program keeps the layout it had without it (Linux
-	 * 6.1's verifier walked the layouts of this check placed later twice as long). */
-	if (vnet_filter_on_fields(f) && !vnet_filter_tc_may_keep(f, skb, tc_cfg.l3, !f->f_outer))
-		return vnet_tc_rejected();
+	if (vnet_filter_on_fields(f) && !vnet_filter_tc_may_keep(f, skb, tc_cfg.l3, !f->f_outer)) {
+		vnet_rejected_first(tc_cfg.probe_id);
+		return VNET_TC_NEXT;
+	}
 	st = vnet_stats_this_cpu(tc_cfg.probe_id);
 	if (!st)
 		return VNET_TC_NEXT;

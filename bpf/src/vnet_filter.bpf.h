@@ -102,30 +102,29 @@ static __always_inline bool vnet_filter_on_fields(const volatile struct vnet_fil
 			   f->f_dst_bits || f->f_host_bits);
 }
 
-/* 2a. TC, first thing, for the packets most traffic is: plain IPv4 or IPv6
- * (no in-band VLAN tag, no IPv6 extension header, not a later fragment, not
- * VXLAN the parse would look into), read from the bytes the parse reads,
- * without its hashing and bookkeeping. False: the field filter rejects the
- * fields the parse would have found (tests/kernel/test_tc_event_oracle.py
- * holds both ways to the same packets). True for anything else: the parse
- * decides (step 2). The caller asks only where the filter has such criteria
- * (vnet_filter_on_fields). */
-static __always_inline bool vnet_filter_tc_may_keep(const volatile struct vnet_filter *f, struct __sk_buff *skb,
-						    bool l3, bool decap)
+/* 2a. First thing, for the packets most traffic is: plain IPv4 or IPv6 (no
+ * in-band VLAN tag, no IPv6 extension header, not a later fragment, not VXLAN
+ * the parse would look into), read from the bytes the parse reads, without its
+ * hashing and bookkeeping. False: the field filter rejects the fields the parse
+ * would have found (tests/kernel/test_tc_event_oracle.py and test_filters.py
+ * hold both ways to the same packets). True for anything else: the parse
+ * decides (step 2). Callers ask only where the filter has such criteria
+ * (vnet_filter_on_fields), and put it first: the rest of the program keeps the
+ * layout it had without it (placed after step 1, it moved clang's layout of
+ * the whole program and Linux 6.1's verifier walked that twice as long).
+ *
+ * The L3 header starts at `ip`, its ethertype is `proto` (network order), and
+ * the bytes before `end` are the ones the parse reads: TC, the packet's linear
+ * part (the verifier checks these bounds); kernel hooks, the sk_buff's linear
+ * part read in place (parse_cfg.direct: loads the kernel guards as it guards a
+ * probe read). */
+static __always_inline bool vnet_filter_plain_may_keep(const volatile struct vnet_filter *f, const __u8 *ip,
+						       const __u8 *end, __u32 proto, bool decap)
 {
-	const __u8 *data = (const __u8 *)(long)skb->data;
-	const __u8 *end = (const __u8 *)(long)skb->data_end;
-	const __u8 *ip = data + (l3 ? 0 : 14), *l4, *saddr, *daddr;
+	const __u8 *l4, *saddr, *daddr;
 	__u16 flags, sport = 0, dport = 0;
-	__u32 proto = skb->protocol; /* network order */
 	__u8 l4_proto;
 
-	if (l3) {
-		if (ip + 1 > end || ip[0] >> 4 != (proto == bpf_htons(VNET_ETH_P_IP) ? 4 : 6))
-			return true;
-	} else if (ip > end || *(const __u16 *)(data + 12) != (__u16)proto) {
-		return true;
-	}
 	if (proto == bpf_htons(VNET_ETH_P_IP)) {
 		__u32 ihl;
 
@@ -166,6 +165,57 @@ static __always_inline bool vnet_filter_tc_may_keep(const volatile struct vnet_f
 	}
 	VNET_FILTER_TUPLE_OR_RETURN(f, flags, flags & VNET_F_PORTS, l4_proto, sport, dport, saddr, daddr);
 	return true;
+}
+
+/* TC: the IP header after the Ethernet header, or at skb->data on a device
+ * without one (l3), where vnet_parse_skb reads it directly. */
+static __always_inline bool vnet_filter_tc_may_keep(const volatile struct vnet_filter *f, struct __sk_buff *skb,
+						    bool l3, bool decap)
+{
+	const __u8 *data = (const __u8 *)(long)skb->data;
+	const __u8 *end = (const __u8 *)(long)skb->data_end;
+	const __u8 *ip = data + (l3 ? 0 : 14);
+	__u32 proto = skb->protocol; /* network order */
+
+	if (l3) {
+		if (ip + 1 > end || ip[0] >> 4 != (proto == bpf_htons(VNET_ETH_P_IP) ? 4 : 6))
+			return true;
+	} else if (ip > end || *(const __u16 *)(data + 12) != (__u16)proto) {
+		return true;
+	}
+	return vnet_filter_plain_may_keep(f, ip, end, proto, decap);
+}
+
+#ifndef VNET_TC_ONLY
+/* Kernel hooks that read the packet in place (typed, parse_cfg.copy and
+ * .direct): the network header as vnet_parse_kernel_skb finds it. */
+static __always_inline bool vnet_filter_kernel_may_keep(const volatile struct vnet_filter *f, struct sk_buff *skb,
+							bool decap)
+{
+	const __u8 *head = skb->head;
+	__u16 nh = skb->network_header;
+	__u16 mh = skb->mac_header;
+	__u32 tail = skb->tail, l3_off;
+
+	if (nh != 0 && nh != (__u16)~0U)
+		l3_off = nh;
+	else if (mh != (__u16)~0U)
+		l3_off = mh + 14;
+	else
+		l3_off = (__u32)(skb->data - head);
+	return vnet_filter_plain_may_keep(f, head + l3_off, head + tail, skb->protocol, decap);
+}
+#endif
+
+/* A packet step 2a rejected: counted as any the filter leaves out. */
+static __always_inline void vnet_rejected_first(__u32 probe_id)
+{
+	struct vnet_stats *st = vnet_stats_this_cpu(probe_id);
+
+	if (st) {
+		st->v[VNET_STAT_SEEN]++;
+		st->v[VNET_STAT_FILTERED]++;
+	}
 }
 
 /* 2. After parsing the headers (the inner packet's, for VXLAN), before the

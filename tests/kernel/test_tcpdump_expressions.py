@@ -35,6 +35,7 @@ from typing import Callable
 
 import pytest
 
+from filter_model import keeps_event
 from kernel_support import VnetProcess, assert_nothing_on, new_orphans, veth_pair, vnet_snapshot
 from pcap_corpus import SENTINEL_ETHERTYPE, Frame, ethernet_frames, ip_packets, sentinel_frame
 from vnet import tcpdump
@@ -224,6 +225,7 @@ class Rig:
     send: Callable[[list[bytes]], None]
     ids: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # hook -> pkt_id -> item index
     lens: dict[str, list[int]] = dataclasses.field(default_factory=dict)     # hook -> event len per item
+    events: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # hook -> unfiltered event per item
 
 
 def _drain(sock: socket.socket) -> None:
@@ -400,6 +402,7 @@ def calibrate(rig: Rig, attempts: int = 3) -> None:
         assert evs[n]["pkt_id"] not in ids
         rig.ids[hook] = {pid: i for i, pid in enumerate(ids)}
         rig.lens[hook] = [e["len"] for e in ours]
+        rig.events[hook] = ours
 
 
 @pytest.fixture(scope="module")
@@ -497,6 +500,55 @@ def check_expression(rig: Rig, text: str, **trace_kw) -> None:
                             + (f"\n  reported twice:{_describe(rig, twice)}" if twice else "")
                             + (f"\n  ({len(strangers)} events of packets not in the corpus)" if strangers else ""))
     assert not problems, f"expression {text!r}:\n" + "\n".join(problems)
+
+
+# -- the field filters on the same packets ----------------------------------------------------------------
+
+# Each keeps some of the corpus and not the rest, at the veth pair or the tun device or both.
+FIELD_FILTERS = [{"proto": "udp"}, {"proto": "tcp"}, {"proto": "icmp"}, {"proto": "ip6"}, {"proto": "ip"},
+                 {"dport": 53}, {"port": 80}, {"sport": 7001}, {"src": "10.9.1.5"}, {"dst": "10.9.2.0/24"},
+                 {"host": "192.168.5.1"}, {"proto": "udp", "port": 443}, {"proto": "tcp", "dst": "10.9.2.7"},
+                 {"host": "fd00:9:2::/48"}, {"src": "fd00:9:1::5", "proto": "udp"}]
+
+
+def check_fields(rig: Rig, criteria: dict, **trace_kw) -> None:
+    """A field filter keeps, at every hook, the items whose unfiltered events (calibration's,
+    from the parse) meet its criteria (filter_model), and reports them as calibration did:
+    however the program reached the fields (read first for plain packets, else parsed)."""
+    flt = PacketFilter(**criteria, **rig.restrict)
+    cfg = flt.config()
+    want = {h: {i for i, e in enumerate(rig.events[h]) if keeps_event(cfg, e)} for h in rig.hooks}
+    events = burst(rig, flt, lambda by: all(
+        len({rig.ids[h].get(e["pkt_id"]) for e in evs} & want[h]) >= len(want[h]) for h, evs in by.items()),
+        **trace_kw)
+    problems = []
+    for hook in rig.hooks:
+        mine = [(rig.ids[hook][e["pkt_id"]], e) for e in events[hook] if e["pkt_id"] in rig.ids[hook]]
+        got = [i for i, _ in mine]
+        if sorted(got) != sorted(want[hook]):
+            problems.append(f"{hook}: kept {len(got)}, the criteria keep {len(want[hook])}"
+                            f"\n  missing:{_describe(rig, want[hook] - set(got))}"
+                            f"\n  extra:{_describe(rig, set(got) - want[hook])}")
+        for i, e in mine:
+            a, b = ({k: v for k, v in x.items() if k not in PER_SEND} for x in (rig.events[hook][i], e))
+            if a != b:
+                problems.append(f"{hook}: #{i} {rig.items[i].name} reported otherwise: {a} != {b}")
+    assert not problems, f"{criteria}:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("criteria", FIELD_FILTERS, ids=[str(c) for c in FIELD_FILTERS])
+@pytest.mark.parametrize("rig_name", ["veth", "tun"])
+def test_field_filter_keeps_what_its_criteria_say_of_the_parsed_fields(request, rig_name, criteria):
+    check_fields(request.getfixturevalue(rig_name), criteria)
+
+
+def test_field_filters_tell_the_corpus_apart(veth, tun):
+    """The table is worth its time: each filter keeps some items and not others somewhere."""
+    for criteria in FIELD_FILTERS:
+        cfg = PacketFilter(**criteria).config()
+        kept = [sum(keeps_event(cfg, e) for e in rig.events[h]) for rig in (veth, tun) for h in rig.hooks]
+        sizes = [len(rig.items) for rig in (veth, tun) for _ in rig.hooks]
+        assert any(0 < k < n for k, n in zip(kept, sizes)), (criteria, kept)
 
 
 @pytest.mark.parametrize("text", EXPRESSIONS, ids=EXPRESSIONS)

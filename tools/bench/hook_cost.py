@@ -6,7 +6,8 @@ config, filter encoding and tcpdump splice as `vnet trace`):
 
  1. BPF_PROG_TEST_RUN with a repeat count (tc programs): the kernel's `duration`,
     the mean ns per run over the repeat count, for a packet that makes an event,
-    one the field filter rejects (after parsing), one a tcpdump expression
+    one the field filter rejects (a plain IP packet: on its tuple, before the
+    parse; one with an in-band VLAN tag: after it), one a tcpdump expression
     rejects (before parsing), and with --snaplen. Run-time statistics off.
  2. Context-only test runs (raw_tp programs: the kernel takes no repeat count
     and reports no duration) timed by the kernel's run-time statistics
@@ -87,6 +88,8 @@ def udp_frame(payload: bytes) -> bytes:
 
 
 FRAME = udp_frame(b"vnet-hook-cost-benchmark!!")  # 68 bytes: 26 of payload, hashed into the pkt_id
+# the same with an 802.1Q tag in the bytes (no offload): not plain, the field filter parses it first
+TAGGED_FRAME = FRAME[:12] + b"\x81\x00\x00\x0a" + FRAME[12:]
 
 
 def _no_attach(_obj) -> list:
@@ -245,10 +248,12 @@ TC_CASES = [
     TcCase("tc: no filter, event", "emitted", TARGET_EVENT_NS, {}),
     TcCase("tc: field filter --dport 5000 matches, event", "emitted", TARGET_EVENT_NS,
            {"packet_filter": PacketFilter(dport=5000)}),
-    TcCase("tc: field filter --dport 53 rejects (after parsing)", "filtered", TARGET_REJECT_NS,
+    TcCase("tc: field filter --dport 53 rejects (plain: before parsing)", "filtered", TARGET_REJECT_NS,
            {"packet_filter": PacketFilter(dport=53)}),
     TcCase("tc: field filter --dport 53 rejects, UDP without payload", "filtered", TARGET_REJECT_NS,
            {"packet_filter": PacketFilter(dport=53)}, udp_frame(b"")),
+    TcCase("tc: field filter --dport 53 rejects, VLAN tag in-band (after parsing)", "filtered", TARGET_REJECT_NS,
+           {"packet_filter": PacketFilter(dport=53)}, TAGGED_FRAME),
     TcCase("tc: tcpdump 'udp and dst port 53' rejects (before parsing)", "filtered", TARGET_REJECT_NS,
            {"packet_filter": PacketFilter(expression="udp and dst port 53")}),
     TcCase("tc: tcpdump 'udp and dst port 5000' matches, event", "emitted", TARGET_EVENT_NS,
@@ -412,7 +417,7 @@ LIVE_PROBES = ["net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit"
 MIN_LIVE_RUNS = 100
 LIVE_VARIANTS = [
     ("no filter: events", {}),
-    ("field filter --dport 9 rejects (after parsing)", {"packet_filter": PacketFilter(dport=9)}),
+    ("field filter --dport 9 rejects (plain: before parsing)", {"packet_filter": PacketFilter(dport=9)}),
     ("tcpdump 'udp and dst port 9' rejects (before parsing)",
      {"packet_filter": PacketFilter(expression="udp and dst port 9")}),
     ("--snaplen 128: events + bytes", {"snaplen": 128}),
