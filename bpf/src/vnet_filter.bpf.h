@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /* Which packets make events. The same struct sits in every packet program's
  * read-only config, so the verifier sees constants and prunes unused tests;
- * a packet that does not match costs the header parse and these compares (at
- * tc, a plain IP packet the compares alone): no payload read, no time stamp,
- * no event. */
+ * a packet that does not match costs the header parse and these compares (a
+ * plain IP packet, at tc and where kernel hooks read the packet in place, the
+ * compares alone): no payload read, no time stamp, no event. */
 #ifndef VNET_FILTER_BPF_H
 #define VNET_FILTER_BPF_H
 
@@ -49,8 +49,8 @@ static __always_inline bool vnet_prefix_match(const __u8 *addr, const volatile _
 }
 
 /* The filter in three steps, each as early as what it looks at is known, so
- * that a packet it rejects costs as little as possible (tc puts step 2 first
- * for plain packets, 2a); together they are one conjunction, so the order
+ * that a packet it rejects costs as little as possible (for plain packets,
+ * step 2 goes first: 2a); together they are one conjunction, so the order
  * changes nothing but the cost. Events without a packet (function-call
  * probes) always pass. */
 
@@ -106,8 +106,8 @@ static __always_inline bool vnet_filter_on_fields(const volatile struct vnet_fil
  * in-band VLAN tag, no IPv6 extension header, not a later fragment, not VXLAN
  * the parse would look into), read from the bytes the parse reads, without its
  * hashing and bookkeeping. False: the field filter rejects the fields the parse
- * would have found (tests/kernel/test_tc_event_oracle.py and test_filters.py
- * hold both ways to the same packets). True for anything else: the parse
+ * would have found (tests/kernel/test_tc_event_oracle.py and
+ * test_tcpdump_expressions.py hold both ways to the same packets). True for anything else: the parse
  * decides (step 2). Callers ask only where the filter has such criteria
  * (vnet_filter_on_fields), and put it first: the rest of the program keeps the
  * layout it had without it (placed after step 1, it moved clang's layout of
