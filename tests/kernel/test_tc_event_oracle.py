@@ -32,6 +32,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from filter_model import keeps  # noqa: E402
+from vnet.binding import BpfObject  # noqa: E402
+from vnet.objects import object_path  # noqa: E402
 from vnet.trace.filters import PacketFilter  # noqa: E402
 from vnet.trace.session import SNAP_MAX, Plan, Trace  # noqa: E402
 
@@ -232,7 +234,8 @@ def raw_ip_corpus() -> list[tuple[str, bytes]]:
     frames = [
         ("udp4 dport 5000", IP(id=1, **v4) / UDP(sport=4000, dport=5000) / Raw(b"x" * 20)),
         ("udp4 dport 53", IP(id=2, **v4) / UDP(sport=4000, dport=53) / Raw(b"y" * 20)),
-        ("udp4 other hosts", IP(id=3, src="8.0.9.9", dst="192.168.0.9") / UDP(sport=53, dport=4000) / Raw(b"u" * 12)),
+        ("udp4 other hosts", IP(id=3, src="8.0.9.9", dst="192.168.0.9") / UDP(sport=53, dport=4000)
+         / Raw(b"u" * 12)),
         ("tcp4", IP(id=4, **v4) / TCP(sport=4000, dport=5000, flags="S")),
         ("icmp4", IP(id=5, **v4) / ICMP(id=7) / Raw(b"z" * 8)),
         ("ipv4 options udp", IP(id=6, options=b"\x94\x04\x00\x00", **v4) / UDP(sport=4000, dport=5000)
@@ -255,16 +258,25 @@ def raw_ip_corpus() -> list[tuple[str, bytes]]:
 # Field filters on the packet's own fields, for the model below
 TUPLE_FILTERS = [PacketFilter(proto="udp"), PacketFilter(proto="tcp"), PacketFilter(proto="icmp"),
                  PacketFilter(proto="ip6"), PacketFilter(dport=5000), PacketFilter(dport=53),
-                 PacketFilter(sport=4000), PacketFilter(port=53), PacketFilter(src="8.0.0.1"), PacketFilter(src="10.0.0.1"),
-                 PacketFilter(dst="192.168.0.0/16"), PacketFilter(host="fd00::/64"),
+                 PacketFilter(sport=4000), PacketFilter(port=53), PacketFilter(src="8.0.0.1"),
+                 PacketFilter(src="10.0.0.1"), PacketFilter(dst="192.168.0.0/16"), PacketFilter(host="fd00::/64"),
                  PacketFilter(proto="udp", port=4000, dst="10.0.0.2"), PacketFilter(proto="tcp", dport=53, outer=True)]
 
 
-def keeps_raw(cfg: dict, ev: dict) -> bool:
-    """filter_model.keeps on an event of run() (its non-zero fields)."""
+def event_flags() -> dict[str, int]:
+    """enum vnet_event_flag, from the tc object's BTF."""
+    obj = BpfObject(object_path("tc_trace"))
+    try:
+        return obj.btf.enum("vnet_event_flag")
+    finally:
+        obj.close()
+
+
+def keeps_raw(cfg: dict, ev: dict, flag: dict[str, int]) -> bool:
+    """filter_model.keeps on an event of run() (its non-zero fields); `flag`: event_flags()."""
     flags = ev.get("flags", 0)
-    family = 4 if flags & 1 else 6 if flags & 2 else 0
-    ports = (ev.get("sport", 0), ev.get("dport", 0)) if flags & 4 else None
+    family = 4 if flags & flag["VNET_F_IPV4"] else 6 if flags & flag["VNET_F_IPV6"] else 0
+    ports = (ev.get("sport", 0), ev.get("dport", 0)) if flags & flag["VNET_F_PORTS"] else None
     return keeps(cfg, family, ev.get("l4_proto", 0), ports, bytes.fromhex(ev.get("saddr") or "00" * 16),
                  bytes.fromhex(ev.get("daddr") or "00" * 16))
 
@@ -279,13 +291,14 @@ def test_field_filters_keep_what_their_criteria_say_of_the_parsed_fields(l3):
     loads = [("none", {}, {"l3": l3}), ("outer", {"packet_filter": PacketFilter(outer=True)}, {"l3": l3})]
     loads += [(repr(f), {"packet_filter": f}, {"l3": l3}) for f in TUPLE_FILTERS]
     got = run(frames, loads)
+    flag = event_flags()
     for name, frame in frames:
         assert got["none"][name] is not None, name
     telling = 0  # filters that keep some frames and not others
     for flt in TUPLE_FILTERS:
         base = got["outer" if flt.outer else "none"]
         cfg = flt.config()
-        want = [name for name, _ in frames if keeps_raw(cfg, base[name])]
+        want = [name for name, _ in frames if keeps_raw(cfg, base[name], flag)]
         kept = [name for name, _ in frames if got[repr(flt)][name] is not None]
         assert kept == want, flt
         telling += 0 < len(want) < len(frames)
