@@ -36,8 +36,7 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 	struct vnet_event *ev = &m.ev;
 	struct vnet_cursor c;
 
-	if (typed && skb && parse_cfg.copy && parse_cfg.direct && vnet_filter_on_fields(f) &&
-	    !vnet_filter_kernel_may_keep(f, skb, !f->f_outer)) {
+	if (vnet_kernel_rejects_first(f, skb, typed)) {
 		vnet_rejected_first(skb_cfg.probe_id);
 		return 0;
 	}

@@ -218,6 +218,16 @@ static __always_inline void vnet_rejected_first(__u32 probe_id)
 	}
 }
 
+#ifndef VNET_TC_ONLY
+/* Step 2a at kernel hooks, where it applies: typed ones reading the packet in place (parse_cfg). */
+static __always_inline bool vnet_kernel_rejects_first(const volatile struct vnet_filter *f, struct sk_buff *skb,
+						      bool typed)
+{
+	return typed && skb && parse_cfg.copy && parse_cfg.direct && vnet_filter_on_fields(f) &&
+	       !vnet_filter_kernel_may_keep(f, skb, !f->f_outer);
+}
+#endif
+
 /* 2. After parsing the headers (the inner packet's, for VXLAN), before the
  * payload is read for pkt_id and before any other per-event work. */
 static __always_inline bool vnet_filter_fields(const volatile struct vnet_filter *f, const struct vnet_event *ev)
