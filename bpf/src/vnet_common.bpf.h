@@ -243,17 +243,19 @@ static __always_inline void vnet_aggregate(struct vnet_event *ev)
 	}
 }
 
-/* The current task's pid (tgid) and name. Typed hooks (tp_btf, fentry) load the
- * name from the task itself, two words (the kernel keeps it NUL-terminated); the
- * helper costs a call and a string copy with padding (~40 ns of a drop event). */
+/* The current task's pid (tgid) and name. Typed hooks (tp_btf, fentry) load both
+ * from the task itself, the name as two words (the kernel keeps it NUL-terminated):
+ * every helper call is a call and a return thunk on mitigated CPUs, and the name
+ * helper also copies and pads the string (~40 ns of a drop event). */
 static __always_inline void vnet_current_task(struct vnet_event_more *m, bool typed)
 {
-	m->pid = bpf_get_current_pid_tgid() >> 32;
 	if (typed) {
 		struct task_struct *t = bpf_get_current_task_btf();
 
+		m->pid = t->tgid;
 		__builtin_memcpy(m->comm, t->comm, sizeof(m->comm));
 	} else {
+		m->pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(m->comm, sizeof(m->comm));
 	}
 }
