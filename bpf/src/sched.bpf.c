@@ -19,15 +19,20 @@ struct vnet_sched_config {
 
 const volatile struct vnet_sched_config sched_cfg = {};
 
-/* tgids to watch, filled by user space before attach */
+/* Watched processes, one bit per tgid (PID_MAX_LIMIT on 64-bit: 2^22), set by
+ * user space before attach. Every context switch and wakeup of the host asks,
+ * so it is an array lookup the verifier inlines, not a hash lookup (a helper
+ * call and a hash): a thread nobody watches costs a few loads. */
+#define VNET_SCHED_PID_LIMIT (1 << 22)
+
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, VNET_SCHED_PID_LIMIT / 64);
 	__type(key, __u32);
-	__type(value, __u8);
+	__type(value, __u64);
 } vnet_sched_watch SEC(".maps");
 
-/* tid -> when it became runnable */
+/* tid -> when it became runnable (watched threads only) */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
@@ -40,66 +45,69 @@ struct task_struct___pre_5_14 {
 	long state;
 } __attribute__((preserve_access_index));
 
-static __always_inline long vnet_task_state(struct task_struct *t)
+/* `typed`: the verifier knows the task by its BTF type (tp_btf): plain loads
+ * (VNET_KREAD), where raw_tp reads through bpf_probe_read_kernel. */
+static __always_inline long vnet_task_state(struct task_struct *t, bool typed)
 {
 	if (bpf_core_field_exists(t->__state))
-		return BPF_CORE_READ(t, __state);
-	return BPF_CORE_READ((struct task_struct___pre_5_14 *)t, state);
+		return VNET_KREAD(typed, t, __state);
+	return VNET_KREAD(typed, (struct task_struct___pre_5_14 *)t, state);
 }
 
-static __always_inline bool vnet_watched(struct task_struct *t)
+static __always_inline bool vnet_watched(struct task_struct *t, bool typed)
 {
-	__u32 tgid;
+	__u32 tgid, word;
+	__u64 *bits;
 
 	if (sched_cfg.watch_all)
 		return true;
-	tgid = BPF_CORE_READ(t, tgid);
-	return bpf_map_lookup_elem(&vnet_sched_watch, &tgid) != NULL;
+	tgid = VNET_KREAD(typed, t, tgid);
+	word = tgid / 64;
+	bits = bpf_map_lookup_elem(&vnet_sched_watch, &word);
+	return bits && ((*bits >> (tgid % 64)) & 1);
 }
 
-static __always_inline void vnet_ready(struct task_struct *t)
+static __always_inline void vnet_ready(struct task_struct *t, bool typed)
 {
 	__u32 tid;
 	__u64 now;
 
-	if (!t || !vnet_watched(t))
+	if (!t || !vnet_watched(t, typed))
 		return;
-	tid = BPF_CORE_READ(t, pid);
+	tid = VNET_KREAD(typed, t, pid);
 	now = bpf_ktime_get_ns();
 	bpf_map_update_elem(&vnet_sched_ready, &tid, &now, BPF_ANY);
 }
 
-static __always_inline void vnet_switch(struct task_struct *prev, struct task_struct *next)
+static __always_inline void vnet_task_comm(char *dst, struct task_struct *t, bool typed)
+{
+	if (typed) /* the kernel keeps it NUL-terminated and padded */
+		__builtin_memcpy(dst, t->comm, sizeof(t->comm));
+	else
+		BPF_CORE_READ_STR_INTO((char (*)[16])dst, t, comm);
+}
+
+/* `next` got the CPU: if it waited runnable (vnet_ready), the event. */
+static __always_inline void vnet_ran(struct task_struct *prev, struct task_struct *next, __u32 tid, __u64 since,
+				     bool typed)
 {
 	struct vnet_sched_event ev = {};
 	struct vnet_stats *st;
-	__u64 *since;
-	__u32 tid;
 
-	/* Preempted while runnable: it waits in the run queue from now. */
-	if (prev && vnet_task_state(prev) == VNET_TASK_RUNNING)
-		vnet_ready(prev);
-	if (!next)
-		return;
-	tid = BPF_CORE_READ(next, pid);
-	since = bpf_map_lookup_elem(&vnet_sched_ready, &tid);
-	if (!since)
-		return;
 	st = vnet_stats_this_cpu(sched_cfg.probe_id);
 	if (!st)
 		return;
 	vnet_hdr_init(&ev.hdr, sched_cfg.probe_id, VNET_KIND_SCHED);
-	ev.runq_ns = ev.hdr.ts_ns - *since;
-	bpf_map_delete_elem(&vnet_sched_ready, &tid);
+	ev.runq_ns = ev.hdr.ts_ns - since;
 	if (ev.runq_ns < sched_cfg.min_runq_ns)
 		return;
 	st->v[VNET_STAT_SEEN]++;
 	ev.pid = tid;
-	ev.tgid = BPF_CORE_READ(next, tgid);
-	BPF_CORE_READ_STR_INTO(&ev.comm, next, comm);
+	ev.tgid = VNET_KREAD(typed, next, tgid);
+	vnet_task_comm(ev.comm, next, typed);
 	if (prev) {
-		ev.prev_pid = BPF_CORE_READ(prev, pid);
-		BPF_CORE_READ_STR_INTO(&ev.prev_comm, prev, comm);
+		ev.prev_pid = VNET_KREAD(typed, prev, pid);
+		vnet_task_comm(ev.prev_comm, prev, typed);
 	}
 	if (bpf_ringbuf_output(&vnet_events, &ev, sizeof(ev),
 			       vnet_wakeup_flags(st, sched_cfg.wakeup_every, sched_cfg.wakeup_bytes, sizeof(ev))) == 0)
@@ -108,45 +116,65 @@ static __always_inline void vnet_switch(struct task_struct *prev, struct task_st
 		st->v[VNET_STAT_LOST]++;
 }
 
+static __always_inline void vnet_switch(struct task_struct *prev, struct task_struct *next, bool typed)
+{
+	__u64 *since, when;
+	__u32 tid;
+
+	/* Preempted while runnable: it waits in the run queue from now. */
+	if (prev && vnet_task_state(prev, typed) == VNET_TASK_RUNNING)
+		vnet_ready(prev, typed);
+	/* Only a watched thread can have waited (vnet_ready): the others stop here. */
+	if (!next || !vnet_watched(next, typed))
+		return;
+	tid = VNET_KREAD(typed, next, pid);
+	since = bpf_map_lookup_elem(&vnet_sched_ready, &tid);
+	if (!since)
+		return;
+	when = *since;
+	bpf_map_delete_elem(&vnet_sched_ready, &tid);
+	vnet_ran(prev, next, tid, when, typed);
+}
+
 SEC("tp_btf/sched_wakeup")
 int vnet_tp_btf_sched_wakeup(__u64 *ctx)
 {
-	vnet_ready((struct task_struct *)ctx[0]);
+	vnet_ready((struct task_struct *)ctx[0], true);
 	return 0;
 }
 
 SEC("tp_btf/sched_wakeup_new")
 int vnet_tp_btf_sched_wakeup_new(__u64 *ctx)
 {
-	vnet_ready((struct task_struct *)ctx[0]);
+	vnet_ready((struct task_struct *)ctx[0], true);
 	return 0;
 }
 
 SEC("tp_btf/sched_switch")
 int vnet_tp_btf_sched_switch(__u64 *ctx)
 {
-	vnet_switch((struct task_struct *)ctx[1], (struct task_struct *)ctx[2]);
+	vnet_switch((struct task_struct *)ctx[1], (struct task_struct *)ctx[2], true);
 	return 0;
 }
 
 SEC("raw_tp/sched_wakeup")
 int vnet_raw_tp_sched_wakeup(struct bpf_raw_tracepoint_args *ctx)
 {
-	vnet_ready((struct task_struct *)ctx->args[0]);
+	vnet_ready((struct task_struct *)ctx->args[0], false);
 	return 0;
 }
 
 SEC("raw_tp/sched_wakeup_new")
 int vnet_raw_tp_sched_wakeup_new(struct bpf_raw_tracepoint_args *ctx)
 {
-	vnet_ready((struct task_struct *)ctx->args[0]);
+	vnet_ready((struct task_struct *)ctx->args[0], false);
 	return 0;
 }
 
 SEC("raw_tp/sched_switch")
 int vnet_raw_tp_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 {
-	vnet_switch((struct task_struct *)ctx->args[1], (struct task_struct *)ctx->args[2]);
+	vnet_switch((struct task_struct *)ctx->args[1], (struct task_struct *)ctx->args[2], false);
 	return 0;
 }
 

@@ -200,27 +200,36 @@ def test_a_presumed_hook_that_fails_falls_back_to_the_next(monkeypatch):
             pass
 
 
-def test_sched_runq_measures_the_wait_of_watched_threads_only():
+@pytest.mark.parametrize("kind", ["tp_btf", "raw_tp"])  # typed loads; bpf_probe_read_kernel
+def test_sched_runq_measures_the_wait_of_watched_threads_only(kind):
     """A sleeper and a CPU hog pinned to one CPU: the sleeper's wakeups wait
-    behind the hog, and only the watched process shows up."""
+    behind the hog, and only the watched process shows up. Its neighbours in the
+    watch bitmap's word are watched too (other bits of the same word), the hog not."""
+    named = "import ctypes, time\nctypes.CDLL(None).prctl(15, b'{}')\nprint(flush=True)\n"  # PR_SET_NAME
     hog = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c",
-                            "import time\nt=time.time()+8\nwhile time.time()<t: pass"])
+                            named.format("vnet-hog") + "t=time.time()+8\nwhile time.time()<t: pass"],
+                           stdout=subprocess.PIPE)
     sleeper = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c",
-                                "import time\nfor _ in range(3000): time.sleep(0.001)"])
+                                named.format("vnet-sleeper") + "for _ in range(3000): time.sleep(0.001)"],
+                               stdout=subprocess.PIPE)
     try:
-        res = resolver.resolve(catalog.BY_NAME["sched:runq"])
-        assert res.available and res.hook.kind == "tp_btf"
-        with Trace([resolver.plan(res, pids=(sleeper.pid,))]) as t:
-            events = collect(t, lambda ev: len(ev) >= 50, timeout=6)
+        hog.stdout.readline(), sleeper.stdout.readline()  # both named before the trace starts
+        res = resolver.resolve(catalog.BY_NAME["sched:runq"], kind)
+        assert res.available and res.hook.kind == kind
+        neighbours = {sleeper.pid ^ 1, sleeper.pid ^ 32} - {hog.pid}
+        with Trace([resolver.plan(res, pids=(sleeper.pid, *neighbours))]) as t:
+            events = collect(t, lambda ev: sum(e["tgid"] == sleeper.pid for e in ev) >= 50, timeout=6)
     finally:
         for p in (hog, sleeper):
             p.kill()
             p.wait()
-    assert len(events) >= 50
-    assert {e["tgid"] for e in events} == {sleeper.pid}
+    assert sum(e["tgid"] == sleeper.pid for e in events) >= 50
+    assert {e["tgid"] for e in events} <= {sleeper.pid, *neighbours}  # never the hog, nor anyone else
     assert all(e["kind"] == "sched" and e["probe"] == "sched:runq" and e["comm"] for e in events)
-    assert any(e["prev_pid"] == hog.pid for e in events)  # it waited behind the hog
-    assert max(e["runq_ns"] for e in events) > 0
+    mine = [e for e in events if e["tgid"] == sleeper.pid]
+    assert {(e["pid"], e["comm"]) for e in mine} == {(sleeper.pid, "vnet-sleeper")}  # one thread: tid = pid
+    assert any(e["prev_pid"] == hog.pid and e["prev_comm"] == "vnet-hog" for e in mine)  # it waited behind the hog
+    assert max(e["runq_ns"] for e in mine) > 0
 
 
 def test_napi_gro_receive_entry_on_a_veth_with_gro():

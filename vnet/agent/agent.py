@@ -29,6 +29,7 @@ from pathlib import Path
 
 import vnet
 from vnet.errors import UsageError, VnetError
+from vnet.probes.catalog import PID_LIMIT
 from vnet.protocol import Channel
 from vnet.protocol.channel import PeerClosed, ProtocolError
 
@@ -371,7 +372,7 @@ def check_package(package) -> dict:
     for key in ("interfaces", "probes", "directions"):
         if not all(isinstance(x, str) and 0 < len(x) <= 256 for x in package.get(key) or ()):
             raise UsageError(f"control package: {key!r} must be a list of names")
-    if not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 1 << 22 for p in package.get("pids") or ()):
+    if not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < PID_LIMIT for p in package.get("pids") or ()):
         raise UsageError("control package: 'pids' must be a list of process ids")
     for key in ("min_runq_ns", "snaplen", "ring_bytes", "count"):
         if (package.get(key) or 0) < 0:

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from vnet.errors import NoSuchInterfaceError, UsageError
 from vnet.probes import device as devprobe
+from vnet.probes.catalog import PID_LIMIT
 from vnet.trace import Trace
 from vnet.trace.filters import PacketFilter
 from vnet.trace.selection import select
@@ -47,7 +48,8 @@ def trace(
                               help="Catalog probe or glob (net:*, ovs:vport_receive, dev:tap*:ingress); "
                                    "PROBE@HOOK forces one implementation. Repeatable. See 'vnet probes'."),
     strict: bool = Option(False, "--strict", help="Fail if any requested probe is unavailable."),
-    pid: List[int] = Option([], "--pid", help="sched:* probes watch this process's threads. Repeatable."),
+    pid: List[int] = Option([], "--pid", min=1, max=PID_LIMIT - 1,
+                            help="sched:* probes watch this process's threads. Repeatable."),
     min_runq_us: float = Option(0.0, "--min-runq-us", min=0.0,
                                 help="sched:runq reports only waits at least this long."),
     count: Optional[int] = Option(None, "-c", "--count", min=1, help="Stop after this many events."),

@@ -58,7 +58,6 @@ _HOME = {**{k: "[trace]" for k in TRACE_KEYS}, **{k: "[filter] or [host.filter]"
          **{k: "[[host]]" for k in HOST_KEYS}, "address": "[collector]", "key": "[collector]"}
 
 IFNAMSIZ = 16
-PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -504,7 +503,7 @@ class _Checker:
         sched = any(catalog.BY_NAME[p.partition("@")[0]].yields == "sched" for p in run if not p.startswith("dev:"))
         pids = self.get(table, path, "pids", list, default=[])
         for i, pid in enumerate(pids):
-            if not 1 <= self.want(pid, path + ("pids", i), int) <= PID_MAX:
+            if not 1 <= self.want(pid, path + ("pids", i), int) < catalog.PID_LIMIT:
                 self.fail(path + ("pids", i), f"{pid} is not a process id")
         min_runq = table.get("min_runq")
         min_runq_ns = 0 if min_runq is None else round(self.duration(min_runq, path + ("min_runq",), True) * 1e9)

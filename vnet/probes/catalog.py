@@ -11,6 +11,10 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
+# The kernel's PID_MAX_LIMIT on 64-bit: every tgid the scheduler probes can be
+# asked to watch is below it (sched.bpf.c's watch bitmap has one bit for each).
+PID_LIMIT = 1 << 22
+
 # Layers along the virtual path, guest to host and back.
 GUEST, HOST_STACK, SWITCH, BACKEND, NIC, SOCKET, SCHED = (
     "guest", "host stack", "virtual switch", "hypervisor backend", "nic", "socket", "scheduler")

@@ -191,6 +191,18 @@ def parse(name: str) -> tuple[ProbeSpec, str | None]:
 # -- plans ------------------------------------------------------------------------
 
 
+def watch_words(pids: tuple[int, ...], words: int) -> dict[int, int]:
+    """The sched probe's watch set (vnet_sched_watch in sched.bpf.c: one bit per
+    tgid, 64 to a word) as {word index: bits}. A pid the map cannot hold is the
+    caller's error: UsageError."""
+    out: dict[int, int] = {}
+    for pid in pids:
+        if not 0 < pid < words * 64:
+            raise UsageError(f"--pid {pid}: not a process id (1..{words * 64 - 1})")
+        out[pid // 64] = out.get(pid // 64, 0) | 1 << pid % 64
+    return out
+
+
 def plan(res: Resolution, *, pids: tuple[int, ...] = (), min_runq_ns: int = 0):
     """The trace plan (object, config, programs, attach) for an available probe.
     `pids`/`min_runq_ns` apply to scheduler probes: watch these processes'
@@ -211,9 +223,10 @@ def plan(res: Resolution, *, pids: tuple[int, ...] = (), min_runq_ns: int = 0):
             obj.programs[programs[0]].set_attach_target(hook.function)
 
     def attach(obj: BpfObject):
-        if spec.obj == "sched":
-            for pid in pids:  # before the first event can fire
-                obj.maps["vnet_sched_watch"].update(pid.to_bytes(4, "little"), b"\x01")
+        if spec.obj == "sched":  # before the first event can fire
+            watch = obj.maps["vnet_sched_watch"]
+            for word, bits in watch_words(pids, watch.max_entries).items():
+                watch.update(word.to_bytes(4, "little"), bits.to_bytes(8, "little"))
         links = []
         for name in programs:
             prog = obj.programs[name]
