@@ -32,7 +32,7 @@ struct {
 	__type(value, __u64);
 } vnet_sched_watch SEC(".maps");
 
-/* tid -> when it became runnable (watched threads only) */
+/* tid -> when it became runnable, 0 once it ran (watched threads only) */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
@@ -67,16 +67,22 @@ static __always_inline bool vnet_watched(struct task_struct *t, bool typed)
 	return bits && ((*bits >> (tgid % 64)) & 1);
 }
 
+/* The thread's entry is written in place once it has one: a lookup (which the
+ * verifier inlines), where an update takes the bucket's lock and swaps nodes. */
 static __always_inline void vnet_ready(struct task_struct *t, bool typed)
 {
+	__u64 now, *slot;
 	__u32 tid;
-	__u64 now;
 
 	if (!t || !vnet_watched(t, typed))
 		return;
 	tid = VNET_KREAD(typed, t, pid);
 	now = bpf_ktime_get_ns();
-	bpf_map_update_elem(&vnet_sched_ready, &tid, &now, BPF_ANY);
+	slot = bpf_map_lookup_elem(&vnet_sched_ready, &tid);
+	if (slot)
+		*slot = now;
+	else
+		bpf_map_update_elem(&vnet_sched_ready, &tid, &now, BPF_ANY);
 }
 
 static __always_inline void vnet_task_comm(char *dst, struct task_struct *t, bool typed)
@@ -129,10 +135,10 @@ static __always_inline void vnet_switch(struct task_struct *prev, struct task_st
 		return;
 	tid = VNET_KREAD(typed, next, pid);
 	since = bpf_map_lookup_elem(&vnet_sched_ready, &tid);
-	if (!since)
+	if (!since || !*since)
 		return;
 	when = *since;
-	bpf_map_delete_elem(&vnet_sched_ready, &tid);
+	*since = 0; /* used: kept for the next wakeup to write in place, not deleted */
 	vnet_ran(prev, next, tid, when, typed);
 }
 
