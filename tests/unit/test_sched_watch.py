@@ -6,11 +6,20 @@ from __future__ import annotations
 
 import pytest
 
+from vnet.binding import BpfObject
 from vnet.errors import UsageError
+from vnet.objects import object_path
 from vnet.probes.catalog import PID_LIMIT
 from vnet.probes.resolve import watch_words
 
 WORDS = PID_LIMIT // 64  # the map's max_entries
+
+
+def test_the_committed_object_has_a_bit_for_every_pid_below_the_limit():
+    # Opening an object is ELF work in libbpf: no kernel, no root.
+    with BpfObject(object_path("sched")) as obj:
+        watch = obj.maps["vnet_sched_watch"]
+        assert (watch.max_entries, watch.key_size, watch.value_size) == (WORDS, 4, 8)
 
 
 def watched(words: dict[int, int], tgid: int) -> bool:
