@@ -484,6 +484,29 @@ def empty_at_hooks(pair, names: dict[str, str]):
             os.close(fd)
 
 
+@contextlib.contextmanager
+def draining(ring_map):
+    """A thread reads the events' ring in batches while the block runs: no event is
+    lost to a full ring, and the reader's work runs beside the programs, as a trace's."""
+    reader = RingBatchReader(ring_map)
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set():
+            reader.wait(20)
+            while reader.read().count:
+                pass
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        reader.close()
+
+
 def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 10) -> tuple[str, Summary, dict[str, float]]:
     from vnet.topology import send_udp, veth_pair
     from vnet.trace.selection import select
@@ -546,22 +569,9 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
                                     f" {name.removeprefix('vnet_tp_btf_').removeprefix('vnet_raw_tp_')})"
                                     if plan.obj == "sched" else ")")
                             progs[label] = obj.programs[name].fd
-                    stop = threading.Event()
-                    reader = RingBatchReader(trace.objects[0].maps["vnet_events"])
-
-                    def drain():
-                        while not stop.is_set():
-                            reader.wait(20)
-                            while reader.read().count:
-                                pass
-
-                    thread = threading.Thread(target=drain, daemon=True)
-                    thread.start()
-                    flood(variant, progs)
-                    stop.set()
-                    thread.join()
+                    with draining(trace.objects[0].maps["vnet_events"]):
+                        flood(variant, progs)
                     lost += trace.stats().lost
-                    reader.close()
     targets, notes, by_case = {}, {}, {}
     busy = {key.split(" | ")[1] for key in counts if statistics.median(counts[key]) >= MIN_LIVE_RUNS}
     few = sorted({key.split(" | ")[1] for key in counts if not key.startswith(FLOOR_VARIANT)} - busy)

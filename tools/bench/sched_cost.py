@@ -33,14 +33,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hook_cost as hc  # noqa: E402  (also puts the checkout on sys.path)
 
 from vnet.binding import program_info, run_time_stats  # noqa: E402
-from vnet.binding.ringbatch import RingBatchReader  # noqa: E402
 from vnet.probes import catalog  # noqa: E402
 from vnet.probes import resolve as resolver  # noqa: E402
 from vnet.trace.session import Trace  # noqa: E402
@@ -115,23 +113,8 @@ def run_case(watch_storm: bool, trips: int, objdir: Path | None) -> dict[str, tu
             obj = trace.objects[0]
             progs = {PROGRAMS[name.removeprefix("vnet_tp_btf_")]: obj.programs[name].fd
                      for name in plan.programs if name.removeprefix("vnet_tp_btf_") in PROGRAMS}
-            reader = RingBatchReader(obj.maps["vnet_events"])
-            stop = threading.Event()
-
-            def drain() -> None:
-                while not stop.is_set():
-                    reader.wait(20)
-                    while reader.read().count:
-                        pass
-
-            thread = threading.Thread(target=drain, daemon=True)
-            thread.start()
-            try:
+            with hc.draining(obj.maps["vnet_events"]):
                 got = measure(progs, go)
-            finally:
-                stop.set()
-                thread.join()
-                reader.close()
             lost = trace.stats().lost
             if lost:
                 print(f"  ({lost} events lost in a round: counted, the ring was full)", flush=True)
