@@ -16,10 +16,10 @@ run_cnt), in alternating rounds of:
  - empty raw_tp programs at the same tracepoints: the floor (the tracepoint's
    dispatch and the statistics' own clock reads), subtracted as `net`.
 
-With --compare-to REV the objects committed at REV run as cases of their own in
-the same rounds, and a last table gives this tree / REV. Needs root.
+With --compare-to REV the objects committed at REV (--compare-dir: those in DIR)
+run as cases of their own in the same rounds, and a last table gives this tree / REV. Needs root.
 
-Usage: sched_cost.py [--rounds N] [--trips N] [--compare-to REV]
+Usage: sched_cost.py [--rounds N] [--trips N] [--compare-to REV | --compare-dir DIR]
 """
 
 from __future__ import annotations
@@ -142,14 +142,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7, help="alternating rounds (default 7)")
     ap.add_argument("--trips", type=int, default=20000, help="round trips per round (default 20000)")
     ap.add_argument("--compare-to", metavar="REV", help="also the objects committed at git revision REV")
+    ap.add_argument("--compare-dir", metavar="DIR", help="also the objects in DIR (a scratch build of a variant)")
     args = ap.parse_args()
+    if args.compare_to and args.compare_dir:
+        sys.exit("--compare-to, --compare-dir: one comparison at a time")
     if os.geteuid() != 0:
         sys.exit("needs root (loads eBPF)")
     with tempfile.TemporaryDirectory(prefix="vnet-sched-cost-") as tmp:
         cases: list[tuple[str, bool | None, Path | None]] = [(UNWATCHED, False, None), (WATCHED, True, None)]
-        if args.compare_to:
-            objdir = hc.committed_objects(args.compare_to, Path(tmp))
-            cases += [(f"{UNWATCHED} @{args.compare_to}", False, objdir), (f"{WATCHED} @{args.compare_to}", True, objdir)]
+        other = args.compare_to or (args.compare_dir and Path(args.compare_dir).name)
+        if other:
+            objdir = (hc.committed_objects(args.compare_to, Path(tmp)) if args.compare_to
+                      else Path(args.compare_dir).resolve())
+            cases += [(f"{UNWATCHED} @{other}", False, objdir), (f"{WATCHED} @{other}", True, objdir)]
         cases.append((FLOOR, None, None))
         samples: dict[tuple[str, str], list[float]] = {}
         runs: dict[tuple[str, str], list[int]] = {}
@@ -175,11 +180,11 @@ def main() -> None:
         nets[(label, row)] = net
         print(f"  {label:<62} {row:<8} {med:>7.1f} {min(v):>7.1f} {max(v):>7.1f} "
               + (f"{net:>7.1f}" if net is not None else f"{'':>7}") + f" {n:>10.0f}")
-    if args.compare_to:
-        print(f"  this tree / {args.compare_to}, net:")
+    if other:
+        print(f"  this tree / {other}, net:")
         for label in (UNWATCHED, WATCHED):
             for row in PROGRAMS.values():
-                new, old = nets.get((label, row)), nets.get((f"{label} @{args.compare_to}", row))
+                new, old = nets.get((label, row)), nets.get((f"{label} @{other}", row))
                 if new is not None and old:
                     print(f"    {label:<60} {row:<8} {new:7.1f} / {old:7.1f} = {new / old:.2f}")
 
