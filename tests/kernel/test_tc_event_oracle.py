@@ -265,11 +265,8 @@ TUPLE_FILTERS = [PacketFilter(proto="udp"), PacketFilter(proto="tcp"), PacketFil
 
 def event_flags() -> dict[str, int]:
     """enum vnet_event_flag, from the tc object's BTF."""
-    obj = BpfObject(object_path("tc_trace"))
-    try:
+    with BpfObject(object_path("tc_trace")) as obj:
         return obj.btf.enum("vnet_event_flag")
-    finally:
-        obj.close()
 
 
 def keeps_raw(cfg: dict, ev: dict, flag: dict[str, int]) -> bool:
