@@ -1,0 +1,197 @@
+"""Pure logic: the field criteria vnet derives from a tcpdump expression to test
+first (vnet/tcpdump/prejudge.py), without a kernel.
+
+The soundness check runs a model of the programs' step 2a (the plain-packet
+tuple test of bpf/src/vnet_filter.bpf.h, with `f_on` VNET_FILTER_ON_PCAP) next to
+libpcap's own matcher on seeded random packets: step 2a may reject only what
+the expression rejects. The real programs are held to libpcap on the same
+kinds of packets in tests/kernel/test_tcpdump_translate.py (tc) and
+test_tcpdump_expressions.py (tc, a tracepoint, a tun device)."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import struct
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.layers.sctp import SCTP
+from scapy.packet import Raw
+
+from vnet.tcpdump import compile
+from vnet.tcpdump.prejudge import criteria
+from vnet.trace.filters import FILTER_ON_PCAP, PacketFilter
+
+
+def a4(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed.ljust(16, b"\0")
+
+
+@pytest.mark.parametrize("text, want", [
+    ("udp", {"f_l4_proto": 17}),
+    ("icmp", {"f_l4_proto": 1, "f_family": 4}),
+    ("icmp6", {"f_l4_proto": 58, "f_family": 6}),
+    ("ip6", {"f_family": 6}),
+    ("udp and dst port 9", {"f_l4_proto": 17, "f_dport": 9}),
+    ("udp dst port 9", {"f_l4_proto": 17, "f_dport": 9}),
+    ("tcp port 80 && src host 10.1.0.1", {"f_l4_proto": 6, "f_port": 80, "f_family": 4,
+                                          "f_src": a4("10.1.0.1"), "f_src_bits": 32}),
+    ("udp and port 53", {"f_l4_proto": 17, "f_port": 53}),
+    ("src port 53 and tcp", {"f_l4_proto": 6, "f_sport": 53}),
+    # libpcap's `port` alone is TCP's, UDP's or SCTP's: step 2a reads no SCTP ports
+    ("port 53", {}),
+    ("sctp port 53", {"f_l4_proto": 132}),
+    ("host 10.1.0.1 and dst port 53", {"f_family": 4, "f_host": a4("10.1.0.1"), "f_host_bits": 32}),
+    ("dst 10.2.0.2", {"f_family": 4, "f_dst": a4("10.2.0.2"), "f_dst_bits": 32}),
+    ("ip6 net fd00:1::/32", {"f_family": 6, "f_host": a4("fd00:1::"), "f_host_bits": 32}),
+    ("net 0.0.0.0/0", {"f_family": 4}),
+    # a collision leaves the later criterion out: weaker, never wrong
+    ("tcp and udp", {"f_l4_proto": 6}),
+    ("udp port 53 and port 80", {"f_l4_proto": 17, "f_port": 53}),
+    ("ip6 and host 10.1.0.1", {"f_family": 6, "f_host": a4("10.1.0.1"), "f_host_bits": 32}),
+    # a conjunct it does not read is left out; the others still are implied
+    ("tcp port 80 and tcp[tcpflags] & tcp-syn != 0", {"f_l4_proto": 6, "f_port": 80}),
+    ("udp and not port 53", {"f_l4_proto": 17}),
+    ("!udp && tcp", {"f_l4_proto": 6}),
+    ("host 10.1.0.1 and 10.1.0.2", {"f_family": 4, "f_host": a4("10.1.0.1"), "f_host_bits": 32}),  # inherits `host`
+    ("udp and portrange 1-100 and host example.org", {"f_l4_proto": 17}),
+])
+def test_criteria_of_conjunctions(text, want):
+    assert criteria(text) == want
+
+
+@pytest.mark.parametrize("text", [
+    "udp or tcp", "not udp", "(udp) and port 53", "host 10.1.0.1 and (port 53 or port 80)",
+    "host example.org", "net 10.1", "net 10.1.0.0 mask 255.255.0.0", "net 10.1.0.5/16",  # libpcap's own rules
+    "port domain", "port 0x35", "portrange 1-100", "tcp portrange 1-100", "vlan and udp", "vlan 10",
+    "ether host 02:00:00:00:00:01", "tcp[13] = 2", "ip proto 17", "greater 100", "not udp",
+    "src or dst host 10.1.0.1", "UDP", "udp || tcp", "udp and (port 53)", "tcp and tcp[13] & (2|16) != 0",
+    "mpls and udp", "pppoes and tcp", "geneve and udp port 53",
+])
+def test_no_criteria_where_the_expression_alone_decides(text):
+    assert criteria(text) == {}
+
+
+def test_the_packet_filter_uses_them_only_with_no_tuple_criteria_of_its_own():
+    cfg = PacketFilter(expression="udp and dst port 9").config()
+    assert cfg == {"f_on": FILTER_ON_PCAP, "f_pcap": 1, "f_l4_proto": 17, "f_dport": 9}
+    cfg = PacketFilter(expression="udp and dst port 9", sample="1/4").config()
+    assert cfg["f_on"] == FILTER_ON_PCAP and cfg["f_sample"] == 4
+    # the user's own criteria apply to the parsed (VXLAN: inner) packet at step 2: not mixed
+    assert PacketFilter(expression="udp and dst port 9", dport=9).config() == {"f_on": 1, "f_pcap": 1, "f_dport": 9}
+    assert PacketFilter(expression="vlan").config() == {"f_on": 0, "f_pcap": 1}
+
+
+# -- soundness against libpcap ---------------------------------------------------------------------------
+
+def step_2a_rejects(cfg: dict, frame: bytes) -> bool:
+    """A model of vnet_filter_plain_may_keep (VNET_FILTER_ON_PCAP) on an Ethernet frame
+    (network header right after it): True where it rejects."""
+    if len(frame) < 14:
+        return False
+    ethertype, ip = struct.unpack_from("!H", frame, 12)[0], frame[14:]
+    if ethertype == 0x0800:
+        if len(ip) < 20:
+            return False
+        ihl = (ip[0] & 0xF) * 4
+        if ihl < 20 or struct.unpack_from("!H", ip, 2)[0] < ihl or struct.unpack_from("!H", ip, 6)[0] & 0x1FFF:
+            return False
+        if max(cfg.get(f"f_{k}_bits", 0) for k in ("src", "dst", "host")) > 32:
+            return False
+        family, proto, saddr, daddr, l4 = 4, ip[9], ip[12:16], ip[16:20], ihl
+    elif ethertype == 0x86DD:
+        if len(ip) < 40 or ip[6] in (0, 43, 44, 60, 51):
+            return False
+        family, proto, saddr, daddr, l4 = 6, ip[6], ip[8:24], ip[24:40], 40
+    else:
+        return False
+    ports = None
+    if proto in (6, 17):
+        if l4 + (20 if proto == 6 else 8) > len(ip):
+            return False
+        ports = struct.unpack_from("!HH", ip, l4)
+
+    def prefix(addr: bytes, key: str) -> bool:
+        bits = cfg[f"{key}_bits"]
+        a, want = int.from_bytes(addr.ljust(16, b"\0"), "big"), int.from_bytes(cfg[key], "big")
+        return a >> (128 - bits) == want >> (128 - bits)
+
+    keep = ((not cfg.get("f_family") or cfg["f_family"] == family)
+            and (not cfg.get("f_l4_proto") or cfg["f_l4_proto"] == proto)
+            and (not cfg.get("f_sport") or (ports is not None and ports[0] == cfg["f_sport"]))
+            and (not cfg.get("f_dport") or (ports is not None and ports[1] == cfg["f_dport"]))
+            and (not cfg.get("f_port") or (ports is not None and cfg["f_port"] in ports))
+            and (not cfg.get("f_src_bits") or prefix(saddr, "f_src"))
+            and (not cfg.get("f_dst_bits") or prefix(daddr, "f_dst"))
+            and (not cfg.get("f_host_bits") or prefix(saddr, "f_host") or prefix(daddr, "f_host")))
+    return not keep
+
+
+V4 = ["10.1.0.1", "10.1.0.9", "10.2.0.2", "192.168.5.1"]
+V6 = ["fd00::1", "fd00:1::9", "fd00:1:0:5::2", "2001:db8::7"]
+PORTS = [53, 80, 9, 443, 40000]
+
+
+def random_frame(rng: random.Random) -> bytes:
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    six = rng.random() < 0.4
+    kind = rng.choice(["tcp", "udp", "sctp", "icmp", "other", "short"])
+    sport, dport = rng.choice(PORTS), rng.choice(PORTS)
+    l4 = {"tcp": TCP(sport=sport, dport=dport), "udp": UDP(sport=sport, dport=dport),
+          "sctp": SCTP(sport=sport, dport=dport), "icmp": ICMP(), "other": Raw(b"gre!" * 3),
+          "short": Raw(b"ab")}[kind]
+    proto = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 58 if six else 1, "other": 47,
+             "short": rng.choice([6, 17, 132])}[kind]
+    if six:
+        l3 = IPv6(src=rng.choice(V6), dst=rng.choice(V6), nh=proto)
+        if rng.random() < 0.15:
+            l3 = l3 / rng.choice([IPv6ExtHdrFragment(nh=proto), IPv6ExtHdrHopByHop(nh=proto)])
+            l3[IPv6].nh = 44 if isinstance(l3.payload, IPv6ExtHdrFragment) else 0
+    else:
+        frag, flags = (rng.choice([0, 0, 0, 8]), rng.choice(["", "MF"])) if rng.random() < 0.2 else (0, "")
+        options = b"\x01\x01\x01\x00" if rng.random() < 0.1 else b""
+        l3 = IP(src=rng.choice(V4), dst=rng.choice(V4), proto=proto, frag=frag, flags=flags, options=options)
+    pkt = eth / (Dot1Q(vlan=10) / l3 if rng.random() < 0.1 else l3) / l4 / (b"x" * rng.randrange(0, 20))
+    if rng.random() < 0.05:
+        pkt = Ether(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff") / ARP(psrc=rng.choice(V4), pdst=rng.choice(V4))
+    return bytes(pkt)
+
+
+SOUNDNESS = [
+    "udp", "tcp", "sctp", "icmp", "icmp6", "ip", "ip6", "udp and port 53", "tcp and src port 80",
+    "udp and dst port 9", "tcp port 443", "sctp and dst port 53", "tcp src port 40000 and dst port 80",
+    "host 10.1.0.1", "src host 10.1.0.9", "dst 10.2.0.2", "net 10.0.0.0/8", "src net 192.168.0.0/16",
+    "ip6 host fd00::1", "dst net fd00:1::/32", "ip6 net 2001:db8::/32", "host 10.1.0.1 and port 53",
+    "ip and udp and src host 10.1.0.9 and dst port 80", "ip6 and tcp and port 443", "icmp and host 10.2.0.2",
+    "icmp6 and dst host fd00::1", "tcp port 53 and port 80", "src port 53 and dst port 53 and udp",
+    "udp and not port 53", "tcp port 80 and tcp[13] & 2 != 0", "host 10.1.0.1 and 10.2.0.2",
+    "ip[8] < 64 and udp and dst port 9", "!tcp and host 10.1.0.1", "ip6 and not udp and tcp port 443",
+]  # (libpcap refuses what matches nothing: "tcp and udp")
+
+
+def test_step_2a_rejects_only_what_libpcap_rejects():
+    rng = random.Random(7)
+    frames = [random_frame(rng) for _ in range(1500)]
+    telling = 0
+    for text in SOUNDNESS:
+        cfg = criteria(text)
+        assert cfg, text
+        expr = compile(text)
+        wrong = [f.hex() for f in frames if step_2a_rejects(cfg, f) and expr.matches(f)]
+        assert not wrong, f"{text!r}: step 2a rejects what libpcap keeps: {wrong[:3]}"
+        rejected = sum(step_2a_rejects(cfg, f) for f in frames)
+        unmatched = sum(not expr.matches(f) for f in frames)
+        telling += rejected >= unmatched // 2  # step 2a takes most of the expression's rejects
+    assert telling >= len(SOUNDNESS) - 3
+
+
+def test_the_model_catches_a_wrong_criterion():
+    """The check above would see an unsound derivation: `port 53` alone read as a port criterion."""
+    rng = random.Random(7)
+    frames = [random_frame(rng) for _ in range(1500)]
+    wrong = {"f_port": 53}  # step 2a reads no SCTP ports: SCTP packets on port 53 would be rejected
+    expr = compile("port 53")
+    assert any(step_2a_rejects(wrong, f) and expr.matches(f) for f in frames)
