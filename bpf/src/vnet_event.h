@@ -55,6 +55,14 @@ enum vnet_pcap {
 	VNET_PCAP_WINDOW = 128,
 };
 
+/* The packet filter's `f_on` (struct vnet_filter). */
+enum vnet_filter_on {
+	VNET_FILTER_ON = 1,      /* some criterion is set */
+	VNET_FILTER_ON_PCAP = 2, /* ... and the tuple criteria are implied by the tcpdump expression
+				  * (vnet/tcpdump/prejudge.py): a cheaper first test of it on plain
+				  * packets (step 2a), not applied to the parsed (VXLAN: inner) packet */
+};
+
 /* Indexes of the per-CPU `vnet_stats` array: every loss is counted. */
 enum vnet_stat {
 	VNET_STAT_SEEN = 0,     /* packets the program ran on */

@@ -11,7 +11,7 @@
 #include "vnet_snap.bpf.h"
 
 struct vnet_filter {
-	__u8 f_on;         /* any criterion below is set */
+	__u8 f_on;         /* enum vnet_filter_on; 0: no criterion */
 	__u8 f_l4_proto;   /* IPPROTO_*; 0: any */
 	__u8 f_family;     /* 4 or 6; 0: any */
 	__u8 f_src_bits;   /* prefix lengths; 0: any address */
@@ -234,7 +234,7 @@ static __always_inline bool vnet_filter_fields(const volatile struct vnet_filter
 {
 	bool ports = ev->flags & VNET_F_PORTS;
 
-	if (!f->f_on || (ev->flags & VNET_F_NO_SKB))
+	if (f->f_on != VNET_FILTER_ON || (ev->flags & VNET_F_NO_SKB))
 		return true;
 	VNET_FILTER_TUPLE_OR_RETURN(f, ev->flags, ports, ev->l4_proto, ev->sport, ev->dport, ev->saddr, ev->daddr);
 	return true;

@@ -17,13 +17,15 @@ import struct
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
+from scapy.layers.sctp import SCTP
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from vnet.binding import BpfObject, pcap
 from vnet.binding.pcap import ClassicInsn
 from vnet.objects import object_path
 from vnet.tcpdump import Expression, compile, stub_bodies
+from vnet.trace.filters import FILTER_ON_PCAP, PacketFilter
 
 MACS = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}
 PACKETS = [
@@ -63,10 +65,10 @@ EXPRESSIONS = [
 ]
 
 
-def _load(expr: Expression) -> BpfObject:
+def _load(expr: Expression, config: dict | None = None) -> BpfObject:
     obj = BpfObject(object_path("tc_trace"))
     try:
-        obj.set_config("tc_cfg", {"probe_id": 0, "f_pcap": 1})
+        obj.set_config("tc_cfg", {"probe_id": 0, **(config or {"f_pcap": 1})})
         obj.keep_programs(["vnet_tc_ingress"])
         obj.replace_functions(stub_bodies(expr))
         obj.load()
@@ -105,6 +107,51 @@ def test_the_expressions_discriminate():
     """Most expressions keep some packets and leave out others: the table tests something."""
     proper = [t for t in EXPRESSIONS if 0 < sum(compile(t).matches(f) for f in FRAMES) < len(FRAMES)]
     assert len(proper) >= len(EXPRESSIONS) - 3, set(EXPRESSIONS) - set(proper)
+
+
+# -- the expression's own criteria, tested first (vnet/tcpdump/prejudge.py) --------------------------------
+
+PREJUDGE_PACKETS = PACKETS + [
+    Ether(**MACS) / IP(src="10.1.0.1", dst="10.2.0.2") / SCTP(sport=5000, dport=53) / (b"s" * 16),
+    Ether(**MACS) / IPv6(src="fd00::1", dst="fd00::2") / SCTP(sport=80, dport=5000),
+    Ether(**MACS) / IPv6(src="fd00::1", dst="fd00:1::9") / IPv6ExtHdrFragment(nh=17) / UDP(dport=53) / b"6f",
+    Ether(**MACS) / IP(src="10.1.0.1", dst="10.2.0.2", proto=17) / b"ab",  # too short for its ports
+    Ether(**MACS) / IP(src="10.1.0.1", dst="10.2.0.2", frag=16, proto=6) / (b"t" * 24),
+]
+PREJUDGE_FRAMES = [bytes(p) for p in PREJUDGE_PACKETS]
+PREJUDGED = ["udp", "tcp", "sctp", "icmp", "icmp6", "ip6", "udp port 53", "tcp and src port 80", "udp and dst port 53",
+             "sctp dst port 53", "tcp dst port 80 and src host 10.1.0.1", "dst net 10.2.0.0/16",
+             "ip6 net fd00:1::/32", "host 10.1.0.1 and port 53", "ip6 and udp and not port 53",
+             "tcp port 80 and tcp[tcpflags] & tcp-syn != 0"]
+
+
+@pytest.mark.parametrize("text", PREJUDGED)
+def test_an_expression_with_its_criteria_first_agrees_with_libpcap(text):
+    """The tc program as `vnet trace` loads it: the criteria the expression
+    implies reject plain packets first (VNET_FILTER_ON_PCAP); what is left, the
+    expression decides. Together: libpcap's verdict on every packet."""
+    expr = compile(text)
+    config = PacketFilter(expression=text).config()
+    assert config.get("f_on") == FILTER_ON_PCAP, config
+    with _load(expr, config) as obj:
+        got = [_kept(obj, f) for f in PREJUDGE_FRAMES]
+    want = [expr.matches(f) for f in PREJUDGE_FRAMES]
+    wrong = [f"{'kept' if g else 'left out'}: {PREJUDGE_PACKETS[i].summary()}"
+             for i, (g, w) in enumerate(zip(got, want)) if g != w]
+    assert not wrong, f"{text!r} disagrees with libpcap on:\n" + "\n".join(wrong)
+
+
+def test_the_criteria_run_before_the_expression():
+    """Criteria that contradict the expression (TCP's for `udp`) leave out the
+    UDP packets it keeps: the test above would see a wrong derivation."""
+    expr = compile("udp")
+    config = {**PacketFilter(expression="udp").config(), "f_l4_proto": 6}
+    with _load(expr, config) as obj:
+        got = [_kept(obj, f) for f in PREJUDGE_FRAMES]
+    plain_udp = [i for i, p in enumerate(PREJUDGE_PACKETS) if UDP in p and Dot1Q not in p and IPv6ExtHdrFragment
+                 not in p and (IP not in p or p[IP].frag == 0)]
+    assert plain_udp and not any(got[i] for i in plain_udp)
+    assert not any(got[i] for i, f in enumerate(PREJUDGE_FRAMES) if not expr.matches(f))
 
 
 # -- random classic programs ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HEADER = ROOT / "bpf" / "src" / "vnet_event.h"
 OBJECT = ROOT / "bpf" / "build" / "tc_trace.bpf.o"
 C_SIZES = {"char": 1, "__u64": 8, "__u32": 4, "__u16": 2, "__u8": 1, "__s64": 8, "__s32": 4, "__s16": 2, "__s8": 1}
-ENUMS = ("vnet_hook", "vnet_event_kind", "vnet_event_flag", "vnet_stat")
+ENUMS = ("vnet_hook", "vnet_event_kind", "vnet_event_flag", "vnet_stat", "vnet_filter_on")
 RECORDS = ("vnet_event", "vnet_event_more", "vnet_sched_event")  # every struct a ring record is
 
 
@@ -169,6 +169,13 @@ def test_stats_value_has_one_counter_per_stat(btf):
     stats = btf.struct("vnet_stats")
     (field,) = stats.fields
     assert field.count == btf.enum("vnet_stat")["VNET_STAT_MAX"] and field.size == 8 * field.count
+
+
+def test_filter_modes_agree_with_the_objects(btf):
+    """PacketFilter.config() writes f_on with these values."""
+    from vnet.trace.filters import FILTER_ON, FILTER_ON_PCAP
+
+    assert btf.enum("vnet_filter_on") == {"VNET_FILTER_ON": FILTER_ON, "VNET_FILTER_ON_PCAP": FILTER_ON_PCAP}
 
 
 def test_probe_limit_agrees_with_the_objects(btf):

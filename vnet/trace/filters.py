@@ -11,6 +11,9 @@ from vnet.errors import UsageError
 
 PROTOCOLS = {"icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "icmp6": 58, "sctp": 132}
 FAMILIES = {"ip": 4, "ip4": 4, "ipv4": 4, "ip6": 6, "ipv6": 6}
+TUPLE_FIELDS = ("proto", "src", "dst", "host", "sport", "dport", "port")  # what step 2a tests
+# f_on (enum vnet_filter_on, bpf/src/vnet_event.h; tests/unit/test_btf_layout.py checks the values)
+FILTER_ON, FILTER_ON_PCAP = 1, 2
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,12 @@ class PacketFilter:
     def active(self) -> bool:
         return any(v is not None for v in self._criteria().values())
 
-    def config(self) -> dict:
-        """The f_* fields of struct vnet_filter (names from the objects' BTF)."""
+    def config(self, prejudge: bool = True) -> dict:
+        """The f_* fields of struct vnet_filter (names from the objects' BTF);
+        `prejudge`: with the criteria a lone expression implies, tested first."""
         if not self.active:
             return {"f_on": 0}
-        cfg: dict = {"f_on": 1}
+        cfg: dict = {"f_on": FILTER_ON}
         if self.expression is not None:
             self.compiled  # noqa: B018 -- a bad expression fails here, before anything loads
             cfg["f_pcap"] = 1
@@ -58,6 +62,13 @@ class PacketFilter:
             cfg["f_outer"] = 1
         if not any(v is not None for k, v in self._criteria().items() if k not in ("outer", "expression")):
             cfg["f_on"] = 0  # only the view changes, or the expression decides: no field to match
+        if prejudge and self.expression is not None and all(getattr(self, k) is None for k in TUPLE_FIELDS):
+            # The expression's own protocol/address/port terms, tested first on plain packets.
+            from vnet.tcpdump.prejudge import criteria
+
+            pre = criteria(self.expression)
+            if pre:
+                cfg.update(pre, f_on=FILTER_ON_PCAP)
         families = set()
         if self.proto is not None:
             p = self.proto.lower()

@@ -16,7 +16,7 @@ from typing import Callable
 
 from vnet.analysis.histogram import Log2Histogram
 from vnet.binding import BpfObject, Link, RingBuffer
-from vnet.binding.btf import STRUCT
+from vnet.binding.btf import ENUM, STRUCT
 from vnet.binding.object import possible_cpus
 from vnet.errors import (FD_LIMIT_HINT, BpfError, ProbeUnavailableError, ResourceError, UnsupportedError, UsageError,
                          VerifierError, VnetError)
@@ -25,7 +25,7 @@ from vnet.probes import device as devprobe
 from vnet.probes import features
 from vnet.probes.device import DIRECTIONS, Device
 
-from .filters import PacketFilter
+from .filters import FILTER_ON_PCAP, PacketFilter
 from .ifnames import InterfaceNames
 from .records import EventDecoder
 
@@ -285,7 +285,10 @@ class Trace:
         try:
             config = {"probe_id": probe_id, **self.wakeup, **plan.config}
             if plan.filterable:  # the packet programs: filter, and numbers instead of events on request
-                config.update(self.filter_config, aggregate=self._aggregate_bits(), snaplen=self.snaplen)
+                flt = self.filter_config
+                if flt.get("f_on") == FILTER_ON_PCAP and not obj.btf.has("vnet_filter_on", ENUM):
+                    flt = self.packet_filter.config(prejudge=False)  # an older vnet's object (benchmarks)
+                config.update(flt, aggregate=self._aggregate_bits(), snaplen=self.snaplen)
                 if self.packet_filter.compiled is not None:
                     obj.replace_functions(self._expression_code(plan, obj))
             obj.set_config(plan.config_var, config)
@@ -315,7 +318,6 @@ class Trace:
     def _expression_code(self, plan: Plan, obj: BpfObject) -> dict[str, bytes]:
         """The tcpdump expression as the bodies of the vnet_pcap_* stubs: at TC
         hooks the program for the device's link type, elsewhere both."""
-        from vnet.binding.btf import ENUM
         from vnet.tcpdump import stub_bodies
 
         expr = self.packet_filter.compiled
