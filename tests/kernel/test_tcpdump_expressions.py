@@ -610,6 +610,9 @@ def test_cli_dump_filter_prints_classic_then_ebpf():
     assert rc == 0, p.stderr
     classic = tcpdump.compile(text).dump("ethernet")
     assert classic[0] == "(000) ldh      [12]"
+    # what the programs test first, before the expression (vnet/tcpdump/prejudge.py)
+    assert any(ln.startswith("; tested first") and ln.endswith(": protocol udp, destination port 53")
+               for ln in p.stdout), "\n".join(p.stdout)
     # The classic program, as `tcpdump -d` prints it, as one block...
     starts = [i for i, ln in enumerate(p.stdout) if ln.strip() == classic[0]]
     assert starts, "\n".join(p.stdout)

@@ -254,8 +254,10 @@ TC_CASES = [
            {"packet_filter": PacketFilter(dport=53)}, udp_frame(b"")),
     TcCase("tc: field filter --dport 53 rejects, VLAN tag in-band (after parsing)", "filtered", TARGET_REJECT_NS,
            {"packet_filter": PacketFilter(dport=53)}, TAGGED_FRAME),
-    TcCase("tc: tcpdump 'udp and dst port 53' rejects (before parsing)", "filtered", TARGET_REJECT_NS,
-           {"packet_filter": PacketFilter(expression="udp and dst port 53")}),
+    TcCase("tc: tcpdump 'udp and dst port 53' rejects (its criteria first: before parsing)", "filtered",
+           TARGET_REJECT_NS, {"packet_filter": PacketFilter(expression="udp and dst port 53")}),
+    TcCase("tc: tcpdump 'udp and dst portrange 53-54' rejects (the expression alone: before parsing)", "filtered",
+           TARGET_REJECT_NS, {"packet_filter": PacketFilter(expression="udp and dst portrange 53-54")}),
     TcCase("tc: tcpdump 'udp and dst port 5000' matches, event", "emitted", TARGET_EVENT_NS,
            {"packet_filter": PacketFilter(expression="udp and dst port 5000")}),
     TcCase("tc: --snaplen 128, event + bytes", "emitted", TARGET_EVENT_NS, {"snaplen": 128}),
@@ -418,8 +420,10 @@ MIN_LIVE_RUNS = 100
 LIVE_VARIANTS = [
     ("no filter: events", {}),
     ("field filter --dport 9 rejects (plain: before parsing)", {"packet_filter": PacketFilter(dport=9)}),
-    ("tcpdump 'udp and dst port 9' rejects (before parsing)",
+    ("tcpdump 'udp and dst port 9' rejects (its criteria first: before parsing)",
      {"packet_filter": PacketFilter(expression="udp and dst port 9")}),
+    ("tcpdump 'udp and dst portrange 9-10' rejects (the expression alone: before parsing)",
+     {"packet_filter": PacketFilter(expression="udp and dst portrange 9-10")}),
     ("--snaplen 128: events + bytes", {"snaplen": 128}),
 ]
 

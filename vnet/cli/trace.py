@@ -238,10 +238,15 @@ def trace(
 
 def dump_expression(text: str) -> list[str]:
     """What `--dump-filter` prints: libpcap's classic programs (tcpdump -d) and vnet's eBPF stub bodies."""
-    from vnet.tcpdump import ETHERNET, RAW, compile, ebpf, translate
+    from vnet.tcpdump import ETHERNET, RAW, compile, ebpf, prejudge, translate
 
     expr = compile(text)
-    out = [f"; expression: {expr.text}", "; classic BPF for Ethernet (tcpdump -d):", *expr.dump(ETHERNET),
+    pre = prejudge.criteria(expr.text)
+    out = [f"; expression: {expr.text}",
+           f"; tested first on plain IPv4/IPv6 packets (tc; typed kernel hooks reading in place): "
+           f"{prejudge.describe(pre)}" if pre else
+           "; nothing tested first: the expression alone decides (see docs/tcpdump.md)",
+           "; classic BPF for Ethernet (tcpdump -d):", *expr.dump(ETHERNET),
            "; classic BPF for raw IP (hooks that see L3 only):"]
     out += expr.dump(RAW) if expr.raw is not None else [f";   none: {expr.raw_error} -- nothing matches there"]
     for link in (ETHERNET, RAW):
