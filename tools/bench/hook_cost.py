@@ -33,7 +33,7 @@ same in [3] for kernel hooks parsing from one copy against reading each header (
 on through BPF_ENABLE_STATS (an fd: off again when it closes, even if this is
 killed), never left on. Needs root.
 
-Usage: hook_cost.py [--rounds N] [--repeat N] [--live-rounds N] [--packets N] [--no-live] [--compare-to REV]
+Usage: hook_cost.py [--rounds N] [--repeat N] [--live-rounds N] [--packets N] [--no-live] [--cases TEXT] [--compare-to REV]
                    [--compare-dir DIR | --compare-parse | --compare-direct]
        hook_cost.py --update-budget      (rewrite tests/insn_budget.json: tools/bench/insn_budget.py --update)
 """
@@ -256,10 +256,12 @@ TC_CASES = [
            {"packet_filter": PacketFilter(dport=53)}, TAGGED_FRAME),
     TcCase("tc: tcpdump 'udp and dst port 53' rejects (its criteria first: before parsing)", "filtered",
            TARGET_REJECT_NS, {"packet_filter": PacketFilter(expression="udp and dst port 53")}),
-    TcCase("tc: tcpdump 'udp and dst portrange 53-54' rejects (the expression alone: before parsing)", "filtered",
-           TARGET_REJECT_NS, {"packet_filter": PacketFilter(expression="udp and dst portrange 53-54")}),
+    TcCase("tc: tcpdump '(udp and dst port 53)' rejects (the expression alone: parentheses, nothing derived)",
+           "filtered", TARGET_REJECT_NS, {"packet_filter": PacketFilter(expression="(udp and dst port 53)")}),
     TcCase("tc: tcpdump 'udp and dst port 5000' matches, event", "emitted", TARGET_EVENT_NS,
            {"packet_filter": PacketFilter(expression="udp and dst port 5000")}),
+    TcCase("tc: tcpdump '(udp and dst port 5000)' matches, event (the expression alone)", "emitted", TARGET_EVENT_NS,
+           {"packet_filter": PacketFilter(expression="(udp and dst port 5000)")}),
     TcCase("tc: --snaplen 128, event + bytes", "emitted", TARGET_EVENT_NS, {"snaplen": 128}),
     TcCase("tc: tcpdump match + --snaplen 256, event + bytes", "emitted", TARGET_EVENT_NS,
            {"packet_filter": PacketFilter(expression="udp and dst port 5000"), "snaplen": 256}),
@@ -422,8 +424,12 @@ LIVE_VARIANTS = [
     ("field filter --dport 9 rejects (plain: before parsing)", {"packet_filter": PacketFilter(dport=9)}),
     ("tcpdump 'udp and dst port 9' rejects (its criteria first: before parsing)",
      {"packet_filter": PacketFilter(expression="udp and dst port 9")}),
-    ("tcpdump 'udp and dst portrange 9-10' rejects (the expression alone: before parsing)",
-     {"packet_filter": PacketFilter(expression="udp and dst portrange 9-10")}),
+    ("tcpdump '(udp and dst port 9)' rejects (the expression alone: parentheses, nothing derived)",
+     {"packet_filter": PacketFilter(expression="(udp and dst port 9)")}),
+    ("tcpdump 'udp and dst port 5000' keeps: events (its criteria first, then the expression)",
+     {"packet_filter": PacketFilter(expression="udp and dst port 5000")}),
+    ("tcpdump '(udp and dst port 5000)' keeps: events (the expression alone)",
+     {"packet_filter": PacketFilter(expression="(udp and dst port 5000)")}),
     ("--snaplen 128: events + bytes", {"snaplen": 128}),
 ]
 
@@ -641,6 +647,8 @@ def main() -> None:
     ap.add_argument("--no-live", action="store_true", help="skip [3] (no namespaces, no traffic)")
     ap.add_argument("--size", type=int, default=10,
                     help="UDP payload bytes of [3]'s flood (default 10; e.g. 1400: the whole datagram in the linear part)")
+    ap.add_argument("--cases", metavar="TEXT", action="append",
+                    help="only the [1] and [3] cases whose name has TEXT (repeatable; the floors always run)")
     ap.add_argument("--update-budget", action="store_true",
                     help="only rewrite tests/insn_budget.json (tools/bench/insn_budget.py --update)")
     ap.add_argument("--compare-to", metavar="REV",
@@ -666,6 +674,11 @@ def main() -> None:
         insn_budget.main()
         return
     global OTHER
+    if args.cases:
+        TC_CASES[:] = [c for c in TC_CASES if any(t in c.name for t in args.cases)]
+        LIVE_VARIANTS[:] = [v for v in LIVE_VARIANTS if any(t in v[0] for t in args.cases)]
+        if not TC_CASES and not LIVE_VARIANTS:
+            sys.exit(f"--cases {args.cases}: no case has that in its name")
     with tempfile.TemporaryDirectory(prefix="vnet-hook-cost-") as tmp:
         if args.compare_to:
             OTHER = (args.compare_to, committed_objects(args.compare_to, Path(tmp)))
