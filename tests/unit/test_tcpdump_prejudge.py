@@ -85,6 +85,15 @@ def test_the_packet_filter_uses_them_only_with_no_tuple_criteria_of_its_own():
     assert PacketFilter(expression="vlan").config() == {"f_on": 0, "f_pcap": 1}
 
 
+def test_describe_says_the_criteria_in_words():
+    from vnet.tcpdump.prejudge import describe
+
+    assert describe(criteria("udp and dst port 9")) == "protocol udp, destination port 9"
+    assert describe(criteria("tcp port 80 and src net fd00::/16")) == \
+        "IPv6, protocol tcp, source fd00::/16, source or destination port 80"
+    assert describe(criteria("icmp and host 10.1.0.1")) == "IPv4, protocol icmp, source or destination 10.1.0.1/32"
+
+
 # -- soundness against libpcap ---------------------------------------------------------------------------
 
 def step_2a_rejects(cfg: dict, frame: bytes) -> bool:

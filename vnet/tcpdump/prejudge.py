@@ -181,7 +181,8 @@ def describe(cfg: dict) -> str:
     for key, word in (("f_src", "source"), ("f_dst", "destination"), ("f_host", "source or destination")):
         if cfg.get(f"{key}_bits"):
             bits = cfg[f"{key}_bits"]
-            v4 = cfg.get("f_family") == 4 or (bits <= 32 and not any(cfg[key][4:]))
+            family = cfg.get("f_family")
+            v4 = family == 4 if family else bits <= 32 and not any(cfg[key][4:])
             addr = ipaddress.ip_address(cfg[key][:4] if v4 else cfg[key])
             parts.append(f"{word} {addr}/{bits}")
     for key, word in (("f_sport", "source port"), ("f_dport", "destination port"),
