@@ -493,6 +493,9 @@ EXPRESSIONS = [
     "vlan and udp and greater 244",                      # 246-byte tagged frames: the tag counts
     f"vlan and udp[8:4] = 0x{MARK.hex()}",               # the payload right after the tag and headers
     f"vlan and src host {NET}.11.1 and udp",             # pair 1 only
+    # criteria derived and tested first (vnet/tcpdump/prejudge.py) on the untagged inner packet, also
+    # where the skb holds the tag: the expression, which sees the tag, still has the last word
+    f"udp dst port {CLOSED_PORT} and src host {NET}.11.1",
 ]
 
 
