@@ -18,8 +18,8 @@ import struct
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
-from scapy.layers.sctp import SCTP
 from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.layers.sctp import SCTP
 
 from vnet.binding import BpfObject, pcap
 from vnet.binding.pcap import ClassicInsn

@@ -92,11 +92,14 @@ def _conjuncts(tokens: list[str]) -> list[list[str]]:
     return [c for c in chunks if c]
 
 
+def _reader(tokens: list[str]):
+    """tokens[k], or None past the end."""
+    return lambda k: tokens[k] if k < len(tokens) else None
+
+
 def _term(tokens: list[str], i: int) -> tuple[list[tuple[str, object]], int]:
     """One primitive at tokens[i]: its criteria and the index after it."""
-    def at(k: int) -> str | None:
-        return tokens[k] if k < len(tokens) else None
-
+    at = _reader(tokens)
     out: list[tuple[str, object]] = []
     tok = at(i)
     if tok in PROTOCOLS:
@@ -140,9 +143,7 @@ def _after_port(tokens: list[str], i: int) -> int:
 
 def _address(tokens: list[str], i: int) -> tuple[list[tuple[str, object]], int]:
     """[src|dst] host A, [src|dst] net A/N, or src|dst A."""
-    def at(k: int) -> str | None:
-        return tokens[k] if k < len(tokens) else None
-
+    at = _reader(tokens)
     direction = at(i) if at(i) in DIRECTIONS else None
     if direction:
         i += 1
