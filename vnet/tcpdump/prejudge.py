@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import ipaddress
 
-PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "icmp6": 58}
+from vnet.trace.filters import PROTOCOLS as IP_PROTOCOLS
+
+PROTOCOLS = {name: IP_PROTOCOLS[name] for name in ("tcp", "udp", "sctp", "icmp", "icmp6")}
 PORTED = ("tcp", "udp", "sctp")
 READS_PORTS = (6, 17)  # the protocols whose ports step 2a reads
 FAMILIES = {"ip": 4, "ip6": 6}
@@ -66,7 +68,7 @@ def criteria(text: str) -> dict:
         try:
             term, end = _term(chunk, 0)
             if end != len(chunk):
-                raise _Unsupported
+                raise _Unsupported  # more than one primitive: `net A mask M`, a bare id...
         except _Unsupported:
             continue  # `not port 53`, a byte test, a name...: each conjunct is implied alone
         for key, value in term:
@@ -112,13 +114,11 @@ def _term(tokens: list[str], i: int) -> tuple[list[tuple[str, object]], int]:
         i += 1
         if tok in PORTED and (at(i) == "port" or (at(i) in DIRECTIONS and at(i + 1) == "port")):
             return out + _port(tokens, i), _after_port(tokens, i)
-        if at(i) not in (None, *AND):
-            raise _Unsupported
         return out, i
     if tok in FAMILIES:
         out.append(("f_family", FAMILIES[tok]))
         i += 1
-        if at(i) in (None, *AND):
+        if at(i) is None:
             return out, i
         crit, i = _address(tokens, i)
         return out + crit, i
@@ -162,8 +162,6 @@ def _address(tokens: list[str], i: int) -> tuple[list[tuple[str, object]], int]:
             net = ipaddress.ip_network(ipaddress.ip_address(text))
     except ValueError:
         raise _Unsupported from None  # a host name, a partial address: libpcap resolves those
-    if at(i + 1) not in (None, *AND):
-        raise _Unsupported  # `net A mask M`, `host A or ...`
     key = {"src": "f_src", "dst": "f_dst", None: "f_host"}[direction]
     out: list[tuple[str, object]] = [("f_family", net.version)]
     if net.prefixlen:
@@ -189,6 +187,5 @@ def describe(cfg: dict) -> str:
     for key, word in (("f_sport", "source port"), ("f_dport", "destination port"),
                       ("f_port", "source or destination port")):
         if cfg.get(key):
-            parts.append(f"{word} {cfg[key]} (TCP, UDP or SCTP)" if key == "f_port" and not cfg.get("f_l4_proto")
-                         else f"{word} {cfg[key]}")
+            parts.append(f"{word} {cfg[key]}")
     return ", ".join(parts)
