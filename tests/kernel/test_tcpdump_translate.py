@@ -122,7 +122,11 @@ PREJUDGE_FRAMES = [bytes(p) for p in PREJUDGE_PACKETS]
 PREJUDGED = ["udp", "tcp", "sctp", "icmp", "icmp6", "ip6", "udp port 53", "tcp and src port 80", "udp and dst port 53",
              "sctp dst port 53", "tcp dst port 80 and src host 10.1.0.1", "dst net 10.2.0.0/16",
              "ip6 net fd00:1::/32", "host 10.1.0.1 and port 53", "ip6 and udp and not port 53",
-             "tcp port 80 and tcp[tcpflags] & tcp-syn != 0"]
+             "tcp port 80 and tcp[tcpflags] & tcp-syn != 0",
+             # read from libpcap's code: `or`, `not`, parentheses, inherited qualifiers, `vlan`
+             "(udp and port 53) or (tcp and port 53)", "host 10.1.0.1 or host 10.2.0.2", "udp port 53 or 80",
+             "tcp port 80 or tcp port 443", "not (tcp or sctp) and ip6", "tcp[13] & 2 != 0", "vlan and udp",
+             "dst net fd00::/16 or dst net fd00:1::/32"]
 
 
 @pytest.mark.parametrize("text", PREJUDGED)

@@ -241,7 +241,7 @@ def dump_expression(text: str) -> list[str]:
     from vnet.tcpdump import ETHERNET, RAW, compile, ebpf, prejudge, translate
 
     expr = compile(text)
-    pre = prejudge.criteria(expr.text)
+    pre = prejudge.criteria(expr)
     out = [f"; expression: {expr.text}",
            f"; tested first on plain IPv4/IPv6 packets (tc; typed kernel hooks reading in place): "
            f"{prejudge.describe(pre)}" if pre else

@@ -3,170 +3,397 @@ criteria the programs test before the expression (step 2a of
 bpf/src/vnet_filter.bpf.h, `f_on` VNET_FILTER_ON_PCAP).
 
 A program reads a plain IPv4/IPv6 packet's protocol, addresses and ports in
-~20 ns; the spliced expression costs 10-20 ns more at kernel hooks. For the
-common expressions, a conjunction of protocols, hosts, nets and ports, this
+~20 ns; the spliced expression costs 10-20 ns more at kernel hooks. This
 module gives criteria every packet the expression accepts meets: the programs
 reject a plain packet that fails them without running the expression, and run
 the expression on everything else. Only rejects move; what the expression
 keeps is decided by the expression alone.
 
-That is sound when each criterion is implied by the expression on the packets
-step 2a judges (plain IP: no in-band VLAN tag, no IPv6 extension header, not a
-later fragment, the headers in the linear part), which holds for each
-primitive below, as pcap-filter(7) and libpcap's code generator define it:
+The criteria are read from the classic BPF libpcap compiled, not from the
+expression's text, so libpcap's grammar (`or`, `not`, parentheses, qualifiers
+a bare value inherits, `vlan`...) is libpcap's business. Every way through
+the program to an accepting return is followed, for each way a packet step 2a
+judges can look to the expression:
 
-    tcp udp sctp icmp icmp6      the IP protocol (icmp: IPv4 only; icmp6: IPv6 only)
-    ip ip6                       the family
-    [ip|ip6] [src|dst] host A    an address literal (not a name)
-    [ip|ip6] [src|dst] net A/N   a prefix
-    [src|dst] A                  host A
-    [tcp|udp|sctp] [src|dst] port N   a decimal port; kept only where the
-                                 conjunction names TCP or UDP: step 2a reads no
-                                 SCTP ports, and libpcap's `port` alone means
-                                 TCP, UDP or SCTP
+    ethernet   IPv4 or IPv6 right after the Ethernet header
+    tagged     the same with a VLAN tag the kernel kept in the sk_buff put
+               back (the expression sees it, step 2a reads the IP header)
+    raw        the IP header first (the program compiled for raw IP)
 
-and the conjunctions (`and`, `&&`) of such primitives with anything else: each
-conjunct is implied alone, so one this does not read (`not port 53`, a byte
-test, a host name, `portrange`) is left out, and so is a criterion that
-collides with an earlier one (`port 53 and port 80`): the criteria get weaker,
-never wrong. An expression with `or` or parentheses (not a plain conjunction),
-or with `vlan`, `mpls`, `pppoes`, `geneve` (they move what the terms after
-them read) gives none: the expression alone decides, as before.
+A branch is left out only where its test cannot hold for such a packet: the
+ethertype, the IP version in a raw view, an IPv6 extension header as next
+header, a later IPv4 fragment. What an accepting way's tests pin down (each an
+equality) is read as step 2a reads the packet: the protocol, an address or a
+prefix of it, a TCP or UDP port. The criteria are what every accepting way of
+every view has in common (addresses: their common prefix; a port or address
+either way round: `port`, `host`). A test this does not read (a byte test,
+`len`, a range, a MAC address) pins nothing down and leaves its branches in:
+the criteria get weaker, never wrong. (Assumed, as the programs do elsewhere:
+an sk_buff's protocol is the one its bytes say.)
 """
 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass, field
+from itertools import count
 
 from vnet.trace.filters import PROTOCOLS as IP_PROTOCOLS
 
+from .expression import ETHERNET, RAW, Expression, compile
+
 PROTOCOLS = {name: IP_PROTOCOLS[name] for name in ("tcp", "udp", "sctp", "icmp", "icmp6")}
-PORTED = ("tcp", "udp", "sctp")
 READS_PORTS = (6, 17)  # the protocols whose ports step 2a reads
-FAMILIES = {"ip": 4, "ip6": 6}
-DIRECTIONS = ("src", "dst")
-AND = ("and", "&&")
-OR = ("or", "||")
-SHIFTING = ("vlan", "mpls", "pppoes", "pppoed", "geneve", "vxlan")  # keywords that move the offsets after them
+ETHERTYPE = {4: 0x0800, 6: 0x86DD}
+VLAN_TPIDS = frozenset({0x8100, 0x88A8})  # what the kernel keeps in skb->vlan_proto
+IPV6_NOT_PLAIN = frozenset({0, 43, 44, 60, 51})  # next headers step 2a leaves to the parse
+MAX_WAYS = 20000  # accepting ways followed per view and family before giving up (nothing derived)
+
+# classic BPF (the bits translate.py uses)
+C_LD, C_LDX, C_ST, C_STX, C_ALU, C_JMP, C_RET, C_MISC = range(8)
+M_IMM, M_ABS, M_IND, M_MEM, M_MSH = 0x00, 0x20, 0x40, 0x60, 0xA0
+SIZES = {0x00: 4, 0x08: 2, 0x10: 1}
+J_JA, J_JEQ, J_JGT, J_JGE, J_JSET = 0x00, 0x10, 0x20, 0x30, 0x40
+SRC_X = 0x08
 
 
-class _Unsupported(Exception):
+@dataclass(frozen=True)
+class _View:
+    link: str
+    ip: int       # where the IP header starts in what the expression sees
+    tagged: bool
+
+
+VIEWS = (_View(ETHERNET, 14, False), _View(ETHERNET, 18, True), _View(RAW, 0, False))
+
+
+class _GiveUp(Exception):
     pass
 
 
-def criteria(text: str) -> dict:
-    """struct vnet_filter fields (f_l4_proto, f_family, f_src/f_dst/f_host and
-    their _bits, f_sport/f_dport/f_port) implied by expression `text` on plain
-    IP packets; {} where nothing is (or the expression is not one this reads)."""
-    tokens = text.split()
-    # `or` (and parentheses, which may hold one) make it more than a conjunction;
-    # `vlan`, `mpls`... move what the terms after them read: the expression alone decides
-    if any(t in OR or t in SHIFTING or "(" in t or ")" in t for t in tokens):
+# Symbolic values of A and X: ("const", v), ("abs", size, off), ("ind", size, msh_off, k) for [x + k]
+# with X = 4*([msh_off]&0xf), ("msh", off), ("and", value, mask), ("unknown", n).
+_fresh = count()
+
+
+def _unknown():
+    return ("unknown", next(_fresh))
+
+
+@dataclass
+class _Way:
+    """The equalities one way through the program pinned down, per field."""
+
+    eq: dict = field(default_factory=dict)   # field -> value (a word: (mask, value) pairs)
+    ne: dict = field(default_factory=dict)   # field -> values it is not
+
+
+def _field(view: _View, family: int, sym):
+    """What `sym` is to step 2a, in a packet it judges seen in `view`: ("set", values)
+    where the view and family fix it, ("field", name) for proto, sport, dport and
+    frag (IPv4's fragment field), ("word", side, i) for a 32-bit word of an
+    address, ("masked", (side, i), mask) for one masked; None for anything else."""
+    ip = view.ip
+    kind = sym[0]
+    if kind == "const":
+        return ("set", frozenset({sym[1]}))
+    if kind == "and":
+        inner, mask = _field(view, family, sym[1]), sym[2]
+        if inner is None:
+            if view.link == RAW and sym[1] == ("abs", 1, 0) and not mask & ~0xF0:
+                return ("set", frozenset({(family << 4) & mask}))  # the IP version, as the raw program tests it
+            return None
+        if inner[0] == "set":
+            return ("set", frozenset(v & mask for v in inner[1]))
+        if inner[0] == "word":
+            return ("masked", inner[1:], mask)
+        if inner == ("field", "frag") and not mask & ~0x1FFF:
+            return ("set", frozenset({0}))  # the fragment offset of a packet step 2a judges
+        return None
+    if kind == "abs":
+        size, off = sym[1], sym[2]
+        if view.link == ETHERNET and (size, off) == (2, 12):
+            return ("set", VLAN_TPIDS if view.tagged else frozenset({ETHERTYPE[family]}))
+        if view.tagged and (size, off) == (2, 16):
+            return ("set", frozenset({ETHERTYPE[family]}))
+        rel = off - ip
+        if family == 4:
+            return {(1, 9): ("field", "proto"), (2, 6): ("field", "frag"),
+                    (4, 12): ("word", "src", 0), (4, 16): ("word", "dst", 0)}.get((size, rel))
+        if (size, rel) == (1, 6):
+            return ("field", "proto")
+        if (size, rel) in ((2, 40), (2, 42)):
+            return ("field", "sport" if rel == 40 else "dport")
+        if size == 4 and 8 <= rel < 40 and rel % 4 == 0:
+            return ("word", "src", (rel - 8) // 4) if rel < 24 else ("word", "dst", (rel - 24) // 4)
+        return None
+    if kind == "ind" and family == 4 and sym[1] == 2 and sym[2] == ip and sym[3] in (ip, ip + 2):
+        return ("field", "sport" if sym[3] == ip else "dport")  # [x + k], x the IPv4 header's length
+    return None
+
+
+def _test(op: int, value: int, k: int) -> bool:
+    if op == J_JEQ:
+        return value == k
+    if op == J_JGT:
+        return value > k
+    if op == J_JGE:
+        return value >= k
+    return bool(value & k)
+
+
+def _branches(view: _View, family: int, way: _Way, a, op: int, k: int) -> list[tuple[bool, _Way]]:
+    """The outcomes of `A op k` a judged packet can take, each with the way it continues."""
+    f = _field(view, family, a)
+    if f is None:
+        return [(True, way), (False, way)]
+    if f[0] == "set":
+        return [(t, way) for t in (True, False) if any(_test(op, v, k) == t for v in f[1])]
+    if f == ("field", "frag") and op == J_JSET and k and not k & ~0x1FFF:
+        return [(False, way)]  # not a later fragment
+    if op != J_JEQ:
+        return [(True, way), (False, way)]
+    if f[0] in ("word", "masked"):
+        key, mask = (f[1:], 0xFFFFFFFF) if f[0] == "word" else (f[1], f[2])
+        pinned = _Way({**way.eq, key: way.eq.get(key, ()) + ((mask, k),)}, way.ne)
+        return [(True, pinned), (False, way)]
+    name = f[1]
+    if name == "frag":
+        return [(True, way), (False, way)]
+    if family == 6 and name == "proto" and k in IPV6_NOT_PLAIN:
+        return [(False, way)]  # step 2a leaves extension headers to the parse
+    pinned, out = way.eq.get(name), []
+    if pinned is None:
+        if k not in way.ne.get(name, ()):
+            out.append((True, _Way({**way.eq, name: k}, way.ne)))
+        out.append((False, _Way(way.eq, {**way.ne, name: way.ne.get(name, frozenset()) | {k}})))
+    else:
+        out.append((pinned == k, way))
+    return out
+
+
+def _accepting_ways(insns, view: _View, family: int) -> list[_Way]:
+    """Every way through `insns` to an accepting return a packet step 2a judges
+    (in `view`, of `family`) can take."""
+    out: list[_Way] = []
+    todo = [(0, ("const", 0), ("const", 0), (("const", 0),) * 16, _Way())]
+    steps = 0
+    while todo:
+        pc, a, x, mem, way = todo.pop()
+        while True:
+            steps += 1
+            if steps > MAX_WAYS * 8 or len(out) > MAX_WAYS:
+                raise _GiveUp
+            i = insns[pc]
+            cls, code = i.code & 0x07, i.code
+            if cls == C_RET:
+                if (code & 0x18) == 0x10:  # ret A
+                    if a != ("const", 0):
+                        out.append(way)
+                elif i.k:
+                    out.append(way)
+                break
+            if cls == C_JMP:
+                op = code & 0xF0
+                if op == J_JA:
+                    pc += 1 + i.k
+                    continue
+                if code & SRC_X:
+                    if x[0] != "const":
+                        todo += [(pc + 1 + j, a, x, mem, way) for j in {i.jt, i.jf}]
+                        break
+                    k = x[1]
+                else:
+                    k = i.k
+                for taken, w in _branches(view, family, way, a, op, k):
+                    todo.append((pc + 1 + (i.jt if taken else i.jf), a, x, mem, w))
+                break
+            pc += 1
+            if cls == C_LD:
+                mode = code & 0xE0
+                if mode == M_IMM:
+                    a = ("const", i.k)
+                elif mode == M_ABS:
+                    a = ("abs", SIZES[code & 0x18], i.k) if i.k < 0xFFFFF000 else _unknown()
+                elif mode == M_IND:
+                    size = SIZES[code & 0x18]
+                    if x[0] == "const":
+                        a = ("abs", size, (x[1] + i.k) & 0xFFFFFFFF)
+                    elif x[0] == "msh":
+                        a = ("ind", size, x[1], i.k)
+                    else:
+                        a = _unknown()
+                elif mode == M_MEM:
+                    a = mem[i.k]
+                else:
+                    a = _unknown()  # len
+            elif cls == C_LDX:
+                mode = code & 0xE0
+                x = (("const", i.k) if mode == M_IMM else mem[i.k] if mode == M_MEM
+                     else ("msh", i.k) if mode == M_MSH else _unknown())
+            elif cls == C_ST:
+                mem = mem[:i.k] + (a,) + mem[i.k + 1:]
+            elif cls == C_STX:
+                mem = mem[:i.k] + (x,) + mem[i.k + 1:]
+            elif cls == C_ALU:
+                op = code & 0xF0
+                if op == 0x50 and not code & SRC_X:  # and #k
+                    if a[0] == "const":
+                        a = ("const", a[1] & i.k)
+                    elif a[0] == "and":
+                        a = ("and", a[1], a[2] & i.k)
+                    else:
+                        a = ("and", a, i.k)
+                else:
+                    a = _unknown()
+            elif cls == C_MISC:
+                if code & 0xF8 == 0x80:
+                    a = x  # txa
+                else:
+                    x = a  # tax
+    return out
+
+
+@dataclass
+class _Pinned:
+    """What one accepting way says in step 2a's terms."""
+
+    family: int
+    proto: int | None = None
+    sport: int | None = None
+    dport: int | None = None
+    src: tuple[int, int] | None = None   # (address as an int of the family's width, prefix length)
+    dst: tuple[int, int] | None = None
+
+
+def _address(words, family: int) -> tuple[int, int] | None:
+    """The prefix a way's word tests pin down: whole words from the first, then one masked word."""
+    nwords = 1 if family == 4 else 4
+    addr, bits = 0, 0
+    for i in range(nwords):
+        tests = words.get(i, ())
+        full = [v for m, v in tests if m == 0xFFFFFFFF]
+        prefix = [(m, v) for m, v in tests if m != 0xFFFFFFFF and m and (~m & 0xFFFFFFFF) & ((~m & 0xFFFFFFFF) + 1) == 0]
+        if full:
+            addr |= full[0] << (32 * (nwords - 1 - i))
+            bits += 32
+            continue
+        if prefix:
+            m, v = max(prefix)
+            addr |= (v & m) << (32 * (nwords - 1 - i))
+            bits += bin(m).count("1")
+        break
+    return (addr, bits) if bits else None
+
+
+def _pinned(way: _Way, family: int) -> _Pinned | None:
+    """None where the way's equalities contradict each other (a packet cannot take it)."""
+    p = _Pinned(family)
+    p.proto = way.eq.get("proto")
+    for side in ("src", "dst"):
+        words: dict[int, tuple] = {}
+        for key, tests in way.eq.items():
+            if isinstance(key, tuple) and key[0] == side:  # (side, word index)
+                for m, v in tests:
+                    if v & ~m:
+                        return None  # a masked word equal to bits the mask clears
+                words[key[1]] = tests
+        for i, tests in words.items():
+            full = {v for m, v in tests if m == 0xFFFFFFFF}
+            if len(full) > 1 or any((f & m) != v for f in full for m, v in tests):
+                return None
+        setattr(p, side, _address(words, family))
+    if p.proto in READS_PORTS:
+        p.sport, p.dport = way.eq.get("sport"), way.eq.get("dport")
+    return p
+
+
+def _common_prefix(a: tuple[int, int], b: tuple[int, int], width: int) -> tuple[int, int]:
+    bits = min(a[1], b[1])
+    diff = (a[0] ^ b[0]) >> (width - bits) if bits else 0
+    bits -= diff.bit_length()
+    return (a[0] >> (width - bits) << (width - bits) if bits else 0, bits)
+
+
+def _join(ways: list[_Pinned]) -> dict:
+    """What all of `ways` have in common, as struct vnet_filter fields."""
+    if not ways:
         return {}
     cfg: dict = {}
-    for chunk in _conjuncts(tokens):
-        try:
-            term, end = _term(chunk, 0)
-            if end != len(chunk):
-                raise _Unsupported  # more than one primitive: `net A mask M`, a bare id...
-        except _Unsupported:
-            continue  # `not port 53`, a byte test, a name...: each conjunct is implied alone
-        for key, value in term:
-            cfg.setdefault(key, value)  # a collision (tcp and udp, two ports...): the later one is left out
-    if cfg.get("f_l4_proto") not in READS_PORTS:
-        # libpcap's `port` is TCP's, UDP's or SCTP's; step 2a reads TCP's and UDP's only
-        for key in ("f_sport", "f_dport", "f_port"):
-            cfg.pop(key, None)
-    for key in ("f_src", "f_dst", "f_host"):
-        if key in cfg:
-            cfg[key], cfg[f"{key}_bits"] = cfg[key]  # (address, prefix length): one criterion
+    families = {w.family for w in ways}
+    family = families.pop() if len(families) == 1 else None
+    if family:
+        cfg["f_family"] = family
+    protos = {w.proto for w in ways}
+    if len(protos) == 1 and None not in protos:
+        cfg["f_l4_proto"] = protos.pop()
+    for key in ("sport", "dport"):
+        values = {getattr(w, key) for w in ways}
+        if len(values) == 1 and None not in values:
+            cfg[f"f_{key}"] = values.pop()
+    if "f_sport" not in cfg and "f_dport" not in cfg:
+        either = set.intersection(*({w.sport, w.dport} - {None} for w in ways))
+        if either:
+            cfg["f_port"] = min(either)
+    if family:
+        width = 32 if family == 4 else 128
+        for key in ("src", "dst"):
+            prefixes = [getattr(w, key) for w in ways]
+            if None not in prefixes:
+                common = prefixes[0]
+                for p in prefixes[1:]:
+                    common = _common_prefix(common, p, width)
+                if common[1]:
+                    cfg[f"f_{key}"] = common
+        if "f_src" not in cfg and "f_dst" not in cfg:
+            host = _either_prefix(ways, width)
+            if host:
+                cfg["f_host"] = host
+        for key in ("f_src", "f_dst", "f_host"):
+            if key in cfg:
+                addr, bits = cfg[key]
+                packed = addr.to_bytes(width // 8, "big").ljust(16, b"\0")
+                cfg[key], cfg[f"{key}_bits"] = packed, bits
     return cfg
 
 
-def _conjuncts(tokens: list[str]) -> list[list[str]]:
-    """The terms between top-level `and`s (without `or`, `and` joins terms at the top level)."""
-    chunks: list[list[str]] = [[]]
-    for t in tokens:
-        if t in AND:
-            chunks.append([])
-        else:
-            chunks[-1].append(t)
-    return [c for c in chunks if c]
+def _either_prefix(ways: list[_Pinned], width: int) -> tuple[int, int] | None:
+    """The longest prefix that the source or the destination of every way has."""
+    best = None
+    for start in (ways[0].src, ways[0].dst):
+        if start is None:
+            continue
+        common = start
+        for w in ways[1:]:
+            options = [_common_prefix(common, p, width) for p in (w.src, w.dst) if p is not None]
+            if not options:
+                common = (0, 0)
+                break
+            common = max(options, key=lambda p: p[1])
+        if common[1] and (best is None or common[1] > best[1]):
+            best = common
+    return best
 
 
-def _reader(tokens: list[str]):
-    """tokens[k], or None past the end."""
-    return lambda k: tokens[k] if k < len(tokens) else None
-
-
-def _term(tokens: list[str], i: int) -> tuple[list[tuple[str, object]], int]:
-    """One primitive at tokens[i]: its criteria and the index after it."""
-    at = _reader(tokens)
-    out: list[tuple[str, object]] = []
-    tok = at(i)
-    if tok in PROTOCOLS:
-        proto = PROTOCOLS[tok]
-        out.append(("f_l4_proto", proto))
-        if tok == "icmp":
-            out.append(("f_family", 4))
-        elif tok == "icmp6":
-            out.append(("f_family", 6))
-        i += 1
-        if tok in PORTED and (at(i) == "port" or (at(i) in DIRECTIONS and at(i + 1) == "port")):
-            return out + _port(tokens, i), _after_port(tokens, i)
-        return out, i
-    if tok in FAMILIES:
-        out.append(("f_family", FAMILIES[tok]))
-        i += 1
-        if at(i) is None:
-            return out, i
-        crit, i = _address(tokens, i)
-        return out + crit, i
-    if tok == "port" or (tok in DIRECTIONS and at(i + 1) == "port"):
-        return _port(tokens, i), _after_port(tokens, i)
-    return _address(tokens, i)
-
-
-def _port(tokens: list[str], i: int) -> list[tuple[str, object]]:
-    direction = tokens[i] if tokens[i] in DIRECTIONS else None
-    j = i + (2 if direction else 1)
-    number = tokens[j] if j < len(tokens) else ""
-    if not number.isdecimal() or not 0 < int(number) < 65536:
-        raise _Unsupported  # a service name, a range, hex: libpcap's business
-    key = {"src": "f_sport", "dst": "f_dport", None: "f_port"}[direction]
-    return [(key, int(number))]
-
-
-def _after_port(tokens: list[str], i: int) -> int:
-    return i + (3 if tokens[i] in DIRECTIONS else 2)
-
-
-def _address(tokens: list[str], i: int) -> tuple[list[tuple[str, object]], int]:
-    """[src|dst] host A, [src|dst] net A/N, or src|dst A."""
-    at = _reader(tokens)
-    direction = at(i) if at(i) in DIRECTIONS else None
-    if direction:
-        i += 1
-    kind = at(i) if at(i) in ("host", "net") else None
-    if kind:
-        i += 1
-    elif not direction:
-        raise _Unsupported
-    text = at(i) or ""
+def criteria(expression: Expression | str) -> dict:
+    """struct vnet_filter fields (f_l4_proto, f_family, f_src/f_dst/f_host and
+    their _bits, f_sport/f_dport/f_port) every packet step 2a judges and
+    `expression` accepts meets; {} where nothing is pinned down."""
+    expr = compile(expression) if isinstance(expression, str) else expression
+    ways: list[_Pinned] = []
     try:
-        if kind == "net":
-            if "/" not in text:
-                raise _Unsupported  # `net 10.9` or with `mask`: libpcap's own rules
-            net = ipaddress.ip_network(text, strict=True)
-        else:
-            net = ipaddress.ip_network(ipaddress.ip_address(text))
-    except ValueError:
-        raise _Unsupported from None  # a host name, a partial address: libpcap resolves those
-    key = {"src": "f_src", "dst": "f_dst", None: "f_host"}[direction]
-    out: list[tuple[str, object]] = [("f_family", net.version)]
-    if net.prefixlen:
-        out.append((key, (net.network_address.packed.ljust(16, b"\0"), net.prefixlen)))
-    return out, i + 1
+        for view in VIEWS:
+            insns = expr.classic(view.link)
+            if insns is None:
+                continue  # no raw program: hooks that see L3 only reject every packet
+            for family in (4, 6):
+                for way in _accepting_ways(insns, view, family):
+                    p = _pinned(way, family)
+                    if p is not None:
+                        ways.append(p)
+    except _GiveUp:
+        return {}
+    return _join(ways)
 
 
 def describe(cfg: dict) -> str:

@@ -66,7 +66,7 @@ class PacketFilter:
             # The expression's own protocol/address/port terms, tested first on plain packets.
             from vnet.tcpdump.prejudge import criteria
 
-            pre = criteria(self.expression)
+            pre = criteria(self.compiled)
             if pre:
                 cfg.update(pre, f_on=FILTER_ON_PCAP)
         families = set()
