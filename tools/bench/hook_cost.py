@@ -244,6 +244,14 @@ class TcCase:
         return res.duration_ns
 
 
+class ExpressionAlone(PacketFilter):
+    """The control: a tcpdump expression with nothing derived to test first
+    (vnet/tcpdump/prejudge.py), so that its own cost shows beside the criteria's."""
+
+    def config(self, prejudge: bool = True) -> dict:
+        return super().config(prejudge=False)
+
+
 TC_CASES = [
     TcCase("tc: no filter, event", "emitted", TARGET_EVENT_NS, {}),
     TcCase("tc: field filter --dport 5000 matches, event", "emitted", TARGET_EVENT_NS,
@@ -256,12 +264,12 @@ TC_CASES = [
            {"packet_filter": PacketFilter(dport=53)}, TAGGED_FRAME),
     TcCase("tc: tcpdump 'udp and dst port 53' rejects (its criteria first: before parsing)", "filtered",
            TARGET_REJECT_NS, {"packet_filter": PacketFilter(expression="udp and dst port 53")}),
-    TcCase("tc: tcpdump '(udp and dst port 53)' rejects (the expression alone: parentheses, nothing derived)",
-           "filtered", TARGET_REJECT_NS, {"packet_filter": PacketFilter(expression="(udp and dst port 53)")}),
+    TcCase("tc: tcpdump 'udp and dst port 53' rejects (the expression alone: nothing derived)",
+           "filtered", TARGET_REJECT_NS, {"packet_filter": ExpressionAlone(expression="udp and dst port 53")}),
     TcCase("tc: tcpdump 'udp and dst port 5000' matches, event", "emitted", TARGET_EVENT_NS,
            {"packet_filter": PacketFilter(expression="udp and dst port 5000")}),
-    TcCase("tc: tcpdump '(udp and dst port 5000)' matches, event (the expression alone)", "emitted", TARGET_EVENT_NS,
-           {"packet_filter": PacketFilter(expression="(udp and dst port 5000)")}),
+    TcCase("tc: tcpdump 'udp and dst port 5000' matches, event (the expression alone)", "emitted", TARGET_EVENT_NS,
+           {"packet_filter": ExpressionAlone(expression="udp and dst port 5000")}),
     TcCase("tc: --snaplen 128, event + bytes", "emitted", TARGET_EVENT_NS, {"snaplen": 128}),
     TcCase("tc: tcpdump match + --snaplen 256, event + bytes", "emitted", TARGET_EVENT_NS,
            {"packet_filter": PacketFilter(expression="udp and dst port 5000"), "snaplen": 256}),
@@ -424,12 +432,16 @@ LIVE_VARIANTS = [
     ("field filter --dport 9 rejects (plain: before parsing)", {"packet_filter": PacketFilter(dport=9)}),
     ("tcpdump 'udp and dst port 9' rejects (its criteria first: before parsing)",
      {"packet_filter": PacketFilter(expression="udp and dst port 9")}),
-    ("tcpdump '(udp and dst port 9)' rejects (the expression alone: parentheses, nothing derived)",
-     {"packet_filter": PacketFilter(expression="(udp and dst port 9)")}),
+    ("tcpdump 'udp and dst port 9' rejects (the expression alone: nothing derived)",
+     {"packet_filter": ExpressionAlone(expression="udp and dst port 9")}),
     ("tcpdump 'udp and dst port 5000' keeps: events (its criteria first, then the expression)",
      {"packet_filter": PacketFilter(expression="udp and dst port 5000")}),
-    ("tcpdump '(udp and dst port 5000)' keeps: events (the expression alone)",
-     {"packet_filter": PacketFilter(expression="(udp and dst port 5000)")}),
+    ("tcpdump 'udp and dst port 5000' keeps: events (the expression alone)",
+     {"packet_filter": ExpressionAlone(expression="udp and dst port 5000")}),
+    ("tcpdump 'tcp port 80 or tcp port 443' rejects (its criteria first: protocol tcp)",
+     {"packet_filter": PacketFilter(expression="tcp port 80 or tcp port 443")}),
+    ("tcpdump 'tcp port 80 or tcp port 443' rejects (the expression alone: nothing derived)",
+     {"packet_filter": ExpressionAlone(expression="tcp port 80 or tcp port 443")}),
     ("--snaplen 128: events + bytes", {"snaplen": 128}),
 ]
 
