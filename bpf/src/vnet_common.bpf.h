@@ -154,6 +154,7 @@ struct vnet_abi {
 	enum vnet_snap snap;
 	enum vnet_pcap pcap;
 	enum vnet_filter_on filter_on;
+	enum vnet_plain_test plain_test;
 	enum vnet_ring_line ring_line;
 };
 struct vnet_abi *vnet_abi_anchor __attribute__((unused));

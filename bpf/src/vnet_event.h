@@ -63,6 +63,15 @@ enum vnet_filter_on {
 				  * packets (step 2a), not applied to the parsed (VXLAN: inner) packet */
 };
 
+/* What the first test of plain packets (step 2a, vnet_filter_plain_may_keep)
+ * leaves to the rest of the filter, besides what is not plain. */
+enum vnet_plain_test {
+	VNET_PLAIN_SCTP_PORTS_LATER = 1, /* an SCTP packet where ports are criteria: libpcap's `port` is
+					  * SCTP's too, so the criteria vnet/tcpdump/prejudge.py derives
+					  * may say `port 53` for `port 53` (the field filters' ports are
+					  * TCP's and UDP's: the parse rejects it) */
+};
+
 /* Indexes of the per-CPU `vnet_stats` array: every loss is counted. */
 enum vnet_stat {
 	VNET_STAT_SEEN = 0,     /* packets the program ran on */

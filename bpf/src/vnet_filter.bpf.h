@@ -162,6 +162,8 @@ static __always_inline bool vnet_filter_plain_may_keep(const volatile struct vne
 		flags |= VNET_F_PORTS;
 		if (decap && l4_proto == VNET_IPPROTO_UDP && (dport == VNET_VXLAN_PORT || dport == VNET_VXLAN_LINUX_PORT))
 			return true;
+	} else if (l4_proto == VNET_IPPROTO_SCTP && (f->f_sport || f->f_dport || f->f_port)) {
+		return true; /* VNET_PLAIN_SCTP_PORTS_LATER */
 	}
 	VNET_FILTER_TUPLE_OR_RETURN(f, flags, flags & VNET_F_PORTS, l4_proto, sport, dport, saddr, daddr);
 	return true;

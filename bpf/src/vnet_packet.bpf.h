@@ -17,6 +17,7 @@
 #define VNET_IPPROTO_ICMP 1
 #define VNET_IPPROTO_TCP 6
 #define VNET_IPPROTO_UDP 17
+#define VNET_IPPROTO_SCTP 132
 #define VNET_IPPROTO_ICMPV6 58
 #define VNET_PAYLOAD_HASH_BYTES 32
 #define VNET_IPV6_MAX_EXT 4 /* extension headers walked before giving up on L4 */

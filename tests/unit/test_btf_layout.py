@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HEADER = ROOT / "bpf" / "src" / "vnet_event.h"
 OBJECT = ROOT / "bpf" / "build" / "tc_trace.bpf.o"
 C_SIZES = {"char": 1, "__u64": 8, "__u32": 4, "__u16": 2, "__u8": 1, "__s64": 8, "__s32": 4, "__s16": 2, "__s8": 1}
-ENUMS = ("vnet_hook", "vnet_event_kind", "vnet_event_flag", "vnet_stat", "vnet_filter_on")
+ENUMS = ("vnet_hook", "vnet_event_kind", "vnet_event_flag", "vnet_stat", "vnet_filter_on", "vnet_plain_test")
 RECORDS = ("vnet_event", "vnet_event_more", "vnet_sched_event")  # every struct a ring record is
 
 
@@ -176,6 +176,14 @@ def test_filter_modes_agree_with_the_objects(btf):
     from vnet.trace.filters import FILTER_ON, FILTER_ON_PCAP
 
     assert btf.enum("vnet_filter_on") == {"VNET_FILTER_ON": FILTER_ON, "VNET_FILTER_ON_PCAP": FILTER_ON_PCAP}
+
+
+def test_the_plain_test_rules_agree_with_the_objects(btf):
+    """vnet/tcpdump/prejudge.py derives port criteria for `port N` only where step 2a
+    leaves SCTP packets alone; the session asks the object's BTF for this enum."""
+    from vnet.trace.filters import PLAIN_SCTP_PORTS_LATER
+
+    assert btf.enum("vnet_plain_test") == {"VNET_PLAIN_SCTP_PORTS_LATER": PLAIN_SCTP_PORTS_LATER}
 
 
 def test_probe_limit_agrees_with_the_objects(btf):

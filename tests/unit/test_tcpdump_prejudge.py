@@ -42,7 +42,9 @@ def a4(text: str) -> bytes:
     ("udp and port 53", {"f_l4_proto": 17, "f_port": 53}),
     ("src port 53 and tcp", {"f_l4_proto": 6, "f_sport": 53}),
     ("sctp port 53", {"f_l4_proto": 132}),
-    ("host 10.1.0.1 and dst port 53", {"f_family": 4, "f_host": a4("10.1.0.1"), "f_host_bits": 32}),
+    # libpcap's `port` alone is TCP's, UDP's or SCTP's: step 2a judges no SCTP packet where ports are criteria
+    ("port 53", {"f_port": 53}),
+    ("host 10.1.0.1 and dst port 53", {"f_family": 4, "f_host": a4("10.1.0.1"), "f_host_bits": 32, "f_dport": 53}),
     ("dst 10.2.0.2", {"f_family": 4, "f_dst": a4("10.2.0.2"), "f_dst_bits": 32}),
     ("ip6 net fd00:1::/32", {"f_family": 6, "f_host": a4("fd00:1::"), "f_host_bits": 32}),
     ("net 0.0.0.0/0", {"f_family": 4}),
@@ -76,8 +78,6 @@ def test_criteria(text, want):
 
 
 @pytest.mark.parametrize("text", [
-    # libpcap's `port` alone is TCP's, UDP's or SCTP's: step 2a reads no SCTP ports
-    "port 53",
     "udp or tcp", "not udp", "ip or ip6", "portrange 1-100",
     "ether host 02:00:00:00:00:01", "greater 100", "udp || tcp", "ip6 or udp",
     "mpls and udp", "pppoes and tcp", "arp", "vlan or udp",  # (a tagged TCP packet: see below) "vlan 10", "host 10.1.0.1 or host fd00::1",
@@ -107,9 +107,10 @@ def test_describe_says_the_criteria_in_words():
 
 # -- soundness against libpcap ---------------------------------------------------------------------------
 
-def step_2a_rejects(cfg: dict, frame: bytes) -> bool:
+def step_2a_rejects(cfg: dict, frame: bytes, sctp_later: bool = True) -> bool:
     """A model of vnet_filter_plain_may_keep (VNET_FILTER_ON_PCAP) on an Ethernet frame
-    (network header right after it): True where it rejects."""
+    (network header right after it): True where it rejects. `sctp_later`: with
+    VNET_PLAIN_SCTP_PORTS_LATER (objects of an older vnet judge SCTP packets too)."""
     if len(frame) < 14:
         return False
     ethertype, ip = struct.unpack_from("!H", frame, 12)[0], frame[14:]
@@ -133,6 +134,8 @@ def step_2a_rejects(cfg: dict, frame: bytes) -> bool:
         if l4 + (20 if proto == 6 else 8) > len(ip):
             return False
         ports = struct.unpack_from("!HH", ip, l4)
+    elif proto == 132 and sctp_later and any(cfg.get(k) for k in ("f_sport", "f_dport", "f_port")):
+        return False
 
     def prefix(addr: bytes, key: str) -> bool:
         bits = cfg[f"{key}_bits"]
@@ -195,6 +198,7 @@ SOUNDNESS = [
     "not (tcp or sctp or icmp) and ip6", "ip6 host fd00::1 or ip6 host fd00:1::9", "tcp[13] & 2 != 0",
     "udp and (src port 9 or dst port 9) and not host 10.2.0.2", "(tcp or udp) and dst port 443",
     "vlan and udp", "vlan 10 and udp dst port 9", "ip[8] < 64", "dst net fd00::/16 or dst net fd00:1::/32",
+    "port 53", "dst port 9 and host 10.1.0.1", "port 53 or port 53", "sctp or port 80",
 ]  # (libpcap refuses what matches nothing: "tcp and udp")
 
 
@@ -216,9 +220,10 @@ def test_step_2a_rejects_only_what_libpcap_rejects():
         cfg = criteria(text)
         assert cfg, text
         expr = compile(text)
-        wrong = [(link, view.hex()) for f in frames if step_2a_rejects(cfg, f)
-                 for link, view in views(f) if expr.matches(view, link)]
-        assert not wrong, f"{text!r}: step 2a rejects what libpcap keeps: {wrong[:3]}"
+        for later, crit in ((True, cfg), (False, criteria(text, sctp_ports_later=False))):  # (older objects)
+            wrong = [(link, view.hex()) for f in frames if step_2a_rejects(crit, f, later)
+                     for link, view in views(f) if expr.matches(view, link)]
+            assert not wrong, f"{text!r}: step 2a rejects what libpcap keeps: {wrong[:3]}"
         rejected = sum(step_2a_rejects(cfg, f) for f in frames)
         unmatched = sum(not expr.matches(f) for f in frames)
         telling += rejected >= unmatched // 2  # step 2a takes most of the expression's rejects
@@ -227,10 +232,13 @@ def test_step_2a_rejects_only_what_libpcap_rejects():
 
 def test_the_model_catches_a_wrong_criterion():
     """The check above would see an unsound derivation: `port 53` alone read as a port
-    criterion, or `vlan or udp` read without the tag the kernel keeps in the sk_buff."""
+    criterion where step 2a judges SCTP packets, or `vlan or udp` read without the tag
+    the kernel keeps in the sk_buff."""
     rng = random.Random(7)
     frames = [random_frame(rng) for _ in range(1500)]
-    for text, wrong in (("port 53", {"f_port": 53}),  # SCTP packets on port 53 would be rejected
-                        ("vlan or udp", {"f_l4_proto": 17})):  # a TCP packet with a tag outside its bytes
+    for text, wrong, later in (("port 53", {"f_port": 53}, False),  # SCTP packets on port 53, judged
+                               ("vlan or udp", {"f_l4_proto": 17}, True)):  # TCP with a tag outside its bytes
         expr = compile(text)
-        assert any(step_2a_rejects(wrong, f) and expr.matches(v, link) for f in frames for link, v in views(f))
+        assert any(step_2a_rejects(wrong, f, later) and expr.matches(v, link)
+                   for f in frames for link, v in views(f))
+    assert criteria("port 53", sctp_ports_later=False) == {}

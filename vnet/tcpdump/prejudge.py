@@ -44,6 +44,7 @@ from .expression import ETHERNET, RAW, Expression, compile
 
 PROTOCOLS = {name: IP_PROTOCOLS[name] for name in ("tcp", "udp", "sctp", "icmp", "icmp6")}
 READS_PORTS = (6, 17)  # the protocols whose ports step 2a reads
+SCTP = 132
 ETHERTYPE = {4: 0x0800, 6: 0x86DD}
 VLAN_TPIDS = frozenset({0x8100, 0x88A8})  # what the kernel keeps in skb->vlan_proto
 IPV6_NOT_PLAIN = frozenset({0, 43, 44, 60, 51})  # next headers step 2a leaves to the parse
@@ -375,10 +376,12 @@ def _either_prefix(ways: list[_Pinned], width: int) -> tuple[int, int] | None:
     return best
 
 
-def criteria(expression: Expression | str) -> dict:
+def criteria(expression: Expression | str, sctp_ports_later: bool = True) -> dict:
     """struct vnet_filter fields (f_l4_proto, f_family, f_src/f_dst/f_host and
     their _bits, f_sport/f_dport/f_port) every packet step 2a judges and
-    `expression` accepts meets; {} where nothing is pinned down."""
+    `expression` accepts meets; {} where nothing is pinned down.
+    `sctp_ports_later`: step 2a leaves SCTP packets alone where ports are
+    criteria (VNET_PLAIN_SCTP_PORTS_LATER; not in objects of an older vnet)."""
     expr = compile(expression) if isinstance(expression, str) else expression
     ways: list[_Pinned] = []
     try:
@@ -393,6 +396,12 @@ def criteria(expression: Expression | str) -> dict:
                         ways.append(p)
     except _GiveUp:
         return {}
+    if sctp_ports_later:
+        # libpcap's `port 53` is TCP's, UDP's or SCTP's; step 2a reads no SCTP ports, but
+        # judges no SCTP packet either where ports are criteria: its ways can be left out then
+        other = _join([w for w in ways if w.proto != SCTP])
+        if any(k in other for k in ("f_sport", "f_dport", "f_port")):
+            return other
     return _join(ways)
 
 

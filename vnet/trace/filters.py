@@ -14,6 +14,8 @@ FAMILIES = {"ip": 4, "ip4": 4, "ipv4": 4, "ip6": 6, "ipv6": 6}
 TUPLE_FIELDS = ("proto", "src", "dst", "host", "sport", "dport", "port")  # what step 2a tests
 # f_on (enum vnet_filter_on, bpf/src/vnet_event.h; tests/unit/test_btf_layout.py checks the values)
 FILTER_ON, FILTER_ON_PCAP = 1, 2
+# enum vnet_plain_test: step 2a leaves SCTP packets to the rest where ports are criteria
+PLAIN_SCTP_PORTS_LATER = 1
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,10 @@ class PacketFilter:
     def active(self) -> bool:
         return any(v is not None for v in self._criteria().values())
 
-    def config(self, prejudge: bool = True) -> dict:
+    def config(self, prejudge: bool = True, sctp_ports_later: bool = True) -> dict:
         """The f_* fields of struct vnet_filter (names from the objects' BTF);
-        `prejudge`: with the criteria a lone expression implies, tested first."""
+        `prejudge`: with the criteria a lone expression implies, tested first
+        (`sctp_ports_later`: by objects with VNET_PLAIN_SCTP_PORTS_LATER)."""
         if not self.active:
             return {"f_on": 0}
         cfg: dict = {"f_on": FILTER_ON}
@@ -66,7 +69,7 @@ class PacketFilter:
             # The expression's own protocol/address/port terms, tested first on plain packets.
             from vnet.tcpdump.prejudge import criteria
 
-            pre = criteria(self.compiled)
+            pre = criteria(self.compiled, sctp_ports_later)
             if pre:
                 cfg.update(pre, f_on=FILTER_ON_PCAP)
         families = set()

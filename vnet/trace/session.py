@@ -288,6 +288,8 @@ class Trace:
                 flt = self.filter_config
                 if flt.get("f_on") == FILTER_ON_PCAP and not obj.btf.has("vnet_filter_on", ENUM):
                     flt = self.packet_filter.config(prejudge=False)  # an older vnet's object (benchmarks)
+                elif flt.get("f_on") == FILTER_ON_PCAP and not obj.btf.has("vnet_plain_test", ENUM):
+                    flt = self.packet_filter.config(sctp_ports_later=False)  # ... judging SCTP by its ports
                 config.update(flt, aggregate=self._aggregate_bits(), snaplen=self.snaplen)
                 if self.packet_filter.compiled is not None:
                     obj.replace_functions(self._expression_code(plan, obj))
