@@ -442,6 +442,10 @@ LIVE_VARIANTS = [
      {"packet_filter": PacketFilter(expression="tcp port 80 or tcp port 443")}),
     ("tcpdump 'tcp port 80 or tcp port 443' rejects (the expression alone: nothing derived)",
      {"packet_filter": ExpressionAlone(expression="tcp port 80 or tcp port 443")}),
+    ("tcpdump 'port 53' rejects (its criteria first: port 53, SCTP left to the expression)",
+     {"packet_filter": PacketFilter(expression="port 53")}),
+    ("tcpdump 'port 53' rejects (the expression alone: nothing derived)",
+     {"packet_filter": ExpressionAlone(expression="port 53")}),
     ("--snaplen 128: events + bytes", {"snaplen": 128}),
 ]
 
