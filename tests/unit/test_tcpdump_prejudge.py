@@ -242,3 +242,13 @@ def test_the_model_catches_a_wrong_criterion():
         assert any(step_2a_rejects(wrong, f, later) and expr.matches(v, link)
                    for f in frames for link, v in views(f))
     assert criteria("port 53", sctp_ports_later=False) == {}
+
+
+def test_long_expressions_are_read_or_given_up_in_bounded_work():
+    """Equal states at an instruction are followed once: a chain of IPv6 hosts (each a
+    4-word test either way round) is read, not walked path by path; past MAX_STATES the
+    expression alone decides."""
+    hosts = " or ".join(f"host fd00::{n}" for n in range(1, 60))
+    assert criteria(f"ip6 and ({hosts})") == {"f_family": 6, "f_host": a4("fd00::"), "f_host_bits": 121}
+    tangle = " and ".join(f"(src port {n} or dst host 10.0.{n}.1 or ip[{n}] = 3)" for n in range(1, 16))
+    assert criteria(tangle) == {}
