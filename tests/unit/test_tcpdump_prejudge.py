@@ -72,6 +72,11 @@ def a4(text: str) -> bytes:
     ("vlan and udp", {"f_l4_proto": 17}),
     ("vlan 10 and udp dst port 9", {"f_l4_proto": 17, "f_dport": 9}),
     ("geneve and udp port 53", {"f_l4_proto": 17, "f_dport": 6081}),  # the outer packet's
+    # no plain IP packet passes: step 2a rejects them all (but for a protocol IANA reserves)
+    ("arp", {"f_l4_proto": 255}),
+    ("mpls and udp", {"f_l4_proto": 255}),
+    ("pppoes and tcp", {"f_l4_proto": 255}),
+    ("ether proto 0x88cc", {"f_l4_proto": 255}),
 ])
 def test_criteria(text, want):
     assert criteria(text) == want
@@ -80,7 +85,8 @@ def test_criteria(text, want):
 @pytest.mark.parametrize("text", [
     "udp or tcp", "not udp", "ip or ip6", "portrange 1-100",
     "ether host 02:00:00:00:00:01", "greater 100", "udp || tcp", "ip6 or udp",
-    "mpls and udp", "pppoes and tcp", "arp", "vlan or udp",  # (a tagged TCP packet: see below) "vlan 10", "host 10.1.0.1 or host fd00::1",
+    "vlan or udp",  # (a tagged TCP packet: see below)
+    "not ip and not ip6",  # an IP packet with its tag in the sk_buff: the expression sees 802.1Q "vlan 10", "host 10.1.0.1 or host fd00::1",
 ])
 def test_no_criteria_where_the_expression_alone_decides(text):
     assert criteria(text) == {}
@@ -103,6 +109,7 @@ def test_describe_says_the_criteria_in_words():
     assert describe(criteria("tcp port 80 and src net fd00::/16")) == \
         "IPv6, protocol tcp, source fd00::/16, source or destination port 80"
     assert describe(criteria("icmp and host 10.1.0.1")) == "IPv4, protocol icmp, source or destination 10.1.0.1/32"
+    assert describe(criteria("arp")).startswith("no plain IP packet")
 
 
 # -- soundness against libpcap ---------------------------------------------------------------------------
@@ -199,6 +206,7 @@ SOUNDNESS = [
     "udp and (src port 9 or dst port 9) and not host 10.2.0.2", "(tcp or udp) and dst port 443",
     "vlan and udp", "vlan 10 and udp dst port 9", "ip[8] < 64", "dst net fd00::/16 or dst net fd00:1::/32",
     "port 53", "dst port 9 and host 10.1.0.1", "port 53 or port 53", "sctp or port 80",
+    "arp", "ether proto 0x88cc", "mpls",
 ]  # (libpcap refuses what matches nothing: "tcp and udp")
 
 

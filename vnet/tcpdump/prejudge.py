@@ -44,6 +44,9 @@ from .expression import ETHERNET, RAW, Expression, compile
 PROTOCOLS = {name: IP_PROTOCOLS[name] for name in ("tcp", "udp", "sctp", "icmp", "icmp6")}
 READS_PORTS = (6, 17)  # the protocols whose ports step 2a reads
 SCTP = 132
+# For an expression no plain IP packet can pass (`arp`, `not ip and not ip6`, `mpls`): a protocol
+# IANA reserves, so step 2a rejects every plain packet; one that has it goes to the expression.
+NO_PLAIN_PACKET = {"f_l4_proto": 255}
 ETHERTYPE = {4: 0x0800, 6: 0x86DD}
 VLAN_TPIDS = frozenset({0x8100, 0x88A8})  # what the kernel keeps in skb->vlan_proto
 IPV6_NOT_PLAIN = frozenset({0, 43, 44, 60, 51})  # next headers step 2a leaves to the parse
@@ -396,6 +399,8 @@ def criteria(expression: Expression | str, sctp_ports_later: bool = True) -> dic
                         ways.append(p)
     except _GiveUp:
         return {}
+    if not ways:
+        return dict(NO_PLAIN_PACKET)
     if sctp_ports_later:
         # libpcap's `port 53` is TCP's, UDP's or SCTP's; step 2a reads no SCTP ports, but
         # judges no SCTP packet either where ports are criteria: its ways can be left out then
@@ -407,6 +412,8 @@ def criteria(expression: Expression | str, sctp_ports_later: bool = True) -> dic
 
 def describe(cfg: dict) -> str:
     """The criteria in words, for --dump-filter."""
+    if cfg == NO_PLAIN_PACKET:
+        return "no plain IP packet (protocol 255, which IANA reserves, is left to the expression)"
     parts = []
     if cfg.get("f_family"):
         parts.append(f"IPv{cfg['f_family']}")
