@@ -67,9 +67,9 @@ enum vnet_filter_on {
  * leaves to the rest of the filter, besides what is not plain. */
 enum vnet_plain_test {
 	VNET_PLAIN_SCTP_PORTS_LATER = 1, /* an SCTP packet where ports are criteria: libpcap's `port` is
-					  * SCTP's too, so the criteria vnet/tcpdump/prejudge.py derives
-					  * may say `port 53` for `port 53` (the field filters' ports are
-					  * TCP's and UDP's: the parse rejects it) */
+					  * SCTP's too, and with this vnet/tcpdump/prejudge.py can derive
+					  * a port criterion from `port 53` (the field filters' ports are
+					  * TCP's and UDP's: their parse rejects the packet) */
 };
 
 /* Indexes of the per-CPU `vnet_stats` array: every loss is counted. */

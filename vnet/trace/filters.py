@@ -66,7 +66,7 @@ class PacketFilter:
         if not any(v is not None for k, v in self._criteria().items() if k not in ("outer", "expression")):
             cfg["f_on"] = 0  # only the view changes, or the expression decides: no field to match
         if prejudge and self.expression is not None and all(getattr(self, k) is None for k in TUPLE_FIELDS):
-            # The expression's own protocol/address/port terms, tested first on plain packets.
+            # What every packet the expression accepts has (protocol, addresses, ports), tested first.
             from vnet.tcpdump.prejudge import criteria
 
             pre = criteria(self.compiled, sctp_ports_later)
