@@ -128,7 +128,9 @@ PREJUDGED = ["udp", "tcp", "sctp", "icmp", "icmp6", "ip6", "udp port 53", "tcp a
              "tcp port 80 or tcp port 443", "not (tcp or sctp) and ip6", "tcp[13] & 2 != 0", "vlan and udp",
              "dst net fd00::/16 or dst net fd00:1::/32",
              # port criteria where SCTP packets are left to the expression (VNET_PLAIN_SCTP_PORTS_LATER)
-             "port 53", "sctp or port 80", "dst port 53 and host 10.1.0.1"]
+             "port 53", "sctp or port 80", "dst port 53 and host 10.1.0.1",
+             # no plain IP packet passes: all rejected first
+             "arp", "mpls"]
 
 
 @pytest.mark.parametrize("text", PREJUDGED)
