@@ -446,6 +446,10 @@ LIVE_VARIANTS = [
      {"packet_filter": PacketFilter(expression="port 53")}),
     ("tcpdump 'port 53' rejects (the expression alone: nothing derived)",
      {"packet_filter": ExpressionAlone(expression="port 53")}),
+    ("tcpdump 'arp' rejects (its criteria first: no plain IP packet)",
+     {"packet_filter": PacketFilter(expression="arp")}),
+    ("tcpdump 'arp' rejects (the expression alone: nothing derived)",
+     {"packet_filter": ExpressionAlone(expression="arp")}),
     ("--snaplen 128: events + bytes", {"snaplen": 128}),
 ]
 
