@@ -34,6 +34,7 @@ an sk_buff's protocol is the one its bytes say.)
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -385,6 +386,12 @@ def criteria(expression: Expression | str, sctp_ports_later: bool = True) -> dic
     `sctp_ports_later`: step 2a leaves SCTP packets alone where ports are
     criteria (VNET_PLAIN_SCTP_PORTS_LATER; not in objects of an older vnet)."""
     expr = compile(expression) if isinstance(expression, str) else expression
+    return dict(_derived(expr, sctp_ports_later))
+
+
+@functools.lru_cache(maxsize=16)
+def _derived(expr: Expression, sctp_ports_later: bool) -> dict:
+    """criteria(), once per expression: the CLI's check and the trace ask alike."""
     ways: list[_Pinned] = []
     budget = [MAX_STATES]
     try:
