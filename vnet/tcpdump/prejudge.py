@@ -77,6 +77,9 @@ class _GiveUp(Exception):
 
 # Symbolic values of A, X and M[]: ("const", v), ("abs", size, off), ("ind", size, msh_off, k) for
 # [x + k] with X = 4*([msh_off]&0xf), ("msh", off), ("and", value, mask), UNKNOWN.
+ZERO = ("const", 0)  # A, X and M[] start at 0
+UNKNOWN = ("unknown",)  # a value nothing is known of (never compared to another: one symbol does)
+ACCEPT, REJECT = -1, -2  # where a return leads
 
 
 @dataclass
@@ -187,7 +190,7 @@ def _accepting_ways(insns, view: _View, family: int, budget: list[int]) -> list[
     ones are followed once (a chain of `host` tests would be exponential).
     `budget`: states left to follow, shared by all views."""
     out: dict = {}
-    states: dict[int, dict] = {0: {None: (UNKNOWN_ZERO, UNKNOWN_ZERO, (UNKNOWN_ZERO,) * 16, _Way())}}
+    states: dict[int, dict] = {0: {None: (ZERO, ZERO, (ZERO,) * 16, _Way())}}
     for pc in range(len(insns)):
         for a, x, mem, way in states.pop(pc, {}).values():
             for nxt, state in _step(insns[pc], pc, a, x, mem, way, view, family):
@@ -201,17 +204,12 @@ def _accepting_ways(insns, view: _View, family: int, budget: list[int]) -> list[
     return list(out.values())
 
 
-ACCEPT, REJECT = -1, -2
-UNKNOWN_ZERO = ("const", 0)  # A, X and M[] start at 0
-UNKNOWN = ("unknown",)  # a value nothing is known of (never compared to another: one symbol does)
-
-
 def _step(i, pc: int, a, x, mem, way: _Way, view: _View, family: int):
     """The successors of one instruction: (next pc, ACCEPT or REJECT, (a, x, mem, way))."""
     cls, code = i.code & 0x07, i.code
     if cls == C_RET:
         if (code & 0x18) == 0x10:  # ret A
-            return [(REJECT if a == ("const", 0) else ACCEPT, (a, x, mem, way))]
+            return [(REJECT if a == ZERO else ACCEPT, (a, x, mem, way))]
         return [(ACCEPT if i.k else REJECT, (a, x, mem, way))]
     if cls == C_JMP:
         op = code & 0xF0
