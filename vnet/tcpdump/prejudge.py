@@ -40,7 +40,10 @@ from dataclasses import dataclass, field
 
 from vnet.trace.filters import PROTOCOLS as IP_PROTOCOLS
 
+from .ebpf import JA, JEQ, JGE, JGT, JSET, SIZE_BYTES, X
 from .expression import ETHERNET, RAW, Expression, compile
+from .translate import (C_ABS, C_ALU, C_IMM, C_IND, C_JMP, C_LD, C_LDX, C_MEM, C_MISC, C_MSH, C_RET, C_ST,
+                        C_STX)
 
 PROTOCOLS = {name: IP_PROTOCOLS[name] for name in ("tcp", "udp", "sctp", "icmp", "icmp6")}
 READS_PORTS = (6, 17)  # the protocols whose ports step 2a reads
@@ -53,12 +56,6 @@ VLAN_TPIDS = frozenset({0x8100, 0x88A8})  # what the kernel keeps in skb->vlan_p
 IPV6_NOT_PLAIN = frozenset({0, 43, 44, 60, 51})  # next headers step 2a leaves to the parse
 MAX_STATES = 30000  # states followed in all before giving up (nothing derived): ~0.2 s here
 
-# classic BPF (the bits translate.py uses)
-C_LD, C_LDX, C_ST, C_STX, C_ALU, C_JMP, C_RET, C_MISC = range(8)
-M_IMM, M_ABS, M_IND, M_MEM, M_MSH = 0x00, 0x20, 0x40, 0x60, 0xA0
-SIZES = {0x00: 4, 0x08: 2, 0x10: 1}
-J_JA, J_JEQ, J_JGT, J_JGE, J_JSET = 0x00, 0x10, 0x20, 0x30, 0x40
-SRC_X = 0x08
 
 
 @dataclass(frozen=True)
@@ -139,11 +136,11 @@ def _field(view: _View, family: int, sym):
 
 
 def _test(op: int, value: int, k: int) -> bool:
-    if op == J_JEQ:
+    if op == JEQ:
         return value == k
-    if op == J_JGT:
+    if op == JGT:
         return value > k
-    if op == J_JGE:
+    if op == JGE:
         return value >= k
     return bool(value & k)
 
@@ -155,9 +152,9 @@ def _branches(view: _View, family: int, way: _Way, a, op: int, k: int) -> list[t
         return [(True, way), (False, way)]
     if f[0] == "set":
         return [(t, way) for t in (True, False) if any(_test(op, v, k) == t for v in f[1])]
-    if f == ("field", "frag") and op == J_JSET and k and not k & ~0x1FFF:
+    if f == ("field", "frag") and op == JSET and k and not k & ~0x1FFF:
         return [(False, way)]  # not a later fragment
-    if op != J_JEQ:
+    if op != JEQ:
         return [(True, way), (False, way)]
     if f[0] in ("word", "masked"):
         key, mask = (f[1:], 0xFFFFFFFF) if f[0] == "word" else (f[1], f[2])
@@ -213,37 +210,37 @@ def _step(i, pc: int, a, x, mem, way: _Way, view: _View, family: int):
         return [(ACCEPT if i.k else REJECT, (a, x, mem, way))]
     if cls == C_JMP:
         op = code & 0xF0
-        if op == J_JA:
+        if op == JA:
             return [(pc + 1 + i.k, (a, x, mem, way))]
-        if code & SRC_X and x[0] != "const":
+        if code & X and x[0] != "const":
             return [(pc + 1 + j, (a, x, mem, way)) for j in {i.jt, i.jf}]
-        k = x[1] if code & SRC_X else i.k
+        k = x[1] if code & X else i.k
         return [(pc + 1 + (i.jt if taken else i.jf), (a, x, mem, w))
                 for taken, w in _branches(view, family, way, a, op, k)]
     if cls == C_LD:
         mode = code & 0xE0
-        if mode == M_IMM:
+        if mode == C_IMM:
             a = ("const", i.k)
-        elif mode == M_ABS:
-            a = ("abs", SIZES[code & 0x18], i.k) if i.k < 0xFFFFF000 else UNKNOWN
-        elif mode == M_IND:
-            size = SIZES[code & 0x18]
+        elif mode == C_ABS:
+            a = ("abs", SIZE_BYTES[code & 0x18], i.k) if i.k < 0xFFFFF000 else UNKNOWN
+        elif mode == C_IND:
+            size = SIZE_BYTES[code & 0x18]
             a = (("abs", size, (x[1] + i.k) & 0xFFFFFFFF) if x[0] == "const"
                  else ("ind", size, x[1], i.k) if x[0] == "msh" else UNKNOWN)
-        elif mode == M_MEM:
+        elif mode == C_MEM:
             a = mem[i.k]
         else:
             a = UNKNOWN  # len
     elif cls == C_LDX:
         mode = code & 0xE0
-        x = (("const", i.k) if mode == M_IMM else mem[i.k] if mode == M_MEM
-             else ("msh", i.k) if mode == M_MSH else UNKNOWN)
+        x = (("const", i.k) if mode == C_IMM else mem[i.k] if mode == C_MEM
+             else ("msh", i.k) if mode == C_MSH else UNKNOWN)
     elif cls == C_ST:
         mem = mem[:i.k] + (a,) + mem[i.k + 1:]
     elif cls == C_STX:
         mem = mem[:i.k] + (x,) + mem[i.k + 1:]
     elif cls == C_ALU:
-        if code & 0xF0 == 0x50 and not code & SRC_X:  # and #k
+        if code & 0xF0 == 0x50 and not code & X:  # and #k
             a = (("const", a[1] & i.k) if a[0] == "const" else ("and", a[1], a[2] & i.k) if a[0] == "and"
                  else ("and", a, i.k))
         else:
