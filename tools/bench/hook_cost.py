@@ -427,6 +427,14 @@ def cannot_test_run() -> str:
 LIVE_PROBES = ["net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit", "net:netif_rx",
                "net:netif_receive_skb", "drop:kfree_skb", "sock:consume_skb", "sched:runq"]
 MIN_LIVE_RUNS = 100
+def rejects_both_ways(expression: str, derived: str) -> list:
+    """A tcpdump expression's rejects with the criteria vnet derives (`derived`, in words) and without."""
+    return [(f"tcpdump '{expression}' rejects (its criteria first: {derived})",
+             {"packet_filter": PacketFilter(expression=expression)}),
+            (f"tcpdump '{expression}' rejects (the expression alone: nothing derived)",
+             {"packet_filter": ExpressionAlone(expression=expression)})]
+
+
 LIVE_VARIANTS = [
     ("no filter: events", {}),
     ("field filter --dport 9 rejects (plain: before parsing)", {"packet_filter": PacketFilter(dport=9)}),
@@ -438,18 +446,9 @@ LIVE_VARIANTS = [
      {"packet_filter": PacketFilter(expression="udp and dst port 5000")}),
     ("tcpdump 'udp and dst port 5000' keeps: events (the expression alone)",
      {"packet_filter": ExpressionAlone(expression="udp and dst port 5000")}),
-    ("tcpdump 'tcp port 80 or tcp port 443' rejects (its criteria first: protocol tcp)",
-     {"packet_filter": PacketFilter(expression="tcp port 80 or tcp port 443")}),
-    ("tcpdump 'tcp port 80 or tcp port 443' rejects (the expression alone: nothing derived)",
-     {"packet_filter": ExpressionAlone(expression="tcp port 80 or tcp port 443")}),
-    ("tcpdump 'port 53' rejects (its criteria first: port 53, SCTP left to the expression)",
-     {"packet_filter": PacketFilter(expression="port 53")}),
-    ("tcpdump 'port 53' rejects (the expression alone: nothing derived)",
-     {"packet_filter": ExpressionAlone(expression="port 53")}),
-    ("tcpdump 'arp' rejects (its criteria first: no plain IP packet)",
-     {"packet_filter": PacketFilter(expression="arp")}),
-    ("tcpdump 'arp' rejects (the expression alone: nothing derived)",
-     {"packet_filter": ExpressionAlone(expression="arp")}),
+    *rejects_both_ways("tcp port 80 or tcp port 443", "protocol tcp"),
+    *rejects_both_ways("port 53", "port 53, SCTP left to the expression"),
+    *rejects_both_ways("arp", "no plain IP packet"),
     ("--snaplen 128: events + bytes", {"snaplen": 128}),
 ]
 
