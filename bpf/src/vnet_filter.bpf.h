@@ -30,6 +30,10 @@ struct vnet_filter {
 	__u8 f_src[16];    /* IPv4 in the first 4 bytes */
 	__u8 f_dst[16];
 	__u8 f_host[16];
+	/* Sets, tested by step 2a alone (vnet/tcpdump/prejudge.py derives them from an expression:
+	 * `tcp or udp`, `port 80 or port 443`); unused slots repeat the first, all 0: any */
+	__u16 f_ports[4];  /* the source or destination port is one of these */
+	__u8 f_l4_protos[4];
 };
 
 static __always_inline bool vnet_prefix_match(const __u8 *addr, const volatile __u8 *prefix, __u32 bits)
@@ -46,6 +50,11 @@ static __always_inline bool vnet_prefix_match(const __u8 *addr, const volatile _
 		bits -= take;
 	}
 	return true;
+}
+
+static __always_inline bool vnet_port_in(const volatile __u16 *set, __u16 port)
+{
+	return port == set[0] || port == set[1] || port == set[2] || port == set[3];
 }
 
 /* The filter in three steps, each as early as what it looks at is known, so
@@ -99,7 +108,7 @@ static __always_inline bool vnet_filter_early(const volatile struct vnet_filter 
 static __always_inline bool vnet_filter_on_fields(const volatile struct vnet_filter *f)
 {
 	return f->f_on && (f->f_family || f->f_l4_proto || f->f_sport || f->f_dport || f->f_port || f->f_src_bits ||
-			   f->f_dst_bits || f->f_host_bits);
+			   f->f_dst_bits || f->f_host_bits || f->f_ports[0] || f->f_l4_protos[0]);
 }
 
 /* 2a. First thing, for the packets most traffic is: plain IPv4 or IPv6 (no
@@ -162,10 +171,15 @@ static __always_inline bool vnet_filter_plain_may_keep(const volatile struct vne
 		flags |= VNET_F_PORTS;
 		if (decap && l4_proto == VNET_IPPROTO_UDP && (dport == VNET_VXLAN_PORT || dport == VNET_VXLAN_LINUX_PORT))
 			return true;
-	} else if (l4_proto == VNET_IPPROTO_SCTP && (f->f_sport || f->f_dport || f->f_port)) {
+	} else if (l4_proto == VNET_IPPROTO_SCTP && (f->f_sport || f->f_dport || f->f_port || f->f_ports[0])) {
 		return true; /* VNET_PLAIN_SCTP_PORTS_LATER */
 	}
 	VNET_FILTER_TUPLE_OR_RETURN(f, flags, flags & VNET_F_PORTS, l4_proto, sport, dport, saddr, daddr);
+	if (f->f_l4_protos[0] && l4_proto != f->f_l4_protos[0] && l4_proto != f->f_l4_protos[1] &&
+	    l4_proto != f->f_l4_protos[2] && l4_proto != f->f_l4_protos[3])
+		return false;
+	if (f->f_ports[0] && (!(flags & VNET_F_PORTS) || !(vnet_port_in(f->f_ports, sport) || vnet_port_in(f->f_ports, dport))))
+		return false;
 	return true;
 }
 

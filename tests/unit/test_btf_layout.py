@@ -186,6 +186,15 @@ def test_the_plain_test_rules_agree_with_the_objects(btf):
     assert btf.enum("vnet_plain_test") == {"VNET_PLAIN_SCTP_PORTS_LATER": PLAIN_SCTP_PORTS_LATER}
 
 
+def test_the_sets_step_2a_tests_have_the_slots_prejudge_fills(btf):
+    """vnet/tcpdump/prejudge.py writes f_ports and f_l4_protos with SET_SLOTS slots each."""
+    from vnet.tcpdump.prejudge import SET_SLOTS
+
+    flt = btf.struct("vnet_filter")
+    assert flt.field("f_ports").count == SET_SLOTS and flt.field("f_ports").size == 2 * SET_SLOTS
+    assert flt.field("f_l4_protos").size == SET_SLOTS and flt.field("f_l4_protos").is_bytes
+
+
 def test_probe_limit_agrees_with_the_objects(btf):
     """Trace refuses more plans than the per-probe counters have room for."""
     from vnet.trace.session import MAX_PROBES
