@@ -130,7 +130,10 @@ PREJUDGED = ["udp", "tcp", "sctp", "icmp", "icmp6", "ip6", "udp port 53", "tcp a
              # port criteria where SCTP packets are left to the expression (VNET_PLAIN_SCTP_PORTS_LATER)
              "port 53", "sctp or port 80", "dst port 53 and host 10.1.0.1",
              # no plain IP packet passes: all rejected first
-             "arp", "mpls"]
+             "arp", "mpls",
+             # sets: one of up to 4 protocols, one of up to 4 ports either way round
+             "port 80 or port 443", "udp or tcp", "tcp or icmp", "port 53 or 80", "icmp or icmp6",
+             "host 10.1.0.1 and (port 80 or port 443)", "src port 53 or dst port 80"]
 
 
 @pytest.mark.parametrize("text", PREJUDGED)
@@ -159,6 +162,20 @@ def test_the_criteria_run_before_the_expression():
     plain_udp = [i for i, p in enumerate(PREJUDGE_PACKETS) if UDP in p and Dot1Q not in p and IPv6ExtHdrFragment
                  not in p and (IP not in p or p[IP].frag == 0)]
     assert plain_udp and not any(got[i] for i in plain_udp)
+    assert not any(got[i] for i, f in enumerate(PREJUDGE_FRAMES) if not expr.matches(f))
+
+
+@pytest.mark.parametrize("text, wrong", [("udp port 53", {"f_ports": (9, 9, 9, 9)}),
+                                         ("udp", {"f_l4_protos": bytes((6, 1, 6, 6))})])
+def test_sets_run_before_the_expression(text, wrong):
+    """Sets that leave out what the expression keeps (port 9 for port 53, TCP or
+    ICMP for UDP) leave out its plain packets: the sets are tested, and first."""
+    expr = compile(text)
+    with _load(expr, {**PacketFilter(expression=text).config(), **wrong}) as obj:
+        got = [_kept(obj, f) for f in PREJUDGE_FRAMES]
+    plain = [i for i, p in enumerate(PREJUDGE_PACKETS) if UDP in p and Dot1Q not in p and IPv6ExtHdrFragment
+             not in p and (IP not in p or p[IP].frag == 0) and expr.matches(PREJUDGE_FRAMES[i])]
+    assert plain and not any(got[i] for i in plain)
     assert not any(got[i] for i, f in enumerate(PREJUDGE_FRAMES) if not expr.matches(f))
 
 

@@ -54,6 +54,8 @@ NO_PLAIN_PACKET = {"f_l4_proto": 255}
 ETHERTYPE = {4: 0x0800, 6: 0x86DD}
 VLAN_TPIDS = frozenset({0x8100, 0x88A8})  # what the kernel keeps in skb->vlan_proto
 IPV6_NOT_PLAIN = frozenset({0, 43, 44, 60, 51})  # next headers step 2a leaves to the parse
+PORT_KEYS = ("f_sport", "f_dport", "f_port", "f_ports")  # with any, step 2a leaves SCTP packets alone
+SET_SLOTS = 4  # f_ports[4], f_l4_protos[4]
 MAX_STATES = 30000  # states followed in all before giving up (nothing derived): ~0.2 s here
 
 
@@ -314,8 +316,9 @@ def _common_prefix(a: tuple[int, int], b: tuple[int, int], width: int) -> tuple[
     return (a[0] >> (width - bits) << (width - bits) if bits else 0, bits)
 
 
-def _join(ways: list[_Pinned]) -> dict:
-    """What all of `ways` have in common, as struct vnet_filter fields."""
+def _join(ways: list[_Pinned], sets: bool) -> dict:
+    """What all of `ways` have in common, as struct vnet_filter fields (`sets`: or
+    one of up to SET_SLOTS protocols, one of up to SET_SLOTS ports either way round)."""
     if not ways:
         return {}
     cfg: dict = {}
@@ -326,6 +329,8 @@ def _join(ways: list[_Pinned]) -> dict:
     protos = {w.proto for w in ways}
     if len(protos) == 1 and None not in protos:
         cfg["f_l4_proto"] = protos.pop()
+    elif sets and None not in protos and len(protos) <= SET_SLOTS:
+        cfg["f_l4_protos"] = bytes(_slots(sorted(protos)))  # `tcp or udp` (a __u8 array)
     for key in ("sport", "dport"):
         values = {getattr(w, key) for w in ways}
         if len(values) == 1 and None not in values:
@@ -334,6 +339,12 @@ def _join(ways: list[_Pinned]) -> dict:
         either = set.intersection(*({w.sport, w.dport} - {None} for w in ways))
         if either:
             cfg["f_port"] = min(either)
+        elif sets:
+            ports = _hitting_set([{w.sport, w.dport} - {None} for w in ways])  # `port 80 or port 443`
+            if ports:
+                cfg["f_ports"] = _slots(sorted(ports))
+    if set(cfg.get("f_l4_protos", ())) <= set(READS_PORTS) and any(k in cfg for k in PORT_KEYS):
+        cfg.pop("f_l4_protos", None)  # only TCP and UDP packets have the ports step 2a reads
     if family:
         width = 32 if family == 4 else 128
         for key in ("src", "dst"):
@@ -356,6 +367,31 @@ def _join(ways: list[_Pinned]) -> dict:
     return cfg
 
 
+def _hitting_set(options: list[set[int]]) -> set[int] | None:
+    """At most SET_SLOTS values, one of each of `options` among them (greedy: the value most
+    of the rest have first); None where a way has none or more would be needed."""
+    if not all(options):
+        return None
+    chosen: set[int] = set()
+    left = list(options)
+    while left:
+        if len(chosen) == SET_SLOTS:
+            return None
+        counts: dict[int, int] = {}
+        for o in left:
+            for v in o:
+                counts[v] = counts.get(v, 0) + 1
+        best = min(counts, key=lambda v: (-counts[v], v))
+        chosen.add(best)
+        left = [o for o in left if best not in o]
+    return chosen
+
+
+def _slots(values: list[int]) -> tuple[int, ...]:
+    """A set's slots as the programs read them: unused ones repeat the first."""
+    return tuple(values) + (values[0],) * (SET_SLOTS - len(values))
+
+
 def _either_prefix(ways: list[_Pinned], width: int) -> tuple[int, int] | None:
     """The longest prefix that the source or the destination of every way has."""
     best = None
@@ -374,18 +410,19 @@ def _either_prefix(ways: list[_Pinned], width: int) -> tuple[int, int] | None:
     return best
 
 
-def criteria(expression: Expression | str, sctp_ports_later: bool = True) -> dict:
+def criteria(expression: Expression | str, sctp_ports_later: bool = True, sets: bool = True) -> dict:
     """struct vnet_filter fields (f_l4_proto, f_family, f_src/f_dst/f_host and
-    their _bits, f_sport/f_dport/f_port) every packet step 2a judges and
-    `expression` accepts meets; {} where nothing is pinned down.
+    their _bits, f_sport/f_dport/f_port, f_l4_protos, f_ports) every packet step
+    2a judges and `expression` accepts meets; {} where nothing is pinned down.
     `sctp_ports_later`: step 2a leaves SCTP packets alone where ports are
-    criteria (VNET_PLAIN_SCTP_PORTS_LATER; not in objects of an older vnet)."""
+    criteria (VNET_PLAIN_SCTP_PORTS_LATER); `sets`: it has f_l4_protos and
+    f_ports (neither is in objects of an older vnet)."""
     expr = compile(expression) if isinstance(expression, str) else expression
-    return dict(_derived(expr, sctp_ports_later))
+    return dict(_derived(expr, sctp_ports_later, sets))
 
 
 @functools.lru_cache(maxsize=16)
-def _derived(expr: Expression, sctp_ports_later: bool) -> dict:
+def _derived(expr: Expression, sctp_ports_later: bool, sets: bool) -> dict:
     """criteria(), once per expression: the CLI's check and the trace ask alike."""
     ways: list[_Pinned] = []
     budget = [MAX_STATES]
@@ -406,10 +443,10 @@ def _derived(expr: Expression, sctp_ports_later: bool) -> dict:
     if sctp_ports_later:
         # libpcap's `port 53` is TCP's, UDP's or SCTP's; step 2a reads no SCTP ports, but
         # judges no SCTP packet either where ports are criteria: its ways can be left out then
-        other = _join([w for w in ways if w.proto != SCTP])
-        if any(k in other for k in ("f_sport", "f_dport", "f_port")):
+        other = _join([w for w in ways if w.proto != SCTP], sets)
+        if any(k in other for k in PORT_KEYS):
             return other
-    return _join(ways)
+    return _join(ways, sets)
 
 
 def describe(cfg: dict) -> str:
@@ -419,9 +456,11 @@ def describe(cfg: dict) -> str:
     parts = []
     if cfg.get("f_family"):
         parts.append(f"IPv{cfg['f_family']}")
+    names = {v: k for k, v in PROTOCOLS.items()}
     if cfg.get("f_l4_proto"):
-        names = {v: k for k, v in PROTOCOLS.items()}
         parts.append(f"protocol {names.get(cfg['f_l4_proto'], cfg['f_l4_proto'])}")
+    if cfg.get("f_l4_protos"):
+        parts.append("protocol " + " or ".join(str(names.get(p, p)) for p in dict.fromkeys(cfg["f_l4_protos"])))
     for key, word in (("f_src", "source"), ("f_dst", "destination"), ("f_host", "source or destination")):
         if cfg.get(f"{key}_bits"):
             bits = cfg[f"{key}_bits"]
@@ -433,4 +472,6 @@ def describe(cfg: dict) -> str:
                       ("f_port", "source or destination port")):
         if cfg.get(key):
             parts.append(f"{word} {cfg[key]}")
+    if cfg.get("f_ports"):
+        parts.append("source or destination port " + " or ".join(map(str, dict.fromkeys(cfg["f_ports"]))))
     return ", ".join(parts)

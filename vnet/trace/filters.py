@@ -51,10 +51,11 @@ class PacketFilter:
     def active(self) -> bool:
         return any(v is not None for v in self._criteria().values())
 
-    def config(self, prejudge: bool = True, sctp_ports_later: bool = True) -> dict:
+    def config(self, prejudge: bool = True, sctp_ports_later: bool = True, sets: bool = True) -> dict:
         """The f_* fields of struct vnet_filter (names from the objects' BTF);
         `prejudge`: with the criteria a lone expression implies, tested first
-        (`sctp_ports_later`: by objects with VNET_PLAIN_SCTP_PORTS_LATER)."""
+        (`sctp_ports_later`: by objects with VNET_PLAIN_SCTP_PORTS_LATER; `sets`:
+        by objects with f_ports and f_l4_protos)."""
         if not self.active:
             return {"f_on": 0}
         cfg: dict = {"f_on": FILTER_ON}
@@ -69,7 +70,7 @@ class PacketFilter:
             # What every packet the expression accepts has (protocol, addresses, ports), tested first.
             from vnet.tcpdump.prejudge import criteria
 
-            pre = criteria(self.compiled, sctp_ports_later)
+            pre = criteria(self.compiled, sctp_ports_later, sets)
             if pre:
                 cfg.update(pre, f_on=FILTER_ON_PCAP)
         families = set()

@@ -289,7 +289,9 @@ class Trace:
                 if flt.get("f_on") == FILTER_ON_PCAP and not obj.btf.has("vnet_filter_on", ENUM):
                     flt = self.packet_filter.config(prejudge=False)  # an older vnet's object (benchmarks)
                 elif flt.get("f_on") == FILTER_ON_PCAP and not obj.btf.has("vnet_plain_test", ENUM):
-                    flt = self.packet_filter.config(sctp_ports_later=False)  # ... judging SCTP by its ports
+                    flt = self.packet_filter.config(sctp_ports_later=False, sets=False)  # ... judging SCTP by its ports
+                elif flt.get("f_on") == FILTER_ON_PCAP and "f_ports" not in obj.config_fields(plan.config_var):
+                    flt = self.packet_filter.config(sets=False)  # ... with no sets of ports or protocols
                 config.update(flt, aggregate=self._aggregate_bits(), snaplen=self.snaplen)
                 if self.packet_filter.compiled is not None:
                     obj.replace_functions(self._expression_code(plan, obj))
