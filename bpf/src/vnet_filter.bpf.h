@@ -31,7 +31,7 @@ struct vnet_filter {
 	__u8 f_dst[16];
 	__u8 f_host[16];
 	/* Sets, tested by step 2a alone (vnet/tcpdump/prejudge.py derives them from an expression:
-	 * `tcp or udp`, `port 80 or port 443`); unused slots repeat the first, all 0: any */
+	 * `tcp or udp`, `port 80 or port 443`); 0: an unused slot, all 0: any */
 	__u16 f_ports[4];  /* the source or destination port is one of these */
 	__u8 f_l4_protos[4];
 };
@@ -52,9 +52,20 @@ static __always_inline bool vnet_prefix_match(const __u8 *addr, const volatile _
 	return true;
 }
 
+/* A set's unused slots are 0 and tested first: read-only config, so the
+ * verifier knows them and drops their compares. */
 static __always_inline bool vnet_port_in(const volatile __u16 *set, __u16 port)
 {
-	return port == set[0] || port == set[1] || port == set[2] || port == set[3];
+	__u16 p1 = set[1], p2 = set[2], p3 = set[3];
+
+	return port == set[0] || (p1 && port == p1) || (p2 && port == p2) || (p3 && port == p3);
+}
+
+static __always_inline bool vnet_proto_in(const volatile __u8 *set, __u8 proto)
+{
+	__u8 p1 = set[1], p2 = set[2], p3 = set[3];
+
+	return proto == set[0] || (p1 && proto == p1) || (p2 && proto == p2) || (p3 && proto == p3);
 }
 
 /* The filter in three steps, each as early as what it looks at is known, so
@@ -175,8 +186,7 @@ static __always_inline bool vnet_filter_plain_may_keep(const volatile struct vne
 		return true; /* VNET_PLAIN_SCTP_PORTS_LATER */
 	}
 	VNET_FILTER_TUPLE_OR_RETURN(f, flags, flags & VNET_F_PORTS, l4_proto, sport, dport, saddr, daddr);
-	if (f->f_l4_protos[0] && l4_proto != f->f_l4_protos[0] && l4_proto != f->f_l4_protos[1] &&
-	    l4_proto != f->f_l4_protos[2] && l4_proto != f->f_l4_protos[3])
+	if (f->f_l4_protos[0] && !vnet_proto_in(f->f_l4_protos, l4_proto))
 		return false;
 	if (f->f_ports[0] && (!(flags & VNET_F_PORTS) || !(vnet_port_in(f->f_ports, sport) || vnet_port_in(f->f_ports, dport))))
 		return false;

@@ -56,27 +56,27 @@ def a4(text: str) -> bytes:
     ("udp and portrange 1-100", {"f_l4_proto": 17}),
     ("tcp[13] = 2", {"f_l4_proto": 6, "f_family": 4}),  # libpcap's tcp[] reads IPv4 only
     # libpcap's grammar is libpcap's: `or`, parentheses, `not`, a bare value's inherited qualifiers
-    ("tcp port 80 or tcp port 443", {"f_l4_proto": 6, "f_ports": (80, 443, 80, 80)}),
+    ("tcp port 80 or tcp port 443", {"f_l4_proto": 6, "f_ports": (80, 443, 0, 0)}),
     ("(udp and port 53) or (tcp and port 53)", {"f_port": 53}),  # TCP or UDP either way: ports step 2a reads
     ("udp and (dst port 53 or dst port 53)", {"f_l4_proto": 17, "f_dport": 53}),
     ("net 10.1.0.0/16 and (port 80 or port 443)", {"f_family": 4, "f_host": a4("10.1.0.0"), "f_host_bits": 16,
-                                                   "f_ports": (80, 443, 80, 80)}),
+                                                   "f_ports": (80, 443, 0, 0)}),
     ("host 10.1.0.1 or host 10.1.0.9", {"f_family": 4, "f_host": a4("10.1.0.0"), "f_host_bits": 28}),
     ("src host 10.1.0.1 or dst host 10.1.0.1", {"f_family": 4, "f_host": a4("10.1.0.1"), "f_host_bits": 32}),
     ("host 10.1.0.1 and 10.1.0.2", {"f_family": 4, "f_src": a4("10.1.0.0"), "f_src_bits": 30,  # inherits `host`
                                     "f_dst": a4("10.1.0.0"), "f_dst_bits": 30}),
     ("ip[8] < 64", {"f_family": 4}),
-    # sets: one of up to 4 protocols, one of up to 4 ports either way round (unused slots repeat the first)
-    ("port 53 or 80", {"f_ports": (53, 80, 53, 53)}),
-    ("udp port 53 or 80", {"f_l4_proto": 17, "f_ports": (53, 80, 53, 53)}),
-    ("tcp port 80 or udp port 53", {"f_ports": (53, 80, 53, 53)}),  # (ports: TCP or UDP already)
+    # sets: one of up to 4 protocols, one of up to 4 ports either way round (unused slots 0)
+    ("port 53 or 80", {"f_ports": (53, 80, 0, 0)}),
+    ("udp port 53 or 80", {"f_l4_proto": 17, "f_ports": (53, 80, 0, 0)}),
+    ("tcp port 80 or udp port 53", {"f_ports": (53, 80, 0, 0)}),  # (ports: TCP or UDP already)
     ("port 80 or port 443 or port 8080 or port 8443", {"f_ports": (80, 443, 8080, 8443)}),
-    ("port 80 or port 443 or port 8080 or port 8443 or port 22", {"f_l4_protos": bytes((6, 17, 132, 6))}),
-    ("src port 53 or dst port 80", {"f_ports": (53, 80, 53, 53)}),
-    ("udp or tcp", {"f_l4_protos": bytes((6, 17, 6, 6))}),
-    ("udp || tcp", {"f_l4_protos": bytes((6, 17, 6, 6))}),
-    ("icmp or icmp6", {"f_l4_protos": bytes((1, 58, 1, 1))}),
-    ("portrange 1-100", {"f_l4_protos": bytes((6, 17, 132, 6))}),  # a range pins no port down
+    ("port 80 or port 443 or port 8080 or port 8443 or port 22", {"f_l4_protos": bytes((6, 17, 132, 0))}),
+    ("src port 53 or dst port 80", {"f_ports": (53, 80, 0, 0)}),
+    ("udp or tcp", {"f_l4_protos": bytes((6, 17, 0, 0))}),
+    ("udp || tcp", {"f_l4_protos": bytes((6, 17, 0, 0))}),
+    ("icmp or icmp6", {"f_l4_protos": bytes((1, 58, 0, 0))}),
+    ("portrange 1-100", {"f_l4_protos": bytes((6, 17, 132, 0))}),  # a range pins no port down
     ("sctp or port 80", {"f_port": 80}),
     ("not (tcp or sctp or icmp) and ip6", {"f_family": 6}),
     # the tag the kernel keeps in the sk_buff is put back for the expression: what follows it counts
@@ -168,8 +168,9 @@ def step_2a_rejects(cfg: dict, frame: bytes, sctp_later: bool = True) -> bool:
             and (not cfg.get("f_sport") or (ports is not None and ports[0] == cfg["f_sport"]))
             and (not cfg.get("f_dport") or (ports is not None and ports[1] == cfg["f_dport"]))
             and (not cfg.get("f_port") or (ports is not None and cfg["f_port"] in ports))
-            and (not cfg.get("f_l4_protos") or proto in cfg["f_l4_protos"])
-            and (not cfg.get("f_ports") or (ports is not None and bool(set(ports) & set(cfg["f_ports"]))))
+            and (not cfg.get("f_l4_protos") or not cfg["f_l4_protos"][0] or proto in set(cfg["f_l4_protos"]) - {0})
+            and (not cfg.get("f_ports") or not cfg["f_ports"][0]
+                 or (ports is not None and bool(set(ports) & (set(cfg["f_ports"]) - {0}))))
             and (not cfg.get("f_src_bits") or prefix(saddr, "f_src"))
             and (not cfg.get("f_dst_bits") or prefix(daddr, "f_dst"))
             and (not cfg.get("f_host_bits") or prefix(saddr, "f_host") or prefix(daddr, "f_host")))
@@ -267,8 +268,8 @@ def test_the_model_catches_a_wrong_criterion():
     frames = [random_frame(rng) for _ in range(1500)]
     for text, wrong, later in (("port 53", {"f_port": 53}, False),  # SCTP packets on port 53, judged
                                ("vlan or udp", {"f_l4_proto": 17}, True),  # TCP with a tag outside its bytes
-                               ("port 53 or 80", {"f_ports": (53, 9, 53, 53)}, True),  # a wrong set member
-                               ("udp or icmp", {"f_l4_protos": bytes((17, 6, 17, 17))}, True)):
+                               ("port 53 or 80", {"f_ports": (53, 9, 0, 0)}, True),  # a wrong set member
+                               ("udp or icmp", {"f_l4_protos": bytes((17, 6, 0, 0))}, True)):
         expr = compile(text)
         assert any(step_2a_rejects(wrong, f, later) and expr.matches(v, link)
                    for f in frames for link, v in views(f))

@@ -343,7 +343,7 @@ def _join(ways: list[_Pinned], sets: bool) -> dict:
             ports = _hitting_set([{w.sport, w.dport} - {None} for w in ways])  # `port 80 or port 443`
             if ports:
                 cfg["f_ports"] = _slots(sorted(ports))
-    if set(cfg.get("f_l4_protos", ())) <= set(READS_PORTS) and any(k in cfg for k in PORT_KEYS):
+    if set(cfg.get("f_l4_protos", ())) - {0} <= set(READS_PORTS) and any(k in cfg for k in PORT_KEYS):
         cfg.pop("f_l4_protos", None)  # only TCP and UDP packets have the ports step 2a reads
     if family:
         width = 32 if family == 4 else 128
@@ -388,8 +388,8 @@ def _hitting_set(options: list[set[int]]) -> set[int] | None:
 
 
 def _slots(values: list[int]) -> tuple[int, ...]:
-    """A set's slots as the programs read them: unused ones repeat the first."""
-    return tuple(values) + (values[0],) * (SET_SLOTS - len(values))
+    """A set's slots as the programs read them: unused ones are 0."""
+    return tuple(values) + (0,) * (SET_SLOTS - len(values))
 
 
 def _either_prefix(ways: list[_Pinned], width: int) -> tuple[int, int] | None:
@@ -460,7 +460,7 @@ def describe(cfg: dict) -> str:
     if cfg.get("f_l4_proto"):
         parts.append(f"protocol {names.get(cfg['f_l4_proto'], cfg['f_l4_proto'])}")
     if cfg.get("f_l4_protos"):
-        parts.append("protocol " + " or ".join(str(names.get(p, p)) for p in dict.fromkeys(cfg["f_l4_protos"])))
+        parts.append("protocol " + " or ".join(str(names.get(p, p)) for p in cfg["f_l4_protos"] if p))
     for key, word in (("f_src", "source"), ("f_dst", "destination"), ("f_host", "source or destination")):
         if cfg.get(f"{key}_bits"):
             bits = cfg[f"{key}_bits"]
@@ -473,5 +473,5 @@ def describe(cfg: dict) -> str:
         if cfg.get(key):
             parts.append(f"{word} {cfg[key]}")
     if cfg.get("f_ports"):
-        parts.append("source or destination port " + " or ".join(map(str, dict.fromkeys(cfg["f_ports"]))))
+        parts.append("source or destination port " + " or ".join(str(p) for p in cfg["f_ports"] if p))
     return ", ".join(parts)
