@@ -427,6 +427,8 @@ def cannot_test_run() -> str:
 LIVE_PROBES = ["net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit", "net:netif_rx",
                "net:netif_receive_skb", "drop:kfree_skb", "sock:consume_skb", "sched:runq"]
 MIN_LIVE_RUNS = 100
+
+
 def rejects_both_ways(expression: str, derived: str) -> list:
     """A tcpdump expression's rejects with the criteria vnet derives (`derived`, in words) and without."""
     return [(f"tcpdump '{expression}' rejects (its criteria first: {derived})",
@@ -446,7 +448,9 @@ LIVE_VARIANTS = [
      {"packet_filter": PacketFilter(expression="udp and dst port 5000")}),
     ("tcpdump 'udp and dst port 5000' keeps: events (the expression alone)",
      {"packet_filter": ExpressionAlone(expression="udp and dst port 5000")}),
-    *rejects_both_ways("tcp port 80 or tcp port 443", "protocol tcp"),
+    *rejects_both_ways("tcp port 80 or tcp port 443", "protocol tcp, port 80 or 443"),
+    *rejects_both_ways("port 80 or port 443", "port 80 or 443"),
+    *rejects_both_ways("tcp or icmp", "protocol tcp or icmp"),
     *rejects_both_ways("port 53", "port 53, SCTP left to the expression"),
     *rejects_both_ways("arp", "no plain IP packet"),
     ("--snaplen 128: events + bytes", {"snaplen": 128}),
