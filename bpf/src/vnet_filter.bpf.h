@@ -34,6 +34,7 @@ struct vnet_filter {
 	 * `tcp or udp`, `port 80 or port 443`); 0: an unused slot, all 0: any */
 	__u16 f_ports[4];  /* the source or destination port is one of these */
 	__u8 f_l4_protos[4];
+	__u32 f_hosts_v4[4]; /* an IPv4 packet whose source or destination is one of these (network order) */
 };
 
 static __always_inline bool vnet_prefix_match(const __u8 *addr, const volatile __u8 *prefix, __u32 bits)
@@ -59,6 +60,13 @@ static __always_inline bool vnet_port_in(const volatile __u16 *set, __u16 port)
 	__u16 p1 = set[1], p2 = set[2], p3 = set[3];
 
 	return port == set[0] || (p1 && port == p1) || (p2 && port == p2) || (p3 && port == p3);
+}
+
+static __always_inline bool vnet_addr_v4_in(const volatile __u32 *set, __u32 addr)
+{
+	__u32 a1 = set[1], a2 = set[2], a3 = set[3];
+
+	return addr == set[0] || (a1 && addr == a1) || (a2 && addr == a2) || (a3 && addr == a3);
 }
 
 static __always_inline bool vnet_proto_in(const volatile __u8 *set, __u8 proto)
@@ -119,7 +127,8 @@ static __always_inline bool vnet_filter_early(const volatile struct vnet_filter 
 static __always_inline bool vnet_filter_on_fields(const volatile struct vnet_filter *f)
 {
 	return f->f_on && (f->f_family || f->f_l4_proto || f->f_sport || f->f_dport || f->f_port || f->f_src_bits ||
-			   f->f_dst_bits || f->f_host_bits || f->f_ports[0] || f->f_l4_protos[0]);
+			   f->f_dst_bits || f->f_host_bits || f->f_ports[0] || f->f_l4_protos[0] ||
+			   f->f_hosts_v4[0]);
 }
 
 /* 2a. First thing, for the packets most traffic is: plain IPv4 or IPv6 (no
@@ -189,6 +198,9 @@ static __always_inline bool vnet_filter_plain_may_keep(const volatile struct vne
 	if (f->f_l4_protos[0] && !vnet_proto_in(f->f_l4_protos, l4_proto))
 		return false;
 	if (f->f_ports[0] && (!(flags & VNET_F_PORTS) || !(vnet_port_in(f->f_ports, sport) || vnet_port_in(f->f_ports, dport))))
+		return false;
+	if (f->f_hosts_v4[0] && (!(flags & VNET_F_IPV4) || !(vnet_addr_v4_in(f->f_hosts_v4, *(const __u32 *)saddr) ||
+							 vnet_addr_v4_in(f->f_hosts_v4, *(const __u32 *)daddr))))
 		return false;
 	return true;
 }
