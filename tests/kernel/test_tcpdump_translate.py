@@ -133,7 +133,8 @@ PREJUDGED = ["udp", "tcp", "sctp", "icmp", "icmp6", "ip6", "udp port 53", "tcp a
              "arp", "mpls",
              # sets: one of up to 4 protocols, one of up to 4 ports either way round
              "port 80 or port 443", "udp or tcp", "tcp or icmp", "port 53 or 80", "icmp or icmp6",
-             "host 10.1.0.1 and (port 80 or port 443)", "src port 53 or dst port 80"]
+             "host 10.1.0.1 and (port 80 or port 443)", "src port 53 or dst port 80",
+             "host 10.1.0.9 or host 10.4.0.4", "(host 10.3.0.3 or host 10.2.0.2) and tcp"]
 
 
 @pytest.mark.parametrize("text", PREJUDGED)
@@ -166,10 +167,12 @@ def test_the_criteria_run_before_the_expression():
 
 
 @pytest.mark.parametrize("text, wrong", [("udp port 53", {"f_ports": (9, 0, 0, 0)}),
-                                         ("udp", {"f_l4_protos": bytes((6, 1, 0, 0))})])
+                                         ("udp", {"f_l4_protos": bytes((6, 1, 0, 0))}),
+                                         ("udp", {"f_hosts_v4": (0x09090909, 0, 0, 0)})])
 def test_sets_run_before_the_expression(text, wrong):
     """Sets that leave out what the expression keeps (port 9 for port 53, TCP or
-    ICMP for UDP) leave out its plain packets: the sets are tested, and first."""
+    ICMP for UDP, 9.9.9.9 for any host) leave out its plain packets: the sets are
+    tested, and first."""
     expr = compile(text)
     with _load(expr, {**PacketFilter(expression=text).config(), **wrong}) as obj:
         got = [_kept(obj, f) for f in PREJUDGE_FRAMES]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import struct
+import sys
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -24,6 +25,10 @@ from scapy.packet import Raw
 from vnet.tcpdump import compile
 from vnet.tcpdump.prejudge import criteria
 from vnet.trace.filters import FILTER_ON_PCAP, PacketFilter
+
+
+def v4w(text: str) -> int:
+    return int.from_bytes(ipaddress.ip_address(text).packed, sys.byteorder)
 
 
 def a4(text: str) -> bytes:
@@ -61,10 +66,11 @@ def a4(text: str) -> bytes:
     ("udp and (dst port 53 or dst port 53)", {"f_l4_proto": 17, "f_dport": 53}),
     ("net 10.1.0.0/16 and (port 80 or port 443)", {"f_family": 4, "f_host": a4("10.1.0.0"), "f_host_bits": 16,
                                                    "f_ports": (80, 443, 0, 0)}),
-    ("host 10.1.0.1 or host 10.1.0.9", {"f_family": 4, "f_host": a4("10.1.0.0"), "f_host_bits": 28}),
+    ("ip6 host fd00::1 or ip6 host fd00::9", {"f_family": 6, "f_host": a4("fd00::"), "f_host_bits": 124}),
     ("src host 10.1.0.1 or dst host 10.1.0.1", {"f_family": 4, "f_host": a4("10.1.0.1"), "f_host_bits": 32}),
     ("host 10.1.0.1 and 10.1.0.2", {"f_family": 4, "f_src": a4("10.1.0.0"), "f_src_bits": 30,  # inherits `host`
-                                    "f_dst": a4("10.1.0.0"), "f_dst_bits": 30}),
+                                    "f_dst": a4("10.1.0.0"), "f_dst_bits": 30,
+                                    "f_hosts_v4": (v4w("10.1.0.1"), 0, 0, 0)}),  # (10.1.0.1 either way)
     ("ip[8] < 64", {"f_family": 4}),
     # sets: one of up to 4 protocols, one of up to 4 ports either way round (unused slots 0)
     ("port 53 or 80", {"f_ports": (53, 80, 0, 0)}),
@@ -78,6 +84,10 @@ def a4(text: str) -> bytes:
     ("icmp or icmp6", {"f_l4_protos": bytes((1, 58, 0, 0))}),
     ("portrange 1-100", {"f_l4_protos": bytes((6, 17, 132, 0))}),  # a range pins no port down
     ("sctp or port 80", {"f_port": 80}),
+    # ... and one of up to 4 IPv4 addresses either way round (as the programs load the 4 bytes)
+    ("host 10.1.0.1 or host 192.168.5.1", {"f_family": 4, "f_hosts_v4": (v4w("10.1.0.1"), v4w("192.168.5.1"), 0, 0)}),
+    ("(host 10.1.0.1 or host 10.1.0.9) and port 80", {"f_family": 4, "f_port": 80,
+                                                       "f_hosts_v4": (v4w("10.1.0.1"), v4w("10.1.0.9"), 0, 0)}),
     ("not (tcp or sctp or icmp) and ip6", {"f_family": 6}),
     # the tag the kernel keeps in the sk_buff is put back for the expression: what follows it counts
     ("vlan and udp", {"f_l4_proto": 17}),
@@ -169,6 +179,9 @@ def step_2a_rejects(cfg: dict, frame: bytes, sctp_later: bool = True) -> bool:
             and (not cfg.get("f_dport") or (ports is not None and ports[1] == cfg["f_dport"]))
             and (not cfg.get("f_port") or (ports is not None and cfg["f_port"] in ports))
             and (not cfg.get("f_l4_protos") or not cfg["f_l4_protos"][0] or proto in set(cfg["f_l4_protos"]) - {0})
+            and (not cfg.get("f_hosts_v4") or not cfg["f_hosts_v4"][0]
+                 or (family == 4 and bool({int.from_bytes(a, sys.byteorder) for a in (saddr, daddr)}
+                                          & (set(cfg["f_hosts_v4"]) - {0}))))
             and (not cfg.get("f_ports") or not cfg["f_ports"][0]
                  or (ports is not None and bool(set(ports) & (set(cfg["f_ports"]) - {0}))))
             and (not cfg.get("f_src_bits") or prefix(saddr, "f_src"))
@@ -228,6 +241,8 @@ SOUNDNESS = [
     "udp or tcp", "icmp or icmp6", "port 53 or 80", "tcp port 80 or udp port 53", "src port 53 or dst port 80",
     "host 10.1.0.1 and (port 80 or port 443)", "(port 9 or port 53) and not udp", "port 9 or 53 or 80 or 443",
     "tcp or icmp or sctp", "portrange 50-90", "udp or (tcp and port 80)",
+    "host 10.1.0.1 or host 192.168.5.1", "src 10.1.0.9 or dst 10.2.0.2", "(host 10.1.0.1 or host 10.2.0.2) and udp",
+    "host 10.1.0.1 and (host 10.1.0.9 or host 192.168.5.1)", "host 10.2.0.2 or net 192.168.0.0/16",
 ]  # (libpcap refuses what matches nothing: "tcp and udp")
 
 
@@ -269,7 +284,8 @@ def test_the_model_catches_a_wrong_criterion():
     for text, wrong, later in (("port 53", {"f_port": 53}, False),  # SCTP packets on port 53, judged
                                ("vlan or udp", {"f_l4_proto": 17}, True),  # TCP with a tag outside its bytes
                                ("port 53 or 80", {"f_ports": (53, 9, 0, 0)}, True),  # a wrong set member
-                               ("udp or icmp", {"f_l4_protos": bytes((17, 6, 0, 0))}, True)):
+                               ("udp or icmp", {"f_l4_protos": bytes((17, 6, 0, 0))}, True),
+                               ("host 10.1.0.1 or host 10.1.0.9", {"f_hosts_v4": (v4w("10.1.0.1"), 0, 0, 0)}, True)):
         expr = compile(text)
         assert any(step_2a_rejects(wrong, f, later) and expr.matches(v, link)
                    for f in frames for link, v in views(f))

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import sys
 from dataclasses import dataclass, field
 
 from vnet.trace.filters import PROTOCOLS as IP_PROTOCOLS
@@ -54,6 +55,7 @@ NO_PLAIN_PACKET = {"f_l4_proto": 255}
 ETHERTYPE = {4: 0x0800, 6: 0x86DD}
 VLAN_TPIDS = frozenset({0x8100, 0x88A8})  # what the kernel keeps in skb->vlan_proto
 IPV6_NOT_PLAIN = frozenset({0, 43, 44, 60, 51})  # next headers step 2a leaves to the parse
+# f_hosts_v4: one of up to SET_SLOTS IPv4 addresses, either way round
 PORT_KEYS = ("f_sport", "f_dport", "f_port", "f_ports")  # with any, step 2a leaves SCTP packets alone
 SET_SLOTS = 4  # f_ports[4], f_l4_protos[4]
 MAX_STATES = 30000  # states followed in all before giving up (nothing derived): ~0.2 s here
@@ -318,7 +320,7 @@ def _common_prefix(a: tuple[int, int], b: tuple[int, int], width: int) -> tuple[
 
 def _join(ways: list[_Pinned], sets: bool) -> dict:
     """What all of `ways` have in common, as struct vnet_filter fields (`sets`: or
-    one of up to SET_SLOTS protocols, one of up to SET_SLOTS ports either way round)."""
+    one of up to SET_SLOTS protocols, ports or IPv4 addresses, either way round)."""
     if not ways:
         return {}
     cfg: dict = {}
@@ -359,6 +361,11 @@ def _join(ways: list[_Pinned], sets: bool) -> dict:
             host = _either_prefix(ways, width)
             if host:
                 cfg["f_host"] = host
+        if family == 4 and sets and not any(cfg.get(k, (0, 0))[1] == 32 for k in ("f_src", "f_dst", "f_host")):
+            hosts = _hitting_set([{p[0] for p in (w.src, w.dst) if p and p[1] == 32} for w in ways])
+            if hosts:  # `host A or host B`: the set says more than their common prefix
+                cfg.pop("f_host", None)
+                cfg["f_hosts_v4"] = _slots([_as_loaded(a) for a in sorted(hosts)])
         for key in ("f_src", "f_dst", "f_host"):
             if key in cfg:
                 addr, bits = cfg[key]
@@ -387,6 +394,11 @@ def _hitting_set(options: list[set[int]]) -> set[int] | None:
     return chosen
 
 
+def _as_loaded(addr: int) -> int:
+    """An IPv4 address as the programs load its 4 bytes from the packet (a native-order word)."""
+    return int.from_bytes(addr.to_bytes(4, "big"), sys.byteorder)
+
+
 def _slots(values: list[int]) -> tuple[int, ...]:
     """A set's slots as the programs read them: unused ones are 0."""
     return tuple(values) + (0,) * (SET_SLOTS - len(values))
@@ -412,11 +424,11 @@ def _either_prefix(ways: list[_Pinned], width: int) -> tuple[int, int] | None:
 
 def criteria(expression: Expression | str, sctp_ports_later: bool = True, sets: bool = True) -> dict:
     """struct vnet_filter fields (f_l4_proto, f_family, f_src/f_dst/f_host and
-    their _bits, f_sport/f_dport/f_port, f_l4_protos, f_ports) every packet step
+    their _bits, f_sport/f_dport/f_port, f_l4_protos, f_ports, f_hosts_v4) every packet step
     2a judges and `expression` accepts meets; {} where nothing is pinned down.
     `sctp_ports_later`: step 2a leaves SCTP packets alone where ports are
-    criteria (VNET_PLAIN_SCTP_PORTS_LATER); `sets`: it has f_l4_protos and
-    f_ports (neither is in objects of an older vnet)."""
+    criteria (VNET_PLAIN_SCTP_PORTS_LATER); `sets`: it has f_l4_protos,
+    f_ports and f_hosts_v4 (not in objects of an older vnet)."""
     expr = compile(expression) if isinstance(expression, str) else expression
     return dict(_derived(expr, sctp_ports_later, sets))
 
@@ -472,6 +484,9 @@ def describe(cfg: dict) -> str:
                       ("f_port", "source or destination port")):
         if cfg.get(key):
             parts.append(f"{word} {cfg[key]}")
+    if cfg.get("f_hosts_v4") and cfg["f_hosts_v4"][0]:
+        addrs = (ipaddress.ip_address(a.to_bytes(4, sys.byteorder)) for a in cfg["f_hosts_v4"] if a)
+        parts.append("source or destination " + " or ".join(map(str, addrs)))
     if cfg.get("f_ports"):
         parts.append("source or destination port " + " or ".join(str(p) for p in cfg["f_ports"] if p))
     return ", ".join(parts)

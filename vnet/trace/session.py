@@ -290,8 +290,11 @@ class Trace:
                     flt = self.packet_filter.config(prejudge=False)  # an older vnet's object (benchmarks)
                 elif flt.get("f_on") == FILTER_ON_PCAP and not obj.btf.has("vnet_plain_test", ENUM):
                     flt = self.packet_filter.config(sctp_ports_later=False, sets=False)  # ... judging SCTP by its ports
-                elif flt.get("f_on") == FILTER_ON_PCAP and "f_ports" not in obj.config_fields(plan.config_var):
-                    flt = self.packet_filter.config(sets=False)  # ... with no sets of ports or protocols
+                elif flt.get("f_on") == FILTER_ON_PCAP:
+                    # ... or with fewer kinds of criteria: any left out, the rest still only reject
+                    # what the expression rejects
+                    fields = set(obj.config_fields(plan.config_var))
+                    flt = {k: v for k, v in flt.items() if k in fields}
                 config.update(flt, aggregate=self._aggregate_bits(), snaplen=self.snaplen)
                 if self.packet_filter.compiled is not None:
                     obj.replace_functions(self._expression_code(plan, obj))
