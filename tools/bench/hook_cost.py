@@ -451,6 +451,7 @@ LIVE_VARIANTS = [
     *rejects_both_ways("tcp port 80 or tcp port 443", "protocol tcp, port 80 or 443"),
     *rejects_both_ways("port 80 or port 443", "port 80 or 443"),
     *rejects_both_ways("tcp or icmp", "protocol tcp or icmp"),
+    *rejects_both_ways("host 192.0.2.1 or host 198.51.100.1", "IPv4, host 192.0.2.1 or 198.51.100.1"),
     *rejects_both_ways("port 53", "port 53, SCTP left to the expression"),
     *rejects_both_ways("arp", "no plain IP packet"),
     ("--snaplen 128: events + bytes", {"snaplen": 128}),
