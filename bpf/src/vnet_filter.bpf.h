@@ -31,7 +31,7 @@ struct vnet_filter {
 	__u8 f_dst[16];
 	__u8 f_host[16];
 	/* Sets, tested by step 2a alone (vnet/tcpdump/prejudge.py derives them from an expression:
-	 * `tcp or udp`, `port 80 or port 443`); 0: an unused slot, all 0: any */
+	 * `tcp or udp`, `port 80 or port 443`, `host A or host B`); 0: an unused slot, all 0: any */
 	__u16 f_ports[4];  /* the source or destination port is one of these */
 	__u8 f_l4_protos[4];
 	__u32 f_hosts_v4[4]; /* an IPv4 packet whose source or destination is one of these (network order) */

@@ -55,9 +55,8 @@ NO_PLAIN_PACKET = {"f_l4_proto": 255}
 ETHERTYPE = {4: 0x0800, 6: 0x86DD}
 VLAN_TPIDS = frozenset({0x8100, 0x88A8})  # what the kernel keeps in skb->vlan_proto
 IPV6_NOT_PLAIN = frozenset({0, 43, 44, 60, 51})  # next headers step 2a leaves to the parse
-# f_hosts_v4: one of up to SET_SLOTS IPv4 addresses, either way round
 PORT_KEYS = ("f_sport", "f_dport", "f_port", "f_ports")  # with any, step 2a leaves SCTP packets alone
-SET_SLOTS = 4  # f_ports[4], f_l4_protos[4]
+SET_SLOTS = 4  # f_ports[4], f_l4_protos[4], f_hosts_v4[4]
 MAX_STATES = 30000  # states followed in all before giving up (nothing derived): ~0.2 s here
 
 
