@@ -35,6 +35,7 @@ struct vnet_filter {
 	__u16 f_ports[4];  /* the source or destination port is one of these */
 	__u8 f_l4_protos[4];
 	__u32 f_hosts_v4[4]; /* an IPv4 packet whose source or destination is one of these (network order) */
+	__u8 f_hosts_v6[64] __attribute__((aligned(8))); /* the same for IPv6: 4 addresses of 16 bytes */
 };
 
 static __always_inline bool vnet_prefix_match(const __u8 *addr, const volatile __u8 *prefix, __u32 bits)
@@ -53,27 +54,55 @@ static __always_inline bool vnet_prefix_match(const __u8 *addr, const volatile _
 	return true;
 }
 
-/* A set's unused slots are 0 and tested first: read-only config, so the
- * verifier knows them and drops their compares. */
-static __always_inline bool vnet_port_in(const volatile __u16 *set, __u16 port)
-{
-	__u16 p1 = set[1], p2 = set[2], p3 = set[3];
+/* A set's unused slots are 0 and tested after its first: read-only config, so
+ * the verifier knows them and drops their compares. One definition per type. */
+#define VNET_DEFINE_SET_TEST(name, type)									\
+	static __always_inline bool name(const volatile type *set, type v)				\
+	{												\
+		type s1 = set[1], s2 = set[2], s3 = set[3];						\
+													\
+		return v == set[0] || (s1 && v == s1) || (s2 && v == s2) || (s3 && v == s3);		\
+	}
 
-	return port == set[0] || (p1 && port == p1) || (p2 && port == p2) || (p3 && port == p3);
+VNET_DEFINE_SET_TEST(vnet_port_in, __u16)
+VNET_DEFINE_SET_TEST(vnet_addr_v4_in, __u32)
+VNET_DEFINE_SET_TEST(vnet_proto_in, __u8)
+
+/* An IPv6 address slot, as two words; all 0: unused (an address set never holds `::`). */
+static __always_inline __u64 vnet_v6_word(const volatile __u8 *set, int slot, int half)
+{
+	return *(const volatile __u64 *)(set + 16 * slot + 8 * half);
 }
 
-static __always_inline bool vnet_addr_v4_in(const volatile __u32 *set, __u32 addr)
+static __always_inline bool vnet_v6_used(const volatile __u8 *set, int slot)
 {
-	__u32 a1 = set[1], a2 = set[2], a3 = set[3];
-
-	return addr == set[0] || (a1 && addr == a1) || (a2 && addr == a2) || (a3 && addr == a3);
+	return vnet_v6_word(set, slot, 0) || vnet_v6_word(set, slot, 1);
 }
 
-static __always_inline bool vnet_proto_in(const volatile __u8 *set, __u8 proto)
+static __always_inline bool vnet_addr_v6_in(const volatile __u8 *set, const __u8 *addr)
 {
-	__u8 p1 = set[1], p2 = set[2], p3 = set[3];
+	__u64 hi = *(const __u64 *)addr, lo = *(const __u64 *)(addr + 8);
 
-	return proto == set[0] || (p1 && proto == p1) || (p2 && proto == p2) || (p3 && proto == p3);
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		if (i && !vnet_v6_used(set, i))
+			return false;
+		if (hi == vnet_v6_word(set, i, 0) && lo == vnet_v6_word(set, i, 1))
+			return true;
+	}
+	return false;
+}
+
+/* f_hosts_v4 and f_hosts_v6 together: an IPv4 packet needs an address of the
+ * first, an IPv6 one of the second (an empty one rejects its whole family). */
+static __always_inline bool vnet_hosts_in(const volatile struct vnet_filter *f, __u16 flags, const __u8 *saddr,
+					  const __u8 *daddr)
+{
+	if (flags & VNET_F_IPV4)
+		return f->f_hosts_v4[0] && (vnet_addr_v4_in(f->f_hosts_v4, *(const __u32 *)saddr) ||
+					    vnet_addr_v4_in(f->f_hosts_v4, *(const __u32 *)daddr));
+	return vnet_v6_used(f->f_hosts_v6, 0) &&
+	       (vnet_addr_v6_in(f->f_hosts_v6, saddr) || vnet_addr_v6_in(f->f_hosts_v6, daddr));
 }
 
 /* The filter in three steps, each as early as what it looks at is known, so
@@ -128,7 +157,7 @@ static __always_inline bool vnet_filter_on_fields(const volatile struct vnet_fil
 {
 	return f->f_on && (f->f_family || f->f_l4_proto || f->f_sport || f->f_dport || f->f_port || f->f_src_bits ||
 			   f->f_dst_bits || f->f_host_bits || f->f_ports[0] || f->f_l4_protos[0] ||
-			   f->f_hosts_v4[0]);
+			   f->f_hosts_v4[0] || vnet_v6_used(f->f_hosts_v6, 0));
 }
 
 /* 2a. First thing, for the packets most traffic is: plain IPv4 or IPv6 (no
@@ -199,8 +228,7 @@ static __always_inline bool vnet_filter_plain_may_keep(const volatile struct vne
 		return false;
 	if (f->f_ports[0] && (!(flags & VNET_F_PORTS) || !(vnet_port_in(f->f_ports, sport) || vnet_port_in(f->f_ports, dport))))
 		return false;
-	if (f->f_hosts_v4[0] && (!(flags & VNET_F_IPV4) || !(vnet_addr_v4_in(f->f_hosts_v4, *(const __u32 *)saddr) ||
-							 vnet_addr_v4_in(f->f_hosts_v4, *(const __u32 *)daddr))))
+	if ((f->f_hosts_v4[0] || vnet_v6_used(f->f_hosts_v6, 0)) && !vnet_hosts_in(f, flags, saddr, daddr))
 		return false;
 	return true;
 }

@@ -76,6 +76,8 @@ EXPRESSIONS = [
     "ip6 host fd00:9:2::7",
     "ip6 net fd00:9:1::/48",
     "src net fd00:9::/32",
+    "ip6 host fd00:9:2::7 or ip6 host fd00:9:1::5",   # (tested first: a set of IPv6 addresses)
+    "host 10.9.1.5 or host fd00:9:2::7",              # (... of IPv4 and IPv6 ones)
     # ports (first fragments carry the ports; later ones do not)
     "port 53",
     "dst port 443",

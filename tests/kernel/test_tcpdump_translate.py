@@ -134,7 +134,10 @@ PREJUDGED = ["udp", "tcp", "sctp", "icmp", "icmp6", "ip6", "udp port 53", "tcp a
              # sets: one of up to 4 protocols, one of up to 4 ports either way round
              "port 80 or port 443", "udp or tcp", "tcp or icmp", "port 53 or 80", "icmp or icmp6",
              "host 10.1.0.1 and (port 80 or port 443)", "src port 53 or dst port 80",
-             "host 10.1.0.9 or host 10.4.0.4", "(host 10.3.0.3 or host 10.2.0.2) and tcp"]
+             "host 10.1.0.9 or host 10.4.0.4", "(host 10.3.0.3 or host 10.2.0.2) and tcp",
+             # ... and IPv6 addresses, alone or with IPv4 ones (a dual-stack host)
+             "ip6 host fd00::1 or ip6 host fd00:1::9", "host 10.1.0.1 or host fd00::2",
+             "(host 10.4.0.4 or host fd00:1::9) and tcp"]
 
 
 @pytest.mark.parametrize("text", PREJUDGED)
@@ -156,10 +159,11 @@ def test_an_expression_with_its_criteria_first_agrees_with_libpcap(text):
 @pytest.mark.parametrize("text, wrong", [("udp", {"f_l4_proto": 6}),
                                          ("udp port 53", {"f_ports": (9, 0, 0, 0)}),
                                          ("udp", {"f_l4_protos": bytes((6, 1, 0, 0))}),
-                                         ("udp", {"f_hosts_v4": (0x09090909, 0, 0, 0)})])
+                                         ("udp", {"f_hosts_v4": (0x09090909, 0, 0, 0)}),
+                                         ("udp", {"f_hosts_v6": bytes.fromhex("fd00" + "00" * 13 + "09") + bytes(48)})])
 def test_the_criteria_run_before_the_expression(text, wrong):
     """Criteria and sets that contradict the expression (TCP's for `udp`, port 9 for
-    port 53, TCP or ICMP for UDP, 9.9.9.9 for any host) leave out the plain packets
+    port 53, TCP or ICMP for UDP, 9.9.9.9 or fd00::9 for any host) leave out the plain packets
     it keeps: they are tested, and first, and the test above would see a wrong
     derivation."""
     expr = compile(text)

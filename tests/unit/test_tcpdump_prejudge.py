@@ -35,6 +35,11 @@ def a4(text: str) -> bytes:
     return ipaddress.ip_address(text).packed.ljust(16, b"\0")
 
 
+def v6set(*texts: str) -> bytes:
+    """f_hosts_v6: the addresses packed, unused slots 0."""
+    return b"".join(ipaddress.ip_address(t).packed for t in texts).ljust(64, b"\0")
+
+
 @pytest.mark.parametrize("text, want", [
     ("udp", {"f_l4_proto": 17}),
     ("icmp", {"f_l4_proto": 1, "f_family": 4}),
@@ -66,7 +71,8 @@ def a4(text: str) -> bytes:
     ("udp and (dst port 53 or dst port 53)", {"f_l4_proto": 17, "f_dport": 53}),
     ("net 10.1.0.0/16 and (port 80 or port 443)", {"f_family": 4, "f_host": a4("10.1.0.0"), "f_host_bits": 16,
                                                    "f_ports": (80, 443, 0, 0)}),
-    ("ip6 host fd00::1 or ip6 host fd00::9", {"f_family": 6, "f_host": a4("fd00::"), "f_host_bits": 124}),
+    ("ip6 host fd00::1 or ip6 host fd00::9", {"f_family": 6, "f_hosts_v6": v6set("fd00::1", "fd00::9")}),
+    ("ip6 net fd00::/64 or ip6 net fd00:0:0:1::/64", {"f_family": 6, "f_host": a4("fd00::"), "f_host_bits": 63}),
     ("src host 10.1.0.1 or dst host 10.1.0.1", {"f_family": 4, "f_host": a4("10.1.0.1"), "f_host_bits": 32}),
     ("host 10.1.0.1 and 10.1.0.2", {"f_family": 4, "f_src": a4("10.1.0.0"), "f_src_bits": 30,  # inherits `host`
                                     "f_dst": a4("10.1.0.0"), "f_dst_bits": 30,
@@ -89,6 +95,13 @@ def a4(text: str) -> bytes:
     ("(host 10.1.0.1 or host 10.1.0.9) and port 80", {"f_family": 4, "f_port": 80,
                                                        "f_hosts_v4": (v4w("10.1.0.1"), v4w("10.1.0.9"), 0, 0)}),
     ("not (tcp or sctp or icmp) and ip6", {"f_family": 6}),
+    # ... and of IPv6 ones; both families: an IPv4 packet needs one of the first, an IPv6 one of the second
+    ("(host fd00::1 or host 2001:db8::7) and udp", {"f_family": 6, "f_l4_proto": 17,
+                                                   "f_hosts_v6": v6set("2001:db8::7", "fd00::1")}),
+    ("host 10.1.0.1 or host fd00::1", {"f_hosts_v4": (v4w("10.1.0.1"), 0, 0, 0), "f_hosts_v6": v6set("fd00::1")}),
+    ("(host 10.1.0.1 or host 10.1.0.9 or host fd00::1) and tcp port 443",
+     {"f_l4_proto": 6, "f_port": 443, "f_hosts_v4": (v4w("10.1.0.1"), v4w("10.1.0.9"), 0, 0),
+      "f_hosts_v6": v6set("fd00::1")}),
     # the tag the kernel keeps in the sk_buff is put back for the expression: what follows it counts
     ("vlan and udp", {"f_l4_proto": 17}),
     ("vlan 10 and udp dst port 9", {"f_l4_proto": 17, "f_dport": 9}),
@@ -107,7 +120,7 @@ def test_criteria(text, want):
     "not udp", "ip or ip6", "ether host 02:00:00:00:00:01", "greater 100", "ip6 or udp",
     "vlan or udp",  # (a tagged TCP packet: see below)
     "not ip and not ip6",  # an IP packet with its tag in the sk_buff: the expression sees 802.1Q
-    "vlan 10", "host 10.1.0.1 or host fd00::1",
+    "vlan 10", "host 10.1.0.1 or ip6", "host 0.0.0.0 or host fd00::1",  # (0: an unused slot)
     "udp or tcp or icmp or sctp or icmp6",  # more than a set holds
 ])
 def test_no_criteria_where_the_expression_alone_decides(text):
@@ -134,6 +147,18 @@ def test_describe_says_the_criteria_in_words():
     assert describe(criteria("arp")).startswith("no plain IP packet")
     assert describe(criteria("udp port 53 or 80")) == "protocol udp, source or destination port 53 or 80"
     assert describe(criteria("tcp or icmp")) == "protocol icmp or tcp"
+    assert describe(criteria("host 10.1.0.1 or host fd00::1")) == "source or destination 10.1.0.1 or fd00::1"
+
+
+def test_an_older_object_gets_the_criteria_it_has_fields_for():
+    from vnet.tcpdump.prejudge import within
+
+    cfg = criteria("(host 10.1.0.1 or host fd00::1) and port 80")
+    assert within(cfg, set(cfg)) == cfg
+    # without f_hosts_v6, an object reads the IPv4 set as rejecting every IPv6 packet: neither goes
+    assert within(cfg, set(cfg) - {"f_hosts_v6"}) == {"f_port": 80}
+    v4 = criteria("host 10.1.0.1 or host 10.1.0.9")
+    assert within(v4, set(v4) - {"f_hosts_v6"}) == v4
 
 
 # -- soundness against libpcap ---------------------------------------------------------------------------
@@ -179,15 +204,25 @@ def step_2a_rejects(cfg: dict, frame: bytes, sctp_later: bool = True) -> bool:
             and (not cfg.get("f_dport") or (ports is not None and ports[1] == cfg["f_dport"]))
             and (not cfg.get("f_port") or (ports is not None and cfg["f_port"] in ports))
             and (not cfg.get("f_l4_protos") or not cfg["f_l4_protos"][0] or proto in set(cfg["f_l4_protos"]) - {0})
-            and (not cfg.get("f_hosts_v4") or not cfg["f_hosts_v4"][0]
-                 or (family == 4 and bool({int.from_bytes(a, sys.byteorder) for a in (saddr, daddr)}
-                                          & (set(cfg["f_hosts_v4"]) - {0}))))
+            and hosts_keep(cfg, family, saddr, daddr)
             and (not cfg.get("f_ports") or not cfg["f_ports"][0]
                  or (ports is not None and bool(set(ports) & (set(cfg["f_ports"]) - {0}))))
             and (not cfg.get("f_src_bits") or prefix(saddr, "f_src"))
             and (not cfg.get("f_dst_bits") or prefix(daddr, "f_dst"))
             and (not cfg.get("f_host_bits") or prefix(saddr, "f_host") or prefix(daddr, "f_host")))
     return not keep
+
+
+def hosts_keep(cfg: dict, family: int, saddr: bytes, daddr: bytes) -> bool:
+    """vnet_hosts_in where a set is in use: the packet's family's set has its source or destination."""
+    v4 = {a for a in cfg.get("f_hosts_v4", ()) if a} if cfg.get("f_hosts_v4", (0,))[0] else set()
+    six = cfg.get("f_hosts_v6", b"")
+    v6 = {six[i:i + 16] for i in range(0, len(six), 16) if any(six[i:i + 16])} if any(six[:16]) else set()
+    if not v4 and not v6:
+        return True
+    if family == 4:
+        return bool({int.from_bytes(a, sys.byteorder) for a in (saddr, daddr)} & v4)
+    return bool({saddr, daddr} & v6)
 
 
 V4 = ["10.1.0.1", "10.1.0.9", "10.2.0.2", "192.168.5.1"]
@@ -243,6 +278,9 @@ SOUNDNESS = [
     "tcp or icmp or sctp", "portrange 50-90", "udp or (tcp and port 80)",
     "host 10.1.0.1 or host 192.168.5.1", "src 10.1.0.9 or dst 10.2.0.2", "(host 10.1.0.1 or host 10.2.0.2) and udp",
     "host 10.1.0.1 and (host 10.1.0.9 or host 192.168.5.1)", "host 10.2.0.2 or net 192.168.0.0/16",
+    "ip6 host fd00::1 or ip6 host 2001:db8::7", "(host fd00::1 or host fd00:1::9) and udp",
+    "host 10.1.0.1 or host fd00::1", "(host 10.2.0.2 or host 2001:db8::7) and port 53",
+    "src 10.1.0.9 or dst fd00:1:0:5::2 or host 192.168.5.1", "host fd00::1 or net 2001:db8::/32",
 ]  # (libpcap refuses what matches nothing: "tcp and udp")
 
 
@@ -285,7 +323,9 @@ def test_the_model_catches_a_wrong_criterion():
                                ("vlan or udp", {"f_l4_proto": 17}, True),  # TCP with a tag outside its bytes
                                ("port 53 or 80", {"f_ports": (53, 9, 0, 0)}, True),  # a wrong set member
                                ("udp or icmp", {"f_l4_protos": bytes((17, 6, 0, 0))}, True),
-                               ("host 10.1.0.1 or host 10.1.0.9", {"f_hosts_v4": (v4w("10.1.0.1"), 0, 0, 0)}, True)):
+                               ("host 10.1.0.1 or host 10.1.0.9", {"f_hosts_v4": (v4w("10.1.0.1"), 0, 0, 0)}, True),
+                               ("ip6 host fd00::1 or ip6 host 2001:db8::7", {"f_hosts_v6": v6set("fd00::1")}, True),
+                               ("host 10.1.0.1 or host fd00::1", {"f_hosts_v4": (v4w("10.1.0.1"), 0, 0, 0)}, True)):
         expr = compile(text)
         assert any(step_2a_rejects(wrong, f, later) and expr.matches(v, link)
                    for f in frames for link, v in views(f))

@@ -14,8 +14,8 @@ in five load variants, because read-only config prunes code at load:
   default  no filter, no snaplen, no aggregation (`vnet trace -i IFACE`)
   full     every field filter, --snaplen 256, aggregation and events
   pcap     a tcpdump expression spliced in ('udp and (dst port 53 or dst port 5353) and
-           (host 10.0.0.1 or host 10.0.0.2)': its criteria, tested first, have a set of
-           ports and one of addresses, the most step 2a tests)
+           (host 10.0.0.1 or host 10.0.0.2 or host fd00::1)': its criteria, tested first,
+           have a set of ports and one of addresses of each family, the most step 2a tests)
   reads    kernel hooks reading each header, as where features says no to
            "parse_copy" (default, full and pcap follow what it says here)
   copy     kernel hooks parsing from a copy, as where features says yes to
@@ -61,7 +61,8 @@ VARIANTS: dict[str, dict] = {
                                            sport=1, dport=2, port=3, len_min=10, len_max=1000, sample="1/4",
                                            ifaces=("lo",)),
              "snaplen": 256, "aggregate_and_events": True},
-    "pcap": {"packet_filter": PacketFilter(expression="udp and (dst port 53 or dst port 5353) and (host 10.0.0.1 or host 10.0.0.2)")},
+    "pcap": {"packet_filter": PacketFilter(
+        expression="udp and (dst port 53 or dst port 5353) and (host 10.0.0.1 or host 10.0.0.2 or host fd00::1)")},
     # kernel hooks reading each header (parse_cfg.copy 0), what "default" is where features
     # says no to parse_copy (Linux 6.1): kept in budget here too
     "reads": {"parse_copy": False},

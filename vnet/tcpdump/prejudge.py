@@ -56,7 +56,7 @@ ETHERTYPE = {4: 0x0800, 6: 0x86DD}
 VLAN_TPIDS = frozenset({0x8100, 0x88A8})  # what the kernel keeps in skb->vlan_proto
 IPV6_NOT_PLAIN = frozenset({0, 43, 44, 60, 51})  # next headers step 2a leaves to the parse
 PORT_KEYS = ("f_sport", "f_dport", "f_port", "f_ports")  # with any, step 2a leaves SCTP packets alone
-SET_SLOTS = 4  # f_ports[4], f_l4_protos[4], f_hosts_v4[4]
+SET_SLOTS = 4  # f_ports[4], f_l4_protos[4], f_hosts_v4[4], f_hosts_v6[4 * 16]
 MAX_STATES = 30000  # states followed in all before giving up (nothing derived): ~0.2 s here
 
 
@@ -319,7 +319,7 @@ def _common_prefix(a: tuple[int, int], b: tuple[int, int], width: int) -> tuple[
 
 def _join(ways: list[_Pinned], sets: bool) -> dict:
     """What all of `ways` have in common, as struct vnet_filter fields (`sets`: or
-    one of up to SET_SLOTS protocols, ports or IPv4 addresses, either way round)."""
+    one of up to SET_SLOTS protocols, ports or addresses of each family, either way round)."""
     if not ways:
         return {}
     cfg: dict = {}
@@ -360,17 +360,42 @@ def _join(ways: list[_Pinned], sets: bool) -> dict:
             host = _either_prefix(ways, width)
             if host:
                 cfg["f_host"] = host
-        if family == 4 and sets and not any(cfg.get(k, (0, 0))[1] == 32 for k in ("f_src", "f_dst", "f_host")):
-            hosts = _hitting_set([{p[0] for p in (w.src, w.dst) if p and p[1] == 32} for w in ways])
+        if sets and not any(cfg.get(k, (0, 0))[1] == width for k in ("f_src", "f_dst", "f_host")):
+            hosts = _host_sets(ways)
             if hosts:  # `host A or host B`: the set says more than their common prefix
                 cfg.pop("f_host", None)
-                cfg["f_hosts_v4"] = _slots([_as_loaded(a) for a in sorted(hosts)])
+                cfg.update(hosts)
         for key in ("f_src", "f_dst", "f_host"):
             if key in cfg:
                 addr, bits = cfg[key]
                 packed = addr.to_bytes(width // 8, "big").ljust(16, b"\0")
                 cfg[key], cfg[f"{key}_bits"] = packed, bits
+    elif sets:
+        cfg.update(_host_sets(ways))  # `host 10.0.0.1 or host fd00::1`: a dual-stack host
     return cfg
+
+
+WIDTH = {4: 32, 6: 128}
+
+
+def _host_sets(ways: list[_Pinned]) -> dict:
+    """f_hosts_v4 and f_hosts_v6 where each way pins a whole address down, either way round:
+    per family, at most SET_SLOTS of them, one of each way's among them. A family no way has
+    gets none (step 2a rejects it then). {} where a way pins none (0: an unused slot)."""
+    out: dict = {}
+    for family in (4, 6):
+        options = [{p[0] for p in (w.src, w.dst) if p and p[1] == WIDTH[family] and p[0]}
+                   for w in ways if w.family == family]
+        if not options:
+            continue
+        hosts = _hitting_set(options)
+        if not hosts:
+            return {}
+        if family == 4:
+            out["f_hosts_v4"] = _slots([_as_loaded(a) for a in sorted(hosts)])
+        else:
+            out["f_hosts_v6"] = b"".join(a.to_bytes(16, "big") for a in sorted(hosts)).ljust(16 * SET_SLOTS, b"\0")
+    return out
 
 
 def _hitting_set(options: list[set[int]]) -> set[int] | None:
@@ -423,11 +448,11 @@ def _either_prefix(ways: list[_Pinned], width: int) -> tuple[int, int] | None:
 
 def criteria(expression: Expression | str, sctp_ports_later: bool = True, sets: bool = True) -> dict:
     """struct vnet_filter fields (f_l4_proto, f_family, f_src/f_dst/f_host and
-    their _bits, f_sport/f_dport/f_port, f_l4_protos, f_ports, f_hosts_v4) every packet step
-    2a judges and `expression` accepts meets; {} where nothing is pinned down.
+    their _bits, f_sport/f_dport/f_port, f_l4_protos, f_ports, f_hosts_v4, f_hosts_v6) every
+    packet step 2a judges and `expression` accepts meets; {} where nothing is pinned down.
     `sctp_ports_later`: step 2a leaves SCTP packets alone where ports are
     criteria (VNET_PLAIN_SCTP_PORTS_LATER); `sets`: it has f_l4_protos,
-    f_ports and f_hosts_v4 (not in objects of an older vnet)."""
+    f_ports and f_hosts_v4 (not in objects of an older vnet; see within())."""
     expr = compile(expression) if isinstance(expression, str) else expression
     return dict(_derived(expr, sctp_ports_later, sets))
 
@@ -460,6 +485,16 @@ def _derived(expr: Expression, sctp_ports_later: bool, sets: bool) -> dict:
     return _join(ways, sets)
 
 
+def within(cfg: dict, fields: set[str]) -> dict:
+    """`cfg` for an object whose struct vnet_filter has only `fields` (an older vnet's): any
+    criterion left out, the rest still rejects only what the expression rejects. But for the
+    IPv4 address set: without f_hosts_v6 an object reads it as rejecting every IPv6 packet."""
+    out = {k: v for k, v in cfg.items() if k in fields}
+    if "f_hosts_v6" in cfg and "f_hosts_v6" not in fields:
+        out.pop("f_hosts_v4", None)
+    return out
+
+
 def describe(cfg: dict) -> str:
     """The criteria in words, for --dump-filter."""
     if cfg == NO_PLAIN_PACKET:
@@ -483,8 +518,10 @@ def describe(cfg: dict) -> str:
                       ("f_port", "source or destination port")):
         if cfg.get(key):
             parts.append(f"{word} {cfg[key]}")
-    if cfg.get("f_hosts_v4") and cfg["f_hosts_v4"][0]:
-        addrs = (ipaddress.ip_address(a.to_bytes(4, sys.byteorder)) for a in cfg["f_hosts_v4"] if a)
+    addrs = [ipaddress.ip_address(a.to_bytes(4, sys.byteorder)) for a in cfg.get("f_hosts_v4", ()) if a]
+    six = cfg.get("f_hosts_v6", b"")
+    addrs += [ipaddress.ip_address(six[i:i + 16]) for i in range(0, len(six), 16) if any(six[i:i + 16])]
+    if addrs:
         parts.append("source or destination " + " or ".join(map(str, addrs)))
     if cfg.get("f_ports"):
         parts.append("source or destination port " + " or ".join(str(p) for p in cfg["f_ports"] if p))

@@ -293,8 +293,9 @@ class Trace:
                 elif flt.get("f_on") == FILTER_ON_PCAP:
                     # ... or with fewer kinds of criteria: any left out, the rest still only reject
                     # what the expression rejects
-                    fields = set(obj.config_fields(plan.config_var))
-                    flt = {k: v for k, v in flt.items() if k in fields}
+                    from vnet.tcpdump.prejudge import within
+
+                    flt = within(flt, set(obj.config_fields(plan.config_var)))
                 config.update(flt, aggregate=self._aggregate_bits(), snaplen=self.snaplen)
                 if self.packet_filter.compiled is not None:
                     obj.replace_functions(self._expression_code(plan, obj))
