@@ -53,6 +53,7 @@ SCTP = 132
 # IANA reserves, so step 2a rejects every plain packet; one that has it goes to the expression.
 NO_PLAIN_PACKET = {"f_l4_proto": 255}
 ETHERTYPE = {4: 0x0800, 6: 0x86DD}
+WIDTH = {4: 32, 6: 128}  # address bits
 VLAN_TPIDS = frozenset({0x8100, 0x88A8})  # what the kernel keeps in skb->vlan_proto
 IPV6_NOT_PLAIN = frozenset({0, 43, 44, 60, 51})  # next headers step 2a leaves to the parse
 PORT_KEYS = ("f_sport", "f_dport", "f_port", "f_ports")  # with any, step 2a leaves SCTP packets alone
@@ -347,7 +348,7 @@ def _join(ways: list[_Pinned], sets: bool) -> dict:
     if set(cfg.get("f_l4_protos", ())) - {0} <= set(READS_PORTS) and any(k in cfg for k in PORT_KEYS):
         cfg.pop("f_l4_protos", None)  # only TCP and UDP packets have the ports step 2a reads
     if family:
-        width = 32 if family == 4 else 128
+        width = WIDTH[family]
         for key in ("src", "dst"):
             prefixes = [getattr(w, key) for w in ways]
             if None not in prefixes:
@@ -373,9 +374,6 @@ def _join(ways: list[_Pinned], sets: bool) -> dict:
     elif sets:
         cfg.update(_host_sets(ways))  # `host 10.0.0.1 or host fd00::1`: a dual-stack host
     return cfg
-
-
-WIDTH = {4: 32, 6: 128}
 
 
 def _host_sets(ways: list[_Pinned]) -> dict:
@@ -487,8 +485,9 @@ def _derived(expr: Expression, sctp_ports_later: bool, sets: bool) -> dict:
 
 def within(cfg: dict, fields: set[str]) -> dict:
     """`cfg` for an object whose struct vnet_filter has only `fields` (an older vnet's): any
-    criterion left out, the rest still rejects only what the expression rejects. But for the
-    IPv4 address set: without f_hosts_v6 an object reads it as rejecting every IPv6 packet."""
+    criterion left out, the rest still rejects only what the expression rejects. One
+    exception: an object without f_hosts_v6 reads an IPv4 set as rejecting every IPv6
+    packet, so the IPv4 set goes with it."""
     out = {k: v for k, v in cfg.items() if k in fields}
     if "f_hosts_v6" in cfg and "f_hosts_v6" not in fields:
         out.pop("f_hosts_v4", None)
