@@ -18,7 +18,8 @@ config, filter encoding and tcpdump splice as `vnet trace`):
  3. Attached for real: tc on both ends of a veth pair in throwaway namespaces and
     the packet tracepoints, drop and scheduler probes, with the run-time
     statistics on while a UDP flood crosses the pair (no socket listens: every
-    datagram is a kfree_skb drop too; --ipv6: over IPv6); run_time_ns / run_cnt per program. Net of
+    datagram is a kfree_skb drop too; --flood ipv6: over IPv6, --flood both: every case
+    under each, side by side); run_time_ns / run_cnt per program. Net of
     empty programs attached at the same hooks (tcx, raw tracepoints) in the same
     rounds: what the statistics and the hook's dispatch of a program cost there
     (an attached empty tc program costs ~10 ns more than a test-run one).
@@ -33,7 +34,7 @@ same in [3] for kernel hooks parsing from one copy against reading each header (
 on through BPF_ENABLE_STATS (an fd: off again when it closes, even if this is
 killed), never left on. Needs root.
 
-Usage: hook_cost.py [--rounds N] [--repeat N] [--live-rounds N] [--packets N] [--no-live] [--ipv6] [--cases TEXT]
+Usage: hook_cost.py [--rounds N] [--repeat N] [--live-rounds N] [--packets N] [--no-live] [--flood F] [--cases TEXT]
                    [--compare-to REV]
                    [--compare-dir DIR | --compare-parse | --compare-direct]
        hook_cost.py --update-budget      (rewrite tests/insn_budget.json: tools/bench/insn_budget.py --update)
@@ -544,26 +545,30 @@ def draining(ring_map):
         reader.close()
 
 
-IPV6_FLOOD = ("fd00:211::1", "fd00:211::2")  # --ipv6: the flood's addresses
+IPV6_FLOOD = ("fd00:211::1", "fd00:211::2")  # --flood ipv6: the flood's addresses
+V6_SUFFIX = " [IPv6 flood]"  # --flood both: the cases under the IPv6 flood
+FLOOD_WORDS = {"ipv4": "", "ipv6": "/IPv6", "both": "/IPv4 and UDP/IPv6"}
 
 
 def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 10,
-               ipv6: bool = False) -> tuple[str, Summary, dict[str, float]]:
+               floods: str = "ipv4") -> tuple[str, Summary, dict[str, float]]:
     from vnet.topology import send_udp, veth_pair, warm_up
     from vnet.trace.selection import select
 
     summary = Summary()
     counts: dict[str, list[int]] = {}
     lost = 0
-    variants = [(variant, {**kw, **THIS_KW}, None) for variant, kw in LIVE_VARIANTS]
+    cases = LIVE_VARIANTS + ([(variant + V6_SUFFIX, kw) for variant, kw in LIVE_VARIANTS] if floods == "both" else [])
+    variants = [(variant, {**kw, **THIS_KW}, None) for variant, kw in cases]
     if OTHER:
-        variants += [(other_label(variant), {**kw, **OTHER_KW}, OTHER[1]) for variant, kw in LIVE_VARIANTS]
+        variants += [(other_label(variant), {**kw, **OTHER_KW}, OTHER[1]) for variant, kw in cases]
     variants.append((FLOOR_VARIANT, {}, None))
 
     def flood(variant: str, progs: dict[str, int]) -> None:
         """The round's flood, and each program's runs and ns per run in it."""
         before = {k: program_info(fd) for k, fd in progs.items()}
         # send_udp's own payloads ("vnet-%06d"), padded to `size`
+        dst = ip6 if floods == "ipv6" or V6_SUFFIX in variant else pair.ip2
         send_udp(pair.ns1, dst, 5000, count=packets, payload_fn=lambda i: (b"vnet-%06d" % i).ljust(size, b"x"))
         time.sleep(0.05)  # the last datagrams cross the pair
         after = {k: program_info(fd) for k, fd in progs.items()}
@@ -575,12 +580,11 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
                 summary.add(key, (after[label].run_time_ns - before[label].run_time_ns) / n)
 
     with veth_pair(211) as pair, run_time_stats():
-        dst = pair.ip2
-        if ipv6:
+        ip6 = IPV6_FLOOD[1]
+        if floods != "ipv4":
             for (ifname, ns), addr in zip(((pair.if1, pair.ns1), (pair.if2, pair.ns2)), IPV6_FLOOD):
                 pair.topo.add_address(ifname, ns, f"{addr}/64")
-            dst = IPV6_FLOOD[1]
-            warm_up(pair.ns1, dst)
+            warm_up(pair.ns1, ip6)
             warm_up(pair.ns2, IPV6_FLOOD[0])
         names = {f"dev:{pair.ns1}/{pair.if1}": "veth A (sender)", f"dev:{pair.ns2}/{pair.if2}": "veth B (receiver)"}
         for _, order in rotations(variants, rounds):
@@ -646,7 +650,7 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
         for key, v in summary.samples.items():
             if key.startswith(variant + " | "):
                 ordered.samples[key] = v
-    title = (f"[3] attached, run-time statistics on, UDP{'/IPv6' if ipv6 else ''} flood of {packets} datagrams "
+    title = (f"[3] attached, run-time statistics on, UDP{FLOOD_WORDS[floods]} flood of {packets} datagrams "
              f"A -> B:5000 ({size}-byte "
              f"payloads; no socket: each "
              f"one is dropped too), ns per run, {rounds} alternating rounds; net = median - the empty program's at "
@@ -684,7 +688,9 @@ def main() -> None:
     ap.add_argument("--live-rounds", type=int, default=5, help="alternating rounds of [3] (default 5)")
     ap.add_argument("--packets", type=int, default=20000, help="datagrams per round in [3] (default 20000)")
     ap.add_argument("--no-live", action="store_true", help="skip [3] (no namespaces, no traffic)")
-    ap.add_argument("--ipv6", action="store_true", help="[3]'s flood over IPv6 (fd00:211::1 -> ::2)")
+    ap.add_argument("--flood", choices=tuple(FLOOD_WORDS), default="ipv4",
+                    help="[3]'s flood over IPv4 (default), IPv6 (fd00:211::1 -> ::2), or both: each case "
+                         "under each in the same rounds")
     ap.add_argument("--size", type=int, default=10,
                     help="UDP payload bytes of [3]'s flood (default 10; e.g. 1400: the whole datagram in the linear part)")
     ap.add_argument("--cases", metavar="TEXT", action="append",
@@ -746,7 +752,7 @@ def main() -> None:
         print(text, flush=True)
         live = None
         if not args.no_live:
-            text, *live = bench_live(args.live_rounds, args.packets, floors, args.size, args.ipv6)
+            text, *live = bench_live(args.live_rounds, args.packets, floors, args.size, args.flood)
             print(text, flush=True)
         if OTHER:
             print(comparison(test_runs, live), flush=True)
