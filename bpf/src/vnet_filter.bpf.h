@@ -31,11 +31,13 @@ struct vnet_filter {
 	__u8 f_dst[16];
 	__u8 f_host[16];
 	/* Sets, tested by step 2a alone (vnet/tcpdump/prejudge.py derives them from an expression:
-	 * `tcp or udp`, `port 80 or port 443`, `host A or host B`); 0: an unused slot, all 0: any */
+	 * `tcp or udp`, `port 80 or port 443`, `host A or host B`, `not port 22`); 0: an unused
+	 * slot, all 0: any */
 	__u16 f_ports[4];  /* the source or destination port is one of these */
 	__u8 f_l4_protos[4];
 	__u32 f_hosts_v4[4]; /* an IPv4 packet whose source or destination is one of these (network order) */
 	__u8 f_hosts_v6[64] __attribute__((aligned(8))); /* the same for IPv6: 4 addresses of 16 bytes */
+	__u16 f_not_ports[4]; /* a TCP or UDP packet to or from one of these ports is left out (`not port 22`) */
 };
 
 static __always_inline bool vnet_prefix_match(const __u8 *addr, const volatile __u8 *prefix, __u32 bits)
@@ -157,7 +159,7 @@ static __always_inline bool vnet_filter_on_fields(const volatile struct vnet_fil
 {
 	return f->f_on && (f->f_family || f->f_l4_proto || f->f_sport || f->f_dport || f->f_port || f->f_src_bits ||
 			   f->f_dst_bits || f->f_host_bits || f->f_ports[0] || f->f_l4_protos[0] ||
-			   f->f_hosts_v4[0] || vnet_v6_used(f->f_hosts_v6, 0));
+			   f->f_hosts_v4[0] || vnet_v6_used(f->f_hosts_v6, 0) || f->f_not_ports[0]);
 }
 
 /* 2a. First thing, for the packets most traffic is: plain IPv4 or IPv6 (no
@@ -176,8 +178,18 @@ static __always_inline bool vnet_filter_on_fields(const volatile struct vnet_fil
  * part (the verifier checks these bounds); kernel hooks, the sk_buff's linear
  * part read in place (parse_cfg.direct: loads the kernel guards as it guards a
  * probe read). */
+/* Whether the kernel keeps the packet's VLAN tag in the sk_buff (`tc`: a TC context). */
+static __always_inline bool vnet_tag_in_skb(void *skb, bool tc)
+{
+#ifndef VNET_TC_ONLY
+	if (!tc)
+		return vnet_skb_vlan_present(skb, true);
+#endif
+	return ((struct __sk_buff *)skb)->vlan_present;
+}
+
 static __always_inline bool vnet_filter_plain_may_keep(const volatile struct vnet_filter *f, const __u8 *ip,
-						       const __u8 *end, __u32 proto, bool decap)
+						       const __u8 *end, __u32 proto, bool decap, void *skb, bool tc)
 {
 	const __u8 *l4, *saddr, *daddr;
 	__u16 flags, sport = 0, dport = 0;
@@ -220,13 +232,18 @@ static __always_inline bool vnet_filter_plain_may_keep(const volatile struct vne
 		flags |= VNET_F_PORTS;
 		if (decap && l4_proto == VNET_IPPROTO_UDP && (dport == VNET_VXLAN_PORT || dport == VNET_VXLAN_LINUX_PORT))
 			return true;
-	} else if (l4_proto == VNET_IPPROTO_SCTP && (f->f_sport || f->f_dport || f->f_port || f->f_ports[0])) {
+	} else if (l4_proto == VNET_IPPROTO_SCTP &&
+		   (f->f_sport || f->f_dport || f->f_port || f->f_ports[0] || f->f_not_ports[0])) {
 		return true; /* VNET_PLAIN_SCTP_PORTS_LATER */
 	}
 	VNET_FILTER_TUPLE_OR_RETURN(f, flags, flags & VNET_F_PORTS, l4_proto, sport, dport, saddr, daddr);
 	if (f->f_l4_protos[0] && !vnet_proto_in(f->f_l4_protos, l4_proto))
 		return false;
 	if (f->f_ports[0] && (!(flags & VNET_F_PORTS) || !(vnet_port_in(f->f_ports, sport) || vnet_port_in(f->f_ports, dport))))
+		return false;
+	/* (to the expression a packet whose tag the kernel keeps in the sk_buff is 802.1Q, not TCP/UDP) */
+	if (f->f_not_ports[0] && (flags & VNET_F_PORTS) &&
+	    (vnet_port_in(f->f_not_ports, sport) || vnet_port_in(f->f_not_ports, dport)) && !vnet_tag_in_skb(skb, tc))
 		return false;
 	if ((f->f_hosts_v4[0] || vnet_v6_used(f->f_hosts_v6, 0)) && !vnet_hosts_in(f, flags, saddr, daddr))
 		return false;
@@ -249,7 +266,7 @@ static __always_inline bool vnet_filter_tc_may_keep(const volatile struct vnet_f
 	} else if (ip > end || *(const __u16 *)(data + 12) != (__u16)proto) {
 		return true;
 	}
-	return vnet_filter_plain_may_keep(f, ip, end, proto, decap);
+	return vnet_filter_plain_may_keep(f, ip, end, proto, decap, skb, true);
 }
 
 #ifndef VNET_TC_ONLY
@@ -269,7 +286,7 @@ static __always_inline bool vnet_filter_kernel_may_keep(const volatile struct vn
 		l3_off = mh + 14;
 	else
 		l3_off = (__u32)(skb->data - head);
-	return vnet_filter_plain_may_keep(f, head + l3_off, head + tail, skb->protocol, decap);
+	return vnet_filter_plain_may_keep(f, head + l3_off, head + tail, skb->protocol, decap, skb, false);
 }
 #endif
 

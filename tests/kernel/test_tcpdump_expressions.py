@@ -86,6 +86,8 @@ EXPRESSIONS = [
     "port 443 or port 8080",                          # (tested first: a set of ports)
     "src port 53 or dst port 443",
     "tcp or icmp6",                                   # (tested first: a set of protocols)
+    "not port 53",                                    # (tested first: a port excluded)
+    "not (port 443 or port 8080) and ip6",
     "portrange 1000-2000",                            # 1500->2000 in, 999->2001 out, SCTP too
     "tcp dst portrange 440-8080",
     "udp src portrange 1-1023",

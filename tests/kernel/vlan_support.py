@@ -496,6 +496,9 @@ EXPRESSIONS = [
     # criteria derived and tested first (vnet/tcpdump/prejudge.py) on the untagged inner packet, also
     # where the skb holds the tag: the expression, which sees the tag, still has the last word
     f"udp dst port {CLOSED_PORT} and src host {NET}.11.1",
+    # ... and a port excluded: a datagram whose tag the skb holds is 802.1Q to the expression,
+    # which keeps it; step 2a must leave it alone
+    f"not port {CLOSED_PORT}",
 ]
 
 

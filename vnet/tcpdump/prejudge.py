@@ -56,8 +56,9 @@ ETHERTYPE = {4: 0x0800, 6: 0x86DD}
 WIDTH = {4: 32, 6: 128}  # address bits
 VLAN_TPIDS = frozenset({0x8100, 0x88A8})  # what the kernel keeps in skb->vlan_proto
 IPV6_NOT_PLAIN = frozenset({0, 43, 44, 60, 51})  # next headers step 2a leaves to the parse
-PORT_KEYS = ("f_sport", "f_dport", "f_port", "f_ports")  # with any, step 2a leaves SCTP packets alone
-SET_SLOTS = 4  # f_ports[4], f_l4_protos[4], f_hosts_v4[4], f_hosts_v6[4 * 16]
+PORT_KEYS = ("f_sport", "f_dport", "f_port", "f_ports", "f_not_ports")  # with any, step 2a leaves SCTP alone
+TCP_OR_UDP_KEYS = PORT_KEYS[:4]  # ... these a packet passes only with ports step 2a reads: TCP or UDP
+SET_SLOTS = 4  # f_ports[4], f_l4_protos[4], f_hosts_v4[4], f_hosts_v6[4 * 16], f_not_ports[4]
 MAX_STATES = 30000  # states followed in all before giving up (nothing derived): ~0.2 s here
 
 
@@ -267,6 +268,8 @@ class _Pinned:
     dport: int | None = None
     src: tuple[int, int] | None = None   # (address as an int of the family's width, prefix length)
     dst: tuple[int, int] | None = None
+    not_ports: frozenset | None = None   # a TCP or UDP packet's ports are neither of these; None: not TCP or UDP
+    tagged: bool = False                 # seen with the tag the kernel keeps in the sk_buff put back
 
 
 def _address(words, family: int) -> tuple[int, int] | None:
@@ -308,6 +311,9 @@ def _pinned(way: _Way, family: int) -> _Pinned | None:
         setattr(p, side, _address(words, family))
     if p.proto in READS_PORTS:
         p.sport, p.dport = way.eq.get("sport"), way.eq.get("dport")
+    if p.proto in READS_PORTS or (p.proto is None and not set(READS_PORTS) <= way.ne.get("proto", frozenset())):
+        # (a port read with the protocol unknown is still the port of a TCP or UDP packet)
+        p.not_ports = way.ne.get("sport", frozenset()) & way.ne.get("dport", frozenset())
     return p
 
 
@@ -345,7 +351,13 @@ def _join(ways: list[_Pinned], sets: bool) -> dict:
             ports = _hitting_set([{w.sport, w.dport} - {None} for w in ways])  # `port 80 or port 443`
             if ports:
                 cfg["f_ports"] = _slots(sorted(ports))
-    if set(cfg.get("f_l4_protos", ())) - {0} <= set(READS_PORTS) and any(k in cfg for k in PORT_KEYS):
+    if sets:
+        # (step 2a leaves a packet with its tag in the sk_buff to the expression: 802.1Q to it)
+        excluded = [w.not_ports for w in ways if w.not_ports is not None and not w.tagged]
+        common = frozenset.intersection(*excluded) - {0} if excluded else frozenset()
+        if common:  # `not port 22`: any of them, either way round, leaves a TCP or UDP packet out
+            cfg["f_not_ports"] = _slots(sorted(common)[:SET_SLOTS])
+    if set(cfg.get("f_l4_protos", ())) - {0} <= set(READS_PORTS) and any(k in cfg for k in TCP_OR_UDP_KEYS):
         cfg.pop("f_l4_protos", None)  # only TCP and UDP packets have the ports step 2a reads
     if family:
         width = WIDTH[family]
@@ -446,7 +458,7 @@ def _either_prefix(ways: list[_Pinned], width: int) -> tuple[int, int] | None:
 
 def criteria(expression: Expression | str, sctp_ports_later: bool = True, sets: bool = True) -> dict:
     """struct vnet_filter fields (f_l4_proto, f_family, f_src/f_dst/f_host and
-    their _bits, f_sport/f_dport/f_port, f_l4_protos, f_ports, f_hosts_v4, f_hosts_v6) every
+    their _bits, f_sport/f_dport/f_port, f_l4_protos, f_ports, f_hosts_v4, f_hosts_v6, f_not_ports) every
     packet step 2a judges and `expression` accepts meets; {} where nothing is pinned down.
     `sctp_ports_later`: step 2a leaves SCTP packets alone where ports are
     criteria (VNET_PLAIN_SCTP_PORTS_LATER); `sets`: it has f_l4_protos,
@@ -469,6 +481,7 @@ def _derived(expr: Expression, sctp_ports_later: bool, sets: bool) -> dict:
                 for way in _accepting_ways(insns, view, family, budget):
                     p = _pinned(way, family)
                     if p is not None:
+                        p.tagged = view.tagged
                         ways.append(p)
     except _GiveUp:
         return {}
@@ -524,4 +537,6 @@ def describe(cfg: dict) -> str:
         parts.append("source or destination " + " or ".join(map(str, addrs)))
     if cfg.get("f_ports"):
         parts.append("source or destination port " + " or ".join(str(p) for p in cfg["f_ports"] if p))
+    if cfg.get("f_not_ports"):
+        parts.append("no TCP or UDP port " + " or ".join(str(p) for p in cfg["f_not_ports"] if p))
     return ", ".join(parts)
