@@ -162,6 +162,16 @@ static __always_inline bool vnet_filter_on_fields(const volatile struct vnet_fil
 			   f->f_hosts_v4[0] || vnet_v6_used(f->f_hosts_v6, 0) || f->f_not_ports[0]);
 }
 
+/* Whether the kernel keeps the packet's VLAN tag in the sk_buff (`tc`: a TC context). */
+static __always_inline bool vnet_tag_in_skb(void *skb, bool tc)
+{
+#ifndef VNET_TC_ONLY
+	if (!tc)
+		return vnet_skb_vlan_present(skb, true);
+#endif
+	return ((struct __sk_buff *)skb)->vlan_present;
+}
+
 /* 2a. First thing, for the packets most traffic is: plain IPv4 or IPv6 (no
  * in-band VLAN tag, no IPv6 extension header, not a later fragment, not VXLAN
  * the parse would look into), read from the bytes the parse reads, without its
@@ -178,16 +188,6 @@ static __always_inline bool vnet_filter_on_fields(const volatile struct vnet_fil
  * part (the verifier checks these bounds); kernel hooks, the sk_buff's linear
  * part read in place (parse_cfg.direct: loads the kernel guards as it guards a
  * probe read). */
-/* Whether the kernel keeps the packet's VLAN tag in the sk_buff (`tc`: a TC context). */
-static __always_inline bool vnet_tag_in_skb(void *skb, bool tc)
-{
-#ifndef VNET_TC_ONLY
-	if (!tc)
-		return vnet_skb_vlan_present(skb, true);
-#endif
-	return ((struct __sk_buff *)skb)->vlan_present;
-}
-
 static __always_inline bool vnet_filter_plain_may_keep(const volatile struct vnet_filter *f, const __u8 *ip,
 						       const __u8 *end, __u32 proto, bool decap, void *skb, bool tc)
 {
