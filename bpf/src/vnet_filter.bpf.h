@@ -31,13 +31,14 @@ struct vnet_filter {
 	__u8 f_dst[16];
 	__u8 f_host[16];
 	/* Sets, tested by step 2a alone (vnet/tcpdump/prejudge.py derives them from an expression:
-	 * `tcp or udp`, `port 80 or port 443`, `host A or host B`, `not port 22`); 0: an unused
-	 * slot, all 0: any */
+	 * `tcp or udp`, `port 80 or port 443`, `host A or host B`, `not port 22`, `not host C`); 0:
+	 * an unused slot, all 0: any */
 	__u16 f_ports[4];  /* the source or destination port is one of these */
 	__u8 f_l4_protos[4];
 	__u32 f_hosts_v4[4]; /* an IPv4 packet whose source or destination is one of these (network order) */
 	__u8 f_hosts_v6[64] __attribute__((aligned(8))); /* the same for IPv6: 4 addresses of 16 bytes */
 	__u16 f_not_ports[4]; /* a TCP or UDP packet to or from one of these ports is left out (`not port 22`) */
+	__u32 f_not_hosts_v4[4]; /* an IPv4 packet from or to one of these is left out (`not host 10.0.0.5`) */
 };
 
 static __always_inline bool vnet_prefix_match(const __u8 *addr, const volatile __u8 *prefix, __u32 bits)
@@ -159,7 +160,8 @@ static __always_inline bool vnet_filter_on_fields(const volatile struct vnet_fil
 {
 	return f->f_on && (f->f_family || f->f_l4_proto || f->f_sport || f->f_dport || f->f_port || f->f_src_bits ||
 			   f->f_dst_bits || f->f_host_bits || f->f_ports[0] || f->f_l4_protos[0] ||
-			   f->f_hosts_v4[0] || vnet_v6_used(f->f_hosts_v6, 0) || f->f_not_ports[0]);
+			   f->f_hosts_v4[0] || vnet_v6_used(f->f_hosts_v6, 0) || f->f_not_ports[0] ||
+			   f->f_not_hosts_v4[0]);
 }
 
 /* Whether the kernel keeps the packet's VLAN tag in the sk_buff (`tc`: a TC context). */
@@ -241,11 +243,16 @@ static __always_inline bool vnet_filter_plain_may_keep(const volatile struct vne
 		return false;
 	if (f->f_ports[0] && (!(flags & VNET_F_PORTS) || !(vnet_port_in(f->f_ports, sport) || vnet_port_in(f->f_ports, dport))))
 		return false;
-	/* (to the expression a packet whose tag the kernel keeps in the sk_buff is 802.1Q, not TCP/UDP) */
+	/* (to the expression a packet whose tag the kernel keeps in the sk_buff is 802.1Q, neither TCP,
+	 * UDP nor IPv4: these exclusions say nothing of it) */
 	if (f->f_not_ports[0] && (flags & VNET_F_PORTS) &&
 	    (vnet_port_in(f->f_not_ports, sport) || vnet_port_in(f->f_not_ports, dport)) && !vnet_tag_in_skb(skb, tc))
 		return false;
 	if ((f->f_hosts_v4[0] || vnet_v6_used(f->f_hosts_v6, 0)) && !vnet_hosts_in(f, flags, saddr, daddr))
+		return false;
+	if (f->f_not_hosts_v4[0] && (flags & VNET_F_IPV4) &&
+	    (vnet_addr_v4_in(f->f_not_hosts_v4, *(const __u32 *)saddr) ||
+	     vnet_addr_v4_in(f->f_not_hosts_v4, *(const __u32 *)daddr)) && !vnet_tag_in_skb(skb, tc))
 		return false;
 	return true;
 }

@@ -88,6 +88,7 @@ EXPRESSIONS = [
     "tcp or icmp6",                                   # (tested first: a set of protocols)
     "not port 53",                                    # (tested first: a port excluded)
     "not (port 443 or port 8080) and ip6",
+    "not host 10.9.1.5",                              # (tested first: an IPv4 address excluded)
     "portrange 1000-2000",                            # 1500->2000 in, 999->2001 out, SCTP too
     "tcp dst portrange 440-8080",
     "udp src portrange 1-1023",

@@ -499,6 +499,7 @@ EXPRESSIONS = [
     # ... and a port excluded: a datagram whose tag the skb holds is 802.1Q to the expression,
     # which keeps it; step 2a must leave it alone
     f"not port {CLOSED_PORT}",
+    f"not host {NET}.11.1",
 ]
 
 

@@ -100,6 +100,11 @@ def v6set(*texts: str) -> bytes:
     ("not port 22 and not port 2049", {"f_not_ports": (22, 2049, 0, 0)}),
     ("tcp and not port 80", {"f_l4_proto": 6, "f_not_ports": (80, 0, 0, 0)}),
     ("(tcp or udp) and not (port 53 or port 80)", {"f_l4_protos": bytes((6, 17, 0, 0)), "f_not_ports": (53, 80, 0, 0)}),
+    # ... and IPv4 addresses no IPv4 packet it keeps has, either way round (`not host 10.0.0.5`)
+    ("not host 10.1.0.5", {"f_not_hosts_v4": (v4w("10.1.0.5"), 0, 0, 0)}),
+    ("udp and not (host 10.1.0.5 or host 10.1.0.6)", {"f_l4_proto": 17,
+                                                     "f_not_hosts_v4": (v4w("10.1.0.5"), v4w("10.1.0.6"), 0, 0)}),
+    ("not (host 10.1.0.5 or port 22)", {"f_not_ports": (22, 0, 0, 0), "f_not_hosts_v4": (v4w("10.1.0.5"), 0, 0, 0)}),
     # ... and of IPv6 ones; both families: an IPv4 packet needs one of the first, an IPv6 one of the second
     ("(host fd00::1 or host 2001:db8::7) and udp", {"f_family": 6, "f_l4_proto": 17,
                                                    "f_hosts_v6": v6set("2001:db8::7", "fd00::1")}),
@@ -127,6 +132,7 @@ def test_criteria(text, want):
     "not ip and not ip6",  # an IP packet with its tag in the sk_buff: the expression sees 802.1Q
     "vlan 10", "host 10.1.0.1 or ip6", "host 0.0.0.0 or host fd00::1",  # (0: an unused slot)
     "not src port 22", "not tcp port 22",  # (neither excludes a port either way round from both protocols)
+    "not src host 10.1.0.5", "not net 10.0.0.0/8",  # (one way round; a prefix)
     "not vlan and not port 22",  # (libpcap reads the ports 4 bytes on after `vlan`, on any frame)
     "udp or tcp or icmp or sctp or icmp6",  # more than a set holds
 ])
@@ -156,6 +162,7 @@ def test_describe_says_the_criteria_in_words():
     assert describe(criteria("tcp or icmp")) == "protocol icmp or tcp"
     assert describe(criteria("host 10.1.0.1 or host fd00::1")) == "source or destination 10.1.0.1 or fd00::1"
     assert describe(criteria("not port 22 and not port 2049")) == "no TCP or UDP port 22 or 2049"
+    assert describe(criteria("not host 10.1.0.5")) == "no IPv4 source or destination 10.1.0.5"
 
 
 def test_an_older_object_gets_the_criteria_it_has_fields_for():
@@ -217,6 +224,8 @@ def step_2a_rejects(cfg: dict, frame: bytes, sctp_later: bool = True, tag_in_skb
             and hosts_keep(cfg, family, saddr, daddr)
             and (not cfg.get("f_not_ports") or not cfg["f_not_ports"][0] or ports is None or tag_in_skb
                  or not set(ports) & (set(cfg["f_not_ports"]) - {0}))
+            and (not cfg.get("f_not_hosts_v4") or not cfg["f_not_hosts_v4"][0] or family != 4 or tag_in_skb
+                 or not {int.from_bytes(a, sys.byteorder) for a in (saddr, daddr)} & (set(cfg["f_not_hosts_v4"]) - {0}))
             and (not cfg.get("f_ports") or not cfg["f_ports"][0]
                  or (ports is not None and bool(set(ports) & (set(cfg["f_ports"]) - {0}))))
             and (not cfg.get("f_src_bits") or prefix(saddr, "f_src"))
@@ -296,6 +305,8 @@ SOUNDNESS = [
     # exclusions
     "not port 53", "not (port 53 or port 80)", "udp and not port 9", "not port 80 and not port 443 or icmp",
     "ip6 and not port 53", "not port 9 and host 10.1.0.1",
+    "not host 10.1.0.1", "udp and not (host 10.1.0.9 or host 10.2.0.2)", "not (host 10.1.0.1 or port 53)",
+    "not ip host 192.168.5.1 or icmp6", "tcp and not host 10.1.0.1 and not port 80",
 ]  # (libpcap refuses what matches nothing: "tcp and udp")
 
 
@@ -343,7 +354,9 @@ def test_the_model_catches_a_wrong_criterion():
                                ("ip6 host fd00::1 or ip6 host 2001:db8::7", {"f_hosts_v6": v6set("fd00::1")}, True),
                                ("host 10.1.0.1 or host fd00::1", {"f_hosts_v4": (v4w("10.1.0.1"), 0, 0, 0)}, True),
                                ("not tcp port 53", {"f_not_ports": (53, 0, 0, 0)}, True),  # UDP's port 53 passes
-                               ("not port 53", {"f_not_ports": (80, 0, 0, 0)}, True)):
+                               ("not port 53", {"f_not_ports": (80, 0, 0, 0)}, True),
+                               ("not host 10.1.0.1", {"f_not_hosts_v4": (v4w("10.1.0.9"), 0, 0, 0)}, True),
+                               ("not src host 10.1.0.1", {"f_not_hosts_v4": (v4w("10.1.0.1"), 0, 0, 0)}, True)):
         expr = compile(text)
         assert any(step_2a_rejects(wrong, f, later, tag) and expr.matches(v, link)
                    for f in frames for link, v, tag in views(f))

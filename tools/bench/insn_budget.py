@@ -16,8 +16,8 @@ in six load variants, because read-only config prunes code at load:
   pcap     a tcpdump expression spliced in ('udp and (dst port 53 or dst port 5353) and
            (host 10.0.0.1 or host 10.0.0.2 or host fd00::1)': its criteria, tested first,
            have a set of ports and one of addresses of each family, the most step 2a tests)
-  exclude  the same with 'not port 22 and not port 2049 and not port 3260': ports excluded,
-           the one set step 2a tests with the VLAN tag the sk_buff holds
+  exclude  the same with 'not port 22 and not port 2049 and not port 3260 and not host 10.0.0.5':
+           ports and an IPv4 address excluded, what step 2a tests with the VLAN tag the sk_buff holds
   reads    kernel hooks reading each header, as where features says no to
            "parse_copy" (default, full and pcap follow what it says here)
   copy     kernel hooks parsing from a copy, as where features says yes to
@@ -65,7 +65,8 @@ VARIANTS: dict[str, dict] = {
              "snaplen": 256, "aggregate_and_events": True},
     "pcap": {"packet_filter": PacketFilter(
         expression="udp and (dst port 53 or dst port 5353) and (host 10.0.0.1 or host 10.0.0.2 or host fd00::1)")},
-    "exclude": {"packet_filter": PacketFilter(expression="not port 22 and not port 2049 and not port 3260")},
+    "exclude": {"packet_filter": PacketFilter(
+        expression="not port 22 and not port 2049 and not port 3260 and not host 10.0.0.5")},
     # kernel hooks reading each header (parse_cfg.copy 0), what "default" is where features
     # says no to parse_copy (Linux 6.1): kept in budget here too
     "reads": {"parse_copy": False},

@@ -58,7 +58,7 @@ VLAN_TPIDS = frozenset({0x8100, 0x88A8})  # what the kernel keeps in skb->vlan_p
 IPV6_NOT_PLAIN = frozenset({0, 43, 44, 60, 51})  # next headers step 2a leaves to the parse
 PORT_KEYS = ("f_sport", "f_dport", "f_port", "f_ports", "f_not_ports")  # with any, step 2a leaves SCTP alone
 TCP_OR_UDP_KEYS = PORT_KEYS[:4]  # ... these a packet passes only with ports step 2a reads: TCP or UDP
-SET_SLOTS = 4  # f_ports[4], f_l4_protos[4], f_hosts_v4[4], f_hosts_v6[4 * 16], f_not_ports[4]
+SET_SLOTS = 4  # f_ports[4], f_l4_protos[4], f_hosts_v4[4], f_hosts_v6[4 * 16], f_not_ports[4], f_not_hosts_v4[4]
 MAX_STATES = 30000  # states followed in all before giving up (nothing derived): ~0.2 s here
 
 
@@ -169,7 +169,13 @@ def _branches(view: _View, family: int, way: _Way, a, op: int, k: int) -> list[t
             return [((whole[0] & mask) == k, way)]
         if (mask, k) in tests:
             return [(True, way)]
-        return [(True, _Way({**way.eq, key: tests + ((mask, k),)}, way.ne)), (False, way)]
+        if family == 6 or f[0] == "masked":
+            return [(True, _Way({**way.eq, key: tests + ((mask, k),)}, way.ne)), (False, way)]
+        # an IPv4 address: what it is not, too (`not host 10.0.0.5`)
+        if k in way.ne.get(key, ()):
+            return [(False, way)]
+        return [(True, _Way({**way.eq, key: tests + ((mask, k),)}, way.ne)),
+                (False, _Way(way.eq, {**way.ne, key: way.ne.get(key, frozenset()) | {k}}))]
     name = f[1]
     if name == "frag":
         return [(True, way), (False, way)]
@@ -269,6 +275,7 @@ class _Pinned:
     src: tuple[int, int] | None = None   # (address as an int of the family's width, prefix length)
     dst: tuple[int, int] | None = None
     not_ports: frozenset | None = None   # a TCP or UDP packet's ports are neither of these; None: not TCP or UDP
+    not_hosts: frozenset = frozenset()   # an IPv4 packet's addresses are neither of these
     tagged: bool = False                 # seen with the tag the kernel keeps in the sk_buff put back
 
 
@@ -314,6 +321,8 @@ def _pinned(way: _Way, family: int) -> _Pinned | None:
     if p.proto in READS_PORTS or (p.proto is None and not set(READS_PORTS) <= way.ne.get("proto", frozenset())):
         # (a port read with the protocol unknown is still the port of a TCP or UDP packet)
         p.not_ports = way.ne.get("sport", frozenset()) & way.ne.get("dport", frozenset())
+    if family == 4:
+        p.not_hosts = way.ne.get(("src", 0), frozenset()) & way.ne.get(("dst", 0), frozenset())
     return p
 
 
@@ -357,6 +366,10 @@ def _join(ways: list[_Pinned], sets: bool) -> dict:
         common = frozenset.intersection(*excluded) - {0} if excluded else frozenset()
         if common:  # `not port 22`: any of them, either way round, leaves a TCP or UDP packet out
             cfg["f_not_ports"] = _slots(sorted(common)[:SET_SLOTS])
+        excluded = [w.not_hosts for w in ways if w.family == 4 and not w.tagged]
+        common = frozenset.intersection(*excluded) - {0} if excluded else frozenset()
+        if common:  # `not host 10.0.0.5`: ... an IPv4 packet from or to one of them
+            cfg["f_not_hosts_v4"] = _slots([_as_loaded(a) for a in sorted(common)[:SET_SLOTS]])
     if set(cfg.get("f_l4_protos", ())) - {0} <= set(READS_PORTS) and any(k in cfg for k in TCP_OR_UDP_KEYS):
         cfg.pop("f_l4_protos", None)  # only TCP and UDP packets have the ports step 2a reads
     if family:
@@ -458,7 +471,8 @@ def _either_prefix(ways: list[_Pinned], width: int) -> tuple[int, int] | None:
 
 def criteria(expression: Expression | str, sctp_ports_later: bool = True, sets: bool = True) -> dict:
     """struct vnet_filter fields (f_l4_proto, f_family, f_src/f_dst/f_host and
-    their _bits, f_sport/f_dport/f_port, f_l4_protos, f_ports, f_hosts_v4, f_hosts_v6, f_not_ports) every
+    their _bits, f_sport/f_dport/f_port, f_l4_protos, f_ports, f_hosts_v4, f_hosts_v6, f_not_ports,
+    f_not_hosts_v4) every
     packet step 2a judges and `expression` accepts meets; {} where nothing is pinned down.
     `sctp_ports_later`: step 2a leaves SCTP packets alone where ports are
     criteria (VNET_PLAIN_SCTP_PORTS_LATER); `sets`: it has f_l4_protos,
@@ -539,4 +553,7 @@ def describe(cfg: dict) -> str:
         parts.append("source or destination port " + " or ".join(str(p) for p in cfg["f_ports"] if p))
     if cfg.get("f_not_ports"):
         parts.append("no TCP or UDP port " + " or ".join(str(p) for p in cfg["f_not_ports"] if p))
+    if cfg.get("f_not_hosts_v4"):
+        parts.append("no IPv4 source or destination " + " or ".join(
+            str(ipaddress.ip_address(a.to_bytes(4, sys.byteorder))) for a in cfg["f_not_hosts_v4"] if a))
     return ", ".join(parts)
