@@ -458,6 +458,7 @@ LIVE_VARIANTS = [
     *rejects_both_ways("ip6 host 2001:db8::1 or ip6 host 2001:db8::2", "IPv6, host 2001:db8::1 or ::2"),
     *rejects_both_ways("port 53", "port 53, SCTP left to the expression"),
     *rejects_both_ways("not port 22 and not port 5000", "no TCP or UDP port 22 or 5000"),
+    *rejects_both_ways("not host 10.199.211.2", "no IPv4 source or destination 10.199.211.2 (the flood's receiver)"),
     *rejects_both_ways("arp", "no plain IP packet"),
     ("--snaplen 128: events + bytes", {"snaplen": 128}),
 ]
