@@ -362,14 +362,12 @@ def _join(ways: list[_Pinned], sets: bool) -> dict:
                 cfg["f_ports"] = _slots(sorted(ports))
     if sets:
         # (step 2a leaves a packet with its tag in the sk_buff to the expression: 802.1Q to it)
-        excluded = [w.not_ports for w in ways if w.not_ports is not None and not w.tagged]
-        common = frozenset.intersection(*excluded) - {0} if excluded else frozenset()
-        if common:  # `not port 22`: any of them, either way round, leaves a TCP or UDP packet out
-            cfg["f_not_ports"] = _slots(sorted(common)[:SET_SLOTS])
-        excluded = [w.not_hosts for w in ways if w.family == 4 and not w.tagged]
-        common = frozenset.intersection(*excluded) - {0} if excluded else frozenset()
-        if common:  # `not host 10.0.0.5`: ... an IPv4 packet from or to one of them
-            cfg["f_not_hosts_v4"] = _slots([_as_loaded(a) for a in sorted(common)[:SET_SLOTS]])
+        ports = _ruled_out([w.not_ports for w in ways if w.not_ports is not None and not w.tagged])
+        if ports:  # `not port 22`: any of them, either way round, leaves a TCP or UDP packet out
+            cfg["f_not_ports"] = _slots(ports)
+        hosts = _ruled_out([w.not_hosts for w in ways if w.family == 4 and not w.tagged])
+        if hosts:  # `not host 10.0.0.5`: ... an IPv4 packet from or to one of them
+            cfg["f_not_hosts_v4"] = _slots([_as_loaded(a) for a in hosts])
     if set(cfg.get("f_l4_protos", ())) - {0} <= set(READS_PORTS) and any(k in cfg for k in TCP_OR_UDP_KEYS):
         cfg.pop("f_l4_protos", None)  # only TCP and UDP packets have the ports step 2a reads
     if family:
@@ -419,6 +417,12 @@ def _host_sets(ways: list[_Pinned]) -> dict:
         else:
             out["f_hosts_v6"] = b"".join(a.to_bytes(16, "big") for a in sorted(hosts)).ljust(16 * SET_SLOTS, b"\0")
     return out
+
+
+def _ruled_out(per_way: list[frozenset]) -> list[int]:
+    """Up to SET_SLOTS values every way rules out (0, an unused slot, never): an exclusion."""
+    common = frozenset.intersection(*per_way) - {0} if per_way else frozenset()
+    return sorted(common)[:SET_SLOTS]
 
 
 def _hitting_set(options: list[set[int]]) -> set[int] | None:
