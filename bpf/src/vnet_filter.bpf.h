@@ -71,6 +71,9 @@ VNET_DEFINE_SET_TEST(vnet_port_in, __u16)
 VNET_DEFINE_SET_TEST(vnet_addr_v4_in, __u32)
 VNET_DEFINE_SET_TEST(vnet_proto_in, __u8)
 
+/* Either of a packet's two values (its ports, its IPv4 addresses) is in `set`. */
+#define VNET_EITHER_IN(test, set, a, b) (test((set), (a)) || test((set), (b)))
+
 /* An IPv6 address slot, as two words; all 0: unused (an address set never holds `::`). */
 static __always_inline __u64 vnet_v6_word(const volatile __u8 *set, int slot, int half)
 {
@@ -102,8 +105,8 @@ static __always_inline bool vnet_hosts_in(const volatile struct vnet_filter *f, 
 					  const __u8 *daddr)
 {
 	if (flags & VNET_F_IPV4)
-		return f->f_hosts_v4[0] && (vnet_addr_v4_in(f->f_hosts_v4, *(const __u32 *)saddr) ||
-					    vnet_addr_v4_in(f->f_hosts_v4, *(const __u32 *)daddr));
+		return f->f_hosts_v4[0] &&
+		       VNET_EITHER_IN(vnet_addr_v4_in, f->f_hosts_v4, *(const __u32 *)saddr, *(const __u32 *)daddr);
 	return vnet_v6_used(f->f_hosts_v6, 0) &&
 	       (vnet_addr_v6_in(f->f_hosts_v6, saddr) || vnet_addr_v6_in(f->f_hosts_v6, daddr));
 }
@@ -241,18 +244,18 @@ static __always_inline bool vnet_filter_plain_may_keep(const volatile struct vne
 	VNET_FILTER_TUPLE_OR_RETURN(f, flags, flags & VNET_F_PORTS, l4_proto, sport, dport, saddr, daddr);
 	if (f->f_l4_protos[0] && !vnet_proto_in(f->f_l4_protos, l4_proto))
 		return false;
-	if (f->f_ports[0] && (!(flags & VNET_F_PORTS) || !(vnet_port_in(f->f_ports, sport) || vnet_port_in(f->f_ports, dport))))
+	if (f->f_ports[0] && (!(flags & VNET_F_PORTS) || !VNET_EITHER_IN(vnet_port_in, f->f_ports, sport, dport)))
 		return false;
 	/* (to the expression a packet whose tag the kernel keeps in the sk_buff is 802.1Q, neither TCP,
 	 * UDP nor IPv4: these exclusions say nothing of it) */
 	if (f->f_not_ports[0] && (flags & VNET_F_PORTS) &&
-	    (vnet_port_in(f->f_not_ports, sport) || vnet_port_in(f->f_not_ports, dport)) && !vnet_tag_in_skb(skb, tc))
+	    VNET_EITHER_IN(vnet_port_in, f->f_not_ports, sport, dport) && !vnet_tag_in_skb(skb, tc))
 		return false;
 	if ((f->f_hosts_v4[0] || vnet_v6_used(f->f_hosts_v6, 0)) && !vnet_hosts_in(f, flags, saddr, daddr))
 		return false;
 	if (f->f_not_hosts_v4[0] && (flags & VNET_F_IPV4) &&
-	    (vnet_addr_v4_in(f->f_not_hosts_v4, *(const __u32 *)saddr) ||
-	     vnet_addr_v4_in(f->f_not_hosts_v4, *(const __u32 *)daddr)) && !vnet_tag_in_skb(skb, tc))
+	    VNET_EITHER_IN(vnet_addr_v4_in, f->f_not_hosts_v4, *(const __u32 *)saddr, *(const __u32 *)daddr) &&
+	    !vnet_tag_in_skb(skb, tc))
 		return false;
 	return true;
 }
