@@ -563,6 +563,22 @@ def test_expression_matches_libpcap_at_tc_and_tracepoint(veth, text):
     check_expression(veth, text)
 
 
+EXCLUDING = "udp and not port 53 and not host 10.9.1.5"
+
+
+def test_tc_leaves_the_exclusions_to_the_expression(veth):
+    """At tc the expression reads the packet in place and tests `not port 53` or `not host X`
+    for less than step 2a (docs/benchmarks.md): the tc program tests only the rest first, the
+    tracepoint all of it; both still report exactly what libpcap accepts."""
+    with Trace(veth.plans(), packet_filter=PacketFilter(expression=EXCLUDING, **veth.restrict)) as t:
+        loaded = {obj.path.stem.split(".")[0]: obj for obj in t.objects}
+        tc, tp = loaded["tc_trace"].config("tc_cfg"), loaded["skb_trace"].config("skb_cfg")
+    assert tc["f_l4_proto"] == tp["f_l4_proto"] == 17, (tc, tp)
+    assert not any(tc["f_not_ports"]) and not any(tc["f_not_hosts_v4"]), tc
+    assert tuple(tp["f_not_ports"]) == (53, 0, 0, 0) and any(tp["f_not_hosts_v4"]), tp
+    check_expression(veth, EXCLUDING)
+
+
 # The expression's loads at a kernel hook read the packet in place where features says so (6.18),
 # else a copy of its first 128 bytes (VNET_PCAP_WINDOW), as on Linux 6.1: the copy, here too, with
 # loads of every layer, the lengths and the VLAN tag put back (a copy of its own either way).

@@ -176,6 +176,27 @@ def test_an_older_object_gets_the_criteria_it_has_fields_for():
     assert within(v4, set(v4) - {"f_hosts_v6"}) == v4
 
 
+def test_tc_gets_the_criteria_without_the_exclusions():
+    """At tc the expression tests `not port 22` and `not host X` for less than step 2a does:
+    left out there, the rest is derived as if they were never there (the SCTP ways of an
+    expression come back with its only port criterion gone)."""
+    assert criteria("udp and not port 53 and not host 10.1.0.5", exclusions=False) == {"f_l4_proto": 17}
+    assert criteria("not port 22 and not host 10.1.0.5", exclusions=False) == {}
+    text = "(tcp and not port 80) or (sctp and port 9)"
+    assert criteria(text) == {"f_l4_proto": 6, "f_not_ports": (80, 0, 0, 0)}  # SCTP: the expression's
+    assert criteria(text, exclusions=False) == {"f_l4_protos": bytes((6, 132, 0, 0))}
+
+
+def test_dump_filter_says_what_tc_leaves_to_the_expression():
+    from vnet.cli.trace import dump_expression
+
+    first = [ln for ln in dump_expression("udp and not port 53")[1:3]]
+    assert first == ["; tested first on plain IPv4/IPv6 packets (typed kernel hooks reading in place): "
+                     "protocol udp, no TCP or UDP port 53", "; ... at tc: protocol udp"]
+    assert dump_expression("not host 10.1.0.5")[2] == "; ... at tc: nothing, the expression alone decides"
+    assert dump_expression("udp")[1].startswith("; tested first on plain IPv4/IPv6 packets (tc; ")
+
+
 # -- soundness against libpcap ---------------------------------------------------------------------------
 
 def step_2a_rejects(cfg: dict, frame: bytes, sctp_later: bool = True, tag_in_skb: bool = False) -> bool:
@@ -307,6 +328,7 @@ SOUNDNESS = [
     "ip6 and not port 53", "not port 9 and host 10.1.0.1",
     "not host 10.1.0.1", "udp and not (host 10.1.0.9 or host 10.2.0.2)", "not (host 10.1.0.1 or port 53)",
     "not ip host 192.168.5.1 or icmp6", "tcp and not host 10.1.0.1 and not port 80",
+    "(tcp and not port 80) or (sctp and port 9)",
 ]  # (libpcap refuses what matches nothing: "tcp and udp")
 
 
@@ -329,7 +351,8 @@ def test_step_2a_rejects_only_what_libpcap_rejects():
         cfg = criteria(text)
         assert cfg, text
         expr = compile(text)
-        older = ((True, criteria(text, sets=False)), (False, criteria(text, sctp_ports_later=False, sets=False)))
+        older = ((True, criteria(text, sets=False)), (False, criteria(text, sctp_ports_later=False, sets=False)),
+                 (True, criteria(text, exclusions=False)))  # (and tc's)
         for later, crit in ((True, cfg), *older):
             wrong = [(link, view.hex()) for f in frames for link, view, tag in views(f)
                      if step_2a_rejects(crit, f, later, tag) and expr.matches(view, link)]

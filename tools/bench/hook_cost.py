@@ -250,7 +250,7 @@ class ExpressionAlone(PacketFilter):
     """The control: a tcpdump expression with nothing derived to test first
     (vnet/tcpdump/prejudge.py), so that its own cost shows beside the criteria's."""
 
-    def config(self, prejudge: bool = True) -> dict:
+    def config(self, prejudge: bool = True, **kinds) -> dict:
         return super().config(prejudge=False)
 
 

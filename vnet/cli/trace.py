@@ -241,11 +241,17 @@ def dump_expression(text: str) -> list[str]:
     from vnet.tcpdump import ETHERNET, RAW, compile, ebpf, prejudge, translate
 
     expr = compile(text)
-    pre = prejudge.criteria(expr)
-    out = [f"; expression: {expr.text}",
-           f"; tested first on plain IPv4/IPv6 packets (tc; typed kernel hooks reading in place): "
-           f"{prejudge.describe(pre)}" if pre else
-           "; nothing tested first: the expression alone decides (see docs/tcpdump.md)",
+    pre, at_tc = prejudge.criteria(expr), prejudge.criteria(expr, exclusions=False)
+    if not pre:
+        first = ["; nothing tested first: the expression alone decides (see docs/tcpdump.md)"]
+    elif at_tc == pre:
+        first = [f"; tested first on plain IPv4/IPv6 packets (tc; typed kernel hooks reading in place): "
+                 f"{prejudge.describe(pre)}"]
+    else:  # exclusions: the expression tests them for less at tc
+        first = [f"; tested first on plain IPv4/IPv6 packets (typed kernel hooks reading in place): "
+                 f"{prejudge.describe(pre)}",
+                 f"; ... at tc: {prejudge.describe(at_tc) if at_tc else 'nothing, the expression alone decides'}"]
+    out = [f"; expression: {expr.text}", *first,
            "; classic BPF for Ethernet (tcpdump -d):", *expr.dump(ETHERNET),
            "; classic BPF for raw IP (hooks that see L3 only):"]
     out += expr.dump(RAW) if expr.raw is not None else [f";   none: {expr.raw_error} -- nothing matches there"]

@@ -333,9 +333,10 @@ def _common_prefix(a: tuple[int, int], b: tuple[int, int], width: int) -> tuple[
     return (a[0] >> (width - bits) << (width - bits) if bits else 0, bits)
 
 
-def _join(ways: list[_Pinned], sets: bool) -> dict:
+def _join(ways: list[_Pinned], sets: bool, exclusions: bool = True) -> dict:
     """What all of `ways` have in common, as struct vnet_filter fields (`sets`: or
-    one of up to SET_SLOTS protocols, ports or addresses of each family, either way round)."""
+    one of up to SET_SLOTS protocols, ports or addresses of each family, either way round;
+    `exclusions`: and ports and IPv4 addresses none of them has)."""
     if not ways:
         return {}
     cfg: dict = {}
@@ -360,7 +361,7 @@ def _join(ways: list[_Pinned], sets: bool) -> dict:
             ports = _hitting_set([{w.sport, w.dport} - {None} for w in ways])  # `port 80 or port 443`
             if ports:
                 cfg["f_ports"] = _slots(sorted(ports))
-    if sets:
+    if sets and exclusions:
         # (step 2a leaves a packet with its tag in the sk_buff to the expression: 802.1Q to it)
         ports = _ruled_out([w.not_ports for w in ways if w.not_ports is not None and not w.tagged])
         if ports:  # `not port 22`: any of them, either way round, leaves a TCP or UDP packet out
@@ -473,20 +474,23 @@ def _either_prefix(ways: list[_Pinned], width: int) -> tuple[int, int] | None:
     return best
 
 
-def criteria(expression: Expression | str, sctp_ports_later: bool = True, sets: bool = True) -> dict:
+def criteria(expression: Expression | str, sctp_ports_later: bool = True, sets: bool = True,
+             exclusions: bool = True) -> dict:
     """struct vnet_filter fields (f_l4_proto, f_family, f_src/f_dst/f_host and
     their _bits, f_sport/f_dport/f_port, f_l4_protos, f_ports, f_hosts_v4, f_hosts_v6, f_not_ports,
     f_not_hosts_v4) every
     packet step 2a judges and `expression` accepts meets; {} where nothing is pinned down.
     `sctp_ports_later`: step 2a leaves SCTP packets alone where ports are
     criteria (VNET_PLAIN_SCTP_PORTS_LATER); `sets`: it has f_l4_protos,
-    f_ports and f_hosts_v4 (not in objects of an older vnet; see within())."""
+    f_ports and f_hosts_v4 (not in objects of an older vnet; see within()); `exclusions`:
+    f_not_ports and f_not_hosts_v4 too (left out at tc, where the expression tests them
+    for less, see docs/benchmarks.md)."""
     expr = compile(expression) if isinstance(expression, str) else expression
-    return dict(_derived(expr, sctp_ports_later, sets))
+    return dict(_derived(expr, sctp_ports_later, sets, exclusions))
 
 
 @functools.lru_cache(maxsize=16)
-def _derived(expr: Expression, sctp_ports_later: bool, sets: bool) -> dict:
+def _derived(expr: Expression, sctp_ports_later: bool, sets: bool, exclusions: bool) -> dict:
     """criteria(), once per expression: the CLI's check and the trace ask alike."""
     ways: list[_Pinned] = []
     budget = [MAX_STATES]
@@ -508,10 +512,10 @@ def _derived(expr: Expression, sctp_ports_later: bool, sets: bool) -> dict:
     if sctp_ports_later:
         # libpcap's `port 53` is TCP's, UDP's or SCTP's; step 2a reads no SCTP ports, but
         # judges no SCTP packet either where ports are criteria: its ways can be left out then
-        other = _join([w for w in ways if w.proto != SCTP], sets)
+        other = _join([w for w in ways if w.proto != SCTP], sets, exclusions)
         if any(k in other for k in PORT_KEYS):
             return other
-    return _join(ways, sets)
+    return _join(ways, sets, exclusions)
 
 
 def within(cfg: dict, fields: set[str]) -> dict:

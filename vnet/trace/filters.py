@@ -51,11 +51,13 @@ class PacketFilter:
     def active(self) -> bool:
         return any(v is not None for v in self._criteria().values())
 
-    def config(self, prejudge: bool = True, sctp_ports_later: bool = True, sets: bool = True) -> dict:
+    def config(self, prejudge: bool = True, sctp_ports_later: bool = True, sets: bool = True,
+               exclusions: bool = True) -> dict:
         """The f_* fields of struct vnet_filter (names from the objects' BTF);
         `prejudge`: with the criteria a lone expression implies, tested first
         (`sctp_ports_later`: by objects with VNET_PLAIN_SCTP_PORTS_LATER; `sets`:
-        by objects with f_ports and f_l4_protos)."""
+        by objects with f_ports and f_l4_protos; `exclusions`: f_not_ports and
+        f_not_hosts_v4 among them)."""
         if not self.active:
             return {"f_on": 0}
         cfg: dict = {"f_on": FILTER_ON}
@@ -70,7 +72,7 @@ class PacketFilter:
             # What every packet the expression accepts has (protocol, addresses, ports), tested first.
             from vnet.tcpdump.prejudge import criteria
 
-            pre = criteria(self.compiled, sctp_ports_later, sets)
+            pre = criteria(self.compiled, sctp_ports_later, sets, exclusions)
             if pre:
                 cfg.update(pre, f_on=FILTER_ON_PCAP)
         families = set()
