@@ -22,7 +22,7 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 {
 	const volatile struct vnet_filter *f = &drop_cfg.filter;
 	struct vnet_stats *st;
-	struct vnet_event_more m = {};
+	struct vnet_event_more m;
 	struct vnet_event *ev = &m.ev;
 	struct vnet_cursor c;
 
@@ -36,6 +36,7 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 	st->v[VNET_STAT_SEEN]++;
 	if (skb && f->f_pcap && !vnet_pcap_kernel(skb, typed))
 		goto filtered;
+	__builtin_memset(&m, 0, sizeof(m)); /* after the rejects: they never touch the record */
 	c.id = 0;
 	if (skb)
 		vnet_kernel_meta(skb, ev, typed);

@@ -32,7 +32,7 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 {
 	const volatile struct vnet_filter *f = &skb_cfg.filter;
 	struct vnet_stats *st;
-	struct vnet_event_more m = {};
+	struct vnet_event_more m;
 	struct vnet_event *ev = &m.ev;
 	struct vnet_cursor c;
 
@@ -48,6 +48,7 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 		skb = NULL;
 	if (skb && f->f_pcap && !vnet_pcap_kernel(skb, typed))
 		goto filtered;
+	__builtin_memset(&m, 0, sizeof(m)); /* after the rejects: they never touch the record */
 	c.id = 0;
 	if (skb)
 		vnet_kernel_meta(skb, ev, typed);

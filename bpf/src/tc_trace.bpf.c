@@ -27,7 +27,7 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 {
 	const volatile struct vnet_filter *f = &tc_cfg.filter;
 	struct vnet_stats *st;
-	struct vnet_event event = {}; /* never the longer record: nothing at tc fills its fields */
+	struct vnet_event event; /* never the longer record: nothing at tc fills its fields */
 	struct vnet_event *ev = &event;
 	struct vnet_cursor c;
 
@@ -41,6 +41,7 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 	st->v[VNET_STAT_SEEN]++;
 	if (f->f_pcap && !vnet_pcap_tc(skb))
 		goto filtered;
+	__builtin_memset(&event, 0, sizeof(event)); /* after the rejects: they never touch the record */
 	ev->ifindex = skb->ifindex;
 	ev->len = skb->len;
 	ev->mark = skb->mark;
