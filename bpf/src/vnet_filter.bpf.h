@@ -31,7 +31,7 @@ struct vnet_filter {
 	__u8 f_dst[16];
 	__u8 f_host[16];
 	/* Sets, tested by step 2a alone (vnet/tcpdump/prejudge.py derives them from an expression:
-	 * `tcp or udp`, `port 80 or port 443`, `host A or host B`, `not port 22`, `not host C`); 0:
+	 * `tcp or udp`, `port 80 or port 443`, `host A or net B`, `not port 22`, `not net C`); 0:
 	 * an unused slot, all 0: any */
 	__u16 f_ports[4];  /* the source or destination port is one of these */
 	__u8 f_l4_protos[4];
@@ -39,6 +39,9 @@ struct vnet_filter {
 	__u8 f_hosts_v6[64] __attribute__((aligned(8))); /* the same for IPv6: 4 addresses of 16 bytes */
 	__u16 f_not_ports[4]; /* a TCP or UDP packet to or from one of these ports is left out (`not port 22`) */
 	__u32 f_not_hosts_v4[4]; /* an IPv4 packet from or to one of these is left out (`not host 10.0.0.5`) */
+	/* ... each IPv4 slot's mask (network order; 0: the whole address): prefixes, `net 10.0.0.0/8` */
+	__u32 f_hosts_v4_mask[4];
+	__u32 f_not_hosts_v4_mask[4];
 };
 
 static __always_inline bool vnet_prefix_match(const __u8 *addr, const volatile __u8 *prefix, __u32 bits)
@@ -68,11 +71,32 @@ static __always_inline bool vnet_prefix_match(const __u8 *addr, const volatile _
 	}
 
 VNET_DEFINE_SET_TEST(vnet_port_in, __u16)
-VNET_DEFINE_SET_TEST(vnet_addr_v4_in, __u32)
 VNET_DEFINE_SET_TEST(vnet_proto_in, __u8)
 
 /* Either of a packet's two values (its ports, its IPv4 addresses) is in `set`. */
 #define VNET_EITHER_IN(test, set, a, b) (test((set), (a)) || test((set), (b)))
+
+/* IPv4 prefixes: slot i is in use where set[i] is not 0, and holds the addresses `v` with
+ * v & mask[i] == set[i] (both as the 4 bytes load from the packet; mask 0: the whole address). */
+static __always_inline bool vnet_v4_slot(const volatile __u32 *set, const volatile __u32 *mask, int i, __u32 v)
+{
+	__u32 m = mask[i];
+
+	return (v & (m ? m : ~0U)) == set[i];
+}
+
+static __always_inline bool vnet_v4_in(const volatile __u32 *set, const volatile __u32 *mask, __u32 v)
+{
+	return vnet_v4_slot(set, mask, 0, v) || (set[1] && vnet_v4_slot(set, mask, 1, v)) ||
+	       (set[2] && vnet_v4_slot(set, mask, 2, v)) || (set[3] && vnet_v4_slot(set, mask, 3, v));
+}
+
+/* The source or the destination of an IPv4 packet is in the prefixes. */
+static __always_inline bool vnet_either_v4_in(const volatile __u32 *set, const volatile __u32 *mask,
+					      const __u8 *saddr, const __u8 *daddr)
+{
+	return vnet_v4_in(set, mask, *(const __u32 *)saddr) || vnet_v4_in(set, mask, *(const __u32 *)daddr);
+}
 
 /* An IPv6 address slot, as two words; all 0: unused (an address set never holds `::`). */
 static __always_inline __u64 vnet_v6_word(const volatile __u8 *set, int slot, int half)
@@ -105,8 +129,7 @@ static __always_inline bool vnet_hosts_in(const volatile struct vnet_filter *f, 
 					  const __u8 *daddr)
 {
 	if (flags & VNET_F_IPV4)
-		return f->f_hosts_v4[0] &&
-		       VNET_EITHER_IN(vnet_addr_v4_in, f->f_hosts_v4, *(const __u32 *)saddr, *(const __u32 *)daddr);
+		return f->f_hosts_v4[0] && vnet_either_v4_in(f->f_hosts_v4, f->f_hosts_v4_mask, saddr, daddr);
 	return vnet_v6_used(f->f_hosts_v6, 0) &&
 	       (vnet_addr_v6_in(f->f_hosts_v6, saddr) || vnet_addr_v6_in(f->f_hosts_v6, daddr));
 }
@@ -254,8 +277,7 @@ static __always_inline bool vnet_filter_plain_may_keep(const volatile struct vne
 	if ((f->f_hosts_v4[0] || vnet_v6_used(f->f_hosts_v6, 0)) && !vnet_hosts_in(f, flags, saddr, daddr))
 		return false;
 	if (f->f_not_hosts_v4[0] && (flags & VNET_F_IPV4) &&
-	    VNET_EITHER_IN(vnet_addr_v4_in, f->f_not_hosts_v4, *(const __u32 *)saddr, *(const __u32 *)daddr) &&
-	    !vnet_tag_in_skb(skb, tc))
+	    vnet_either_v4_in(f->f_not_hosts_v4, f->f_not_hosts_v4_mask, saddr, daddr) && !vnet_tag_in_skb(skb, tc))
 		return false;
 	return true;
 }

@@ -89,6 +89,8 @@ EXPRESSIONS = [
     "not port 53",                                    # (tested first: a port excluded)
     "not (port 443 or port 8080) and ip6",
     "not host 10.9.1.5",                              # (tested first: an IPv4 address excluded)
+    "net 10.9.2.0/24 or net 192.168.5.0/24",          # (tested first: a set of IPv4 prefixes)
+    "not net 10.9.1.0/28",                            # (tested first: an IPv4 prefix excluded)
     "portrange 1000-2000",                            # 1500->2000 in, 999->2001 out, SCTP too
     "tcp dst portrange 440-8080",
     "udp src portrange 1-1023",

@@ -141,7 +141,10 @@ PREJUDGED = ["udp", "tcp", "sctp", "icmp", "icmp6", "ip6", "udp port 53", "tcp a
              # ports excluded, either way round
              "not port 53", "not (port 22 or port 80)", "tcp and not port 80", "ip6 and not port 53",
              # ... and IPv4 addresses
-             "not host 10.1.0.1", "udp and not (host 10.2.0.2 or host 10.4.0.4)", "not (host 10.1.0.1 or port 22)"]
+             "not host 10.1.0.1", "udp and not (host 10.2.0.2 or host 10.4.0.4)", "not (host 10.1.0.1 or port 22)",
+             # ... and IPv4 prefixes, in a set and excluded
+             "net 10.2.0.0/16 or net 10.4.0.0/24", "(src net 10.3.0.0/16 or dst host 10.4.0.4) and icmp",
+             "not net 10.2.0.0/16", "udp and not (net 10.1.0.0/24 or net 10.4.0.0/16)"]
 
 
 @pytest.mark.parametrize("text", PREJUDGED)
@@ -166,10 +169,15 @@ def test_an_expression_with_its_criteria_first_agrees_with_libpcap(text):
                                          ("udp", {"f_hosts_v4": (0x09090909, 0, 0, 0)}),
                                          ("udp", {"f_hosts_v6": bytes.fromhex("fd00" + "00" * 13 + "09") + bytes(48)}),
                                          ("udp port 53", {"f_not_ports": (53, 0, 0, 0)}),
-                                         ("ip and udp", {"f_not_hosts_v4": (0x0100010A, 0x0200020A, 0, 0)})])
+                                         ("ip and udp", {"f_not_hosts_v4": (0x0100010A, 0x0200020A, 0, 0)}),
+                                         ("ip and udp", {"f_hosts_v4": (0x0909, 0, 0, 0),  # 9.9.0.0/16
+                                                         "f_hosts_v4_mask": (0xFFFF, 0, 0, 0)}),
+                                         ("ip and udp", {"f_not_hosts_v4": (0x0A, 0, 0, 0),  # 10.0.0.0/8
+                                                         "f_not_hosts_v4_mask": (0xFF, 0, 0, 0)})])
 def test_the_criteria_run_before_the_expression(text, wrong):
     """Criteria and sets that contradict the expression (TCP's for `udp`, port 9 for
-    port 53, TCP or ICMP for UDP, 9.9.9.9 or fd00::9 for any host, port 53, 10.1.0.1 and 10.2.0.2 excluded) leave out the plain packets
+    port 53, TCP or ICMP for UDP, 9.9.9.9 or fd00::9 for any host, port 53, 10.1.0.1 and 10.2.0.2 excluded,
+    9.9.0.0/16 for any host, 10.0.0.0/8 excluded) leave out the plain packets
     it keeps: they are tested, and first, and the test above would see a wrong
     derivation."""
     expr = compile(text)

@@ -188,7 +188,7 @@ def test_the_plain_test_rules_agree_with_the_objects(btf):
 
 def test_the_sets_step_2a_tests_have_the_slots_prejudge_fills(btf):
     """vnet/tcpdump/prejudge.py writes f_ports, f_l4_protos, f_hosts_v4, f_hosts_v6, f_not_ports and f_not_hosts_v4
-    with SET_SLOTS slots each."""
+    (the IPv4 ones with their _mask) with SET_SLOTS slots each."""
     from vnet.tcpdump.prejudge import SET_SLOTS
 
     flt = btf.struct("vnet_filter")
@@ -199,6 +199,8 @@ def test_the_sets_step_2a_tests_have_the_slots_prejudge_fills(btf):
     assert six.size == 16 * SET_SLOTS and six.is_bytes and six.offset % 8 == 0
     assert flt.field("f_not_ports").count == SET_SLOTS and flt.field("f_not_ports").size == 2 * SET_SLOTS
     assert flt.field("f_not_hosts_v4").count == SET_SLOTS and flt.field("f_not_hosts_v4").size == 4 * SET_SLOTS
+    for key in ("f_hosts_v4_mask", "f_not_hosts_v4_mask"):  # a mask per IPv4 slot: prefixes
+        assert flt.field(key).count == SET_SLOTS and flt.field(key).size == 4 * SET_SLOTS
 
 
 def test_probe_limit_agrees_with_the_objects(btf):

@@ -31,6 +31,14 @@ def v4w(text: str) -> int:
     return int.from_bytes(ipaddress.ip_address(text).packed, sys.byteorder)
 
 
+def m4(bits: int = 32) -> int:
+    """An IPv4 prefix's mask, as the programs load 4 bytes (a _mask slot)."""
+    return int.from_bytes(((0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF).to_bytes(4, "big"), sys.byteorder)
+
+
+W = m4()  # a whole address's mask
+
+
 def a4(text: str) -> bytes:
     return ipaddress.ip_address(text).packed.ljust(16, b"\0")
 
@@ -76,7 +84,8 @@ def v6set(*texts: str) -> bytes:
     ("src host 10.1.0.1 or dst host 10.1.0.1", {"f_family": 4, "f_host": a4("10.1.0.1"), "f_host_bits": 32}),
     ("host 10.1.0.1 and 10.1.0.2", {"f_family": 4, "f_src": a4("10.1.0.0"), "f_src_bits": 30,  # inherits `host`
                                     "f_dst": a4("10.1.0.0"), "f_dst_bits": 30,
-                                    "f_hosts_v4": (v4w("10.1.0.1"), 0, 0, 0)}),  # (10.1.0.1 either way)
+                                    "f_hosts_v4": (v4w("10.1.0.1"), 0, 0, 0),  # (10.1.0.1 either way)
+                                    "f_hosts_v4_mask": (W, 0, 0, 0)}),
     ("ip[8] < 64", {"f_family": 4}),
     # sets: one of up to 4 protocols, one of up to 4 ports either way round (unused slots 0)
     ("port 53 or 80", {"f_ports": (53, 80, 0, 0)}),
@@ -91,9 +100,18 @@ def v6set(*texts: str) -> bytes:
     ("portrange 1-100", {"f_l4_protos": bytes((6, 17, 132, 0))}),  # a range pins no port down
     ("sctp or port 80", {"f_port": 80}),
     # ... and one of up to 4 IPv4 addresses either way round (as the programs load the 4 bytes)
-    ("host 10.1.0.1 or host 192.168.5.1", {"f_family": 4, "f_hosts_v4": (v4w("10.1.0.1"), v4w("192.168.5.1"), 0, 0)}),
+    ("host 10.1.0.1 or host 192.168.5.1", {"f_family": 4, "f_hosts_v4": (v4w("10.1.0.1"), v4w("192.168.5.1"), 0, 0),
+                                           "f_hosts_v4_mask": (W, W, 0, 0)}),
     ("(host 10.1.0.1 or host 10.1.0.9) and port 80", {"f_family": 4, "f_port": 80,
-                                                       "f_hosts_v4": (v4w("10.1.0.1"), v4w("10.1.0.9"), 0, 0)}),
+                                                       "f_hosts_v4": (v4w("10.1.0.1"), v4w("10.1.0.9"), 0, 0),
+                                                       "f_hosts_v4_mask": (W, W, 0, 0)}),
+    # ... or IPv4 prefixes (with their masks; one alone is f_host's)
+    ("net 10.0.0.0/8 or net 192.168.0.0/16", {"f_family": 4, "f_hosts_v4": (v4w("10.0.0.0"), v4w("192.168.0.0"), 0, 0),
+                                              "f_hosts_v4_mask": (m4(8), m4(16), 0, 0)}),
+    ("src net 10.1.0.0/16 or dst host 192.168.5.1", {"f_family": 4, "f_hosts_v4_mask": (m4(16), W, 0, 0),
+                                                     "f_hosts_v4": (v4w("10.1.0.0"), v4w("192.168.5.1"), 0, 0)}),
+    ("net 10.0.0.0/8 or net 10.1.0.0/16 or host 10.2.0.2", {"f_family": 4, "f_host": a4("10.0.0.0"),
+                                                            "f_host_bits": 8}),  # (a set of 10.0.0.0/8 alone)
     ("not (tcp or sctp or icmp) and ip6", {"f_family": 6}),
     # ports no TCP or UDP packet the expression keeps has, either way round (`not port 22`)
     ("not port 22", {"f_not_ports": (22, 0, 0, 0)}),
@@ -101,17 +119,26 @@ def v6set(*texts: str) -> bytes:
     ("tcp and not port 80", {"f_l4_proto": 6, "f_not_ports": (80, 0, 0, 0)}),
     ("(tcp or udp) and not (port 53 or port 80)", {"f_l4_protos": bytes((6, 17, 0, 0)), "f_not_ports": (53, 80, 0, 0)}),
     # ... and IPv4 addresses no IPv4 packet it keeps has, either way round (`not host 10.0.0.5`)
-    ("not host 10.1.0.5", {"f_not_hosts_v4": (v4w("10.1.0.5"), 0, 0, 0)}),
-    ("udp and not (host 10.1.0.5 or host 10.1.0.6)", {"f_l4_proto": 17,
+    ("not host 10.1.0.5", {"f_not_hosts_v4": (v4w("10.1.0.5"), 0, 0, 0), "f_not_hosts_v4_mask": (W, 0, 0, 0)}),
+    ("udp and not (host 10.1.0.5 or host 10.1.0.6)", {"f_l4_proto": 17, "f_not_hosts_v4_mask": (W, W, 0, 0),
                                                      "f_not_hosts_v4": (v4w("10.1.0.5"), v4w("10.1.0.6"), 0, 0)}),
-    ("not (host 10.1.0.5 or port 22)", {"f_not_ports": (22, 0, 0, 0), "f_not_hosts_v4": (v4w("10.1.0.5"), 0, 0, 0)}),
+    ("not (host 10.1.0.5 or port 22)", {"f_not_ports": (22, 0, 0, 0), "f_not_hosts_v4": (v4w("10.1.0.5"), 0, 0, 0),
+                                        "f_not_hosts_v4_mask": (W, 0, 0, 0)}),
+    # ... or prefixes (`not net 10.0.0.0/8`: the management network left out), one inside another once
+    ("not net 10.0.0.0/8", {"f_not_hosts_v4": (v4w("10.0.0.0"), 0, 0, 0), "f_not_hosts_v4_mask": (m4(8), 0, 0, 0)}),
+    ("tcp and not net 10.1.0.0/16 and not host 10.1.2.3 and not host 192.168.5.1",
+     {"f_l4_proto": 6, "f_not_hosts_v4": (v4w("10.1.0.0"), v4w("192.168.5.1"), 0, 0),
+      "f_not_hosts_v4_mask": (m4(16), W, 0, 0)}),
     # ... and of IPv6 ones; both families: an IPv4 packet needs one of the first, an IPv6 one of the second
     ("(host fd00::1 or host 2001:db8::7) and udp", {"f_family": 6, "f_l4_proto": 17,
                                                    "f_hosts_v6": v6set("2001:db8::7", "fd00::1")}),
-    ("host 10.1.0.1 or host fd00::1", {"f_hosts_v4": (v4w("10.1.0.1"), 0, 0, 0), "f_hosts_v6": v6set("fd00::1")}),
+    ("host 10.1.0.1 or host fd00::1", {"f_hosts_v4": (v4w("10.1.0.1"), 0, 0, 0), "f_hosts_v4_mask": (W, 0, 0, 0),
+                                       "f_hosts_v6": v6set("fd00::1")}),
     ("(host 10.1.0.1 or host 10.1.0.9 or host fd00::1) and tcp port 443",
      {"f_l4_proto": 6, "f_port": 443, "f_hosts_v4": (v4w("10.1.0.1"), v4w("10.1.0.9"), 0, 0),
-      "f_hosts_v6": v6set("fd00::1")}),
+      "f_hosts_v4_mask": (W, W, 0, 0), "f_hosts_v6": v6set("fd00::1")}),
+    ("net 10.0.0.0/8 or host fd00::1", {"f_hosts_v4": (v4w("10.0.0.0"), 0, 0, 0), "f_hosts_v4_mask": (m4(8), 0, 0, 0),
+                                        "f_hosts_v6": v6set("fd00::1")}),
     # the tag the kernel keeps in the sk_buff is put back for the expression: what follows it counts
     ("vlan and udp", {"f_l4_proto": 17}),
     ("vlan 10 and udp dst port 9", {"f_l4_proto": 17, "f_dport": 9}),
@@ -132,7 +159,8 @@ def test_criteria(text, want):
     "not ip and not ip6",  # an IP packet with its tag in the sk_buff: the expression sees 802.1Q
     "vlan 10", "host 10.1.0.1 or ip6", "host 0.0.0.0 or host fd00::1",  # (0: an unused slot)
     "not src port 22", "not tcp port 22",  # (neither excludes a port either way round from both protocols)
-    "not src host 10.1.0.5", "not net 10.0.0.0/8",  # (one way round; a prefix)
+    "not src host 10.1.0.5", "not src net 10.0.0.0/8",  # (one way round)
+    "net 10.0.0.0/8 or net fd00::/16",  # (IPv6 prefixes: the set holds whole addresses)
     "not vlan and not port 22",  # (libpcap reads the ports 4 bytes on after `vlan`, on any frame)
     "udp or tcp or icmp or sctp or icmp6",  # more than a set holds
 ])
@@ -163,6 +191,9 @@ def test_describe_says_the_criteria_in_words():
     assert describe(criteria("host 10.1.0.1 or host fd00::1")) == "source or destination 10.1.0.1 or fd00::1"
     assert describe(criteria("not port 22 and not port 2049")) == "no TCP or UDP port 22 or 2049"
     assert describe(criteria("not host 10.1.0.5")) == "no IPv4 source or destination 10.1.0.5"
+    assert describe(criteria("net 10.0.0.0/8 or host 192.168.5.1")) == \
+        "IPv4, source or destination 10.0.0.0/8 or 192.168.5.1"
+    assert describe(criteria("not net 172.16.0.0/12")) == "no IPv4 source or destination 172.16.0.0/12"
 
 
 def test_an_older_object_gets_the_criteria_it_has_fields_for():
@@ -174,6 +205,13 @@ def test_an_older_object_gets_the_criteria_it_has_fields_for():
     assert within(cfg, set(cfg) - {"f_hosts_v6"}) == {"f_port": 80}
     v4 = criteria("host 10.1.0.1 or host 10.1.0.9")
     assert within(v4, set(v4) - {"f_hosts_v6"}) == v4
+    # without the _mask fields, an object reads a set of IPv4 prefixes as addresses: it goes (whole
+    # addresses stay); with an IPv6 set beside it, both go
+    nets = criteria("(net 10.1.0.0/16 or net 192.168.0.0/16 or host fd00::1) and port 80")
+    assert within(nets, set(nets) - {"f_hosts_v4_mask"}) == {"f_port": 80}
+    assert within(v4, set(v4) - {"f_hosts_v4_mask"}) == {k: v for k, v in v4.items() if k != "f_hosts_v4_mask"}
+    out = criteria("not net 10.0.0.0/8 and not port 22")
+    assert within(out, set(out) - {"f_not_hosts_v4_mask"}) == {"f_not_ports": (22, 0, 0, 0)}
 
 
 def test_tc_gets_the_criteria_without_the_exclusions():
@@ -246,7 +284,7 @@ def step_2a_rejects(cfg: dict, frame: bytes, sctp_later: bool = True, tag_in_skb
             and (not cfg.get("f_not_ports") or not cfg["f_not_ports"][0] or ports is None or tag_in_skb
                  or not set(ports) & (set(cfg["f_not_ports"]) - {0}))
             and (not cfg.get("f_not_hosts_v4") or not cfg["f_not_hosts_v4"][0] or family != 4 or tag_in_skb
-                 or not {int.from_bytes(a, sys.byteorder) for a in (saddr, daddr)} & (set(cfg["f_not_hosts_v4"]) - {0}))
+                 or not v4_in(cfg, "f_not_hosts_v4", saddr, daddr))
             and (not cfg.get("f_ports") or not cfg["f_ports"][0]
                  or (ports is not None and bool(set(ports) & (set(cfg["f_ports"]) - {0}))))
             and (not cfg.get("f_src_bits") or prefix(saddr, "f_src"))
@@ -263,8 +301,15 @@ def hosts_keep(cfg: dict, family: int, saddr: bytes, daddr: bytes) -> bool:
     if not v4 and not v6:
         return True
     if family == 4:
-        return bool({int.from_bytes(a, sys.byteorder) for a in (saddr, daddr)} & v4)
+        return bool(v4) and v4_in(cfg, "f_hosts_v4", saddr, daddr)
     return bool({saddr, daddr} & v6)
+
+
+def v4_in(cfg: dict, key: str, saddr: bytes, daddr: bytes) -> bool:
+    """vnet_either_v4_in: the source or destination in a set of IPv4 prefixes (mask 0: whole)."""
+    masks = cfg.get(f"{key}_mask") or (0,) * 4
+    words = [int.from_bytes(a, sys.byteorder) for a in (saddr, daddr)]
+    return any(v and (w & (m or W)) == v for v, m in zip(cfg[key], masks) for w in words)
 
 
 V4 = ["10.1.0.1", "10.1.0.9", "10.2.0.2", "192.168.5.1"]
@@ -328,6 +373,11 @@ SOUNDNESS = [
     "ip6 and not port 53", "not port 9 and host 10.1.0.1",
     "not host 10.1.0.1", "udp and not (host 10.1.0.9 or host 10.2.0.2)", "not (host 10.1.0.1 or port 53)",
     "not ip host 192.168.5.1 or icmp6", "tcp and not host 10.1.0.1 and not port 80",
+    # IPv4 prefixes, in a set and excluded
+    "net 10.1.0.0/16 or net 192.168.0.0/16", "src net 10.2.0.0/16 or dst host 192.168.5.1",
+    "(net 10.1.0.0/16 or net 10.2.0.0/16) and udp", "net 10.0.0.0/8 or host fd00::1",
+    "not net 10.1.0.0/16", "udp and not net 192.168.0.0/16", "not (net 10.2.0.0/16 or host 10.1.0.9)",
+    "not net 10.0.0.0/8 and not host 192.168.5.1 or icmp6", "net 10.1.0.0/16 and not net 10.1.0.0/28",
     "(tcp and not port 80) or (sctp and port 9)",
 ]  # (libpcap refuses what matches nothing: "tcp and udp")
 
@@ -379,7 +429,12 @@ def test_the_model_catches_a_wrong_criterion():
                                ("not tcp port 53", {"f_not_ports": (53, 0, 0, 0)}, True),  # UDP's port 53 passes
                                ("not port 53", {"f_not_ports": (80, 0, 0, 0)}, True),
                                ("not host 10.1.0.1", {"f_not_hosts_v4": (v4w("10.1.0.9"), 0, 0, 0)}, True),
-                               ("not src host 10.1.0.1", {"f_not_hosts_v4": (v4w("10.1.0.1"), 0, 0, 0)}, True)):
+                               ("not src host 10.1.0.1", {"f_not_hosts_v4": (v4w("10.1.0.1"), 0, 0, 0)}, True),
+                               ("net 10.1.0.0/16 or net 192.168.0.0/16",  # a prefix read as an address
+                                {"f_hosts_v4": (v4w("10.1.0.0"), v4w("192.168.0.0"), 0, 0),
+                                 "f_hosts_v4_mask": (W, m4(16), 0, 0)}, True),
+                               ("not net 10.1.0.0/16", {"f_not_hosts_v4": (v4w("10.0.0.0"), 0, 0, 0),  # too short
+                                                        "f_not_hosts_v4_mask": (m4(8), 0, 0, 0)}, True)):
         expr = compile(text)
         assert any(step_2a_rejects(wrong, f, later, tag) and expr.matches(v, link)
                    for f in frames for link, v, tag in views(f))

@@ -459,6 +459,8 @@ LIVE_VARIANTS = [
     *rejects_both_ways("port 53", "port 53, SCTP left to the expression"),
     *rejects_both_ways("not port 22 and not port 5000", "no TCP or UDP port 22 or 5000"),
     *rejects_both_ways("not host 10.199.211.2", "no IPv4 source or destination 10.199.211.2 (the flood's receiver)"),
+    *rejects_both_ways("net 192.0.2.0/24 or net 198.51.100.0/24", "IPv4, source or destination in either prefix"),
+    *rejects_both_ways("not net 10.199.0.0/16", "no IPv4 source or destination in 10.199.0.0/16 (the flood's)"),
     *rejects_both_ways("arp", "no plain IP packet"),
     ("--snaplen 128: events + bytes", {"snaplen": 128}),
 ]

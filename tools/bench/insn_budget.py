@@ -14,10 +14,12 @@ in six load variants, because read-only config prunes code at load:
   default  no filter, no snaplen, no aggregation (`vnet trace -i IFACE`)
   full     every field filter, --snaplen 256, aggregation and events
   pcap     a tcpdump expression spliced in ('udp and (dst port 53 or dst port 5353) and
-           (host 10.0.0.1 or host 10.0.0.2 or host fd00::1)': its criteria, tested first,
-           have a set of ports and one of addresses of each family, the most step 2a tests)
-  exclude  the same with 'not port 22 and not port 2049 and not port 3260 and not host 10.0.0.5':
-           ports and an IPv4 address excluded, what step 2a tests with the VLAN tag the sk_buff holds
+           (host 10.0.0.1 or net 10.2.0.0/16 or host fd00::1)': its criteria, tested first,
+           have a set of ports and one of addresses (IPv4: prefixes) of each family, the most
+           step 2a tests)
+  exclude  the same with 'not port 22 and not port 2049 and not port 3260 and not host 10.0.0.5
+           and not net 192.168.0.0/16': ports and IPv4 addresses excluded, what step 2a tests
+           with the VLAN tag the sk_buff holds
   reads    kernel hooks reading each header, as where features says no to
            "parse_copy" (default, full and pcap follow what it says here)
   copy     kernel hooks parsing from a copy, as where features says yes to
@@ -64,9 +66,9 @@ VARIANTS: dict[str, dict] = {
                                            ifaces=("lo",)),
              "snaplen": 256, "aggregate_and_events": True},
     "pcap": {"packet_filter": PacketFilter(
-        expression="udp and (dst port 53 or dst port 5353) and (host 10.0.0.1 or host 10.0.0.2 or host fd00::1)")},
+        expression="udp and (dst port 53 or dst port 5353) and (host 10.0.0.1 or net 10.2.0.0/16 or host fd00::1)")},
     "exclude": {"packet_filter": PacketFilter(
-        expression="not port 22 and not port 2049 and not port 3260 and not host 10.0.0.5")},
+        expression="not port 22 and not port 2049 and not port 3260 and not host 10.0.0.5 and not net 192.168.0.0/16")},
     # kernel hooks reading each header (parse_cfg.copy 0), what "default" is where features
     # says no to parse_copy (Linux 6.1): kept in budget here too
     "reads": {"parse_copy": False},

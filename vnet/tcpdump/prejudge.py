@@ -59,6 +59,7 @@ IPV6_NOT_PLAIN = frozenset({0, 43, 44, 60, 51})  # next headers step 2a leaves t
 PORT_KEYS = ("f_sport", "f_dport", "f_port", "f_ports", "f_not_ports")  # with any, step 2a leaves SCTP alone
 TCP_OR_UDP_KEYS = PORT_KEYS[:4]  # ... these a packet passes only with ports step 2a reads: TCP or UDP
 SET_SLOTS = 4  # f_ports[4], f_l4_protos[4], f_hosts_v4[4], f_hosts_v6[4 * 16], f_not_ports[4], f_not_hosts_v4[4]
+WHOLE = 0xFFFFFFFF  # the mask of a whole IPv4 address (a 32-bit word)
 MAX_STATES = 30000  # states followed in all before giving up (nothing derived): ~0.2 s here
 
 
@@ -164,18 +165,18 @@ def _branches(view: _View, family: int, way: _Way, a, op: int, k: int) -> list[t
     if f[0] in ("word", "masked"):
         key, mask = (f[1:], 0xFFFFFFFF) if f[0] == "word" else (f[1], f[2])
         tests = way.eq.get(key, ())
-        whole = [v for m, v in tests if m == 0xFFFFFFFF]
+        whole = [v for m, v in tests if m == WHOLE]
         if whole:  # the word is known: so is the outcome
             return [((whole[0] & mask) == k, way)]
         if (mask, k) in tests:
             return [(True, way)]
-        if family == 6 or f[0] == "masked":
+        if family == 6:
             return [(True, _Way({**way.eq, key: tests + ((mask, k),)}, way.ne)), (False, way)]
-        # an IPv4 address: what it is not, too (`not host 10.0.0.5`)
-        if k in way.ne.get(key, ()):
+        # an IPv4 address or prefix: what it is not, too (`not host 10.0.0.5`, `not net 10.0.0.0/8`)
+        if (mask, k) in way.ne.get(key, ()):
             return [(False, way)]
         return [(True, _Way({**way.eq, key: tests + ((mask, k),)}, way.ne)),
-                (False, _Way(way.eq, {**way.ne, key: way.ne.get(key, frozenset()) | {k}}))]
+                (False, _Way(way.eq, {**way.ne, key: way.ne.get(key, frozenset()) | {(mask, k)}}))]
     name = f[1]
     if name == "frag":
         return [(True, way), (False, way)]
@@ -275,7 +276,7 @@ class _Pinned:
     src: tuple[int, int] | None = None   # (address as an int of the family's width, prefix length)
     dst: tuple[int, int] | None = None
     not_ports: frozenset | None = None   # a TCP or UDP packet's ports are neither of these; None: not TCP or UDP
-    not_hosts: frozenset = frozenset()   # an IPv4 packet's addresses are neither of these
+    not_hosts: frozenset = frozenset()   # an IPv4 packet's addresses are in none of these (mask, value) prefixes
     tagged: bool = False                 # seen with the tag the kernel keeps in the sk_buff put back
 
 
@@ -366,9 +367,10 @@ def _join(ways: list[_Pinned], sets: bool, exclusions: bool = True) -> dict:
         ports = _ruled_out([w.not_ports for w in ways if w.not_ports is not None and not w.tagged])
         if ports:  # `not port 22`: any of them, either way round, leaves a TCP or UDP packet out
             cfg["f_not_ports"] = _slots(ports)
-        hosts = _ruled_out([w.not_hosts for w in ways if w.family == 4 and not w.tagged])
-        if hosts:  # `not host 10.0.0.5`: ... an IPv4 packet from or to one of them
-            cfg["f_not_hosts_v4"] = _slots([_as_loaded(a) for a in hosts])
+        hosts = _ruled_out([w.not_hosts for w in ways if w.family == 4 and not w.tagged], _outermost)
+        if hosts:  # `not host 10.0.0.5`, `not net 10.0.0.0/8`: ... an IPv4 packet from or to one of them
+            cfg["f_not_hosts_v4"] = _slots([_as_loaded(v) for _, v in hosts])
+            cfg["f_not_hosts_v4_mask"] = _slots([_as_loaded(m) for m, _ in hosts])
     if set(cfg.get("f_l4_protos", ())) - {0} <= set(READS_PORTS) and any(k in cfg for k in TCP_OR_UDP_KEYS):
         cfg.pop("f_l4_protos", None)  # only TCP and UDP packets have the ports step 2a reads
     if family:
@@ -387,7 +389,9 @@ def _join(ways: list[_Pinned], sets: bool, exclusions: bool = True) -> dict:
                 cfg["f_host"] = host
         if sets and not any(cfg.get(k, (0, 0))[1] == width for k in ("f_src", "f_dst", "f_host")):
             hosts = _host_sets(ways)
-            if hosts:  # `host A or host B`: the set says more than their common prefix
+            # `host A or host B`, `net A or net B`: the set says more than their common prefix
+            # (one prefix alone says what f_host does)
+            if hosts and (family == 6 or hosts["f_hosts_v4"][1] or hosts["f_hosts_v4_mask"][0] == WHOLE):
                 cfg.pop("f_host", None)
                 cfg.update(hosts)
         for key in ("f_src", "f_dst", "f_host"):
@@ -401,12 +405,13 @@ def _join(ways: list[_Pinned], sets: bool, exclusions: bool = True) -> dict:
 
 
 def _host_sets(ways: list[_Pinned]) -> dict:
-    """f_hosts_v4 and f_hosts_v6 where each way pins a whole address down, either way round:
-    per family, at most SET_SLOTS of them, one of each way's among them. A family no way has
-    gets none (step 2a rejects it then). {} where a way pins none (0: an unused slot)."""
+    """f_hosts_v4 (with f_hosts_v4_mask) and f_hosts_v6 where each way pins an address down,
+    either way round (IPv4: or a prefix, `net 10.0.0.0/8 or net 192.168.0.0/16`): per family,
+    at most SET_SLOTS of them, one of each way's among them. A family no way has gets none
+    (step 2a rejects it then). {} where a way pins none (0: an unused slot)."""
     out: dict = {}
     for family in (4, 6):
-        options = [{p[0] for p in (w.src, w.dst) if p and p[1] == WIDTH[family] and p[0]}
+        options = [{p for p in (w.src, w.dst) if p and (family == 4 or p[1] == WIDTH[family]) and p[0]}
                    for w in ways if w.family == family]
         if not options:
             continue
@@ -414,16 +419,31 @@ def _host_sets(ways: list[_Pinned]) -> dict:
         if not hosts:
             return {}
         if family == 4:
-            out["f_hosts_v4"] = _slots([_as_loaded(a) for a in sorted(hosts)])
+            prefixes = _outermost({(_mask(bits), addr) for addr, bits in hosts})
+            out["f_hosts_v4"] = _slots([_as_loaded(v) for _, v in prefixes])
+            out["f_hosts_v4_mask"] = _slots([_as_loaded(m) for m, _ in prefixes])
         else:
-            out["f_hosts_v6"] = b"".join(a.to_bytes(16, "big") for a in sorted(hosts)).ljust(16 * SET_SLOTS, b"\0")
+            out["f_hosts_v6"] = b"".join(a.to_bytes(16, "big") for a, _ in sorted(hosts)).ljust(16 * SET_SLOTS, b"\0")
     return out
 
 
-def _ruled_out(per_way: list[frozenset]) -> list[int]:
-    """Up to SET_SLOTS values every way rules out (0, an unused slot, never): an exclusion."""
+def _ruled_out(per_way: list[frozenset], keep=lambda values: sorted(values)) -> list:
+    """Up to SET_SLOTS values every way rules out (0, an unused slot, never): an exclusion.
+    `keep`: which of them say something (IPv4 prefixes: _outermost)."""
     common = frozenset.intersection(*per_way) - {0} if per_way else frozenset()
-    return sorted(common)[:SET_SLOTS]
+    return keep(common)[:SET_SLOTS]
+
+
+def _mask(bits: int) -> int:
+    """An IPv4 prefix length's mask, as a 32-bit word in network order."""
+    return (WHOLE << (32 - bits)) & WHOLE
+
+
+def _outermost(prefixes) -> list[tuple[int, int]]:
+    """IPv4 (mask, value) prefixes without those inside another of them (10.1.0.0/16 in
+    10.0.0.0/8 says nothing more) nor value 0 (an unused slot), in order."""
+    return sorted((m, v) for m, v in prefixes if v and not any(
+        (m2, v2) != (m, v) and m2 & m == m2 and v & m2 == v2 for m2, v2 in prefixes))
 
 
 def _hitting_set(options: list[set[int]]) -> set[int] | None:
@@ -477,8 +497,8 @@ def _either_prefix(ways: list[_Pinned], width: int) -> tuple[int, int] | None:
 def criteria(expression: Expression | str, sctp_ports_later: bool = True, sets: bool = True,
              exclusions: bool = True) -> dict:
     """struct vnet_filter fields (f_l4_proto, f_family, f_src/f_dst/f_host and
-    their _bits, f_sport/f_dport/f_port, f_l4_protos, f_ports, f_hosts_v4, f_hosts_v6, f_not_ports,
-    f_not_hosts_v4) every
+    their _bits, f_sport/f_dport/f_port, f_l4_protos, f_ports, f_hosts_v4 (and _mask), f_hosts_v6,
+    f_not_ports, f_not_hosts_v4 (and _mask)) every
     packet step 2a judges and `expression` accepts meets; {} where nothing is pinned down.
     `sctp_ports_later`: step 2a leaves SCTP packets alone where ports are
     criteria (VNET_PLAIN_SCTP_PORTS_LATER); `sets`: it has f_l4_protos,
@@ -520,12 +540,23 @@ def _derived(expr: Expression, sctp_ports_later: bool, sets: bool, exclusions: b
 
 def within(cfg: dict, fields: set[str]) -> dict:
     """`cfg` for an object whose struct vnet_filter has only `fields` (an older vnet's): any
-    criterion left out, the rest still rejects only what the expression rejects. One
-    exception: an object without f_hosts_v6 reads an IPv4 set as rejecting every IPv6
-    packet, so the IPv4 set goes with it."""
+    criterion left out, the rest still rejects only what the expression rejects. Two
+    exceptions: an object without f_hosts_v6 reads an IPv4 set as rejecting every IPv6
+    packet, so the IPv4 set goes with it; one without the _mask fields reads a set of IPv4
+    prefixes as whole addresses, so such a set goes (an address set without its IPv6 half
+    would reject every IPv4 packet: both halves)."""
     out = {k: v for k, v in cfg.items() if k in fields}
     if "f_hosts_v6" in cfg and "f_hosts_v6" not in fields:
         out.pop("f_hosts_v4", None)
+    for key in ("f_hosts_v4", "f_not_hosts_v4"):
+        masks = cfg.get(f"{key}_mask")
+        if masks and f"{key}_mask" not in fields and any(m != WHOLE for v, m in zip(cfg[key], masks) if v):
+            out.pop(key, None)
+            if key == "f_hosts_v4":
+                out.pop("f_hosts_v6", None)
+    for key in ("f_hosts_v4", "f_not_hosts_v4"):
+        if key not in out:
+            out.pop(f"{key}_mask", None)  # (of a set that went)
     return out
 
 
@@ -552,7 +583,7 @@ def describe(cfg: dict) -> str:
                       ("f_port", "source or destination port")):
         if cfg.get(key):
             parts.append(f"{word} {cfg[key]}")
-    addrs = [ipaddress.ip_address(a.to_bytes(4, sys.byteorder)) for a in cfg.get("f_hosts_v4", ()) if a]
+    addrs = _v4_prefixes(cfg, "f_hosts_v4")
     six = cfg.get("f_hosts_v6", b"")
     addrs += [ipaddress.ip_address(six[i:i + 16]) for i in range(0, len(six), 16) if any(six[i:i + 16])]
     if addrs:
@@ -562,6 +593,17 @@ def describe(cfg: dict) -> str:
     if cfg.get("f_not_ports"):
         parts.append("no TCP or UDP port " + " or ".join(str(p) for p in cfg["f_not_ports"] if p))
     if cfg.get("f_not_hosts_v4"):
-        parts.append("no IPv4 source or destination " + " or ".join(
-            str(ipaddress.ip_address(a.to_bytes(4, sys.byteorder))) for a in cfg["f_not_hosts_v4"] if a))
+        parts.append("no IPv4 source or destination " + " or ".join(map(str, _v4_prefixes(cfg, "f_not_hosts_v4"))))
     return ", ".join(parts)
+
+
+def _v4_prefixes(cfg: dict, key: str) -> list:
+    """An IPv4 set's used slots as addresses, or networks where their mask is not whole."""
+    masks = cfg.get(f"{key}_mask") or (WHOLE,) * SET_SLOTS
+    out = []
+    for value, mask in zip(cfg.get(key, ()), masks):
+        if value:
+            addr = ipaddress.ip_address(value.to_bytes(4, sys.byteorder))
+            bits = bin(mask).count("1") if mask else 32
+            out.append(addr if bits == 32 else ipaddress.ip_network(f"{addr}/{bits}"))
+    return out
