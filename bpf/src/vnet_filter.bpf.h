@@ -182,12 +182,15 @@ static __always_inline bool vnet_filter_early(const volatile struct vnet_filter 
 			return false;										\
 	} while (0)
 
+/* VNET_FILTER_ON_PCAP says it in one load: its criteria are there (or were, before an older
+ * object's loader left some out); the chain after it costs a reject a load per field. */
 static __always_inline bool vnet_filter_on_fields(const volatile struct vnet_filter *f)
 {
-	return f->f_on && (f->f_family || f->f_l4_proto || f->f_sport || f->f_dport || f->f_port || f->f_src_bits ||
-			   f->f_dst_bits || f->f_host_bits || f->f_ports[0] || f->f_l4_protos[0] ||
-			   f->f_hosts_v4[0] || vnet_v6_used(f->f_hosts_v6, 0) || f->f_not_ports[0] ||
-			   f->f_not_hosts_v4[0]);
+	return f->f_on == VNET_FILTER_ON_PCAP ||
+	       (f->f_on && (f->f_family || f->f_l4_proto || f->f_sport || f->f_dport || f->f_port || f->f_src_bits ||
+			    f->f_dst_bits || f->f_host_bits || f->f_ports[0] || f->f_l4_protos[0] ||
+			    f->f_hosts_v4[0] || vnet_v6_used(f->f_hosts_v6, 0) || f->f_not_ports[0] ||
+			    f->f_not_hosts_v4[0]));
 }
 
 /* Whether the kernel keeps the packet's VLAN tag in the sk_buff (`tc`: a TC context). */
