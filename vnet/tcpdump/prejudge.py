@@ -59,7 +59,7 @@ IPV6_NOT_PLAIN = frozenset({0, 43, 44, 60, 51})  # next headers step 2a leaves t
 PORT_KEYS = ("f_sport", "f_dport", "f_port", "f_ports", "f_not_ports")  # with any, step 2a leaves SCTP alone
 TCP_OR_UDP_KEYS = PORT_KEYS[:4]  # ... these a packet passes only with ports step 2a reads: TCP or UDP
 SET_SLOTS = 4  # f_ports[4], f_l4_protos[4], f_hosts_v4[4], f_hosts_v6[4 * 16], f_not_ports[4], f_not_hosts_v4[4]
-WHOLE = 0xFFFFFFFF  # the mask of a whole IPv4 address (a 32-bit word)
+WHOLE = 0xFFFFFFFF  # a whole 32-bit word's mask: an IPv4 address, a quarter of an IPv6 one
 MAX_STATES = 30000  # states followed in all before giving up (nothing derived): ~0.2 s here
 
 
@@ -163,7 +163,7 @@ def _branches(view: _View, family: int, way: _Way, a, op: int, k: int) -> list[t
     if op != JEQ:
         return [(True, way), (False, way)]
     if f[0] in ("word", "masked"):
-        key, mask = (f[1:], 0xFFFFFFFF) if f[0] == "word" else (f[1], f[2])
+        key, mask = (f[1:], WHOLE) if f[0] == "word" else (f[1], f[2])
         tests = way.eq.get(key, ())
         whole = [v for m, v in tests if m == WHOLE]
         if whole:  # the word is known: so is the outcome
@@ -286,8 +286,8 @@ def _address(words, family: int) -> tuple[int, int] | None:
     addr, bits = 0, 0
     for i in range(nwords):
         tests = words.get(i, ())
-        full = [v for m, v in tests if m == 0xFFFFFFFF]
-        prefix = [(m, v) for m, v in tests if m != 0xFFFFFFFF and m and (~m & 0xFFFFFFFF) & ((~m & 0xFFFFFFFF) + 1) == 0]
+        full = [v for m, v in tests if m == WHOLE]
+        prefix = [(m, v) for m, v in tests if m != WHOLE and m and (~m & 0xFFFFFFFF) & ((~m & 0xFFFFFFFF) + 1) == 0]
         if full:
             addr |= full[0] << (32 * (nwords - 1 - i))
             bits += 32
@@ -313,7 +313,7 @@ def _pinned(way: _Way, family: int) -> _Pinned | None:
                         return None  # a masked word equal to bits the mask clears
                 words[key[1]] = tests
         for i, tests in words.items():
-            full = {v for m, v in tests if m == 0xFFFFFFFF}
+            full = {v for m, v in tests if m == WHOLE}
             if len(full) > 1 or any((f & m) != v for f in full for m, v in tests):
                 return None
         setattr(p, side, _address(words, family))
