@@ -554,7 +554,6 @@ def within(cfg: dict, fields: set[str]) -> dict:
             out.pop(key, None)
             if key == "f_hosts_v4":
                 out.pop("f_hosts_v6", None)
-    for key in ("f_hosts_v4", "f_not_hosts_v4"):
         if key not in out:
             out.pop(f"{key}_mask", None)  # (of a set that went)
     return out
