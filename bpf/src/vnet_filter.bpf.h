@@ -73,7 +73,7 @@ static __always_inline bool vnet_prefix_match(const __u8 *addr, const volatile _
 VNET_DEFINE_SET_TEST(vnet_port_in, __u16)
 VNET_DEFINE_SET_TEST(vnet_proto_in, __u8)
 
-/* Either of a packet's two values (its ports, its IPv4 addresses) is in `set`. */
+/* Either of a packet's two values (its ports) is in `set`; IPv4 addresses: vnet_either_v4_in. */
 #define VNET_EITHER_IN(test, set, a, b) (test((set), (a)) || test((set), (b)))
 
 /* IPv4 prefixes: slot i is in use where set[i] is not 0, and holds the addresses `v` with
@@ -182,8 +182,8 @@ static __always_inline bool vnet_filter_early(const volatile struct vnet_filter 
 			return false;										\
 	} while (0)
 
-/* VNET_FILTER_ON_PCAP says it in one load: its criteria are there (or were, before an older
- * object's loader left some out); the chain after it costs a reject a load per field. */
+/* The loader sets VNET_FILTER_ON_PCAP only with criteria: one load says so, where the chain
+ * after it costs a reject a load per kind of criterion. */
 static __always_inline bool vnet_filter_on_fields(const volatile struct vnet_filter *f)
 {
 	return f->f_on == VNET_FILTER_ON_PCAP ||
