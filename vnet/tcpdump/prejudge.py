@@ -427,7 +427,7 @@ def _host_sets(ways: list[_Pinned]) -> dict:
     return out
 
 
-def _ruled_out(per_way: list[frozenset], keep=lambda values: sorted(values)) -> list:
+def _ruled_out(per_way: list[frozenset], keep=sorted) -> list:
     """Up to SET_SLOTS values every way rules out (0, an unused slot, never): an exclusion.
     `keep`: which of them say something (IPv4 prefixes: _outermost)."""
     common = frozenset.intersection(*per_way) - {0} if per_way else frozenset()
