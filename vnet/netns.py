@@ -45,6 +45,11 @@ def open_fd(ns: str) -> Iterator[int]:
             raise resource_error(e, f"open network namespace {ns}") from None
         raise
     try:
+        # `ip netns del` unmounts the namespace, then unlinks the name: in between, and for a name
+        # left by a crash, the path is a plain file that setns refuses with EINVAL.
+        if os.fstat(fd).st_dev != os.stat("/proc/thread-self/ns/net").st_dev:
+            raise NoSuchInterfaceError(f"no such network namespace: {ns} (its name is left, the namespace is not)",
+                                       hint="list them with 'ip netns list'")
         yield fd
     finally:
         os.close(fd)

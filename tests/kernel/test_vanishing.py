@@ -76,3 +76,24 @@ def test_a_deleted_interface_beside_a_kernel_probe_only_warns(two_netns):
         ip("-n", a, "link", "del", "va")
         assert wait_until(lambda: _warnings(p), 10), p.stderr
         assert p.proc.poll() is None
+
+
+def test_a_namespace_caught_halfway_through_its_deletion_reads_as_deleted(two_netns):
+    """`ip netns del` unmounts the namespace, then unlinks its name: a poll in between (or a
+    name a crash left behind) finds a plain file, which setns refuses. That is the namespace
+    deleted, not the device deleted in a namespace still there (it failed CI once, as a race)."""
+    from vnet import netns
+    from vnet.errors import NoSuchInterfaceError
+    from vnet.probes.device import gone, resolve
+
+    _, b = two_netns
+    dev = resolve(f"{b}/va")
+    assert gone(dev) is None
+    subprocess.run(["umount", netns.path(b)], check=True, capture_output=True, timeout=30)  # the first half
+    try:
+        assert gone(dev) == f"network namespace {b} was deleted"
+        with pytest.raises(NoSuchInterfaceError, match=f"no such network namespace: {b} "):
+            with netns.enter(b):
+                pass
+    finally:
+        subprocess.run(["rm", "-f", netns.path(b)], capture_output=True, timeout=30)
