@@ -177,6 +177,21 @@ def test_a_stub_the_compiler_put_work_into_is_refused():
         replace_function(code, [(0, "main"), (1, "stub")], {"stub": _placeholder(1)})
 
 
+def test_a_stub_whose_arguments_clang_zero_extends_is_still_a_placeholder():
+    """clang -mcpu=v3 (LLVM 20's default) zero-extends 32-bit arguments in the callee (w2 = w2):
+    the spliced body does that itself, so the stub is replaced; moving one register into
+    another is work, and is refused."""
+    def mov32(dst: int, src: int) -> bytes:
+        return Insn(ebpf.ALU | ebpf.MOV | ebpf.X, dst, src).encode()
+
+    stub = mov32(2, 2) + mov32(3, 3) + mov32(4, 4) + _placeholder(2)
+    new, _, done = replace_function(_call(0) + stub, [(0, "main"), (1, "stub")], {"stub": _placeholder(1)})
+    assert done == {"stub"} and len(new) == 2 * 8
+    for work in (mov32(2, 3), mov32(0, 0)):
+        with pytest.raises(ValueError, match="not a placeholder"):
+            replace_function(_call(0) + work + _placeholder(2), [(0, "main"), (1, "stub")], {"stub": _placeholder(1)})
+
+
 def test_replace_function_without_the_function_changes_nothing():
     code = _call(0) + _nop(2)
     new, remap, done = replace_function(code, [(0, "main"), (1, "x")], {"stub": _nop(1)})

@@ -183,7 +183,18 @@ def replace_function(code: bytes, functions: list[tuple[int, str]], bodies: dict
 
 
 MOV_K = (0xB7, 0xB4)  # r0 = K, w0 = K
+MOV32_X = 0xBC        # wN = wM
 EXIT = 0x95
+
+
+def _harmless(insn: bytes) -> bool:
+    """r0 = K, or an argument zero-extended in place (wN = wN, N 1-5): what clang with
+    32-bit ALU (-mcpu=v3, LLVM 20's default) makes of a 32-bit argument in the callee.
+    The spliced bodies zero-extend such arguments themselves (vnet/tcpdump/translate.py)."""
+    dst, src = insn[1] & 0xF, insn[1] >> 4
+    if insn[0] in MOV_K:
+        return insn[1] == 0
+    return insn[0] == MOV32_X and dst == src and 1 <= dst <= 5 and not any(insn[2:])
 
 
 def _check_placeholder(name: str, old: bytes) -> None:
@@ -191,7 +202,7 @@ def _check_placeholder(name: str, old: bytes) -> None:
     compiler moved work into it (a constant argument folded in, say), replacing
     the body would lose that work without a word."""
     insns = [old[i:i + INSN_SIZE] for i in range(0, len(old), INSN_SIZE)]
-    ok = bool(insns) and insns[-1][0] == EXIT and all(i[0] in MOV_K and i[1] == 0 for i in insns[:-1])
+    ok = bool(insns) and insns[-1][0] == EXIT and all(_harmless(i) for i in insns[:-1])
     if not ok:
         raise ValueError(f"function {name} is not a placeholder (only 'r0 = K; exit'): the compiler moved code "
                          f"into it ({len(insns)} instructions); keep its arguments opaque at the call site")

@@ -393,6 +393,7 @@ def translate(mode: str, ethernet: Sequence[ClassicInsn] | None,
             a.stx(e.DW, e.FP, SLOT_WIN, 5)
         a.mov64_reg(RDATA, 1)
         a.mov32_reg(REND, 2)
+        a.mov32_reg(4, 4)  # a 32-bit argument: its upper half is the caller's (clang -mcpu=v3)
         a.jmp_imm(e.JEQ, 4, 0, "raw")
         _Body(a, PROBE, "e", window).program(ethernet)
         a.label("raw")
