@@ -35,7 +35,7 @@ on through BPF_ENABLE_STATS (an fd: off again when it closes, even if this is
 killed), never left on. Needs root.
 
 Usage: hook_cost.py [--rounds N] [--repeat N] [--live-rounds N] [--packets N] [--no-live] [--flood F] [--cases TEXT]
-                   [--compare-to REV]
+                   [--probes PROBE] [--jit-pad BYTES] [--compare-to REV]
                    [--compare-dir DIR | --compare-parse | --compare-direct]
        hook_cost.py --update-budget      (rewrite tests/insn_budget.json: tools/bench/insn_budget.py --update)
 """
@@ -198,6 +198,18 @@ def load_empty(prog_type: int, retval: int) -> int:
     fd = lib().bpf_prog_load(prog_type, b"vnet_bench_nop", b"Dual BSD/GPL", ffi.from_buffer(insns), 2, ffi.NULL)
     if fd < 0:
         raise VnetError(f"loading an empty program (type {prog_type}) failed: errno {-fd}")
+    return fd
+
+
+def jit_pad(nbytes: int) -> int:
+    """An empty program of about `nbytes` of x86 JIT code (`r0 = 0` is 4 bytes), kept open by the
+    caller: the programs loaded after it are placed further on in the JIT's memory."""
+    n = max(1, nbytes // 4)
+    insns = encode([Insn(ALU64 | MOV, dst=0, imm=0)] * n + [Insn(JMP | EXIT)])
+    fd = lib().bpf_prog_load(BPF_PROG_TYPE_SCHED_CLS, b"vnet_bench_pad", b"Dual BSD/GPL", ffi.from_buffer(insns),
+                             n + 1, ffi.NULL)
+    if fd < 0:
+        raise VnetError(f"loading a {n}-instruction padding program failed: errno {-fd}")
     return fd
 
 
@@ -659,7 +671,8 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
              f"payloads; no socket: each "
              f"one is dropped too), ns per run, {rounds} alternating rounds; net = median - the empty program's at "
              f"the same hook in the same rounds (the last rows; where none ran, [2]'s test-run floor: "
-             f"tc {floors['tc']:.1f}, tracing {floors['raw_tp']:.1f}); events lost: {lost}")
+             f"tc {floors['tc']:.1f}, tracing {floors['raw_tp']:.1f}); events lost: {lost}; attached: the two "
+             f"devices' tc programs, {', '.join(LIVE_PROBES)}")
     return (table(title, ordered, targets, by_case, notes)
             + f"\n  left out, under {MIN_LIVE_RUNS} runs per round in every variant (not on the flood's path): "
             f"{', '.join(few)}", ordered, by_case)
@@ -699,6 +712,13 @@ def main() -> None:
                     help="UDP payload bytes of [3]'s flood (default 10; e.g. 1400: the whole datagram in the linear part)")
     ap.add_argument("--cases", metavar="TEXT", action="append",
                     help="only the [1] and [3] cases whose name has TEXT (repeatable; the floors always run)")
+    ap.add_argument("--probes", metavar="PROBE", action="append",
+                    help="[3]'s kernel probes beside the two devices' tc programs (repeatable; default every one "
+                         "of " + ", ".join(LIVE_PROBES) + "): e.g. one alone, to tell its own cost from the "
+                         "other programs' beside it")
+    ap.add_argument("--jit-pad", metavar="BYTES", type=int, default=0,
+                    help="first load and keep an empty program of about BYTES of JIT code: every program after "
+                         "it lands elsewhere in the kernel's JIT memory (to see what placement alone does)")
     ap.add_argument("--update-budget", action="store_true",
                     help="only rewrite tests/insn_budget.json (tools/bench/insn_budget.py --update)")
     ap.add_argument("--compare-to", metavar="REV",
@@ -724,11 +744,17 @@ def main() -> None:
         insn_budget.main()
         return
     global OTHER
+    if args.probes:
+        unknown = sorted(set(args.probes) - set(LIVE_PROBES))
+        if unknown:
+            sys.exit(f"--probes {unknown[0]}: not one of [3]'s probes ({', '.join(LIVE_PROBES)})")
+        LIVE_PROBES[:] = [p for p in LIVE_PROBES if p in args.probes]
     if args.cases:
         TC_CASES[:] = [c for c in TC_CASES if any(t in c.name for t in args.cases)]
         LIVE_VARIANTS[:] = [v for v in LIVE_VARIANTS if any(t in v[0] for t in args.cases)]
         if not TC_CASES and not LIVE_VARIANTS:
             sys.exit(f"--cases {args.cases}: no case has that in its name")
+    pad = jit_pad(args.jit_pad) if args.jit_pad > 0 else None
     with tempfile.TemporaryDirectory(prefix="vnet-hook-cost-") as tmp:
         if args.compare_to:
             OTHER = (args.compare_to, committed_objects(args.compare_to, Path(tmp)))
@@ -749,7 +775,8 @@ def main() -> None:
               + ("; kernel hooks parsing from one copy compared with reading each header ([3])"
                  if args.compare_parse else "")
               + ("; typed kernel hooks reading the packet in place compared with parsing from one copy ([3])"
-                 if args.compare_direct else ""))
+                 if args.compare_direct else "")
+              + (f"; an empty program of ~{args.jit_pad} bytes of JIT code loaded first" if pad is not None else ""))
         text, *test_runs = bench_test_runs(args.rounds, args.repeat)
         print(text, flush=True)
         text, floors = bench_stats_runs(args.rounds, args.calls, args.repeat)
