@@ -192,24 +192,14 @@ def table(title: str, summary: Summary, targets: dict[str, int | None], floors: 
 
 # -- programs ------------------------------------------------------------------------------------
 
-def load_empty(prog_type: int, retval: int) -> int:
-    """`r0 = retval; exit`: the floor any program pays, as a raw fd."""
-    insns = encode([Insn(ALU64 | MOV, dst=0, imm=retval), Insn(JMP | EXIT)])
-    fd = lib().bpf_prog_load(prog_type, b"vnet_bench_nop", b"Dual BSD/GPL", ffi.from_buffer(insns), 2, ffi.NULL)
+def load_empty(prog_type: int, retval: int, times: int = 1) -> int:
+    """`r0 = retval; exit`: the floor any program pays, as a raw fd. `times`: that many
+    `r0 = retval` (4 bytes of x86 JIT code each), to take up room in the JIT's memory."""
+    insns = encode([Insn(ALU64 | MOV, dst=0, imm=retval)] * times + [Insn(JMP | EXIT)])
+    fd = lib().bpf_prog_load(prog_type, b"vnet_bench_nop", b"Dual BSD/GPL", ffi.from_buffer(insns), times + 1,
+                             ffi.NULL)
     if fd < 0:
-        raise VnetError(f"loading an empty program (type {prog_type}) failed: errno {-fd}")
-    return fd
-
-
-def jit_pad(nbytes: int) -> int:
-    """An empty program of about `nbytes` of x86 JIT code (`r0 = 0` is 4 bytes), kept open by the
-    caller: the programs loaded after it are placed further on in the JIT's memory."""
-    n = max(1, nbytes // 4)
-    insns = encode([Insn(ALU64 | MOV, dst=0, imm=0)] * n + [Insn(JMP | EXIT)])
-    fd = lib().bpf_prog_load(BPF_PROG_TYPE_SCHED_CLS, b"vnet_bench_pad", b"Dual BSD/GPL", ffi.from_buffer(insns),
-                             n + 1, ffi.NULL)
-    if fd < 0:
-        raise VnetError(f"loading a {n}-instruction padding program failed: errno {-fd}")
+        raise VnetError(f"loading an empty program (type {prog_type}, {times + 1} instructions) failed: errno {-fd}")
     return fd
 
 
@@ -754,7 +744,8 @@ def main() -> None:
         LIVE_VARIANTS[:] = [v for v in LIVE_VARIANTS if any(t in v[0] for t in args.cases)]
         if not TC_CASES and not LIVE_VARIANTS:
             sys.exit(f"--cases {args.cases}: no case has that in its name")
-    pad = jit_pad(args.jit_pad) if args.jit_pad > 0 else None
+    # kept open for the run: every program after it is placed further on in the JIT's memory
+    pad = load_empty(BPF_PROG_TYPE_SCHED_CLS, 0, max(1, args.jit_pad // 4)) if args.jit_pad > 0 else None
     with tempfile.TemporaryDirectory(prefix="vnet-hook-cost-") as tmp:
         if args.compare_to:
             OTHER = (args.compare_to, committed_objects(args.compare_to, Path(tmp)))
