@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import socket
 import struct
@@ -34,6 +35,12 @@ def _setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
+@functools.cache
+def _nsfs_dev() -> int:
+    """The device of every namespace file (nsfs: one for the whole system)."""
+    return os.stat("/proc/thread-self/ns/net").st_dev
+
+
 @contextlib.contextmanager
 def open_fd(ns: str) -> Iterator[int]:
     try:
@@ -47,7 +54,7 @@ def open_fd(ns: str) -> Iterator[int]:
     try:
         # `ip netns del` unmounts the namespace, then unlinks the name: in between, and for a name
         # left by a crash, the path is a plain file that setns refuses with EINVAL.
-        if os.fstat(fd).st_dev != os.stat("/proc/thread-self/ns/net").st_dev:
+        if os.fstat(fd).st_dev != _nsfs_dev():
             raise NoSuchInterfaceError(f"no such network namespace: {ns} (its name is left, the namespace is not)",
                                        hint="list them with 'ip netns list'")
         yield fd
