@@ -127,6 +127,7 @@ def objects_from(objdir: Path | None):
 
 OTHER: tuple[str, Path | None] | None = None  # --compare-to: (revision, its objects); --compare-parse: (label, None)
 THIS_KW: dict = {}   # Trace keyword arguments of this tree's cases in [3] (--compare-parse)
+JIT_PADS: list[int] = []  # --jit-pad: [3]'s cases once per value, an empty program that size loaded first
 OTHER_KW: dict = {}  # ... and of the other cases
 
 
@@ -566,6 +567,9 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
     lost = 0
     cases = LIVE_VARIANTS + ([(variant + V6_SUFFIX, kw) for variant, kw in LIVE_VARIANTS] if floods == "both" else [])
     variants = [(variant, {**kw, **THIS_KW}, None) for variant, kw in cases]
+    if JIT_PADS:  # the same cases with every program placed elsewhere in the JIT's memory
+        variants = [(f"{variant} [JIT pad {pad}]", {**kw, "_jit_pad": pad}, objdir)
+                    for variant, kw, objdir in variants for pad in JIT_PADS]
     if OTHER:
         variants += [(other_label(variant), {**kw, **OTHER_KW}, OTHER[1]) for variant, kw in cases]
     variants.append((FLOOR_VARIANT, {}, None))
@@ -606,9 +610,18 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
                 # sched:runq watches pid 1 (idle): the path of the threads it does not watch, which
                 # is what nearly every context switch of a traced host takes.
                 plans, _ = select([f"{pair.ns1}/{pair.if1}", f"{pair.ns2}/{pair.if2}"], LIVE_PROBES, pids=(1,))
+                kw = dict(kw)
+                pad = kw.pop("_jit_pad", 0)
                 trace = Trace(plans, ring_bytes=RING_BYTES, strict=False, **kw)
-                with objects_from(objdir):
-                    trace.start()
+                # loaded before the trace's programs, so that they land after it; once they are
+                # loaded their place is fixed
+                pad_fd = load_empty(BPF_PROG_TYPE_SCHED_CLS, 0, max(1, pad // 4)) if pad > 0 else None
+                try:
+                    with objects_from(objdir):
+                        trace.start()
+                finally:
+                    if pad_fd is not None:
+                        os.close(pad_fd)
                 with contextlib.closing(trace):
                     kinds = {h.probe: h.kind for h in trace.hooks}
                     progs = {}
@@ -706,9 +719,10 @@ def main() -> None:
                     help="[3]'s kernel probes beside the two devices' tc programs (repeatable; default every one "
                          "of " + ", ".join(LIVE_PROBES) + "): e.g. one alone, to tell its own cost from the "
                          "other programs' beside it")
-    ap.add_argument("--jit-pad", metavar="BYTES", type=int, default=0,
-                    help="first load and keep an empty program of about BYTES of JIT code: every program after "
-                         "it lands elsewhere in the kernel's JIT memory (to see what placement alone does)")
+    ap.add_argument("--jit-pad", metavar="BYTES", type=int, action="append",
+                    help="[3]'s cases once per value (repeatable), in the same rounds, each with an empty program "
+                         "of about BYTES of JIT code loaded first: its programs land elsewhere in the kernel's JIT "
+                         "memory (what placement alone does; 0: none)")
     ap.add_argument("--update-budget", action="store_true",
                     help="only rewrite tests/insn_budget.json (tools/bench/insn_budget.py --update)")
     ap.add_argument("--compare-to", metavar="REV",
@@ -744,8 +758,8 @@ def main() -> None:
         LIVE_VARIANTS[:] = [v for v in LIVE_VARIANTS if any(t in v[0] for t in args.cases)]
         if not TC_CASES and not LIVE_VARIANTS:
             sys.exit(f"--cases {args.cases}: no case has that in its name")
-    # kept open for the run: every program after it is placed further on in the JIT's memory
-    pad = load_empty(BPF_PROG_TYPE_SCHED_CLS, 0, max(1, args.jit_pad // 4)) if args.jit_pad > 0 else None
+    if args.jit_pad:
+        JIT_PADS[:] = list(dict.fromkeys(max(0, b) for b in args.jit_pad))
     with tempfile.TemporaryDirectory(prefix="vnet-hook-cost-") as tmp:
         if args.compare_to:
             OTHER = (args.compare_to, committed_objects(args.compare_to, Path(tmp)))
@@ -767,7 +781,7 @@ def main() -> None:
                  if args.compare_parse else "")
               + ("; typed kernel hooks reading the packet in place compared with parsing from one copy ([3])"
                  if args.compare_direct else "")
-              + (f"; an empty program of ~{args.jit_pad} bytes of JIT code loaded first" if pad is not None else ""))
+              + (f"; [3]'s cases once per JIT pad ({', '.join(map(str, JIT_PADS))} bytes)" if JIT_PADS else ""))
         text, *test_runs = bench_test_runs(args.rounds, args.repeat)
         print(text, flush=True)
         text, floors = bench_stats_runs(args.rounds, args.calls, args.repeat)
