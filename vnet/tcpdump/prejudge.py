@@ -287,7 +287,7 @@ def _address(words, family: int) -> tuple[int, int] | None:
     for i in range(nwords):
         tests = words.get(i, ())
         full = [v for m, v in tests if m == WHOLE]
-        prefix = [(m, v) for m, v in tests if m != WHOLE and m and (~m & 0xFFFFFFFF) & ((~m & 0xFFFFFFFF) + 1) == 0]
+        prefix = [(m, v) for m, v in tests if m not in (0, WHOLE) and m == _mask(bin(m).count("1"))]
         if full:
             addr |= full[0] << (32 * (nwords - 1 - i))
             bits += 32
