@@ -34,7 +34,9 @@ Tools, each attached before the load and stopped after it:
 
 Every round runs every tool once (the order rotates by round), so each figure is a
 ratio to the `none` run of the same round; medians and min-max over --rounds are
-printed, and the losses each tool reported. Needs root.
+printed, and the losses each tool reported. Over each flood it also reads from /proc
+what share of a CPU the tool's own processes took (the reader, where it shares the
+CPUs with the load) and how much of the machine was idle. Needs root.
 
 Usage: datapath.py [--rounds 5] [--seconds 3] [--size 64] [--rr 5000]
                    [--topologies bridge,ovs] [--tools none,floor,vnet,vnet-dev,vnet-agg,tcpdump,bpftrace]
@@ -64,6 +66,7 @@ from vnet.topology import Topology, warm_up  # noqa: E402
 PORT_FLOOD, PORT_RR = 9000, 9001
 SUBNET = "10.177.0"
 TOOLS = ("none", "floor", "vnet", "vnet-dev", "vnet-agg", "tcpdump", "bpftrace")
+HZ = os.sysconf("SC_CLK_TCK")
 TRACEPOINTS = ("net:net_dev_queue", "net:netif_receive_skb")
 BPFTRACE = ('tracepoint:net:net_dev_queue, tracepoint:net:netif_receive_skb '
             '{ printf("%llu %llx %u %s\\n", nsecs, args->skbaddr, args->len, str(args->name)); }')
@@ -228,7 +231,22 @@ class Tool:
         return "; ".join(notes) + (f"; {sizes / 1e6:.0f} MB written" if sizes else "")
 
 
-def run_load(load: Path, path: Path_, seconds: float, size: int, rr: int) -> dict:
+def cpu_ticks(pids: list[int]) -> tuple[int, int]:
+    """(CPU ticks the processes `pids` have used, their threads' and reaped children's too;
+    the machine's idle ticks), from /proc: free to read, unlike BPF run-time statistics,
+    which would add two clock reads to every program run being measured."""
+    used = 0
+    for pid in pids:
+        try:
+            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        used += sum(int(x) for x in f[11:15])  # utime stime cutime cstime
+    idle = sum(int(x) for x in open("/proc/stat").readline().split()[4:6])  # idle iowait
+    return used, idle
+
+
+def run_load(load: Path, path: Path_, seconds: float, size: int, rr: int, tracer: list[int] = ()) -> dict:
     def ns_exec(ns, *argv, cpu=None):
         pre = ["taskset", "-c", str(cpu)] if cpu is not None else []
         return ["ip", "netns", "exec", ns, *pre, str(load), *map(str, argv)]
@@ -237,8 +255,10 @@ def run_load(load: Path, path: Path_, seconds: float, size: int, rr: int) -> dic
     sink = subprocess.Popen(ns_exec(path.vm2, "sink", PORT_FLOOD, seconds + 2, cpu=cpus[-1]), stdout=subprocess.PIPE,
                             text=True)
     assert sink.stdout.readline().strip() == "ready"
+    t0, (used0, idle0) = time.monotonic(), cpu_ticks(tracer)
     flood = subprocess.run(ns_exec(path.vm1, "flood", path.ip2, PORT_FLOOD, size, seconds, cpu=cpus[0]),
                            capture_output=True, text=True, timeout=seconds + 30)
+    (used1, idle1), wall = cpu_ticks(tracer), time.monotonic() - t0
     out, _ = sink.communicate(timeout=seconds + 30)
     sent = int(flood.stdout.split()[1])
     _, got, first, last = out.split()
@@ -252,7 +272,9 @@ def run_load(load: Path, path: Path_, seconds: float, size: int, rr: int) -> dic
     rtt = [int(x) for x in client.stdout.split()[1:]]
     pick = lambda q: rtt[min(len(rtt) - 1, int(q * len(rtt)))] if rtt else 0  # noqa: E731
     return {"sent": sent, "received": got, "pps": got / max(1e-9, (last - first) / 1e9), "p50_ns": pick(0.5),
-            "p99_ns": pick(0.99), "exchanges": len(rtt)}
+            "p99_ns": pick(0.99), "exchanges": len(rtt),
+            # shares of one CPU over the flood: what the tracer's own processes took, what was idle
+            "extra": {"tracer_cpu": (used1 - used0) / HZ / wall, "idle_cpu": (idle1 - idle0) / HZ / wall}}
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
@@ -268,7 +290,7 @@ def report(results: list[Result], args) -> list[str]:
     for topo in dict.fromkeys(r.topology for r in results):
         lines.append(f"\n[{topo}]")
         lines.append(f"  {'tool':<9} {'k packets/s':>22} {'pps / none':>22} {'rr p50 us':>18} {'p50 / none':>22} "
-                     f"{'p99 / none':>22}  notes")
+                     f"{'p99 / none':>22} {'tracer %CPU':>16} {'idle %CPU':>16}  notes")
         base = {r.round: r for r in results if r.topology == topo and r.tool == "none"}
         for tool in dict.fromkeys(r.tool for r in results if r.topology == topo):
             rs = [r for r in results if r.topology == topo and r.tool == tool]
@@ -277,7 +299,8 @@ def report(results: list[Result], args) -> list[str]:
             notes = "; ".join(dict.fromkeys(r.note for r in rs if r.note))
             lines.append(f"  {tool:<9} {fmt([r.pps / 1e3 for r in rs], 1):>22} {fmt(ratio('pps')):>22} "
                          f"{fmt([r.p50_ns / 1e3 for r in rs], 1):>18} {fmt(ratio('p50_ns')):>22} "
-                         f"{fmt(ratio('p99_ns')):>22}  {notes[:120]}")
+                         f"{fmt(ratio('p99_ns')):>22} {fmt([100 * r.extra['tracer_cpu'] for r in rs], 0):>16} "
+                         f"{fmt([100 * r.extra['idle_cpu'] for r in rs], 0):>16}  {notes[:120]}")
     return lines
 
 
@@ -348,14 +371,16 @@ def _rounds(args, tools: list[str], results: list[Result], work: Path, load: Pat
                     for tool in order:
                         t = Tool(tool, path, work, rev if "@" in tool else None) if tool != "none" else None
                         try:
-                            m = run_load(load, path, args.seconds, args.size, args.rr)
+                            m = run_load(load, path, args.seconds, args.size, args.rr,
+                                         [p.pid for p in t.procs] if t else [])
                         finally:
                             note = t.stop() if t else ""
                         r = Result(kind, tool, rnd, note=note, **m)
                         results.append(r)
                         print(f"  {kind} round {rnd + 1} {tool:<9} {r.pps / 1e3:8.1f} k pps (sent "
                               f"{r.sent / args.seconds / 1e3:.0f} k/s), rr p50 {r.p50_ns / 1e3:.1f} us p99 "
-                              f"{r.p99_ns / 1e3:.1f} us  {note}", file=sys.stderr, flush=True)
+                              f"{r.p99_ns / 1e3:.1f} us, tracer {100 * r.extra['tracer_cpu']:.0f}% of a CPU, "
+                              f"idle {100 * r.extra['idle_cpu']:.0f}%  {note}", file=sys.stderr, flush=True)
             finally:
                 for sw in switch:
                     sw.stop()
