@@ -23,6 +23,7 @@ class Recorded:
     events: int = 0
     chunks: int = 0
     path: str = ""
+    direct_io: bool = False  # written around the page cache
 
 
 def cut(blob: bytes | memoryview, n: int) -> bytes | memoryview:
@@ -36,16 +37,19 @@ def cut(blob: bytes | memoryview, n: int) -> bytes | memoryview:
 
 
 def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int | None,
-           trace_name: str | None = None, vanished: list[dict] | None = None) -> Recorded:
+           trace_name: str | None = None, vanished: list[dict] | None = None, direct_io: bool = True) -> Recorded:
     """Until ending() or `count` events: batches from the ring into `path`, then
     the kernel's counters and the losses in a final chunk. `vanished`: where ending()
     puts traced interfaces that went away (vanished_fields); each becomes a chunk, as
-    an agent's do at the collector."""
+    an agent's do at the collector. direct_io: whole blocks around the page cache where
+    the file system can, as the collector writes: under a flood, plain writes cost the
+    reader more CPU per event and lose far more events to a full ring (docs/benchmarks.md)."""
     from vnet.collector.tracefile import TraceFileWriter, header_for_trace, stats_fields
 
     reader = RingBatchReader(trace.objects[0].maps["vnet_events"])
     out = Recorded(path=str(path))
-    with TraceFileWriter(path, header_for_trace(trace, trace_name=trace_name or path.stem)) as writer:
+    with TraceFileWriter(path, header_for_trace(trace, trace_name=trace_name or path.stem),
+                         direct=direct_io) as writer:
         def take() -> bool:
             while True:
                 batch = reader.peek(max_records=BATCH_RECORDS)  # written from the ring itself, not copied
@@ -88,5 +92,6 @@ def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int |
                      losses={"kernel_ring_full": stats.lost},
                      kernel={"seen": stats.seen, "emitted": stats.emitted, "lost": stats.lost,
                              "filtered": stats.filtered}, mono_ns=time.monotonic_ns())
+        out.direct_io = writer.direct_io  # to the end (a device that refused a direct write turns it off)
     trace.received += out.events
     return out
