@@ -36,7 +36,9 @@ Every round runs every tool once (the order rotates by round), so each figure is
 ratio to the `none` run of the same round; medians and min-max over --rounds are
 printed, and the losses each tool reported. Over each flood it also reads from /proc
 what share of a CPU the tool's own processes took (the reader, where it shares the
-CPUs with the load) and how much of the machine was idle. Needs root.
+CPUs with the load), how much of the machine was idle, and the IPIs the sink's CPU
+took per thousand packets received: RES, wakeups of the sink done by the sender's
+CPU because the sink's was busy; CAL, wakeups queued to it while idle. Needs root.
 
 Usage: datapath.py [--rounds 5] [--seconds 3] [--size 64] [--rr 5000]
                    [--topologies bridge,ovs] [--tools none,floor,vnet,vnet-dev,vnet-agg,tcpdump,bpftrace]
@@ -246,6 +248,18 @@ def cpu_ticks(pids: list[int]) -> tuple[int, int]:
     return used, idle
 
 
+def wakeup_ipis(cpu: int) -> tuple[int, int]:
+    """(reschedule, function-call) interrupts CPU `cpu` has taken (/proc/interrupts). Waking the
+    sink on a busy CPU is a reschedule IPI, its wakeup done by the waker (the sender's CPU);
+    on an idle one a function call, the wakeup done there (docs/benchmarks.md)."""
+    counts = {}
+    for line in open("/proc/interrupts"):
+        name, _, rest = line.strip().partition(":")
+        if name in ("RES", "CAL"):
+            counts[name] = int(rest.split()[cpu])
+    return counts.get("RES", 0), counts.get("CAL", 0)
+
+
 def run_load(load: Path, path: Path_, seconds: float, size: int, rr: int, tracer: list[int] = ()) -> dict:
     def ns_exec(ns, *argv, cpu=None):
         pre = ["taskset", "-c", str(cpu)] if cpu is not None else []
@@ -255,10 +269,10 @@ def run_load(load: Path, path: Path_, seconds: float, size: int, rr: int, tracer
     sink = subprocess.Popen(ns_exec(path.vm2, "sink", PORT_FLOOD, seconds + 2, cpu=cpus[-1]), stdout=subprocess.PIPE,
                             text=True)
     assert sink.stdout.readline().strip() == "ready"
-    t0, (used0, idle0) = time.monotonic(), cpu_ticks(tracer)
+    t0, (used0, idle0), ipi0 = time.monotonic(), cpu_ticks(tracer), wakeup_ipis(cpus[-1])
     flood = subprocess.run(ns_exec(path.vm1, "flood", path.ip2, PORT_FLOOD, size, seconds, cpu=cpus[0]),
                            capture_output=True, text=True, timeout=seconds + 30)
-    (used1, idle1), wall = cpu_ticks(tracer), time.monotonic() - t0
+    (used1, idle1), wall, ipi1 = cpu_ticks(tracer), time.monotonic() - t0, wakeup_ipis(cpus[-1])
     out, _ = sink.communicate(timeout=seconds + 30)
     sent = int(flood.stdout.split()[1])
     _, got, first, last = out.split()
@@ -274,7 +288,10 @@ def run_load(load: Path, path: Path_, seconds: float, size: int, rr: int, tracer
     return {"sent": sent, "received": got, "pps": got / max(1e-9, (last - first) / 1e9), "p50_ns": pick(0.5),
             "p99_ns": pick(0.99), "exchanges": len(rtt),
             # shares of one CPU over the flood: what the tracer's own processes took, what was idle
-            "extra": {"tracer_cpu": (used1 - used0) / HZ / wall, "idle_cpu": (idle1 - idle0) / HZ / wall}}
+            "extra": {"tracer_cpu": (used1 - used0) / HZ / wall, "idle_cpu": (idle1 - idle0) / HZ / wall,
+                      # per received packet, the sink's CPU: reschedule IPIs (wakeups the sender's CPU did)
+                      "res_per_kpkt": (ipi1[0] - ipi0[0]) * 1e3 / max(got, 1),
+                      "cal_per_kpkt": (ipi1[1] - ipi0[1]) * 1e3 / max(got, 1)}}
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
@@ -290,7 +307,8 @@ def report(results: list[Result], args) -> list[str]:
     for topo in dict.fromkeys(r.topology for r in results):
         lines.append(f"\n[{topo}]")
         lines.append(f"  {'tool':<9} {'k packets/s':>22} {'pps / none':>22} {'rr p50 us':>18} {'p50 / none':>22} "
-                     f"{'p99 / none':>22} {'tracer %CPU':>16} {'idle %CPU':>16}  notes")
+                     f"{'p99 / none':>22} {'tracer %CPU':>16} {'idle %CPU':>16} {'RES/k pkt':>12} "
+                     f"{'CAL/k pkt':>12}  notes")
         base = {r.round: r for r in results if r.topology == topo and r.tool == "none"}
         for tool in dict.fromkeys(r.tool for r in results if r.topology == topo):
             rs = [r for r in results if r.topology == topo and r.tool == tool]
@@ -300,7 +318,9 @@ def report(results: list[Result], args) -> list[str]:
             lines.append(f"  {tool:<9} {fmt([r.pps / 1e3 for r in rs], 1):>22} {fmt(ratio('pps')):>22} "
                          f"{fmt([r.p50_ns / 1e3 for r in rs], 1):>18} {fmt(ratio('p50_ns')):>22} "
                          f"{fmt(ratio('p99_ns')):>22} {fmt([100 * r.extra['tracer_cpu'] for r in rs], 0):>16} "
-                         f"{fmt([100 * r.extra['idle_cpu'] for r in rs], 0):>16}  {notes[:120]}")
+                         f"{fmt([100 * r.extra['idle_cpu'] for r in rs], 0):>16} "
+                         f"{statistics.median([r.extra['res_per_kpkt'] for r in rs]):>12.1f} "
+                         f"{statistics.median([r.extra['cal_per_kpkt'] for r in rs]):>12.1f}  {notes[:120]}")
     return lines
 
 
@@ -380,7 +400,9 @@ def _rounds(args, tools: list[str], results: list[Result], work: Path, load: Pat
                         print(f"  {kind} round {rnd + 1} {tool:<9} {r.pps / 1e3:8.1f} k pps (sent "
                               f"{r.sent / args.seconds / 1e3:.0f} k/s), rr p50 {r.p50_ns / 1e3:.1f} us p99 "
                               f"{r.p99_ns / 1e3:.1f} us, tracer {100 * r.extra['tracer_cpu']:.0f}% of a CPU, "
-                              f"idle {100 * r.extra['idle_cpu']:.0f}%  {note}", file=sys.stderr, flush=True)
+                              f"idle {100 * r.extra['idle_cpu']:.0f}%, sink CPU IPIs/k pkt RES "
+                              f"{r.extra['res_per_kpkt']:.1f} CAL {r.extra['cal_per_kpkt']:.1f}  {note}",
+                              file=sys.stderr, flush=True)
             finally:
                 for sw in switch:
                     sw.stop()
