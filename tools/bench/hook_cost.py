@@ -566,13 +566,14 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
     counts: dict[str, list[int]] = {}
     lost = 0
     cases = LIVE_VARIANTS + ([(variant + V6_SUFFIX, kw) for variant, kw in LIVE_VARIANTS] if floods == "both" else [])
-    variants = [(variant, {**kw, **THIS_KW}, None) for variant, kw in cases]
+    # (label, Trace keyword arguments, objects, bytes of JIT pad)
+    variants = [(variant, {**kw, **THIS_KW}, None, 0) for variant, kw in cases]
     if JIT_PADS:  # the same cases with every program placed elsewhere in the JIT's memory
-        variants = [(f"{variant} [JIT pad {pad}]", {**kw, "_jit_pad": pad}, objdir)
-                    for variant, kw, objdir in variants for pad in JIT_PADS]
+        variants = [(f"{variant} [JIT pad {pad}]", kw, objdir, pad)
+                    for variant, kw, objdir, _ in variants for pad in JIT_PADS]
     if OTHER:
-        variants += [(other_label(variant), {**kw, **OTHER_KW}, OTHER[1]) for variant, kw in cases]
-    variants.append((FLOOR_VARIANT, {}, None))
+        variants += [(other_label(variant), {**kw, **OTHER_KW}, OTHER[1], 0) for variant, kw in cases]
+    variants.append((FLOOR_VARIANT, {}, None, 0))
 
     def flood(variant: str, progs: dict[str, int]) -> None:
         """The round's flood, and each program's runs and ns per run in it."""
@@ -598,20 +599,18 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
             warm_up(pair.ns2, IPV6_FLOOD[0])
         names = {f"dev:{pair.ns1}/{pair.if1}": "veth A (sender)", f"dev:{pair.ns2}/{pair.if2}": "veth B (receiver)"}
         for _, order in rotations(variants, rounds):
-            for variant, kw, objdir in order:
+            for variant, kw, objdir, pad in order:
                 if variant == FLOOR_VARIANT:
                     try:
                         with empty_at_hooks(pair, names) as progs:
                             flood(variant, progs)
                     except OSError as e:
                         print(f"  (no floor attached: {e}; [2]'s stands in)", flush=True)
-                        variants.remove((FLOOR_VARIANT, {}, None))
+                        variants.remove((FLOOR_VARIANT, {}, None, 0))
                     continue
                 # sched:runq watches pid 1 (idle): the path of the threads it does not watch, which
                 # is what nearly every context switch of a traced host takes.
                 plans, _ = select([f"{pair.ns1}/{pair.if1}", f"{pair.ns2}/{pair.if2}"], LIVE_PROBES, pids=(1,))
-                kw = dict(kw)
-                pad = kw.pop("_jit_pad", 0)
                 trace = Trace(plans, ring_bytes=RING_BYTES, strict=False, **kw)
                 # loaded before the trace's programs, so that they land after it; once they are
                 # loaded their place is fixed
@@ -665,7 +664,7 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
         if runs >= packets / 2 and "sched" not in label:  # a hook on the flood's path
             targets[key] = TARGET_REJECT_NS if "rejects" in variant else TARGET_EVENT_NS
     ordered = Summary()
-    for variant, _, _ in variants:
+    for variant, *_ in variants:
         for key, v in summary.samples.items():
             if key.startswith(variant + " | "):
                 ordered.samples[key] = v
