@@ -17,6 +17,9 @@ Needs root (conftest.py skips otherwise), bpftool, tc, ip, ethtool, setpriv.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
 import select
 import signal
 import subprocess
@@ -285,10 +288,6 @@ def test_cli_write_count_is_exact(net, before, tmp_path):
 
 def resident_pages(path) -> tuple[int, int]:
     """(pages of the file the page cache holds, pages of the file): mincore(2) on a mapping."""
-    import ctypes
-    import mmap
-    import os
-
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
