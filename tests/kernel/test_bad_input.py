@@ -36,6 +36,7 @@ CASES = {
     "unknown option": (["--nosuch"], 2, ["No such option: --nosuch"]),
     "file exists": (["-w", "/etc/hostname"], 2, ["/etc/hostname exists"]),
     "page cache without -w": (["--page-cache"], 2, ["--page-cache", "needs -w"]),
+    "immediate mode without -w": (["--immediate-mode"], 2, ["--immediate-mode", "needs -w"]),
     "pid not positive": (["-p", "sched:runq", "--pid", "-3"], 2, ["Invalid value for '--pid'", "greater than or equal to 1"]),
     "pid past the kernel's limit": (["-p", "sched:runq", "--pid", "4194304"], 2,
                                     ["Invalid value for '--pid'", "less than or equal to 4194303"]),

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import select
 import struct
+import threading
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -126,3 +128,50 @@ def test_trace_configures_every_program_with_the_policy():
     with Trace([plan], ring_bytes=1 << 20) as t:
         cfg = t.objects[0].config("tc_cfg")
     assert (cfg["wakeup_every"], cfg["wakeup_bytes"]) == (64, (1 << 20) // 4)
+
+
+def test_gather_waits_through_data_already_there_and_a_wakeup_already_had():
+    """RingBatchReader.gather, the pacing readers' wait: pending data does not end it (as it
+    ends wait()), nor does a wakeup that came before it was called (the first record's)."""
+    with loaded(**wakeup_config(RING, EVERY)) as (obj, _ep):
+        reader = RingBatchReader(obj.maps["vnet_events"])
+        produce(obj, 1)  # into an empty ring: the adaptive wakeup, before the call
+        started = time.monotonic()
+        assert reader.gather(RING // 4, QUIET_S * 1000) == record_bytes(obj)
+        assert time.monotonic() - started >= QUIET_S
+        assert reader.gather(record_bytes(obj), SIGNALLED_S * 1000) == record_bytes(obj)  # there: at once
+
+
+def test_gather_ends_at_the_forced_wakeup_as_the_fill_crosses_the_mark():
+    """A sleep would not hear it: a burst while the reader gathers is drained long before the
+    ring fills. Without the wakeup the call would wait its whole timeout."""
+    with loaded(**wakeup_config(RING, EVERY)) as (obj, _ep):
+        reader = RingBatchReader(obj.maps["vnet_events"])
+        threshold, rec = RING // 4, record_bytes(obj)
+        produce(obj, 1)  # data there from the start: no adaptive wakeup while it waits
+        first_forced = next(k for k in range(EVERY, 10 * RING // rec, EVERY) if (k - 1) * rec >= threshold)
+        burst = threading.Timer(0.2, produce, (obj, first_forced - 1))  # the thread keeps this one CPU
+        burst.start()
+        try:
+            started = time.monotonic()
+            pending = reader.gather(threshold, SIGNALLED_S * 1000)
+            waited = time.monotonic() - started
+        finally:
+            burst.join()
+        assert pending >= threshold
+        assert waited < SIGNALLED_S
+
+
+def test_hold_reads_a_first_record_and_a_fast_flow_at_once_and_paces_a_slow_one():
+    with loaded(**wakeup_config(RING, EVERY)) as (obj, _ep):
+        reader = RingBatchReader(obj.maps["vnet_events"])
+        want, rec = RING // 4, record_bytes(obj)
+        produce(obj, 1)
+        assert not reader.hold(want, 10.0, 100, 20)  # after a quiet spell (10 s since the last batch)
+        assert not reader.hold(rec, 0.001, 100, 20)  # `want` is there
+        produce(obj, 99)
+        assert not reader.hold(want, 0.0001, 100, 20)  # 100 records in 0.1 ms: `want` within a ms
+        started = time.monotonic()
+        assert reader.hold(want, 0.01, 100, 20)  # 100 records in 10 ms: let more come, at most 20 ms
+        assert 0.02 <= time.monotonic() - started < SIGNALLED_S
+        assert reader.read().count == 100

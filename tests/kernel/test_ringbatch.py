@@ -268,7 +268,7 @@ def test_closing_the_object_unmaps_and_the_reader_refuses():
 def test_a_dropped_reader_releases_its_mapping_and_fds(small):
     fds = open_fds()
     reader = RingBatchReader(small.maps["vnet_events"])
-    assert len(open_fds() - fds) == 3  # the two mappings' fds (mmap keeps a dup) and epoll
+    assert len(open_fds() - fds) == 4  # the two mappings' fds (mmap keeps a dup) and two epolls
     del reader
     gc.collect()
     assert open_fds() == fds

@@ -361,6 +361,21 @@ def test_cli_write_on_a_file_system_without_direct_io_says_so_with_v(net, before
     assert_no_orphans(before)
 
 
+@pytest.mark.parametrize("flag", ["--immediate-mode", "--immediate"])
+def test_cli_write_in_immediate_mode(net, before, tmp_path, flag):
+    """As tcpdump --immediate-mode: each batch written as soon as it is read (tests/kernel/
+    test_recorder_pacing.py counts the chunks); every event is in the file."""
+    out = tmp_path / "events.vnt"
+    with VnetProcess("trace", "-i", net.spec2, "--dport", "5309", "-c", "30", "-w", str(out), flag) as p:
+        p.wait_started()
+        send_udp(net.ns1, net.ip2, 5309, count=30)
+        assert p.wait(30) == 0, p.stderr
+    with VnetProcess("trace", "-r", str(out), "--json") as r:
+        assert r.wait(15) == 0, r.stderr
+    assert [e["dport"] for e in map(parse_event_line, r.stdout)] == [5309] * 30
+    assert_no_orphans(before)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_cli_stops_cleanly_on_signal(net, before, signum):
     def udp_lines(lines):

@@ -107,6 +107,8 @@ class AgentTrace:
             from vnet.binding.ringbatch import RingBatchReader
 
             self.reader = RingBatchReader(self.trace.objects[0].maps["vnet_events"])
+            # A chunk's worth, at most the programs' mark, so their forced wakeup finds it there.
+            self.want = min(SHIP_MIN_BYTES, self.reader.size // 8, self.trace.wakeup["wakeup_bytes"])
             # This run of the trace: the collector files it apart from earlier runs of the same
             # trace name, and its spool folder is its own (a restarted agent resends it: recover()).
             self.run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
@@ -160,12 +162,9 @@ class AgentTrace:
                 if not pending:
                     self.reader.wait(DRAIN_POLL_MS)  # the kernel's wakeup, or the timer
                     continue
-                want, waited = min(SHIP_MIN_BYTES, self.reader.size // 8), time.monotonic() - shipped
-                if pending < want and waited * 1000 < SHIP_DELAY_MS:
-                    # A little there: let more come, but not past the point where, at the rate
-                    # it came at, `want` is there (a burst is drained as soon as before).
-                    until_want = (want - pending) * waited / pending
-                    self._stop.wait(max(0.001, min(DRAIN_POLL_MS / 1000, until_want)))
+                # A little there: let more come, but not past the point where, at the rate it
+                # came at, `want` is there, nor past the programs' forced wakeup (a burst).
+                if self.reader.hold(self.want, time.monotonic() - shipped, SHIP_DELAY_MS, DRAIN_POLL_MS):
                     continue
                 self._ship_available()
                 shipped = time.monotonic()

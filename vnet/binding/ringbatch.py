@@ -35,6 +35,7 @@ import mmap
 import select
 import struct
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -172,6 +173,10 @@ class _Mapping:
         self.prod_pos = self.bytes.cast("Q")  # [0]: the producer position
         self.epoll = select.epoll()
         self.epoll.register(fd, select.EPOLLIN)
+        # Edge-triggered: reports the kernel waking the ring's readers, not data being
+        # there, so a reader can wait while records gather and still hear a forced wakeup.
+        self.edge = select.epoll()
+        self.edge.register(fd, select.EPOLLIN | select.EPOLLET)
         self.closed = False
 
     def close(self) -> None:
@@ -181,6 +186,7 @@ class _Mapping:
         for view in (self.cons_pos, self.prod_pos, self.words, self.bytes):
             view.release()
         self.epoll.close()
+        self.edge.close()
         for m in (self.consumer, self.ring):
             try:
                 m.close()
@@ -337,6 +343,42 @@ class RingBatchReader:
             return True
         m.epoll.poll(timeout_ms / 1000 if timeout_ms >= 0 else -1)
         return not m.closed and m.prod_pos[0] != m.cons_pos[0]
+
+    def gather(self, want: int, timeout_ms: float) -> int:
+        """Let records gather: return once `want` bytes are pending or after timeout_ms.
+        Unlike a sleep it hears the kernel's wakeups meanwhile, so with `want` at most the
+        programs' mark (they force a wakeup as the unread data crosses it, vnet_wakeup_flags)
+        a burst is drained as soon as it is there, long before the ring fills; unlike wait()
+        it does not return just because some data is there. Returns the bytes pending."""
+        m = self._live()
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            pending = m.prod_pos[0] - m.cons_pos[0]
+            left = deadline - time.monotonic()
+            if pending >= want or left <= 0:
+                return pending
+            # Edge-triggered: one report per wakeup. One that came before this call (during
+            # the caller's last write) returns at once, and then the next poll waits.
+            m.edge.poll(left)
+            if m.closed:
+                return 0
+
+    def hold(self, want: int, since_s: float, delay_ms: float, step_ms: float) -> bool:
+        """Pacing for a reader that keeps up with a steady flow, which would otherwise read
+        (and write out) a small batch each time round. With less than `want` bytes pending,
+        less than delay_ms after its last batch (since_s ago): gather() until, at the rate
+        they came at since then, `want` are there, at most step_ms. True if it waited (ask
+        again), False: read now. A first record after a quiet spell is read at once, and a
+        flow that brings `want` within a millisecond is read without waiting."""
+        m = self._live()
+        pending = m.prod_pos[0] - m.cons_pos[0]
+        if pending >= want or since_s * 1000 >= delay_ms:
+            return False
+        until_want = (want - pending) * since_s * 1000 / pending if pending else step_ms
+        if until_want < 1.0:
+            return False  # a fast flow: its batches are large anyway (epoll waits whole ms)
+        self.gather(want, min(step_ms, delay_ms - since_s * 1000, until_want))
+        return True
 
     @property
     def epoll_fd(self) -> int:
