@@ -67,8 +67,9 @@ def trace(
                                    "writes: less CPU per event, each write waits for the device."),
     immediate: bool = Option(False, "--immediate-mode", "--immediate",
                              help="-w: write each batch as soon as it is read, as tcpdump --immediate-mode. "
-                                  "By default, under a steady flow, up to 1 MiB of events gathers in the ring "
-                                  "(at most 100 ms) before a write, which takes about half the reader's CPU."),
+                                  "By default, while the CPUs are busy (under 5% of a CPU idle), up to 1 MiB of "
+                                  "events gathers in the ring (at most 100 ms) before a write, which takes about "
+                                  "half the reader's CPU; with CPU idle, batches are written at once."),
     read: Optional[Path] = Option(None, "-r", "--read", metavar="FILE",
                                   help="Print the events of a trace file (from -w or the collector)."),
     direction: str = Option("both", "--direction", "-d", help="ingress, egress or both."),
@@ -205,7 +206,7 @@ def trace(
                 from vnet.trace.recorder import record
 
                 done = record(t, write, ending=recording_done, count=count, vanished=vanished,
-                              direct_io=not page_cache, immediate=immediate)
+                              direct_io=not page_cache, mode="immediate" if immediate else "auto")
                 printed = done.events
                 if not page_cache and not done.direct_io:
                     log.info("%s: no direct I/O on this file system: written through the page cache", write)

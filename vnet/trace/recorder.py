@@ -4,6 +4,8 @@ batches: bytes in, bytes out, no event decoded on the way."""
 
 from __future__ import annotations
 
+import logging
+import os
 import struct
 import time
 from dataclasses import dataclass
@@ -14,15 +16,50 @@ from vnet.binding.ringbatch import DISCARD_BIT, HDR_SIZE, LEN_MASK, RingBatchRea
 
 from .session import Trace
 
+log = logging.getLogger("vnet.trace")
+
 BATCH_RECORDS = 65536
 DRAIN_POLL_MS = 20  # the drain's timer, as the agent's (vnet/agent/agent.py says why)
 # Under a steady flow a reader that drains at once writes what came during its last write:
 # ~150 KB, thousands of appends a second, each a direct write that waits for the device.
-# It lets up to GATHER_BYTES gather first (for at most GATHER_DELAY_MS since its last batch),
-# still woken by the programs' forced wakeup at a quarter of the ring: about half the
-# reader's CPU under a flood (docs/benchmarks.md). --immediate-mode: drain at once.
+# Gathering, it lets up to GATHER_BYTES come first (for at most GATHER_DELAY_MS since its
+# last batch), still woken by the programs' forced wakeup at a quarter of the ring: about
+# half the reader's CPU under a flood. That CPU matters when the CPUs are busy: it is then
+# taken from the traced path (an OVS switch's threads). While CPU is idle it costs the path
+# nothing, and draining at once keeps the ring emptiest for a burst. So, as adaptive
+# interrupt coalescing does, "auto" gathers only while the machine has had less than
+# GATHER_BELOW_IDLE of a CPU idle, and drains at once again above DRAIN_ABOVE_IDLE
+# (docs/benchmarks.md). --immediate-mode: always at once.
 GATHER_BYTES = 1 << 20
 GATHER_DELAY_MS = 100
+IDLE_SAMPLE_S = 0.1
+GATHER_BELOW_IDLE = 0.05  # CPUs' worth of idle time over a sample
+DRAIN_ABOVE_IDLE = 0.15
+MODES = ("auto", "gather", "immediate")
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+class IdleCpus:
+    """How many CPUs' worth of time the machine spent idle (idle and iowait in /proc/stat)
+    over the last IDLE_SAMPLE_S or more: None until the first sample is complete."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+        self._at, self._ticks = time.monotonic(), self._read()
+
+    @staticmethod
+    def _read() -> int:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()  # cpu user nice system idle iowait ...
+        return int(fields[4]) + int(fields[5])
+
+    def update(self) -> float | None:
+        now = time.monotonic()
+        if now - self._at >= IDLE_SAMPLE_S:
+            ticks = self._read()
+            self.value = (ticks - self._ticks) / _HZ / (now - self._at)
+            self._at, self._ticks = now, ticks
+        return self.value
 
 
 @dataclass
@@ -45,23 +82,28 @@ def cut(blob: bytes | memoryview, n: int) -> bytes | memoryview:
 
 def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int | None,
            trace_name: str | None = None, vanished: list[dict] | None = None, direct_io: bool = True,
-           immediate: bool = False) -> Recorded:
+           mode: str = "auto") -> Recorded:
     """Until ending() or `count` events: batches from the ring into `path`, then
     the kernel's counters and the losses in a final chunk. `vanished`: where ending()
     puts traced interfaces that went away (vanished_fields); each becomes a chunk, as
     an agent's do at the collector. direct_io: whole blocks around the page cache where
     the file system can, as the collector writes: under a flood, plain writes cost the
     reader more CPU per event and lose far more events to a full ring (docs/benchmarks.md).
-    immediate: each batch written as soon as it is read, none left to gather."""
+    mode: "gather" lets events gather in the ring between writes, "immediate" writes each
+    batch as soon as it is read, "auto" gathers only while the CPUs are busy (above)."""
     from vnet.collector.tracefile import TraceFileWriter, header_for_trace, stats_fields
 
     reader = RingBatchReader(trace.objects[0].maps["vnet_events"])
     out = Recorded(path=str(path))
     with TraceFileWriter(path, header_for_trace(trace, trace_name=trace_name or path.stem),
                          direct=direct_io) as writer:
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
         # At most the programs' mark: their forced wakeup then always finds it there (0: they
         # force one at every check, and the reader takes what is there at once).
-        want = 0 if immediate else min(GATHER_BYTES, reader.size // 8, trace.wakeup["wakeup_bytes"])
+        gather_bytes = min(GATHER_BYTES, reader.size // 8, trace.wakeup["wakeup_bytes"])
+        want = gather_bytes if mode == "gather" else 0
+        idle = IdleCpus() if mode == "auto" else None
 
         peeked = 0.0  # when the last batch was taken: what is pending since came after (the first at once)
 
@@ -86,8 +128,8 @@ def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int |
                 out.chunks += 1
                 if count is not None and out.events >= count:
                     return True
-                if not everything and reader.pending() < want:
-                    return False  # what came during that write: let more gather (the loop below)
+                if not everything:
+                    return False  # the loop below: the ending, the idle CPU, and whether to let more gather
 
         noted = 0
 
@@ -99,6 +141,13 @@ def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int |
 
         while not ending():
             note()
+            if idle is not None and (cpus := idle.update()) is not None:
+                if want and cpus > DRAIN_ABOVE_IDLE:
+                    want = 0
+                    log.debug("%.2f CPUs idle: writing each batch at once", cpus)
+                elif not want and cpus < GATHER_BELOW_IDLE:
+                    want = gather_bytes
+                    log.debug("%.2f CPUs idle: letting events gather between writes", cpus)
             if not reader.wait(DRAIN_POLL_MS) or reader.hold(want, time.monotonic() - peeked,
                                                               GATHER_DELAY_MS, DRAIN_POLL_MS):
                 continue
