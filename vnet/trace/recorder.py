@@ -93,12 +93,12 @@ def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int |
     batch as soon as it is read, "auto" gathers only while the CPUs are busy (above)."""
     from vnet.collector.tracefile import TraceFileWriter, header_for_trace, stats_fields
 
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
     reader = RingBatchReader(trace.objects[0].maps["vnet_events"])
     out = Recorded(path=str(path))
     with TraceFileWriter(path, header_for_trace(trace, trace_name=trace_name or path.stem),
                          direct=direct_io) as writer:
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
         # At most the programs' mark: their forced wakeup then always finds it there (0: they
         # force one at every check, and the reader takes what is there at once).
         gather_bytes = min(GATHER_BYTES, reader.size // 8, trace.wakeup["wakeup_bytes"])
