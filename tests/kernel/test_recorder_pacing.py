@@ -20,7 +20,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from vnet.collector.tracefile import TraceFileReader
-from vnet.trace.recorder import GATHER_BYTES, GATHER_DELAY_MS, IdleCpus, record
+from vnet.trace.recorder import GATHER_BELOW_IDLE, GATHER_BYTES, GATHER_DELAY_MS, IdleCpus, record
 from vnet.trace.session import Plan, Trace
 
 pytestmark = pytest.mark.kernel
@@ -78,7 +78,7 @@ def busy_cpus():
     try:
         idle = IdleCpus()
         time.sleep(0.3)
-        assert idle.update() < 0.05  # noqa: PLR2004 - the gauge sees them as busy
+        assert idle.update() < GATHER_BELOW_IDLE  # the gauge sees them as busy: auto gathers
         yield
     finally:
         for s in spinners:
