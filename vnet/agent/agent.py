@@ -107,8 +107,7 @@ class AgentTrace:
             from vnet.binding.ringbatch import RingBatchReader
 
             self.reader = RingBatchReader(self.trace.objects[0].maps["vnet_events"])
-            # A chunk's worth, at most the programs' mark, so their forced wakeup finds it there.
-            self.want = min(SHIP_MIN_BYTES, self.reader.size // 8, self.trace.wakeup["wakeup_bytes"])
+            self.want = self.trace.gather_bytes(SHIP_MIN_BYTES)  # a chunk's worth
             # This run of the trace: the collector files it apart from earlier runs of the same
             # trace name, and its spool folder is its own (a restarted agent resends it: recover()).
             self.run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"

@@ -99,9 +99,7 @@ def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int |
     out = Recorded(path=str(path))
     with TraceFileWriter(path, header_for_trace(trace, trace_name=trace_name or path.stem),
                          direct=direct_io) as writer:
-        # At most the programs' mark: their forced wakeup then always finds it there (0: they
-        # force one at every check, and the reader takes what is there at once).
-        gather_bytes = min(GATHER_BYTES, reader.size // 8, trace.wakeup["wakeup_bytes"])
+        gather_bytes = trace.gather_bytes(GATHER_BYTES)
         want = gather_bytes if mode == "gather" else 0
         idle = IdleCpus() if mode == "auto" else None
 

@@ -413,6 +413,12 @@ class Trace:
         per_cpu = self.per_cpu_counters() if per_cpu is None else per_cpu
         return {pid: {name: sum(cpus) for name, cpus in c.items()} for pid, c in per_cpu.items()}
 
+    def gather_bytes(self, most: int) -> int:
+        """What a pacing reader lets gather in the ring before it reads (RingBatchReader.hold):
+        at most `most` and an eighth of the ring, and never past the programs' forced-wakeup
+        mark, so that wakeup always finds it there (0 where they force one at every check)."""
+        return min(most, self.ring_bytes // 8, self.wakeup["wakeup_bytes"])
+
     def stats(self) -> TraceStats:
         """The kernel's counters, every probe and CPU summed."""
         total = {"seen": 0, "emitted": 0, "lost": 0, "filtered": 0}
