@@ -3,12 +3,12 @@ attach, read maps and ring buffers, test-run. No compiler needed at run time."""
 
 from .btf import Btf, Field, StructLayout
 from .libbpf import has, lib, version
-from .object import (BpfObject, FdLink, Link, LibbpfLink, Map, PinnedMap, Program, ProgramInfo, TcFilterLink, TestRunResult,
-                     prog_test_run, program_info, remove_left_tc_filter, run_time_stats)
+from .object import (BpfObject, CreatedMap, FdLink, Link, LibbpfLink, Map, PinnedMap, Program, ProgramInfo,
+                     TcFilterLink, TestRunResult, prog_test_run, program_info, remove_left_tc_filter, run_time_stats)
 from .ringbuf import RingBuffer
 
 __all__ = [
-    "Btf", "Field", "StructLayout", "has", "lib", "version", "BpfObject", "FdLink", "Link", "LibbpfLink",
+    "Btf", "Field", "StructLayout", "has", "lib", "version", "BpfObject", "CreatedMap", "FdLink", "Link", "LibbpfLink",
     "Map", "PinnedMap", "Program", "ProgramInfo", "TcFilterLink", "TestRunResult", "RingBuffer", "prog_test_run",
     "program_info", "remove_left_tc_filter", "run_time_stats",
 ]

@@ -67,6 +67,9 @@ int bpf_map_lookup_elem(int fd, const void *key, void *value);
 int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags);
 int bpf_map_delete_elem(int fd, const void *key);
 int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+/* A map outside any object (the event rings after the first: one per CPU). */
+int bpf_map_create(int map_type, const char *map_name, uint32_t key_size, uint32_t value_size,
+                   uint32_t max_entries, const void *opts);
 int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
 /* bpffs: a map kept past its process (the kernel counters of a trace whose agent is killed). */
 int bpf_obj_pin(int fd, const char *pathname);
@@ -116,6 +119,7 @@ struct ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb
 void ring_buffer__free(struct ring_buffer *rb);
 int ring_buffer__poll(struct ring_buffer *rb, int timeout_ms);
 int ring_buffer__consume(struct ring_buffer *rb);
+int ring_buffer__add(struct ring_buffer *rb, int map_fd, ring_buffer_sample_fn sample_cb, void *ctx);
 int ring_buffer__epoll_fd(const struct ring_buffer *rb);
 
 /* BTF: the kernel UAPI records (linux/btf.h) and libbpf's accessors. */

@@ -474,9 +474,7 @@ class Map:
 
     def pin(self, path: str | os.PathLike) -> None:
         """Keep the map on bpffs at `path` beyond this process (read with PinnedMap, gone with unlink)."""
-        err = lib().bpf_obj_pin(self.fd, os.fsencode(path))
-        if err:
-            raise bpf_error("pin", err, f"map {self.name} at {path}")
+        _pin(self.fd, path, self.name)
 
     def share(self, other: "Map") -> None:
         """Before load: use `other`'s kernel map instead of creating one (one ring
@@ -492,6 +490,46 @@ class Map:
         if ptr == ffi.NULL:
             raise BpfError("get initial value of", errno.EINVAL, f"map {self.name}")
         return ffi.buffer(ffi.cast("char *", ptr), size[0])
+
+
+def _pin(fd: int, path: str | os.PathLike, name: str) -> None:
+    err = lib().bpf_obj_pin(fd, os.fsencode(path))
+    if err:
+        raise bpf_error("pin", err, f"map {name} at {path}")
+
+
+class CreatedMap:
+    """A map made outside any object (bpf_map_create), owned by one (BpfObject.create_map):
+    its descriptor closes with that object, as the object's own maps do."""
+
+    def __init__(self, obj: "BpfObject", map_type: int, name: str, max_entries: int,
+                 key_size: int = 0, value_size: int = 0):
+        fd = lib().bpf_map_create(map_type, name.encode()[:15], key_size, value_size, max_entries, ffi.NULL)
+        if fd < 0:
+            raise bpf_error("create", fd, f"map {name} ({max_entries} entries)")
+        self._obj = obj
+        self._fd = fd
+        self.name = name
+        self.type = map_type
+        self.max_entries = max_entries
+
+    def __repr__(self) -> str:
+        return f"<CreatedMap {self.name}>"
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise BpfError("get fd of", errno.EBADF, f"map {self.name} (closed with its object)")
+        return self._fd
+
+    def pin(self, path: str | os.PathLike) -> None:
+        """As Map.pin."""
+        _pin(self.fd, path, self.name)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class PinnedMap:
@@ -604,6 +642,12 @@ class BpfObject:
             if name.endswith(section):
                 return m
         raise KeyError(f"{self.path.name} has no {section} section")
+
+    def create_map(self, map_type: int, name: str, max_entries: int, key_size: int = 0,
+                   value_size: int = 0) -> CreatedMap:
+        """A map of no section of this object that lives as long as it does (e.g. more
+        rings for a map-in-map slot, which the programs find there at run time)."""
+        return self._own(CreatedMap(self, map_type, name, max_entries, key_size, value_size))
 
     def config_layout(self, var: str, section: str = ".rodata") -> StructLayout:
         return self.btf.variable(section, var)[1]

@@ -194,7 +194,46 @@ class _Mapping:
                 pass
 
 
-class RingBatchReader:
+class _Pacing:
+    """Waiting for records to gather, for a reader of one ring or of several: it needs
+    pending(), closed, and _edge_poll(timeout_s), a wait for the kernel's next wakeup."""
+
+    def gather(self, want: int, timeout_ms: float) -> int:
+        """Let records gather: return once `want` bytes are pending or after timeout_ms.
+        Unlike a sleep it hears the kernel's wakeups meanwhile, so with `want` at most the
+        programs' mark (they force a wakeup as the unread data crosses it, vnet_wakeup_flags)
+        a burst is drained as soon as it is there, long before the ring fills; unlike wait()
+        it does not return just because some data is there. Returns the bytes pending."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            pending = self.pending()
+            left = deadline - time.monotonic()
+            if pending >= want or left <= 0:
+                return pending
+            # Edge-triggered: one report per wakeup. One that came before this call (during
+            # the caller's last write) returns at once, and then the next poll waits.
+            self._edge_poll(left)
+            if self.closed:
+                return 0
+
+    def hold(self, want: int, since_s: float, delay_ms: float, step_ms: float) -> bool:
+        """Pacing for a reader that keeps up with a steady flow, which would otherwise read
+        (and write out) a small batch each time round. With less than `want` bytes pending,
+        less than delay_ms after its last batch (since_s ago): gather() until, at the rate
+        they came at since then, `want` are there, at most step_ms. True if it waited (ask
+        again), False: read now. A first record after a quiet spell is read at once, and a
+        flow that brings `want` within a millisecond is read without waiting."""
+        pending = self.pending()
+        if pending >= want or since_s * 1000 >= delay_ms:
+            return False
+        until_want = (want - pending) * since_s * 1000 / pending if pending else step_ms
+        if until_want < 1.0:
+            return False  # a fast flow: its batches are large anyway (epoll waits whole ms)
+        self.gather(want, min(step_ms, delay_ms - since_s * 1000, until_want))
+        return True
+
+
+class RingBatchReader(_Pacing):
     """Batches from one ring-buffer map. Not for use by two threads at once,
     nor together with a RingBuffer on the same map (both move the consumer position).
 
@@ -344,41 +383,8 @@ class RingBatchReader:
         m.epoll.poll(timeout_ms / 1000 if timeout_ms >= 0 else -1)
         return not m.closed and m.prod_pos[0] != m.cons_pos[0]
 
-    def gather(self, want: int, timeout_ms: float) -> int:
-        """Let records gather: return once `want` bytes are pending or after timeout_ms.
-        Unlike a sleep it hears the kernel's wakeups meanwhile, so with `want` at most the
-        programs' mark (they force a wakeup as the unread data crosses it, vnet_wakeup_flags)
-        a burst is drained as soon as it is there, long before the ring fills; unlike wait()
-        it does not return just because some data is there. Returns the bytes pending."""
-        m = self._live()
-        deadline = time.monotonic() + timeout_ms / 1000
-        while True:
-            pending = m.prod_pos[0] - m.cons_pos[0]
-            left = deadline - time.monotonic()
-            if pending >= want or left <= 0:
-                return pending
-            # Edge-triggered: one report per wakeup. One that came before this call (during
-            # the caller's last write) returns at once, and then the next poll waits.
-            m.edge.poll(left)
-            if m.closed:
-                return 0
-
-    def hold(self, want: int, since_s: float, delay_ms: float, step_ms: float) -> bool:
-        """Pacing for a reader that keeps up with a steady flow, which would otherwise read
-        (and write out) a small batch each time round. With less than `want` bytes pending,
-        less than delay_ms after its last batch (since_s ago): gather() until, at the rate
-        they came at since then, `want` are there, at most step_ms. True if it waited (ask
-        again), False: read now. A first record after a quiet spell is read at once, and a
-        flow that brings `want` within a millisecond is read without waiting."""
-        m = self._live()
-        pending = m.prod_pos[0] - m.cons_pos[0]
-        if pending >= want or since_s * 1000 >= delay_ms:
-            return False
-        until_want = (want - pending) * since_s * 1000 / pending if pending else step_ms
-        if until_want < 1.0:
-            return False  # a fast flow: its batches are large anyway (epoll waits whole ms)
-        self.gather(want, min(step_ms, delay_ms - since_s * 1000, until_want))
-        return True
+    def _edge_poll(self, timeout_s: float) -> None:
+        self._live().edge.poll(timeout_s)
 
     @property
     def epoll_fd(self) -> int:
@@ -389,3 +395,80 @@ class RingBatchReader:
 
     def close(self) -> None:
         self._m.close()
+
+
+class RingGroupReader(_Pacing):
+    """The rings of one trace (one per CPU, or one for all) read together: one wait
+    for any of them, their pending bytes summed for pacing; each ring's batches come
+    from its own reader (`readers`, in ring order), since a batch is one ring's bytes.
+    Records of different rings are not in time order with each other."""
+
+    def __init__(self, ring_maps):
+        ring_maps = list(ring_maps)
+        if not ring_maps:
+            raise UsageError("no ring buffer to read")
+        self.readers: list[RingBatchReader] = []
+        try:
+            for m in ring_maps:
+                self.readers.append(RingBatchReader(m))
+            # One epoll over every ring's descriptor, level- and edge-triggered (as _Mapping's);
+            # the rings' own descriptors close with their objects, which takes them out of these.
+            self._epoll = select.epoll()
+            self._edge = select.epoll()
+            for m in ring_maps:
+                self._epoll.register(m.fd, select.EPOLLIN)
+                self._edge.register(m.fd, select.EPOLLIN | select.EPOLLET)
+        except OSError as e:  # out of descriptors, most likely
+            self.close()
+            raise bpf_error("wait for", e.errno or errno.EINVAL, "ring buffers") from None
+        except BaseException:
+            self.close()
+            raise
+        weakref.finalize(self, _close_epolls, self._epoll, self._edge)
+
+    @property
+    def size(self) -> int:
+        """Bytes of every ring."""
+        return sum(r.size for r in self.readers)
+
+    @property
+    def closed(self) -> bool:
+        return any(r.closed for r in self.readers)
+
+    def pending(self) -> int:
+        return sum(r.pending() for r in self.readers)
+
+    def fill(self) -> float:
+        """The fullest ring's unread share: where the next loss would come first."""
+        return max(r.pending() / r.size for r in self.readers)
+
+    def read(self) -> Batch:
+        """Every record committed to any ring (as RingBatchReader.read), one ring's after
+        another's: one blob, in the same framing."""
+        batches = [b for b in (r.read() for r in self.readers) if b.nbytes]
+        if len(batches) <= 1:
+            return batches[0] if batches else Batch(b"", 0, 0)
+        return Batch(b"".join(b.data for b in batches), sum(b.count for b in batches),
+                     sum(b.discarded for b in batches))
+
+    def wait(self, timeout_ms: int) -> bool:
+        """As RingBatchReader.wait, for any ring."""
+        if self.pending():
+            return True
+        self._epoll.poll(timeout_ms / 1000 if timeout_ms >= 0 else -1)
+        return not self.closed and self.pending() > 0
+
+    def _edge_poll(self, timeout_s: float) -> None:
+        self._edge.poll(timeout_s)
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+        for ep in (getattr(self, "_epoll", None), getattr(self, "_edge", None)):
+            if ep is not None:
+                ep.close()
+
+
+def _close_epolls(*epolls) -> None:
+    for ep in epolls:
+        ep.close()

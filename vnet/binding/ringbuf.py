@@ -26,13 +26,14 @@ class _Reader:
 
 
 class RingBuffer:
-    """Records from one ring-buffer map, returned in batches as bytes.
+    """Records from one ring-buffer map (or several, read one after the other),
+    returned in batches as bytes.
 
     Programs may skip waking the reader (BPF_RB_NO_WAKEUP), so poll() always
     drains after its wait: no record waits longer than one timeout.
     """
 
-    def __init__(self, ring_map: Map):
+    def __init__(self, ring_map: Map, *more: Map):
         self.map = ring_map
         self._batch: list[bytes] = []
         self._error: BaseException | None = None
@@ -41,6 +42,11 @@ class RingBuffer:
         if ptr == ffi.NULL:
             raise bpf_error("create ring buffer reader for", ffi.errno, f"map {ring_map.name}")
         self._reader = ring_map._obj._own(_Reader(ptr))
+        for m in more:
+            err = lib().ring_buffer__add(ptr, m.fd, self._cb, ffi.NULL)
+            if err:
+                self._reader.close()
+                raise bpf_error("add to ring buffer reader", err, f"map {m.name}")
         # Dropped before its object is closed: free it then, with the callback it calls.
         weakref.finalize(self, self._reader.close)
 
