@@ -99,6 +99,7 @@ static __always_inline void vnet_ran(struct task_struct *prev, struct task_struc
 {
 	struct vnet_sched_event ev = {};
 	struct vnet_stats *st;
+	void *ring;
 
 	st = vnet_stats_this_cpu(sched_cfg.probe_id);
 	if (!st)
@@ -115,8 +116,9 @@ static __always_inline void vnet_ran(struct task_struct *prev, struct task_struc
 		ev.prev_pid = VNET_KREAD(typed, prev, pid);
 		vnet_task_comm(ev.prev_comm, prev, typed);
 	}
-	if (bpf_ringbuf_output(&vnet_events, &ev, sizeof(ev),
-			       vnet_wakeup_flags(st, sched_cfg.wakeup_every, sched_cfg.wakeup_bytes, sizeof(ev))) == 0)
+	ring = vnet_ring(ev.hdr.cpu);
+	if (bpf_ringbuf_output(ring, &ev, sizeof(ev),
+			       vnet_wakeup_flags(ring, st, sched_cfg.wakeup_every, sched_cfg.wakeup_bytes, sizeof(ev))) == 0)
 		st->v[VNET_STAT_EMITTED]++;
 	else
 		st->v[VNET_STAT_LOST]++;

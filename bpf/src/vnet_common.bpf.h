@@ -45,10 +45,31 @@ struct vnet_stats {
 	__u64 v[VNET_STAT_MAX];
 };
 
-struct {
+struct vnet_ring {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, VNET_RINGBUF_BYTES); /* user space may resize before load */
-} vnet_events SEC(".maps");
+};
+
+/* The ring, or the first of several: */
+struct vnet_ring vnet_events SEC(".maps");
+
+/* ... where user space gives each CPU its own (or a CPU a share of one): the
+ * ring of CPU i at slot i. One ring's lock, taken by every CPU that emits at
+ * once, costs more than the rest of a program on a busy switch. An empty slot
+ * (user space made no more rings, or left this CPU out) means vnet_events.
+ * The slots' type is a page-sized ring: libbpf makes one to create the array
+ * with (and frees it), and the kernel does not compare a ring's size with it. */
+struct vnet_ring_slot {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1); /* user space: one slot per possible CPU */
+	__type(key, __u32);
+	__array(values, struct vnet_ring_slot);
+} vnet_rings SEC(".maps");
 
 enum vnet_limit {
 	VNET_MAX_PROBES = 128, /* object instances (probe_ids) in one trace */
@@ -270,7 +291,15 @@ static __always_inline void vnet_hdr_init(struct vnet_event_hdr *hdr, __u32 prob
 	hdr->cpu = bpf_get_smp_processor_id();
 }
 
-/* Whether committing a record wakes the reader. A wakeup per record caps the
+/* The ring this CPU writes to (vnet_rings). */
+static __always_inline void *vnet_ring(__u32 cpu)
+{
+	void *ring = bpf_map_lookup_elem(&vnet_rings, &cpu);
+
+	return ring ? ring : (void *)&vnet_events;
+}
+
+/* Whether committing a record to `ring` wakes the reader. A wakeup per record caps the
  * ring near 1 M records/s and costs the reader a wakeup per record, and every
  * reader drains on a timer anyway (20 ms for the recorder and the agent, at
  * most 100 ms when printing), so records go without one (BPF_RB_NO_WAKEUP)
@@ -289,8 +318,8 @@ static __always_inline void vnet_hdr_init(struct vnet_event_hdr *hdr, __u32 prob
  * record is a check. `size`: the record's bytes in the ring. (The kernel
  * selftests' ring-buffer benchmark wakes its reader the same way: when the
  * unread data passes a size.) */
-static __always_inline __u64 vnet_wakeup_flags(struct vnet_stats *st, __u32 wakeup_every, __u32 wakeup_bytes,
-					       __u32 size)
+static __always_inline __u64 vnet_wakeup_flags(void *ring, struct vnet_stats *st, __u32 wakeup_every,
+					       __u32 wakeup_bytes, __u32 size)
 {
 	__u64 avail, window = (wakeup_every > 1 ? wakeup_every : 1) * (__u64)(size + 8);
 
@@ -298,7 +327,7 @@ static __always_inline __u64 vnet_wakeup_flags(struct vnet_stats *st, __u32 wake
 		return BPF_RB_NO_WAKEUP;
 	if (!wakeup_bytes)
 		return BPF_RB_FORCE_WAKEUP;
-	avail = bpf_ringbuf_query(&vnet_events, BPF_RB_AVAIL_DATA);
+	avail = bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA);
 	if (avail >= wakeup_bytes && avail - wakeup_bytes < window)
 		return BPF_RB_FORCE_WAKEUP;
 	return 0;
@@ -311,9 +340,10 @@ static __always_inline void vnet_emit(struct vnet_stats *st, struct vnet_event *
 				      __u32 wakeup_every, __u32 wakeup_bytes)
 {
 	__u32 size = more ? sizeof(struct vnet_event_more) : sizeof(*ev);
+	void *ring = vnet_ring(ev->hdr.cpu);
 
 	ev->hdr.kind = more ? VNET_KIND_PACKET_MORE : VNET_KIND_PACKET;
-	if (bpf_ringbuf_output(&vnet_events, ev, size, vnet_wakeup_flags(st, wakeup_every, wakeup_bytes, size)) == 0)
+	if (bpf_ringbuf_output(ring, ev, size, vnet_wakeup_flags(ring, st, wakeup_every, wakeup_bytes, size)) == 0)
 		st->v[VNET_STAT_EMITTED]++;
 	else
 		st->v[VNET_STAT_LOST]++;

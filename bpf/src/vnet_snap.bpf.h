@@ -108,7 +108,8 @@ static __always_inline void vnet_emit_snap(struct vnet_stats *st, struct vnet_ev
 					   bool tc, bool l3, __u32 snaplen, __u32 wakeup_every, __u32 wakeup_bytes,
 					   bool typed)
 {
-	struct vnet_snap_record *r = bpf_ringbuf_reserve(&vnet_events, sizeof(*r), 0);
+	void *ring = vnet_ring(ev->hdr.cpu);
+	struct vnet_snap_record *r = bpf_ringbuf_reserve(ring, sizeof(*r), 0);
 
 	if (!r) {
 		st->v[VNET_STAT_LOST]++;
@@ -129,7 +130,7 @@ static __always_inline void vnet_emit_snap(struct vnet_stats *st, struct vnet_ev
 		else
 			vnet_snap_kernel(skb, r, snaplen, typed);
 	}
-	bpf_ringbuf_submit(r, vnet_wakeup_flags(st, wakeup_every, wakeup_bytes, sizeof(*r)));
+	bpf_ringbuf_submit(r, vnet_wakeup_flags(ring, st, wakeup_every, wakeup_bytes, sizeof(*r)));
 	st->v[VNET_STAT_EMITTED]++;
 }
 

@@ -32,6 +32,18 @@ VNET_PROG_PREFIX = "vnet_tc_"  # bpftool shows the kernel's 15-character program
 
 # -- topology -------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def on_cpu(cpu: int):
+    """This thread (and the processes it starts) runs on `cpu` only while the block runs: a
+    packet it sends passes the egress hooks there (each CPU writes to its own event ring)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def veth_pair(subnet: int = 77):
     """ns1/ifA <-veth-> ns2/ifB, offloads off, 10.199.<subnet>.1 and .2, ARP done."""
     return _veth_pair(subnet)

@@ -35,7 +35,6 @@ from scapy.layers.l2 import Ether
 from vnet.agent.agent import AgentTrace
 from vnet.agent.shipper import Shipper
 from vnet.binding import RingBuffer
-from vnet.binding.ringbatch import RingBatchReader
 from vnet.collector.tracefile import TraceFileReader
 from vnet.trace.recorder import record
 from vnet.trace.session import Plan, Trace
@@ -120,7 +119,7 @@ def test_agent_drain_makes_no_python_call_per_event(trace, tmp_path):
     closed_port.bind(("127.0.0.1", 0))
     shipper = Shipper(f"127.0.0.1:{closed_port.getsockname()[1]}", b"k" * 32,
                       {"trace": "t", "host": "h", "header": {}}, spool_dir=tmp_path / "spool")
-    agent = types.SimpleNamespace(reader=RingBatchReader(trace.objects[0].maps["vnet_events"]),
+    agent = types.SimpleNamespace(reader=trace.batch_reader(),
                                   shipper=shipper, events=0, chunks=0)
     try:
         def drain(n: int) -> Calls:
@@ -142,7 +141,7 @@ def test_agent_drain_makes_no_python_call_per_event(trace, tmp_path):
 
 def test_the_count_sees_a_per_event_callback(trace):
     """Control: libbpf's ring_buffer__consume calls back into Python per record."""
-    ring = RingBuffer(trace.objects[0].maps["vnet_events"])
+    ring = RingBuffer(*trace.rings)
     fill(trace, SMALL)
     raw, calls = counted(ring.drain)
     assert len(raw) == SMALL

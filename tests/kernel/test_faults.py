@@ -24,8 +24,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from kernel_support import (VnetProcess, assert_nothing_on, has_clsact, new_orphans, start_agent, start_collector,
-                            tc_filters, udp_stream, veth_pair, vnet_snapshot, wait_until)
+from kernel_support import (VnetProcess, assert_nothing_on, has_clsact, new_orphans, on_cpu, start_agent,
+                            start_collector, tc_filters, udp_stream, veth_pair, vnet_snapshot, wait_until)
 from vnet.collector.tracefile import TraceFileReader
 from vnet.protocol import connect, load_key, new_key
 from vnet.topology import send_udp
@@ -668,7 +668,7 @@ def _queue_the_rings_first_records(ring_path: str, qdir: Path, spool: Path, n: i
     return batch.count
 
 
-@pytest.mark.parametrize("queue", ["tmpfs", "heap"])
+@pytest.mark.parametrize("queue", ["tmpfs", "heap", "tmpfs-2rings"])
 def test_agent_sigkilled_while_events_flow_every_event_is_in_the_files_or_counted_with_its_stage(tmp_path, queue):
     """kill -9 while packets flow, with events at every stage: delivered to the collector,
     queued in the agent's memory (the collector gone, --queue-mb 1), spooled to disk (past
@@ -680,9 +680,16 @@ def test_agent_sigkilled_while_events_flow_every_event_is_in_the_files_or_counte
     the kernel emitted, each once, and `vnet analyze` says nothing died.
     heap: --queue-dir unusable, so the queue is the agent's heap: what it held dies, and is
     counted exactly from the kernel counters the agent pinned (frozen as its tcx link went):
-    the files + what died = what the kernel emitted = the packets the filter kept."""
+    the files + what died = what the kernel emitted = the packets the filter kept.
+    tmpfs-2rings: as tmpfs, with two event rings, each CPU's events in its own, while the
+    agent is stopped sent from both CPUs: every ring is pinned and read out from where its
+    own last queued chunk ended."""
     from vnet.agent import counters
 
+    rings = 2 if queue.endswith("2rings") else 1
+    if rings > len(os.sched_getaffinity(0)):
+        pytest.skip("needs two CPUs to run on")
+    queue = queue.removesuffix("-2rings")
     key = new_key(tmp_path / "key")
     sock, csock, out, spool = tmp_path / "a.sock", f"unix:{tmp_path}/col.sock", tmp_path / "out", tmp_path / "spool"
     qdir = Path(tempfile.mkdtemp(prefix="vnet-test-queue-", dir="/dev/shm")) if queue == "tmpfs" \
@@ -696,7 +703,8 @@ def test_agent_sigkilled_while_events_flow_every_event_is_in_the_files_or_counte
 [trace]
 name = "killed.flowing"
 duration = 600
-ring_size = 262144
+ring_size = {262144 * rings}
+rings = {rings}
 
 [collector]
 address = "{csock}"
@@ -719,7 +727,8 @@ direction = "egress"
             d = _dispatch(spec)
             (opening,) = spool.rglob("open")
             pinned = msgpack.unpackb(opening.read_bytes(), raw=False)["pinned"]
-            assert sorted(str(p) for p in pin_dir.iterdir()) == sorted([pinned["path"], pinned["ring"]])
+            assert len(pinned["rings"]) == rings and pinned["ring"] == pinned["rings"][0]
+            assert sorted(str(p) for p in pin_dir.iterdir()) == sorted([pinned["path"], *pinned["rings"]])
             assert pinned["hooks"] == ["tcx"]
             with udp_stream(net.ns1, net.ip2, KILL_PORT, interval=0.01):  # flowing until after the kill
                 assert wait_until(lambda: _agent_status(sock, key)["shipper"]["acked"] >= 1, 15)
@@ -733,7 +742,9 @@ direction = "egress"
                 assert wait_until(spooling, 60, interval=0.05), "the agent's memory queue never filled"
                 last = _agent_status(sock, key)
                 agent.signal(signal.SIGSTOP)  # it reads nothing more: what comes stays in its ring
-                send_udp(net.ns1, net.ip2, KILL_PORT, count=600)  # fewer than the ring holds
+                for cpu in sorted(os.sched_getaffinity(0))[:rings]:  # each CPU's events in its ring
+                    with on_cpu(cpu):
+                        send_udp(net.ns1, net.ip2, KILL_PORT, count=600 // rings)  # fewer than a ring holds
                 time.sleep(0.5)
                 agent.signal(signal.SIGKILL)
                 assert agent.wait(timeout=10) == -signal.SIGKILL

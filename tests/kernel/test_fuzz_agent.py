@@ -69,6 +69,7 @@ def packages(net):
             "duration_s": st.one_of(st.none(), junk),
             "snaplen": st.one_of(st.just(0), st.integers(-10, 1 << 20), junk),
             "ring_bytes": st.one_of(st.just(1 << 16), st.integers(-1, 1 << 40), junk),
+            "rings": st.one_of(st.none(), st.integers(-2, 1 << 33), junk),
             "strict": st.one_of(st.booleans(), junk),
             "collector": st.one_of(st.just({"address": f"unix:{COLLECTOR[0]}"}), junk)}
     return st.fixed_dictionaries({}, optional=base)
@@ -78,7 +79,7 @@ def sane(net):
     """A package the spec could have made (a trace on the veth), one field perhaps made hostile."""
     good = {"version": 1, "trace": "ok", "host": "fz", "interfaces": [net.spec1], "directions": ["ingress"],
             "probes": [], "pids": [], "filter": {}, "record": "events", "snaplen": 0, "ring_bytes": 1 << 16,
-            "strict": False, "collector": {"address": f"unix:{COLLECTOR[0]}"}}
+            "rings": None, "strict": False, "collector": {"address": f"unix:{COLLECTOR[0]}"}}
     return st.one_of(st.just(good), st.tuples(st.sampled_from(sorted(good)), junk)
                      .map(lambda kv: {**good, kv[0]: kv[1]}))
 

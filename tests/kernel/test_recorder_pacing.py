@@ -32,8 +32,8 @@ BURST, FLOW_S = 50, 1.0
 SPIN = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end: pass\n"
 
 
-def flow_into(path, mode: str, seconds: float = FLOW_S) -> tuple[int, int, float]:
-    """(events written, chunks, seconds the recorder ran) for one steady flow."""
+def flow_into(path, mode: str, seconds: float = FLOW_S) -> tuple[int, int, float, int]:
+    """(events written, chunks, seconds the recorder ran, rings) for one steady flow."""
     plan = Plan("tc_trace", "tc_cfg", {"l3": 0}, (PROG,), lambda _obj: [], {}, name="dev:test", filterable=True)
     with Trace([plan], ring_bytes=8 << 20) as t:
         t.start()
@@ -55,18 +55,20 @@ def flow_into(path, mode: str, seconds: float = FLOW_S) -> tuple[int, int, float
             producer.join()
         ran = time.monotonic() - started
         stats = t.stats()
+        rings = len(t.rings)
     assert stats.lost == 0
     assert out.events == stats.emitted
     assert sum(c["count"] for c in TraceFileReader(path).chunks(["events"])) == stats.emitted
-    return out.events, out.chunks, ran
+    return out.events, out.chunks, ran, rings
 
 
-def gathered_bound(path, ran: float) -> float:
-    """Chunks a gathering recorder writes at most: each write but the first and the last waits
-    GATHER_DELAY_MS after the batch before. GATHER_BYTES would end the wait sooner, but this
-    flow brings less in that time (the file's bytes per event bound a record's)."""
+def gathered_bound(path, ran: float, rings: int) -> float:
+    """Chunks a gathering recorder writes at most: each round of writes (a chunk from each ring
+    the producer's thread wrote to) but the first and the last waits GATHER_DELAY_MS after the
+    round before. GATHER_BYTES would end the wait sooner, but this flow brings less in that
+    time (the file's bytes per event bound a record's)."""
     assert path.stat().st_size / ran * GATHER_DELAY_MS / 1000 < GATHER_BYTES
-    return ran * 1000 / GATHER_DELAY_MS + 3
+    return (ran * 1000 / GATHER_DELAY_MS + 3) * rings
 
 
 @contextmanager
@@ -87,17 +89,17 @@ def busy_cpus():
 
 
 def test_gathering_writes_a_steady_flow_in_few_chunks_and_immediate_mode_as_it_reads(tmp_path):
-    events, chunks, ran = flow_into(tmp_path / "gather.vnt", "gather")
-    assert chunks <= gathered_bound(tmp_path / "gather.vnt", ran), (chunks, ran)
-    events_i, chunks_i, ran_i = flow_into(tmp_path / "immediate.vnt", "immediate")
+    events, chunks, ran, rings = flow_into(tmp_path / "gather.vnt", "gather")
+    assert chunks <= gathered_bound(tmp_path / "gather.vnt", ran, rings), (chunks, ran)
+    events_i, chunks_i, ran_i, _ = flow_into(tmp_path / "immediate.vnt", "immediate")
     # at the latest its 20 ms timer finds data: about ran_i / 0.02 chunks, and more on wakeups
-    assert chunks_i >= 3 * gathered_bound(tmp_path / "gather.vnt", ran), (chunks_i, ran_i, chunks)
+    assert chunks_i >= 3 * gathered_bound(tmp_path / "gather.vnt", ran, 1), (chunks_i, ran_i, chunks)
 
 
 def test_auto_gathers_while_the_cpus_are_busy_and_drains_at_once_while_idle(tmp_path):
     """Its first IDLE_SAMPLE_S (no sample yet) is drained at once either way; the rest of a
     3 s flow brings ~30 chunks gathering and ~200 draining at once."""
     with busy_cpus():
-        _, busy, _ = flow_into(tmp_path / "busy.vnt", "auto", seconds=3.0)
-    _, idle, _ = flow_into(tmp_path / "idle.vnt", "auto", seconds=3.0)
+        _, busy, _, _ = flow_into(tmp_path / "busy.vnt", "auto", seconds=3.0)
+    _, idle, _, _ = flow_into(tmp_path / "idle.vnt", "auto", seconds=3.0)
     assert busy * 2 <= idle, (busy, idle)

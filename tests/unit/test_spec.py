@@ -169,6 +169,19 @@ ring_size = "3MiB"  # <-
 [trace]
 ring_size = "8 mb"  # <-
 """, "trace.ring_size", "not a size"),
+    ("rings not a power of two", """
+[trace]
+rings = 3  # <-
+""", "trace.rings", "a power of two from 1 to 64"),
+    ("rings past the ring size", """
+[trace]
+ring_size = 8192
+rings = 4  # <-
+""", "trace.rings", "less than a page"),
+    ("rings not a number", """
+[trace]
+rings = "per-cpu"  # <-
+""", "trace.rings", "integer"),
     # addresses
     ("port out of range", """
 [[host]]
@@ -455,7 +468,8 @@ def test_control_package_fields():
     assert pkg == {"version": 1, "trace": "trace", "host": "hv1", "interfaces": ["tap1"],
                    "directions": ["ingress", "egress"], "probes": [], "pids": [], "min_runq_ns": 0,
                    "filter": {"ifaces": ["veth1"], "sample": "16"}, "record": "events", "duration_s": 10.0,
-                   "count": None, "interval_s": None, "snaplen": 0, "ring_bytes": 8 << 20, "strict": False,
+                   "count": None, "interval_s": None, "snaplen": 0, "ring_bytes": 8 << 20, "rings": None,
+                   "strict": False,
                    "hypervisor": None, "collector": {"address": "127.0.0.1:7879"}}
     assert control_package_to_filter(pkg) == PacketFilter(sample="16", ifaces=("veth1",))
 

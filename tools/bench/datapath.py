@@ -19,6 +19,7 @@ Tools, each attached before the load and stopped after it:
               one event per packet per hop, to a file
   vnet-imm    `vnet` with `--immediate-mode`: each batch written as soon as it is read,
               not left to gather in the ring first (as tcpdump --immediate-mode)
+  vnet-1ring  `vnet` with `--rings 1`: one event ring for every CPU, not one per CPU
   vnet-dev    `vnet trace -w FILE` at the devices only (TC), the hooks tcpdump has
   vnet-agg    the hooks of `vnet` with `--aggregate`: per-hook counters and hop-to-hop
               histograms in the kernel, no per-packet events
@@ -43,7 +44,8 @@ took per thousand packets received: RES, wakeups of the sink done by the sender'
 CPU because the sink's was busy; CAL, wakeups queued to it while idle. Needs root.
 
 Usage: datapath.py [--rounds 5] [--seconds 3] [--size 64] [--rr 5000]
-                   [--topologies bridge,ovs] [--tools none,floor,vnet,vnet-imm,vnet-dev,vnet-agg,tcpdump,bpftrace]
+                   [--topologies bridge,ovs]
+                   [--tools none,floor,vnet,vnet-imm,vnet-1ring,vnet-dev,vnet-agg,tcpdump,bpftrace]
                    [--compare-to REV]
 """
 
@@ -69,7 +71,7 @@ from vnet.topology import Topology, warm_up  # noqa: E402
 
 PORT_FLOOD, PORT_RR = 9000, 9001
 SUBNET = "10.177.0"
-TOOLS = ("none", "floor", "vnet", "vnet-imm", "vnet-dev", "vnet-agg", "tcpdump", "bpftrace")
+TOOLS = ("none", "floor", "vnet", "vnet-imm", "vnet-1ring", "vnet-dev", "vnet-agg", "tcpdump", "bpftrace")
 HZ = os.sysconf("SC_CLK_TCK")
 TRACEPOINTS = ("net:net_dev_queue", "net:netif_receive_skb")
 BPFTRACE = ('tracepoint:net:net_dev_queue, tracepoint:net:netif_receive_skb '
@@ -165,13 +167,13 @@ class Tool:
         if rev is not None:
             self.env = {**os.environ, "PYTHONPATH": str(rev[0]), "VNET_BPF_DIR": str(rev[1])}
             self.cwd = rev[0]
-        if name in ("vnet", "vnet-imm", "vnet-dev", "vnet-agg"):
+        if name in ("vnet", "vnet-imm", "vnet-1ring", "vnet-dev", "vnet-agg"):
             out = workdir / "vnet.vnt"
             argv = [py, "-m", "vnet", "trace", *[a for ns, dev in path.devices for a in ("-i", f"{ns}/{dev}")],
                     *[a for tp in (TRACEPOINTS if name != "vnet-dev" else ()) for a in ("-p", tp)],
                     "--duration", "600"]
             argv += ["--aggregate"] if name == "vnet-agg" else ["-w", str(out)]
-            argv += ["--immediate-mode"] if name == "vnet-imm" else []
+            argv += ["--immediate-mode"] if name == "vnet-imm" else ["--rings", "1"] if name == "vnet-1ring" else []
             self._start(argv, ready=b"vnet: tracing", stream="stderr")
             self.files.append(out)
         elif name == "floor":

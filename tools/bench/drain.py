@@ -171,11 +171,13 @@ class Kernel:
 
     @classmethod
     def of_process(cls, pid: int, timeout: float = 10.0) -> "Kernel":
-        """The vnet_tc_ingress program and its vnet_events/vnet_stats maps that `pid` holds."""
+        """The vnet_tc_ingress program and its vnet_events/vnet_stats maps that `pid` holds; of
+        its rings (one per CPU, vnet_events then vnet_events_1, ...), the producer CPU's."""
         deadline = time.monotonic() + timeout
         while True:
             prog_ids, map_ids = held_ids(pid)
-            fds: dict[str, list[int]] = {"vnet_tc_ingress": [], "vnet_events": [], "vnet_stats": []}
+            ring = _ring_of_cpu(_map_names(map_ids), PRODUCER_CPU)
+            fds: dict[str, list[int]] = {"vnet_tc_ingress": [], ring: [], "vnet_stats": []}
             for pid_ in prog_ids:
                 fd = _lib.bpf_prog_get_fd_by_id(pid_)
                 if fd >= 0:
@@ -187,7 +189,7 @@ class Kernel:
                     name = _map_info(fd)[0]
                     (fds[name].append(fd) if name in fds else os.close(fd))
             if all(len(v) == 1 for v in fds.values()):
-                return cls(fds["vnet_tc_ingress"][0], fds["vnet_events"][0], fds["vnet_stats"][0])
+                return cls(fds["vnet_tc_ingress"][0], fds[ring][0], fds["vnet_stats"][0])
             for v in fds.values():
                 for fd in v:
                     os.close(fd)
@@ -227,6 +229,23 @@ class Kernel:
         self._pos.close()
         for fd in (self.prog_fd, self.ring_fd, self.stats_fd):
             os.close(fd)
+
+
+def _map_names(map_ids) -> list[str]:
+    out = []
+    for mid in map_ids:
+        fd = _lib.bpf_map_get_fd_by_id(mid)
+        if fd >= 0:
+            out.append(_map_info(fd)[0])
+            os.close(fd)
+    return out
+
+
+def _ring_of_cpu(names: list[str], cpu: int) -> str:
+    """Which of a trace's rings `cpu` writes to: CPU i the ring i mod their number."""
+    n = sum(1 for name in names if name == "vnet_events" or name.startswith("vnet_events_"))
+    i = cpu % max(1, n)
+    return "vnet_events" if i == 0 else f"vnet_events_{i}"
 
 
 def _possible_cpus() -> int:

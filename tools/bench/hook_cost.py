@@ -64,7 +64,7 @@ if str(ROOT) not in sys.path:
 
 from vnet.binding import lib, prog_test_run, program_info, run_time_stats  # noqa: E402
 from vnet.binding.libbpf import ffi  # noqa: E402
-from vnet.binding.ringbatch import RingBatchReader  # noqa: E402
+from vnet.binding.ringbatch import RingGroupReader  # noqa: E402
 from vnet.errors import VnetError  # noqa: E402
 from vnet.probes import catalog  # noqa: E402
 from vnet.probes import resolve as resolver  # noqa: E402
@@ -230,12 +230,12 @@ class TcCase:
     frame: bytes = FRAME
     objdir: Path | None = None  # --compare-to: the other revision's objects
     trace: Trace | None = None
-    reader: RingBatchReader | None = None
+    reader: RingGroupReader | None = None
 
     def open(self) -> None:
         with objects_from(self.objdir):
             self.trace = tc_trace(**self.kw)
-        self.reader = RingBatchReader(self.trace.objects[0].maps["vnet_events"])
+        self.reader = self.trace.batch_reader()
 
     def run(self, repeat: int) -> int:
         before = self.trace.stats()
@@ -367,7 +367,7 @@ def bench_stats_runs(rounds: int, calls: int, repeat: int) -> tuple[str, dict[st
             (floor_tc, tc_floor, lambda: prog_test_run(tc_floor, FRAME, repeat=repeat)),
             ("tc: no filter, event, repeat", tc_fd, tc_run),
         ]
-        readers = [RingBatchReader(t.objects[0].maps["vnet_events"]) for t in traces]
+        readers = [t.batch_reader() for t in traces]
         with run_time_stats():
             for _, order in rotations(cases, rounds):
                 for name, fd, run in order:
@@ -530,10 +530,10 @@ def empty_at_hooks(pair, names: dict[str, str]):
 
 
 @contextlib.contextmanager
-def draining(ring_map):
-    """A thread reads the events' ring in batches while the block runs: no event is
+def draining(trace: Trace):
+    """A thread reads the trace's rings in batches while the block runs: no event is
     lost to a full ring, and the reader's work runs beside the programs, as a trace's."""
-    reader = RingBatchReader(ring_map)
+    reader = trace.batch_reader()
     stop = threading.Event()
 
     def drain() -> None:
@@ -639,7 +639,7 @@ def bench_live(rounds: int, packets: int, floors: dict[str, float], size: int = 
                                     f" {name.removeprefix('vnet_tp_btf_').removeprefix('vnet_raw_tp_')})"
                                     if plan.obj == "sched" else ")")
                             progs[label] = obj.programs[name].fd
-                    with draining(trace.objects[0].maps["vnet_events"]):
+                    with draining(trace):
                         flood(variant, progs)
                     lost += trace.stats().lost
     targets, notes, by_case = {}, {}, {}

@@ -113,7 +113,7 @@ def run_case(watch_storm: bool, trips: int, objdir: Path | None) -> dict[str, tu
             obj = trace.objects[0]
             progs = {PROGRAMS[name.removeprefix("vnet_tp_btf_")]: obj.programs[name].fd
                      for name in plan.programs if name.removeprefix("vnet_tp_btf_") in PROGRAMS}
-            with hc.draining(obj.maps["vnet_events"]):
+            with hc.draining(trace):
                 got = measure(progs, go)
             lost = trace.stats().lost
             if lost:

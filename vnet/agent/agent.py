@@ -34,7 +34,7 @@ from vnet.protocol import Channel
 from vnet.protocol.channel import PeerClosed, ProtocolError
 
 from . import counters
-from .shipper import Shipper, leftover_queues
+from .shipper import Shipper, leftover_queues, ring_mark
 
 log = logging.getLogger("vnet.agent")
 # The programs send most records without a wakeup: every 64th per CPU they force one as the
@@ -95,7 +95,8 @@ class AgentTrace:
         collector = package.get("collector") or {}
         address = _field(collector, "address", str)
         _give_back_memory()  # the plans are made: the resolver's BTF is not needed while loading
-        self.trace = Trace(plans, ring_bytes=int(package.get("ring_bytes") or 8 << 20), strict=strict,
+        self.trace = Trace(plans, ring_bytes=int(package.get("ring_bytes") or 8 << 20), rings=package.get("rings"),
+                           strict=strict,
                            packet_filter=flt, aggregate=record != "events", aggregate_and_events=record == "both",
                            snaplen=int(package.get("snaplen") or 0))
         self.trace.start()
@@ -104,9 +105,7 @@ class AgentTrace:
             # is mapped (8 MiB resident from then on), so the two never add up.
             header = self._header()
             _give_back_memory()
-            from vnet.binding.ringbatch import RingBatchReader
-
-            self.reader = RingBatchReader(self.trace.objects[0].maps["vnet_events"])
+            self.reader = self.trace.batch_reader()
             self.want = self.trace.gather_bytes(SHIP_MIN_BYTES)  # a chunk's worth
             # This run of the trace: the collector files it apart from earlier runs of the same
             # trace name, and its spool folder is its own (a restarted agent resends it: recover()).
@@ -194,19 +193,22 @@ class AgentTrace:
         return True
 
     def _ship_available(self) -> None:
-        while True:
-            batch = self.reader.peek(max_records=BATCH_EVENTS_MAX)  # the chunk is packed from the ring itself
-            if not batch.count:
-                self.reader.consume(batch)  # discarded records only, if anything
-                if batch.nbytes:
-                    continue  # it stopped at the ring's end: more may follow from its start
-                return
-            # queued (the queue file on tmpfs) before the ring space goes back: a kill loses none of it
-            self.shipper.put("events", count=batch.count, records=batch.data,
-                             ring_end=self.reader.position + batch.nbytes)
-            self.reader.consume(batch)
-            self.events += batch.count
-            self.chunks += 1
+        """Every ring's records, a batch from each in turn, until all are empty."""
+        left = list(enumerate(self.reader.readers))
+        while left:
+            for ring, reader in list(left):
+                batch = reader.peek(max_records=BATCH_EVENTS_MAX)  # the chunk is packed from the ring itself
+                if not batch.count:
+                    reader.consume(batch)  # discarded records only, if anything
+                    if not batch.nbytes:  # else it stopped at the ring's end: more may follow from its start
+                        left.remove((ring, reader))
+                    continue
+                # queued (the queue file on tmpfs) before the ring space goes back: a kill loses none of it
+                self.shipper.put("events", count=batch.count, records=batch.data,
+                                 ring_end=ring_mark(ring, reader.position + batch.nbytes))
+                reader.consume(batch)
+                self.events += batch.count
+                self.chunks += 1
 
     def status(self) -> dict:
         final = self._final
@@ -219,7 +221,7 @@ class AgentTrace:
                 "kernel": {"seen": s.seen, "emitted": s.emitted, "lost": s.lost, "filtered": s.filtered},
                 "probes": self.trace.probe_stats(),
                 "read": self.events, "chunks": self.chunks,
-                "ring_fill": self.reader.pending() / max(1, self.trace.ring_bytes),
+                "ring_fill": self.reader.fill(),  # the fullest ring's
                 "shipper": {"connected": sh.connected, "queued": sh.queued, "acked": sh.acked, "spooled": sh.spooled,
                             "dropped_events": sh.dropped_events, "dropped_chunks": sh.dropped_chunks,
                             "spool_full": sh.spool_full, "reconnects": sh.reconnects,
@@ -349,7 +351,7 @@ def _field(d: dict, name: str, typ):
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")   # a trace's name becomes a spool folder
 _PACKAGE_TYPES = {"interfaces": list, "probes": list, "directions": list, "pids": list, "min_runq_ns": int,
                   "filter": dict, "record": str, "duration_s": (int, float), "count": int, "interval_s": (int, float),
-                  "snaplen": int, "ring_bytes": int, "strict": bool, "collector": dict, "hypervisor": str,
+                  "snaplen": int, "ring_bytes": int, "rings": int, "strict": bool, "collector": dict, "hypervisor": str,
                   "host": str, "version": int}
 
 
@@ -493,7 +495,8 @@ class Agent:
             log.warning("resending what a previous agent left in %s (%d chunks)", opening.parent,
                         shipper.stats.queued)
             if shipper.pinned:
-                pins.update(str(shipper.pinned.get(k)) for k in ("path", "ring"))
+                pins.add(str(shipper.pinned.get("path")))
+                pins.update(counters.ring_pins(shipper.pinned))
             if shipper.queue_dir is not None:
                 queues.add(str(shipper.queue_dir))
             self.background.append(shipper)

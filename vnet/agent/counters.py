@@ -30,6 +30,7 @@ log = logging.getLogger("vnet.agent")
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/vnet")
 PREFIX = "stats-"
 RING_PREFIX = "ring-"
+RING_FIELDS = ("ring", "rings")  # what a pin record names its rings by (the first; all of them)
 STAT_NAMES = ("seen", "emitted", "lost", "filtered")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # bpffs refuses '.' in names; '/' would be a folder
 
@@ -61,21 +62,36 @@ def pin(trace, pin_dir: Path, name: str) -> dict | None:
     record = {"path": str(path), "probes": len(trace.objects), "value_size": stats.value_size,
               "index": {n.removeprefix("VNET_STAT_").lower(): i for n, i in index.items() if n != "VNET_STAT_MAX"},
               "hooks": sorted({h.kind for h in trace.hooks})}
-    ring = pin_dir / (RING_PREFIX + name.removeprefix(PREFIX))
+    base = RING_PREFIX + name.removeprefix(PREFIX)
+    rings = [str(pin_dir / (base if i == 0 else f"{base}_{i}")) for i in range(len(trace.rings))]
     try:
-        trace.objects[0].maps["vnet_events"].pin(ring)
-        record["ring"] = str(ring)
+        for ring, path in zip(trace.rings, rings):
+            ring.pin(path)
+        # "ring": the first, as an older vnet recovering this stream reads it
+        record.update(ring=rings[0], rings=rings)
     except Exception as e:  # noqa: BLE001 - the counters still say how much a kill would lose
-        log.warning("trace ring not pinned (%s): if this agent is killed, what it had not read dies with it "
+        unpin({"rings": rings}, ("rings",))
+        log.warning("trace rings not pinned (%s): if this agent is killed, what it had not read dies with it "
                     "(counted)", e)
     return record
 
 
-def unpin(record: dict | None, what: tuple[str, ...] = ("path", "ring")) -> None:
-    """Remove the pins `record` names: the counters ("path") and the ring ("ring")."""
+def ring_pins(record: dict | None) -> list[str]:
+    """The pinned rings `record` names, in ring order ([] if none)."""
+    record = record or {}
+    rings = record.get("rings")
+    if isinstance(rings, list) and rings and all(isinstance(r, str) for r in rings):
+        return rings
+    return [record["ring"]] if isinstance(record.get("ring"), str) else []  # an older vnet's: one ring
+
+
+def unpin(record: dict | None, what: tuple[str, ...] = ("path",) + RING_FIELDS) -> None:
+    """Remove the pins `record` names: the counters ("path") and the rings ("ring", "rings")."""
     for field in what:
-        path = record.get(field) if record else None
-        if isinstance(path, str):
+        paths = record.get(field) if record else None
+        for path in paths if isinstance(paths, list) else [paths]:
+            if not isinstance(path, str):
+                continue
             try:
                 os.unlink(path)
             except FileNotFoundError:

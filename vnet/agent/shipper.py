@@ -58,6 +58,24 @@ FULL_FLUSH_S = 5.0       # stopping, a collector that cannot write is waited for
 OPEN_FILE = "open"       # the stream's opening, beside its spooled chunks
 RING_BATCH_MAX = 65536   # recovering: records per chunk read out of a dead agent's ring
 QUEUE_FILE = "queue"     # the memory queue's file in the queue folder (vnet/agent/queuefile.py)
+# A chunk's ring_end names its ring too (a trace has one per CPU): the ring's index in the
+# bits above RING_POSITION_BITS, the position (bytes ever read from it) below. One integer,
+# as the queue file and the chunk files have always kept: ring 0's marks are plain positions.
+RING_POSITION_BITS = 56
+
+
+def ring_mark(ring: int, position: int) -> int:
+    """The ring_end of a chunk that ends at `position` of ring number `ring`."""
+    return ring << RING_POSITION_BITS | position
+
+
+def ring_unmark(mark: int) -> tuple[int, int]:
+    """(ring, position) of a ring_end."""
+    return mark >> RING_POSITION_BITS, mark & ((1 << RING_POSITION_BITS) - 1)
+
+
+class _RingUnreadable(Exception):
+    """A dead agent's ring that was opened but could not be read out."""
 
 
 _SPOOL_HEAD = struct.Struct(">I")  # a chunk's file: head length, msgpack head, records
@@ -232,9 +250,10 @@ class Shipper:
         self.clsact = clsact or []           # its clsact filters: they outlive a killed agent (recover() removes them)
         self.kernel_at_death: dict | None = None  # recovering: what they said, or
         self.kernel_unknown = ""                  # why that is not known
-        self.ring_left: tuple[str, int] | None = None  # recovering: the dead agent's pinned ring, and where
-        #                                           its last queued chunk ended (read out once connected)
-        self.from_ring = 0                       # recovering: events read out of that ring
+        # recovering: the dead agent's pinned rings, and per ring where its last queued chunk
+        # ended (read out once connected)
+        self.ring_left: tuple[list[str], dict[int, int]] | None = None
+        self.from_ring = 0                       # recovering: events read out of those rings
         self.recovering = recovering
         if not recovering:
             try:
@@ -276,7 +295,12 @@ class Shipper:
                    spool_bytes=spool_bytes, recovering=True,
                    queue_dir=queue_dir if isinstance(queue_dir, str) else None)
         found: dict[int, _Entry] = {}
-        ring_end = 0  # where the last chunk taken out of the ring ended
+        ring_ends: dict[int, int] = {}  # per ring: where the last chunk taken out of it ended
+
+        def taken(mark: int) -> None:
+            ring, position = ring_unmark(mark)
+            ring_ends[ring] = max(ring_ends.get(ring, 0), position)
+
         for path in sorted(run_dir.glob("chunk-*")):
             if path.suffix == ".tmp":  # half-written when that agent died: never resent (still in the ring)
                 path.unlink(missing_ok=True)
@@ -288,7 +312,7 @@ class Shipper:
                 log.error("%s: not a chunk (%s): left where it is", path, e)
                 continue
             if isinstance(local.get("ring_end"), int):
-                ring_end = max(ring_end, local["ring_end"])
+                taken(local["ring_end"])
             found[seq] = _Entry(seq, 0, path=path, size=path.stat().st_size)
         qpath = self.queue_dir / QUEUE_FILE if self.queue_dir is not None else None
         if qpath is not None and qpath.exists():
@@ -301,7 +325,7 @@ class Shipper:
                 slots = []
             for slot in slots:
                 if slot.ring_end is not None:
-                    ring_end = max(ring_end, slot.ring_end)
+                    taken(slot.ring_end)
                 if slot.seq not in found:  # else killed while spooling it (stopping undelivered): spooled whole
                     found[slot.seq] = _Entry(slot.seq, 0, slot=slot, size=slot.end - slot.pos,
                                              ring_end=slot.ring_end)
@@ -325,9 +349,9 @@ class Shipper:
             if self.kernel_at_death is not None:
                 log.warning("%s: the kernel counted %d events emitted, %d lost to a full ring when the agent died",
                             run_dir, self.kernel_at_death["emitted"], self.kernel_at_death["lost"])
-            ring = (self.pinned or {}).get("ring")
-            if isinstance(ring, str):
-                self.ring_left = (ring, ring_end)  # read out once the collector says where to number from
+            rings = counters.ring_pins(self.pinned)
+            if rings:
+                self.ring_left = (rings, ring_ends)  # read out once the collector says where to number from
             else:
                 self.interrupted += ": its ring was not pinned, so what it had not read is missing (counted)"
         else:
@@ -336,24 +360,47 @@ class Shipper:
         return self
 
     def _read_left_ring(self, have: int) -> None:
-        """Recovering: the records the dead agent left in its ring (pinned), from where its
-        last queued chunk ended, as new chunks numbered after everything the collector or the
-        files have; then the ring's pin goes. On a failure the pin stays (said), so the next
-        start tries again from the chunks' ring positions."""
+        """Recovering: the records the dead agent left in its rings (pinned), each from where
+        its last queued chunk of that ring ended, as new chunks numbered after everything the
+        collector or the files have; then the rings' pins go. On a failure to read the pins
+        stay (said), so the next start tries again from the chunks' ring positions."""
+        paths, ring_ends = self.ring_left
+        with self._cond:
+            self._next_seq = max(self._next_seq, have + 1)
+        skipped = 0
+        for index, path in enumerate(paths):
+            try:
+                skipped += self._read_one_left_ring(index, path, ring_ends.get(index, 0))
+            except _RingUnreadable as e:
+                log.error("%s: cannot read the dead agent's ring %s (%s): kept pinned for the next start",
+                          self.spool_dir, path, e)
+                return
+        log.warning("%s: read %d events the dead agent had left in its ring%s%s", self.spool_dir, self.from_ring,
+                    "s" if len(paths) > 1 else "", f" ({skipped} bytes it had queued already)" if skipped else "")
+        counters.unpin(self.pinned, counters.RING_FIELDS)
+        self.ring_left = None
+        # the opening no longer names the rings: a start after this one (killed before the
+        # collector recorded the interruption) finds what they held in the spool, not missing
+        self.pinned = {k: v for k, v in self.pinned.items() if k not in counters.RING_FIELDS}
+        try:
+            self._write_opening()
+        except OSError as e:
+            log.warning("cannot rewrite %s: %s", self.spool_dir / OPEN_FILE, e)
+
+    def _read_one_left_ring(self, index: int, path: str, ring_end: int) -> int:
+        """One of those rings into chunks from `ring_end` on; the bytes skipped (chunks queued
+        already). A ring that cannot be opened is said to be missing; one that cannot be read
+        raises _RingUnreadable."""
         from vnet.binding import PinnedMap
         from vnet.binding.ringbatch import RingBatchReader
 
-        path, ring_end = self.ring_left
-        with self._cond:
-            self._next_seq = max(self._next_seq, have + 1)
         try:
             ring = PinnedMap(path)
         except Exception as e:  # noqa: BLE001 - removed by hand: what was in it is unknown
             log.error("%s: the dead agent's ring %s cannot be opened (%s): what it had not read is missing",
                       self.spool_dir, path, e)
-            self.interrupted += ": what it had not read is missing (its ring could not be opened)"
-            self.ring_left = None
-            return
+            self.interrupted += f": what it had not read is missing (its ring {path} could not be opened)"
+            return 0
         try:
             reader = RingBatchReader(ring)
             try:
@@ -361,30 +408,18 @@ class Shipper:
                 while True:
                     batch = reader.peek(max_records=RING_BATCH_MAX)
                     if batch.count:
-                        self.put("events", batch.data, count=batch.count, ring_end=reader.position + batch.nbytes)
+                        self.put("events", batch.data, count=batch.count,
+                                 ring_end=ring_mark(index, reader.position + batch.nbytes))
                         self.from_ring += batch.count
                     reader.consume(batch)
                     if not batch.nbytes:
-                        break
+                        return skipped
             finally:
                 reader.close()
         except Exception as e:  # noqa: BLE001 - the chunks read so far carry their ring positions
-            log.error("%s: cannot read the dead agent's ring %s (%s): kept pinned for the next start",
-                      self.spool_dir, path, e)
-            return
+            raise _RingUnreadable(str(e)) from None
         finally:
             ring.close()
-        log.warning("%s: read %d events the dead agent had left in its ring%s", self.spool_dir, self.from_ring,
-                    f" ({skipped} bytes it had queued already)" if skipped else "")
-        counters.unpin(self.pinned, ("ring",))
-        self.ring_left = None
-        # the opening no longer names the ring: a start after this one (killed before the
-        # collector recorded the interruption) finds what it held in the spool, not missing
-        self.pinned = {k: v for k, v in self.pinned.items() if k != "ring"}
-        try:
-            self._write_opening()
-        except OSError as e:
-            log.warning("cannot rewrite %s: %s", self.spool_dir / OPEN_FILE, e)
 
     @property
     def done(self) -> bool:

@@ -16,7 +16,8 @@ from vnet.trace import Trace
 from vnet.trace.filters import PacketFilter
 from vnet.trace.selection import select
 from vnet.trace.records import format_json, format_text
-from vnet.trace.session import DEFAULT_RING_BYTES, DEFAULT_WAKEUP_EVERY, SNAP_MAX, check_snaplen
+from vnet.trace.session import (DEFAULT_RING_BYTES, DEFAULT_WAKEUP_EVERY, SNAP_MAX, check_ring_size, check_snaplen,
+                                ring_count)
 
 from .common import cli_errors, setup_logging
 from .params import Argument, Option
@@ -74,7 +75,12 @@ def trace(
                                   help="Print the events of a trace file (from -w or the collector)."),
     direction: str = Option("both", "--direction", "-d", help="ingress, egress or both."),
     netns: Optional[str] = Option(None, "--netns", help="Default network namespace for -i names."),
-    ring_size: int = Option(DEFAULT_RING_BYTES, "--ring-size", help="Ring buffer bytes (power of two)."),
+    ring_size: int = Option(DEFAULT_RING_BYTES, "--ring-size", help="Ring buffer bytes (power of two), every "
+                                                                    "ring's together."),
+    rings: Optional[int] = Option(None, "--rings", metavar="N",
+                                  help="Event rings the CPUs write to, sharing --ring-size (a power of two). "
+                                       "Default: one per CPU, each at least 1 MiB, so that CPUs emitting at once "
+                                       "do not wait for one ring's lock. 1: one ring for all."),
     snaplen: int = Option(0, "--snaplen", "-s", metavar="N",
                           help=f"Copy the first N packet bytes (up to {SNAP_MAX}) into each event, as tcpdump "
                                "would capture them at that hook (for vnet export --to pcapng); 0: none."),
@@ -121,6 +127,7 @@ def trace(
     packet_filter = PacketFilter(proto, src, dst, host, sport, dport, port, min_len, max_len, sample,
                                  filter_netns, tuple(filter_iface) or None, outer or None, text)
     check_snaplen(snaplen)
+    ring_count(check_ring_size(ring_size), rings)
     if snaplen and aggregate:
         raise UsageError("--snaplen copies packet bytes into events: not with --aggregate")
     packet_filter.config()  # bad filter input fails here, before anything is resolved or loaded
@@ -148,7 +155,7 @@ def trace(
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     printed = 0
     try:
-        with Trace(plans, ring_bytes=ring_size, wakeup_every=DEFAULT_WAKEUP_EVERY, strict=strict,
+        with Trace(plans, ring_bytes=ring_size, rings=rings, wakeup_every=DEFAULT_WAKEUP_EVERY, strict=strict,
                    packet_filter=packet_filter, aggregate=aggregate, snaplen=snaplen) as t:
             for name, why in t.skipped:
                 print(f"vnet: skipping {name}: {why}", file=sys.stderr)

@@ -938,7 +938,7 @@ def header_for_trace(trace, *, host: str | None = None, trace_name: str | None =
         "skipped": [{"probe": p, "reason": r} for p, r in trace.skipped],
         "labels": labels_to_list(trace.labels),
         "filter": {k: list(v) if isinstance(v, tuple) else v for k, v in criteria.items()},
-        "ring_bytes": trace.ring_bytes, "wakeup_every": trace.wakeup_every,
+        "ring_bytes": trace.ring_bytes, "rings": len(trace.rings), "wakeup_every": trace.wakeup_every,
         "wakeup_bytes": trace.wakeup["wakeup_bytes"], "aggregate": trace.aggregate,
         "clock": {"wall_offset_ns": trace.decoder.wall_offset_ns, "mono_ns": time.monotonic_ns(),
                   "real_ns": time.time_ns()},

@@ -1,7 +1,7 @@
 """The trace spec: one TOML file saying what every host of a distributed trace
 runs, checked on the dispatcher machine and cut into per-host control packages.
 
-    [trace]                      # name, duration/count, record, interval, snaplen, ring_size, strict
+    [trace]                      # name, duration/count, record, interval, snaplen, ring_size, rings, strict
     [collector]                  # address, key
     [filter]                     # every host's filter: the `vnet trace` filters and a tcpdump expression
     [[host]]                     # name, agent, interfaces, probes, direction, pids, min_runq, hypervisor
@@ -37,7 +37,7 @@ from vnet.probes import catalog
 from vnet.probes.device import DIRECTIONS
 from vnet.protocol import MAX_CONTROL_BYTES, parse_address
 from vnet.trace.filters import PacketFilter, parse_sample
-from vnet.trace.session import DEFAULT_RING_BYTES, SNAP_MAX, check_ring_size
+from vnet.trace.session import DEFAULT_RING_BYTES, SNAP_MAX, check_ring_size, ring_count
 
 from .tomlpos import KeyPath, Locator
 
@@ -45,7 +45,7 @@ PACKAGE_VERSION = 1
 RECORD_MODES = ("events", "aggregate", "both")
 
 TOP_KEYS = ("trace", "collector", "filter", "host")
-TRACE_KEYS = ("name", "duration", "count", "record", "interval", "snaplen", "ring_size", "strict")
+TRACE_KEYS = ("name", "duration", "count", "record", "interval", "snaplen", "ring_size", "rings", "strict")
 COLLECTOR_KEYS = ("address", "key")
 HOST_KEYS = ("name", "agent", "interfaces", "probes", "direction", "pids", "min_runq", "hypervisor", "filter")
 # Spec key -> PacketFilter field. The keys are `vnet trace`'s filter options.
@@ -108,6 +108,7 @@ class Spec:
     interval_s: float | None         # aggregate numbers reported this often (None: at the end)
     snaplen: int                     # packet bytes kept per event (0: none, headers are decoded)
     ring_bytes: int
+    rings: int | None                # event rings the CPUs write to (None: the agent's default, one per CPU)
     strict: bool                     # a probe a host cannot run fails the trace instead of being skipped
     collector: Collector
     hosts: tuple[HostSpec, ...]
@@ -119,7 +120,7 @@ class Spec:
                 "probes": list(host.run_probes), "pids": list(host.pids), "min_runq_ns": host.min_runq_ns,
                 "filter": filter_fields(host.filter), "record": self.record, "duration_s": self.duration_s,
                 "count": self.count, "interval_s": self.interval_s, "snaplen": self.snaplen,
-                "ring_bytes": self.ring_bytes, "strict": self.strict, "hypervisor": host.hypervisor,
+                "ring_bytes": self.ring_bytes, "rings": self.rings, "strict": self.strict, "hypervisor": host.hypervisor,
                 "collector": {"address": self.collector.address}}
 
     def control_packages(self) -> dict[str, dict[str, Any]]:
@@ -372,6 +373,12 @@ class _Checker:
                                                "512KiB or bytes as a number)")
             except UsageError as e:
                 self.fail(at + ("ring_size",), e.message)
+        rings = self.get(trace, at, "rings", int, default=None)
+        if rings is not None:
+            try:
+                ring_count(ring_bytes, rings)
+            except UsageError as e:
+                self.fail(at + ("rings",), e.message)
         strict = self.get(trace, at, "strict", bool, default=False)
 
         collector = self.collector(self.get(doc, (), "collector", dict,
@@ -392,7 +399,7 @@ class _Checker:
             if h.hypervisor is not None and (h.hypervisor not in names or h.hypervisor == h.name):
                 self.fail(("host", i, "hypervisor"), f"{h.hypervisor!r} is not another host of this spec "
                           f"(the host whose threads run this guest: {', '.join(sorted(names - {h.name})) or 'none'})")
-        spec = Spec(self.source, name, record, duration_s, count, interval_s, snaplen, ring_bytes, strict,
+        spec = Spec(self.source, name, record, duration_s, count, interval_s, snaplen, ring_bytes, rings, strict,
                     collector, tuple(checked))
         for i, host in enumerate(spec.hosts):
             size = len(msgpack.packb(spec.control_package(host)))

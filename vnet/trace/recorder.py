@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from vnet.binding.ringbatch import DISCARD_BIT, HDR_SIZE, LEN_MASK, RingBatchReader
+from vnet.binding.ringbatch import DISCARD_BIT, HDR_SIZE, LEN_MASK
 
 from .session import Trace
 
@@ -95,7 +95,7 @@ def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int |
 
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
-    reader = RingBatchReader(trace.objects[0].maps["vnet_events"])
+    group = trace.batch_reader()
     out = Recorded(path=str(path))
     with TraceFileWriter(path, header_for_trace(trace, trace_name=trace_name or path.stem),
                          direct=direct_io) as writer:
@@ -106,27 +106,32 @@ def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int |
         peeked = 0.0  # when the last batch was taken: what is pending since came after (the first at once)
 
         def take(everything: bool = False) -> bool:
+            """A batch from each ring (every ring's each round: their chunks in the file stay
+            within a round's time of each other); `everything`: until every ring is empty.
+            True when `count` events are in."""
             nonlocal peeked
+            peeked = time.monotonic()
             while True:
-                peeked = time.monotonic()
-                batch = reader.peek(max_records=BATCH_RECORDS)  # written from the ring itself, not copied
-                if not batch.count:
-                    reader.consume(batch)  # discarded records only, if anything
-                    if batch.nbytes:
-                        continue  # it stopped at the ring's end: more may follow from its start
-                    return False
-                data, n = batch.data, batch.count
-                if count is not None and out.events + n >= count:
-                    n = count - out.events
-                    data = cut(data, n)
-                writer.write("events", seq=out.chunks, count=n, records=data)
-                del data
-                reader.consume(batch)
-                out.events += n
-                out.chunks += 1
-                if count is not None and out.events >= count:
-                    return True
-                if not everything:
+                wrote = False
+                for reader in group.readers:
+                    batch = reader.peek(max_records=BATCH_RECORDS)  # written from the ring itself, not copied
+                    if not batch.count:
+                        reader.consume(batch)  # discarded records only, if anything
+                        wrote |= batch.nbytes > 0  # it stopped at the ring's end: more may follow from its start
+                        continue
+                    data, n = batch.data, batch.count
+                    if count is not None and out.events + n >= count:
+                        n = count - out.events
+                        data = cut(data, n)
+                    writer.write("events", seq=out.chunks, count=n, records=data)
+                    del data
+                    reader.consume(batch)
+                    out.events += n
+                    out.chunks += 1
+                    wrote = True
+                    if count is not None and out.events >= count:
+                        return True
+                if not (everything and wrote):
                     return False  # the loop below: the ending, the idle CPU, and whether to let more gather
 
         noted = 0
@@ -146,8 +151,8 @@ def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int |
                 elif not want and cpus < GATHER_BELOW_IDLE:
                     want = gather_bytes
                     log.debug("%.2f CPUs idle: letting events gather between writes", cpus)
-            if not reader.wait(DRAIN_POLL_MS) or reader.hold(want, time.monotonic() - peeked,
-                                                              GATHER_DELAY_MS, DRAIN_POLL_MS):
+            if not group.wait(DRAIN_POLL_MS) or group.hold(want, time.monotonic() - peeked,
+                                                            GATHER_DELAY_MS, DRAIN_POLL_MS):
                 continue
             if take():
                 break

@@ -1,15 +1,18 @@
 """A trace: load one object instance per probe, attach it, stream decoded
-events from one shared ring buffer, and account for every loss.
+events from its ring buffers, and account for every loss.
 
-Every instance shares the first one's ring and counters (bpf_map__reuse_fd);
+Every instance shares the first one's rings and counters (bpf_map__reuse_fd);
 its read-only config carries the probe_id that names it in each event, so
 events say where they were taken even where ifindexes repeat across netns.
+Each CPU writes to one of the rings (vnet_rings: one per CPU where the memory
+allows), so that CPUs emitting at once do not wait for one ring's lock.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -18,6 +21,7 @@ from vnet.analysis.histogram import Log2Histogram
 from vnet.binding import BpfObject, Link, RingBuffer
 from vnet.binding.btf import ENUM, STRUCT
 from vnet.binding.object import possible_cpus
+from vnet.binding.ringbatch import BPF_MAP_TYPE_RINGBUF
 from vnet.errors import (FD_LIMIT_HINT, BpfError, ProbeUnavailableError, ResourceError, UnsupportedError, UsageError,
                          VerifierError, VnetError)
 from vnet.objects import object_path
@@ -33,7 +37,11 @@ log = logging.getLogger("vnet.trace")
 DEFAULT_RING_BYTES = 8 << 20
 DEFAULT_WAKEUP_EVERY = 64       # a wakeup check every this many events per CPU and probe (vnet_wakeup_flags)
 DEFAULT_WAKEUP_FILL = 4         # ... forcing a wakeup as the unread data crosses 1/this of the ring
-SHARED_MAPS = ("vnet_events", "vnet_stats", "vnet_agg_points", "vnet_agg_last", "vnet_agg_hist")
+SHARED_MAPS = ("vnet_events", "vnet_rings", "vnet_stats", "vnet_agg_points", "vnet_agg_last", "vnet_agg_hist")
+# The ring's bytes are split among up to one ring per CPU, each at least MIN_RING_BYTES (a burst on
+# one CPU has only its own ring), a power of two of them so that each is a power of two in size.
+MIN_RING_BYTES = 1 << 20
+MAX_RINGS = 64
 MAX_PROBES = 128  # enum vnet_limit's VNET_MAX_PROBES; tests/unit check they agree
 SNAP_MAX = 256    # enum vnet_snap's VNET_SNAP_MAX: packet bytes an event can carry; tests/unit check they agree
 # Objects whose kernel-hook packet parser can read from one copy (bpf/src/vnet_packet.bpf.h: parse_cfg).
@@ -118,6 +126,22 @@ def check_ring_size(n: int) -> int:
     return n
 
 
+def ring_count(ring_bytes: int, rings: int | None = None, cpus: int | None = None) -> int:
+    """How many rings share `ring_bytes`: `rings` as asked (checked), or by default one per
+    online CPU (`cpus`), as many as leave each MIN_RING_BYTES, a power of two, at most MAX_RINGS."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    if rings is not None:
+        if rings < 1 or rings & (rings - 1) or rings > MAX_RINGS:
+            raise UsageError(f"rings: a power of two from 1 to {MAX_RINGS}, got {rings}")
+        if ring_bytes // rings < page:
+            raise UsageError(f"{rings} rings in {ring_bytes} bytes: each would be less than a page ({page} bytes); "
+                             "give a larger --ring-size or fewer rings")
+        return rings
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    most = max(1, min(cpus, ring_bytes // MIN_RING_BYTES, MAX_RINGS))
+    return 1 << (most.bit_length() - 1)
+
+
 def device_plan(dev: Device, directions=DIRECTIONS) -> Plan:
     """TC ingress/egress of one interface (tcx link, else clsact filter)."""
 
@@ -144,15 +168,18 @@ class Trace:
                  wakeup_every: int = DEFAULT_WAKEUP_EVERY, wakeup_bytes: int | None = None, strict: bool = True,
                  packet_filter: PacketFilter | None = None, aggregate: bool = False,
                  aggregate_and_events: bool = False, snaplen: int = 0, parse_copy: bool | None = None,
-                 parse_direct: bool | None = None):
+                 parse_direct: bool | None = None, rings: int | None = None):
         if not plans:
             raise UsageError("nothing to trace (give -i IFACE or -p PROBE)")
         if len(plans) > MAX_PROBES:
             raise UsageError(f"{len(plans)} probes in one trace: at most {MAX_PROBES} (enum vnet_limit)")
         self.plans = plans
-        self.ring_bytes = check_ring_size(ring_bytes)
-        self.wakeup = wakeup_config(self.ring_bytes, wakeup_every, wakeup_bytes)
+        self.ring_bytes = check_ring_size(ring_bytes)  # every ring's together
+        self.ring_count = ring_count(self.ring_bytes, rings)  # fewer if the objects cannot have more (start)
+        self.rings: list = []  # the ring maps, once started: vnet_events, then the others
+        self.wakeup = wakeup_config(self.ring_bytes // self.ring_count, wakeup_every, wakeup_bytes)
         self.wakeup_every = wakeup_every
+        self._wakeup_bytes = wakeup_bytes
         self.snaplen = check_snaplen(snaplen)  # packet bytes after each packet event (0: the event alone)
         # Kernel hooks parse from one copy of the packet's first bytes where this kernel's
         # verifier can afford it (features "parse_copy"); None: ask the probe, on first use.
@@ -211,6 +238,8 @@ class Trace:
             self.labels = labels
             self.decoder = self._decoder(labels)
             log.info("attached %d hooks: %s", len(self.hooks), ", ".join(f"{h.probe} ({h.kind})" for h in self.hooks))
+            log.info("%d event ring%s of %d KiB (CPU i writes to ring i mod %d)", len(self.rings),
+                     "s" if len(self.rings) > 1 else "", self.ring_bytes // len(self.rings) >> 10, len(self.rings))
         except BaseException:
             self.close()
             raise
@@ -312,10 +341,20 @@ class Trace:
                 # objects of an older vnet (benchmarks compare them) have no `direct`: they copy
                 obj.set_config("parse_cfg", {k: v for k, v in way.items() if k in obj.config_fields("parse_cfg")})
             if self.objects:
+                first = self.objects[0].maps
                 for name in SHARED_MAPS:
-                    obj.maps[name].share(self.objects[0].maps[name])
+                    if name in obj.maps and name in first:  # (an older vnet's object has no vnet_rings)
+                        obj.maps[name].share(first[name])
             else:
-                obj.maps["vnet_events"].max_entries = self.ring_bytes
+                if "vnet_rings" not in obj.maps and self.ring_count > 1:
+                    log.debug("%s has no vnet_rings (an older build): one ring", obj.path.name)
+                    self.ring_count = 1
+                    self.wakeup = wakeup_config(self.ring_bytes, self.wakeup_every, self._wakeup_bytes)
+                    config.update(self.wakeup)
+                    obj.set_config(plan.config_var, config)
+                obj.maps["vnet_events"].max_entries = self.ring_bytes // self.ring_count
+                if self.ring_count > 1:
+                    obj.maps["vnet_rings"].max_entries = possible_cpus()
                 if not self.aggregate:
                     for name, n in AGG_MAPS_WHEN_OFF.items():
                         obj.maps[name].max_entries = n
@@ -323,12 +362,27 @@ class Trace:
             if plan.prepare:
                 plan.prepare(obj)
             obj.load()
+            if not self.objects:
+                self.rings = self._make_rings(obj)
             hooks = plan.attach(obj)
         except BaseException:
             obj.close()
             raise
         self.objects.append(obj)
         return obj, hooks
+
+    def _make_rings(self, obj: BpfObject) -> list:
+        """The first object's vnet_events and the other rings, each CPU given one in vnet_rings
+        (CPU i the ring i mod their number), before any program is attached."""
+        rings = [obj.maps["vnet_events"]]
+        size = self.ring_bytes // self.ring_count
+        for i in range(1, self.ring_count):
+            rings.append(obj.create_map(BPF_MAP_TYPE_RINGBUF, f"vnet_events_{i}", size))
+        if len(rings) > 1:
+            slots = obj.maps["vnet_rings"]
+            for cpu in range(possible_cpus()):
+                slots.update(cpu.to_bytes(4, "little"), rings[cpu % len(rings)].fd.to_bytes(4, "little"))
+        return rings
 
     def _expression_code(self, plan: Plan, obj: BpfObject) -> dict[str, bytes]:
         """The tcpdump expression as the bodies of the vnet_pcap_* stubs: at TC
@@ -361,25 +415,39 @@ class Trace:
 
     @property
     def ring(self) -> RingBuffer:
-        """libbpf's reader of the event ring (poll, drain), made on first use: `vnet trace -w`
-        and the agent read batches instead (RingBatchReader), and every reader maps the whole
-        ring, twice over (16 MiB more resident memory for the default ring)."""
+        """libbpf's reader of the event rings (poll, drain), made on first use: `vnet trace -w`
+        and the agent read batches instead (batch_reader()), and every reader maps the whole
+        of each ring, twice over (16 MiB more resident memory for the default rings)."""
         if self._ring is None:
             if not self.objects:
                 raise UsageError("the trace is not started")
-            self._ring = RingBuffer(self.objects[0].maps["vnet_events"])
+            self._ring = RingBuffer(*self.rings)
         return self._ring
+
+    def batch_reader(self):
+        """A reader of batches from every ring (RingGroupReader): bytes, no Python per event."""
+        from vnet.binding.ringbatch import RingGroupReader
+
+        if not self.objects:
+            raise UsageError("the trace is not started")
+        return RingGroupReader(self.rings)
 
     @property
     def hook_kinds(self) -> set[str]:
         return {h.kind for h in self.hooks}
 
     def poll(self, timeout_ms: int = 100) -> list[dict]:
-        """Wait up to timeout_ms, return every event that has arrived, decoded."""
+        """Wait up to timeout_ms, return every event that has arrived, decoded, in time order."""
         raw = self.ring.poll(timeout_ms)
         self.received += len(raw)
         decode = self.decoder.decode
-        return [decode(r) for r in raw]
+        return self._in_order([decode(r) for r in raw])
+
+    def _in_order(self, events: list[dict]) -> list[dict]:
+        """One ring's records come in the order they were written, several rings' one after another."""
+        if len(self.rings) > 1:
+            events.sort(key=lambda e: e["ts_ns"])
+        return events
 
     def poll_until(self, until: Callable[[list[dict]], bool], timeout: float) -> list[dict]:
         """Poll until `until(events so far)` holds or `timeout` s pass; then drain."""
@@ -394,7 +462,7 @@ class Trace:
     def drain(self) -> list[dict]:
         raw = self.ring.drain()
         self.received += len(raw)
-        return [self.decoder.decode(r) for r in raw]
+        return self._in_order([self.decoder.decode(r) for r in raw])
 
     def per_cpu_counters(self) -> dict[int, dict[str, list[int]]]:
         """Kernel counters per probe_id, per CPU (names from enum vnet_stat: seen, emitted, lost, filtered)."""
@@ -415,9 +483,9 @@ class Trace:
 
     def gather_bytes(self, most: int) -> int:
         """What a pacing reader lets gather in the ring before it reads (RingBatchReader.hold):
-        at most `most` and an eighth of the ring, and never past the programs' forced-wakeup
+        at most `most` and an eighth of a ring, and never past the programs' forced-wakeup
         mark, so that wakeup always finds it there (0 where they force one at every check)."""
-        return min(most, self.ring_bytes // 8, self.wakeup["wakeup_bytes"])
+        return min(most, self.ring_bytes // self.ring_count // 8, self.wakeup["wakeup_bytes"])
 
     def stats(self) -> TraceStats:
         """The kernel's counters, every probe and CPU summed."""
@@ -506,6 +574,7 @@ class Trace:
         for obj in reversed(self.objects):  # the first owns the ring reader: close it last
             obj.close()
         self._ring = None
+        self.rings = []
         if self._btf_file is not None:
             self._btf_file.close()
             self._btf_file = None

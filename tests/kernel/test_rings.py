@@ -1,0 +1,115 @@
+"""One event ring per CPU (vnet_rings, bpf/src/vnet_common.bpf.h): each CPU's programs write
+to the ring user space gave that CPU, every reader reads them all, and nothing is lost
+or out of order on the way. Packets are sent from threads pinned to one CPU each: a
+veth's egress hook runs on the sender's CPU, so which ring an event is in is known.
+
+Needs root and two CPUs (tests/kernel/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from kernel_support import on_cpu, veth_pair
+
+from vnet.binding.ringbatch import RingBatchReader, records
+from vnet.collector.tracefile import TraceFileReader, decode_events
+from vnet.probes.device import resolve
+from vnet.trace import DeviceTrace
+from vnet.trace.filters import PacketFilter
+from vnet.trace.recorder import record
+
+pytestmark = [pytest.mark.kernel,
+              pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to run on")]
+
+PORT = 5077
+ONLY_OURS = PacketFilter(proto="udp", dport=PORT)  # the veth's own IPv6 chatter stays out
+CPUS = sorted(os.sched_getaffinity(0))[:2]
+
+
+@pytest.fixture(scope="module")
+def net():
+    with veth_pair(94) as pair:
+        yield pair
+
+
+def send_from(net, cpu: int, count: int, sport: int = 4000) -> None:
+    from vnet.topology import send_udp
+
+    with on_cpu(cpu):
+        send_udp(net.ns1, net.ip2, PORT, count=count, sport=sport)
+
+
+def egress(net, **kw) -> DeviceTrace:
+    return DeviceTrace([resolve(net.spec1)], directions=("egress",), packet_filter=ONLY_OURS, **kw)
+
+
+@pytest.mark.parametrize("snaplen", [0, 64], ids=["event", "event+bytes"])
+def test_each_cpu_writes_its_events_to_its_own_ring(net, snaplen):
+    """Two rings sharing the 8 MiB: CPU i's events in ring i, all of them, none lost.
+    With --snaplen the event and the packet's bytes are one reservation (vnet_emit_snap)."""
+    with egress(net, rings=2, snaplen=snaplen) as trace:
+        assert len(trace.rings) == 2
+        assert [r.max_entries for r in trace.rings] == [4 << 20, 4 << 20]
+        sent = dict(zip(CPUS, (40, 60)))
+        for cpu, n in sent.items():
+            send_from(net, cpu, n)
+        got = [[trace.decoder.decode(r) for r in records(RingBatchReader(ring).read().data)] for ring in trace.rings]
+        st = trace.stats()
+    by_ring = {i: sorted({e["cpu"] for e in events}) for i, events in enumerate(got)}
+    assert by_ring == {CPUS[0] % 2: [CPUS[0]], CPUS[1] % 2: [CPUS[1]]}, by_ring
+    assert sorted(len(events) for events in got) == [40, 60]
+    assert (st.emitted, st.lost) == (100, 0)
+    if snaplen:
+        assert all(len(e["packet"]) == 2 * e["len"] for events in got for e in events)  # whole: < 64 bytes
+
+
+def test_one_ring_when_asked_holds_every_cpus_events(net):
+    """--rings 1: the one ring of the whole size; no CPU has a ring of its own (an empty
+    vnet_rings slot means vnet_events)."""
+    with egress(net, rings=1) as trace:
+        assert len(trace.rings) == 1 and trace.rings[0].max_entries == 8 << 20
+        assert trace.objects[0].maps["vnet_rings"].max_entries == 1
+        for cpu in CPUS:
+            send_from(net, cpu, 25)
+        events = [trace.decoder.decode(r) for r in records(RingBatchReader(trace.rings[0]).read().data)]
+    assert sorted({e["cpu"] for e in events}) == CPUS and len(events) == 50
+
+
+def test_by_default_each_cpu_has_a_ring_of_at_least_a_mebibyte(net):
+    with egress(net) as trace:
+        n = len(trace.rings)
+        assert n == min(1 << (len(os.sched_getaffinity(0)).bit_length() - 1), 8)
+        assert all(r.max_entries == (8 << 20) // n for r in trace.rings)
+    with egress(net, ring_bytes=1 << 20) as trace:
+        assert len(trace.rings) == 1
+
+
+def test_the_printer_gives_both_rings_events_in_time_order(net):
+    """The live printer's reader (libbpf, every ring) returns each ring's records after the
+    other's; Trace.poll puts them back in time order. Packets sent one at a time, from the
+    two CPUs in turn, each with its own source port: the order of the ports is the order
+    they were sent in."""
+    with egress(net, rings=2) as trace:
+        for i in range(20):
+            send_from(net, CPUS[i % 2], 1, sport=6000 + i)
+        events = trace.poll(100) + trace.drain()
+    assert [e["sport"] for e in events] == list(range(6000, 6020))
+    assert {e["cpu"] for e in events} == set(CPUS)
+
+
+def test_the_recorder_writes_every_rings_events(net, tmp_path):
+    """`vnet trace -w`: a chunk per ring with events each round, all of them in the file."""
+    path = tmp_path / "rings.vnt"
+    with egress(net, rings=2) as trace:
+        for cpu in CPUS:
+            send_from(net, cpu, 30)
+        rounds = iter((False,))
+        out = record(trace, path, ending=lambda: next(rounds, True), count=None)
+        st = trace.stats()
+    assert out.events == st.emitted == 60 and st.lost == 0
+    chunks = list(TraceFileReader(path).chunks(["events"]))
+    assert len(chunks) == 2  # one from each ring
+    reader = TraceFileReader(path)
+    events = [e for c in reader.chunks(["events"]) for e in decode_events(reader.header, c["records"])]
+    assert sorted({e["cpu"] for e in events}) == CPUS and len(events) == 60
