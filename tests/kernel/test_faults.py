@@ -703,7 +703,7 @@ def test_agent_sigkilled_while_events_flow_every_event_is_in_the_files_or_counte
 [trace]
 name = "killed.flowing"
 duration = 600
-ring_size = {262144 * rings}
+ring_size = 262144
 rings = {rings}
 
 [collector]

@@ -18,6 +18,7 @@ from vnet.probes.device import resolve
 from vnet.trace import DeviceTrace
 from vnet.trace.filters import PacketFilter
 from vnet.trace.recorder import record
+from vnet.trace.session import DEFAULT_RINGS
 
 pytestmark = [pytest.mark.kernel,
               pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to run on")]
@@ -46,11 +47,11 @@ def egress(net, **kw) -> DeviceTrace:
 
 @pytest.mark.parametrize("snaplen", [0, 64], ids=["event", "event+bytes"])
 def test_each_cpu_writes_its_events_to_its_own_ring(net, snaplen):
-    """Two rings sharing the 8 MiB: CPU i's events in ring i, all of them, none lost.
+    """Two rings of 8 MiB each: CPU i's events in ring i, all of them, none lost.
     With --snaplen the event and the packet's bytes are one reservation (vnet_emit_snap)."""
     with egress(net, rings=2, snaplen=snaplen) as trace:
         assert len(trace.rings) == 2
-        assert [r.max_entries for r in trace.rings] == [4 << 20, 4 << 20]
+        assert [r.max_entries for r in trace.rings] == [8 << 20, 8 << 20]
         sent = dict(zip(CPUS, (40, 60)))
         for cpu, n in sent.items():
             send_from(net, cpu, n)
@@ -65,8 +66,8 @@ def test_each_cpu_writes_its_events_to_its_own_ring(net, snaplen):
 
 
 def test_one_ring_when_asked_holds_every_cpus_events(net):
-    """--rings 1: the one ring of the whole size; no CPU has a ring of its own (an empty
-    vnet_rings slot means vnet_events)."""
+    """--rings 1: one ring for all; no CPU has a ring of its own (an empty vnet_rings slot
+    means vnet_events)."""
     with egress(net, rings=1) as trace:
         assert len(trace.rings) == 1 and trace.rings[0].max_entries == 8 << 20
         assert trace.objects[0].maps["vnet_rings"].max_entries == 1
@@ -76,13 +77,10 @@ def test_one_ring_when_asked_holds_every_cpus_events(net):
     assert sorted({e["cpu"] for e in events}) == CPUS and len(events) == 50
 
 
-def test_by_default_each_cpu_has_a_ring_of_at_least_a_mebibyte(net):
-    with egress(net) as trace:
-        n = len(trace.rings)
-        assert n == min(1 << (len(os.sched_getaffinity(0)).bit_length() - 1), 8)
-        assert all(r.max_entries == (8 << 20) // n for r in trace.rings)
+def test_by_default_each_cpu_has_a_ring_of_the_ring_size(net):
     with egress(net, ring_bytes=1 << 20) as trace:
-        assert len(trace.rings) == 1
+        assert len(trace.rings) == min(os.cpu_count(), DEFAULT_RINGS)
+        assert all(r.max_entries == 1 << 20 for r in trace.rings)
 
 
 def test_the_printer_gives_both_rings_events_in_time_order(net):

@@ -169,15 +169,14 @@ ring_size = "3MiB"  # <-
 [trace]
 ring_size = "8 mb"  # <-
 """, "trace.ring_size", "not a size"),
-    ("rings not a power of two", """
+    ("no rings", """
 [trace]
-rings = 3  # <-
-""", "trace.rings", "a power of two from 1 to 64"),
-    ("rings past the ring size", """
+rings = 0  # <-
+""", "trace.rings", "1 to 64, got 0"),
+    ("too many rings", """
 [trace]
-ring_size = 8192
-rings = 4  # <-
-""", "trace.rings", "less than a page"),
+rings = 65  # <-
+""", "trace.rings", "1 to 64, got 65"),
     ("rings not a number", """
 [trace]
 rings = "per-cpu"  # <-

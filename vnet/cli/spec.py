@@ -42,9 +42,9 @@ def describe(spec: Spec) -> list[str]:
     lines = [f"{spec.source}: trace {spec.name!r} on {hosts} host{'s' if hosts != 1 else ''}",
              *_rows([("record", _record(spec)),
                      ("stops", _stop(spec)),
-                     ("ring", f"{_bytes(spec.ring_bytes)} per host"
-                              f" ({spec.rings if spec.rings else 'one per CPU, each at least 1 MiB'}"
-                              f"{' ring' if spec.rings == 1 else ' rings'}), snaplen {spec.snaplen}"
+                     ("ring", f"{_bytes(spec.ring_bytes)} per ring, "
+                              f"{spec.rings or 'one per CPU (at most 4)'}{' ring' if spec.rings == 1 else ' rings'}"
+                              f" per host, snaplen {spec.snaplen}"
                               f"{' (no packet bytes kept)' if spec.snaplen == 0 else ''}"),
                      ("strict", "yes: a probe a host cannot run fails the trace" if spec.strict
                       else "no: a probe a host cannot run is skipped (and reported)"),

@@ -75,12 +75,11 @@ def trace(
                                   help="Print the events of a trace file (from -w or the collector)."),
     direction: str = Option("both", "--direction", "-d", help="ingress, egress or both."),
     netns: Optional[str] = Option(None, "--netns", help="Default network namespace for -i names."),
-    ring_size: int = Option(DEFAULT_RING_BYTES, "--ring-size", help="Ring buffer bytes (power of two), every "
-                                                                    "ring's together."),
+    ring_size: int = Option(DEFAULT_RING_BYTES, "--ring-size", help="Bytes of each event ring (power of two)."),
     rings: Optional[int] = Option(None, "--rings", metavar="N",
-                                  help="Event rings the CPUs write to, sharing --ring-size (a power of two). "
-                                       "Default: one per CPU, each at least 1 MiB, so that CPUs emitting at once "
-                                       "do not wait for one ring's lock. 1: one ring for all."),
+                                  help="Event rings the CPUs write to (CPU i to ring i mod N), each of --ring-size "
+                                       "bytes. Default: one per CPU, at most 4, so that CPUs emitting at once do "
+                                       "not wait for one ring's lock. 1: one ring for all."),
     snaplen: int = Option(0, "--snaplen", "-s", metavar="N",
                           help=f"Copy the first N packet bytes (up to {SNAP_MAX}) into each event, as tcpdump "
                                "would capture them at that hook (for vnet export --to pcapng); 0: none."),
@@ -127,7 +126,8 @@ def trace(
     packet_filter = PacketFilter(proto, src, dst, host, sport, dport, port, min_len, max_len, sample,
                                  filter_netns, tuple(filter_iface) or None, outer or None, text)
     check_snaplen(snaplen)
-    ring_count(check_ring_size(ring_size), rings)
+    check_ring_size(ring_size)
+    ring_count(rings)
     if snaplen and aggregate:
         raise UsageError("--snaplen copies packet bytes into events: not with --aggregate")
     packet_filter.config()  # bad filter input fails here, before anything is resolved or loaded

@@ -376,7 +376,7 @@ class _Checker:
         rings = self.get(trace, at, "rings", int, default=None)
         if rings is not None:
             try:
-                ring_count(ring_bytes, rings)
+                ring_count(rings)
             except UsageError as e:
                 self.fail(at + ("rings",), e.message)
         strict = self.get(trace, at, "strict", bool, default=False)

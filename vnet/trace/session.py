@@ -4,8 +4,8 @@ events from its ring buffers, and account for every loss.
 Every instance shares the first one's rings and counters (bpf_map__reuse_fd);
 its read-only config carries the probe_id that names it in each event, so
 events say where they were taken even where ifindexes repeat across netns.
-Each CPU writes to one of the rings (vnet_rings: one per CPU where the memory
-allows), so that CPUs emitting at once do not wait for one ring's lock.
+Each CPU writes to one of the rings (vnet_rings: one per CPU, up to DEFAULT_RINGS
+by default), so that CPUs emitting at once do not wait for one ring's lock.
 """
 
 from __future__ import annotations
@@ -38,9 +38,13 @@ DEFAULT_RING_BYTES = 8 << 20
 DEFAULT_WAKEUP_EVERY = 64       # a wakeup check every this many events per CPU and probe (vnet_wakeup_flags)
 DEFAULT_WAKEUP_FILL = 4         # ... forcing a wakeup as the unread data crosses 1/this of the ring
 SHARED_MAPS = ("vnet_events", "vnet_rings", "vnet_stats", "vnet_agg_points", "vnet_agg_last", "vnet_agg_hist")
-# The ring's bytes are split among up to one ring per CPU, each at least MIN_RING_BYTES (a burst on
-# one CPU has only its own ring), a power of two of them so that each is a power of two in size.
-MIN_RING_BYTES = 1 << 20
+# Rings of ring_bytes each (as perf's buffers are per CPU): by default one per online CPU, at most
+# DEFAULT_RINGS of them (more CPUs share: CPU i writes to ring i mod their number), so that the
+# default takes at most DEFAULT_RINGS times the ring's memory on a large host. A ring per CPU
+# holds what one CPU emits: a flood on one CPU (every hook of a veth path runs on the sender's)
+# has the whole of its ring, as it had the single ring's (splitting one ring's bytes among the
+# CPUs lost events there: docs/benchmarks.md).
+DEFAULT_RINGS = 4
 MAX_RINGS = 64
 MAX_PROBES = 128  # enum vnet_limit's VNET_MAX_PROBES; tests/unit check they agree
 SNAP_MAX = 256    # enum vnet_snap's VNET_SNAP_MAX: packet bytes an event can carry; tests/unit check they agree
@@ -126,20 +130,15 @@ def check_ring_size(n: int) -> int:
     return n
 
 
-def ring_count(ring_bytes: int, rings: int | None = None, cpus: int | None = None) -> int:
-    """How many rings share `ring_bytes`: `rings` as asked (checked), or by default one per
-    online CPU (`cpus`), as many as leave each MIN_RING_BYTES, a power of two, at most MAX_RINGS."""
-    page = os.sysconf("SC_PAGE_SIZE")
+def ring_count(rings: int | None = None, cpus: int | None = None) -> int:
+    """How many rings: `rings` as asked (checked), or by default one per online CPU (`cpus`),
+    at most DEFAULT_RINGS."""
     if rings is not None:
-        if rings < 1 or rings & (rings - 1) or rings > MAX_RINGS:
-            raise UsageError(f"rings: a power of two from 1 to {MAX_RINGS}, got {rings}")
-        if ring_bytes // rings < page:
-            raise UsageError(f"{rings} rings in {ring_bytes} bytes: each would be less than a page ({page} bytes); "
-                             "give a larger --ring-size or fewer rings")
+        if not 1 <= rings <= MAX_RINGS:
+            raise UsageError(f"rings: 1 to {MAX_RINGS}, got {rings}")
         return rings
     cpus = (os.cpu_count() or 1) if cpus is None else cpus
-    most = max(1, min(cpus, ring_bytes // MIN_RING_BYTES, MAX_RINGS))
-    return 1 << (most.bit_length() - 1)
+    return max(1, min(cpus, DEFAULT_RINGS))
 
 
 def device_plan(dev: Device, directions=DIRECTIONS) -> Plan:
@@ -174,12 +173,11 @@ class Trace:
         if len(plans) > MAX_PROBES:
             raise UsageError(f"{len(plans)} probes in one trace: at most {MAX_PROBES} (enum vnet_limit)")
         self.plans = plans
-        self.ring_bytes = check_ring_size(ring_bytes)  # every ring's together
-        self.ring_count = ring_count(self.ring_bytes, rings)  # fewer if the objects cannot have more (start)
+        self.ring_bytes = check_ring_size(ring_bytes)  # each ring's
+        self.ring_count = ring_count(rings)  # 1 if the objects cannot have more (start)
         self.rings: list = []  # the ring maps, once started: vnet_events, then the others
-        self.wakeup = wakeup_config(self.ring_bytes // self.ring_count, wakeup_every, wakeup_bytes)
+        self.wakeup = wakeup_config(self.ring_bytes, wakeup_every, wakeup_bytes)
         self.wakeup_every = wakeup_every
-        self._wakeup_bytes = wakeup_bytes
         self.snaplen = check_snaplen(snaplen)  # packet bytes after each packet event (0: the event alone)
         # Kernel hooks parse from one copy of the packet's first bytes where this kernel's
         # verifier can afford it (features "parse_copy"); None: ask the probe, on first use.
@@ -239,7 +237,7 @@ class Trace:
             self.decoder = self._decoder(labels)
             log.info("attached %d hooks: %s", len(self.hooks), ", ".join(f"{h.probe} ({h.kind})" for h in self.hooks))
             log.info("%d event ring%s of %d KiB (CPU i writes to ring i mod %d)", len(self.rings),
-                     "s" if len(self.rings) > 1 else "", self.ring_bytes // len(self.rings) >> 10, len(self.rings))
+                     "s" if len(self.rings) > 1 else "", self.ring_bytes >> 10, len(self.rings))
         except BaseException:
             self.close()
             raise
@@ -349,10 +347,7 @@ class Trace:
                 if "vnet_rings" not in obj.maps and self.ring_count > 1:
                     log.debug("%s has no vnet_rings (an older build): one ring", obj.path.name)
                     self.ring_count = 1
-                    self.wakeup = wakeup_config(self.ring_bytes, self.wakeup_every, self._wakeup_bytes)
-                    config.update(self.wakeup)
-                    obj.set_config(plan.config_var, config)
-                obj.maps["vnet_events"].max_entries = self.ring_bytes // self.ring_count
+                obj.maps["vnet_events"].max_entries = self.ring_bytes
                 if self.ring_count > 1:
                     obj.maps["vnet_rings"].max_entries = possible_cpus()
                 if not self.aggregate:
@@ -375,9 +370,8 @@ class Trace:
         """The first object's vnet_events and the other rings, each CPU given one in vnet_rings
         (CPU i the ring i mod their number), before any program is attached."""
         rings = [obj.maps["vnet_events"]]
-        size = self.ring_bytes // self.ring_count
         for i in range(1, self.ring_count):
-            rings.append(obj.create_map(BPF_MAP_TYPE_RINGBUF, f"vnet_events_{i}", size))
+            rings.append(obj.create_map(BPF_MAP_TYPE_RINGBUF, f"vnet_events_{i}", self.ring_bytes))
         if len(rings) > 1:
             slots = obj.maps["vnet_rings"]
             for cpu in range(possible_cpus()):
@@ -485,7 +479,7 @@ class Trace:
         """What a pacing reader lets gather in the ring before it reads (RingBatchReader.hold):
         at most `most` and an eighth of a ring, and never past the programs' forced-wakeup
         mark, so that wakeup always finds it there (0 where they force one at every check)."""
-        return min(most, self.ring_bytes // self.ring_count // 8, self.wakeup["wakeup_bytes"])
+        return min(most, self.ring_bytes // 8, self.wakeup["wakeup_bytes"])
 
     def stats(self) -> TraceStats:
         """The kernel's counters, every probe and CPU summed."""
