@@ -61,3 +61,18 @@ interfaces = ["tap1"]
 def test_the_specs_rings_reach_every_agent_and_by_default_none_is_said():
     assert loads(SPEC.format(rings="rings = 2")).control_packages()["hv1"]["rings"] == 2
     assert loads(SPEC.format(rings="")).control_packages()["hv1"]["rings"] is None  # the agent's CPUs decide
+
+
+def test_export_reorders_over_a_window_per_ring_its_files_were_written_from():
+    """A fake host's files (pure logic): the widest ring count of any file, 1 for files from before
+    rings were named, a damaged value ignored."""
+    from types import SimpleNamespace
+
+    from vnet.analysis.export import HostFiles, _rings
+
+    def host(*headers):
+        return HostFiles("h", files=[SimpleNamespace(header=h) for h in headers])
+
+    assert _rings(host({"rings": 2}, {"rings": 4})) == 4
+    assert _rings(host({}, None)) == 1
+    assert _rings(host({"rings": "4"}, {"rings": 10 ** 9}, {"rings": True})) == 1

@@ -30,7 +30,10 @@ from .latency import _MULT, group_sorted, order_by_packet
 
 GAP_NS = 1_000_000_000   # longest quiet time inside one packet's path (and host disorder)
 HOP_BITS = 16            # a host's hop indexes are u16: window hop = host << 16 | hop
-SLACK_NS = 50_000_000    # how far a host's events may run out of time order (and clocks drift)
+# How far a host's events may run out of time order (and clocks drift): a reader writes a chunk
+# per ring (a ring per CPU), each holding what came since that ring's last read, at most ~100 ms
+# before (the recorder's GATHER_DELAY_MS, the agent's SHIP_DELAY_MS); 54 ms measured under a flood.
+SLACK_NS = 150_000_000
 WINDOW = 1 << 18         # events sorted together (more while many packets are still open)
 
 
