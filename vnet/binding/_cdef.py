@@ -67,6 +67,7 @@ int bpf_map_lookup_elem(int fd, const void *key, void *value);
 int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags);
 int bpf_map_delete_elem(int fd, const void *key);
 int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+int bpf_map_update_batch(int fd, const void *keys, const void *values, uint32_t *count, const void *opts);
 /* A map outside any object (the event rings after the first: one per CPU). */
 int bpf_map_create(int map_type, const char *map_name, uint32_t key_size, uint32_t value_size,
                    uint32_t max_entries, const void *opts);

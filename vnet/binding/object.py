@@ -472,6 +472,15 @@ class Map:
         if err:
             raise bpf_error("update", err, f"map {self.name}")
 
+    def update_batch(self, keys: list[bytes], values: list[bytes]) -> None:
+        """Several entries in one call (BPF_MAP_UPDATE_BATCH): a map of maps waits for an RCU grace
+        period (~8 ms here) after each update, after a batch once at most."""
+        n = ffi.new("uint32_t *", len(keys))
+        err = lib().bpf_map_update_batch(self.fd, ffi.from_buffer(b"".join(keys)), ffi.from_buffer(b"".join(values)),
+                                         n, ffi.NULL)
+        if err:
+            raise bpf_error("update", err, f"map {self.name} ({n[0]} of {len(keys)} entries updated)")
+
     def pin(self, path: str | os.PathLike) -> None:
         """Keep the map on bpffs at `path` beyond this process (read with PinnedMap, gone with unlink)."""
         _pin(self.fd, path, self.name)

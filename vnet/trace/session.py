@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -176,6 +177,8 @@ class Trace:
         self.ring_bytes = check_ring_size(ring_bytes)  # each ring's
         self.ring_count = ring_count(rings)  # 1 if the objects cannot have more (start)
         self.rings: list = []  # the ring maps, once started: vnet_events, then the others
+        self.rings_ready = threading.Event()  # each CPU writes to its own ring (before: all to the first)
+        self._ring_filler: threading.Thread | None = None
         self.wakeup = wakeup_config(self.ring_bytes, wakeup_every, wakeup_bytes)
         self.wakeup_every = wakeup_every
         self.snaplen = check_snaplen(snaplen)  # packet bytes after each packet event (0: the event alone)
@@ -238,9 +241,38 @@ class Trace:
             log.info("attached %d hooks: %s", len(self.hooks), ", ".join(f"{h.probe} ({h.kind})" for h in self.hooks))
             log.info("%d event ring%s of %d KiB (CPU i writes to ring i mod %d)", len(self.rings),
                      "s" if len(self.rings) > 1 else "", self.ring_bytes >> 10, len(self.rings))
+            self._give_cpus_their_rings()
         except BaseException:
             self.close()
             raise
+
+    def _give_cpus_their_rings(self) -> None:
+        """Each CPU's slot in vnet_rings, in a thread once everything is attached: the kernel waits
+        for an RCU grace period after a map-of-maps update (~8 ms here), which would delay the
+        first event. Until then every CPU writes to vnet_events, which every reader reads too.
+        `rings_ready` is set when done (or when it failed: said, and the CPUs stay on ring 0)."""
+        if len(self.rings) < 2:
+            self.rings_ready.set()
+            return
+        slots, fds = self.objects[0].maps["vnet_rings"], [r.fd for r in self.rings]
+        keys = [cpu.to_bytes(4, "little") for cpu in range(possible_cpus())]
+        values = [fds[cpu % len(fds)].to_bytes(4, "little") for cpu in range(len(keys))]
+
+        def fill() -> None:
+            try:
+                try:
+                    slots.update_batch(keys, values)
+                except BpfError as e:  # a kernel without batch updates of a map of maps
+                    log.debug("vnet_rings: %s; one slot at a time", e)
+                    for k, v in zip(keys, values):
+                        slots.update(k, v)
+            except Exception as e:  # noqa: BLE001 - the trace goes on, on one ring
+                log.warning("the CPUs' own rings could not be set (%s): every CPU writes to the first ring", e)
+            finally:
+                self.rings_ready.set()
+
+        self._ring_filler = threading.Thread(target=fill, name="vnet-rings", daemon=True)
+        self._ring_filler.start()
 
     def _aggregate_bits(self) -> int:
         if not self.aggregate:
@@ -367,15 +399,11 @@ class Trace:
         return obj, hooks
 
     def _make_rings(self, obj: BpfObject) -> list:
-        """The first object's vnet_events and the other rings, each CPU given one in vnet_rings
-        (CPU i the ring i mod their number), before any program is attached."""
+        """The first object's vnet_events and the other rings (the CPUs get them once everything
+        is attached: _give_cpus_their_rings)."""
         rings = [obj.maps["vnet_events"]]
         for i in range(1, self.ring_count):
             rings.append(obj.create_map(BPF_MAP_TYPE_RINGBUF, f"vnet_events_{i}", self.ring_bytes))
-        if len(rings) > 1:
-            slots = obj.maps["vnet_rings"]
-            for cpu in range(possible_cpus()):
-                slots.update(cpu.to_bytes(4, "little"), rings[cpu % len(rings)].fd.to_bytes(4, "little"))
         return rings
 
     def _expression_code(self, plan: Plan, obj: BpfObject) -> dict[str, bytes]:
@@ -565,6 +593,9 @@ class Trace:
 
     def close(self) -> None:
         """Detach every hook and release every object (idempotent)."""
+        if self._ring_filler is not None:
+            self._ring_filler.join()  # its descriptors are the objects'
+            self._ring_filler = None
         for obj in reversed(self.objects):  # the first owns the ring reader: close it last
             obj.close()
         self._ring = None
