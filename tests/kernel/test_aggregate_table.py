@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import struct
-from contextlib import contextmanager
 
 import pytest
+from kernel_support import on_cpu
 
 from vnet.trace.session import Plan, Trace
 
@@ -34,16 +34,6 @@ def frame(ip_id: int, payload: bytes = b"agg-table") -> bytes:
 def plans() -> list[Plan]:
     return [Plan("tc_trace", "tc_cfg", {"l3": 0}, (PROG,), lambda _obj: [], {}, name=f"dev:agg{i}", filterable=True)
             for i in range(2)]
-
-
-@contextmanager
-def on_cpu(cpu: int):
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 def run(trace: Trace, probe: int, data: bytes, cpu: int | None = None) -> None:

@@ -8,7 +8,6 @@ import pytest
 
 from vnet.agent.counters import ring_pins
 from vnet.agent.shipper import RING_POSITION_BITS, ring_mark, ring_unmark
-from vnet.dispatch import loads
 from vnet.errors import UsageError
 from vnet.trace.session import DEFAULT_RINGS, MAX_RINGS, ring_count
 
@@ -42,25 +41,6 @@ def test_ring_pins_in_ring_order_or_an_older_vnets_one_ring():
     assert ring_pins({"path": "/p/stats-a"}) == []
     assert ring_pins(None) == []
     assert ring_pins({"ring": 5, "rings": [1, 2]}) == []  # a damaged record names nothing
-
-
-SPEC = """\
-[trace]
-duration = "10s"
-{rings}
-[collector]
-address = "127.0.0.1:7879"
-
-[[host]]
-name = "hv1"
-agent = "10.0.0.1:7878"
-interfaces = ["tap1"]
-"""
-
-
-def test_the_specs_rings_reach_every_agent_and_by_default_none_is_said():
-    assert loads(SPEC.format(rings="rings = 2")).control_packages()["hv1"]["rings"] == 2
-    assert loads(SPEC.format(rings="")).control_packages()["hv1"]["rings"] is None  # the agent's CPUs decide
 
 
 def test_export_reorders_over_a_window_per_ring_its_files_were_written_from():

@@ -462,6 +462,12 @@ def test_control_packages_round_trip_through_msgpack():
             assert back["collector"] == {"address": spec.collector.address}  # the key file stays home
 
 
+def test_the_specs_rings_reach_every_agent_and_by_default_none_is_said():
+    with_rings = GOOD.replace('duration = "10s"\n', 'duration = "10s"\nrings = 2\n')
+    assert loads(with_rings).control_packages()["hv1"]["rings"] == 2
+    assert loads(GOOD).control_packages()["hv1"]["rings"] is None  # the agent's CPUs decide
+
+
 def test_control_package_fields():
     pkg = loads(GOOD + '[host.filter]\nifaces = ["veth1"]\nsample = 16\n').control_packages()["hv1"]
     assert pkg == {"version": 1, "trace": "trace", "host": "hv1", "interfaces": ["tap1"],
