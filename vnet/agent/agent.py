@@ -197,7 +197,10 @@ class AgentTrace:
         left = list(enumerate(self.reader.readers))
         while left:
             for ring, reader in list(left):
-                batch = reader.peek(max_records=BATCH_EVENTS_MAX)  # the chunk is packed from the ring itself
+                batch = reader.peek(max_records=BATCH_EVENTS_MAX) if reader.pending() else None  # (an idle CPU's)
+                if batch is None:
+                    left.remove((ring, reader))
+                    continue
                 if not batch.count:
                     reader.consume(batch)  # discarded records only, if anything
                     if not batch.nbytes:  # else it stopped at the ring's end: more may follow from its start

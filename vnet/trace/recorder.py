@@ -114,6 +114,8 @@ def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int |
             while True:
                 wrote = False
                 for reader in group.readers:
+                    if not reader.pending():  # an idle CPU's ring: no peek, no consume
+                        continue
                     batch = reader.peek(max_records=BATCH_RECORDS)  # written from the ring itself, not copied
                     if not batch.count:
                         reader.consume(batch)  # discarded records only, if anything
