@@ -637,13 +637,13 @@ def _queued(qdir: Path) -> list:
     return out
 
 
-def _queue_the_rings_first_records(ring_path: str, qdir: Path, spool: Path, n: int) -> int:
+def _queue_the_rings_first_records(rings: list[str], index: int, qdir: Path, spool: Path, n: int) -> int:
     """Make the dead agent's state that of a kill between queuing a chunk and giving its
-    ring space back: the first `n` records its ring holds, also as its next queued chunk
-    (in the queue file, or the spool when that is full; with the ring position after them).
-    Returns their count."""
+    ring space back: the first records (up to `n`: a batch stops at the ring's end) ring
+    number `index` holds, also as its next queued chunk (in the queue file, or the spool
+    when that is full; with that ring's position after them). Returns their count."""
     from vnet.agent.queuefile import QueueFile
-    from vnet.agent.shipper import _SPOOL_HEAD, LOCAL
+    from vnet.agent.shipper import _SPOOL_HEAD, LOCAL, ring_mark
     from vnet.binding import PinnedMap
     from vnet.binding.ringbatch import RingBatchReader
 
@@ -651,11 +651,11 @@ def _queue_the_rings_first_records(ring_path: str, qdir: Path, spool: Path, n: i
     seq = max([s.seq for s in _queued(qdir)] + spooled) + 1  # the collector was gone: all unacked
     (path,) = qdir.rglob("queue")
     q = QueueFile.open(path)
-    with PinnedMap(ring_path) as ring:
+    with PinnedMap(rings[index]) as ring:
         reader = RingBatchReader(ring)
         batch = reader.peek(max_records=n)
         head = {"kind": "events", "seq": seq, "count": batch.count}
-        ring_end = reader.position + batch.nbytes
+        ring_end = ring_mark(index, reader.position + batch.nbytes)
         if q.append(seq, msgpack.packb(head, use_bin_type=True), bytes(batch.data), ring_end) is None:
             # the queue is full (the collector is gone): the agent would have spooled it
             (opening,) = spool.rglob("open")
@@ -664,7 +664,7 @@ def _queue_the_rings_first_records(ring_path: str, qdir: Path, spool: Path, n: i
                                                                + bytes(batch.data))
         reader.close()  # not consumed: the ring still holds them
     q.close()
-    assert batch.count == n, batch
+    assert 1 <= batch.count <= n, batch
     return batch.count
 
 
@@ -762,7 +762,8 @@ direction = "egress"
             by_hand = 0
             if queue == "tmpfs":  # the memory queue's chunks outlived the agent
                 assert _queued(qdir), "no chunk in the queue file at the kill"
-                by_hand = _queue_the_rings_first_records(pinned["ring"], qdir, spool, 100)
+                # with two rings, the second's: its chunks' ring positions name it
+                by_hand = _queue_the_rings_first_records(pinned["rings"], rings - 1, qdir, spool, 100)
 
             agent = start_agent(net.ns1, sock, key, spool, "h1", *agent_args)
             col = start_collector(csock, key, out)
