@@ -176,18 +176,16 @@ class Kernel:
         deadline = time.monotonic() + timeout
         while True:
             prog_ids, map_ids = held_ids(pid)
-            ring = _ring_of_cpu(_map_names(map_ids), PRODUCER_CPU)
+            maps = [(_map_info(fd)[0], fd) for fd in (_lib.bpf_map_get_fd_by_id(mid) for mid in map_ids) if fd >= 0]
+            ring = _ring_of_cpu([name for name, _ in maps], PRODUCER_CPU)
             fds: dict[str, list[int]] = {"vnet_tc_ingress": [], ring: [], "vnet_stats": []}
             for pid_ in prog_ids:
                 fd = _lib.bpf_prog_get_fd_by_id(pid_)
                 if fd >= 0:
                     name = _prog_name(fd)
                     (fds[name].append(fd) if name in fds else os.close(fd))
-            for mid in map_ids:
-                fd = _lib.bpf_map_get_fd_by_id(mid)
-                if fd >= 0:
-                    name = _map_info(fd)[0]
-                    (fds[name].append(fd) if name in fds else os.close(fd))
+            for name, fd in maps:
+                (fds[name].append(fd) if name in fds else os.close(fd))
             if all(len(v) == 1 for v in fds.values()):
                 return cls(fds["vnet_tc_ingress"][0], fds[ring][0], fds["vnet_stats"][0])
             for v in fds.values():
@@ -229,16 +227,6 @@ class Kernel:
         self._pos.close()
         for fd in (self.prog_fd, self.ring_fd, self.stats_fd):
             os.close(fd)
-
-
-def _map_names(map_ids) -> list[str]:
-    out = []
-    for mid in map_ids:
-        fd = _lib.bpf_map_get_fd_by_id(mid)
-        if fd >= 0:
-            out.append(_map_info(fd)[0])
-            os.close(fd)
-    return out
 
 
 def _ring_of_cpu(names: list[str], cpu: int) -> str:

@@ -194,24 +194,17 @@ class AgentTrace:
 
     def _ship_available(self) -> None:
         """Every ring's records, a batch from each in turn, until all are empty."""
-        left = list(enumerate(self.reader.readers))
-        while left:
-            for ring, reader in list(left):
-                batch = reader.peek(max_records=BATCH_EVENTS_MAX) if reader.pending() else None  # (an idle CPU's)
-                if batch is None:
-                    left.remove((ring, reader))
-                    continue
-                if not batch.count:
-                    reader.consume(batch)  # discarded records only, if anything
-                    if not batch.nbytes:  # else it stopped at the ring's end: more may follow from its start
-                        left.remove((ring, reader))
-                    continue
+        shipped = True
+        while shipped:
+            shipped = False
+            for ring, reader, batch in self.reader.batches(BATCH_EVENTS_MAX):  # chunks packed from the ring itself
                 # queued (the queue file on tmpfs) before the ring space goes back: a kill loses none of it
                 self.shipper.put("events", count=batch.count, records=batch.data,
                                  ring_end=ring_mark(ring, reader.position + batch.nbytes))
                 reader.consume(batch)
                 self.events += batch.count
                 self.chunks += 1
+                shipped = True
 
     def status(self) -> dict:
         final = self._final

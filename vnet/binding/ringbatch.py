@@ -427,11 +427,6 @@ class RingGroupReader(_Pacing):
         weakref.finalize(self, _close_epolls, self._epoll, self._edge)
 
     @property
-    def size(self) -> int:
-        """Bytes of every ring."""
-        return sum(r.size for r in self.readers)
-
-    @property
     def closed(self) -> bool:
         return any(r.closed for r in self.readers)
 
@@ -441,6 +436,21 @@ class RingGroupReader(_Pacing):
     def fill(self) -> float:
         """The fullest ring's unread share: where the next loss would come first."""
         return max(r.pending() / r.size for r in self.readers)
+
+    def batches(self, max_records: int) -> Iterator[tuple[int, RingBatchReader, Batch]]:
+        """One round over the rings: (ring number, its reader, a peek()ed batch) for each ring
+        with committed records, at most one batch each; the caller consume()s it before the
+        next. Records the programs discarded are consumed here, and past a batch of only those
+        that stopped at the ring's end the round goes on from the ring's start."""
+        for i, reader in enumerate(self.readers):
+            while reader.pending():  # (an idle CPU's ring: no peek)
+                batch = reader.peek(max_records=max_records)
+                if batch.count:
+                    yield i, reader, batch
+                    break
+                reader.consume(batch)
+                if not batch.nbytes:
+                    break
 
     def read(self) -> Batch:
         """Every record committed to any ring (as RingBatchReader.read), one ring's after

@@ -113,14 +113,7 @@ def record(trace: Trace, path: Path, *, ending: Callable[[], bool], count: int |
             peeked = time.monotonic()
             while True:
                 wrote = False
-                for reader in group.readers:
-                    if not reader.pending():  # an idle CPU's ring: no peek, no consume
-                        continue
-                    batch = reader.peek(max_records=BATCH_RECORDS)  # written from the ring itself, not copied
-                    if not batch.count:
-                        reader.consume(batch)  # discarded records only, if anything
-                        wrote |= batch.nbytes > 0  # it stopped at the ring's end: more may follow from its start
-                        continue
+                for _, reader, batch in group.batches(BATCH_RECORDS):  # written from the ring itself, not copied
                     data, n = batch.data, batch.count
                     if count is not None and out.events + n >= count:
                         n = count - out.events
