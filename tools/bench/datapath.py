@@ -34,6 +34,8 @@ Tools, each attached before the load and stopped after it:
   TOOL@REV    --compare-to REV: a vnet tool run with the code and the eBPF objects
               committed at REV (a temporary worktree), e.g. vnet-agg@REV beside
               vnet-agg: a before/after of a change from one run
+  TOOL@build  --compare-dir DIR: a vnet tool run with this tree's code and the eBPF
+              objects in DIR (a scratch build of bpf/src), beside the committed ones
 
 Every round runs every tool once (the order rotates by round), so each figure is a
 ratio to the `none` run of the same round; medians and min-max over --rounds are
@@ -46,7 +48,7 @@ CPU because the sink's was busy; CAL, wakeups queued to it while idle. Needs roo
 Usage: datapath.py [--rounds 5] [--seconds 3] [--size 64] [--rr 5000]
                    [--topologies bridge,ovs]
                    [--tools none,floor,vnet,vnet-imm,vnet-1ring,vnet-dev,vnet-agg,tcpdump,bpftrace]
-                   [--compare-to REV]
+                   [--compare-to REV | --compare-dir DIR]
 """
 
 from __future__ import annotations
@@ -338,14 +340,21 @@ def main() -> int:
     ap.add_argument("--topologies", default="bridge,ovs")
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--compare-to", metavar="REV", help="TOOL@REV in --tools runs with REV's code and objects")
+    ap.add_argument("--compare-dir", metavar="DIR", type=Path,
+                    help="TOOL@build in --tools runs with this tree's code and the objects in DIR")
     args = ap.parse_args()
+    if args.compare_to and args.compare_dir:
+        sys.exit("datapath.py: --compare-to and --compare-dir exclude each other")
+    if args.compare_dir and not sorted(args.compare_dir.glob("*.bpf.o")):
+        sys.exit(f"datapath.py: --compare-dir {args.compare_dir}: no *.bpf.o there")
+    suffix = args.compare_to or ("build" if args.compare_dir else None)
     if os.geteuid() != 0:
         sys.exit("datapath.py: needs root (namespaces, eBPF)")
     tools = [t for t in args.tools.split(",") if t]
-    bad = [t for t in tools if t.split("@")[0] not in TOOLS or ("@" in t and (not args.compare_to or
-                                                                          t.split("@", 1)[1] != args.compare_to))]
+    bad = [t for t in tools if t.split("@")[0] not in TOOLS or ("@" in t and t.split("@", 1)[1] != suffix)]
     if bad:
-        sys.exit(f"datapath.py: unknown tool {bad[0]!r} (tools: {', '.join(TOOLS)}; TOOL@REV with --compare-to REV)")
+        sys.exit(f"datapath.py: unknown tool {bad[0]!r} (tools: {', '.join(TOOLS)}; "
+                 "TOOL@REV with --compare-to REV, TOOL@build with --compare-dir DIR)")
     missing = [t for t in tools if t in ("tcpdump", "bpftrace") and not shutil.which(t)]
     if missing:
         sys.exit(f"datapath.py: {', '.join(missing)} not installed: run 'make bench-deps'")
@@ -366,7 +375,7 @@ def _run(args, tools: list[str], results: list[Result]) -> int:
     with tempfile.TemporaryDirectory(prefix="vnet-datapath-") as tmp:
         work = Path(tmp)
         load = build_load(work)
-        rev = None
+        rev = (ROOT, args.compare_dir.resolve()) if args.compare_dir else None
         if args.compare_to:
             rev = (work / "rev", work / "rev-bpf")
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(rev[0]), args.compare_to],
@@ -380,7 +389,7 @@ def _run(args, tools: list[str], results: list[Result]) -> int:
         try:
             return _rounds(args, tools, results, work, load, rev)
         finally:
-            if rev is not None:
+            if args.compare_to:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(rev[0])],
                                capture_output=True)
 
