@@ -25,6 +25,7 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 	struct vnet_event_more m;
 	struct vnet_event *ev = &m.ev;
 	struct vnet_cursor c;
+	__u64 now;
 
 	if (vnet_kernel_rejects_first(f, skb, typed)) {
 		vnet_rejected_first(drop_cfg.probe_id);
@@ -42,6 +43,7 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 		vnet_kernel_meta(skb, ev, typed);
 	if (!vnet_filter_early(f, ev))
 		goto filtered;
+	now = vnet_stamp_early(f);
 	if (skb)
 		vnet_parse_kernel_skb(&c, skb, ev, !f->f_outer, typed);
 	if (!vnet_filter_fields(f, ev))
@@ -49,8 +51,8 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 	vnet_finish_id(&c, ev);
 	if (!vnet_filter_sample(f, ev))
 		goto filtered;
-	/* Kept: only now the time stamp and the rest of the event. */
-	vnet_hdr_init(&ev->hdr, drop_cfg.probe_id, VNET_KIND_PACKET);
+	/* Kept: only now the rest of the event. */
+	vnet_hdr_init(&ev->hdr, drop_cfg.probe_id, VNET_KIND_PACKET, vnet_stamp_kept(f, now));
 	ev->hook = hook;
 	/* The reason argument came with Linux 5.17 ("net: skb: introduce
 	 * kfree_skb_reason()"); CO-RE drops this read on older kernels. */

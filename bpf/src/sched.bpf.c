@@ -104,7 +104,7 @@ static __always_inline void vnet_ran(struct task_struct *prev, struct task_struc
 	st = vnet_stats_this_cpu(sched_cfg.probe_id);
 	if (!st)
 		return;
-	vnet_hdr_init(&ev.hdr, sched_cfg.probe_id, VNET_KIND_SCHED);
+	vnet_hdr_init(&ev.hdr, sched_cfg.probe_id, VNET_KIND_SCHED, bpf_ktime_get_ns());
 	ev.runq_ns = ev.hdr.ts_ns - since;
 	if (ev.runq_ns < sched_cfg.min_runq_ns)
 		return;

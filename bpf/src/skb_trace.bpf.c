@@ -35,6 +35,7 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 	struct vnet_event_more m;
 	struct vnet_event *ev = &m.ev;
 	struct vnet_cursor c;
+	__u64 now;
 
 	if (vnet_kernel_rejects_first(f, skb, typed)) {
 		vnet_rejected_first(skb_cfg.probe_id);
@@ -60,6 +61,7 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 	}
 	if (!vnet_filter_early(f, ev))
 		goto filtered;
+	now = vnet_stamp_early(f);
 	if (skb)
 		vnet_parse_kernel_skb(&c, skb, ev, !f->f_outer, typed);
 	if (!vnet_filter_fields(f, ev))
@@ -67,8 +69,8 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 	vnet_finish_id(&c, ev);
 	if (!vnet_filter_sample(f, ev))
 		goto filtered;
-	/* Kept: only now the time stamp and the rest of the event. */
-	vnet_hdr_init(&ev->hdr, skb_cfg.probe_id, VNET_KIND_PACKET);
+	/* Kept: only now the rest of the event. */
+	vnet_hdr_init(&ev->hdr, skb_cfg.probe_id, VNET_KIND_PACKET, vnet_stamp_kept(f, now));
 	ev->hook = hook;
 	if (skb_cfg.task)
 		vnet_current_task(&m, typed);

@@ -30,6 +30,7 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 	struct vnet_event event; /* never the longer record: nothing at tc fills its fields */
 	struct vnet_event *ev = &event;
 	struct vnet_cursor c;
+	__u64 now;
 
 	if (vnet_filter_on_fields(f) && !vnet_filter_tc_may_keep(f, skb, tc_cfg.l3, !f->f_outer)) {
 		vnet_rejected_first(tc_cfg.probe_id);
@@ -48,14 +49,15 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 	ev->hook = hook;
 	if (!vnet_filter_early(f, ev))
 		goto filtered;
+	now = vnet_stamp_early(f);
 	vnet_parse_skb(&c, skb, ev, !f->f_outer, tc_cfg.l3);
 	if (!vnet_filter_fields(f, ev))
 		goto filtered;
 	vnet_finish_id(&c, ev);
 	if (!vnet_filter_sample(f, ev))
 		goto filtered;
-	/* Kept: only now the time stamp and the rest of the event. */
-	vnet_hdr_init(&ev->hdr, tc_cfg.probe_id, VNET_KIND_PACKET);
+	/* Kept: only now the rest of the event. */
+	vnet_hdr_init(&ev->hdr, tc_cfg.probe_id, VNET_KIND_PACKET, vnet_stamp_kept(f, now));
 	vnet_deliver(st, ev, false, tc_cfg.aggregate, tc_cfg.wakeup_every, tc_cfg.wakeup_bytes, skb, true, tc_cfg.l3, tc_cfg.snaplen, false);
 	return VNET_TC_NEXT;
 filtered:

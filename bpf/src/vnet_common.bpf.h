@@ -283,9 +283,9 @@ static __always_inline void vnet_current_task(struct vnet_event_more *m, bool ty
 	}
 }
 
-static __always_inline void vnet_hdr_init(struct vnet_event_hdr *hdr, __u32 probe_id, __u16 kind)
+static __always_inline void vnet_hdr_init(struct vnet_event_hdr *hdr, __u32 probe_id, __u16 kind, __u64 now)
 {
-	hdr->ts_ns = bpf_ktime_get_ns();
+	hdr->ts_ns = now;
 	hdr->probe_id = probe_id;
 	hdr->kind = kind;
 	hdr->cpu = bpf_get_smp_processor_id();
