@@ -10,7 +10,11 @@ Load (tools/bench/udp_load.c, built here with gcc: make bench-deps):
   throughput  vm1 floods small UDP datagrams (--size) with sendmmsg for --seconds,
               pinned to one CPU; a sink in vm2 (recvmmsg, the other CPU) counts
               what arrives: packets/s received
-  latency     --rr sequential request/response exchanges vm1 <-> vm2: p50, p99
+  latency     --rr sequential request/response exchanges vm1 <-> vm2: p50, p99; both
+              ends pinned to one CPU, so that an exchange's time is the path's and
+              not the wakeup of an idle CPU (a halted vCPU here takes 60-75 us to
+              wake, an exchange on one CPU 4 us); --rr-spread leaves them to the
+              scheduler, which puts them on one CPU or on two from round to round
 
 Tools, each attached before the load and stopped after it:
   none        nothing attached
@@ -48,7 +52,7 @@ CPU because the sink's was busy; CAL, wakeups queued to it while idle. Needs roo
 Usage: datapath.py [--rounds 5] [--seconds 3] [--size 64] [--rr 5000]
                    [--topologies bridge,ovs]
                    [--tools none,floor,vnet,vnet-imm,vnet-1ring,vnet-dev,vnet-agg,tcpdump,bpftrace]
-                   [--compare-to REV | --compare-dir DIR]
+                   [--rr-spread] [--compare-to REV | --compare-dir DIR]
 """
 
 from __future__ import annotations
@@ -267,7 +271,8 @@ def wakeup_ipis(cpu: int) -> tuple[int, int]:
     return counts.get("RES", 0), counts.get("CAL", 0)
 
 
-def run_load(load: Path, path: Path_, seconds: float, size: int, rr: int, tracer: list[int] = ()) -> dict:
+def run_load(load: Path, path: Path_, seconds: float, size: int, rr: int, tracer: list[int] = (),
+             rr_spread: bool = False) -> dict:
     def ns_exec(ns, *argv, cpu=None):
         pre = ["taskset", "-c", str(cpu)] if cpu is not None else []
         return ["ip", "netns", "exec", ns, *pre, str(load), *map(str, argv)]
@@ -284,9 +289,11 @@ def run_load(load: Path, path: Path_, seconds: float, size: int, rr: int, tracer
     sent = int(flood.stdout.split()[1])
     _, got, first, last = out.split()
     got, first, last = int(got), int(first), int(last)
-    server = subprocess.Popen(ns_exec(path.vm2, "rr-server", PORT_RR, 120), stdout=subprocess.PIPE, text=True)
+    rr_cpu = None if rr_spread else cpus[0]
+    server = subprocess.Popen(ns_exec(path.vm2, "rr-server", PORT_RR, 120, cpu=rr_cpu), stdout=subprocess.PIPE,
+                              text=True)
     assert server.stdout.readline().strip() == "ready"
-    client = subprocess.run(ns_exec(path.vm1, "rr-client", path.ip2, PORT_RR, size, rr), capture_output=True,
+    client = subprocess.run(ns_exec(path.vm1, "rr-client", path.ip2, PORT_RR, size, rr, cpu=rr_cpu), capture_output=True,
                             text=True, timeout=300)
     server.kill()
     server.wait()
@@ -337,6 +344,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--size", type=int, default=64, help="UDP payload bytes (64-256)")
     ap.add_argument("--rr", type=int, default=5000, help="request/response exchanges per run")
+    ap.add_argument("--rr-spread", action="store_true",
+                    help="leave the exchanges' two ends to the scheduler (default: both on one CPU)")
     ap.add_argument("--topologies", default="bridge,ovs")
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--compare-to", metavar="REV", help="TOOL@REV in --tools runs with REV's code and objects")
@@ -406,7 +415,7 @@ def _rounds(args, tools: list[str], results: list[Result], work: Path, load: Pat
                         t = Tool(tool, path, work, rev if "@" in tool else None) if tool != "none" else None
                         try:
                             m = run_load(load, path, args.seconds, args.size, args.rr,
-                                         [p.pid for p in t.procs] if t else [])
+                                         [p.pid for p in t.procs] if t else [], args.rr_spread)
                         finally:
                             note = t.stop() if t else ""
                         r = Result(kind, tool, rnd, note=note, **m)
