@@ -218,3 +218,37 @@ def test_ipv6_prefix_filters(net):
                           (PacketFilter(proto="ip", dport=6500), 4)):
         events, _ = run(net, flt, traffic, expected)
         assert len([e for e in events if e["dport"] == 6500]) == expected, flt
+
+
+@pytest.mark.parametrize("flt", [
+    PacketFilter(),                                   # nothing rejects: the clock is read before the parse
+    PacketFilter(len_min=20 + 8 + 10),                # a test before the parse (IP length: no Ethernet after tc egress)
+    PacketFilter(expression="udp dst port 6400"),    # the expression runs before the record: before the parse
+    PacketFilter(dport=6400),                         # the tuple may reject after the parse: read after it
+    PacketFilter(sample="1/1", dport=6400),
+], ids=["none", "length", "expression", "tuple", "sample"])
+def test_event_time_is_taken_while_the_packet_is_at_the_hook(net, flt):
+    """Wherever the programs read the clock (before the parse where nothing after
+    it may reject, else after the filter), every event's time lies within the
+    sending, on the kernel's monotonic clock, and a packet's hops are in order."""
+    rx_plan = resolver.plan(resolver.resolve(catalog.BY_NAME["net:netif_receive_skb"]))
+    plans = [device_plan(resolve_device(net.spec1), ("egress",)), device_plan(resolve_device(net.spec2), ("ingress",)),
+             rx_plan]
+    sent = 20
+    with Trace(plans, packet_filter=flt) as t:
+        with udp_sink(net.ns2, 6400) as sink:
+            before = time.monotonic_ns()
+            send_udp(net.ns1, net.ip2, 6400, count=sent)
+            sink.received(timeout=5, expect=sent)
+            after = time.monotonic_ns()
+        events, deadline = [], time.monotonic() + 3
+        while time.monotonic() < deadline and len(events) < 3 * sent:
+            events += t.poll(100)
+    ours = [e for e in events if e["proto"] == "udp" and e["dport"] == 6400]
+    hops = {}
+    for e in ours:
+        hops.setdefault(e["pkt_id"], {})[e["probe"].split(":")[-1]] = e["ts_ns"]
+    assert len(hops) == sent and all(len(h) == 3 for h in hops.values()), hops
+    assert all(before <= e["ts_ns"] <= after for e in ours), (before, after, [e["ts_ns"] for e in ours])
+    for h in hops.values():
+        assert h["egress"] <= h["netif_receive_skb"] <= h["ingress"]  # the tracepoint comes before tc ingress
