@@ -182,13 +182,19 @@ static __always_inline bool vnet_filter_early(const volatile struct vnet_filter 
 			return false;										\
 	} while (0)
 
+/* Whether the field filter has a criterion VNET_FILTER_TUPLE_OR_RETURN tests. */
+static __always_inline bool vnet_filter_has_tuple(const volatile struct vnet_filter *f)
+{
+	return f->f_family || f->f_l4_proto || f->f_sport || f->f_dport || f->f_port || f->f_src_bits ||
+	       f->f_dst_bits || f->f_host_bits;
+}
+
 /* The loader sets VNET_FILTER_ON_PCAP only with criteria: one load says so, where the chain
  * after it costs a reject a load per kind of criterion. */
 static __always_inline bool vnet_filter_on_fields(const volatile struct vnet_filter *f)
 {
 	return f->f_on == VNET_FILTER_ON_PCAP ||
-	       (f->f_on && (f->f_family || f->f_l4_proto || f->f_sport || f->f_dport || f->f_port || f->f_src_bits ||
-			    f->f_dst_bits || f->f_host_bits || f->f_ports[0] || f->f_l4_protos[0] ||
+	       (f->f_on && (vnet_filter_has_tuple(f) || f->f_ports[0] || f->f_l4_protos[0] ||
 			    f->f_hosts_v4[0] || vnet_v6_used(f->f_hosts_v6, 0) || f->f_not_ports[0] ||
 			    f->f_not_hosts_v4[0]));
 }
@@ -370,9 +376,7 @@ static __always_inline bool vnet_filter_sample(const volatile struct vnet_filter
  * filter's tuple (vnet_filter_fields) or by `--sample` (vnet_filter_sample). */
 static __always_inline bool vnet_filter_after_parse(const volatile struct vnet_filter *f)
 {
-	return (f->f_on == VNET_FILTER_ON && (f->f_family || f->f_l4_proto || f->f_sport || f->f_dport || f->f_port ||
-					      f->f_src_bits || f->f_dst_bits || f->f_host_bits)) ||
-	       (f->f_on && f->f_sample > 1);
+	return (f->f_on == VNET_FILTER_ON && vnet_filter_has_tuple(f)) || (f->f_on && f->f_sample > 1);
 }
 
 /* The event's time stamp, read before the parse where nothing after it leaves the
