@@ -293,8 +293,8 @@ def run_load(load: Path, path: Path_, seconds: float, size: int, rr: int, tracer
     server = subprocess.Popen(ns_exec(path.vm2, "rr-server", PORT_RR, 120, cpu=rr_cpu), stdout=subprocess.PIPE,
                               text=True)
     assert server.stdout.readline().strip() == "ready"
-    client = subprocess.run(ns_exec(path.vm1, "rr-client", path.ip2, PORT_RR, size, rr, cpu=rr_cpu), capture_output=True,
-                            text=True, timeout=300)
+    client = subprocess.run(ns_exec(path.vm1, "rr-client", path.ip2, PORT_RR, size, rr, cpu=rr_cpu),
+                            capture_output=True, text=True, timeout=300)
     server.kill()
     server.wait()
     rtt = [int(x) for x in client.stdout.split()[1:]]
