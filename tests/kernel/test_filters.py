@@ -231,19 +231,17 @@ def test_event_time_is_taken_while_the_packet_is_at_the_hook(net, flt):
     """Wherever the programs read the clock (before the parse where nothing after
     it may reject, else after the filter), every event's time lies within the
     sending, on the kernel's monotonic clock, and a packet's hops are in order."""
-    rx_plan = resolver.plan(resolver.resolve(catalog.BY_NAME["net:netif_receive_skb"]))
-    plans = [device_plan(resolve_device(net.spec1), ("egress",)), device_plan(resolve_device(net.spec2), ("ingress",)),
-             rx_plan]
-    sent = 20
-    with Trace(plans, packet_filter=flt) as t:
-        with udp_sink(net.ns2, 6400) as sink:
-            before = time.monotonic_ns()
-            send_udp(net.ns1, net.ip2, 6400, count=sent)
-            sink.received(timeout=5, expect=sent)
-            after = time.monotonic_ns()
-        events, deadline = [], time.monotonic() + 3
-        while time.monotonic() < deadline and len(events) < 3 * sent:
-            events += t.poll(100)
+    sent, sending = 20, {}
+
+    def traffic():
+        sending["before"] = time.monotonic_ns()
+        udp(net, 6400, sent)()
+        sending["after"] = time.monotonic_ns()
+
+    events, _ = run(net, flt, traffic, 3 * sent, extra_plans=(
+        device_plan(resolve_device(net.spec2), ("ingress",)),
+        resolver.plan(resolver.resolve(catalog.BY_NAME["net:netif_receive_skb"]))))
+    before, after = sending["before"], sending["after"]
     ours = [e for e in events if e["proto"] == "udp" and e["dport"] == 6400]
     hops = {}
     for e in ours:

@@ -348,12 +348,11 @@ def main() -> int:
                     help="leave the exchanges' two ends to the scheduler (default: both on one CPU)")
     ap.add_argument("--topologies", default="bridge,ovs")
     ap.add_argument("--tools", default=",".join(TOOLS))
-    ap.add_argument("--compare-to", metavar="REV", help="TOOL@REV in --tools runs with REV's code and objects")
-    ap.add_argument("--compare-dir", metavar="DIR", type=Path,
-                    help="TOOL@build in --tools runs with this tree's code and the objects in DIR")
+    against = ap.add_mutually_exclusive_group()
+    against.add_argument("--compare-to", metavar="REV", help="TOOL@REV in --tools runs with REV's code and objects")
+    against.add_argument("--compare-dir", metavar="DIR", type=Path,
+                         help="TOOL@build in --tools runs with this tree's code and the objects in DIR")
     args = ap.parse_args()
-    if args.compare_to and args.compare_dir:
-        sys.exit("datapath.py: --compare-to and --compare-dir exclude each other")
     if args.compare_dir and not sorted(args.compare_dir.glob("*.bpf.o")):
         sys.exit(f"datapath.py: --compare-dir {args.compare_dir}: no *.bpf.o there")
     suffix = args.compare_to or ("build" if args.compare_dir else None)
