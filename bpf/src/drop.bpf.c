@@ -10,6 +10,7 @@ struct vnet_drop_config {
 	__u32 probe_id;
 	__u32 wakeup_every; /* a wakeup check every N events per CPU (vnet_wakeup_flags); 0 or 1: each event */
 	__u32 wakeup_bytes; /* ... forcing a wakeup when this much is unread in the ring; 0: always */
+	__u32 area_chunks;  /* packet events into this CPU's area of vnet_areas, this many chunks (a power of two); 0: the ring */
 	__u8 aggregate;     /* enum vnet_agg bits: numbers in maps instead of (or besides) events */
 	__u16 snaplen;      /* packet bytes copied after each event (vnet_snap.bpf.h); 0: none */
 	struct vnet_filter filter;
@@ -59,7 +60,7 @@ static __always_inline int vnet_drop_event(struct sk_buff *skb, __u64 *args, __u
 	if (bpf_core_enum_value_exists(enum skb_drop_reason, SKB_DROP_REASON_NOT_SPECIFIED))
 		m.reason = (__u32)args[2];
 	vnet_current_task(&m, typed);
-	vnet_deliver(st, ev, true, drop_cfg.aggregate, drop_cfg.wakeup_every, drop_cfg.wakeup_bytes, skb, false, false, drop_cfg.snaplen, typed);
+	vnet_deliver(st, ev, true, drop_cfg.aggregate, drop_cfg.wakeup_every, drop_cfg.wakeup_bytes, skb, false, false, drop_cfg.snaplen, typed, drop_cfg.area_chunks);
 	return 0;
 filtered:
 	vnet_filtered(st);

@@ -12,6 +12,7 @@ struct vnet_skb_config {
 	__u32 probe_id;     /* copied into every event: the probe this instance is */
 	__u32 wakeup_every; /* a wakeup check every N events per CPU (vnet_wakeup_flags); 0 or 1: each event */
 	__u32 wakeup_bytes; /* ... forcing a wakeup when this much is unread in the ring; 0: always */
+	__u32 area_chunks;  /* packet events into this CPU's area of vnet_areas, this many chunks (a power of two); 0: the ring */
 	__u16 tp_skb_off;   /* classic tracepoint: offset of `skbaddr` in the record (tracefs format) */
 	__u8 skb_arg;       /* 1-based position of the sk_buff argument; 0: the function has none */
 	__u8 skb_deref;     /* that argument is a struct sk_buff ** (e.g. br_handle_frame) */
@@ -74,7 +75,10 @@ static __always_inline int vnet_skb_event(void *skb, struct net_device *dev, __u
 	ev->hook = hook;
 	if (skb_cfg.task)
 		vnet_current_task(&m, typed);
-	vnet_deliver(st, ev, skb_cfg.task, skb_cfg.aggregate, skb_cfg.wakeup_every, skb_cfg.wakeup_bytes, skb, false, false, skb_cfg.snaplen, typed);
+	/* fentry programs may be preempted (the trampoline only disables migration): two
+	 * could then write one CPU's area at once, so theirs go to the ring */
+	vnet_deliver(st, ev, skb_cfg.task, skb_cfg.aggregate, skb_cfg.wakeup_every, skb_cfg.wakeup_bytes, skb, false, false,
+		     skb_cfg.snaplen, typed, hook == VNET_HOOK_FENTRY ? 0 : skb_cfg.area_chunks);
 	return 0;
 filtered:
 	vnet_filtered(st);

@@ -15,6 +15,7 @@ struct vnet_tc_config {
 	__u32 probe_id;      /* copied into every event: the device this instance watches */
 	__u32 wakeup_every;  /* a wakeup check every N events per CPU (vnet_wakeup_flags); 0 or 1: each event */
 	__u32 wakeup_bytes;  /* ... forcing a wakeup when this much is unread in the ring; 0: always */
+	__u32 area_chunks;  /* packet events into this CPU's area of vnet_areas, this many chunks (a power of two); 0: the ring */
 	__u8 aggregate;     /* enum vnet_agg bits: numbers in maps instead of (or besides) events */
 	__u8 l3;            /* the device has no link header: skb->data is the IP header (tun, ipip, wireguard) */
 	__u16 snaplen;      /* packet bytes copied after each event (vnet_snap.bpf.h); 0: none */
@@ -58,7 +59,7 @@ static __always_inline int vnet_tc(struct __sk_buff *skb, __u16 hook)
 		goto filtered;
 	/* Kept: only now the rest of the event. */
 	vnet_hdr_init(&ev->hdr, tc_cfg.probe_id, VNET_KIND_PACKET, vnet_stamp_kept(f, now));
-	vnet_deliver(st, ev, false, tc_cfg.aggregate, tc_cfg.wakeup_every, tc_cfg.wakeup_bytes, skb, true, tc_cfg.l3, tc_cfg.snaplen, false);
+	vnet_deliver(st, ev, false, tc_cfg.aggregate, tc_cfg.wakeup_every, tc_cfg.wakeup_bytes, skb, true, tc_cfg.l3, tc_cfg.snaplen, false, tc_cfg.area_chunks);
 	return VNET_TC_NEXT;
 filtered:
 	vnet_filtered(st);

@@ -84,6 +84,29 @@ struct {
 	__type(value, struct vnet_stats);
 } vnet_stats SEC(".maps");
 
+/* Per-CPU event areas (enum vnet_area): user space sizes both arrays (max_entries:
+ * online CPUs * area_chunks chunks, one vnet_area_pos per possible CPU), says
+ * where each CPU's area starts (or that it has none) and maps them. */
+struct vnet_area_chunk {
+	__u64 w[VNET_AREA_CHUNK / 8];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct vnet_area_chunk);
+} vnet_areas SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct vnet_area_pos);
+} vnet_area_pos SEC(".maps");
+
 /* Aggregation mode: numbers kept in the kernel instead of per-packet events.
  * A "point" is probe_id * VNET_AGG_HOOKS + hook, so a device probe's ingress
  * and egress count apart. */
@@ -177,6 +200,8 @@ struct vnet_abi {
 	enum vnet_filter_on filter_on;
 	enum vnet_plain_test plain_test;
 	enum vnet_ring_line ring_line;
+	struct vnet_area_pos area_pos;
+	enum vnet_area area;
 };
 struct vnet_abi *vnet_abi_anchor __attribute__((unused));
 
@@ -333,16 +358,109 @@ static __always_inline __u64 vnet_wakeup_flags(void *ring, struct vnet_stats *st
 	return 0;
 }
 
-/* Copy one event into the ring: the struct vnet_event_more that `ev` heads
- * where `more` (a load-time constant), else the event alone; a full ring is
- * counted, never silent. */
+/* The reader asked to be woken: an empty record discarded in this CPU's ring
+ * wakes whoever waits on the rings (it skips discarded records). */
+static __always_inline void vnet_area_doorbell(__u32 cpu)
+{
+	void *d = bpf_ringbuf_reserve(vnet_ring(cpu), 8, 0);
+
+	if (d)
+		bpf_ringbuf_discard(d, BPF_RB_FORCE_WAKEUP);
+}
+
+/* Write one event into this CPU's area, in the ring's framing (an 8-byte header,
+ * the record, padding to 8 bytes). No lock and no atomic: only this CPU writes
+ * its area, and `busy` tells a program that interrupted another one on this CPU
+ * (the only way two meet here: the programs that write areas cannot be
+ * preempted) to use the ring instead: false then, else the event is written or
+ * counted lost (a full area). The wakeups follow vnet_wakeup_flags: at a check,
+ * a doorbell when the unread bytes just passed `wakeup_bytes`, or when the
+ * reader had read everything (it may be waiting). */
+static __always_inline bool vnet_area_emit(struct vnet_stats *st, const struct vnet_event *ev, __u32 size,
+					   __u32 chunks, __u32 wakeup_every, __u32 wakeup_bytes)
+{
+	__u32 cpu = ev->hdr.cpu, idx;
+	struct vnet_area_pos *p = bpf_map_lookup_elem(&vnet_area_pos, &cpu);
+	__u64 len = (size + BPF_RINGBUF_HDR_SZ + 7) & ~7ULL, pos, cons, within, skip = 0, unread;
+	__u64 emitted = st->v[VNET_STAT_EMITTED];
+	const __u64 *src = (const __u64 *)ev;
+	struct vnet_area_chunk *a;
+	bool bell = false;
+
+	asm volatile("" :: "r"(src) : "memory"); /* the record stays in memory: no copy of it in registers */
+	if (!p || p->busy)
+		return false;
+	p->busy = VNET_AREA_BUSY;
+	asm volatile("" ::: "memory");
+	pos = p->prod;
+	cons = *(volatile __u64 *)&p->cons;
+	within = pos & (VNET_AREA_CHUNK - 1);
+	if (within + len > VNET_AREA_CHUNK)
+		skip = VNET_AREA_CHUNK - within;
+	if (pos + skip + len - cons > (__u64)chunks * VNET_AREA_CHUNK)
+		goto lost;
+	if (skip) { /* the rest of this chunk: a discarded record */
+		idx = p->first_chunk + ((pos / VNET_AREA_CHUNK) & (chunks - 1));
+		a = bpf_map_lookup_elem(&vnet_areas, &idx);
+		if (!a)
+			goto lost;
+		a->w[(within / 8) & (VNET_AREA_CHUNK / 8 - 1)] = (skip - BPF_RINGBUF_HDR_SZ) | BPF_RINGBUF_DISCARD_BIT;
+		within = 0;
+	}
+	idx = p->first_chunk + (((pos + skip) / VNET_AREA_CHUNK) & (chunks - 1));
+	a = bpf_map_lookup_elem(&vnet_areas, &idx);
+	if (!a)
+		goto lost;
+	within /= 8;
+	asm volatile("" : "+r"(within)); /* a bound clang cannot drop, for the verifier: never true */
+	if (within > (VNET_AREA_CHUNK - len) / 8)
+		goto lost;
+	a->w[within] = size;
+	if (size == sizeof(struct vnet_event)) {
+#pragma unroll
+		for (int i = 0; i < sizeof(struct vnet_event) / 8; i++)
+			*(volatile __u64 *)&a->w[within + 1 + i] = *(volatile const __u64 *)&src[i];
+	} else {
+#pragma unroll
+		for (int i = 0; i < sizeof(struct vnet_event_more) / 8; i++)
+			*(volatile __u64 *)&a->w[within + 1 + i] = *(volatile const __u64 *)&src[i];
+	}
+	/* x86 keeps stores in order: the record is there before prod says so (user space
+	 * turns the areas on for x86 only) */
+	asm volatile("" ::: "memory");
+	*(volatile __u64 *)&p->prod = pos + skip + len;
+	st->v[VNET_STAT_EMITTED]++;
+	if (wakeup_every <= 1 || emitted % wakeup_every == 0) {
+		unread = pos + skip + len - cons;
+		bell = !wakeup_bytes || cons == pos ||
+		       (unread >= wakeup_bytes && unread - wakeup_bytes < (wakeup_every > 1 ? wakeup_every : 1) * len);
+	}
+	asm volatile("" ::: "memory");
+	p->busy = 0;
+	if (bell)
+		vnet_area_doorbell(cpu);
+	return true;
+lost:
+	st->v[VNET_STAT_LOST]++;
+	asm volatile("" ::: "memory");
+	p->busy = 0;
+	return true;
+}
+
+/* Copy one event into this CPU's area (area_chunks, a load-time constant: 0 when
+ * there are none) or, where it cannot go there, the ring: the struct
+ * vnet_event_more that `ev` heads where `more` (a load-time constant), else the
+ * event alone; a full area or ring is counted, never silent. */
 static __always_inline void vnet_emit(struct vnet_stats *st, struct vnet_event *ev, bool more,
-				      __u32 wakeup_every, __u32 wakeup_bytes)
+				      __u32 wakeup_every, __u32 wakeup_bytes, __u32 area_chunks)
 {
 	__u32 size = more ? sizeof(struct vnet_event_more) : sizeof(*ev);
-	void *ring = vnet_ring(ev->hdr.cpu);
+	void *ring;
 
 	ev->hdr.kind = more ? VNET_KIND_PACKET_MORE : VNET_KIND_PACKET;
+	if (area_chunks && vnet_area_emit(st, ev, size, area_chunks, wakeup_every, wakeup_bytes))
+		return;
+	ring = vnet_ring(ev->hdr.cpu);
 	if (bpf_ringbuf_output(ring, ev, size, vnet_wakeup_flags(ring, st, wakeup_every, wakeup_bytes, size)) == 0)
 		st->v[VNET_STAT_EMITTED]++;
 	else

@@ -154,4 +154,29 @@ struct vnet_sched_event {
 	__u8 line_pad[48];  /* to 120 bytes: two lines in the ring */
 };
 
+/* Per-CPU event areas (vnet_common.bpf.h, vnet_area_emit): packet events go to
+ * an area only their own CPU writes, in the ring's record framing, without the
+ * ring's lock. A CPU's area is `area_chunks` elements of the vnet_areas array
+ * from its vnet_area_pos.first_chunk on, one stretch of memory to a reader; a
+ * record never crosses a chunk's end, where the verifier bounds a program's
+ * writes (what is left of the chunk becomes a discarded record). */
+enum vnet_area {
+	VNET_AREA_CHUNK = 1 << 20, /* bytes of a chunk (an element of vnet_areas) */
+	VNET_AREA_BUSY = 1,        /* vnet_area_pos.busy: a program of this CPU is writing */
+	VNET_AREA_NONE = 2,        /* ... this CPU has no area (it was offline at the start) */
+};
+
+/* One CPU's positions in its area: free-running byte counts, as the ring's; the
+ * producer's and the reader's in lines of their own. */
+struct vnet_area_pos {
+	__u64 prod;          /* written by this CPU's programs: the records before it are complete */
+	__u64 busy;          /* enum vnet_area, 0: free. Not free: the event goes to the ring (a program
+			      * nested in another, an interrupt, finds it busy) */
+	__u32 first_chunk;   /* set by user space: the index of this CPU's first chunk in vnet_areas */
+	__u32 pad;
+	__u64 line_pad[5];
+	__u64 cons;          /* written by the reader: the records before it may be overwritten */
+	__u64 line_pad_cons[7];
+};
+
 #endif /* VNET_EVENT_H */

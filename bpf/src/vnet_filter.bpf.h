@@ -407,7 +407,7 @@ static __always_inline void vnet_filtered(struct vnet_stats *st)
  * vnet_event_more the program filled, and the record is all of it. */
 static __always_inline void vnet_deliver(struct vnet_stats *st, struct vnet_event *ev, bool more, __u8 aggregate,
 					 __u32 wakeup_every, __u32 wakeup_bytes, void *skb, bool tc, bool l3,
-					 __u32 snaplen, bool typed)
+					 __u32 snaplen, bool typed, __u32 area_chunks)
 {
 	if (aggregate & VNET_AGG_ON)
 		vnet_aggregate(ev);
@@ -416,7 +416,7 @@ static __always_inline void vnet_deliver(struct vnet_stats *st, struct vnet_even
 	if (snaplen)
 		vnet_emit_snap(st, ev, more, skb, tc, l3, snaplen, wakeup_every, wakeup_bytes, typed);
 	else
-		vnet_emit(st, ev, more, wakeup_every, wakeup_bytes);
+		vnet_emit(st, ev, more, wakeup_every, wakeup_bytes, area_chunks);
 }
 
 #endif /* VNET_FILTER_BPF_H */

@@ -298,7 +298,8 @@ def test_a_real_batch_written_to_a_trace_file_decodes_from_the_file_alone(tmp_pa
     header made from the trace, read back and decoded without the object."""
     only_ours = PacketFilter(proto="udp", dport=5000)  # the veth's own IPv6 chatter stays out
     with veth_pair(93) as net, DeviceTrace([resolve(net.spec1)], directions=("ingress",),
-                                           packet_filter=only_ours, rings=1) as trace:  # test runs on any CPU
+                                           packet_filter=only_ours, rings=1,  # test runs on any CPU
+                                           areas=False) as trace:  # ... into the ring, not the CPU's area
         reader = RingBatchReader(trace.objects[0].maps["vnet_events"])
         obj = trace.objects[0]
         for i in range(30):

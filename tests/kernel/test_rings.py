@@ -42,7 +42,8 @@ def send_from(net, cpu: int, count: int, sport: int = 4000) -> None:
 
 
 def egress(net, **kw) -> DeviceTrace:
-    return DeviceTrace([resolve(net.spec1)], directions=("egress",), packet_filter=ONLY_OURS, **kw)
+    """The rings alone: every event in them (the CPUs' event areas: test_areas.py)."""
+    return DeviceTrace([resolve(net.spec1)], directions=("egress",), packet_filter=ONLY_OURS, areas=False, **kw)
 
 
 @pytest.mark.parametrize("snaplen", [0, 64], ids=["event", "event+bytes"])

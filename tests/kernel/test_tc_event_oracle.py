@@ -179,7 +179,7 @@ def run(frames: list[tuple[str, bytes]], loads=LOADS) -> dict:
                 before = trace.stats()
                 obj.programs[PROG].test_run(frame)
                 after = trace.stats()
-                records = [bytes(r) for r in trace.ring.drain()]
+                records = [bytes(r) for r in trace.drain_raw()]
                 assert after.lost == before.lost
                 assert after.emitted - before.emitted == len(records)
                 assert len(records) + after.filtered - before.filtered == 1, (load, name)

@@ -95,8 +95,10 @@ class AgentTrace:
         collector = package.get("collector") or {}
         address = _field(collector, "address", str)
         _give_back_memory()  # the plans are made: the resolver's BTF is not needed while loading
+        # The rings only, no per-CPU event areas (vnet/binding/cpuarea.py): a successor of a killed
+        # agent reads what it had not from the pinned rings (counters.pin), and areas are not pinned yet.
         self.trace = Trace(plans, ring_bytes=int(package.get("ring_bytes") or 8 << 20), rings=package.get("rings"),
-                           strict=strict,
+                           strict=strict, areas=False,
                            packet_filter=flt, aggregate=record != "events", aggregate_and_events=record == "both",
                            snaplen=int(package.get("snaplen") or 0))
         self.trace.start()

@@ -257,6 +257,9 @@ class RingBatchReader(_Pacing):
         owner = getattr(ring_map, "_obj", None)  # a PinnedMap has no object: the reader owns the mapping
         self._m = owner._own(mapping) if owner is not None else mapping
         weakref.finalize(self, mapping.close)
+        self._init_reading()
+
+    def _init_reading(self) -> None:
         # Releasing and re-taking a held lock orders the memory accesses before it
         # against those after it (release, then acquire): what the ring protocol
         # needs on weakly ordered CPUs (arm64); on x86 they are in order anyway.
@@ -283,6 +286,12 @@ class RingBatchReader(_Pacing):
     def position(self) -> int:
         """The consumer position: bytes ever consumed from this ring (by any reader)."""
         return self._live().cons_pos[0]
+
+    def _producer(self, m) -> int:
+        return m.prod_pos[0]
+
+    def _set_position(self, m, pos: int) -> None:
+        m.cons_pos[0] = pos
 
     def pending(self) -> int:
         """Bytes between our position and the producer's (committed or not)."""
@@ -354,12 +363,12 @@ class RingBatchReader(_Pacing):
         if not batch.nbytes:
             return
         m = self._live()
-        if self._peeked is None or self._peeked[1] != batch.nbytes or m.cons_pos[0] != self._peeked[0]:
+        if self._peeked is None or self._peeked[1] != batch.nbytes or self.position != self._peeked[0]:
             raise UsageError(f"ring buffer {self.map.name}: consume() of a batch that is not the one peeked")
         cons, pos = self._peeked
         self._peeked = None
         self._fence()  # the records' bytes were read before the producer may reuse their space
-        m.cons_pos[0] = cons + pos
+        self._set_position(m, cons + pos)
 
     def skip_to(self, position: int) -> int:
         """Move the consumer position forward to `position` (records already taken out, by a
@@ -368,10 +377,10 @@ class RingBatchReader(_Pacing):
         m = self._live()
         if self._peeked is not None:
             raise UsageError(f"ring buffer {self.map.name}: skip_to() between peek() and consume()")
-        cons, prod = m.cons_pos[0], m.prod_pos[0]
+        cons, prod = self.position, self._producer(m)
         target = min(max(cons, position), prod)
         self._fence()
-        m.cons_pos[0] = target
+        self._set_position(m, target)
         return target - cons
 
     def wait(self, timeout_ms: int) -> bool:
@@ -401,9 +410,11 @@ class RingGroupReader(_Pacing):
     """The rings of one trace (one per CPU, or one for all) read together: one wait
     for any of them, their pending bytes summed for pacing; each ring's batches come
     from its own reader (`readers`, in ring order), since a batch is one ring's bytes.
-    Records of different rings are not in time order with each other."""
+    Records of different rings are not in time order with each other. `areas`: readers of
+    the CPUs' event areas (cpuarea.AreaReader), read as more rings after them; they are
+    waited for through the rings, where the programs ring for them."""
 
-    def __init__(self, ring_maps):
+    def __init__(self, ring_maps, areas=()):
         ring_maps = list(ring_maps)
         if not ring_maps:
             raise UsageError("no ring buffer to read")
@@ -411,6 +422,7 @@ class RingGroupReader(_Pacing):
         try:
             for m in ring_maps:
                 self.readers.append(RingBatchReader(m))
+            self.readers += areas
             # One epoll over every ring's descriptor, level- and edge-triggered (as _Mapping's);
             # the rings' own descriptors close with their objects, which takes them out of these.
             self._epoll = select.epoll()

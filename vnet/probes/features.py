@@ -83,6 +83,17 @@ def require_privileges(net_admin: bool = True) -> None:
         )
 
 
+@lru_cache(maxsize=1)
+def preempt_rt() -> bool:
+    """A PREEMPT_RT kernel: softirqs run in threads that can be preempted, so two programs
+    may interleave on one CPU (the event areas then stay off: vnet/binding/cpuarea.py)."""
+    try:
+        with open("/sys/kernel/realtime") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return "PREEMPT_RT" in os.uname().version
+
+
 def tcx_expected() -> bool:
     """tcx links exist from Linux 6.6 (older kernels: clsact filters). Attach still
     falls back to clsact if a kernel that should have tcx refuses it."""

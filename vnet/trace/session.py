@@ -38,7 +38,8 @@ log = logging.getLogger("vnet.trace")
 DEFAULT_RING_BYTES = 8 << 20
 DEFAULT_WAKEUP_EVERY = 64       # a wakeup check every this many events per CPU and probe (vnet_wakeup_flags)
 DEFAULT_WAKEUP_FILL = 4         # ... forcing a wakeup as the unread data crosses 1/this of the ring
-SHARED_MAPS = ("vnet_events", "vnet_rings", "vnet_stats", "vnet_agg_points", "vnet_agg_last", "vnet_agg_hist")
+SHARED_MAPS = ("vnet_events", "vnet_rings", "vnet_stats", "vnet_agg_points", "vnet_agg_last", "vnet_agg_hist",
+               "vnet_areas", "vnet_area_pos")
 # Rings of ring_bytes each (as perf's buffers are per CPU): by default one per online CPU, at most
 # DEFAULT_RINGS of them (more CPUs share: CPU i writes to ring i mod their number), so that the
 # default takes at most DEFAULT_RINGS times the ring's memory on a large host. A ring per CPU
@@ -142,6 +143,13 @@ def ring_count(rings: int | None = None, cpus: int | None = None) -> int:
     return max(1, min(cpus, DEFAULT_RINGS))
 
 
+def area_chunks(ring_bytes: int, rings: int, cpus: int, chunk_bytes: int) -> int:
+    """Chunks of each online CPU's event area (cpuarea): the rings' bytes shared among them, as
+    a power of two; 0 (no areas: events go to the rings) below one chunk a CPU."""
+    per_cpu = ring_bytes * rings // max(cpus, 1) // chunk_bytes
+    return 1 << (per_cpu.bit_length() - 1) if per_cpu else 0
+
+
 def device_plan(dev: Device, directions=DIRECTIONS) -> Plan:
     """TC ingress/egress of one interface (tcx link, else clsact filter)."""
 
@@ -168,7 +176,7 @@ class Trace:
                  wakeup_every: int = DEFAULT_WAKEUP_EVERY, wakeup_bytes: int | None = None, strict: bool = True,
                  packet_filter: PacketFilter | None = None, aggregate: bool = False,
                  aggregate_and_events: bool = False, snaplen: int = 0, parse_copy: bool | None = None,
-                 parse_direct: bool | None = None, rings: int | None = None):
+                 parse_direct: bool | None = None, rings: int | None = None, areas: bool = True):
         if not plans:
             raise UsageError("nothing to trace (give -i IFACE or -p PROBE)")
         if len(plans) > MAX_PROBES:
@@ -177,6 +185,13 @@ class Trace:
         self.ring_bytes = check_ring_size(ring_bytes)  # each ring's
         self.ring_count = ring_count(rings)  # 1 if the objects cannot have more (start)
         self.rings: list = []  # the ring maps, once started: vnet_events, then the others
+        # Packet events go to an area per CPU (vnet/binding/cpuarea.py) unless `areas` is off, the
+        # kernel is PREEMPT_RT (two programs could then write one area at once), the CPU is not
+        # x86, the rings are too small to share out, or the objects have none (an older build).
+        self.use_areas = areas
+        self.area_chunks = 0
+        self._area_cpus: list[int] = []  # the CPUs with an area: online at the start
+        self.areas: list = []  # a reader per CPU's area, once started
         self.rings_ready = threading.Event()  # each CPU writes to its own ring (before: all to the first)
         self._ring_filler: threading.Thread | None = None
         self.wakeup = wakeup_config(self.ring_bytes, wakeup_every, wakeup_bytes)
@@ -293,7 +308,10 @@ class Trace:
         try:
             return plan, self._load_parse_way(plan, probe_id)
         except VnetError as e:
-            if (isinstance(e, BpfError) and not isinstance(e, (ResourceError, VerifierError))
+            # libbpf 1.1 probes the kernel for global data with a map of its own: out of descriptors,
+            # the probe fails, libbpf leaves .rodata uncreated and the verifier refuses the reference
+            uncreated = isinstance(e, VerifierError) and "wasn't created" in str(e)
+            if (isinstance(e, BpfError) and (uncreated or not isinstance(e, (ResourceError, VerifierError)))
                     and (free := features.fd_headroom()) < features.FD_HEADROOM):
                 # libbpf may say ESRCH or EINVAL when it is the open-file limit that stopped it
                 raise ResourceError(f"{plan.name}: too many open files: {free} descriptors left after: {e}",
@@ -358,6 +376,12 @@ class Trace:
         obj = BpfObject(object_path(plan.obj))
         try:
             config = {"probe_id": probe_id, **self.wakeup, **plan.config}
+            if not self.objects:
+                self.area_chunks = self._area_chunks_for(obj)
+            if "area_chunks" in obj.config_fields(plan.config_var):
+                if self.area_chunks and "vnet_areas" not in obj.maps:
+                    raise UsageError(f"{obj.path.name} has a config for event areas but no vnet_areas map")
+                config["area_chunks"] = self.area_chunks
             if plan.filterable:  # the packet programs: filter, and numbers instead of events on request
                 flt = self.filter_config
                 if flt.get("f_on") == FILTER_ON_PCAP:
@@ -382,6 +406,9 @@ class Trace:
                 obj.maps["vnet_events"].max_entries = self.ring_bytes
                 if self.ring_count > 1:
                     obj.maps["vnet_rings"].max_entries = possible_cpus()
+                if self.area_chunks:
+                    obj.maps["vnet_areas"].max_entries = len(self._area_cpus) * self.area_chunks
+                    obj.maps["vnet_area_pos"].max_entries = possible_cpus()
                 if not self.aggregate:
                     for name, n in AGG_MAPS_WHEN_OFF.items():
                         obj.maps[name].max_entries = n
@@ -391,12 +418,28 @@ class Trace:
             obj.load()
             if not self.objects:
                 self.rings = self._make_rings(obj)
+                if self.area_chunks:
+                    from vnet.binding.cpuarea import area_readers
+
+                    self.areas = area_readers(obj, self.area_chunks, self._area_cpus)
             hooks = plan.attach(obj)
         except BaseException:
             obj.close()
             raise
         self.objects.append(obj)
         return obj, hooks
+
+    def _area_chunks_for(self, first: BpfObject) -> int:
+        """The event areas' chunks a CPU, for the first object (the others share its maps)."""
+        # x86 only: a program publishes a record by a plain store after it, in order there alone
+        if (not self.use_areas or "vnet_areas" not in first.maps or os.uname().machine != "x86_64"
+                or features.preempt_rt()):
+            return 0
+        from vnet.binding.cpuarea import online_cpus
+
+        self._area_cpus = [c for c in online_cpus() if c < possible_cpus()]
+        chunk = first.btf.enum("vnet_area")["VNET_AREA_CHUNK"]
+        return area_chunks(self.ring_bytes, self.ring_count, len(self._area_cpus), chunk)
 
     def _make_rings(self, obj: BpfObject) -> list:
         """The first object's vnet_events and the other rings (the CPUs get them once everything
@@ -452,7 +495,7 @@ class Trace:
 
         if not self.objects:
             raise UsageError("the trace is not started")
-        return RingGroupReader(self.rings)
+        return RingGroupReader(self.rings, self.areas)
 
     @property
     def hook_kinds(self) -> set[str]:
@@ -460,14 +503,26 @@ class Trace:
 
     def poll(self, timeout_ms: int = 100) -> list[dict]:
         """Wait up to timeout_ms, return every event that has arrived, decoded, in time order."""
-        raw = self.ring.poll(timeout_ms)
+        if any(a.pending() for a in self.areas):
+            timeout_ms = 0  # events are there: no wait for a wakeup
+        raw = self.ring.poll(timeout_ms) + self._area_records()
         self.received += len(raw)
         decode = self.decoder.decode
         return self._in_order([decode(r) for r in raw])
 
+    def _area_records(self) -> list[bytes]:
+        """What the CPUs' event areas hold, record by record (for poll/drain: the printing path)."""
+        from vnet.binding.ringbatch import records
+
+        out: list[bytes] = []
+        for reader in self.areas:
+            if reader.pending():
+                out += [bytes(r) for r in records(reader.read().data)]
+        return out
+
     def _in_order(self, events: list[dict]) -> list[dict]:
         """One ring's records come in the order they were written, several rings' one after another."""
-        if len(self.rings) > 1:
+        if len(self.rings) > 1 or self.areas:
             events.sort(key=lambda e: e["ts_ns"])
         return events
 
@@ -481,8 +536,12 @@ class Trace:
                 break
         return events + self.drain()
 
+    def drain_raw(self) -> list[bytes]:
+        """Every record the rings and the CPUs' areas hold, undecoded (rings first)."""
+        return self.ring.drain() + self._area_records()
+
     def drain(self) -> list[dict]:
-        raw = self.ring.drain()
+        raw = self.drain_raw()
         self.received += len(raw)
         return self._in_order([self.decoder.decode(r) for r in raw])
 
@@ -600,6 +659,7 @@ class Trace:
             obj.close()
         self._ring = None
         self.rings = []
+        self.areas = []
         if self._btf_file is not None:
             self._btf_file.close()
             self._btf_file = None
