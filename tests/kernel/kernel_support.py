@@ -44,6 +44,13 @@ def on_cpu(cpu: int):
         os.sched_setaffinity(0, before)
 
 
+def send_from_cpu(net, cpu: int, port: int, count: int, sport: int = 4000) -> None:
+    """`count` UDP datagrams from net.ns1 to net.ip2:`port`, sent from `cpu`: the veth's egress
+    hook, and the receive path the veth hands them to, run on that CPU."""
+    with on_cpu(cpu):
+        send_udp(net.ns1, net.ip2, port, count=count, sport=sport)
+
+
 def veth_pair(subnet: int = 77):
     """ns1/ifA <-veth-> ns2/ifB, offloads off, 10.199.<subnet>.1 and .2, ARP done."""
     return _veth_pair(subnet)

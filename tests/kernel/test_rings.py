@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from kernel_support import on_cpu, veth_pair
+from kernel_support import send_from_cpu, veth_pair
 
 from vnet.binding.ringbatch import RingBatchReader, records
 from vnet.collector.tracefile import TraceFileReader, decode_events
@@ -35,10 +35,7 @@ def net():
 
 
 def send_from(net, cpu: int, count: int, sport: int = 4000) -> None:
-    from vnet.topology import send_udp
-
-    with on_cpu(cpu):
-        send_udp(net.ns1, net.ip2, PORT, count=count, sport=sport)
+    send_from_cpu(net, cpu, PORT, count, sport)
 
 
 def egress(net, **kw) -> DeviceTrace:

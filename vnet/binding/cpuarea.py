@@ -30,7 +30,7 @@ import mmap
 import os
 import struct
 
-from vnet.errors import BpfError, UsageError, bpf_error
+from vnet.errors import UsageError, bpf_error
 
 from .ringbatch import Batch, RingBatchReader, walk
 
@@ -93,17 +93,7 @@ class AreaReader(RingBatchReader):
         self.cpu = cpu
         self._init_reading()
 
-    # -- the mapping's positions --------------------------------------------------------------
-    def _live(self):
-        m = self._m
-        if m.closed:
-            raise BpfError("read", errno.EBADF, f"{self.map.name} (closed with its object)")
-        return m
-
-    @property
-    def closed(self) -> bool:
-        return self._m.closed
-
+    # -- the mapping's positions (_live and closed: RingBatchReader's, on the shared mapping) ---
     @property
     def position(self) -> int:
         return self._live().positions[self._cons]
