@@ -86,7 +86,6 @@ class AreaReader(RingBatchReader):
         self.map = _AreaName(f"{name}[cpu {cpu}]")
         self.size = chunks * mapping.chunk_bytes
         self._m = mapping
-        self._cpu, self._chunks = cpu, chunks
         self._prod = (cpu * mapping.pos_stride + prod_off) // 8
         self._cons = (cpu * mapping.pos_stride + cons_off) // 8
         self._first_chunk = first_chunk
