@@ -32,7 +32,7 @@ import struct
 
 from vnet.errors import UsageError, bpf_error
 
-from .ringbatch import Batch, RingBatchReader, walk
+from .ringbatch import RingBatchReader
 
 
 class AreaMapping:
@@ -85,47 +85,24 @@ class AreaReader(RingBatchReader):
             raise UsageError(f"{name}: {chunks} chunks a CPU: not a power of two")
         self.map = _AreaName(f"{name}[cpu {cpu}]")
         self.size = chunks * mapping.chunk_bytes
+        self._mask = self.size - 1
+        self._data = first_chunk * mapping.chunk_bytes  # the area's first byte in the mapping
         self._m = mapping
         self._prod = (cpu * mapping.pos_stride + prod_off) // 8
         self._cons = (cpu * mapping.pos_stride + cons_off) // 8
-        self._first_chunk = first_chunk
         self.cpu = cpu
         self._init_reading()
 
-    # -- the mapping's positions (_live and closed: RingBatchReader's, on the shared mapping) ---
-    @property
-    def position(self) -> int:
-        return self._live().positions[self._cons]
-
-    def pending(self) -> int:
-        m = self._live()
-        return m.positions[self._prod] - m.positions[self._cons]
+    # -- the mapping's positions (the rest, peek and consume included, is RingBatchReader's:
+    # no record crosses the area's end, so a batch never needs the ring's join) ----------------
+    def _consumer(self, m) -> int:
+        return m.positions[self._cons]
 
     def _producer(self, m) -> int:
         return m.positions[self._prod]
 
     def _set_position(self, m, pos: int) -> None:
         m.positions[self._cons] = pos
-
-    def peek(self, max_bytes: int | None = None, max_records: int | None = None) -> Batch:
-        """As RingBatchReader.peek: a view of the area itself, up to its end."""
-        m = self._live()
-        if self._peeked is not None:
-            raise UsageError(f"{self.map.name}: peek() again before consume()")
-        cons = m.positions[self._cons]
-        prod = m.positions[self._prod]  # once per batch: what arrives meanwhile waits for the next read
-        self._fence()  # the records below prod were written before prod moved
-        off = cons % self.size
-        start = self._first_chunk * m.chunk_bytes + off
-        limit = min(prod - cons, self.size - off)  # no record crosses the area's end (a chunk's)
-        self._end_cut = limit < prod - cons
-        if max_bytes is not None:
-            limit = min(limit, max_bytes)
-        pos, count, discarded = walk(m.words, start, limit, max_records)
-        if not pos:
-            return Batch(b"", 0, 0)
-        self._peeked = (cons, pos)
-        return Batch(m.bytes[start:start + pos], count, discarded)
 
     def wait(self, timeout_ms: int) -> bool:
         raise UsageError(f"{self.map.name}: an area is waited for through the rings (RingGroupReader)")

@@ -257,6 +257,7 @@ class RingBatchReader(_Pacing):
         owner = getattr(ring_map, "_obj", None)  # a PinnedMap has no object: the reader owns the mapping
         self._m = owner._own(mapping) if owner is not None else mapping
         weakref.finalize(self, mapping.close)
+        self._data = mapping.page  # where the data area starts in the mapping's bytes
         self._init_reading()
 
     def _init_reading(self) -> None:
@@ -285,7 +286,10 @@ class RingBatchReader(_Pacing):
     @property
     def position(self) -> int:
         """The consumer position: bytes ever consumed from this ring (by any reader)."""
-        return self._live().cons_pos[0]
+        return self._consumer(self._live())
+
+    def _consumer(self, m) -> int:
+        return m.cons_pos[0]
 
     def _producer(self, m) -> int:
         return m.prod_pos[0]
@@ -296,7 +300,7 @@ class RingBatchReader(_Pacing):
     def pending(self) -> int:
         """Bytes between our position and the producer's (committed or not)."""
         m = self._live()
-        return m.prod_pos[0] - m.cons_pos[0]
+        return self._producer(m) - self._consumer(m)
 
     def read(self, max_bytes: int | None = None, max_records: int | None = None) -> Batch:
         """Every record committed since the last read, up to the first one still
@@ -338,11 +342,11 @@ class RingBatchReader(_Pacing):
         m = self._live()
         if self._peeked is not None:
             raise UsageError(f"ring buffer {self.map.name}: peek() again before consume()")
-        cons = m.cons_pos[0]
-        prod = m.prod_pos[0]  # once per batch: what arrives meanwhile waits for the next read
+        cons = self._consumer(m)
+        prod = self._producer(m)  # once per batch: what arrives meanwhile waits for the next read
         self._fence()  # headers below prod were written before prod moved
         off = cons & self._mask
-        start = m.page + off
+        start = self._data + off
         limit = min(prod - cons, self.size - off)  # the data area is mapped once: stop at its end
         self._end_cut = limit < prod - cons  # for read(): more may follow from the beginning
         if max_bytes is not None:
@@ -354,7 +358,7 @@ class RingBatchReader(_Pacing):
         self._peeked = (cons, pos)
         if off + pos > self.size:  # one record cut by the end (its 8-byte header never is): join it
             first = self.size - off
-            data = m.bytes[start:start + first].tobytes() + m.bytes[m.page:m.page + pos - first].tobytes()
+            data = m.bytes[start:start + first].tobytes() + m.bytes[self._data:self._data + pos - first].tobytes()
             return Batch(data, count, discarded)
         return Batch(m.bytes[start:start + pos], count, discarded)
 
